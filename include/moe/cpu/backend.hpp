@@ -1,0 +1,301 @@
+// moe/cpu/backend.hpp: the Eigen CPU backend, the readable reference implementation of every
+// primitive MoELayer, its gates and its experts are written against (concept moe::Backend).
+//
+// Data layout: every matrix is row-major; tokens are rows. Expert weights are stacked:
+// an expert bank with N experts mapping I -> O features is one [N*O, I] matrix whose rows
+// [e*O, (e+1)*O) are expert e's nn.Linear weight, and biases are [N, O].
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "moe/activations.hpp"
+#include "moe/aux_loss.hpp"
+#include "moe/config.hpp"
+#include "moe/cpu/gemm.hpp"
+#include "moe/cpu/parallel.hpp"
+#include "moe/random.hpp"
+#include "moe/routing.hpp"
+#include "moe/stats.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cpu {
+
+template <class S>
+class BasicBackend {
+ public:
+  using Scalar = S;
+  using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  template <class T>
+  using Vector = std::vector<T>;
+  using Plan = RoutingPlan;
+
+  explicit BasicBackend(int threads = default_threads()) { set_threads(threads); }
+  int threads() const { return threads_; }
+  void set_threads(int threads) {
+    check(threads >= 1, "thread count must be >= 1, got ", threads);
+    threads_ = threads;
+  }
+
+  // ---- storage -------------------------------------------------------------------------
+  static void resize(Matrix& m, Index rows, Index cols) {
+    if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
+  }
+  template <class T>
+  static void resize(Vector<T>& v, Index size) { v.resize(std::size_t(size)); }
+
+  void copy(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    for_rows(src.rows, src.cols, [&](Index r) { std::copy(src.row(r), src.row(r) + src.cols, dst.row(r)); });
+  }
+  // dst += src
+  void add(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    for_rows(src.rows, src.cols, [&](Index r) {
+      const S* s = src.row(r);
+      S* d = dst.row(r);
+      for (Index c = 0; c < src.cols; ++c) d[c] += s[c];
+    });
+  }
+  void fill(MatrixView<S> dst, S value) const {
+    for_rows(dst.rows, dst.cols, [&](Index r) { std::fill(dst.row(r), dst.row(r) + dst.cols, value); });
+  }
+  // N(0, std^2) draws; element (r, c) is draw r*cols + c of (seed, stream).
+  void fill_normal(MatrixView<S> dst, double std_dev, std::uint64_t seed, std::uint64_t stream) const {
+    for_rows(dst.rows, dst.cols, [&](Index r) {
+      for (Index c = 0; c < dst.cols; ++c)
+        dst(r, c) = S(std_dev * random::normal(seed, stream, std::uint64_t(r * dst.cols + c)));
+    });
+  }
+
+  // ---- dense linear: out = in W^T, the nn.Linear convention (W is [O, I]) ------------------
+  // in: [T, I], weight: [O, I] -> out: [T, O]
+  void linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, MatrixView<S> out) const {
+    run_gemm(Gemm<S>{out, in, Op::none, weight, Op::transpose}, threads_);
+  }
+  // din += dout W (skipped if din is empty); dweight += dout^T in (skipped if empty)
+  void linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
+                       MatrixView<S> din, MatrixView<S> dweight) const {
+    std::vector<Gemm<S>> work;
+    if (dweight.data) work.push_back({dweight, dout, Op::transpose, in, Op::none, true});
+    if (din.data) work.push_back({din, dout, Op::none, weight, Op::none, true});
+    run_gemms<S>(work, threads_);
+  }
+
+  // ---- grouped linear: each expert's contiguous block of rows through its own weights -------
+  // in: [R, I] (rows of expert e at [offsets[e], offsets[e+1])), weight: [N*O, I], bias: [N, O]
+  // or null -> out: [R, O]
+  void grouped_linear_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
+                              const S* bias, MatrixView<S> out) const {
+    const Index O = out.cols;
+    std::vector<Gemm<S>> work;
+    for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      work.push_back({out.row_block(begin, rows), in.row_block(begin, rows), Op::none,
+                      weight.row_block(e * O, O), Op::transpose, false, bias ? bias + e * O : nullptr});
+    }
+    run_gemms<S>(work, threads_);
+  }
+  // dweight += dout_e^T in_e and dbias += column sums of dout_e (if dbias), then
+  // din = dout_e W_e (if din). din may alias in: the weight gradient is formed first.
+  void grouped_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
+                               ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight,
+                               S* dbias) const {
+    const Index O = dout.cols, experts = Index(offsets.size()) - 1;
+    std::vector<Gemm<S>> work;
+    for (Index e = 0; e < experts; ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      work.push_back({dweight.row_block(e * O, O), dout.row_block(begin, rows), Op::transpose,
+                      in.row_block(begin, rows), Op::none, true});
+    }
+    run_gemms<S>(work, threads_);
+    if (dbias)
+      parallel_for(threads_, experts, [&](Index e) {
+        S* db = dbias + e * O;
+        for (Index r = offsets[e]; r < offsets[e + 1]; ++r)
+          for (Index c = 0; c < O; ++c) db[c] += dout(r, c);
+      });
+    if (!din.data) return;
+    work.clear();
+    for (Index e = 0; e < experts; ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      work.push_back({din.row_block(begin, rows), dout.row_block(begin, rows), Op::none,
+                      weight.row_block(e * O, O), Op::none, false});
+    }
+    run_gemms<S>(work, threads_);
+  }
+
+  // ---- activations (row by row, so the vector/scalar split never depends on threads) -------
+  // in: [R, F] -> out: [R, F]; out may alias in
+  void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
+    for_rows(in.rows, in.cols, [&](Index r) {
+      const auto x = array_map(in.row(r), in.cols);
+      const auto inner = S(activation::kGeluScale) * (x + S(activation::kGeluCubic) * x.cube());
+      array_map(out.row(r), in.cols) = S(0.5) * x * (S(1) + inner.tanh());
+    });
+  }
+  // din = dout * gelu'(in); din may alias dout
+  void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
+    for_rows(in.rows, in.cols, [&](Index r) {
+      const auto x = array_map(in.row(r), in.cols);
+      const auto x2 = x.square();
+      const Eigen::Array<S, Eigen::Dynamic, 1> t =
+          (S(activation::kGeluScale) * (x + S(activation::kGeluCubic) * x2 * x)).tanh();
+      const auto grad = S(0.5) * (S(1) + t) +
+                        S(0.5) * x * (S(1) - t.square()) * S(activation::kGeluScale) *
+                            (S(1) + S(3 * activation::kGeluCubic) * x2);
+      array_map(din.row(r), in.cols) = array_map(dout.row(r), in.cols) * grad;
+    });
+  }
+  // gate_up: [R, 2F] (gate | up) -> out: [R, F] = silu(gate) * up
+  void swiglu_forward(ConstMatrixView<S> gate_up, MatrixView<S> out) const {
+    const Index F = out.cols;
+    for_rows(gate_up.rows, gate_up.cols, [&](Index r) {
+      const auto g = array_map(gate_up.row(r), F);
+      const auto u = array_map(gate_up.row(r) + F, F);
+      array_map(out.row(r), F) = g / (S(1) + (-g).exp()) * u;
+    });
+  }
+  // dgate_up = (dout * up * silu'(gate) | dout * silu(gate)); dgate_up may alias gate_up
+  void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
+    const Index F = dout.cols;
+    for_rows(gate_up.rows, gate_up.cols, [&](Index r) {
+      const Eigen::Array<S, Eigen::Dynamic, 1> g = array_map(gate_up.row(r), F);
+      const Eigen::Array<S, Eigen::Dynamic, 1> u = array_map(gate_up.row(r) + F, F);
+      const auto d = array_map(dout.row(r), F);
+      const Eigen::Array<S, Eigen::Dynamic, 1> s = S(1) / (S(1) + (-g).exp());
+      array_map(dgate_up.row(r), F) = d * u * s * (S(1) + g * (S(1) - s));
+      array_map(dgate_up.row(r) + F, F) = d * g * s;
+    });
+  }
+
+  // ---- routing ---------------------------------------------------------------------------
+  // logits: [T, N] -> plan, weights [T*k] (the contract in moe/routing.hpp)
+  void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights) const {
+    const Index T = logits.rows, k = config.top_k;
+    plan.tokens = T;
+    plan.experts = logits.cols;
+    plan.top_k = k;
+    plan.expert.resize(T * k);
+    plan.row_status.resize(T);
+    weights.resize(T * k);
+    parallel_chunks(threads_, T, kTokenChunk, [&](Index begin, Index end) {
+      std::vector<S> scratch(routing_scratch_size(logits.cols));
+      for (Index t = begin; t < end; ++t) route_token(logits, t, k, config.weights, plan, weights.data(), scratch.data());
+    });
+    dispatch(plan, config.capacity_factor);
+  }
+
+  // rows[r] = x[token of row r]: the expert-sorted copy of the input. x: [T, H] -> rows: [R, H]
+  void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
+    for_rows(rows.rows, rows.cols, [&](Index r) {
+      const Index t = plan.slot_of_row[r] / plan.top_k;
+      std::copy(x.row(t), x.row(t) + x.cols, rows.row(r));
+    });
+  }
+
+  // y[t] = sum_j weight[t,j] * expert_rows[row(t,j)], j ascending, dropped slots skipped.
+  // expert_rows: [R, H] -> y: [T, H]
+  void combine(ConstMatrixView<S> expert_rows, const Plan& plan, const Vector<S>& weights, MatrixView<S> y) const {
+    const Index k = plan.top_k, H = y.cols;
+    for_rows(y.rows, H, [&](Index t) {
+      S* out = y.row(t);
+      std::fill(out, out + H, S(0));
+      for (Index j = 0; j < k; ++j) {
+        const Index r = plan.row[t * k + j];
+        if (r < 0) continue;
+        const S w = weights[t * k + j];
+        const S* in = expert_rows.row(r);
+        for (Index c = 0; c < H; ++c) out[c] += w * in[c];
+      }
+    });
+  }
+  // d_rows[row(t,j)] = weight[t,j] * dy[t];  dweights[t,j] = dy[t] . expert_rows[row(t,j)] (0 if dropped)
+  void combine_backward(ConstMatrixView<S> dy, ConstMatrixView<S> expert_rows, const Plan& plan,
+                        const Vector<S>& weights, MatrixView<S> d_rows, Vector<S>& dweights) const {
+    const Index k = plan.top_k, H = dy.cols;
+    dweights.resize(plan.slots());
+    for_rows(dy.rows, H, [&](Index t) {
+      for (Index j = 0; j < k; ++j) {
+        const Index s = t * k + j, r = plan.row[s];
+        if (r < 0) {
+          dweights[s] = S(0);
+          continue;
+        }
+        const S w = weights[s];
+        const S* g = dy.row(t);
+        S* out = d_rows.row(r);
+        for (Index c = 0; c < H; ++c) out[c] = w * g[c];
+        dweights[s] = dot(g, expert_rows.row(r), H);
+      }
+    });
+  }
+  // dx[t] = sum_j d_rows[row(t,j)] (j ascending; 0 if every slot was dropped)
+  void sum_rows_to_tokens(ConstMatrixView<S> d_rows, const Plan& plan, MatrixView<S> dx) const {
+    const Index k = plan.top_k, H = dx.cols;
+    for_rows(dx.rows, H, [&](Index t) {
+      S* out = dx.row(t);
+      std::fill(out, out + H, S(0));
+      for (Index j = 0; j < k; ++j) {
+        const Index r = plan.row[t * k + j];
+        if (r < 0) continue;
+        const S* in = d_rows.row(r);
+        for (Index c = 0; c < H; ++c) out[c] += in[c];
+      }
+    });
+  }
+
+  // dlogits = d(routing weights)/d(logits)^T dweights + gradient of the auxiliary losses.
+  void route_backward(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
+                      const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
+    fill(dlogits, S(0));
+    parallel_chunks(threads_, logits.rows, kTokenChunk, [&](Index begin, Index end) {
+      std::vector<S> scratch(routing_scratch_size(logits.cols));
+      for (Index t = begin; t < end; ++t)
+        route_token_backward(logits, t, config.top_k, config.weights, plan, dweights.data(), dlogits, scratch.data());
+    });
+    aux_loss_backward(logits, plan, config.aux, mask, dlogits);
+  }
+  AuxLosses aux_loss(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
+                     std::span<const std::uint8_t> mask) const {
+    return aux_loss_forward(logits, plan, config.aux, mask);
+  }
+
+  static std::span<const Index> expert_offsets(const Plan& plan) { return plan.expert_offsets; }
+  static void accumulate_stats(const Plan& plan, std::span<const std::uint8_t> mask, RoutingStats& stats) {
+    stats.accumulate(plan, mask);
+  }
+
+ private:
+  static constexpr Index kTokenChunk = 256;
+
+  static auto array_map(S* p, Index n) { return Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(p, n); }
+  static auto array_map(const S* p, Index n) { return Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(p, n); }
+
+  // body(r) for every row, in chunks of about 16K elements.
+  template <class Body>
+  void for_rows(Index rows, Index cols, Body&& body) const {
+    const Index chunk = std::max<Index>(1, 16384 / std::max<Index>(1, cols));
+    parallel_chunks(threads_, rows, chunk, [&](Index begin, Index end) {
+      for (Index r = begin; r < end; ++r) body(r);
+    });
+  }
+
+  // A dot product in a fixed order (8 interleaved partial sums), vectorisable and deterministic.
+  static S dot(const S* a, const S* b, Index n) {
+    S partial[8] = {};
+    Index i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (Index l = 0; l < 8; ++l) partial[l] += a[i + l] * b[i + l];
+    for (; i < n; ++i) partial[0] += a[i] * b[i];
+    return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+  }
+
+  int threads_ = 1;
+};
+
+// fp32, the default. BasicBackend<double> serves gradient checks.
+using Backend = BasicBackend<float>;
+using Backend64 = BasicBackend<double>;
+
+}  // namespace moe::cpu

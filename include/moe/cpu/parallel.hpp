@@ -1,0 +1,48 @@
+// moe/cpu/parallel.hpp: the one place the CPU backend touches OpenMP.
+//
+// Determinism rule: work is cut into pieces by the data's shape alone, never by the thread count,
+// and each piece is computed by one thread with fixed-order arithmetic. Which thread runs a piece
+// changes nothing, so 1, 2 or 64 threads give the same bits.
+#pragma once
+
+#include "moe/config.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace moe::cpu {
+
+inline int default_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Runs body(i) for i in [0, count) on up to `threads` threads, dynamic schedule.
+template <class Body>
+void parallel_for(int threads, Index count, Body&& body) {
+#if defined(_OPENMP)
+  if (threads > 1 && count > 1) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (Index i = 0; i < count; ++i) body(i);
+    return;
+  }
+#endif
+  for (Index i = 0; i < count; ++i) body(i);
+}
+
+// Runs body(begin, end) over [0, count) in chunks of `chunk` (the chunk, not the thread count,
+// fixes the split).
+template <class Body>
+void parallel_chunks(int threads, Index count, Index chunk, Body&& body) {
+  const Index pieces = (count + chunk - 1) / chunk;
+  parallel_for(threads, pieces, [&](Index piece) {
+    const Index begin = piece * chunk;
+    body(begin, begin + chunk < count ? begin + chunk : count);
+  });
+}
+
+}  // namespace moe::cpu

@@ -1,0 +1,148 @@
+// moe/experts.hpp: the Expert concept and the two expert banks. An expert bank holds the
+// weights of all N experts and maps expert-sorted rows (expert e owns rows
+// [offsets[e], offsets[e+1])) through their expert.
+//
+// Weights follow PyTorch's nn.Linear convention, stacked over experts (see README):
+//   GeluMLP:  fc.weight [N, F, H], fc.bias [N, F], proj.weight [N, H, F], proj.bias [N, H]
+//             (HF GPT-2's Conv1D stores these transposed: transpose when importing)
+//   SwiGLU:   gate_up.weight [N, 2F, H] (rows 0..F-1 gate = Mixtral w1, F..2F-1 up = w3),
+//             down.weight [N, H, F] (Mixtral w2); no biases.
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "moe/backend.hpp"
+#include "moe/config.hpp"
+#include "moe/random.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe {
+
+template <class E, class B>
+concept Expert = Backend<B> && requires(E& experts, const LayerConfig& config, B& be,
+                                        ConstMatrixView<typename B::Scalar> rows, MatrixView<typename B::Scalar> out,
+                                        std::span<const Index> offsets) {
+  typename E::Options;                                            // init knobs; {} = defaults
+  requires std::constructible_from<E, B&, const LayerConfig&, std::uint64_t, typename E::Options>;
+  { E::name } -> std::convertible_to<std::string_view>;
+  experts.forward(be, rows, offsets, out);                        // [R, H] -> [R, H]; caches for backward
+  experts.backward(be, rows, rows, offsets, out);                 // (input rows, d out) -> d input; grads +=
+  { experts.parameters() } -> std::same_as<std::vector<ParamRef<typename B::Scalar>>>;
+  { E::cached_scalars_per_row(config) } -> std::convertible_to<Index>;  // kept from forward to backward
+};
+
+namespace detail {
+template <class Matrix, class Scalar>
+ParamRef<Scalar> param(std::string name, std::vector<Index> shape, Matrix& value, Matrix& grad) {
+  const auto n = std::size_t(value.size());
+  return {std::move(name), std::move(shape), {value.data(), n}, {grad.data(), n}, true};
+}
+}  // namespace detail
+
+// GPT-2's MLP per expert: H -> F (bias) -> tanh-GELU -> H (bias).
+template <class B>
+struct GeluMLP {
+  using Scalar = typename B::Scalar;
+  struct Options {
+    double init_std = 0.02;      // fc.weight ~ N(0, init_std^2), as GPT-2
+    double out_init_std = 0.02;  // proj.weight; GPT-2 scales this by 1/sqrt(2 * layers)
+  };
+  static constexpr std::string_view name = "gelu-mlp";
+  static Index cached_scalars_per_row(const LayerConfig& config) { return config.ffn; }  // pre-activation
+
+  GeluMLP(B& init, const LayerConfig& config, std::uint64_t seed, Options options)
+      : experts_(config.experts), hidden_(config.hidden), ffn_(config.ffn) {
+    const Index N = experts_, H = hidden_, F = ffn_;
+    B::resize(fc_w_, N * F, H), B::resize(fc_b_, N, F), B::resize(proj_w_, N * H, F), B::resize(proj_b_, N, H);
+    init.fill_normal(fc_w_, options.init_std, seed, random::kExpertWeightIn);
+    init.fill_normal(proj_w_, options.out_init_std, seed, random::kExpertWeightOut);
+    init.fill(fc_b_, Scalar(0)), init.fill(proj_b_, Scalar(0));
+    B::resize(fc_w_grad_, N * F, H), B::resize(fc_b_grad_, N, F), B::resize(proj_w_grad_, N * H, F),
+        B::resize(proj_b_grad_, N, H);
+    for (auto* g : {&fc_w_grad_, &fc_b_grad_, &proj_w_grad_, &proj_b_grad_}) init.fill(*g, Scalar(0));
+  }
+
+  // rows: [R, H] -> out: [R, H];  pre = rows fc_e^T + b (kept), act = gelu(pre), out = act proj_e^T + b
+  void forward(B& be, ConstMatrixView<Scalar> rows, std::span<const Index> offsets, MatrixView<Scalar> out) {
+    B::resize(pre_, rows.rows, ffn_), B::resize(act_, rows.rows, ffn_);
+    be.grouped_linear_forward(rows, offsets, fc_w_, fc_b_.data(), pre_);
+    be.gelu_forward(pre_, act_);
+    be.grouped_linear_forward(act_, offsets, proj_w_, proj_b_.data(), out);
+  }
+  // (rows, dout) -> drows; gradients accumulate. act is recomputed from pre rather than kept.
+  void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
+                MatrixView<Scalar> drows) {
+    be.gelu_forward(pre_, act_);
+    be.grouped_linear_backward(act_, dout, offsets, proj_w_, act_, proj_w_grad_, proj_b_grad_.data());  // act_ := dact
+    be.gelu_backward(pre_, act_, act_);                                                                 // act_ := dpre
+    be.grouped_linear_backward(rows, act_, offsets, fc_w_, drows, fc_w_grad_, fc_b_grad_.data());
+  }
+
+  std::vector<ParamRef<Scalar>> parameters() {
+    const Index N = experts_, H = hidden_, F = ffn_;
+    return {detail::param<typename B::Matrix, Scalar>("experts.fc.weight", {N, F, H}, fc_w_, fc_w_grad_),
+            detail::param<typename B::Matrix, Scalar>("experts.fc.bias", {N, F}, fc_b_, fc_b_grad_),
+            detail::param<typename B::Matrix, Scalar>("experts.proj.weight", {N, H, F}, proj_w_, proj_w_grad_),
+            detail::param<typename B::Matrix, Scalar>("experts.proj.bias", {N, H}, proj_b_, proj_b_grad_)};
+  }
+
+ private:
+  Index experts_, hidden_, ffn_;
+  typename B::Matrix fc_w_, fc_b_, proj_w_, proj_b_;
+  typename B::Matrix fc_w_grad_, fc_b_grad_, proj_w_grad_, proj_b_grad_;
+  typename B::Matrix pre_, act_;  // pre_ is kept for backward; act_ is workspace
+};
+
+// Llama/Mixtral's gated MLP per expert: H -> (gate, up) F each -> silu(gate) * up -> H, no biases.
+template <class B>
+struct SwiGLU {
+  using Scalar = typename B::Scalar;
+  struct Options {
+    double init_std = 0.02;
+    double out_init_std = 0.02;
+  };
+  static constexpr std::string_view name = "swiglu";
+  static Index cached_scalars_per_row(const LayerConfig& config) { return 2 * config.ffn; }  // gate | up
+
+  SwiGLU(B& init, const LayerConfig& config, std::uint64_t seed, Options options)
+      : experts_(config.experts), hidden_(config.hidden), ffn_(config.ffn) {
+    const Index N = experts_, H = hidden_, F = ffn_;
+    B::resize(gate_up_w_, N * 2 * F, H), B::resize(down_w_, N * H, F);
+    init.fill_normal(gate_up_w_, options.init_std, seed, random::kExpertWeightIn);
+    init.fill_normal(down_w_, options.out_init_std, seed, random::kExpertWeightOut);
+    B::resize(gate_up_w_grad_, N * 2 * F, H), B::resize(down_w_grad_, N * H, F);
+    init.fill(gate_up_w_grad_, Scalar(0)), init.fill(down_w_grad_, Scalar(0));
+  }
+
+  // rows: [R, H] -> out: [R, H];  gate_up = rows W_gu^T (kept), act = silu(gate) * up, out = act W_down^T
+  void forward(B& be, ConstMatrixView<Scalar> rows, std::span<const Index> offsets, MatrixView<Scalar> out) {
+    B::resize(gate_up_, rows.rows, 2 * ffn_), B::resize(act_, rows.rows, ffn_);
+    be.grouped_linear_forward(rows, offsets, gate_up_w_, nullptr, gate_up_);
+    be.swiglu_forward(gate_up_, act_);
+    be.grouped_linear_forward(act_, offsets, down_w_, nullptr, out);
+  }
+  void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
+                MatrixView<Scalar> drows) {
+    be.swiglu_forward(gate_up_, act_);
+    be.grouped_linear_backward(act_, dout, offsets, down_w_, act_, down_w_grad_, nullptr);  // act_ := dact
+    be.swiglu_backward(gate_up_, act_, gate_up_);                                           // gate_up_ := d(gate|up)
+    be.grouped_linear_backward(rows, gate_up_, offsets, gate_up_w_, drows, gate_up_w_grad_, nullptr);
+  }
+
+  std::vector<ParamRef<Scalar>> parameters() {
+    const Index N = experts_, H = hidden_, F = ffn_;
+    return {detail::param<typename B::Matrix, Scalar>("experts.gate_up.weight", {N, 2 * F, H}, gate_up_w_, gate_up_w_grad_),
+            detail::param<typename B::Matrix, Scalar>("experts.down.weight", {N, H, F}, down_w_, down_w_grad_)};
+  }
+
+ private:
+  Index experts_, hidden_, ffn_;
+  typename B::Matrix gate_up_w_, down_w_, gate_up_w_grad_, down_w_grad_;
+  typename B::Matrix gate_up_, act_;  // gate_up_ is kept for backward; act_ is workspace
+};
+
+}  // namespace moe

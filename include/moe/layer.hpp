@@ -1,0 +1,188 @@
+// moe/layer.hpp: the generic MoELayer. The gate, the expert bank and the backend are
+// compile-time policies; this file is the whole algorithm, written once for every backend:
+//
+//   forward:  logits = gate(x) -> route (top-k, weights, dispatch) -> gather rows by expert
+//             -> experts -> combine rows back into tokens with the weights (paper eq. 2)
+//   backward: the same steps in reverse, each step's backward beside its forward in the backend.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "moe/aux_loss.hpp"
+#include "moe/backend.hpp"
+#include "moe/config.hpp"
+#include "moe/experts.hpp"
+#include "moe/gate.hpp"
+#include "moe/stats.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe {
+
+struct ForwardOptions {
+  // One entry per token; tokens with 0 are left out of the auxiliary losses and the statistics
+  // (they are still routed and computed). Empty: every token counts.
+  std::span<const std::uint8_t> token_mask = {};
+};
+
+template <template <class> class GatePolicy, template <class> class ExpertPolicy, class B>
+class MoELayer {
+  static_assert(Backend<B>, "MoELayer: the backend does not satisfy moe::Backend (moe/backend.hpp)");
+  static_assert(Gate<GatePolicy<B>, B>, "MoELayer: the gate policy does not satisfy moe::Gate (moe/gate.hpp)");
+  static_assert(Expert<ExpertPolicy<B>, B>,
+                "MoELayer: the expert policy does not satisfy moe::Expert (moe/experts.hpp)");
+
+ public:
+  using Scalar = typename B::Scalar;
+  using Matrix = typename B::Matrix;
+  using GateType = GatePolicy<B>;
+  using ExpertsType = ExpertPolicy<B>;
+
+  MoELayer(const LayerConfig& config, std::uint64_t seed, typename GateType::Options gate_options = {},
+           typename ExpertsType::Options expert_options = {}, B backend = B{})
+      : config_(validated(config)),
+        backend_(std::move(backend)),
+        gate_(backend_, config_, seed, gate_options),
+        experts_(backend_, config_, seed, expert_options),
+        stats_(config_.experts, gate_.router_parameters()) {}
+
+  // x: [T, H] -> y: [T, H]. T = 0 gives an empty [0, H] result.
+  Matrix forward(ConstMatrixView<Scalar> x, const ForwardOptions& options = {}) {
+    Matrix y;
+    B::resize(y, x.rows, config_.hidden);
+    forward_into(x, y, options);
+    return y;
+  }
+
+  void forward_into(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, const ForwardOptions& options = {}) {
+    const Index T = x.rows, H = config_.hidden;
+    check(x.cols == H, "input has ", x.cols, " columns, the layer's hidden size is ", H);
+    check(y.rows == T && y.cols == H, "output is [", y.rows, ", ", y.cols, "], expected [", T, ", ", H, "]");
+    check_mask(options.token_mask, T);
+    mask_.assign(options.token_mask.begin(), options.token_mask.end());
+
+    B::resize(input_, T, H);
+    backend_.copy(x, input_);  // kept: gate backward and SelfRoute's logits read it
+    logits_ = gate_.forward(backend_, input_);
+    backend_.route(logits_, config_, plan_, weights_);
+    const std::span<const Index> offsets = B::expert_offsets(plan_);
+    const Index R = offsets.back();
+    B::resize(expert_in_, R, H);
+    backend_.gather_rows(input_, plan_, expert_in_);
+    B::resize(expert_out_, R, H);
+    experts_.forward(backend_, expert_in_, offsets, expert_out_);
+    backend_.combine(expert_out_, plan_, weights_, y);
+
+    aux_ = has_aux_loss() ? backend_.aux_loss(logits_, plan_, config_, mask_) : AuxLosses{};
+    if (collect_stats_) B::accumulate_stats(plan_, mask_, stats_);
+    forwarded_ = true;
+  }
+
+  // dy: [T, H] of the last forward -> dx: [T, H]. Parameter gradients accumulate (+=) until
+  // zero_grad(). The auxiliary losses' gradients are included. Once per forward.
+  Matrix backward(ConstMatrixView<Scalar> dy) {
+    Matrix dx;
+    B::resize(dx, dy.rows, config_.hidden);
+    backward_into(dy, dx);
+    return dx;
+  }
+
+  void backward_into(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx) {
+    check(forwarded_, "backward needs a forward first (and runs once per forward)");
+    const Index T = input_.rows(), H = config_.hidden;
+    check(dy.rows == T && dy.cols == H, "output gradient is [", dy.rows, ", ", dy.cols,
+          "], the last forward's output is [", T, ", ", H, "]");
+    check(dx.rows == T && dx.cols == H, "input gradient is [", dx.rows, ", ", dx.cols, "], expected [", T, ", ",
+          H, "]");
+    forwarded_ = false;
+
+    const std::span<const Index> offsets = B::expert_offsets(plan_);
+    B::resize(expert_grad_, expert_out_.rows(), H);
+    backend_.combine_backward(dy, expert_out_, plan_, weights_, expert_grad_, dweights_);
+    // expert_out_ is spent: it receives d(expert input rows).
+    experts_.backward(backend_, expert_in_, expert_grad_, offsets, expert_out_);
+    backend_.sum_rows_to_tokens(expert_out_, plan_, dx);
+    if (gate_.wants_logit_gradient()) {
+      B::resize(dlogits_, T, config_.experts);
+      backend_.route_backward(logits_, plan_, config_, dweights_, mask_, dlogits_);
+      gate_.backward(backend_, input_, dlogits_, dx);
+    }
+  }
+
+  // Every parameter (gate first, then experts), with its gradient; frozen ones marked.
+  std::vector<ParamRef<Scalar>> parameters() {
+    std::vector<ParamRef<Scalar>> all = gate_.parameters();
+    for (auto& p : experts_.parameters()) all.push_back(std::move(p));
+    return all;
+  }
+  void zero_grad() {
+    for (auto& p : parameters())
+      if (!p.grad.empty()) backend_.fill(MatrixView<Scalar>(p.grad.data(), 1, Index(p.grad.size())), Scalar(0));
+  }
+  // Learned (trainable) parameters, the router's included; frozen buffers excluded.
+  Index trainable_parameter_count() {
+    Index n = 0;
+    for (auto& p : parameters()) n += p.trainable ? Index(p.value.size()) : 0;
+    return n;
+  }
+  Index router_parameter_count() const { return gate_.router_parameters(); }
+
+  // Statistics since the last reset_stats(); collect_stats(false) pauses them (e.g. to gather
+  // them on held-out tokens only).
+  const RoutingStats& stats() const { return stats_; }
+  void reset_stats() { stats_.reset(); }
+  void collect_stats(bool on) { collect_stats_ = on; }
+
+  // Weighted auxiliary losses of the last forward (0 when disabled); add to the task loss.
+  const AuxLosses& aux_losses() const { return aux_; }
+  double aux_loss() const { return aux_.total(); }
+
+  // Activation memory kept from forward to backward, per token (bytes), for this configuration.
+  static Index saved_bytes_per_token(const LayerConfig& c) {
+    const Index scalars = c.hidden                                           // the input
+                          + 2 * c.top_k * c.hidden                           // expert input and output rows
+                          + c.top_k * ExpertsType::cached_scalars_per_row(c) // expert activations
+                          + c.experts                                        // logits (copied unless SelfRoute)
+                          + c.top_k;                                         // routing weights
+    const Index routing = c.top_k * 3 * Index(sizeof(std::int32_t)) + 1;     // expert, row, slot_of_row; status
+    return scalars * Index(sizeof(Scalar)) + routing;
+  }
+
+  const LayerConfig& config() const { return config_; }
+  GateType& gate() { return gate_; }
+  ExpertsType& experts() { return experts_; }
+  B& backend() { return backend_; }
+  // The last forward's routing: the plan, the weights [T*k], the logits [T, N].
+  const typename B::Plan& last_plan() const { return plan_; }
+  const typename B::template Vector<Scalar>& last_weights() const { return weights_; }
+  ConstMatrixView<Scalar> last_logits() const { return logits_; }
+
+ private:
+  static LayerConfig validated(const LayerConfig& config) {
+    validate(config);
+    return config;
+  }
+  bool has_aux_loss() const { return config_.aux.load_balance > 0 || config_.aux.z_loss > 0; }
+
+  LayerConfig config_;
+  B backend_;
+  GateType gate_;
+  ExpertsType experts_;
+  RoutingStats stats_;
+  bool collect_stats_ = true;
+  bool forwarded_ = false;
+
+  // Kept from forward for backward.
+  Matrix input_, expert_in_, expert_out_;
+  ConstMatrixView<Scalar> logits_;
+  typename B::Plan plan_;
+  typename B::template Vector<Scalar> weights_;
+  std::vector<std::uint8_t> mask_;
+  AuxLosses aux_;
+  // Backward workspace.
+  Matrix expert_grad_, dlogits_;
+  typename B::template Vector<Scalar> dweights_;
+};
+
+}  // namespace moe

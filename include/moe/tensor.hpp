@@ -1,0 +1,68 @@
+// moe/tensor.hpp: non-owning row-major matrix views, the currency between the layer, its
+// policies and a backend (host or device pointers alike), and named parameter references.
+#pragma once
+
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "moe/config.hpp"
+
+namespace moe {
+
+// A row-major [rows, cols] matrix with a row stride (>= cols). Does not own its memory.
+template <class T>
+struct MatrixView {
+  T* data = nullptr;
+  Index rows = 0;
+  Index cols = 0;
+  Index stride = 0;  // elements between the starts of consecutive rows
+
+  MatrixView() = default;
+  MatrixView(T* data_, Index rows_, Index cols_) : MatrixView(data_, rows_, cols_, cols_) {}
+  MatrixView(T* data_, Index rows_, Index cols_, Index stride_)
+      : data(data_), rows(rows_), cols(cols_), stride(stride_) {}
+  // A view of mutable data converts to a view of const data.
+  template <class U>
+    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
+  MatrixView(const MatrixView<U>& other)
+      : data(other.data), rows(other.rows), cols(other.cols), stride(other.stride) {}
+  // Any contiguous row-major owner with data()/rows()/cols() (e.g. Eigen RowMajor matrices).
+  template <class Owner>
+    requires requires(Owner& m) {
+      { m.data() } -> std::convertible_to<T*>;
+      m.rows();
+      m.cols();
+      requires bool(std::remove_cvref_t<Owner>::IsRowMajor);
+    }
+  MatrixView(Owner& m)  // NOLINT: implicit on purpose, a view of a matrix.
+      : data(m.data()), rows(Index(m.rows())), cols(Index(m.cols())), stride(Index(m.cols())) {
+    if constexpr (requires { m.outerStride(); }) stride = Index(m.outerStride());
+  }
+
+  T* row(Index r) const { return data + r * stride; }
+  T& operator()(Index r, Index c) const { return data[r * stride + c]; }
+  bool contiguous() const { return stride == cols; }
+  Index size() const { return rows * cols; }
+  // Rows [begin, begin + count).
+  MatrixView row_block(Index begin, Index count) const { return {data + begin * stride, count, cols, stride}; }
+  // Columns [begin, begin + count) of every row: a strided view, no copy.
+  MatrixView col_block(Index begin, Index count) const { return {data + begin, rows, count, stride}; }
+};
+
+template <class T>
+using ConstMatrixView = MatrixView<const T>;
+
+// A named parameter: its values, its gradient (same shape; empty if it never gets one) and
+// whether an optimizer may update it. Shapes follow PyTorch (nn.Linear weight is [out, in]).
+template <class Scalar>
+struct ParamRef {
+  std::string name;
+  std::vector<Index> shape;
+  std::span<Scalar> value;
+  std::span<Scalar> grad;  // empty for frozen buffers (FixedRandom's projection)
+  bool trainable = true;
+};
+
+}  // namespace moe
