@@ -28,15 +28,17 @@ struct MatrixView {
     requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
   MatrixView(const MatrixView<U>& other)
       : data(other.data), rows(other.rows), cols(other.cols), stride(other.stride) {}
-  // Any contiguous row-major owner with data()/rows()/cols() (e.g. Eigen RowMajor matrices).
+  // Any row-major owner with data()/rows()/cols() (e.g. Eigen RowMajor matrices). A view of
+  // const data may also be taken of a temporary, like std::span<const T>: it lives as long as
+  // the full expression (enough for layer.forward(make_input())).
   template <class Owner>
-    requires requires(Owner& m) {
+    requires(std::is_const_v<T> || std::is_lvalue_reference_v<Owner>) && requires(Owner& m) {
       { m.data() } -> std::convertible_to<T*>;
       m.rows();
       m.cols();
       requires bool(std::remove_cvref_t<Owner>::IsRowMajor);
     }
-  MatrixView(Owner& m)  // NOLINT: implicit on purpose, a view of a matrix.
+  MatrixView(Owner&& m)  // NOLINT: implicit on purpose, a view of a matrix.
       : data(m.data()), rows(Index(m.rows())), cols(Index(m.cols())), stride(Index(m.cols())) {
     if constexpr (requires { m.outerStride(); }) stride = Index(m.outerStride());
   }
