@@ -1,0 +1,299 @@
+#!/usr/bin/python3
+"""PyTorch parity test for the moe layers (registered with ctest as `torch_parity`).
+
+Runs the dump program (tests/torch_parity/dump.cpp) into a temporary folder, then rebuilds each
+dumped layer in PyTorch, in float64, straight from the documented semantics (moe/routing.hpp,
+moe/aux_loss.hpp, moe/experts.hpp), and compares the C++ fp32 results with it:
+
+    y, dx, every parameter gradient, the logits and the auxiliary losses,
+
+by relative error max|a - b| / max|b| (b = the float64 PyTorch reference).
+
+Usage: parity.py DUMP_EXE [--keep DIR] [--tolerance TOL]
+Exit codes: 0 all passed, 1 a comparison or check failed, 77 skipped (no torch / numpy).
+"""
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+SKIP = 77
+
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+except ImportError as error:  # pragma: no cover - depends on the machine
+    print(f"torch_parity SKIPPED: {sys.executable} cannot import torch/numpy ({error})")
+    sys.exit(SKIP)
+
+DTYPE = torch.float64
+
+
+# ---- the dump -------------------------------------------------------------------------------
+
+class Case:
+    def __init__(self, name, options):
+        self.name = name
+        self.options = options
+        self.tensors = {}   # name -> float64 numpy array
+        self.params = {}    # name -> {"trainable": bool, "grad": bool}, in dump order
+        self.scalars = {}   # key -> string
+
+    def opt(self, key, cast=str):
+        return cast(self.options[key])
+
+
+def read_dump(folder):
+    cases = {}
+    with open(os.path.join(folder, "manifest.txt")) as manifest:
+        for number, line in enumerate(manifest, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            kind = fields[0]
+            if kind == "case":
+                options = dict(field.split("=", 1) for field in fields[2:])
+                cases[fields[1]] = Case(fields[1], options)
+            elif kind == "tensor":
+                case, name, file, ndim = fields[1], fields[2], fields[3], int(fields[4])
+                shape = tuple(int(d) for d in fields[5:5 + ndim])
+                data = np.fromfile(os.path.join(folder, file), dtype="<f4")
+                if data.size != math.prod(shape):
+                    raise RuntimeError(f"{file}: {data.size} values, shape {shape}")
+                cases[case].tensors[name] = data.reshape(shape).astype(np.float64)
+            elif kind == "param":
+                flags = dict(field.split("=", 1) for field in fields[3:])
+                cases[fields[1]].params[fields[2]] = {"trainable": flags["trainable"] == "1",
+                                                      "grad": flags["grad"] == "1"}
+            elif kind == "scalar":
+                cases[fields[1]].scalars[fields[2]] = fields[3]
+            else:
+                raise RuntimeError(f"manifest line {number}: unknown record {kind!r}")
+    return list(cases.values())
+
+
+# ---- the reference layer, from the semantics ------------------------------------------------
+
+EXPECTED_PARAMS = {
+    "gelu-mlp": ["experts.fc.weight", "experts.fc.bias", "experts.proj.weight", "experts.proj.bias"],
+    "swiglu": ["experts.gate_up.weight", "experts.down.weight"],
+}
+
+
+def expert_output(kind, p, e, rows, ffn):
+    """Expert e applied to rows [R, H] (weights in nn.Linear convention, stacked over experts)."""
+    if kind == "gelu-mlp":
+        hidden = F.gelu(F.linear(rows, p["experts.fc.weight"][e], p["experts.fc.bias"][e]), approximate="tanh")
+        return F.linear(hidden, p["experts.proj.weight"][e], p["experts.proj.bias"][e])
+    if kind == "swiglu":
+        gate_up = F.linear(rows, p["experts.gate_up.weight"][e])
+        gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
+        return F.linear(F.silu(gate) * up, p["experts.down.weight"][e])
+    raise ValueError(f"unknown expert {kind!r}")
+
+
+def reference(case):
+    """Returns the float64 reference: y, dx, parameter gradients, logits, aux losses, routing facts."""
+    H, N, k, T = (case.opt(key, int) for key in ("hidden", "experts", "top_k", "tokens"))
+    ffn = case.opt("ffn", int)
+    gate, expert, mode = case.opt("gate"), case.opt("expert"), case.opt("weights")
+    capacity_factor = case.opt("capacity", float)
+    alpha, beta = case.opt("load_balance", float), case.opt("z_loss", float)
+    t = case.tensors
+
+    x = torch.tensor(t["x"], dtype=DTYPE, requires_grad=True)
+    dy = torch.tensor(t["dy"], dtype=DTYPE)
+    params = {}
+    for name, flags in case.params.items():
+        params[name] = torch.tensor(t[name], dtype=DTYPE, requires_grad=flags["trainable"])
+
+    # Gate: the routing logits z [T, N].
+    if gate == "self":
+        logits = x[:, H - N:]  # the paper's x[..., -N:]
+    elif gate in ("linear", "fixed-random"):
+        logits = F.linear(x, params["router.weight"])
+    elif gate == "random":
+        logits = torch.tensor(t["logits"], dtype=DTYPE)  # not reproducible here: use the layer's
+    else:
+        raise ValueError(f"unknown gate {gate!r}")
+
+    # Selection and weights.
+    top_values, top_index = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
+    if mode == "softmax_over_top_k":
+        weights = torch.softmax(top_values, dim=-1)  # paper eq. 2
+    elif mode == "softmax_then_top_k":
+        weights = torch.softmax(logits, dim=-1).gather(-1, top_index)  # not renormalised
+    else:
+        raise ValueError(f"unknown weights {mode!r}")
+
+    # Capacity: first choices in token order, then second choices, ... until an expert is full.
+    slots = T * k
+    capacity = slots if capacity_factor <= 0 else min(slots, math.ceil(capacity_factor * slots / N))
+    chosen = top_index.tolist()
+    kept = torch.zeros(T, k, dtype=torch.bool)
+    filled = [0] * N
+    for j in range(k):
+        for token in range(T):
+            e = chosen[token][j]
+            if filled[e] < capacity:
+                filled[e] += 1
+                kept[token, j] = True
+    dropped = int((~kept).sum())
+
+    # Experts and the weighted combination y_t = sum_j w_tj E_{e_tj}(x_t).
+    y = torch.zeros(T, H, dtype=DTYPE)
+    for e in range(N):
+        token, choice = ((top_index == e) & kept).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        out = expert_output(expert, params, e, x[token], ffn)
+        y = y.index_add(0, token, weights[token, choice].unsqueeze(-1) * out)
+
+    # Auxiliary losses.
+    load_balance = torch.zeros((), dtype=DTYPE)
+    z_loss = torch.zeros((), dtype=DTYPE)
+    if alpha > 0:
+        f = torch.bincount(top_index.reshape(-1), minlength=N).to(DTYPE) / slots  # no gradient
+        P = torch.softmax(logits, dim=-1).mean(dim=0)
+        load_balance = alpha * N * (f * P).sum()
+    if beta > 0:
+        z_loss = beta * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+
+    loss = (y * dy).sum() + load_balance + z_loss
+    loss.backward()
+
+    # Smallest gap between the k-th and (k+1)-th logit: selection is ill-posed if it is ~0.
+    ordered = torch.sort(logits.detach(), dim=-1, descending=True).values
+    gap = float((ordered[:, k - 1] - ordered[:, k]).min()) if k < N else math.inf
+
+    return {
+        "y": y.detach().numpy(),
+        "dx": x.grad.numpy(),
+        "logits": logits.detach().numpy(),
+        "grads": {name: p.grad.numpy() for name, p in params.items() if p.grad is not None},
+        "load_balance": float(load_balance),
+        "z_loss": float(z_loss),
+        "dropped": dropped,
+        "capacity": capacity,
+        "gap": gap,
+    }
+
+
+# ---- comparison -----------------------------------------------------------------------------
+
+def relative_error(ours, ref):
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        return math.inf, f"shape {ours.shape} != reference {ref.shape}"
+    if not np.all(np.isfinite(ours)):
+        return math.inf, "non-finite values"
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    diff = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
+    if scale == 0.0:
+        return diff, "max|ref| = 0, absolute error"
+    return diff / scale, f"max|ref| {scale:.3e}"
+
+
+class Report:
+    def __init__(self, tolerance):
+        self.tolerance = tolerance
+        self.failures = 0
+
+    def compare(self, case, what, ours, ref):
+        error, note = relative_error(ours, ref)
+        ok = error < self.tolerance
+        self.failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {case:32s} {what:34s} rel_err {error:.3e}  ({note})")
+
+    def check(self, case, what, condition, detail=""):
+        self.failures += not condition
+        print(f"{'ok  ' if condition else 'FAIL'} {case:32s} {what:34s} {detail}")
+
+
+def check_case(case, report):
+    name = case.name
+    gate, expert = case.opt("gate"), case.opt("expert")
+    H, N = case.opt("hidden", int), case.opt("experts", int)
+
+    # The parameter list: the gate's (if any) then the experts', with the right flags.
+    expected = (["router.weight"] if gate in ("linear", "fixed-random") else []) + EXPECTED_PARAMS[expert]
+    report.check(name, "parameter names", list(case.params) == expected, f"{list(case.params)}")
+    for param, flags in case.params.items():
+        if param == "router.weight" and gate == "fixed-random":
+            frozen = not flags["trainable"] and not flags["grad"] and param + ".grad" not in case.tensors
+            report.check(name, "router.weight frozen, no grad", frozen, f"{flags}")
+        else:
+            report.check(name, f"{param} trainable with grad", flags["trainable"] and flags["grad"], f"{flags}")
+    router_params = int(case.scalars["router_parameters"])
+    report.check(name, "router parameter count", router_params == (N * H if gate == "linear" else 0),
+                 f"{router_params}")
+
+    ref = reference(case)
+    report.check(name, "top-k selection well separated", ref["gap"] > 1e-5, f"min logit gap {ref['gap']:.3e}")
+
+    if gate != "random":
+        report.compare(name, "logits", case.tensors["logits"], ref["logits"])
+    report.compare(name, "y", case.tensors["y"], ref["y"])
+    report.compare(name, "dx", case.tensors["dx"], ref["dx"])
+    for param, flags in case.params.items():
+        if flags["grad"]:
+            report.compare(name, f"grad {param}", case.tensors[param + ".grad"], ref["grads"][param])
+
+    # Auxiliary losses: exactly 0 when off.
+    for key, weight in (("load_balance", "load_balance"), ("z_loss", "z_loss")):
+        ours = float(case.scalars[key])
+        if case.opt(weight, float) > 0:
+            report.compare(name, f"aux {key}", ours, ref[key])
+        else:
+            report.check(name, f"aux {key} off", ours == 0.0, f"{ours}")
+    if case.opt("load_balance", float) > 0 or case.opt("z_loss", float) > 0:
+        report.compare(name, "aux_loss (total)", float(case.scalars["aux_loss"]),
+                       ref["load_balance"] + ref["z_loss"])
+
+    # Capacity and drops.
+    capacity, dropped = int(case.scalars["capacity"]), int(case.scalars["dropped_slots"])
+    report.check(name, "capacity", capacity == ref["capacity"], f"{capacity} (reference {ref['capacity']})")
+    report.check(name, "dropped slots", dropped == ref["dropped"], f"{dropped} (reference {ref['dropped']})")
+    if case.opt("capacity", float) > 0:
+        report.check(name, "capacity case drops something", ref["dropped"] > 0, f"{ref['dropped']} dropped")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dump_exe", help="the moe_torch_parity_dump program")
+    parser.add_argument("--keep", metavar="DIR", help="dump into DIR and keep it (default: a temporary folder)")
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="relative error bound (default 1e-5)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+
+    with tempfile.TemporaryDirectory(prefix="moe_torch_parity_") as temporary:
+        folder = args.keep or temporary
+        run = subprocess.run([args.dump_exe, folder], env=env)
+        if run.returncode != 0:
+            print(f"FAIL the dump program exited with {run.returncode}")
+            return 1
+        cases = read_dump(folder)
+
+        print(f"torch {torch.__version__}, reference in float64, tolerance {args.tolerance:g}")
+        report = Report(args.tolerance)
+        if not cases:
+            report.check("-", "cases dumped", False, "none")
+        for case in cases:
+            check_case(case, report)
+
+    if report.failures:
+        print(f"torch_parity: {report.failures} check(s) FAILED over {len(cases)} cases")
+        return 1
+    print(f"torch_parity: all checks passed over {len(cases)} cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
