@@ -1,6 +1,7 @@
 // moe/config.hpp: the layer's shape and options, and the error type every check throws.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <sstream>
@@ -66,8 +67,8 @@ inline void validate(const LayerConfig& config) {
   check(config.top_k >= 1, "top_k must be at least 1, got ", config.top_k);
   check(config.top_k <= config.experts, "top_k = ", config.top_k, " exceeds the number of experts N = ",
         config.experts);
-  check(config.capacity_factor >= 0, "capacity_factor must be >= 0 (0 = dropless), got ",
-        config.capacity_factor);
+  check(config.capacity_factor >= 0 && std::isfinite(config.capacity_factor),
+        "capacity_factor must be finite and >= 0 (0 = dropless), got ", config.capacity_factor);
   check(config.aux.load_balance >= 0 && config.aux.z_loss >= 0, "auxiliary loss weights must be >= 0");
 }
 

@@ -44,8 +44,10 @@ struct SelfRoute {
       : experts_(config.experts), gradient_(options.gradient) {
     check(config.hidden >= config.experts, "SelfRoute reads N = ", config.experts,
           " coordinates as logits, but the hidden size H = ", config.hidden, " is smaller");
+    check(options.offset >= -1, "SelfRoute offset must be >= 0, or -1 for the last N coordinates, got ",
+          options.offset);
     offset_ = options.offset < 0 ? config.hidden - config.experts : options.offset;
-    check(offset_ + experts_ <= config.hidden, "SelfRoute offset ", offset_, " + N = ", experts_,
+    check(offset_ <= config.hidden - experts_, "SelfRoute offset ", offset_, " + N = ", experts_,  // no overflow
           " exceeds the hidden size H = ", config.hidden);
   }
 

@@ -127,12 +127,16 @@ enum RowStatus : std::uint8_t {
   kRowNoFiniteLogit = 2,    // no logit is finite
 };
 
+inline void check_top_k(Index k, Index experts) {
+  check(k >= 1 && k <= experts, "top_k = ", k, " must be in [1, N] with N = ", experts, " logit columns");
+}
+
 // Rows each expert may keep: T*k when dropless, else ceil(factor * T * k / N).
 inline Index expert_capacity(Index tokens, Index top_k, Index experts, double capacity_factor) {
   const Index slots = tokens * top_k;
   if (capacity_factor <= 0) return slots;
   const double c = std::ceil(capacity_factor * double(slots) / double(experts));
-  return std::min<Index>(slots, Index(c));
+  return c < double(slots) ? Index(c) : slots;  // compare in double: a huge factor must not overflow
 }
 
 // Scratch values route_token / route_token_backward need per call (callers keep one per thread).
@@ -205,6 +209,9 @@ inline void dispatch(RoutingPlan& plan, double capacity_factor) {
 template <class S>
 void route(ConstMatrixView<S> logits, Index k, RoutingWeights mode, double capacity_factor, RoutingPlan& plan,
            std::span<S> weight) {
+  check_top_k(k, logits.cols);
+  check(Index(weight.size()) >= logits.rows * k, "route: weight buffer holds ", weight.size(), " values, needs ",
+        logits.rows * k);
   plan.tokens = logits.rows;
   plan.experts = logits.cols;
   plan.top_k = k;

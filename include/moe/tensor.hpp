@@ -48,9 +48,10 @@ struct MatrixView {
   bool contiguous() const { return stride == cols; }
   Index size() const { return rows * cols; }
   // Rows [begin, begin + count).
-  MatrixView row_block(Index begin, Index count) const { return {data + begin * stride, count, cols, stride}; }
+  // (An empty matrix may have a null data pointer: never offset it.)
+  MatrixView row_block(Index begin, Index count) const { return {data ? data + begin * stride : data, count, cols, stride}; }
   // Columns [begin, begin + count) of every row: a strided view, no copy.
-  MatrixView col_block(Index begin, Index count) const { return {data + begin, rows, count, stride}; }
+  MatrixView col_block(Index begin, Index count) const { return {data ? data + begin : data, rows, count, stride}; }
 };
 
 template <class T>

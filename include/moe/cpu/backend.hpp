@@ -173,6 +173,7 @@ class BasicBackend {
   // logits: [T, N] -> plan, weights [T*k] (the contract in moe/routing.hpp)
   void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights) const {
     const Index T = logits.rows, k = config.top_k;
+    check_top_k(k, logits.cols);
     plan.tokens = T;
     plan.experts = logits.cols;
     plan.top_k = k;
