@@ -136,15 +136,14 @@ class BasicBackend {
   }
   // din = dout * gelu'(in); din may alias dout
   void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
-    for_rows(in.rows, in.cols, [&](Index r) {
-      const auto x = array_map(in.row(r), in.cols);
+    for_row_segments(in.rows, in.cols, [&](Index r, Index c, Index n) {
+      const auto x = array_map(in.row(r) + c, n);
       const auto x2 = x.square();
-      const Eigen::Array<S, Eigen::Dynamic, 1> t =
-          (S(activation::kGeluScale) * (x + S(activation::kGeluCubic) * x2 * x)).tanh();
+      const Segment t = (S(activation::kGeluScale) * (x + S(activation::kGeluCubic) * x2 * x)).tanh();
       const auto grad = S(0.5) * (S(1) + t) +
                         S(0.5) * x * (S(1) - t.square()) * S(activation::kGeluScale) *
                             (S(1) + S(3 * activation::kGeluCubic) * x2);
-      array_map(din.row(r), in.cols) = array_map(dout.row(r), in.cols) * grad;
+      array_map(din.row(r) + c, n) = array_map(dout.row(r) + c, n) * grad;
     });
   }
   // gate_up: [R, 2F] (gate | up) -> out: [R, F] = silu(gate) * up
@@ -159,13 +158,13 @@ class BasicBackend {
   // dgate_up = (dout * up * silu'(gate) | dout * silu(gate)); dgate_up may alias gate_up
   void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
     const Index F = dout.cols;
-    for_rows(gate_up.rows, gate_up.cols, [&](Index r) {
-      const Eigen::Array<S, Eigen::Dynamic, 1> g = array_map(gate_up.row(r), F);
-      const Eigen::Array<S, Eigen::Dynamic, 1> u = array_map(gate_up.row(r) + F, F);
-      const auto d = array_map(dout.row(r), F);
-      const Eigen::Array<S, Eigen::Dynamic, 1> s = S(1) / (S(1) + (-g).exp());
-      array_map(dgate_up.row(r), F) = d * u * s * (S(1) + g * (S(1) - s));
-      array_map(dgate_up.row(r) + F, F) = d * g * s;
+    for_row_segments(gate_up.rows, F, [&](Index r, Index c, Index n) {
+      const Segment g = array_map(gate_up.row(r) + c, n);  // copies: dgate_up may alias gate_up
+      const Segment u = array_map(gate_up.row(r) + F + c, n);
+      const auto d = array_map(dout.row(r) + c, n);
+      const Segment sig = S(1) / (S(1) + (-g).exp());
+      array_map(dgate_up.row(r) + c, n) = d * u * sig * (S(1) + g * (S(1) - sig));
+      array_map(dgate_up.row(r) + F + c, n) = d * g * sig;
     });
   }
 
@@ -270,6 +269,10 @@ class BasicBackend {
  private:
   static constexpr Index kTokenChunk = 256;
 
+  // Activations work on row segments of at most kSegment columns, so temporaries live on the stack.
+  static constexpr Index kSegment = 256;
+  using Segment = Eigen::Array<S, Eigen::Dynamic, 1, 0, kSegment, 1>;
+
   static auto array_map(S* p, Index n) { return Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(p, n); }
   static auto array_map(const S* p, Index n) { return Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(p, n); }
 
@@ -279,6 +282,14 @@ class BasicBackend {
     const Index chunk = std::max<Index>(1, 16384 / std::max<Index>(1, cols));
     parallel_chunks(threads_, rows, chunk, [&](Index begin, Index end) {
       for (Index r = begin; r < end; ++r) body(r);
+    });
+  }
+
+  // body(r, c, n) for columns [c, c + n) of every row, segments of kSegment.
+  template <class Body>
+  void for_row_segments(Index rows, Index cols, Body&& body) const {
+    for_rows(rows, cols, [&](Index r) {
+      for (Index c = 0; c < cols; c += kSegment) body(r, c, std::min(kSegment, cols - c));
     });
   }
 
