@@ -64,62 +64,55 @@ inline Result moe_layer(const Matrix& x, const Matrix& logits, const Params& p, 
       const Index s = t * k + j;
       if (plan.row[s] < 0) continue;  // dropped: no contribution
       const Index e = plan.expert[s];
-      std::vector<double> out(H, 0.0), dout(H), dh(F), hidden(F);
-      if (kind == ExpertKind::gelu_mlp) {
+      const bool gelu = kind == ExpertKind::gelu_mlp;
+      // Hidden activation act [F] of expert e on token t.
+      std::vector<double> act(F), pre(F), g(F), u(F);
+      if (gelu) {
         const auto& w1 = p.at("experts.fc.weight"); const auto& b1 = p.at("experts.fc.bias");
-        const auto& w2 = p.at("experts.proj.weight"); const auto& b2 = p.at("experts.proj.bias");
-        std::vector<double> pre(F), act(F);
         for (Index f = 0; f < F; ++f) {
           double a = b1[e * F + f];
           for (Index h = 0; h < H; ++h) a += w1[(e * F + f) * H + h] * x(t, h);
-          pre[f] = a;
-          act[f] = moe::activation::gelu(a);
-        }
-        for (Index h = 0; h < H; ++h) {
-          double a = b2[e * H + h];
-          for (Index f = 0; f < F; ++f) a += w2[(e * H + h) * F + f] * act[f];
-          out[h] = a;
-        }
-        // backward of this slot: d out = w * dy[t]
-        double dw = 0;
-        for (Index h = 0; h < H; ++h) dw += dy(t, h) * out[h], dout[h] = weights[s] * dy(t, h);
-        dweights[s] = dw;
-        auto& gw1 = r.grads["experts.fc.weight"]; auto& gb1 = r.grads["experts.fc.bias"];
-        auto& gw2 = r.grads["experts.proj.weight"]; auto& gb2 = r.grads["experts.proj.bias"];
-        for (Index h = 0; h < H; ++h) {
-          gb2[e * H + h] += dout[h];
-          for (Index f = 0; f < F; ++f) gw2[(e * H + h) * F + f] += dout[h] * act[f];
-        }
-        for (Index f = 0; f < F; ++f) {
-          double da = 0;
-          for (Index h = 0; h < H; ++h) da += dout[h] * w2[(e * H + h) * F + f];
-          dh[f] = da * moe::activation::gelu_grad(pre[f]);
-          gb1[e * F + f] += dh[f];
-          for (Index h = 0; h < H; ++h) gw1[(e * F + f) * H + h] += dh[f] * x(t, h), r.dx(t, h) += dh[f] * w1[(e * F + f) * H + h];
+          pre[f] = a, act[f] = moe::activation::gelu(a);
         }
       } else {
-        const auto& wgu = p.at("experts.gate_up.weight"); const auto& wd = p.at("experts.down.weight");
-        std::vector<double> g(F), u(F), act(F);
+        const auto& wgu = p.at("experts.gate_up.weight");
         for (Index f = 0; f < F; ++f) {
           double a = 0, b = 0;
           for (Index h = 0; h < H; ++h) a += wgu[(e * 2 * F + f) * H + h] * x(t, h), b += wgu[(e * 2 * F + F + f) * H + h] * x(t, h);
           g[f] = a, u[f] = b, act[f] = moe::activation::silu(a) * b;
         }
-        for (Index h = 0; h < H; ++h) {
-          double a = 0;
-          for (Index f = 0; f < F; ++f) a += wd[(e * H + h) * F + f] * act[f];
-          out[h] = a;
-        }
-        double dw = 0;
-        for (Index h = 0; h < H; ++h) dw += dy(t, h) * out[h], dout[h] = weights[s] * dy(t, h);
-        dweights[s] = dw;
-        auto& gwgu = r.grads["experts.gate_up.weight"]; auto& gwd = r.grads["experts.down.weight"];
-        for (Index h = 0; h < H; ++h)
-          for (Index f = 0; f < F; ++f) gwd[(e * H + h) * F + f] += dout[h] * act[f];
+      }
+      // Output projection [H, F] (+ bias for GeluMLP), shared by both kinds.
+      const std::string out_name = gelu ? "experts.proj" : "experts.down";
+      const auto& w_out = p.at(out_name + ".weight");
+      std::vector<double> out(H), dout(H), dact(F, 0.0);
+      for (Index h = 0; h < H; ++h) {
+        double a = gelu ? p.at("experts.proj.bias")[e * H + h] : 0.0;
+        for (Index f = 0; f < F; ++f) a += w_out[(e * H + h) * F + f] * act[f];
+        out[h] = a;
+      }
+      // Backward of this slot for loss = sum(y .* dy): d out = w * dy[t], d w = dy[t] . out.
+      double dw = 0;
+      for (Index h = 0; h < H; ++h) dw += dy(t, h) * out[h], dout[h] = weights[s] * dy(t, h);
+      dweights[s] = dw;
+      auto& g_out = r.grads[out_name + ".weight"];
+      for (Index h = 0; h < H; ++h) {
+        if (gelu) r.grads["experts.proj.bias"][e * H + h] += dout[h];
+        for (Index f = 0; f < F; ++f) g_out[(e * H + h) * F + f] += dout[h] * act[f], dact[f] += dout[h] * w_out[(e * H + h) * F + f];
+      }
+      if (gelu) {
+        const auto& w1 = p.at("experts.fc.weight");
+        auto& gw1 = r.grads["experts.fc.weight"]; auto& gb1 = r.grads["experts.fc.bias"];
         for (Index f = 0; f < F; ++f) {
-          double da = 0;
-          for (Index h = 0; h < H; ++h) da += dout[h] * wd[(e * H + h) * F + f];
-          const double dg = da * u[f] * moe::activation::silu_grad(g[f]), du = da * moe::activation::silu(g[f]);
+          const double dh = dact[f] * moe::activation::gelu_grad(pre[f]);
+          gb1[e * F + f] += dh;
+          for (Index h = 0; h < H; ++h) gw1[(e * F + f) * H + h] += dh * x(t, h), r.dx(t, h) += dh * w1[(e * F + f) * H + h];
+        }
+      } else {
+        const auto& wgu = p.at("experts.gate_up.weight");
+        auto& gwgu = r.grads["experts.gate_up.weight"];
+        for (Index f = 0; f < F; ++f) {
+          const double dg = dact[f] * u[f] * moe::activation::silu_grad(g[f]), du = dact[f] * moe::activation::silu(g[f]);
           for (Index h = 0; h < H; ++h) {
             gwgu[(e * 2 * F + f) * H + h] += dg * x(t, h);
             gwgu[(e * 2 * F + F + f) * H + h] += du * x(t, h);

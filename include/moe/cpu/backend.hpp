@@ -197,18 +197,7 @@ class BasicBackend {
   // y[t] = sum_j weight[t,j] * expert_rows[row(t,j)], j ascending, dropped slots skipped.
   // expert_rows: [R, H] -> y: [T, H]
   void combine(ConstMatrixView<S> expert_rows, const Plan& plan, const Vector<S>& weights, MatrixView<S> y) const {
-    const Index k = plan.top_k, H = y.cols;
-    for_rows(y.rows, H, [&](Index t) {
-      S* out = y.row(t);
-      std::fill(out, out + H, S(0));
-      for (Index j = 0; j < k; ++j) {
-        const Index r = plan.row[t * k + j];
-        if (r < 0) continue;
-        const S w = weights[t * k + j];
-        const S* in = expert_rows.row(r);
-        for (Index c = 0; c < H; ++c) out[c] += w * in[c];
-      }
-    });
+    gather_sum(expert_rows, plan, weights.data(), y);
   }
   // d_rows[row(t,j)] = weight[t,j] * dy[t];  dweights[t,j] = dy[t] . expert_rows[row(t,j)] (0 if dropped)
   void combine_backward(ConstMatrixView<S> dy, ConstMatrixView<S> expert_rows, const Plan& plan,
@@ -232,17 +221,7 @@ class BasicBackend {
   }
   // dx[t] = sum_j d_rows[row(t,j)] (j ascending; 0 if every slot was dropped)
   void sum_rows_to_tokens(ConstMatrixView<S> d_rows, const Plan& plan, MatrixView<S> dx) const {
-    const Index k = plan.top_k, H = dx.cols;
-    for_rows(dx.rows, H, [&](Index t) {
-      S* out = dx.row(t);
-      std::fill(out, out + H, S(0));
-      for (Index j = 0; j < k; ++j) {
-        const Index r = plan.row[t * k + j];
-        if (r < 0) continue;
-        const S* in = d_rows.row(r);
-        for (Index c = 0; c < H; ++c) out[c] += in[c];
-      }
-    });
+    gather_sum(d_rows, plan, nullptr, dx);
   }
 
   // dlogits = d(routing weights)/d(logits)^T dweights + gradient of the auxiliary losses.
@@ -290,6 +269,27 @@ class BasicBackend {
   void for_row_segments(Index rows, Index cols, Body&& body) const {
     for_rows(rows, cols, [&](Index r) {
       for (Index c = 0; c < cols; c += kSegment) body(r, c, std::min(kSegment, cols - c));
+    });
+  }
+
+  // out[t] = sum_j w[t,j] * rows[row(t,j)] in ascending j (w = 1 when weights is null): each
+  // token gathers its own rows, so there is no racy scatter and the sum order is fixed.
+  void gather_sum(ConstMatrixView<S> rows, const Plan& plan, const S* weights, MatrixView<S> out) const {
+    const Index k = plan.top_k, H = out.cols;
+    for_rows(out.rows, H, [&](Index t) {
+      S* o = out.row(t);
+      std::fill(o, o + H, S(0));
+      for (Index j = 0; j < k; ++j) {
+        const Index r = plan.row[t * k + j];
+        if (r < 0) continue;
+        const S* in = rows.row(r);
+        if (weights) {
+          const S w = weights[t * k + j];
+          for (Index c = 0; c < H; ++c) o[c] += w * in[c];
+        } else {
+          for (Index c = 0; c < H; ++c) o[c] += in[c];
+        }
+      }
     });
   }
 
