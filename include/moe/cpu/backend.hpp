@@ -255,11 +255,10 @@ class BasicBackend {
   static auto array_map(S* p, Index n) { return Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(p, n); }
   static auto array_map(const S* p, Index n) { return Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(p, n); }
 
-  // body(r) for every row, in chunks of about 16K elements.
+  // body(r) for every row, in tasks of rows_per_task(cols) rows.
   template <class Body>
   void for_rows(Index rows, Index cols, Body&& body) const {
-    const Index chunk = std::max<Index>(1, 16384 / std::max<Index>(1, cols));
-    parallel_chunks(threads_, rows, chunk, [&](Index begin, Index end) {
+    parallel_chunks(threads_, rows, rows_per_task(cols), [&](Index begin, Index end) {
       for (Index r = begin; r < end; ++r) body(r);
     });
   }

@@ -45,4 +45,12 @@ void parallel_chunks(int threads, Index count, Index chunk, Body&& body) {
   });
 }
 
+// Row-wise work (elementwise ops, per-row reductions) goes in tasks of about 16K elements:
+// rows_per_task depends on the width alone, never on the thread count.
+inline Index rows_per_task(Index cols) { return cols > 0 && cols < 16384 ? 16384 / cols : 1; }
+
+// Reductions over rows (bias and norm gradients) go in blocks of columns; each task owns a block
+// and adds the rows in order.
+inline constexpr Index kColumnsPerTask = 64;
+
 }  // namespace moe::cpu

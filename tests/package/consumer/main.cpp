@@ -1,5 +1,6 @@
 // A project outside the moe tree, built against the installed package.
 #include <moe/moe.hpp>
+#include <moe/nn.hpp>
 
 int main() {
   moe::MoELayer<moe::SelfRoute, moe::GeluMLP, moe::cpu::Backend> layer({.hidden = 16, .ffn = 32, .experts = 4, .top_k = 2}, 7);

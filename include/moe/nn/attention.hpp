@@ -1,0 +1,227 @@
+// moe/nn/attention.hpp: multi-head scaled dot-product self-attention (GPT-2's causal, ViT's
+// bidirectional), forward and backward on the CPU.
+//
+// Layout as in GPT-2 / llm.c: row b*T + t of qkv is token t of sequence b and holds
+// q (C values) | k (C) | v (C); head h reads columns [h*hs, (h+1)*hs) of each, hs = C / heads.
+//
+// Work is one (sequence, head) pair per task, so each pair is computed by one thread with a
+// fixed order of arithmetic (moe/cpu/parallel.hpp's determinism rule). Inside a pair, queries go
+// in blocks of kAttentionBlock rows: a block's scores, softmax and weighted sum are formed
+// together while they are hot in cache, and a causal block skips the keys after its last query.
+// Every product runs through the sequential GEMM kernel of moe/cpu/gemm.hpp.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "moe/config.hpp"
+#include "moe/cpu/gemm.hpp"
+#include "moe/cpu/parallel.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::nn {
+
+// Query rows per block: small enough that a causal block wastes little of the masked triangle,
+// large enough to keep Eigen's kernel busy (depth hs, width up to T).
+inline constexpr Index kAttentionBlock = 64;
+
+namespace attention_detail {
+
+// Row loops in SIMD packets from index 0 with a padded tail: an element's bits depend on the
+// row's values and length alone, never on its address (Eigen's own reductions peel to
+// alignment) or on the thread.
+template <class S>
+using Packet = typename Eigen::internal::packet_traits<S>::type;
+template <class S>
+inline constexpr Index kLanes = Eigen::internal::unpacket_traits<Packet<S>>::size;
+
+// The lanes of a packet combined left to right (Eigen's predux trips GCC 12's -Wuninitialized
+// in its AVX-512 intrinsic headers).
+template <class S, class Combine>
+S fold_lanes(const Packet<S>& packet, Combine combine) {
+  alignas(64) S lanes[kLanes<S>];
+  Eigen::internal::pstore(lanes, packet);
+  S result = lanes[0];
+  for (Index i = 1; i < kLanes<S>; ++i) result = combine(result, lanes[i]);
+  return result;
+}
+template <class S>
+S sum_lanes(const Packet<S>& packet) {
+  return fold_lanes<S>(packet, [](S a, S b) { return a + b; });
+}
+
+// row[0..n) = softmax(scale * row[0..n)), max-subtracted. n >= 1.
+template <class S>
+void softmax_row(S* row, Index n, S scale) {
+  using namespace Eigen::internal;
+  using P = Packet<S>;
+  constexpr Index L = kLanes<S>;
+  const Index full = n - n % L;
+
+  P max_lanes = pset1<P>(row[0]);
+  for (Index j = 0; j < full; j += L) max_lanes = pmax(max_lanes, ploadu<P>(row + j));
+  S max = fold_lanes<S>(max_lanes, [](S a, S b) { return std::max(a, b); });
+  for (Index j = full; j < n; ++j) max = std::max(max, row[j]);
+
+  const P max_p = pset1<P>(max), scale_p = pset1<P>(scale);
+  P sums = pset1<P>(S(0));
+  for (Index j = 0; j < full; j += L) {
+    const P e = pexp(pmul(psub(ploadu<P>(row + j), max_p), scale_p));
+    pstoreu(row + j, e);
+    sums = padd(sums, e);
+  }
+  if (full < n) {
+    alignas(64) S tail[L];
+    for (Index i = 0; i < L; ++i) tail[i] = full + i < n ? row[full + i] : max;
+    pstore(tail, pexp(pmul(psub(pload<P>(tail), max_p), scale_p)));
+    for (Index i = n - full; i < L; ++i) tail[i] = S(0);  // padding lanes add nothing
+    sums = padd(sums, pload<P>(tail));
+    std::copy(tail, tail + (n - full), row + full);
+  }
+  const S inverse = S(1) / sum_lanes<S>(sums);
+  for (Index j = 0; j < n; ++j) row[j] *= inverse;
+}
+
+// sum_j a[j] b[j]: per-lane sums over the full packets, folded left to right, then the tail.
+template <class S>
+S dot(const S* a, const S* b, Index n) {
+  using namespace Eigen::internal;
+  using P = Packet<S>;
+  constexpr Index L = kLanes<S>;
+  const Index full = n - n % L;
+  P lanes = pset1<P>(S(0));
+  for (Index j = 0; j < full; j += L) lanes = pmadd(ploadu<P>(a + j), ploadu<P>(b + j), lanes);
+  S sum = sum_lanes<S>(lanes);
+  for (Index j = full; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+// c (+)= op(a) op(b) on one thread; the caller zeroes c first when it wants "=".
+template <class S>
+void product(MatrixView<S> c, ConstMatrixView<S> a, cpu::Op op_a, ConstMatrixView<S> b, cpu::Op op_b) {
+  cpu::detail::gemm_tile_accumulate(cpu::Gemm<S>{c, a, op_a, b, op_b, true});
+}
+
+template <class S>
+void zero(MatrixView<S> m) {
+  for (Index r = 0; r < m.rows; ++r) std::fill(m.row(r), m.row(r) + m.cols, S(0));
+}
+
+// The [T, hs] q, k or v block (part 0, 1, 2) of head h in sequence b.
+template <class S>
+MatrixView<S> head_part(MatrixView<S> qkv, Index part, Index b, Index h, Index T, Index C, Index hs) {
+  return qkv.col_block(part * C + h * hs, hs).row_block(b * T, T);
+}
+
+struct Shape {
+  Index C, hs;
+};
+
+template <class S>
+Shape check_shapes(const char* where, ConstMatrixView<S> qkv, Index B, Index T, Index heads, Index out_rows,
+                   Index out_cols, const char* out_name, const S* att, int threads) {
+  check(B >= 1 && T >= 1, where, ": batch B = ", B, " and sequence length T = ", T, " must be positive");
+  check(heads >= 1, where, ": heads must be positive, got ", heads);
+  check(threads >= 1, where, ": thread count must be >= 1, got ", threads);
+  check(qkv.rows == B * T, where, ": qkv has ", qkv.rows, " rows, expected B*T = ", B, "*", T, " = ", B * T);
+  check(qkv.cols % 3 == 0 && qkv.cols > 0, where, ": qkv has ", qkv.cols,
+        " columns, expected 3*C (q | k | v) for some C > 0");
+  const Index C = qkv.cols / 3;
+  check(C % heads == 0, where, ": C = ", C, " is not divisible by heads = ", heads);
+  check(out_rows == B * T && out_cols == C, where, ": ", out_name, " is [", out_rows, ", ", out_cols,
+        "], expected [B*T, C] = [", B * T, ", ", C, "]");
+  check(att != nullptr, where, ": att (the [B, heads, T, T] probabilities) is null");
+  return {C, C / heads};
+}
+
+}  // namespace attention_detail
+
+// qkv: [B*T, 3C] -> out: [B*T, C], att: [B, heads, T, T]
+//   scores = q k^T / sqrt(hs), causal: -inf where t' > t; att = softmax(scores) per row;
+//   out = att v, head h into columns [h*hs, (h+1)*hs).
+// Cached for backward: att (the probabilities; masked entries exactly 0) and qkv itself.
+template <class S>
+void attention_forward(ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal, MatrixView<S> out, S* att,
+                       int threads = cpu::default_threads()) {
+  static_assert(std::is_floating_point_v<S>, "attention_forward: S must be float or double");
+  namespace ad = attention_detail;
+  const auto [C, hs] = ad::check_shapes("attention_forward", qkv, B, T, heads, out.rows, out.cols, "out", att, threads);
+  const S scale = S(1) / std::sqrt(S(hs));
+  using cpu::Op;
+
+  cpu::parallel_for(threads, B * heads, [&, C = C, hs = hs](Index pair) {
+    const Index b = pair / heads, h = pair % heads;
+    const auto q = ad::head_part(qkv, 0, b, h, T, C, hs), k = ad::head_part(qkv, 1, b, h, T, C, hs),
+               v = ad::head_part(qkv, 2, b, h, T, C, hs);
+    const auto o = out.col_block(h * hs, hs).row_block(b * T, T);
+    const MatrixView<S> probs(att + pair * T * T, T, T);
+    for (Index r0 = 0; r0 < T; r0 += kAttentionBlock) {
+      const Index rows = std::min(kAttentionBlock, T - r0);
+      const Index keys = causal ? r0 + rows : T;  // keys any query of this block may see
+      const auto p = probs.row_block(r0, rows).col_block(0, keys);
+      ad::zero(p);
+      ad::product<S>(p, q.row_block(r0, rows), Op::none, k.row_block(0, keys), Op::transpose);
+      for (Index i = 0; i < rows; ++i) {
+        const Index seen = causal ? r0 + i + 1 : T;
+        ad::softmax_row(p.row(i), seen, scale);
+        std::fill(probs.row(r0 + i) + seen, probs.row(r0 + i) + T, S(0));  // masked: exactly 0
+      }
+      const auto o_block = o.row_block(r0, rows);
+      ad::zero(o_block);
+      ad::product<S>(o_block, p, Op::none, v.row_block(0, keys), Op::none);
+    }
+  });
+}
+
+// dout: [B*T, C], qkv: [B*T, 3C], att: [B, heads, T, T] (from forward) -> dqkv: [B*T, 3C], added
+// into (+=, llm.c's convention). With P = att, dP = dout v^T:
+//   dv += P^T dout;  dS = P * (dP - rowsum(P * dP)) / sqrt(hs);  dq += dS k;  dk += dS^T q.
+template <class S>
+void attention_backward(ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S* att, Index B, Index T, Index heads,
+                        bool causal, MatrixView<S> dqkv, int threads = cpu::default_threads()) {
+  static_assert(std::is_floating_point_v<S>, "attention_backward: S must be float or double");
+  namespace ad = attention_detail;
+  const auto [C, hs] =
+      ad::check_shapes("attention_backward", qkv, B, T, heads, dout.rows, dout.cols, "dout", att, threads);
+  check(dqkv.rows == B * T && dqkv.cols == 3 * C, "attention_backward: dqkv is [", dqkv.rows, ", ", dqkv.cols,
+        "], expected [B*T, 3C] = [", B * T, ", ", 3 * C, "]");
+  const S scale = S(1) / std::sqrt(S(hs));
+  using cpu::Op;
+
+  cpu::parallel_for(threads, B * heads, [&, C = C, hs = hs](Index pair) {
+    const Index b = pair / heads, h = pair % heads;
+    const auto q = ad::head_part(qkv, 0, b, h, T, C, hs), k = ad::head_part(qkv, 1, b, h, T, C, hs),
+               v = ad::head_part(qkv, 2, b, h, T, C, hs);
+    const auto dq = ad::head_part(dqkv, 0, b, h, T, C, hs), dk = ad::head_part(dqkv, 1, b, h, T, C, hs),
+               dv = ad::head_part(dqkv, 2, b, h, T, C, hs);
+    const auto d_o = dout.col_block(h * hs, hs).row_block(b * T, T);
+    const ConstMatrixView<S> probs(att + pair * T * T, T, T);
+    std::vector<S> scratch(std::size_t(std::min(kAttentionBlock, T) * T));
+    for (Index r0 = 0; r0 < T; r0 += kAttentionBlock) {
+      const Index rows = std::min(kAttentionBlock, T - r0);
+      const Index keys = causal ? r0 + rows : T;
+      const auto p = probs.row_block(r0, rows).col_block(0, keys);
+      const auto d_o_block = d_o.row_block(r0, rows);
+      const MatrixView<S> ds(scratch.data(), rows, keys);  // holds dP, then dS in place
+
+      ad::product<S>(dv.row_block(0, keys), p, Op::transpose, d_o_block, Op::none);
+      ad::zero(ds);
+      ad::product<S>(ds, d_o_block, Op::none, v.row_block(0, keys), Op::transpose);
+      for (Index i = 0; i < rows; ++i) {
+        const Index seen = causal ? r0 + i + 1 : T;
+        const S* p_row = p.row(i);
+        S* ds_row = ds.row(i);
+        const S p_dot_dp = ad::dot(p_row, ds_row, seen);
+        for (Index j = 0; j < seen; ++j) ds_row[j] = p_row[j] * (ds_row[j] - p_dot_dp) * scale;
+        std::fill(ds_row + seen, ds_row + keys, S(0));  // masked keys get no gradient
+      }
+      ad::product<S>(dq.row_block(r0, rows), ds, Op::none, k.row_block(0, keys), Op::none);
+      ad::product<S>(dk.row_block(0, keys), ds, Op::transpose, q.row_block(r0, rows), Op::none);
+    }
+  });
+}
+
+}  // namespace moe::nn

@@ -1,0 +1,86 @@
+// moe/nn/embedding.hpp: GPT-2's input embedding, token (wte) plus learned position (wpe),
+// forward then backward.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+
+#include "moe/config.hpp"
+#include "moe/cpu/parallel.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::nn {
+
+namespace detail {
+// Shapes and token ids, checked once before any parallel work (an exception must not leave an
+// OpenMP region).
+inline void check_embedding(const char* where, std::span<const std::int32_t> tokens, Index B, Index T, Index V,
+                     Index max_T, Index C, Index rows, Index cols) {
+  check(B >= 0 && T >= 0, where, ": B = ", B, " and T = ", T, " must be >= 0");
+  check(Index(tokens.size()) == B * T, where, ": tokens has ", tokens.size(), " ids, expected B * T = ", B, " * ",
+        T, " = ", B * T);
+  check(T <= max_T, where, ": sequence length T = ", T, " exceeds the ", max_T, " positions of wpe");
+  check(rows == B * T && cols == C, where, ": the [B*T, C] matrix is [", rows, ", ", cols, "], expected [", B * T,
+        ", ", C, "]");
+  for (Index i = 0; i < Index(tokens.size()); ++i)
+    check(tokens[i] >= 0 && tokens[i] < V, where, ": token id ", tokens[i], " at position ", i, " (b = ", i / T,
+          ", t = ", i % T, ") is outside the vocabulary [0, ", V, ")");
+}
+}  // namespace detail
+
+// tokens: [B*T] (row b*T + t is sequence b, position t), wte: [V, C], wpe: [maxT, C]
+//   -> out: [B*T, C], out[b*T + t] = wte[tokens[b*T + t]] + wpe[t]
+// Nothing is cached: backward takes the tokens again. Throws on an id outside [0, V) or T > maxT.
+template <class S>
+void embedding_forward(std::span<const std::int32_t> tokens, Index B, Index T, ConstMatrixView<S> wte,
+                       ConstMatrixView<S> wpe, MatrixView<S> out, int threads) {
+  check(wpe.cols == wte.cols, "embedding_forward: wte is [", wte.rows, ", ", wte.cols, "], wpe is [", wpe.rows, ", ",
+        wpe.cols, "] (the widths differ)");
+  detail::check_embedding("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows, out.cols);
+  const Index C = wte.cols;
+  const Index rows_per_task = cpu::rows_per_task(C);
+  cpu::parallel_chunks(threads, B * T, rows_per_task, [&](Index begin, Index end) {
+    for (Index r = begin; r < end; ++r) {
+      const S* token_row = wte.row(tokens[r]);
+      const S* position_row = wpe.row(r % T);
+      S* o = out.row(r);
+      for (Index c = 0; c < C; ++c) o[c] = token_row[c] + position_row[c];
+    }
+  });
+}
+
+// dout: [B*T, C], tokens: [B*T] -> dwte: [V, C] (+=), dwpe: [maxT, C] (+=; rows >= T untouched)
+// dwte[v] += sum of dout rows whose token is v; dwpe[t] += sum_b dout[b*T + t]. Each task owns a
+// block of columns and walks the rows in order, so repeated tokens sum in a fixed order on any
+// thread count. Either gradient is skipped if its data is null.
+template <class S>
+void embedding_backward(ConstMatrixView<S> dout, std::span<const std::int32_t> tokens, Index B, Index T,
+                        MatrixView<S> dwte, MatrixView<S> dwpe, int threads) {
+  const Index C = dout.cols;
+  check(!dwte.data || dwte.cols == C, "embedding_backward: dwte is [", dwte.rows, ", ", dwte.cols, "], dout is [",
+        dout.rows, ", ", C, "]");
+  check(!dwpe.data || dwpe.cols == C, "embedding_backward: dwpe is [", dwpe.rows, ", ", dwpe.cols, "], dout is [",
+        dout.rows, ", ", C, "]");
+  // Without a dwte, ids are not looked up; with no dwpe, positions are unbounded.
+  const Index V = dwte.data ? dwte.rows : Index(INT32_MAX) + 1;
+  const Index max_T = dwpe.data ? dwpe.rows : T;
+  detail::check_embedding("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
+
+  using cpu::kColumnsPerTask;
+  cpu::parallel_chunks(threads, C, kColumnsPerTask, [&](Index begin, Index end) {
+    for (Index r = 0; r < B * T; ++r) {
+      const S* d = dout.row(r);
+      if (dwte.data) {
+        S* w = dwte.row(tokens[r]);
+        for (Index c = begin; c < end; ++c) w[c] += d[c];
+      }
+      if (dwpe.data) {
+        S* p = dwpe.row(r % T);
+        for (Index c = begin; c < end; ++c) p[c] += d[c];
+      }
+    }
+  });
+}
+
+}  // namespace moe::nn

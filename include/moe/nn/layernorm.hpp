@@ -1,0 +1,103 @@
+// moe/nn/layernorm.hpp: LayerNorm over the last dimension (PyTorch's nn.LayerNorm(C): eps 1e-5,
+// biased variance), forward then backward.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "moe/config.hpp"
+#include "moe/cpu/parallel.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::nn {
+
+inline constexpr double kLayerNormEps = 1e-5;
+
+// x: [T, C], weight: [C], bias: [C] -> out: [T, C]
+// out[t] = (x[t] - mean[t]) * rstd[t] * weight + bias, with rstd = 1 / sqrt(var + eps).
+// Cached for backward: mean: [T] and rstd: [T] (plus x itself). out may alias x.
+template <class S>
+void layernorm_forward(ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out, S* mean, S* rstd,
+                       int threads) {
+  const Index T = x.rows, C = x.cols;
+  check(C > 0, "layernorm_forward: x has no columns (x is [", T, ", ", C, "])");
+  check(out.rows == T && out.cols == C, "layernorm_forward: out is [", out.rows, ", ", out.cols, "], x is [", T,
+        ", ", C, "]");
+  check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
+  check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
+  const Index rows_per_task = cpu::rows_per_task(C);  // from the shape: same bits on any thread count
+  cpu::parallel_chunks(threads, T, rows_per_task, [&](Index begin, Index end) {
+    for (Index t = begin; t < end; ++t) {
+      const S* xt = x.row(t);
+      S sum = 0;
+      for (Index c = 0; c < C; ++c) sum += xt[c];
+      const S m = sum / S(C);
+      S squares = 0;  // two passes: no cancellation when |mean| >> std
+      for (Index c = 0; c < C; ++c) squares += (xt[c] - m) * (xt[c] - m);
+      const S s = S(1) / std::sqrt(squares / S(C) + S(kLayerNormEps));
+      S* ot = out.row(t);
+      for (Index c = 0; c < C; ++c) ot[c] = (xt[c] - m) * s * weight[c] + bias[c];
+      mean[t] = m;
+      rstd[t] = s;
+    }
+  });
+}
+
+// dout: [T, C], x: [T, C], weight: [C], mean: [T], rstd: [T] (from forward)
+//   -> dx: [T, C] (+=; skipped if dx.data is null), dweight: [C] (+=), dbias: [C] (+=; each
+//      skipped if null)
+// With n = (x - mean) * rstd and dn = dout * weight, per row:
+//   dx += rstd * (dn - mean_c(dn) - n * mean_c(dn * n)),  dweight += sum_t dout * n,  dbias += sum_t dout.
+// The parameter gradients are sums down the rows: each task owns a block of columns and adds
+// the rows in order, so the sum is the same on any thread count. dx must not alias dout or x.
+template <class S>
+void layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight, const S* mean,
+                        const S* rstd, MatrixView<S> dx, S* dweight, S* dbias, int threads) {
+  const Index T = x.rows, C = x.cols;
+  check(C > 0, "layernorm_backward: x has no columns (x is [", T, ", ", C, "])");
+  check(dout.rows == T && dout.cols == C, "layernorm_backward: dout is [", dout.rows, ", ", dout.cols, "], x is [",
+        T, ", ", C, "]");
+  check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
+        "], x is [", T, ", ", C, "]");
+  check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
+
+  if (dx.data) {
+    const Index rows_per_task = cpu::rows_per_task(C);
+    cpu::parallel_chunks(threads, T, rows_per_task, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        const S* xt = x.row(t);
+        const S* dt = dout.row(t);
+        const S m = mean[t], s = rstd[t];
+        S dn_sum = 0, dn_n_sum = 0;
+        for (Index c = 0; c < C; ++c) {
+          const S dn = dt[c] * weight[c];
+          dn_sum += dn;
+          dn_n_sum += dn * (xt[c] - m) * s;
+        }
+        const S dn_mean = dn_sum / S(C), dn_n_mean = dn_n_sum / S(C);
+        S* dxt = dx.row(t);
+        for (Index c = 0; c < C; ++c) dxt[c] += s * (dt[c] * weight[c] - dn_mean - (xt[c] - m) * s * dn_n_mean);
+      }
+    });
+  }
+
+  if (!dweight && !dbias) return;
+  using cpu::kColumnsPerTask;
+  cpu::parallel_chunks(threads, C, kColumnsPerTask, [&](Index begin, Index end) {
+    S dw[kColumnsPerTask] = {}, db[kColumnsPerTask] = {};
+    for (Index t = 0; t < T; ++t) {
+      const S* xt = x.row(t);
+      const S* dt = dout.row(t);
+      for (Index c = begin; c < end; ++c) {
+        dw[c - begin] += dt[c] * (xt[c] - mean[t]) * rstd[t];
+        db[c - begin] += dt[c];
+      }
+    }
+    for (Index c = begin; c < end; ++c) {
+      if (dweight) dweight[c] += dw[c - begin];
+      if (dbias) dbias[c] += db[c - begin];
+    }
+  });
+}
+
+}  // namespace moe::nn
