@@ -9,6 +9,13 @@ moe/aux_loss.hpp, moe/experts.hpp), and compares the C++ fp32 results with it:
 
 by relative error max|a - b| / max|b| (b = the float64 PyTorch reference).
 
+Given the nn dump program (tests/torch_parity/nn_dump.cpp, ctest `torch_parity_nn`) it checks the
+building blocks of moe/nn.hpp the same way, each against PyTorch's own op with autograd:
+layernorm (F.layer_norm), linear (F.linear), the GPT-2 embedding (F.embedding), attention (written
+out: softmax(q k^T / sqrt(hs), causal mask) v), cross-entropy (F.cross_entropy, ignore_index=-1)
+and AdamW (torch.optim.AdamW, two steps). The cases say which program wrote them: an nn case has
+a kind=... option.
+
 Usage: parity.py DUMP_EXE [--keep DIR] [--tolerance TOL]
 Exit codes: 0 all passed, 1 a comparison or check failed, 77 skipped (no torch / numpy).
 """
@@ -262,6 +269,145 @@ def check_case(case, report):
         report.check(name, "capacity case drops something", ref["dropped"] > 0, f"{ref['dropped']} dropped")
 
 
+# ---- the nn building blocks (nn_dump.cpp) ---------------------------------------------------
+
+def _t(array, grad=False):
+    return torch.tensor(array, dtype=DTYPE, requires_grad=grad)
+
+
+def _ids(array):
+    ids = torch.tensor(array, dtype=DTYPE)
+    if not torch.equal(ids, ids.round()):
+        raise RuntimeError("non-integer ids in the dump")
+    return ids.long()
+
+
+# AdamW after a step: the parameters themselves are held to the usual tolerance (they match to
+# ~5e-8 relative), which says little alone, since an update is only ~lr = 0.05 of them. So the
+# update p_t - p_0 is checked too, relative to its own size. The C++ side is fp32 throughout:
+# each rounding of a value |p| <= ~1.5 (the decay, the step, the dump) costs up to ~9e-8, i.e.
+# ~2e-6 of an update of ~0.05, and a few of those accumulate over two steps (seen: 1.5e-6), so
+# 1e-5 would be marginal; 1e-4 keeps a margin and is still ~700x below what applying the weight
+# decay to the bias as well (the bug this is meant to catch) gives (7e-2).
+ADAMW_UPDATE_TOLERANCE = 1e-4
+
+
+def check_nn_case(case, report):
+    name, kind, t = case.name, case.opt("kind"), case.tensors
+
+    def accumulated(what, ref_grad):
+        """A gradient added (+=) into a buffer that held what.prior."""
+        report.compare(name, what, t[what], t[what + ".prior"] + ref_grad.detach().numpy())
+
+    if kind == "layernorm":
+        C = case.opt("cols", int)
+        x, w, b = _t(t["x"], True), _t(t["weight"], True), _t(t["bias"], True)
+        out = F.layer_norm(x, (C,), w, b, eps=1e-5)
+        (out * _t(t["dout"])).sum().backward()
+        report.compare(name, "out", t["out"], out.detach().numpy())
+        xd = x.detach()
+        report.compare(name, "mean (cached)", t["mean"], xd.mean(dim=-1).numpy())
+        report.compare(name, "rstd (cached)", t["rstd"],
+                       (1 / torch.sqrt(xd.var(dim=-1, unbiased=False) + 1e-5)).numpy())
+        accumulated("dx", x.grad)
+        accumulated("dweight", w.grad)
+        accumulated("dbias", b.grad)
+
+    elif kind == "linear":
+        x, w, b = _t(t["in"], True), _t(t["weight"], True), _t(t["bias"], True)
+        out = F.linear(x, w, b)
+        (out * _t(t["dout"])).sum().backward()
+        report.compare(name, "out", t["out"], out.detach().numpy())
+        accumulated("din", x.grad)
+        accumulated("dweight", w.grad)
+        accumulated("dbias", b.grad)
+
+    elif kind == "embedding":
+        B, T = case.opt("batch", int), case.opt("seq", int)
+        tokens = _ids(t["tokens"])
+        wte, wpe = _t(t["wte"], True), _t(t["wpe"], True)
+        positions = torch.arange(B * T) % T
+        out = F.embedding(tokens, wte) + F.embedding(positions, wpe)
+        (out * _t(t["dout"])).sum().backward()
+        counts = torch.bincount(tokens, minlength=wte.shape[0])
+        report.check(name, "ids repeat, some rows unused", int(counts.max()) > 1 and int((counts == 0).sum()) > 0,
+                     f"max count {int(counts.max())}, unused {int((counts == 0).sum())}")
+        report.compare(name, "out", t["out"], out.detach().numpy())
+        accumulated("dwte", wte.grad)
+        accumulated("dwpe", wpe.grad)
+        untouched = np.array_equal(t["dwpe"][T:], t["dwpe.prior"][T:]) and np.array_equal(
+            t["dwte"][counts.numpy() == 0], t["dwte.prior"][counts.numpy() == 0])
+        report.check(name, "rows with no gradient untouched", untouched, "dwpe rows >= T, dwte unused ids")
+
+    elif kind == "attention":
+        B, T = case.opt("batch", int), case.opt("seq", int)
+        heads, hs, causal = case.opt("heads", int), case.opt("head_size", int), case.opt("causal") == "1"
+        C = heads * hs
+        qkv = _t(t["qkv"], True)
+
+        def split(part):  # [B*T, C] columns of part -> [B, heads, T, hs]
+            return qkv[:, part * C:(part + 1) * C].reshape(B, T, heads, hs).transpose(1, 2)
+
+        q, k, v = split(0), split(1), split(2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hs)
+        if causal:
+            mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+            scores = scores.masked_fill(mask, -math.inf)
+        att = torch.softmax(scores, dim=-1)
+        out = (att @ v).transpose(1, 2).reshape(B * T, C)
+        (out * _t(t["dout"])).sum().backward()
+        report.compare(name, "out", t["out"], out.detach().numpy())
+        report.compare(name, "att (probabilities)", t["att"], att.detach().numpy())
+        if causal:
+            above = np.triu(np.ones((T, T), dtype=bool), k=1)
+            masked = t["att"][..., above]
+            report.check(name, "masked att exactly 0", bool(np.all(masked == 0)),
+                         f"max |masked| {float(np.max(np.abs(masked))) if masked.size else 0.0:g}")
+        accumulated("dqkv", qkv.grad)
+
+    elif kind == "cross_entropy":
+        dloss = float(case.scalars["dloss"])
+        targets = _ids(t["targets"])
+        ignored = (targets == -1).numpy()
+        report.check(name, "some rows ignored", 0 < int(ignored.sum()) < len(ignored),
+                     f"{int(ignored.sum())} of {len(ignored)}")
+        logits = _t(t["logits"], True)
+        loss = F.cross_entropy(logits, targets, ignore_index=-1, reduction="mean")
+        (dloss * loss).backward()
+        losses = F.cross_entropy(logits.detach(), targets, ignore_index=-1, reduction="none")
+        report.compare(name, "mean loss", float(case.scalars["loss"]), float(loss))
+        report.compare(name, "per-row losses", t["losses"], losses.numpy())
+        report.compare(name, "dlogits (written)", t["dlogits"], logits.grad.numpy())
+        report.compare(name, "dlogits (in place)", t["dlogits.in_place"], logits.grad.numpy())
+        report.check(name, "ignored rows exactly 0", bool(np.all(t["dlogits"][ignored] == 0))
+                     and bool(np.all(t["losses"][ignored] == 0)), "dlogits and losses")
+
+    elif kind == "adamw":
+        sc = {key: float(case.scalars[key]) for key in ("lr", "lr2", "beta1", "beta2", "eps", "weight_decay")}
+        w, b = _t(t["weight.0"]), _t(t["bias.0"])
+        w.requires_grad_(True)
+        b.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            [{"params": [w], "weight_decay": sc["weight_decay"]}, {"params": [b], "weight_decay": 0.0}],
+            lr=sc["lr"], betas=(sc["beta1"], sc["beta2"]), eps=sc["eps"])
+        for step, lr in ((1, sc["lr"]), (2, sc["lr2"])):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            w.grad, b.grad = _t(t[f"weight.grad.{step}"]), _t(t[f"bias.grad.{step}"])
+            optimizer.step()
+            for param, ref in (("weight", w), ("bias", b)):
+                ref = ref.detach().numpy()
+                report.compare(name, f"{param} after step {step}", t[f"{param}.{step}"], ref)
+                error, note = relative_error(t[f"{param}.{step}"] - t[f"{param}.0"], ref - t[f"{param}.0"])
+                ok = error < ADAMW_UPDATE_TOLERANCE
+                report.failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {name:32s} {param + ' update to step ' + str(step):34s} "
+                      f"rel_err {error:.3e}  ({note}; tolerance {ADAMW_UPDATE_TOLERANCE:g})")
+
+    else:
+        report.check(name, "known kind", False, kind)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dump_exe", help="the moe_torch_parity_dump program")
@@ -286,12 +432,16 @@ def main():
         if not cases:
             report.check("-", "cases dumped", False, "none")
         for case in cases:
-            check_case(case, report)
+            if "kind" in case.options:
+                check_nn_case(case, report)
+            else:
+                check_case(case, report)
 
+    label = "torch_parity_nn" if any("kind" in case.options for case in cases) else "torch_parity"
     if report.failures:
-        print(f"torch_parity: {report.failures} check(s) FAILED over {len(cases)} cases")
+        print(f"{label}: {report.failures} check(s) FAILED over {len(cases)} cases")
         return 1
-    print(f"torch_parity: all checks passed over {len(cases)} cases")
+    print(f"{label}: all checks passed over {len(cases)} cases")
     return 0
 
 
