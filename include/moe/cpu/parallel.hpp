@@ -22,16 +22,19 @@ inline int default_threads() {
 }
 
 // Runs body(i) for i in [0, count) on up to `threads` threads, dynamic schedule.
+// One thread goes through the same OpenMP region on purpose: a serial fallback would be a second
+// compiled copy of body, which the compiler may vectorise or contract (FMA) differently, and
+// then 1 and 2 threads would not give the same bits.
 template <class Body>
 void parallel_for(int threads, Index count, Body&& body) {
+  if (count <= 0) return;
 #if defined(_OPENMP)
-  if (threads > 1 && count > 1) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (Index i = 0; i < count; ++i) body(i);
-    return;
-  }
-#endif
   for (Index i = 0; i < count; ++i) body(i);
+#else
+  (void)threads;
+  for (Index i = 0; i < count; ++i) body(i);
+#endif
 }
 
 // Runs body(begin, end) over [0, count) in chunks of `chunk` (the chunk, not the thread count,
