@@ -1,0 +1,43 @@
+// examples/gpt2_moe/config.hpp: the shape of a GPT-2 MoE model, and the two named configs.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "moe/config.hpp"
+
+namespace gpt2 {
+
+using moe::Index;
+
+struct Config {
+  Index vocab = 256;    // V: byte-level by default
+  Index context = 128;  // maxT: positions of wpe
+  Index layers = 4;     // L
+  Index heads = 4;      // NH
+  Index hidden = 128;   // H (GPT-2's C / n_embd)
+  Index ffn = 512;      // F: hidden width of the dense MLP and of each expert
+  Index experts = 8;    // N (MoE variants)
+  Index top_k = 2;      // k (MoE variants)
+  std::uint64_t seed = 1337;
+
+  // Trains in minutes on 2 cores.
+  static Config small() { return {}; }
+  // GPT-2 small (124M parameters in the dense variant), GPT-2 BPE vocabulary.
+  static Config gpt2_small() {
+    return {.vocab = 50257, .context = 1024, .layers = 12, .heads = 12, .hidden = 768, .ffn = 3072};
+  }
+
+  // The MoE layer of each block.
+  moe::LayerConfig layer() const { return {.hidden = hidden, .ffn = ffn, .experts = experts, .top_k = top_k}; }
+
+  void validate() const {
+    moe::check(vocab >= 1 && context >= 1 && layers >= 1 && heads >= 1 && hidden >= 1 && ffn >= 1,
+               "gpt2: vocab, context, layers, heads, hidden and ffn must be positive, got vocab = ", vocab,
+               ", context = ", context, ", layers = ", layers, ", heads = ", heads, ", hidden = ", hidden,
+               ", ffn = ", ffn);
+    moe::check(hidden % heads == 0, "gpt2: hidden = ", hidden, " is not divisible by heads = ", heads);
+  }
+};
+
+}  // namespace gpt2

@@ -1,0 +1,489 @@
+// examples/gpt2_moe/model.hpp: GPT-2 (pre-LayerNorm, learned positions, causal attention, tied
+// embeddings) whose feed-forward network (FFN) is a compile-time choice: a dense GELU MLP or a
+// MoELayer with any of the library's gates. Forward then backward, side by side, llm.c style:
+//
+//   x_0     = wte[tokens] + wpe[positions]                          [B*T, H]
+//   a_l     = x_l + c_proj(attention(c_attn(ln_1(x_l))))            per block l
+//   x_{l+1} = a_l + FFN(ln_2(a_l))
+//   logits  = ln_f(x_L) wte^T                                       [B*T, V]
+//   loss    = mean cross-entropy(logits, targets)
+//
+// Every backward adds its input gradient into the caller's buffer (+=), so the residual stream's
+// gradient runs through the blocks in place. The scalar type (float to train, double for gradient
+// checks) comes from the backend, moe::cpu::BasicBackend<S>.
+//
+// The variant is a type: Model<DenseFFN<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...;
+// with_variant<S>("self", fn) picks it from a name at run time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "config.hpp"
+#include "moe/moe.hpp"
+#include "moe/nn.hpp"
+
+namespace gpt2 {
+
+using moe::ConstMatrixView;
+using moe::MatrixView;
+using moe::ParamRef;
+
+// ---- parameters ------------------------------------------------------------------------------
+
+// One named parameter tensor that owns its values and its gradient. Shapes follow PyTorch's
+// nn.Linear ([out, in]); 2-D views take the first dimension as rows.
+template <class S>
+struct Tensor {
+  std::string name;
+  std::vector<Index> shape;
+  std::vector<S> value, grad;
+
+  Tensor(std::string name_, std::vector<Index> shape_) : name(std::move(name_)), shape(std::move(shape_)) {
+    Index n = 1;
+    for (Index d : shape) n *= d;
+    value.assign(std::size_t(n), S(0));
+    grad.assign(std::size_t(n), S(0));
+  }
+  Index rows() const { return shape[0]; }
+  Index cols() const { return Index(value.size()) / shape[0]; }
+  MatrixView<S> matrix() { return {value.data(), rows(), cols()}; }
+  ConstMatrixView<S> matrix() const { return {value.data(), rows(), cols()}; }
+  MatrixView<S> grad_matrix() { return {grad.data(), rows(), cols()}; }
+  ParamRef<S> ref() { return {name, shape, value, grad, true}; }
+};
+
+namespace detail {
+
+// The random stream of a parameter is a hash of its name (FNV-1a): adding or reordering tensors
+// never shifts another tensor's initial values.
+inline std::uint64_t stream_of(std::string_view name) {
+  std::uint64_t hash = 0xcbf29ce484222325ULL;
+  for (char c : name) hash = (hash ^ std::uint8_t(c)) * 0x100000001b3ULL;
+  return hash;
+}
+
+// GPT-2's initialisation: N(0, std^2) weights, deterministic in (seed, name).
+template <class S>
+void init_normal(Tensor<S>& t, double std_dev, std::uint64_t seed) {
+  moe::random::fill_normal(std::span<S>(t.value), std_dev, seed, stream_of(t.name));
+}
+template <class S>
+void fill(Tensor<S>& t, S value) {
+  std::fill(t.value.begin(), t.value.end(), value);
+}
+template <class S>
+void zero(MatrixView<S> m) {
+  for (Index r = 0; r < m.rows; ++r) std::fill(m.row(r), m.row(r) + m.cols, S(0));
+}
+// GPT-2 scales the std of every projection that writes into the residual stream by 1/sqrt(2L)
+// (two residual additions per block).
+inline double residual_std(const Config& config) { return 0.02 / std::sqrt(2.0 * double(config.layers)); }
+
+}  // namespace detail
+
+// ---- the FFN choices -------------------------------------------------------------------------
+// An FFN maps the block's ln_2 output x: [B*T, H] to y: [B*T, H]. Shared interface:
+//   forward(x, y)           y written; caches what backward needs
+//   backward(x, dy, dx)     dx WRITTEN (the block adds it through ln_2); parameter grads +=
+//   parameters(), zero_grad(), set_threads(n)
+
+// The dense GPT-2 MLP: H -> F (bias) -> tanh-GELU -> H (bias).
+template <class B>
+class DenseFFN {
+ public:
+  using Backend = B;
+  using Scalar = typename B::Scalar;
+  using S = Scalar;
+  static constexpr bool is_moe = false;
+  static constexpr std::string_view variant = "dense";
+
+  // HF GPT-2 stores c_fc/c_proj as Conv1D, [in, out]; these are nn.Linear, [out, in]: transpose
+  // when importing.
+  DenseFFN(const Config& config, Index layer, std::uint64_t seed)
+      : fc_weight_(prefix(layer) + "mlp.c_fc.weight", {config.ffn, config.hidden}),
+        fc_bias_(prefix(layer) + "mlp.c_fc.bias", {config.ffn}),
+        proj_weight_(prefix(layer) + "mlp.c_proj.weight", {config.hidden, config.ffn}),
+        proj_bias_(prefix(layer) + "mlp.c_proj.bias", {config.hidden}) {
+    detail::init_normal(fc_weight_, 0.02, seed);
+    detail::init_normal(proj_weight_, detail::residual_std(config), seed);
+  }
+
+  // x: [N, H] -> pre = x fc^T + b: [N, F] (kept), act = gelu(pre): [N, F] (kept), y = act proj^T + b: [N, H]
+  void forward(ConstMatrixView<S> x, MatrixView<S> y) {
+    B::resize(pre_, x.rows, fc_weight_.rows());
+    B::resize(act_, x.rows, fc_weight_.rows());
+    moe::nn::linear_forward<S>(x, fc_weight_.matrix(), fc_bias_.value.data(), pre_, threads());
+    backend_.gelu_forward(pre_, act_);
+    moe::nn::linear_forward<S>(act_, proj_weight_.matrix(), proj_bias_.value.data(), y, threads());
+  }
+  // dy: [N, H] -> dact = dy proj: [N, F] -> dpre = dact * gelu'(pre) -> dx = dpre fc: [N, H] (written)
+  void backward(ConstMatrixView<S> x, ConstMatrixView<S> dy, MatrixView<S> dx) {
+    B::resize(dact_, pre_.rows(), pre_.cols());
+    detail::zero<S>(dact_);
+    moe::nn::linear_backward<S>(act_, dy, proj_weight_.matrix(), dact_, proj_weight_.grad_matrix(),
+                                proj_bias_.grad.data(), threads());
+    backend_.gelu_backward(pre_, dact_, dact_);
+    detail::zero(dx);
+    moe::nn::linear_backward<S>(x, dact_, fc_weight_.matrix(), dx, fc_weight_.grad_matrix(), fc_bias_.grad.data(),
+                                threads());
+  }
+
+  std::vector<ParamRef<S>> parameters() {
+    return {fc_weight_.ref(), fc_bias_.ref(), proj_weight_.ref(), proj_bias_.ref()};
+  }
+  void zero_grad() {
+    for (Tensor<S>* t : {&fc_weight_, &fc_bias_, &proj_weight_, &proj_bias_}) std::fill(t->grad.begin(), t->grad.end(), S(0));
+  }
+  void set_threads(int threads) { backend_.set_threads(threads); }
+  int threads() const { return backend_.threads(); }
+
+ private:
+  static std::string prefix(Index layer) { return "h." + std::to_string(layer) + "."; }
+
+  Tensor<S> fc_weight_, fc_bias_, proj_weight_, proj_bias_;
+  B backend_{1};
+  typename B::Matrix pre_, act_, dact_;
+};
+
+// A MoELayer of GPT-2 MLP experts (experts.fc: H -> F, experts.proj: F -> H) behind Gate. The
+// gate reads the layer's own input, the ln_2 output (for SelfRoute: its last N coordinates).
+// Parameter names: "h.{l}.moe." + the MoELayer's names (router.weight, experts.fc.weight, ...).
+template <template <class> class Gate, class B>
+class MoEFFN {
+ public:
+  using Backend = B;
+  using Scalar = typename B::Scalar;
+  using S = Scalar;
+  using Layer = moe::MoELayer<Gate, moe::GeluMLP, B>;
+  static constexpr bool is_moe = true;
+  static constexpr std::string_view variant = Layer::GateType::name;
+
+  // Experts initialised as GPT-2's MLP (proj scaled by 1/sqrt(2L)); the router keeps the library's
+  // N(0, 1/H) (unit-variance logits for unit-variance inputs, the scale SelfRoute reads).
+  MoEFFN(const Config& config, Index layer, std::uint64_t seed)
+      : prefix_("h." + std::to_string(layer) + ".moe."),
+        layer_(config.layer(), moe::random::mix64(seed ^ detail::stream_of(prefix_)), {},
+               {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, B(1)) {}
+
+  // x: [N, H] -> y: [N, H] (the MoELayer keeps its input, routing and expert activations)
+  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y); }
+  // dy: [N, H] -> dx: [N, H] (written; includes the router path, e.g. SelfRoute's logit gradient)
+  void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx) { layer_.backward_into(dy, dx); }
+
+  std::vector<ParamRef<S>> parameters() {
+    std::vector<ParamRef<S>> params = layer_.parameters();
+    for (ParamRef<S>& p : params) p.name = prefix_ + p.name;
+    return params;
+  }
+  void zero_grad() { layer_.zero_grad(); }
+  void set_threads(int threads) { layer_.backend().set_threads(threads); }
+  Layer& layer() { return layer_; }
+  const Layer& layer() const { return layer_; }
+
+ private:
+  std::string prefix_;
+  Layer layer_;
+};
+
+// ---- the model -------------------------------------------------------------------------------
+
+template <class FFN>
+class Model {
+ public:
+  using Scalar = typename FFN::Scalar;
+  using S = Scalar;
+  using B = typename FFN::Backend;
+  using Matrix = typename B::Matrix;
+  static constexpr bool is_moe = FFN::is_moe;
+  static constexpr std::string_view variant = FFN::variant;
+
+  explicit Model(const Config& config)
+      : config_(validated(config)),
+        wte_("wte.weight", {config.vocab, config.hidden}),
+        wpe_("wpe.weight", {config.context, config.hidden}),
+        ln_f_weight_("ln_f.weight", {config.hidden}),
+        ln_f_bias_("ln_f.bias", {config.hidden}) {
+    detail::init_normal(wte_, 0.02, config_.seed);
+    detail::init_normal(wpe_, 0.02, config_.seed);
+    blocks_.reserve(std::size_t(config_.layers));
+    for (Index l = 0; l < config_.layers; ++l) blocks_.emplace_back(config_, l);
+    detail::fill(ln_f_weight_, S(1));
+    set_threads(threads_);
+  }
+
+  const Config& config() const { return config_; }
+
+  // tokens: [B*T], targets: [B*T] (ids in [0, V), -1 to ignore a position; empty: logits only)
+  //   -> mean loss over the counted targets (0 without targets). Keeps every activation for
+  //   backward; logits() is valid until backward (which overwrites it with its gradient).
+  double forward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets, Index B_, Index T) {
+    check_inputs(tokens, targets, B_, T);
+    allocate(B_, T);
+    tokens_.assign(tokens.begin(), tokens.end());
+    targets_.assign(targets.begin(), targets.end());
+    const int th = threads_;
+
+    moe::nn::embedding_forward<S>(tokens, B_, T, wte().matrix(), wpe().matrix(), residual_[0], th);
+    for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(*this, residual_[l], residual_[l + 1]);
+    moe::nn::layernorm_forward<S>(residual_.back(), ln_f_weight_.value.data(), ln_f_bias_.value.data(), ln_f_,
+                                  ln_f_mean_.data(), ln_f_rstd_.data(), th);
+    moe::nn::linear_forward<S>(ln_f_, wte().matrix(), nullptr, logits_, th);  // tied: logits = ln_f wte^T
+    loss_ = targets.empty() ? 0.0 : moe::nn::cross_entropy_forward<S>(logits_, targets, losses_.data(), th);
+    forwarded_ = !targets.empty();
+    return loss_;
+  }
+
+  // d(mean loss) -> every parameter's gradient, added (+=) until zero_grad(). Once per forward.
+  void backward() {
+    moe::check(forwarded_, "gpt2: backward needs a forward with targets first (and runs once per forward)");
+    forwarded_ = false;
+    const int th = threads_;
+    const Index B_ = batch_, T = seq_;
+
+    MatrixView<S> dlogits = logits_;  // written over the logits (llm.c): they are not needed again
+    moe::nn::cross_entropy_backward<S>(logits_, targets_, 1.0, dlogits, th);
+    detail::zero<S>(dtmp_);
+    moe::nn::linear_backward<S>(ln_f_, dlogits, wte().matrix(), dtmp_, wte().grad_matrix(), nullptr, th);
+    detail::zero<S>(dresidual_);
+    moe::nn::layernorm_backward<S>(dtmp_, residual_.back(), ln_f_weight_.value.data(), ln_f_mean_.data(),
+                                   ln_f_rstd_.data(), dresidual_, ln_f_weight_.grad.data(),
+                                   ln_f_bias_.grad.data(), th);
+    for (Index l = config_.layers - 1; l >= 0; --l) blocks_[l].backward(*this, residual_[l]);
+    moe::nn::embedding_backward<S>(dresidual_, tokens_, B_, T, wte().grad_matrix(), wpe().grad_matrix(), th);
+  }
+
+  // Hugging Face GPT-2 names and order: wte, wpe, h.{l}.*, ln_f.*.
+  std::vector<ParamRef<S>> parameters() {
+    std::vector<ParamRef<S>> all{wte().ref(), wpe().ref()};
+    for (Block& block : blocks_)
+      for (ParamRef<S>& p : block.parameters()) all.push_back(std::move(p));
+    all.push_back(ln_f_weight_.ref());
+    all.push_back(ln_f_bias_.ref());
+    return all;
+  }
+  void zero_grad() {
+    for (ParamRef<S>& p : parameters()) std::fill(p.grad.begin(), p.grad.end(), S(0));
+  }
+  Index parameter_count() {
+    Index n = 0;
+    for (const ParamRef<S>& p : parameters()) n += Index(p.value.size());
+    return n;
+  }
+  // Learned routing parameters over all layers (the paper's Table 1): 0 for self, fixed-random, random, dense.
+  Index router_parameter_count() const {
+    Index n = 0;
+    if constexpr (is_moe)
+      for (const Block& block : blocks_) n += block.ffn.layer().router_parameter_count();
+    return n;
+  }
+
+  // Threads for every operation (results are bit-identical on any count).
+  void set_threads(int threads) {
+    moe::check(threads >= 1, "gpt2: thread count must be >= 1, got ", threads);
+    threads_ = threads;
+    for (Block& block : blocks_) block.ffn.set_threads(threads);
+  }
+  int threads() const { return threads_; }
+
+  // The last forward's logits [B*T, V] (until backward) and per-position losses [B*T].
+  ConstMatrixView<S> logits() const { return logits_; }
+  std::span<const S> losses() const { return losses_; }
+
+  // ---- routing (MoE variants) ----
+  FFN& ffn(Index layer) { return blocks_.at(std::size_t(layer)).ffn; }
+  const moe::RoutingStats& routing_stats(Index layer) const
+    requires is_moe
+  {
+    return blocks_.at(std::size_t(layer)).ffn.layer().stats();
+  }
+  void reset_routing_stats()
+    requires is_moe
+  {
+    for (Block& block : blocks_) block.ffn.layer().reset_stats();
+  }
+  void collect_routing_stats(bool on)
+    requires is_moe
+  {
+    for (Block& block : blocks_) block.ffn.layer().collect_stats(on);
+  }
+  // The Random gate's draw counter (advances by one per forward in every layer); rewinding it
+  // replays the same routing (gradient checks, exact resume). No-op for the other gates.
+  void set_routing_step(std::uint64_t step) {
+    if constexpr (is_moe)
+      for (Block& block : blocks_)
+        if constexpr (requires { block.ffn.layer().gate().set_step(step); }) block.ffn.layer().gate().set_step(step);
+  }
+
+ private:
+  // One pre-LayerNorm transformer block: its parameters, its FFN and its activations.
+  struct Block {
+    Tensor<S> ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, ln_2_weight, ln_2_bias;
+    FFN ffn;
+    // Activations kept for backward ([B*T, ...] rows; att is [B, NH, T, T]).
+    Matrix ln_1, qkv, atty, residual_attn, ln_2;
+    std::vector<S> ln_1_mean, ln_1_rstd, ln_2_mean, ln_2_rstd, att;
+
+    // c_attn is [3H, H] with rows q | k | v, nn.Linear layout (HF's Conv1D stores [H, 3H]).
+    Block(const Config& c, Index l)
+        : ln_1_weight(name(l, "ln_1.weight"), {c.hidden}),
+          ln_1_bias(name(l, "ln_1.bias"), {c.hidden}),
+          c_attn_weight(name(l, "attn.c_attn.weight"), {3 * c.hidden, c.hidden}),
+          c_attn_bias(name(l, "attn.c_attn.bias"), {3 * c.hidden}),
+          c_proj_weight(name(l, "attn.c_proj.weight"), {c.hidden, c.hidden}),
+          c_proj_bias(name(l, "attn.c_proj.bias"), {c.hidden}),
+          ln_2_weight(name(l, "ln_2.weight"), {c.hidden}),
+          ln_2_bias(name(l, "ln_2.bias"), {c.hidden}),
+          ffn(c, l, c.seed) {
+      detail::fill(ln_1_weight, S(1));
+      detail::fill(ln_2_weight, S(1));
+      detail::init_normal(c_attn_weight, 0.02, c.seed);
+      detail::init_normal(c_proj_weight, detail::residual_std(c), c.seed);
+    }
+    static std::string name(Index l, std::string_view what) { return "h." + std::to_string(l) + "." + std::string(what); }
+
+    void allocate(Index BT, Index H, Index attention_size) {
+      for (Matrix* m : {&ln_1, &atty, &residual_attn, &ln_2}) B::resize(*m, BT, H);
+      B::resize(qkv, BT, 3 * H);
+      for (auto* v : {&ln_1_mean, &ln_1_rstd, &ln_2_mean, &ln_2_rstd}) v->resize(std::size_t(BT));
+      att.resize(std::size_t(attention_size));
+    }
+
+    // x: [B*T, H] -> out: [B*T, H]
+    //   ln_1 = LN(x); qkv = ln_1 c_attn^T + b: [B*T, 3H]; atty = attention(qkv): [B*T, H]
+    //   residual_attn = x + atty c_proj^T + b; ln_2 = LN(residual_attn); out = residual_attn + FFN(ln_2)
+    void forward(Model& m, ConstMatrixView<S> x, MatrixView<S> out) {
+      const int th = m.threads_;
+      moe::nn::layernorm_forward<S>(x, ln_1_weight.value.data(), ln_1_bias.value.data(), ln_1, ln_1_mean.data(),
+                                    ln_1_rstd.data(), th);
+      moe::nn::linear_forward<S>(ln_1, c_attn_weight.matrix(), c_attn_bias.value.data(), qkv, th);
+      moe::nn::attention_forward<S>(qkv, m.batch_, m.seq_, m.config_.heads, /*causal=*/true, atty, att.data(), th);
+      moe::nn::linear_forward<S>(atty, c_proj_weight.matrix(), c_proj_bias.value.data(), residual_attn, th);
+      m.backend_.add(x, residual_attn);
+      moe::nn::layernorm_forward<S>(residual_attn, ln_2_weight.value.data(), ln_2_bias.value.data(), ln_2,
+                                    ln_2_mean.data(), ln_2_rstd.data(), th);
+      ffn.forward(ln_2, out);
+      m.backend_.add(residual_attn, out);
+    }
+
+    // m.dresidual_: d out on entry, d x on exit (in place; every backward below adds into it).
+    //   d residual_attn = d out + LN_2'(FFN'(d out))
+    //   d x             = d residual_attn + LN_1'(c_attn'(attention'(c_proj'(d residual_attn))))
+    void backward(Model& m, ConstMatrixView<S> x) {
+      const int th = m.threads_;
+      MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_, dqkv = m.dqkv_;
+      ffn.backward(ln_2, dresidual, dtmp);  // dtmp = d ln_2 (written)
+      moe::nn::layernorm_backward<S>(dtmp, residual_attn, ln_2_weight.value.data(), ln_2_mean.data(),
+                                     ln_2_rstd.data(), dresidual, ln_2_weight.grad.data(), ln_2_bias.grad.data(), th);
+      detail::zero(dtmp);  // d atty
+      moe::nn::linear_backward<S>(atty, dresidual, c_proj_weight.matrix(), dtmp, c_proj_weight.grad_matrix(),
+                                  c_proj_bias.grad.data(), th);
+      detail::zero(dqkv);
+      moe::nn::attention_backward<S>(dtmp, qkv, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv,
+                                     th);
+      detail::zero(dtmp);  // d ln_1
+      moe::nn::linear_backward<S>(ln_1, dqkv, c_attn_weight.matrix(), dtmp, c_attn_weight.grad_matrix(),
+                                  c_attn_bias.grad.data(), th);
+      moe::nn::layernorm_backward<S>(dtmp, x, ln_1_weight.value.data(), ln_1_mean.data(), ln_1_rstd.data(),
+                                     dresidual, ln_1_weight.grad.data(), ln_1_bias.grad.data(), th);
+    }
+
+    std::vector<ParamRef<S>> parameters() {
+      std::vector<ParamRef<S>> all;
+      for (Tensor<S>* t : {&ln_1_weight, &ln_1_bias, &c_attn_weight, &c_attn_bias, &c_proj_weight, &c_proj_bias,
+                           &ln_2_weight, &ln_2_bias})
+        all.push_back(t->ref());
+      for (ParamRef<S>& p : ffn.parameters()) all.push_back(std::move(p));
+      return all;
+    }
+  };
+
+  static Config validated(const Config& config) {
+    config.validate();
+    return config;
+  }
+
+  // Shapes and ids, checked once at the entry point.
+  void check_inputs(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets, Index B_,
+                    Index T) const {
+    moe::check(B_ >= 1 && T >= 1, "gpt2: batch B = ", B_, " and sequence length T = ", T, " must be positive");
+    moe::check(T <= config_.context, "gpt2: sequence length T = ", T, " exceeds the context ", config_.context);
+    moe::check(Index(tokens.size()) == B_ * T, "gpt2: tokens has ", tokens.size(), " ids, expected B * T = ", B_,
+               " * ", T, " = ", B_ * T);
+    moe::check(targets.empty() || Index(targets.size()) == B_ * T, "gpt2: targets has ", targets.size(),
+               " ids, expected B * T = ", B_ * T, " (or none)");
+    for (std::size_t i = 0; i < tokens.size(); ++i)
+      moe::check(tokens[i] >= 0 && tokens[i] < config_.vocab, "gpt2: token id ", tokens[i], " at position ", i,
+                 " is outside the vocabulary [0, ", config_.vocab, ")");
+    for (std::size_t i = 0; i < targets.size(); ++i)
+      moe::check(targets[i] >= moe::nn::kIgnoreTarget && targets[i] < config_.vocab, "gpt2: target id ", targets[i],
+                 " at position ", i, " is outside [0, ", config_.vocab, ") (or -1 to ignore)");
+  }
+
+  // Activations for (B, T): allocated on the first forward of that shape, then reused.
+  void allocate(Index B_, Index T) {
+    if (B_ == batch_ && T == seq_) return;
+    batch_ = B_, seq_ = T;
+    const Index BT = B_ * T, H = config_.hidden;
+    residual_.resize(std::size_t(config_.layers + 1));
+    for (Matrix& r : residual_) B::resize(r, BT, H);
+    for (Block& block : blocks_) block.allocate(BT, H, B_ * config_.heads * T * T);
+    for (Matrix* m : {&ln_f_, &dresidual_, &dtmp_}) B::resize(*m, BT, H);
+    B::resize(dqkv_, BT, 3 * H);
+    B::resize(logits_, BT, config_.vocab);
+    ln_f_mean_.resize(std::size_t(BT)), ln_f_rstd_.resize(std::size_t(BT)), losses_.resize(std::size_t(BT));
+  }
+
+  Tensor<S>& wte() { return wte_; }
+  Tensor<S>& wpe() { return wpe_; }
+
+  Config config_;
+  int threads_ = moe::cpu::default_threads();
+  B backend_{1};  // elementwise residual additions (always row-wise: thread count changes no bits)
+  Tensor<S> wte_, wpe_;  // [V, H] (also the output projection), [maxT, H]
+  std::vector<Block> blocks_;
+  Tensor<S> ln_f_weight_, ln_f_bias_;
+
+  // Activations of the last forward.
+  Index batch_ = 0, seq_ = 0;
+  std::vector<std::int32_t> tokens_, targets_;
+  std::vector<Matrix> residual_;  // [L + 1] x [B*T, H]: the input of block l, then the final stream
+  Matrix ln_f_, logits_;
+  std::vector<S> ln_f_mean_, ln_f_rstd_, losses_;
+  double loss_ = 0;
+  bool forwarded_ = false;
+  // Backward workspace, shared by every block.
+  Matrix dresidual_, dtmp_, dqkv_;
+};
+
+// ---- run-time choice of the variant ----------------------------------------------------------
+
+inline constexpr std::string_view kVariants[] = {"dense", "linear", "self", "fixed-random", "random"};
+inline constexpr std::string_view kVariantList = "dense, linear, self, fixed-random, random";
+
+template <class S>
+using DenseModel = Model<DenseFFN<moe::cpu::BasicBackend<S>>>;
+template <template <class> class Gate, class S>
+using MoEModel = Model<MoEFFN<Gate, moe::cpu::BasicBackend<S>>>;
+
+// Calls fn(std::type_identity<ModelType>{}) with the model type the name selects and returns its
+// result, e.g.  with_variant<float>(name, [&](auto tag) { typename decltype(tag)::type model(config); ... });
+// Unknown names throw moe::Error naming the name and the valid list.
+template <class S, class Fn>
+decltype(auto) with_variant(std::string_view name, Fn&& fn) {
+  if (name == "dense") return fn(std::type_identity<DenseModel<S>>{});
+  if (name == "linear") return fn(std::type_identity<MoEModel<moe::Linear, S>>{});
+  if (name == "self") return fn(std::type_identity<MoEModel<moe::SelfRoute, S>>{});
+  if (name == "fixed-random") return fn(std::type_identity<MoEModel<moe::FixedRandom, S>>{});
+  if (name == "random") return fn(std::type_identity<MoEModel<moe::Random, S>>{});
+  moe::fail("gpt2: unknown variant '", name, "' (valid: ", kVariantList, ")");
+}
+
+}  // namespace gpt2

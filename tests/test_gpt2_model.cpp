@@ -1,0 +1,254 @@
+// The GPT-2 MoE example's model core (examples/gpt2_moe/model.hpp): finite-difference gradients of
+// every parameter tensor for every variant, a few AdamW steps that learn, bit-identical results
+// across thread counts, parameter names, and bad input at the entry point.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../examples/gpt2_moe/model.hpp"
+
+using moe::Index;
+
+namespace {
+
+// Tiny enough that a forward takes microseconds; N <= H for SelfRoute.
+const gpt2::Config kTiny{.vocab = 11, .context = 8, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
+                         .experts = 4, .top_k = 2, .seed = 7};
+
+struct Batch {
+  std::vector<std::int32_t> tokens, targets;
+  Index B, T;
+};
+
+// Pseudo-random ids from a fixed seed; targets are the next token (one position ignored, -1).
+Batch random_batch(Index B, Index T, Index vocab, std::uint64_t seed) {
+  Batch batch{{}, {}, B, T};
+  for (Index i = 0; i < B * T + 1; ++i)
+    batch.tokens.push_back(std::int32_t(moe::random::bits(seed, 0, std::uint64_t(i)) % std::uint64_t(vocab)));
+  batch.targets.assign(batch.tokens.begin() + 1, batch.tokens.end());
+  batch.tokens.pop_back();
+  batch.targets[1] = moe::nn::kIgnoreTarget;
+  return batch;
+}
+
+// Central differences (eps 1e-6, float64) of the loss against backward's gradient for about 10
+// entries of every parameter tensor. The error is measured against the tensor's gradient scale
+// (its largest |g|): truncation (~eps^2) is negligible and rounding (~1e-16 * loss / eps, about
+// 2e-10) stays below 2e-7 of the smallest tensors' scale; a wrong term gives errors of order 1.
+template <class Model>
+void check_gradients(const gpt2::Config& config) {
+  Model model(config);
+  model.set_threads(1);  // hundreds of tiny forwards: OpenMP regions would cost more than they save
+  const Batch batch = random_batch(2, 5, config.vocab, 11);
+  // Random routing redraws every forward: each forward below replays step 0's draw.
+  auto loss = [&] {
+    model.set_routing_step(0);
+    return model.forward(batch.tokens, batch.targets, batch.B, batch.T);
+  };
+  model.zero_grad();
+  loss();
+  model.backward();
+
+  auto params = model.parameters();
+  REQUIRE(!params.empty());
+  for (auto& p : params) {
+    CAPTURE(p.name);
+    if (!p.trainable) {  // FixedRandom's router: frozen, never a gradient
+      CHECK(p.grad.empty());
+      continue;
+    }
+    const std::vector<double> grad(p.grad.begin(), p.grad.end());
+    double scale = 1e-8;
+    for (double g : grad) scale = std::max(scale, std::abs(g));
+    const std::size_t n = p.value.size(), samples = std::min<std::size_t>(n, 10);
+    double worst = 0;
+    for (std::size_t j = 0; j < samples; ++j) {
+      const std::size_t i = samples == n ? j : (j * 7919 + 13) % n;
+      const double saved = p.value[i], eps = 1e-6;
+      p.value[i] = saved + eps;
+      const double up = loss();
+      p.value[i] = saved - eps;
+      const double down = loss();
+      p.value[i] = saved;
+      worst = std::max(worst, std::abs((up - down) / (2 * eps) - grad[i]) / scale);
+    }
+    CAPTURE(scale);
+    CHECK(worst < 1e-6);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gpt2 model: finite-difference gradients of every parameter, every variant") {
+  SUBCASE("dense") { check_gradients<gpt2::DenseModel<double>>(kTiny); }
+  SUBCASE("linear") { check_gradients<gpt2::MoEModel<moe::Linear, double>>(kTiny); }
+  SUBCASE("self") { check_gradients<gpt2::MoEModel<moe::SelfRoute, double>>(kTiny); }
+  SUBCASE("fixed-random") { check_gradients<gpt2::MoEModel<moe::FixedRandom, double>>(kTiny); }
+  SUBCASE("random") { check_gradients<gpt2::MoEModel<moe::Random, double>>(kTiny); }
+}
+
+TEST_CASE("gpt2 model: with_variant maps each name to its model type") {
+  for (std::string_view name : gpt2::kVariants) {
+    CAPTURE(name);
+    const std::string_view got =
+        gpt2::with_variant<double>(name, [](auto tag) { return decltype(tag)::type::variant; });
+    CHECK(got == name);
+  }
+}
+
+TEST_CASE("gpt2 model: Hugging Face parameter names, shapes and GPT-2 initialisation") {
+  gpt2::DenseModel<float> dense(kTiny);
+  auto params = dense.parameters();
+  REQUIRE(params.size() == 2 + 12 * 2 + 2);
+  CHECK(params[0].name == "wte.weight");
+  CHECK(params[0].shape == std::vector<Index>{11, 16});
+  CHECK(params[1].name == "wpe.weight");
+  CHECK(params[2].name == "h.0.ln_1.weight");
+  CHECK(params[4].name == "h.0.attn.c_attn.weight");
+  CHECK(params[4].shape == std::vector<Index>{48, 16});
+  CHECK(params[10].name == "h.0.mlp.c_fc.weight");
+  CHECK(params[10].shape == std::vector<Index>{24, 16});
+  CHECK(params[12].name == "h.0.mlp.c_proj.weight");
+  CHECK(params.back().name == "ln_f.bias");
+  CHECK(params[2].value[0] == 1.0f);  // LayerNorm weight 1
+  CHECK(params[5].value[3] == 0.0f);  // biases 0
+
+  gpt2::MoEModel<moe::Linear, float> linear(kTiny);
+  std::vector<std::string> names;
+  for (auto& p : linear.parameters()) names.push_back(p.name);
+  CHECK(std::count(names.begin(), names.end(), "h.1.moe.router.weight") == 1);
+  CHECK(std::count(names.begin(), names.end(), "h.1.moe.experts.fc.weight") == 1);
+  CHECK(std::count(names.begin(), names.end(), "h.1.moe.experts.proj.bias") == 1);
+  CHECK(linear.router_parameter_count() == 2 * 4 * 16);
+  gpt2::MoEModel<moe::SelfRoute, float> self(kTiny);
+  CHECK(self.router_parameter_count() == 0);
+
+  // Same seed, same values; another seed, other values.
+  gpt2::DenseModel<float> again(kTiny);
+  CHECK(std::equal(params[0].value.begin(), params[0].value.end(), again.parameters()[0].value.begin()));
+  gpt2::Config other = kTiny;
+  other.seed = 8;
+  gpt2::DenseModel<float> reseeded(other);
+  CHECK(params[0].value[0] != reseeded.parameters()[0].value[0]);
+}
+
+namespace {
+
+// A fixed repeating sequence (period 7, next-token targets), float, a few AdamW steps.
+template <class Model>
+void check_learns() {
+  const gpt2::Config config{.vocab = 16, .context = 16, .layers = 2, .heads = 2, .hidden = 32, .ffn = 64,
+                            .experts = 4, .top_k = 2, .seed = 3};
+  Model model(config);
+  model.set_threads(1);  // tiny steps: on a shared machine, OpenMP barriers would dominate
+  const Index B = 2, T = 16;
+  std::vector<std::int32_t> tokens, targets;
+  for (Index b = 0; b < B; ++b)
+    for (Index t = 0; t < T; ++t) {
+      tokens.push_back(std::int32_t((b * 3 + t) % 7));
+      targets.push_back(std::int32_t((b * 3 + t + 1) % 7));
+    }
+  moe::nn::AdamW<float> optimizer({.lr = 1e-2, .weight_decay = 0.0});
+  auto params = model.parameters();
+  double first = 0, last = 0;
+  for (int step = 0; step < 30; ++step) {
+    model.zero_grad();
+    last = model.forward(tokens, targets, B, T);
+    if (step == 0) first = last;
+    model.backward();
+    optimizer.step(params);
+  }
+  CAPTURE(first);
+  CAPTURE(last);
+  CHECK(first > 2.0);       // about log(16) = 2.77 at initialisation
+  CHECK(last < 0.3 * first);
+  if constexpr (Model::is_moe) {
+    const moe::RoutingStats& stats = model.routing_stats(0);
+    CHECK(stats.tokens == 30 * B * T);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gpt2 model: AdamW steps on a repeating sequence make the loss drop") {
+  SUBCASE("self") { check_learns<gpt2::MoEModel<moe::SelfRoute, float>>(); }
+  SUBCASE("linear") { check_learns<gpt2::MoEModel<moe::Linear, float>>(); }
+  SUBCASE("dense") { check_learns<gpt2::DenseModel<float>>(); }
+}
+
+namespace {
+
+template <class Model>
+void check_thread_invariance() {
+  // Wide enough that rows, columns and (batch, head) pairs split into several tasks.
+  const gpt2::Config config{.vocab = 256, .context = 64, .layers = 2, .heads = 4, .hidden = 64, .ffn = 96,
+                            .experts = 8, .top_k = 2, .seed = 5};
+  const Batch batch = random_batch(4, 64, config.vocab, 21);
+  auto run = [&](int threads, std::vector<float>& grads) {
+    Model model(config);
+    model.set_threads(threads);
+    const double loss = model.forward(batch.tokens, batch.targets, batch.B, batch.T);
+    model.backward();
+    for (auto& p : model.parameters()) grads.insert(grads.end(), p.grad.begin(), p.grad.end());
+    return loss;
+  };
+  std::vector<float> one, two;
+  const double loss_one = run(1, one), loss_two = run(2, two);
+  CHECK(loss_one == loss_two);
+  REQUIRE(one.size() == two.size());
+  CHECK(std::memcmp(one.data(), two.data(), one.size() * sizeof(float)) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("gpt2 model: loss and gradients are bit-identical on 1 and 2 threads") {
+  SUBCASE("dense") { check_thread_invariance<gpt2::DenseModel<float>>(); }
+  SUBCASE("self") { check_thread_invariance<gpt2::MoEModel<moe::SelfRoute, float>>(); }
+  SUBCASE("linear") { check_thread_invariance<gpt2::MoEModel<moe::Linear, float>>(); }
+  SUBCASE("random") { check_thread_invariance<gpt2::MoEModel<moe::Random, float>>(); }
+}
+
+TEST_CASE("gpt2 model: bad input throws at the entry point") {
+  auto message_of = [](auto&& call) -> std::string {
+    try {
+      call();
+    } catch (const moe::Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+
+  const std::string unknown = message_of([] { gpt2::with_variant<float>("bogus", [](auto) {}); });
+  CHECK(unknown.find("'bogus'") != std::string::npos);
+  CHECK(unknown.find("fixed-random") != std::string::npos);
+
+  gpt2::MoEModel<moe::SelfRoute, float> model(kTiny);
+  const Batch batch = random_batch(2, 5, kTiny.vocab, 3);
+  std::vector<std::int32_t> bad = batch.tokens;
+  bad[3] = std::int32_t(kTiny.vocab);
+  CHECK(message_of([&] { model.forward(bad, batch.targets, 2, 5); }).find("token id 11") != std::string::npos);
+  bad[3] = -1;
+  CHECK(message_of([&] { model.forward(bad, batch.targets, 2, 5); }).find("token id -1") != std::string::npos);
+  std::vector<std::int32_t> bad_targets = batch.targets;
+  bad_targets[0] = 42;
+  CHECK(message_of([&] { model.forward(batch.tokens, bad_targets, 2, 5); }).find("target id 42") !=
+        std::string::npos);
+
+  const Batch long_batch = random_batch(1, 9, kTiny.vocab, 4);
+  CHECK(message_of([&] { model.forward(long_batch.tokens, long_batch.targets, 1, 9); }).find("exceeds the context 8") !=
+        std::string::npos);
+  CHECK_THROWS_AS(model.forward(batch.tokens, batch.targets, 3, 5), moe::Error);  // 10 ids for B*T = 15
+  CHECK_THROWS_AS(model.backward(), moe::Error);  // nothing forwarded successfully yet
+
+  gpt2::Config narrow = kTiny;
+  narrow.hidden = 2, narrow.heads = 1;  // SelfRoute reads N = 4 coordinates of H = 2
+  CHECK(message_of([&] { gpt2::MoEModel<moe::SelfRoute, float> too_narrow(narrow); }).find("SelfRoute") !=
+        std::string::npos);
+  gpt2::Config uneven = kTiny;
+  uneven.heads = 3;
+  CHECK(message_of([&] { gpt2::DenseModel<float> bad_heads(uneven); }).find("heads = 3") != std::string::npos);
+}
