@@ -18,6 +18,8 @@
 // gradient. cross_entropy_backward writes its dlogits: that buffer starts from garbage, which
 // must be overwritten.
 #include <moe/nn.hpp>
+
+#include "manifest_writer.hpp"
 #include <moe/random.hpp>
 
 #include <bit>
@@ -41,41 +43,7 @@ using Vec = std::vector<float>;
 
 constexpr int kThreads = 2;
 
-class Writer {
- public:
-  explicit Writer(fs::path dir) : dir_(std::move(dir)), manifest_(dir_ / "manifest.txt") {
-    if (!manifest_) throw std::runtime_error("cannot write " + (dir_ / "manifest.txt").string());
-    manifest_.precision(17);
-  }
-  void line(const std::string& text) { manifest_ << text << '\n'; }
-  void tensor(const std::string& kase, const std::string& name, const std::vector<Index>& shape, const Vec& data) {
-    std::size_t expected = 1;
-    for (Index d : shape) expected *= std::size_t(d);
-    if (expected != data.size()) throw std::runtime_error("shape of " + kase + "/" + name + " does not match its size");
-    const std::string file = kase + "__" + name + ".f32";
-    std::ofstream out(dir_ / file, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size() * sizeof(float)));
-    if (!out) throw std::runtime_error("cannot write " + file);
-    manifest_ << "tensor " << kase << ' ' << name << ' ' << file << ' ' << shape.size();
-    for (Index d : shape) manifest_ << ' ' << d;
-    manifest_ << '\n';
-  }
-  void ids(const std::string& kase, const std::string& name, const std::vector<std::int32_t>& values) {
-    tensor(kase, name, {Index(values.size())}, Vec(values.begin(), values.end()));
-  }
-  template <class V>
-  void scalar(const std::string& kase, const std::string& key, V value) {
-    manifest_ << "scalar " << kase << ' ' << key << ' ' << value << '\n';
-  }
-  void finish() {
-    manifest_.flush();
-    if (!manifest_) throw std::runtime_error("writing the manifest failed");
-  }
-
- private:
-  fs::path dir_;
-  std::ofstream manifest_;
-};
+using parity::Writer;
 
 // n values mean + std * N(0, 1) from this program's stream.
 Vec random(std::size_t n, std::uint64_t seed, std::uint64_t stream, double std_dev = 1.0, double mean = 0.0) {
