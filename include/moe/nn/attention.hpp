@@ -116,6 +116,16 @@ MatrixView<S> head_part(MatrixView<S> qkv, Index part, Index b, Index h, Index T
   return qkv.col_block(part * C + h * hs, hs).row_block(b * T, T);
 }
 
+// The q, k and v blocks of head h in sequence b.
+template <class S>
+struct HeadQKV {
+  MatrixView<S> q, k, v;
+};
+template <class S>
+HeadQKV<S> head_qkv(MatrixView<S> qkv, Index b, Index h, Index T, Index C, Index hs) {
+  return {head_part(qkv, 0, b, h, T, C, hs), head_part(qkv, 1, b, h, T, C, hs), head_part(qkv, 2, b, h, T, C, hs)};
+}
+
 struct Shape {
   Index C, hs;
 };
@@ -154,8 +164,7 @@ void attention_forward(ConstMatrixView<S> qkv, Index B, Index T, Index heads, bo
 
   cpu::parallel_for(threads, B * heads, [&, C = C, hs = hs](Index pair) {
     const Index b = pair / heads, h = pair % heads;
-    const auto q = ad::head_part(qkv, 0, b, h, T, C, hs), k = ad::head_part(qkv, 1, b, h, T, C, hs),
-               v = ad::head_part(qkv, 2, b, h, T, C, hs);
+    const auto [q, k, v] = ad::head_qkv(qkv, b, h, T, C, hs);
     const auto o = out.col_block(h * hs, hs).row_block(b * T, T);
     const MatrixView<S> probs(att + pair * T * T, T, T);
     for (Index r0 = 0; r0 < T; r0 += kAttentionBlock) {
@@ -193,10 +202,8 @@ void attention_backward(ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S
 
   cpu::parallel_for(threads, B * heads, [&, C = C, hs = hs](Index pair) {
     const Index b = pair / heads, h = pair % heads;
-    const auto q = ad::head_part(qkv, 0, b, h, T, C, hs), k = ad::head_part(qkv, 1, b, h, T, C, hs),
-               v = ad::head_part(qkv, 2, b, h, T, C, hs);
-    const auto dq = ad::head_part(dqkv, 0, b, h, T, C, hs), dk = ad::head_part(dqkv, 1, b, h, T, C, hs),
-               dv = ad::head_part(dqkv, 2, b, h, T, C, hs);
+    const auto [q, k, v] = ad::head_qkv(qkv, b, h, T, C, hs);
+    const auto [dq, dk, dv] = ad::head_qkv(dqkv, b, h, T, C, hs);
     const auto d_o = dout.col_block(h * hs, hs).row_block(b * T, T);
     const ConstMatrixView<S> probs(att + pair * T * T, T, T);
     std::vector<S> scratch(std::size_t(std::min(kAttentionBlock, T) * T));
