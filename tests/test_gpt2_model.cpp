@@ -39,8 +39,10 @@ Batch random_batch(Index B, Index T, Index vocab, std::uint64_t seed) {
 // entries of every parameter tensor. The error is measured against the tensor's gradient scale
 // (its largest |g|): truncation (~eps^2) is negligible and rounding (~1e-16 * loss / eps, about
 // 2e-10) stays below 2e-7 of the smallest tensors' scale; a wrong term gives errors of order 1.
+// scale_floor: the smallest scale an error is measured against, for tensors whose gradients are
+// so small that rounding alone would exceed 1e-6 of them.
 template <class Model>
-void check_gradients(const gpt2::Config& config) {
+void check_gradients(const gpt2::Config& config, double scale_floor = 1e-8) {
   Model model(config);
   model.set_threads(1);  // hundreds of tiny forwards: OpenMP regions would cost more than they save
   const Batch batch = random_batch(2, 5, config.vocab, 11);
@@ -62,7 +64,7 @@ void check_gradients(const gpt2::Config& config) {
       continue;
     }
     const std::vector<double> grad(p.grad.begin(), p.grad.end());
-    double scale = 1e-8;
+    double scale = scale_floor;
     for (double g : grad) scale = std::max(scale, std::abs(g));
     const std::size_t n = p.value.size(), samples = std::min<std::size_t>(n, 10);
     double worst = 0;
@@ -89,6 +91,29 @@ TEST_CASE("gpt2 model: finite-difference gradients of every parameter, every var
   SUBCASE("self") { check_gradients<gpt2::MoEModel<moe::SelfRoute, double>>(kTiny); }
   SUBCASE("fixed-random") { check_gradients<gpt2::MoEModel<moe::FixedRandom, double>>(kTiny); }
   SUBCASE("random") { check_gradients<gpt2::MoEModel<moe::Random, double>>(kTiny); }
+}
+
+TEST_CASE("gpt2 model: finite-difference gradients when the gate reads the residual stream") {
+  gpt2::Config config = kTiny;
+  config.route_from_residual = true;
+  // The Linear router's gradients are ~5e-5 here, where rounding (~2e-10) is 5e-6 of them: measure
+  // against 1e-3 instead (a wrong term would still be ~4e-2 of that).
+  SUBCASE("self") { check_gradients<gpt2::MoEModel<moe::SelfRoute, double>>(config); }
+  SUBCASE("linear") { check_gradients<gpt2::MoEModel<moe::Linear, double>>(config, 1e-3); }
+}
+
+TEST_CASE("gpt2 model: routing from the residual stream changes the routing, not the shapes") {
+  const Batch batch = random_batch(2, 6, kTiny.vocab, 3);
+  gpt2::Config from_residual = kTiny;
+  from_residual.route_from_residual = true;
+  gpt2::MoEModel<moe::SelfRoute, double> own(kTiny), residual(from_residual);
+  const double loss_own = own.forward(batch.tokens, batch.targets, batch.B, batch.T);
+  const double loss_residual = residual.forward(batch.tokens, batch.targets, batch.B, batch.T);
+  CHECK(std::isfinite(loss_residual));
+  CHECK(loss_own != loss_residual);  // same weights, other logits (before vs after ln_2)
+  // The residual stream is not normalised: its last N coordinates are the logits, as read.
+  const auto logits = residual.ffn(0).layer().last_logits();
+  CHECK(logits.cols == kTiny.experts);
 }
 
 TEST_CASE("gpt2 model: with_variant maps each name to its model type") {

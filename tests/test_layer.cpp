@@ -304,3 +304,38 @@ TEST_CASE("saved activation bytes per token follow the documented formula") {
   // (H + 2kH + kF + N + k) floats + 3k int32 + 1 status byte
   CHECK(Layer::saved_bytes_per_token(gpt2) == (768 + 2 * 2 * 768 + 2 * 3072 + 8 + 2) * 4 + 2 * 12 + 1);
 }
+
+namespace {
+
+// Routing from a separate input r: routing and the gate's gradient follow r, the experts x. With
+// r = x it is the ordinary layer, and dx + d_router equals the ordinary dx.
+template <template <class> class G>
+void check_separate_router_input() {
+  using Layer = moe::MoELayer<G, moe::GeluMLP, moe::cpu::Backend>;
+  const Index T = 37, H = kSmall.hidden;
+  Layer plain(kSmall, 31), routed(kSmall, 31);
+  const auto x = ref::randn(T, H, 32), dy = ref::randn(T, H, 33), r = ref::randn(T, H, 34);
+
+  const auto y = plain.forward(x);
+  const auto dx = plain.backward(dy);
+  moe::cpu::Backend::Matrix y_same(T, H), dx_same(T, H), drouter(T, H);
+  drouter.setZero();
+  routed.forward_into(x, x, y_same);
+  routed.backward_into(dy, dx_same, drouter);
+  CHECK(y_same == y);
+  CHECK(ref::rel_error(moe::cpu::Backend::Matrix(dx_same + drouter), dx.template cast<double>()) < 1e-6);
+
+  // Another router input: the plan is the one the plain layer computes for r.
+  moe::cpu::Backend::Matrix y_other(T, H);
+  routed.forward_into(x, r, y_other);
+  plain.forward(r);
+  CHECK(routed.last_plan().expert == plain.last_plan().expert);
+  CHECK_THROWS_WITH_AS(routed.backward(dy), doctest::Contains("separate router input"), moe::Error);
+}
+
+}  // namespace
+
+TEST_CASE("a separate router input: routing reads it, gradients split between it and x") {
+  SUBCASE("SelfRoute") { check_separate_router_input<moe::SelfRoute>(); }
+  SUBCASE("Linear") { check_separate_router_input<moe::Linear>(); }
+}

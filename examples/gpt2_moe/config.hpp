@@ -20,6 +20,9 @@ struct Config {
   Index experts = 8;    // N (MoE variants)
   Index top_k = 2;      // k (MoE variants)
   std::uint64_t seed = 1337;
+  // MoE variants: the gate reads the residual stream before ln_2 instead of the layer's own input
+  // (ln_2's output, what a learned router reads by default). Experts always read ln_2's output.
+  bool route_from_residual = false;
 
   // Trains in minutes on 2 cores.
   static Config small() { return {}; }

@@ -94,6 +94,8 @@ inline double residual_std(const Config& config) { return 0.02 / std::sqrt(2.0 *
 //   forward(x, y)           y written; caches what backward needs
 //   backward(x, dy, dx)     dx WRITTEN (the block adds it through ln_2); parameter grads +=
 //   parameters(), zero_grad(), set_threads(n)
+// MoE FFNs also take a separate router input (Config::route_from_residual):
+//   forward(x, router_input, y), backward(x, dy, dx, d_router_input)   d_router_input +=
 
 // The dense GPT-2 MLP: H -> F (bias) -> tanh-GELU -> H (bias).
 template <class B>
@@ -177,6 +179,13 @@ class MoEFFN {
   void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y); }
   // dy: [N, H] -> dx: [N, H] (written; includes the router path, e.g. SelfRoute's logit gradient)
   void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx) { layer_.backward_into(dy, dx); }
+  // The gate reads router_input: [N, H] instead of x; its gradient is added into d_router_input.
+  void forward(ConstMatrixView<S> x, ConstMatrixView<S> router_input, MatrixView<S> y) {
+    layer_.forward_into(x, router_input, y);
+  }
+  void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx, MatrixView<S> d_router_input) {
+    layer_.backward_into(dy, dx, d_router_input);
+  }
 
   std::vector<ParamRef<S>> parameters() {
     std::vector<ParamRef<S>> params = layer_.parameters();
@@ -369,7 +378,14 @@ class Model {
       m.backend_.add(x, residual_attn);
       moe::nn::layernorm_forward<S>(residual_attn, ln_2_weight.value.data(), ln_2_bias.value.data(), ln_2,
                                     ln_2_mean.data(), ln_2_rstd.data(), th);
-      ffn.forward(ln_2, out);
+      if constexpr (is_moe) {
+        if (m.routes_from_residual())
+          ffn.forward(ln_2, residual_attn, out);  // the gate reads the stream before ln_2
+        else
+          ffn.forward(ln_2, out);
+      } else {
+        ffn.forward(ln_2, out);
+      }
       m.backend_.add(residual_attn, out);
     }
 
@@ -379,9 +395,17 @@ class Model {
     void backward(Model& m, ConstMatrixView<S> x) {
       const int th = m.threads_;
       MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_, dqkv = m.dqkv_;
-      ffn.backward(ln_2, dresidual, dtmp);  // dtmp = d ln_2 (written)
+      const bool routed = m.routes_from_residual();
+      if constexpr (is_moe) {
+        if (routed) {
+          detail::zero<S>(m.drouter_);
+          ffn.backward(ln_2, dresidual, dtmp, m.drouter_);  // dtmp = d ln_2 (written), drouter_ = the gate's path
+        }
+      }
+      if (!routed) ffn.backward(ln_2, dresidual, dtmp);  // dtmp = d ln_2 (written)
       moe::nn::layernorm_backward<S>(dtmp, residual_attn, ln_2_weight.value.data(), ln_2_mean.data(),
                                      ln_2_rstd.data(), dresidual, ln_2_weight.grad.data(), ln_2_bias.grad.data(), th);
+      if (routed) m.backend_.add(m.drouter_, dresidual);
       detail::zero(dtmp);  // d atty
       moe::nn::linear_backward<S>(atty, dresidual, c_proj_weight.matrix(), dtmp, c_proj_weight.grad_matrix(),
                                   c_proj_bias.grad.data(), th);
@@ -409,6 +433,7 @@ class Model {
     config.validate();
     return config;
   }
+  bool routes_from_residual() const { return is_moe && config_.route_from_residual; }
 
   // Shapes and ids, checked once at the entry point.
   void check_inputs(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets, Index B_,
@@ -436,6 +461,7 @@ class Model {
     for (Matrix& r : residual_) B::resize(r, BT, H);
     for (Block& block : blocks_) block.allocate(BT, H, B_ * config_.heads * T * T);
     for (Matrix* m : {&ln_f_, &dresidual_, &dtmp_}) B::resize(*m, BT, H);
+    if (routes_from_residual()) B::resize(drouter_, BT, H);
     B::resize(dqkv_, BT, 3 * H);
     B::resize(logits_, BT, config_.vocab);
     ln_f_mean_.resize(std::size_t(BT)), ln_f_rstd_.resize(std::size_t(BT)), losses_.resize(std::size_t(BT));
@@ -460,7 +486,7 @@ class Model {
   double loss_ = 0;
   bool forwarded_ = false;
   // Backward workspace, shared by every block.
-  Matrix dresidual_, dtmp_, dqkv_;
+  Matrix dresidual_, dtmp_, dqkv_, drouter_;
 };
 
 // ---- run-time choice of the variant ----------------------------------------------------------

@@ -56,27 +56,17 @@ class MoELayer {
   }
 
   void forward_into(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, const ForwardOptions& options = {}) {
-    const Index T = x.rows, H = config_.hidden;
-    check(x.cols == H, "input has ", x.cols, " columns, the layer's hidden size is ", H);
-    check(y.rows == T && y.cols == H, "output is [", y.rows, ", ", y.cols, "], expected [", T, ", ", H, "]");
-    check_mask(options.token_mask, T);
-    mask_.assign(options.token_mask.begin(), options.token_mask.end());
+    forward_impl(x, nullptr, y, options);
+  }
 
-    B::resize(input_, T, H);
-    backend_.copy(x, input_);  // kept: gate backward and SelfRoute's logits read it
-    logits_ = gate_.forward(backend_, input_);
-    backend_.route(logits_, config_, plan_, weights_);
-    const std::span<const Index> offsets = B::expert_offsets(plan_);
-    const Index R = offsets.back();
-    B::resize(expert_in_, R, H);
-    backend_.gather_rows(input_, plan_, expert_in_);
-    B::resize(expert_out_, R, H);
-    experts_.forward(backend_, expert_in_, offsets, expert_out_);
-    backend_.combine(expert_out_, plan_, weights_, y);
-
-    aux_ = has_aux_loss() ? backend_.aux_loss(logits_, plan_, config_, mask_) : AuxLosses{};
-    if (collect_stats_) B::accumulate_stats(plan_, mask_, stats_);
-    forwarded_ = true;
+  // The same layer, but the gate reads router_input: [T, H] instead of x (e.g. the residual stream
+  // before the LayerNorm that produced x; for SelfRoute its last N coordinates become the logits).
+  // The experts still read x. backward_into then needs a d_router_input buffer.
+  void forward_into(ConstMatrixView<Scalar> x, ConstMatrixView<Scalar> router_input, MatrixView<Scalar> y,
+                    const ForwardOptions& options = {}) {
+    check(router_input.rows == x.rows && router_input.cols == x.cols, "router input is [", router_input.rows, ", ",
+          router_input.cols, "], the layer input is [", x.rows, ", ", x.cols, "]");
+    forward_impl(x, &router_input, y, options);
   }
 
   // dy: [T, H] of the last forward -> dx: [T, H]. Parameter gradients accumulate (+=) until
@@ -89,25 +79,17 @@ class MoELayer {
   }
 
   void backward_into(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx) {
-    check(forwarded_, "backward needs a forward first (and runs once per forward)");
-    const Index T = input_.rows(), H = config_.hidden;
-    check(dy.rows == T && dy.cols == H, "output gradient is [", dy.rows, ", ", dy.cols,
-          "], the last forward's output is [", T, ", ", H, "]");
-    check(dx.rows == T && dx.cols == H, "input gradient is [", dx.rows, ", ", dx.cols, "], expected [", T, ", ",
-          H, "]");
-    forwarded_ = false;
+    check(!routed_separately_, "the last forward had a separate router input: call backward_into(dy, dx, d_router_input)");
+    backward_impl(dy, dx, dx);
+  }
 
-    const std::span<const Index> offsets = B::expert_offsets(plan_);
-    B::resize(expert_grad_, expert_out_.rows(), H);
-    backend_.combine_backward(dy, expert_out_, plan_, weights_, expert_grad_, dweights_);
-    // expert_out_ is spent: it receives d(expert input rows).
-    experts_.backward(backend_, expert_in_, expert_grad_, offsets, expert_out_);
-    backend_.sum_rows_to_tokens(expert_out_, plan_, dx);
-    if (gate_.wants_logit_gradient()) {
-      B::resize(dlogits_, T, config_.experts);
-      backend_.route_backward(logits_, plan_, config_, dweights_, mask_, dlogits_);
-      gate_.backward(backend_, input_, dlogits_, dx);
-    }
+  // After forward_into(x, router_input, y): dx WRITTEN (the experts' path), d_router_input ADDED to
+  // (+=, the gate's path: SelfRoute's logit gradient, the Linear router's input gradient).
+  void backward_into(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, MatrixView<Scalar> d_router_input) {
+    check(routed_separately_, "the last forward had no separate router input: call backward_into(dy, dx)");
+    check(d_router_input.rows == dx.rows && d_router_input.cols == dx.cols, "router input gradient is [",
+          d_router_input.rows, ", ", d_router_input.cols, "], expected [", dx.rows, ", ", dx.cols, "]");
+    backward_impl(dy, dx, d_router_input);
   }
 
   // Every parameter (gate first, then experts), with its gradient; frozen ones marked.
@@ -159,6 +141,63 @@ class MoELayer {
   ConstMatrixView<Scalar> last_logits() const { return logits_; }
 
  private:
+  // router_input: null when the gate reads x itself.
+  void forward_impl(ConstMatrixView<Scalar> x, const ConstMatrixView<Scalar>* router_input, MatrixView<Scalar> y,
+                    const ForwardOptions& options) {
+    const Index T = x.rows, H = config_.hidden;
+    check(x.cols == H, "input has ", x.cols, " columns, the layer's hidden size is ", H);
+    check(y.rows == T && y.cols == H, "output is [", y.rows, ", ", y.cols, "], expected [", T, ", ", H, "]");
+    check_mask(options.token_mask, T);
+    mask_.assign(options.token_mask.begin(), options.token_mask.end());
+
+    B::resize(input_, T, H);
+    backend_.copy(x, input_);  // kept: the experts' backward (and the gate's, when it reads x) needs it
+    routed_separately_ = router_input != nullptr;
+    if (routed_separately_) {
+      B::resize(router_input_, T, H);
+      backend_.copy(*router_input, router_input_);
+    }
+    logits_ = gate_.forward(backend_, gate_input());
+    backend_.route(logits_, config_, plan_, weights_);
+    const std::span<const Index> offsets = B::expert_offsets(plan_);
+    const Index R = offsets.back();
+    B::resize(expert_in_, R, H);
+    backend_.gather_rows(input_, plan_, expert_in_);
+    B::resize(expert_out_, R, H);
+    experts_.forward(backend_, expert_in_, offsets, expert_out_);
+    backend_.combine(expert_out_, plan_, weights_, y);
+
+    aux_ = has_aux_loss() ? backend_.aux_loss(logits_, plan_, config_, mask_) : AuxLosses{};
+    if (collect_stats_) B::accumulate_stats(plan_, mask_, stats_);
+    forwarded_ = true;
+  }
+
+  // dx written through the experts; d_gate_input (dx itself, or the router input's gradient) +=
+  // through the gate.
+  void backward_impl(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, MatrixView<Scalar> d_gate_input) {
+    check(forwarded_, "backward needs a forward first (and runs once per forward)");
+    const Index T = input_.rows(), H = config_.hidden;
+    check(dy.rows == T && dy.cols == H, "output gradient is [", dy.rows, ", ", dy.cols,
+          "], the last forward's output is [", T, ", ", H, "]");
+    check(dx.rows == T && dx.cols == H, "input gradient is [", dx.rows, ", ", dx.cols, "], expected [", T, ", ",
+          H, "]");
+    forwarded_ = false;
+
+    const std::span<const Index> offsets = B::expert_offsets(plan_);
+    B::resize(expert_grad_, expert_out_.rows(), H);
+    backend_.combine_backward(dy, expert_out_, plan_, weights_, expert_grad_, dweights_);
+    // expert_out_ is spent: it receives d(expert input rows).
+    experts_.backward(backend_, expert_in_, expert_grad_, offsets, expert_out_);
+    backend_.sum_rows_to_tokens(expert_out_, plan_, dx);
+    if (gate_.wants_logit_gradient()) {
+      B::resize(dlogits_, T, config_.experts);
+      backend_.route_backward(logits_, plan_, config_, dweights_, mask_, dlogits_);
+      gate_.backward(backend_, gate_input(), dlogits_, d_gate_input);
+    }
+  }
+
+  ConstMatrixView<Scalar> gate_input() const { return routed_separately_ ? router_input_ : input_; }
+
   static LayerConfig validated(const LayerConfig& config) {
     validate(config);
     return config;
@@ -172,9 +211,10 @@ class MoELayer {
   RoutingStats stats_;
   bool collect_stats_ = true;
   bool forwarded_ = false;
+  bool routed_separately_ = false;
 
   // Kept from forward for backward.
-  Matrix input_, expert_in_, expert_out_;
+  Matrix input_, router_input_, expert_in_, expert_out_;
   ConstMatrixView<Scalar> logits_;
   typename B::Plan plan_;
   typename B::template Vector<Scalar> weights_;
