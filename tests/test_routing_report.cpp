@@ -1,0 +1,551 @@
+// The routing report of the gate comparisons (examples/common/routing_report.hpp) and the SVG
+// pictures under it (examples/common/svg_plot.hpp): every file is written, every number is the
+// one given, the pictures are well-formed XML whatever the names and values.
+#include <doctest/doctest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../examples/common/routing_report.hpp"
+#include "moe/io/json.hpp"
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int kLayers = 4, kExperts = 8;
+
+// ---- a tiny XML well-formedness checker: enough for the SVG this project writes ----------------
+
+struct XmlSummary {
+  std::string problem;                  // empty when well-formed
+  std::map<std::string, int> elements;  // element name -> count
+};
+
+XmlSummary check_xml(std::string_view doc) {
+  XmlSummary summary;
+  std::vector<std::string> open;
+  bool root_seen = false;
+  std::size_t i = 0;
+  const auto fail = [&](std::string what) {
+    summary.problem = what + " at byte " + std::to_string(i);
+    return summary;
+  };
+  // An '&' must start one of XML's five entities or a character reference.
+  const auto entity_ok = [&](std::size_t at) {
+    const std::size_t end = doc.find(';', at);
+    if (end == std::string_view::npos) return false;
+    const std::string_view name = doc.substr(at + 1, end - at - 1);
+    if (name == "amp" || name == "lt" || name == "gt" || name == "quot" || name == "apos") return true;
+    return name.size() > 1 && name[0] == '#' &&
+           name.find_first_not_of("#x0123456789abcdefABCDEF") == std::string_view::npos;
+  };
+  const auto is_name_char = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == ':' || c == '.';
+  };
+  if (doc.starts_with("<?xml")) {
+    i = doc.find("?>");
+    if (i == std::string_view::npos) return fail("unterminated prolog");
+    i += 2;
+  }
+  while (i < doc.size()) {
+    if (doc[i] != '<') {
+      if (doc[i] == '&' && !entity_ok(i)) return fail("bad entity");
+      if (doc[i] == '>') return fail("raw '>' in text");
+      if (open.empty() && !std::isspace(static_cast<unsigned char>(doc[i]))) return fail("text outside the root");
+      ++i;
+      continue;
+    }
+    if (doc.substr(i, 4) == "<!--") {
+      i = doc.find("-->", i);
+      if (i == std::string_view::npos) return fail("unterminated comment");
+      i += 3;
+      continue;
+    }
+    const bool closing = i + 1 < doc.size() && doc[i + 1] == '/';
+    std::size_t j = i + (closing ? 2 : 1);
+    const std::size_t name_start = j;
+    while (j < doc.size() && is_name_char(doc[j])) ++j;
+    const std::string name(doc.substr(name_start, j - name_start));
+    if (name.empty()) return fail("tag without a name");
+    if (closing) {
+      while (j < doc.size() && std::isspace(static_cast<unsigned char>(doc[j]))) ++j;
+      if (j >= doc.size() || doc[j] != '>') return fail("bad closing tag");
+      if (open.empty() || open.back() != name) return fail("</" + name + "> closes nothing open");
+      open.pop_back();
+      i = j + 1;
+      continue;
+    }
+    if (open.empty() && root_seen) return fail("second root element");
+    root_seen = true;
+    ++summary.elements[name];
+    // Attributes: name="value" with no '<' and valid entities inside.
+    for (;;) {
+      while (j < doc.size() && std::isspace(static_cast<unsigned char>(doc[j]))) ++j;
+      if (j >= doc.size()) return fail("unterminated tag <" + name);
+      if (doc[j] == '>' || doc.substr(j, 2) == "/>") break;
+      const std::size_t attribute = j;
+      while (j < doc.size() && is_name_char(doc[j])) ++j;
+      if (j == attribute || j + 1 >= doc.size() || doc[j] != '=' || (doc[j + 1] != '"' && doc[j + 1] != '\''))
+        return fail("bad attribute in <" + name);
+      const char quote = doc[j + 1];
+      const std::size_t end = doc.find(quote, j + 2);
+      if (end == std::string_view::npos) return fail("unterminated attribute in <" + name);
+      for (std::size_t k = j + 2; k < end; ++k) {
+        if (doc[k] == '<') return fail("'<' in an attribute of <" + name);
+        if (doc[k] == '&' && !entity_ok(k)) return fail("bad entity in an attribute of <" + name);
+      }
+      j = end + 1;
+    }
+    if (doc[j] == '>') {
+      open.push_back(name);
+      i = j + 1;
+    } else {
+      i = j + 2;
+    }
+  }
+  if (!open.empty()) return fail("<" + open.back() + "> never closed");
+  if (!root_seen) return fail("no root element");
+  return summary;
+}
+
+// ---- reading the JSON back with the library's strict parser ------------------------------------
+
+using moe::io::json::Value;
+
+const Value& item(const Value& array, std::size_t index) {
+  REQUIRE(index < array.as_array().size());
+  return array.as_array()[index];
+}
+
+// ---- the synthetic comparison: dense + three MoE variants, 4 layers x 8 experts, top-2 --------
+
+std::vector<double> fractions_from_counts(const std::vector<std::int64_t>& counts) { return moe::fractions(counts); }
+
+std::vector<report::VariantResult> synthetic_results() {
+  std::mt19937 random(1234);
+  const auto skewed_layer = [&](int spread) {
+    std::vector<std::int64_t> counts(kExperts);
+    for (auto& c : counts) c = 1 + std::int64_t(random() % unsigned(spread));
+    return report::LayerRouting::from_fractions(fractions_from_counts(counts));
+  };
+  report::VariantResult dense{
+      .variant = "dense", .total_parameters = 1'234'567, .metrics = {{"val loss", "3.50"}, {"val ppl", "33.1"}}};
+  report::VariantResult linear{.variant = "linear",
+                               .router_parameters = 4 * 128 * 8,
+                               .total_parameters = 3'400'000,
+                               .metrics = {{"val loss", "3.40"}, {"val ppl", "30.0"}, {"tokens/s", "41k"}},
+                               .is_moe = true,
+                               .routed_tokens = 65536,
+                               .top_k = 2};
+  // Layer 0 collapsed: every token's two choices are experts 0 and 1.
+  linear.layers.push_back(report::LayerRouting::from_fractions({0.5, 0.5, 0, 0, 0, 0, 0, 0}));
+  for (int l = 1; l < kLayers; ++l) linear.layers.push_back(skewed_layer(1000));
+  report::VariantResult self{.variant = "self",
+                             .router_parameters = 0,
+                             .total_parameters = 3'395'904,
+                             .metrics = {{"val loss", "3.38"}, {"val ppl", "29.4"}, {"tokens/s", "43k"}},
+                             .is_moe = true,
+                             .routed_tokens = 65536,
+                             .top_k = 2};
+  for (int l = 0; l < kLayers; ++l) self.layers.push_back(skewed_layer(100));
+  report::VariantResult fixed{.variant = "fixed-random",
+                              .router_parameters = 0,
+                              .total_parameters = 3'395'904,
+                              .metrics = {{"val loss", "3.45"}, {"val ppl", "31.5"}},
+                              .is_moe = true,
+                              .routed_tokens = 65536,
+                              .top_k = 2};
+  for (int l = 0; l < kLayers; ++l) fixed.layers.push_back(skewed_layer(300));
+  fixed.layers[2].fractions[3] = kNaN;  // a layer whose statistics went wrong
+  fixed.layers[2] = report::LayerRouting::from_fractions(fixed.layers[2].fractions);
+  return {dense, linear, self, fixed};
+}
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+std::vector<std::string> split(std::string_view text, char separator) {
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  for (std::size_t end; (end = text.find(separator, start)) != std::string_view::npos; start = end + 1)
+    parts.emplace_back(text.substr(start, end - start));
+  parts.emplace_back(text.substr(start));
+  return parts;
+}
+
+// The cells of a markdown table row "| a | b |", trimmed.
+std::vector<std::string> cells(std::string_view row) {
+  std::vector<std::string> parts = split(row, '|');
+  REQUIRE(parts.size() >= 2);
+  parts.erase(parts.begin());
+  parts.pop_back();
+  for (std::string& p : parts) {
+    p.erase(0, p.find_first_not_of(' '));
+    p.erase(p.find_last_not_of(' ') + 1);
+  }
+  return parts;
+}
+
+std::size_t count(std::string_view text, std::string_view what) {
+  std::size_t n = 0;
+  for (std::size_t at = text.find(what); at != std::string_view::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+double mean_of(const report::VariantResult& r, double report::LayerRouting::*field) {
+  double sum = 0;
+  int n = 0;
+  for (const auto& layer : r.layers)
+    if (std::isfinite(layer.*field)) sum += layer.*field, ++n;
+  return sum / n;
+}
+
+struct TempDir {
+  std::filesystem::path path =
+      std::filesystem::temp_directory_path() / ("moe-routing-report-" + std::to_string(::getpid()));
+  TempDir() { std::filesystem::remove_all(path); }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+}  // namespace
+
+TEST_CASE("routing report: a collapsed layer has entropy log 2 / log 8 and max fraction 1/2") {
+  const auto layer = report::LayerRouting::from_fractions({0.5, 0.5, 0, 0, 0, 0, 0, 0});
+  CHECK(layer.entropy == doctest::Approx(std::log(2.0) / std::log(8.0)).epsilon(1e-12));
+  CHECK(layer.max_fraction == 0.5);
+  const auto uniform = report::LayerRouting::from_fractions(std::vector<double>(8, 0.125));
+  CHECK(uniform.entropy == doctest::Approx(1.0).epsilon(1e-12));
+  const auto broken = report::LayerRouting::from_fractions({0.5, kNaN, 0.5});
+  CHECK(std::isnan(broken.entropy));
+  CHECK(std::isnan(broken.max_fraction));
+}
+
+TEST_CASE("routing report: a layer from moe::RoutingStats carries the library's fractions, entropy and maximum") {
+  moe::RoutingStats stats(kExperts);
+  stats.assignments = {10, 0, 30, 5, 5, 20, 25, 5};
+  const auto layer = report::LayerRouting::from_stats(stats);
+  const auto recomputed = report::LayerRouting::from_fractions(layer.fractions);
+  CHECK(layer.fractions == stats.expert_fractions());
+  CHECK(layer.entropy == doctest::Approx(recomputed.entropy).epsilon(1e-12));
+  CHECK(layer.max_fraction == 0.3);
+}
+
+TEST_CASE("routing report: every file is written into a new folder, no picture for dense") {
+  TempDir dir;
+  const auto results = synthetic_results();
+  report::write_routing_report(dir.path / "nested", results, {.title = "test", .command_line = "gpt2_moe compare"});
+  for (const char* name : {"report.md", "routing.csv", "routing.json", "entropy.svg", "max_fraction.svg",
+                           "heatmap_linear.svg", "heatmap_self.svg", "heatmap_fixed-random.svg"}) {
+    CAPTURE(name);
+    CHECK(std::filesystem::file_size(dir.path / "nested" / name) > 0);
+  }
+  CHECK_FALSE(std::filesystem::exists(dir.path / "nested" / "heatmap_dense.svg"));
+  const std::string md = read_file(dir.path / "nested" / "report.md");
+  CHECK(md.find("gpt2_moe compare") != std::string::npos);
+  CHECK(md.find("](entropy.svg)") != std::string::npos);
+  CHECK(md.find("](heatmap_fixed-random.svg)") != std::string::npos);
+}
+
+TEST_CASE("routing report: the markdown table has one row per variant, every metric column and the layer means") {
+  const auto results = synthetic_results();
+  const std::vector<std::string> lines = split(report::markdown_table(results), '\n');
+  REQUIRE(lines.size() == 2 + results.size() + 1);  // header, rule, rows, the final newline's empty piece
+  CHECK(cells(lines[0]) == std::vector<std::string>{"variant", "router params", "total params", "val loss", "val ppl",
+                                                    "tokens/s", "mean norm. entropy", "mean max expert fraction"});
+  CHECK(cells(lines[1]).size() == 8);
+  CHECK(cells(lines[2]) == std::vector<std::string>{"dense", "-", "1,234,567", "3.50", "33.1", "-", "-", "-"});
+
+  const auto linear = cells(lines[3]);
+  CHECK(linear[0] == "linear");
+  CHECK(linear[1] == "4,096");
+  CHECK(linear[5] == "41k");
+  CHECK(linear[6] == report::format_fixed(mean_of(results[1], &report::LayerRouting::entropy), 3));
+  CHECK(linear[7] == report::format_fixed(mean_of(results[1], &report::LayerRouting::max_fraction), 3));
+  CHECK(cells(lines[4])[1] == "0");  // Self-Routing: a router without parameters
+
+  // fixed-random: no tokens/s given; its NaN layer is left out of the means, and the cell says so.
+  const auto fixed = cells(lines[5]);
+  CHECK(fixed[5] == "-");
+  CHECK(fixed[6] == report::format_fixed(mean_of(results[3], &report::LayerRouting::entropy), 3) + " (3 of 4 layers)");
+  CHECK(fixed[7].ends_with("(3 of 4 layers)"));
+}
+
+TEST_CASE("routing report: the CSV has L x N rows per MoE variant, each layer summing to 1") {
+  const auto results = synthetic_results();
+  const std::vector<std::string> lines = split(report::routing_csv(results), '\n');
+  CHECK(lines.front() == "variant,layer,expert,fraction");
+  CHECK(lines.back().empty());
+  std::map<std::string, int> rows;
+  std::map<std::pair<std::string, int>, double> layer_sums;
+  std::map<std::pair<std::string, int>, int> layer_missing;
+  for (std::size_t i = 1; i + 1 < lines.size(); ++i) {
+    const auto fields = split(lines[i], ',');
+    REQUIRE(fields.size() == 4);
+    ++rows[fields[0]];
+    const std::pair<std::string, int> key{fields[0], std::stoi(fields[1])};
+    if (fields[3].empty())
+      ++layer_missing[key];
+    else
+      layer_sums[key] += std::stod(fields[3]);
+  }
+  CHECK(rows.count("dense") == 0);
+  for (const char* variant : {"linear", "self", "fixed-random"}) {
+    CAPTURE(variant);
+    CHECK(rows[variant] == kLayers * kExperts);
+    for (int l = 0; l < kLayers; ++l)
+      if (layer_missing[{variant, l}] == 0) CHECK(layer_sums[{variant, l}] == doctest::Approx(1.0).epsilon(1e-12));
+  }
+  CHECK(layer_missing[{"fixed-random", 2}] == 1);  // the NaN fraction is an empty field
+}
+
+TEST_CASE("routing report: the JSON parses and holds each layer's numbers, null where not finite") {
+  const auto results = synthetic_results();
+  const Value doc = moe::io::json::parse(report::routing_json(results, {.title = "t", .budget = "100 steps"}));
+  CHECK(doc.at("budget").as_string() == "100 steps");
+  const Value& variants = doc.at("variants");
+  REQUIRE(variants.as_array().size() == 4);
+  const Value& dense = item(variants, 0);
+  CHECK(dense.at("variant").as_string() == "dense");
+  CHECK_FALSE(dense.at("is_moe").as_bool());
+  CHECK(dense.at("layers").as_array().empty());
+  CHECK(dense.at("metrics").at("val ppl").as_string() == "33.1");
+
+  const Value& linear = item(variants, 1);
+  CHECK(linear.at("router_parameters").as_int() == 4096);
+  CHECK(linear.at("top_k").as_int() == 2);
+  REQUIRE(linear.at("layers").as_array().size() == std::size_t(kLayers));
+  const Value& collapsed = item(linear.at("layers"), 0);
+  CHECK(collapsed.at("entropy").as_number() == doctest::Approx(std::log(2.0) / std::log(8.0)).epsilon(1e-15));
+  CHECK(collapsed.at("max_fraction").as_number() == 0.5);
+  CHECK_FALSE(item(collapsed.at("fractions"), 2).is_integer());  // 0.0, a double like its neighbours
+  for (int l = 0; l < kLayers; ++l)
+    for (int e = 0; e < kExperts; ++e)  // shortest round-trip text: the same doubles come back
+      CHECK(item(item(linear.at("layers"), l).at("fractions"), e).as_number() == results[1].layers[l].fractions[e]);
+  CHECK(linear.at("mean_normalized_entropy").as_number() ==
+        doctest::Approx(mean_of(results[1], &report::LayerRouting::entropy)));
+
+  const Value& broken = item(item(variants, 3).at("layers"), 2);
+  CHECK(broken.at("entropy").is_null());
+  CHECK(broken.at("max_fraction").is_null());
+  CHECK(item(broken.at("fractions"), 3).is_null());
+  CHECK(item(broken.at("fractions"), 2).is_number());
+}
+
+TEST_CASE("routing report: every picture is well-formed SVG, one line per MoE variant, L x N heatmap cells") {
+  TempDir dir;
+  const auto results = synthetic_results();
+  report::write_routing_report(dir.path, results, {});
+  for (const char* name : {"entropy.svg", "max_fraction.svg"}) {
+    CAPTURE(name);
+    const std::string svg = read_file(dir.path / name);
+    const XmlSummary xml = check_xml(svg);
+    CHECK(xml.problem == "");
+    CHECK(count(svg, "<path class=\"series\"") == 3);
+    CHECK(svg.find("dense") == std::string::npos);
+    // fixed-random has no value at layer 2: its line breaks there and its legend says so.
+    CHECK(svg.find("fixed-random (n/a at layer 2)") != std::string::npos);
+  }
+  const std::string max_fraction = read_file(dir.path / "max_fraction.svg");
+  CHECK(max_fraction.find(">uniform (1/8)</text>") != std::string::npos);
+  CHECK(max_fraction.find(">collapse (1/2)</text>") != std::string::npos);
+  CHECK(read_file(dir.path / "entropy.svg").find(">collapse (k = 2, N = 8)</text>") != std::string::npos);
+
+  for (const char* name : {"heatmap_linear.svg", "heatmap_self.svg", "heatmap_fixed-random.svg"}) {
+    CAPTURE(name);
+    const std::string svg = read_file(dir.path / name);
+    CHECK(check_xml(svg).problem == "");
+    CHECK(count(svg, "<rect class=\"cell\"") == std::size_t(kLayers * kExperts));
+  }
+  const std::string broken = read_file(dir.path / "heatmap_fixed-random.svg");
+  CHECK(count(broken, "fill=\"url(#not-available)\"") == 2);  // the n/a cell and its colour-bar swatch
+  CHECK(broken.find(">n/a</text>") != std::string::npos);
+}
+
+TEST_CASE("routing report: a variant has the same colour in every picture, whatever its position") {
+  auto results = synthetic_results();
+  std::swap(results[1], results[3]);
+  const std::string self_colour = std::string(report::variant_style("self").colour);
+  CHECK(self_colour != report::variant_style("linear").colour);
+  TempDir dir;
+  report::write_routing_report(dir.path, results, {});
+  for (const char* name : {"entropy.svg", "max_fraction.svg"}) {
+    const std::string svg = read_file(dir.path / name);
+    const std::size_t path = svg.find("<title>self</title>");
+    REQUIRE(path != std::string::npos);
+    CHECK(svg.rfind("stroke=\"" + self_colour + "\"", path) > svg.rfind("<path", path));
+  }
+}
+
+TEST_CASE("routing report: <, & and > in names are escaped in every file") {
+  auto results = synthetic_results();
+  results[2].variant = "self <&> \"quoted\"";
+  results[2].metrics.push_back({"a|b", "x<y"});
+  TempDir dir;
+  report::write_routing_report(dir.path, results, {.title = "A & B", .corpus = "<corpus>"});
+  for (const char* name : {"entropy.svg", "max_fraction.svg", "heatmap_self______quoted_.svg"}) {
+    CAPTURE(name);
+    const std::string svg = read_file(dir.path / name);
+    CHECK(check_xml(svg).problem == "");
+    CHECK(svg.find("self &lt;&amp;&gt; &quot;quoted&quot;") != std::string::npos);
+  }
+  const std::string md = read_file(dir.path / "report.md");
+  CHECK(md.find("# A \\& B") != std::string::npos);
+  CHECK(md.find("\\<corpus\\>") != std::string::npos);
+  CHECK(md.find("| self \\<\\&\\> \"quoted\" |") != std::string::npos);
+  CHECK(md.find("| a\\|b |") != std::string::npos);
+  const Value doc = moe::io::json::parse(read_file(dir.path / "routing.json"));
+  CHECK(item(doc.at("variants"), 2).at("variant").as_string() == results[2].variant);
+  CHECK(item(doc.at("variants"), 2).at("metrics").at("a|b").as_string() == "x<y");
+  results[3].variant = "stray \xFF byte";  // not UTF-8: U+FFFD in the JSON, which stays valid
+  CHECK(item(moe::io::json::parse(report::routing_json(results, {})).at("variants"), 3).at("variant").as_string() ==
+        "stray \xEF\xBF\xBD byte");
+  CHECK(read_file(dir.path / "routing.csv").find("\n\"self <&> \"\"quoted\"\"\",0,0,") != std::string::npos);
+}
+
+TEST_CASE("svg: xml_escape turns control characters and broken UTF-8 into U+FFFD, keeps good UTF-8") {
+  CHECK(report::xml_escape("a<b>&'\"") == "a&lt;b&gt;&amp;&apos;&quot;");
+  CHECK(report::xml_escape("\x01x\t") == "\xEF\xBF\xBDx\t");
+  CHECK(report::xml_escape("\xC3\xA9\xE2\x86\x92") == "\xC3\xA9\xE2\x86\x92");          // é→ kept
+  CHECK(report::xml_escape("\xC3") == "\xEF\xBF\xBD");                                  // truncated sequence
+  CHECK(report::xml_escape("\xC0\xAF") == "\xEF\xBF\xBD\xEF\xBF\xBD");                  // overlong '/'
+  CHECK(report::xml_escape("\xED\xA0\x80") == "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // a surrogate
+  CHECK(report::xml_escape("\xEF\xBF\xBF") == "\xEF\xBF\xBD");                          // U+FFFF
+}
+
+TEST_CASE("svg: random names and values never break the document") {
+  std::mt19937 random(99);
+  const double specials[] = {kNaN, kInf, -kInf, 0.0, -1e300, 1e300, 1e-300};
+  for (int trial = 0; trial < 50; ++trial) {
+    CAPTURE(trial);
+    const auto random_text = [&] {
+      std::string text(random() % 12, ' ');
+      for (char& c : text) c = char(random() % 256);
+      return text;
+    };
+    report::LineChart chart{.title = random_text(), .x_label = random_text(), .y_label = random_text()};
+    if (trial % 2) chart.y_range = std::array<double, 2>{0, 1};
+    chart.references.push_back({double(random() % 100) / 50, random_text()});
+    for (int s = 0; s < 3; ++s) {
+      report::Series series{random_text(), {}, {}, report::Marker(s)};
+      for (int i = 0; i < 5; ++i)
+        series.y.push_back(random() % 3 == 0 ? specials[random() % 7] : double(random() % 1000) / 999);
+      chart.series.push_back(series);
+    }
+    const std::string line = report::line_chart_svg(chart);
+    CHECK(check_xml(line).problem == "");
+    CHECK(line.find("nan") == std::string::npos);
+    CHECK(line.find("inf") == std::string::npos);
+
+    report::Heatmap map{.title = random_text(),
+                        .row_axis = random_text(),
+                        .column_axis = random_text(),
+                        .value_label = random_text(),
+                        .rows = 3,
+                        .columns = 2};
+    for (int i = 0; i < 6; ++i)
+      map.values.push_back(random() % 3 == 0 ? specials[random() % 7] : double(random() % 100));
+    map.row_labels = {random_text(), random_text(), random_text()};
+    const std::string heat = report::heatmap_svg(map);
+    CHECK(check_xml(heat).problem == "");
+    CHECK(heat.find("nan") == std::string::npos);
+    CHECK(count(heat, "<rect class=\"cell\"") == 6);
+  }
+}
+
+TEST_CASE("svg: a heatmap serves as a 10 x 10 confusion matrix with class names and counts") {
+  const std::vector<std::string> classes = {"airplane", "automobile", "bird",  "cat",  "deer",
+                                            "dog",      "frog",       "horse", "ship", "truck & co"};
+  report::Heatmap confusion{.title = "CIFAR-10 confusion",
+                            .row_axis = "true class",
+                            .column_axis = "predicted class",
+                            .value_label = "images",
+                            .rows = 10,
+                            .columns = 10,
+                            .row_labels = classes,
+                            .column_labels = classes,
+                            .decimals = 0};
+  for (int t = 0; t < 10; ++t)
+    for (int p = 0; p < 10; ++p) confusion.values.push_back(t == p ? 900 + t : (t + p) % 7);
+  const std::string svg = report::heatmap_svg(confusion);
+  CHECK(check_xml(svg).problem == "");
+  CHECK(count(svg, "<rect class=\"cell\"") == 100);
+  CHECK(svg.find(">909</text>") != std::string::npos);             // counts as integers in the cells
+  CHECK(svg.find(">truck &amp; co</text>") != std::string::npos);  // labels escaped
+  CHECK(svg.find("rotate(-45") != std::string::npos);              // long column labels turned
+
+  confusion.values[5] = 1.5;
+  confusion.values.pop_back();
+  CHECK_THROWS_WITH_AS(report::heatmap_svg(confusion), doctest::Contains("99 values for a [10, 10] grid"), moe::Error);
+}
+
+TEST_CASE("svg: a line chart leaves a gap at a non-finite value, a fixed range clips the rest") {
+  report::LineChart chart{
+      .title = "gaps", .series = {{"s", {0.2, kNaN, 0.4, 0.5, kInf, 0.6}}}, .y_range = std::array<double, 2>{0, 1}};
+  const std::string svg = report::line_chart_svg(chart);
+  CHECK(check_xml(svg).problem == "");
+  const std::size_t d = svg.find("<path class=\"series\" d=\"");
+  REQUIRE(d != std::string::npos);
+  const std::string path = svg.substr(d, svg.find('"', d + 24) - d);
+  CHECK(count(path, "M") == 3);  // pieces [0], [2, 3] and [5]
+  CHECK(count(path, "L") == 1);
+  CHECK(svg.find("s (n/a at layer 1, 4)") != std::string::npos);
+  CHECK(svg.find("clip-path=\"url(#plot-area)\"") != std::string::npos);
+  CHECK_THROWS_AS(report::line_chart_svg({.title = "bad", .y_range = std::array<double, 2>{1, 1}}), moe::Error);
+}
+
+TEST_CASE("routing report: bad input names the variant and the problem") {
+  const auto check_message = [](std::vector<report::VariantResult> results, const char* message) {
+    CAPTURE(message);
+    CHECK_THROWS_WITH_AS(report::markdown_table(results), doctest::Contains(message), moe::Error);
+  };
+  auto results = synthetic_results();
+  results[2].variant = "linear";
+  check_message(results, "variant 'linear' appears twice");
+  results = synthetic_results();
+  results[0].layers = results[1].layers;
+  check_message(results, "variant 'dense' is not MoE but has 4 routing layers");
+  results = synthetic_results();
+  results[2].layers.clear();
+  check_message(results, "MoE variant 'self' has no routing layers");
+  results = synthetic_results();
+  results[2].layers[3].fractions.pop_back();
+  check_message(results, "variant 'self' layer 3 has 7 expert fractions, layer 0 has 8");
+  results = synthetic_results();
+  results[1].top_k = 9;
+  check_message(results, "variant 'linear' has top_k = 9 for N = 8 experts");
+  results = synthetic_results();
+  results[1].metrics.push_back({"val loss", "1"});
+  check_message(results, "variant 'linear' has metric 'val loss' twice");
+  results = synthetic_results();
+  results[0].variant.clear();
+  check_message(results, "a variant has an empty name");
+
+  TempDir dir;
+  std::filesystem::create_directories(dir.path);
+  std::ofstream(dir.path / "file") << "x";
+  CHECK_THROWS_WITH_AS(report::write_routing_report(dir.path / "file" / "sub", synthetic_results(), {}),
+                       doctest::Contains("cannot create directory"), moe::Error);
+}
+
+TEST_CASE("routing report: a report of dense variants only has the table and no pictures") {
+  std::vector<report::VariantResult> results = {{.variant = "dense", .total_parameters = 10}};
+  TempDir dir;
+  report::write_routing_report(dir.path, results, {});
+  CHECK(std::filesystem::exists(dir.path / "report.md"));
+  CHECK_FALSE(std::filesystem::exists(dir.path / "entropy.svg"));
+  CHECK(moe::io::json::parse(read_file(dir.path / "routing.json")).at("variants").as_array().size() == 1);
+  CHECK(read_file(dir.path / "routing.csv") == "variant,layer,expert,fraction\n");
+}
