@@ -11,7 +11,7 @@ jobs=$(nproc)
 run_config() {
   local name=$1; shift
   echo "== tests: $name =="
-  cmake -S . -B "build-$name" -G Ninja -DMOE_BUILD_BENCH=ON -DMOE_BUILD_EXAMPLES=ON "$@" >/dev/null
+  cmake -S . -B "build-$name" -G Ninja -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON -DMOE_BUILD_EXAMPLES=ON "$@" >/dev/null
   cmake --build "build-$name" -j "$jobs"
   ctest --test-dir "build-$name" --output-on-failure -j 1
 }

@@ -1,0 +1,182 @@
+// examples/common/cli.hpp: the examples' command lines, `program SUBCOMMAND [--flag value]...`.
+// Flags are declared up front with their help text; anything else is an error that names it.
+// Values are parsed on request, and a bad value names the flag and what was expected.
+#pragma once
+
+#include <charconv>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moe/config.hpp"
+
+namespace cli {
+
+struct Flag {
+  std::string name;        // without the dashes: "steps"
+  std::string value_name;  // "N", "PATH"; empty for a switch (no value)
+  std::string help;
+  std::string default_text;  // shown in --help; empty: no default
+};
+
+struct Subcommand {
+  std::string name;
+  std::string summary;
+  std::vector<std::string> flags;  // names of the flags it accepts
+};
+
+// Parses argv against a fixed set of subcommands and flags. Errors throw moe::Error with one line
+// that names the offending argument (the program prints it and exits non-zero).
+class Parser {
+ public:
+  Parser(std::string program, std::string description, std::vector<Flag> flags, std::vector<Subcommand> subcommands)
+      : program_(std::move(program)),
+        description_(std::move(description)),
+        flags_(std::move(flags)),
+        subcommands_(std::move(subcommands)) {}
+
+  // argv[1] is the subcommand (or --help / -h / help); then --name value, --name=value or --switch.
+  void parse(int argc, const char* const* argv) {
+    std::vector<std::string_view> args(argv + 1, argv + argc);
+    if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+      help_ = true;
+      if (args.size() >= 2) subcommand_ = std::string(args[1]);
+      return;
+    }
+    subcommand_ = std::string(args[0]);
+    const Subcommand& sub = find_subcommand(subcommand_);
+    for (std::size_t i = 1; i < args.size(); ++i) {
+      std::string_view arg = args[i];
+      if (arg == "--help" || arg == "-h") {
+        help_ = true;
+        continue;
+      }
+      moe::check(arg.size() > 2 && arg.substr(0, 2) == "--", program_, " ", subcommand_, ": unexpected argument '",
+                 arg, "' (flags look like --steps 100; see --help)");
+      arg.remove_prefix(2);
+      std::optional<std::string_view> inline_value;
+      if (const auto eq = arg.find('='); eq != std::string_view::npos) {
+        inline_value = arg.substr(eq + 1);
+        arg = arg.substr(0, eq);
+      }
+      const Flag& flag = find_flag(arg);
+      moe::check(accepts(sub, flag.name), program_, " ", subcommand_, ": flag --", flag.name,
+                 " does not apply to this subcommand (see ", program_, " --help ", subcommand_, ")");
+      moe::check(!values_.count(flag.name), program_, ": flag --", flag.name, " given twice");
+      if (flag.value_name.empty()) {
+        moe::check(!inline_value, program_, ": flag --", flag.name, " takes no value");
+        values_[flag.name] = "1";
+      } else if (inline_value) {
+        values_[flag.name] = std::string(*inline_value);
+      } else {
+        moe::check(i + 1 < args.size(), program_, ": flag --", flag.name, " needs a value (", flag.value_name, ")");
+        values_[flag.name] = std::string(args[++i]);
+      }
+    }
+  }
+
+  bool help_requested() const { return help_; }
+  const std::string& subcommand() const { return subcommand_; }
+  bool has(std::string_view name) const { return values_.count(std::string(name)) > 0; }
+
+  std::string get(std::string_view name, std::string_view fallback) const {
+    const auto it = values_.find(std::string(name));
+    return it == values_.end() ? std::string(fallback) : it->second;
+  }
+  // An integer in [min, max].
+  std::int64_t get_int(std::string_view name, std::int64_t fallback, std::int64_t min = INT64_MIN,
+                       std::int64_t max = INT64_MAX) const {
+    if (!has(name)) return fallback;
+    const std::string text = get(name, "");
+    std::int64_t value = 0;
+    const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    moe::check(error == std::errc() && end == text.data() + text.size(), program_, ": --", name,
+               " expects an integer, got '", text, "'");
+    moe::check(value >= min && value <= max, program_, ": --", name, " = ", value, " is outside [", min, ", ", max,
+               "]");
+    return value;
+  }
+  // A finite number in [min, max].
+  double get_double(std::string_view name, double fallback, double min = -1e300, double max = 1e300) const {
+    if (!has(name)) return fallback;
+    const std::string text = get(name, "");
+    double value = 0;
+    const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    moe::check(error == std::errc() && end == text.data() + text.size() && value >= min && value <= max, program_,
+               ": --", name, " expects a number in [", min, ", ", max, "], got '", text, "'");
+    return value;
+  }
+  bool get_switch(std::string_view name) const { return has(name); }
+  // A comma-separated list: "self,linear" -> {"self", "linear"} (empty items rejected).
+  std::vector<std::string> get_list(std::string_view name, std::string_view fallback) const {
+    const std::string text = get(name, fallback);
+    std::vector<std::string> items;
+    std::stringstream stream(text);
+    for (std::string item; std::getline(stream, item, ',');) {
+      moe::check(!item.empty(), program_, ": --", name, " has an empty item in '", text, "'");
+      items.push_back(item);
+    }
+    moe::check(!items.empty(), program_, ": --", name, " is empty");
+    return items;
+  }
+
+  // Usage text: every subcommand, or one subcommand's flags with their defaults.
+  std::string help() const {
+    std::ostringstream out;
+    const Subcommand* sub = nullptr;
+    for (const Subcommand& s : subcommands_)
+      if (s.name == subcommand_) sub = &s;
+    if (!sub) {
+      out << description_ << "\n\nusage: " << program_ << " <subcommand> [flags]\n\nsubcommands:\n";
+      for (const Subcommand& s : subcommands_) out << "  " << pad(s.name, 10) << s.summary << "\n";
+      out << "\n" << program_ << " --help <subcommand> lists its flags.\n";
+      return out.str();
+    }
+    out << "usage: " << program_ << " " << sub->name << " [flags]\n" << sub->summary << "\n\nflags:\n";
+    for (const std::string& name : sub->flags) {
+      const Flag& flag = find_flag(name);
+      std::string head = "--" + flag.name + (flag.value_name.empty() ? "" : " " + flag.value_name);
+      out << "  " << pad(head, 26) << flag.help;
+      if (!flag.default_text.empty()) out << " (default: " << flag.default_text << ")";
+      out << "\n";
+    }
+    return out.str();
+  }
+
+ private:
+  static std::string pad(std::string text, std::size_t width) {
+    if (text.size() < width) text.append(width - text.size(), ' ');
+    else text += "  ";
+    return text;
+  }
+  const Subcommand& find_subcommand(std::string_view name) const {
+    for (const Subcommand& s : subcommands_)
+      if (s.name == name) return s;
+    std::string valid;
+    for (const Subcommand& s : subcommands_) valid += (valid.empty() ? "" : ", ") + s.name;
+    moe::fail(program_, ": unknown subcommand '", name, "' (valid: ", valid, "; see ", program_, " --help)");
+  }
+  const Flag& find_flag(std::string_view name) const {
+    for (const Flag& f : flags_)
+      if (f.name == name) return f;
+    moe::fail(program_, ": unknown flag --", name, " (see ", program_, " --help ", subcommand_, ")");
+  }
+  static bool accepts(const Subcommand& sub, const std::string& flag) {
+    for (const std::string& f : sub.flags)
+      if (f == flag) return true;
+    return false;
+  }
+
+  std::string program_, description_;
+  std::vector<Flag> flags_;
+  std::vector<Subcommand> subcommands_;
+  std::string subcommand_;
+  std::map<std::string, std::string> values_;
+  bool help_ = false;
+};
+
+}  // namespace cli

@@ -1,0 +1,372 @@
+// gpt2_moe: train GPT-2 models whose FFN blocks are MoE layers, compare routing gates, sample.
+//
+//   gpt2_moe compare                      self, linear and random on the default corpus + report
+//   gpt2_moe train --variant self --steps 2000 --out runs/self
+//   gpt2_moe train --resume runs/self/self.safetensors --steps 4000
+//   gpt2_moe sample --checkpoint runs/self/self.safetensors --prompt "The "
+//   gpt2_moe tokenize --data corpus/ --tokenizer gpt2-bpe --out shards/
+//
+// Every error is one line on stderr naming the file or flag, and a non-zero exit.
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../common/cli.hpp"
+#include "../common/routing_report.hpp"
+#include "checkpoint.hpp"
+#include "data.hpp"
+#include "model.hpp"
+#include "sample.hpp"
+#include "train.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "heads", "ffn", "context", "experts",
+                                              "top-k", "route-from-residual", "seed"};
+const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumulation", "lr", "warmup",
+                                              "weight-decay", "clip", "eval-every", "eval-tokens", "stats-tokens",
+                                              "checkpoint-every", "threads", "data", "tokenizer", "out"};
+
+std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+cli::Parser make_parser() {
+  std::vector<cli::Flag> flags = {
+      {"variant", "NAME", "the FFN: dense, linear, self, fixed-random or random", "self"},
+      {"variants", "LIST", "comma-separated variants to compare", "self,linear,random"},
+      {"config", "NAME", "model size: small (4 x 128, bytes) or gpt2-small (12 x 768, GPT-2 BPE)", "small"},
+      {"layers", "N", "override the config's number of blocks", ""},
+      {"hidden", "N", "override the config's width H", ""},
+      {"heads", "N", "override the config's attention heads", ""},
+      {"ffn", "N", "override the config's MLP / expert width F", ""},
+      {"context", "N", "override the config's context length", ""},
+      {"experts", "N", "experts per MoE layer N", "8"},
+      {"top-k", "K", "experts per token k", "2"},
+      {"route-from-residual", "", "gates read the residual stream before ln_2 instead of ln_2's output", ""},
+      {"seed", "N", "model initialisation and data order", "1337"},
+      {"steps", "N", "optimizer steps (with --resume: the total to reach)", "500 (compare: 400)"},
+      {"batch", "B", "sequences per micro-batch", "16"},
+      {"seq", "T", "tokens per sequence", "128 (at most the context)"},
+      {"accumulation", "N", "micro-batches per optimizer step (gradient accumulation)", "1"},
+      {"lr", "X", "peak learning rate (warmup, then cosine to 10%)", "2e-3"},
+      {"warmup", "N", "warmup steps", "50"},
+      {"weight-decay", "X", "AdamW decoupled weight decay (matrices only)", "0.1"},
+      {"clip", "X", "global gradient-norm clipping (0: off)", "1.0"},
+      {"eval-every", "N", "steps between validation losses (0: at the end only)", "250"},
+      {"eval-tokens", "N", "validation tokens per evaluation", "65536"},
+      {"stats-tokens", "N", "held-out tokens for the routing statistics", "262144"},
+      {"checkpoint-every", "N", "steps between checkpoints (0: at the end only)", "0"},
+      {"threads", "N", "CPU threads (results are bit-identical on any count)", "all cores"},
+      {"data", "PATH", "text file, folder of text files, or llm.c .bin shard(s)",
+       "/usr/share/games/fortunes (Debian package fortunes)"},
+      {"tokenizer", "NAME", "bytes or gpt2-bpe", "bytes for small, gpt2-bpe for gpt2-small"},
+      {"out", "DIR", "folder for checkpoints and reports", "runs/<subcommand>"},
+      {"resume", "FILE", "continue training from a checkpoint (same data; options restored from it)", ""},
+      {"checkpoint", "FILE", "the checkpoint to sample from", ""},
+      {"prompt", "TEXT", "text to continue", "\"\\n\""},
+      {"tokens", "N", "tokens to generate", "200"},
+      {"temperature", "X", "sampling temperature (0: greedy)", "0.8"},
+      {"sample-top-k", "K", "sample among the K most likely tokens (0: all)", "40"},
+  };
+  std::vector<cli::Subcommand> subcommands = {
+      {"train", "Train one variant; writes <out>/<variant>.safetensors.",
+       concat(concat({"variant", "resume"}, kModelFlags), kTrainFlags)},
+      {"compare", "Train several variants with identical data, seed and budget; write a routing report to <out>.",
+       concat(concat({"variants"}, kModelFlags), kTrainFlags)},
+      {"sample", "Generate text from a checkpoint.",
+       {"checkpoint", "prompt", "tokens", "temperature", "sample-top-k", "seed", "threads", "tokenizer"}},
+      {"tokenize", "Tokenize a text corpus into llm.c .bin shards (<out>/train_000000.bin, val_000000.bin).",
+       {"data", "tokenizer", "out", "config"}},
+  };
+  return cli::Parser("gpt2_moe",
+                     "gpt2_moe: GPT-2 with Mixture-of-Experts FFNs; compares routing gates (dense, linear, self,\n"
+                     "fixed-random, random) as in \"Self-Routing\" (paper Table 1, Figures 2-4).",
+                     std::move(flags), std::move(subcommands));
+}
+
+gpt2::Config model_config(const cli::Parser& args) {
+  const std::string name = args.get("config", "small");
+  gpt2::Config config;
+  if (name == "small") config = gpt2::Config::small();
+  else if (name == "gpt2-small") config = gpt2::Config::gpt2_small();
+  else moe::fail("gpt2_moe: --config must be small or gpt2-small, got '", name, "'");
+  config.layers = args.get_int("layers", config.layers, 1, 1 << 10);
+  config.hidden = args.get_int("hidden", config.hidden, 1, 1 << 16);
+  config.heads = args.get_int("heads", config.heads, 1, 1 << 10);
+  config.ffn = args.get_int("ffn", config.ffn, 1, 1 << 18);
+  config.context = args.get_int("context", config.context, 1, 1 << 16);
+  config.experts = args.get_int("experts", config.experts, 1, 1 << 12);
+  config.top_k = args.get_int("top-k", config.top_k, 1, 1 << 12);
+  config.route_from_residual = args.get_switch("route-from-residual");
+  config.seed = std::uint64_t(args.get_int("seed", std::int64_t(config.seed), 0));
+  config.validate();
+  return config;
+}
+
+std::string default_tokenizer(const gpt2::Config& config) { return config.vocab == 256 ? "bytes" : "gpt2-bpe"; }
+
+gpt2::TrainOptions train_options(const cli::Parser& args, const gpt2::Config& config, std::int64_t default_steps,
+                                 gpt2::TrainOptions options = {}) {
+  options.steps = args.get_int("steps", default_steps, 1);
+  options.batch = args.get_int("batch", options.batch, 1, 1 << 16);
+  options.seq = args.get_int("seq", std::min(options.seq, config.context), 1, config.context);
+  options.accumulation = args.get_int("accumulation", options.accumulation, 1, 1 << 16);
+  options.lr = args.get_double("lr", options.lr, 0, 10);
+  options.warmup = args.get_int("warmup", std::min(options.warmup, options.steps), 0, options.steps);
+  options.weight_decay = args.get_double("weight-decay", options.weight_decay, 0, 10);
+  options.grad_clip = args.get_double("clip", options.grad_clip, 0);
+  options.eval_every = args.get_int("eval-every", options.eval_every, 0);
+  options.eval_tokens = args.get_int("eval-tokens", options.eval_tokens, 1);
+  options.stats_tokens = args.get_int("stats-tokens", options.stats_tokens, 1);
+  options.checkpoint_every = args.get_int("checkpoint-every", options.checkpoint_every, 0);
+  options.threads = int(args.get_int("threads", options.threads, 1, 1024));
+  options.data_seed = config.seed;
+  options.validate(config);
+  return options;
+}
+
+// The options a run was started with, kept in its checkpoint so that --resume continues it exactly.
+std::map<std::string, std::string> options_metadata(const gpt2::TrainOptions& o) {
+  std::ostringstream lr;
+  lr.precision(17);
+  lr << o.lr;
+  std::ostringstream decay;
+  decay.precision(17);
+  decay << o.weight_decay << ' ' << o.grad_clip << ' ' << o.min_lr_ratio;
+  return {{"train.steps", std::to_string(o.steps)},         {"train.batch", std::to_string(o.batch)},
+          {"train.seq", std::to_string(o.seq)},             {"train.accumulation", std::to_string(o.accumulation)},
+          {"train.lr", lr.str()},                           {"train.warmup", std::to_string(o.warmup)},
+          {"train.decay_clip_min_lr", decay.str()},          {"train.data_seed", std::to_string(o.data_seed)},
+          {"train.eval_every", std::to_string(o.eval_every)}, {"train.eval_tokens", std::to_string(o.eval_tokens)},
+          {"train.stats_tokens", std::to_string(o.stats_tokens)}};
+}
+
+std::int64_t metadata_int(const std::map<std::string, std::string>& meta, const std::string& key,
+                          const fs::path& file) {
+  const auto it = meta.find(key);
+  moe::check(it != meta.end(), "gpt2_moe: checkpoint ", file.string(), " has no '", key, "' in its metadata");
+  std::int64_t value = 0;
+  const auto [end, error] = std::from_chars(it->second.data(), it->second.data() + it->second.size(), value);
+  moe::check(error == std::errc() && end == it->second.data() + it->second.size(), "gpt2_moe: checkpoint ",
+             file.string(), ": metadata '", key, "' is not an integer: '", it->second, "'");
+  return value;
+}
+
+// Restores the options saved by options_metadata; flags given on the command line win (a changed
+// --steps extends or shortens the schedule, so the run no longer matches an uninterrupted one).
+gpt2::TrainOptions resumed_options(const std::map<std::string, std::string>& meta, const fs::path& file) {
+  gpt2::TrainOptions o;
+  o.steps = metadata_int(meta, "train.steps", file);
+  o.batch = metadata_int(meta, "train.batch", file);
+  o.seq = metadata_int(meta, "train.seq", file);
+  o.accumulation = metadata_int(meta, "train.accumulation", file);
+  o.warmup = metadata_int(meta, "train.warmup", file);
+  o.data_seed = std::uint64_t(metadata_int(meta, "train.data_seed", file));
+  o.eval_every = metadata_int(meta, "train.eval_every", file);
+  o.eval_tokens = metadata_int(meta, "train.eval_tokens", file);
+  o.stats_tokens = metadata_int(meta, "train.stats_tokens", file);
+  std::istringstream lr(meta.at("train.lr")), rest(meta.at("train.decay_clip_min_lr"));
+  lr >> o.lr;
+  rest >> o.weight_decay >> o.grad_clip >> o.min_lr_ratio;
+  moe::check(!lr.fail() && !rest.fail(), "gpt2_moe: checkpoint ", file.string(), ": unreadable training options");
+  return o;
+}
+
+std::string format_fixed(double value, int digits) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.*f", digits, value);
+  return text;
+}
+
+report::VariantResult to_report(const gpt2::TrainResult& r, const gpt2::Config& config) {
+  report::VariantResult v;
+  v.variant = r.variant;
+  v.router_parameters = r.router_parameters;
+  v.total_parameters = r.parameters;
+  v.metrics = {{"val loss", format_fixed(r.val_loss, 4)},
+               {"val ppl", format_fixed(std::exp(r.val_loss), 2)},
+               {"tokens/s", train::format_count(r.tokens_per_second)}};
+  v.is_moe = r.variant != "dense";
+  v.layers = r.routing;
+  v.routed_tokens = std::uint64_t(r.routed_tokens);
+  v.top_k = config.top_k;
+  return v;
+}
+
+std::string command_line(int argc, char** argv) {
+  std::string line = "gpt2_moe";
+  for (int i = 1; i < argc; ++i) line += std::string(" ") + argv[i];
+  return line;
+}
+
+void print_memory() {
+  std::fprintf(stderr, "peak resident memory: %.0f MiB\n", double(gpt2::peak_rss_bytes()) / (1 << 20));
+}
+
+int run_train(const cli::Parser& args) {
+  if (args.has("resume")) {
+    const fs::path file = args.get("resume", "");
+    const gpt2::CheckpointHeader header = gpt2::read_checkpoint_header(file);
+    const std::int64_t step = metadata_int(header.metadata, "step", file);
+    gpt2::TrainOptions options = resumed_options(header.metadata, file);
+    options = train_options(args, header.config, options.steps, options);
+    options.data_seed = std::uint64_t(metadata_int(header.metadata, "train.data_seed", file));
+    const std::string tokenizer = header.metadata.count("tokenizer") ? header.metadata.at("tokenizer") : "bytes";
+    const gpt2::Dataset data = gpt2::load_dataset(args.get("data", ""), tokenizer, header.config.vocab);
+    moe::check(!header.metadata.count("data_fingerprint") ||
+                   header.metadata.at("data_fingerprint") == std::to_string(gpt2::detail::fingerprint(data.train)),
+               "gpt2_moe: the training data differs from the data checkpoint ", file.string(),
+               " was trained on; pass the same --data");
+    options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
+    return gpt2::with_variant<float>(header.variant, [&](auto tag) {
+      typename decltype(tag)::type model(header.config);
+      moe::nn::AdamW<float> optimizer({.lr = options.lr, .weight_decay = options.weight_decay});
+      gpt2::load_checkpoint(file, model, &optimizer);
+      std::fprintf(stderr, "resuming %s from step %lld of %lld (%s)\n", header.variant.c_str(), (long long)step,
+                   (long long)options.steps, data.description.c_str());
+      const gpt2::TrainResult r =
+          gpt2::train(model, optimizer, data, options, step, header.variant, options_metadata(options));
+      std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(),
+                  r.val_loss, std::exp(r.val_loss), r.tokens_per_second, options.checkpoint.c_str());
+      print_memory();
+      return 0;
+    });
+  }
+  const gpt2::Config config = model_config(args);
+  const std::string variant = args.get("variant", "self");
+  gpt2::TrainOptions options = train_options(args, config, 500);
+  const gpt2::Dataset data =
+      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
+  const fs::path out = args.get("out", "runs/train");
+  options.checkpoint = out / (variant + ".safetensors");
+  return gpt2::with_variant<float>(variant, [&](auto tag) {
+    typename decltype(tag)::type model(config);
+    moe::nn::AdamW<float> optimizer({.lr = options.lr, .weight_decay = options.weight_decay});
+    std::fprintf(stderr, "training %s: %lld parameters (%lld in routers), %lld steps of %lld x %lld tokens on %s\n",
+                 variant.c_str(), (long long)model.parameter_count(), (long long)model.router_parameter_count(),
+                 (long long)options.steps, (long long)(options.batch * options.accumulation), (long long)options.seq,
+                 data.description.c_str());
+    const gpt2::TrainResult r = gpt2::train(model, optimizer, data, options, 0, variant, options_metadata(options));
+    std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(), r.val_loss,
+                std::exp(r.val_loss), r.tokens_per_second, options.checkpoint.c_str());
+    print_memory();
+    return 0;
+  });
+}
+
+int run_compare(const cli::Parser& args, const std::string& command) {
+  const gpt2::Config config = model_config(args);
+  const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
+  for (const std::string& v : variants) gpt2::with_variant<float>(v, [](auto) { return 0; });  // names checked first
+  gpt2::TrainOptions options = train_options(args, config, 400);
+  const gpt2::Dataset data =
+      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
+  const fs::path out = args.get("out", "runs/compare");
+  std::fprintf(stderr, "comparing %zu variants: %lld steps of %lld x %lld tokens each on %s\n", variants.size(),
+               (long long)options.steps, (long long)(options.batch * options.accumulation), (long long)options.seq,
+               data.description.c_str());
+
+  std::vector<report::VariantResult> results;
+  for (const std::string& variant : variants) {
+    options.checkpoint = out / (variant + ".safetensors");
+    gpt2::with_variant<float>(variant, [&](auto tag) {
+      typename decltype(tag)::type model(config);  // same seed: shared tensors start equal
+      moe::nn::AdamW<float> optimizer({.lr = options.lr, .weight_decay = options.weight_decay});
+      results.push_back(
+          to_report(gpt2::train(model, optimizer, data, options, 0, variant, options_metadata(options)), config));
+      return 0;
+    });
+  }
+
+  report::ReportOptions report_options;
+  report_options.title = "GPT-2 MoE: routing gates compared";
+  report_options.command_line = command;
+  report_options.budget = std::to_string(options.steps) + " steps of " +
+                          std::to_string(options.batch * options.accumulation) + " x " + std::to_string(options.seq) +
+                          " tokens per variant (" +
+                          train::format_count(double(options.steps * options.batch * options.accumulation * options.seq)) +
+                          " tokens); routing statistics on " + train::format_count(double(options.stats_tokens)) +
+                          " held-out tokens";
+  std::ostringstream model;
+  model << config.layers << " layers, hidden " << config.hidden << ", " << config.heads << " heads, context "
+        << config.context << ", " << config.experts << " experts (F = " << config.ffn << "), top-" << config.top_k
+        << (config.route_from_residual ? ", gates read the residual stream" : "") << ", seed " << config.seed;
+  report_options.corpus = data.description;
+  report_options.notes = "Model: " + model.str() + ".";
+  report::write_routing_report(out, results, report_options);
+  std::printf("\n%s\nreport: %s\n", report::markdown_table(results).c_str(), (out / "report.md").c_str());
+  print_memory();
+  return 0;
+}
+
+int run_sample(const cli::Parser& args) {
+  moe::check(args.has("checkpoint"), "gpt2_moe sample: --checkpoint FILE is required");
+  const fs::path file = args.get("checkpoint", "");
+  const gpt2::CheckpointHeader header = gpt2::read_checkpoint_header(file);
+  const std::string tokenizer_name =
+      args.get("tokenizer", header.metadata.count("tokenizer") ? header.metadata.at("tokenizer") : "bytes");
+  const gpt2::TextTokenizer tokenizer = gpt2::TextTokenizer::make(tokenizer_name, header.config.vocab);
+  gpt2::SampleOptions options;
+  options.tokens = args.get_int("tokens", options.tokens, 0, 1 << 20);
+  options.temperature = args.get_double("temperature", options.temperature, 0, 100);
+  options.top_k = args.get_int("sample-top-k", options.top_k, 0);
+  options.seed = std::uint64_t(args.get_int("seed", std::int64_t(options.seed), 0));
+  std::vector<std::int32_t> prompt = tokenizer.encode(args.get("prompt", "\n"));
+  moe::check(!prompt.empty(), "gpt2_moe sample: --prompt encodes to no tokens");
+  return gpt2::with_variant<float>(header.variant, [&](auto tag) {
+    typename decltype(tag)::type model(header.config);
+    gpt2::load_checkpoint(file, model, nullptr);
+    model.set_threads(int(args.get_int("threads", moe::cpu::default_threads(), 1, 1024)));
+    const std::vector<std::int32_t> ids = gpt2::generate(model, prompt, options);
+    std::cout << tokenizer.decode(ids) << std::endl;
+    return 0;
+  });
+}
+
+int run_tokenize(const cli::Parser& args) {
+  moe::check(args.has("out"), "gpt2_moe tokenize: --out DIR is required");
+  const gpt2::Config config = model_config(args);
+  const gpt2::Dataset data =
+      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
+  const fs::path out = args.get("out", "");
+  fs::create_directories(out);
+  moe::io::write_token_shard(out / "train_000000.bin", data.train);
+  moe::io::write_token_shard(out / "val_000000.bin", data.val);
+  std::printf("%s: %zu training and %zu validation tokens (%s) -> %s\n", data.description.c_str(), data.train.size(),
+              data.val.size(), data.tokenizer.c_str(), out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cli::Parser args = make_parser();
+  try {
+    args.parse(argc, argv);
+    if (args.help_requested()) {
+      std::cout << args.help();
+      return 0;
+    }
+    const std::string& sub = args.subcommand();
+    if (sub == "train") return run_train(args);
+    if (sub == "compare") return run_compare(args, command_line(argc, argv));
+    if (sub == "sample") return run_sample(args);
+    if (sub == "tokenize") return run_tokenize(args);
+    return 2;
+  } catch (const std::exception& error) {
+    std::string_view message = error.what();  // library errors start "moe: "; ours name gpt2_moe again
+    for (std::string_view prefix : {"moe: ", "gpt2_moe: "})
+      if (message.starts_with(prefix)) message.remove_prefix(prefix.size());
+    std::fprintf(stderr, "gpt2_moe: error: %.*s\n", int(message.size()), message.data());
+    return 1;
+  }
+}

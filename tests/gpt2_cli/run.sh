@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# End-to-end checks of the gpt2_moe program: a tiny train -> resume -> sample -> tokenize -> train on
+# shards round trip, a tiny compare that writes a report, and bad input: each error is one line on
+# stderr that names the flag or file, with a non-zero exit and no crash.
+# Usage: run.sh path/to/gpt2_moe
+set -uo pipefail
+bin=$1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+failures=0
+
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+# A small corpus: fortune-style documents separated by % lines.
+mkdir -p "$work/corpus"
+for i in $(seq 1 300); do
+  printf 'The quick brown fox %d jumps over the lazy dog.\nA stitch in time saves nine; number %d.\n%%\n' "$i" "$i"
+done >"$work/corpus/sayings"
+
+tiny=(--layers 2 --hidden 32 --heads 2 --ffn 48 --experts 4 --context 32 --seq 32 --batch 4
+      --eval-tokens 256 --stats-tokens 512 --threads 2)
+
+# expect_error "what" "phrase the message must contain" args...
+expect_error() {
+  local what=$1 phrase=$2
+  shift 2
+  "$bin" "$@" >"$work/out" 2>"$work/err"
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then fail "$what: exit 0"; return; fi
+  if [[ $rc -ge 128 ]]; then fail "$what: crashed (exit $rc)"; return; fi
+  if ! grep -q -- "$phrase" "$work/err"; then fail "$what: stderr lacks '$phrase': $(cat "$work/err")"; return; fi
+  if [[ $(wc -l <"$work/err") -ne 1 ]]; then fail "$what: expected one error line, got: $(cat "$work/err")"; return; fi
+  echo "ok: $what -> $(cat "$work/err")"
+}
+
+# ---- the happy path ----
+"$bin" train --variant self --steps 4 --warmup 1 "${tiny[@]}" --data "$work/corpus" --out "$work/run" \
+  >"$work/train.log" 2>&1 || fail "train: $(tail -3 "$work/train.log")"
+[[ -s $work/run/self.safetensors ]] || fail "train wrote no checkpoint"
+"$bin" train --resume "$work/run/self.safetensors" --steps 6 --data "$work/corpus" --threads 1 \
+  >"$work/resume.log" 2>&1 || fail "resume: $(tail -3 "$work/resume.log")"
+grep -q "from step 4 of 6" "$work/resume.log" || fail "resume did not start at step 4: $(cat "$work/resume.log")"
+"$bin" sample --checkpoint "$work/run/self.safetensors" --prompt "The " --tokens 20 >"$work/sample.txt" 2>&1 ||
+  fail "sample: $(cat "$work/sample.txt")"
+grep -q "^The " "$work/sample.txt" || fail "sample does not continue the prompt: $(cat "$work/sample.txt")"
+"$bin" tokenize --data "$work/corpus" --out "$work/shards" >"$work/tok.log" 2>&1 || fail "tokenize: $(cat "$work/tok.log")"
+[[ -s $work/shards/train_000000.bin && -s $work/shards/val_000000.bin ]] || fail "tokenize wrote no shards"
+"$bin" train --variant linear --steps 2 --warmup 1 "${tiny[@]}" --data "$work/shards" --out "$work/run2" \
+  >"$work/shards.log" 2>&1 || fail "train on shards: $(tail -3 "$work/shards.log")"
+"$bin" compare --variants self,random,dense --steps 3 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
+  --out "$work/report" >"$work/compare.log" 2>&1 || fail "compare: $(tail -3 "$work/compare.log")"
+for f in report.md routing.csv routing.json entropy.svg max_fraction.svg heatmap_self.svg; do
+  [[ -s $work/report/$f ]] || fail "compare did not write $f"
+done
+grep -q "| self" "$work/compare.log" || fail "compare did not print the table"
+
+# ---- bad input ----
+expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
+expect_error "unknown flag" "unknown flag --colour" train --colour red
+expect_error "unknown variant" "unknown variant 'learned'" train --variant learned --data "$work/corpus"
+expect_error "unknown variant in a list" "unknown variant 'slef'" compare --variants self,slef
+expect_error "bad integer" "--steps expects an integer" train --steps ten
+expect_error "missing value" "--steps needs a value" train --steps
+expect_error "SelfRoute N > H" "hidden size H = 32" train --experts 64 --hidden 32 --heads 2 --data "$work/corpus"
+expect_error "missing corpus" "does-not-exist" train --data "$work/does-not-exist"
+mkdir -p "$work/empty"
+expect_error "empty corpus" "$work/empty" train "${tiny[@]}" --data "$work/empty"
+expect_error "missing checkpoint" "nothing.safetensors" sample --checkpoint "$work/nothing.safetensors"
+head -c 100 "$work/run/self.safetensors" >"$work/truncated.safetensors"
+expect_error "truncated checkpoint" "truncated.safetensors" sample --checkpoint "$work/truncated.safetensors"
+printf 'garbage!' >"$work/bad.bin"
+expect_error "corrupt shard" "bad.bin" train "${tiny[@]}" --data "$work/bad.bin"
+cp "$work/shards/train_000000.bin" "$work/wrongmagic.bin"
+printf '\x01\x02\x03\x04' | dd of="$work/wrongmagic.bin" bs=1 seek=0 conv=notrunc status=none
+expect_error "wrong shard magic" "magic" train "${tiny[@]}" --data "$work/wrongmagic.bin"
+mkdir -p "$work/other"
+for i in $(seq 1 300); do printf 'Completely different text, part %d.\n%%\n' "$i"; done >"$work/other/text"
+expect_error "resume on other data" "differs" train --resume "$work/run/self.safetensors" --data "$work/other"
+
+if [[ $failures -ne 0 ]]; then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "all gpt2_moe command-line checks passed"
