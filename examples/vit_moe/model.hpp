@@ -1,0 +1,613 @@
+// examples/vit_moe/model.hpp: ViT / DeiT (patch embedding, class token, learned positions,
+// pre-LayerNorm blocks with bidirectional attention, a classification head on the class token)
+// whose MLP in every moe_every-th block is a MoELayer with any of the library's gates, the
+// paper's DeiT-S setting ("Every 2": blocks 1, 3, 5, ...). Forward then backward, side by side:
+//
+//   patches = the P x P patches of each image, flattened as (c, y, x)         [B*Np, C*P*P]
+//   x_0     = [cls_token ; patches W_pe^T + b_pe] + pos_embed                  [B*T, H], T = 1 + Np
+//   a_l     = x_l + proj(attention(qkv(norm1(x_l))))                           per block l
+//   x_{l+1} = a_l + FFN_l(norm2(a_l))       FFN_l: MoE in MoE blocks, the dense MLP elsewhere
+//   logits  = head(norm(x_L[class token]))                                     [B, classes]
+//   loss    = mean cross-entropy(logits, labels)
+//
+// Parameter names and layouts are timm's VisionTransformer (patch_embed.proj.weight is its
+// Conv2d weight [H, C, P, P]; every Linear is [out, in]); an MoE block's FFN is named
+// "blocks.{l}.moe." + the MoELayer's names. Every backward adds its input gradient into the
+// caller's buffer (+=), so the residual stream's gradient runs through the blocks in place.
+//
+// The variant is a type: Model<DenseMLP<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...;
+// with_variant<S>("self", fn) picks it from a name at run time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "config.hpp"
+#include "moe/moe.hpp"
+#include "moe/nn.hpp"
+
+namespace vit {
+
+using moe::ConstMatrixView;
+using moe::MatrixView;
+using moe::ParamRef;
+
+// ---- parameters ------------------------------------------------------------------------------
+
+// One named parameter tensor that owns its values and its gradient. 2-D views take the first
+// dimension as rows and the rest as columns ([H, C, P, P] -> [H, C*P*P]).
+// (The same struct as gpt2::Tensor: a candidate for a shared header.)
+template <class S>
+struct Tensor {
+  std::string name;
+  std::vector<Index> shape;
+  std::vector<S> value, grad;
+
+  Tensor(std::string name_, std::vector<Index> shape_) : name(std::move(name_)), shape(std::move(shape_)) {
+    Index n = 1;
+    for (Index d : shape) n *= d;
+    value.assign(std::size_t(n), S(0));
+    grad.assign(std::size_t(n), S(0));
+  }
+  Index rows() const { return shape[0]; }
+  Index cols() const { return Index(value.size()) / shape[0]; }
+  MatrixView<S> matrix() { return {value.data(), rows(), cols()}; }
+  ConstMatrixView<S> matrix() const { return {value.data(), rows(), cols()}; }
+  MatrixView<S> grad_matrix() { return {grad.data(), rows(), cols()}; }
+  ParamRef<S> ref() { return {name, shape, value, grad, true}; }
+};
+
+namespace detail {
+
+// The random stream of a parameter is a hash of its name (FNV-1a): adding or reordering tensors
+// never shifts another tensor's initial values.
+inline std::uint64_t stream_of(std::string_view name) {
+  std::uint64_t hash = 0xcbf29ce484222325ULL;
+  for (char c : name) hash = (hash ^ std::uint8_t(c)) * 0x100000001b3ULL;
+  return hash;
+}
+// N(0, std^2) values, deterministic in (seed, name).
+template <class S>
+void init_normal(Tensor<S>& t, double std_dev, std::uint64_t seed) {
+  moe::random::fill_normal(std::span<S>(t.value), std_dev, seed, stream_of(t.name));
+}
+template <class S>
+void fill(Tensor<S>& t, S value) {
+  std::fill(t.value.begin(), t.value.end(), value);
+}
+template <class S>
+void zero(MatrixView<S> m) {
+  for (Index r = 0; r < m.rows; ++r) std::fill(m.row(r), m.row(r) + m.cols, S(0));
+}
+// timm initialises every Linear with std 0.02 (truncated at 2 std; a plain normal here).
+inline constexpr double kLinearStd = 0.02;
+inline std::string block_prefix(Index block) { return "blocks." + std::to_string(block) + "."; }
+
+}  // namespace detail
+
+// ---- the FFN choices -------------------------------------------------------------------------
+// An FFN maps a block's norm2 output x: [B*T, H] to y: [B*T, H]. Shared interface:
+//   forward(x, y)           y written; caches what backward needs
+//   backward(x, dy, dx)     dx WRITTEN (the block adds it through norm2); parameter grads +=
+//   parameters(), zero_grad(), set_threads(n)
+
+// timm's Mlp: fc1 H -> F (bias), GELU, fc2 F -> H (bias). The GELU is the tanh approximation of
+// the MoE experts (moe::GeluMLP), so dense and MoE blocks differ in routing alone; timm uses the
+// exact erf form (the two differ by less than 5e-4 everywhere).
+template <class B>
+class DenseMLP {
+ public:
+  using Backend = B;
+  using Scalar = typename B::Scalar;
+  using S = Scalar;
+  static constexpr bool is_moe = false;
+  static constexpr std::string_view variant = "dense";
+
+  DenseMLP(const Config& config, Index block, std::uint64_t seed)
+      : fc1_weight_(detail::block_prefix(block) + "mlp.fc1.weight", {config.ffn, config.hidden}),
+        fc1_bias_(detail::block_prefix(block) + "mlp.fc1.bias", {config.ffn}),
+        fc2_weight_(detail::block_prefix(block) + "mlp.fc2.weight", {config.hidden, config.ffn}),
+        fc2_bias_(detail::block_prefix(block) + "mlp.fc2.bias", {config.hidden}) {
+    detail::init_normal(fc1_weight_, detail::kLinearStd, seed);
+    detail::init_normal(fc2_weight_, detail::kLinearStd, seed);
+  }
+
+  // x: [N, H] -> pre = x fc1^T + b: [N, F] (kept), act = gelu(pre): [N, F] (kept), y = act fc2^T + b: [N, H]
+  void forward(ConstMatrixView<S> x, MatrixView<S> y) {
+    B::resize(pre_, x.rows, fc1_weight_.rows());
+    B::resize(act_, x.rows, fc1_weight_.rows());
+    moe::nn::linear_forward<S>(x, fc1_weight_.matrix(), fc1_bias_.value.data(), pre_, threads());
+    backend_.gelu_forward(pre_, act_);
+    moe::nn::linear_forward<S>(act_, fc2_weight_.matrix(), fc2_bias_.value.data(), y, threads());
+  }
+  // dy: [N, H] -> dact = dy fc2: [N, F] -> dpre = dact * gelu'(pre) -> dx = dpre fc1: [N, H] (written)
+  void backward(ConstMatrixView<S> x, ConstMatrixView<S> dy, MatrixView<S> dx) {
+    B::resize(dact_, pre_.rows(), pre_.cols());
+    detail::zero<S>(dact_);
+    moe::nn::linear_backward<S>(act_, dy, fc2_weight_.matrix(), dact_, fc2_weight_.grad_matrix(),
+                                fc2_bias_.grad.data(), threads());
+    backend_.gelu_backward(pre_, dact_, dact_);
+    detail::zero(dx);
+    moe::nn::linear_backward<S>(x, dact_, fc1_weight_.matrix(), dx, fc1_weight_.grad_matrix(),
+                                fc1_bias_.grad.data(), threads());
+  }
+
+  std::vector<ParamRef<S>> parameters() {
+    return {fc1_weight_.ref(), fc1_bias_.ref(), fc2_weight_.ref(), fc2_bias_.ref()};
+  }
+  void zero_grad() {
+    for (Tensor<S>* t : {&fc1_weight_, &fc1_bias_, &fc2_weight_, &fc2_bias_})
+      std::fill(t->grad.begin(), t->grad.end(), S(0));
+  }
+  void set_threads(int threads) { backend_.set_threads(threads); }
+  int threads() const { return backend_.threads(); }
+
+ private:
+  Tensor<S> fc1_weight_, fc1_bias_, fc2_weight_, fc2_bias_;
+  B backend_{1};
+  typename B::Matrix pre_, act_, dact_;
+};
+
+// A MoELayer of GELU MLP experts (experts.fc: H -> F, experts.proj: F -> H) behind Gate. The
+// gate reads the layer's own input, the norm2 output (for SelfRoute: its last N coordinates).
+// Every token is routed, the class token included (as in V-MoE).
+template <template <class> class Gate, class B>
+class MoEFFN {
+ public:
+  using Backend = B;
+  using Scalar = typename B::Scalar;
+  using S = Scalar;
+  using Layer = moe::MoELayer<Gate, moe::GeluMLP, B>;
+  static constexpr bool is_moe = true;
+  static constexpr std::string_view variant = Layer::GateType::name;
+
+  // Experts initialised as timm's Mlp; the router keeps the library's N(0, 1/H) (unit-variance
+  // logits for unit-variance inputs, the scale SelfRoute reads).
+  MoEFFN(const Config& config, Index block, std::uint64_t seed)
+      : prefix_(detail::block_prefix(block) + "moe."),
+        layer_(config.layer(), moe::random::mix64(seed ^ detail::stream_of(prefix_)), {},
+               {.init_std = detail::kLinearStd, .out_init_std = detail::kLinearStd}, B(1)) {}
+
+  // x: [N, H] -> y: [N, H] (the MoELayer keeps its input, routing and expert activations)
+  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y); }
+  // dy: [N, H] -> dx: [N, H] (written; includes the router path, e.g. SelfRoute's logit gradient)
+  void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx) { layer_.backward_into(dy, dx); }
+
+  std::vector<ParamRef<S>> parameters() {
+    std::vector<ParamRef<S>> params = layer_.parameters();
+    for (ParamRef<S>& p : params) p.name = prefix_ + p.name;
+    return params;
+  }
+  void zero_grad() { layer_.zero_grad(); }
+  void set_threads(int threads) { layer_.backend().set_threads(threads); }
+  Layer& layer() { return layer_; }
+  const Layer& layer() const { return layer_; }
+
+ private:
+  std::string prefix_;
+  Layer layer_;
+};
+
+// ---- the model -------------------------------------------------------------------------------
+
+template <class FFN>
+class Model {
+ public:
+  using Scalar = typename FFN::Scalar;
+  using S = Scalar;
+  using B = typename FFN::Backend;
+  using Matrix = typename B::Matrix;
+  using MLP = DenseMLP<B>;
+  static constexpr bool is_moe = FFN::is_moe;
+  static constexpr std::string_view variant = FFN::variant;
+
+  explicit Model(const Config& config)
+      : config_(validated(config)),
+        cls_token_("cls_token", {1, 1, config.hidden}),
+        pos_embed_("pos_embed", {1, config.tokens(), config.hidden}),
+        patch_weight_("patch_embed.proj.weight", {config.hidden, config.channels, config.patch, config.patch}),
+        patch_bias_("patch_embed.proj.bias", {config.hidden}),
+        norm_weight_("norm.weight", {config.hidden}),
+        norm_bias_("norm.bias", {config.hidden}),
+        head_weight_("head.weight", {config.classes, config.hidden}),
+        head_bias_("head.bias", {config.classes}) {
+    detail::init_normal(cls_token_, 0.02, config_.seed);
+    detail::init_normal(pos_embed_, 0.02, config_.seed);
+    // timm keeps PyTorch's default for the patch Conv2d: U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in).
+    detail::init_normal(patch_weight_, 1.0 / std::sqrt(3.0 * double(config_.patch_size())), config_.seed);
+    detail::init_normal(head_weight_, detail::kLinearStd, config_.seed);
+    detail::fill(norm_weight_, S(1));
+    blocks_.reserve(std::size_t(config_.layers));
+    for (Index l = 0; l < config_.layers; ++l) blocks_.emplace_back(config_, l, is_moe && config_.is_moe_block(l));
+    set_threads(threads_);
+  }
+
+  const Config& config() const { return config_; }
+
+  // images: [B, C*S*S] (each image channels, then rows, then columns; already normalised),
+  // labels: [B] (classes in [0, classes); empty: logits only) -> mean loss over the batch (0
+  // without labels). Keeps every activation for backward; logits() stays valid until the next forward.
+  double forward(std::span<const S> images, std::span<const std::int32_t> labels, Index batch) {
+    check_inputs(images, labels, batch);
+    allocate(batch);
+    labels_.assign(labels.begin(), labels.end());
+    const int th = threads_;
+
+    extract_patches(images);
+    moe::nn::linear_forward<S>(patches_, patch_weight_.matrix(), patch_bias_.value.data(), patch_embedded_, th);
+    embed_tokens();
+    for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(*this, residual_[l], residual_[l + 1]);
+    moe::nn::layernorm_forward<S>(class_rows(residual_.back()), norm_weight_.value.data(), norm_bias_.value.data(),
+                                  normed_, norm_mean_.data(), norm_rstd_.data(), th);
+    moe::nn::linear_forward<S>(normed_, head_weight_.matrix(), head_bias_.value.data(), logits_, th);
+    loss_ = labels.empty() ? 0.0 : moe::nn::cross_entropy_forward<S>(logits_, labels, losses_.data(), th);
+    forwarded_ = !labels.empty();
+    return loss_;
+  }
+
+  // d(mean loss) -> every parameter's gradient, added (+=) until zero_grad(). Once per forward.
+  void backward() {
+    moe::check(forwarded_, "vit: backward needs a forward with labels first (and runs once per forward)");
+    forwarded_ = false;
+    const int th = threads_;
+
+    moe::nn::cross_entropy_backward<S>(logits_, labels_, 1.0, dlogits_, th);
+    detail::zero<S>(dnormed_);
+    moe::nn::linear_backward<S>(normed_, dlogits_, head_weight_.matrix(), dnormed_, head_weight_.grad_matrix(),
+                                head_bias_.grad.data(), th);
+    // Only the class token's rows reach the head: the other rows' gradient starts at 0.
+    detail::zero<S>(dresidual_);
+    moe::nn::layernorm_backward<S>(dnormed_, class_rows(residual_.back()), norm_weight_.value.data(),
+                                   norm_mean_.data(), norm_rstd_.data(), class_rows(dresidual_),
+                                   norm_weight_.grad.data(), norm_bias_.grad.data(), th);
+    for (Index l = config_.layers - 1; l >= 0; --l) blocks_[l].backward(*this, residual_[l]);
+    embed_tokens_backward();
+    moe::nn::linear_backward<S>(patches_, dpatch_embedded_, patch_weight_.matrix(), MatrixView<S>{},
+                                patch_weight_.grad_matrix(), patch_bias_.grad.data(), th);
+  }
+
+  // timm's names and order: cls_token, pos_embed, patch_embed.proj.*, blocks.{l}.*, norm.*, head.*.
+  std::vector<ParamRef<S>> parameters() {
+    std::vector<ParamRef<S>> all{cls_token_.ref(), pos_embed_.ref(), patch_weight_.ref(), patch_bias_.ref()};
+    for (Block& block : blocks_)
+      for (ParamRef<S>& p : block.parameters()) all.push_back(std::move(p));
+    for (Tensor<S>* t : {&norm_weight_, &norm_bias_, &head_weight_, &head_bias_}) all.push_back(t->ref());
+    return all;
+  }
+  void zero_grad() {
+    for (ParamRef<S>& p : parameters()) std::fill(p.grad.begin(), p.grad.end(), S(0));
+  }
+  Index parameter_count() {
+    Index n = 0;
+    for (const ParamRef<S>& p : parameters()) n += Index(p.value.size());
+    return n;
+  }
+  // Learned routing parameters over all MoE blocks (the paper's Table 1): 0 for self,
+  // fixed-random, random and dense.
+  Index router_parameter_count() const {
+    Index n = 0;
+    if constexpr (is_moe)
+      for (const Block& block : blocks_)
+        if (block.moe) n += block.moe->layer().router_parameter_count();
+    return n;
+  }
+
+  // Threads for every operation (results are bit-identical on any count).
+  void set_threads(int threads) {
+    moe::check(threads >= 1, "vit: thread count must be >= 1, got ", threads);
+    threads_ = threads;
+    for (Block& block : blocks_) {
+      if (block.mlp) block.mlp->set_threads(threads);
+      if (block.moe) block.moe->set_threads(threads);
+    }
+  }
+  int threads() const { return threads_; }
+
+  // The last forward's logits [B, classes] and per-image losses [B].
+  ConstMatrixView<S> logits() const { return logits_; }
+  std::span<const S> losses() const { return losses_; }
+  // The last forward's predicted class per image (largest logit; ties go to the lower class).
+  std::vector<std::int32_t> predictions() const {
+    std::vector<std::int32_t> predicted(std::size_t(logits_.rows()));
+    for (Index b = 0; b < logits_.rows(); ++b) {
+      const S* row = logits_.data() + b * logits_.cols();
+      predicted[std::size_t(b)] = std::int32_t(std::max_element(row, row + logits_.cols()) - row);
+    }
+    return predicted;
+  }
+
+  // ---- routing (MoE variants) ----
+  // The blocks whose FFN is a MoELayer, in order (1, 3, 5 for small()); none for dense.
+  std::vector<Index> moe_blocks() const {
+    std::vector<Index> found;
+    for (Index l = 0; l < config_.layers; ++l)
+      if (blocks_[std::size_t(l)].moe) found.push_back(l);
+    return found;
+  }
+  FFN& moe_ffn(Index block)
+    requires is_moe
+  {
+    return *blocks_[std::size_t(checked_moe_block(block))].moe;
+  }
+  const moe::RoutingStats& routing_stats(Index block) const
+    requires is_moe
+  {
+    return blocks_[std::size_t(checked_moe_block(block))].moe->layer().stats();
+  }
+  void reset_routing_stats()
+    requires is_moe
+  {
+    for (Block& block : blocks_)
+      if (block.moe) block.moe->layer().reset_stats();
+  }
+  void collect_routing_stats(bool on)
+    requires is_moe
+  {
+    for (Block& block : blocks_)
+      if (block.moe) block.moe->layer().collect_stats(on);
+  }
+  // The Random gate's draw counter (advances by one per forward in every MoE block); rewinding it
+  // replays the same routing (gradient checks, exact resume). No-op for the other gates.
+  void set_routing_step(std::uint64_t step) {
+    if constexpr (is_moe)
+      for (Block& block : blocks_)
+        if constexpr (requires { block.moe->layer().gate().set_step(step); })
+          if (block.moe) block.moe->layer().gate().set_step(step);
+  }
+
+ private:
+  // One pre-LayerNorm transformer block: its parameters, its FFN and its activations.
+  struct Block {
+    Tensor<S> norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight, norm2_bias;
+    std::optional<MLP> mlp;  // the dense blocks
+    std::optional<FFN> moe;  // the MoE blocks (MoE variants only)
+    // Activations kept for backward ([B*T, ...] rows; att is [B, NH, T, T]).
+    Matrix norm1, qkv, atty, residual_attn, norm2;
+    std::vector<S> norm1_mean, norm1_rstd, norm2_mean, norm2_rstd, att;
+
+    // qkv is [3H, H] with rows q | k | v, timm's Attention.qkv.
+    Block(const Config& c, Index l, bool moe_block)
+        : norm1_weight(name(l, "norm1.weight"), {c.hidden}),
+          norm1_bias(name(l, "norm1.bias"), {c.hidden}),
+          qkv_weight(name(l, "attn.qkv.weight"), {3 * c.hidden, c.hidden}),
+          qkv_bias(name(l, "attn.qkv.bias"), {3 * c.hidden}),
+          proj_weight(name(l, "attn.proj.weight"), {c.hidden, c.hidden}),
+          proj_bias(name(l, "attn.proj.bias"), {c.hidden}),
+          norm2_weight(name(l, "norm2.weight"), {c.hidden}),
+          norm2_bias(name(l, "norm2.bias"), {c.hidden}) {
+      detail::fill(norm1_weight, S(1));
+      detail::fill(norm2_weight, S(1));
+      detail::init_normal(qkv_weight, detail::kLinearStd, c.seed);
+      detail::init_normal(proj_weight, detail::kLinearStd, c.seed);
+      if (moe_block)
+        moe.emplace(c, l, c.seed);
+      else
+        mlp.emplace(c, l, c.seed);
+    }
+    static std::string name(Index l, std::string_view what) { return detail::block_prefix(l) + std::string(what); }
+
+    void allocate(Index BT, Index H, Index attention_size) {
+      for (Matrix* m : {&norm1, &atty, &residual_attn, &norm2}) B::resize(*m, BT, H);
+      B::resize(qkv, BT, 3 * H);
+      for (auto* v : {&norm1_mean, &norm1_rstd, &norm2_mean, &norm2_rstd}) v->resize(std::size_t(BT));
+      att.resize(std::size_t(attention_size));
+    }
+
+    // x: [B*T, H] -> out: [B*T, H]
+    //   norm1 = LN(x); qkv = norm1 qkv^T + b: [B*T, 3H]; atty = attention(qkv): [B*T, H] (every
+    //   token sees every token); residual_attn = x + atty proj^T + b; norm2 = LN(residual_attn);
+    //   out = residual_attn + FFN(norm2)
+    void forward(Model& m, ConstMatrixView<S> x, MatrixView<S> out) {
+      const int th = m.threads_;
+      moe::nn::layernorm_forward<S>(x, norm1_weight.value.data(), norm1_bias.value.data(), norm1,
+                                    norm1_mean.data(), norm1_rstd.data(), th);
+      moe::nn::linear_forward<S>(norm1, qkv_weight.matrix(), qkv_bias.value.data(), qkv, th);
+      moe::nn::attention_forward<S>(qkv, m.batch_, m.config_.tokens(), m.config_.heads, /*causal=*/false, atty,
+                                    att.data(), th);
+      moe::nn::linear_forward<S>(atty, proj_weight.matrix(), proj_bias.value.data(), residual_attn, th);
+      m.backend_.add(x, residual_attn);
+      moe::nn::layernorm_forward<S>(residual_attn, norm2_weight.value.data(), norm2_bias.value.data(), norm2,
+                                    norm2_mean.data(), norm2_rstd.data(), th);
+      if (moe)
+        moe->forward(norm2, out);
+      else
+        mlp->forward(norm2, out);
+      m.backend_.add(residual_attn, out);
+    }
+
+    // m.dresidual_: d out on entry, d x on exit (in place; every backward below adds into it).
+    //   d residual_attn = d out + LN_2'(FFN'(d out))
+    //   d x             = d residual_attn + LN_1'(qkv'(attention'(proj'(d residual_attn))))
+    void backward(Model& m, ConstMatrixView<S> x) {
+      const int th = m.threads_;
+      MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_, dqkv = m.dqkv_;
+      if (moe)  // dtmp = d norm2 (written)
+        moe->backward(norm2, dresidual, dtmp);
+      else
+        mlp->backward(norm2, dresidual, dtmp);
+      moe::nn::layernorm_backward<S>(dtmp, residual_attn, norm2_weight.value.data(), norm2_mean.data(),
+                                     norm2_rstd.data(), dresidual, norm2_weight.grad.data(), norm2_bias.grad.data(),
+                                     th);
+      detail::zero(dtmp);  // d atty
+      moe::nn::linear_backward<S>(atty, dresidual, proj_weight.matrix(), dtmp, proj_weight.grad_matrix(),
+                                  proj_bias.grad.data(), th);
+      detail::zero(dqkv);
+      moe::nn::attention_backward<S>(dtmp, qkv, att.data(), m.batch_, m.config_.tokens(), m.config_.heads,
+                                     /*causal=*/false, dqkv, th);
+      detail::zero(dtmp);  // d norm1
+      moe::nn::linear_backward<S>(norm1, dqkv, qkv_weight.matrix(), dtmp, qkv_weight.grad_matrix(),
+                                  qkv_bias.grad.data(), th);
+      moe::nn::layernorm_backward<S>(dtmp, x, norm1_weight.value.data(), norm1_mean.data(), norm1_rstd.data(),
+                                     dresidual, norm1_weight.grad.data(), norm1_bias.grad.data(), th);
+    }
+
+    std::vector<ParamRef<S>> parameters() {
+      std::vector<ParamRef<S>> all;
+      for (Tensor<S>* t : {&norm1_weight, &norm1_bias, &qkv_weight, &qkv_bias, &proj_weight, &proj_bias,
+                           &norm2_weight, &norm2_bias})
+        all.push_back(t->ref());
+      for (ParamRef<S>& p : moe ? moe->parameters() : mlp->parameters()) all.push_back(std::move(p));
+      return all;
+    }
+  };
+
+  static Config validated(const Config& config) {
+    config.validate();
+    return config;
+  }
+
+  // Shapes, labels and pixels, checked once at the entry point.
+  void check_inputs(std::span<const S> images, std::span<const std::int32_t> labels, Index batch) const {
+    const Index pixels = config_.pixels();
+    moe::check(batch >= 1, "vit: batch B = ", batch, " must be positive");
+    moe::check(Index(images.size()) == batch * pixels, "vit: images has ", images.size(),
+               " values, expected B * C*S*S = ", batch, " * ", config_.channels, "*", config_.image_size, "*",
+               config_.image_size, " = ", batch * pixels);
+    moe::check(labels.empty() || Index(labels.size()) == batch, "vit: labels has ", labels.size(),
+               " entries, expected B = ", batch, " (or none)");
+    for (std::size_t i = 0; i < labels.size(); ++i)
+      moe::check(labels[i] >= 0 && labels[i] < config_.classes, "vit: label ", labels[i], " of image ", i,
+                 " is outside [0, ", config_.classes, ")");
+    for (std::size_t i = 0; i < images.size(); ++i)
+      moe::check(std::isfinite(images[i]), "vit: image ", Index(i) / pixels, " has a non-finite pixel (",
+                 images[i], ") at index ", Index(i) % pixels);
+  }
+
+  // Activations for a batch of B images: allocated on the first forward of that size, then reused.
+  void allocate(Index batch) {
+    if (batch == batch_) return;
+    batch_ = batch;
+    const Index T = config_.tokens(), BT = batch * T, H = config_.hidden, BNp = batch * config_.patches();
+    B::resize(patches_, BNp, config_.patch_size());
+    B::resize(patch_embedded_, BNp, H);
+    B::resize(dpatch_embedded_, BNp, H);
+    residual_.resize(std::size_t(config_.layers + 1));
+    for (Matrix& r : residual_) B::resize(r, BT, H);
+    for (Block& block : blocks_) block.allocate(BT, H, batch * config_.heads * T * T);
+    for (Matrix* m : {&dresidual_, &dtmp_}) B::resize(*m, BT, H);
+    B::resize(dqkv_, BT, 3 * H);
+    for (Matrix* m : {&normed_, &dnormed_}) B::resize(*m, batch, H);
+    for (Matrix* m : {&logits_, &dlogits_}) B::resize(*m, batch, config_.classes);
+    norm_mean_.resize(std::size_t(batch)), norm_rstd_.resize(std::size_t(batch)), losses_.resize(std::size_t(batch));
+  }
+
+  // images: [B, C*S*S] -> patches_: [B*Np, C*P*P], row b*Np + (py*G + px) holds patch (py, px) of
+  // image b with columns (c, y, x): the order of timm's Conv2d weight [H, C, P, P] flattened.
+  void extract_patches(std::span<const S> images) {
+    const Index C = config_.channels, P = config_.patch, side = config_.image_size, G = config_.patches_per_side();
+    const Index Np = config_.patches(), pixels = config_.pixels();
+    moe::cpu::parallel_chunks(threads_, batch_ * Np, moe::cpu::rows_per_task(C * P * P), [&](Index begin, Index end) {
+      for (Index r = begin; r < end; ++r) {
+        const Index b = r / Np, py = r % Np / G, px = r % Np % G;
+        S* out = patches_.data() + r * C * P * P;
+        for (Index c = 0; c < C; ++c)
+          for (Index y = 0; y < P; ++y) {
+            const S* in = images.data() + b * pixels + (c * side + py * P + y) * side + px * P;
+            std::copy(in, in + P, out + (c * P + y) * P);
+          }
+      }
+    });
+  }
+
+  // patch_embedded_: [B*Np, H] -> residual_[0]: [B*T, H], row b*T + t =
+  //   cls_token + pos_embed[0] (t = 0),  patch_embedded_[b*Np + t - 1] + pos_embed[t] (t >= 1).
+  void embed_tokens() {
+    const Index T = config_.tokens(), H = config_.hidden, Np = config_.patches();
+    const S* cls = cls_token_.value.data();
+    MatrixView<S> x = residual_[0];
+    moe::cpu::parallel_chunks(threads_, batch_ * T, moe::cpu::rows_per_task(H), [&](Index begin, Index end) {
+      for (Index r = begin; r < end; ++r) {
+        const Index b = r / T, t = r % T;
+        const S* token = t == 0 ? cls : patch_embedded_.data() + (b * Np + t - 1) * H;
+        const S* position = pos_embed_.value.data() + t * H;
+        S* out = x.row(r);
+        for (Index c = 0; c < H; ++c) out[c] = token[c] + position[c];
+      }
+    });
+  }
+  // dresidual_: [B*T, H] -> cls_token.grad += sum_b d row b*T, pos_embed.grad[t] += sum_b d row b*T + t,
+  // dpatch_embedded_[b*Np + t - 1] = d row b*T + t (written). Each task owns a block of columns
+  // and walks the rows in order: the same sums on any thread count.
+  void embed_tokens_backward() {
+    const Index T = config_.tokens(), H = config_.hidden, Np = config_.patches();
+    S* dcls = cls_token_.grad.data();
+    S* dpos = pos_embed_.grad.data();
+    moe::cpu::parallel_chunks(threads_, H, moe::cpu::kColumnsPerTask, [&](Index begin, Index end) {
+      for (Index r = 0; r < batch_ * T; ++r) {
+        const Index b = r / T, t = r % T;
+        const S* d = dresidual_.data() + r * H;
+        for (Index c = begin; c < end; ++c) dpos[t * H + c] += d[c];
+        if (t == 0)
+          for (Index c = begin; c < end; ++c) dcls[c] += d[c];
+        else
+          std::copy(d + begin, d + end, dpatch_embedded_.data() + (b * Np + t - 1) * H + begin);
+      }
+    });
+  }
+
+  // The class token's rows (b*T) of a [B*T, H] stream: a strided [B, H] view, no copy.
+  MatrixView<S> class_rows(Matrix& stream) const {
+    return {stream.data(), batch_, config_.hidden, config_.tokens() * config_.hidden};
+  }
+
+  Index checked_moe_block(Index block) const {
+    moe::check(block >= 0 && block < config_.layers && blocks_[std::size_t(block)].moe, "vit: block ", block,
+               " has no MoE layer (MoE blocks: every ", config_.moe_every, "-th of ", config_.layers, ", from ",
+               config_.moe_every - 1, "; none in the dense variant)");
+    return block;
+  }
+
+  Config config_;
+  int threads_ = moe::cpu::default_threads();
+  B backend_{1};  // elementwise residual additions (always row-wise: thread count changes no bits)
+  Tensor<S> cls_token_, pos_embed_;                 // [1, 1, H], [1, T, H]
+  Tensor<S> patch_weight_, patch_bias_;             // [H, C, P, P], [H]
+  std::vector<Block> blocks_;
+  Tensor<S> norm_weight_, norm_bias_;               // [H]
+  Tensor<S> head_weight_, head_bias_;               // [classes, H], [classes]
+
+  // Activations of the last forward.
+  Index batch_ = 0;
+  std::vector<std::int32_t> labels_;
+  Matrix patches_, patch_embedded_;  // [B*Np, C*P*P], [B*Np, H]
+  std::vector<Matrix> residual_;     // [L + 1] x [B*T, H]: the input of block l, then the final stream
+  Matrix normed_, logits_;           // [B, H], [B, classes]
+  std::vector<S> norm_mean_, norm_rstd_, losses_;
+  double loss_ = 0;
+  bool forwarded_ = false;
+  // Backward workspace, shared by every block.
+  Matrix dresidual_, dtmp_, dqkv_, dnormed_, dlogits_, dpatch_embedded_;
+};
+
+// ---- run-time choice of the variant ----------------------------------------------------------
+
+inline constexpr std::string_view kVariants[] = {"dense", "linear", "self", "fixed-random", "random"};
+inline constexpr std::string_view kVariantList = "dense, linear, self, fixed-random, random";
+
+template <class S>
+using DenseModel = Model<DenseMLP<moe::cpu::BasicBackend<S>>>;
+template <template <class> class Gate, class S>
+using MoEModel = Model<MoEFFN<Gate, moe::cpu::BasicBackend<S>>>;
+
+// Calls fn(std::type_identity<ModelType>{}) with the model type the name selects and returns its
+// result, e.g.  with_variant<float>(name, [&](auto tag) { typename decltype(tag)::type model(config); ... });
+// Unknown names throw moe::Error naming the name and the valid list.
+template <class S, class Fn>
+decltype(auto) with_variant(std::string_view name, Fn&& fn) {
+  if (name == "dense") return fn(std::type_identity<DenseModel<S>>{});
+  if (name == "linear") return fn(std::type_identity<MoEModel<moe::Linear, S>>{});
+  if (name == "self") return fn(std::type_identity<MoEModel<moe::SelfRoute, S>>{});
+  if (name == "fixed-random") return fn(std::type_identity<MoEModel<moe::FixedRandom, S>>{});
+  if (name == "random") return fn(std::type_identity<MoEModel<moe::Random, S>>{});
+  moe::fail("vit: unknown variant '", name, "' (valid: ", kVariantList, ")");
+}
+
+}  // namespace vit
