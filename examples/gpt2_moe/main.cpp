@@ -53,7 +53,7 @@ cli::Parser make_parser() {
       {"top-k", "K", "experts per token k", "2"},
       {"route-from-residual", "", "gates read the residual stream before ln_2 instead of ln_2's output", ""},
       {"seed", "N", "model initialisation and data order", "1337"},
-      {"steps", "N", "optimizer steps (with --resume: the total to reach)", "500 (compare: 400)"},
+      {"steps", "N", "optimizer steps (with --resume: the total to reach)", "500 (compare: 600)"},
       {"batch", "B", "sequences per micro-batch", "16"},
       {"seq", "T", "tokens per sequence", "128 (at most the context)"},
       {"accumulation", "N", "micro-batches per optimizer step (gradient accumulation)", "1"},
@@ -267,7 +267,7 @@ int run_compare(const cli::Parser& args, const std::string& command) {
   const gpt2::Config config = model_config(args);
   const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
   for (const std::string& v : variants) gpt2::with_variant<float>(v, [](auto) { return 0; });  // names checked first
-  gpt2::TrainOptions options = train_options(args, config, 400);
+  gpt2::TrainOptions options = train_options(args, config, 600);
   const gpt2::Dataset data =
       gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
   const fs::path out = args.get("out", "runs/compare");
@@ -294,8 +294,8 @@ int run_compare(const cli::Parser& args, const std::string& command) {
                           std::to_string(options.batch * options.accumulation) + " x " + std::to_string(options.seq) +
                           " tokens per variant (" +
                           train::format_count(double(options.steps * options.batch * options.accumulation * options.seq)) +
-                          " tokens); routing statistics on " + train::format_count(double(options.stats_tokens)) +
-                          " held-out tokens";
+                          " tokens); routing statistics on the validation split (up to " +
+                          train::format_count(double(options.stats_tokens)) + " tokens)";
   std::ostringstream model;
   model << config.layers << " layers, hidden " << config.hidden << ", " << config.heads << " heads, context "
         << config.context << ", " << config.experts << " experts (F = " << config.ffn << "), top-" << config.top_k
