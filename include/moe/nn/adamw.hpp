@@ -2,15 +2,35 @@
 // and global gradient-norm clipping (torch.nn.utils.clip_grad_norm_).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <span>
 #include <utility>
 #include <vector>
 
 #include "moe/config.hpp"
+#include "moe/cpu/parallel.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
+
+namespace detail {
+// The optimizer's elementwise passes go in pieces of this many elements of one parameter: cut by
+// the shapes alone, so any thread count gives the same bits.
+inline constexpr Index kOptimizerPiece = Index(1) << 14;
+
+// (parameter index, first element) of every piece of the parameters with updated(p) true.
+template <class S, class Filter>
+std::vector<std::pair<std::size_t, Index>> optimizer_pieces(const std::vector<ParamRef<S>>& params, Filter updated) {
+  std::vector<std::pair<std::size_t, Index>> pieces;
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (updated(params[i]))
+      for (Index begin = 0; begin < Index(params[i].value.size()); begin += kOptimizerPiece)
+        pieces.emplace_back(i, begin);
+  return pieces;
+}
+}  // namespace detail
 
 struct AdamWConfig {
   double lr = 6e-4;  // used by step(params); step(params, lr) takes a scheduled rate instead
@@ -38,7 +58,8 @@ bool decays(const ParamRef<S>& param) {
 //   v  = b2 v + (1 - b2) g^2
 //   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 // The state (m(), v(), step_count()) is exposed so that a checkpoint can save it and resume the
-// exact same trajectory (restore with set_state()).
+// exact same trajectory (restore with set_state()). The update is elementwise and runs on
+// threads() threads (default: all; the bits do not depend on it).
 template <class S>
 class AdamW {
  public:
@@ -49,6 +70,11 @@ class AdamW {
   }
 
   const AdamWConfig& config() const { return config_; }
+  int threads() const { return threads_; }
+  void set_threads(int threads) {
+    check(threads >= 1, "AdamW: thread count must be >= 1, got ", threads);
+    threads_ = threads;
+  }
 
   void step(std::vector<ParamRef<S>>& params) { step(params, config_.lr); }
 
@@ -60,20 +86,24 @@ class AdamW {
     const S step_size = S(lr / correction1), inv_sqrt_correction2 = S(1 / std::sqrt(correction2));
     const S eps = S(config_.eps), decay = S(1 - lr * config_.weight_decay);
     const S s_b1 = S(b1), s_b2 = S(b2), one_minus_b1 = S(1 - b1), one_minus_b2 = S(1 - b2);
-    for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto pieces = detail::optimizer_pieces(params, updated);
+    cpu::parallel_for(threads_, Index(pieces.size()), [&](Index piece) {
+      const auto [i, begin] = pieces[std::size_t(piece)];
       ParamRef<S>& p = params[i];
-      if (!updated(p)) continue;
-      S* m = m_[i].data();
-      S* v = v_[i].data();
-      const bool decay_this = decays(p) && config_.weight_decay != 0;
-      for (std::size_t j = 0; j < p.value.size(); ++j) {
-        const S g = p.grad[j];
-        if (decay_this) p.value[j] *= decay;
+      const Index end = std::min(begin + detail::kOptimizerPiece, Index(p.value.size()));
+      // p * 1 is exact: parameters that do not decay take the same path.
+      const S decay_factor = decays(p) && config_.weight_decay != 0 ? decay : S(1);
+      S* __restrict value = p.value.data();
+      const S* __restrict grad = p.grad.data();
+      S* __restrict m = m_[i].data();
+      S* __restrict v = v_[i].data();
+      for (Index j = begin; j < end; ++j) {
+        const S g = grad[j];
         m[j] = s_b1 * m[j] + one_minus_b1 * g;
         v[j] = s_b2 * v[j] + one_minus_b2 * g * g;
-        p.value[j] -= step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_correction2 + eps);
+        value[j] = value[j] * decay_factor - step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_correction2 + eps);
       }
-    }
+    });
   }
 
   // ---- state, for checkpoints ------------------------------------------------------------
@@ -131,30 +161,48 @@ class AdamW {
   }
 
   AdamWConfig config_;
+  int threads_ = cpu::default_threads();
   int steps_ = 0;
   std::vector<std::size_t> sizes_;
   std::vector<std::vector<S>> m_, v_;
 };
 
 // Scales every gradient by max_norm / (norm + 1e-6) when the global L2 norm of all gradients
-// (trainable parameters with a gradient, in list order, summed in double) exceeds max_norm, as
-// torch.nn.utils.clip_grad_norm_. Returns the norm before clipping. A non-finite norm is returned
-// with the gradients left as they are (the caller should skip that step).
+// (trainable parameters with a gradient) exceeds max_norm, as torch.nn.utils.clip_grad_norm_.
+// Returns the norm before clipping. A non-finite norm is returned with the gradients left as they
+// are (the caller should skip that step). The squares are summed in double, in pieces cut from
+// the shapes (each in a fixed order, then the pieces in list order): the same bits on any thread
+// count.
 template <class S>
-double clip_grad_norm(std::vector<ParamRef<S>>& params, double max_norm) {
+double clip_grad_norm(std::vector<ParamRef<S>>& params, double max_norm, int threads = cpu::default_threads()) {
   check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  check(threads >= 1, "clip_grad_norm: thread count must be >= 1, got ", threads);
+  const auto pieces =
+      detail::optimizer_pieces(params, [](const ParamRef<S>& p) { return p.trainable && !p.grad.empty(); });
+  auto piece_range = [&](Index piece) {
+    const auto [i, begin] = pieces[std::size_t(piece)];
+    const Index size = std::min(detail::kOptimizerPiece, Index(params[i].grad.size()) - begin);
+    return std::span<S>(params[i].grad).subspan(std::size_t(begin), std::size_t(size));
+  };
+  std::vector<double> piece_squares(pieces.size());
+  cpu::parallel_for(threads, Index(pieces.size()), [&](Index piece) {
+    const std::span<S> grad = piece_range(piece);
+    double lanes[8] = {};  // 8 running sums, then folded in a fixed order
+    std::size_t j = 0;
+    for (; j + 8 <= grad.size(); j += 8)
+      for (std::size_t l = 0; l < 8; ++l) lanes[l] += double(grad[j + l]) * double(grad[j + l]);
+    for (; j < grad.size(); ++j) lanes[0] += double(grad[j]) * double(grad[j]);
+    piece_squares[std::size_t(piece)] =
+        ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  });
   double squares = 0;
-  for (const ParamRef<S>& p : params) {
-    if (!p.trainable || p.grad.empty()) continue;
-    for (S g : p.grad) squares += double(g) * double(g);
-  }
+  for (double s : piece_squares) squares += s;
   const double norm = std::sqrt(squares);
   if (!std::isfinite(norm) || norm <= max_norm) return norm;
   const S scale = S(max_norm / (norm + 1e-6));
-  for (ParamRef<S>& p : params) {
-    if (!p.trainable || p.grad.empty()) continue;
-    for (S& g : p.grad) g *= scale;
-  }
+  cpu::parallel_for(threads, Index(pieces.size()), [&](Index piece) {
+    for (S& g : piece_range(piece)) g *= scale;
+  });
   return norm;
 }
 

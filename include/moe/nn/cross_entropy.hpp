@@ -9,6 +9,7 @@
 
 #include "moe/config.hpp"
 #include "moe/cpu/parallel.hpp"
+#include "moe/cpu/simd.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
@@ -29,13 +30,11 @@ inline Index check_cross_entropy(const char* where, Index N, Index V, std::span<
   return valid;
 }
 
-// max and sum_j exp(row_j - max) of one row of logits.
+// max and sum_j exp(row_j - max) of one row of logits (exp_terms, if not null, gets the terms).
 template <class S>
-void softmax_stats(const S* row, Index V, S& max, S& sum) {
-  max = row[0];
-  for (Index j = 1; j < V; ++j) max = std::max(max, row[j]);
-  sum = 0;
-  for (Index j = 0; j < V; ++j) sum += std::exp(row[j] - max);
+void softmax_stats(const S* row, Index V, S& max, S& sum, S* exp_terms = nullptr) {
+  max = cpu::simd::max(row, V);
+  sum = cpu::simd::exp_and_sum(row, V, max, S(1), exp_terms);
 }
 }  // namespace detail
 
@@ -88,11 +87,9 @@ void cross_entropy_backward(ConstMatrixView<S> logits, std::span<const std::int3
         std::fill(d, d + V, S(0));
         continue;
       }
-      const S* row = logits.row(r);
       S max, sum;
-      detail::softmax_stats(row, V, max, sum);
-      const S scale_over_sum = scale / sum;
-      for (Index j = 0; j < V; ++j) d[j] = std::exp(row[j] - max) * scale_over_sum;  // reads row[j] before writing d[j]
+      detail::softmax_stats(logits.row(r), V, max, sum, d);  // d = exp(row - max); d may be the row itself
+      cpu::simd::scale(d, V, scale / sum, d);
       d[targets[r]] -= scale;
     }
   });

@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "moe/config.hpp"
 #include "moe/cpu/parallel.hpp"
+#include "moe/cpu/simd.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
@@ -27,16 +29,16 @@ void layernorm_forward(ConstMatrixView<S> x, const S* weight, const S* bias, Mat
   check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
   const Index rows_per_task = cpu::rows_per_task(C);  // from the shape: same bits on any thread count
   cpu::parallel_chunks(threads, T, rows_per_task, [&](Index begin, Index end) {
+    std::vector<S> centered(static_cast<std::size_t>(C));
+    S* xc = centered.data();
     for (Index t = begin; t < end; ++t) {
       const S* xt = x.row(t);
-      S sum = 0;
-      for (Index c = 0; c < C; ++c) sum += xt[c];
-      const S m = sum / S(C);
-      S squares = 0;  // two passes: no cancellation when |mean| >> std
-      for (Index c = 0; c < C; ++c) squares += (xt[c] - m) * (xt[c] - m);
-      const S s = S(1) / std::sqrt(squares / S(C) + S(kLayerNormEps));
+      const S m = cpu::simd::sum(xt, C) / S(C);
+      for (Index c = 0; c < C; ++c) xc[c] = xt[c] - m;
+      // two passes: no cancellation when |mean| >> std
+      const S s = S(1) / std::sqrt(cpu::simd::dot(xc, xc, C) / S(C) + S(kLayerNormEps));
       S* ot = out.row(t);
-      for (Index c = 0; c < C; ++c) ot[c] = (xt[c] - m) * s * weight[c] + bias[c];
+      for (Index c = 0; c < C; ++c) ot[c] = xc[c] * s * weight[c] + bias[c];
       mean[t] = m;
       rstd[t] = s;
     }
@@ -64,19 +66,20 @@ void layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* 
   if (dx.data) {
     const Index rows_per_task = cpu::rows_per_task(C);
     cpu::parallel_chunks(threads, T, rows_per_task, [&](Index begin, Index end) {
+      std::vector<S> scratch(static_cast<std::size_t>(2 * C));
+      S* dn = scratch.data();
+      S* n = dn + C;
       for (Index t = begin; t < end; ++t) {
         const S* xt = x.row(t);
         const S* dt = dout.row(t);
         const S m = mean[t], s = rstd[t];
-        S dn_sum = 0, dn_n_sum = 0;
         for (Index c = 0; c < C; ++c) {
-          const S dn = dt[c] * weight[c];
-          dn_sum += dn;
-          dn_n_sum += dn * (xt[c] - m) * s;
+          dn[c] = dt[c] * weight[c];
+          n[c] = (xt[c] - m) * s;
         }
-        const S dn_mean = dn_sum / S(C), dn_n_mean = dn_n_sum / S(C);
+        const S dn_mean = cpu::simd::sum(dn, C) / S(C), dn_n_mean = cpu::simd::dot(dn, n, C) / S(C);
         S* dxt = dx.row(t);
-        for (Index c = 0; c < C; ++c) dxt[c] += s * (dt[c] * weight[c] - dn_mean - (xt[c] - m) * s * dn_n_mean);
+        for (Index c = 0; c < C; ++c) dxt[c] += s * (dn[c] - dn_mean - n[c] * dn_n_mean);
       }
     });
   }
