@@ -396,6 +396,41 @@ TEST_CASE("checkpoint: bad metadata is refused, naming the key") {
                        doctest::Contains("cannot open"), moe::Error);
 }
 
+TEST_CASE("checkpoint: a config in the metadata that disagrees with the tensors is refused before any allocation") {
+  TemporaryDirectory directory;
+  const fs::path bad = directory.path / "bad.safetensors";
+  const auto header_error = [&](const fs::path& source, const std::string& key, const std::string& value) {
+    rewrite(source, bad, [&](auto&, auto& metadata) { metadata[key] = value; });
+    try {
+      gpt2::read_checkpoint_header(bad);
+    } catch (const moe::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  const fs::path moe_path = directory.path / "self.safetensors", dense_path = directory.path / "dense.safetensors";
+  gpt2::MoEModel<moe::SelfRoute, float> moe_model(tiny_config());
+  gpt2::save_checkpoint(moe_path, moe_model, nullptr);
+  gpt2::DenseModel<float> dense_model(tiny_config());
+  gpt2::save_checkpoint(dense_path, dense_model, nullptr);
+
+  // A corrupt config.layers would otherwise build a model of 10^12 blocks.
+  CHECK(contains(header_error(moe_path, "config.layers", "1000000000000"),
+                 "bad.safetensors: metadata says config.layers = 1000000000000, the file has 2 blocks"));
+  CHECK(contains(header_error(moe_path, "config.layers", "1"), "config.layers = 1, the file has more blocks"));
+  CHECK(contains(header_error(moe_path, "config.hidden", "4000000000"),
+                 "tensor \"wte.weight\" has shape [48, 16], but the metadata's config.vocab and config.hidden need "
+                 "[48, 4000000000]"));
+  CHECK(contains(header_error(moe_path, "config.vocab", "49"), "tensor \"wte.weight\" has shape [48, 16]"));
+  CHECK(contains(header_error(moe_path, "config.context", "9"), "tensor \"wpe.weight\" has shape [8, 16]"));
+  CHECK(contains(header_error(moe_path, "config.experts", "8"),
+                 "tensor \"h.0.moe.experts.fc.weight\" has shape [4, 24, 16], but the metadata's config.experts, "
+                 "config.ffn and config.hidden need [8, 24, 16]"));
+  CHECK(contains(header_error(dense_path, "config.ffn", "25"),
+                 "tensor \"h.0.mlp.c_fc.weight\" has shape [16, 24], but the metadata's config.hidden and config.ffn"));
+  CHECK(header_error(moe_path, "config.seed", "8").empty());  // not a shape: checked against the model on load
+}
+
 TEST_CASE("checkpoint: optimizer moments without a partner or for a frozen tensor are refused") {
   TemporaryDirectory directory;
   const fs::path path = directory.path / "good.safetensors", bad = directory.path / "bad.safetensors";

@@ -189,6 +189,30 @@ inline Config infer_hf_config(const moe::io::SafetensorsFile& file) {
   return c;
 }
 
+// The metadata's config against the tensor shapes of the file, before anything is allocated for
+// it: a corrupt or hand-edited config.* (say config.layers = 10^12) is refused here, naming the
+// field, instead of building a model that does not fit in memory. Shapes are already bounded by
+// the file's size, so every dimension that agrees with them is too.
+inline void check_config_against_shapes(const moe::io::SafetensorsFile& file, const Config& c) {
+  const auto expect_shape = [&](const std::string& tensor, std::vector<std::int64_t> shape, std::string_view fields) {
+    moe::check(file.contains(tensor), file.file(), ": checkpoint has no tensor \"", tensor, "\"");
+    moe::check(file.info(tensor).shape == shape, file.file(), ": tensor \"", tensor, "\" has shape ",
+               moe::io::detail::shape_string(file.info(tensor).shape), ", but the metadata's ", fields, " need ",
+               moe::io::detail::shape_string(shape));
+  };
+  expect_shape("wte.weight", {c.vocab, c.hidden}, "config.vocab and config.hidden");
+  expect_shape("wpe.weight", {c.context, c.hidden}, "config.context and config.hidden");
+  Index blocks = 0;
+  while (blocks <= c.layers && file.contains("h." + std::to_string(blocks) + ".ln_1.weight")) ++blocks;
+  moe::check(blocks == c.layers, file.file(), ": metadata says config.layers = ", c.layers, ", the file has ",
+             blocks > c.layers ? "more" : std::to_string(blocks), " blocks (h.{l}.ln_1.weight)");
+  if (file.contains("h.0.mlp.c_fc.weight"))
+    expect_shape("h.0.mlp.c_fc.weight", {c.hidden, c.ffn}, "config.hidden and config.ffn");  // Conv1D [in, out]
+  else
+    expect_shape("h.0.moe.experts.fc.weight", {c.experts, c.ffn, c.hidden},
+                 "config.experts, config.ffn and config.hidden");
+}
+
 }  // namespace checkpoint_detail
 
 // The variant, config and metadata of a checkpoint, read from its header only (so that a
@@ -211,6 +235,7 @@ inline CheckpointHeader read_checkpoint_header(const std::filesystem::path& path
   moe::check(variant != header.metadata.end(), file.file(), ": metadata has no \"variant\"");
   header.variant = variant->second;
   header.config = checkpoint_detail::parse_config(file.file(), header.metadata);
+  checkpoint_detail::check_config_against_shapes(file, header.config);
   header.has_optimizer_state = header.metadata.contains("optimizer.step");
   return header;
 }
