@@ -549,3 +549,42 @@ TEST_CASE("routing report: a report of dense variants only has the table and no 
   CHECK(moe::io::json::parse(read_file(dir.path / "routing.json")).at("variants").as_array().size() == 1);
   CHECK(read_file(dir.path / "routing.csv") == "variant,layer,expert,fraction\n");
 }
+
+// ---- a classifier's report: metrics after the routing columns, an appendix, a confusion matrix --
+
+TEST_CASE("routing report: trailing metrics follow the routing means in the table and the JSON") {
+  auto results = synthetic_results();
+  results[0].metrics = {{"test top-1", "0.8512"}};
+  results[0].trailing_metrics = {{"images/s", "1.1k"}};
+  results[2].metrics = {{"test top-1", "0.8633"}};
+  results[2].trailing_metrics = {{"images/s", "950"}};
+  const std::vector<std::string> lines = split(report::markdown_table(results), '\n');
+  CHECK(cells(lines[0]) == std::vector<std::string>{"variant", "router params", "total params", "test top-1",
+                                                    "val loss", "val ppl", "tokens/s", "mean norm. entropy",
+                                                    "mean max expert fraction", "images/s"});
+  CHECK(cells(lines[1]).size() == 10);
+  CHECK(cells(lines[2]) == std::vector<std::string>{"dense", "-", "1,234,567", "0.8512", "-", "-", "-", "-", "-", "1.1k"});
+  const auto self = cells(lines[4]);
+  CHECK(self[3] == "0.8633");
+  CHECK(self[7] == report::format_fixed(mean_of(results[2], &report::LayerRouting::entropy), 3));
+  CHECK(self[9] == "950");
+  CHECK(cells(lines[3])[9] == "-");  // linear gave no images/s
+
+  const auto json = moe::io::json::parse(report::routing_json(results, {}));
+  const auto& metrics = item(json.at("variants"), 2).at("metrics");
+  CHECK(metrics.at("test top-1").as_string() == "0.8633");
+  CHECK(metrics.at("images/s").as_string() == "950");
+  CHECK(metrics.as_object().size() == 2);
+
+  results[2].trailing_metrics.push_back({"test top-1", "0.1"});  // one name, one column
+  CHECK_THROWS_WITH_AS(report::markdown_table(results), doctest::Contains("has metric 'test top-1' twice"), moe::Error);
+}
+
+TEST_CASE("routing report: the appendix ends report.md as given; without one the report is unchanged") {
+  const auto results = synthetic_results();
+  report::ReportOptions options{.title = "T"};
+  const std::string plain = report::report_markdown(results, options);
+  options.appendix = "## Confusion matrix\n\n![confusion](confusion.svg)";
+  const std::string with = report::report_markdown(results, options);
+  CHECK(with == plain + "\n## Confusion matrix\n\n![confusion](confusion.svg)\n");
+}

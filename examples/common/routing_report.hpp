@@ -72,6 +72,9 @@ struct VariantResult {
   // Experts chosen per token: a layer where all choices go to k experts has max fraction 1/k and
   // entropy log k / log N, the collapse lines of the pictures. 0 = not given (collapse drawn at 1).
   std::int64_t top_k = 0;
+  // Columns after the routing means (a classifier's throughput: {"images/s", "1.2k"}); in the
+  // JSON they follow `metrics` in the same object. Empty: the table ends with the routing means.
+  std::vector<std::pair<std::string, std::string>> trailing_metrics{};
 };
 
 struct ReportOptions {
@@ -80,6 +83,7 @@ struct ReportOptions {
   std::string budget{};        // e.g. "2,000 steps of 8 x 128 tokens"
   std::string corpus{};        // e.g. "tiny-shakespeare, 1.1M bytes, 90/10 split"
   std::string notes{};         // markdown, appended to the header paragraph as it is
+  std::string appendix{};      // markdown, appended to the end of report.md as it is (its own sections)
 };
 
 // Fixed per variant name so that a variant looks the same in every picture and every report;
@@ -118,7 +122,9 @@ inline void validate(std::span<const VariantResult> results) {
     moe::check(r.router_parameters >= 0 && r.total_parameters >= 0, "report: variant '", r.variant,
                "' has a negative parameter count (router ", r.router_parameters, ", total ", r.total_parameters, ")");
     std::set<std::string_view> metric_names;
-    for (const auto& [name, value] : r.metrics) {
+    std::vector<std::pair<std::string, std::string>> all_metrics = r.metrics;
+    all_metrics.insert(all_metrics.end(), r.trailing_metrics.begin(), r.trailing_metrics.end());
+    for (const auto& [name, value] : all_metrics) {
       moe::check(!name.empty(), "report: variant '", r.variant, "' has a metric with an empty name");
       moe::check(metric_names.insert(name).second, "report: variant '", r.variant, "' has metric '", name, "' twice");
     }
@@ -209,13 +215,21 @@ inline std::string mean_cell(const VariantResult& r, const LayerMean& mean) {
   return cell;
 }
 
-// The metric names of all variants, in the order they first appear.
-inline std::vector<std::string> metric_columns(std::span<const VariantResult> results) {
+// The metric names of all variants, in the order they first appear (`metrics`, or with
+// trailing = true, `trailing_metrics`).
+inline std::vector<std::string> metric_columns(std::span<const VariantResult> results, bool trailing = false) {
   std::vector<std::string> columns;
   for (const VariantResult& r : results)
-    for (const auto& metric : r.metrics)
+    for (const auto& metric : trailing ? r.trailing_metrics : r.metrics)
       if (std::find(columns.begin(), columns.end(), metric.first) == columns.end()) columns.push_back(metric.first);
   return columns;
+}
+
+// The cell of metric column `name` in a row: its value, or "-" when the variant has none.
+inline std::string metric_cell(const std::vector<std::pair<std::string, std::string>>& metrics,
+                               const std::string& name) {
+  const auto found = std::find_if(metrics.begin(), metrics.end(), [&](const auto& p) { return p.first == name; });
+  return found == metrics.end() ? std::string("-") : markdown_escape(found->second);
 }
 
 // heatmap_<variant>.svg with the name reduced to [A-Za-z0-9._-]; distinct names stay distinct
@@ -275,27 +289,28 @@ inline void write_file(const std::filesystem::path& path, std::string_view conte
 }  // namespace detail
 
 // | variant | router params | total params | <metrics> | mean norm. entropy | mean max expert fraction |
-// One row per variant in the given order; "-" where a value does not apply or was not given.
+// <trailing metrics> |. One row per variant in the given order; "-" where a value does not apply
+// or was not given.
 inline std::string markdown_table(std::span<const VariantResult> results) {
   using namespace detail;
   validate(results);
-  const std::vector<std::string> metrics = metric_columns(results);
+  const std::vector<std::string> metrics = metric_columns(results), trailing = metric_columns(results, true);
   std::string table = "| variant | router params | total params |";
   std::string rule = "|---|---:|---:|";
   for (const std::string& m : metrics) append_cell(table, markdown_escape(m)), rule += "---:|";
-  table += " mean norm. entropy | mean max expert fraction |\n";
-  table += rule + "---:|---:|\n";
+  table += " mean norm. entropy | mean max expert fraction |";
+  rule += "---:|---:|";
+  for (const std::string& m : trailing) append_cell(table, markdown_escape(m)), rule += "---:|";
+  table += "\n" + rule + "\n";
   for (const VariantResult& r : results) {
     table += '|';
     append_cell(table, markdown_escape(r.variant));
     append_cell(table, r.is_moe ? grouped(std::uint64_t(r.router_parameters)) : "-");
     append_cell(table, grouped(std::uint64_t(r.total_parameters)));
-    for (const std::string& m : metrics) {
-      const auto found = std::find_if(r.metrics.begin(), r.metrics.end(), [&](const auto& p) { return p.first == m; });
-      append_cell(table, found == r.metrics.end() ? std::string("-") : markdown_escape(found->second));
-    }
+    for (const std::string& m : metrics) append_cell(table, metric_cell(r.metrics, m));
     append_cell(table, mean_cell(r, mean_entropy(r)));
     append_cell(table, mean_cell(r, mean_max_fraction(r)));
+    for (const std::string& m : trailing) append_cell(table, metric_cell(r.trailing_metrics, m));
     table += '\n';
   }
   return table;
@@ -345,6 +360,9 @@ inline std::string routing_json(std::span<const VariantResult> results, const Re
     json += "      \"metrics\": {";
     for (std::size_t m = 0; m < r.metrics.size(); ++m)
       json += (m ? ", " : "") + json_quote(r.metrics[m].first) + ": " + json_quote(r.metrics[m].second);
+    for (std::size_t m = 0; m < r.trailing_metrics.size(); ++m)
+      json += (m || !r.metrics.empty() ? ", " : "") + json_quote(r.trailing_metrics[m].first) + ": " +
+              json_quote(r.trailing_metrics[m].second);
     json += "},\n";
     if (!r.is_moe) {
       json += "      \"layers\": []\n    }";
@@ -527,6 +545,7 @@ inline std::string report_markdown(std::span<const VariantResult> results, const
     md += "\nMax expert fraction:\n\n" + layer_table(results, &LayerRouting::max_fraction);
     md += "\nAll fractions: [routing.csv](routing.csv), [routing.json](routing.json).\n";
   }
+  if (!options.appendix.empty()) md += "\n" + options.appendix + (options.appendix.ends_with('\n') ? "" : "\n");
   return md;
 }
 

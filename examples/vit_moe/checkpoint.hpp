@@ -1,0 +1,276 @@
+// examples/vit_moe/checkpoint.hpp: ViT MoE checkpoints as safetensors files.
+//
+// Tensors
+//   Every parameter under the name and in the layout model.parameters() gives it: timm's
+//   VisionTransformer (cls_token [1, 1, H], pos_embed [1, T, H], patch_embed.proj.weight
+//   [H, C, P, P], blocks.{l}.norm1.weight, blocks.{l}.attn.qkv.weight [3H, H], ...,
+//   blocks.{l}.mlp.fc1.weight [F, H], norm.weight, head.weight [classes, H]), and in MoE blocks the
+//   MoE layer's own names under blocks.{l}.moe. (router.weight [N, H] for linear and for
+//   fixed-random's frozen projection, experts.fc.weight [N, F, H], experts.fc.bias [N, F],
+//   experts.proj.weight [N, H, F], experts.proj.bias [N, H]). dtype: F32.
+//   Optimizer state (optional): AdamW's moments as optimizer.m.<name> and optimizer.v.<name>, for
+//   every parameter the optimizer has updated.
+//
+// Metadata (all strings)
+//   format = "moe-vit/1", variant (dense, linear, self, fixed-random, random), config.<field> for
+//   every vit::Config field (decimal integers), routing_step (the Random gate's draw counter,
+//   random variant only), optimizer.step (when optimizer state is saved), plus the caller's
+//   entries (step, training options, data fingerprint, ...), which may not reuse these keys.
+//
+// Loading checks the format, the variant and every config field against the model, and each
+// tensor's presence, dtype and shape, before it changes anything; a tensor the model does not
+// have is refused (another variant's checkpoint). Every error names the file.
+#pragma once
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "config.hpp"
+#include "model.hpp"
+#include "moe/io/safetensors.hpp"
+#include "moe/nn/adamw.hpp"
+
+namespace vit {
+
+inline constexpr std::string_view kCheckpointFormat = "moe-vit/1";
+
+struct CheckpointHeader {
+  std::string variant;
+  Config config;
+  std::map<std::string, std::string> metadata;  // everything in the file's metadata, caller's entries included
+  bool has_optimizer_state = false;
+};
+
+namespace checkpoint_detail {
+
+// Every Config field by name, as stored in the metadata.
+inline std::vector<std::pair<std::string, std::string>> config_fields(const Config& c) {
+  return {{"config.image_size", std::to_string(c.image_size)}, {"config.channels", std::to_string(c.channels)},
+          {"config.patch", std::to_string(c.patch)},           {"config.classes", std::to_string(c.classes)},
+          {"config.layers", std::to_string(c.layers)},         {"config.heads", std::to_string(c.heads)},
+          {"config.hidden", std::to_string(c.hidden)},         {"config.ffn", std::to_string(c.ffn)},
+          {"config.experts", std::to_string(c.experts)},       {"config.top_k", std::to_string(c.top_k)},
+          {"config.moe_every", std::to_string(c.moe_every)},   {"config.seed", std::to_string(c.seed)}};
+}
+
+inline bool reserved_key(std::string_view key) {
+  return key == "format" || key == "variant" || key == "routing_step" || key.starts_with("config.") ||
+         key.starts_with("optimizer.");
+}
+
+template <class Integer>
+Integer parse_integer(const std::string& file, const std::map<std::string, std::string>& metadata,
+                      const std::string& key) {
+  const auto it = metadata.find(key);
+  moe::check(it != metadata.end(), file, ": metadata has no \"", key, "\"");
+  Integer value{};
+  const std::string& text = it->second;
+  const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
+  moe::check(result.ec == std::errc{} && result.ptr == text.data() + text.size() && !text.empty(), file,
+             ": metadata \"", key, "\" = \"", text, "\" is not a valid integer");
+  return value;
+}
+
+// The config in the metadata, validated (a config no model can be built from is an error here).
+inline Config parse_config(const std::string& file, const std::map<std::string, std::string>& metadata) {
+  constexpr Index limit = Index(1) << 24;  // far above any real model; keeps products from overflowing
+  const auto field = [&](const char* key) {
+    const Index value = parse_integer<Index>(file, metadata, key);
+    moe::check(value >= 1 && value <= limit, file, ": metadata \"", key, "\" = ", value, " is outside [1, ", limit,
+               "]");
+    return value;
+  };
+  Config c;
+  c.image_size = field("config.image_size");
+  c.channels = field("config.channels");
+  c.patch = field("config.patch");
+  c.classes = field("config.classes");
+  c.layers = field("config.layers");
+  c.heads = field("config.heads");
+  c.hidden = field("config.hidden");
+  c.ffn = field("config.ffn");
+  c.experts = field("config.experts");
+  c.top_k = field("config.top_k");
+  c.moe_every = field("config.moe_every");
+  c.seed = parse_integer<std::uint64_t>(file, metadata, "config.seed");
+  try {
+    c.validate();
+  } catch (const moe::Error& error) {
+    moe::fail(file, ": the config in its metadata is not valid (", error.what(), ")");
+  }
+  return c;
+}
+
+}  // namespace checkpoint_detail
+
+// The variant, config and metadata of a checkpoint, read from its header only (so that a
+// program can build the right model type before loading).
+inline CheckpointHeader read_checkpoint_header(const std::filesystem::path& path) {
+  const moe::io::SafetensorsFile file = moe::io::SafetensorsFile::header_only(path);
+  CheckpointHeader header;
+  header.metadata = file.metadata();
+  const auto format = header.metadata.find("format");
+  moe::check(format != header.metadata.end() && format->second == kCheckpointFormat, file.file(),
+             ": not a vit_moe checkpoint (metadata format is \"",
+             format == header.metadata.end() ? "" : format->second, "\", expected \"", kCheckpointFormat, "\")");
+  const auto variant = header.metadata.find("variant");
+  moe::check(variant != header.metadata.end(), file.file(), ": metadata has no \"variant\"");
+  header.variant = variant->second;
+  bool known = false;
+  for (std::string_view v : kVariants) known = known || v == header.variant;
+  moe::check(known, file.file(), ": unknown variant \"", header.variant, "\" (valid: ", kVariantList, ")");
+  header.config = checkpoint_detail::parse_config(file.file(), header.metadata);
+  header.has_optimizer_state = header.metadata.contains("optimizer.step");
+  return header;
+}
+
+// Saves the model's parameters (and, given an optimizer, its state) with the metadata above
+// plus `extra`. The file is written to a temporary name and renamed: a crash never leaves half a
+// checkpoint under the real name.
+template <class Model>
+void save_checkpoint(const std::filesystem::path& path, Model& model,
+                     const moe::nn::AdamW<typename Model::Scalar>* optimizer,
+                     const std::map<std::string, std::string>& extra = {}) {
+  using S = typename Model::Scalar;
+  const std::string file = path.string();
+  std::map<std::string, std::string> metadata;
+  for (const auto& [key, value] : extra) {
+    moe::check(!checkpoint_detail::reserved_key(key), file, ": metadata key \"", key,
+               "\" is reserved for the checkpoint itself");
+    metadata[key] = value;
+  }
+  metadata["format"] = std::string(kCheckpointFormat);
+  metadata["variant"] = std::string(Model::variant);
+  for (const auto& [key, value] : checkpoint_detail::config_fields(model.config())) metadata[key] = value;
+  if constexpr (Model::is_moe) {
+    const std::vector<Index> blocks = model.moe_blocks();
+    auto& gate = model.moe_ffn(blocks.front()).layer().gate();
+    if constexpr (requires { gate.step(); }) {
+      for (Index block : blocks)
+        moe::check(model.moe_ffn(block).layer().gate().step() == gate.step(), file, ": block ", block,
+                   "'s Random gate is at step ", model.moe_ffn(block).layer().gate().step(), ", block ",
+                   blocks.front(), "'s at ", gate.step());
+      metadata["routing_step"] = std::to_string(gate.step());
+    }
+  }
+
+  std::vector<moe::ParamRef<S>> params = model.parameters();
+  std::vector<moe::io::TensorToWrite> tensors;
+  const auto add = [&](std::string name, const moe::ParamRef<S>& p, std::span<const S> values) {
+    tensors.push_back(moe::io::tensor_to_write(std::move(name), std::vector<std::int64_t>(p.shape.begin(), p.shape.end()),
+                                               values));
+  };
+  for (const moe::ParamRef<S>& p : params) add(p.name, p, p.value);
+  if (optimizer) {
+    moe::check(optimizer->m().empty() || optimizer->m().size() == params.size(), file, ": the optimizer holds ",
+               optimizer->m().size(), " parameters' moments, the model has ", params.size(), " parameters");
+    metadata["optimizer.step"] = std::to_string(optimizer->step_count());
+    for (std::size_t i = 0; i < optimizer->m().size(); ++i) {
+      if (optimizer->m()[i].empty()) continue;  // never updated (frozen, or no step yet)
+      moe::check(optimizer->m()[i].size() == params[i].value.size() && optimizer->v()[i].size() == params[i].value.size(),
+                 file, ": the optimizer's moments of \"", params[i].name, "\" do not match its size");
+      add("optimizer.m." + params[i].name, params[i], optimizer->m()[i]);
+      add("optimizer.v." + params[i].name, params[i], optimizer->v()[i]);
+    }
+  }
+  moe::io::save_safetensors(path, tensors, metadata);
+}
+
+// Loads a checkpoint into `model` (built with the checkpoint's variant and config, e.g. from
+// read_checkpoint_header) and, if `optimizer` is given and the file has optimizer state, into
+// the optimizer; the Random gate's step is restored too, so training resumes bit for bit.
+// Everything is checked before the model changes; errors name the file, the tensor or field and
+// both values.
+template <class Model>
+CheckpointHeader load_checkpoint(const std::filesystem::path& path, Model& model,
+                                 moe::nn::AdamW<typename Model::Scalar>* optimizer = nullptr) {
+  using S = typename Model::Scalar;
+  const CheckpointHeader header = read_checkpoint_header(path);
+  const moe::io::SafetensorsFile file(path);
+  const std::string& name = file.file();
+
+  moe::check(header.variant == Model::variant, name, ": checkpoint variant is \"", header.variant,
+             "\", the model's is \"", Model::variant, "\"");
+  const auto have = checkpoint_detail::config_fields(model.config());
+  const auto want = checkpoint_detail::config_fields(header.config);
+  for (std::size_t i = 0; i < have.size(); ++i)
+    moe::check(want[i].second == have[i].second, name, ": ", want[i].first, " is ", want[i].second,
+               " in the checkpoint, ", have[i].second, " in the model");
+
+  // Every check first: presence, dtype and shape of each tensor, nothing unexpected.
+  std::vector<moe::ParamRef<S>> params = model.parameters();
+  std::set<std::string> expected;
+  const auto check_tensor = [&](const std::string& stored, const moe::ParamRef<S>& p) {
+    moe::check(file.contains(stored), name, ": checkpoint has no tensor \"", stored, "\"");
+    const moe::io::TensorInfo& info = file.info(stored);
+    moe::check(moe::io::is_floating(info.dtype), name, ": tensor \"", stored, "\" has dtype ",
+               moe::io::dtype_name(info.dtype), ", expected a floating-point type");
+    const std::vector<std::int64_t> shape(p.shape.begin(), p.shape.end());
+    moe::check(info.shape == shape, name, ": tensor \"", stored, "\" has shape ",
+               moe::io::detail::shape_string(info.shape), ", the model's \"", p.name, "\" needs ",
+               moe::io::detail::shape_string(shape));
+    expected.insert(stored);
+  };
+  for (const moe::ParamRef<S>& p : params) check_tensor(p.name, p);
+  const bool restore_optimizer = optimizer && header.has_optimizer_state;
+  std::vector<bool> has_moments(params.size(), false);
+  if (header.has_optimizer_state) {
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const std::string m = "optimizer.m." + params[i].name, v = "optimizer.v." + params[i].name;
+      moe::check(file.contains(m) == file.contains(v), name, ": checkpoint has only one of \"", m, "\" and \"", v, "\"");
+      if (!file.contains(m)) continue;
+      moe::check(params[i].trainable && !params[i].grad.empty(), name, ": checkpoint has optimizer moments for \"",
+                 params[i].name, "\", which is not trained");
+      check_tensor(m, params[i]);
+      check_tensor(v, params[i]);
+      has_moments[i] = true;
+    }
+  }
+  for (const std::string& stored : file.names())
+    moe::check(expected.contains(stored), name, ": checkpoint tensor \"", stored, "\" has no place in the ",
+               Model::variant, " model (a checkpoint of another variant or config?)");
+  int optimizer_step = 0;
+  if (restore_optimizer) {
+    optimizer_step = checkpoint_detail::parse_integer<int>(name, header.metadata, "optimizer.step");
+    moe::check(optimizer_step >= 0, name, ": optimizer.step is negative (", optimizer_step, ")");
+  }
+  std::uint64_t routing_step = 0;
+  if (header.metadata.contains("routing_step"))
+    routing_step = checkpoint_detail::parse_integer<std::uint64_t>(name, header.metadata, "routing_step");
+  // Non-finite values would poison training silently; a corrupt file is the likely cause.
+  const auto check_finite = [&](const std::string& stored, std::span<const S> values) {
+    for (S value : values)
+      moe::check(std::isfinite(value), name, ": tensor \"", stored, "\" holds a non-finite value");
+  };
+
+  // Read everything into scratch first, so that a bad value leaves the model untouched.
+  std::vector<std::vector<S>> values(params.size()), m(params.size()), v(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    values[i].resize(params[i].value.size());
+    const std::vector<std::int64_t> shape(params[i].shape.begin(), params[i].shape.end());
+    file.read(params[i].name, std::span<S>(values[i]), std::span<const std::int64_t>(shape));
+    check_finite(params[i].name, values[i]);
+    if (!restore_optimizer || !has_moments[i]) continue;
+    m[i].resize(values[i].size());
+    v[i].resize(values[i].size());
+    file.read("optimizer.m." + params[i].name, std::span<S>(m[i]), std::span<const std::int64_t>(shape));
+    file.read("optimizer.v." + params[i].name, std::span<S>(v[i]), std::span<const std::int64_t>(shape));
+    check_finite("optimizer.m." + params[i].name, m[i]);
+    check_finite("optimizer.v." + params[i].name, v[i]);
+  }
+  for (std::size_t i = 0; i < params.size(); ++i) std::copy(values[i].begin(), values[i].end(), params[i].value.begin());
+  if (restore_optimizer) optimizer->set_state(optimizer_step, std::move(m), std::move(v));
+  model.set_routing_step(routing_step);
+  return header;
+}
+
+}  // namespace vit
