@@ -111,8 +111,21 @@ void micro_kernel(const float* __restrict a, Index a_row, Index a_step, const fl
   }
 }
 
+// out[i * NR + r] = rows[r][k + i] for r, i < kLanes: a kLanes x kLanes block, transposed.
+inline void transpose_block(const float* const* rows, Index k, float* out) {
+  using namespace Eigen::internal;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // the packet's vector attributes, as in Eigen's own uses
+  PacketBlock<FloatPacket, kLanes> block;
+#pragma GCC diagnostic pop
+  for (Index r = 0; r < kLanes; ++r) block.packet[r] = ploadu<FloatPacket>(rows[r] + k);
+  ptranspose(block);
+  for (Index i = 0; i < kLanes; ++i) pstoreu(out + i * NR, block.packet[i]);
+}
+
 // Columns [j0, j0 + nc) and depth [k0, k0 + kc) of op(B) into KC x NR panels (panel q at
-// out + q * kc), zero-padded to whole panels.
+// out + q * kc), padded to whole panels (with zeros, or for a transposed B with copies of its last
+// column: padding lanes are multiplied but never stored, so their values change nothing).
 inline void pack_b(const Gemm<float>& g, Index j0, Index nc, Index k0, Index kc, float* out) {
   for (Index q = 0; q < nc; q += NR) {
     const Index cols = std::min(NR, nc - q);
@@ -125,8 +138,16 @@ inline void pack_b(const Gemm<float>& g, Index j0, Index nc, Index k0, Index kc,
     } else {  // op(B)(k, j) = B(j, k): NR rows of B, read across (writes stay sequential)
       const float* src[NR];
       for (Index j = 0; j < NR; ++j) src[j] = g.b.row(j0 + q + std::min(j, cols - 1)) + k0;
-      for (Index k = 0; k < kc; ++k)
-        for (Index j = 0; j < NR; ++j) panel[k * NR + j] = j < cols ? src[j][k] : 0.f;
+      // kLanes x kLanes blocks at a time through a register transpose: the scalar gather (left
+      // for the depth's tail) cost as much as the products it fed on short tiles (the ViT's
+      // linear layers; attention's 17-key score blocks).
+      Index k = 0;
+      for (; k + kLanes <= kc; k += kLanes) {
+        transpose_block(src, k, panel + k * NR);
+        transpose_block(src + kLanes, k, panel + k * NR + kLanes);
+      }
+      for (; k < kc; ++k)
+        for (Index j = 0; j < NR; ++j) panel[k * NR + j] = src[j][k];
     }
   }
 }
@@ -137,6 +158,10 @@ inline void pack_transposed_a(const Gemm<float>& g, Index i0, Index mc, Index k0
   for (Index p = 0; p < mc; p += MR) {
     const Index rows = std::min(MR, mc - p);
     float* panel = out + p * kc;
+    if (rows == MR) {  // a fixed-length copy, which the compiler turns into one vector move
+      for (Index k = 0; k < kc; ++k) std::copy_n(g.a.row(k0 + k) + i0 + p, MR, panel + k * MR);
+      continue;
+    }
     for (Index k = 0; k < kc; ++k) {
       const float* src = g.a.row(k0 + k) + i0 + p;
       for (Index r = 0; r < MR; ++r) panel[k * MR + r] = r < rows ? src[r] : 0.f;
