@@ -302,6 +302,34 @@ TEST_CASE("vit checkpoint: another variant, another config, truncation and corru
     CHECK_THROWS_WITH_AS(vit::load_checkpoint(poisoned, model), doctest::Contains("non-finite"), moe::Error);
     CHECK(all_values(model) == original);
   }
+  SUBCASE("a config in the metadata that disagrees with the tensors, before any allocation") {
+    const auto edited = temp_file("edited.safetensors");
+    const auto header_error = [&](const std::string& key, const std::string& value) {
+      const moe::io::SafetensorsFile file(path);
+      std::vector<moe::io::TensorToWrite> tensors;
+      for (const std::string& name : file.names()) {
+        const auto& info = file.info(name);
+        tensors.push_back({name, info.dtype, info.shape, file.data(name)});
+      }
+      std::map<std::string, std::string> metadata = file.metadata();
+      metadata[key] = value;
+      moe::io::save_safetensors(edited, tensors, metadata);
+      try {
+        vit::read_checkpoint_header(edited);
+      } catch (const moe::Error& error) {
+        return std::string(error.what());
+      }
+      return std::string();
+    };
+    CHECK(header_error("config.layers", "16000000").find("config.layers = 16000000, the file has 2 blocks") !=
+          std::string::npos);
+    CHECK(header_error("config.hidden", "64").find("tensor \"cls_token\" has shape [1, 1, 16]") != std::string::npos);
+    CHECK(header_error("config.classes", "7").find("tensor \"head.weight\"") != std::string::npos);
+    CHECK(header_error("config.patch", "2").find("tensor \"pos_embed\"") != std::string::npos);
+    CHECK(header_error("config.channels", "3").find("tensor \"patch_embed.proj.weight\"") != std::string::npos);
+    CHECK(header_error("config.ffn", "48").find("config.ffn and config.hidden") != std::string::npos);
+    CHECK(header_error("config.seed", "6").empty());  // not a shape: checked against the model on load
+  }
   SUBCASE("not a vit checkpoint") {
     const float value = 1;
     moe::io::save_safetensors(temp_file("plain.safetensors"),

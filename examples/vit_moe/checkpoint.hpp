@@ -110,6 +110,41 @@ inline Config parse_config(const std::string& file, const std::map<std::string, 
   return c;
 }
 
+// The metadata's config against the tensor shapes of the file, before a model is built from it:
+// a corrupt or hand-edited config.* is refused here, naming the fields, instead of allocating a
+// model that does not fit in memory (shapes are already bounded by the file's size).
+inline void check_config_against_shapes(const moe::io::SafetensorsFile& file, const Config& c) {
+  const auto expect_shape = [&](const std::string& tensor, std::vector<std::int64_t> shape, std::string_view fields) {
+    moe::check(file.contains(tensor), file.file(), ": checkpoint has no tensor \"", tensor, "\"");
+    moe::check(file.info(tensor).shape == shape, file.file(), ": tensor \"", tensor, "\" has shape ",
+               moe::io::detail::shape_string(file.info(tensor).shape), ", but the metadata's ", fields, " need ",
+               moe::io::detail::shape_string(shape));
+  };
+  expect_shape("cls_token", {1, 1, c.hidden}, "config.hidden");
+  expect_shape("pos_embed", {1, c.tokens(), c.hidden}, "config.image_size, config.patch and config.hidden");
+  expect_shape("patch_embed.proj.weight", {c.hidden, c.channels, c.patch, c.patch},
+               "config.hidden, config.channels and config.patch");
+  expect_shape("head.weight", {c.classes, c.hidden}, "config.classes and config.hidden");
+  Index blocks = 0;
+  while (blocks <= c.layers && file.contains("blocks." + std::to_string(blocks) + ".norm1.weight")) ++blocks;
+  moe::check(blocks == c.layers, file.file(), ": metadata says config.layers = ", c.layers, ", the file has ",
+             blocks > c.layers ? "more" : std::to_string(blocks), " blocks (blocks.{l}.norm1.weight)");
+  for (Index block = 0; block < c.layers; ++block) {
+    const std::string prefix = "blocks." + std::to_string(block) + ".";
+    if (file.contains(prefix + "mlp.fc1.weight")) {
+      expect_shape(prefix + "mlp.fc1.weight", {c.ffn, c.hidden}, "config.ffn and config.hidden");
+      return;
+    }
+    if (file.contains(prefix + "moe.experts.fc.weight")) {
+      expect_shape(prefix + "moe.experts.fc.weight", {c.experts, c.ffn, c.hidden},
+                   "config.experts, config.ffn and config.hidden");
+      return;
+    }
+  }
+  moe::fail(file.file(), ": checkpoint has no MLP or expert weights (blocks.{l}.mlp.fc1.weight, "
+            "blocks.{l}.moe.experts.fc.weight)");
+}
+
 }  // namespace checkpoint_detail
 
 // The variant, config and metadata of a checkpoint, read from its header only (so that a
@@ -129,6 +164,7 @@ inline CheckpointHeader read_checkpoint_header(const std::filesystem::path& path
   for (std::string_view v : kVariants) known = known || v == header.variant;
   moe::check(known, file.file(), ": unknown variant \"", header.variant, "\" (valid: ", kVariantList, ")");
   header.config = checkpoint_detail::parse_config(file.file(), header.metadata);
+  checkpoint_detail::check_config_against_shapes(file, header.config);
   header.has_optimizer_state = header.metadata.contains("optimizer.step");
   return header;
 }
