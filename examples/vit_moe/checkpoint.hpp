@@ -34,6 +34,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../common/checkpoint_common.hpp"
 #include "config.hpp"
 #include "model.hpp"
 #include "moe/io/safetensors.hpp"
@@ -62,23 +63,7 @@ inline std::vector<std::pair<std::string, std::string>> config_fields(const Conf
           {"config.moe_every", std::to_string(c.moe_every)},   {"config.seed", std::to_string(c.seed)}};
 }
 
-inline bool reserved_key(std::string_view key) {
-  return key == "format" || key == "variant" || key == "routing_step" || key.starts_with("config.") ||
-         key.starts_with("optimizer.");
-}
-
-template <class Integer>
-Integer parse_integer(const std::string& file, const std::map<std::string, std::string>& metadata,
-                      const std::string& key) {
-  const auto it = metadata.find(key);
-  moe::check(it != metadata.end(), file, ": metadata has no \"", key, "\"");
-  Integer value{};
-  const std::string& text = it->second;
-  const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
-  moe::check(result.ec == std::errc{} && result.ptr == text.data() + text.size() && !text.empty(), file,
-             ": metadata \"", key, "\" = \"", text, "\" is not a valid integer");
-  return value;
-}
+using examples::checkpoint::parse_integer;
 
 // The config in the metadata, validated (a config no model can be built from is an error here).
 inline Config parse_config(const std::string& file, const std::map<std::string, std::string>& metadata) {
@@ -115,10 +100,7 @@ inline Config parse_config(const std::string& file, const std::map<std::string, 
 // model that does not fit in memory (shapes are already bounded by the file's size).
 inline void check_config_against_shapes(const moe::io::SafetensorsFile& file, const Config& c) {
   const auto expect_shape = [&](const std::string& tensor, std::vector<std::int64_t> shape, std::string_view fields) {
-    moe::check(file.contains(tensor), file.file(), ": checkpoint has no tensor \"", tensor, "\"");
-    moe::check(file.info(tensor).shape == shape, file.file(), ": tensor \"", tensor, "\" has shape ",
-               moe::io::detail::shape_string(file.info(tensor).shape), ", but the metadata's ", fields, " need ",
-               moe::io::detail::shape_string(shape));
+    examples::checkpoint::expect_shape(file, tensor, shape, fields);
   };
   expect_shape("cls_token", {1, 1, c.hidden}, "config.hidden");
   expect_shape("pos_embed", {1, c.tokens(), c.hidden}, "config.image_size, config.patch and config.hidden");
@@ -178,14 +160,8 @@ void save_checkpoint(const std::filesystem::path& path, Model& model,
                      const std::map<std::string, std::string>& extra = {}) {
   using S = typename Model::Scalar;
   const std::string file = path.string();
-  std::map<std::string, std::string> metadata;
-  for (const auto& [key, value] : extra) {
-    moe::check(!checkpoint_detail::reserved_key(key), file, ": metadata key \"", key,
-               "\" is reserved for the checkpoint itself");
-    metadata[key] = value;
-  }
-  metadata["format"] = std::string(kCheckpointFormat);
-  metadata["variant"] = std::string(Model::variant);
+  std::map<std::string, std::string> metadata =
+      examples::checkpoint::base_metadata(file, extra, kCheckpointFormat, Model::variant);
   for (const auto& [key, value] : checkpoint_detail::config_fields(model.config())) metadata[key] = value;
   if constexpr (Model::is_moe) {
     const std::vector<Index> blocks = model.moe_blocks();
@@ -198,27 +174,9 @@ void save_checkpoint(const std::filesystem::path& path, Model& model,
       metadata["routing_step"] = std::to_string(gate.step());
     }
   }
-
   std::vector<moe::ParamRef<S>> params = model.parameters();
-  std::vector<moe::io::TensorToWrite> tensors;
-  const auto add = [&](std::string name, const moe::ParamRef<S>& p, std::span<const S> values) {
-    tensors.push_back(moe::io::tensor_to_write(std::move(name), std::vector<std::int64_t>(p.shape.begin(), p.shape.end()),
-                                               values));
-  };
-  for (const moe::ParamRef<S>& p : params) add(p.name, p, p.value);
-  if (optimizer) {
-    moe::check(optimizer->m().empty() || optimizer->m().size() == params.size(), file, ": the optimizer holds ",
-               optimizer->m().size(), " parameters' moments, the model has ", params.size(), " parameters");
-    metadata["optimizer.step"] = std::to_string(optimizer->step_count());
-    for (std::size_t i = 0; i < optimizer->m().size(); ++i) {
-      if (optimizer->m()[i].empty()) continue;  // never updated (frozen, or no step yet)
-      moe::check(optimizer->m()[i].size() == params[i].value.size() && optimizer->v()[i].size() == params[i].value.size(),
-                 file, ": the optimizer's moments of \"", params[i].name, "\" do not match its size");
-      add("optimizer.m." + params[i].name, params[i], optimizer->m()[i]);
-      add("optimizer.v." + params[i].name, params[i], optimizer->v()[i]);
-    }
-  }
-  moe::io::save_safetensors(path, tensors, metadata);
+  examples::checkpoint::save_tensors<S>(path, params, optimizer, std::move(metadata), examples::checkpoint::model_shape<S>,
+                                        examples::checkpoint::copy_values<S>);
 }
 
 // Loads a checkpoint into `model` (built with the checkpoint's variant and config, e.g. from
@@ -244,36 +202,10 @@ CheckpointHeader load_checkpoint(const std::filesystem::path& path, Model& model
 
   // Every check first: presence, dtype and shape of each tensor, nothing unexpected.
   std::vector<moe::ParamRef<S>> params = model.parameters();
-  std::set<std::string> expected;
-  const auto check_tensor = [&](const std::string& stored, const moe::ParamRef<S>& p) {
-    moe::check(file.contains(stored), name, ": checkpoint has no tensor \"", stored, "\"");
-    const moe::io::TensorInfo& info = file.info(stored);
-    moe::check(moe::io::is_floating(info.dtype), name, ": tensor \"", stored, "\" has dtype ",
-               moe::io::dtype_name(info.dtype), ", expected a floating-point type");
-    const std::vector<std::int64_t> shape(p.shape.begin(), p.shape.end());
-    moe::check(info.shape == shape, name, ": tensor \"", stored, "\" has shape ",
-               moe::io::detail::shape_string(info.shape), ", the model's \"", p.name, "\" needs ",
-               moe::io::detail::shape_string(shape));
-    expected.insert(stored);
-  };
-  for (const moe::ParamRef<S>& p : params) check_tensor(p.name, p);
+  const std::vector<bool> has_moments =
+      examples::checkpoint::check_tensors<S>(file, params, "", header.has_optimizer_state, Model::variant,
+                                             examples::checkpoint::model_shape<S>, [](const std::string&) { return false; });
   const bool restore_optimizer = optimizer && header.has_optimizer_state;
-  std::vector<bool> has_moments(params.size(), false);
-  if (header.has_optimizer_state) {
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      const std::string m = "optimizer.m." + params[i].name, v = "optimizer.v." + params[i].name;
-      moe::check(file.contains(m) == file.contains(v), name, ": checkpoint has only one of \"", m, "\" and \"", v, "\"");
-      if (!file.contains(m)) continue;
-      moe::check(params[i].trainable && !params[i].grad.empty(), name, ": checkpoint has optimizer moments for \"",
-                 params[i].name, "\", which is not trained");
-      check_tensor(m, params[i]);
-      check_tensor(v, params[i]);
-      has_moments[i] = true;
-    }
-  }
-  for (const std::string& stored : file.names())
-    moe::check(expected.contains(stored), name, ": checkpoint tensor \"", stored, "\" has no place in the ",
-               Model::variant, " model (a checkpoint of another variant or config?)");
   int optimizer_step = 0;
   if (restore_optimizer) {
     optimizer_step = checkpoint_detail::parse_integer<int>(name, header.metadata, "optimizer.step");
