@@ -20,44 +20,20 @@ Run with Debian's python3-torch: /usr/bin/python3 bench/torch_vit_train.py [--st
 """
 import argparse
 import json
-import math
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "torch_parity"))
 import vit_torch  # noqa: E402
+from torch_train_common import bits, environment, normal, time_training  # noqa: E402
 
 BATCH = 64
 DATA_SEED = 42
-MASK64 = (1 << 64) - 1
 
 
-# The library's counter-based generator (moe/random.hpp), for the same images and labels as the C++ side.
-def mix64(z):
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def bits(seed, stream, counter):
-    return mix64((mix64(mix64(seed ^ 0x9E3779B97F4A7C15) ^ stream) + counter * 0x9E3779B97F4A7C15) & MASK64)
-
-
-def uniform(seed, stream, counter):
-    return ((bits(seed, stream, counter) >> 11) + 0.5) * 2.0 ** -53
-
-
-def normal(seed, stream, counter):  # Box-Muller, as moe::random::normal
-    u1, u2 = uniform(seed, stream, 2 * counter), uniform(seed, stream, 2 * counter + 1)
-    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
-
-
-def make_batch(config):
+def make_batch(config):  # the same images and labels as the C++ side
     pixels = config.channels * config.image_size ** 2
     images = torch.tensor([normal(DATA_SEED, 0, i) for i in range(BATCH * pixels)], dtype=torch.float32)
     labels = torch.tensor([bits(DATA_SEED, 1, b) % config.classes for b in range(BATCH)], dtype=torch.long)
@@ -68,42 +44,10 @@ def bench_variant(variant, images, labels, warmup, steps):
     torch.manual_seed(1337)
     config = vit_torch.Config.small()
     model = vit_torch.ViT(config, variant)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-        lr=2e-3, betas=(0.9, 0.95), eps=1e-8)
-
-    def step():
-        _, loss = model(images, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
-
-    for _ in range(warmup):
-        step()
-    times, loss = [], 0.0
-    slots = torch.zeros(len(model.moe_layers()), config.experts)  # router choices per block and expert
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-        for l, layer in enumerate(model.moe_layers()):
-            slots[l] += torch.bincount(layer.last_choices.reshape(-1), minlength=config.experts)
-    seconds = statistics.median(times)
-    result = {
-        "variant": variant,
-        "images_per_s": BATCH / seconds,
-        "step_ms": seconds * 1e3,
-        "step_runs_ms": [t * 1e3 for t in times],
-        "loss": loss,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    if model.moe_layers():  # as the C++ counter: the busiest expert's share in the worst block
-        result["max_expert_fraction"] = float((slots.max(dim=1).values / slots.sum(dim=1)).max())
-    return result
+    timed = time_training(model, lambda m: m(images, labels)[1], 2e-3, config.experts, warmup, steps)
+    seconds = timed.pop("seconds")
+    return {"variant": variant, "images_per_s": BATCH / seconds, "step_ms": seconds * 1e3, **timed,
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def main():
@@ -122,15 +66,7 @@ def main():
         results.append(bench_variant(variant, images, labels, args.warmup, args.steps))
         r = results[-1]
         print(f"torch {variant}: {r['images_per_s']:.0f} images/s ({r['step_ms']:.1f} ms/step)", file=sys.stderr)
-    json.dump({
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "batch": BATCH,
-        "env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY")
-                if os.environ.get(v)},
-        "results": results,
-    }, sys.stdout, indent=2)
+    json.dump({**environment(), "batch": BATCH, "results": results}, sys.stdout, indent=2)
     print()
 
 
