@@ -124,11 +124,10 @@ inline Result moe_layer(const Matrix& x, const Matrix& logits, const Params& p, 
     }
   }
   // Router path: weights -> logits (contract), plus auxiliary losses.
-  std::vector<double> scratch(moe::routing_scratch_size(N));
   moe::MatrixView<double> dl(r.dlogits.data(), T, N);
   for (Index t = 0; t < T; ++t)
     moe::route_token_backward<double>(moe::ConstMatrixView<double>(logits.data(), T, N), t, k, c.weights, plan,
-                                      dweights.data(), dl, scratch.data());
+                                      dweights.data(), dl);
   moe::aux_loss_backward<double>(moe::ConstMatrixView<double>(logits.data(), T, N), plan, c.aux, {}, dl);
   return r;
 }

@@ -397,7 +397,7 @@ using BackendOf = moe::cpu::BasicBackend<S>;
 template <class S>
 struct Workspace {
   moe::RoutingPlan plan, backend_plan;
-  std::vector<S> weights, backend_weights, dweights, scratch;
+  std::vector<S> weights, backend_weights, dweights;
   typename BackendOf<S>::Matrix dlogits, backend_dlogits;
 };
 
@@ -458,10 +458,9 @@ void run_case(const std::vector<S>& logits, Index T, Index N, Index k, RoutingWe
   for (S& g : ws.dweights) g = rng.chance(0.1) ? S(0) : S(rng.normal());
   BackendOf<S>::resize(ws.dlogits, T, N);
   ws.dlogits.setZero();
-  ws.scratch.assign(moe::routing_scratch_size(N), S(0));
   const moe::MatrixView<S> dz(ws.dlogits);
   for (Index t = 0; t < T; ++t)
-    moe::route_token_backward<S>(z, t, k, mode, ws.plan, ws.dweights.data(), dz, ws.scratch.data());
+    moe::route_token_backward<S>(z, t, k, mode, ws.plan, ws.dweights.data(), dz);
   for (Index t = 0; t < T; ++t)
     check_row_gradient(z.row(t), N, k, mode, ws.plan.expert.data() + t * k, ws.dweights.data() + t * k, dz.row(t), t,
                        fails);

@@ -8,27 +8,29 @@
 #include <numbers>
 #include <span>
 
+#include "moe/host_device.hpp"
+
 namespace moe::random {
 
 // SplitMix64's finaliser: a bijective 64-bit mixer with good avalanche.
-constexpr std::uint64_t mix64(std::uint64_t z) {
+MOE_HOST_DEVICE constexpr std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
 
 // The 64 random bits at (seed, stream, counter).
-constexpr std::uint64_t bits(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter) {
+MOE_HOST_DEVICE constexpr std::uint64_t bits(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter) {
   return mix64(mix64(mix64(seed ^ 0x9e3779b97f4a7c15ULL) ^ stream) + counter * 0x9e3779b97f4a7c15ULL);
 }
 
 // Uniform in (0, 1): 53 random bits, never exactly 0 (safe for log).
-inline double uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter) {
+MOE_HOST_DEVICE inline double uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter) {
   return (double(bits(seed, stream, counter) >> 11) + 0.5) * 0x1.0p-53;
 }
 
 // Standard normal by Box-Muller from two uniforms at counters 2c and 2c+1.
-inline double normal(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter) {
+MOE_HOST_DEVICE inline double normal(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter) {
   const double u1 = uniform(seed, stream, 2 * counter);
   const double u2 = uniform(seed, stream, 2 * counter + 1);
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);

@@ -29,13 +29,18 @@
 #include <vector>
 
 #include "moe/config.hpp"
+#include "moe/host_device.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {
 
+// Routing arithmetic runs in Compute<S>: S itself, float for bfloat16 logits.
+template <class S>
+using Compute = typename ComputeTypeOf<S>::type;
+
 // True when logit a of expert ia ranks above logit b of expert ib (see "Order" above).
 template <class S>
-constexpr bool ranks_above(S a, Index ia, S b, Index ib) {
+MOE_HOST_DEVICE constexpr bool ranks_above(S a, Index ia, S b, Index ib) {
   const bool a_nan = std::isnan(a), b_nan = std::isnan(b);
   if (a_nan != b_nan) return b_nan;
   if (!a_nan && a != b) return a > b;
@@ -43,18 +48,19 @@ constexpr bool ranks_above(S a, Index ia, S b, Index ib) {
 }
 
 // chosen[0..k) = the k best experts of one row of N logits, best first. O(N k), branch-light for
-// the small N of MoE layers.
+// the small N of MoE layers, and no scratch: the GPU runs it per token in registers.
 template <class S>
-void select_top_k(const S* logits, Index N, Index k, std::int32_t* chosen) {
+MOE_HOST_DEVICE void select_top_k(const S* logits, Index N, Index k, std::int32_t* chosen) {
+  using C = Compute<S>;
   Index count = 0;
   for (Index e = 0; e < N; ++e) {
-    const S value = logits[e];
+    const C value = C(logits[e]);
     if (count == k) {
-      if (!ranks_above(value, e, logits[chosen[k - 1]], Index(chosen[k - 1]))) continue;
+      if (!ranks_above(value, e, C(logits[chosen[k - 1]]), Index(chosen[k - 1]))) continue;
       count = k - 1;  // the current last one falls out
     }
     Index p = count;
-    while (p > 0 && ranks_above(value, e, logits[chosen[p - 1]], Index(chosen[p - 1]))) {
+    while (p > 0 && ranks_above(value, e, C(logits[chosen[p - 1]]), Index(chosen[p - 1]))) {
       chosen[p] = chosen[p - 1];
       --p;
     }
@@ -63,40 +69,56 @@ void select_top_k(const S* logits, Index N, Index k, std::int32_t* chosen) {
   }
 }
 
+// What a softmax over count values needs besides the values: their largest (NaN skipped) and
+// the sum of exp(v - max), or, when the largest is not finite, how many entries share the mass.
+template <class C>
+struct SoftmaxScale {
+  C max_value;
+  C sum;          // finite case
+  Index sharing;  // non-finite case: +inf entries, or all entries when nothing is above -inf
+  MOE_HOST_DEVICE bool finite() const { return std::isfinite(max_value); }
+  // softmax(values)[i] for the entry holding v, with the documented answer for non-finite values.
+  MOE_HOST_DEVICE C at(C v) const {
+    constexpr C inf = C(INFINITY);
+    if (finite()) return std::isnan(v) ? C(0) : C(std::exp(v - max_value)) / sum;  // exp(-inf) = 0
+    const bool shares = max_value == inf ? v == inf : true;
+    return shares ? C(1) / C(sharing) : C(0);
+  }
+};
+
+// The scale of softmax over value(0), ..., value(count - 1), summed in index order.
+template <class C, class Value>
+MOE_HOST_DEVICE SoftmaxScale<C> softmax_scale(Value value, Index count) {
+  constexpr C inf = C(INFINITY);
+  SoftmaxScale<C> scale{-inf, C(0), 0};
+  for (Index i = 0; i < count; ++i) {
+    const C v = value(i);
+    if (!std::isnan(v) && v > scale.max_value) scale.max_value = v;
+  }
+  if (scale.finite()) {
+    for (Index i = 0; i < count; ++i) {
+      const C v = value(i);
+      if (!std::isnan(v)) scale.sum += C(std::exp(v - scale.max_value));  // >= 1: the max adds exp(0)
+    }
+  } else {
+    for (Index i = 0; i < count; ++i) scale.sharing += scale.max_value == inf ? value(i) == inf : 1;
+  }
+  return scale;
+}
+
 // p[i] = softmax(values)[i] with the documented answer for non-finite values; values[i] is read
 // as values[i * step] so a row or a gathered selection can be passed. Returns false when the
 // largest value is not finite (then the gradient through this softmax is defined as zero).
 template <class S>
-bool robust_softmax(const S* values, Index count, Index step, S* p) {
-  constexpr S inf = std::numeric_limits<S>::infinity();
-  S max_value = -inf;
-  for (Index i = 0; i < count; ++i) {
-    const S v = values[i * step];
-    if (!std::isnan(v) && v > max_value) max_value = v;
-  }
-  if (std::isfinite(max_value)) {
-    S sum = 0;
-    for (Index i = 0; i < count; ++i) {
-      const S v = values[i * step];
-      p[i] = std::isnan(v) ? S(0) : std::exp(v - max_value);  // exp(-inf) = 0
-      sum += p[i];
-    }
-    for (Index i = 0; i < count; ++i) p[i] /= sum;  // sum >= 1: the max contributes exp(0)
-    return true;
-  }
-  // +inf present: the +inf entries share equally. Otherwise nothing is above -inf: all share.
-  Index sharing = 0;
-  for (Index i = 0; i < count; ++i) sharing += (max_value == inf) ? (values[i * step] == inf) : 1;
-  for (Index i = 0; i < count; ++i) {
-    const bool shares = (max_value == inf) ? (values[i * step] == inf) : true;
-    p[i] = shares ? S(1) / S(sharing) : S(0);
-  }
-  return false;
+MOE_HOST_DEVICE bool robust_softmax(const S* values, Index count, Index step, S* p) {
+  const auto scale = softmax_scale<S>([&](Index i) { return values[i * step]; }, count);
+  for (Index i = 0; i < count; ++i) p[i] = scale.at(values[i * step]);
+  return scale.finite();
 }
 
 // dz = J^T g for p = softmax(z): dz_i = p_i (g_i - sum_j p_j g_j); non-finite z_i get 0.
 template <class S>
-void softmax_backward(const S* p, const S* g, const S* values, Index count, Index step, S* dz) {
+MOE_HOST_DEVICE void softmax_backward(const S* p, const S* g, const S* values, Index count, Index step, S* dz) {
   S dot = 0;
   for (Index i = 0; i < count; ++i) dot += p[i] * g[i];
   for (Index i = 0; i < count; ++i)
@@ -139,38 +161,68 @@ inline Index expert_capacity(Index tokens, Index top_k, Index experts, double ca
   return c < double(slots) ? Index(c) : slots;  // compare in double: a huge factor must not overflow
 }
 
-// Scratch values route_token / route_token_backward need per call (callers keep one per thread).
-inline Index routing_scratch_size(Index experts) { return 3 * experts; }
-
-// Token t: selects its experts into plan.expert and its weights into weight[t*k..), and records
-// its row status. Independent across tokens (backends parallelise over t).
+// One token: logits z [N] -> its k experts (chosen, best first) and their weights w [k]; returns
+// the token's RowStatus. No scratch and no allocation: the CPU runs it per token on threads, the
+// GPU per token in one thread's registers.
 template <class S>
-void route_token(ConstMatrixView<S> logits, Index t, Index k, RoutingWeights mode, RoutingPlan& plan,
-                 S* weight, S* scratch) {
-  const Index N = logits.cols;
-  const S* z = logits.row(t);
-  std::int32_t* chosen = plan.expert.data() + t * k;
+MOE_HOST_DEVICE std::uint8_t route_one_token(const S* z, Index N, Index k, RoutingWeights mode,
+                                             std::int32_t* chosen, S* w) {
+  using C = Compute<S>;
   select_top_k(z, N, k, chosen);
-
   std::uint8_t status = kRowFinite;
   bool any_finite = false;
   for (Index e = 0; e < N; ++e) {
-    if (std::isfinite(z[e])) any_finite = true;
+    if (std::isfinite(C(z[e]))) any_finite = true;
     else status |= kRowHasNonFinite;
   }
   if (!any_finite) status |= kRowNoFiniteLogit;
-  plan.row_status[t] = status;
 
-  S* w = weight + t * k;
+  const bool over_selection = mode == RoutingWeights::softmax_over_top_k;
+  const auto scale = over_selection ? softmax_scale<C>([&](Index j) { return C(z[chosen[j]]); }, k)
+                                    : softmax_scale<C>([&](Index e) { return C(z[e]); }, N);
+  for (Index j = 0; j < k; ++j) w[j] = S(scale.at(C(z[chosen[j]])));
+  return status;
+}
+
+// One token's logit gradient from the gradient dw [k] of its k weights, ADDED into dz [N]: the
+// softmax backward over the selected logits, or over all N for softmax_then_top_k. Zero for a row
+// whose largest logit is not finite, and for every non-finite logit.
+template <class S>
+MOE_HOST_DEVICE void route_one_token_backward(const S* z, Index N, Index k, RoutingWeights mode,
+                                              const std::int32_t* chosen, const S* dw, S* dz) {
+  using C = Compute<S>;
   if (mode == RoutingWeights::softmax_over_top_k) {
-    S* selected = scratch;
-    for (Index j = 0; j < k; ++j) selected[j] = z[chosen[j]];
-    robust_softmax(selected, k, 1, w);
-  } else {
-    S* p = scratch;
-    robust_softmax(z, N, 1, p);
-    for (Index j = 0; j < k; ++j) w[j] = p[chosen[j]];
+    const auto scale = softmax_scale<C>([&](Index j) { return C(z[chosen[j]]); }, k);
+    if (!scale.finite()) return;
+    C dot = 0;
+    for (Index j = 0; j < k; ++j) dot += scale.at(C(z[chosen[j]])) * C(dw[j]);
+    for (Index j = 0; j < k; ++j) {
+      const C v = C(z[chosen[j]]);
+      if (std::isfinite(v)) dz[chosen[j]] = S(C(dz[chosen[j]]) + scale.at(v) * (C(dw[j]) - dot));
+    }
+    return;
   }
+  const auto scale = softmax_scale<C>([&](Index e) { return C(z[e]); }, N);
+  if (!scale.finite()) return;
+  // g_e = dw_j where chosen[j] = e, else 0; sums run over e ascending.
+  const auto g = [&](Index e) {
+    for (Index j = 0; j < k; ++j)
+      if (chosen[j] == e) return C(dw[j]);
+    return C(0);
+  };
+  C dot = 0;
+  for (Index e = 0; e < N; ++e) dot += scale.at(C(z[e])) * g(e);
+  for (Index e = 0; e < N; ++e) {
+    const C v = C(z[e]);
+    if (std::isfinite(v)) dz[e] = S(C(dz[e]) + scale.at(v) * (g(e) - dot));
+  }
+}
+
+// Token t of the plan: selects its experts into plan.expert and its weights into weight[t*k..),
+// and records its row status. Independent across tokens (backends parallelise over t).
+template <class S>
+void route_token(ConstMatrixView<S> logits, Index t, Index k, RoutingWeights mode, RoutingPlan& plan, S* weight) {
+  plan.row_status[t] = route_one_token(logits.row(t), logits.cols, k, mode, plan.expert.data() + t * k, weight + t * k);
 }
 
 // Groups the slots of plan.expert by expert (stable, choice-major) and applies the capacity.
@@ -217,35 +269,16 @@ void route(ConstMatrixView<S> logits, Index k, RoutingWeights mode, double capac
   plan.top_k = k;
   plan.expert.resize(logits.rows * k);
   plan.row_status.resize(logits.rows);
-  std::vector<S> scratch(routing_scratch_size(logits.cols));
-  for (Index t = 0; t < logits.rows; ++t) route_token(logits, t, k, mode, plan, weight.data(), scratch.data());
+  for (Index t = 0; t < logits.rows; ++t) route_token(logits, t, k, mode, plan, weight.data());
   dispatch(plan, capacity_factor);
 }
 
-// Token t's logit gradient from the gradient of its k weights (dweight[t*k..)): the softmax
-// backward over the selected logits, or over all N for softmax_then_top_k. Adds into dlogits.
+// Token t's logit gradient from the gradient of its k weights (dweight[t*k..)), added into dlogits.
 template <class S>
 void route_token_backward(ConstMatrixView<S> logits, Index t, Index k, RoutingWeights mode,
-                          const RoutingPlan& plan, const S* dweight, MatrixView<S> dlogits, S* scratch) {
-  const Index N = logits.cols;
-  const S* z = logits.row(t);
-  const std::int32_t* chosen = plan.expert.data() + t * k;
-  S* dz = dlogits.row(t);
-  S* p = scratch;
-  S* g = p + N;
-  S* dsel = g + N;
-  if (mode == RoutingWeights::softmax_over_top_k) {
-    for (Index j = 0; j < k; ++j) dsel[j] = z[chosen[j]];  // selected logits, contiguous
-    if (!robust_softmax(dsel, k, 1, p)) return;
-    softmax_backward(p, dweight + t * k, dsel, k, 1, g);  // g now holds d(selected logits)
-    for (Index j = 0; j < k; ++j) dz[chosen[j]] += g[j];
-  } else {
-    if (!robust_softmax(z, N, 1, p)) return;
-    std::fill(g, g + N, S(0));
-    for (Index j = 0; j < k; ++j) g[chosen[j]] = dweight[t * k + j];
-    softmax_backward(p, g, z, N, 1, dsel);
-    for (Index e = 0; e < N; ++e) dz[e] += dsel[e];
-  }
+                          const RoutingPlan& plan, const S* dweight, MatrixView<S> dlogits) {
+  route_one_token_backward(logits.row(t), logits.cols, k, mode, plan.expert.data() + t * k, dweight + t * k,
+                           dlogits.row(t));
 }
 
 }  // namespace moe

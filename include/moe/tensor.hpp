@@ -8,8 +8,21 @@
 #include <vector>
 
 #include "moe/config.hpp"
+#include "moe/host_device.hpp"
 
 namespace moe {
+
+// The arithmetic type of a storage scalar: the scalar itself, unless it names a wider one
+// (moe::bfloat16 computes in float).
+template <class S>
+struct ComputeTypeOf {
+  using type = S;
+};
+template <class S>
+  requires requires { typename S::compute_type; }
+struct ComputeTypeOf<S> {
+  using type = typename S::compute_type;
+};
 
 // A row-major [rows, cols] matrix with a row stride (>= cols). Does not own its memory.
 template <class T>
@@ -20,13 +33,13 @@ struct MatrixView {
   Index stride = 0;  // elements between the starts of consecutive rows
 
   MatrixView() = default;
-  MatrixView(T* data_, Index rows_, Index cols_) : MatrixView(data_, rows_, cols_, cols_) {}
-  MatrixView(T* data_, Index rows_, Index cols_, Index stride_)
+  MOE_HOST_DEVICE MatrixView(T* data_, Index rows_, Index cols_) : MatrixView(data_, rows_, cols_, cols_) {}
+  MOE_HOST_DEVICE MatrixView(T* data_, Index rows_, Index cols_, Index stride_)
       : data(data_), rows(rows_), cols(cols_), stride(stride_) {}
   // A view of mutable data converts to a view of const data.
   template <class U>
     requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
-  MatrixView(const MatrixView<U>& other)
+  MOE_HOST_DEVICE MatrixView(const MatrixView<U>& other)
       : data(other.data), rows(other.rows), cols(other.cols), stride(other.stride) {}
   // Any row-major owner with data()/rows()/cols() (e.g. Eigen RowMajor matrices). A view of
   // const data may also be taken of a temporary, like std::span<const T>: it lives as long as
@@ -43,15 +56,15 @@ struct MatrixView {
     if constexpr (requires { m.outerStride(); }) stride = Index(m.outerStride());
   }
 
-  T* row(Index r) const { return data + r * stride; }
-  T& operator()(Index r, Index c) const { return data[r * stride + c]; }
-  bool contiguous() const { return stride == cols; }
-  Index size() const { return rows * cols; }
+  MOE_HOST_DEVICE T* row(Index r) const { return data + r * stride; }
+  MOE_HOST_DEVICE T& operator()(Index r, Index c) const { return data[r * stride + c]; }
+  MOE_HOST_DEVICE bool contiguous() const { return stride == cols; }
+  MOE_HOST_DEVICE Index size() const { return rows * cols; }
   // Rows [begin, begin + count).
   // (An empty matrix may have a null data pointer: never offset it.)
-  MatrixView row_block(Index begin, Index count) const { return {data ? data + begin * stride : data, count, cols, stride}; }
+  MOE_HOST_DEVICE MatrixView row_block(Index begin, Index count) const { return {data ? data + begin * stride : data, count, cols, stride}; }
   // Columns [begin, begin + count) of every row: a strided view, no copy.
-  MatrixView col_block(Index begin, Index count) const { return {data ? data + begin : data, rows, count, stride}; }
+  MOE_HOST_DEVICE MatrixView col_block(Index begin, Index count) const { return {data ? data + begin : data, rows, count, stride}; }
 };
 
 template <class T>

@@ -180,8 +180,7 @@ class BasicBackend {
     plan.row_status.resize(T);
     weights.resize(T * k);
     parallel_chunks(threads_, T, kTokenChunk, [&](Index begin, Index end) {
-      std::vector<S> scratch(routing_scratch_size(logits.cols));
-      for (Index t = begin; t < end; ++t) route_token(logits, t, k, config.weights, plan, weights.data(), scratch.data());
+      for (Index t = begin; t < end; ++t) route_token(logits, t, k, config.weights, plan, weights.data());
     });
     dispatch(plan, config.capacity_factor);
   }
@@ -229,9 +228,8 @@ class BasicBackend {
                       const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
     fill(dlogits, S(0));
     parallel_chunks(threads_, logits.rows, kTokenChunk, [&](Index begin, Index end) {
-      std::vector<S> scratch(routing_scratch_size(logits.cols));
       for (Index t = begin; t < end; ++t)
-        route_token_backward(logits, t, config.top_k, config.weights, plan, dweights.data(), dlogits, scratch.data());
+        route_token_backward(logits, t, config.top_k, config.weights, plan, dweights.data(), dlogits);
     });
     aux_loss_backward(logits, plan, config.aux, mask, dlogits);
   }

@@ -1,0 +1,486 @@
+// moe/cuda/backend.hpp: the CUDA backend, moe::cuda::BasicBackend<Scalar, Device>, every primitive
+// of the moe::Backend concept written once against a Device (moe/cuda/device.hpp):
+//   * CudaDevice (moe/cuda/cuda_device.cuh, nvcc): the GPU. Aliases in moe/cuda.cuh.
+//   * EmulatedDevice (moe/cuda/emulated_device.hpp, any compiler): the same code on the host, so
+//     the tests run every body of this file without a GPU.
+//
+// Data layout and semantics are the CPU backend's (moe/cpu/backend.hpp, moe/routing.hpp):
+// row-major matrices, stacked expert weights, the same routing contract, run by the same
+// MOE_HOST_DEVICE functions per token. Scalar is float or moe::bfloat16 (storage; arithmetic in
+// float, GEMMs accumulate in fp32); double is accepted for checks.
+//
+// Determinism: nothing adds floating-point values with atomics. Each output element is one
+// thread's fixed-order sum (combine gathers each token's k rows in slot order; reductions go
+// through per-chunk partials summed in chunk order), and counts use integer atomics, whose
+// result does not depend on order. Same inputs, same bits, run to run.
+//
+// Host synchronisation: route() copies the N+1 expert offsets to the host (the per-expert GEMMs
+// need their row counts there); that is the one sync of a forward. Statistics (when collected)
+// and the optional auxiliary losses copy the routing decisions to the host as well.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "moe/activations.hpp"
+#include "moe/aux_loss.hpp"
+#include "moe/bfloat16.hpp"
+#include "moe/config.hpp"
+#include "moe/cuda/buffer.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/random.hpp"
+#include "moe/routing.hpp"
+#include "moe/stats.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda {
+
+// Selection runs per token in one thread's registers; these bound that thread's loop.
+inline constexpr Index kMaxExperts = 256;
+inline constexpr Index kMaxTopK = 8;
+
+// The routing decisions of one forward, in device memory (moe::RoutingPlan's fields, same
+// meaning), plus the host copy of the expert offsets and the dispatch workspace.
+template <class D>
+struct DevicePlan {
+  Index tokens = 0, experts = 0, top_k = 0;
+  Index capacity = 0, dropped_slots = 0;
+  DeviceArray<std::int32_t, D> expert;       // [T*k] chosen expert of each slot
+  DeviceArray<std::int32_t, D> row;          // [T*k] row in the expert-sorted buffer, -1 if dropped
+  DeviceArray<std::int32_t, D> slot_of_row;  // [R]   which slot fills each row
+  DeviceArray<std::uint8_t, D> row_status;   // [T]   RowStatus bits
+  DeviceArray<std::int64_t, D> chosen_count; // [N]   slots that chose e, dropped ones included
+  DeviceArray<Index, D> offsets;             // [N+1] on the device
+  std::vector<Index> expert_offsets;         // [N+1] host copy
+  // Dispatch workspace: (expert, slot) pairs in choice-major order, then sorted by expert.
+  DeviceArray<Index, D> chosen_start;        // [N] first sorted position of expert e
+  DeviceArray<std::uint32_t, D> keys, sorted_keys;
+  DeviceArray<std::int32_t, D> slots, sorted_slots;
+  const D* device = nullptr;                 // the device that routed (for host copies)
+
+  Index rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
+  Index slots_count() const { return tokens * top_k; }
+};
+
+namespace detail {
+
+// body(r, c) for every element of a [rows, cols] grid, as one flat index space.
+template <class Body>
+struct Grid2D {
+  Index cols;
+  Body body;
+  MOE_HOST_DEVICE void operator()(Index i) const { body(i / cols, i % cols); }
+};
+
+template <class D, class Body>
+void for_each_2d(const D& device, Index rows, Index cols, Body body) {
+  if (rows > 0 && cols > 0) device.for_each(rows * cols, Grid2D<Body>{cols, body});
+}
+
+template <class D, class S>
+void gemm(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b, BlasOp op_b,
+          bool accumulate) {
+  const BlasGemm<S> call = column_major_gemm(out, a, op_a, b, op_b, accumulate);
+  if (call.m == 0 || call.n == 0) return;
+  if (call.k > 0) {
+    device.gemm(call);
+  } else if (!accumulate) {  // an empty sum (e.g. a weight gradient over 0 tokens): cuBLAS is not asked
+    device.for_each(out.rows * out.cols, [=] MOE_HOST_DEVICE(Index i) { out(i / out.cols, i % out.cols) = S(0); });
+  }
+}
+
+// The host RoutingPlan of a device plan (statistics and auxiliary losses read it).
+template <class D>
+RoutingPlan to_host(const DevicePlan<D>& plan) {
+  check(plan.device != nullptr, "routing plan: no forward has routed yet");
+  RoutingPlan h;
+  h.tokens = plan.tokens, h.experts = plan.experts, h.top_k = plan.top_k;
+  h.capacity = plan.capacity, h.dropped_slots = plan.dropped_slots;
+  const Index slots = plan.slots_count();
+  h.expert.resize(slots), h.row.resize(slots), h.row_status.resize(plan.tokens);
+  h.slot_of_row.resize(plan.rows()), h.chosen_count.resize(plan.experts);
+  const D& d = *plan.device;
+  d.download(h.expert.data(), plan.expert.data(), slots * sizeof(std::int32_t));
+  d.download(h.row.data(), plan.row.data(), slots * sizeof(std::int32_t));
+  d.download(h.row_status.data(), plan.row_status.data(), plan.tokens * sizeof(std::uint8_t));
+  d.download(h.slot_of_row.data(), plan.slot_of_row.data(), plan.rows() * sizeof(std::int32_t));
+  d.download(h.chosen_count.data(), plan.chosen_count.data(), plan.experts * sizeof(std::int64_t));
+  h.expert_offsets = plan.expert_offsets;
+  return h;
+}
+
+}  // namespace detail
+
+template <class S, class D>
+class BasicBackend {
+  using C = Compute<S>;  // arithmetic type: float for bfloat16
+
+ public:
+  using Scalar = S;
+  using Device = D;
+  using Matrix = DeviceMatrix<S, D>;
+  template <class T>
+  using Vector = DeviceArray<T, D>;
+  using Plan = DevicePlan<D>;
+
+  explicit BasicBackend(D device = D{}) : device_(std::move(device)) {}
+  BasicBackend(BasicBackend&&) noexcept = default;
+  BasicBackend& operator=(BasicBackend&&) noexcept = default;
+  const D& device() const { return device_; }
+  D& device() { return device_; }
+
+  // ---- storage -------------------------------------------------------------------------
+  static void resize(Matrix& m, Index rows, Index cols) { m.resize(rows, cols); }
+  template <class T>
+  static void resize(Vector<T>& v, Index size) { v.resize(size); }
+
+  void copy(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    detail::for_each_2d(device_, src.rows, src.cols, [=] MOE_HOST_DEVICE(Index r, Index c) { dst(r, c) = src(r, c); });
+  }
+  // dst += src
+  void add(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    detail::for_each_2d(device_, src.rows, src.cols,
+                        [=] MOE_HOST_DEVICE(Index r, Index c) { dst(r, c) = S(C(dst(r, c)) + C(src(r, c))); });
+  }
+  void fill(MatrixView<S> dst, S value) const {
+    detail::for_each_2d(device_, dst.rows, dst.cols, [=] MOE_HOST_DEVICE(Index r, Index c) { dst(r, c) = value; });
+  }
+  // N(0, std^2) draws; element (r, c) is draw r*cols + c of (seed, stream): the CPU backend's numbers.
+  void fill_normal(MatrixView<S> dst, double std_dev, std::uint64_t seed, std::uint64_t stream) const {
+    const Index cols = dst.cols;
+    detail::for_each_2d(device_, dst.rows, cols, [=] MOE_HOST_DEVICE(Index r, Index c) {
+      dst(r, c) = S(std_dev * random::normal(seed, stream, std::uint64_t(r * cols + c)));
+    });
+  }
+
+  // Copies between host memory and a device matrix (for loading weights and reading results).
+  void upload(std::span<const S> host, MatrixView<S> dst) const {
+    check(Index(host.size()) == dst.size(), "upload: ", host.size(), " values for a [", dst.rows, ", ", dst.cols,
+          "] matrix");
+    check(dst.contiguous(), "upload: the destination must be contiguous");
+    device_.upload(dst.data, host.data(), host.size() * sizeof(S));
+  }
+  void download(ConstMatrixView<S> src, std::span<S> host) const {
+    check(Index(host.size()) == src.size(), "download: ", host.size(), " values for a [", src.rows, ", ", src.cols,
+          "] matrix");
+    check(src.contiguous(), "download: the source must be contiguous");
+    device_.download(host.data(), src.data, host.size() * sizeof(S));
+  }
+
+  // ---- dense linear: out = in W^T (W is [O, I]) ------------------------------------------
+  void linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, MatrixView<S> out) const {
+    detail::gemm(device_, out, in, BlasOp::none, weight, BlasOp::transpose, false);
+  }
+  // din += dout W (skipped if din is empty); dweight += dout^T in (skipped if empty)
+  void linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
+                       MatrixView<S> din, MatrixView<S> dweight) const {
+    if (dweight.data) detail::gemm(device_, dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
+    if (din.data) detail::gemm(device_, din, dout, BlasOp::none, weight, BlasOp::none, true);
+  }
+
+  // ---- grouped linear: each expert's contiguous block of rows through its own weights -------
+  // in: [R, I], weight: [N*O, I], bias: [N, O] or null -> out: [R, O]. One GEMM per non-empty
+  // expert (the row counts are the host offsets route() fetched).
+  void grouped_linear_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
+                              const S* bias, MatrixView<S> out) const {
+    const Index O = out.cols;
+    for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      const MatrixView<S> block = out.row_block(begin, rows);
+      detail::gemm(device_, block, in.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O),
+                   BlasOp::transpose, false);
+      if (bias) {
+        const S* b = bias + e * O;
+        detail::for_each_2d(device_, rows, O,
+                            [=] MOE_HOST_DEVICE(Index r, Index c) { block(r, c) = S(C(block(r, c)) + C(b[c])); });
+      }
+    }
+  }
+  // dweight_e += dout_e^T in_e; dbias_e += column sums of dout_e (if dbias);
+  // din = dout_e W_e (if din). din may alias in: the weight gradient is formed first.
+  void grouped_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
+                               ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight,
+                               S* dbias) const {
+    const Index O = dout.cols, experts = Index(offsets.size()) - 1;
+    for (Index e = 0; e < experts; ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      detail::gemm(device_, dweight.row_block(e * O, O), dout.row_block(begin, rows), BlasOp::transpose,
+                   in.row_block(begin, rows), BlasOp::none, true);
+      if (dbias) add_column_sums(dout.row_block(begin, rows), dbias + e * O);
+    }
+    if (!din.data) return;
+    for (Index e = 0; e < experts; ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      detail::gemm(device_, din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none,
+                   weight.row_block(e * O, O), BlasOp::none, false);
+    }
+  }
+
+  // ---- activations, element by element ------------------------------------------------------
+  // in: [R, F] -> out: [R, F]; out may alias in
+  void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
+    detail::for_each_2d(device_, in.rows, in.cols,
+                        [=] MOE_HOST_DEVICE(Index r, Index c) { out(r, c) = S(activation::gelu(C(in(r, c)))); });
+  }
+  // din = dout * gelu'(in); din may alias dout
+  void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
+    detail::for_each_2d(device_, in.rows, in.cols, [=] MOE_HOST_DEVICE(Index r, Index c) {
+      din(r, c) = S(C(dout(r, c)) * activation::gelu_grad(C(in(r, c))));
+    });
+  }
+  // gate_up: [R, 2F] (gate | up) -> out: [R, F] = silu(gate) * up
+  void swiglu_forward(ConstMatrixView<S> gate_up, MatrixView<S> out) const {
+    const Index F = out.cols;
+    detail::for_each_2d(device_, out.rows, F, [=] MOE_HOST_DEVICE(Index r, Index c) {
+      out(r, c) = S(activation::silu(C(gate_up(r, c))) * C(gate_up(r, F + c)));
+    });
+  }
+  // dgate_up = (dout * up * silu'(gate) | dout * silu(gate)); one thread reads and writes both
+  // halves of its column, so dgate_up may alias gate_up.
+  void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
+    const Index F = dout.cols;
+    detail::for_each_2d(device_, dout.rows, F, [=] MOE_HOST_DEVICE(Index r, Index c) {
+      const C g = C(gate_up(r, c)), u = C(gate_up(r, F + c)), d = C(dout(r, c));
+      dgate_up(r, c) = S(d * u * activation::silu_grad(g));
+      dgate_up(r, F + c) = S(d * activation::silu(g));
+    });
+  }
+
+  // ---- routing ---------------------------------------------------------------------------
+  // logits: [T, N] (a strided view is read in place: SelfRoute's slice of x is never copied)
+  // -> plan, weights [T*k]. Selection and weights: moe::route_one_token, one thread per token.
+  // Dispatch: counts by integer atomics, a stable radix sort of the choice-major (expert, slot)
+  // pairs, offsets by a scan, then each pair's row. Ends by copying the offsets to the host.
+  void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights) const {
+    const Index T = logits.rows, N = logits.cols, k = config.top_k;
+    check_top_k(k, N);
+    check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
+    check(k <= kMaxTopK, "the CUDA backend selects at most ", kMaxTopK, " experts per token, got top_k = ", k);
+    check(T * k < (Index{1} << 31), "T * k = ", T * k, " slots overflow the 32-bit row indices");
+    plan.tokens = T, plan.experts = N, plan.top_k = k, plan.device = &device_;
+    plan.capacity = expert_capacity(T, k, N, config.capacity_factor);
+    const Index slots = T * k;
+    plan.expert.resize(slots), plan.row.resize(slots), plan.slot_of_row.resize(slots);
+    plan.row_status.resize(T), plan.chosen_count.resize(N), plan.offsets.resize(N + 1), plan.chosen_start.resize(N);
+    plan.keys.resize(slots), plan.sorted_keys.resize(slots), plan.slots.resize(slots), plan.sorted_slots.resize(slots);
+    weights.resize(slots);
+
+    const RoutingWeights mode = config.weights;
+    std::int32_t* expert = plan.expert.data();
+    std::uint8_t* status = plan.row_status.data();
+    S* w = weights.data();
+    if (T > 0)
+      device_.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+        status[t] = route_one_token(logits.row(t), N, k, mode, expert + t * k, w + t * k);
+      });
+
+    std::int64_t* count = plan.chosen_count.data();
+    device_.for_each(N, [=] MOE_HOST_DEVICE(Index e) { count[e] = 0; });
+    std::uint32_t* keys = plan.keys.data();
+    std::int32_t* order = plan.slots.data();
+    if (slots > 0)
+      device_.for_each(slots, [=] MOE_HOST_DEVICE(Index i) {
+        const Index j = i / T, t = i % T, s = t * k + j;  // i-th pair in choice-major order
+        atomic_add(count + expert[s], std::int64_t{1});
+        keys[i] = std::uint32_t(expert[s]);
+        order[i] = std::int32_t(s);
+      });
+    if (slots > 0)
+      device_.stable_sort_pairs(keys, plan.sorted_keys.data(), order, plan.sorted_slots.data(), slots, key_bits(N));
+
+    // Offsets: the capacity-clipped counts' exclusive scan; chosen_start: the unclipped one.
+    const Index capacity = plan.capacity;
+    Index* offsets = plan.offsets.data();
+    Index* start = plan.chosen_start.data();
+    device_.for_each(1, [=] MOE_HOST_DEVICE(Index) {
+      Index kept = 0, chosen = 0;
+      for (Index e = 0; e < N; ++e) {
+        offsets[e] = kept, start[e] = chosen;
+        chosen += count[e];
+        kept += count[e] < capacity ? count[e] : capacity;
+      }
+      offsets[N] = kept;
+    });
+    const std::uint32_t* sorted_keys = plan.sorted_keys.data();
+    const std::int32_t* sorted_slots = plan.sorted_slots.data();
+    std::int32_t* row = plan.row.data();
+    std::int32_t* slot_of_row = plan.slot_of_row.data();
+    if (slots > 0)
+      device_.for_each(slots, [=] MOE_HOST_DEVICE(Index p) {
+        const Index e = sorted_keys[p], s = sorted_slots[p], rank = p - start[e];
+        if (rank < capacity) {
+          row[s] = std::int32_t(offsets[e] + rank);
+          slot_of_row[offsets[e] + rank] = std::int32_t(s);
+        } else {
+          row[s] = -1;
+        }
+      });
+
+    plan.expert_offsets.resize(N + 1);
+    device_.download(plan.expert_offsets.data(), offsets, (N + 1) * sizeof(Index));  // the forward's sync point
+    plan.dropped_slots = slots - plan.expert_offsets.back();
+  }
+
+  // rows[r] = x[token of row r]: the expert-sorted copy of the input. x: [T, H] -> rows: [R, H]
+  void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
+    const std::int32_t* slot_of_row = plan.slot_of_row.data();
+    const Index k = plan.top_k;
+    detail::for_each_2d(device_, rows.rows, rows.cols,
+                        [=] MOE_HOST_DEVICE(Index r, Index c) { rows(r, c) = x(slot_of_row[r] / k, c); });
+  }
+
+  // y[t] = sum_j weight[t,j] * expert_rows[row(t,j)], j ascending, dropped slots skipped.
+  void combine(ConstMatrixView<S> expert_rows, const Plan& plan, const Vector<S>& weights, MatrixView<S> y) const {
+    gather_sum(expert_rows, plan, weights.data(), y);
+  }
+  // d_rows[row(t,j)] = weight[t,j] * dy[t];  dweights[t,j] = dy[t] . expert_rows[row(t,j)] (0 if dropped)
+  void combine_backward(ConstMatrixView<S> dy, ConstMatrixView<S> expert_rows, const Plan& plan,
+                        const Vector<S>& weights, MatrixView<S> d_rows, Vector<S>& dweights) const {
+    const Index k = plan.top_k, H = dy.cols, slots = plan.slots_count();
+    const std::int32_t* row = plan.row.data();
+    const S* w = weights.data();
+    detail::for_each_2d(device_, slots, H, [=] MOE_HOST_DEVICE(Index s, Index c) {
+      const Index r = row[s];
+      if (r >= 0) d_rows(r, c) = S(C(w[s]) * C(dy(s / k, c)));
+    });
+    // dweights: per-slot dot products over H, in chunks of kChunk columns, chunk partials summed
+    // in chunk order.
+    dweights.resize(slots);
+    const Index chunks = (H + kChunk - 1) / kChunk;
+    partial_.resize(slots * chunks);
+    C* partial = partial_.data();
+    detail::for_each_2d(device_, slots, chunks, [=] MOE_HOST_DEVICE(Index s, Index q) {
+      const Index r = row[s], end = (q + 1) * kChunk < H ? (q + 1) * kChunk : H;
+      C sum = 0;
+      if (r >= 0)
+        for (Index c = q * kChunk; c < end; ++c) sum += C(dy(s / k, c)) * C(expert_rows(r, c));
+      partial[s * chunks + q] = sum;
+    });
+    S* dw = dweights.data();
+    if (slots > 0)
+      device_.for_each(slots, [=] MOE_HOST_DEVICE(Index s) {
+        C sum = 0;
+        for (Index q = 0; q < chunks; ++q) sum += partial[s * chunks + q];
+        dw[s] = S(sum);
+      });
+  }
+  // dx[t] = sum_j d_rows[row(t,j)] (j ascending; 0 if every slot was dropped)
+  void sum_rows_to_tokens(ConstMatrixView<S> d_rows, const Plan& plan, MatrixView<S> dx) const {
+    gather_sum(d_rows, plan, nullptr, dx);
+  }
+
+  // dlogits = d(routing weights)/d(logits)^T dweights (+ the auxiliary losses' gradient).
+  void route_backward(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
+                      const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
+    fill(dlogits, S(0));
+    const Index N = logits.cols, k = config.top_k;
+    const RoutingWeights mode = config.weights;
+    const std::int32_t* expert = plan.expert.data();
+    const S* dw = dweights.data();
+    if (logits.rows > 0)
+      device_.for_each(logits.rows, [=] MOE_HOST_DEVICE(Index t) {
+        route_one_token_backward(logits.row(t), N, k, mode, expert + t * k, dw + t * k, dlogits.row(t));
+      });
+    if (config.aux.load_balance > 0 || config.aux.z_loss > 0) add_aux_gradient_on_host(logits, plan, config, mask, dlogits);
+  }
+  // The auxiliary losses (off by default, as in the paper) are computed on the host from copies
+  // of the logits and the choices: one more sync, and exactly the CPU's sums.
+  AuxLosses aux_loss(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
+                     std::span<const std::uint8_t> mask) const {
+    const std::vector<C> z = download_compute(logits);
+    return aux_loss_forward<C>(ConstMatrixView<C>(z.data(), logits.rows, logits.cols), detail::to_host(plan),
+                               config.aux, mask);
+  }
+
+  static std::span<const Index> expert_offsets(const Plan& plan) { return plan.expert_offsets; }
+  // Copies the choices to the host (a sync); pause with MoELayer::collect_stats(false).
+  static void accumulate_stats(const Plan& plan, std::span<const std::uint8_t> mask, RoutingStats& stats) {
+    stats.accumulate(detail::to_host(plan), mask);
+  }
+
+  // Device bytes of routing state and workspace per token: per slot, 7 int32 (expert, row,
+  // slot_of_row, the sort's keys and slots in and out), the weight and its gradient, and the
+  // dot-product partials of combine_backward; plus the status byte.
+  static Index routing_bytes_per_token(Index top_k, Index hidden) {
+    const Index partials = (hidden + kChunk - 1) / kChunk * Index(sizeof(C));
+    return top_k * (7 * Index(sizeof(std::int32_t)) + 2 * Index(sizeof(S)) + partials) + 1;
+  }
+
+  // ---- implementation pieces: public only because nvcc's device lambdas may not be defined in
+  // private member functions ------------------------------------------------------------------
+
+  // out[t] = sum_j w[t,j] * rows[row(t,j)] in ascending j (w = 1 when weights is null): each
+  // output element is one thread's fixed-order sum, so there is no racy scatter.
+  void gather_sum(ConstMatrixView<S> rows, const Plan& plan, const S* weights, MatrixView<S> out) const {
+    const Index k = plan.top_k;
+    const std::int32_t* row = plan.row.data();
+    detail::for_each_2d(device_, out.rows, out.cols, [=] MOE_HOST_DEVICE(Index t, Index c) {
+      C sum = 0;
+      for (Index j = 0; j < k; ++j) {
+        const Index r = row[t * k + j];
+        if (r < 0) continue;
+        sum += weights ? C(weights[t * k + j]) * C(rows(r, c)) : C(rows(r, c));
+      }
+      out(t, c) = S(sum);
+    });
+  }
+
+  // db[c] += sum over rows of m(r, c), in row chunks of kChunk whose partials add in order.
+  void add_column_sums(ConstMatrixView<S> m, S* db) const {
+    const Index rows = m.rows, cols = m.cols, chunks = (rows + kChunk - 1) / kChunk;
+    partial_.resize(chunks * cols);
+    C* partial = partial_.data();
+    detail::for_each_2d(device_, chunks, cols, [=] MOE_HOST_DEVICE(Index q, Index c) {
+      const Index end = (q + 1) * kChunk < rows ? (q + 1) * kChunk : rows;
+      C sum = 0;
+      for (Index r = q * kChunk; r < end; ++r) sum += C(m(r, c));
+      partial[q * cols + c] = sum;
+    });
+    if (cols > 0)
+      device_.for_each(cols, [=] MOE_HOST_DEVICE(Index c) {
+        C sum = 0;
+        for (Index q = 0; q < chunks; ++q) sum += partial[q * cols + c];
+        db[c] = S(C(db[c]) + sum);
+      });
+  }
+
+  // The auxiliary gradient, formed on the host with the CPU's code and added on the device.
+  void add_aux_gradient_on_host(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
+                                std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
+    const Index T = logits.rows, N = logits.cols;
+    const std::vector<C> z = download_compute(logits);
+    std::vector<C> dz(std::size_t(T * N), C(0));
+    aux_loss_backward<C>(ConstMatrixView<C>(z.data(), T, N), detail::to_host(plan), config.aux, mask,
+                         MatrixView<C>(dz.data(), T, N));
+    std::vector<S> dz_s(dz.size());
+    for (std::size_t i = 0; i < dz.size(); ++i) dz_s[i] = S(dz[i]);
+    aux_scratch_.resize(T, N);
+    upload(dz_s, aux_scratch_);
+    add(aux_scratch_, dlogits);
+  }
+
+  // A (possibly strided) device matrix as host values of the compute type.
+  std::vector<C> download_compute(ConstMatrixView<S> m) const {
+    aux_scratch_.resize(m.rows, m.cols);
+    copy(m, aux_scratch_);
+    std::vector<S> host(std::size_t(m.size()));
+    download(aux_scratch_, host);
+    std::vector<C> out(host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) out[i] = C(host[i]);
+    return out;
+  }
+
+ private:
+  static constexpr Index kChunk = 64;  // columns (dot products) or rows (column sums) per partial
+
+  D device_;
+  mutable Vector<C> partial_;    // reduction partials
+  mutable Matrix aux_scratch_;   // host round trips of the auxiliary losses
+};
+
+}  // namespace moe::cuda

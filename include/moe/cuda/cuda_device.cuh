@@ -1,0 +1,159 @@
+// moe/cuda/cuda_device.cuh: the GPU device of moe::cuda::BasicBackend (see moe/cuda/device.hpp):
+// a stream, a cuBLAS handle and a reusable CUB workspace, shared by copies of the device.
+// Include only from code compiled by nvcc (C++20, --extended-lambda).
+//
+// Every call is ordered on the device's stream; only download() waits for it.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cub/device/device_radix_sort.cuh>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "moe/bfloat16.hpp"
+#include "moe/config.hpp"
+#include "moe/cuda/device.hpp"
+
+namespace moe::cuda {
+
+// A failure reported by the CUDA runtime or cuBLAS (not a bad argument: those throw moe::Error).
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw CudaError(std::string("moe: CUDA error in ") + what + ": " + cudaGetErrorString(status));
+}
+inline void check_cublas(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw CudaError(std::string("moe: cuBLAS error in ") + what + ": " + cublasGetStatusString(status));
+}
+
+// One thread per index, grid-stride so any n fits any grid.
+template <class Body>
+__global__ void for_each_kernel(Index n, Body body) {
+  const Index stride = Index(gridDim.x) * blockDim.x;
+  for (Index i = Index(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) body(i);
+}
+
+// fp32 GEMMs: exact fp32 (the default, what parity is checked with) or TF32 tensor cores.
+enum class Fp32Math { exact, tf32 };
+
+class CudaDevice {
+ public:
+  // stream: the caller's stream (nullptr = the legacy default stream). The device does not own it.
+  explicit CudaDevice(cudaStream_t stream = nullptr, Fp32Math math = Fp32Math::exact)
+      : context_(std::make_shared<Context>(stream, math)) {}
+
+  cudaStream_t stream() const { return context_->stream; }
+  Fp32Math fp32_math() const { return context_->math; }
+
+  static void* allocate(std::size_t bytes) {
+    void* p = nullptr;
+    if (bytes > 0) check_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
+    return p;
+  }
+  static void deallocate(void* p) { cudaFree(p); }
+
+  void upload(void* dst, const void* src, std::size_t bytes) const {
+    if (bytes) check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()), "upload");
+  }
+  // Waits for the stream: the result is on the host when this returns.
+  void download(void* dst, const void* src, std::size_t bytes) const {
+    if (bytes) check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "download");
+    synchronize();
+  }
+  void synchronize() const { check_cuda(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
+
+  template <class Body>
+  void for_each(Index n, Body body) const {
+    if (n <= 0) return;
+    constexpr Index kThreads = 256;
+    const Index max_blocks = Index(context_->sms) * 16;
+    const Index blocks = (n + kThreads - 1) / kThreads < max_blocks ? (n + kThreads - 1) / kThreads : max_blocks;
+    for_each_kernel<<<unsigned(blocks), unsigned(kThreads), 0, stream()>>>(n, body);
+    check_cuda(cudaGetLastError(), "kernel launch");
+  }
+
+  template <class S>
+  void gemm(const BlasGemm<S>& g) const {
+    check(g.m < (Index{1} << 31) && g.n < (Index{1} << 31) && g.k < (Index{1} << 31) && g.lda < (Index{1} << 31) &&
+              g.ldb < (Index{1} << 31) && g.ldc < (Index{1} << 31),
+          "gemm: a dimension exceeds cuBLAS's 32-bit sizes");
+    const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
+    cudaDataType_t type;
+    cublasComputeType_t compute;
+    if constexpr (std::is_same_v<S, double>) {
+      type = CUDA_R_64F, compute = CUBLAS_COMPUTE_64F;
+    } else if constexpr (std::is_same_v<S, float>) {
+      type = CUDA_R_32F;
+      compute = context_->math == Fp32Math::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    } else {
+      static_assert(std::is_same_v<S, bfloat16>, "CudaDevice::gemm: float, double or moe::bfloat16");
+      type = CUDA_R_16BF, compute = CUBLAS_COMPUTE_32F;  // bf16 operands, fp32 accumulation
+    }
+    using Alpha = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    const Alpha alpha = 1, beta = g.accumulate ? 1 : 0;
+    check_cublas(cublasGemmEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha, g.a,
+                              type, int(g.lda), g.b, type, int(g.ldb), &beta, g.c, type, int(g.ldc), compute,
+                              CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmEx");
+  }
+
+  // CUB's radix sort is stable; the workspace grows once and is reused.
+  void stable_sort_pairs(const std::uint32_t* keys_in, std::uint32_t* keys_out, const std::int32_t* values_in,
+                         std::int32_t* values_out, Index n, int bits) const {
+    check(n < (Index{1} << 31), "sort: ", n, " pairs exceed CUB's 32-bit item count");
+    std::size_t bytes = 0;
+    check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys_in, keys_out, values_in, values_out, int(n), 0,
+                                               bits, stream()),
+               "cub::DeviceRadixSort (size query)");
+    void* temp = context_->workspace(bytes);
+    check_cuda(cub::DeviceRadixSort::SortPairs(temp, bytes, keys_in, keys_out, values_in, values_out, int(n), 0, bits,
+                                               stream()),
+               "cub::DeviceRadixSort");
+  }
+
+ private:
+  struct Context {
+    cudaStream_t stream;
+    Fp32Math math;
+    cublasHandle_t handle = nullptr;
+    int sms = 1;
+    void* temp = nullptr;
+    std::size_t temp_bytes = 0;
+
+    Context(cudaStream_t s, Fp32Math m) : stream(s), math(m) {
+      int device = 0;
+      check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+      check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+      check_cublas(cublasCreate(&handle), "cublasCreate");
+      check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+    }
+    ~Context() {
+      if (temp) cudaFree(temp);
+      if (handle) cublasDestroy(handle);
+    }
+    Context(const Context&) = delete;
+    Context& operator=(const Context&) = delete;
+    void* workspace(std::size_t bytes) {
+      if (bytes > temp_bytes) {
+        // The old workspace may still be read by queued work on the stream: wait before freeing.
+        check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        if (temp) cudaFree(temp);
+        temp = nullptr;
+        check_cuda(cudaMalloc(&temp, bytes), "cudaMalloc (sort workspace)");
+        temp_bytes = bytes;
+      }
+      return temp;
+    }
+  };
+  std::shared_ptr<Context> context_;
+};
+
+}  // namespace moe::cuda

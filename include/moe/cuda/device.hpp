@@ -1,0 +1,89 @@
+// moe/cuda/device.hpp: what moe::cuda::BasicBackend asks of a device, and the pieces of it that
+// are plain arithmetic on indices (the row-major -> column-major GEMM mapping, integer atomics).
+//
+// A device runs index bodies and a few library calls on one stream:
+//   D::allocate(bytes) / D::deallocate(p)      device memory (static: matrices resize themselves)
+//   d.upload(dst, src, bytes)                  host -> device, ordered on the stream
+//   d.download(dst, src, bytes)                device -> host; waits for the stream (a sync point)
+//   d.for_each(n, body)                        body(i) for every i in [0, n), in any order/parallel
+//   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention)
+//   d.stable_sort_pairs(keys_in, keys_out, values_in, values_out, n, bits)
+//                                              pairs ordered by key, stably (CUB radix sort)
+//
+// Two devices implement it: moe::cuda::CudaDevice (moe/cuda/cuda_device.cuh: kernels, CUB,
+// cuBLAS) and moe::cuda::EmulatedDevice (moe/cuda/emulated_device.hpp: host memory and plain
+// loops). The backend is written once against this interface, so the emulated device runs every
+// index body, every launch size and every GEMM mapping of the GPU path on a machine without a GPU.
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+
+#include "moe/config.hpp"
+#include "moe/host_device.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda {
+
+enum class BlasOp { none, transpose };
+
+// C[m, n] (=|+=) op(A)[m, k] op(B)[k, n], every matrix column-major with a leading dimension.
+template <class S>
+struct BlasGemm {
+  BlasOp op_a = BlasOp::none, op_b = BlasOp::none;
+  Index m = 0, n = 0, k = 0;
+  const S* a = nullptr;
+  Index lda = 0;
+  const S* b = nullptr;
+  Index ldb = 0;
+  S* c = nullptr;
+  Index ldc = 0;
+  bool accumulate = false;  // beta = 1
+};
+
+// Row-major out[M, N] (=|+=) op_a(a)[M, K] op_b(b)[K, N] as the column-major call
+// out^T = op_b(b)^T op_a(a)^T: a row-major matrix read column-major is its transpose, so the
+// operands swap and each keeps its own op.
+template <class S>
+BlasGemm<S> column_major_gemm(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b,
+                              BlasOp op_b, bool accumulate) {
+  const Index depth = op_a == BlasOp::none ? a.cols : a.rows;
+  const Index b_depth = op_b == BlasOp::none ? b.rows : b.cols;
+  const Index a_rows = op_a == BlasOp::none ? a.rows : a.cols;
+  const Index b_cols = op_b == BlasOp::none ? b.cols : b.rows;
+  check(depth == b_depth && a_rows == out.rows && b_cols == out.cols, "gemm: op(A) is [", a_rows, ", ", depth,
+        "], op(B) is [", b_depth, ", ", b_cols, "], the output is [", out.rows, ", ", out.cols, "]");
+  BlasGemm<S> g;
+  g.op_a = op_b, g.op_b = op_a;
+  g.m = out.cols, g.n = out.rows, g.k = depth;
+  g.a = b.data, g.lda = b.stride;
+  g.b = a.data, g.ldb = a.stride;
+  g.c = out.data, g.ldc = out.stride;
+  g.accumulate = accumulate;
+  return g;
+}
+
+// *target += value with an atomic on the GPU. Only integers: integer sums do not depend on the
+// order of the additions, so counts stay deterministic.
+template <class I>
+  requires std::integral<I>
+MOE_HOST_DEVICE inline void atomic_add(I* target, I value) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(I) == 8)
+    atomicAdd(reinterpret_cast<unsigned long long*>(target), static_cast<unsigned long long>(value));
+  else
+    atomicAdd(reinterpret_cast<unsigned int*>(target), static_cast<unsigned int>(value));
+#else
+  *target += value;
+#endif
+}
+
+// Bits needed to sort keys in [0, count).
+inline int key_bits(Index count) {
+  int bits = 0;
+  while ((Index{1} << bits) < count) ++bits;
+  return bits == 0 ? 1 : bits;
+}
+
+}  // namespace moe::cuda

@@ -1,0 +1,68 @@
+// moe/cuda/emulated_device.hpp: the CUDA backend's device on the host. Memory is host memory,
+// for_each is a loop, the GEMM is the column-major definition and the sort is std::stable_sort.
+// It exists to test: every index body, launch size and GEMM mapping of moe::cuda::BasicBackend
+// runs here with the host compiler (and under AddressSanitizer), on machines without a GPU.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <numeric>
+#include <vector>
+
+#include "moe/config.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda {
+
+struct EmulatedDevice {
+  static constexpr std::size_t kAlignment = 256;  // cudaMalloc's alignment
+  static void* allocate(std::size_t bytes) { return ::operator new(bytes == 0 ? 1 : bytes, std::align_val_t{kAlignment}); }
+  static void deallocate(void* p) { ::operator delete(p, std::align_val_t{kAlignment}); }
+
+  void upload(void* dst, const void* src, std::size_t bytes) const { copy_bytes(dst, src, bytes); }
+  void download(void* dst, const void* src, std::size_t bytes) const { copy_bytes(dst, src, bytes); }
+  void synchronize() const {}
+
+  template <class Body>
+  void for_each(Index n, Body body) const {
+    for (Index i = 0; i < n; ++i) body(i);
+  }
+
+  // The column-major definition, accumulated in the scalar's compute type in k order.
+  template <class S>
+  void gemm(const BlasGemm<S>& g) const {
+    using C = Compute<S>;
+    const auto at = [](const S* p, Index ld, BlasOp op, Index r, Index c) {
+      return C(op == BlasOp::none ? p[r + c * ld] : p[c + r * ld]);
+    };
+    for (Index j = 0; j < g.n; ++j)
+      for (Index i = 0; i < g.m; ++i) {
+        C sum = g.accumulate ? C(g.c[i + j * g.ldc]) : C(0);
+        C product = 0;
+        for (Index p = 0; p < g.k; ++p) product += at(g.a, g.lda, g.op_a, i, p) * at(g.b, g.ldb, g.op_b, p, j);
+        g.c[i + j * g.ldc] = S(sum + product);
+      }
+  }
+
+  // (keys_out, values_out) = (keys_in, values_in) ordered by ascending key, equal keys keeping
+  // their order. Only the low `bits` bits of a key count (all keys fit them).
+  void stable_sort_pairs(const std::uint32_t* keys_in, std::uint32_t* keys_out, const std::int32_t* values_in,
+                         std::int32_t* values_out, Index n, int /*bits*/) const {
+    std::vector<Index> order(static_cast<std::size_t>(n));
+    std::iota(order.begin(), order.end(), Index{0});
+    std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return keys_in[a] < keys_in[b]; });
+    for (Index i = 0; i < n; ++i) keys_out[i] = keys_in[order[i]], values_out[i] = values_in[order[i]];
+  }
+
+ private:
+  template <class S>
+  using Compute = typename ComputeTypeOf<S>::type;
+  static void copy_bytes(void* dst, const void* src, std::size_t bytes) {
+    if (bytes) std::memcpy(dst, src, bytes);
+  }
+};
+
+}  // namespace moe::cuda

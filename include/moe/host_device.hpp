@@ -1,0 +1,11 @@
+// moe/host_device.hpp: MOE_HOST_DEVICE marks a function that both backends run: plain C++ for
+// the host compiler, __host__ __device__ under nvcc. The routing contract, the activations, the
+// random generator and the matrix view use it, so the GPU executes the very code the CPU
+// reference runs, not a second copy of it.
+#pragma once
+
+#if defined(__CUDACC__)
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
