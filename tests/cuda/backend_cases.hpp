@@ -1,0 +1,396 @@
+// tests/cuda/backend_cases.hpp: the CUDA backend's test cases, written once over the device.
+// The including file defines, in namespace cuda_test, `TestDevice`, `make_device()` and
+// `device_available()`, and CUDA_TEST_NAME(text) (a test-name prefix):
+//   * tests/test_cuda_emulated.cpp: EmulatedDevice, host compiler, every CI run (and under ASan);
+//   * tests/cuda/test_cuda_backend.cu: CudaDevice, nvcc; skips each case without a GPU.
+// Reference: the CPU backend's layer on the same parameters (cpu_reference.hpp), fp32.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "cuda/cpu_reference.hpp"
+#include "moe/bfloat16.hpp"
+#include "moe/cuda/backend.hpp"
+#include "moe/experts.hpp"
+#include "moe/gate.hpp"
+#include "moe/layer.hpp"
+#include "moe/routing.hpp"
+
+namespace cuda_test {
+
+// ---- host <-> device helpers ----------------------------------------------------------------
+template <class S, class B>
+typename B::Matrix to_device(const B& backend, const std::vector<float>& host, Index rows, Index cols) {
+  typename B::Matrix m(rows, cols);
+  std::vector<S> converted(host.size());
+  for (std::size_t i = 0; i < host.size(); ++i) converted[i] = S(host[i]);
+  backend.upload(converted, m);
+  return m;
+}
+template <class S, class B>
+std::vector<float> to_host(const B& backend, const S* data, Index count) {
+  std::vector<S> raw(static_cast<std::size_t>(count));
+  backend.download(moe::ConstMatrixView<S>(data, 1, count), raw);
+  std::vector<float> out(raw.size());
+  for (std::size_t i = 0; i < raw.size(); ++i) out[i] = float(raw[i]);
+  return out;
+}
+
+// max |a - b| / max |b|: one number per tensor, robust to entries near zero.
+inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
+    scale = std::max(scale, std::abs(double(b[i])));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+inline std::vector<float> normal_values(std::size_t n, std::uint64_t seed, float std_dev = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, std_dev);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+// Fresh inputs for a case: x, dy (and router input) N(0, 1); parameters left to the layer's init.
+inline Inputs fresh_inputs(const Case& c, std::uint64_t seed) {
+  Inputs in;
+  const std::size_t n = std::size_t(c.tokens * c.config.hidden);
+  in.x = normal_values(n, seed);
+  in.dy = normal_values(n, seed + 1);
+  if (c.separate_router_input) in.router_input = normal_values(n, seed + 2);
+  return in;
+}
+
+// One forward + backward on the device. in.params empty: the layer's own initial values are
+// used and written back into in.params (so the CPU reference gets the same ones).
+template <class S, template <class> class G, template <class> class E>
+Outcome device_run(const Case& c, Inputs& in) {
+  using B = moe::cuda::BasicBackend<S, TestDevice>;
+  moe::MoELayer<G, E, B> layer(c.config, c.seed, {}, {}, B(make_device()));
+  const B& be = layer.backend();
+  auto params = layer.parameters();
+  if (in.params.empty()) {
+    for (auto& p : params) in.params.push_back(to_host<S>(be, p.value.data(), Index(p.value.size())));
+    if constexpr (!std::is_same_v<S, float>)  // the reference sees the values the device holds
+      for (auto& v : in.params)
+        for (float& x : v) x = float(S(x));
+  } else {
+    REQUIRE(in.params.size() == params.size());
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      std::vector<S> values(in.params[i].size());
+      for (std::size_t j = 0; j < values.size(); ++j) values[j] = S(in.params[i][j]);
+      be.upload(values, moe::MatrixView<S>(params[i].value.data(), 1, Index(values.size())));
+    }
+  }
+  const Index T = c.tokens, H = c.config.hidden;
+  const auto x = to_device<S>(be, in.x, T, H), dy = to_device<S>(be, in.dy, T, H);
+  typename B::Matrix y(T, H), dx(T, H);
+  const moe::ForwardOptions options{in.mask};
+  Outcome out;
+  if (c.separate_router_input) {
+    const auto router_input = to_device<S>(be, in.router_input, T, H);
+    typename B::Matrix d_router_input(T, H);
+    be.fill(d_router_input, S(0));
+    layer.forward_into(x, router_input, y, options);
+    layer.backward_into(dy, dx, d_router_input);
+    out.d_router_input = to_host<S>(be, d_router_input.data(), T * H);
+  } else {
+    layer.forward_into(x, y, options);
+    layer.backward_into(dy, dx);
+  }
+  out.y = to_host<S>(be, y.data(), T * H);
+  out.dx = to_host<S>(be, dx.data(), T * H);
+  for (auto& p : layer.parameters())
+    out.grads.push_back(p.grad.empty() ? std::vector<float>{} : to_host<S>(be, p.grad.data(), Index(p.grad.size())));
+  const moe::RoutingPlan plan = moe::cuda::detail::to_host(layer.last_plan());
+  out.expert = plan.expert, out.row = plan.row, out.offsets = plan.expert_offsets;
+  out.weights = to_host<S>(be, layer.last_weights().data(), T * c.config.top_k);
+  out.assignments = layer.stats().assignments;
+  out.dropped_slots = layer.stats().dropped_slots;
+  out.rows_with_nonfinite = layer.stats().rows_with_nonfinite;
+  out.aux = layer.aux_losses();
+  return out;
+}
+
+template <class S, template <class> class G>
+Outcome device_run_gate(const Case& c, Inputs& in) {
+  return c.expert == ExpertKind::gelu ? device_run<S, G, moe::GeluMLP>(c, in) : device_run<S, G, moe::SwiGLU>(c, in);
+}
+template <class S = float>
+Outcome device_layer(const Case& c, Inputs& in) {
+  switch (c.gate) {
+    case GateKind::self: return device_run_gate<S, moe::SelfRoute>(c, in);
+    case GateKind::linear: return device_run_gate<S, moe::Linear>(c, in);
+    case GateKind::fixed_random: return device_run_gate<S, moe::FixedRandom>(c, in);
+    case GateKind::random: return device_run_gate<S, moe::Random>(c, in);
+  }
+  moe::fail("device_layer: unknown gate");
+}
+
+// The device layer against the CPU layer on the same parameters and inputs.
+inline void check_parity(const Case& c, Inputs in, double tolerance = 1e-5) {
+  const Outcome gpu = device_layer(c, in);
+  const Outcome cpu = cpu_layer(c, in);
+  CAPTURE(c.tokens);
+  CAPTURE(int(c.gate));
+  CAPTURE(int(c.expert));
+  CHECK(gpu.expert == cpu.expert);
+  CHECK(gpu.row == cpu.row);
+  CHECK(gpu.offsets == cpu.offsets);
+  CHECK(gpu.assignments == cpu.assignments);
+  CHECK(gpu.dropped_slots == cpu.dropped_slots);
+  CHECK(gpu.rows_with_nonfinite == cpu.rows_with_nonfinite);
+  CHECK(relative_error(gpu.weights, cpu.weights) < tolerance);
+  CHECK(relative_error(gpu.y, cpu.y) < tolerance);
+  CHECK(relative_error(gpu.dx, cpu.dx) < tolerance);
+  CHECK(relative_error(gpu.d_router_input, cpu.d_router_input) < tolerance);
+  REQUIRE(gpu.grads.size() == cpu.grads.size());
+  for (std::size_t i = 0; i < gpu.grads.size(); ++i) {
+    CAPTURE(i);
+    CHECK(relative_error(gpu.grads[i], cpu.grads[i]) < tolerance);
+  }
+  CHECK(gpu.aux.load_balance == doctest::Approx(cpu.aux.load_balance).epsilon(1e-5));
+  CHECK(gpu.aux.z_loss == doctest::Approx(cpu.aux.z_loss).epsilon(1e-5));
+}
+
+inline moe::LayerConfig small_config(Index N = 6, Index k = 2) { return moe::LayerConfig{32, 48, N, k}; }
+
+#define CUDA_TEST_SKIP_WITHOUT_DEVICE()                            \
+  if (!device_available()) {                                       \
+    MESSAGE("skipped: no CUDA device on this machine");            \
+    return;                                                        \
+  }
+
+TEST_CASE(CUDA_TEST_NAME("parity with the CPU backend: every gate and expert bank, fp32")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  for (GateKind gate : {GateKind::self, GateKind::linear, GateKind::fixed_random, GateKind::random})
+    for (ExpertKind expert : {ExpertKind::gelu, ExpertKind::swiglu}) {
+      const Case c{small_config(), gate, expert, 37, 11};
+      check_parity(c, fresh_inputs(c, 100 + int(gate) * 10 + int(expert)));
+    }
+}
+
+TEST_CASE(CUDA_TEST_NAME("parity: softmax_then_top_k, capacity drops, auxiliary losses and a token mask")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  moe::LayerConfig config = small_config(5, 3);
+  config.weights = moe::RoutingWeights::softmax_then_top_k;
+  config.capacity_factor = 0.7;
+  config.aux.load_balance = 0.01;
+  config.aux.z_loss = 0.001;
+  for (GateKind gate : {GateKind::self, GateKind::linear}) {
+    const Case c{config, gate, ExpertKind::gelu, 41, 5};
+    Inputs in = fresh_inputs(c, 7);
+    in.mask.resize(c.tokens);
+    for (Index t = 0; t < c.tokens; ++t) in.mask[t] = t % 3 != 0;
+    (void)device_layer(c, in);                 // takes the layer's initial parameters
+    CHECK(cpu_layer(c, in).dropped_slots > 0);  // the case does exercise the capacity
+    check_parity(c, in);
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("parity: a separate router input (SelfRoute and Linear)")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  for (GateKind gate : {GateKind::self, GateKind::linear}) {
+    Case c{small_config(), gate, ExpertKind::swiglu, 19, 3};
+    c.separate_router_input = true;
+    check_parity(c, fresh_inputs(c, 21));
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("edge shapes: T = 0, T = 1, odd T, N = 1, k = N, every token to one expert")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  for (Index T : {0, 1, 2, 65}) {
+    const Case c{small_config(), GateKind::linear, ExpertKind::gelu, T, 2};
+    check_parity(c, fresh_inputs(c, 30 + T));
+  }
+  {
+    const Case c{small_config(1, 1), GateKind::self, ExpertKind::gelu, 9, 2};
+    check_parity(c, fresh_inputs(c, 40));
+  }
+  {
+    const Case c{small_config(4, 4), GateKind::linear, ExpertKind::swiglu, 13, 2};
+    check_parity(c, fresh_inputs(c, 41));
+  }
+  {
+    const Case c{small_config(), GateKind::self, ExpertKind::gelu, 33, 2};
+    Inputs in = fresh_inputs(c, 42);
+    const Index H = c.config.hidden, N = c.config.experts;
+    for (Index t = 0; t < c.tokens; ++t) in.x[t * H + H - N + 3] = 50.f;  // expert 3 ranks first everywhere
+    const Outcome out = device_layer(c, in);
+    CHECK(out.assignments[3] == c.tokens);
+    check_parity(c, in);
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("NaN and inf logits: the documented contract, as on the CPU")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  const Case c{small_config(), GateKind::self, ExpertKind::gelu, 12, 4};
+  Inputs in = fresh_inputs(c, 50);
+  const Index H = c.config.hidden, N = c.config.experts, first = H - N;
+  const float nan = std::nanf(""), inf = INFINITY;
+  in.x[0 * H + first + 1] = nan;                                                 // one NaN
+  in.x[1 * H + first + 2] = inf;                                                 // one +inf
+  in.x[2 * H + first + 0] = inf, in.x[2 * H + first + 4] = inf;                  // two +inf share
+  for (Index e = 0; e < N; ++e) in.x[3 * H + first + e] = nan;                   // no finite logit
+  for (Index e = 0; e < N; ++e) in.x[4 * H + first + e] = -inf;                  // all -inf
+  in.x[5 * H + first + 0] = -inf;
+  const Outcome gpu = device_layer(c, in);
+  for (Index s = 0; s < Index(gpu.expert.size()); ++s) CHECK((gpu.expert[s] >= 0 && gpu.expert[s] < N));
+  for (float w : gpu.weights) CHECK(std::isfinite(w));
+  CHECK(gpu.rows_with_nonfinite == 6);
+  // x itself holds NaN, so outputs of those rows are NaN on both backends: compare the rest.
+  const Outcome cpu = cpu_layer(c, in);
+  CHECK(gpu.expert == cpu.expert);
+  CHECK(gpu.row == cpu.row);
+  CHECK(relative_error(gpu.weights, cpu.weights) < 1e-6);
+  const auto finite_part = [&](const std::vector<float>& v) {
+    std::vector<float> out;
+    for (float x : v)
+      if (std::isfinite(x)) out.push_back(x);
+    return out;
+  };
+  CHECK(finite_part(gpu.y).size() == finite_part(cpu.y).size());
+  CHECK(relative_error(finite_part(gpu.y), finite_part(cpu.y)) < 1e-5);
+}
+
+TEST_CASE(CUDA_TEST_NAME("deterministic: two runs give the same bits")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  for (GateKind gate : {GateKind::self, GateKind::linear}) {
+    moe::LayerConfig config = small_config(8, 2);
+    config.capacity_factor = 1.0;
+    const Case c{config, gate, ExpertKind::gelu, 300, 9};
+    Inputs a = fresh_inputs(c, 60), b = a;
+    const Outcome first = device_layer(c, a), second = device_layer(c, b);
+    const auto same_bits = [](const std::vector<float>& u, const std::vector<float>& v) {
+      return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
+    };
+    CHECK(same_bits(first.y, second.y));
+    CHECK(same_bits(first.dx, second.dx));
+    for (std::size_t i = 0; i < first.grads.size(); ++i) CHECK(same_bits(first.grads[i], second.grads[i]));
+    CHECK(first.row == second.row);
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU layer on the same values")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  for (ExpertKind expert : {ExpertKind::gelu, ExpertKind::swiglu}) {
+    const Case c{small_config(), GateKind::self, expert, 29, 13};
+    Inputs in = fresh_inputs(c, 70);
+    for (auto* v : {&in.x, &in.dy})
+      for (float& x : *v) x = float(moe::bfloat16(x));  // both sides see bf16-representable inputs
+    const Outcome gpu = device_layer<moe::bfloat16>(c, in);
+    const Outcome cpu = cpu_layer(c, in);
+    CHECK(gpu.expert == cpu.expert);  // SelfRoute's logits are the same bf16 values on both sides
+    CHECK(relative_error(gpu.y, cpu.y) < 2e-2);
+    CHECK(relative_error(gpu.dx, cpu.dx) < 2e-2);
+    for (std::size_t i = 0; i < gpu.grads.size(); ++i) CHECK(relative_error(gpu.grads[i], cpu.grads[i]) < 2e-2);
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("routing alone matches the contract on fuzzed logits with ties and NaN")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  std::mt19937_64 rng(80);
+  for (int round = 0; round < 30; ++round) {
+    const Index N = 1 + Index(rng() % 64), k = 1 + Index(rng() % std::min<Index>(N, 8)), T = Index(rng() % 200);
+    moe::LayerConfig config{8, 8, N, k};
+    config.capacity_factor = (rng() % 2) ? 0.0 : 0.5 + double(rng() % 10) / 10;
+    config.weights = (rng() % 2) ? moe::RoutingWeights::softmax_over_top_k : moe::RoutingWeights::softmax_then_top_k;
+    std::vector<float> z(std::size_t(T * N));
+    for (float& v : z) {
+      const auto r = rng() % 20;
+      v = r == 0 ? std::nanf("") : r == 1 ? INFINITY : r == 2 ? -INFINITY : float(int(rng() % 7) - 3);  // many ties
+    }
+    CAPTURE(round);
+    const auto logits = to_device<float>(backend, z, T, N);
+    typename B::Plan plan;
+    typename B::template Vector<float> weights;
+    backend.route(logits, config, plan, weights);
+    moe::RoutingPlan expected;
+    std::vector<float> expected_weights(std::size_t(T * k));
+    moe::route<float>(moe::ConstMatrixView<float>(z.data(), T, N), k, config.weights, config.capacity_factor, expected,
+                      expected_weights);
+    const moe::RoutingPlan got = moe::cuda::detail::to_host(plan);
+    CHECK(got.expert == expected.expert);
+    CHECK(got.row == expected.row);
+    CHECK(got.slot_of_row == expected.slot_of_row);
+    CHECK(got.expert_offsets == expected.expert_offsets);
+    CHECK(got.chosen_count == expected.chosen_count);
+    CHECK(got.row_status == expected.row_status);
+    CHECK(got.dropped_slots == expected.dropped_slots);
+    CHECK(relative_error(to_host<float>(backend, weights.data(), T * k), expected_weights) < 1e-6);
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("bad input: limits of the per-token selection and host copies are named")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  typename B::Plan plan;
+  typename B::template Vector<float> weights;
+  const auto wide = to_device<float>(backend, std::vector<float>(2 * 300, 0.f), 2, 300);
+  CHECK_THROWS_WITH_AS(backend.route(wide, moe::LayerConfig{300, 8, 300, 2}, plan, weights),
+                       doctest::Contains("at most 256 experts"), moe::Error);
+  const auto logits = to_device<float>(backend, std::vector<float>(2 * 16, 0.f), 2, 16);
+  CHECK_THROWS_WITH_AS(backend.route(logits, moe::LayerConfig{16, 8, 16, 9}, plan, weights),
+                       doctest::Contains("at most 8 experts per token"), moe::Error);
+  typename B::Matrix m(2, 3);
+  CHECK_THROWS_WITH_AS(backend.upload(std::vector<float>(5, 0.f), m), doctest::Contains("5 values for a [2, 3]"),
+                       moe::Error);
+  CHECK_THROWS_AS(moe::cuda::column_major_gemm(moe::MatrixView<float>(m), moe::ConstMatrixView<float>(m),
+                                               moe::cuda::BlasOp::none, moe::ConstMatrixView<float>(m),
+                                               moe::cuda::BlasOp::none, false),
+                  moe::Error);
+}
+
+TEST_CASE(CUDA_TEST_NAME("GEMM mapping: row-major products through the column-major call, every op pair")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  const Index M = 7, K = 5, Nn = 9;
+  for (auto op_a : {moe::cuda::BlasOp::none, moe::cuda::BlasOp::transpose})
+    for (auto op_b : {moe::cuda::BlasOp::none, moe::cuda::BlasOp::transpose})
+      for (bool accumulate : {false, true}) {
+        const bool ta = op_a == moe::cuda::BlasOp::transpose, tb = op_b == moe::cuda::BlasOp::transpose;
+        const Index ar = ta ? K : M, ac = ta ? M : K, br = tb ? Nn : K, bc = tb ? K : Nn;
+        // Strided operands: each lives in the left part of a wider matrix.
+        const auto a_host = normal_values(std::size_t(ar * (ac + 3)), 90);
+        const auto b_host = normal_values(std::size_t(br * (bc + 2)), 91);
+        const auto c_host = normal_values(std::size_t(M * Nn), 92);
+        const auto a = to_device<float>(backend, a_host, ar, ac + 3), b = to_device<float>(backend, b_host, br, bc + 2);
+        auto c = to_device<float>(backend, c_host, M, Nn);
+        const moe::ConstMatrixView<float> av = moe::ConstMatrixView<float>(a).col_block(0, ac);
+        const moe::ConstMatrixView<float> bv = moe::ConstMatrixView<float>(b).col_block(0, bc);
+        moe::cuda::detail::gemm(backend.device(), moe::MatrixView<float>(c), av, op_a, bv, op_b, accumulate);
+        const auto got = to_host<float>(backend, c.data(), M * Nn);
+        std::vector<float> expected(std::size_t(M * Nn));
+        for (Index i = 0; i < M; ++i)
+          for (Index j = 0; j < Nn; ++j) {
+            double sum = accumulate ? c_host[i * Nn + j] : 0.0;
+            for (Index p = 0; p < K; ++p) {
+              const double x = ta ? a_host[p * (ac + 3) + i] : a_host[i * (ac + 3) + p];
+              const double y = tb ? b_host[j * (bc + 2) + p] : b_host[p * (bc + 2) + j];
+              sum += x * y;
+            }
+            expected[i * Nn + j] = float(sum);
+          }
+        CAPTURE(ta);
+        CAPTURE(tb);
+        CAPTURE(accumulate);
+        CHECK(relative_error(got, expected) < 1e-6);
+      }
+}
+
+}  // namespace cuda_test
