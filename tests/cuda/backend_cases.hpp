@@ -199,6 +199,134 @@ TEST_CASE(CUDA_TEST_NAME("parity: softmax_then_top_k, capacity drops, auxiliary 
   }
 }
 
+TEST_CASE(CUDA_TEST_NAME("statistics on the device: every field over two forwards, a mask and NaN rows")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  moe::LayerConfig config = small_config(6, 2);
+  config.capacity_factor = 0.6;  // capacity 5 of 46 slots per expert: counted tokens lose slots
+  config.aux.load_balance = 0.01;
+  config.aux.z_loss = 0.001;
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, B> layer(config, 3, {}, {}, B(make_device()));
+  const B& be = layer.backend();
+  const Index T = 23, H = config.hidden, N = config.experts, first = H - N;
+  const float nan = std::nanf(""), inf = INFINITY;
+  moe::RoutingStats expected(N);
+  for (int pass = 0; pass < 2; ++pass) {
+    CAPTURE(pass);
+    std::vector<float> x = normal_values(std::size_t(T * H), 200 + pass);
+    x[1 * H + first + 2] = nan;                                    // counted, one NaN
+    for (Index e = 0; e < N; ++e) x[2 * H + first + e] = nan;      // counted, no finite logit
+    for (Index e = 0; e < N; ++e) x[4 * H + first + e] = nan;      // masked out: not counted
+    x[5 * H + first + 0] = inf;                                    // counted, +inf
+    for (Index e = 0; e < N; ++e) x[6 * H + first + e] = -inf;     // counted, no finite logit
+    std::vector<std::uint8_t> mask(static_cast<std::size_t>(T));
+    for (Index t = 0; t < T; ++t) mask[t] = (t + pass) % 4 != 0;
+    mask[1] = mask[2] = mask[5] = mask[6] = 1, mask[4] = 0;
+    const auto xd = to_device<float>(be, x, T, H);
+    typename B::Matrix y(T, H);
+    layer.forward_into(xd, y, moe::ForwardOptions{mask});
+
+    // The reference: RoutingStats::accumulate and aux_loss_forward on host copies.
+    const moe::RoutingPlan plan = moe::cuda::detail::to_host(layer.last_plan());
+    expected.accumulate(plan, mask);
+    const moe::RoutingStats& got = layer.stats();
+    CHECK(got.assignments == expected.assignments);
+    CHECK(got.tokens == expected.tokens);
+    CHECK(got.slots == expected.slots);
+    CHECK(got.dropped_slots == expected.dropped_slots);
+    CHECK(got.rows_with_nonfinite == expected.rows_with_nonfinite);
+    CHECK(got.rows_without_finite == expected.rows_without_finite);
+    CHECK(got.rows_with_nonfinite == 4 * (pass + 1));  // rows 1, 2, 5, 6 of each pass
+    CHECK(got.rows_without_finite == 2 * (pass + 1));  // rows 2 and 6
+    std::vector<float> z(std::size_t(T * N));
+    for (Index t = 0; t < T; ++t)
+      for (Index e = 0; e < N; ++e) z[t * N + e] = x[t * H + first + e];  // SelfRoute's logits
+    const moe::AuxLosses ref =
+        moe::aux_loss_forward<float>(moe::ConstMatrixView<float>(z.data(), T, N), plan, config.aux, mask);
+    CHECK(std::isfinite(layer.aux_losses().total()));
+    CHECK(layer.aux_losses().load_balance == doctest::Approx(ref.load_balance).epsilon(1e-6));
+    CHECK(layer.aux_losses().z_loss == doctest::Approx(ref.z_loss).epsilon(1e-6));
+  }
+  CHECK(expected.dropped_slots > 0);
+  CHECK(expected.tokens > 0);
+  CHECK(expected.tokens < 2 * T);
+}
+
+TEST_CASE(CUDA_TEST_NAME("auxiliary losses with every token masked out: zeros, finite gradients")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  moe::LayerConfig config = small_config(5, 2);
+  config.aux.load_balance = 0.01;
+  config.aux.z_loss = 0.001;
+  for (GateKind gate : {GateKind::self, GateKind::linear}) {
+    const Case c{config, gate, ExpertKind::gelu, 17, 4};
+    Inputs in = fresh_inputs(c, 90);
+    in.mask.assign(std::size_t(c.tokens), 0);
+    const Outcome gpu = device_layer(c, in);
+    CHECK(gpu.aux.load_balance == 0.0);
+    CHECK(gpu.aux.z_loss == 0.0);
+    CHECK(std::all_of(gpu.assignments.begin(), gpu.assignments.end(), [](std::int64_t a) { return a == 0; }));
+    CHECK(gpu.dropped_slots == 0);
+    for (const auto& g : gpu.grads)
+      CHECK(std::all_of(g.begin(), g.end(), [](float v) { return std::isfinite(v); }));
+    check_parity(c, in);
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("auxiliary losses and their gradient match moe/aux_loss.hpp on fuzzed logits and masks")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  std::mt19937_64 rng(81);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  for (int round = 0; round < 24; ++round) {
+    const Index N = 1 + Index(rng() % 16), k = 1 + Index(rng() % std::min<Index>(N, 4)), T = Index(rng() % 150);
+    moe::LayerConfig config{8, 8, N, k};
+    config.capacity_factor = (rng() % 2) ? 0.0 : 0.8;
+    config.weights = (rng() % 2) ? moe::RoutingWeights::softmax_over_top_k : moe::RoutingWeights::softmax_then_top_k;
+    config.aux.load_balance = round % 3 != 1 ? 0.01 : 0.0;  // both, z-loss only, load balance only
+    config.aux.z_loss = round % 3 != 2 ? 0.001 : 0.0;
+    std::vector<float> z(std::size_t(T * N));
+    for (float& v : z) {
+      const auto r = rng() % 40;
+      v = r == 0 ? std::nanf("") : r == 1 ? INFINITY : r == 2 ? -INFINITY : normal(rng);
+    }
+    std::vector<std::uint8_t> mask;  // round % 4 == 0: empty (every token counts)
+    if (round % 4 == 3) mask.assign(std::size_t(T), 0);
+    if (round % 4 == 1 || round % 4 == 2) {
+      mask.resize(std::size_t(T));
+      for (auto& m : mask) m = std::uint8_t(rng() % 3 != 0);
+    }
+    CAPTURE(round);
+    const auto logits = to_device<float>(backend, z, T, N);
+    typename B::Plan plan;
+    typename B::template Vector<float> weights, dweights;
+    backend.route(logits, config, plan, weights);
+    const moe::RoutingPlan host_plan = moe::cuda::detail::to_host(plan);
+    const moe::ConstMatrixView<float> zv(z.data(), T, N);
+
+    const moe::AuxLosses got = backend.aux_loss(logits, plan, config, mask);
+    const moe::AuxLosses ref = moe::aux_loss_forward<float>(zv, host_plan, config.aux, mask);
+    CHECK(std::isfinite(got.total()));
+    CHECK(got.load_balance == doctest::Approx(ref.load_balance).epsilon(1e-6));
+    CHECK(got.z_loss == doctest::Approx(ref.z_loss).epsilon(1e-6));
+
+    // Zero weight gradients: route_backward's output is the auxiliary gradient alone.
+    dweights.resize(T * k);
+    backend.fill(moe::MatrixView<float>(dweights.data(), 1, T * k), 0.f);
+    typename B::Matrix dlogits(T, N);
+    backend.route_backward(logits, plan, config, dweights, mask, dlogits);
+    std::vector<float> expected(std::size_t(T * N), 0.f);
+    moe::aux_loss_backward<float>(zv, host_plan, config.aux, mask, moe::MatrixView<float>(expected.data(), T, N));
+    const std::vector<float> dz = to_host<float>(backend, dlogits.data(), T * N);
+    CHECK(std::all_of(dz.begin(), dz.end(), [](float v) { return std::isfinite(v); }));
+    CHECK(relative_error(dz, expected) < 1e-6);
+    if (round % 4 == 3) {
+      CHECK(got.total() == 0.0);
+      CHECK(std::all_of(dz.begin(), dz.end(), [](float v) { return v == 0.f; }));
+    }
+  }
+}
+
 TEST_CASE(CUDA_TEST_NAME("parity: a separate router input (SelfRoute and Linear)")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   for (GateKind gate : {GateKind::self, GateKind::linear}) {

@@ -15,10 +15,16 @@
 // result does not depend on order. Same inputs, same bits, run to run.
 //
 // Host synchronisation: route() copies the N+1 expert offsets to the host (the per-expert GEMMs
-// need their row counts there); that is the one sync of a forward. Statistics (when collected)
-// and the optional auxiliary losses copy the routing decisions to the host as well.
+// need their row counts there); that is the one sync of a forward's computation. Statistics and
+// the auxiliary losses are computed on the device and only their results come back:
+//   * accumulate_stats (when collected) downloads N+4 integer counters: one sync per forward;
+//   * aux_loss (when a loss weight is > 0) downloads the two weighted losses: one sync per forward.
+// route_backward's auxiliary gradient needs no sync. The token mask travels host -> device (an
+// upload, ordered on the stream) wherever it is used. Neither logits nor plans are copied to the
+// host (detail::to_host does that for the tests).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <type_traits>
@@ -58,7 +64,13 @@ struct DevicePlan {
   DeviceArray<Index, D> chosen_start;        // [N] first sorted position of expert e
   DeviceArray<std::uint32_t, D> keys, sorted_keys;
   DeviceArray<std::int32_t, D> slots, sorted_slots;
-  const D* device = nullptr;                 // the device that routed (for host copies)
+  // Statistics and auxiliary-loss workspace, written through the const plan of a finished
+  // forward (hence mutable): the uploaded token mask and integer counters (per-expert choices of
+  // counted tokens, then the statistics' tokens, dropped slots, rows with non-finite and without
+  // finite logits).
+  mutable DeviceArray<std::uint8_t, D> mask;     // [T]   the token mask on the device
+  mutable DeviceArray<std::int64_t, D> tally;    // [N+4]
+  const D* device = nullptr;                 // the device that routed (statistics run on it)
 
   Index rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
   Index slots_count() const { return tokens * top_k; }
@@ -109,6 +121,106 @@ RoutingPlan to_host(const DevicePlan<D>& plan) {
   d.download(h.chosen_count.data(), plan.chosen_count.data(), plan.experts * sizeof(std::int64_t));
   h.expert_offsets = plan.expert_offsets;
   return h;
+}
+
+// Token t counts toward the statistics and auxiliary losses (mask null: every token counts).
+MOE_HOST_DEVICE inline bool is_counted(const std::uint8_t* mask, Index t) { return !mask || mask[t] != 0; }
+
+// The host mask in the plan's device buffer; null for an empty mask (every token counts).
+template <class D>
+const std::uint8_t* upload_mask(const D& device, const DevicePlan<D>& plan, std::span<const std::uint8_t> mask,
+                                Index tokens) {
+  check_mask(mask, tokens);
+  if (mask.empty()) return nullptr;
+  plan.mask.resize(tokens);
+  device.upload(plan.mask.data(), mask.data(), mask.size() * sizeof(std::uint8_t));
+  return plan.mask.data();
+}
+
+// plan.tally[0..N) = router choices of counted tokens per expert (dropped slots included),
+// plan.tally[N..N+4) = counted tokens, their dropped slots, their rows with a non-finite logit
+// and their rows without a finite one. Integer atomics: the counts do not depend on order.
+template <class D>
+std::int64_t* tally_choices(const D& device, const DevicePlan<D>& plan, const std::uint8_t* mask) {
+  const Index T = plan.tokens, N = plan.experts, k = plan.top_k;
+  plan.tally.resize(N + 4);
+  std::int64_t* tally = plan.tally.data();
+  device.for_each(N + 4, [=] MOE_HOST_DEVICE(Index i) { tally[i] = 0; });
+  const std::int32_t* expert = plan.expert.data();
+  const std::int32_t* row = plan.row.data();
+  const std::uint8_t* status = plan.row_status.data();
+  if (T > 0)
+    device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+      if (!is_counted(mask, t)) return;
+      std::int64_t dropped = 0;
+      for (Index j = 0; j < k; ++j) {
+        atomic_add(tally + expert[t * k + j], std::int64_t{1});
+        dropped += row[t * k + j] < 0;
+      }
+      atomic_add(tally + N, std::int64_t{1});
+      if (dropped) atomic_add(tally + N + 1, dropped);
+      if (status[t] & kRowHasNonFinite) atomic_add(tally + N + 2, std::int64_t{1});
+      if (status[t] & kRowNoFiniteLogit) atomic_add(tally + N + 3, std::int64_t{1});
+    });
+  return tally;
+}
+
+// logsumexp of one row in double, NaN skipped: moe::detail::logsumexp (moe/aux_loss.hpp) on the
+// row's compute-type values, runnable on the device.
+template <class S>
+MOE_HOST_DEVICE double row_logsumexp(const S* z, Index N) {
+  using C = Compute<S>;
+  double max_value = -INFINITY;
+  for (Index e = 0; e < N; ++e) {
+    const C v = C(z[e]);
+    if (!std::isnan(v) && double(v) > max_value) max_value = double(v);
+  }
+  if (!std::isfinite(max_value)) return max_value;
+  double sum = 0;
+  for (Index e = 0; e < N; ++e) {
+    const C v = C(z[e]);
+    if (!std::isnan(v)) sum += std::exp(double(v) - max_value);
+  }
+  return max_value + std::log(sum);
+}
+
+// The softmax scale of one row over all N logits (what robust_softmax computes), device-callable.
+template <class S>
+MOE_HOST_DEVICE SoftmaxScale<Compute<S>> row_softmax_scale(const S* z, Index N) {
+  using C = Compute<S>;
+  return softmax_scale<C>([&](Index e) { return C(z[e]); }, N);
+}
+
+// One counted token's auxiliary-loss gradient ADDED into dz [N]: aux_loss_backward's formulas
+// (moe/aux_loss.hpp) with f_e = count[e] / choices.
+//   load balance (lb_scale = alpha N / T_m > 0): J_softmax(z)^T g with g_e = lb_scale * f_e;
+//   z-loss (z_weight = beta > 0): beta * 2 logsumexp(z) / T_m * softmax(z) on the finite logits.
+// Nothing for a row whose largest logit is not finite, nor for a non-finite logit.
+template <class S>
+MOE_HOST_DEVICE void add_aux_gradient_row(const S* z, Index N, const std::int64_t* count, double choices,
+                                          double lb_scale, double z_weight, double counted, S* dz) {
+  using C = Compute<S>;
+  const SoftmaxScale<C> scale = row_softmax_scale(z, N);
+  if (!scale.finite()) return;
+  if (lb_scale > 0) {
+    C dot = 0;
+    for (Index e = 0; e < N; ++e) dot += scale.at(C(z[e])) * C(lb_scale * (double(count[e]) / choices));
+    for (Index e = 0; e < N; ++e) {
+      const C v = C(z[e]);
+      if (!std::isfinite(v)) continue;
+      const C g = C(lb_scale * (double(count[e]) / choices));
+      dz[e] = S(C(dz[e]) + scale.at(v) * (g - dot));
+    }
+  }
+  if (z_weight > 0) {
+    const double lse = row_logsumexp(z, N);
+    if (!std::isfinite(lse)) return;
+    const double factor = z_weight * 2.0 * lse / counted;
+    for (Index e = 0; e < N; ++e) {
+      const C v = C(z[e]);
+      if (std::isfinite(v)) dz[e] = S(C(dz[e]) + C(factor * double(scale.at(v))));
+    }
+  }
 }
 
 }  // namespace detail
@@ -386,21 +498,86 @@ class BasicBackend {
       device_.for_each(logits.rows, [=] MOE_HOST_DEVICE(Index t) {
         route_one_token_backward(logits.row(t), N, k, mode, expert + t * k, dw + t * k, dlogits.row(t));
       });
-    if (config.aux.load_balance > 0 || config.aux.z_loss > 0) add_aux_gradient_on_host(logits, plan, config, mask, dlogits);
+    if (config.aux.load_balance > 0 || config.aux.z_loss > 0) add_aux_gradient(logits, plan, config, mask, dlogits);
   }
-  // The auxiliary losses (off by default, as in the paper) are computed on the host from copies
-  // of the logits and the choices: one more sync, and exactly the CPU's sums.
+  // The auxiliary losses (off by default, as in the paper), aux_loss_forward's values
+  // (moe/aux_loss.hpp) computed on the device; only the two results come back (a sync).
   AuxLosses aux_loss(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
                      std::span<const std::uint8_t> mask) const {
-    const std::vector<C> z = download_compute(logits);
-    return aux_loss_forward<C>(ConstMatrixView<C>(z.data(), logits.rows, logits.cols), detail::to_host(plan),
-                               config.aux, mask);
+    const Index T = logits.rows, N = logits.cols, k = plan.top_k;
+    check_mask(mask, T);
+    const double alpha = config.aux.load_balance, beta = config.aux.z_loss;
+    const Index counted = moe::detail::counted_tokens(mask, T);
+    if (counted == 0 || (alpha <= 0 && beta <= 0)) return {};
+    const std::uint8_t* m = detail::upload_mask(device_, plan, mask, T);
+    const std::int64_t* count = detail::tally_choices(device_, plan, m);
+
+    // Per token: its softmax scale (for P) and logsumexp^2 (0 when skipped or not finite).
+    aux_scale_.resize(T);
+    aux_lse2_.resize(T);
+    SoftmaxScale<C>* scale = aux_scale_.data();
+    double* lse2 = aux_lse2_.data();
+    device_.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+      scale[t] = detail::row_softmax_scale(logits.row(t), N);
+      double value = 0;
+      if (beta > 0 && detail::is_counted(m, t)) {
+        const double lse = detail::row_logsumexp(logits.row(t), N);
+        if (std::isfinite(lse)) value = lse * lse;
+      }
+      lse2[t] = value;
+    });
+
+    // Column sums over counted tokens in double, in token chunks whose partials add in chunk
+    // order: columns 0..N-1 sum softmax(z_t)_e (T_m P_e), column N sums logsumexp^2.
+    const Index cols = N + 1, chunks = (T + kChunk - 1) / kChunk;
+    aux_sums_.resize(chunks * cols + cols + 2);
+    double* partial = aux_sums_.data();
+    double* column = partial + chunks * cols;
+    double* result = column + cols;
+    detail::for_each_2d(device_, chunks, cols, [=] MOE_HOST_DEVICE(Index q, Index c) {
+      const Index end = (q + 1) * kChunk < T ? (q + 1) * kChunk : T;
+      double sum = 0;
+      for (Index t = q * kChunk; t < end; ++t)
+        if (detail::is_counted(m, t)) sum += c < N ? double(scale[t].at(C(logits(t, c)))) : lse2[t];
+      partial[q * cols + c] = sum;
+    });
+    device_.for_each(cols, [=] MOE_HOST_DEVICE(Index c) {
+      double sum = 0;
+      for (Index q = 0; q < chunks; ++q) sum += partial[q * cols + c];
+      column[c] = sum;
+    });
+    const double tm = double(counted), choices = double(counted * k);
+    device_.for_each(1, [=] MOE_HOST_DEVICE(Index) {
+      double sum = 0;
+      for (Index e = 0; e < N; ++e) sum += double(count[e]) / choices * column[e] / tm;
+      result[0] = alpha > 0 ? alpha * double(N) * sum : 0.0;
+      result[1] = beta > 0 ? beta * column[N] / tm : 0.0;
+    });
+    double host[2];
+    device_.download(host, result, sizeof(host));
+    AuxLosses out;
+    out.load_balance = host[0], out.z_loss = host[1];
+    return out;
   }
 
   static std::span<const Index> expert_offsets(const Plan& plan) { return plan.expert_offsets; }
-  // Copies the choices to the host (a sync); pause with MoELayer::collect_stats(false).
+  // Counts on the device and downloads N+4 integers (a sync); pause with
+  // MoELayer::collect_stats(false). Adds exactly what RoutingStats::accumulate adds.
   static void accumulate_stats(const Plan& plan, std::span<const std::uint8_t> mask, RoutingStats& stats) {
-    stats.accumulate(detail::to_host(plan), mask);
+    check(plan.device != nullptr, "routing plan: no forward has routed yet");
+    const Index N = plan.experts;
+    check(Index(stats.assignments.size()) == N, "routing statistics hold ", stats.assignments.size(),
+          " experts, the plan routes to ", N);
+    const D& device = *plan.device;
+    const std::int64_t* tally = detail::tally_choices(device, plan, detail::upload_mask(device, plan, mask, plan.tokens));
+    std::vector<std::int64_t> host(std::size_t(N + 4));
+    device.download(host.data(), tally, host.size() * sizeof(std::int64_t));
+    for (Index e = 0; e < N; ++e) stats.assignments[e] += host[e];
+    stats.tokens += host[N];
+    stats.slots += host[N] * plan.top_k;
+    stats.dropped_slots += host[N + 1];
+    stats.rows_with_nonfinite += host[N + 2];
+    stats.rows_without_finite += host[N + 3];
   }
 
   // Device bytes of routing state and workspace per token: per slot, 7 int32 (expert, row,
@@ -449,38 +626,33 @@ class BasicBackend {
       });
   }
 
-  // The auxiliary gradient, formed on the host with the CPU's code and added on the device.
-  void add_aux_gradient_on_host(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
-                                std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
-    const Index T = logits.rows, N = logits.cols;
-    const std::vector<C> z = download_compute(logits);
-    std::vector<C> dz(std::size_t(T * N), C(0));
-    aux_loss_backward<C>(ConstMatrixView<C>(z.data(), T, N), detail::to_host(plan), config.aux, mask,
-                         MatrixView<C>(dz.data(), T, N));
-    std::vector<S> dz_s(dz.size());
-    for (std::size_t i = 0; i < dz.size(); ++i) dz_s[i] = S(dz[i]);
-    aux_scratch_.resize(T, N);
-    upload(dz_s, aux_scratch_);
-    add(aux_scratch_, dlogits);
-  }
-
-  // A (possibly strided) device matrix as host values of the compute type.
-  std::vector<C> download_compute(ConstMatrixView<S> m) const {
-    aux_scratch_.resize(m.rows, m.cols);
-    copy(m, aux_scratch_);
-    std::vector<S> host(std::size_t(m.size()));
-    download(aux_scratch_, host);
-    std::vector<C> out(host.size());
-    for (std::size_t i = 0; i < host.size(); ++i) out[i] = C(host[i]);
-    return out;
+  // dlogits += the auxiliary losses' gradient (aux_loss_backward, moe/aux_loss.hpp): f from the
+  // plan's choices and the mask by integer atomics, then one thread per counted token.
+  void add_aux_gradient(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
+                        std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
+    const Index T = logits.rows, N = logits.cols, k = plan.top_k;
+    check_mask(mask, T);
+    const Index counted = moe::detail::counted_tokens(mask, T);
+    const double alpha = config.aux.load_balance, beta = config.aux.z_loss;
+    if (counted == 0 || (alpha <= 0 && beta <= 0)) return;
+    const std::uint8_t* m = detail::upload_mask(device_, plan, mask, T);
+    const std::int64_t* count = detail::tally_choices(device_, plan, m);
+    const double tm = double(counted), choices = double(counted * k);
+    const double lb_scale = alpha > 0 ? alpha * double(N) / tm : 0.0, z_weight = beta > 0 ? beta : 0.0;
+    device_.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+      if (detail::is_counted(m, t))
+        detail::add_aux_gradient_row(logits.row(t), N, count, choices, lb_scale, z_weight, tm, dlogits.row(t));
+    });
   }
 
  private:
   static constexpr Index kChunk = 64;  // columns (dot products) or rows (column sums) per partial
 
   D device_;
-  mutable Vector<C> partial_;    // reduction partials
-  mutable Matrix aux_scratch_;   // host round trips of the auxiliary losses
+  mutable Vector<C> partial_;                    // reduction partials
+  mutable Vector<SoftmaxScale<C>> aux_scale_;    // [T] auxiliary losses: each token's softmax scale
+  mutable Vector<double> aux_lse2_;              // [T] its logsumexp^2
+  mutable Vector<double> aux_sums_;              // chunk partials, column sums, the two results
 };
 
 }  // namespace moe::cuda
