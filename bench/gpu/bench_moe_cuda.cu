@@ -1,0 +1,357 @@
+// bench_moe_cuda: the CUDA backend's MoE layer against a dense cuBLAS floor, on one GPU.
+//
+// Shapes (N=8 experts, top-2):
+//   gpt2_T16384, gpt2_T1024   H=768,  F=3072,  GeluMLP (GPT-2's MLP, with biases)
+//   mixtral_T4096             H=4096, F=14336, SwiGLU  (Mixtral's experts, no biases)
+// Precisions: bf16 (storage; fp32 accumulation) for every shape; fp32 (exact) and tf32 (fp32
+// storage, TF32 tensor-core GEMMs) for the GPT-2 shapes.
+//
+// Benchmarks, named <what>/<shape>/<precision> (Google Benchmark appends /manual_time):
+//   moe_fwd            MoELayer<SelfRoute, Experts>::forward_into
+//   moe_fwdbwd         forward_into + backward_into (d(x) and every parameter gradient)
+//   moe_fwd_linear     the same forward with the learned Linear router
+//   floor_fwd          the dense floor: T*k rows through ONE expert's two GEMMs (cublasGemmEx,
+//                      the layer's precision, fp32 compute), no routing, no bias, no activation.
+//                      The same FLOPs as the MoE forward with perfect batching. Ten calls are
+//                      queued per timed iteration, so launch latency is hidden: the strictest floor.
+//                      (Its minimum time is fixed at 0.1 s of GPU time: --benchmark_min_time
+//                      would cost ten times its value in wall time here.)
+//   routing_dispatch   everything of the SelfRoute forward around the expert bank: backend.route
+//                      (top-k, softmax, dispatch; ends with the forward's one host sync),
+//                      gather_rows and combine, on the SelfRoute logits view of x
+//
+// Timing: cudaEvents on the benchmark's stream around each iteration (UseManualTime), after a
+// warm-up (at least 3 runs and 100 ms). The MoE forward syncs with the host once by design (the
+// expert offsets), so its events include that round trip and the launches after it.
+// Counters: tokens_per_s (T / time per iteration) and TFLOP/s with the expert FLOPs
+// (forward = 2 GEMMs over T*k rows: 4*T*k*H*F for GeluMLP, 6*T*k*H*F for SwiGLU; forward +
+// backward = 3x). bench/gpu/report.py turns the JSON into the comparison table.
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <type_traits>
+
+#include "moe/cuda.cuh"
+
+namespace {
+
+using moe::Index;
+using moe::cuda::check_cublas;
+using moe::cuda::check_cuda;
+using moe::cuda::CudaDevice;
+using moe::cuda::Fp32Math;
+
+constexpr std::uint64_t kLayerSeed = 1234;
+constexpr std::uint64_t kInputSeed = 42;
+constexpr int kFloorBatch = 10;            // floor calls per timed iteration
+constexpr double kFloorMinTime = 0.1;      // seconds of (manual) time per floor repetition
+constexpr int kMinWarmupRuns = 3;          // the first run sizes every buffer and picks cuBLAS kernels
+constexpr double kMinWarmupSeconds = 0.1;  // and long enough for the clocks to settle
+
+cudaStream_t g_stream = nullptr;  // every benchmark runs on this stream (created in main)
+
+struct Shape {
+  const char* name;
+  Index H, F, N, k, T;
+  bool swiglu;
+
+  Index rows() const { return T * k; }
+  // The expert bank's forward FLOPs: GeluMLP [R,H]x[H,F] and [R,F]x[F,H]; SwiGLU [R,H]x[H,2F], [R,F]x[F,H].
+  double forward_flops() const { return (swiglu ? 6.0 : 4.0) * double(rows()) * double(H) * double(F); }
+  moe::LayerConfig config() const { return {.hidden = H, .ffn = F, .experts = N, .top_k = k}; }
+  std::string label() const {
+    return "H=" + std::to_string(H) + " F=" + std::to_string(F) + " N=" + std::to_string(N) +
+           " k=" + std::to_string(k) + " T=" + std::to_string(T) + (swiglu ? " swiglu" : " gelu-mlp");
+  }
+};
+
+const Shape kGpt2Large{"gpt2_T16384", 768, 3072, 8, 2, 16384, false};
+const Shape kGpt2Small{"gpt2_T1024", 768, 3072, 8, 2, 1024, false};
+const Shape kMixtral{"mixtral_T4096", 4096, 14336, 8, 2, 4096, true};
+
+struct Precision {
+  const char* name;
+  Fp32Math math;  // ignored by the bf16 backend
+};
+const Precision kBF16{"bf16", Fp32Math::exact};
+const Precision kFP32{"fp32", Fp32Math::exact};
+const Precision kTF32{"tf32", Fp32Math::tf32};
+
+template <class B>
+B make_backend(const Precision& p) {
+  return B(CudaDevice(g_stream, p.math));
+}
+
+// ---- timing ------------------------------------------------------------------------------------
+
+class EventTimer {
+ public:
+  EventTimer() {
+    check_cuda(cudaEventCreate(&start_), "cudaEventCreate");
+    check_cuda(cudaEventCreate(&stop_), "cudaEventCreate");
+  }
+  ~EventTimer() {
+    cudaEventDestroy(start_);
+    cudaEventDestroy(stop_);
+  }
+  EventTimer(const EventTimer&) = delete;
+  EventTimer& operator=(const EventTimer&) = delete;
+
+  void start() { check_cuda(cudaEventRecord(start_, g_stream), "cudaEventRecord"); }
+  // Seconds on the stream since start(); waits for the stream to get there.
+  double stop() {
+    check_cuda(cudaEventRecord(stop_, g_stream), "cudaEventRecord");
+    check_cuda(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+    return double(ms) * 1e-3;
+  }
+
+ private:
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+};
+
+// Warm-up, then every iteration timed by events around `batch` calls of body; each iteration
+// reports the time per call. Returns the mean seconds per call.
+template <class Body>
+double timed_loop(benchmark::State& state, int batch, Body&& body) {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  const auto seconds_since_start = [&] { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+  for (int runs = 0; runs < kMinWarmupRuns || seconds_since_start() < kMinWarmupSeconds; ++runs) {
+    body();
+    check_cuda(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize (warm-up)");
+  }
+  EventTimer timer;
+  double total = 0;
+  for (auto _ : state) {
+    timer.start();
+    for (int i = 0; i < batch; ++i) body();
+    const double seconds = timer.stop() / batch;
+    state.SetIterationTime(seconds);
+    total += seconds;
+  }
+  check_cuda(cudaGetLastError(), "a kernel of the timed loop");
+  return state.iterations() > 0 ? total / double(state.iterations()) : 0;
+}
+
+void set_counters(benchmark::State& state, const Shape& s, double seconds, double flops) {
+  if (seconds <= 0) return;
+  state.counters["tokens_per_s"] = double(s.T) / seconds;
+  if (flops > 0) state.counters["TFLOP/s"] = flops / seconds / 1e12;
+  state.SetLabel(s.label());
+}
+
+// A CUDA or library failure skips the benchmark with its message instead of ending the run
+// (an out-of-memory on one shape should not hide the others).
+template <class Fn>
+void guarded(benchmark::State& state, Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+// ---- the MoE layer -----------------------------------------------------------------------------
+
+template <template <class> class Gate, template <class> class Experts, class B>
+using Layer = moe::MoELayer<Gate, Experts, B>;
+
+template <template <class> class Gate, template <class> class Experts, class B>
+void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
+  guarded(state, [&] {
+    Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p));
+    layer.collect_stats(false);  // statistics would copy the routing decisions to the host
+    // N(0, 1) input: SelfRoute's logits (the last N coordinates) and the Linear router's N(0, 1/H)
+    // projections spread the tokens evenly over the experts.
+    typename B::Matrix x(s.T, s.H), y(s.T, s.H);
+    layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
+    const double seconds = timed_loop(state, 1, [&] { layer.forward_into(x, y); });
+    set_counters(state, s, seconds, s.forward_flops());
+  });
+}
+
+template <template <class> class Gate, template <class> class Experts, class B>
+void bm_forward_backward(benchmark::State& state, const Shape& s, const Precision& p) {
+  guarded(state, [&] {
+    Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p));
+    layer.collect_stats(false);
+    typename B::Matrix x(s.T, s.H), y(s.T, s.H), dy(s.T, s.H), dx(s.T, s.H);
+    layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
+    layer.backend().fill_normal(dy, 1.0 / double(s.T), kInputSeed, 1);  // a mean loss's gradient scale
+    // Parameter gradients accumulate over the iterations, as between two zero_grad() calls.
+    const double seconds = timed_loop(state, 1, [&] {
+      layer.forward_into(x, y);
+      layer.backward_into(dy, dx);
+    });
+    set_counters(state, s, seconds, 3 * s.forward_flops());
+  });
+}
+
+// ---- routing + dispatch: the SelfRoute forward without the expert bank --------------------------
+
+template <class B>
+void bm_routing_dispatch(benchmark::State& state, const Shape& s, const Precision& p) {
+  guarded(state, [&] {
+    using S = typename B::Scalar;
+    B be = make_backend<B>(p);
+    const moe::LayerConfig config = s.config();
+    typename B::Matrix x(s.T, s.H), rows, y(s.T, s.H);
+    be.fill_normal(x, 1.0, kInputSeed, 0);
+    const moe::ConstMatrixView<S> input = x;
+    const moe::ConstMatrixView<S> logits = input.col_block(s.H - s.N, s.N);  // SelfRoute: the last N coordinates
+    typename B::Plan plan;
+    typename B::template Vector<S> weights;
+    const double seconds = timed_loop(state, 1, [&] {
+      be.route(logits, config, plan, weights);  // ends with the host copy of the expert offsets
+      B::resize(rows, B::expert_offsets(plan).back(), s.H);  // capacity only grows: no allocation after warm-up
+      be.gather_rows(input, plan, rows);
+      be.combine(rows, plan, weights, y);  // the gathered rows stand in for the expert outputs
+    });
+    set_counters(state, s, seconds, 0);
+  });
+}
+
+// ---- the dense cuBLAS floor --------------------------------------------------------------------
+
+template <class S>
+constexpr cudaDataType_t cuda_type() {
+  if constexpr (std::is_same_v<S, moe::bfloat16>)
+    return CUDA_R_16BF;
+  else
+    return CUDA_R_32F;
+}
+
+class CublasHandle {
+ public:
+  CublasHandle() {
+    check_cublas(cublasCreate(&handle_), "cublasCreate");
+    check_cublas(cublasSetStream(handle_, g_stream), "cublasSetStream");
+  }
+  ~CublasHandle() { cublasDestroy(handle_); }
+  CublasHandle(const CublasHandle&) = delete;
+  CublasHandle& operator=(const CublasHandle&) = delete;
+  cublasHandle_t get() const { return handle_; }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+};
+
+// Row-major out[M, O] = in[M, I] W^T with W [O, I] (nn.Linear's layout), as the column-major
+// product out^T = W in^T: the mapping the backend's own GEMMs use (moe/cuda/device.hpp), so the
+// floor and the layer ask cuBLAS for the same kind of kernel.
+template <class S>
+void linear(cublasHandle_t handle, cublasComputeType_t compute, const S* in, const S* w, S* out, Index M, Index I,
+            Index O) {
+  const float alpha = 1, beta = 0;  // float scalars: the compute type is fp32 (or TF32) in every case
+  const cudaDataType_t type = cuda_type<S>();
+  check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(O), int(M), int(I), &alpha, w, type, int(I), in,
+                            type, int(I), &beta, out, type, int(O), compute, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx (floor)");
+}
+
+template <class B>
+void bm_floor(benchmark::State& state, const Shape& s, const Precision& p) {
+  guarded(state, [&] {
+    using S = typename B::Scalar;
+    const B be = make_backend<B>(p);  // only for its matrices and fill_normal
+    const CublasHandle handle;
+    const bool tf32 = !std::is_same_v<S, moe::bfloat16> && p.math == Fp32Math::tf32;  // as CudaDevice::gemm
+    const cublasComputeType_t compute = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const Index R = s.rows(), H = s.H, F = s.F, F_in = s.swiglu ? 2 * F : F;
+    // x [R, H] -> first [R, F_in] (W1 [F_in, H]); second's input [R, F] -> y [R, H] (W2 [H, F]).
+    // GeluMLP's second GEMM reads the first's output; SwiGLU's reads a separate [R, F] matrix
+    // (the silu(gate) * up the layer forms in between).
+    typename B::Matrix x(R, H), w1(F_in, H), first(R, F_in), act(s.swiglu ? R : 0, F), w2(H, F), y(R, H);
+    be.fill_normal(x, 1.0, kInputSeed, 10);
+    be.fill_normal(w1, 0.02, kInputSeed, 11);
+    be.fill_normal(w2, 0.02, kInputSeed, 12);
+    if (s.swiglu) be.fill_normal(act, 1.0, kInputSeed, 13);
+    const S* second_in = s.swiglu ? act.data() : first.data();
+    const double seconds = timed_loop(state, kFloorBatch, [&] {
+      linear<S>(handle.get(), compute, x.data(), w1.data(), first.data(), R, H, F_in);
+      linear<S>(handle.get(), compute, second_in, w2.data(), y.data(), R, F, H);
+    });
+    set_counters(state, s, seconds, s.forward_flops());
+  });
+}
+
+// ---- registration ------------------------------------------------------------------------------
+
+template <class Fn>
+benchmark::internal::Benchmark* add(const std::string& what, const Shape& s, const Precision& p, Fn fn) {
+  const std::string name = what + "/" + s.name + "/" + p.name;
+  return benchmark::RegisterBenchmark(name.c_str(), [fn, &s, &p](benchmark::State& st) { fn(st, s, p); })
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+// Every benchmark of one (shape, precision). B: the backend; Experts: the shape's expert bank.
+template <template <class> class Experts, class B>
+void add_all(const Shape& s, const Precision& p) {
+  add("moe_fwd", s, p, bm_forward<moe::SelfRoute, Experts, B>);
+  add("moe_fwdbwd", s, p, bm_forward_backward<moe::SelfRoute, Experts, B>);
+  add("moe_fwd_linear", s, p, bm_forward<moe::Linear, Experts, B>);
+  add("floor_fwd", s, p, bm_floor<B>)->MinTime(kFloorMinTime);
+  add("routing_dispatch", s, p, bm_routing_dispatch<B>);
+}
+
+void add_gpu_context() {
+  int device = 0, runtime = 0, driver = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  check_cuda(cudaRuntimeGetVersion(&runtime), "cudaRuntimeGetVersion");
+  check_cuda(cudaDriverGetVersion(&driver), "cudaDriverGetVersion");
+  benchmark::AddCustomContext("gpu", prop.name);
+  benchmark::AddCustomContext("gpu_sm", std::to_string(prop.major) + "." + std::to_string(prop.minor));
+  benchmark::AddCustomContext("gpu_sms", std::to_string(prop.multiProcessorCount));
+  benchmark::AddCustomContext("gpu_memory_gib", std::to_string(double(prop.totalGlobalMem) / double(1 << 30)));
+  benchmark::AddCustomContext("cuda_runtime", std::to_string(runtime));
+  benchmark::AddCustomContext("cuda_driver", std::to_string(driver));
+  benchmark::AddCustomContext("cublas_header", std::to_string(CUBLAS_VERSION));
+  benchmark::AddCustomContext("floor_batch", std::to_string(kFloorBatch));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+
+  using moe::cuda::Backend, moe::cuda::BackendBF16;
+  for (const Shape* s : {&kGpt2Large, &kGpt2Small}) {
+    add_all<moe::GeluMLP, BackendBF16>(*s, kBF16);
+    add_all<moe::GeluMLP, Backend>(*s, kFP32);
+    add_all<moe::GeluMLP, Backend>(*s, kTF32);
+  }
+  add_all<moe::SwiGLU, BackendBF16>(kMixtral, kBF16);
+
+  // Without a device the benchmarks still list (--benchmark_list_tests) and each one reports the
+  // CUDA error it gets; the exit status says the run measured nothing.
+  int count = 0;
+  const bool have_device = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  if (have_device) {
+    try {
+      check_cuda(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      add_gpu_context();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "bench_moe_cuda: %s\n", e.what());
+      return 1;
+    }
+  } else {
+    std::fprintf(stderr, "bench_moe_cuda: no CUDA device on this machine: nothing can be measured\n");
+  }
+
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  if (g_stream) cudaStreamDestroy(g_stream);
+  return have_device ? 0 : 1;
+}

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""The GPU comparison: bench_moe_cuda's Google Benchmark JSON and torch_moe_cuda.py's JSON in,
+markdown out, the table of targets last.
+
+  python3 bench/gpu/report.py build-gpu/results/moe_cuda.json build-gpu/results/torch_cuda.json
+
+The torch file is optional (its columns then read "-"). Times are medians: of the repetitions'
+per-iteration means when bench_moe_cuda ran with --benchmark_repetitions (its "median"
+aggregate), of torch's timed iterations otherwise. The torch forward figures are its
+torch.no_grad() forwards, the faster form, so the speedups are the conservative ones.
+
+Targets (bf16, the issue's): our SelfRoute forward within 1.15x of the dense cuBLAS floor at
+T=16384 and for Mixtral; >= 1.5x faster than torch._grouped_mm at T=16384 and >= 2x at T=1024;
+forward + backward >= 3x faster than the eager torch loop at T=16384; routing + dispatch < 5% of
+the forward at T=16384.
+"""
+import json
+import statistics
+import sys
+
+SHAPES = ["gpt2_T16384", "gpt2_T1024", "mixtral_T4096"]
+PRECISIONS = ["bf16", "fp32", "tf32"]
+TORCH_PRECISION = "bf16"  # the torch peers run in bf16 only
+UNIT_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+
+# (column, shape) -> (test, text); only for bf16 rows.
+TARGETS = {
+    ("ratio", "gpt2_T16384"): (lambda v: v <= 1.15, "<= 1.15"),
+    ("ratio", "mixtral_T4096"): (lambda v: v <= 1.15, "<= 1.15"),
+    ("vs_grouped", "gpt2_T16384"): (lambda v: v >= 1.5, ">= 1.5x"),
+    ("vs_grouped", "gpt2_T1024"): (lambda v: v >= 2.0, ">= 2x"),
+    ("vs_loop", "gpt2_T16384"): (lambda v: v >= 3.0, ">= 3x"),
+    ("share", "gpt2_T16384"): (lambda v: v < 0.05, "< 5%"),
+}
+
+
+def load_ours(path):
+    """(what, shape, precision) -> median ms; the same key -> error message; the run's context."""
+    with open(path) as f:
+        data = json.load(f)
+    runs, medians, errors = {}, {}, {}
+    for b in data.get("benchmarks", []):
+        name = b.get("run_name") or b.get("name", "")
+        if name.endswith("/manual_time"):
+            name = name[: -len("/manual_time")]
+        key = tuple(name.split("/"))
+        if len(key) != 3:
+            continue
+        if b.get("error_occurred"):
+            errors[key] = b.get("error_message", "error")
+            continue
+        ms = float(b["real_time"]) * UNIT_MS[b.get("time_unit", "ns")]  # manual (event) time
+        if b.get("run_type") == "aggregate":
+            if b.get("aggregate_name") == "median":
+                medians[key] = ms
+        else:
+            runs.setdefault(key, []).append(ms)
+    times = {key: statistics.median(v) for key, v in runs.items()}
+    times.update(medians)
+    return times, errors, data.get("context", {})
+
+
+def load_torch(path):
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"(no torch figures: {path}: {e})\n")
+        return {}
+
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def fmt_ms(v):
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.2f}")
+
+
+def fmt_x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def fmt_sci(v):
+    return "-" if v is None else f"{v:.1e}"
+
+
+def fmt_pct(v):
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if len(argv) >= 2 else 2
+    times, errors, context = load_ours(argv[1])
+    peers = load_torch(argv[2] if len(argv) > 2 else None)
+    torch_shapes = peers.get("shapes", {})
+
+    def ours(what, shape, prec):
+        return times.get((what, shape, prec))
+
+    def peer(shape, impl, field="forward_ms"):
+        return torch_shapes.get(shape, {}).get(impl, {}).get(field)
+
+    print(f"GPU: {context.get('gpu', '?')} (sm {context.get('gpu_sm', '?')}, CUDA runtime "
+          f"{context.get('cuda_runtime', '?')}); torch {peers.get('torch', '-')} on {peers.get('device', '-')}")
+    print()
+
+    # ---- the PyTorch peers ----
+    if torch_shapes:
+        print("PyTorch peers, bf16, median ms (forward = under torch.no_grad(); fwd(grad) = autograd recording):")
+        print()
+        rows = []
+        for shape in SHAPES:
+            s = torch_shapes.get(shape)
+            if not s:
+                continue
+            rows.append([shape,
+                         fmt_ms(peer(shape, "loop")), fmt_ms(peer(shape, "loop", "forward_grad_ms")),
+                         fmt_ms(peer(shape, "loop", "forward_backward_ms")),
+                         fmt_ms(peer(shape, "grouped_mm")), fmt_ms(peer(shape, "grouped_mm", "forward_grad_ms")),
+                         fmt_ms(peer(shape, "grouped_mm", "forward_backward_ms")),
+                         fmt_ms(peer(shape, "hf_mixtral")), fmt_ms(peer(shape, "floor_mm")),
+                         " / ".join(fmt_sci(peer(shape, "grouped_mm", f"check{kind}_rel_diff_vs_loop"))
+                                    for kind in ("", "_padded"))])
+        print(table(["shape", "loop fwd", "loop fwd(grad)", "loop fwd+bwd", "grouped_mm fwd", "grouped_mm fwd(grad)",
+                     "grouped_mm fwd+bwd", "HF Mixtral block fwd", "torch.mm floor",
+                     "grouped (/ padded) vs loop rel diff"],
+                    rows))
+        print()
+        notes = []
+        for shape in SHAPES:
+            for impl, result in torch_shapes.get(shape, {}).items():
+                if not isinstance(result, dict):
+                    continue
+                for field, value in result.items():
+                    if field.endswith("_error"):
+                        notes.append(f"- torch {shape} {impl} {field[:-len('_error')]}: {value}")
+                if impl == "grouped_mm" and result.get("forward_backward_dispatch") and shape == SHAPES[0]:
+                    notes.append(f"- grouped_mm fwd+bwd: {result['forward_backward_dispatch']}")
+                if impl == "hf_mixtral" and result.get("note") and shape.startswith("gpt2"):
+                    notes.append(f"- {shape} hf_mixtral: {result['note']}")
+                if impl == "hf_mixtral" and result.get("experts_implementation"):
+                    notes.append(f"- {shape} hf_mixtral experts implementation: {result['experts_implementation']}")
+        if notes:
+            print("\n".join(notes))
+            print()
+
+    # ---- ours, every figure ----
+    print("bench_moe_cuda, median ms (fwd = SelfRoute; floor = one expert's two cuBLAS GEMMs over T*k rows):")
+    print()
+    rows = []
+    for shape in SHAPES:
+        for prec in PRECISIONS:
+            fwd = ours("moe_fwd", shape, prec)
+            linear = ours("moe_fwd_linear", shape, prec)
+            if fwd is None and linear is None and ours("floor_fwd", shape, prec) is None:
+                continue
+            torch_row = prec == TORCH_PRECISION
+            rows.append([shape, prec, fmt_ms(fwd), fmt_ms(linear), fmt_ms(ours("moe_fwdbwd", shape, prec)),
+                         fmt_ms(ours("floor_fwd", shape, prec)), fmt_ms(ours("routing_dispatch", shape, prec)),
+                         fmt_x(ratio(peer(shape, "grouped_mm"), linear)) if torch_row else "-",
+                         fmt_x(ratio(peer(shape, "hf_mixtral"), fwd)) if torch_row else "-",
+                         fmt_x(ratio(peer(shape, "loop"), fwd)) if torch_row else "-",
+                         fmt_ratio(ratio(ours("floor_fwd", shape, prec), peer(shape, "floor_mm")))
+                         if torch_row else "-"])
+    print(table(["shape", "prec", "fwd", "fwd (Linear gate)", "fwd+bwd", "floor", "routing+dispatch",
+                 "Linear fwd vs grouped_mm", "fwd vs HF block", "fwd vs loop", "cuBLAS floor / torch.mm floor"], rows))
+    print()
+    if errors:
+        for (what, shape, prec), message in sorted(errors.items()):
+            print(f"- bench_moe_cuda {what}/{shape}/{prec}: {message}")
+        print()
+
+    # ---- the targets, last ----
+    passed = failed = missing = 0
+    rows = []
+    for shape in SHAPES:
+        for prec in PRECISIONS:
+            fwd, fwdbwd = ours("moe_fwd", shape, prec), ours("moe_fwdbwd", shape, prec)
+            floor = ours("floor_fwd", shape, prec)
+            torch_row = prec == TORCH_PRECISION
+            if fwd is None and fwdbwd is None and floor is None and not torch_row:
+                continue  # the bf16 rows always show, so a missing figure counts as MISSING
+            values = {
+                "ratio": ratio(fwd, floor),
+                "vs_grouped": ratio(peer(shape, "grouped_mm"), fwd) if torch_row else None,
+                "vs_loop": ratio(peer(shape, "loop", "forward_backward_ms"), fwdbwd) if torch_row else None,
+                "share": ratio(ours("routing_dispatch", shape, prec), fwd),
+            }
+            formats = {"ratio": fmt_ratio, "vs_grouped": fmt_x, "vs_loop": fmt_x, "share": fmt_pct}
+            cells = []
+            for column in ("ratio", "vs_grouped", "vs_loop", "share"):
+                value, text = values[column], formats[column](values[column])
+                target = TARGETS.get((column, shape)) if torch_row else None
+                if target:
+                    test, goal = target
+                    if value is None:
+                        text, missing = f"MISSING ({goal})", missing + 1
+                    elif test(value):
+                        text, passed = f"{text} PASS ({goal})", passed + 1
+                    else:
+                        text, failed = f"{text} FAIL ({goal})", failed + 1
+                cells.append(text)
+            rows.append([shape, prec, fmt_ms(fwd), fmt_ms(floor), cells[0], cells[1], fmt_ms(fwdbwd), cells[2],
+                         cells[3]])
+    print(f"Targets (bf16 rows): {passed} PASS, {failed} FAIL, {missing} MISSING. Speedups = torch time / ours; "
+          "vs grouped_mm: torch._grouped_mm forward (no_grad); vs loop: the eager torch loop's forward + backward.")
+    print()
+    print(table(["shape", "prec", "fwd ms", "floor ms", "fwd / floor", "vs torch grouped_mm (fwd)", "fwd+bwd ms",
+                 "vs torch loop (fwd+bwd)", "routing+dispatch share of fwd"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
