@@ -78,17 +78,10 @@ struct DevicePlan {
 
 namespace detail {
 
-// body(r, c) for every element of a [rows, cols] grid, as one flat index space.
-template <class Body>
-struct Grid2D {
-  Index cols;
-  Body body;
-  MOE_HOST_DEVICE void operator()(Index i) const { body(i / cols, i % cols); }
-};
-
+// body(r, c) for every element of a [rows, cols] grid (the device's 2-D launch).
 template <class D, class Body>
 void for_each_2d(const D& device, Index rows, Index cols, Body body) {
-  if (rows > 0 && cols > 0) device.for_each(rows * cols, Grid2D<Body>{cols, body});
+  if (rows > 0 && cols > 0) device.for_each_2d(rows, cols, body);
 }
 
 template <class D, class S>
@@ -99,7 +92,7 @@ void gemm(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a,
   if (call.k > 0) {
     device.gemm(call);
   } else if (!accumulate) {  // an empty sum (e.g. a weight gradient over 0 tokens): cuBLAS is not asked
-    device.for_each(out.rows * out.cols, [=] MOE_HOST_DEVICE(Index i) { out(i / out.cols, i % out.cols) = S(0); });
+    for_each_2d(device, out.rows, out.cols, [=] MOE_HOST_DEVICE(Index r, Index c) { out(r, c) = S(0); });
   }
 }
 

@@ -41,6 +41,15 @@ __global__ void for_each_kernel(Index n, Body body) {
   for (Index i = Index(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) body(i);
 }
 
+// body(r, c) over a [rows, cols] grid: threadIdx.x runs along a row (coalesced), blocks stride
+// over both dimensions, so any shape fits any grid and no thread divides an index.
+template <class Body>
+__global__ void for_each_2d_kernel(Index rows, Index cols, Body body) {
+  const Index row_stride = Index(gridDim.y) * blockDim.y, col_stride = Index(gridDim.x) * blockDim.x;
+  for (Index r = Index(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += row_stride)
+    for (Index c = Index(blockIdx.x) * blockDim.x + threadIdx.x; c < cols; c += col_stride) body(r, c);
+}
+
 // fp32 GEMMs: exact fp32 (the default, what parity is checked with) or TF32 tensor cores.
 enum class Fp32Math { exact, tf32 };
 
@@ -77,6 +86,17 @@ class CudaDevice {
     const Index max_blocks = Index(context_->sms) * 16;
     const Index blocks = (n + kThreads - 1) / kThreads < max_blocks ? (n + kThreads - 1) / kThreads : max_blocks;
     for_each_kernel<<<unsigned(blocks), unsigned(kThreads), 0, stream()>>>(n, body);
+    check_cuda(cudaGetLastError(), "kernel launch");
+  }
+
+  template <class Body>
+  void for_each_2d(Index rows, Index cols, Body body) const {
+    if (rows <= 0 || cols <= 0) return;
+    constexpr Index kX = 32, kY = 8;  // a warp along the row, 8 rows per block
+    const Index bx = (cols + kX - 1) / kX < 1024 ? (cols + kX - 1) / kX : 1024;
+    const Index by = (rows + kY - 1) / kY < 65535 ? (rows + kY - 1) / kY : 65535;
+    for_each_2d_kernel<<<dim3(unsigned(bx), unsigned(by)), dim3(unsigned(kX), unsigned(kY)), 0, stream()>>>(
+        rows, cols, body);
     check_cuda(cudaGetLastError(), "kernel launch");
   }
 

@@ -6,6 +6,7 @@
 //   d.upload(dst, src, bytes)                  host -> device, ordered on the stream
 //   d.download(dst, src, bytes)                device -> host; waits for the stream (a sync point)
 //   d.for_each(n, body)                        body(i) for every i in [0, n), in any order/parallel
+//   d.for_each_2d(rows, cols, body)            body(r, c) over a grid (no index division per element)
 //   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention)
 //   d.stable_sort_pairs(keys_in, keys_out, values_in, values_out, n, bits)
 //                                              pairs ordered by key, stably (CUB radix sort)

@@ -30,6 +30,11 @@ struct EmulatedDevice {
   void for_each(Index n, Body body) const {
     for (Index i = 0; i < n; ++i) body(i);
   }
+  template <class Body>
+  void for_each_2d(Index rows, Index cols, Body body) const {
+    for (Index r = 0; r < rows; ++r)
+      for (Index c = 0; c < cols; ++c) body(r, c);
+  }
 
   // The column-major definition, accumulated in the scalar's compute type in k order.
   template <class S>
