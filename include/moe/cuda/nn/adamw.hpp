@@ -1,0 +1,276 @@
+// moe/cuda/nn/adamw.hpp: AdamW (PyTorch's torch.optim.AdamW: decoupled weight decay) and global
+// gradient-norm clipping (torch.nn.utils.clip_grad_norm_) over parameters in device memory: the
+// GPU twin of moe/nn/adamw.hpp (same interface, same update, same conventions).
+//
+// The parameters come as the CPU's std::vector<ParamRef<S>>, whose value and grad spans here
+// point to DEVICE memory (never read on the host: only their sizes and pointers are used).
+// The moments are kept in Compute<S> (fp32 for bf16 parameters: the mixed-precision recipe),
+// one device array per parameter. Every update is elementwise, one index per element; the only
+// sync is clip_grad_norm's download of the summed squares.
+//
+// This first version allocates per call where it needs scratch (clip_grad_norm's partials, freed
+// after its download, so cudaFree's wait costs nothing more) and allocates the moments once, on
+// a parameter's first update.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#include "moe/config.hpp"
+#include "moe/cuda/buffer.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/host_device.hpp"
+#include "moe/routing.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda::nn {
+
+// moe::nn::AdamWConfig's fields and defaults (moe/nn/adamw.hpp needs the CPU world, not nvcc's).
+struct AdamWConfig {
+  double lr = 6e-4;  // used by step(params); step(params, lr) takes a scheduled rate instead
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+};
+
+// Weight decay applies only to parameters of 2 or more dimensions (matrices, embeddings); biases
+// and norm weights (1-D) are not decayed: the GPT-2 / llm.c convention (moe::nn::decays).
+template <class S>
+bool decays(const ParamRef<S>& param) {
+  return param.shape.size() >= 2;
+}
+
+namespace adamw_detail {
+
+// Elements per partial sum of squares in clip_grad_norm (one device thread each).
+inline constexpr Index kNormChunk = 2048;
+
+// A parameter the optimizer updates: trainable, with a gradient.
+template <class S>
+bool updated(const ParamRef<S>& p) {
+  return p.trainable && !p.grad.empty();
+}
+
+// The step's constants, in C, computed on the host in double as the CPU computes them.
+template <class C>
+struct AdamWStep {
+  C b1, b2, one_minus_b1, one_minus_b2;
+  C step_size;             // lr / (1 - b1^t)
+  C inv_sqrt_correction2;  // 1 / sqrt(1 - b2^t)
+  C eps;
+  C decay_factor;          // 1 - lr * wd for decayed parameters, else exactly 1
+};
+
+// value, grad: [n] (S); m, v: [n] (C). One index per element: the CPU AdamW's update, in C.
+template <class S, class D, class C = Compute<S>>
+void adamw_update(const D& device, S* value, const S* grad, C* m, C* v, Index n, AdamWStep<C> k) {
+  device.for_each(n, [=] MOE_HOST_DEVICE(Index j) {
+    const C g = C(grad[j]);
+    const C mj = k.b1 * m[j] + k.one_minus_b1 * g;
+    const C vj = k.b2 * v[j] + k.one_minus_b2 * g * g;
+    m[j] = mj;
+    v[j] = vj;
+    value[j] = S(C(value[j]) * k.decay_factor - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps));
+  });
+}
+
+template <class T, class D>
+void fill_zero(const D& device, T* data, Index n) {
+  device.for_each(n, [=] MOE_HOST_DEVICE(Index j) { data[j] = T(0); });
+}
+
+// partial[q] = sum of grad[j]^2 over chunk q of kNormChunk elements, in double, in index order.
+template <class S, class D>
+void chunk_squares(const D& device, const S* grad, Index n, double* partial) {
+  const Index chunk = kNormChunk, chunks = (n + chunk - 1) / chunk;
+  device.for_each(chunks, [=] MOE_HOST_DEVICE(Index q) {
+    const Index begin = q * chunk, end = begin + chunk < n ? begin + chunk : n;
+    double s = 0;
+    for (Index j = begin; j < end; ++j) s += double(grad[j]) * double(grad[j]);
+    partial[q] = s;
+  });
+}
+
+// *total = partial[0] + partial[1] + ... in that order (one thread).
+template <class D>
+void ordered_sum(const D& device, const double* partial, Index count, double* total) {
+  device.for_each(1, [=] MOE_HOST_DEVICE(Index) {
+    double s = 0;
+    for (Index q = 0; q < count; ++q) s += partial[q];
+    *total = s;
+  });
+}
+
+template <class S, class D, class C = Compute<S>>
+void scale_in_place(const D& device, S* data, Index n, C scale) {
+  device.for_each(n, [=] MOE_HOST_DEVICE(Index j) { data[j] = S(C(data[j]) * scale); });
+}
+
+}  // namespace adamw_detail
+
+// First and second moments for each parameter, keyed by its position in the list given to
+// step(), as moe::nn::AdamW. The list is fixed by the first step: a later list of another length
+// or with other sizes throws. Frozen parameters (trainable false) and ones without a gradient
+// are skipped and keep empty moments.
+//
+// For each updated parameter p with gradient g, at step t (1 on the first call):
+//   p -= lr * wd * p                      (only if decays(p))
+//   m  = b1 m + (1 - b1) g
+//   v  = b2 v + (1 - b2) g^2
+//   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+// in Compute<S>, the moments stored in Compute<S> (fp32 for bf16). One launch per parameter; no
+// sync. m()/v() download the state for a checkpoint (syncs), set_state() uploads one.
+template <class S, class D>
+class AdamW {
+ public:
+  using C = Compute<S>;
+
+  explicit AdamW(D device, AdamWConfig config = {}) : device_(std::move(device)), config_(config) {
+    check(config.lr >= 0 && config.eps >= 0 && config.weight_decay >= 0, "AdamW: lr, eps and weight_decay must be >= 0");
+    check(config.beta1 >= 0 && config.beta1 < 1 && config.beta2 >= 0 && config.beta2 < 1,
+          "AdamW: betas must lie in [0, 1), got ", config.beta1, " and ", config.beta2);
+  }
+
+  const AdamWConfig& config() const { return config_; }
+  const D& device() const { return device_; }
+
+  void step(std::vector<ParamRef<S>>& params) { step(params, config_.lr); }
+
+  void step(std::vector<ParamRef<S>>& params, double lr) {
+    bind(params);
+    ++steps_;
+    const double b1 = config_.beta1, b2 = config_.beta2;
+    const double correction1 = 1 - std::pow(b1, steps_), correction2 = 1 - std::pow(b2, steps_);
+    adamw_detail::AdamWStep<C> k;
+    k.b1 = C(b1), k.b2 = C(b2), k.one_minus_b1 = C(1 - b1), k.one_minus_b2 = C(1 - b2);
+    k.step_size = C(lr / correction1);
+    k.inv_sqrt_correction2 = C(1 / std::sqrt(correction2));
+    k.eps = C(config_.eps);
+    const C decay = C(1 - lr * config_.weight_decay);
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      ParamRef<S>& p = params[i];
+      if (!adamw_detail::updated(p)) continue;
+      // p * 1 is exact: parameters that do not decay take the same path.
+      k.decay_factor = decays(p) && config_.weight_decay != 0 ? decay : C(1);
+      adamw_detail::adamw_update(device_, p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(), Index(p.value.size()),
+                           k);
+    }
+  }
+
+  // ---- state, for checkpoints ------------------------------------------------------------
+  int step_count() const { return steps_; }
+  // Host copies of the moments (empty for parameters never updated). Each download syncs.
+  std::vector<std::vector<C>> m() const { return download(m_); }
+  std::vector<std::vector<C>> v() const { return download(v_); }
+  // Restores a saved state (uploads it); the next step() checks it against its parameter list.
+  void set_state(int step_count, const std::vector<std::vector<C>>& m, const std::vector<std::vector<C>>& v) {
+    check(step_count >= 0, "AdamW::set_state: step count must be >= 0, got ", step_count);
+    check(m.size() == v.size(), "AdamW::set_state: ", m.size(), " first moments but ", v.size(), " second moments");
+    for (std::size_t i = 0; i < m.size(); ++i)
+      check(m[i].size() == v[i].size(), "AdamW::set_state: moments of parameter ", i, " have sizes ", m[i].size(),
+            " and ", v[i].size());
+    steps_ = step_count;
+    m_ = upload(m);
+    v_ = upload(v);
+    sizes_.clear();  // checked against the list on the next step
+  }
+
+ private:
+  std::vector<std::vector<C>> download(const std::vector<DeviceArray<C, D>>& moments) const {
+    std::vector<std::vector<C>> host(moments.size());
+    for (std::size_t i = 0; i < moments.size(); ++i) {
+      host[i].resize(std::size_t(moments[i].size()));
+      device_.download(host[i].data(), moments[i].data(), host[i].size() * sizeof(C));
+    }
+    return host;
+  }
+  std::vector<DeviceArray<C, D>> upload(const std::vector<std::vector<C>>& host) const {
+    std::vector<DeviceArray<C, D>> moments(host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) {
+      moments[i].resize(Index(host[i].size()));
+      device_.upload(moments[i].data(), host[i].data(), host[i].size() * sizeof(C));
+    }
+    return moments;
+  }
+
+  // Sizes the moments on the first step (or checks restored ones); afterwards, checks that the
+  // list still matches. Messages are moe::nn::AdamW's.
+  void bind(const std::vector<ParamRef<S>>& params) {
+    for (std::size_t i = 0; i < params.size(); ++i)
+      if (adamw_detail::updated(params[i]))
+        check(params[i].grad.size() == params[i].value.size(), "AdamW: parameter ", i, " '", params[i].name,
+              "' has ", params[i].value.size(), " values but ", params[i].grad.size(), " gradients");
+    if (sizes_.empty()) {
+      if (m_.empty()) {  // first step
+        m_.resize(params.size());
+        v_.resize(params.size());
+      }
+      check(m_.size() == params.size(), "AdamW: the restored state has ", m_.size(), " parameters, the list has ",
+            params.size());
+      for (std::size_t i = 0; i < params.size(); ++i)
+        check(m_[i].empty() || std::size_t(m_[i].size()) == params[i].value.size(),
+              "AdamW: restored moments of parameter ", i, " '", params[i].name, "' have ", m_[i].size(),
+              " entries, the parameter has ", params[i].value.size());
+      for (const ParamRef<S>& p : params) sizes_.push_back(p.value.size());
+    }
+    check(params.size() == sizes_.size(), "AdamW: the parameter list has ", params.size(),
+          " entries, the first step had ", sizes_.size());
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      check(params[i].value.size() == sizes_[i], "AdamW: parameter ", i, " '", params[i].name, "' has ",
+            params[i].value.size(), " values, it had ", sizes_[i], " at the first step");
+      if (adamw_detail::updated(params[i]) && m_[i].empty() && sizes_[i] > 0) {  // first update of this parameter
+        const Index n = Index(sizes_[i]);
+        m_[i].resize(n);
+        v_[i].resize(n);
+        adamw_detail::fill_zero(device_, m_[i].data(), n);
+        adamw_detail::fill_zero(device_, v_[i].data(), n);
+      }
+    }
+  }
+
+  D device_;
+  AdamWConfig config_;
+  int steps_ = 0;
+  std::vector<std::size_t> sizes_;
+  std::vector<DeviceArray<C, D>> m_, v_;  // [params] device arrays of Compute<S>
+};
+
+// Scales every gradient by max_norm / (norm + 1e-6) when the global L2 norm of all gradients
+// (trainable parameters with a gradient, in device memory) exceeds max_norm, as
+// moe::nn::clip_grad_norm. Returns the norm before clipping; a non-finite norm is returned with
+// the gradients left as they are (the caller should skip that step).
+// The squares are summed in double: per parameter in chunks of kNormChunk elements (one thread
+// each, in index order), then every partial in list-and-chunk order by one thread, so the norm
+// is the same bits on every run. Downloading the sum waits for the stream: the one sync.
+template <class S, class D>
+double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double max_norm) {
+  using C = Compute<S>;
+  check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  // Each updated parameter's first partial.
+  std::vector<Index> first(params.size(), 0);
+  Index partials = 0;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    first[i] = partials;
+    if (adamw_detail::updated(params[i]))
+      partials += (Index(params[i].grad.size()) + adamw_detail::kNormChunk - 1) / adamw_detail::kNormChunk;
+  }
+  if (partials == 0) return 0.0;
+  DeviceArray<double, D> sums(partials + 1);  // the partials, then their sum
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (adamw_detail::updated(params[i]))
+      adamw_detail::chunk_squares(device, params[i].grad.data(), Index(params[i].grad.size()), sums.data() + first[i]);
+  adamw_detail::ordered_sum(device, sums.data(), partials, sums.data() + partials);
+  double squares = 0;
+  device.download(&squares, sums.data() + partials, sizeof(double));  // waits for the stream
+  const double norm = std::sqrt(squares);
+  if (!std::isfinite(norm) || norm <= max_norm) return norm;
+  const C scale = C(max_norm / (norm + 1e-6));
+  for (ParamRef<S>& p : params)
+    if (adamw_detail::updated(p)) adamw_detail::scale_in_place(device, p.grad.data(), Index(p.grad.size()), scale);
+  return norm;
+}
+
+}  // namespace moe::cuda::nn

@@ -1,0 +1,165 @@
+// moe/cuda/nn/attention.hpp: multi-head scaled dot-product self-attention (GPT-2's causal, ViT's bidirectional),
+// forward and backward on a CUDA-backend device (moe/cuda/device.hpp): the semantics, layout, scale, masking and "+="
+// conventions of moe/nn/attention.hpp.
+//
+// Layout as in GPT-2 / llm.c: row b*T + t of qkv is token t of sequence b and holds q (C values) | k (C) | v (C); head
+// h reads columns [h*hs, (h+1)*hs) of each, hs = C / heads. att is [B, heads, T, T]: the probabilities of pair (b, h) =
+// b*heads + h at att + pair*T*T.
+//
+// Plan (a first version, simple rather than fast): every product is one detail::gemm per (sequence, head) pair on
+// strided views of qkv (a host loop of B*heads GEMM calls, full T x T even when causal: the masked probabilities are
+// exactly 0, so they add nothing), and every softmax step is one device index per (b, h, t) row, whose arithmetic runs
+// in a fixed order in Compute<S> (float for bf16). No floating-point atomics: each element has one writer, so the
+// results are bit-identical run to run.
+#pragma once
+
+#include <cmath>
+
+#include "moe/config.hpp"
+#include "moe/cuda/backend.hpp"
+#include "moe/cuda/buffer.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda::nn {
+
+namespace attention_detail {
+
+// The [T, hs] q, k or v block (part 0, 1, 2) of head h in sequence b (T may be const S).
+template <class T>
+MatrixView<T> head_part(MatrixView<T> qkv, Index part, Index b, Index h, Index len, Index C, Index hs) {
+  return qkv.col_block(part * C + h * hs, hs).row_block(b * len, len);
+}
+
+// out (+)= op_a(a) op_b(b) on the device; mutable views convert to the const operands here.
+template <class S, class D>
+void product(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b, BlasOp op_b,
+             bool accumulate) {
+  detail::gemm<D, S>(device, out, a, op_a, b, op_b, accumulate);
+}
+
+struct Shape {
+  Index C, hs;
+};
+
+// The CPU version's checks (moe/nn/attention.hpp), the thread count aside.
+template <class S>
+Shape check_shapes(const char* where, ConstMatrixView<S> qkv, Index B, Index T, Index heads, Index out_rows,
+                   Index out_cols, const char* out_name, const S* att) {
+  check(B >= 1 && T >= 1, where, ": batch B = ", B, " and sequence length T = ", T, " must be positive");
+  check(heads >= 1, where, ": heads must be positive, got ", heads);
+  check(qkv.rows == B * T, where, ": qkv has ", qkv.rows, " rows, expected B*T = ", B, "*", T, " = ", B * T);
+  check(qkv.cols % 3 == 0 && qkv.cols > 0, where, ": qkv has ", qkv.cols,
+        " columns, expected 3*C (q | k | v) for some C > 0");
+  const Index C = qkv.cols / 3;
+  check(C % heads == 0, where, ": C = ", C, " is not divisible by heads = ", heads);
+  check(out_rows == B * T && out_cols == C, where, ": ", out_name, " is [", out_rows, ", ", out_cols,
+        "], expected [B*T, C] = [", B * T, ", ", C, "]");
+  check(att != nullptr, where, ": att (the [B, heads, T, T] probabilities) is null");
+  return {C, C / heads};
+}
+
+}  // namespace attention_detail
+
+// qkv: [B*T, 3C] -> out: [B*T, C], att: [B, heads, T, T] (device memory)
+//   scores = q k^T / sqrt(hs), causal: -inf where t' > t; att = softmax(scores) per row;
+//   out = att v, head h into columns [h*hs, (h+1)*hs).
+// Cached for backward: att (the probabilities; masked entries exactly 0) and qkv itself. As on the CPU, the scale goes
+// inside the exponent: p_j = exp((s_j - max) * scale) / sum.
+template <class S, class D>
+void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
+                       MatrixView<S> out, S* att) {
+  namespace ad = attention_detail;
+  using C = Compute<S>;
+  const auto [channels, hs] = ad::check_shapes("attention_forward", qkv, B, T, heads, out.rows, out.cols, "out", att);
+  const Index pairs = B * heads;
+
+  // Raw scores q k^T into att, one GEMM per pair.
+  for (Index pair = 0; pair < pairs; ++pair) {
+    const Index b = pair / heads, h = pair % heads;
+    ad::product<S>(device, MatrixView<S>(att + pair * T * T, T, T), ad::head_part(qkv, 0, b, h, T, channels, hs),
+                   BlasOp::none, ad::head_part(qkv, 1, b, h, T, channels, hs), BlasOp::transpose, false);
+  }
+
+  // One index per (b, h, t) row: scaled, masked, max-subtracted softmax in place; masked keys 0.
+  const C scale = C(1) / std::sqrt(C(hs));
+  device.for_each(pairs * T, [=] MOE_HOST_DEVICE(Index i) {
+    const Index t = i % T;
+    const Index seen = causal ? t + 1 : T;
+    S* row = att + i * T;
+    C max = C(row[0]);
+    for (Index j = 1; j < seen; ++j) max = C(row[j]) > max ? C(row[j]) : max;
+    C sum = 0;
+    for (Index j = 0; j < seen; ++j) {
+      const C e = std::exp((C(row[j]) - max) * scale);
+      row[j] = S(e);
+      sum += e;
+    }
+    // Normalise the stored exponentials (as the CPU does: the bits depend on the row alone).
+    const C inverse = C(1) / sum;
+    for (Index j = 0; j < seen; ++j) row[j] = S(C(row[j]) * inverse);
+    for (Index j = seen; j < T; ++j) row[j] = S(0);
+  });
+
+  // out = att v into the head's column block, one GEMM per pair.
+  for (Index pair = 0; pair < pairs; ++pair) {
+    const Index b = pair / heads, h = pair % heads;
+    ad::product<S>(device, out.col_block(h * hs, hs).row_block(b * T, T), ConstMatrixView<S>(att + pair * T * T, T, T),
+                   BlasOp::none, ad::head_part(qkv, 2, b, h, T, channels, hs), BlasOp::none, false);
+  }
+}
+
+// dout: [B*T, C], qkv: [B*T, 3C], att: [B, heads, T, T] (from forward) -> dqkv: [B*T, 3C], added into (+=, llm.c's
+// convention). With P = att, dP = dout v^T:
+//   dv += P^T dout;  dS = P * (dP - rowsum(P * dP)) / sqrt(hs);  dq += dS k;  dk += dS^T q.
+// Workspace: dP / dS for every pair, [B, heads, T, T] like att, in a local DeviceArray (this first version allocates it
+// per call).
+template <class S, class D>
+void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S* att, Index B,
+                        Index T, Index heads, bool causal, MatrixView<S> dqkv) {
+  namespace ad = attention_detail;
+  using C = Compute<S>;
+  const auto [channels, hs] =
+      ad::check_shapes("attention_backward", qkv, B, T, heads, dout.rows, dout.cols, "dout", att);
+  check(dqkv.rows == B * T && dqkv.cols == 3 * channels, "attention_backward: dqkv is [", dqkv.rows, ", ", dqkv.cols,
+        "], expected [B*T, 3C] = [", B * T, ", ", 3 * channels, "]");
+  const Index pairs = B * heads;
+  DeviceArray<S, D> workspace(pairs * T * T);
+  S* ds_all = workspace.data();
+
+  // dv += P^T dout and dP = dout v^T, per pair.
+  for (Index pair = 0; pair < pairs; ++pair) {
+    const Index b = pair / heads, h = pair % heads;
+    const ConstMatrixView<S> p(att + pair * T * T, T, T);
+    const ConstMatrixView<S> d_o = dout.col_block(h * hs, hs).row_block(b * T, T);
+    ad::product<S>(device, ad::head_part(dqkv, 2, b, h, T, channels, hs), p, BlasOp::transpose, d_o, BlasOp::none,
+                   true);
+    ad::product<S>(device, MatrixView<S>(ds_all + pair * T * T, T, T), d_o, BlasOp::none,
+                   ad::head_part(qkv, 2, b, h, T, channels, hs), BlasOp::transpose, false);
+  }
+
+  // One index per (b, h, t) row: dS = P * (dP - P . dP) * scale in place; masked keys exactly 0.
+  const C scale = C(1) / std::sqrt(C(hs));
+  device.for_each(pairs * T, [=] MOE_HOST_DEVICE(Index i) {
+    const Index t = i % T;
+    const Index seen = causal ? t + 1 : T;
+    const S* p = att + i * T;
+    S* ds = ds_all + i * T;
+    C p_dot_dp = 0;
+    for (Index j = 0; j < seen; ++j) p_dot_dp += C(p[j]) * C(ds[j]);
+    for (Index j = 0; j < seen; ++j) ds[j] = S(C(p[j]) * (C(ds[j]) - p_dot_dp) * scale);
+    for (Index j = seen; j < T; ++j) ds[j] = S(0);
+  });
+
+  // dq += dS k and dk += dS^T q, per pair.
+  for (Index pair = 0; pair < pairs; ++pair) {
+    const Index b = pair / heads, h = pair % heads;
+    const ConstMatrixView<S> ds(ds_all + pair * T * T, T, T);
+    ad::product<S>(device, ad::head_part(dqkv, 0, b, h, T, channels, hs), ds, BlasOp::none,
+                   ad::head_part(qkv, 1, b, h, T, channels, hs), BlasOp::none, true);
+    ad::product<S>(device, ad::head_part(dqkv, 1, b, h, T, channels, hs), ds, BlasOp::transpose,
+                   ad::head_part(qkv, 0, b, h, T, channels, hs), BlasOp::none, true);
+  }
+}
+
+}  // namespace moe::cuda::nn

@@ -1,0 +1,164 @@
+// moe/cuda/nn/cross_entropy.hpp: softmax and cross-entropy fused over logits on a device (the
+// GPU twin of moe/nn/cross_entropy.hpp: same arguments, same semantics), forward then backward.
+// A target of -1 marks a row to ignore (PyTorch's ignore_index = -1).
+//
+// Targets arrive as a host span, as on the CPU: they are checked on the host (same errors as
+// moe::nn's check_cross_entropy) and uploaded to a device buffer (an upload, ordered on the
+// stream). Arithmetic runs in Compute<S> (float for bf16). The forward's mean loss comes back to
+// the host: that download is this file's one sync point.
+//
+// This first version allocates its small device buffers (targets, row statistics, partials) per
+// call as DeviceArray locals; on the GPU, freeing them at the end of a call waits for the device
+// (cudaFree synchronizes), so the backward also costs a sync until a caller-owned workspace
+// replaces them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+
+#include "moe/config.hpp"
+#include "moe/cuda/backend.hpp"
+#include "moe/cuda/buffer.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/host_device.hpp"
+#include "moe/routing.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda::nn {
+
+// The same value as moe::nn::kIgnoreTarget (moe/nn/cross_entropy.hpp needs Eigen, which nvcc
+// code does not include).
+inline constexpr std::int32_t kIgnoreTarget = -1;
+
+namespace cross_entropy_detail {
+
+// Rows per partial sum of the mean loss.
+inline constexpr Index kLossChunk = 64;
+
+// Shapes and targets, checked on the host before any device work; returns the number of rows
+// counted. Messages are moe::nn::detail::check_cross_entropy's.
+inline Index check_cross_entropy(const char* where, Index N, Index V, std::span<const std::int32_t> targets) {
+  check(Index(targets.size()) == N, where, ": targets has ", targets.size(), " entries, logits has ", N, " rows");
+  check(V > 0 || N == 0, where, ": logits has no columns (logits is [", N, ", ", V, "])");
+  Index valid = 0;
+  for (Index r = 0; r < N; ++r) {
+    check(targets[r] >= kIgnoreTarget && targets[r] < V, where, ": target ", targets[r], " of row ", r,
+          " is outside [0, ", V, ") (or -1 to ignore the row)");
+    valid += targets[r] != kIgnoreTarget;
+  }
+  return valid;
+}
+
+// The checked targets in a device buffer (empty for N = 0).
+template <class D>
+DeviceArray<std::int32_t, D> upload_targets(const D& device, std::span<const std::int32_t> targets) {
+  DeviceArray<std::int32_t, D> on_device(Index(targets.size()));
+  device.upload(on_device.data(), targets.data(), targets.size() * sizeof(std::int32_t));
+  return on_device;
+}
+
+// max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, left to right.
+template <class S, class C = Compute<S>>
+MOE_HOST_DEVICE void softmax_stats(const S* row, Index V, C& max, C& sum) {
+  C m = C(row[0]);
+  for (Index j = 1; j < V; ++j) m = C(row[j]) > m ? C(row[j]) : m;
+  C s = 0;
+  for (Index j = 0; j < V; ++j) s += C(std::exp(C(row[j]) - m));
+  max = m, sum = s;
+}
+
+}  // namespace cross_entropy_detail
+
+// logits: [N, V] (device), targets: [N] (host; ids in [0, V), or -1 to ignore the row)
+//   -> losses: [N] (device; -log softmax(logits[r])[targets[r]], 0 for ignored rows)
+// Returns the mean of the losses over the counted rows (0 if every row is ignored, where PyTorch
+// gives NaN): the losses (as stored, in S) are summed in double in chunks of kLossChunk rows, the
+// chunk partials in chunk order, so the result is the same bits on every run. Downloading it
+// waits for the stream (a sync). Nothing is cached: backward recomputes the softmax.
+template <class S, class D>
+double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::span<const std::int32_t> targets,
+                             S* losses) {
+  using C = Compute<S>;
+  const Index N = logits.rows, V = logits.cols;
+  const Index valid = cross_entropy_detail::check_cross_entropy("cross_entropy_forward", N, V, targets);
+  check(losses || N == 0, "cross_entropy_forward: losses [", N, "] must not be null");
+  if (N == 0) return 0.0;
+  const DeviceArray<std::int32_t, D> target_buffer = cross_entropy_detail::upload_targets(device, targets);
+  const std::int32_t* target = target_buffer.data();
+  // One index per row: the row's softmax statistics and its loss.
+  device.for_each(N, [=] MOE_HOST_DEVICE(Index r) {
+    const std::int32_t t = target[r];
+    if (t == kIgnoreTarget) {
+      losses[r] = S(0);
+      return;
+    }
+    const S* row = logits.row(r);
+    C max, sum;
+    cross_entropy_detail::softmax_stats(row, V, max, sum);
+    losses[r] = S(C(std::log(sum)) + max - C(row[t]));  // logsumexp - logit of the target
+  });
+  // Mean: per-chunk partial sums in double, then one thread adds them in chunk order.
+  const Index chunks = (N + cross_entropy_detail::kLossChunk - 1) / cross_entropy_detail::kLossChunk;
+  DeviceArray<double, D> sums(chunks + 1);  // the partials, then the mean
+  double* partial = sums.data();
+  double* mean = partial + chunks;
+  device.for_each(chunks, [=] MOE_HOST_DEVICE(Index q) {
+    const Index begin = q * cross_entropy_detail::kLossChunk;
+    const Index end = begin + cross_entropy_detail::kLossChunk < N ? begin + cross_entropy_detail::kLossChunk : N;
+    double s = 0;
+    for (Index r = begin; r < end; ++r) s += double(losses[r]);
+    partial[q] = s;
+  });
+  const double count = double(valid);
+  device.for_each(1, [=] MOE_HOST_DEVICE(Index) {
+    double s = 0;
+    for (Index q = 0; q < chunks; ++q) s += partial[q];
+    *mean = count > 0 ? s / count : 0.0;
+  });
+  double result = 0;
+  device.download(&result, mean, sizeof(double));  // waits for the stream
+  return result;
+}
+
+// logits: [N, V] (device), targets: [N] (host), dloss: d(loss)/d(mean loss) (1 for a plain loss)
+//   -> dlogits: [N, V] (device) = dloss * (softmax(logits) - onehot(targets)) / n_valid, zero
+//      rows where ignored.
+// dlogits is WRITTEN, not accumulated (the logits end the graph), and may alias logits: the row
+// statistics are computed first, then each element reads only its own logit before writing it.
+// No sync.
+template <class S, class D>
+void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::span<const std::int32_t> targets,
+                            double dloss, MatrixView<S> dlogits) {
+  using C = Compute<S>;
+  const Index N = logits.rows, V = logits.cols;
+  const Index valid = cross_entropy_detail::check_cross_entropy("cross_entropy_backward", N, V, targets);
+  check(dlogits.rows == N && dlogits.cols == V, "cross_entropy_backward: dlogits is [", dlogits.rows, ", ",
+        dlogits.cols, "], logits is [", N, ", ", V, "]");
+  if (N == 0) return;
+  const DeviceArray<std::int32_t, D> target_buffer = cross_entropy_detail::upload_targets(device, targets);
+  const std::int32_t* target = target_buffer.data();
+  // One index per row: max and 1 / sum of the row's exponentials.
+  DeviceArray<C, D> stats(2 * N);
+  C* stat = stats.data();
+  device.for_each(N, [=] MOE_HOST_DEVICE(Index r) {
+    if (target[r] == kIgnoreTarget) return;  // never read
+    C max, sum;
+    cross_entropy_detail::softmax_stats(logits.row(r), V, max, sum);
+    stat[2 * r] = max;
+    stat[2 * r + 1] = C(1) / sum;
+  });
+  // One index per element.
+  const C scale = valid ? C(dloss / double(valid)) : C(0);
+  moe::cuda::detail::for_each_2d(device, N, V, [=] MOE_HOST_DEVICE(Index r, Index c) {
+    const std::int32_t t = target[r];
+    if (t == kIgnoreTarget) {
+      dlogits(r, c) = S(0);
+      return;
+    }
+    const C p = C(std::exp(C(logits(r, c)) - stat[2 * r])) * stat[2 * r + 1];
+    dlogits(r, c) = S(scale * p - (c == Index(t) ? scale : C(0)));
+  });
+}
+
+}  // namespace moe::cuda::nn

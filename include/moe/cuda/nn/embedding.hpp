@@ -1,0 +1,133 @@
+// moe/cuda/nn/embedding.hpp: GPT-2's input embedding on a device (moe/cuda/device.hpp), token
+// (wte) plus learned position (wpe), forward then backward: moe::nn::embedding_forward/backward
+// (moe/nn/embedding.hpp) with the same semantics and "+=" gradients, written once for CudaDevice
+// and EmulatedDevice.
+//
+// The token ids come from the host (a std::span): they are checked there, before any device
+// work, then uploaded into a device buffer. A local DeviceArray holds them (and the sort's
+// buffers): allocated per call in this first version; CudaDevice's cudaFree waits for the queued
+// kernels that read them.
+//
+// Determinism without floating-point atomics: dwte's rows are summed by sorting the (token, row)
+// pairs stably, so each token's rows are contiguous and in ascending row order, and one index per
+// (distinct token, column) adds them in that order; dwpe[t] is one index per (t, column) adding
+// b = 0, 1, ... in order. Same bits run to run, and the CPU version's order of additions.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "moe/config.hpp"
+#include "moe/cuda/backend.hpp"
+#include "moe/cuda/buffer.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/host_device.hpp"
+#include "moe/routing.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda::nn {
+
+namespace embedding_detail {
+// Shapes and token ids, on the host, before any device work (moe::nn::detail::check_embedding's
+// checks and messages).
+inline void check_embedding_ids(const char* where, std::span<const std::int32_t> tokens, Index B, Index T, Index V,
+                                Index max_T, Index C, Index rows, Index cols) {
+  check(B >= 0 && T >= 0, where, ": B = ", B, " and T = ", T, " must be >= 0");
+  check(Index(tokens.size()) == B * T, where, ": tokens has ", tokens.size(), " ids, expected B * T = ", B, " * ",
+        T, " = ", B * T);
+  check(T <= max_T, where, ": sequence length T = ", T, " exceeds the ", max_T, " positions of wpe");
+  check(rows == B * T && cols == C, where, ": the [B*T, C] matrix is [", rows, ", ", cols, "], expected [", B * T,
+        ", ", C, "]");
+  for (Index i = 0; i < Index(tokens.size()); ++i)
+    check(tokens[i] >= 0 && tokens[i] < V, where, ": token id ", tokens[i], " at position ", i, " (b = ", i / T,
+          ", t = ", i % T, ") is outside the vocabulary [0, ", V, ")");
+}
+
+// The (checked) host ids in a device buffer of the same size.
+template <class D>
+DeviceArray<std::int32_t, D> upload_ids(const D& device, std::span<const std::int32_t> tokens) {
+  DeviceArray<std::int32_t, D> ids(Index(tokens.size()));
+  device.upload(ids.data(), tokens.data(), tokens.size() * sizeof(std::int32_t));
+  return ids;
+}
+}  // namespace embedding_detail
+
+// tokens: [B*T] host ids (row b*T + t is sequence b, position t), wte: [V, C], wpe: [maxT, C]
+//   -> out: [B*T, C], out[b*T + t] = wte[tokens[b*T + t]] + wpe[t]
+// One index per output element. Nothing is cached: backward takes the tokens again. Throws
+// (before any device work) on an id outside [0, V) or T > maxT.
+template <class S, class D>
+void embedding_forward(const D& device, std::span<const std::int32_t> tokens, Index B, Index T,
+                       ConstMatrixView<S> wte, ConstMatrixView<S> wpe, MatrixView<S> out) {
+  using Cm = Compute<S>;
+  check(wpe.cols == wte.cols, "embedding_forward: wte is [", wte.rows, ", ", wte.cols, "], wpe is [", wpe.rows, ", ",
+        wpe.cols, "] (the widths differ)");
+  embedding_detail::check_embedding_ids("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows,
+                                        out.cols);
+  const Index rows = B * T, C = wte.cols;
+  if (rows == 0 || C == 0) return;
+  const DeviceArray<std::int32_t, D> ids = embedding_detail::upload_ids(device, tokens);
+  const std::int32_t* id = ids.data();
+  moe::cuda::detail::for_each_2d(device, rows, C, [=] MOE_HOST_DEVICE(Index r, Index c) {
+    out(r, c) = S(Cm(wte(id[r], c)) + Cm(wpe(r % T, c)));
+  });
+}
+
+// dout: [B*T, C], tokens: [B*T] host ids -> dwte: [V, C] (+=), dwpe: [maxT, C] (+=; rows >= T
+// untouched). Either gradient is skipped if its data is null (then its ids / positions are not
+// bounded by it).
+//   dwte[v] += sum of the dout rows whose token is v, in ascending row order: the (token, row)
+//     pairs sorted stably by token (device.stable_sort_pairs), then one index per (sorted
+//     position, column); the index at the start of a token's run sums the run, the others return.
+//   dwpe[t] += sum_b dout[b*T + t], b ascending: one index per (t, column).
+template <class S, class D>
+void embedding_backward(const D& device, ConstMatrixView<S> dout, std::span<const std::int32_t> tokens, Index B,
+                        Index T, MatrixView<S> dwte, MatrixView<S> dwpe) {
+  using Cm = Compute<S>;
+  const Index C = dout.cols;
+  check(!dwte.data || dwte.cols == C, "embedding_backward: dwte is [", dwte.rows, ", ", dwte.cols, "], dout is [",
+        dout.rows, ", ", C, "]");
+  check(!dwpe.data || dwpe.cols == C, "embedding_backward: dwpe is [", dwpe.rows, ", ", dwpe.cols, "], dout is [",
+        dout.rows, ", ", C, "]");
+  // Without a dwte, ids are not looked up; with no dwpe, positions are unbounded.
+  const Index V = dwte.data ? dwte.rows : Index(INT32_MAX) + 1;
+  const Index max_T = dwpe.data ? dwpe.rows : T;
+  embedding_detail::check_embedding_ids("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
+  const Index rows = B * T;
+  if (rows == 0 || C == 0) return;
+
+  if (dwte.data) {
+    check(rows <= Index(INT32_MAX), "embedding_backward: B*T = ", rows, " rows exceed the sort's 32-bit row ids");
+    const DeviceArray<std::int32_t, D> ids = embedding_detail::upload_ids(device, tokens);
+    DeviceArray<std::uint32_t, D> keys(rows), sorted_keys(rows);
+    DeviceArray<std::int32_t, D> row_ids(rows), sorted_rows(rows);
+    const std::int32_t* id = ids.data();
+    std::uint32_t* key = keys.data();
+    std::int32_t* row_id = row_ids.data();
+    device.for_each(rows, [=] MOE_HOST_DEVICE(Index r) {
+      key[r] = std::uint32_t(id[r]);  // checked >= 0
+      row_id[r] = std::int32_t(r);
+    });
+    // Stable: equal tokens keep ascending rows, the CPU version's order of additions.
+    device.stable_sort_pairs(keys.data(), sorted_keys.data(), row_ids.data(), sorted_rows.data(), rows,
+                             key_bits(dwte.rows));
+    const std::uint32_t* token = sorted_keys.data();
+    const std::int32_t* row = sorted_rows.data();
+    moe::cuda::detail::for_each_2d(device, rows, C, [=] MOE_HOST_DEVICE(Index i, Index c) {
+      if (i > 0 && token[i - 1] == token[i]) return;  // not the first row of its token
+      const Index v = Index(token[i]);
+      Cm sum = Cm(dwte(v, c));
+      for (Index j = i; j < rows && token[j] == token[i]; ++j) sum += Cm(dout(row[j], c));
+      dwte(v, c) = S(sum);
+    });
+  }
+
+  if (dwpe.data)
+    moe::cuda::detail::for_each_2d(device, T, C, [=] MOE_HOST_DEVICE(Index t, Index c) {
+      Cm sum = Cm(dwpe(t, c));
+      for (Index b = 0; b < B; ++b) sum += Cm(dout(b * T + t, c));
+      dwpe(t, c) = S(sum);
+    });
+}
+
+}  // namespace moe::cuda::nn

@@ -1,0 +1,132 @@
+// moe/cuda/nn/layernorm.hpp: LayerNorm over the last dimension on a device (moe/cuda/device.hpp),
+// forward then backward: moe::nn::layernorm_forward/backward (moe/nn/layernorm.hpp) with the same
+// semantics (eps 1e-5, biased variance, "+=" gradients), written once for CudaDevice and
+// EmulatedDevice. Arithmetic in Compute<S> (float for bfloat16); the cached mean and rstd are
+// Compute<S> arrays, so bf16 activations do not round their statistics.
+//
+// Determinism: one index per row for the row-wise work; the parameter gradients (sums down the
+// rows) go through per-chunk partials summed in chunk order. No floating-point atomics, so the
+// result is the same bits run to run.
+#pragma once
+
+#include <cmath>
+
+#include "moe/config.hpp"
+#include "moe/cuda/backend.hpp"
+#include "moe/cuda/buffer.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/host_device.hpp"
+#include "moe/routing.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda::nn {
+
+inline constexpr double kLayerNormEps = 1e-5;  // PyTorch's nn.LayerNorm default, as moe::nn
+inline constexpr Index kLayerNormRowChunk = 64;  // rows per partial of the parameter gradients
+
+// x: [T, C], weight: [C], bias: [C] -> out: [T, C]; cached for backward: mean: [T], rstd: [T]
+// (Compute<S>, device memory). out[t] = (x[t] - mean[t]) * rstd[t] * weight + bias,
+// rstd = 1 / sqrt(var + eps). One index per row, two passes (mean, then the centred sum of
+// squares: no cancellation when |mean| >> std). out may alias x: each row is read before the
+// same index writes it.
+template <class S, class D>
+void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out,
+                       Compute<S>* mean, Compute<S>* rstd) {
+  using Cm = Compute<S>;
+  const Index T = x.rows, C = x.cols;
+  check(C > 0, "layernorm_forward: x has no columns (x is [", T, ", ", C, "])");
+  check(out.rows == T && out.cols == C, "layernorm_forward: out is [", out.rows, ", ", out.cols, "], x is [", T,
+        ", ", C, "]");
+  check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
+  check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
+  if (T == 0) return;
+  const Cm eps = Cm(kLayerNormEps);
+  device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+    const S* xt = x.row(t);
+    Cm sum = 0;
+    for (Index c = 0; c < C; ++c) sum += Cm(xt[c]);
+    const Cm m = sum / Cm(C);
+    Cm squares = 0;
+    for (Index c = 0; c < C; ++c) {
+      const Cm d = Cm(xt[c]) - m;
+      squares += d * d;
+    }
+    const Cm s = Cm(1) / std::sqrt(squares / Cm(C) + eps);
+    S* ot = out.row(t);
+    for (Index c = 0; c < C; ++c) ot[c] = S((Cm(xt[c]) - m) * s * Cm(weight[c]) + Cm(bias[c]));
+    mean[t] = m;
+    rstd[t] = s;
+  });
+}
+
+// dout: [T, C], x: [T, C], weight: [C], mean: [T], rstd: [T] (from forward, Compute<S>)
+//   -> dx: [T, C] (+=; skipped if dx.data is null), dweight: [C] (+=), dbias: [C] (+=; each
+//      skipped if null)
+// With n = (x - mean) * rstd and dn = dout * weight, per row (one index each):
+//   dx += rstd * (dn - mean_c(dn) - n * mean_c(dn * n)),  dweight += sum_t dout * n,  dbias += sum_t dout.
+// dweight/dbias: chunks of kLayerNormRowChunk rows sum in row order into partials, then one index
+// per column adds the partials in chunk order. The partials are a local DeviceArray (allocated per
+// call in this first version; CudaDevice's cudaFree waits for the queued kernels that use it).
+// dx must not alias dout or x.
+template <class S, class D>
+void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight,
+                        const Compute<S>* mean, const Compute<S>* rstd, MatrixView<S> dx, S* dweight, S* dbias) {
+  using Cm = Compute<S>;
+  const Index T = x.rows, C = x.cols;
+  check(C > 0, "layernorm_backward: x has no columns (x is [", T, ", ", C, "])");
+  check(dout.rows == T && dout.cols == C, "layernorm_backward: dout is [", dout.rows, ", ", dout.cols, "], x is [",
+        T, ", ", C, "]");
+  check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
+        "], x is [", T, ", ", C, "]");
+  check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
+
+  if (dx.data && T > 0)
+    device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+      const S* xt = x.row(t);
+      const S* dt = dout.row(t);
+      const Cm m = mean[t], s = rstd[t];
+      Cm dn_sum = 0, dn_n_sum = 0;
+      for (Index c = 0; c < C; ++c) {
+        const Cm dn = Cm(dt[c]) * Cm(weight[c]);
+        dn_sum += dn;
+        dn_n_sum += dn * ((Cm(xt[c]) - m) * s);
+      }
+      const Cm dn_mean = dn_sum / Cm(C), dn_n_mean = dn_n_sum / Cm(C);
+      S* dxt = dx.row(t);
+      for (Index c = 0; c < C; ++c) {
+        const Cm dn = Cm(dt[c]) * Cm(weight[c]);
+        const Cm n = (Cm(xt[c]) - m) * s;
+        dxt[c] = S(Cm(dxt[c]) + s * (dn - dn_mean - n * dn_n_mean));
+      }
+    });
+
+  if (!dweight && !dbias) return;
+  const Index chunks = (T + kLayerNormRowChunk - 1) / kLayerNormRowChunk;
+  if (chunks == 0) return;  // no rows: nothing to add
+  // partial[q * C + c]: dweight's partial of chunk q; partial[(chunks + q) * C + c]: dbias's.
+  DeviceArray<Cm, D> partials(2 * chunks * C);
+  Cm* partial = partials.data();
+  moe::cuda::detail::for_each_2d(device, chunks, C, [=] MOE_HOST_DEVICE(Index q, Index c) {
+    const Index begin = q * kLayerNormRowChunk;
+    const Index end = begin + kLayerNormRowChunk < T ? begin + kLayerNormRowChunk : T;
+    Cm dw = 0, db = 0;
+    for (Index t = begin; t < end; ++t) {
+      const Cm d = Cm(dout(t, c));
+      dw += d * ((Cm(x(t, c)) - mean[t]) * rstd[t]);
+      db += d;
+    }
+    partial[q * C + c] = dw;
+    partial[(chunks + q) * C + c] = db;
+  });
+  device.for_each(C, [=] MOE_HOST_DEVICE(Index c) {
+    Cm dw = 0, db = 0;
+    for (Index q = 0; q < chunks; ++q) {
+      dw += partial[q * C + c];
+      db += partial[(chunks + q) * C + c];
+    }
+    if (dweight) dweight[c] = S(Cm(dweight[c]) + dw);
+    if (dbias) dbias[c] = S(Cm(dbias[c]) + db);
+  });
+}
+
+}  // namespace moe::cuda::nn
