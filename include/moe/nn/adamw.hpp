@@ -11,6 +11,7 @@
 
 #include "moe/config.hpp"
 #include "moe/cpu/parallel.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
@@ -31,21 +32,6 @@ std::vector<std::pair<std::size_t, Index>> optimizer_pieces(const std::vector<Pa
   return pieces;
 }
 }  // namespace detail
-
-struct AdamWConfig {
-  double lr = 6e-4;  // used by step(params); step(params, lr) takes a scheduled rate instead
-  double beta1 = 0.9;
-  double beta2 = 0.95;
-  double eps = 1e-8;
-  double weight_decay = 0.1;
-};
-
-// Weight decay applies only to parameters of 2 or more dimensions (matrices, embeddings); biases
-// and norm weights (1-D) are not decayed: the GPT-2 / llm.c convention.
-template <class S>
-bool decays(const ParamRef<S>& param) {
-  return param.shape.size() >= 2;
-}
 
 // First and second moments for each parameter, keyed by its position in the list given to
 // step(). The list is fixed by the first step: a later list of another length or with other

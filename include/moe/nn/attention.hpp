@@ -20,6 +20,7 @@
 #include "moe/cpu/gemm.hpp"
 #include "moe/cpu/parallel.hpp"
 #include "moe/cpu/simd.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
@@ -67,25 +68,12 @@ HeadQKV<S> head_qkv(MatrixView<S> qkv, Index b, Index h, Index T, Index C, Index
   return {head_part(qkv, 0, b, h, T, C, hs), head_part(qkv, 1, b, h, T, C, hs), head_part(qkv, 2, b, h, T, C, hs)};
 }
 
-struct Shape {
-  Index C, hs;
-};
-
+// The shared checks (moe/nn/checks.hpp) and the thread count.
 template <class S>
-Shape check_shapes(const char* where, ConstMatrixView<S> qkv, Index B, Index T, Index heads, Index out_rows,
-                   Index out_cols, const char* out_name, const S* att, int threads) {
-  check(B >= 1 && T >= 1, where, ": batch B = ", B, " and sequence length T = ", T, " must be positive");
-  check(heads >= 1, where, ": heads must be positive, got ", heads);
+detail::AttentionShape check_shapes(const char* where, ConstMatrixView<S> qkv, Index B, Index T, Index heads,
+                                    Index out_rows, Index out_cols, const char* out_name, const S* att, int threads) {
   check(threads >= 1, where, ": thread count must be >= 1, got ", threads);
-  check(qkv.rows == B * T, where, ": qkv has ", qkv.rows, " rows, expected B*T = ", B, "*", T, " = ", B * T);
-  check(qkv.cols % 3 == 0 && qkv.cols > 0, where, ": qkv has ", qkv.cols,
-        " columns, expected 3*C (q | k | v) for some C > 0");
-  const Index C = qkv.cols / 3;
-  check(C % heads == 0, where, ": C = ", C, " is not divisible by heads = ", heads);
-  check(out_rows == B * T && out_cols == C, where, ": ", out_name, " is [", out_rows, ", ", out_cols,
-        "], expected [B*T, C] = [", B * T, ", ", C, "]");
-  check(att != nullptr, where, ": att (the [B, heads, T, T] probabilities) is null");
-  return {C, C / heads};
+  return detail::check_attention(where, qkv, B, T, heads, out_rows, out_cols, out_name, att);
 }
 
 }  // namespace attention_detail

@@ -10,26 +10,12 @@
 #include "moe/config.hpp"
 #include "moe/cpu/parallel.hpp"
 #include "moe/cpu/simd.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
 
-inline constexpr std::int32_t kIgnoreTarget = -1;
-
 namespace detail {
-// Shapes and targets, checked once before any parallel work; returns the number of rows counted.
-inline Index check_cross_entropy(const char* where, Index N, Index V, std::span<const std::int32_t> targets) {
-  check(Index(targets.size()) == N, where, ": targets has ", targets.size(), " entries, logits has ", N, " rows");
-  check(V > 0 || N == 0, where, ": logits has no columns (logits is [", N, ", ", V, "])");
-  Index valid = 0;
-  for (Index r = 0; r < N; ++r) {
-    check(targets[r] >= kIgnoreTarget && targets[r] < V, where, ": target ", targets[r], " of row ", r,
-          " is outside [0, ", V, ") (or -1 to ignore the row)");
-    valid += targets[r] != kIgnoreTarget;
-  }
-  return valid;
-}
-
 // max and sum_j exp(row_j - max) of one row of logits (exp_terms, if not null, gets the terms).
 template <class S>
 void softmax_stats(const S* row, Index V, S& max, S& sum, S* exp_terms = nullptr) {

@@ -8,26 +8,10 @@
 
 #include "moe/config.hpp"
 #include "moe/cpu/parallel.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
-
-namespace detail {
-// Shapes and token ids, checked once before any parallel work (an exception must not leave an
-// OpenMP region).
-inline void check_embedding(const char* where, std::span<const std::int32_t> tokens, Index B, Index T, Index V,
-                     Index max_T, Index C, Index rows, Index cols) {
-  check(B >= 0 && T >= 0, where, ": B = ", B, " and T = ", T, " must be >= 0");
-  check(Index(tokens.size()) == B * T, where, ": tokens has ", tokens.size(), " ids, expected B * T = ", B, " * ",
-        T, " = ", B * T);
-  check(T <= max_T, where, ": sequence length T = ", T, " exceeds the ", max_T, " positions of wpe");
-  check(rows == B * T && cols == C, where, ": the [B*T, C] matrix is [", rows, ", ", cols, "], expected [", B * T,
-        ", ", C, "]");
-  for (Index i = 0; i < Index(tokens.size()); ++i)
-    check(tokens[i] >= 0 && tokens[i] < V, where, ": token id ", tokens[i], " at position ", i, " (b = ", i / T,
-          ", t = ", i % T, ") is outside the vocabulary [0, ", V, ")");
-}
-}  // namespace detail
 
 // tokens: [B*T] (row b*T + t is sequence b, position t), wte: [V, C], wpe: [maxT, C]
 //   -> out: [B*T, C], out[b*T + t] = wte[tokens[b*T + t]] + wpe[t]

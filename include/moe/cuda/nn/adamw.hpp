@@ -22,26 +22,15 @@
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/host_device.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::cuda::nn {
 
-// moe::nn::AdamWConfig's fields and defaults (moe/nn/adamw.hpp needs the CPU world, not nvcc's).
-struct AdamWConfig {
-  double lr = 6e-4;  // used by step(params); step(params, lr) takes a scheduled rate instead
-  double beta1 = 0.9;
-  double beta2 = 0.95;
-  double eps = 1e-8;
-  double weight_decay = 0.1;
-};
-
-// Weight decay applies only to parameters of 2 or more dimensions (matrices, embeddings); biases
-// and norm weights (1-D) are not decayed: the GPT-2 / llm.c convention (moe::nn::decays).
-template <class S>
-bool decays(const ParamRef<S>& param) {
-  return param.shape.size() >= 2;
-}
+// The CPU optimizer's options and decay rule (moe/nn/checks.hpp).
+using moe::nn::AdamWConfig;
+using moe::nn::decays;
 
 namespace adamw_detail {
 

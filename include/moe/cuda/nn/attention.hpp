@@ -19,6 +19,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::cuda::nn {
@@ -38,27 +39,6 @@ void product(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op
   detail::gemm<D, S>(device, out, a, op_a, b, op_b, accumulate);
 }
 
-struct Shape {
-  Index C, hs;
-};
-
-// The CPU version's checks (moe/nn/attention.hpp), the thread count aside.
-template <class S>
-Shape check_shapes(const char* where, ConstMatrixView<S> qkv, Index B, Index T, Index heads, Index out_rows,
-                   Index out_cols, const char* out_name, const S* att) {
-  check(B >= 1 && T >= 1, where, ": batch B = ", B, " and sequence length T = ", T, " must be positive");
-  check(heads >= 1, where, ": heads must be positive, got ", heads);
-  check(qkv.rows == B * T, where, ": qkv has ", qkv.rows, " rows, expected B*T = ", B, "*", T, " = ", B * T);
-  check(qkv.cols % 3 == 0 && qkv.cols > 0, where, ": qkv has ", qkv.cols,
-        " columns, expected 3*C (q | k | v) for some C > 0");
-  const Index C = qkv.cols / 3;
-  check(C % heads == 0, where, ": C = ", C, " is not divisible by heads = ", heads);
-  check(out_rows == B * T && out_cols == C, where, ": ", out_name, " is [", out_rows, ", ", out_cols,
-        "], expected [B*T, C] = [", B * T, ", ", C, "]");
-  check(att != nullptr, where, ": att (the [B, heads, T, T] probabilities) is null");
-  return {C, C / heads};
-}
-
 }  // namespace attention_detail
 
 // qkv: [B*T, 3C] -> out: [B*T, C], att: [B, heads, T, T] (device memory)
@@ -71,7 +51,7 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
                        MatrixView<S> out, S* att) {
   namespace ad = attention_detail;
   using C = Compute<S>;
-  const auto [channels, hs] = ad::check_shapes("attention_forward", qkv, B, T, heads, out.rows, out.cols, "out", att);
+  const auto [channels, hs] = moe::nn::detail::check_attention("attention_forward", qkv, B, T, heads, out.rows, out.cols, "out", att);
   const Index pairs = B * heads;
 
   // Raw scores q k^T into att, one GEMM per pair.
@@ -120,7 +100,7 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   namespace ad = attention_detail;
   using C = Compute<S>;
   const auto [channels, hs] =
-      ad::check_shapes("attention_backward", qkv, B, T, heads, dout.rows, dout.cols, "dout", att);
+      moe::nn::detail::check_attention("attention_backward", qkv, B, T, heads, dout.rows, dout.cols, "dout", att);
   check(dqkv.rows == B * T && dqkv.cols == 3 * channels, "attention_backward: dqkv is [", dqkv.rows, ", ", dqkv.cols,
         "], expected [B*T, 3C] = [", B * T, ", ", 3 * channels, "]");
   const Index pairs = B * heads;

@@ -21,34 +21,19 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/host_device.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::cuda::nn {
 
-// The same value as moe::nn::kIgnoreTarget (moe/nn/cross_entropy.hpp needs Eigen, which nvcc
-// code does not include).
-inline constexpr std::int32_t kIgnoreTarget = -1;
+using moe::nn::kIgnoreTarget;  // moe/nn/checks.hpp
 
 namespace cross_entropy_detail {
 
 // Rows per partial sum of the mean loss.
 inline constexpr Index kLossChunk = 64;
-
-// Shapes and targets, checked on the host before any device work; returns the number of rows
-// counted. Messages are moe::nn::detail::check_cross_entropy's.
-inline Index check_cross_entropy(const char* where, Index N, Index V, std::span<const std::int32_t> targets) {
-  check(Index(targets.size()) == N, where, ": targets has ", targets.size(), " entries, logits has ", N, " rows");
-  check(V > 0 || N == 0, where, ": logits has no columns (logits is [", N, ", ", V, "])");
-  Index valid = 0;
-  for (Index r = 0; r < N; ++r) {
-    check(targets[r] >= kIgnoreTarget && targets[r] < V, where, ": target ", targets[r], " of row ", r,
-          " is outside [0, ", V, ") (or -1 to ignore the row)");
-    valid += targets[r] != kIgnoreTarget;
-  }
-  return valid;
-}
 
 // The checked targets in a device buffer (empty for N = 0).
 template <class D>
@@ -81,7 +66,7 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
                              S* losses) {
   using C = Compute<S>;
   const Index N = logits.rows, V = logits.cols;
-  const Index valid = cross_entropy_detail::check_cross_entropy("cross_entropy_forward", N, V, targets);
+  const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_forward", N, V, targets);
   check(losses || N == 0, "cross_entropy_forward: losses [", N, "] must not be null");
   if (N == 0) return 0.0;
   const DeviceArray<std::int32_t, D> target_buffer = cross_entropy_detail::upload_targets(device, targets);
@@ -132,7 +117,7 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
                             double dloss, MatrixView<S> dlogits) {
   using C = Compute<S>;
   const Index N = logits.rows, V = logits.cols;
-  const Index valid = cross_entropy_detail::check_cross_entropy("cross_entropy_backward", N, V, targets);
+  const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_backward", N, V, targets);
   check(dlogits.rows == N && dlogits.cols == V, "cross_entropy_backward: dlogits is [", dlogits.rows, ", ",
         dlogits.cols, "], logits is [", N, ", ", V, "]");
   if (N == 0) return;

@@ -21,6 +21,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/host_device.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
@@ -28,20 +29,6 @@
 namespace moe::cuda::nn {
 
 namespace embedding_detail {
-// Shapes and token ids, on the host, before any device work (moe::nn::detail::check_embedding's
-// checks and messages).
-inline void check_embedding_ids(const char* where, std::span<const std::int32_t> tokens, Index B, Index T, Index V,
-                                Index max_T, Index C, Index rows, Index cols) {
-  check(B >= 0 && T >= 0, where, ": B = ", B, " and T = ", T, " must be >= 0");
-  check(Index(tokens.size()) == B * T, where, ": tokens has ", tokens.size(), " ids, expected B * T = ", B, " * ",
-        T, " = ", B * T);
-  check(T <= max_T, where, ": sequence length T = ", T, " exceeds the ", max_T, " positions of wpe");
-  check(rows == B * T && cols == C, where, ": the [B*T, C] matrix is [", rows, ", ", cols, "], expected [", B * T,
-        ", ", C, "]");
-  for (Index i = 0; i < Index(tokens.size()); ++i)
-    check(tokens[i] >= 0 && tokens[i] < V, where, ": token id ", tokens[i], " at position ", i, " (b = ", i / T,
-          ", t = ", i % T, ") is outside the vocabulary [0, ", V, ")");
-}
 
 // The (checked) host ids in a device buffer of the same size.
 template <class D>
@@ -62,7 +49,7 @@ void embedding_forward(const D& device, std::span<const std::int32_t> tokens, In
   using Cm = Compute<S>;
   check(wpe.cols == wte.cols, "embedding_forward: wte is [", wte.rows, ", ", wte.cols, "], wpe is [", wpe.rows, ", ",
         wpe.cols, "] (the widths differ)");
-  embedding_detail::check_embedding_ids("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows,
+  moe::nn::detail::check_embedding("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows,
                                         out.cols);
   const Index rows = B * T, C = wte.cols;
   if (rows == 0 || C == 0) return;
@@ -92,7 +79,7 @@ void embedding_backward(const D& device, ConstMatrixView<S> dout, std::span<cons
   // Without a dwte, ids are not looked up; with no dwpe, positions are unbounded.
   const Index V = dwte.data ? dwte.rows : Index(INT32_MAX) + 1;
   const Index max_T = dwpe.data ? dwpe.rows : T;
-  embedding_detail::check_embedding_ids("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
+  moe::nn::detail::check_embedding("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
   const Index rows = B * T;
   if (rows == 0 || C == 0) return;
 
