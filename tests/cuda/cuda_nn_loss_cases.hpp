@@ -436,4 +436,72 @@ TEST_CASE("cuda nn loss: AdamW and clip_grad_norm reject bad arguments, naming t
                        moe::Error);
 }
 
+TEST_CASE("cuda nn loss: bf16 parameters keep fp32 master weights that follow the CPU's fp32 trajectory") {
+  // Gradients rounded to bf16 on both sides: the master weights see what the CPU sees, so they
+  // follow its fp32 values to float rounding, while the bf16 parameters are their rounding.
+  using B16 = moe::bfloat16;
+  const TestDevice device = cuda_test::make_device();
+  std::vector<TwinParam<B16>> params = make_params<B16>(device, 61);
+  moe::nn::AdamWConfig config;
+  config.lr = 1e-4;  // steps far below half a bf16 ulp of the O(1) weights: lost without master weights
+  moe::nn::AdamW<float> cpu(config);
+  moe::cuda::nn::AdamW<B16, TestDevice> adamw(device, config);
+  static_assert(moe::cuda::nn::AdamW<B16, TestDevice>::kMasterWeights && !moe::cuda::nn::AdamW<float, TestDevice>::kMasterWeights);
+  std::vector<std::vector<float>> initial;
+  for (const auto& p : params) initial.push_back(p.value);
+  for (int t = 1; t <= 5; ++t) {
+    set_gradients(device, params, 700 + std::uint64_t(t), 1.f);
+    auto cpu_list = cpu_refs(params);
+    auto list = device_refs(params);
+    cpu.step(cpu_list);
+    adamw.step(list);
+  }
+  const auto master = adamw.master_weights();
+  REQUIRE(master.size() == params.size());
+  bool any_moved = false;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    CAPTURE(p.name);
+    const bool updated = p.trainable && p.has_grad && p.size() > 0;
+    if (!updated) {
+      CHECK(master[i].empty());
+      continue;
+    }
+    CHECK(relative_error(master[i], p.value) < 1e-6);
+    const std::vector<float> value = to_host(device, p.d_value.data(), p.size());
+    CHECK(same_bits(value, rounded<B16>(master[i])));  // the parameter is the master's rounding
+    any_moved = any_moved || relative_error(master[i], initial[i]) > 0;
+  }
+  CHECK(any_moved);
+}
+
+TEST_CASE("cuda nn loss: master weights restored with set_master_weights resume the same trajectory") {
+  using B16 = moe::bfloat16;
+  const TestDevice device = cuda_test::make_device();
+  std::vector<TwinParam<B16>> a = make_params<B16>(device, 81), b = make_params<B16>(device, 81);
+  moe::cuda::nn::AdamW<B16, TestDevice> first(device), second(device);
+  for (int t = 1; t <= 2; ++t) {
+    set_gradients(device, a, 800 + std::uint64_t(t), 1.f);
+    auto list = device_refs(a);
+    first.step(list);
+  }
+  for (std::size_t i = 0; i < a.size(); ++i) b[i].d_value = to_device<B16>(device, to_host(device, a[i].d_value.data(), a[i].size()));
+  second.set_state(first.step_count(), first.m(), first.v());
+  second.set_master_weights(first.master_weights());
+  set_gradients(device, a, 803, 1.f);
+  set_gradients(device, b, 803, 1.f);
+  auto list_a = device_refs(a), list_b = device_refs(b);
+  first.step(list_a);
+  second.step(list_b);
+  for (std::size_t i = 0; i < a.size(); ++i)
+    CHECK(same_bits(raw_host(device, a[i].d_value.data(), a[i].size()), raw_host(device, b[i].d_value.data(), b[i].size())));
+  const auto ma = first.master_weights(), mb = second.master_weights();
+  for (std::size_t i = 0; i < ma.size(); ++i) CHECK(same_bits(ma[i], mb[i]));
+  moe::cuda::nn::AdamW<B16, TestDevice> wrong(device);
+  wrong.set_master_weights({{1.f, 2.f}});
+  auto list = device_refs(a);
+  CHECK_THROWS_WITH_AS(wrong.step(list), doctest::Contains("the master weights hold 1 parameters, the list has 8"),
+                       moe::Error);
+}
+
 }  // namespace cuda_nn_loss_test

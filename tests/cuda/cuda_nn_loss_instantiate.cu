@@ -26,6 +26,8 @@ void instantiate_all(const moe::cuda::CudaDevice& device) {
   adamw.step(params);
   adamw.step(params, 1e-3);
   adamw.set_state(adamw.step_count(), adamw.m(), adamw.v());
+  if constexpr (moe::cuda::nn::AdamW<S, moe::cuda::CudaDevice>::kMasterWeights)
+    adamw.set_master_weights(adamw.master_weights());
 }
 
 // Never called.

@@ -1,5 +1,5 @@
-// tests/cuda/cuda_nn_norm_cases.hpp: test cases of moe/cuda/nn/layernorm.hpp and
-// moe/cuda/nn/embedding.hpp, written once over the device. The including file defines, in
+// tests/cuda/cuda_nn_norm_cases.hpp: test cases of moe/cuda/nn/layernorm.hpp,
+// moe/cuda/nn/embedding.hpp and moe/cuda/nn/linear.hpp, written once over the device. The including file defines, in
 // namespace cuda_test, `TestDevice`, `make_device()` and `device_available()` (and optionally
 // CUDA_TEST_NAME(text), a test-name prefix). Reference: the CPU functions of moe/nn/*.hpp in fp32
 // on the same inputs (rounded to bf16 for both sides in the bf16 cases).
@@ -8,6 +8,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/nn/embedding.hpp"
 #include "moe/cuda/nn/layernorm.hpp"
+#include "moe/cuda/nn/linear.hpp"
 #include "moe/moe.hpp"
 #include "moe/nn.hpp"
 
@@ -491,6 +493,156 @@ TEST_CASE(CUDA_TEST_NAME("embedding: bad ids and shapes throw before any device 
                                                           dwpe_view));
   CHECK_NOTHROW(moe::cuda::nn::embedding_forward<float>(device, std::span<const std::int32_t>(), 0, T, wte_view,
                                                          wpe_view, MatrixView<float>(out.data(), 0, C)));
+}
+
+// ---- linear -----------------------------------------------------------------------------------
+
+struct LinearInputs {
+  Index T, I, O;
+  std::vector<float> in, weight, bias, dout, din, dweight, dbias;  // din, dweight, dbias: initial (+=)
+};
+
+inline LinearInputs linear_inputs(Index T, Index I, Index O, std::uint64_t seed) {
+  LinearInputs x{T, I, O, {}, {}, {}, {}, {}, {}, {}};
+  x.in = normal_values(std::size_t(T * I), seed);
+  x.weight = normal_values(std::size_t(O * I), seed + 1, 0.3f);
+  x.bias = normal_values(std::size_t(O), seed + 2);
+  x.dout = normal_values(std::size_t(T * O), seed + 3);
+  x.din = normal_values(std::size_t(T * I), seed + 4, 0.5f);
+  x.dweight = normal_values(std::size_t(O * I), seed + 5, 0.5f);
+  x.dbias = normal_values(std::size_t(O), seed + 6, 0.5f);
+  return x;
+}
+
+template <class S>
+LinearInputs rounded(const LinearInputs& x) {
+  LinearInputs r = x;
+  for (std::vector<float>* v : {&r.in, &r.weight, &r.bias, &r.dout, &r.din, &r.dweight, &r.dbias}) *v = rounded<S>(*v);
+  return r;
+}
+
+// Which of the optional pieces take part: the bias and each gradient.
+struct LinearParts {
+  bool bias = true, din = true, dweight = true, dbias = true;
+};
+
+struct LinearResult {
+  std::vector<float> out, din, dweight, dbias;
+};
+
+inline LinearResult linear_cpu(const LinearInputs& x, LinearParts parts) {
+  const Index T = x.T, I = x.I, O = x.O;
+  LinearResult r;
+  r.out.assign(std::size_t(T * O), 0.f);
+  r.din = x.din, r.dweight = x.dweight, r.dbias = x.dbias;
+  moe::nn::linear_forward<float>(ConstMatrixView<float>(x.in.data(), T, I), ConstMatrixView<float>(x.weight.data(), O, I),
+                                 parts.bias ? x.bias.data() : nullptr, MatrixView<float>(r.out.data(), T, O), 3);
+  moe::nn::linear_backward<float>(ConstMatrixView<float>(x.in.data(), T, I), ConstMatrixView<float>(x.dout.data(), T, O),
+                                  ConstMatrixView<float>(x.weight.data(), O, I),
+                                  parts.din ? MatrixView<float>(r.din.data(), T, I) : MatrixView<float>(),
+                                  parts.dweight ? MatrixView<float>(r.dweight.data(), O, I) : MatrixView<float>(),
+                                  parts.dbias ? r.dbias.data() : nullptr, 3);
+  return r;
+}
+
+template <class S>
+struct LinearRaw {
+  std::vector<S> out, din, dweight, dbias;
+};
+
+template <class S>
+LinearRaw<S> linear_device_raw(const LinearInputs& x, LinearParts parts) {
+  const TestDevice device = make_device();
+  const Index T = x.T, I = x.I, O = x.O;
+  Array<S> in = to_device<S>(device, x.in), weight = to_device<S>(device, x.weight), bias = to_device<S>(device, x.bias);
+  Array<S> dout = to_device<S>(device, x.dout), din = to_device<S>(device, x.din);
+  Array<S> dweight = to_device<S>(device, x.dweight), dbias = to_device<S>(device, x.dbias), out(T * O);
+  moe::cuda::nn::linear_forward<S>(device, ConstMatrixView<S>(in.data(), T, I), ConstMatrixView<S>(weight.data(), O, I),
+                                   parts.bias ? bias.data() : nullptr, MatrixView<S>(out.data(), T, O));
+  moe::cuda::nn::linear_backward<S>(device, ConstMatrixView<S>(in.data(), T, I), ConstMatrixView<S>(dout.data(), T, O),
+                                    ConstMatrixView<S>(weight.data(), O, I),
+                                    parts.din ? MatrixView<S>(din.data(), T, I) : MatrixView<S>(),
+                                    parts.dweight ? MatrixView<S>(dweight.data(), O, I) : MatrixView<S>(),
+                                    parts.dbias ? dbias.data() : nullptr);
+  LinearRaw<S> r;
+  r.out = raw_host(device, out.data(), T * O);
+  r.din = raw_host(device, din.data(), T * I);
+  r.dweight = raw_host(device, dweight.data(), O * I);
+  r.dbias = raw_host(device, dbias.data(), O);
+  return r;
+}
+
+template <class S>
+void check_linear_parity(Index T, Index I, Index O, LinearParts parts, std::uint64_t seed, double tolerance) {
+  CAPTURE(T);
+  CAPTURE(I);
+  CAPTURE(O);
+  CAPTURE(parts.bias);
+  const LinearInputs x = rounded<S>(linear_inputs(T, I, O, seed));
+  const LinearResult cpu = linear_cpu(x, parts);
+  const LinearRaw<S> gpu = linear_device_raw<S>(x, parts);
+  CHECK(relative_error(floats(gpu.out), cpu.out) < tolerance);
+  CHECK(relative_error(floats(gpu.din), cpu.din) < tolerance);
+  CHECK(relative_error(floats(gpu.dweight), cpu.dweight) < tolerance);
+  CHECK(relative_error(floats(gpu.dbias), cpu.dbias) < tolerance);
+  // Skipped gradients are untouched (bit for bit), and a second run gives the same bits.
+  if (!parts.din) CHECK(floats(gpu.din) == x.din);
+  if (!parts.dweight) CHECK(floats(gpu.dweight) == x.dweight);
+  if (!parts.dbias) CHECK(floats(gpu.dbias) == x.dbias);
+  const LinearRaw<S> again = linear_device_raw<S>(x, parts);
+  CHECK(same_bits(again.out, gpu.out));
+  CHECK(same_bits(again.din, gpu.din));
+  CHECK(same_bits(again.dweight, gpu.dweight));
+  CHECK(same_bits(again.dbias, gpu.dbias));
+}
+
+inline const std::vector<std::array<Index, 3>>& linear_shapes() {
+  // (T, I, O): T = 0 and 1, one input or output, sizes around the 64-row chunk of the bias sums, primes
+  static const std::vector<std::array<Index, 3>> shapes = {{0, 5, 3},  {1, 1, 1},   {1, 7, 5},   {9, 1, 4},
+                                                           {64, 16, 9}, {65, 33, 17}, {131, 24, 40}};
+  return shapes;
+}
+
+TEST_CASE(CUDA_TEST_NAME("linear: forward and backward match the CPU version in fp32, same bits twice")) {
+  CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
+  std::uint64_t seed = 5000;
+  for (const auto& [T, I, O] : linear_shapes()) check_linear_parity<float>(T, I, O, {}, seed += 10, 1e-5);
+}
+
+TEST_CASE(CUDA_TEST_NAME("linear: bf16 storage with fp32 accumulation matches the CPU version within 2e-2")) {
+  CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
+  std::uint64_t seed = 6000;
+  for (const auto& [T, I, O] : linear_shapes()) check_linear_parity<moe::bfloat16>(T, I, O, {}, seed += 10, 2e-2);
+}
+
+TEST_CASE(CUDA_TEST_NAME("linear: no bias, and skipped gradients, leave the rest matching")) {
+  CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
+  check_linear_parity<float>(70, 13, 21, {.bias = false, .din = true, .dweight = true, .dbias = false}, 7000, 1e-5);
+  check_linear_parity<float>(70, 13, 21, {.bias = true, .din = false, .dweight = true, .dbias = true}, 7010, 1e-5);
+  check_linear_parity<float>(70, 13, 21, {.bias = true, .din = true, .dweight = false, .dbias = false}, 7020, 1e-5);
+}
+
+TEST_CASE(CUDA_TEST_NAME("linear: bad shapes throw, naming them")) {
+  CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
+  const TestDevice device = make_device();
+  Array<float> buffer(256);
+  float* p = buffer.data();
+  const ConstMatrixView<float> in(p, 4, 6), weight(p, 5, 6), dout(p, 4, 5);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::linear_forward<float>(device, in, ConstMatrixView<float>(p, 5, 7), p,
+                                                            MatrixView<float>(p, 4, 5)),
+                       doctest::Contains("linear_forward: in is [4, 6], weight is [5, 7] (expected [O, 6])"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::linear_forward<float>(device, in, weight, p, MatrixView<float>(p, 4, 4)),
+                       doctest::Contains("linear_forward: out is [4, 4], expected [T, O] = [4, 5]"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::linear_backward<float>(device, in, ConstMatrixView<float>(p, 3, 5), weight,
+                                                             MatrixView<float>(), MatrixView<float>(), p),
+                       doctest::Contains("linear_backward: dout is [3, 5], expected [T, O] = [4, 5]"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::linear_backward<float>(device, in, dout, weight, MatrixView<float>(p, 4, 5),
+                                                             MatrixView<float>(), p),
+                       doctest::Contains("linear_backward: din is [4, 5], in is [4, 6]"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::linear_backward<float>(device, in, dout, weight, MatrixView<float>(),
+                                                             MatrixView<float>(p, 6, 5), p),
+                       doctest::Contains("linear_backward: dweight is [6, 5], weight is [5, 6]"), moe::Error);
 }
 
 #undef CUDA_NN_NORM_SKIP_WITHOUT_DEVICE

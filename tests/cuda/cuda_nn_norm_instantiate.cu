@@ -1,4 +1,4 @@
-// Instantiates moe/cuda/nn/layernorm.hpp and moe/cuda/nn/embedding.hpp for CudaDevice with
+// Instantiates moe/cuda/nn/layernorm.hpp, embedding.hpp and linear.hpp for CudaDevice with
 // float and bfloat16, so nvcc checks every device body. Nothing here runs (no main()).
 #include <cstdint>
 #include <span>
@@ -6,6 +6,7 @@
 #include "moe/cuda.cuh"
 #include "moe/cuda/nn/embedding.hpp"
 #include "moe/cuda/nn/layernorm.hpp"
+#include "moe/cuda/nn/linear.hpp"
 
 namespace cuda_nn_norm_instantiate {
 
@@ -23,6 +24,8 @@ void instantiate(const moe::cuda::CudaDevice& device) {
   const std::span<const std::int32_t> tokens;
   moe::cuda::nn::embedding_forward<S>(device, tokens, 0, 0, cm, cm, m);
   moe::cuda::nn::embedding_backward<S>(device, cm, tokens, 0, 0, m, m);
+  moe::cuda::nn::linear_forward<S>(device, cm, cm, p, m);
+  moe::cuda::nn::linear_backward<S>(device, cm, cm, cm, m, m, p);
 }
 
 void instantiate_all(const moe::cuda::CudaDevice& device) {

@@ -96,6 +96,30 @@ void gemm(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a,
   }
 }
 
+// Rows per partial of a column sum.
+inline constexpr Index kColumnSumChunk = 64;
+inline Index column_sum_partials(Index rows, Index cols) { return (rows + kColumnSumChunk - 1) / kColumnSumChunk * cols; }
+
+// db[c] += sum over rows of m(r, c): chunks of kColumnSumChunk rows add in row order into
+// partial[chunk * cols + c] (column_sum_partials(rows, cols) of them), then one index per column
+// adds its partials in chunk order. Deterministic without atomics.
+template <class D, class S, class C = Compute<S>>
+void add_column_sums(const D& device, ConstMatrixView<S> m, S* db, C* partial) {
+  const Index rows = m.rows, cols = m.cols, chunks = (rows + kColumnSumChunk - 1) / kColumnSumChunk;
+  if (chunks == 0 || cols == 0) return;
+  for_each_2d(device, chunks, cols, [=] MOE_HOST_DEVICE(Index q, Index c) {
+    const Index end = (q + 1) * kColumnSumChunk < rows ? (q + 1) * kColumnSumChunk : rows;
+    C sum = 0;
+    for (Index r = q * kColumnSumChunk; r < end; ++r) sum += C(m(r, c));
+    partial[q * cols + c] = sum;
+  });
+  device.for_each(cols, [=] MOE_HOST_DEVICE(Index c) {
+    C sum = 0;
+    for (Index q = 0; q < chunks; ++q) sum += partial[q * cols + c];
+    db[c] = S(C(db[c]) + sum);
+  });
+}
+
 // The host RoutingPlan of a device plan (statistics and auxiliary losses read it).
 template <class D>
 RoutingPlan to_host(const DevicePlan<D>& plan) {
@@ -600,23 +624,10 @@ class BasicBackend {
     });
   }
 
-  // db[c] += sum over rows of m(r, c), in row chunks of kChunk whose partials add in order.
+  // db[c] += sum over rows of m(r, c) (detail::add_column_sums, partials in partial_).
   void add_column_sums(ConstMatrixView<S> m, S* db) const {
-    const Index rows = m.rows, cols = m.cols, chunks = (rows + kChunk - 1) / kChunk;
-    partial_.resize(chunks * cols);
-    C* partial = partial_.data();
-    detail::for_each_2d(device_, chunks, cols, [=] MOE_HOST_DEVICE(Index q, Index c) {
-      const Index end = (q + 1) * kChunk < rows ? (q + 1) * kChunk : rows;
-      C sum = 0;
-      for (Index r = q * kChunk; r < end; ++r) sum += C(m(r, c));
-      partial[q * cols + c] = sum;
-    });
-    if (cols > 0)
-      device_.for_each(cols, [=] MOE_HOST_DEVICE(Index c) {
-        C sum = 0;
-        for (Index q = 0; q < chunks; ++q) sum += partial[q * cols + c];
-        db[c] = S(C(db[c]) + sum);
-      });
+    partial_.resize(detail::column_sum_partials(m.rows, m.cols));
+    detail::add_column_sums(device_, m, db, partial_.data());
   }
 
   // dlogits += the auxiliary losses' gradient (aux_loss_backward, moe/aux_loss.hpp): f from the

@@ -62,6 +62,22 @@ class CudaDevice {
   cudaStream_t stream() const { return context_->stream; }
   Fp32Math fp32_math() const { return context_->math; }
 
+  // The GPU's name and SM count, for logs ("NVIDIA H100 80GB HBM3, 132 SMs, TF32").
+  std::string description() const {
+    int device = 0;
+    cudaDeviceProp properties{};
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaGetDeviceProperties(&properties, device), "cudaGetDeviceProperties");
+    return std::string(properties.name) + ", " + std::to_string(context_->sms) + " SMs" +
+           (context_->math == Fp32Math::tf32 ? ", TF32" : "");
+  }
+  // Bytes of the GPU's memory in use by every process (cudaMemGetInfo: total - free).
+  std::size_t memory_in_use() const {
+    std::size_t free = 0, total = 0;
+    check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    return total - free;
+  }
+
   static void* allocate(std::size_t bytes) {
     void* p = nullptr;
     if (bytes > 0) check_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
@@ -119,11 +135,24 @@ class CudaDevice {
     }
     using Alpha = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const Alpha alpha = 1, beta = g.accumulate ? 1 : 0;
-    check_cublas(cublasGemmEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha, g.a,
-                              type, int(g.lda), g.b, type, int(g.ldb), &beta, g.c, type, int(g.ldc), compute,
-                              CUBLAS_GEMM_DEFAULT),
-                 "cublasGemmEx");
+    if (g.batch == 1) {
+      check_cublas(cublasGemmEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha, g.a,
+                                type, int(g.lda), g.b, type, int(g.ldb), &beta, g.c, type, int(g.ldc), compute,
+                                CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx");
+      return;
+    }
+    check(g.batch < (Index{1} << 31), "gemm: a batch of ", g.batch, " exceeds cuBLAS's 32-bit count");
+    check_cublas(cublasGemmStridedBatchedEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k),
+                                            &alpha, g.a, type, int(g.lda), (long long)g.stride_a, g.b, type,
+                                            int(g.ldb), (long long)g.stride_b, &beta, g.c, type, int(g.ldc),
+                                            (long long)g.stride_c, int(g.batch), compute, CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmStridedBatchedEx");
   }
+
+  // One growing device buffer per context: reused while big enough; growing waits for the stream
+  // (queued work may still read the old one) and keeps a quarter more room.
+  void* scratch(std::size_t bytes) const { return context_->scratch(bytes); }
 
   // CUB's radix sort is stable; the workspace grows once and is reused.
   void stable_sort_pairs(const std::uint32_t* keys_in, std::uint32_t* keys_out, const std::int32_t* values_in,
@@ -147,6 +176,8 @@ class CudaDevice {
     int sms = 1;
     void* temp = nullptr;
     std::size_t temp_bytes = 0;
+    void* scratch_data = nullptr;
+    std::size_t scratch_bytes = 0;
 
     Context(cudaStream_t s, Fp32Math m) : stream(s), math(m) {
       int device = 0;
@@ -156,6 +187,7 @@ class CudaDevice {
       check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
     }
     ~Context() {
+      if (scratch_data) cudaFree(scratch_data);
       if (temp) cudaFree(temp);
       if (handle) cublasDestroy(handle);
     }
@@ -171,6 +203,17 @@ class CudaDevice {
         temp_bytes = bytes;
       }
       return temp;
+    }
+    void* scratch(std::size_t bytes) {
+      if (bytes > scratch_bytes) {
+        check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        if (scratch_data) cudaFree(scratch_data);
+        scratch_data = nullptr;
+        const std::size_t grown = bytes + bytes / 4;
+        check_cuda(cudaMalloc(&scratch_data, grown), "cudaMalloc (scratch)");
+        scratch_bytes = grown;
+      }
+      return scratch_data;
     }
   };
   std::shared_ptr<Context> context_;

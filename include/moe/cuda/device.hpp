@@ -7,7 +7,12 @@
 //   d.download(dst, src, bytes)                device -> host; waits for the stream (a sync point)
 //   d.for_each(n, body)                        body(i) for every i in [0, n), in any order/parallel
 //   d.for_each_2d(rows, cols, body)            body(r, c) over a grid (no index division per element)
-//   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention)
+//   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention), or a
+//                                              strided batch of them (BlasGemm::batch > 1)
+//   d.scratch(bytes)                           a reusable workspace: valid until the next scratch()
+//                                              call on this device (or a copy of it); growing it
+//                                              waits for the stream. Work queued on the stream uses
+//                                              it in order, so a function may carve it freely.
 //   d.stable_sort_pairs(keys_in, keys_out, values_in, values_out, n, bits)
 //                                              pairs ordered by key, stably (CUB radix sort)
 //
@@ -41,6 +46,10 @@ struct BlasGemm {
   S* c = nullptr;
   Index ldc = 0;
   bool accumulate = false;  // beta = 1
+  // A strided batch: product i reads a + i*stride_a, b + i*stride_b and writes c + i*stride_c
+  // (cublasGemmStridedBatchedEx). The outputs must not share elements.
+  Index batch = 1;
+  Index stride_a = 0, stride_b = 0, stride_c = 0;
 };
 
 // Row-major out[M, N] (=|+=) op_a(a)[M, K] op_b(b)[K, N] as the column-major call
@@ -64,6 +73,44 @@ BlasGemm<S> column_major_gemm(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op
   g.accumulate = accumulate;
   return g;
 }
+
+// `count` row-major products out_i (=|+=) op_a(a_i) op_b(b_i), where x_i starts at x.data +
+// i * stride_x (elements): column_major_gemm's mapping with the strides swapped as the operands are.
+template <class S>
+BlasGemm<S> column_major_gemm_batched(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b,
+                                      BlasOp op_b, bool accumulate, Index count, Index stride_out, Index stride_a,
+                                      Index stride_b) {
+  check(count >= 1, "gemm: a batch of ", count, " products");
+  BlasGemm<S> g = column_major_gemm(out, a, op_a, b, op_b, accumulate);
+  g.batch = count;
+  g.stride_a = stride_b, g.stride_b = stride_a, g.stride_c = stride_out;
+  return g;
+}
+
+// A layout of typed arrays inside one scratch allocation (device.scratch(layout.bytes())), each
+// aligned to 256 bytes as cudaMalloc aligns:
+//   ScratchLayout layout;  const auto ids = layout.add<std::int32_t>(n), sums = layout.add<double>(m);
+//   void* base = device.scratch(layout.bytes());  std::int32_t* id = ids.in(base);
+class ScratchLayout {
+ public:
+  template <class T>
+  struct Slot {
+    std::size_t offset;
+    T* in(void* base) const { return reinterpret_cast<T*>(static_cast<unsigned char*>(base) + offset); }
+  };
+  template <class T>
+  Slot<T> add(Index count) {
+    check(count >= 0, "scratch: an array of ", count, " elements");
+    const std::size_t offset = (bytes_ + kAlignment - 1) / kAlignment * kAlignment;
+    bytes_ = offset + std::size_t(count) * sizeof(T);
+    return {offset};
+  }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  static constexpr std::size_t kAlignment = 256;
+  std::size_t bytes_ = 0;
+};
 
 // *target += value with an atomic on the GPU. Only integers: integer sums do not depend on the
 // order of the additions, so counts stay deterministic.

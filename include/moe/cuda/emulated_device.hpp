@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "moe/config.hpp"
@@ -19,6 +21,7 @@ namespace moe::cuda {
 
 struct EmulatedDevice {
   static constexpr std::size_t kAlignment = 256;  // cudaMalloc's alignment
+  std::string description() const { return "emulated CUDA device (host loops)"; }
   static void* allocate(std::size_t bytes) { return ::operator new(bytes == 0 ? 1 : bytes, std::align_val_t{kAlignment}); }
   static void deallocate(void* p) { ::operator delete(p, std::align_val_t{kAlignment}); }
 
@@ -36,20 +39,35 @@ struct EmulatedDevice {
       for (Index c = 0; c < cols; ++c) body(r, c);
   }
 
-  // The column-major definition, accumulated in the scalar's compute type in k order.
+  // The column-major definition, accumulated in the scalar's compute type in k order; a batch is
+  // its products one after another.
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
     using C = Compute<S>;
     const auto at = [](const S* p, Index ld, BlasOp op, Index r, Index c) {
       return C(op == BlasOp::none ? p[r + c * ld] : p[c + r * ld]);
     };
-    for (Index j = 0; j < g.n; ++j)
-      for (Index i = 0; i < g.m; ++i) {
-        C sum = g.accumulate ? C(g.c[i + j * g.ldc]) : C(0);
-        C product = 0;
-        for (Index p = 0; p < g.k; ++p) product += at(g.a, g.lda, g.op_a, i, p) * at(g.b, g.ldb, g.op_b, p, j);
-        g.c[i + j * g.ldc] = S(sum + product);
-      }
+    for (Index q = 0; q < g.batch; ++q) {
+      const S* a = g.a + q * g.stride_a;
+      const S* b = g.b + q * g.stride_b;
+      S* c = g.c + q * g.stride_c;
+      for (Index j = 0; j < g.n; ++j)
+        for (Index i = 0; i < g.m; ++i) {
+          C sum = g.accumulate ? C(c[i + j * g.ldc]) : C(0);
+          C product = 0;
+          for (Index p = 0; p < g.k; ++p) product += at(a, g.lda, g.op_a, i, p) * at(b, g.ldb, g.op_b, p, j);
+          c[i + j * g.ldc] = S(sum + product);
+        }
+    }
+  }
+
+  // One growing host buffer, shared by copies of this device (as CudaDevice's context is).
+  void* scratch(std::size_t bytes) const {
+    if (bytes > scratch_->size) {
+      scratch_->data.reset(static_cast<unsigned char*>(allocate(bytes)));
+      scratch_->size = bytes;
+    }
+    return scratch_->data.get();
   }
 
   // (keys_out, values_out) = (keys_in, values_in) ordered by ascending key, equal keys keeping
@@ -65,6 +83,14 @@ struct EmulatedDevice {
  private:
   template <class S>
   using Compute = typename ComputeTypeOf<S>::type;
+  struct Scratch {
+    struct Free {
+      void operator()(unsigned char* p) const { deallocate(p); }
+    };
+    std::unique_ptr<unsigned char, Free> data;
+    std::size_t size = 0;
+  };
+  std::shared_ptr<Scratch> scratch_ = std::make_shared<Scratch>();
   static void copy_bytes(void* dst, const void* src, std::size_t bytes) {
     if (bytes) std::memcpy(dst, src, bytes);
   }

@@ -4,17 +4,17 @@
 //
 // The parameters come as the CPU's std::vector<ParamRef<S>>, whose value and grad spans here
 // point to DEVICE memory (never read on the host: only their sizes and pointers are used).
-// The moments are kept in Compute<S> (fp32 for bf16 parameters: the mixed-precision recipe),
-// one device array per parameter. Every update is elementwise, one index per element; the only
-// sync is clip_grad_norm's download of the summed squares.
-//
-// This first version allocates per call where it needs scratch (clip_grad_norm's partials, freed
-// after its download, so cudaFree's wait costs nothing more) and allocates the moments once, on
-// a parameter's first update.
+// The moments are kept in Compute<S>, one device array per parameter. For bf16 parameters that is
+// the mixed-precision recipe: fp32 moments and fp32 MASTER WEIGHTS, which the update changes and
+// then rounds into the bf16 parameter (an update smaller than half a bf16 step is not lost).
+// Every update is elementwise, one index per element; the only sync is clip_grad_norm's download
+// of the summed squares (its partials live in the device's scratch). The moments (and master
+// weights) are allocated once, on a parameter's first update.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -53,17 +53,27 @@ struct AdamWStep {
   C decay_factor;          // 1 - lr * wd for decayed parameters, else exactly 1
 };
 
-// value, grad: [n] (S); m, v: [n] (C). One index per element: the CPU AdamW's update, in C.
+// value, grad: [n] (S); m, v: [n] (C); master: [n] (C) or null. One index per element: the CPU
+// AdamW's update, in C, of the master weight when there is one (then rounded into value).
 template <class S, class D, class C = Compute<S>>
-void adamw_update(const D& device, S* value, const S* grad, C* m, C* v, Index n, AdamWStep<C> k) {
+void adamw_update(const D& device, S* value, C* master, const S* grad, C* m, C* v, Index n, AdamWStep<C> k) {
   device.for_each(n, [=] MOE_HOST_DEVICE(Index j) {
     const C g = C(grad[j]);
     const C mj = k.b1 * m[j] + k.one_minus_b1 * g;
     const C vj = k.b2 * v[j] + k.one_minus_b2 * g * g;
     m[j] = mj;
     v[j] = vj;
-    value[j] = S(C(value[j]) * k.decay_factor - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps));
+    const C p = master ? master[j] : C(value[j]);
+    const C updated = p * k.decay_factor - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps);
+    if (master) master[j] = updated;
+    value[j] = S(updated);
   });
+}
+
+// master[j] = C(value[j]): a master copy starts as the parameter's own values.
+template <class S, class D, class C = Compute<S>>
+void widen(const D& device, const S* value, C* master, Index n) {
+  device.for_each(n, [=] MOE_HOST_DEVICE(Index j) { master[j] = C(value[j]); });
 }
 
 template <class T, class D>
@@ -112,10 +122,16 @@ void scale_in_place(const D& device, S* data, Index n, C scale) {
 //   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 // in Compute<S>, the moments stored in Compute<S> (fp32 for bf16). One launch per parameter; no
 // sync. m()/v() download the state for a checkpoint (syncs), set_state() uploads one.
+//
+// Master weights (bf16 parameters only, kMasterWeights): p above is a Compute<S> copy of the
+// parameter, made from its values on its first update (or set by set_master_weights, e.g. the
+// fp32 values of a checkpoint), and the parameter receives S(p) after every update.
+// master_weights() downloads them (the values a checkpoint should hold).
 template <class S, class D>
 class AdamW {
  public:
   using C = Compute<S>;
+  static constexpr bool kMasterWeights = !std::is_same_v<S, C>;
 
   explicit AdamW(D device, AdamWConfig config = {}) : device_(std::move(device)), config_(config) {
     check(config.lr >= 0 && config.eps >= 0 && config.weight_decay >= 0, "AdamW: lr, eps and weight_decay must be >= 0");
@@ -144,8 +160,9 @@ class AdamW {
       if (!adamw_detail::updated(p)) continue;
       // p * 1 is exact: parameters that do not decay take the same path.
       k.decay_factor = decays(p) && config_.weight_decay != 0 ? decay : C(1);
-      adamw_detail::adamw_update(device_, p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(), Index(p.value.size()),
-                           k);
+      C* master = kMasterWeights ? master_[i].data() : nullptr;
+      adamw_detail::adamw_update(device_, p.value.data(), master, p.grad.data(), m_[i].data(), v_[i].data(),
+                                 Index(p.value.size()), k);
     }
   }
 
@@ -165,6 +182,21 @@ class AdamW {
     m_ = upload(m);
     v_ = upload(v);
     sizes_.clear();  // checked against the list on the next step
+  }
+
+  // Master weights (kMasterWeights only; fp32 parameters are their own): host copies, empty for parameters never updated and not
+  // set (a download each: syncs); set_master_weights uploads them (an empty entry: made from the
+  // parameter on its first update). Checked against the parameter list on the next step.
+  std::vector<std::vector<C>> master_weights() const
+    requires kMasterWeights
+  {
+    return download(master_);
+  }
+  void set_master_weights(const std::vector<std::vector<C>>& master)
+    requires kMasterWeights
+  {
+    master_ = upload(master);
+    sizes_.clear();
   }
 
  private:
@@ -197,8 +229,17 @@ class AdamW {
         m_.resize(params.size());
         v_.resize(params.size());
       }
+      if (kMasterWeights && master_.empty()) master_.resize(params.size());
       check(m_.size() == params.size(), "AdamW: the restored state has ", m_.size(), " parameters, the list has ",
             params.size());
+      if constexpr (kMasterWeights) {
+        check(master_.size() == params.size(), "AdamW: the master weights hold ", master_.size(),
+              " parameters, the list has ", params.size());
+        for (std::size_t i = 0; i < params.size(); ++i)
+          check(master_[i].empty() || std::size_t(master_[i].size()) == params[i].value.size(),
+                "AdamW: master weights of parameter ", i, " '", params[i].name, "' have ", master_[i].size(),
+                " entries, the parameter has ", params[i].value.size());
+      }
       for (std::size_t i = 0; i < params.size(); ++i)
         check(m_[i].empty() || std::size_t(m_[i].size()) == params[i].value.size(),
               "AdamW: restored moments of parameter ", i, " '", params[i].name, "' have ", m_[i].size(),
@@ -217,6 +258,10 @@ class AdamW {
         adamw_detail::fill_zero(device_, m_[i].data(), n);
         adamw_detail::fill_zero(device_, v_[i].data(), n);
       }
+      if (kMasterWeights && adamw_detail::updated(params[i]) && master_[i].empty() && sizes_[i] > 0) {
+        master_[i].resize(Index(sizes_[i]));
+        adamw_detail::widen(device_, params[i].value.data(), master_[i].data(), Index(sizes_[i]));
+      }
     }
   }
 
@@ -225,6 +270,7 @@ class AdamW {
   int steps_ = 0;
   std::vector<std::size_t> sizes_;
   std::vector<DeviceArray<C, D>> m_, v_;  // [params] device arrays of Compute<S>
+  std::vector<DeviceArray<C, D>> master_;  // [params] fp32 master weights (kMasterWeights only)
 };
 
 // Scales every gradient by max_norm / (norm + 1e-6) when the global L2 norm of all gradients
@@ -247,13 +293,15 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
       partials += (Index(params[i].grad.size()) + adamw_detail::kNormChunk - 1) / adamw_detail::kNormChunk;
   }
   if (partials == 0) return 0.0;
-  DeviceArray<double, D> sums(partials + 1);  // the partials, then their sum
+  ScratchLayout layout;
+  const auto sums_slot = layout.add<double>(partials + 1);  // the partials, then their sum
+  double* sums = sums_slot.in(device.scratch(layout.bytes()));
   for (std::size_t i = 0; i < params.size(); ++i)
     if (adamw_detail::updated(params[i]))
-      adamw_detail::chunk_squares(device, params[i].grad.data(), Index(params[i].grad.size()), sums.data() + first[i]);
-  adamw_detail::ordered_sum(device, sums.data(), partials, sums.data() + partials);
+      adamw_detail::chunk_squares(device, params[i].grad.data(), Index(params[i].grad.size()), sums + first[i]);
+  adamw_detail::ordered_sum(device, sums, partials, sums + partials);
   double squares = 0;
-  device.download(&squares, sums.data() + partials, sizeof(double));  // waits for the stream
+  device.download(&squares, sums + partials, sizeof(double));  // waits for the stream
   const double norm = std::sqrt(squares);
   if (!std::isfinite(norm) || norm <= max_norm) return norm;
   const C scale = C(max_norm / (norm + 1e-6));

@@ -6,11 +6,11 @@
 // h reads columns [h*hs, (h+1)*hs) of each, hs = C / heads. att is [B, heads, T, T]: the probabilities of pair (b, h) =
 // b*heads + h at att + pair*T*T.
 //
-// Plan (a first version, simple rather than fast): every product is one detail::gemm per (sequence, head) pair on
-// strided views of qkv (a host loop of B*heads GEMM calls, full T x T even when causal: the masked probabilities are
-// exactly 0, so they add nothing), and every softmax step is one device index per (b, h, t) row, whose arithmetic runs
-// in a fixed order in Compute<S> (float for bf16). No floating-point atomics: each element has one writer, so the
-// results are bit-identical run to run.
+// Plan (simple rather than fast): each product is one strided-batched GEMM per sequence over its heads (head h+1's
+// q, k, v start hs columns after head h's; a host loop of B calls, full T x T even when causal: the masked
+// probabilities are exactly 0, so they add nothing), and every softmax step is one device index per (b, h, t) row,
+// whose arithmetic runs in a fixed order in Compute<S> (float for bf16). No floating-point atomics: each element has
+// one writer, so the results are bit-identical run to run.
 #pragma once
 
 #include <cmath>
@@ -32,11 +32,12 @@ MatrixView<T> head_part(MatrixView<T> qkv, Index part, Index b, Index h, Index l
   return qkv.col_block(part * C + h * hs, hs).row_block(b * len, len);
 }
 
-// out (+)= op_a(a) op_b(b) on the device; mutable views convert to the const operands here.
+// For every head h of one sequence: out_h (+)= op_a(a_h) op_b(b_h), where x_h starts stride_x elements after x_{h-1}
+// (views of head 0 come in; mutable views convert to the const operands here). One batched GEMM.
 template <class S, class D>
-void product(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b, BlasOp op_b,
-             bool accumulate) {
-  detail::gemm<D, S>(device, out, a, op_a, b, op_b, accumulate);
+void per_head(const D& device, Index heads, MatrixView<S> out, Index stride_out, ConstMatrixView<S> a, BlasOp op_a,
+              Index stride_a, ConstMatrixView<S> b, BlasOp op_b, Index stride_b, bool accumulate) {
+  device.gemm(column_major_gemm_batched<S>(out, a, op_a, b, op_b, accumulate, heads, stride_out, stride_a, stride_b));
 }
 
 }  // namespace attention_detail
@@ -54,12 +55,12 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
   const auto [channels, hs] = moe::nn::detail::check_attention("attention_forward", qkv, B, T, heads, out.rows, out.cols, "out", att);
   const Index pairs = B * heads;
 
-  // Raw scores q k^T into att, one GEMM per pair.
-  for (Index pair = 0; pair < pairs; ++pair) {
-    const Index b = pair / heads, h = pair % heads;
-    ad::product<S>(device, MatrixView<S>(att + pair * T * T, T, T), ad::head_part(qkv, 0, b, h, T, channels, hs),
-                   BlasOp::none, ad::head_part(qkv, 1, b, h, T, channels, hs), BlasOp::transpose, false);
-  }
+  // Raw scores q k^T into att, one batched GEMM per sequence.
+  const Index TT = T * T;
+  for (Index b = 0; b < B; ++b)
+    ad::per_head<S>(device, heads, MatrixView<S>(att + b * heads * TT, T, T), TT,
+                    ad::head_part(qkv, 0, b, 0, T, channels, hs), BlasOp::none, hs,
+                    ad::head_part(qkv, 1, b, 0, T, channels, hs), BlasOp::transpose, hs, false);
 
   // One index per (b, h, t) row: scaled, masked, max-subtracted softmax in place; masked keys 0.
   const C scale = C(1) / std::sqrt(C(hs));
@@ -81,19 +82,17 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
     for (Index j = seen; j < T; ++j) row[j] = S(0);
   });
 
-  // out = att v into the head's column block, one GEMM per pair.
-  for (Index pair = 0; pair < pairs; ++pair) {
-    const Index b = pair / heads, h = pair % heads;
-    ad::product<S>(device, out.col_block(h * hs, hs).row_block(b * T, T), ConstMatrixView<S>(att + pair * T * T, T, T),
-                   BlasOp::none, ad::head_part(qkv, 2, b, h, T, channels, hs), BlasOp::none, false);
-  }
+  // out = att v into each head's column block, one batched GEMM per sequence.
+  for (Index b = 0; b < B; ++b)
+    ad::per_head<S>(device, heads, out.col_block(0, hs).row_block(b * T, T), hs,
+                    ConstMatrixView<S>(att + b * heads * TT, T, T), BlasOp::none, TT,
+                    ad::head_part(qkv, 2, b, 0, T, channels, hs), BlasOp::none, hs, false);
 }
 
 // dout: [B*T, C], qkv: [B*T, 3C], att: [B, heads, T, T] (from forward) -> dqkv: [B*T, 3C], added into (+=, llm.c's
 // convention). With P = att, dP = dout v^T:
 //   dv += P^T dout;  dS = P * (dP - rowsum(P * dP)) / sqrt(hs);  dq += dS k;  dk += dS^T q.
-// Workspace: dP / dS for every pair, [B, heads, T, T] like att, in a local DeviceArray (this first version allocates it
-// per call).
+// Workspace: dP / dS for every pair, [B, heads, T, T] like att, in the device's scratch.
 template <class S, class D>
 void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S* att, Index B,
                         Index T, Index heads, bool causal, MatrixView<S> dqkv) {
@@ -103,19 +102,19 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
       moe::nn::detail::check_attention("attention_backward", qkv, B, T, heads, dout.rows, dout.cols, "dout", att);
   check(dqkv.rows == B * T && dqkv.cols == 3 * channels, "attention_backward: dqkv is [", dqkv.rows, ", ", dqkv.cols,
         "], expected [B*T, 3C] = [", B * T, ", ", 3 * channels, "]");
-  const Index pairs = B * heads;
-  DeviceArray<S, D> workspace(pairs * T * T);
-  S* ds_all = workspace.data();
+  const Index pairs = B * heads, TT = T * T;
+  ScratchLayout layout;
+  const auto ds_slot = layout.add<S>(pairs * TT);
+  S* ds_all = ds_slot.in(device.scratch(layout.bytes()));
 
-  // dv += P^T dout and dP = dout v^T, per pair.
-  for (Index pair = 0; pair < pairs; ++pair) {
-    const Index b = pair / heads, h = pair % heads;
-    const ConstMatrixView<S> p(att + pair * T * T, T, T);
-    const ConstMatrixView<S> d_o = dout.col_block(h * hs, hs).row_block(b * T, T);
-    ad::product<S>(device, ad::head_part(dqkv, 2, b, h, T, channels, hs), p, BlasOp::transpose, d_o, BlasOp::none,
-                   true);
-    ad::product<S>(device, MatrixView<S>(ds_all + pair * T * T, T, T), d_o, BlasOp::none,
-                   ad::head_part(qkv, 2, b, h, T, channels, hs), BlasOp::transpose, false);
+  // dv += P^T dout and dP = dout v^T, one batched GEMM each per sequence.
+  for (Index b = 0; b < B; ++b) {
+    const ConstMatrixView<S> p(att + b * heads * TT, T, T);
+    const ConstMatrixView<S> d_o = dout.col_block(0, hs).row_block(b * T, T);
+    ad::per_head<S>(device, heads, ad::head_part(dqkv, 2, b, 0, T, channels, hs), hs, p, BlasOp::transpose, TT, d_o,
+                    BlasOp::none, hs, true);
+    ad::per_head<S>(device, heads, MatrixView<S>(ds_all + b * heads * TT, T, T), TT, d_o, BlasOp::none, hs,
+                    ad::head_part(qkv, 2, b, 0, T, channels, hs), BlasOp::transpose, hs, false);
   }
 
   // One index per (b, h, t) row: dS = P * (dP - P . dP) * scale in place; masked keys exactly 0.
@@ -131,14 +130,13 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
     for (Index j = seen; j < T; ++j) ds[j] = S(0);
   });
 
-  // dq += dS k and dk += dS^T q, per pair.
-  for (Index pair = 0; pair < pairs; ++pair) {
-    const Index b = pair / heads, h = pair % heads;
-    const ConstMatrixView<S> ds(ds_all + pair * T * T, T, T);
-    ad::product<S>(device, ad::head_part(dqkv, 0, b, h, T, channels, hs), ds, BlasOp::none,
-                   ad::head_part(qkv, 1, b, h, T, channels, hs), BlasOp::none, true);
-    ad::product<S>(device, ad::head_part(dqkv, 1, b, h, T, channels, hs), ds, BlasOp::transpose,
-                   ad::head_part(qkv, 0, b, h, T, channels, hs), BlasOp::none, true);
+  // dq += dS k and dk += dS^T q, one batched GEMM each per sequence.
+  for (Index b = 0; b < B; ++b) {
+    const ConstMatrixView<S> ds(ds_all + b * heads * TT, T, T);
+    ad::per_head<S>(device, heads, ad::head_part(dqkv, 0, b, 0, T, channels, hs), hs, ds, BlasOp::none, TT,
+                    ad::head_part(qkv, 1, b, 0, T, channels, hs), BlasOp::none, hs, true);
+    ad::per_head<S>(device, heads, ad::head_part(dqkv, 1, b, 0, T, channels, hs), hs, ds, BlasOp::transpose, TT,
+                    ad::head_part(qkv, 0, b, 0, T, channels, hs), BlasOp::none, hs, true);
   }
 }
 

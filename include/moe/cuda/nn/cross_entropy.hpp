@@ -7,10 +7,8 @@
 // stream). Arithmetic runs in Compute<S> (float for bf16). The forward's mean loss comes back to
 // the host: that download is this file's one sync point.
 //
-// This first version allocates its small device buffers (targets, row statistics, partials) per
-// call as DeviceArray locals; on the GPU, freeing them at the end of a call waits for the device
-// (cudaFree synchronizes), so the backward also costs a sync until a caller-owned workspace
-// replaces them.
+// The small device buffers (targets, row statistics, partials) live in the device's scratch, so
+// the backward needs no sync.
 #pragma once
 
 #include <cmath>
@@ -35,12 +33,12 @@ namespace cross_entropy_detail {
 // Rows per partial sum of the mean loss.
 inline constexpr Index kLossChunk = 64;
 
-// The checked targets in a device buffer (empty for N = 0).
+// The checked targets uploaded into `slot` of the device's scratch (after the caller laid out
+// every array it needs there).
 template <class D>
-DeviceArray<std::int32_t, D> upload_targets(const D& device, std::span<const std::int32_t> targets) {
-  DeviceArray<std::int32_t, D> on_device(Index(targets.size()));
-  device.upload(on_device.data(), targets.data(), targets.size() * sizeof(std::int32_t));
-  return on_device;
+std::int32_t* upload_targets(const D& device, std::span<const std::int32_t> targets, std::int32_t* slot) {
+  device.upload(slot, targets.data(), targets.size() * sizeof(std::int32_t));
+  return slot;
 }
 
 // max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, left to right.
@@ -69,8 +67,12 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_forward", N, V, targets);
   check(losses || N == 0, "cross_entropy_forward: losses [", N, "] must not be null");
   if (N == 0) return 0.0;
-  const DeviceArray<std::int32_t, D> target_buffer = cross_entropy_detail::upload_targets(device, targets);
-  const std::int32_t* target = target_buffer.data();
+  const Index chunks = (N + cross_entropy_detail::kLossChunk - 1) / cross_entropy_detail::kLossChunk;
+  ScratchLayout layout;
+  const auto target_slot = layout.add<std::int32_t>(N);
+  const auto sums_slot = layout.add<double>(chunks + 1);  // the partials, then the mean
+  void* scratch = device.scratch(layout.bytes());
+  const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One index per row: the row's softmax statistics and its loss.
   device.for_each(N, [=] MOE_HOST_DEVICE(Index r) {
     const std::int32_t t = target[r];
@@ -84,9 +86,7 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
     losses[r] = S(C(std::log(sum)) + max - C(row[t]));  // logsumexp - logit of the target
   });
   // Mean: per-chunk partial sums in double, then one thread adds them in chunk order.
-  const Index chunks = (N + cross_entropy_detail::kLossChunk - 1) / cross_entropy_detail::kLossChunk;
-  DeviceArray<double, D> sums(chunks + 1);  // the partials, then the mean
-  double* partial = sums.data();
+  double* partial = sums_slot.in(scratch);
   double* mean = partial + chunks;
   device.for_each(chunks, [=] MOE_HOST_DEVICE(Index q) {
     const Index begin = q * cross_entropy_detail::kLossChunk;
@@ -121,11 +121,13 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
   check(dlogits.rows == N && dlogits.cols == V, "cross_entropy_backward: dlogits is [", dlogits.rows, ", ",
         dlogits.cols, "], logits is [", N, ", ", V, "]");
   if (N == 0) return;
-  const DeviceArray<std::int32_t, D> target_buffer = cross_entropy_detail::upload_targets(device, targets);
-  const std::int32_t* target = target_buffer.data();
+  ScratchLayout layout;
+  const auto target_slot = layout.add<std::int32_t>(N);
+  const auto stats_slot = layout.add<C>(2 * N);
+  void* scratch = device.scratch(layout.bytes());
+  const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One index per row: max and 1 / sum of the row's exponentials.
-  DeviceArray<C, D> stats(2 * N);
-  C* stat = stats.data();
+  C* stat = stats_slot.in(scratch);
   device.for_each(N, [=] MOE_HOST_DEVICE(Index r) {
     if (target[r] == kIgnoreTarget) return;  // never read
     C max, sum;

@@ -4,9 +4,7 @@
 // and EmulatedDevice.
 //
 // The token ids come from the host (a std::span): they are checked there, before any device
-// work, then uploaded into a device buffer. A local DeviceArray holds them (and the sort's
-// buffers): allocated per call in this first version; CudaDevice's cudaFree waits for the queued
-// kernels that read them.
+// work, then uploaded into the device's scratch (with the sort's buffers).
 //
 // Determinism without floating-point atomics: dwte's rows are summed by sorting the (token, row)
 // pairs stably, so each token's rows are contiguous and in ascending row order, and one index per
@@ -28,17 +26,6 @@
 
 namespace moe::cuda::nn {
 
-namespace embedding_detail {
-
-// The (checked) host ids in a device buffer of the same size.
-template <class D>
-DeviceArray<std::int32_t, D> upload_ids(const D& device, std::span<const std::int32_t> tokens) {
-  DeviceArray<std::int32_t, D> ids(Index(tokens.size()));
-  device.upload(ids.data(), tokens.data(), tokens.size() * sizeof(std::int32_t));
-  return ids;
-}
-}  // namespace embedding_detail
-
 // tokens: [B*T] host ids (row b*T + t is sequence b, position t), wte: [V, C], wpe: [maxT, C]
 //   -> out: [B*T, C], out[b*T + t] = wte[tokens[b*T + t]] + wpe[t]
 // One index per output element. Nothing is cached: backward takes the tokens again. Throws
@@ -53,8 +40,10 @@ void embedding_forward(const D& device, std::span<const std::int32_t> tokens, In
                                         out.cols);
   const Index rows = B * T, C = wte.cols;
   if (rows == 0 || C == 0) return;
-  const DeviceArray<std::int32_t, D> ids = embedding_detail::upload_ids(device, tokens);
-  const std::int32_t* id = ids.data();
+  ScratchLayout layout;
+  const auto id_slot = layout.add<std::int32_t>(rows);
+  std::int32_t* id = id_slot.in(device.scratch(layout.bytes()));
+  device.upload(id, tokens.data(), tokens.size() * sizeof(std::int32_t));
   moe::cuda::detail::for_each_2d(device, rows, C, [=] MOE_HOST_DEVICE(Index r, Index c) {
     out(r, c) = S(Cm(wte(id[r], c)) + Cm(wpe(r % T, c)));
   });
@@ -85,21 +74,24 @@ void embedding_backward(const D& device, ConstMatrixView<S> dout, std::span<cons
 
   if (dwte.data) {
     check(rows <= Index(INT32_MAX), "embedding_backward: B*T = ", rows, " rows exceed the sort's 32-bit row ids");
-    const DeviceArray<std::int32_t, D> ids = embedding_detail::upload_ids(device, tokens);
-    DeviceArray<std::uint32_t, D> keys(rows), sorted_keys(rows);
-    DeviceArray<std::int32_t, D> row_ids(rows), sorted_rows(rows);
-    const std::int32_t* id = ids.data();
-    std::uint32_t* key = keys.data();
-    std::int32_t* row_id = row_ids.data();
+    ScratchLayout layout;
+    const auto id_slot = layout.add<std::int32_t>(rows), row_id_slot = layout.add<std::int32_t>(rows),
+               sorted_row_slot = layout.add<std::int32_t>(rows);
+    const auto key_slot = layout.add<std::uint32_t>(rows), sorted_key_slot = layout.add<std::uint32_t>(rows);
+    void* scratch = device.scratch(layout.bytes());
+    std::int32_t* id = id_slot.in(scratch);
+    std::int32_t* row_id = row_id_slot.in(scratch);
+    std::uint32_t* key = key_slot.in(scratch);
+    device.upload(id, tokens.data(), tokens.size() * sizeof(std::int32_t));
     device.for_each(rows, [=] MOE_HOST_DEVICE(Index r) {
       key[r] = std::uint32_t(id[r]);  // checked >= 0
       row_id[r] = std::int32_t(r);
     });
     // Stable: equal tokens keep ascending rows, the CPU version's order of additions.
-    device.stable_sort_pairs(keys.data(), sorted_keys.data(), row_ids.data(), sorted_rows.data(), rows,
+    device.stable_sort_pairs(key, sorted_key_slot.in(scratch), row_id, sorted_row_slot.in(scratch), rows,
                              key_bits(dwte.rows));
-    const std::uint32_t* token = sorted_keys.data();
-    const std::int32_t* row = sorted_rows.data();
+    const std::uint32_t* token = sorted_key_slot.in(scratch);
+    const std::int32_t* row = sorted_row_slot.in(scratch);
     moe::cuda::detail::for_each_2d(device, rows, C, [=] MOE_HOST_DEVICE(Index i, Index c) {
       if (i > 0 && token[i - 1] == token[i]) return;  // not the first row of its token
       const Index v = Index(token[i]);

@@ -65,8 +65,7 @@ void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, c
 // With n = (x - mean) * rstd and dn = dout * weight, per row (one index each):
 //   dx += rstd * (dn - mean_c(dn) - n * mean_c(dn * n)),  dweight += sum_t dout * n,  dbias += sum_t dout.
 // dweight/dbias: chunks of kLayerNormRowChunk rows sum in row order into partials, then one index
-// per column adds the partials in chunk order. The partials are a local DeviceArray (allocated per
-// call in this first version; CudaDevice's cudaFree waits for the queued kernels that use it).
+// per column adds the partials in chunk order. The partials live in the device's scratch.
 // dx must not alias dout or x.
 template <class S, class D>
 void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight,
@@ -104,8 +103,9 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   const Index chunks = (T + kLayerNormRowChunk - 1) / kLayerNormRowChunk;
   if (chunks == 0) return;  // no rows: nothing to add
   // partial[q * C + c]: dweight's partial of chunk q; partial[(chunks + q) * C + c]: dbias's.
-  DeviceArray<Cm, D> partials(2 * chunks * C);
-  Cm* partial = partials.data();
+  ScratchLayout layout;
+  const auto partial_slot = layout.add<Cm>(2 * chunks * C);
+  Cm* partial = partial_slot.in(device.scratch(layout.bytes()));
   moe::cuda::detail::for_each_2d(device, chunks, C, [=] MOE_HOST_DEVICE(Index q, Index c) {
     const Index begin = q * kLayerNormRowChunk;
     const Index end = begin + kLayerNormRowChunk < T ? begin + kLayerNormRowChunk : T;

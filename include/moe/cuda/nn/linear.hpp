@@ -1,0 +1,60 @@
+// moe/cuda/nn/linear.hpp: dense nn.Linear(I, O) (weight [O, I], optional bias [O]) on a device
+// (moe/cuda/device.hpp), forward then backward: moe::nn::linear_forward/backward
+// (moe/nn/linear.hpp) with the same semantics and "+=" gradients, written once for CudaDevice and
+// EmulatedDevice. The products are the device's GEMM (cuBLAS: fp32, TF32, or bf16 operands with
+// fp32 accumulation); the bias is added, and its gradient summed, by element-wise passes in
+// Compute<S> (the bias gradient through fixed-order chunk partials in the device's scratch, so
+// the same bits every run).
+#pragma once
+
+#include "moe/config.hpp"
+#include "moe/cuda/backend.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/host_device.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::cuda::nn {
+
+// in: [T, I], weight: [O, I], bias: [O] or null -> out: [T, O] = in weight^T + bias.
+// Nothing is cached: backward takes in again. out must not alias in.
+template <class S, class D>
+void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* bias,
+                    MatrixView<S> out) {
+  using C = Compute<S>;
+  check(in.cols == weight.cols, "linear_forward: in is [", in.rows, ", ", in.cols, "], weight is [", weight.rows,
+        ", ", weight.cols, "] (expected [O, ", in.cols, "])");
+  check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
+        "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
+  moe::cuda::detail::gemm(device, out, in, BlasOp::none, weight, BlasOp::transpose, false);
+  if (bias)
+    moe::cuda::detail::for_each_2d(device, out.rows, out.cols,
+                                   [=] MOE_HOST_DEVICE(Index r, Index c) { out(r, c) = S(C(out(r, c)) + C(bias[c])); });
+}
+
+// in: [T, I], dout: [T, O], weight: [O, I]
+//   -> din: [T, I] += dout weight        (skipped if din.data is null)
+//      dweight: [O, I] += dout^T in      (skipped if dweight.data is null)
+//      dbias: [O] += column sums of dout (skipped if null)
+// din must not alias dout or weight.
+template <class S, class D>
+void linear_backward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
+                     MatrixView<S> din, MatrixView<S> dweight, S* dbias) {
+  using C = Compute<S>;
+  const Index T = in.rows, I = in.cols, O = weight.rows;
+  check(weight.cols == I, "linear_backward: in is [", T, ", ", I, "], weight is [", O, ", ", weight.cols,
+        "] (expected [O, ", I, "])");
+  check(dout.rows == T && dout.cols == O, "linear_backward: dout is [", dout.rows, ", ", dout.cols,
+        "], expected [T, O] = [", T, ", ", O, "]");
+  check(!din.data || (din.rows == T && din.cols == I), "linear_backward: din is [", din.rows, ", ", din.cols,
+        "], in is [", T, ", ", I, "]");
+  check(!dweight.data || (dweight.rows == O && dweight.cols == I), "linear_backward: dweight is [", dweight.rows,
+        ", ", dweight.cols, "], weight is [", O, ", ", I, "]");
+  if (dweight.data) moe::cuda::detail::gemm(device, dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
+  if (din.data) moe::cuda::detail::gemm(device, din, dout, BlasOp::none, weight, BlasOp::none, true);
+  if (!dbias) return;
+  ScratchLayout layout;
+  const auto partial_slot = layout.add<C>(moe::cuda::detail::column_sum_partials(T, O));
+  moe::cuda::detail::add_column_sums(device, dout, dbias, partial_slot.in(device.scratch(layout.bytes())));
+}
+
+}  // namespace moe::cuda::nn
