@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "../examples/gpt2_moe/checkpoint.hpp"
-#include "../examples/gpt2_moe/model.hpp"
+#include "../examples/gpt2_moe/cpu_model.hpp"
 
 namespace fs = std::filesystem;
 using gpt2::Config;

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "../examples/gpt2_moe/model.hpp"
+#include "../examples/gpt2_moe/cpu_model.hpp"
 
 using moe::Index;
 

@@ -20,8 +20,9 @@
 #include "../common/routing_report.hpp"
 #include "checkpoint.hpp"
 #include "data.hpp"
-#include "model.hpp"
+#include "cpu_model.hpp"
 #include "sample.hpp"
+#include "session.hpp"
 #include "train.hpp"
 
 namespace {
@@ -32,7 +33,8 @@ const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "hea
                                               "top-k", "route-from-residual", "seed"};
 const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumulation", "lr", "warmup",
                                               "weight-decay", "clip", "eval-every", "eval-tokens", "stats-tokens",
-                                              "checkpoint-every", "threads", "data", "tokenizer", "out"};
+                                              "checkpoint-every", "threads", "data", "tokenizer", "out",
+                                              "device", "precision"};
 
 std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
   a.insert(a.end(), b.begin(), b.end());
@@ -66,6 +68,9 @@ cli::Parser make_parser() {
       {"stats-tokens", "N", "held-out tokens for the routing statistics", "262144"},
       {"checkpoint-every", "N", "steps between checkpoints (0: at the end only)", "0"},
       {"threads", "N", "CPU threads (results are bit-identical on any count)", "all cores"},
+      {"device", "NAME", "cpu, cuda (the GPU) or emulated (the GPU's code on the host, slow: for tests)", "cpu"},
+      {"precision", "NAME", "fp32, tf32 or bf16 (bf16 and tf32: --device cuda; bf16 keeps fp32 master weights)",
+       "fp32 on cpu, bf16 on cuda"},
       {"data", "PATH", "text file, folder of text files, or llm.c .bin shard(s)",
        "/usr/share/games/fortunes (Debian package fortunes)"},
       {"tokenizer", "NAME", "bytes or gpt2-bpe", "bytes for small, gpt2-bpe for gpt2-small"},
@@ -195,6 +200,8 @@ report::VariantResult to_report(const gpt2::TrainResult& r, const gpt2::Config& 
   v.metrics = {{"val loss", format_fixed(r.val_loss, 4)},
                {"val ppl", format_fixed(std::exp(r.val_loss), 2)},
                {"tokens/s", train::format_count(r.tokens_per_second)}};
+  if (r.device_memory_bytes > 0)  // a device run: the memory it held (buffers only grow: the peak)
+    v.metrics.push_back({"device memory", format_fixed(double(r.device_memory_bytes) / (1 << 30), 1) + " GiB"});
   v.is_moe = r.variant != "dense";
   v.layers = r.routing;
   v.routed_tokens = std::uint64_t(r.routed_tokens);
@@ -212,7 +219,22 @@ void print_memory() {
   std::fprintf(stderr, "peak resident memory: %.0f MiB\n", double(gpt2::peak_rss_bytes()) / (1 << 20));
 }
 
+// The device and precision flags; a device run defaults to bf16, the CPU to fp32.
+gpt2::Device device_of(const cli::Parser& args) { return gpt2::parse_device(args.get("device", "cpu")); }
+gpt2::Precision precision_of(const cli::Parser& args, gpt2::Device device) {
+  return gpt2::parse_precision(args.get("precision", device == gpt2::Device::cuda ? "bf16" : "fp32"));
+}
+
+void print_result(const gpt2::TrainResult& r, const fs::path& checkpoint) {
+  std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(), r.val_loss,
+              std::exp(r.val_loss), r.tokens_per_second, checkpoint.c_str());
+  if (r.device_memory_bytes > 0)
+    std::fprintf(stderr, "device memory in use after training: %.2f GiB\n", double(r.device_memory_bytes) / (1 << 30));
+}
+
 int run_train(const cli::Parser& args) {
+  const gpt2::Device device = device_of(args);
+  const gpt2::Precision precision = precision_of(args, device);
   if (args.has("resume")) {
     const fs::path file = args.get("resume", "");
     const gpt2::CheckpointHeader header = gpt2::read_checkpoint_header(file);
@@ -227,19 +249,16 @@ int run_train(const cli::Parser& args) {
                "gpt2_moe: the training data differs from the data checkpoint ", file.string(),
                " was trained on; pass the same --data");
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
-    return gpt2::with_variant<float>(header.variant, [&](auto tag) {
-      typename decltype(tag)::type model(header.config);
-      moe::nn::AdamW<float> optimizer({.lr = options.lr, .weight_decay = options.weight_decay});
-      gpt2::load_checkpoint(file, model, &optimizer);
-      std::fprintf(stderr, "resuming %s from step %lld of %lld (%s)\n", header.variant.c_str(), (long long)step,
-                   (long long)options.steps, data.description.c_str());
-      const gpt2::TrainResult r =
-          gpt2::train(model, optimizer, data, options, step, header.variant, options_metadata(options));
-      std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(),
-                  r.val_loss, std::exp(r.val_loss), r.tokens_per_second, options.checkpoint.c_str());
-      print_memory();
-      return 0;
-    });
+    gpt2::Session session = gpt2::make_session(device, precision, header.variant, header.config,
+                                               {.lr = options.lr, .weight_decay = options.weight_decay});
+    session.load(file);
+    std::fprintf(stderr, "resuming %s from step %lld of %lld on %s (%s)\n", header.variant.c_str(), (long long)step,
+                 (long long)options.steps, session.trainer->description().c_str(), data.description.c_str());
+    const gpt2::TrainResult r = gpt2::train(*session.trainer, session.save, data, options, step, header.variant,
+                                            options_metadata(options));
+    print_result(r, options.checkpoint);
+    print_memory();
+    return 0;
   }
   const gpt2::Config config = model_config(args);
   const std::string variant = args.get("variant", "self");
@@ -248,23 +267,23 @@ int run_train(const cli::Parser& args) {
       gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
   const fs::path out = args.get("out", "runs/train");
   options.checkpoint = out / (variant + ".safetensors");
-  return gpt2::with_variant<float>(variant, [&](auto tag) {
-    typename decltype(tag)::type model(config);
-    moe::nn::AdamW<float> optimizer({.lr = options.lr, .weight_decay = options.weight_decay});
-    std::fprintf(stderr, "training %s: %lld parameters (%lld in routers), %lld steps of %lld x %lld tokens on %s\n",
-                 variant.c_str(), (long long)model.parameter_count(), (long long)model.router_parameter_count(),
-                 (long long)options.steps, (long long)(options.batch * options.accumulation), (long long)options.seq,
-                 data.description.c_str());
-    const gpt2::TrainResult r = gpt2::train(model, optimizer, data, options, 0, variant, options_metadata(options));
-    std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(), r.val_loss,
-                std::exp(r.val_loss), r.tokens_per_second, options.checkpoint.c_str());
-    print_memory();
-    return 0;
-  });
+  gpt2::Session session = gpt2::make_session(device, precision, variant, config,
+                                             {.lr = options.lr, .weight_decay = options.weight_decay});
+  gpt2::Trainer& trainer = *session.trainer;
+  std::fprintf(stderr, "training %s on %s: %lld parameters (%lld in routers), %lld steps of %lld x %lld tokens on %s\n",
+               variant.c_str(), trainer.description().c_str(), (long long)trainer.parameter_count(),
+               (long long)trainer.router_parameter_count(), (long long)options.steps,
+               (long long)(options.batch * options.accumulation), (long long)options.seq, data.description.c_str());
+  const gpt2::TrainResult r = gpt2::train(trainer, session.save, data, options, 0, variant, options_metadata(options));
+  print_result(r, options.checkpoint);
+  print_memory();
+  return 0;
 }
 
 int run_compare(const cli::Parser& args, const std::string& command) {
   const gpt2::Config config = model_config(args);
+  const gpt2::Device device = device_of(args);
+  const gpt2::Precision precision = precision_of(args, device);
   const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
   for (const std::string& v : variants) gpt2::with_variant<float>(v, [](auto) { return 0; });  // names checked first
   gpt2::TrainOptions options = train_options(args, config, 600);
@@ -276,15 +295,15 @@ int run_compare(const cli::Parser& args, const std::string& command) {
                data.description.c_str());
 
   std::vector<report::VariantResult> results;
+  std::string where;
   for (const std::string& variant : variants) {
     options.checkpoint = out / (variant + ".safetensors");
-    gpt2::with_variant<float>(variant, [&](auto tag) {
-      typename decltype(tag)::type model(config);  // same seed: shared tensors start equal
-      moe::nn::AdamW<float> optimizer({.lr = options.lr, .weight_decay = options.weight_decay});
-      results.push_back(
-          to_report(gpt2::train(model, optimizer, data, options, 0, variant, options_metadata(options)), config));
-      return 0;
-    });
+    // Same seed: the tensors the variants share start equal.
+    gpt2::Session session = gpt2::make_session(device, precision, variant, config,
+                                               {.lr = options.lr, .weight_decay = options.weight_decay});
+    where = session.trainer->description();
+    results.push_back(to_report(
+        gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), config));
   }
 
   report::ReportOptions report_options;
@@ -301,7 +320,7 @@ int run_compare(const cli::Parser& args, const std::string& command) {
         << config.context << ", " << config.experts << " experts (F = " << config.ffn << "), top-" << config.top_k
         << (config.route_from_residual ? ", gates read the residual stream" : "") << ", seed " << config.seed;
   report_options.corpus = data.description;
-  report_options.notes = "Model: " + model.str() + ".";
+  report_options.notes = "Model: " + model.str() + ". Trained on " + where + ".";
   report::write_routing_report(out, results, report_options);
   std::printf("\n%s\nreport: %s\n", report::markdown_table(results).c_str(), (out / "report.md").c_str());
   print_memory();

@@ -9,11 +9,13 @@
 //   loss    = mean cross-entropy(logits, targets)
 //
 // Every backward adds its input gradient into the caller's buffer (+=), so the residual stream's
-// gradient runs through the blocks in place. The scalar type (float to train, double for gradient
-// checks) comes from the backend, moe::cpu::BasicBackend<S>.
+// gradient runs through the blocks in place.
 //
-// The variant is a type: Model<DenseFFN<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...;
-// with_variant<S>("self", fn) picks it from a name at run time.
+// The variant is a type: Model<DenseFFN<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...; the backend B
+// picks the world through examples::NnOps<B> (examples/common/nn_ops.hpp): the CPU
+// (moe::cpu::BasicBackend<S>, S = float to train, double for gradient checks; cpu_model.hpp has
+// the aliases and with_variant) or a CUDA-backend device (moe::cuda::BasicBackend<S, D>, S = float
+// or bf16: cuda_model.hpp). This file includes neither, so nvcc compiles it for the GPU.
 #pragma once
 
 #include <algorithm>
@@ -26,10 +28,15 @@
 #include <utility>
 #include <vector>
 
+#include "../common/nn_ops.hpp"
 #include "../common/parameter.hpp"
 #include "config.hpp"
-#include "moe/moe.hpp"
-#include "moe/nn.hpp"
+#include "moe/experts.hpp"
+#include "moe/gate.hpp"
+#include "moe/layer.hpp"
+#include "moe/nn/checks.hpp"
+#include "moe/random.hpp"
+#include "moe/tensor.hpp"
 
 namespace gpt2 {
 
@@ -37,16 +44,7 @@ using moe::ConstMatrixView;
 using moe::MatrixView;
 using moe::ParamRef;
 
-// ---- parameters ------------------------------------------------------------------------------
-
-using examples::Tensor;
-
 namespace detail {
-
-using examples::fill;
-using examples::init_normal;
-using examples::stream_of;
-using examples::zero;
 
 // GPT-2 scales the std of every projection that writes into the residual stream by 1/sqrt(2L)
 // (two residual additions per block).
@@ -59,6 +57,7 @@ inline double residual_std(const Config& config) { return 0.02 / std::sqrt(2.0 *
 //   forward(x, y)           y written; caches what backward needs
 //   backward(x, dy, dx)     dx WRITTEN (the block adds it through ln_2); parameter grads +=
 //   parameters(), zero_grad(), set_threads(n)
+// Both are built from (config, layer, seed, the model's NnOps).
 // MoE FFNs also take a separate router input (Config::route_from_residual):
 //   forward(x, router_input, y), backward(x, dy, dx, d_router_input)   d_router_input +=
 
@@ -69,54 +68,53 @@ class DenseFFN {
   using Backend = B;
   using Scalar = typename B::Scalar;
   using S = Scalar;
+  using Ops = examples::NnOps<B>;
   static constexpr bool is_moe = false;
   static constexpr std::string_view variant = "dense";
 
   // HF GPT-2 stores c_fc/c_proj as Conv1D, [in, out]; these are nn.Linear, [out, in]: transpose
   // when importing.
-  DenseFFN(const Config& config, Index layer, std::uint64_t seed)
-      : fc_weight_(prefix(layer) + "mlp.c_fc.weight", {config.ffn, config.hidden}),
-        fc_bias_(prefix(layer) + "mlp.c_fc.bias", {config.ffn}),
-        proj_weight_(prefix(layer) + "mlp.c_proj.weight", {config.hidden, config.ffn}),
-        proj_bias_(prefix(layer) + "mlp.c_proj.bias", {config.hidden}) {
-    detail::init_normal(fc_weight_, 0.02, seed);
-    detail::init_normal(proj_weight_, detail::residual_std(config), seed);
+  DenseFFN(const Config& config, Index layer, std::uint64_t seed, const Ops& ops)
+      : nn_(ops),
+        fc_weight_(ops.param(prefix(layer) + "mlp.c_fc.weight", {config.ffn, config.hidden})),
+        fc_bias_(ops.param(prefix(layer) + "mlp.c_fc.bias", {config.ffn})),
+        proj_weight_(ops.param(prefix(layer) + "mlp.c_proj.weight", {config.hidden, config.ffn})),
+        proj_bias_(ops.param(prefix(layer) + "mlp.c_proj.bias", {config.hidden})) {
+    nn_.init_normal(fc_weight_, 0.02, seed);
+    nn_.init_normal(proj_weight_, detail::residual_std(config), seed);
   }
 
   // x: [N, H] -> pre = x fc^T + b: [N, F] (kept), act = gelu(pre): [N, F] (kept), y = act proj^T + b: [N, H]
   void forward(ConstMatrixView<S> x, MatrixView<S> y) {
     B::resize(pre_, x.rows, fc_weight_.rows());
     B::resize(act_, x.rows, fc_weight_.rows());
-    moe::nn::linear_forward<S>(x, fc_weight_.matrix(), fc_bias_.value.data(), pre_, threads());
-    backend_.gelu_forward(pre_, act_);
-    moe::nn::linear_forward<S>(act_, proj_weight_.matrix(), proj_bias_.value.data(), y, threads());
+    nn_.linear_forward(x, fc_weight_.matrix(), fc_bias_.value.data(), pre_);
+    nn_.gelu_forward(pre_, act_);
+    nn_.linear_forward(act_, proj_weight_.matrix(), proj_bias_.value.data(), y);
   }
   // dy: [N, H] -> dact = dy proj: [N, F] -> dpre = dact * gelu'(pre) -> dx = dpre fc: [N, H] (written)
   void backward(ConstMatrixView<S> x, ConstMatrixView<S> dy, MatrixView<S> dx) {
     B::resize(dact_, pre_.rows(), pre_.cols());
-    detail::zero<S>(dact_);
-    moe::nn::linear_backward<S>(act_, dy, proj_weight_.matrix(), dact_, proj_weight_.grad_matrix(),
-                                proj_bias_.grad.data(), threads());
-    backend_.gelu_backward(pre_, dact_, dact_);
-    detail::zero(dx);
-    moe::nn::linear_backward<S>(x, dact_, fc_weight_.matrix(), dx, fc_weight_.grad_matrix(), fc_bias_.grad.data(),
-                                threads());
+    nn_.zero(dact_);
+    nn_.linear_backward(act_, dy, proj_weight_.matrix(), dact_, proj_weight_.grad_matrix(), proj_bias_.grad.data());
+    nn_.gelu_backward(pre_, dact_, dact_);
+    nn_.zero(dx);
+    nn_.linear_backward(x, dact_, fc_weight_.matrix(), dx, fc_weight_.grad_matrix(), fc_bias_.grad.data());
   }
 
   std::vector<ParamRef<S>> parameters() {
     return {fc_weight_.ref(), fc_bias_.ref(), proj_weight_.ref(), proj_bias_.ref()};
   }
   void zero_grad() {
-    for (Tensor<S>* t : {&fc_weight_, &fc_bias_, &proj_weight_, &proj_bias_}) std::fill(t->grad.begin(), t->grad.end(), S(0));
+    for (ParamRef<S>& p : parameters()) nn_.zero_grad(p);
   }
-  void set_threads(int threads) { backend_.set_threads(threads); }
-  int threads() const { return backend_.threads(); }
+  void set_threads(int threads) { nn_.set_threads(threads); }
 
  private:
   static std::string prefix(Index layer) { return "h." + std::to_string(layer) + "."; }
 
-  Tensor<S> fc_weight_, fc_bias_, proj_weight_, proj_bias_;
-  B backend_{1};
+  Ops nn_;
+  typename Ops::Param fc_weight_, fc_bias_, proj_weight_, proj_bias_;
   typename B::Matrix pre_, act_, dact_;
 };
 
@@ -130,15 +128,16 @@ class MoEFFN {
   using Scalar = typename B::Scalar;
   using S = Scalar;
   using Layer = moe::MoELayer<Gate, moe::GeluMLP, B>;
+  using Ops = examples::NnOps<B>;
   static constexpr bool is_moe = true;
   static constexpr std::string_view variant = Layer::GateType::name;
 
   // Experts initialised as GPT-2's MLP (proj scaled by 1/sqrt(2L)); the router keeps the library's
   // N(0, 1/H) (unit-variance logits for unit-variance inputs, the scale SelfRoute reads).
-  MoEFFN(const Config& config, Index layer, std::uint64_t seed)
+  MoEFFN(const Config& config, Index layer, std::uint64_t seed, const Ops& ops)
       : prefix_("h." + std::to_string(layer) + ".moe."),
-        layer_(config.layer(), moe::random::mix64(seed ^ detail::stream_of(prefix_)), {},
-               {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, B(1)) {}
+        layer_(config.layer(), moe::random::mix64(seed ^ examples::stream_of(prefix_)), {},
+               {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, ops.make_backend()) {}
 
   // x: [N, H] -> y: [N, H] (the MoELayer keeps its input, routing and expert activations)
   void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y); }
@@ -158,7 +157,9 @@ class MoEFFN {
     return params;
   }
   void zero_grad() { layer_.zero_grad(); }
-  void set_threads(int threads) { layer_.backend().set_threads(threads); }
+  void set_threads(int threads) {
+    if constexpr (requires { layer_.backend().set_threads(threads); }) layer_.backend().set_threads(threads);
+  }
   Layer& layer() { return layer_; }
   const Layer& layer() const { return layer_; }
 
@@ -175,42 +176,48 @@ class Model {
   using Scalar = typename FFN::Scalar;
   using S = Scalar;
   using B = typename FFN::Backend;
+  using Ops = examples::NnOps<B>;
+  using Optimizer = typename Ops::Optimizer;
   using Matrix = typename B::Matrix;
+  using Param = typename Ops::Param;
+  template <class T>
+  using Array = typename Ops::template Array<T>;
   static constexpr bool is_moe = FFN::is_moe;
   static constexpr std::string_view variant = FFN::variant;
 
-  explicit Model(const Config& config)
+  // ops: where the model lives and computes (the CPU's thread count, or a device).
+  explicit Model(const Config& config, Ops ops = Ops{})
       : config_(validated(config)),
-        wte_("wte.weight", {config.vocab, config.hidden}),
-        wpe_("wpe.weight", {config.context, config.hidden}),
-        ln_f_weight_("ln_f.weight", {config.hidden}),
-        ln_f_bias_("ln_f.bias", {config.hidden}) {
-    detail::init_normal(wte_, 0.02, config_.seed);
-    detail::init_normal(wpe_, 0.02, config_.seed);
+        nn_(std::move(ops)),
+        wte_(nn_.param("wte.weight", {config.vocab, config.hidden})),
+        wpe_(nn_.param("wpe.weight", {config.context, config.hidden})),
+        ln_f_weight_(nn_.param("ln_f.weight", {config.hidden})),
+        ln_f_bias_(nn_.param("ln_f.bias", {config.hidden})) {
+    nn_.init_normal(wte_, 0.02, config_.seed);
+    nn_.init_normal(wpe_, 0.02, config_.seed);
     blocks_.reserve(std::size_t(config_.layers));
-    for (Index l = 0; l < config_.layers; ++l) blocks_.emplace_back(config_, l);
-    detail::fill(ln_f_weight_, S(1));
-    set_threads(threads_);
+    for (Index l = 0; l < config_.layers; ++l) blocks_.emplace_back(config_, l, nn_);
+    nn_.fill(ln_f_weight_, S(1));
   }
 
   const Config& config() const { return config_; }
+  const Ops& ops() const { return nn_; }
 
-  // tokens: [B*T], targets: [B*T] (ids in [0, V), -1 to ignore a position; empty: logits only)
-  //   -> mean loss over the counted targets (0 without targets). Keeps every activation for
-  //   backward; logits() is valid until backward (which overwrites it with its gradient).
+  // tokens: [B*T], targets: [B*T] (host ids in [0, V), -1 to ignore a position; empty: logits
+  // only) -> mean loss over the counted targets (0 without targets). Keeps every activation for
+  // backward; logits() is valid until backward (which overwrites it with its gradient).
   double forward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets, Index B_, Index T) {
     check_inputs(tokens, targets, B_, T);
     allocate(B_, T);
     tokens_.assign(tokens.begin(), tokens.end());
     targets_.assign(targets.begin(), targets.end());
-    const int th = threads_;
 
-    moe::nn::embedding_forward<S>(tokens, B_, T, wte().matrix(), wpe().matrix(), residual_[0], th);
+    nn_.embedding_forward(tokens, B_, T, wte_.matrix(), wpe_.matrix(), residual_[0]);
     for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(*this, residual_[l], residual_[l + 1]);
-    moe::nn::layernorm_forward<S>(residual_.back(), ln_f_weight_.value.data(), ln_f_bias_.value.data(), ln_f_,
-                                  ln_f_mean_.data(), ln_f_rstd_.data(), th);
-    moe::nn::linear_forward<S>(ln_f_, wte().matrix(), nullptr, logits_, th);  // tied: logits = ln_f wte^T
-    loss_ = targets.empty() ? 0.0 : moe::nn::cross_entropy_forward<S>(logits_, targets, losses_.data(), th);
+    nn_.layernorm_forward(residual_.back(), ln_f_weight_.value.data(), ln_f_bias_.value.data(), ln_f_,
+                          ln_f_mean_.data(), ln_f_rstd_.data());
+    nn_.linear_forward(ln_f_, wte_.matrix(), nullptr, logits_);  // tied: logits = ln_f wte^T
+    loss_ = targets.empty() ? 0.0 : nn_.cross_entropy_forward(logits_, targets, losses_.data());
     forwarded_ = !targets.empty();
     return loss_;
   }
@@ -219,24 +226,22 @@ class Model {
   void backward() {
     moe::check(forwarded_, "gpt2: backward needs a forward with targets first (and runs once per forward)");
     forwarded_ = false;
-    const int th = threads_;
     const Index B_ = batch_, T = seq_;
 
     MatrixView<S> dlogits = logits_;  // written over the logits (llm.c): they are not needed again
-    moe::nn::cross_entropy_backward<S>(logits_, targets_, 1.0, dlogits, th);
-    detail::zero<S>(dtmp_);
-    moe::nn::linear_backward<S>(ln_f_, dlogits, wte().matrix(), dtmp_, wte().grad_matrix(), nullptr, th);
-    detail::zero<S>(dresidual_);
-    moe::nn::layernorm_backward<S>(dtmp_, residual_.back(), ln_f_weight_.value.data(), ln_f_mean_.data(),
-                                   ln_f_rstd_.data(), dresidual_, ln_f_weight_.grad.data(),
-                                   ln_f_bias_.grad.data(), th);
+    nn_.cross_entropy_backward(logits_, targets_, 1.0, dlogits);
+    nn_.zero(dtmp_);
+    nn_.linear_backward(ln_f_, dlogits, wte_.matrix(), dtmp_, wte_.grad_matrix(), nullptr);
+    nn_.zero(dresidual_);
+    nn_.layernorm_backward(dtmp_, residual_.back(), ln_f_weight_.value.data(), ln_f_mean_.data(), ln_f_rstd_.data(),
+                           dresidual_, ln_f_weight_.grad.data(), ln_f_bias_.grad.data());
     for (Index l = config_.layers - 1; l >= 0; --l) blocks_[l].backward(*this, residual_[l]);
-    moe::nn::embedding_backward<S>(dresidual_, tokens_, B_, T, wte().grad_matrix(), wpe().grad_matrix(), th);
+    nn_.embedding_backward(dresidual_, tokens_, B_, T, wte_.grad_matrix(), wpe_.grad_matrix());
   }
 
   // Hugging Face GPT-2 names and order: wte, wpe, h.{l}.*, ln_f.*.
   std::vector<ParamRef<S>> parameters() {
-    std::vector<ParamRef<S>> all{wte().ref(), wpe().ref()};
+    std::vector<ParamRef<S>> all{wte_.ref(), wpe_.ref()};
     for (Block& block : blocks_)
       for (ParamRef<S>& p : block.parameters()) all.push_back(std::move(p));
     all.push_back(ln_f_weight_.ref());
@@ -244,7 +249,7 @@ class Model {
     return all;
   }
   void zero_grad() {
-    for (ParamRef<S>& p : parameters()) std::fill(p.grad.begin(), p.grad.end(), S(0));
+    for (ParamRef<S>& p : parameters()) nn_.zero_grad(p);
   }
   Index parameter_count() {
     Index n = 0;
@@ -259,17 +264,20 @@ class Model {
     return n;
   }
 
-  // Threads for every operation (results are bit-identical on any count).
+  // CPU threads for every operation (results are bit-identical on any count); no-op on a device.
   void set_threads(int threads) {
     moe::check(threads >= 1, "gpt2: thread count must be >= 1, got ", threads);
-    threads_ = threads;
-    for (Block& block : blocks_) block.ffn.set_threads(threads);
+    nn_.set_threads(threads);
+    for (Block& block : blocks_) {
+      block.nn = nn_;
+      block.ffn.set_threads(threads);
+    }
   }
-  int threads() const { return threads_; }
 
-  // The last forward's logits [B*T, V] (until backward) and per-position losses [B*T].
+  // The last forward's logits [B*T, V] (until backward) and per-position losses [B*T], in the
+  // model's memory (the device's for a device model).
   ConstMatrixView<S> logits() const { return logits_; }
-  std::span<const S> losses() const { return losses_; }
+  std::span<const S> losses() const { return {losses_.data(), std::size_t(losses_.size())}; }
 
   // ---- routing (MoE variants) ----
   FFN& ffn(Index layer) { return blocks_.at(std::size_t(layer)).ffn; }
@@ -295,31 +303,40 @@ class Model {
       for (Block& block : blocks_)
         if constexpr (requires { block.ffn.layer().gate().set_step(step); }) block.ffn.layer().gate().set_step(step);
   }
+  // Layer 0's Random-gate counter (every layer's moves together); 0 for the other gates.
+  std::uint64_t routing_step() {
+    if constexpr (is_moe)
+      if constexpr (requires { ffn(0).layer().gate().step(); }) return ffn(0).layer().gate().step();
+    return 0;
+  }
 
  private:
   // One pre-LayerNorm transformer block: its parameters, its FFN and its activations.
   struct Block {
-    Tensor<S> ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, ln_2_weight, ln_2_bias;
+    Ops nn;
+    Param ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, ln_2_weight, ln_2_bias;
     FFN ffn;
     // Activations kept for backward ([B*T, ...] rows; att is [B, NH, T, T]).
     Matrix ln_1, qkv, atty, residual_attn, ln_2;
-    std::vector<S> ln_1_mean, ln_1_rstd, ln_2_mean, ln_2_rstd, att;
+    Array<typename Ops::Stat> ln_1_mean, ln_1_rstd, ln_2_mean, ln_2_rstd;
+    Array<S> att;
 
     // c_attn is [3H, H] with rows q | k | v, nn.Linear layout (HF's Conv1D stores [H, 3H]).
-    Block(const Config& c, Index l)
-        : ln_1_weight(name(l, "ln_1.weight"), {c.hidden}),
-          ln_1_bias(name(l, "ln_1.bias"), {c.hidden}),
-          c_attn_weight(name(l, "attn.c_attn.weight"), {3 * c.hidden, c.hidden}),
-          c_attn_bias(name(l, "attn.c_attn.bias"), {3 * c.hidden}),
-          c_proj_weight(name(l, "attn.c_proj.weight"), {c.hidden, c.hidden}),
-          c_proj_bias(name(l, "attn.c_proj.bias"), {c.hidden}),
-          ln_2_weight(name(l, "ln_2.weight"), {c.hidden}),
-          ln_2_bias(name(l, "ln_2.bias"), {c.hidden}),
-          ffn(c, l, c.seed) {
-      detail::fill(ln_1_weight, S(1));
-      detail::fill(ln_2_weight, S(1));
-      detail::init_normal(c_attn_weight, 0.02, c.seed);
-      detail::init_normal(c_proj_weight, detail::residual_std(c), c.seed);
+    Block(const Config& c, Index l, const Ops& ops)
+        : nn(ops),
+          ln_1_weight(ops.param(name(l, "ln_1.weight"), {c.hidden})),
+          ln_1_bias(ops.param(name(l, "ln_1.bias"), {c.hidden})),
+          c_attn_weight(ops.param(name(l, "attn.c_attn.weight"), {3 * c.hidden, c.hidden})),
+          c_attn_bias(ops.param(name(l, "attn.c_attn.bias"), {3 * c.hidden})),
+          c_proj_weight(ops.param(name(l, "attn.c_proj.weight"), {c.hidden, c.hidden})),
+          c_proj_bias(ops.param(name(l, "attn.c_proj.bias"), {c.hidden})),
+          ln_2_weight(ops.param(name(l, "ln_2.weight"), {c.hidden})),
+          ln_2_bias(ops.param(name(l, "ln_2.bias"), {c.hidden})),
+          ffn(c, l, c.seed, ops) {
+      nn.fill(ln_1_weight, S(1));
+      nn.fill(ln_2_weight, S(1));
+      nn.init_normal(c_attn_weight, 0.02, c.seed);
+      nn.init_normal(c_proj_weight, detail::residual_std(c), c.seed);
     }
     static std::string name(Index l, std::string_view what) { return "h." + std::to_string(l) + "." + std::string(what); }
 
@@ -334,15 +351,14 @@ class Model {
     //   ln_1 = LN(x); qkv = ln_1 c_attn^T + b: [B*T, 3H]; atty = attention(qkv): [B*T, H]
     //   residual_attn = x + atty c_proj^T + b; ln_2 = LN(residual_attn); out = residual_attn + FFN(ln_2)
     void forward(Model& m, ConstMatrixView<S> x, MatrixView<S> out) {
-      const int th = m.threads_;
-      moe::nn::layernorm_forward<S>(x, ln_1_weight.value.data(), ln_1_bias.value.data(), ln_1, ln_1_mean.data(),
-                                    ln_1_rstd.data(), th);
-      moe::nn::linear_forward<S>(ln_1, c_attn_weight.matrix(), c_attn_bias.value.data(), qkv, th);
-      moe::nn::attention_forward<S>(qkv, m.batch_, m.seq_, m.config_.heads, /*causal=*/true, atty, att.data(), th);
-      moe::nn::linear_forward<S>(atty, c_proj_weight.matrix(), c_proj_bias.value.data(), residual_attn, th);
-      m.backend_.add(x, residual_attn);
-      moe::nn::layernorm_forward<S>(residual_attn, ln_2_weight.value.data(), ln_2_bias.value.data(), ln_2,
-                                    ln_2_mean.data(), ln_2_rstd.data(), th);
+      nn.layernorm_forward(x, ln_1_weight.value.data(), ln_1_bias.value.data(), ln_1, ln_1_mean.data(),
+                           ln_1_rstd.data());
+      nn.linear_forward(ln_1, c_attn_weight.matrix(), c_attn_bias.value.data(), qkv);
+      nn.attention_forward(qkv, m.batch_, m.seq_, m.config_.heads, /*causal=*/true, atty, att.data());
+      nn.linear_forward(atty, c_proj_weight.matrix(), c_proj_bias.value.data(), residual_attn);
+      nn.add(x, residual_attn);
+      nn.layernorm_forward(residual_attn, ln_2_weight.value.data(), ln_2_bias.value.data(), ln_2, ln_2_mean.data(),
+                           ln_2_rstd.data());
       if constexpr (is_moe) {
         if (m.routes_from_residual())
           ffn.forward(ln_2, residual_attn, out);  // the gate reads the stream before ln_2
@@ -351,43 +367,41 @@ class Model {
       } else {
         ffn.forward(ln_2, out);
       }
-      m.backend_.add(residual_attn, out);
+      nn.add(residual_attn, out);
     }
 
     // m.dresidual_: d out on entry, d x on exit (in place; every backward below adds into it).
     //   d residual_attn = d out + LN_2'(FFN'(d out))
     //   d x             = d residual_attn + LN_1'(c_attn'(attention'(c_proj'(d residual_attn))))
     void backward(Model& m, ConstMatrixView<S> x) {
-      const int th = m.threads_;
       MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_, dqkv = m.dqkv_;
       const bool routed = m.routes_from_residual();
       if constexpr (is_moe) {
         if (routed) {
-          detail::zero<S>(m.drouter_);
+          nn.zero(m.drouter_);
           ffn.backward(ln_2, dresidual, dtmp, m.drouter_);  // dtmp = d ln_2 (written), drouter_ = the gate's path
         }
       }
       if (!routed) ffn.backward(ln_2, dresidual, dtmp);  // dtmp = d ln_2 (written)
-      moe::nn::layernorm_backward<S>(dtmp, residual_attn, ln_2_weight.value.data(), ln_2_mean.data(),
-                                     ln_2_rstd.data(), dresidual, ln_2_weight.grad.data(), ln_2_bias.grad.data(), th);
-      if (routed) m.backend_.add(m.drouter_, dresidual);
-      detail::zero(dtmp);  // d atty
-      moe::nn::linear_backward<S>(atty, dresidual, c_proj_weight.matrix(), dtmp, c_proj_weight.grad_matrix(),
-                                  c_proj_bias.grad.data(), th);
-      detail::zero(dqkv);
-      moe::nn::attention_backward<S>(dtmp, qkv, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv,
-                                     th);
-      detail::zero(dtmp);  // d ln_1
-      moe::nn::linear_backward<S>(ln_1, dqkv, c_attn_weight.matrix(), dtmp, c_attn_weight.grad_matrix(),
-                                  c_attn_bias.grad.data(), th);
-      moe::nn::layernorm_backward<S>(dtmp, x, ln_1_weight.value.data(), ln_1_mean.data(), ln_1_rstd.data(),
-                                     dresidual, ln_1_weight.grad.data(), ln_1_bias.grad.data(), th);
+      nn.layernorm_backward(dtmp, residual_attn, ln_2_weight.value.data(), ln_2_mean.data(), ln_2_rstd.data(),
+                            dresidual, ln_2_weight.grad.data(), ln_2_bias.grad.data());
+      if (routed) nn.add(m.drouter_, dresidual);
+      nn.zero(dtmp);  // d atty
+      nn.linear_backward(atty, dresidual, c_proj_weight.matrix(), dtmp, c_proj_weight.grad_matrix(),
+                         c_proj_bias.grad.data());
+      nn.zero(dqkv);
+      nn.attention_backward(dtmp, qkv, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv);
+      nn.zero(dtmp);  // d ln_1
+      nn.linear_backward(ln_1, dqkv, c_attn_weight.matrix(), dtmp, c_attn_weight.grad_matrix(),
+                         c_attn_bias.grad.data());
+      nn.layernorm_backward(dtmp, x, ln_1_weight.value.data(), ln_1_mean.data(), ln_1_rstd.data(), dresidual,
+                            ln_1_weight.grad.data(), ln_1_bias.grad.data());
     }
 
     std::vector<ParamRef<S>> parameters() {
       std::vector<ParamRef<S>> all;
-      for (Tensor<S>* t : {&ln_1_weight, &ln_1_bias, &c_attn_weight, &c_attn_bias, &c_proj_weight, &c_proj_bias,
-                           &ln_2_weight, &ln_2_bias})
+      for (Param* t : {&ln_1_weight, &ln_1_bias, &c_attn_weight, &c_attn_bias, &c_proj_weight, &c_proj_bias,
+                       &ln_2_weight, &ln_2_bias})
         all.push_back(t->ref());
       for (ParamRef<S>& p : ffn.parameters()) all.push_back(std::move(p));
       return all;
@@ -432,22 +446,19 @@ class Model {
     ln_f_mean_.resize(std::size_t(BT)), ln_f_rstd_.resize(std::size_t(BT)), losses_.resize(std::size_t(BT));
   }
 
-  Tensor<S>& wte() { return wte_; }
-  Tensor<S>& wpe() { return wpe_; }
-
   Config config_;
-  int threads_ = moe::cpu::default_threads();
-  B backend_{1};  // elementwise residual additions (always row-wise: thread count changes no bits)
-  Tensor<S> wte_, wpe_;  // [V, H] (also the output projection), [maxT, H]
+  Ops nn_;
+  Param wte_, wpe_;  // [V, H] (also the output projection), [maxT, H]
   std::vector<Block> blocks_;
-  Tensor<S> ln_f_weight_, ln_f_bias_;
+  Param ln_f_weight_, ln_f_bias_;
 
   // Activations of the last forward.
   Index batch_ = 0, seq_ = 0;
   std::vector<std::int32_t> tokens_, targets_;
   std::vector<Matrix> residual_;  // [L + 1] x [B*T, H]: the input of block l, then the final stream
   Matrix ln_f_, logits_;
-  std::vector<S> ln_f_mean_, ln_f_rstd_, losses_;
+  Array<typename Ops::Stat> ln_f_mean_, ln_f_rstd_;
+  Array<S> losses_;
   double loss_ = 0;
   bool forwarded_ = false;
   // Backward workspace, shared by every block.
@@ -459,21 +470,17 @@ class Model {
 inline constexpr std::string_view kVariants[] = {"dense", "linear", "self", "fixed-random", "random"};
 inline constexpr std::string_view kVariantList = "dense, linear, self, fixed-random, random";
 
-template <class S>
-using DenseModel = Model<DenseFFN<moe::cpu::BasicBackend<S>>>;
-template <template <class> class Gate, class S>
-using MoEModel = Model<MoEFFN<Gate, moe::cpu::BasicBackend<S>>>;
-
-// Calls fn(std::type_identity<ModelType>{}) with the model type the name selects and returns its
-// result, e.g.  with_variant<float>(name, [&](auto tag) { typename decltype(tag)::type model(config); ... });
+// Calls fn(std::type_identity<ModelType>{}) with the model type over backend B that the name
+// selects and returns its result, e.g.
+//   with_variant_on<moe::cpu::Backend>(name, [&](auto tag) { typename decltype(tag)::type model(config); ... });
 // Unknown names throw moe::Error naming the name and the valid list.
-template <class S, class Fn>
-decltype(auto) with_variant(std::string_view name, Fn&& fn) {
-  if (name == "dense") return fn(std::type_identity<DenseModel<S>>{});
-  if (name == "linear") return fn(std::type_identity<MoEModel<moe::Linear, S>>{});
-  if (name == "self") return fn(std::type_identity<MoEModel<moe::SelfRoute, S>>{});
-  if (name == "fixed-random") return fn(std::type_identity<MoEModel<moe::FixedRandom, S>>{});
-  if (name == "random") return fn(std::type_identity<MoEModel<moe::Random, S>>{});
+template <class B, class Fn>
+decltype(auto) with_variant_on(std::string_view name, Fn&& fn) {
+  if (name == "dense") return fn(std::type_identity<Model<DenseFFN<B>>>{});
+  if (name == "linear") return fn(std::type_identity<Model<MoEFFN<moe::Linear, B>>>{});
+  if (name == "self") return fn(std::type_identity<Model<MoEFFN<moe::SelfRoute, B>>>{});
+  if (name == "fixed-random") return fn(std::type_identity<Model<MoEFFN<moe::FixedRandom, B>>>{});
+  if (name == "random") return fn(std::type_identity<Model<MoEFFN<moe::Random, B>>>{});
   moe::fail("gpt2: unknown variant '", name, "' (valid: ", kVariantList, ")");
 }
 

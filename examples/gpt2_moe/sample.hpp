@@ -11,7 +11,7 @@
 #include <span>
 #include <vector>
 
-#include "model.hpp"
+#include "cpu_model.hpp"
 
 namespace gpt2 {
 

@@ -8,7 +8,10 @@
 // Every micro-batch is a pure function of (data seed, step, micro-batch): B windows of T + 1
 // tokens at pseudo-random offsets of the training stream. With the Random gate's draw counter set
 // from the same numbers, a run is a pure function of its options, and resuming from a checkpoint
-// at step s continues with exactly the bits an uninterrupted run would have.
+// at step s continues with exactly the bits an uninterrupted run would have (on the same device).
+//
+// The loop drives a gpt2::Trainer (trainer.hpp): any variant, on the CPU or a GPU, in fp32 or
+// bf16; checkpoints go through a Checkpointer, which writes the trainer's state.
 #pragma once
 
 #include <sys/resource.h>
@@ -27,7 +30,8 @@
 #include "../common/routing_report.hpp"
 #include "../common/schedule.hpp"
 #include "checkpoint.hpp"
-#include "model.hpp"
+#include "cpu_model.hpp"
+#include "trainer.hpp"
 
 namespace gpt2 {
 
@@ -80,6 +84,7 @@ struct TrainResult {
   std::int64_t parameters = 0, router_parameters = 0;
   std::vector<report::LayerRouting> routing;  // per MoE layer, on held-out tokens; empty for dense
   std::int64_t routed_tokens = 0;
+  std::int64_t device_memory_bytes = 0;        // device memory in use after training (0 on the CPU)
 };
 
 namespace detail {
@@ -127,9 +132,8 @@ inline std::int64_t peak_rss_bytes() {
 
 // Mean loss over the first `max_tokens` tokens of `stream` in consecutive windows of T (B at a
 // time). Routing statistics, when collecting, cover exactly these tokens.
-template <class Model>
-double evaluate(Model& model, std::span<const std::uint16_t> stream, std::int64_t B, std::int64_t T,
-                std::int64_t max_tokens) {
+inline double evaluate(Trainer& model, std::span<const std::uint16_t> stream, std::int64_t B, std::int64_t T,
+                       std::int64_t max_tokens) {
   const std::int64_t windows = std::min<std::int64_t>((std::int64_t(stream.size()) - 1) / T, max_tokens / T);
   moe::check(windows >= 1, "evaluate: the validation split holds ", stream.size(), " tokens, fewer than one window of ",
              T + 1);
@@ -149,35 +153,37 @@ double evaluate(Model& model, std::span<const std::uint16_t> stream, std::int64_
 // What train() reports back while it runs (validation results, checkpoints); may be empty.
 using Logger = std::function<void(const std::string&)>;
 
-// Trains `model` (already built, possibly restored from a checkpoint by the caller together with
-// `optimizer` and `start_step`) up to options.steps, then evaluates and collects routing
-// statistics on held-out tokens. `label` names the run in the progress bar.
-template <class Model>
-TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Dataset& data, const TrainOptions& options,
-                  std::int64_t start_step = 0, const std::string& label = "",
-                  const std::map<std::string, std::string>& checkpoint_metadata = {}) {
-  options.validate(model.config());
+// Writes a checkpoint of the trainer's current state to a path, with these metadata entries.
+using Checkpointer = std::function<void(const std::filesystem::path&, const std::map<std::string, std::string>&)>;
+
+// Trains the trainer's model (already built, possibly restored from a checkpoint by the caller,
+// optimizer state and `start_step` included) up to options.steps, then evaluates and collects
+// routing statistics on held-out tokens. `label` names the run in the progress bar; `save` writes
+// the checkpoints (options.checkpoint, every options.checkpoint_every steps and at the end).
+inline TrainResult train(Trainer& trainer, const Checkpointer& save_state, const Dataset& data,
+                         const TrainOptions& options, std::int64_t start_step = 0, const std::string& label = "",
+                         const std::map<std::string, std::string>& checkpoint_metadata = {}) {
+  options.validate(trainer.config());
   const std::int64_t T = options.seq, B = options.batch;
   moe::check(std::int64_t(data.train.size()) > T + 1, "train: the training split holds ", data.train.size(),
              " tokens, too few for one window of --seq + 1 = ", T + 1);
   moe::check(std::int64_t(data.val.size()) > T, "train: the validation split holds ", data.val.size(),
              " tokens, too few for one window of --seq + 1 = ", T + 1);
   for (std::uint16_t id : data.train)
-    moe::check(id < model.config().vocab, "train: token id ", id, " in the data is outside the model's vocabulary (",
-               model.config().vocab, "); the data and the config do not match");
+    moe::check(id < trainer.config().vocab, "train: token id ", id, " in the data is outside the model's vocabulary (",
+               trainer.config().vocab, "); the data and the config do not match");
   moe::check(start_step >= 0 && start_step <= options.steps, "train: resuming at step ", start_step,
              " but --steps is ", options.steps);
 
-  model.set_threads(options.threads);
-  if constexpr (Model::is_moe) model.collect_routing_stats(false);
+  trainer.set_threads(options.threads);
+  if (trainer.is_moe()) trainer.collect_routing_stats(false);
   const train::Schedule schedule = options.schedule();
-  auto params = model.parameters();
   TrainResult result;
-  result.variant = std::string(Model::variant);
-  result.parameters = model.parameter_count();
-  result.router_parameters = model.router_parameter_count();
+  result.variant = std::string(trainer.variant());
+  result.parameters = trainer.parameter_count();
+  result.router_parameters = trainer.router_parameter_count();
 
-  const std::string name = label.empty() ? std::string(Model::variant) : label;
+  const std::string name = label.empty() ? result.variant : label;
   train::Progress progress(name, options.steps, "tok", options.log_every);
   std::vector<std::int32_t> tokens, targets;
   std::vector<std::int64_t> starts(static_cast<std::size_t>(B));
@@ -190,31 +196,28 @@ TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Dataset&
     meta["tokenizer"] = data.tokenizer;
     meta["data_fingerprint"] = std::to_string(detail::fingerprint(data.train));
     std::filesystem::create_directories(std::filesystem::absolute(options.checkpoint).parent_path());
-    save_checkpoint(options.checkpoint, model, &optimizer, meta);
+    save_state(options.checkpoint, meta);
   };
 
   const std::int64_t end_step = options.stop_after > 0 ? std::min(options.stop_after, options.steps) : options.steps;
   for (std::int64_t step = start_step; step < end_step; ++step) {
-    model.zero_grad();
+    trainer.zero_grad();
     double loss = 0;
     for (std::int64_t micro = 0; micro < options.accumulation; ++micro) {
       for (std::int64_t b = 0; b < B; ++b)
         starts[std::size_t(b)] = detail::window_start(options.data_seed, step, micro, b, n, T);
       detail::fill_batch(data.train, starts, T, tokens, targets);
-      model.set_routing_step(detail::routing_step(step, micro, options.accumulation));
-      loss += model.forward(tokens, targets, B, T);
-      model.backward();
+      trainer.set_routing_step(detail::routing_step(step, micro, options.accumulation));
+      loss += trainer.forward(tokens, targets, B, T);
+      trainer.backward();
     }
     loss /= double(options.accumulation);
-    if (options.accumulation > 1) {  // the mean over micro-batches, not the sum
-      const float scale = 1.0f / float(options.accumulation);
-      for (auto& p : params)
-        for (float& g : p.grad) g *= scale;
-    }
-    const double norm = options.grad_clip > 0 ? moe::nn::clip_grad_norm(params, options.grad_clip) : 0.0;
+    // The mean over micro-batches, not the sum; then clipping.
+    const float grad_scale = options.accumulation > 1 ? 1.0f / float(options.accumulation) : 1.0f;
+    const double norm = trainer.prepare_gradients(grad_scale, options.grad_clip);
     moe::check(std::isfinite(loss) && std::isfinite(norm), "train: step ", step + 1, " gave a non-finite ",
                std::isfinite(loss) ? "gradient norm" : "loss", "; lower --lr or check the data");
-    optimizer.step(params, schedule.lr(step));
+    trainer.optimizer_step(schedule.lr(step));
     result.train_loss = loss;
     ++result.steps;
     result.tokens += B * T * options.accumulation;
@@ -222,7 +225,7 @@ TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Dataset&
 
     const bool last = step + 1 == options.steps;
     if (options.eval_every > 0 && (step + 1) % options.eval_every == 0 && !last) {
-      const double val = evaluate(model, data.val, B, T, options.eval_tokens);
+      const double val = evaluate(trainer, data.val, B, T, options.eval_tokens);
       progress.note(name + " step " + std::to_string(step + 1) + ": val loss " + std::to_string(val) +
                     ", perplexity " + std::to_string(std::exp(val)));
     }
@@ -230,24 +233,39 @@ TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Dataset&
   }
   result.seconds = progress.elapsed_seconds();
   result.tokens_per_second = result.seconds > 0 ? double(result.tokens) / result.seconds : 0;
+  result.device_memory_bytes = trainer.device_memory_in_use();
   save(end_step);
   if (end_step < options.steps) return result;  // interrupted: no final evaluation
 
   // Validation loss, then routing statistics on held-out tokens (the validation split, from its start).
-  result.val_loss = evaluate(model, data.val, B, T, options.eval_tokens);
-  if constexpr (Model::is_moe) {
-    model.reset_routing_stats();
-    model.collect_routing_stats(true);
-    evaluate(model, data.val, B, T, options.stats_tokens);
-    model.collect_routing_stats(false);
-    for (moe::Index l = 0; l < model.config().layers; ++l) {
-      result.routing.push_back(report::LayerRouting::from_stats(model.routing_stats(l)));
-      result.routed_tokens = model.routing_stats(l).tokens;
+  result.val_loss = evaluate(trainer, data.val, B, T, options.eval_tokens);
+  if (trainer.is_moe()) {
+    trainer.reset_routing_stats();
+    trainer.collect_routing_stats(true);
+    evaluate(trainer, data.val, B, T, options.stats_tokens);
+    trainer.collect_routing_stats(false);
+    for (moe::Index l = 0; l < trainer.config().layers; ++l) {
+      const moe::RoutingStats stats = trainer.routing_stats(l);
+      result.routing.push_back(report::LayerRouting::from_stats(stats));
+      result.routed_tokens = stats.tokens;
     }
   }
   progress.note(name + ": val loss " + std::to_string(result.val_loss) + ", perplexity " +
                 std::to_string(std::exp(result.val_loss)));
   return result;
+}
+
+// train() for a CPU model and optimizer the caller has built (tests, benchmarks): checkpoints are
+// written straight from them.
+template <class Model>
+TrainResult train(Model& model, typename Model::Optimizer& optimizer, const Dataset& data, const TrainOptions& options,
+                  std::int64_t start_step = 0, const std::string& label = "",
+                  const std::map<std::string, std::string>& checkpoint_metadata = {}) {
+  ModelTrainer<Model> trainer(model, optimizer);
+  const Checkpointer save = [&](const std::filesystem::path& path, const std::map<std::string, std::string>& meta) {
+    save_checkpoint(path, model, &optimizer, meta);
+  };
+  return train(trainer, save, data, options, start_step, label, checkpoint_metadata);
 }
 
 }  // namespace gpt2

@@ -54,11 +54,39 @@ for f in report.md routing.csv routing.json entropy.svg max_fraction.svg heatmap
 done
 grep -q "| self" "$work/compare.log" || fail "compare did not print the table"
 
+# ---- devices: the GPU's code on the host (--device emulated), bf16 with fp32 master weights,
+# resumed on the CPU; a compare there too ----
+"$bin" train --variant linear --device emulated --precision bf16 --steps 2 --warmup 1 "${tiny[@]}" \
+  --data "$work/corpus" --out "$work/emulated" >"$work/emulated.log" 2>&1 ||
+  fail "train --device emulated: $(tail -3 "$work/emulated.log")"
+grep -q "on emulated CUDA device (host loops), bf16" "$work/emulated.log" ||
+  fail "train --device emulated did not say where it trains: $(head -3 "$work/emulated.log")"
+"$bin" train --resume "$work/emulated/linear.safetensors" --steps 3 --data "$work/corpus" \
+  >"$work/emulated_resume.log" 2>&1 || fail "CPU resume of a bf16 device checkpoint: $(tail -3 "$work/emulated_resume.log")"
+grep -q "from step 2 of 3 on cpu" "$work/emulated_resume.log" ||
+  fail "the CPU resume did not start at step 2: $(cat "$work/emulated_resume.log")"
+"$bin" compare --variants self,dense --device emulated --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
+  --out "$work/emulated_report" >"$work/emulated_compare.log" 2>&1 ||
+  fail "compare --device emulated: $(tail -3 "$work/emulated_compare.log")"
+grep -q "Trained on emulated CUDA device" "$work/emulated_report/report.md" ||
+  fail "the report does not say where the variants trained"
+# --device cuda: trains where there is a GPU; elsewhere one error line naming the flag.
+if "$bin" train --variant self --device cuda --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
+  --out "$work/cuda" >"$work/cuda.log" 2>&1; then
+  echo "ok: --device cuda trained on this machine's GPU"
+else
+  expect_error "no GPU for --device cuda" "--device cuda" train --variant self --device cuda --steps 2 "${tiny[@]}" \
+    --data "$work/corpus"
+fi
+
 # ---- bad input ----
 expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
 expect_error "unknown flag" "unknown flag --colour" train --colour red
 expect_error "unknown variant" "unknown variant 'learned'" train --variant learned --data "$work/corpus"
 expect_error "unknown variant in a list" "unknown variant 'slef'" compare --variants self,slef
+expect_error "unknown device" "--device must be cpu, cuda or emulated" train --device gpu --data "$work/corpus"
+expect_error "unknown precision" "--precision must be fp32, tf32 or bf16" train --precision fp16 --data "$work/corpus"
+expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train --precision bf16 --data "$work/corpus"
 expect_error "bad integer" "--steps expects an integer" train --steps ten
 expect_error "missing value" "--steps needs a value" train --steps
 expect_error "SelfRoute N > H" "hidden size H = 32" train --experts 64 --hidden 32 --heads 2 --data "$work/corpus"

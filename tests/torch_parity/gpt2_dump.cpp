@@ -26,7 +26,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../../examples/gpt2_moe/model.hpp"
+#include "../../examples/gpt2_moe/cpu_model.hpp"
 #include "moe/io/safetensors.hpp"
 
 namespace {

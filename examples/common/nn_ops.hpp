@@ -1,0 +1,28 @@
+// examples/common/nn_ops.hpp: the transformer pieces the example models are written against, for
+// a given MoE backend B. One model definition (examples/gpt2_moe/model.hpp) then trains on the
+// CPU (moe::nn, Eigen: nn_ops_cpu.hpp) and on a CUDA-backend device (moe::cuda::nn: the GPU, or
+// the host-emulated device the tests use: nn_ops_cuda.hpp). This header names the interface; it
+// includes neither world, so code compiled by nvcc can include the model.
+//
+// NnOps<B> (copyable, cheap: a thread count or a device handle) provides
+//   types      Backend = B, Scalar, Param (a named tensor with .value/.grad arrays, matrix(),
+//              grad_matrix(), ref()), Stat (LayerNorm's cached mean/rstd element), Array<T> (a
+//              buffer: .resize(n), .data()), Optimizer (AdamW over the Params' storage)
+//   making     param(name, shape) (zeros), make_backend() (for a MoELayer or dense FFN),
+//              make_optimizer(AdamWConfig), init_normal(Param&, std, seed) (the CPU's numbers
+//              from (seed, name)), fill(Param&, value), zero(MatrixView), zero_grad(ParamRef&)
+//   layers     embedding_, layernorm_, linear_, attention_, cross_entropy_{forward,backward}:
+//              moe::nn's arguments without the thread count (see moe/nn/*.hpp), and
+//              add(src, dst) (dst += src), gelu_forward/backward
+//   training   scale_gradients(params, factor), clip_grad_norm(params, max_norm),
+//              set_threads(n) (CPU; a no-op on a device), description()
+// Host data (token ids, targets) always comes as host spans; device memory never reaches the host
+// except through download(span, host).
+#pragma once
+
+namespace examples {
+
+template <class B>
+class NnOps;  // specialised in nn_ops_cpu.hpp and nn_ops_cuda.hpp
+
+}  // namespace examples

@@ -1,0 +1,154 @@
+// examples/common/nn_ops_cuda.hpp: NnOps for the CUDA backend (see nn_ops.hpp) on device D:
+// moe::cuda::nn's pieces, device tensors (device_parameter.hpp) and moe::cuda::nn::AdamW, which
+// keeps fp32 master weights for bf16 parameters. D is moe::cuda::CudaDevice (a GPU; include
+// moe/cuda.cuh first, from nvcc) or moe::cuda::EmulatedDevice (the same code on the host, for
+// tests). No Eigen.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "device_parameter.hpp"
+#include "moe/bfloat16.hpp"
+#include "moe/cuda/backend.hpp"
+#include "moe/cuda/nn/adamw.hpp"
+#include "moe/cuda/nn/attention.hpp"
+#include "moe/cuda/nn/cross_entropy.hpp"
+#include "moe/cuda/nn/embedding.hpp"
+#include "moe/cuda/nn/layernorm.hpp"
+#include "moe/cuda/nn/linear.hpp"
+#include "moe/random.hpp"
+#include "nn_ops.hpp"
+#include "parameter.hpp"
+
+namespace examples {
+
+template <class S, class D>
+class NnOps<moe::cuda::BasicBackend<S, D>> {
+ public:
+  using Backend = moe::cuda::BasicBackend<S, D>;
+  using Scalar = S;
+  using Param = DeviceTensor<S, D>;
+  using Stat = moe::Compute<S>;
+  template <class T>
+  using Array = moe::cuda::DeviceArray<T, D>;
+  using Optimizer = moe::cuda::nn::AdamW<S, D>;
+
+  explicit NnOps(D device = D{}) : device_(device), backend_(std::make_shared<Backend>(device)) {}
+  const D& device() const { return device_; }
+  void set_threads(int) {}  // the device decides
+  std::string description() const {
+    std::string text = std::is_same_v<S, moe::bfloat16> ? "bf16 (fp32 master weights)" : "fp32";
+    if constexpr (requires { device_.description(); }) text = device_.description() + ", " + text;
+    return text;
+  }
+
+  // ---- making -----------------------------------------------------------------------------
+  Param param(std::string name, std::vector<Index> shape) const {
+    Param t(std::move(name), std::move(shape));
+    backend_->fill(t.matrix(), S(0));
+    backend_->fill(t.grad_matrix(), S(0));
+    return t;
+  }
+  Backend make_backend() const { return Backend(device_); }
+  Optimizer make_optimizer(const moe::nn::AdamWConfig& config) const { return Optimizer(device_, config); }
+  // The CPU's numbers (parameter.hpp: drawn in float from (seed, name)), stored as S.
+  void init_normal(Param& t, double std_dev, std::uint64_t seed) const {
+    std::vector<float> host(std::size_t(t.size()));
+    moe::random::fill_normal(std::span<float>(host), std_dev, seed, stream_of(t.name));
+    upload(host, std::span<S>(t.value.data(), host.size()));
+  }
+  void fill(Param& t, S value) const { backend_->fill(t.matrix(), value); }
+  void zero(moe::MatrixView<S> m) const { backend_->fill(m, S(0)); }
+  void zero_grad(moe::ParamRef<S>& p) const {
+    if (!p.grad.empty()) backend_->fill(moe::MatrixView<S>(p.grad.data(), 1, Index(p.grad.size())), S(0));
+  }
+  // Device values <-> host floats (for checkpoints): a download waits for the stream.
+  void download(std::span<const S> values, std::span<float> host) const {
+    moe::check(values.size() == host.size(), "download: ", values.size(), " values into ", host.size());
+    std::vector<S> raw(values.size());
+    device_.download(raw.data(), values.data(), raw.size() * sizeof(S));
+    for (std::size_t i = 0; i < raw.size(); ++i) host[i] = float(raw[i]);
+  }
+  void upload(std::span<const float> host, std::span<S> values) const {
+    moe::check(values.size() == host.size(), "upload: ", host.size(), " values into ", values.size());
+    std::vector<S> raw(host.size());
+    for (std::size_t i = 0; i < raw.size(); ++i) raw[i] = S(host[i]);
+    device_.upload(values.data(), raw.data(), raw.size() * sizeof(S));
+  }
+
+  // ---- layers (moe/cuda/nn/*.hpp) ------------------------------------------------------------
+  void embedding_forward(std::span<const std::int32_t> tokens, Index B, Index T, moe::ConstMatrixView<S> wte,
+                         moe::ConstMatrixView<S> wpe, moe::MatrixView<S> out) const {
+    moe::cuda::nn::embedding_forward<S>(device_, tokens, B, T, wte, wpe, out);
+  }
+  void embedding_backward(moe::ConstMatrixView<S> dout, std::span<const std::int32_t> tokens, Index B, Index T,
+                          moe::MatrixView<S> dwte, moe::MatrixView<S> dwpe) const {
+    moe::cuda::nn::embedding_backward<S>(device_, dout, tokens, B, T, dwte, dwpe);
+  }
+  void layernorm_forward(moe::ConstMatrixView<S> x, const S* weight, const S* bias, moe::MatrixView<S> out, Stat* mean,
+                         Stat* rstd) const {
+    moe::cuda::nn::layernorm_forward<S>(device_, x, weight, bias, out, mean, rstd);
+  }
+  void layernorm_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> x, const S* weight, const Stat* mean,
+                          const Stat* rstd, moe::MatrixView<S> dx, S* dweight, S* dbias) const {
+    moe::cuda::nn::layernorm_backward<S>(device_, dout, x, weight, mean, rstd, dx, dweight, dbias);
+  }
+  void linear_forward(moe::ConstMatrixView<S> in, moe::ConstMatrixView<S> weight, const S* bias,
+                      moe::MatrixView<S> out) const {
+    moe::cuda::nn::linear_forward<S>(device_, in, weight, bias, out);
+  }
+  void linear_backward(moe::ConstMatrixView<S> in, moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> weight,
+                       moe::MatrixView<S> din, moe::MatrixView<S> dweight, S* dbias) const {
+    moe::cuda::nn::linear_backward<S>(device_, in, dout, weight, din, dweight, dbias);
+  }
+  void attention_forward(moe::ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
+                         moe::MatrixView<S> out, S* att) const {
+    moe::cuda::nn::attention_forward<S>(device_, qkv, B, T, heads, causal, out, att);
+  }
+  void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, const S* att, Index B, Index T,
+                          Index heads, bool causal, moe::MatrixView<S> dqkv) const {
+    moe::cuda::nn::attention_backward<S>(device_, dout, qkv, att, B, T, heads, causal, dqkv);
+  }
+  double cross_entropy_forward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, S* losses) const {
+    return moe::cuda::nn::cross_entropy_forward<S>(device_, logits, targets, losses);
+  }
+  void cross_entropy_backward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, double dloss,
+                              moe::MatrixView<S> dlogits) const {
+    moe::cuda::nn::cross_entropy_backward<S>(device_, logits, targets, dloss, dlogits);
+  }
+  void add(moe::ConstMatrixView<S> src, moe::MatrixView<S> dst) const { backend_->add(src, dst); }
+  void gelu_forward(moe::ConstMatrixView<S> in, moe::MatrixView<S> out) const { backend_->gelu_forward(in, out); }
+  void gelu_backward(moe::ConstMatrixView<S> in, moe::ConstMatrixView<S> dout, moe::MatrixView<S> din) const {
+    backend_->gelu_backward(in, dout, din);
+  }
+
+  // ---- training -----------------------------------------------------------------------------
+  // g = S(C(g) * factor), element by element (the CPU's float product for fp32).
+  void scale_gradients(std::vector<moe::ParamRef<S>>& params, float factor) const {
+    using C = moe::Compute<S>;
+    for (auto& p : params) {
+      S* g = p.grad.data();
+      if (!p.grad.empty())
+        device_.for_each(Index(p.grad.size()), [=] MOE_HOST_DEVICE(Index j) { g[j] = S(C(g[j]) * C(factor)); });
+    }
+  }
+  double clip_grad_norm(std::vector<moe::ParamRef<S>>& params, double max_norm) const {
+    return moe::cuda::nn::clip_grad_norm(device_, params, max_norm);
+  }
+  // Device memory in use (bytes) where the device can tell (the GPU: cudaMemGetInfo), else 0.
+  std::int64_t memory_in_use() const {
+    if constexpr (requires { device_.memory_in_use(); }) return std::int64_t(device_.memory_in_use());
+    return 0;
+  }
+
+ private:
+  D device_;
+  std::shared_ptr<Backend> backend_;  // element-wise passes (shared by copies: it owns workspace)
+};
+
+}  // namespace examples

@@ -1,0 +1,273 @@
+// The GPT-2 MoE model on a CUDA-backend device (examples/gpt2_moe/model.hpp over
+// moe::cuda::BasicBackend, run here on the host-emulated device): the same initial values as the
+// CPU model, the whole model's loss and every gradient against the CPU build for one batch (fp32
+// within 1e-5; bf16 with fp32 master weights within 2e-2), same bits run to run, and checkpoints
+// that move between devices: trained on one, resumed on the other (session.hpp).
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "../examples/gpt2_moe/session.hpp"
+
+using moe::Index;
+
+namespace {
+
+using Emulated = moe::cuda::EmulatedDevice;
+template <class S>
+using DeviceBackend = moe::cuda::BasicBackend<S, Emulated>;
+
+const gpt2::Config kTiny{.vocab = 37, .context = 8, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
+                         .experts = 4, .top_k = 2, .seed = 5};
+
+struct Batch {
+  std::vector<std::int32_t> tokens, targets;
+  Index B = 2, T = 7;
+};
+Batch make_batch(const gpt2::Config& config) {
+  Batch b;
+  for (Index i = 0; i < b.B * b.T; ++i) {
+    b.tokens.push_back(std::int32_t((i * 13 + 5) % config.vocab));
+    b.targets.push_back(i % 5 == 3 ? -1 : std::int32_t((i * 7 + 2) % config.vocab));  // some ignored
+  }
+  return b;
+}
+
+// Every parameter's values (or gradients) of a model, as host floats, in parameters() order.
+template <class Model>
+std::vector<std::vector<float>> host_tensors(Model& model, bool gradients) {
+  std::vector<std::vector<float>> out;
+  for (auto& p : model.parameters()) {
+    const auto span = gradients ? p.grad : p.value;
+    std::vector<float> host(span.size());
+    if (!span.empty()) model.ops().download(span, host);
+    out.push_back(std::move(host));
+  }
+  return out;
+}
+
+// max |a - b| / max |b| over one tensor
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
+    scale = std::max(scale, std::abs(double(b[i])));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+// The CPU model and the device model of `variant` (scalar S on the device) on one batch: the device
+// model starts from the CPU's values (as S stores them); loss and every gradient within tolerance.
+template <class S>
+void check_model_parity(const std::string& variant, const gpt2::Config& config, double tolerance) {
+  CAPTURE(variant);
+  const Batch batch = make_batch(config);
+  gpt2::with_variant<float>(variant, [&](auto cpu_tag) {
+    typename decltype(cpu_tag)::type cpu(config);
+    cpu.set_threads(1);
+    return gpt2::with_variant_on<DeviceBackend<S>>(variant, [&](auto device_tag) {
+      typename decltype(device_tag)::type device(config);
+      auto cpu_params = cpu.parameters();
+      auto device_params = device.parameters();
+      REQUIRE(cpu_params.size() == device_params.size());
+      // Same names, shapes and initial values (the device's rounded to S).
+      const auto device_initial = host_tensors(device, false);
+      for (std::size_t i = 0; i < cpu_params.size(); ++i) {
+        CAPTURE(cpu_params[i].name);
+        REQUIRE(cpu_params[i].name == device_params[i].name);
+        REQUIRE(cpu_params[i].shape == device_params[i].shape);
+        std::vector<float> expected(cpu_params[i].value.begin(), cpu_params[i].value.end());
+        for (float& v : expected) v = float(S(v));
+        CHECK(device_initial[i] == expected);
+        std::copy(device_initial[i].begin(), device_initial[i].end(), cpu_params[i].value.begin());
+      }
+      const double cpu_loss = cpu.forward(batch.tokens, batch.targets, batch.B, batch.T);
+      const double device_loss = device.forward(batch.tokens, batch.targets, batch.B, batch.T);
+      CHECK(std::abs(device_loss - cpu_loss) <= tolerance * std::abs(cpu_loss));
+      cpu.backward();
+      device.backward();
+      const auto cpu_grads = host_tensors(cpu, true), device_grads = host_tensors(device, true);
+      for (std::size_t i = 0; i < cpu_grads.size(); ++i) {
+        CAPTURE(cpu_params[i].name);
+        CHECK(relative_error(device_grads[i], cpu_grads[i]) < tolerance);
+      }
+      return 0;
+    });
+  });
+}
+
+gpt2::Dataset tiny_dataset() {
+  gpt2::Dataset data;
+  data.tokenizer = "bytes";
+  for (int i = 0; i < 2000; ++i) data.train.push_back(std::uint16_t((i * 7 + i / 11) % 29));
+  for (int i = 0; i < 300; ++i) data.val.push_back(std::uint16_t((i * 7 + i / 11 + 3) % 29));
+  return data;
+}
+
+gpt2::TrainOptions tiny_options(std::int64_t steps) {
+  gpt2::TrainOptions o;
+  o.steps = steps;
+  o.batch = 2;
+  o.seq = 8;
+  o.warmup = 1;
+  o.lr = 3e-3;
+  o.eval_every = 0;
+  o.eval_tokens = 48;
+  o.stats_tokens = 64;
+  o.threads = 1;
+  o.log_every = 1000;
+  return o;
+}
+
+std::filesystem::path temp_file(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / "moe_test_gpt2_device";
+  std::filesystem::create_directories(dir);
+  return dir / name;
+}
+
+gpt2::Session session(gpt2::Device device, gpt2::Precision precision, const std::string& variant,
+                      const gpt2::TrainOptions& o) {
+  return gpt2::make_session(device, precision, variant, kTiny, {.lr = o.lr, .weight_decay = o.weight_decay});
+}
+
+// Every parameter of a session's trainer as host floats (master weights for bf16).
+std::vector<std::vector<float>> trainer_values(gpt2::Trainer& trainer) {
+  std::vector<std::vector<float>> out;
+  gpt2::with_variant<float>(trainer.variant(), [&](auto tag) {
+    typename decltype(tag)::type mirror(trainer.config(), typename decltype(tag)::type::Ops(1));
+    auto params = mirror.parameters();
+    trainer.download_state(params, nullptr);
+    for (auto& p : params) out.emplace_back(p.value.begin(), p.value.end());
+    return 0;
+  });
+  return out;
+}
+
+// `steps` straight on `device`, against `first` steps on `first_device`, a checkpoint, and the rest
+// resumed on `second_device`. Returns the two results (straight, resumed) and their values.
+struct ResumeRun {
+  gpt2::TrainResult straight, resumed;
+  std::vector<std::vector<float>> straight_values, resumed_values;
+};
+ResumeRun run_resume(const std::string& variant, gpt2::Device first_device, gpt2::Precision first_precision,
+                     gpt2::Device second_device, gpt2::Precision second_precision) {
+  const gpt2::Dataset data = tiny_dataset();
+  const gpt2::TrainOptions options = tiny_options(4);
+  ResumeRun run;
+  {
+    gpt2::Session s = session(second_device, second_precision, variant, options);
+    run.straight = gpt2::train(*s.trainer, s.save, data, options);
+    run.straight_values = trainer_values(*s.trainer);
+  }
+  gpt2::TrainOptions interrupted = options;
+  interrupted.checkpoint = temp_file(variant + ".safetensors");
+  interrupted.stop_after = 2;
+  {
+    gpt2::Session s = session(first_device, first_precision, variant, options);
+    gpt2::train(*s.trainer, s.save, data, interrupted);
+  }
+  gpt2::Session s = session(second_device, second_precision, variant, options);
+  const gpt2::CheckpointHeader header = s.load(interrupted.checkpoint);
+  CHECK(header.variant == variant);
+  CHECK(header.has_optimizer_state);
+  run.resumed = gpt2::train(*s.trainer, s.save, data, options, 2);
+  run.resumed_values = trainer_values(*s.trainer);
+  return run;
+}
+
+}  // namespace
+
+TEST_CASE("gpt2 on the emulated device: loss and every gradient match the CPU model in fp32 (every variant)") {
+  for (const std::string_view variant : gpt2::kVariants) check_model_parity<float>(std::string(variant), kTiny, 1e-5);
+  gpt2::Config routed = kTiny;
+  routed.route_from_residual = true;
+  check_model_parity<float>("self", routed, 1e-5);
+}
+
+TEST_CASE("gpt2 on the emulated device: bf16 storage with fp32 accumulation stays within 2e-2 of the CPU") {
+  for (const std::string_view variant : {"dense", "self"}) check_model_parity<moe::bfloat16>(std::string(variant), kTiny, 2e-2);
+}
+
+TEST_CASE("gpt2 on the emulated device: two runs give the same bits (fp32 and bf16)") {
+  for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {
+    CAPTURE(gpt2::precision_name(precision));
+    const gpt2::Dataset data = tiny_dataset();
+    const gpt2::TrainOptions options = tiny_options(3);
+    gpt2::Session a = session(gpt2::Device::emulated, precision, "linear", options);
+    gpt2::Session b = session(gpt2::Device::emulated, precision, "linear", options);
+    const gpt2::TrainResult ra = gpt2::train(*a.trainer, a.save, data, options);
+    const gpt2::TrainResult rb = gpt2::train(*b.trainer, b.save, data, options);
+    CHECK(ra.train_loss == rb.train_loss);
+    CHECK(ra.val_loss == rb.val_loss);
+    CHECK(trainer_values(*a.trainer) == trainer_values(*b.trainer));
+    REQUIRE(ra.routing.size() == std::size_t(kTiny.layers));
+    CHECK(ra.routing[0].fractions == rb.routing[0].fractions);
+  }
+}
+
+TEST_CASE("gpt2 on the emulated device: resuming its own checkpoint continues with the same bits, bf16 included") {
+  // bf16: the checkpoint holds the fp32 master weights, so the resumed run rounds the same values.
+  for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {
+    CAPTURE(gpt2::precision_name(precision));
+    const ResumeRun run = run_resume("random", gpt2::Device::emulated, precision, gpt2::Device::emulated, precision);
+    CHECK(run.resumed.train_loss == run.straight.train_loss);
+    CHECK(run.resumed.val_loss == run.straight.val_loss);
+    CHECK(run.resumed_values == run.straight_values);
+  }
+}
+
+TEST_CASE("gpt2 checkpoints move between devices: device -> CPU and CPU -> device resume within fp32 rounding") {
+  using gpt2::Device;
+  using gpt2::Precision;
+  for (const auto& [from, to] : {std::pair{Device::emulated, Device::cpu}, std::pair{Device::cpu, Device::emulated}}) {
+    const ResumeRun run = run_resume("self", from, Precision::fp32, to, Precision::fp32);
+    CHECK(std::abs(run.resumed.val_loss - run.straight.val_loss) <= 1e-4 * run.straight.val_loss);
+    // 1e-3: AdamW's first steps divide by sqrt(v), so a gradient near zero turns the devices'
+    // float-rounding differences into steps of lr's size (seen: 3e-4 on the biases).
+    for (std::size_t i = 0; i < run.straight_values.size(); ++i)
+      CHECK(relative_error(run.resumed_values[i], run.straight_values[i]) < 1e-3);
+  }
+  // A bf16 run's checkpoint: fp32 master weights, which the CPU resumes from.
+  const ResumeRun run = run_resume("dense", Device::emulated, Precision::bf16, Device::cpu, Precision::fp32);
+  CHECK(std::isfinite(run.resumed.val_loss));
+  CHECK(std::abs(run.resumed.val_loss - run.straight.val_loss) <= 2e-2 * run.straight.val_loss);
+}
+
+TEST_CASE("gpt2 bf16 checkpoints hold the fp32 master weights, not their bf16 rounding") {
+  const gpt2::Dataset data = tiny_dataset();
+  gpt2::TrainOptions options = tiny_options(2);
+  options.checkpoint = temp_file("bf16-master.safetensors");
+  gpt2::Session s = session(gpt2::Device::emulated, gpt2::Precision::bf16, "self", options);
+  gpt2::train(*s.trainer, s.save, data, options);
+  const moe::io::SafetensorsFile file(options.checkpoint);
+  std::vector<float> wte(std::size_t(kTiny.vocab * kTiny.hidden));
+  file.read("wte.weight", std::span<float>(wte), std::vector<std::int64_t>{kTiny.vocab, kTiny.hidden});
+  const bool any_beyond_bf16 =
+      std::any_of(wte.begin(), wte.end(), [](float v) { return float(moe::bfloat16(v)) != v; });
+  CHECK(any_beyond_bf16);
+  const auto values = trainer_values(*s.trainer);
+  CHECK(values[0] == wte);  // the trainer's master weights are what the file holds
+}
+
+TEST_CASE("gpt2 sessions: unusable device and precision combinations are refused, naming the flag") {
+  const gpt2::TrainOptions options = tiny_options(1);
+  CHECK_THROWS_WITH_AS(session(gpt2::Device::cpu, gpt2::Precision::bf16, "self", options),
+                       doctest::Contains("--precision bf16 needs --device cuda"), moe::Error);
+  CHECK_THROWS_WITH_AS(session(gpt2::Device::emulated, gpt2::Precision::tf32, "self", options),
+                       doctest::Contains("--precision tf32 needs --device cuda"), moe::Error);
+  CHECK_THROWS_WITH_AS(session(gpt2::Device::cuda, gpt2::Precision::bf16, "self", options),
+                       doctest::Contains("--device cuda"), moe::Error);
+  CHECK_THROWS_WITH_AS(gpt2::parse_device("gpu"), doctest::Contains("--device must be cpu, cuda or emulated"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(gpt2::parse_precision("fp16"), doctest::Contains("--precision must be fp32, tf32 or bf16"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(session(gpt2::Device::emulated, gpt2::Precision::fp32, "moe", options),
+                       doctest::Contains("unknown variant 'moe'"), moe::Error);
+}
