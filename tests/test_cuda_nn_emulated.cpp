@@ -1,7 +1,6 @@
 // The CUDA transformer pieces (moe/cuda/nn/: layernorm, embedding, attention, cross-entropy,
 // AdamW) on the emulated device, against the CPU functions of moe/nn/ (every CI run, ASan too).
-// The GPU compiles them in tests/cuda/cuda_nn_*_instantiate.cu; running these cases on a GPU
-// is left for a machine that has one (they include the Eigen CPU reference).
+// tests/cuda/test_cuda_nn.cu runs the same cases on a GPU (moe_cuda_tests).
 #include "moe/cuda/emulated_device.hpp"
 
 namespace cuda_test {

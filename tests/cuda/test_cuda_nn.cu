@@ -1,0 +1,24 @@
+// The CUDA transformer pieces (moe/cuda/nn/: layernorm, embedding, linear, attention,
+// cross-entropy, AdamW) on the GPU, against the CPU functions of moe/nn/: the same cases that
+// tests/test_cuda_nn_emulated.cpp runs on the emulated device. Part of moe_cuda_tests, whose main()
+// (test_cuda_backend.cu) skips everything on a machine without a GPU.
+//
+// The cases include the CPU library (Eigen) for their reference, so nvcc parses Eigen here; its
+// host/device annotation warnings are silenced for this file in tests/CMakeLists.txt.
+#include <cuda_runtime.h>
+
+#include "moe/cuda.cuh"
+
+namespace cuda_test {
+using TestDevice = moe::cuda::CudaDevice;
+inline TestDevice make_device() { return TestDevice(nullptr); }
+inline bool device_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+}  // namespace cuda_test
+
+#define CUDA_TEST_NAME(text) "cuda nn, GPU: " text
+#include "cuda/cuda_nn_attention_cases.hpp"
+#include "cuda/cuda_nn_loss_cases.hpp"
+#include "cuda/cuda_nn_norm_cases.hpp"
