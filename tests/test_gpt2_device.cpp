@@ -1,8 +1,9 @@
 // The GPT-2 MoE model on a CUDA-backend device (examples/gpt2_moe/model.hpp over
-// moe::cuda::BasicBackend, run here on the host-emulated device): the same initial values as the
-// CPU model, the whole model's loss and every gradient against the CPU build for one batch (fp32
-// within 1e-5; bf16 with fp32 master weights within 2e-2), same bits run to run, and checkpoints
-// that move between devices: trained on one, resumed on the other (session.hpp).
+// moe::cuda::BasicBackend), run here on the host-emulated device: the model cases of
+// tests/cuda/gpt2_model_cases.hpp (initial values, loss and every gradient against the CPU model,
+// same bits twice; moe_cuda_tests runs them on a GPU), then training through sessions
+// (session.hpp): same bits run to run, bit-exact resume in fp32 and bf16, and checkpoints that
+// move between devices: trained on one, resumed on the other.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -14,94 +15,22 @@
 #include <vector>
 
 #include "../examples/gpt2_moe/session.hpp"
+#include "moe/cuda/emulated_device.hpp"
+
+namespace cuda_test {
+using TestDevice = moe::cuda::EmulatedDevice;
+inline TestDevice make_device() { return {}; }
+}  // namespace cuda_test
+
+#define CUDA_TEST_NAME(text) "cuda, emulated device: " text
+#include "cuda/gpt2_model_cases.hpp"
 
 using moe::Index;
 
 namespace {
 
-using Emulated = moe::cuda::EmulatedDevice;
-template <class S>
-using DeviceBackend = moe::cuda::BasicBackend<S, Emulated>;
-
-const gpt2::Config kTiny{.vocab = 37, .context = 8, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
-                         .experts = 4, .top_k = 2, .seed = 5};
-
-struct Batch {
-  std::vector<std::int32_t> tokens, targets;
-  Index B = 2, T = 7;
-};
-Batch make_batch(const gpt2::Config& config) {
-  Batch b;
-  for (Index i = 0; i < b.B * b.T; ++i) {
-    b.tokens.push_back(std::int32_t((i * 13 + 5) % config.vocab));
-    b.targets.push_back(i % 5 == 3 ? -1 : std::int32_t((i * 7 + 2) % config.vocab));  // some ignored
-  }
-  return b;
-}
-
-// Every parameter's values (or gradients) of a model, as host floats, in parameters() order.
-template <class Model>
-std::vector<std::vector<float>> host_tensors(Model& model, bool gradients) {
-  std::vector<std::vector<float>> out;
-  for (auto& p : model.parameters()) {
-    const auto span = gradients ? p.grad : p.value;
-    std::vector<float> host(span.size());
-    if (!span.empty()) model.ops().download(span, host);
-    out.push_back(std::move(host));
-  }
-  return out;
-}
-
-// max |a - b| / max |b| over one tensor
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double diff = 0, scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
-
-// The CPU model and the device model of `variant` (scalar S on the device) on one batch: the device
-// model starts from the CPU's values (as S stores them); loss and every gradient within tolerance.
-template <class S>
-void check_model_parity(const std::string& variant, const gpt2::Config& config, double tolerance) {
-  CAPTURE(variant);
-  const Batch batch = make_batch(config);
-  gpt2::with_variant<float>(variant, [&](auto cpu_tag) {
-    typename decltype(cpu_tag)::type cpu(config);
-    cpu.set_threads(1);
-    return gpt2::with_variant_on<DeviceBackend<S>>(variant, [&](auto device_tag) {
-      typename decltype(device_tag)::type device(config);
-      auto cpu_params = cpu.parameters();
-      auto device_params = device.parameters();
-      REQUIRE(cpu_params.size() == device_params.size());
-      // Same names, shapes and initial values (the device's rounded to S).
-      const auto device_initial = host_tensors(device, false);
-      for (std::size_t i = 0; i < cpu_params.size(); ++i) {
-        CAPTURE(cpu_params[i].name);
-        REQUIRE(cpu_params[i].name == device_params[i].name);
-        REQUIRE(cpu_params[i].shape == device_params[i].shape);
-        std::vector<float> expected(cpu_params[i].value.begin(), cpu_params[i].value.end());
-        for (float& v : expected) v = float(S(v));
-        CHECK(device_initial[i] == expected);
-        std::copy(device_initial[i].begin(), device_initial[i].end(), cpu_params[i].value.begin());
-      }
-      const double cpu_loss = cpu.forward(batch.tokens, batch.targets, batch.B, batch.T);
-      const double device_loss = device.forward(batch.tokens, batch.targets, batch.B, batch.T);
-      CHECK(std::abs(device_loss - cpu_loss) <= tolerance * std::abs(cpu_loss));
-      cpu.backward();
-      device.backward();
-      const auto cpu_grads = host_tensors(cpu, true), device_grads = host_tensors(device, true);
-      for (std::size_t i = 0; i < cpu_grads.size(); ++i) {
-        CAPTURE(cpu_params[i].name);
-        CHECK(relative_error(device_grads[i], cpu_grads[i]) < tolerance);
-      }
-      return 0;
-    });
-  });
-}
+using cuda_test::gpt2_model_cases::kTiny;
+using cuda_test::gpt2_model_cases::relative_error;
 
 gpt2::Dataset tiny_dataset() {
   gpt2::Dataset data;
@@ -184,18 +113,7 @@ ResumeRun run_resume(const std::string& variant, gpt2::Device first_device, gpt2
 
 }  // namespace
 
-TEST_CASE("gpt2 on the emulated device: loss and every gradient match the CPU model in fp32 (every variant)") {
-  for (const std::string_view variant : gpt2::kVariants) check_model_parity<float>(std::string(variant), kTiny, 1e-5);
-  gpt2::Config routed = kTiny;
-  routed.route_from_residual = true;
-  check_model_parity<float>("self", routed, 1e-5);
-}
-
-TEST_CASE("gpt2 on the emulated device: bf16 storage with fp32 accumulation stays within 2e-2 of the CPU") {
-  for (const std::string_view variant : {"dense", "self"}) check_model_parity<moe::bfloat16>(std::string(variant), kTiny, 2e-2);
-}
-
-TEST_CASE("gpt2 on the emulated device: two runs give the same bits (fp32 and bf16)") {
+TEST_CASE("gpt2 on the emulated device: two training runs give the same bits (fp32 and bf16)") {
   for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {
     CAPTURE(gpt2::precision_name(precision));
     const gpt2::Dataset data = tiny_dataset();

@@ -1,0 +1,148 @@
+// tests/cuda/gpt2_model_cases.hpp: the GPT-2 MoE model (examples/gpt2_moe/model.hpp) on a
+// CUDA-backend device against the CPU model, for one batch: the same initial values, the loss and
+// every parameter's gradient (fp32 within 1e-5 for every variant; bf16 storage with fp32
+// accumulation within 2e-2), and the same bits on a second run. Written once over the device: the
+// including file defines, in namespace cuda_test, `TestDevice` and `make_device()`
+// (tests/test_gpt2_device.cpp: the emulated device; tests/cuda/test_cuda_nn.cu: the GPU).
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../../examples/common/nn_ops_cuda.hpp"
+#include "../../examples/gpt2_moe/cpu_model.hpp"
+#include "../../examples/gpt2_moe/model.hpp"
+
+#ifndef CUDA_TEST_NAME
+#define CUDA_TEST_NAME(text) "cuda: " text
+#endif
+
+namespace cuda_test::gpt2_model_cases {
+
+using moe::Index;
+template <class S>
+using DeviceBackend = moe::cuda::BasicBackend<S, TestDevice>;
+
+const gpt2::Config kTiny{.vocab = 37, .context = 8, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
+                         .experts = 4, .top_k = 2, .seed = 5};
+
+struct Batch {
+  std::vector<std::int32_t> tokens, targets;
+  Index B = 2, T = 7;
+};
+Batch make_batch(const gpt2::Config& config) {
+  Batch b;
+  for (Index i = 0; i < b.B * b.T; ++i) {
+    b.tokens.push_back(std::int32_t((i * 13 + 5) % config.vocab));
+    b.targets.push_back(i % 5 == 3 ? -1 : std::int32_t((i * 7 + 2) % config.vocab));  // some ignored
+  }
+  return b;
+}
+
+// Every parameter's values (or gradients) of a model, as host floats, in parameters() order.
+template <class Model>
+std::vector<std::vector<float>> host_tensors(Model& model, bool gradients) {
+  std::vector<std::vector<float>> out;
+  for (auto& p : model.parameters()) {
+    const auto span = gradients ? p.grad : p.value;
+    std::vector<float> host(span.size());
+    if (!span.empty()) model.ops().download(span, host);
+    out.push_back(std::move(host));
+  }
+  return out;
+}
+
+// max |a - b| / max |b| over one tensor
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
+    scale = std::max(scale, std::abs(double(b[i])));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+// The CPU model and the device model of `variant` (scalar S on the device) on one batch: the device
+// model starts from the CPU's values (as S stores them); loss and every gradient within tolerance.
+template <class S>
+void check_model_parity(const std::string& variant, const gpt2::Config& config, double tolerance) {
+  CAPTURE(variant);
+  const Batch batch = make_batch(config);
+  gpt2::with_variant<float>(variant, [&](auto cpu_tag) {
+    typename decltype(cpu_tag)::type cpu(config);
+    cpu.set_threads(1);
+    return gpt2::with_variant_on<DeviceBackend<S>>(variant, [&](auto device_tag) {
+      using DeviceModel = typename decltype(device_tag)::type;
+      DeviceModel device(config, typename DeviceModel::Ops(make_device()));
+      auto cpu_params = cpu.parameters();
+      auto device_params = device.parameters();
+      REQUIRE(cpu_params.size() == device_params.size());
+      // Same names, shapes and initial values (the device's rounded to S).
+      const auto device_initial = host_tensors(device, false);
+      for (std::size_t i = 0; i < cpu_params.size(); ++i) {
+        CAPTURE(cpu_params[i].name);
+        REQUIRE(cpu_params[i].name == device_params[i].name);
+        REQUIRE(cpu_params[i].shape == device_params[i].shape);
+        std::vector<float> expected(cpu_params[i].value.begin(), cpu_params[i].value.end());
+        for (float& v : expected) v = float(S(v));
+        CHECK(device_initial[i] == expected);
+        std::copy(device_initial[i].begin(), device_initial[i].end(), cpu_params[i].value.begin());
+      }
+      const double cpu_loss = cpu.forward(batch.tokens, batch.targets, batch.B, batch.T);
+      const double device_loss = device.forward(batch.tokens, batch.targets, batch.B, batch.T);
+      CHECK(std::abs(device_loss - cpu_loss) <= tolerance * std::abs(cpu_loss));
+      cpu.backward();
+      device.backward();
+      const auto cpu_grads = host_tensors(cpu, true), device_grads = host_tensors(device, true);
+      for (std::size_t i = 0; i < cpu_grads.size(); ++i) {
+        CAPTURE(cpu_params[i].name);
+        CHECK(relative_error(device_grads[i], cpu_grads[i]) < tolerance);
+      }
+      return 0;
+    });
+  });
+}
+
+// Two device models of `variant` built alike, one forward and backward each: the same bits.
+template <class S>
+void check_same_bits(const std::string& variant) {
+  CAPTURE(variant);
+  const Batch batch = make_batch(kTiny);
+  gpt2::with_variant_on<DeviceBackend<S>>(variant, [&](auto tag) {
+    using DeviceModel = typename decltype(tag)::type;
+    DeviceModel a(kTiny, typename DeviceModel::Ops(make_device())), b(kTiny, typename DeviceModel::Ops(make_device()));
+    const double loss_a = a.forward(batch.tokens, batch.targets, batch.B, batch.T);
+    const double loss_b = b.forward(batch.tokens, batch.targets, batch.B, batch.T);
+    CHECK(loss_a == loss_b);
+    a.backward();
+    b.backward();
+    CHECK(host_tensors(a, true) == host_tensors(b, true));
+    return 0;
+  });
+}
+
+TEST_CASE(CUDA_TEST_NAME("gpt2 model: loss and every gradient match the CPU model in fp32 (every variant)")) {
+  for (const std::string_view variant : gpt2::kVariants) check_model_parity<float>(std::string(variant), kTiny, 1e-5);
+  gpt2::Config routed = kTiny;
+  routed.route_from_residual = true;
+  check_model_parity<float>("self", routed, 1e-5);
+}
+
+TEST_CASE(CUDA_TEST_NAME("gpt2 model: bf16 storage with fp32 accumulation stays within 2e-2 of the CPU")) {
+  for (const std::string_view variant : {"dense", "self"}) check_model_parity<moe::bfloat16>(std::string(variant), kTiny, 2e-2);
+}
+
+TEST_CASE(CUDA_TEST_NAME("gpt2 model: a second model built alike gives the same bits (fp32 and bf16)")) {
+  for (const std::string_view variant : {"linear", "random"}) {
+    check_same_bits<float>(std::string(variant));
+    check_same_bits<moe::bfloat16>(std::string(variant));
+  }
+}
+
+}  // namespace cuda_test::gpt2_model_cases
