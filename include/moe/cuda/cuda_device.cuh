@@ -8,6 +8,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
 #include <memory>
@@ -48,6 +49,54 @@ __global__ void for_each_2d_kernel(Index rows, Index cols, Body body) {
   const Index row_stride = Index(gridDim.y) * blockDim.y, col_stride = Index(gridDim.x) * blockDim.x;
   for (Index r = Index(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += row_stride)
     for (Index c = Index(blockIdx.x) * blockDim.x + threadIdx.x; c < cols; c += col_stride) body(r, c);
+}
+
+// A row of CudaDevice::for_each_row: the calling warp (device.hpp's order: lane-strided
+// folds, then a shuffle butterfly). Callable from host-device code; only device code runs it.
+struct WarpRow {
+  unsigned lane = 0;
+
+  template <class F>
+  __host__ __device__ auto sum(Index n, F f) const {
+    using T = decltype(f(Index{}));
+    T acc = 0;
+#if defined(__CUDA_ARCH__)
+    for (Index c = lane; c < n; c += kRowLanes) acc += f(c);
+    for (int offset = kRowLanes / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+#endif
+    return acc;
+  }
+  template <class F>
+  __host__ __device__ auto max(Index n, F f) const {
+    using T = decltype(f(Index{}));
+    T acc = -T(INFINITY);
+#if defined(__CUDA_ARCH__)
+    for (Index c = lane; c < n; c += kRowLanes) {
+      const T v = f(c);
+      acc = v > acc ? v : acc;
+    }
+    for (int offset = kRowLanes / 2; offset > 0; offset /= 2) {
+      const T other = __shfl_xor_sync(0xffffffffu, acc, offset);
+      acc = other > acc ? other : acc;
+    }
+#endif
+    return acc;
+  }
+  template <class F>
+  __host__ __device__ void for_each(Index n, F f) const {
+    for (Index c = lane; c < n; c += kRowLanes) f(c);
+  }
+  __host__ __device__ bool first() const { return lane == 0; }
+};
+
+// One warp per row, grid-stride over the rows. Every lane of a warp takes the same rows, so the
+// shuffles always run with the full warp.
+template <class Body>
+__global__ void for_each_row_kernel(Index rows, Body body) {
+  const unsigned lane = threadIdx.x % kRowLanes;
+  const Index warps = Index(gridDim.x) * (blockDim.x / kRowLanes);
+  for (Index r = (Index(blockIdx.x) * blockDim.x + threadIdx.x) / kRowLanes; r < rows; r += warps)
+    body(r, WarpRow{lane});
 }
 
 // fp32 GEMMs: exact fp32 (the default, what parity is checked with) or TF32 tensor cores.
@@ -113,6 +162,18 @@ class CudaDevice {
     const Index by = (rows + kY - 1) / kY < 65535 ? (rows + kY - 1) / kY : 65535;
     for_each_2d_kernel<<<dim3(unsigned(bx), unsigned(by)), dim3(unsigned(kX), unsigned(kY)), 0, stream()>>>(
         rows, cols, body);
+    check_cuda(cudaGetLastError(), "kernel launch");
+  }
+
+  using Row = WarpRow;
+  template <class Body>
+  void for_each_row(Index rows, Body body) const {
+    if (rows <= 0) return;
+    constexpr Index kThreads = 256, kRowsPerBlock = kThreads / kRowLanes;
+    const Index max_blocks = Index(context_->sms) * 16;
+    const Index needed = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+    for_each_row_kernel<<<unsigned(needed < max_blocks ? needed : max_blocks), unsigned(kThreads), 0, stream()>>>(
+        rows, body);
     check_cuda(cudaGetLastError(), "kernel launch");
   }
 

@@ -7,6 +7,8 @@
 //   d.download(dst, src, bytes)                device -> host; waits for the stream (a sync point)
 //   d.for_each(n, body)                        body(i) for every i in [0, n), in any order/parallel
 //   d.for_each_2d(rows, cols, body)            body(r, c) over a grid (no index division per element)
+//   d.for_each_row(rows, body)                 body(r, row) per row r, with `row` (a D::Row) to
+//                                              work on the row's columns together (below)
 //   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention), or a
 //                                              strided batch of them (BlasGemm::batch > 1)
 //   d.scratch(bytes)                           a reusable workspace: valid until the next scratch()
@@ -111,6 +113,29 @@ class ScratchLayout {
   static constexpr std::size_t kAlignment = 256;
   std::size_t bytes_ = 0;
 };
+
+// The reductions of D::for_each_row: a row's columns are dealt to kRowLanes lanes (lane l takes
+// c = l, l + 32, ...), each lane folds its own in order, and the 32 partials meet in a butterfly
+// (lane l takes l ^ 16, then l ^ 8, ... l ^ 1), which leaves every lane with the same value. The
+// GPU runs the lanes as a warp (shuffles); the emulated device runs the same order in a loop, so
+// both give the same reductions. A row body must do its writes through row.for_each (one column
+// each) or under row.first() (once per row): on the GPU all 32 lanes run the body.
+//   row.sum(n, f)      sum over c in [0, n) of f(c)
+//   row.max(n, f)      max over c in [0, n) of f(c) (-inf for n = 0; a NaN is kept or skipped as `>` decides)
+//   row.for_each(n, f) f(c) for every c in [0, n)
+//   row.first()        true in exactly one lane
+inline constexpr int kRowLanes = 32;
+
+// The butterfly on an array of lane partials (the emulated device's copy of the warp's shuffles).
+template <class T, class Combine>
+T butterfly(T (&lanes)[kRowLanes], Combine combine) {
+  for (int offset = kRowLanes / 2; offset > 0; offset /= 2) {
+    T next[kRowLanes];
+    for (int l = 0; l < kRowLanes; ++l) next[l] = combine(lanes[l], lanes[l ^ offset]);
+    for (int l = 0; l < kRowLanes; ++l) lanes[l] = next[l];
+  }
+  return lanes[0];
+}
 
 // *target += value with an atomic on the GPU. Only integers: integer sums do not depend on the
 // order of the additions, so counts stay deterministic.

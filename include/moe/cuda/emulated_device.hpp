@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -19,7 +20,38 @@
 
 namespace moe::cuda {
 
+// A row of EmulatedDevice::for_each_row: the warp's lanes and butterfly in loops (device.hpp).
+struct EmulatedRow {
+  template <class F>
+  auto sum(Index n, F f) const {
+    using T = decltype(f(Index{}));
+    T lanes[kRowLanes] = {};
+    for (int l = 0; l < kRowLanes; ++l)
+      for (Index c = l; c < n; c += kRowLanes) lanes[l] += f(c);
+    return butterfly(lanes, [](T a, T b) { return a + b; });
+  }
+  template <class F>
+  auto max(Index n, F f) const {
+    using T = decltype(f(Index{}));
+    T lanes[kRowLanes];
+    for (int l = 0; l < kRowLanes; ++l) {
+      lanes[l] = -T(INFINITY);
+      for (Index c = l; c < n; c += kRowLanes) {
+        const T v = f(c);
+        lanes[l] = v > lanes[l] ? v : lanes[l];
+      }
+    }
+    return butterfly(lanes, [](T a, T b) { return b > a ? b : a; });
+  }
+  template <class F>
+  void for_each(Index n, F f) const {
+    for (Index c = 0; c < n; ++c) f(c);
+  }
+  bool first() const { return true; }  // the body runs once per row here
+};
+
 struct EmulatedDevice {
+  using Row = EmulatedRow;
   static constexpr std::size_t kAlignment = 256;  // cudaMalloc's alignment
   std::string description() const { return "emulated CUDA device (host loops)"; }
   static void* allocate(std::size_t bytes) { return ::operator new(bytes == 0 ? 1 : bytes, std::align_val_t{kAlignment}); }
@@ -37,6 +69,10 @@ struct EmulatedDevice {
   void for_each_2d(Index rows, Index cols, Body body) const {
     for (Index r = 0; r < rows; ++r)
       for (Index c = 0; c < cols; ++c) body(r, c);
+  }
+  template <class Body>
+  void for_each_row(Index rows, Body body) const {
+    for (Index r = 0; r < rows; ++r) body(r, Row{});
   }
 
   // The column-major definition, accumulated in the scalar's compute type in k order; a batch is

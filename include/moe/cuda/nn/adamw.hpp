@@ -81,14 +81,15 @@ void fill_zero(const D& device, T* data, Index n) {
   device.for_each(n, [=] MOE_HOST_DEVICE(Index j) { data[j] = T(0); });
 }
 
-// partial[q] = sum of grad[j]^2 over chunk q of kNormChunk elements, in double, in index order.
+// partial[q] = sum of grad[j]^2 over j = q, q + chunks, q + 2 chunks, ... (chunks = n / kNormChunk
+// rounded up: about kNormChunk elements each), in double, j ascending. Interleaved rather than
+// contiguous so that neighbouring threads read neighbouring elements (coalesced on the GPU).
 template <class S, class D>
 void chunk_squares(const D& device, const S* grad, Index n, double* partial) {
-  const Index chunk = kNormChunk, chunks = (n + chunk - 1) / chunk;
+  const Index chunks = (n + kNormChunk - 1) / kNormChunk;
   device.for_each(chunks, [=] MOE_HOST_DEVICE(Index q) {
-    const Index begin = q * chunk, end = begin + chunk < n ? begin + chunk : n;
     double s = 0;
-    for (Index j = begin; j < end; ++j) s += double(grad[j]) * double(grad[j]);
+    for (Index j = q; j < n; j += chunks) s += double(grad[j]) * double(grad[j]);
     partial[q] = s;
   });
 }
@@ -277,8 +278,8 @@ class AdamW {
 // (trainable parameters with a gradient, in device memory) exceeds max_norm, as
 // moe::nn::clip_grad_norm. Returns the norm before clipping; a non-finite norm is returned with
 // the gradients left as they are (the caller should skip that step).
-// The squares are summed in double: per parameter in chunks of kNormChunk elements (one thread
-// each, in index order), then every partial in list-and-chunk order by one thread, so the norm
+// The squares are summed in double: per parameter in interleaved chunks of about kNormChunk
+// elements (one thread each, in index order), then every partial in list-and-chunk order by one thread, so the norm
 // is the same bits on every run. Downloading the sum waits for the stream: the one sync.
 template <class S, class D>
 double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double max_norm) {

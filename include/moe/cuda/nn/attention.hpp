@@ -8,8 +8,9 @@
 //
 // Plan (simple rather than fast): each product is one strided-batched GEMM per sequence over its heads (head h+1's
 // q, k, v start hs columns after head h's; a host loop of B calls, full T x T even when causal: the masked
-// probabilities are exactly 0, so they add nothing), and every softmax step is one device index per (b, h, t) row,
-// whose arithmetic runs in a fixed order in Compute<S> (float for bf16). No floating-point atomics: each element has
+// probabilities are exactly 0, so they add nothing), and every softmax step is one row of the device's row work per
+// (b, h, t) (a warp on the GPU; moe/cuda/device.hpp), whose arithmetic runs in a fixed order in Compute<S> (float for
+// bf16). No floating-point atomics: each element has
 // one writer, so the results are bit-identical run to run.
 #pragma once
 
@@ -62,24 +63,19 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
                     ad::head_part(qkv, 0, b, 0, T, channels, hs), BlasOp::none, hs,
                     ad::head_part(qkv, 1, b, 0, T, channels, hs), BlasOp::transpose, hs, false);
 
-  // One index per (b, h, t) row: scaled, masked, max-subtracted softmax in place; masked keys 0.
+  // One row of work per (b, h, t): scaled, masked, max-subtracted softmax in place; masked keys 0. The stored
+  // probability is the stored exponential (as S) times 1 / sum, as on the CPU.
   const C scale = C(1) / std::sqrt(C(hs));
-  device.for_each(pairs * T, [=] MOE_HOST_DEVICE(Index i) {
+  device.for_each_row(pairs * T, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
     const Index t = i % T;
     const Index seen = causal ? t + 1 : T;
     S* row = att + i * T;
-    C max = C(row[0]);
-    for (Index j = 1; j < seen; ++j) max = C(row[j]) > max ? C(row[j]) : max;
-    C sum = 0;
-    for (Index j = 0; j < seen; ++j) {
-      const C e = std::exp((C(row[j]) - max) * scale);
-      row[j] = S(e);
-      sum += e;
-    }
-    // Normalise the stored exponentials (as the CPU does: the bits depend on the row alone).
+    const C max = r.max(seen, [&](Index j) { return C(row[j]); });
+    const C sum = r.sum(seen, [&](Index j) { return C(std::exp((C(row[j]) - max) * scale)); });
     const C inverse = C(1) / sum;
-    for (Index j = 0; j < seen; ++j) row[j] = S(C(row[j]) * inverse);
-    for (Index j = seen; j < T; ++j) row[j] = S(0);
+    r.for_each(T, [&](Index j) {
+      row[j] = j < seen ? S(C(S(std::exp((C(row[j]) - max) * scale))) * inverse) : S(0);
+    });
   });
 
   // out = att v into each head's column block, one batched GEMM per sequence.
@@ -117,17 +113,15 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
                     ad::head_part(qkv, 2, b, 0, T, channels, hs), BlasOp::transpose, hs, false);
   }
 
-  // One index per (b, h, t) row: dS = P * (dP - P . dP) * scale in place; masked keys exactly 0.
+  // One row of work per (b, h, t): dS = P * (dP - P . dP) * scale in place; masked keys exactly 0.
   const C scale = C(1) / std::sqrt(C(hs));
-  device.for_each(pairs * T, [=] MOE_HOST_DEVICE(Index i) {
+  device.for_each_row(pairs * T, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
     const Index t = i % T;
     const Index seen = causal ? t + 1 : T;
     const S* p = att + i * T;
     S* ds = ds_all + i * T;
-    C p_dot_dp = 0;
-    for (Index j = 0; j < seen; ++j) p_dot_dp += C(p[j]) * C(ds[j]);
-    for (Index j = 0; j < seen; ++j) ds[j] = S(C(p[j]) * (C(ds[j]) - p_dot_dp) * scale);
-    for (Index j = seen; j < T; ++j) ds[j] = S(0);
+    const C p_dot_dp = r.sum(seen, [&](Index j) { return C(p[j]) * C(ds[j]); });
+    r.for_each(T, [&](Index j) { ds[j] = j < seen ? S(C(p[j]) * (C(ds[j]) - p_dot_dp) * scale) : S(0); });
   });
 
   // dq += dS k and dk += dS^T q, one batched GEMM each per sequence.

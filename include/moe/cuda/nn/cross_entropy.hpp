@@ -41,14 +41,12 @@ std::int32_t* upload_targets(const D& device, std::span<const std::int32_t> targ
   return slot;
 }
 
-// max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, left to right.
-template <class S, class C = Compute<S>>
-MOE_HOST_DEVICE void softmax_stats(const S* row, Index V, C& max, C& sum) {
-  C m = C(row[0]);
-  for (Index j = 1; j < V; ++j) m = C(row[j]) > m ? C(row[j]) : m;
-  C s = 0;
-  for (Index j = 0; j < V; ++j) s += C(std::exp(C(row[j]) - m));
-  max = m, sum = s;
+// max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, by the device's row work.
+template <class S, class Row, class C = Compute<S>>
+MOE_HOST_DEVICE void softmax_stats(const Row& work, const S* row, Index V, C& max, C& sum) {
+  const C m = work.max(V, [&](Index j) { return C(row[j]); });
+  sum = work.sum(V, [&](Index j) { return C(std::exp(C(row[j]) - m)); });
+  max = m;
 }
 
 }  // namespace cross_entropy_detail
@@ -73,17 +71,17 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   const auto sums_slot = layout.add<double>(chunks + 1);  // the partials, then the mean
   void* scratch = device.scratch(layout.bytes());
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
-  // One index per row: the row's softmax statistics and its loss.
-  device.for_each(N, [=] MOE_HOST_DEVICE(Index r) {
+  // One row of work per row: the row's softmax statistics and its loss.
+  device.for_each_row(N, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& work) {
     const std::int32_t t = target[r];
     if (t == kIgnoreTarget) {
-      losses[r] = S(0);
+      if (work.first()) losses[r] = S(0);
       return;
     }
     const S* row = logits.row(r);
     C max, sum;
-    cross_entropy_detail::softmax_stats(row, V, max, sum);
-    losses[r] = S(C(std::log(sum)) + max - C(row[t]));  // logsumexp - logit of the target
+    cross_entropy_detail::softmax_stats(work, row, V, max, sum);
+    if (work.first()) losses[r] = S(C(std::log(sum)) + max - C(row[t]));  // logsumexp - logit of the target
   });
   // Mean: per-chunk partial sums in double, then one thread adds them in chunk order.
   double* partial = sums_slot.in(scratch);
@@ -126,14 +124,16 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
   const auto stats_slot = layout.add<C>(2 * N);
   void* scratch = device.scratch(layout.bytes());
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
-  // One index per row: max and 1 / sum of the row's exponentials.
+  // One row of work per row: max and 1 / sum of the row's exponentials.
   C* stat = stats_slot.in(scratch);
-  device.for_each(N, [=] MOE_HOST_DEVICE(Index r) {
+  device.for_each_row(N, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& work) {
     if (target[r] == kIgnoreTarget) return;  // never read
     C max, sum;
-    cross_entropy_detail::softmax_stats(logits.row(r), V, max, sum);
-    stat[2 * r] = max;
-    stat[2 * r + 1] = C(1) / sum;
+    cross_entropy_detail::softmax_stats(work, logits.row(r), V, max, sum);
+    if (work.first()) {
+      stat[2 * r] = max;
+      stat[2 * r + 1] = C(1) / sum;
+    }
   });
   // One index per element.
   const C scale = valid ? C(dloss / double(valid)) : C(0);

@@ -4,8 +4,9 @@
 // EmulatedDevice. Arithmetic in Compute<S> (float for bfloat16); the cached mean and rstd are
 // Compute<S> arrays, so bf16 activations do not round their statistics.
 //
-// Determinism: one index per row for the row-wise work; the parameter gradients (sums down the
-// rows) go through per-chunk partials summed in chunk order. No floating-point atomics, so the
+// Determinism: the row-wise work is the device's row work (moe/cuda/device.hpp: a warp per row on
+// the GPU, its lanes' partials meeting in a fixed butterfly); the parameter gradients (sums down
+// the rows) go through per-chunk partials summed in chunk order. No floating-point atomics, so the
 // result is the same bits run to run.
 #pragma once
 
@@ -26,9 +27,9 @@ inline constexpr Index kLayerNormRowChunk = 64;  // rows per partial of the para
 
 // x: [T, C], weight: [C], bias: [C] -> out: [T, C]; cached for backward: mean: [T], rstd: [T]
 // (Compute<S>, device memory). out[t] = (x[t] - mean[t]) * rstd[t] * weight + bias,
-// rstd = 1 / sqrt(var + eps). One index per row, two passes (mean, then the centred sum of
-// squares: no cancellation when |mean| >> std). out may alias x: each row is read before the
-// same index writes it.
+// rstd = 1 / sqrt(var + eps). One row of work per row, two passes (mean, then the centred sum of
+// squares: no cancellation when |mean| >> std). out may alias x: each column is read and then
+// written by the same lane.
 template <class S, class D>
 void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out,
                        Compute<S>* mean, Compute<S>* rstd) {
@@ -41,28 +42,27 @@ void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, c
   check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
   if (T == 0) return;
   const Cm eps = Cm(kLayerNormEps);
-  device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+  device.for_each_row(T, [=] MOE_HOST_DEVICE(Index t, const typename D::Row& row) {
     const S* xt = x.row(t);
-    Cm sum = 0;
-    for (Index c = 0; c < C; ++c) sum += Cm(xt[c]);
-    const Cm m = sum / Cm(C);
-    Cm squares = 0;
-    for (Index c = 0; c < C; ++c) {
+    const Cm m = row.sum(C, [&](Index c) { return Cm(xt[c]); }) / Cm(C);
+    const Cm squares = row.sum(C, [&](Index c) {
       const Cm d = Cm(xt[c]) - m;
-      squares += d * d;
-    }
+      return d * d;
+    });
     const Cm s = Cm(1) / std::sqrt(squares / Cm(C) + eps);
     S* ot = out.row(t);
-    for (Index c = 0; c < C; ++c) ot[c] = S((Cm(xt[c]) - m) * s * Cm(weight[c]) + Cm(bias[c]));
-    mean[t] = m;
-    rstd[t] = s;
+    row.for_each(C, [&](Index c) { ot[c] = S((Cm(xt[c]) - m) * s * Cm(weight[c]) + Cm(bias[c])); });
+    if (row.first()) {
+      mean[t] = m;
+      rstd[t] = s;
+    }
   });
 }
 
 // dout: [T, C], x: [T, C], weight: [C], mean: [T], rstd: [T] (from forward, Compute<S>)
 //   -> dx: [T, C] (+=; skipped if dx.data is null), dweight: [C] (+=), dbias: [C] (+=; each
 //      skipped if null)
-// With n = (x - mean) * rstd and dn = dout * weight, per row (one index each):
+// With n = (x - mean) * rstd and dn = dout * weight, per row (the device's row work):
 //   dx += rstd * (dn - mean_c(dn) - n * mean_c(dn * n)),  dweight += sum_t dout * n,  dbias += sum_t dout.
 // dweight/dbias: chunks of kLayerNormRowChunk rows sum in row order into partials, then one index
 // per column adds the partials in chunk order. The partials live in the device's scratch.
@@ -80,23 +80,19 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
 
   if (dx.data && T > 0)
-    device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+    device.for_each_row(T, [=] MOE_HOST_DEVICE(Index t, const typename D::Row& row) {
       const S* xt = x.row(t);
       const S* dt = dout.row(t);
       const Cm m = mean[t], s = rstd[t];
-      Cm dn_sum = 0, dn_n_sum = 0;
-      for (Index c = 0; c < C; ++c) {
-        const Cm dn = Cm(dt[c]) * Cm(weight[c]);
-        dn_sum += dn;
-        dn_n_sum += dn * ((Cm(xt[c]) - m) * s);
-      }
-      const Cm dn_mean = dn_sum / Cm(C), dn_n_mean = dn_n_sum / Cm(C);
+      const Cm dn_mean = row.sum(C, [&](Index c) { return Cm(dt[c]) * Cm(weight[c]); }) / Cm(C);
+      const Cm dn_n_mean =
+          row.sum(C, [&](Index c) { return Cm(dt[c]) * Cm(weight[c]) * ((Cm(xt[c]) - m) * s); }) / Cm(C);
       S* dxt = dx.row(t);
-      for (Index c = 0; c < C; ++c) {
+      row.for_each(C, [&](Index c) {
         const Cm dn = Cm(dt[c]) * Cm(weight[c]);
         const Cm n = (Cm(xt[c]) - m) * s;
         dxt[c] = S(Cm(dxt[c]) + s * (dn - dn_mean - n * dn_n_mean));
-      }
+      });
     });
 
   if (!dweight && !dbias) return;
