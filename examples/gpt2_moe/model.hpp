@@ -216,8 +216,8 @@ class Model {
     for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(*this, residual_[l], residual_[l + 1]);
     nn_.layernorm_forward(residual_.back(), ln_f_weight_.value.data(), ln_f_bias_.value.data(), ln_f_,
                           ln_f_mean_.data(), ln_f_rstd_.data());
-    nn_.linear_forward(ln_f_, wte_.matrix(), nullptr, logits_);  // tied: logits = ln_f wte^T
-    loss_ = targets.empty() ? 0.0 : nn_.cross_entropy_forward(logits_, targets, losses_.data());
+    nn_.linear_forward(ln_f_, wte_.matrix(), nullptr, logits_view());  // tied: logits = ln_f wte^T
+    loss_ = targets.empty() ? 0.0 : nn_.cross_entropy_forward(logits_view(), targets, losses_.data());
     forwarded_ = !targets.empty();
     return loss_;
   }
@@ -228,8 +228,8 @@ class Model {
     forwarded_ = false;
     const Index B_ = batch_, T = seq_;
 
-    MatrixView<S> dlogits = logits_;  // written over the logits (llm.c): they are not needed again
-    nn_.cross_entropy_backward(logits_, targets_, 1.0, dlogits);
+    const MatrixView<S> dlogits = logits_view();  // written over the logits (llm.c): they are not needed again
+    nn_.cross_entropy_backward(dlogits, targets_, 1.0, dlogits);
     nn_.zero(dtmp_);
     nn_.linear_backward(ln_f_, dlogits, wte_.matrix(), dtmp_, wte_.grad_matrix(), nullptr);
     nn_.zero(dresidual_);
@@ -276,7 +276,7 @@ class Model {
 
   // The last forward's logits [B*T, V] (until backward) and per-position losses [B*T], in the
   // model's memory (the device's for a device model).
-  ConstMatrixView<S> logits() const { return logits_; }
+  ConstMatrixView<S> logits() const { return ConstMatrixView<S>(logits_).col_block(0, config_.vocab); }
   std::span<const S> losses() const { return {losses_.data(), std::size_t(losses_.size())}; }
 
   // ---- routing (MoE variants) ----
@@ -431,6 +431,11 @@ class Model {
                  " at position ", i, " is outside [0, ", config_.vocab, ") (or -1 to ignore)");
   }
 
+  // The logits' row stride: V rounded up to 64 elements, so that every row starts 128-byte aligned
+  // (GPT-2's V = 50257 is odd; cuBLAS's fast bf16 kernels want ld a multiple of 8 elements).
+  Index padded_vocab() const { return (config_.vocab + 63) / 64 * 64; }
+  MatrixView<S> logits_view() { return MatrixView<S>(logits_).col_block(0, config_.vocab); }
+
   // Activations for (B, T): allocated on the first forward of that shape, then reused.
   void allocate(Index B_, Index T) {
     if (B_ == batch_ && T == seq_) return;
@@ -442,7 +447,7 @@ class Model {
     for (Matrix* m : {&ln_f_, &dresidual_, &dtmp_}) B::resize(*m, BT, H);
     if (routes_from_residual()) B::resize(drouter_, BT, H);
     B::resize(dqkv_, BT, 3 * H);
-    B::resize(logits_, BT, config_.vocab);
+    B::resize(logits_, BT, padded_vocab());
     ln_f_mean_.resize(std::size_t(BT)), ln_f_rstd_.resize(std::size_t(BT)), losses_.resize(std::size_t(BT));
   }
 
@@ -456,7 +461,7 @@ class Model {
   Index batch_ = 0, seq_ = 0;
   std::vector<std::int32_t> tokens_, targets_;
   std::vector<Matrix> residual_;  // [L + 1] x [B*T, H]: the input of block l, then the final stream
-  Matrix ln_f_, logits_;
+  Matrix ln_f_, logits_;  // logits_: rows of padded_vocab(), the first V used
   Array<typename Ops::Stat> ln_f_mean_, ln_f_rstd_;
   Array<S> losses_;
   double loss_ = 0;
