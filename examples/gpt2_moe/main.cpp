@@ -34,7 +34,7 @@ const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "hea
 const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumulation", "lr", "warmup",
                                               "weight-decay", "clip", "eval-every", "eval-tokens", "stats-tokens",
                                               "checkpoint-every", "threads", "data", "tokenizer", "out",
-                                              "device", "precision"};
+                                              "device", "precision", "no-checkpoint"};
 
 std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
   a.insert(a.end(), b.begin(), b.end());
@@ -69,6 +69,7 @@ cli::Parser make_parser() {
       {"checkpoint-every", "N", "steps between checkpoints (0: at the end only)", "0"},
       {"threads", "N", "CPU threads (results are bit-identical on any count)", "all cores"},
       {"device", "NAME", "cpu, cuda (the GPU) or emulated (the GPU's code on the host, slow: for tests)", "cpu"},
+      {"no-checkpoint", "", "write no checkpoint (when only the figures are wanted)", ""},
       {"precision", "NAME", "fp32, tf32 or bf16 (bf16 and tf32: --device cuda; bf16 keeps fp32 master weights)",
        "fp32 on cpu, bf16 on cuda"},
       {"data", "PATH", "text file, folder of text files, or llm.c .bin shard(s)",
@@ -227,7 +228,7 @@ gpt2::Precision precision_of(const cli::Parser& args, gpt2::Device device) {
 
 void print_result(const gpt2::TrainResult& r, const fs::path& checkpoint) {
   std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(), r.val_loss,
-              std::exp(r.val_loss), r.tokens_per_second, checkpoint.c_str());
+              std::exp(r.val_loss), r.tokens_per_second, checkpoint.empty() ? "none" : checkpoint.c_str());
   if (r.device_memory_bytes > 0)
     std::fprintf(stderr, "device memory in use after training: %.2f GiB\n", double(r.device_memory_bytes) / (1 << 30));
 }
@@ -249,6 +250,7 @@ int run_train(const cli::Parser& args) {
                "gpt2_moe: the training data differs from the data checkpoint ", file.string(),
                " was trained on; pass the same --data");
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
+    if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
     gpt2::Session session = gpt2::make_session(device, precision, header.variant, header.config,
                                                {.lr = options.lr, .weight_decay = options.weight_decay});
     session.load(file);
@@ -266,7 +268,7 @@ int run_train(const cli::Parser& args) {
   const gpt2::Dataset data =
       gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
   const fs::path out = args.get("out", "runs/train");
-  options.checkpoint = out / (variant + ".safetensors");
+  options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
   gpt2::Session session = gpt2::make_session(device, precision, variant, config,
                                              {.lr = options.lr, .weight_decay = options.weight_decay});
   gpt2::Trainer& trainer = *session.trainer;
@@ -297,7 +299,7 @@ int run_compare(const cli::Parser& args, const std::string& command) {
   std::vector<report::VariantResult> results;
   std::string where;
   for (const std::string& variant : variants) {
-    options.checkpoint = out / (variant + ".safetensors");
+    options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
     // Same seed: the tensors the variants share start equal.
     gpt2::Session session = gpt2::make_session(device, precision, variant, config,
                                                {.lr = options.lr, .weight_decay = options.weight_decay});

@@ -66,8 +66,9 @@ grep -q "on emulated CUDA device (host loops), bf16" "$work/emulated.log" ||
 grep -q "from step 2 of 3 on cpu" "$work/emulated_resume.log" ||
   fail "the CPU resume did not start at step 2: $(cat "$work/emulated_resume.log")"
 "$bin" compare --variants self,dense --device emulated --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
-  --out "$work/emulated_report" >"$work/emulated_compare.log" 2>&1 ||
+  --no-checkpoint --out "$work/emulated_report" >"$work/emulated_compare.log" 2>&1 ||
   fail "compare --device emulated: $(tail -3 "$work/emulated_compare.log")"
+[[ ! -e $work/emulated_report/self.safetensors ]] || fail "compare --no-checkpoint wrote a checkpoint"
 grep -q "Trained on emulated CUDA device" "$work/emulated_report/report.md" ||
   fail "the report does not say where the variants trained"
 # --device cuda: trains where there is a GPU; elsewhere one error line naming the flag.
