@@ -1,37 +1,55 @@
 #!/usr/bin/env bash
-# bench/gpu/run.sh: the CUDA backend on a GPU machine, in one command. Configures and builds
-# (Release, sm_90, build-gpu/ under the repo root), runs the GPU tests (moe_cuda_tests), the
-# same tests under compute-sanitizer memcheck and racecheck, bench_moe_cuda and the PyTorch
-# peers (bench/gpu/torch_moe_cuda.py), then prints the comparison table (bench/gpu/report.py) last.
+# bench/gpu/run.sh: the CUDA backend and GPU training on a GPU machine, in one command. Runs the GPU
+# tests (moe_cuda_tests: the backend, the transformer pieces and the whole GPT-2 MoE model against
+# the CPU), the same tests under compute-sanitizer memcheck and racecheck, bench_moe_cuda and its
+# PyTorch peers (bench/gpu/torch_moe_cuda.py), bench_gpt2_cuda (GPT-2-small MoE training) and its
+# PyTorch peer (bench/gpu/torch_gpt2_cuda.py), optionally the GPT-2-small comparison of the gates,
+# and prints the tables (bench/gpu/report.py, bench/gpu/report_gpt2.py) last.
 #
-#   bench/gpu/run.sh                                         # everything: ~15-25 min on an H100
-#   SANITIZER_FILTER='--test-case=*edge*,*NaN*' bench/gpu/run.sh  # shorter sanitizer runs: ~10 min
-#   STEPS=build,test bench/gpu/run.sh                        # only some steps (a 10-minute slot each):
-#   STEPS=memcheck,racecheck bench/gpu/run.sh                #   build ~2-4 min, test ~1 min,
-#   STEPS=bench,torch,report bench/gpu/run.sh                #   sanitizers ~2-10 min each, bench ~3 min, torch ~2 min
+# The GPU machine has nvcc, CMake and PyTorch but not this project's Debian packages and no network:
+# run bench/gpu/prepare.sh HERE first; it puts the binaries (built for sm_90), the libraries they
+# need and the data into .gpu-deps/, which the device call carries (carry [".gpu-deps"]). The
+# binaries run from there; if they do not start, the build step builds them on the GPU machine from
+# .gpu-deps/usr (Eigen, doctest, Google Benchmark, zlib).
+#
+#   bench/gpu/run.sh                                          # everything but compare (~25 min)
+#   STEPS=test,bench_gpt2,torch_gpt2,report_gpt2 bench/gpu/run.sh   # GPU tests + GPT-2 training speed (~6 min)
+#   STEPS=memcheck,racecheck SANITIZER_FILTER='--test-case=*edge*' bench/gpu/run.sh
+#   STEPS=bench,torch,report bench/gpu/run.sh                 # the MoE layer against PyTorch (~5 min)
+#   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
 #
 # Environment (all optional):
 #   OUT_DIR           results (default build-gpu/results): tests.log, memcheck.log, racecheck.log,
-#                     moe_cuda.json, bench.log, torch_cuda.json, torch.log, table.md, env.txt
-#   BUILD_DIR         the CMake build (default build-gpu)
-#   STEPS             comma-separated subset of build,test,memcheck,racecheck,bench,torch,report
-#                     (default: all; steps after build need the build to exist)
+#                     moe_cuda.json, torch_cuda.json, gpt2_cuda.json, torch_gpt2_cuda.json, table.md,
+#                     table_gpt2.md, compare/, env.txt. On the device machine ($OUT set) they are
+#                     also packed into $OUT/results.tar.gz, with the two tables beside it.
+#   BUILD_DIR         the CMake build, if one is needed (default build-gpu)
+#   DEPS_DIR          prepare.sh's folder (default .gpu-deps)
+#   STEPS             comma-separated subset of build,test,memcheck,racecheck,bench,torch,report,
+#                     bench_gpt2,torch_gpt2,report_gpt2,compare (default: all but compare)
 #   SANITIZER_FILTER  doctest arguments for the two sanitizer runs, e.g. '--test-case=*edge*,*NaN*'
 #   REPETITIONS       bench_moe_cuda repetitions (default 3; the report uses their median)
 #   MIN_TIME          seconds per benchmark repetition (default 0.5)
-#   BENCH_FILTER      --benchmark_filter regex (default: every benchmark)
+#   BENCH_FILTER      --benchmark_filter regex for bench_moe_cuda (default: every benchmark)
+#   GPT2_FILTER       --benchmark_filter regex for bench_gpt2_cuda (default: every benchmark)
+#   TORCH_GPT2_ARGS   extra arguments of torch_gpt2_cuda.py (e.g. '--mode eager')
+#   COMPARE_VARIANTS  gates compared (default dense,linear,self,fixed-random,random)
+#   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024
+#                     tokens per step (default 8): 200 x 8 x 1024 = 1.6M tokens per variant
 #   PYTHON            the python with torch 2.x and transformers (default python3)
 #   COMPUTE_SANITIZER the compute-sanitizer binary (default: found on the PATH, under
 #                     /usr/local/cuda*, or in pip's nvidia-cuda-sanitizer-api wheel)
 #
 # A failing step does not stop the later ones (a failed build does); the script exits 1 if any
-# step failed. Benchmarks are timed with CUDA events; nothing else should use the GPU meanwhile.
+# step failed. Benchmarks are timed with CUDA events or a drained device; nothing else should use
+# the GPU meanwhile.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${BUILD_DIR:-$root/build-gpu}
+deps=${DEPS_DIR:-$root/.gpu-deps}
 out=${OUT_DIR:-$build/results}
-steps=${STEPS:-build,test,memcheck,racecheck,bench,torch,report}
+steps=${STEPS:-build,test,memcheck,racecheck,bench,torch,report,bench_gpt2,torch_gpt2,report_gpt2}
 repetitions=${REPETITIONS:-3}
 min_time=${MIN_TIME:-0.5}
 python=${PYTHON:-python3}
@@ -42,8 +60,24 @@ if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
   export PATH=/usr/local/cuda/bin:$PATH
 fi
 
-tests=$build/tests/moe_cuda_tests
-bench=$build/bench/gpu/bench_moe_cuda
+# The libraries prepare.sh carried (Google Benchmark, OpenMP) and CUDA's own.
+export LD_LIBRARY_PATH=$deps/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export MOE_GPT2_BPE_DIR=${MOE_GPT2_BPE_DIR:-$deps/data/bpe}
+# prepare.sh's binaries when they start here, else the build step's.
+tests=$deps/bin/moe_cuda_tests
+bench=$deps/bin/bench_moe_cuda
+bench_gpt2=$deps/bin/bench_gpt2_cuda
+gpt2=$deps/bin/gpt2_moe
+# A binary starts if the loader finds its libraries: exit 0, or 77 (moe_cuda_tests without a GPU).
+starts() {
+  local rc=0
+  "$@" >/dev/null 2>&1 || rc=$?
+  ((rc == 0 || rc == 77))
+}
+prebuilt_ok() {
+  [[ -x $tests && -x $bench && -x $bench_gpt2 && -x $gpt2 ]] && starts "$tests" --list-test-cases &&
+    starts "$bench_gpt2" --benchmark_list_tests && starts "$bench" --benchmark_list_tests && starts "$gpt2" --help
+}
 mkdir -p "$out"
 
 want() { [[ ",$steps," == *",$1,"* ]]; }
@@ -74,19 +108,33 @@ run_step() {
 } >"$out/env.txt"
 
 if want build; then
-  generator=()
-  # Ninja if available, unless the build directory was already configured (its generator stays).
-  if [[ ! -f $build/CMakeCache.txt ]] && command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
-  run_step configure "$out/configure.log" cmake -S "$root" -B "$build" "${generator[@]+"${generator[@]}"}" \
-    -DMOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release -DMOE_BUILD_EXAMPLES=OFF \
-    -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON
-  if ((${#failed[@]} == 0)); then
-    run_step build "$out/build.log" cmake --build "$build" --parallel "$(nproc)" --target moe_cuda_tests bench_moe_cuda
+  if prebuilt_ok; then
+    echo "== build: using the binaries of $deps/bin (bench/gpu/prepare.sh)"
+  else
+    echo "== build: $deps/bin is missing or does not start here: building"
+    generator=()
+    # Ninja if available, unless the build directory was already configured (its generator stays).
+    if [[ ! -f $build/CMakeCache.txt ]] && command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
+    prefix=()
+    if [[ -d $deps/usr ]]; then prefix=(-DCMAKE_PREFIX_PATH="$deps/usr" -DZLIB_ROOT="$deps/usr"); fi
+    run_step configure "$out/configure.log" cmake -S "$root" -B "$build" "${generator[@]+"${generator[@]}"}" \
+      "${prefix[@]+"${prefix[@]}"}" -DMOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
+      -DMOE_BUILD_EXAMPLES=ON -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON -DMOE_NATIVE=OFF
+    if ((${#failed[@]} == 0)); then
+      run_step build "$out/build.log" cmake --build "$build" --parallel "$(nproc)" \
+        --target moe_cuda_tests bench_moe_cuda bench_gpt2_cuda gpt2_moe
+    fi
+    if ((${#failed[@]} > 0)); then
+      echo "== the build failed: nothing to run"
+      exit 1
+    fi
   fi
-  if ((${#failed[@]} > 0)); then
-    echo "== the build failed: nothing to run"
-    exit 1
-  fi
+fi
+if ! prebuilt_ok; then
+  tests=$build/tests/moe_cuda_tests
+  bench=$build/bench/gpu/bench_moe_cuda
+  bench_gpt2=$build/bench/gpu/bench_gpt2_cuda
+  gpt2=$build/examples/gpt2_moe
 fi
 
 if want test; then
@@ -140,6 +188,35 @@ if want torch; then
   run_step torch "$out/torch.log" "$python" "$root/bench/gpu/torch_moe_cuda.py" --out "$out/torch_cuda.json"
 fi
 
+if want bench_gpt2; then
+  filter=()
+  if [[ -n ${GPT2_FILTER:-} ]]; then filter=(--benchmark_filter="$GPT2_FILTER"); fi
+  rm -f "$out/gpt2_cuda.json"
+  run_step bench_gpt2 "$out/bench_gpt2.log" "$bench_gpt2" --benchmark_out="$out/gpt2_cuda.json" \
+    --benchmark_out_format=json "${filter[@]+"${filter[@]}"}"
+fi
+
+if want torch_gpt2; then
+  rm -f "$out/torch_gpt2_cuda.json"
+  read -r -a torch_gpt2_args <<<"${TORCH_GPT2_ARGS:-}"
+  run_step torch_gpt2 "$out/torch_gpt2.log" env PYTHONUNBUFFERED=1 "$python" "$root/bench/gpu/torch_gpt2_cuda.py" \
+    --out "$out/torch_gpt2_cuda.json" "${torch_gpt2_args[@]+"${torch_gpt2_args[@]}"}"
+fi
+
+if want compare; then
+  # The gates at GPT-2-small scale on the dictionaries prepare.sh carried, tokenized here. No
+  # checkpoints: gigabytes each, they could not come back from the device machine.
+  shards=$out/../gpt2-shards
+  mkdir -p "$out/dicts"
+  for f in "$deps"/data/dicts/*.dict.dz; do ln -sf "$f" "$out/dicts/"; done
+  run_step tokenize "$out/tokenize.log" "$gpt2" tokenize --config gpt2-small --data "$out/dicts" \
+    --tokenizer gpt2-bpe --out "$shards"
+  run_step compare "$out/compare.log" "$gpt2" compare --config gpt2-small --device cuda --precision bf16 \
+    --variants "${COMPARE_VARIANTS:-dense,linear,self,fixed-random,random}" --data "$shards" \
+    --steps "${COMPARE_STEPS:-200}" --batch "${COMPARE_BATCH:-8}" --seq 1024 --lr 6e-4 --warmup 20 \
+    --eval-every 0 --eval-tokens 262144 --stats-tokens 262144 --no-checkpoint --out "$out/compare"
+fi
+
 echo
 if ((${#failed[@]} > 0)); then
   echo "== FAILED steps: ${failed[*]} (logs in $out)"
@@ -157,6 +234,28 @@ if want report; then
     echo "== report: no $out/moe_cuda.json (run the bench step first)"
     failed+=(report)
   fi
+fi
+
+if want report_gpt2; then
+  if [[ -f $out/gpt2_cuda.json ]]; then
+    echo
+    "$python" "$root/bench/gpu/report_gpt2.py" "$out/gpt2_cuda.json" "$out/torch_gpt2_cuda.json" |
+      tee "$out/table_gpt2.md" || failed+=(report_gpt2)
+  else
+    echo "== report_gpt2: no $out/gpt2_cuda.json (run the bench_gpt2 step first)"
+    failed+=(report_gpt2)
+  fi
+fi
+
+if want compare && [[ -f $out/compare/report.md ]]; then
+  echo
+  sed -n '/^| variant/,/^$/p' "$out/compare/report.md"
+fi
+
+# The device tool brings back a few files from $OUT: everything in one archive, the tables beside it.
+if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
+  tar czf "$OUT/results.tar.gz" --exclude=dicts -C "$out" . 2>/dev/null || echo "== could not pack $out"
+  for f in table.md table_gpt2.md; do [[ -f $out/$f ]] && cp "$out/$f" "$OUT/"; done
 fi
 
 ((${#failed[@]} == 0))

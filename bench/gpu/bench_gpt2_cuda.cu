@@ -1,0 +1,175 @@
+// bench_gpt2_cuda: GPU training throughput of the GPT-2 MoE example at GPT-2-small scale (issue 6),
+// the same trainer gpt2_moe --device cuda runs (examples/gpt2_moe/device_trainer.hpp).
+//
+// Model: gpt2::Config::gpt2_small() (V = 50257, context 1024, 12 layers, 12 heads, H = 768,
+// F = 3072; MoE: N = 8 experts, top-2, in every layer). Batch: B = 8 sequences (the environment
+// variable BATCH overrides it) of T = 1024 tokens, 8192 tokens per step, the ids
+// bench/gpu/torch_gpt2_cuda.py uses: ids[i] = bits(42, 0, i) % V.
+//
+//   Train/<variant>/<precision>   variant self, linear (MoE FFN) or dense (GPT-2's MLP);
+//                                 precision bf16 (fp32 master weights and optimizer state) or tf32
+//   Peak/bf16_gemm                cuBLAS bf16 GEMM, 8192^3, fp32 accumulation: the matmul peak MFU
+//                                 is measured against, in the same process
+//
+// One iteration is one full training step, as gpt2_moe's loop runs it: zero_grad, forward (loss),
+// backward, clip_grad_norm(1.0), AdamW; wall-clock time with the GPU drained at the end of each
+// step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
+// Two warm-up steps first (every buffer is allocated then; afterwards nothing is).
+//
+// Counters: tokens/s, step_ms, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
+// torch_gpt2_cuda.py), tflops and mfu (against Peak/bf16_gemm, measured first), device_gib (GPU
+// memory in use after the steps, cudaMemGetInfo: buffers only grow, so this is the peak), loss,
+// and for MoE max_expert_fraction (the busiest expert's share of a layer's choices in the last
+// step, the worst layer).
+//
+// bench/gpu/run.sh runs it beside the PyTorch peer and bench/gpu/report_gpt2.py prints the table.
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "../../examples/gpt2_moe/device_trainer.hpp"
+#include "moe/cuda.cuh"
+
+namespace {
+
+using moe::Index;
+
+constexpr Index kSeq = 1024;
+constexpr std::uint64_t kDataSeed = 42;
+constexpr int kWarmupSteps = 2;
+
+Index batch_size() {
+  const char* text = std::getenv("BATCH");
+  return text ? std::max<Index>(1, std::atoll(text)) : 8;
+}
+
+bool gpu_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+// Model FLOPs per token (see the header).
+double flops_per_token(const gpt2::Config& c, bool moe, bool linear_router, Index T) {
+  const double H = double(c.hidden), F = double(c.ffn), L = double(c.layers);
+  double per_layer = 4 * H * H + (moe ? double(c.top_k) * 2 * H * F : 2 * H * F);
+  if (linear_router) per_layer += H * double(c.experts);
+  return 6 * L * per_layer + 6 * double(c.vocab) * H + 12 * L * H * double(T);
+}
+
+double g_peak_tflops = 0;  // Peak/bf16_gemm's result, for the MFU of the training benchmarks
+
+void BM_PeakGemm(benchmark::State& state) {
+  if (!gpu_available()) {
+    state.SkipWithError("no CUDA device on this machine");
+    return;
+  }
+  constexpr int n = 8192, kCalls = 5;
+  moe::cuda::DeviceArray<moe::bfloat16, moe::cuda::CudaDevice> a(Index(n) * n), b(Index(n) * n), c(Index(n) * n);
+  cudaMemset(a.data(), 0, std::size_t(n) * n * 2);
+  cudaMemset(b.data(), 0, std::size_t(n) * n * 2);
+  cublasHandle_t handle;
+  cublasCreate(&handle);
+  const float alpha = 1, beta = 0;
+  auto run = [&] {
+    for (int i = 0; i < kCalls; ++i)
+      cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(), CUDA_R_16BF,
+                   n, &beta, c.data(), CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  };
+  run();
+  cudaDeviceSynchronize();
+  double best = 0;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    cudaDeviceSynchronize();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    state.SetIterationTime(seconds);
+    best = std::max(best, kCalls * 2.0 * double(n) * n * n / seconds / 1e12);
+  }
+  cublasDestroy(handle);
+  g_peak_tflops = std::max(g_peak_tflops, best);
+  state.counters["tflops"] = best;
+}
+
+void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision) {
+  if (!gpu_available()) {
+    state.SkipWithError("no CUDA device on this machine");
+    return;
+  }
+  const gpt2::Config config = gpt2::Config::gpt2_small();
+  const Index B = batch_size(), T = kSeq;
+  const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
+  std::unique_ptr<gpt2::Trainer> trainer =
+      gpt2::make_device_trainer(variant, config, {}, precision, moe::cuda::CudaDevice(nullptr, math));
+
+  std::vector<std::int32_t> tokens, targets;
+  for (Index i = 0; i <= B * T; ++i)
+    tokens.push_back(std::int32_t(moe::random::bits(kDataSeed, 0, std::uint64_t(i)) % std::uint64_t(config.vocab)));
+  targets.assign(tokens.begin() + 1, tokens.end());
+  tokens.pop_back();
+
+  double loss = 0;
+  auto step = [&] {
+    trainer->zero_grad();
+    loss = trainer->forward(tokens, targets, B, T);
+    trainer->backward();
+    trainer->prepare_gradients(1.0f, 1.0);
+    trainer->optimizer_step(6e-4);
+    cudaDeviceSynchronize();
+  };
+  for (int i = 0; i < kWarmupSteps; ++i) step();
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    step();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    state.SetIterationTime(s);
+    seconds += s;
+  }
+  const double steps = double(state.iterations()), tokens_per_step = double(B * T);
+  const double tokens_per_s = steps * tokens_per_step / seconds;
+  const double flops = flops_per_token(config, trainer->is_moe(), variant == "linear", T);
+  state.counters["tokens/s"] = tokens_per_s;
+  state.counters["step_ms"] = seconds / steps * 1e3;
+  state.counters["flops_per_token"] = flops;
+  state.counters["tflops"] = tokens_per_s * flops / 1e12;
+  if (g_peak_tflops > 0) state.counters["mfu"] = tokens_per_s * flops / 1e12 / g_peak_tflops;
+  state.counters["device_gib"] = double(trainer->device_memory_in_use()) / double(1 << 30);
+  state.counters["loss"] = loss;
+  state.counters["batch"] = double(B);
+  if (trainer->is_moe()) {
+    // The last step's routing: one more forward with statistics on.
+    trainer->reset_routing_stats();
+    trainer->collect_routing_stats(true);
+    trainer->forward(tokens, targets, B, T);
+    double busiest = 0;
+    for (Index l = 0; l < config.layers; ++l) busiest = std::max(busiest, trainer->routing_stats(l).max_fraction());
+    state.counters["max_expert_fraction"] = busiest;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::RegisterBenchmark("Peak/bf16_gemm", BM_PeakGemm)->UseManualTime()->Unit(benchmark::kMillisecond)
+      ->Iterations(10);
+  for (const auto& [precision, name] : {std::pair{gpt2::Precision::bf16, "bf16"}, std::pair{gpt2::Precision::tf32, "tf32"}})
+    for (const char* variant : {"self", "linear", "dense"})
+      benchmark::RegisterBenchmark((std::string("Train/") + variant + "/" + name).c_str(), BM_Train, std::string(variant),
+                                   precision)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(5);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""GPU training of GPT-2 small with MoE FFNs: bench_gpt2_cuda's Google Benchmark JSON and
+torch_gpt2_cuda.py's JSON in, a markdown table out, the issue's targets last.
+
+  python3 bench/gpu/report_gpt2.py build-gpu/results/gpt2_cuda.json build-gpu/results/torch_gpt2_cuda.json
+
+The torch file is optional (its columns then read "-"). Ours: Train/<variant>/bf16 (and tf32,
+listed for orientation); tokens/s over the timed steps, MFU against the bf16 GEMM peak the same
+binary measured (Peak/bf16_gemm). Torch: its eager and torch.compile entries in bf16 autocast, MFU
+against the torch.mm peak it measured. Both sides use the same FLOPs per token.
+
+Targets (issue 6, self-routing, bf16): >= 1.3x PyTorch eager's tokens/s, >= 1.0x torch.compile's,
+MFU >= 35%.
+"""
+import json
+import sys
+
+VARIANTS = ["self", "linear", "dense"]
+TARGET_VARIANT = "self"
+
+
+def load_ours(path):
+    """(variant, precision) -> counters (or {"error": text}); the bf16 GEMM peak in TFLOP/s."""
+    with open(path) as f:
+        data = json.load(f)
+    rows, peak = {}, None
+    for b in data.get("benchmarks", []):
+        name = b.get("run_name", b["name"]).split("/iterations")[0]
+        parts = name.split("/")
+        if parts[0] == "Peak":
+            peak = b.get("tflops", peak)
+        elif parts[0] == "Train" and len(parts) >= 3:
+            rows[(parts[1], parts[2])] = {"error": b.get("error_message")} if b.get("error_occurred") else b
+    return rows, peak, data.get("context", {})
+
+
+def load_torch(path):
+    if not path:
+        return {}, None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}, None
+    entries = {(e["variant"], e["mode"]): e for e in data.get("entries", [])}
+    return entries, (data.get("peak") or {}).get("tflops")
+
+
+def fmt(value, spec="{:,.0f}"):
+    return "-" if value is None else spec.format(value)
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if len(argv) >= 2 else 2
+    ours, peak, context = load_ours(argv[1])
+    torch_entries, torch_peak = load_torch(argv[2] if len(argv) > 2 else None)
+
+    print(f"GPT-2 small MoE training on the GPU ({context.get('host_name', '?')}); bf16 GEMM peak: ours "
+          f"{fmt(peak, '{:.0f}')} TFLOP/s, torch {fmt(torch_peak, '{:.0f}')} TFLOP/s")
+    print()
+    print("| variant | precision | ours tokens/s | step ms | MFU | device GiB | torch eager | torch compile "
+          "| x eager | x compile |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    verdicts = []
+    for precision in ("bf16", "tf32"):
+        for variant in VARIANTS:
+            r = ours.get((variant, precision))
+            if r is None:
+                continue
+            if "error" in r:
+                print(f"| {variant} | {precision} | error: {r['error']} | | | | | | | |")
+                continue
+            tps = r.get("tokens/s")
+            eager = (torch_entries.get((variant, "eager")) or {}).get("tokens_per_s") if precision == "bf16" else None
+            compiled = (torch_entries.get((variant, "compile")) or {}).get("tokens_per_s") if precision == "bf16" else None
+            x_eager = tps / eager if tps and eager else None
+            x_compile = tps / compiled if tps and compiled else None
+            mfu = r.get("mfu")
+            print(f"| {variant} | {precision} | {fmt(tps)} | {fmt(r.get('step_ms'), '{:.1f}')} | "
+                  f"{fmt(None if mfu is None else 100 * mfu, '{:.1f}%')} | {fmt(r.get('device_gib'), '{:.1f}')} | "
+                  f"{fmt(eager)} | {fmt(compiled)} | {fmt(x_eager, '{:.2f}x')} | {fmt(x_compile, '{:.2f}x')} |")
+            if variant == TARGET_VARIANT and precision == "bf16":
+                verdicts = [
+                    (">= 1.3x PyTorch eager", x_eager, x_eager is not None and x_eager >= 1.3),
+                    (">= 1.0x torch.compile", x_compile, x_compile is not None and x_compile >= 1.0),
+                    ("MFU >= 35%", mfu, mfu is not None and mfu >= 0.35),
+                ]
+    for (variant, mode), e in sorted(torch_entries.items()):
+        if e.get("error"):
+            print(f"\ntorch {variant}/{mode}: {e['error'].splitlines()[0][:200]}")
+    print()
+    print(f"Targets ({TARGET_VARIANT}, bf16):")
+    for text, value, met in verdicts:
+        shown = "-" if value is None else (f"{100 * value:.1f}%" if "MFU" in text else f"{value:.2f}x")
+        print(f"  {text}: {shown}  {'met' if met else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
