@@ -8,7 +8,7 @@ tests/torch_parity/gpt2_torch.py and of the library's checkpoints):
   blocks (eps 1e-5), learned positions, causal attention through
   F.scaled_dot_product_attention(is_causal=True), tied embeddings (logits = ln_f(x) wte^T),
   tanh-GELU, mean cross-entropy; biases on c_attn, c_proj and every expert's fc and proj;
-  nn.Linear layouts ([out, in]); GPT-2's initialisation (as gpt2_torch.GPT.init_gpt2).
+  nn.Linear layouts ([out, in]); GPT-2's initialisation (gpt2_torch.init_gpt2_).
   --variant (repeatable, default all three):
     self    MoE FFN, Self-Routing: the router logits are the LAST N = 8 coordinates of the MoE
             layer's input (ln_2's output), no router parameters
@@ -106,7 +106,10 @@ try:
     import torch.nn.functional as F
     from torch import nn
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "..", "tests", "torch_parity")]
+    import gpt2_torch  # noqa: E402  (GPT-2's initialisation, shared with the parity tests' model)
+    from torch_moe_cuda import grouped_mm_function  # noqa: E402  (torch._grouped_mm, or a CPU stand-in)
     from torch_train_common import bits, environment  # noqa: E402
 except ImportError:  # --help and py_compile work without torch
     torch = F = None
@@ -192,25 +195,6 @@ class StackedLinear(nn.Module if nn else object):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(experts, fan_out, fan_in))
         self.bias = nn.Parameter(torch.zeros(experts, fan_out))
-
-
-def reference_grouped_mm(a, b, offs):
-    """Per group g: a[rows of g] @ b[g], what torch._grouped_mm computes (2-D a, 3-D b, offs =
-    the groups' end rows). For --device cpu only: it reads offs on the host."""
-    out, start = [], 0
-    for g, end in enumerate(offs.tolist()):
-        out.append(a[start:end] @ b[g])
-        start = end
-    return torch.cat(out)
-
-
-def grouped_mm_function(device):
-    if device.type != "cuda":
-        return reference_grouped_mm
-    fn = getattr(torch, "_grouped_mm", None) or getattr(F, "grouped_mm", None)
-    if fn is None:
-        raise RuntimeError(f"torch {torch.__version__} has neither torch._grouped_mm nor F.grouped_mm")
-    return fn
 
 
 def dispatch_padded(x, flat, k, N, align):
@@ -321,25 +305,6 @@ class MoE(nn.Module if nn else object):
 
 # ---- the model ------------------------------------------------------------------------------
 
-def init_gpt2_(module, config):
-    """GPT-2's initialisation, as gpt2_torch.GPT.init_gpt2 and the C++ model: N(0, 0.02^2) weights,
-    residual projections scaled by 1/sqrt(2L), zero biases, unit LayerNorm weights, routers
-    N(0, 1/H). By parameter name, so it also initialises a lone MoE layer (the check's)."""
-    residual_std = 0.02 / math.sqrt(2 * config.layers)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("router.weight"):
-                p.normal_(0.0, 1.0 / math.sqrt(config.hidden))
-            elif name.endswith(".bias"):
-                p.zero_()
-            elif "ln_" in name:
-                p.fill_(1.0)
-            elif re.search(r"(c_proj|\.proj)\.weight$", name):
-                p.normal_(0.0, residual_std)
-            else:
-                p.normal_(0.0, 0.02)
-
-
 def on_device(device):
     """Build modules directly on the device (torch 2.x: torch.device is a context manager), so
     the 521M parameters of the MoE model are not initialised on the CPU first."""
@@ -375,7 +340,7 @@ class GPT(nn.Module if nn else object):
         self.wpe = nn.Embedding(config.context, config.hidden)
         self.h = nn.ModuleList(Block(config, variant, grouped_mm, compute_dtype) for _ in range(config.layers))
         self.ln_f = nn.LayerNorm(config.hidden, eps=LAYERNORM_EPS)
-        init_gpt2_(self, config)
+        gpt2_torch.init_gpt2_(self, config.hidden, config.layers)
 
     def forward(self, tokens, targets):
         """tokens, targets [B, T] int64 -> the mean cross-entropy (only the loss: logits [B*T, V]
@@ -690,7 +655,7 @@ def run_check(variant, config, args, device, grouped_mm):
     torch.manual_seed(MODEL_SEED)
     with on_device(device):
         moe = MoE(config, variant, grouped_mm, compute_dtype).to(device)
-    init_gpt2_(moe, config)
+    gpt2_torch.init_gpt2_(moe, config.hidden, config.layers)
     try:
         tokens = min(CHECK_TOKENS, args.batch * args.seq)
         result = check_grouped_against_loop(moe, config.hidden, device, args.precision, tokens)

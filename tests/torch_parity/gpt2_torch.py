@@ -186,6 +186,25 @@ class Block(nn.Module):
         return x + self.ffn(self.ln_2(x), x)
 
 
+def init_gpt2_(module, hidden, layers):
+    """GPT-2's initialisation, as the C++ model, by parameter name (so it also initialises a lone
+    MoE layer): N(0, 0.02^2) weights, residual projections scaled by 1/sqrt(2L), zero biases, unit
+    LayerNorm weights, routers N(0, 1/H)."""
+    residual_std = 0.02 / math.sqrt(2 * layers)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("router.weight"):
+                p.normal_(0.0, 1.0 / math.sqrt(hidden))
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif "ln_" in name:
+                p.fill_(1.0)
+            elif re.search(r"(c_proj|\.proj)\.weight$", name):
+                p.normal_(0.0, residual_std)
+            else:
+                p.normal_(0.0, 0.02)
+
+
 class GPT(nn.Module):
     def __init__(self, config, variant, **moe_options):
         super().__init__()
@@ -199,21 +218,7 @@ class GPT(nn.Module):
         self.init_gpt2()
 
     def init_gpt2(self):
-        """GPT-2's initialisation, as the C++ model: N(0, 0.02^2) weights, residual projections
-        scaled by 1/sqrt(2L), zero biases, unit LayerNorm weights, routers N(0, 1/H)."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.layers)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("router.weight"):
-                    p.normal_(0.0, 1.0 / math.sqrt(self.config.hidden))
-                elif name.endswith(".bias"):
-                    p.zero_()
-                elif "ln_" in name:
-                    p.fill_(1.0)
-                elif re.search(r"(c_proj|\.proj)\.weight$", name):
-                    p.normal_(0.0, residual_std)
-                else:
-                    p.normal_(0.0, 0.02)
+        init_gpt2_(self, self.config.hidden, self.config.layers)
 
     def forward(self, tokens, targets=None):
         """tokens, targets: [B, T] int64 (-1: ignored) -> logits [B, T, V], mean loss (or None)."""
