@@ -59,6 +59,29 @@ inline Index check_cross_entropy(const char* where, Index N, Index V, std::span<
   return valid;
 }
 
+// nn.Linear: in [T, I], weight [O, I], out [T, O].
+template <class S>
+void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, MatrixView<S> out) {
+  check(in.cols == weight.cols, "linear_forward: in is [", in.rows, ", ", in.cols, "], weight is [", weight.rows,
+        ", ", weight.cols, "] (expected [O, ", in.cols, "])");
+  check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
+        "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
+}
+// Its backward: dout [T, O]; din [T, I] and dweight [O, I] unless null.
+template <class S>
+void check_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
+                           MatrixView<S> din, MatrixView<S> dweight) {
+  const Index T = in.rows, I = in.cols, O = weight.rows;
+  check(weight.cols == I, "linear_backward: in is [", T, ", ", I, "], weight is [", O, ", ", weight.cols,
+        "] (expected [O, ", I, "])");
+  check(dout.rows == T && dout.cols == O, "linear_backward: dout is [", dout.rows, ", ", dout.cols,
+        "], expected [T, O] = [", T, ", ", O, "]");
+  check(!din.data || (din.rows == T && din.cols == I), "linear_backward: din is [", din.rows, ", ", din.cols,
+        "], in is [", T, ", ", I, "]");
+  check(!dweight.data || (dweight.rows == O && dweight.cols == I), "linear_backward: dweight is [", dweight.rows,
+        ", ", dweight.cols, "], weight is [", O, ", ", I, "]");
+}
+
 // Attention: qkv [B*T, 3C], the output (or its gradient) [B*T, C], the att cache; returns C and
 // the head size.
 struct AttentionShape {

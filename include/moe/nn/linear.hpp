@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "moe/config.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/cpu/gemm.hpp"
 #include "moe/cpu/parallel.hpp"
 #include "moe/tensor.hpp"
@@ -17,10 +18,7 @@ namespace moe::nn {
 template <class S>
 void linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* bias, MatrixView<S> out,
                     int threads) {
-  check(in.cols == weight.cols, "linear_forward: in is [", in.rows, ", ", in.cols, "], weight is [", weight.rows,
-        ", ", weight.cols, "] (expected [O, ", in.cols, "])");
-  check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
-        "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
+  moe::nn::detail::check_linear_forward(in, weight, out);
   cpu::run_gemm(cpu::Gemm<S>{out, in, cpu::Op::none, weight, cpu::Op::transpose, false, bias}, threads);
 }
 
@@ -33,15 +31,8 @@ void linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* b
 template <class S>
 void linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight, MatrixView<S> din,
                      MatrixView<S> dweight, S* dbias, int threads) {
-  const Index T = in.rows, I = in.cols, O = weight.rows;
-  check(weight.cols == I, "linear_backward: in is [", T, ", ", I, "], weight is [", O, ", ", weight.cols,
-        "] (expected [O, ", I, "])");
-  check(dout.rows == T && dout.cols == O, "linear_backward: dout is [", dout.rows, ", ", dout.cols,
-        "], expected [T, O] = [", T, ", ", O, "]");
-  check(!din.data || (din.rows == T && din.cols == I), "linear_backward: din is [", din.rows, ", ", din.cols,
-        "], in is [", T, ", ", I, "]");
-  check(!dweight.data || (dweight.rows == O && dweight.cols == I), "linear_backward: dweight is [", dweight.rows,
-        ", ", dweight.cols, "], weight is [", O, ", ", I, "]");
+  const Index T = in.rows, O = weight.rows;
+  moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight);
 
   std::vector<cpu::Gemm<S>> work;
   if (dweight.data) work.push_back({dweight, dout, cpu::Op::transpose, in, cpu::Op::none, true});

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "moe/config.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/host_device.hpp"
@@ -21,10 +22,7 @@ template <class S, class D>
 void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* bias,
                     MatrixView<S> out) {
   using C = Compute<S>;
-  check(in.cols == weight.cols, "linear_forward: in is [", in.rows, ", ", in.cols, "], weight is [", weight.rows,
-        ", ", weight.cols, "] (expected [O, ", in.cols, "])");
-  check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
-        "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
+  moe::nn::detail::check_linear_forward(in, weight, out);
   moe::cuda::detail::gemm(device, out, in, BlasOp::none, weight, BlasOp::transpose, false);
   if (bias)
     moe::cuda::detail::for_each_2d(device, out.rows, out.cols,
@@ -40,15 +38,8 @@ template <class S, class D>
 void linear_backward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
                      MatrixView<S> din, MatrixView<S> dweight, S* dbias) {
   using C = Compute<S>;
-  const Index T = in.rows, I = in.cols, O = weight.rows;
-  check(weight.cols == I, "linear_backward: in is [", T, ", ", I, "], weight is [", O, ", ", weight.cols,
-        "] (expected [O, ", I, "])");
-  check(dout.rows == T && dout.cols == O, "linear_backward: dout is [", dout.rows, ", ", dout.cols,
-        "], expected [T, O] = [", T, ", ", O, "]");
-  check(!din.data || (din.rows == T && din.cols == I), "linear_backward: din is [", din.rows, ", ", din.cols,
-        "], in is [", T, ", ", I, "]");
-  check(!dweight.data || (dweight.rows == O && dweight.cols == I), "linear_backward: dweight is [", dweight.rows,
-        ", ", dweight.cols, "], weight is [", O, ", ", I, "]");
+  const Index T = in.rows, O = weight.rows;
+  moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight);
   if (dweight.data) moe::cuda::detail::gemm(device, dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
   if (din.data) moe::cuda::detail::gemm(device, din, dout, BlasOp::none, weight, BlasOp::none, true);
   if (!dbias) return;
