@@ -30,7 +30,7 @@ using moe::Index;
 namespace {
 
 using cuda_test::gpt2_model_cases::kTiny;
-using cuda_test::gpt2_model_cases::relative_error;
+using cuda_test::relative_error;
 
 gpt2::Dataset tiny_dataset() {
   gpt2::Dataset data;

@@ -132,7 +132,7 @@ inline std::int64_t peak_rss_bytes() {
 
 // Mean loss over the first `max_tokens` tokens of `stream` in consecutive windows of T (B at a
 // time). Routing statistics, when collecting, cover exactly these tokens.
-inline double evaluate(Trainer& model, std::span<const std::uint16_t> stream, std::int64_t B, std::int64_t T,
+inline double evaluate(Trainer& trainer, std::span<const std::uint16_t> stream, std::int64_t B, std::int64_t T,
                        std::int64_t max_tokens) {
   const std::int64_t windows = std::min<std::int64_t>((std::int64_t(stream.size()) - 1) / T, max_tokens / T);
   moe::check(windows >= 1, "evaluate: the validation split holds ", stream.size(), " tokens, fewer than one window of ",
@@ -144,8 +144,8 @@ inline double evaluate(Trainer& model, std::span<const std::uint16_t> stream, st
     starts.clear();
     for (std::int64_t w = first; w < std::min(windows, first + B); ++w) starts.push_back(w * T);
     detail::fill_batch(stream, starts, T, tokens, targets);
-    model.set_routing_step(detail::kEvalRoutingBase + std::uint64_t(first));
-    sum += model.forward(tokens, targets, std::int64_t(starts.size()), T) * double(starts.size());
+    trainer.set_routing_step(detail::kEvalRoutingBase + std::uint64_t(first));
+    sum += trainer.forward(tokens, targets, std::int64_t(starts.size()), T) * double(starts.size());
   }
   return sum / double(windows);
 }

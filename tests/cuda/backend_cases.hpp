@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 
+#include "cuda/compare.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -41,17 +43,6 @@ std::vector<float> to_host(const B& backend, const S* data, Index count) {
   std::vector<float> out(raw.size());
   for (std::size_t i = 0; i < raw.size(); ++i) out[i] = float(raw[i]);
   return out;
-}
-
-// max |a - b| / max |b|: one number per tensor, robust to entries near zero.
-inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double diff = 0, scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
 }
 
 inline std::vector<float> normal_values(std::size_t n, std::uint64_t seed, float std_dev = 1.f) {

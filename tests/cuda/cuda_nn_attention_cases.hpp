@@ -7,6 +7,8 @@
 
 #include <doctest/doctest.h>
 
+#include "cuda/compare.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,17 +41,6 @@ template <class S>
 std::vector<float> rounded(std::vector<float> v) {
   for (auto& x : v) x = float(S(x));
   return v;
-}
-
-// max |a - b| / max |b|: one number per tensor, robust to entries near zero.
-inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double diff = 0, scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
 }
 
 template <class S>

@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+#include "cuda/compare.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -24,6 +26,8 @@
 
 namespace cuda_nn_loss_test {
 
+using cuda_test::relative_error;
+using cuda_test::same_bits;
 using cuda_test::TestDevice;
 using moe::Index;
 template <class S>
@@ -69,22 +73,6 @@ std::vector<S> raw_host(const TestDevice& device, const S* data, Index n) {
   std::vector<S> raw(static_cast<std::size_t>(n));
   device.download(raw.data(), data, raw.size() * sizeof(S));
   return raw;
-}
-
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
-
-// max |a - b| / max |b|.
-inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double diff = 0, scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
 }
 
 template <class S>

@@ -7,6 +7,8 @@
 
 #include <doctest/doctest.h>
 
+#include "cuda/compare.hpp"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -58,17 +60,6 @@ std::vector<float> rounded(const std::vector<float>& v) {
   return out;
 }
 
-// max |a - b| / max |b|
-inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double diff = 0, scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
-
 template <class T>
 using Array = moe::cuda::DeviceArray<T, TestDevice>;
 
@@ -94,11 +85,6 @@ std::vector<float> to_host(const TestDevice& device, const T* data, Index count)
   for (std::size_t i = 0; i < raw.size(); ++i) out[i] = float(raw[i]);
   return out;
 }
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
-
 // ---- layernorm ------------------------------------------------------------------------------
 
 struct LayerNormInputs {

@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 
+#include "cuda/compare.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -55,17 +57,6 @@ std::vector<std::vector<float>> host_tensors(Model& model, bool gradients) {
     out.push_back(std::move(host));
   }
   return out;
-}
-
-// max |a - b| / max |b| over one tensor
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double diff = 0, scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
 }
 
 // The CPU model and the device model of `variant` (scalar S on the device) on one batch: the device
