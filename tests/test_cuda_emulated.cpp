@@ -1,13 +1,9 @@
 // The CUDA backend's test cases on the emulated device: moe::cuda::BasicBackend's every body,
 // launch size, dispatch step and GEMM mapping, run on the host (every CI run, ASan included).
 // tests/cuda/test_cuda_backend.cu runs the same cases on a GPU.
-#include "moe/cuda/emulated_device.hpp"
+#include <numeric>
 
-namespace cuda_test {
-using TestDevice = moe::cuda::EmulatedDevice;
-inline TestDevice make_device() { return {}; }
-inline bool device_available() { return true; }
-}  // namespace cuda_test
+#include "cuda/emulated_test_device.hpp"
 
 #define CUDA_TEST_NAME(text) "cuda backend, emulated device: " text
 #include "cuda/backend_cases.hpp"
@@ -30,4 +26,94 @@ TEST_CASE("cuda backend: routing workspace bytes per token follow the documented
   // k = 2, H = 768, bf16: 2 * (7 * 4 + 2 * 2 + 12 partials * 4) + 1 status byte
   CHECK(moe::cuda::BasicBackend<moe::bfloat16, moe::cuda::EmulatedDevice>::routing_bytes_per_token(2, 768) == 161);
   CHECK(moe::cuda::BasicBackend<float, moe::cuda::EmulatedDevice>::routing_bytes_per_token(1, 64) == 41);
+}
+
+// ---- the emulated device fails where a GPU would ----------------------------------------------
+
+TEST_CASE("emulated device: allocations and every scratch area start poisoned (NaN floats, -1 integers)") {
+  using moe::cuda::EmulatedDevice;
+  const EmulatedDevice device;
+  auto* values = static_cast<float*>(EmulatedDevice::allocate(8 * sizeof(float)));
+  for (int i = 0; i < 8; ++i) CHECK(std::isnan(values[i]));
+  EmulatedDevice::deallocate(values);
+  auto* counts = static_cast<std::int32_t*>(device.scratch(4 * sizeof(std::int32_t)));
+  counts[0] = 7;
+  // The same buffer comes back, poisoned again: what one call left is never readable by the next.
+  auto* again = static_cast<std::int32_t*>(device.scratch(4 * sizeof(std::int32_t)));
+  CHECK(again == counts);
+  CHECK(again[0] == -1);
+}
+
+TEST_CASE("emulated device: every launch order visits each index once; a racy body gives different bits") {
+  using moe::cuda::LaunchOrder;
+  constexpr moe::Index n = 100;
+  std::vector<std::vector<moe::Index>> visits;
+  for (LaunchOrder order : {LaunchOrder::ascending, LaunchOrder::descending, LaunchOrder::shuffled}) {
+    const moe::cuda::EmulatedDevice device(order);
+    std::vector<moe::Index> seen;
+    device.for_each(n, [&](moe::Index i) { seen.push_back(i); });
+    std::vector<moe::Index> sorted = seen;
+    std::sort(sorted.begin(), sorted.end());
+    for (moe::Index i = 0; i < n; ++i) REQUIRE(sorted[std::size_t(i)] == i);
+    std::vector<std::pair<moe::Index, moe::Index>> cells;
+    device.for_each_2d(3, 4, [&](moe::Index r, moe::Index c) { cells.emplace_back(r, c); });
+    std::sort(cells.begin(), cells.end());
+    CHECK(cells.size() == 12);
+    CHECK(std::adjacent_find(cells.begin(), cells.end()) == cells.end());
+    visits.push_back(seen);
+  }
+  CHECK(visits[1].front() == n - 1);
+  CHECK(visits[2] != visits[0]);
+  CHECK(visits[2] != visits[1]);
+  // x[i] += x[i + 1] in place reads a neighbour's write under one order and not the other.
+  const auto racy = [](LaunchOrder order) {
+    std::vector<float> x(16);
+    std::iota(x.begin(), x.end(), 1.f);
+    float* p = x.data();
+    moe::cuda::EmulatedDevice(order).for_each(15, [=](moe::Index i) { p[i] += p[i + 1]; });
+    return x;
+  };
+  CHECK(racy(LaunchOrder::ascending) != racy(LaunchOrder::descending));
+}
+
+TEST_CASE("emulated device: GEMMs check cuBLAS's argument rules and that operands are device memory") {
+  using moe::cuda::BlasGemm;
+  using moe::cuda::EmulatedDevice;
+  const EmulatedDevice device;
+  auto* a = static_cast<float*>(EmulatedDevice::allocate(6 * sizeof(float)));
+  auto* b = static_cast<float*>(EmulatedDevice::allocate(6 * sizeof(float)));
+  auto* c = static_cast<float*>(EmulatedDevice::allocate(4 * sizeof(float)));
+  BlasGemm<float> g;  // C[2, 2] = A[2, 3] B[3, 2], column-major
+  g.m = 2, g.n = 2, g.k = 3, g.a = a, g.lda = 2, g.b = b, g.ldb = 3, g.c = c, g.ldc = 2;
+  for (int i = 0; i < 6; ++i) a[i] = float(i), b[i] = 1.f;
+  device.gemm(g);
+  CHECK(c[0] == 0.f + 2.f + 4.f);
+  BlasGemm<float> bad = g;
+  bad.lda = 1;
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("lda = 1 is below A's 2 stored rows"), moe::Error);
+  bad = g;
+  bad.ldc = 1;
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("ldc = 1"), moe::Error);
+  bad = g;
+  bad.b = nullptr;
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("null operand"), moe::Error);
+  std::vector<float> host(6, 1.f);
+  bad = g;
+  bad.a = host.data();
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("gemm's A (24 bytes) is not inside one device allocation"),
+                       moe::Error);
+  bad = g;
+  bad.ldb = 4;  // B's extent (3 rows, 2 columns 4 apart) runs past its 6 elements
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("gemm's B"), moe::Error);
+  bad = g;
+  bad.batch = 2, bad.stride_c = 4;  // the second product writes past C
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("gemm's C"), moe::Error);
+  CHECK_THROWS_WITH_AS(device.upload(host.data(), a, sizeof(float)), doctest::Contains("upload's destination"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(device.download(a, host.data(), sizeof(float)), doctest::Contains("download's source"),
+                       moe::Error);
+  EmulatedDevice::deallocate(c);
+  CHECK_THROWS_WITH_AS(device.download(host.data(), c, sizeof(float)), doctest::Contains("freed"), moe::Error);
+  EmulatedDevice::deallocate(b);
+  EmulatedDevice::deallocate(a);
 }

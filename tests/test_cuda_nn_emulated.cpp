@@ -1,13 +1,7 @@
 // The CUDA transformer pieces (moe/cuda/nn/: layernorm, embedding, attention, cross-entropy,
 // AdamW) on the emulated device, against the CPU functions of moe/nn/ (every CI run, ASan too).
 // tests/cuda/test_cuda_nn.cu runs the same cases on a GPU (moe_cuda_tests).
-#include "moe/cuda/emulated_device.hpp"
-
-namespace cuda_test {
-using TestDevice = moe::cuda::EmulatedDevice;
-inline TestDevice make_device() { return {}; }
-inline bool device_available() { return true; }
-}  // namespace cuda_test
+#include "cuda/emulated_test_device.hpp"
 
 #define CUDA_TEST_NAME(text) "cuda nn, emulated device: " text
 #include "cuda/cuda_nn_attention_cases.hpp"

@@ -15,12 +15,7 @@
 #include <vector>
 
 #include "../examples/gpt2_moe/session.hpp"
-#include "moe/cuda/emulated_device.hpp"
-
-namespace cuda_test {
-using TestDevice = moe::cuda::EmulatedDevice;
-inline TestDevice make_device() { return {}; }
-}  // namespace cuda_test
+#include "cuda/emulated_test_device.hpp"
 
 #define CUDA_TEST_NAME(text) "cuda, emulated device: " text
 #include "cuda/gpt2_model_cases.hpp"

@@ -179,9 +179,7 @@ class CudaDevice {
 
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
-    check(g.m < (Index{1} << 31) && g.n < (Index{1} << 31) && g.k < (Index{1} << 31) && g.lda < (Index{1} << 31) &&
-              g.ldb < (Index{1} << 31) && g.ldc < (Index{1} << 31),
-          "gemm: a dimension exceeds cuBLAS's 32-bit sizes");
+    check_blas_gemm(g);
     const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
     cudaDataType_t type;
     cublasComputeType_t compute;
@@ -203,7 +201,6 @@ class CudaDevice {
                    "cublasGemmEx");
       return;
     }
-    check(g.batch < (Index{1} << 31), "gemm: a batch of ", g.batch, " exceeds cuBLAS's 32-bit count");
     check_cublas(cublasGemmStridedBatchedEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k),
                                             &alpha, g.a, type, int(g.lda), (long long)g.stride_a, g.b, type,
                                             int(g.ldb), (long long)g.stride_b, &beta, g.c, type, int(g.ldc),

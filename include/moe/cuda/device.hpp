@@ -54,6 +54,29 @@ struct BlasGemm {
   Index stride_a = 0, stride_b = 0, stride_c = 0;
 };
 
+// cuBLAS's rules for one GemmEx / GemmStridedBatchedEx call (sizes >= 0 and within 32 bits,
+// lda >= rows of A as stored, ldb likewise, ldc >= m, a batch of >= 1 with strides >= 0, operands
+// present where read), checked by both devices before the call, so a bad mapping is named here
+// rather than reported by cuBLAS as CUBLAS_STATUS_INVALID_VALUE.
+template <class S>
+void check_blas_gemm(const BlasGemm<S>& g) {
+  constexpr Index kMax = (Index{1} << 31) - 1;
+  check(g.m >= 0 && g.n >= 0 && g.k >= 0, "gemm: a negative size (m = ", g.m, ", n = ", g.n, ", k = ", g.k, ")");
+  check(g.m <= kMax && g.n <= kMax && g.k <= kMax && g.lda <= kMax && g.ldb <= kMax && g.ldc <= kMax &&
+            g.batch <= kMax,
+        "gemm: a size, leading dimension or batch count exceeds cuBLAS's 32-bit ints");
+  const Index a_rows = g.op_a == BlasOp::none ? g.m : g.k;
+  const Index b_rows = g.op_b == BlasOp::none ? g.k : g.n;
+  check(g.lda >= (a_rows > 1 ? a_rows : 1), "gemm: lda = ", g.lda, " is below A's ", a_rows, " stored rows");
+  check(g.ldb >= (b_rows > 1 ? b_rows : 1), "gemm: ldb = ", g.ldb, " is below B's ", b_rows, " stored rows");
+  check(g.ldc >= (g.m > 1 ? g.m : 1), "gemm: ldc = ", g.ldc, " is below C's ", g.m, " rows");
+  check(g.batch >= 1 && g.stride_a >= 0 && g.stride_b >= 0 && g.stride_c >= 0, "gemm: a batch of ", g.batch,
+        " with strides (", g.stride_a, ", ", g.stride_b, ", ", g.stride_c, ")");
+  const bool writes = g.m > 0 && g.n > 0;
+  check(!writes || (g.c && (g.k == 0 || (g.a && g.b))), "gemm: a null operand in a ", g.m, " x ", g.n, " x ", g.k,
+        " product");
+}
+
 // Row-major out[M, N] (=|+=) op_a(a)[M, K] op_b(b)[K, N] as the column-major call
 // out^T = op_b(b)^T op_a(a)^T: a row-major matrix read column-major is its transpose, so the
 // operands swap and each keeps its own op.

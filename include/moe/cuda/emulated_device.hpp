@@ -2,13 +2,26 @@
 // for_each is a loop, the GEMM is the column-major definition and the sort is std::stable_sort.
 // It exists to test: every index body, launch size and GEMM mapping of moe::cuda::BasicBackend
 // runs here with the host compiler (and under AddressSanitizer), on machines without a GPU.
+//
+// It is built to fail where a GPU would, not to be lenient where a GPU is:
+//   * memory is poisoned: allocations and every scratch() area start as 0xFF bytes (NaN floats,
+//     -1 integers), as cudaMalloc's memory holds whatever was there, so a read before a write,
+//     or of a previous scratch() call's data, shows up as NaN or a wrong count;
+//   * launches run in a chosen order (LaunchOrder): a body that reads what another index of the
+//     same launch writes (a race on the GPU) gives different bits under another order;
+//   * GEMMs check cuBLAS's argument rules (check_blas_gemm), and GEMMs, sorts and copies check
+//     that every device pointer lies inside one live device allocation (a host pointer, or an
+//     extent past the end, is named instead of read).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <numeric>
 #include <string>
@@ -16,6 +29,7 @@
 
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/random.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::cuda {
@@ -50,36 +64,115 @@ struct EmulatedRow {
   bool first() const { return true; }  // the body runs once per row here
 };
 
+// The order in which a launch's indices run. A GPU promises none; race-free bodies give the same
+// bits under every order, which is what the tests check by changing it between runs.
+enum class LaunchOrder {
+  ascending,   // 0, 1, ..., n - 1 (a plain loop)
+  descending,  // n - 1, ..., 0
+  shuffled,    // a fresh pseudo-random permutation per launch (rows and columns apart in 2-D)
+};
+
+namespace emulated_detail {
+
+inline constexpr unsigned char kPoison = 0xFF;  // NaN as float/double/bf16, -1 as a signed integer
+
+// Every live allocation of every emulated device (begin address -> bytes), so copies, GEMMs and
+// sorts can check their pointers as cudaMemcpy and cuBLAS would fault on them.
+class Allocations {
+ public:
+  static Allocations& instance() {
+    static Allocations registry;
+    return registry;
+  }
+  void add(const void* p, std::size_t bytes) {
+    const std::lock_guard lock(mutex_);
+    live_[address(p)] = bytes;
+  }
+  void remove(const void* p) {
+    const std::lock_guard lock(mutex_);
+    live_.erase(address(p));
+  }
+  // Throws moe::Error unless [p, p + bytes) lies inside one live allocation (nothing to check for 0 bytes).
+  void check_inside(const void* p, std::size_t bytes, const char* what) const {
+    if (bytes == 0) return;
+    const std::lock_guard lock(mutex_);
+    const std::uintptr_t begin = address(p);
+    auto next = live_.upper_bound(begin);
+    const bool inside = next != live_.begin() && begin + bytes <= std::prev(next)->first + std::prev(next)->second;
+    check(inside, "emulated device: ", what, " (", bytes, " bytes) is not inside one device allocation: a host ",
+          "pointer, a freed buffer, or an extent past the end");
+  }
+
+ private:
+  static std::uintptr_t address(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+  mutable std::mutex mutex_;
+  std::map<std::uintptr_t, std::size_t> live_;
+};
+
+// Bytes from the first to one past the last element a column-major operand touches (0 if none).
+template <class S>
+std::size_t operand_bytes(Index rows, Index cols, Index ld) {
+  return rows > 0 && cols > 0 ? std::size_t((cols - 1) * ld + rows) * sizeof(S) : 0;
+}
+
+}  // namespace emulated_detail
+
 struct EmulatedDevice {
   using Row = EmulatedRow;
   static constexpr std::size_t kAlignment = 256;  // cudaMalloc's alignment
-  std::string description() const { return "emulated CUDA device (host loops)"; }
-  static void* allocate(std::size_t bytes) { return ::operator new(bytes == 0 ? 1 : bytes, std::align_val_t{kAlignment}); }
-  static void deallocate(void* p) { ::operator delete(p, std::align_val_t{kAlignment}); }
 
-  void upload(void* dst, const void* src, std::size_t bytes) const { copy_bytes(dst, src, bytes); }
-  void download(void* dst, const void* src, std::size_t bytes) const { copy_bytes(dst, src, bytes); }
+  EmulatedDevice() = default;
+  explicit EmulatedDevice(LaunchOrder order) { state_->order = order; }
+  LaunchOrder launch_order() const { return state_->order; }
+  std::string description() const { return "emulated CUDA device (host loops)"; }
+
+  static void* allocate(std::size_t bytes) {
+    const std::size_t size = bytes == 0 ? 1 : bytes;
+    void* p = ::operator new(size, std::align_val_t{kAlignment});
+    std::memset(p, emulated_detail::kPoison, size);
+    emulated_detail::Allocations::instance().add(p, size);
+    return p;
+  }
+  static void deallocate(void* p) {
+    if (!p) return;
+    emulated_detail::Allocations::instance().remove(p);
+    ::operator delete(p, std::align_val_t{kAlignment});
+  }
+
+  void upload(void* dst, const void* src, std::size_t bytes) const {
+    emulated_detail::Allocations::instance().check_inside(dst, bytes, "upload's destination");
+    copy_bytes(dst, src, bytes);
+  }
+  void download(void* dst, const void* src, std::size_t bytes) const {
+    emulated_detail::Allocations::instance().check_inside(src, bytes, "download's source");
+    copy_bytes(dst, src, bytes);
+  }
   void synchronize() const {}
 
   template <class Body>
   void for_each(Index n, Body body) const {
-    for (Index i = 0; i < n; ++i) body(i);
+    const Order order = next_order(n);
+    for (Index i = 0; i < n; ++i) body(order[i]);
   }
   template <class Body>
   void for_each_2d(Index rows, Index cols, Body body) const {
+    const Order row_order = next_order(rows), col_order = next_order(cols);
     for (Index r = 0; r < rows; ++r)
-      for (Index c = 0; c < cols; ++c) body(r, c);
+      for (Index c = 0; c < cols; ++c) body(row_order[r], col_order[c]);
   }
   template <class Body>
   void for_each_row(Index rows, Body body) const {
-    for (Index r = 0; r < rows; ++r) body(r, Row{});
+    const Order order = next_order(rows);
+    for (Index r = 0; r < rows; ++r) body(order[r], Row{});
   }
 
   // The column-major definition, accumulated in the scalar's compute type in k order; a batch is
-  // its products one after another.
+  // its products one after another. cuBLAS's argument rules and the operands' memory are checked first.
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
     using C = Compute<S>;
+    check_blas_gemm(g);
+    check_gemm_memory(g);
     const auto at = [](const S* p, Index ld, BlasOp op, Index r, Index c) {
       return C(op == BlasOp::none ? p[r + c * ld] : p[c + r * ld]);
     };
@@ -97,19 +190,27 @@ struct EmulatedDevice {
     }
   }
 
-  // One growing host buffer, shared by copies of this device (as CudaDevice's context is).
+  // One growing host buffer, shared by copies of this device (as CudaDevice's context is),
+  // poisoned on every call: nothing a previous call left there may be read.
   void* scratch(std::size_t bytes) const {
-    if (bytes > scratch_->size) {
-      scratch_->data.reset(static_cast<unsigned char*>(allocate(bytes)));
-      scratch_->size = bytes;
+    if (bytes > state_->scratch_size) {
+      state_->scratch.reset(static_cast<unsigned char*>(allocate(bytes)));
+      state_->scratch_size = bytes;
     }
-    return scratch_->data.get();
+    std::memset(state_->scratch.get(), emulated_detail::kPoison, bytes);
+    return state_->scratch.get();
   }
 
   // (keys_out, values_out) = (keys_in, values_in) ordered by ascending key, equal keys keeping
   // their order. Only the low `bits` bits of a key count (all keys fit them).
   void stable_sort_pairs(const std::uint32_t* keys_in, std::uint32_t* keys_out, const std::int32_t* values_in,
                          std::int32_t* values_out, Index n, int /*bits*/) const {
+    const auto& allocations = emulated_detail::Allocations::instance();
+    const std::size_t bytes = std::size_t(n) * sizeof(std::uint32_t);
+    allocations.check_inside(keys_in, bytes, "sort's input keys");
+    allocations.check_inside(keys_out, bytes, "sort's output keys");
+    allocations.check_inside(values_in, bytes, "sort's input values");
+    allocations.check_inside(values_out, bytes, "sort's output values");
     std::vector<Index> order(static_cast<std::size_t>(n));
     std::iota(order.begin(), order.end(), Index{0});
     std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return keys_in[a] < keys_in[b]; });
@@ -119,14 +220,57 @@ struct EmulatedDevice {
  private:
   template <class S>
   using Compute = typename ComputeTypeOf<S>::type;
-  struct Scratch {
+
+  // A launch's index order: order[i] is the i-th index to run.
+  struct Order {
+    LaunchOrder kind;
+    Index n;
+    std::vector<Index> shuffled;
+    Index operator[](Index i) const {
+      return kind == LaunchOrder::ascending ? i : kind == LaunchOrder::descending ? n - 1 - i : shuffled[std::size_t(i)];
+    }
+  };
+  static constexpr std::uint64_t kShuffleSeed = 0x5eed;
+  Order next_order(Index n) const {
+    Order order{state_->order, n, {}};
+    if (order.kind == LaunchOrder::shuffled && n <= 1) order.kind = LaunchOrder::ascending;  // one order only
+    if (order.kind == LaunchOrder::shuffled) {  // Fisher-Yates on counter-based draws
+      order.shuffled.resize(std::size_t(n));
+      std::iota(order.shuffled.begin(), order.shuffled.end(), Index{0});
+      const std::uint64_t launch = state_->launches++;
+      for (Index i = n - 1; i > 0; --i)
+        std::swap(order.shuffled[std::size_t(i)],
+                  order.shuffled[std::size_t(moe::random::bits(kShuffleSeed, launch, std::uint64_t(i)) % std::uint64_t(i + 1))]);
+    }
+    return order;
+  }
+
+  // Every operand of every product of the batch inside one allocation.
+  template <class S>
+  static void check_gemm_memory(const BlasGemm<S>& g) {
+    if (g.m == 0 || g.n == 0) return;
+    const auto& allocations = emulated_detail::Allocations::instance();
+    const Index a_rows = g.op_a == BlasOp::none ? g.m : g.k, a_cols = g.op_a == BlasOp::none ? g.k : g.m;
+    const Index b_rows = g.op_b == BlasOp::none ? g.k : g.n, b_cols = g.op_b == BlasOp::none ? g.n : g.k;
+    for (Index q = 0; q < g.batch; ++q) {
+      allocations.check_inside(g.a + q * g.stride_a, emulated_detail::operand_bytes<S>(a_rows, a_cols, g.lda), "gemm's A");
+      allocations.check_inside(g.b + q * g.stride_b, emulated_detail::operand_bytes<S>(b_rows, b_cols, g.ldb), "gemm's B");
+      allocations.check_inside(g.c + q * g.stride_c, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldc), "gemm's C");
+    }
+  }
+
+  // Shared by copies of the device (as CudaDevice's context is): the order, the launch count the
+  // shuffles draw from, and the scratch buffer.
+  struct State {
     struct Free {
       void operator()(unsigned char* p) const { deallocate(p); }
     };
-    std::unique_ptr<unsigned char, Free> data;
-    std::size_t size = 0;
+    LaunchOrder order = LaunchOrder::ascending;
+    std::uint64_t launches = 0;
+    std::unique_ptr<unsigned char, Free> scratch;
+    std::size_t scratch_size = 0;
   };
-  std::shared_ptr<Scratch> scratch_ = std::make_shared<Scratch>();
+  std::shared_ptr<State> state_ = std::make_shared<State>();
   static void copy_bytes(void* dst, const void* src, std::size_t bytes) {
     if (bytes) std::memcpy(dst, src, bytes);
   }
