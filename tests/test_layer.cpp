@@ -301,8 +301,8 @@ TEST_CASE("capacity drops are counted and dropped tokens contribute zero") {
 TEST_CASE("saved activation bytes per token follow the documented formula") {
   using Layer = moe::MoELayer<moe::SelfRoute, moe::GeluMLP, moe::cpu::Backend>;
   const moe::LayerConfig gpt2{.hidden = 768, .ffn = 3072, .experts = 8, .top_k = 2};
-  // (H + 2kH + kF + N + k) floats + 3k int32 + 1 status byte
-  CHECK(Layer::saved_bytes_per_token(gpt2) == (768 + 2 * 2 * 768 + 2 * 3072 + 8 + 2) * 4 + 2 * 12 + 1);
+  // (H + 2kH + k·2F (pre- and post-GELU) + N + k) floats + 3k int32 + 1 status byte
+  CHECK(Layer::saved_bytes_per_token(gpt2) == (768 + 2 * 2 * 768 + 2 * 2 * 3072 + 8 + 2) * 4 + 2 * 12 + 1);
 }
 
 namespace {

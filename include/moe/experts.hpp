@@ -52,7 +52,7 @@ struct GeluMLP {
     double out_init_std = 0.02;  // proj.weight; GPT-2 scales this by 1/sqrt(2 * layers)
   };
   static constexpr std::string_view name = "gelu-mlp";
-  static Index cached_scalars_per_row(const LayerConfig& config) { return config.ffn; }  // pre-activation
+  static Index cached_scalars_per_row(const LayerConfig& config) { return 2 * config.ffn; }  // pre | act
 
   GeluMLP(B& init, const LayerConfig& config, std::uint64_t seed, Options options)
       : experts_(config.experts), hidden_(config.hidden), ffn_(config.ffn) {
@@ -66,17 +66,16 @@ struct GeluMLP {
     for (auto* g : {&fc_w_grad_, &fc_b_grad_, &proj_w_grad_, &proj_b_grad_}) init.fill(*g, Scalar(0));
   }
 
-  // rows: [R, H] -> out: [R, H];  pre = rows fc_e^T + b (kept), act = gelu(pre), out = act proj_e^T + b
+  // rows: [R, H] -> out: [R, H];  pre = rows fc_e^T + b, act = gelu(pre) (both kept, from one
+  // fused GEMM on the GPU), out = act proj_e^T + b
   void forward(B& be, ConstMatrixView<Scalar> rows, std::span<const Index> offsets, MatrixView<Scalar> out) {
     B::resize(pre_, rows.rows, ffn_), B::resize(act_, rows.rows, ffn_);
-    be.grouped_linear_forward(rows, offsets, fc_w_, fc_b_.data(), pre_);
-    be.gelu_forward(pre_, act_);
+    be.grouped_linear_gelu_forward(rows, offsets, fc_w_, fc_b_.data(), pre_, act_);
     be.grouped_linear_forward(act_, offsets, proj_w_, proj_b_.data(), out);
   }
-  // (rows, dout) -> drows; gradients accumulate. act is recomputed from pre rather than kept.
+  // (rows, dout) -> drows; gradients accumulate. Once per forward: act_ becomes the gradient.
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
                 MatrixView<Scalar> drows) {
-    be.gelu_forward(pre_, act_);
     be.grouped_linear_backward(act_, dout, offsets, proj_w_, act_, proj_w_grad_, proj_b_grad_.data());  // act_ := dact
     be.gelu_backward(pre_, act_, act_);                                                                 // act_ := dpre
     be.grouped_linear_backward(rows, act_, offsets, fc_w_, drows, fc_w_grad_, fc_b_grad_.data());
@@ -94,7 +93,7 @@ struct GeluMLP {
   Index experts_, hidden_, ffn_;
   typename B::Matrix fc_w_, fc_b_, proj_w_, proj_b_;
   typename B::Matrix fc_w_grad_, fc_b_grad_, proj_w_grad_, proj_b_grad_;
-  typename B::Matrix pre_, act_;  // pre_ is kept for backward; act_ is workspace
+  typename B::Matrix pre_, act_;  // kept for backward, where act_ turns into the gradient
 };
 
 // Llama/Mixtral's gated MLP per expert: H -> (gate, up) F each -> silu(gate) * up -> H, no biases.

@@ -512,4 +512,70 @@ TEST_CASE(CUDA_TEST_NAME("GEMM mapping: row-major products through the column-ma
       }
 }
 
+// out = epilogue(a b^T) with a bias per output column, and for bias_gelu pre = a b^T + bias, out =
+// gelu(pre): against float64 on the values the device holds. Shapes with 16-byte-aligned rows go
+// to cuBLASLt's fused epilogues on the GPU, the odd ones to cuBLAS and a separate pass.
+template <class S>
+void check_gemm_epilogues(double tolerance) {
+  using B = moe::cuda::BasicBackend<S, TestDevice>;
+  const B backend(make_device());
+  struct Shape {
+    Index M, K, O;
+  };
+  for (const Shape shape : {Shape{37, 64, 96}, Shape{7, 5, 9}})
+    for (auto epilogue : {moe::cuda::Epilogue::bias, moe::cuda::Epilogue::bias_gelu}) {
+      const auto [M, K, O] = shape;
+      auto a_host = normal_values(std::size_t(M * K), 93), w_host = normal_values(std::size_t(O * K), 94, 0.3f);
+      auto bias_host = normal_values(std::size_t(O), 95);
+      for (auto* v : {&a_host, &w_host, &bias_host})  // the reference sees the values the device holds
+        for (float& x : *v) x = float(S(x));
+      const auto a = to_device<S>(backend, a_host, M, K), w = to_device<S>(backend, w_host, O, K);
+      const auto bias = to_device<S>(backend, bias_host, 1, O);
+      typename B::Matrix out(M, O), pre(M, O);
+      moe::cuda::detail::gemm_epilogue(backend.device(), moe::MatrixView<S>(out), moe::ConstMatrixView<S>(a),
+                                       moe::ConstMatrixView<S>(w), moe::cuda::BlasOp::transpose, epilogue, bias.data(),
+                                       moe::MatrixView<S>(pre));
+      std::vector<float> expected_pre(std::size_t(M * O)), expected_out(expected_pre.size());
+      for (Index i = 0; i < M; ++i)
+        for (Index o = 0; o < O; ++o) {
+          double sum = bias_host[std::size_t(o)];
+          for (Index p = 0; p < K; ++p) sum += double(a_host[std::size_t(i * K + p)]) * w_host[std::size_t(o * K + p)];
+          expected_pre[std::size_t(i * O + o)] = float(sum);
+          expected_out[std::size_t(i * O + o)] =
+              float(epilogue == moe::cuda::Epilogue::bias_gelu ? moe::activation::gelu(sum) : sum);
+        }
+      CAPTURE(M);
+      CAPTURE(int(epilogue));
+      CHECK(relative_error(to_host<S>(backend, out.data(), M * O), expected_out) < tolerance);
+      if (epilogue == moe::cuda::Epilogue::bias_gelu)
+        CHECK(relative_error(to_host<S>(backend, pre.data(), M * O), expected_pre) < tolerance);
+    }
+}
+
+TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bias and bias + GELU (with the pre-activation), fp32 and bf16")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  check_gemm_epilogues<float>(1e-5);
+  check_gemm_epilogues<moe::bfloat16>(2e-2);
+}
+
+TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bad arguments are named before any product runs")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  typename B::Matrix a(4, 8), w(6, 8), out(4, 6), pre(4, 5), bias(1, 6);
+  CHECK_THROWS_WITH_AS(moe::cuda::detail::gemm_epilogue(backend.device(), moe::MatrixView<float>(out),
+                                                        moe::ConstMatrixView<float>(a), moe::ConstMatrixView<float>(w),
+                                                        moe::cuda::BlasOp::transpose, moe::cuda::Epilogue::bias_gelu,
+                                                        bias.data(), moe::MatrixView<float>(pre)),
+                       doctest::Contains("aux is [4, 5], the output is [4, 6]"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::detail::gemm_epilogue(backend.device(), moe::MatrixView<float>(out),
+                                                        moe::ConstMatrixView<float>(a), moe::ConstMatrixView<float>(w),
+                                                        moe::cuda::BlasOp::transpose, moe::cuda::Epilogue::bias,
+                                                        static_cast<const float*>(nullptr)),
+                       doctest::Contains("bias [6] is null"), moe::Error);
+  const float* no_bias = nullptr;
+  CHECK_THROWS_WITH_AS(backend.grouped_linear_gelu_forward(a, std::vector<Index>{0, 4}, w, no_bias, out, out),
+                       doctest::Contains("bias must not be null"), moe::Error);
+}
+
 }  // namespace cuda_test

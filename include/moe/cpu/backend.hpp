@@ -96,6 +96,16 @@ class BasicBackend {
     }
     run_gemms<S>(work, threads_);
   }
+  // pre = in W_e^T + b_e (bias [N, O], required), then act = gelu(pre): the expert MLP's first
+  // layer with its activation (one fused GEMM on the GPU backend).
+  void grouped_linear_gelu_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
+                                   const S* bias, MatrixView<S> pre, MatrixView<S> act) const {
+    check(bias, "grouped_linear_gelu_forward: the bias must not be null");
+    check(pre.rows == act.rows && pre.cols == act.cols, "grouped_linear_gelu_forward: pre is [", pre.rows, ", ",
+          pre.cols, "], act is [", act.rows, ", ", act.cols, "]");
+    grouped_linear_forward(in, offsets, weight, bias, pre);
+    gelu_forward(pre, act);
+  }
   // dweight += dout_e^T in_e and dbias += column sums of dout_e (if dbias), then
   // din = dout_e W_e (if din). din may alias in: the weight gradient is formed first.
   void grouped_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,

@@ -96,6 +96,15 @@ void gemm(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a,
   }
 }
 
+// out = epilogue(a op_b(b)) (device.hpp's Epilogue): a bias per output column, and for bias_gelu
+// the pre-activation into aux as well. One fused GEMM on the GPU.
+template <class D, class S>
+void gemm_epilogue(const D& device, MatrixView<S> out, ConstMatrixView<S> a, ConstMatrixView<S> b, BlasOp op_b,
+                   Epilogue epilogue, const S* bias, MatrixView<S> aux = {}) {
+  const BlasGemm<S> call = column_major_gemm_epilogue(out, a, b, op_b, epilogue, bias, aux);
+  if (call.m > 0 && call.n > 0) device.gemm(call);
+}
+
 // Rows per partial of a column sum.
 inline constexpr Index kColumnSumChunk = 64;
 inline Index column_sum_partials(Index rows, Index cols) { return (rows + kColumnSumChunk - 1) / kColumnSumChunk * cols; }
@@ -311,7 +320,7 @@ class BasicBackend {
 
   // ---- grouped linear: each expert's contiguous block of rows through its own weights -------
   // in: [R, I], weight: [N*O, I], bias: [N, O] or null -> out: [R, O]. One GEMM per non-empty
-  // expert (the row counts are the host offsets route() fetched).
+  // expert (the row counts are the host offsets route() fetched), the bias in its epilogue.
   void grouped_linear_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
                               const S* bias, MatrixView<S> out) const {
     const Index O = out.cols;
@@ -319,13 +328,27 @@ class BasicBackend {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
       const MatrixView<S> block = out.row_block(begin, rows);
-      detail::gemm(device_, block, in.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O),
-                   BlasOp::transpose, false);
-      if (bias) {
-        const S* b = bias + e * O;
-        detail::for_each_2d(device_, rows, O,
-                            [=] MOE_HOST_DEVICE(Index r, Index c) { block(r, c) = S(C(block(r, c)) + C(b[c])); });
-      }
+      if (bias)
+        detail::gemm_epilogue(device_, block, in.row_block(begin, rows), weight.row_block(e * O, O), BlasOp::transpose,
+                              Epilogue::bias, bias + e * O);
+      else
+        detail::gemm(device_, block, in.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O),
+                     BlasOp::transpose, false);
+    }
+  }
+  // pre = in W_e^T + b_e and act = gelu(pre), per expert in one GEMM (Epilogue::bias_gelu:
+  // cuBLASLt's GELU_AUX_BIAS on the GPU). bias: [N, O], required; pre and act: [R, O].
+  void grouped_linear_gelu_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
+                                   const S* bias, MatrixView<S> pre, MatrixView<S> act) const {
+    const Index O = act.cols;
+    check(bias, "grouped_linear_gelu_forward: the bias must not be null");
+    check(pre.rows == act.rows && pre.cols == O, "grouped_linear_gelu_forward: pre is [", pre.rows, ", ", pre.cols,
+          "], act is [", act.rows, ", ", O, "]");
+    for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      detail::gemm_epilogue(device_, act.row_block(begin, rows), in.row_block(begin, rows), weight.row_block(e * O, O),
+                            BlasOp::transpose, Epilogue::bias_gelu, bias + e * O, pre.row_block(begin, rows));
     }
   }
   // dweight_e += dout_e^T in_e; dbias_e += column sums of dout_e (if dbias);

@@ -5,6 +5,7 @@
 // Every call is ordered on the device's stream; only download() waits for it.
 #pragma once
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -16,6 +17,7 @@
 #include <string>
 #include <type_traits>
 
+#include "moe/activations.hpp"
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
@@ -102,6 +104,56 @@ __global__ void for_each_row_kernel(Index rows, Body body) {
 // fp32 GEMMs: exact fp32 (the default, what parity is checked with) or TF32 tensor cores.
 enum class Fp32Math { exact, tf32 };
 
+class CudaDevice;
+// A GEMM's epilogue as its own pass over C (device.hpp's Epilogue), for products cuBLASLt does
+// not fuse: C already holds the product, rounded to S. Defined after CudaDevice.
+template <class S>
+void epilogue_pass(const CudaDevice& device, const BlasGemm<S>& g);
+
+namespace lt_detail {
+// Owners of cuBLASLt's descriptors, destroyed on every path out of a call.
+struct MatmulDesc {
+  cublasLtMatmulDesc_t handle = nullptr;
+  ~MatmulDesc() {
+    if (handle) cublasLtMatmulDescDestroy(handle);
+  }
+  template <class T>
+  void set(cublasLtMatmulDescAttributes_t attribute, const T& value) {
+    check_cublas(cublasLtMatmulDescSetAttribute(handle, attribute, &value, sizeof(value)),
+                 "cublasLtMatmulDescSetAttribute");
+  }
+};
+struct Layout {
+  cublasLtMatrixLayout_t handle = nullptr;
+  Layout(cudaDataType_t type, Index rows, Index cols, Index ld) {
+    check_cublas(cublasLtMatrixLayoutCreate(&handle, type, std::uint64_t(rows), std::uint64_t(cols), std::int64_t(ld)),
+                 "cublasLtMatrixLayoutCreate");
+  }
+  ~Layout() {
+    if (handle) cublasLtMatrixLayoutDestroy(handle);
+  }
+  Layout(const Layout&) = delete;
+  Layout& operator=(const Layout&) = delete;
+};
+struct Preference {
+  cublasLtMatmulPreference_t handle = nullptr;
+  ~Preference() {
+    if (handle) cublasLtMatmulPreferenceDestroy(handle);
+  }
+  template <class T>
+  void set(cublasLtMatmulPreferenceAttributes_t attribute, const T& value) {
+    check_cublas(cublasLtMatmulPreferenceSetAttribute(handle, attribute, &value, sizeof(value)),
+                 "cublasLtMatmulPreferenceSetAttribute");
+  }
+};
+// The largest power of two (up to 256) that divides the address: what cuBLASLt may assume.
+inline std::uint32_t alignment_of(const void* p) {
+  std::uint32_t bytes = 256;
+  while (bytes > 1 && reinterpret_cast<std::uintptr_t>(p) % bytes != 0) bytes /= 2;
+  return bytes;
+}
+}  // namespace lt_detail
+
 class CudaDevice {
  public:
   // stream: the caller's stream (nullptr = the legacy default stream). The device does not own it.
@@ -177,9 +229,19 @@ class CudaDevice {
     check_cuda(cudaGetLastError(), "kernel launch");
   }
 
+  // A product with an epilogue goes to cuBLASLt, fused; where cuBLASLt offers no algorithm for
+  // it (double, or operands it cannot take), to cuBLAS and then epilogue_pass.
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
     check_blas_gemm(g);
+    if (g.epilogue != Epilogue::none) {
+      if (g.m == 0 || g.n == 0 || fused_gemm(g)) return;
+      BlasGemm<S> plain = g;
+      plain.epilogue = Epilogue::none;
+      gemm(plain);
+      epilogue_pass(*this, g);
+      return;
+    }
     const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
     cudaDataType_t type;
     cublasComputeType_t compute;
@@ -208,6 +270,64 @@ class CudaDevice {
                  "cublasGemmStridedBatchedEx");
   }
 
+  // The product and its epilogue in one cuBLASLt call (GELU_AUX_BIAS or BIAS); false, having
+  // queued nothing, when cuBLASLt has no algorithm for it.
+  template <class S>
+  bool fused_gemm(const BlasGemm<S>& g) const {
+    if constexpr (std::is_same_v<S, double>) {
+      return false;
+    } else {
+      constexpr std::uint32_t kMinAlignment = 16;  // below this, the plain path
+      const bool gelu = g.epilogue == Epilogue::bias_gelu;
+      const void* const pointers[] = {g.a, g.b, g.c, g.bias, gelu ? g.aux : g.c};
+      for (const void* p : pointers)
+        if (lt_detail::alignment_of(p) < kMinAlignment) return false;
+      const Index leading[] = {g.lda, g.ldb, g.ldc, gelu ? g.ldaux : g.ldc};
+      for (const Index ld : leading)
+        if (ld * Index(sizeof(S)) % kMinAlignment != 0) return false;
+      const cudaDataType_t type = std::is_same_v<S, float> ? CUDA_R_32F : CUDA_R_16BF;
+      const cublasComputeType_t compute = std::is_same_v<S, float> && context_->math == Fp32Math::tf32
+                                              ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                              : CUBLAS_COMPUTE_32F;
+      lt_detail::MatmulDesc desc;
+      check_cublas(cublasLtMatmulDescCreate(&desc.handle, compute, CUDA_R_32F), "cublasLtMatmulDescCreate");
+      const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
+      desc.set(CUBLASLT_MATMUL_DESC_TRANSA, op(g.op_a));
+      desc.set(CUBLASLT_MATMUL_DESC_TRANSB, op(g.op_b));
+      desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, gelu ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_BIAS);
+      desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));  // of C's type
+      if (gelu) {
+        desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, static_cast<void*>(g.aux));  // of C's type
+        desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, std::int64_t(g.ldaux));
+      }
+      const bool a_plain = g.op_a == BlasOp::none, b_plain = g.op_b == BlasOp::none;
+      const lt_detail::Layout a(type, a_plain ? g.m : g.k, a_plain ? g.k : g.m, g.lda);
+      const lt_detail::Layout b(type, b_plain ? g.k : g.n, b_plain ? g.n : g.k, g.ldb);
+      const lt_detail::Layout c(type, g.m, g.n, g.ldc);
+      lt_detail::Preference preference;
+      check_cublas(cublasLtMatmulPreferenceCreate(&preference.handle), "cublasLtMatmulPreferenceCreate");
+      const std::uint64_t workspace_bytes = Context::kLtWorkspaceBytes;
+      preference.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_bytes);
+      // cuBLASLt assumes 256-byte aligned operands unless told: an expert's row block is not.
+      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, lt_detail::alignment_of(g.a));
+      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, lt_detail::alignment_of(g.b));
+      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, lt_detail::alignment_of(g.c));
+      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, lt_detail::alignment_of(g.c));
+      cublasLtMatmulHeuristicResult_t heuristic{};
+      int found = 0;
+      const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(context_->lt, desc.handle, a.handle, b.handle,
+                                                                   c.handle, c.handle, preference.handle, 1,
+                                                                   &heuristic, &found);
+      if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+      const float alpha = 1, beta = 0;
+      check_cublas(cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c,
+                                  c.handle, g.c, c.handle, &heuristic.algo, context_->lt_workspace(), workspace_bytes,
+                                  stream()),
+                   "cublasLtMatmul");
+      return true;
+    }
+  }
+
   // One growing device buffer per context: reused while big enough; growing waits for the stream
   // (queued work may still read the old one) and keeps a quarter more room.
   void* scratch(std::size_t bytes) const { return context_->scratch(bytes); }
@@ -231,6 +351,9 @@ class CudaDevice {
     cudaStream_t stream;
     Fp32Math math;
     cublasHandle_t handle = nullptr;
+    cublasLtHandle_t lt = nullptr;
+    static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // NVIDIA's advice for Hopper
+    void* lt_workspace_data = nullptr;
     int sms = 1;
     void* temp = nullptr;
     std::size_t temp_bytes = 0;
@@ -243,8 +366,11 @@ class CudaDevice {
       check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
       check_cublas(cublasCreate(&handle), "cublasCreate");
       check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+      check_cublas(cublasLtCreate(&lt), "cublasLtCreate");
     }
     ~Context() {
+      if (lt_workspace_data) cudaFree(lt_workspace_data);
+      if (lt) cublasLtDestroy(lt);
       if (scratch_data) cudaFree(scratch_data);
       if (temp) cudaFree(temp);
       if (handle) cublasDestroy(handle);
@@ -262,6 +388,11 @@ class CudaDevice {
       }
       return temp;
     }
+    // cuBLASLt's workspace: allocated at the first fused GEMM, then reused (never resized).
+    void* lt_workspace() {
+      if (!lt_workspace_data) check_cuda(cudaMalloc(&lt_workspace_data, kLtWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
+      return lt_workspace_data;
+    }
     void* scratch(std::size_t bytes) {
       if (bytes > scratch_bytes) {
         check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
@@ -276,5 +407,21 @@ class CudaDevice {
   };
   std::shared_ptr<Context> context_;
 };
+
+template <class S>
+void epilogue_pass(const CudaDevice& device, const BlasGemm<S>& g) {
+  using C = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  S* c = g.c;
+  S* aux = g.aux;
+  const S* bias = g.bias;
+  const Index ldc = g.ldc, ldaux = g.ldaux;
+  const bool gelu = g.epilogue == Epilogue::bias_gelu;
+  // Column j of the column-major C is a row of the row-major output: threads run along it.
+  device.for_each_2d(g.n, g.m, [=] MOE_HOST_DEVICE(Index j, Index i) {
+    const C pre = C(c[i + j * ldc]) + C(bias[i]);
+    if (gelu) aux[i + j * ldaux] = S(pre);
+    c[i + j * ldc] = S(gelu ? activation::gelu(pre) : pre);
+  });
+}
 
 }  // namespace moe::cuda

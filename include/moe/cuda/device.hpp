@@ -36,6 +36,15 @@ namespace moe::cuda {
 
 enum class BlasOp { none, transpose };
 
+// What a product passes through before it is stored (cuBLASLt's epilogues, fused into the GEMM on
+// the GPU). With acc = op(A) op(B) in the compute type and bias[i] for row i of the column-major C
+// (that is, for column i of a row-major output: one bias per output feature):
+//   none       C = acc (+ C when accumulate)
+//   bias       C = acc + bias
+//   bias_gelu  aux = acc + bias (the pre-activation, kept for backward), C = gelu(aux) (tanh GELU,
+//              moe/activations.hpp), both rounded once from the compute type
+enum class Epilogue { none, bias, bias_gelu };
+
 // C[m, n] (=|+=) op(A)[m, k] op(B)[k, n], every matrix column-major with a leading dimension.
 template <class S>
 struct BlasGemm {
@@ -52,6 +61,11 @@ struct BlasGemm {
   // (cublasGemmStridedBatchedEx). The outputs must not share elements.
   Index batch = 1;
   Index stride_a = 0, stride_b = 0, stride_c = 0;
+  // An epilogue (one product, no accumulate): bias [m]; bias_gelu also writes aux [m, n] (ldaux).
+  Epilogue epilogue = Epilogue::none;
+  const S* bias = nullptr;
+  S* aux = nullptr;
+  Index ldaux = 0;
 };
 
 // cuBLAS's rules for one GemmEx / GemmStridedBatchedEx call (sizes >= 0 and within 32 bits,
@@ -75,6 +89,13 @@ void check_blas_gemm(const BlasGemm<S>& g) {
   const bool writes = g.m > 0 && g.n > 0;
   check(!writes || (g.c && (g.k == 0 || (g.a && g.b))), "gemm: a null operand in a ", g.m, " x ", g.n, " x ", g.k,
         " product");
+  if (g.epilogue == Epilogue::none) return;
+  check(g.batch == 1 && !g.accumulate, "gemm: an epilogue needs one product that overwrites C (batch ", g.batch,
+        g.accumulate ? ", accumulate)" : ")");
+  check(!writes || g.bias, "gemm: the epilogue's bias [", g.m, "] is null");
+  if (g.epilogue == Epilogue::bias_gelu)
+    check(!writes || (g.aux && g.ldaux >= (g.m > 1 ? g.m : 1) && g.ldaux <= kMax), "gemm: the GELU epilogue's aux [",
+          g.m, ", ", g.n, "] is null or its leading dimension ", g.ldaux, " is below ", g.m);
 }
 
 // Row-major out[M, N] (=|+=) op_a(a)[M, K] op_b(b)[K, N] as the column-major call
@@ -96,6 +117,20 @@ BlasGemm<S> column_major_gemm(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op
   g.b = a.data, g.ldb = a.stride;
   g.c = out.data, g.ldc = out.stride;
   g.accumulate = accumulate;
+  return g;
+}
+
+// Row-major out[M, N] = epilogue(a[M, K] op_b(b)): column_major_gemm with a bias per output
+// column (bias [N]) and, for bias_gelu, the pre-activation into aux [M, N] (row-major, as out).
+template <class S>
+BlasGemm<S> column_major_gemm_epilogue(MatrixView<S> out, ConstMatrixView<S> a, ConstMatrixView<S> b, BlasOp op_b,
+                                       Epilogue epilogue, const S* bias, MatrixView<S> aux = {}) {
+  BlasGemm<S> g = column_major_gemm(out, a, BlasOp::none, b, op_b, false);
+  if (epilogue == Epilogue::bias_gelu)
+    check(aux.rows == out.rows && aux.cols == out.cols, "gemm: the GELU epilogue's aux is [", aux.rows, ", ",
+          aux.cols, "], the output is [", out.rows, ", ", out.cols, "]");
+  g.epilogue = epilogue, g.bias = bias;
+  if (epilogue == Epilogue::bias_gelu) g.aux = aux.data, g.ldaux = aux.stride;
   return g;
 }
 

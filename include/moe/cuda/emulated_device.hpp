@@ -1,5 +1,6 @@
 // moe/cuda/emulated_device.hpp: the CUDA backend's device on the host. Memory is host memory,
-// for_each is a loop, the GEMM is the column-major definition and the sort is std::stable_sort.
+// for_each is a loop, the GEMM is the column-major definition (its epilogues applied to the
+// unrounded sum, as cuBLASLt applies them) and the sort is std::stable_sort.
 // It exists to test: every index body, launch size and GEMM mapping of moe::cuda::BasicBackend
 // runs here with the host compiler (and under AddressSanitizer), on machines without a GPU.
 //
@@ -27,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/activations.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/random.hpp"
@@ -185,7 +187,13 @@ struct EmulatedDevice {
           C sum = g.accumulate ? C(c[i + j * g.ldc]) : C(0);
           C product = 0;
           for (Index p = 0; p < g.k; ++p) product += at(a, g.lda, g.op_a, i, p) * at(b, g.ldb, g.op_b, p, j);
-          c[i + j * g.ldc] = S(sum + product);
+          if (g.epilogue == Epilogue::none) {
+            c[i + j * g.ldc] = S(sum + product);
+            continue;
+          }
+          const C pre = product + C(g.bias[i]);
+          if (g.epilogue == Epilogue::bias_gelu) g.aux[i + j * g.ldaux] = S(pre);
+          c[i + j * g.ldc] = S(g.epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
         }
     }
   }
@@ -257,6 +265,9 @@ struct EmulatedDevice {
       allocations.check_inside(g.b + q * g.stride_b, emulated_detail::operand_bytes<S>(b_rows, b_cols, g.ldb), "gemm's B");
       allocations.check_inside(g.c + q * g.stride_c, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldc), "gemm's C");
     }
+    if (g.epilogue != Epilogue::none) allocations.check_inside(g.bias, std::size_t(g.m) * sizeof(S), "gemm's bias");
+    if (g.epilogue == Epilogue::bias_gelu)
+      allocations.check_inside(g.aux, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldaux), "gemm's aux");
   }
 
   // Shared by copies of the device (as CudaDevice's context is): the order, the launch count the
