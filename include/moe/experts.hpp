@@ -76,8 +76,8 @@ struct GeluMLP {
   // (rows, dout) -> drows; gradients accumulate. Once per forward: act_ becomes the gradient.
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
                 MatrixView<Scalar> drows) {
-    be.grouped_linear_backward(act_, dout, offsets, proj_w_, act_, proj_w_grad_, proj_b_grad_.data());  // act_ := dact
-    be.gelu_backward(pre_, act_, act_);                                                                 // act_ := dpre
+    be.grouped_linear_backward_through_gelu(act_, dout, offsets, proj_w_, pre_, act_, proj_w_grad_,
+                                            proj_b_grad_.data());  // act_ := dpre = (dout proj_e) * gelu'(pre)
     be.grouped_linear_backward(rows, act_, offsets, fc_w_, drows, fc_w_grad_, fc_b_grad_.data());
   }
 

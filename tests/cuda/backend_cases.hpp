@@ -512,9 +512,10 @@ TEST_CASE(CUDA_TEST_NAME("GEMM mapping: row-major products through the column-ma
       }
 }
 
-// out = epilogue(a b^T) with a bias per output column, and for bias_gelu pre = a b^T + bias, out =
-// gelu(pre): against float64 on the values the device holds. Shapes with 16-byte-aligned rows go
-// to cuBLASLt's fused epilogues on the GPU, the odd ones to cuBLAS and a separate pass.
+// out = epilogue(a b^T) with a bias per output column, for bias_gelu pre = a b^T + bias, out =
+// gelu(pre), and for dgelu out = (a b^T) * gelu'(pre) with pre given: against float64 on the
+// values the device holds. Shapes with 16-byte-aligned rows go to cuBLASLt's fused epilogues on
+// the GPU, the odd ones to cuBLAS and a separate pass.
 template <class S>
 void check_gemm_epilogues(double tolerance) {
   using B = moe::cuda::BasicBackend<S, TestDevice>;
@@ -523,36 +524,40 @@ void check_gemm_epilogues(double tolerance) {
     Index M, K, O;
   };
   for (const Shape shape : {Shape{37, 64, 96}, Shape{7, 5, 9}})
-    for (auto epilogue : {moe::cuda::Epilogue::bias, moe::cuda::Epilogue::bias_gelu}) {
+    for (auto epilogue : {moe::cuda::Epilogue::bias, moe::cuda::Epilogue::bias_gelu, moe::cuda::Epilogue::dgelu}) {
       const auto [M, K, O] = shape;
+      const bool dgelu = epilogue == moe::cuda::Epilogue::dgelu;
       auto a_host = normal_values(std::size_t(M * K), 93), w_host = normal_values(std::size_t(O * K), 94, 0.3f);
-      auto bias_host = normal_values(std::size_t(O), 95);
-      for (auto* v : {&a_host, &w_host, &bias_host})  // the reference sees the values the device holds
+      auto bias_host = normal_values(std::size_t(O), 95), given_pre = normal_values(std::size_t(M * O), 96);
+      for (auto* v : {&a_host, &w_host, &bias_host, &given_pre})  // the reference sees the values the device holds
         for (float& x : *v) x = float(S(x));
       const auto a = to_device<S>(backend, a_host, M, K), w = to_device<S>(backend, w_host, O, K);
       const auto bias = to_device<S>(backend, bias_host, 1, O);
-      typename B::Matrix out(M, O), pre(M, O);
+      auto pre = to_device<S>(backend, given_pre, M, O);  // read by dgelu, overwritten by bias_gelu
+      typename B::Matrix out(M, O);
       moe::cuda::detail::gemm_epilogue(backend.device(), moe::MatrixView<S>(out), moe::ConstMatrixView<S>(a),
-                                       moe::ConstMatrixView<S>(w), moe::cuda::BlasOp::transpose, epilogue, bias.data(),
-                                       moe::MatrixView<S>(pre));
+                                       moe::ConstMatrixView<S>(w), moe::cuda::BlasOp::transpose, epilogue,
+                                       dgelu ? nullptr : bias.data(), moe::MatrixView<S>(pre));
       std::vector<float> expected_pre(std::size_t(M * O)), expected_out(expected_pre.size());
       for (Index i = 0; i < M; ++i)
         for (Index o = 0; o < O; ++o) {
-          double sum = bias_host[std::size_t(o)];
+          double sum = dgelu ? 0.0 : bias_host[std::size_t(o)];
           for (Index p = 0; p < K; ++p) sum += double(a_host[std::size_t(i * K + p)]) * w_host[std::size_t(o * K + p)];
-          expected_pre[std::size_t(i * O + o)] = float(sum);
-          expected_out[std::size_t(i * O + o)] =
-              float(epilogue == moe::cuda::Epilogue::bias_gelu ? moe::activation::gelu(sum) : sum);
+          const std::size_t at = std::size_t(i * O + o);
+          expected_pre[at] = dgelu ? given_pre[at] : float(sum);
+          expected_out[at] = float(epilogue == moe::cuda::Epilogue::bias_gelu ? moe::activation::gelu(sum)
+                                   : dgelu ? sum * moe::activation::gelu_grad(double(given_pre[at]))
+                                           : sum);
         }
       CAPTURE(M);
       CAPTURE(int(epilogue));
       CHECK(relative_error(to_host<S>(backend, out.data(), M * O), expected_out) < tolerance);
-      if (epilogue == moe::cuda::Epilogue::bias_gelu)
+      if (epilogue != moe::cuda::Epilogue::bias)  // dgelu leaves it as given
         CHECK(relative_error(to_host<S>(backend, pre.data(), M * O), expected_pre) < tolerance);
     }
 }
 
-TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bias and bias + GELU (with the pre-activation), fp32 and bf16")) {
+TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bias, bias + GELU (with the pre-activation), GELU's derivative; fp32, bf16")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   check_gemm_epilogues<float>(1e-5);
   check_gemm_epilogues<moe::bfloat16>(2e-2);

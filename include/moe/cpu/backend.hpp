@@ -135,6 +135,18 @@ class BasicBackend {
     run_gemms<S>(work, threads_);
   }
 
+  // The same where `in` was gelu(pre): din = (dout_e W_e) * gelu'(pre_e) (fused into the GEMM on
+  // the GPU backend). pre: [R, I]; din may alias in.
+  void grouped_linear_backward_through_gelu(ConstMatrixView<S> in, ConstMatrixView<S> dout,
+                                            std::span<const Index> offsets, ConstMatrixView<S> weight,
+                                            ConstMatrixView<S> pre, MatrixView<S> din, MatrixView<S> dweight,
+                                            S* dbias) const {
+    check(pre.rows == in.rows && pre.cols == in.cols, "grouped_linear_backward_through_gelu: pre is [", pre.rows,
+          ", ", pre.cols, "], in is [", in.rows, ", ", in.cols, "]");
+    grouped_linear_backward(in, dout, offsets, weight, din, dweight, dbias);
+    if (din.data) gelu_backward(pre, din, din);
+  }
+
   // ---- activations (row by row, so the vector/scalar split never depends on threads) -------
   // in: [R, F] -> out: [R, F]; out may alias in
   void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {

@@ -356,6 +356,24 @@ class BasicBackend {
   void grouped_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
                                ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight,
                                S* dbias) const {
+    grouped_linear_backward_impl(in, dout, offsets, weight, din, dweight, dbias, nullptr);
+  }
+  // The same where `in` was gelu(pre): din continues through the GELU, din = (dout_e W_e) *
+  // gelu'(pre_e), in the GEMM's epilogue (cuBLASLt's DGELU on the GPU). pre: [R, I]; din may alias in.
+  void grouped_linear_backward_through_gelu(ConstMatrixView<S> in, ConstMatrixView<S> dout,
+                                            std::span<const Index> offsets, ConstMatrixView<S> weight,
+                                            ConstMatrixView<S> pre, MatrixView<S> din, MatrixView<S> dweight,
+                                            S* dbias) const {
+    check(pre.rows == in.rows && pre.cols == in.cols, "grouped_linear_backward_through_gelu: pre is [", pre.rows,
+          ", ", pre.cols, "], in is [", in.rows, ", ", in.cols, "]");
+    grouped_linear_backward_impl(in, dout, offsets, weight, din, dweight, dbias, &pre);
+  }
+
+ private:
+  // gelu_pre null: the plain input gradient; else through the GELU at *gelu_pre.
+  void grouped_linear_backward_impl(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
+                                    ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight, S* dbias,
+                                    const ConstMatrixView<S>* gelu_pre) const {
     const Index O = dout.cols, experts = Index(offsets.size()) - 1;
     for (Index e = 0; e < experts; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
@@ -368,10 +386,21 @@ class BasicBackend {
     for (Index e = 0; e < experts; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
-      detail::gemm(device_, din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none,
-                   weight.row_block(e * O, O), BlasOp::none, false);
+      if (gelu_pre) {
+        const ConstMatrixView<S> pre = gelu_pre->row_block(begin, rows);
+        // The epilogue only reads aux for dgelu; BlasGemm holds one mutable aux pointer for both uses.
+        const MatrixView<S> aux(const_cast<S*>(pre.data), pre.rows, pre.cols, pre.stride);
+        detail::gemm_epilogue(device_, din.row_block(begin, rows), dout.row_block(begin, rows),
+                              weight.row_block(e * O, O), BlasOp::none, Epilogue::dgelu, static_cast<const S*>(nullptr),
+                              aux);
+      } else {
+        detail::gemm(device_, din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none,
+                     weight.row_block(e * O, O), BlasOp::none, false);
+      }
     }
   }
+
+ public:
 
   // ---- activations, element by element ------------------------------------------------------
   // in: [R, F] -> out: [R, F]; out may alias in

@@ -270,16 +270,16 @@ class CudaDevice {
                  "cublasGemmStridedBatchedEx");
   }
 
-  // The product and its epilogue in one cuBLASLt call (GELU_AUX_BIAS or BIAS); false, having
-  // queued nothing, when cuBLASLt has no algorithm for it.
+  // The product and its epilogue in one cuBLASLt call (BIAS, GELU_AUX_BIAS or DGELU); false,
+  // having queued nothing, when cuBLASLt has no algorithm for it.
   template <class S>
   bool fused_gemm(const BlasGemm<S>& g) const {
     if constexpr (std::is_same_v<S, double>) {
       return false;
     } else {
       constexpr std::uint32_t kMinAlignment = 16;  // below this, the plain path
-      const bool gelu = g.epilogue == Epilogue::bias_gelu;
-      const void* const pointers[] = {g.a, g.b, g.c, g.bias, gelu ? g.aux : g.c};
+      const bool gelu = g.epilogue != Epilogue::bias, biased = g.epilogue != Epilogue::dgelu;
+      const void* const pointers[] = {g.a, g.b, g.c, biased ? g.bias : g.c, gelu ? g.aux : g.c};
       for (const void* p : pointers)
         if (lt_detail::alignment_of(p) < kMinAlignment) return false;
       const Index leading[] = {g.lda, g.ldb, g.ldc, gelu ? g.ldaux : g.ldc};
@@ -294,8 +294,11 @@ class CudaDevice {
       const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
       desc.set(CUBLASLT_MATMUL_DESC_TRANSA, op(g.op_a));
       desc.set(CUBLASLT_MATMUL_DESC_TRANSB, op(g.op_b));
-      desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, gelu ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_BIAS);
-      desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));  // of C's type
+      const cublasLtEpilogue_t epilogue = g.epilogue == Epilogue::bias        ? CUBLASLT_EPILOGUE_BIAS
+                                          : g.epilogue == Epilogue::bias_gelu ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                                                              : CUBLASLT_EPILOGUE_DGELU;
+      desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
+      if (biased) desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));  // of C's type
       if (gelu) {
         desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, static_cast<void*>(g.aux));  // of C's type
         desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, std::int64_t(g.ldaux));
@@ -415,12 +418,16 @@ void epilogue_pass(const CudaDevice& device, const BlasGemm<S>& g) {
   S* aux = g.aux;
   const S* bias = g.bias;
   const Index ldc = g.ldc, ldaux = g.ldaux;
-  const bool gelu = g.epilogue == Epilogue::bias_gelu;
+  const Epilogue epilogue = g.epilogue;
   // Column j of the column-major C is a row of the row-major output: threads run along it.
   device.for_each_2d(g.n, g.m, [=] MOE_HOST_DEVICE(Index j, Index i) {
+    if (epilogue == Epilogue::dgelu) {
+      c[i + j * ldc] = S(C(c[i + j * ldc]) * activation::gelu_grad(C(aux[i + j * ldaux])));
+      return;
+    }
     const C pre = C(c[i + j * ldc]) + C(bias[i]);
-    if (gelu) aux[i + j * ldaux] = S(pre);
-    c[i + j * ldc] = S(gelu ? activation::gelu(pre) : pre);
+    if (epilogue == Epilogue::bias_gelu) aux[i + j * ldaux] = S(pre);
+    c[i + j * ldc] = S(epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
   });
 }
 

@@ -43,7 +43,8 @@ enum class BlasOp { none, transpose };
 //   bias       C = acc + bias
 //   bias_gelu  aux = acc + bias (the pre-activation, kept for backward), C = gelu(aux) (tanh GELU,
 //              moe/activations.hpp), both rounded once from the compute type
-enum class Epilogue { none, bias, bias_gelu };
+//   dgelu      C = acc * gelu'(aux): backward through the GELU, aux (read) the forward's pre-activation
+enum class Epilogue { none, bias, bias_gelu, dgelu };
 
 // C[m, n] (=|+=) op(A)[m, k] op(B)[k, n], every matrix column-major with a leading dimension.
 template <class S>
@@ -61,7 +62,8 @@ struct BlasGemm {
   // (cublasGemmStridedBatchedEx). The outputs must not share elements.
   Index batch = 1;
   Index stride_a = 0, stride_b = 0, stride_c = 0;
-  // An epilogue (one product, no accumulate): bias [m]; bias_gelu also writes aux [m, n] (ldaux).
+  // An epilogue (one product, no accumulate): bias [m]; bias_gelu also writes aux [m, n] (ldaux),
+  // dgelu reads it.
   Epilogue epilogue = Epilogue::none;
   const S* bias = nullptr;
   S* aux = nullptr;
@@ -92,8 +94,8 @@ void check_blas_gemm(const BlasGemm<S>& g) {
   if (g.epilogue == Epilogue::none) return;
   check(g.batch == 1 && !g.accumulate, "gemm: an epilogue needs one product that overwrites C (batch ", g.batch,
         g.accumulate ? ", accumulate)" : ")");
-  check(!writes || g.bias, "gemm: the epilogue's bias [", g.m, "] is null");
-  if (g.epilogue == Epilogue::bias_gelu)
+  if (g.epilogue != Epilogue::dgelu) check(!writes || g.bias, "gemm: the epilogue's bias [", g.m, "] is null");
+  if (g.epilogue != Epilogue::bias)
     check(!writes || (g.aux && g.ldaux >= (g.m > 1 ? g.m : 1) && g.ldaux <= kMax), "gemm: the GELU epilogue's aux [",
           g.m, ", ", g.n, "] is null or its leading dimension ", g.ldaux, " is below ", g.m);
 }
@@ -121,16 +123,18 @@ BlasGemm<S> column_major_gemm(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op
 }
 
 // Row-major out[M, N] = epilogue(a[M, K] op_b(b)): column_major_gemm with a bias per output
-// column (bias [N]) and, for bias_gelu, the pre-activation into aux [M, N] (row-major, as out).
+// column (bias [N]; null for dgelu) and, for the GELU epilogues, the pre-activation aux [M, N]
+// (row-major, as out): written by bias_gelu, read by dgelu.
 template <class S>
 BlasGemm<S> column_major_gemm_epilogue(MatrixView<S> out, ConstMatrixView<S> a, ConstMatrixView<S> b, BlasOp op_b,
                                        Epilogue epilogue, const S* bias, MatrixView<S> aux = {}) {
   BlasGemm<S> g = column_major_gemm(out, a, BlasOp::none, b, op_b, false);
-  if (epilogue == Epilogue::bias_gelu)
+  const bool uses_aux = epilogue == Epilogue::bias_gelu || epilogue == Epilogue::dgelu;
+  if (uses_aux)
     check(aux.rows == out.rows && aux.cols == out.cols, "gemm: the GELU epilogue's aux is [", aux.rows, ", ",
           aux.cols, "], the output is [", out.rows, ", ", out.cols, "]");
   g.epilogue = epilogue, g.bias = bias;
-  if (epilogue == Epilogue::bias_gelu) g.aux = aux.data, g.ldaux = aux.stride;
+  if (uses_aux) g.aux = aux.data, g.ldaux = aux.stride;
   return g;
 }
 

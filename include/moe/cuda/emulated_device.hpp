@@ -191,6 +191,10 @@ struct EmulatedDevice {
             c[i + j * g.ldc] = S(sum + product);
             continue;
           }
+          if (g.epilogue == Epilogue::dgelu) {
+            c[i + j * g.ldc] = S(product * activation::gelu_grad(C(g.aux[i + j * g.ldaux])));
+            continue;
+          }
           const C pre = product + C(g.bias[i]);
           if (g.epilogue == Epilogue::bias_gelu) g.aux[i + j * g.ldaux] = S(pre);
           c[i + j * g.ldc] = S(g.epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
@@ -205,7 +209,7 @@ struct EmulatedDevice {
       state_->scratch.reset(static_cast<unsigned char*>(allocate(bytes)));
       state_->scratch_size = bytes;
     }
-    std::memset(state_->scratch.get(), emulated_detail::kPoison, bytes);
+    if (bytes) std::memset(state_->scratch.get(), emulated_detail::kPoison, bytes);
     return state_->scratch.get();
   }
 
@@ -265,8 +269,9 @@ struct EmulatedDevice {
       allocations.check_inside(g.b + q * g.stride_b, emulated_detail::operand_bytes<S>(b_rows, b_cols, g.ldb), "gemm's B");
       allocations.check_inside(g.c + q * g.stride_c, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldc), "gemm's C");
     }
-    if (g.epilogue != Epilogue::none) allocations.check_inside(g.bias, std::size_t(g.m) * sizeof(S), "gemm's bias");
-    if (g.epilogue == Epilogue::bias_gelu)
+    if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu)
+      allocations.check_inside(g.bias, std::size_t(g.m) * sizeof(S), "gemm's bias");
+    if (g.epilogue == Epilogue::bias_gelu || g.epilogue == Epilogue::dgelu)
       allocations.check_inside(g.aux, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldaux), "gemm's aux");
   }
 

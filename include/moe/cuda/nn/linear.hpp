@@ -2,9 +2,9 @@
 // (moe/cuda/device.hpp), forward then backward: moe::nn::linear_forward/backward
 // (moe/nn/linear.hpp) with the same semantics and "+=" gradients, written once for CudaDevice and
 // EmulatedDevice. The products are the device's GEMM (cuBLAS: fp32, TF32, or bf16 operands with
-// fp32 accumulation); the bias is added, and its gradient summed, by element-wise passes in
-// Compute<S> (the bias gradient through fixed-order chunk partials in the device's scratch, so
-// the same bits every run).
+// fp32 accumulation); the bias rides the forward GEMM's epilogue (cuBLASLt on the GPU: added to
+// the unrounded sum), and its gradient is summed by an element-wise pass in Compute<S> through
+// fixed-order chunk partials in the device's scratch, so the same bits every run.
 #pragma once
 
 #include "moe/config.hpp"
@@ -21,12 +21,11 @@ namespace moe::cuda::nn {
 template <class S, class D>
 void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* bias,
                     MatrixView<S> out) {
-  using C = Compute<S>;
   moe::nn::detail::check_linear_forward(in, weight, out);
-  moe::cuda::detail::gemm(device, out, in, BlasOp::none, weight, BlasOp::transpose, false);
   if (bias)
-    moe::cuda::detail::for_each_2d(device, out.rows, out.cols,
-                                   [=] MOE_HOST_DEVICE(Index r, Index c) { out(r, c) = S(C(out(r, c)) + C(bias[c])); });
+    moe::cuda::detail::gemm_epilogue(device, out, in, weight, BlasOp::transpose, Epilogue::bias, bias);
+  else
+    moe::cuda::detail::gemm(device, out, in, BlasOp::none, weight, BlasOp::transpose, false);
 }
 
 // in: [T, I], dout: [T, O], weight: [O, I]
