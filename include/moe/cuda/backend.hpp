@@ -369,39 +369,6 @@ class BasicBackend {
     grouped_linear_backward_impl(in, dout, offsets, weight, din, dweight, dbias, &pre);
   }
 
- private:
-  // gelu_pre null: the plain input gradient; else through the GELU at *gelu_pre.
-  void grouped_linear_backward_impl(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
-                                    ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight, S* dbias,
-                                    const ConstMatrixView<S>* gelu_pre) const {
-    const Index O = dout.cols, experts = Index(offsets.size()) - 1;
-    for (Index e = 0; e < experts; ++e) {
-      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
-      if (rows == 0) continue;
-      detail::gemm(device_, dweight.row_block(e * O, O), dout.row_block(begin, rows), BlasOp::transpose,
-                   in.row_block(begin, rows), BlasOp::none, true);
-      if (dbias) add_column_sums(dout.row_block(begin, rows), dbias + e * O);
-    }
-    if (!din.data) return;
-    for (Index e = 0; e < experts; ++e) {
-      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
-      if (rows == 0) continue;
-      if (gelu_pre) {
-        const ConstMatrixView<S> pre = gelu_pre->row_block(begin, rows);
-        // The epilogue only reads aux for dgelu; BlasGemm holds one mutable aux pointer for both uses.
-        const MatrixView<S> aux(const_cast<S*>(pre.data), pre.rows, pre.cols, pre.stride);
-        detail::gemm_epilogue(device_, din.row_block(begin, rows), dout.row_block(begin, rows),
-                              weight.row_block(e * O, O), BlasOp::none, Epilogue::dgelu, static_cast<const S*>(nullptr),
-                              aux);
-      } else {
-        detail::gemm(device_, din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none,
-                     weight.row_block(e * O, O), BlasOp::none, false);
-      }
-    }
-  }
-
- public:
-
   // ---- activations, element by element ------------------------------------------------------
   // in: [R, F] -> out: [R, F]; out may alias in
   void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
@@ -702,6 +669,36 @@ class BasicBackend {
   }
 
  private:
+  // gelu_pre null: the plain input gradient; else through the GELU at *gelu_pre.
+  void grouped_linear_backward_impl(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
+                                    ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight, S* dbias,
+                                    const ConstMatrixView<S>* gelu_pre) const {
+    const Index O = dout.cols, experts = Index(offsets.size()) - 1;
+    for (Index e = 0; e < experts; ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      detail::gemm(device_, dweight.row_block(e * O, O), dout.row_block(begin, rows), BlasOp::transpose,
+                   in.row_block(begin, rows), BlasOp::none, true);
+      if (dbias) add_column_sums(dout.row_block(begin, rows), dbias + e * O);
+    }
+    if (!din.data) return;
+    for (Index e = 0; e < experts; ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      if (gelu_pre) {
+        const ConstMatrixView<S> pre = gelu_pre->row_block(begin, rows);
+        // The epilogue only reads aux for dgelu; BlasGemm holds one mutable aux pointer for both uses.
+        const MatrixView<S> aux(const_cast<S*>(pre.data), pre.rows, pre.cols, pre.stride);
+        detail::gemm_epilogue(device_, din.row_block(begin, rows), dout.row_block(begin, rows),
+                              weight.row_block(e * O, O), BlasOp::none, Epilogue::dgelu, static_cast<const S*>(nullptr),
+                              aux);
+      } else {
+        detail::gemm(device_, din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none,
+                     weight.row_block(e * O, O), BlasOp::none, false);
+      }
+    }
+  }
+
   static constexpr Index kChunk = 64;  // columns (dot products) or rows (column sums) per partial
 
   D device_;
