@@ -83,8 +83,8 @@ inline constexpr unsigned char kPoison = 0xFF;  // NaN as float/double/bf16, -1 
 class Allocations {
  public:
   static Allocations& instance() {
-    static Allocations registry;
-    return registry;
+    static Allocations* registry = new Allocations;  // never destroyed: static device objects may outlive it
+    return *registry;
   }
   void add(const void* p, std::size_t bytes) {
     const std::lock_guard lock(mutex_);
