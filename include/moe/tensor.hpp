@@ -70,6 +70,13 @@ struct MatrixView {
 template <class T>
 using ConstMatrixView = MatrixView<const T>;
 
+// Throws moe::Error unless a and b have the same shape: "<where>: <a_name> is [r, c], <b_name> is [r, c]".
+template <class T, class U>
+void check_same_shape(const char* where, const char* a_name, MatrixView<T> a, const char* b_name, MatrixView<U> b) {
+  check(a.rows == b.rows && a.cols == b.cols, where, ": ", a_name, " is [", a.rows, ", ", a.cols, "], ", b_name,
+        " is [", b.rows, ", ", b.cols, "]");
+}
+
 // A named parameter: its values, its gradient (same shape; empty if it never gets one) and
 // whether an optimizer may update it. Shapes follow PyTorch (nn.Linear weight is [out, in]).
 template <class Scalar>

@@ -101,8 +101,7 @@ class BasicBackend {
   void grouped_linear_gelu_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
                                    const S* bias, MatrixView<S> pre, MatrixView<S> act) const {
     check(bias, "grouped_linear_gelu_forward: the bias must not be null");
-    check(pre.rows == act.rows && pre.cols == act.cols, "grouped_linear_gelu_forward: pre is [", pre.rows, ", ",
-          pre.cols, "], act is [", act.rows, ", ", act.cols, "]");
+    check_same_shape("grouped_linear_gelu_forward", "pre", pre, "act", act);
     grouped_linear_forward(in, offsets, weight, bias, pre);
     gelu_forward(pre, act);
   }
@@ -141,8 +140,7 @@ class BasicBackend {
                                             std::span<const Index> offsets, ConstMatrixView<S> weight,
                                             ConstMatrixView<S> pre, MatrixView<S> din, MatrixView<S> dweight,
                                             S* dbias) const {
-    check(pre.rows == in.rows && pre.cols == in.cols, "grouped_linear_backward_through_gelu: pre is [", pre.rows,
-          ", ", pre.cols, "], in is [", in.rows, ", ", in.cols, "]");
+    check_same_shape("grouped_linear_backward_through_gelu", "pre", pre, "in", in);
     grouped_linear_backward(in, dout, offsets, weight, din, dweight, dbias);
     if (din.data) gelu_backward(pre, din, din);
   }

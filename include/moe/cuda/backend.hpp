@@ -342,8 +342,7 @@ class BasicBackend {
                                    const S* bias, MatrixView<S> pre, MatrixView<S> act) const {
     const Index O = act.cols;
     check(bias, "grouped_linear_gelu_forward: the bias must not be null");
-    check(pre.rows == act.rows && pre.cols == O, "grouped_linear_gelu_forward: pre is [", pre.rows, ", ", pre.cols,
-          "], act is [", act.rows, ", ", O, "]");
+    check_same_shape("grouped_linear_gelu_forward", "pre", pre, "act", act);
     for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
@@ -364,8 +363,7 @@ class BasicBackend {
                                             std::span<const Index> offsets, ConstMatrixView<S> weight,
                                             ConstMatrixView<S> pre, MatrixView<S> din, MatrixView<S> dweight,
                                             S* dbias) const {
-    check(pre.rows == in.rows && pre.cols == in.cols, "grouped_linear_backward_through_gelu: pre is [", pre.rows,
-          ", ", pre.cols, "], in is [", in.rows, ", ", in.cols, "]");
+    check_same_shape("grouped_linear_backward_through_gelu", "pre", pre, "in", in);
     grouped_linear_backward_impl(in, dout, offsets, weight, din, dweight, dbias, &pre);
   }
 
