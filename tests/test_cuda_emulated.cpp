@@ -117,3 +117,42 @@ TEST_CASE("emulated device: GEMMs check cuBLAS's argument rules and that operand
   EmulatedDevice::deallocate(b);
   EmulatedDevice::deallocate(a);
 }
+
+TEST_CASE("emulated device: a batch by pointer arrays reads each product's operands where its pointers say") {
+  using moe::cuda::BlasGemm;
+  using moe::cuda::EmulatedDevice;
+  const EmulatedDevice device;
+  // Two products C_i[2, 1] = A_i[2, 2] B_i[2, 1] whose operands sit at no common stride.
+  auto* data = static_cast<float*>(EmulatedDevice::allocate(16 * sizeof(float)));
+  for (int i = 0; i < 16; ++i) data[i] = float(i);
+  auto* pointers = static_cast<float**>(EmulatedDevice::allocate(6 * sizeof(float*)));
+  const float** a = const_cast<const float**>(pointers);
+  const float** b = a + 2;
+  float** c = pointers + 4;
+  a[0] = data + 0, a[1] = data + 7;  // A_0 = [[0, 2], [1, 3]], A_1 = [[7, 9], [8, 10]]
+  b[0] = data + 4, b[1] = data + 2;  // B_0 = [4, 5], B_1 = [2, 3]
+  c[0] = data + 12, c[1] = data + 14;
+  BlasGemm<float> g;
+  g.m = 2, g.n = 1, g.k = 2, g.lda = 2, g.ldb = 2, g.ldc = 2, g.batch = 2;
+  g.a_array = a, g.b_array = b, g.c_array = c;
+  device.gemm(g);
+  CHECK(data[12] == 0.f * 4 + 2.f * 5);
+  CHECK(data[13] == 1.f * 4 + 3.f * 5);
+  CHECK(data[14] == 7.f * 2 + 9.f * 3);
+  CHECK(data[15] == 8.f * 2 + 10.f * 3);
+
+  BlasGemm<float> bad = g;
+  bad.stride_c = 2;
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("takes no a, b, c or strides"), moe::Error);
+  bad = g;
+  bad.b_array = nullptr;
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("a null pointer array"), moe::Error);
+  std::vector<const float*> host_array = {data, data + 7};
+  bad = g;
+  bad.a_array = host_array.data();  // cuBLAS reads the arrays on the device
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("gemm's array of A pointers"), moe::Error);
+  c[1] = data + 15;  // the second C runs one element past the allocation
+  CHECK_THROWS_WITH_AS(device.gemm(g), doctest::Contains("gemm's C"), moe::Error);
+  EmulatedDevice::deallocate(pointers);
+  EmulatedDevice::deallocate(data);
+}

@@ -86,7 +86,7 @@ inline Results cpu_attention(const std::vector<float>& qkv, const std::vector<fl
 
 template <class S>
 Results device_attention(const std::vector<float>& qkv, const std::vector<float>& dout, const std::vector<float>& dqkv0,
-                         Shape s, bool causal) {
+                         Shape s, bool causal, Index block = 0) {
   const auto [B, T, C, heads] = s;
   const TestDevice device = make_device();
   auto d_qkv = to_device<S>(device, qkv, B * T, 3 * C);
@@ -94,10 +94,10 @@ Results device_attention(const std::vector<float>& qkv, const std::vector<float>
   auto d_dqkv = to_device<S>(device, dqkv0, B * T, 3 * C);
   DeviceMatrix<S> d_out(B * T, C), d_att(B * heads, T * T);
   moe::cuda::nn::attention_forward<S>(device, moe::ConstMatrixView<S>(view(d_qkv)), B, T, heads, causal, view(d_out),
-                                      d_att.data());
+                                      d_att.data(), block);
   moe::cuda::nn::attention_backward<S>(device, moe::ConstMatrixView<S>(view(d_dout)),
                                        moe::ConstMatrixView<S>(view(d_qkv)), d_att.data(), B, T, heads, causal,
-                                       view(d_dqkv));
+                                       view(d_dqkv), block);
   return {to_host(device, d_out.data(), d_out.size()), to_host(device, d_att.data(), d_att.size()),
           to_host(device, d_dqkv.data(), d_dqkv.size())};
 }
@@ -109,38 +109,41 @@ inline const std::vector<Shape>& shapes() {
   return list;
 }
 
-// Compare device and CPU on every shape, both masks, with a zero and a random initial dqkv.
+// Compare device and CPU on every shape, both masks, with a zero and a random initial dqkv, and with causal blocks of
+// the default size (one block at these T), 16 rows and 7 rows (T not a multiple: a short last block).
 template <class S>
 void check_against_cpu(double tolerance) {
   std::uint64_t seed = 100;
   for (const Shape s : shapes())
     for (const bool causal : {true, false})
-      for (const bool zero_start : {true, false}) {
-        const auto [B, T, C, heads] = s;
-        CAPTURE(B);
-        CAPTURE(T);
-        CAPTURE(C);
-        CAPTURE(heads);
-        CAPTURE(causal);
-        CAPTURE(zero_start);
-        const auto qkv = rounded<S>(normal_values(std::size_t(B * T * 3 * C), ++seed));
-        const auto dout = rounded<S>(normal_values(std::size_t(B * T * C), ++seed));
-        const auto dqkv0 = zero_start ? std::vector<float>(std::size_t(B * T * 3 * C), 0.f)
-                                      : rounded<S>(normal_values(std::size_t(B * T * 3 * C), ++seed, 0.1f));
-        const Results cpu = cpu_attention(qkv, dout, dqkv0, s, causal);
-        const Results dev = device_attention<S>(qkv, dout, dqkv0, s, causal);
-        CHECK(relative_error(dev.out, cpu.out) < tolerance);
-        CHECK(relative_error(dev.att, cpu.att) < tolerance);
-        CHECK(relative_error(dev.dqkv, cpu.dqkv) < tolerance);
-        if (causal) {  // masked probabilities are exactly zero
-          bool masked_zero = true;
-          for (Index pair = 0; pair < B * heads; ++pair)
-            for (Index t = 0; t < T; ++t)
-              for (Index j = t + 1; j < T; ++j)
-                masked_zero = masked_zero && dev.att[std::size_t((pair * T + t) * T + j)] == 0.f;
-          CHECK(masked_zero);
+      for (const Index block : {Index{0}, Index{16}, Index{7}})
+        for (const bool zero_start : {true, false}) {
+          const auto [B, T, C, heads] = s;
+          CAPTURE(B);
+          CAPTURE(T);
+          CAPTURE(C);
+          CAPTURE(heads);
+          CAPTURE(causal);
+          CAPTURE(block);
+          CAPTURE(zero_start);
+          const auto qkv = rounded<S>(normal_values(std::size_t(B * T * 3 * C), ++seed));
+          const auto dout = rounded<S>(normal_values(std::size_t(B * T * C), ++seed));
+          const auto dqkv0 = zero_start ? std::vector<float>(std::size_t(B * T * 3 * C), 0.f)
+                                        : rounded<S>(normal_values(std::size_t(B * T * 3 * C), ++seed, 0.1f));
+          const Results cpu = cpu_attention(qkv, dout, dqkv0, s, causal);
+          const Results dev = device_attention<S>(qkv, dout, dqkv0, s, causal, block);
+          CHECK(relative_error(dev.out, cpu.out) < tolerance);
+          CHECK(relative_error(dev.att, cpu.att) < tolerance);
+          CHECK(relative_error(dev.dqkv, cpu.dqkv) < tolerance);
+          if (causal) {  // masked probabilities are exactly zero
+            bool masked_zero = true;
+            for (Index pair = 0; pair < B * heads; ++pair)
+              for (Index t = 0; t < T; ++t)
+                for (Index j = t + 1; j < T; ++j)
+                  masked_zero = masked_zero && dev.att[std::size_t((pair * T + t) * T + j)] == 0.f;
+            CHECK(masked_zero);
+          }
         }
-      }
 }
 
 TEST_CASE(
@@ -167,8 +170,8 @@ void check_rerun_bits() {
       const auto qkv = normal_values(std::size_t(B * T * 3 * C), 7);
       const auto dout = normal_values(std::size_t(B * T * C), 8);
       const auto dqkv0 = normal_values(std::size_t(B * T * 3 * C), 9, 0.1f);
-      const Results a = device_attention<S>(qkv, dout, dqkv0, s, causal);
-      const Results b = device_attention<S>(qkv, dout, dqkv0, s, causal);
+      const Results a = device_attention<S>(qkv, dout, dqkv0, s, causal, 16);
+      const Results b = device_attention<S>(qkv, dout, dqkv0, s, causal, 16);
       CHECK(std::memcmp(a.out.data(), b.out.data(), a.out.size() * sizeof(float)) == 0);
       CHECK(std::memcmp(a.att.data(), b.att.data(), a.att.size() * sizeof(float)) == 0);
       CHECK(std::memcmp(a.dqkv.data(), b.dqkv.data(), a.dqkv.size() * sizeof(float)) == 0);
@@ -218,6 +221,22 @@ TEST_CASE("cuda nn attention: bad shapes throw moe::Error naming them") {
                        doctest::Contains("dqkv is [6, 17], expected [B*T, 3C] = [6, 18]"), moe::Error);
   CHECK_THROWS_WITH_AS(attention_backward<float>(device, CV(view(out)), q, nullptr, B, T, heads, true, view(dqkv)),
                        doctest::Contains("att (the [B, heads, T, T] probabilities) is null"), moe::Error);
+  CHECK_THROWS_WITH_AS(attention_forward<float>(device, q, B, T, heads, true, view(out), att.data(), -1),
+                       doctest::Contains("attention_forward: block = -1 rows"), moe::Error);
+  CHECK_THROWS_WITH_AS(
+      attention_backward<float>(device, CV(view(out)), q, att.data(), B, T, heads, true, view(dqkv), -2),
+      doctest::Contains("attention_backward: block = -2 rows"), moe::Error);
+}
+
+TEST_CASE("cuda nn attention: causal blocks of about an eighth of T, in multiples of 64 rows; one when bidirectional") {
+  using moe::cuda::nn::attention_detail::default_block;
+  CHECK(default_block(1024, true) == 128);  // GPT-2: 8 blocks, 9/16 of the full T x T products
+  CHECK(default_block(2048, true) == 256);
+  CHECK(default_block(1000, true) == 128);
+  CHECK(default_block(100, true) == 64);
+  CHECK(default_block(1, true) == 64);
+  CHECK(default_block(1024, false) == 1024);
+  CHECK(default_block(197, false) == 197);  // ViT: nothing masked, nothing to skip
 }
 
 }  // namespace cuda_test::nn_attention_cases

@@ -256,6 +256,15 @@ class CudaDevice {
     }
     using Alpha = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const Alpha alpha = 1, beta = g.accumulate ? 1 : 0;
+    if (g.pointer_batch()) {
+      check_cublas(cublasGemmBatchedEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha,
+                                       reinterpret_cast<const void* const*>(g.a_array), type, int(g.lda),
+                                       reinterpret_cast<const void* const*>(g.b_array), type, int(g.ldb), &beta,
+                                       reinterpret_cast<void* const*>(g.c_array), type, int(g.ldc), int(g.batch),
+                                       compute, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmBatchedEx");
+      return;
+    }
     if (g.batch == 1) {
       check_cublas(cublasGemmEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha, g.a,
                                 type, int(g.lda), g.b, type, int(g.ldb), &beta, g.c, type, int(g.ldc), compute,

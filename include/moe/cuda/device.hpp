@@ -10,7 +10,7 @@
 //   d.for_each_row(rows, body)                 body(r, row) per row r, with `row` (a D::Row) to
 //                                              work on the row's columns together (below)
 //   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention), or a
-//                                              strided batch of them (BlasGemm::batch > 1)
+//                                              batch of them by strides or by pointer arrays
 //   d.scratch(bytes)                           a reusable workspace: valid until the next scratch()
 //                                              call on this device (or a copy of it); growing it
 //                                              waits for the stream. Work queued on the stream uses
@@ -68,6 +68,14 @@ struct BlasGemm {
   const S* bias = nullptr;
   S* aux = nullptr;
   Index ldaux = 0;
+  // A batch given by pointers (cublasGemmBatchedEx), for operands no single stride reaches:
+  // product i reads a_array[i] and b_array[i] and writes c_array[i]. The arrays hold `batch`
+  // pointers each and lie in device memory (written there by a launch); a, b, c and the strides
+  // stay unset. The outputs must not share elements.
+  const S* const* a_array = nullptr;
+  const S* const* b_array = nullptr;
+  S* const* c_array = nullptr;
+  bool pointer_batch() const { return a_array || b_array || c_array; }
 };
 
 // cuBLAS's rules for one GemmEx / GemmStridedBatchedEx call (sizes >= 0 and within 32 bits,
@@ -89,6 +97,14 @@ void check_blas_gemm(const BlasGemm<S>& g) {
   check(g.batch >= 1 && g.stride_a >= 0 && g.stride_b >= 0 && g.stride_c >= 0, "gemm: a batch of ", g.batch,
         " with strides (", g.stride_a, ", ", g.stride_b, ", ", g.stride_c, ")");
   const bool writes = g.m > 0 && g.n > 0;
+  if (g.pointer_batch()) {
+    check(!g.a && !g.b && !g.c && g.stride_a == 0 && g.stride_b == 0 && g.stride_c == 0,
+          "gemm: a batch by pointer arrays takes no a, b, c or strides");
+    check(!writes || (g.c_array && (g.k == 0 || (g.a_array && g.b_array))), "gemm: a null pointer array in a batch of ",
+          g.batch, " ", g.m, " x ", g.n, " x ", g.k, " products");
+    check(g.epilogue == Epilogue::none, "gemm: a batch by pointer arrays takes no epilogue");
+    return;
+  }
   check(!writes || (g.c && (g.k == 0 || (g.a && g.b))), "gemm: a null operand in a ", g.m, " x ", g.n, " x ", g.k,
         " product");
   if (g.epilogue == Epilogue::none) return;
@@ -148,6 +164,21 @@ BlasGemm<S> column_major_gemm_batched(MatrixView<S> out, ConstMatrixView<S> a, B
   BlasGemm<S> g = column_major_gemm(out, a, op_a, b, op_b, accumulate);
   g.batch = count;
   g.stride_a = stride_b, g.stride_b = stride_a, g.stride_c = stride_out;
+  return g;
+}
+
+// column_major_gemm over a batch given by pointer arrays (device memory, `count` each): the views
+// give the shapes and leading dimensions (their data pointers are ignored), product i is
+// out_i (=|+=) op_a(a_i) op_b(b_i) with x_i = x_pointers[i]. The arrays swap as the operands do.
+template <class S>
+BlasGemm<S> column_major_gemm_pointers(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b,
+                                       BlasOp op_b, bool accumulate, Index count, S* const* out_pointers,
+                                       const S* const* a_pointers, const S* const* b_pointers) {
+  check(count >= 1, "gemm: a batch of ", count, " products");
+  BlasGemm<S> g = column_major_gemm(out, a, op_a, b, op_b, accumulate);
+  g.a = g.b = nullptr, g.c = nullptr;
+  g.batch = count;
+  g.a_array = b_pointers, g.b_array = a_pointers, g.c_array = out_pointers;
   return g;
 }
 

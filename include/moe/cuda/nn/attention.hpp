@@ -6,14 +6,17 @@
 // h reads columns [h*hs, (h+1)*hs) of each, hs = C / heads. att is [B, heads, T, T]: the probabilities of pair (b, h) =
 // b*heads + h at att + pair*T*T.
 //
-// Plan (simple rather than fast): each product is one strided-batched GEMM per sequence over its heads (head h+1's
-// q, k, v start hs columns after head h's; a host loop of B calls, full T x T even when causal: the masked
-// probabilities are exactly 0, so they add nothing), and every softmax step is one row of the device's row work per
-// (b, h, t) (a warp on the GPU; moe/cuda/device.hpp), whose arithmetic runs in a fixed order in Compute<S> (float for
-// bf16). No floating-point atomics: each element has
-// one writer, so the results are bit-identical run to run.
+// Plan: every product is one batched GEMM over all B*heads pairs at once (cublasGemmBatchedEx: the pairs' operands sit
+// at no single stride, so a launch first writes their pointers into the scratch), and every softmax step is one row of
+// the device's row work per (b, h, t) (a warp on the GPU; moe/cuda/device.hpp), whose arithmetic runs in a fixed order
+// in Compute<S> (float for bf16). The probabilities are materialised ([B, heads, T, T]; no fused kernel yet). Causal
+// attention skips the masked half: the rows go in blocks (about 8; `block` rows each, default_block), and block i's
+// products span only keys [0, end of block i) -- about 9/16 of the full T x T work at 8 blocks. Masked probabilities
+// are still stored as exact zeros. No floating-point atomics: each element has one writer, so the results are
+// bit-identical run to run.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "moe/config.hpp"
@@ -33,12 +36,64 @@ MatrixView<T> head_part(MatrixView<T> qkv, Index part, Index b, Index h, Index l
   return qkv.col_block(part * C + h * hs, hs).row_block(b * len, len);
 }
 
-// For every head h of one sequence: out_h (+)= op_a(a_h) op_b(b_h), where x_h starts stride_x elements after x_{h-1}
-// (views of head 0 come in; mutable views convert to the const operands here). One batched GEMM.
+// Rows per block of the causal products: about 8 blocks, each a multiple of 64 rows (aligned operands for the
+// tensor cores); all T rows in one block when bidirectional (nothing to skip).
+inline Index default_block(Index T, bool causal) {
+  if (!causal) return T;
+  const Index eighth = (T + 7) / 8;
+  return std::max<Index>(64, (eighth + 63) / 64 * 64);
+}
+
+struct Blocks {
+  Index size, count;
+  MOE_HOST_DEVICE Index begin(Index i) const { return i * size; }
+  Index rows(Index i, Index T) const { return std::min(size, T - i * size); }
+  // The keys rows of block i attend to: up to the block's end when causal, all of them otherwise.
+  Index keys(Index i, Index T, bool causal) const { return causal ? begin(i) + rows(i, T) : T; }
+};
+
+inline Blocks blocks(const char* where, Index T, bool causal, Index block) {
+  check(block >= 0, where, ": block = ", block, " rows (0 = the default)");
+  const Index size = block == 0 ? default_block(T, causal) : std::min(block, T);
+  return {size, (T + size - 1) / size};
+}
+
+// Where pair p = b*heads + h starts in each buffer: its q, k, v ([T, hs] blocks of qkv), its [T, T] probabilities or
+// their gradient, and its [T, hs] block of a [B*T, C] or [B*T, 3C] matrix (column offset `part` * C).
+template <class S>
+struct PairBases {
+  Index T, heads, C, hs;
+  MOE_HOST_DEVICE const S* q(const S* qkv, Index ld, Index p) const { return qkv + (p / heads) * T * ld + (p % heads) * hs; }
+  MOE_HOST_DEVICE const S* k(const S* qkv, Index ld, Index p) const { return q(qkv, ld, p) + C; }
+  MOE_HOST_DEVICE const S* v(const S* qkv, Index ld, Index p) const { return q(qkv, ld, p) + 2 * C; }
+  template <class E>
+  MOE_HOST_DEVICE E* square(E* all, Index p) const { return all + p * T * T; }
+  template <class E>
+  MOE_HOST_DEVICE E* head(E* m, Index ld, Index part, Index p) const {
+    return m + (p / heads) * T * ld + part * C + (p % heads) * hs;
+  }
+};
+
+// The pointer arrays of `calls` batched products over `pairs` pairs, in the scratch: call c's product i reads
+// a[c * pairs + i] and b[...] and writes out[...].
+template <class S>
+struct PointerArrays {
+  const S** a;
+  const S** b;
+  S** out;
+};
+
+// One batched product over every pair, in row-major terms: out_p [rows, cols] (+)= op_a(a_p) op_b(b_p) with depth
+// `depth`, operands given by call `call` of `arrays`.
 template <class S, class D>
-void per_head(const D& device, Index heads, MatrixView<S> out, Index stride_out, ConstMatrixView<S> a, BlasOp op_a,
-              Index stride_a, ConstMatrixView<S> b, BlasOp op_b, Index stride_b, bool accumulate) {
-  device.gemm(column_major_gemm_batched<S>(out, a, op_a, b, op_b, accumulate, heads, stride_out, stride_a, stride_b));
+void per_pair(const D& device, const PointerArrays<S>& arrays, Index call, Index pairs, Index rows, Index cols,
+              Index depth, Index ld_out, BlasOp op_a, Index ld_a, BlasOp op_b, Index ld_b, bool accumulate) {
+  const MatrixView<S> out(nullptr, rows, cols, ld_out);
+  const ConstMatrixView<S> a(nullptr, op_a == BlasOp::none ? rows : depth, op_a == BlasOp::none ? depth : rows, ld_a);
+  const ConstMatrixView<S> b(nullptr, op_b == BlasOp::none ? depth : cols, op_b == BlasOp::none ? cols : depth, ld_b);
+  const Index first = call * pairs;
+  device.gemm(column_major_gemm_pointers<S>(out, a, op_a, b, op_b, accumulate, pairs, arrays.out + first,
+                                           arrays.a + first, arrays.b + first));
 }
 
 }  // namespace attention_detail
@@ -47,24 +102,49 @@ void per_head(const D& device, Index heads, MatrixView<S> out, Index stride_out,
 //   scores = q k^T / sqrt(hs), causal: -inf where t' > t; att = softmax(scores) per row;
 //   out = att v, head h into columns [h*hs, (h+1)*hs).
 // Cached for backward: att (the probabilities; masked entries exactly 0) and qkv itself. As on the CPU, the scale goes
-// inside the exponent: p_j = exp((s_j - max) * scale) / sum.
+// inside the exponent: p_j = exp((s_j - max) * scale) / sum. `block`: rows per causal block (0 = default_block).
+// Scratch: 3 pointers per pair and product.
 template <class S, class D>
 void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
-                       MatrixView<S> out, S* att) {
+                       MatrixView<S> out, S* att, Index block = 0) {
   namespace ad = attention_detail;
   using C = Compute<S>;
   const auto [channels, hs] = moe::nn::detail::check_attention("attention_forward", qkv, B, T, heads, out.rows, out.cols, "out", att);
   const Index pairs = B * heads;
+  const ad::Blocks blocks = ad::blocks("attention_forward", T, causal, block);
 
-  // Raw scores q k^T into att, one batched GEMM per sequence.
-  const Index TT = T * T;
-  for (Index b = 0; b < B; ++b)
-    ad::per_head<S>(device, heads, MatrixView<S>(att + b * heads * TT, T, T), TT,
-                    ad::head_part(qkv, 0, b, 0, T, channels, hs), BlasOp::none, hs,
-                    ad::head_part(qkv, 1, b, 0, T, channels, hs), BlasOp::transpose, hs, false);
+  // Pointers of the 2 * blocks.count products (scores, then att v, per block), written by one launch.
+  enum { kScores, kValues, kKinds };
+  const Index calls = kKinds * blocks.count;
+  ScratchLayout layout;
+  const auto a_slot = layout.add<const S*>(calls * pairs), b_slot = layout.add<const S*>(calls * pairs);
+  const auto out_slot = layout.add<S*>(calls * pairs);
+  void* scratch = device.scratch(layout.bytes());
+  const ad::PointerArrays<S> arrays{a_slot.in(scratch), b_slot.in(scratch), out_slot.in(scratch)};
+  const ad::PairBases<S> at{T, heads, channels, hs};
+  const S* q_all = qkv.data;
+  S* out_all = out.data;
+  const Index ld_qkv = qkv.stride, ld_out = out.stride;
+  device.for_each(calls * pairs, [=] MOE_HOST_DEVICE(Index i) {
+    const Index call = i / pairs, p = i % pairs, row = blocks.begin(call % blocks.count);
+    if (call / blocks.count == kScores) {  // att[rows of the block, keys] = q[rows] k[keys]^T
+      arrays.a[i] = at.q(q_all, ld_qkv, p) + row * ld_qkv;
+      arrays.b[i] = at.k(q_all, ld_qkv, p);
+      arrays.out[i] = at.square(att, p) + row * T;
+    } else {  // out[rows] = att[rows, keys] v[keys]
+      arrays.a[i] = at.square(att, p) + row * T;
+      arrays.b[i] = at.v(q_all, ld_qkv, p);
+      arrays.out[i] = at.head(out_all, ld_out, 0, p) + row * ld_out;
+    }
+  });
 
-  // One row of work per (b, h, t): scaled, masked, max-subtracted softmax in place; masked keys 0. The stored
-  // probability is the stored exponential (as S) times 1 / sum, as on the CPU.
+  // Raw scores q k^T into att, block by block.
+  for (Index i = 0; i < blocks.count; ++i)
+    ad::per_pair(device, arrays, kScores * blocks.count + i, pairs, blocks.rows(i, T), blocks.keys(i, T, causal), hs,
+                 T, BlasOp::none, ld_qkv, BlasOp::transpose, ld_qkv, false);
+
+  // One row of work per (b, h, t): scaled, masked, max-subtracted softmax in place; masked keys 0 (written, though
+  // never computed). The stored probability is the stored exponential (as S) times 1 / sum, as on the CPU.
   const C scale = C(1) / std::sqrt(C(hs));
   device.for_each_row(pairs * T, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
     const Index t = i % T;
@@ -78,20 +158,21 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
     });
   });
 
-  // out = att v into each head's column block, one batched GEMM per sequence.
-  for (Index b = 0; b < B; ++b)
-    ad::per_head<S>(device, heads, out.col_block(0, hs).row_block(b * T, T), hs,
-                    ConstMatrixView<S>(att + b * heads * TT, T, T), BlasOp::none, TT,
-                    ad::head_part(qkv, 2, b, 0, T, channels, hs), BlasOp::none, hs, false);
+  // out = att v into each head's column block, block by block.
+  for (Index i = 0; i < blocks.count; ++i)
+    ad::per_pair(device, arrays, kValues * blocks.count + i, pairs, blocks.rows(i, T), hs, blocks.keys(i, T, causal),
+                 ld_out, BlasOp::none, T, BlasOp::none, ld_qkv, false);
 }
 
 // dout: [B*T, C], qkv: [B*T, 3C], att: [B, heads, T, T] (from forward) -> dqkv: [B*T, 3C], added into (+=, llm.c's
 // convention). With P = att, dP = dout v^T:
 //   dv += P^T dout;  dS = P * (dP - rowsum(P * dP)) / sqrt(hs);  dq += dS k;  dk += dS^T q.
-// Workspace: dP / dS for every pair, [B, heads, T, T] like att, in the device's scratch.
+// Causal: query block i's dP and dq span keys [0, end of block i); key block j's dv and dk take only the rows that
+// see it ([start of block j, T)). Scratch: dP / dS for every pair ([B, heads, T, T] like att) and 3 pointers per pair
+// and product.
 template <class S, class D>
 void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S* att, Index B,
-                        Index T, Index heads, bool causal, MatrixView<S> dqkv) {
+                        Index T, Index heads, bool causal, MatrixView<S> dqkv, Index block = 0) {
   namespace ad = attention_detail;
   using C = Compute<S>;
   const auto [channels, hs] =
@@ -99,18 +180,60 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   check(dqkv.rows == B * T && dqkv.cols == 3 * channels, "attention_backward: dqkv is [", dqkv.rows, ", ", dqkv.cols,
         "], expected [B*T, 3C] = [", B * T, ", ", 3 * channels, "]");
   const Index pairs = B * heads, TT = T * T;
+  const ad::Blocks blocks = ad::blocks("attention_backward", T, causal, block);
+
+  // Pointers of the 4 * blocks.count products, written by one launch. Block i is a block of query rows for dP and dq
+  // and a block of keys for dv and dk.
+  enum { kProbabilityGrad, kValueGrad, kQueryGrad, kKeyGrad, kKinds };
+  const Index calls = kKinds * blocks.count;
   ScratchLayout layout;
   const auto ds_slot = layout.add<S>(pairs * TT);
-  S* ds_all = ds_slot.in(device.scratch(layout.bytes()));
+  const auto a_slot = layout.add<const S*>(calls * pairs), b_slot = layout.add<const S*>(calls * pairs);
+  const auto out_slot = layout.add<S*>(calls * pairs);
+  void* scratch = device.scratch(layout.bytes());
+  S* ds_all = ds_slot.in(scratch);
+  const ad::PointerArrays<S> arrays{a_slot.in(scratch), b_slot.in(scratch), out_slot.in(scratch)};
+  const ad::PairBases<S> at{T, heads, channels, hs};
+  const S* q_all = qkv.data;
+  const S* dout_all = dout.data;
+  S* dqkv_all = dqkv.data;
+  const Index ld_qkv = qkv.stride, ld_dout = dout.stride, ld_dqkv = dqkv.stride;
+  device.for_each(calls * pairs, [=] MOE_HOST_DEVICE(Index i) {
+    const Index call = i / pairs, p = i % pairs, start = blocks.begin(call % blocks.count);
+    const Index seeing = causal ? start : 0;  // the first query row that sees key block `start`
+    switch (call / blocks.count) {
+      case kProbabilityGrad:  // dP[rows, keys] = dout[rows] v[keys]^T
+        arrays.a[i] = at.head(dout_all, ld_dout, 0, p) + start * ld_dout;
+        arrays.b[i] = at.v(q_all, ld_qkv, p);
+        arrays.out[i] = at.square(ds_all, p) + start * T;
+        break;
+      case kValueGrad:  // dv[keys] += P[seeing rows, keys]^T dout[seeing rows]
+        arrays.a[i] = at.square(att, p) + seeing * T + start;
+        arrays.b[i] = at.head(dout_all, ld_dout, 0, p) + seeing * ld_dout;
+        arrays.out[i] = at.head(dqkv_all, ld_dqkv, 2, p) + start * ld_dqkv;
+        break;
+      case kQueryGrad:  // dq[rows] += dS[rows, keys] k[keys]
+        arrays.a[i] = at.square(ds_all, p) + start * T;
+        arrays.b[i] = at.k(q_all, ld_qkv, p);
+        arrays.out[i] = at.head(dqkv_all, ld_dqkv, 0, p) + start * ld_dqkv;
+        break;
+      default:  // kKeyGrad: dk[keys] += dS[seeing rows, keys]^T q[seeing rows]
+        arrays.a[i] = at.square(ds_all, p) + seeing * T + start;
+        arrays.b[i] = at.q(q_all, ld_qkv, p) + seeing * ld_qkv;
+        arrays.out[i] = at.head(dqkv_all, ld_dqkv, 1, p) + start * ld_dqkv;
+        break;
+    }
+  });
+  const auto call_of = [&](Index kind, Index i) { return kind * blocks.count + i; };
+  // Rows of the query blocks that see key block i (from its start when causal, else all T).
+  const auto seeing_rows = [&](Index i) { return causal ? T - blocks.begin(i) : T; };
 
-  // dv += P^T dout and dP = dout v^T, one batched GEMM each per sequence.
-  for (Index b = 0; b < B; ++b) {
-    const ConstMatrixView<S> p(att + b * heads * TT, T, T);
-    const ConstMatrixView<S> d_o = dout.col_block(0, hs).row_block(b * T, T);
-    ad::per_head<S>(device, heads, ad::head_part(dqkv, 2, b, 0, T, channels, hs), hs, p, BlasOp::transpose, TT, d_o,
-                    BlasOp::none, hs, true);
-    ad::per_head<S>(device, heads, MatrixView<S>(ds_all + b * heads * TT, T, T), TT, d_o, BlasOp::none, hs,
-                    ad::head_part(qkv, 2, b, 0, T, channels, hs), BlasOp::transpose, hs, false);
+  // dv += P^T dout and dP = dout v^T.
+  for (Index i = 0; i < blocks.count; ++i) {
+    ad::per_pair(device, arrays, call_of(kValueGrad, i), pairs, blocks.rows(i, T), hs, seeing_rows(i), ld_dqkv,
+                 BlasOp::transpose, T, BlasOp::none, ld_dout, true);
+    ad::per_pair(device, arrays, call_of(kProbabilityGrad, i), pairs, blocks.rows(i, T), blocks.keys(i, T, causal), hs,
+                 T, BlasOp::none, ld_dout, BlasOp::transpose, ld_qkv, false);
   }
 
   // One row of work per (b, h, t): dS = P * (dP - P . dP) * scale in place; masked keys exactly 0.
@@ -124,13 +247,12 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
     r.for_each(T, [&](Index j) { ds[j] = j < seen ? S(C(p[j]) * (C(ds[j]) - p_dot_dp) * scale) : S(0); });
   });
 
-  // dq += dS k and dk += dS^T q, one batched GEMM each per sequence.
-  for (Index b = 0; b < B; ++b) {
-    const ConstMatrixView<S> ds(ds_all + b * heads * TT, T, T);
-    ad::per_head<S>(device, heads, ad::head_part(dqkv, 0, b, 0, T, channels, hs), hs, ds, BlasOp::none, TT,
-                    ad::head_part(qkv, 1, b, 0, T, channels, hs), BlasOp::none, hs, true);
-    ad::per_head<S>(device, heads, ad::head_part(dqkv, 1, b, 0, T, channels, hs), hs, ds, BlasOp::transpose, TT,
-                    ad::head_part(qkv, 0, b, 0, T, channels, hs), BlasOp::none, hs, true);
+  // dq += dS k and dk += dS^T q.
+  for (Index i = 0; i < blocks.count; ++i) {
+    ad::per_pair(device, arrays, call_of(kQueryGrad, i), pairs, blocks.rows(i, T), hs, blocks.keys(i, T, causal),
+                 ld_dqkv, BlasOp::none, T, BlasOp::none, ld_qkv, true);
+    ad::per_pair(device, arrays, call_of(kKeyGrad, i), pairs, blocks.rows(i, T), hs, seeing_rows(i), ld_dqkv,
+                 BlasOp::transpose, T, BlasOp::none, ld_qkv, true);
   }
 }
 
