@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "cuda/emulated_test_device.hpp"
+#include "moe/cuda/plan_cache.hpp"
 
 #define CUDA_TEST_NAME(text) "cuda backend, emulated device: " text
 #include "cuda/backend_cases.hpp"
@@ -116,6 +117,27 @@ TEST_CASE("emulated device: GEMMs check cuBLAS's argument rules and that operand
   CHECK_THROWS_WITH_AS(device.download(host.data(), c, sizeof(float)), doctest::Contains("freed"), moe::Error);
   EmulatedDevice::deallocate(b);
   EmulatedDevice::deallocate(a);
+}
+
+TEST_CASE("plan cache: finds what was stored under an equal key only, and starts over when full") {
+  using Cache = moe::cuda::PlanCache<3, int>;
+  Cache cache(3);
+  CHECK_FALSE(cache.find({1, 2, 3}).has_value());
+  cache.insert({1, 2, 3}, 10);
+  cache.insert({1, 2, 4}, 11);
+  cache.insert({3, 2, 1}, 12);
+  CHECK(cache.find({1, 2, 3}) == 10);
+  CHECK(cache.find({1, 2, 4}) == 11);
+  CHECK(cache.find({3, 2, 1}) == 12);
+  CHECK_FALSE(cache.find({2, 1, 3}).has_value());
+  cache.insert({1, 2, 4}, 21);  // a known key is replaced in place, nothing dropped
+  CHECK(cache.size() == 3);
+  CHECK(cache.find({1, 2, 4}) == 21);
+  cache.insert({9, 9, 9}, 99);  // full: starts over with the new plan alone
+  CHECK(cache.size() == 1);
+  CHECK(cache.find({9, 9, 9}) == 99);
+  CHECK_FALSE(cache.find({1, 2, 3}).has_value());
+  CHECK_THROWS_WITH_AS(Cache(0), doctest::Contains("a capacity of 0 plans"), moe::Error);
 }
 
 TEST_CASE("emulated device: a batch by pointer arrays reads each product's operands where its pointers say") {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -21,6 +22,7 @@
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/plan_cache.hpp"
 
 namespace moe::cuda {
 
@@ -316,24 +318,35 @@ class CudaDevice {
       const lt_detail::Layout a(type, a_plain ? g.m : g.k, a_plain ? g.k : g.m, g.lda);
       const lt_detail::Layout b(type, b_plain ? g.k : g.n, b_plain ? g.n : g.k, g.ldb);
       const lt_detail::Layout c(type, g.m, g.n, g.ldc);
-      lt_detail::Preference preference;
-      check_cublas(cublasLtMatmulPreferenceCreate(&preference.handle), "cublasLtMatmulPreferenceCreate");
+      // The heuristic's answer depends on everything but the pointers' values: asked once per shape (it costs
+      // microseconds of host time per call, as much as a small GEMM takes on the GPU).
+      const std::uint32_t align_a = lt_detail::alignment_of(g.a), align_b = lt_detail::alignment_of(g.b),
+                          align_c = lt_detail::alignment_of(g.c);
+      const LtPlans::Key key = {type,    compute, int(g.op_a), int(g.op_b), int(g.epilogue), g.m,     g.n,    g.k,
+                                g.lda,   g.ldb,   g.ldc,       g.ldaux,     align_a,         align_b, align_c};
       const std::uint64_t workspace_bytes = Context::kLtWorkspaceBytes;
-      preference.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_bytes);
-      // cuBLASLt assumes 256-byte aligned operands unless told: an expert's row block is not.
-      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, lt_detail::alignment_of(g.a));
-      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, lt_detail::alignment_of(g.b));
-      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, lt_detail::alignment_of(g.c));
-      preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, lt_detail::alignment_of(g.c));
-      cublasLtMatmulHeuristicResult_t heuristic{};
-      int found = 0;
-      const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(context_->lt, desc.handle, a.handle, b.handle,
-                                                                   c.handle, c.handle, preference.handle, 1,
-                                                                   &heuristic, &found);
-      if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+      std::optional<LtPlan> plan = context_->lt_plans.find(key);
+      if (!plan) {
+        lt_detail::Preference preference;
+        check_cublas(cublasLtMatmulPreferenceCreate(&preference.handle), "cublasLtMatmulPreferenceCreate");
+        preference.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_bytes);
+        // cuBLASLt assumes 256-byte aligned operands unless told: an expert's row block is not.
+        preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a);
+        preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b);
+        preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c);
+        preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c);
+        cublasLtMatmulHeuristicResult_t heuristic{};
+        int found = 0;
+        const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(context_->lt, desc.handle, a.handle, b.handle,
+                                                                     c.handle, c.handle, preference.handle, 1,
+                                                                     &heuristic, &found);
+        plan = LtPlan{status == CUBLAS_STATUS_SUCCESS && found > 0, heuristic.algo};
+        context_->lt_plans.insert(key, *plan);
+      }
+      if (!plan->found) return false;
       const float alpha = 1, beta = 0;
       check_cublas(cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c,
-                                  c.handle, g.c, c.handle, &heuristic.algo, context_->lt_workspace(), workspace_bytes,
+                                  c.handle, g.c, c.handle, &plan->algo, context_->lt_workspace(), workspace_bytes,
                                   stream()),
                    "cublasLtMatmul");
       return true;
@@ -359,6 +372,13 @@ class CudaDevice {
   }
 
  private:
+  // cuBLASLt's algorithm for one shape of fused GEMM, or none (found = false: the plain path).
+  struct LtPlan {
+    bool found = false;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  using LtPlans = PlanCache<15, LtPlan>;
+
   struct Context {
     cudaStream_t stream;
     Fp32Math math;
@@ -371,6 +391,7 @@ class CudaDevice {
     std::size_t temp_bytes = 0;
     void* scratch_data = nullptr;
     std::size_t scratch_bytes = 0;
+    LtPlans lt_plans;
 
     Context(cudaStream_t s, Fp32Math m) : stream(s), math(m) {
       int device = 0;
