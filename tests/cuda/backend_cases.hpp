@@ -170,6 +170,11 @@ TEST_CASE(CUDA_TEST_NAME("parity with the CPU backend: every gate and expert ban
       const Case c{small_config(), gate, expert, 37, 11};
       check_parity(c, fresh_inputs(c, 100 + int(gate) * 10 + int(expert)));
     }
+  // H = 30: rows that are no whole number of 16-byte packs (dispatch and combine move single elements).
+  for (GateKind gate : {GateKind::self, GateKind::linear}) {
+    const Case c{moe::LayerConfig{30, 48, 6, 2}, gate, ExpertKind::gelu, 29, 13};
+    check_parity(c, fresh_inputs(c, 300 + int(gate)));
+  }
 }
 
 TEST_CASE(CUDA_TEST_NAME("parity: softmax_then_top_k, capacity drops, auxiliary losses and a token mask")) {
@@ -316,6 +321,80 @@ TEST_CASE(CUDA_TEST_NAME("auxiliary losses and their gradient match moe/aux_loss
       CHECK(std::all_of(dz.begin(), dz.end(), [](float v) { return v == 0.f; }));
     }
   }
+}
+
+// Dispatch, combine, copy, add and fill on rows that are whole 16-byte packs, and on the same values behind views that
+// are not (one element past a row's aligned start): the same bits either way (moe/cuda/pack.hpp).
+template <class S>
+void check_packs_change_no_bits() {
+  using B = moe::cuda::BasicBackend<S, TestDevice>;
+  const B backend(make_device());
+  const Index T = 29, N = 5, k = 2, H = 32;
+  moe::LayerConfig config{H, 8, N, k};
+  config.capacity_factor = 0.8;  // some slots dropped: combine skips them
+  const auto logits = to_device<S>(backend, normal_values(std::size_t(T * N), 5), T, N);
+  typename B::Plan plan;
+  typename B::template Vector<S> weights;
+  backend.route(logits, config, plan, weights);
+  CHECK(plan.dropped_slots > 0);
+  const Index R = plan.rows();
+  const auto x_host = normal_values(std::size_t(T * H), 6), rows_host = normal_values(std::size_t(R * H), 7),
+             dy_host = normal_values(std::size_t(T * H), 8);
+  // The values of a [rows, cols] matrix one column into rows of cols + 1, and back.
+  const auto shifted = [](const std::vector<float>& v, Index rows, Index cols) {
+    std::vector<float> out(std::size_t(rows * (cols + 1)), 0.f);
+    for (Index r = 0; r < rows; ++r)
+      for (Index c = 0; c < cols; ++c) out[std::size_t(r * (cols + 1) + c + 1)] = v[std::size_t(r * cols + c)];
+    return out;
+  };
+  const auto unshifted = [](const std::vector<float>& v, Index rows, Index cols) {
+    std::vector<float> out(std::size_t(rows * cols));
+    for (Index r = 0; r < rows; ++r)
+      for (Index c = 0; c < cols; ++c) out[std::size_t(r * cols + c)] = v[std::size_t(r * (cols + 1) + c + 1)];
+    return out;
+  };
+  struct Results {
+    std::vector<float> gathered, combined, d_rows, dweights, sum, filled;
+  };
+  const auto run = [&](bool shift) {
+    const Index pad = shift ? 1 : 0;
+    const auto upload = [&](const std::vector<float>& v, Index rows) {
+      return shift ? to_device<S>(backend, shifted(v, rows, H), rows, H + 1) : to_device<S>(backend, v, rows, H);
+    };
+    const auto view = [&](typename B::Matrix& m) { return moe::MatrixView<S>(m.data() + pad, m.rows(), H, H + pad); };
+    const auto host = [&](const typename B::Matrix& m) {
+      const auto all = to_host<S>(backend, m.data(), m.rows() * m.cols());
+      return shift ? unshifted(all, m.rows(), H) : all;
+    };
+    auto x = upload(x_host, T), rows = upload(rows_host, R), dy = upload(dy_host, T);
+    typename B::Matrix gathered(R, H + pad), combined(T, H + pad), d_rows(R, H + pad);
+    typename B::template Vector<S> dweights;
+    backend.gather_rows(view(x), plan, view(gathered));
+    backend.combine(view(rows), plan, weights, view(combined));
+    backend.combine_backward(view(dy), view(rows), plan, weights, view(d_rows), dweights);
+    typename B::Matrix sum(T, H + pad), filled(R, H + pad);
+    backend.copy(view(x), view(sum));
+    backend.add(view(dy), view(sum));  // x + dy
+    backend.fill(view(filled), S(0.375f));
+    return Results{host(gathered), host(combined), host(d_rows), to_host<S>(backend, dweights.data(), T * k),
+                   host(sum),      host(filled)};
+  };
+  const Results packed = run(false), single = run(true);
+  CHECK(packed.gathered == single.gathered);
+  CHECK(packed.combined == single.combined);
+  CHECK(packed.d_rows == single.d_rows);
+  CHECK(packed.dweights == single.dweights);
+  CHECK(packed.sum == single.sum);
+  CHECK(packed.filled == single.filled);
+  CHECK(packed.sum[7] == float(S(float(S(x_host[7])) + float(S(dy_host[7])))));
+  CHECK(std::all_of(packed.filled.begin(), packed.filled.end(), [](float v) { return v == 0.375f; }));
+  CHECK(std::all_of(packed.combined.begin(), packed.combined.end(), [](float v) { return std::isfinite(v); }));
+}
+
+TEST_CASE(CUDA_TEST_NAME("dispatch, combine, copy, add, fill: 16-byte packs give the bits of single elements (fp32, bf16)")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  check_packs_change_no_bits<float>();
+  check_packs_change_no_bits<moe::bfloat16>();
 }
 
 TEST_CASE(CUDA_TEST_NAME("parity: a separate router input (SelfRoute and Linear)")) {

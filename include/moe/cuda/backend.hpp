@@ -36,6 +36,7 @@
 #include "moe/config.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/pack.hpp"
 #include "moe/random.hpp"
 #include "moe/routing.hpp"
 #include "moe/stats.hpp"
@@ -254,6 +255,7 @@ MOE_HOST_DEVICE void add_aux_gradient_row(const S* z, Index N, const std::int64_
 template <class S, class D>
 class BasicBackend {
   using C = Compute<S>;  // arithmetic type: float for bfloat16
+  static constexpr Index kPack = kPackSize<S>;  // elements per 16-byte pack (moe/cuda/pack.hpp)
 
  public:
   using Scalar = S;
@@ -274,15 +276,38 @@ class BasicBackend {
   template <class T>
   static void resize(Vector<T>& v, Index size) { v.resize(size); }
 
+  // copy, add and fill move 16-byte packs where the rows allow (moe/cuda/pack.hpp), single elements otherwise.
   void copy(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    if (packable<S>(src.cols, src, dst)) {
+      detail::for_each_2d(device_, src.rows, src.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
+        store_pack(&dst(r, q * kPack), load_pack(&src(r, q * kPack)));
+      });
+      return;
+    }
     detail::for_each_2d(device_, src.rows, src.cols, [=] MOE_HOST_DEVICE(Index r, Index c) { dst(r, c) = src(r, c); });
   }
   // dst += src
   void add(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    if (packable<S>(src.cols, src, dst)) {
+      detail::for_each_2d(device_, src.rows, src.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
+        const Pack<S> a = load_pack(&src(r, q * kPack));
+        Pack<S> sum = load_pack(&dst(r, q * kPack));
+        for (Index i = 0; i < kPack; ++i) sum.v[i] = S(C(sum.v[i]) + C(a.v[i]));
+        store_pack(&dst(r, q * kPack), sum);
+      });
+      return;
+    }
     detail::for_each_2d(device_, src.rows, src.cols,
                         [=] MOE_HOST_DEVICE(Index r, Index c) { dst(r, c) = S(C(dst(r, c)) + C(src(r, c))); });
   }
   void fill(MatrixView<S> dst, S value) const {
+    if (packable<S>(dst.cols, dst)) {
+      Pack<S> values;
+      for (Index i = 0; i < kPack; ++i) values.v[i] = value;
+      detail::for_each_2d(device_, dst.rows, dst.cols / kPack,
+                          [=] MOE_HOST_DEVICE(Index r, Index q) { store_pack(&dst(r, q * kPack), values); });
+      return;
+    }
     detail::for_each_2d(device_, dst.rows, dst.cols, [=] MOE_HOST_DEVICE(Index r, Index c) { dst(r, c) = value; });
   }
   // N(0, std^2) draws; element (r, c) is draw r*cols + c of (seed, stream): the CPU backend's numbers.
@@ -476,6 +501,12 @@ class BasicBackend {
   void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
     const std::int32_t* slot_of_row = plan.slot_of_row.data();
     const Index k = plan.top_k;
+    if (packable<S>(rows.cols, x, rows)) {  // 16 bytes per thread (moe/cuda/pack.hpp)
+      detail::for_each_2d(device_, rows.rows, rows.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
+        store_pack(&rows(r, q * kPack), load_pack(&x(slot_of_row[r] / k, q * kPack)));
+      });
+      return;
+    }
     detail::for_each_2d(device_, rows.rows, rows.cols,
                         [=] MOE_HOST_DEVICE(Index r, Index c) { rows(r, c) = x(slot_of_row[r] / k, c); });
   }
@@ -490,10 +521,21 @@ class BasicBackend {
     const Index k = plan.top_k, H = dy.cols, slots = plan.slots_count();
     const std::int32_t* row = plan.row.data();
     const S* w = weights.data();
-    detail::for_each_2d(device_, slots, H, [=] MOE_HOST_DEVICE(Index s, Index c) {
-      const Index r = row[s];
-      if (r >= 0) d_rows(r, c) = S(C(w[s]) * C(dy(s / k, c)));
-    });
+    if (packable<S>(H, dy, d_rows)) {
+      detail::for_each_2d(device_, slots, H / kPack, [=] MOE_HOST_DEVICE(Index s, Index q) {
+        const Index r = row[s];
+        if (r < 0) return;
+        const Pack<S> g = load_pack(&dy(s / k, q * kPack));
+        Pack<S> scaled;
+        for (Index i = 0; i < kPack; ++i) scaled.v[i] = S(C(w[s]) * C(g.v[i]));
+        store_pack(&d_rows(r, q * kPack), scaled);
+      });
+    } else {
+      detail::for_each_2d(device_, slots, H, [=] MOE_HOST_DEVICE(Index s, Index c) {
+        const Index r = row[s];
+        if (r >= 0) d_rows(r, c) = S(C(w[s]) * C(dy(s / k, c)));
+      });
+    }
     // dweights: per-slot dot products over H, in chunks of kChunk columns, chunk partials summed
     // in chunk order.
     dweights.resize(slots);
@@ -630,6 +672,22 @@ class BasicBackend {
   void gather_sum(ConstMatrixView<S> rows, const Plan& plan, const S* weights, MatrixView<S> out) const {
     const Index k = plan.top_k;
     const std::int32_t* row = plan.row.data();
+    if (packable<S>(out.cols, rows, out)) {  // the same sums, a pack of columns per thread
+      detail::for_each_2d(device_, out.rows, out.cols / kPack, [=] MOE_HOST_DEVICE(Index t, Index q) {
+        C sum[kPack] = {};
+        for (Index j = 0; j < k; ++j) {
+          const Index r = row[t * k + j];
+          if (r < 0) continue;
+          const Pack<S> v = load_pack(&rows(r, q * kPack));
+          for (Index i = 0; i < kPack; ++i)
+            sum[i] += weights ? C(weights[t * k + j]) * C(v.v[i]) : C(v.v[i]);
+        }
+        Pack<S> result;
+        for (Index i = 0; i < kPack; ++i) result.v[i] = S(sum[i]);
+        store_pack(&out(t, q * kPack), result);
+      });
+      return;
+    }
     detail::for_each_2d(device_, out.rows, out.cols, [=] MOE_HOST_DEVICE(Index t, Index c) {
       C sum = 0;
       for (Index j = 0; j < k; ++j) {
