@@ -15,6 +15,7 @@
 #include <cstring>
 #include <random>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/cpu_reference.hpp"
@@ -323,8 +324,8 @@ TEST_CASE(CUDA_TEST_NAME("auxiliary losses and their gradient match moe/aux_loss
   }
 }
 
-// Dispatch, combine, copy, add and fill on rows that are whole 16-byte packs, and on the same values behind views that
-// are not (one element past a row's aligned start): the same bits either way (moe/cuda/pack.hpp).
+// Dispatch, combine, copy, add, fill and the activations on rows that are whole 16-byte packs, and on the same values
+// behind views that are not (one element past a row's aligned start): the same results either way (moe/cuda/pack.hpp).
 template <class S>
 void check_packs_change_no_bits() {
   using B = moe::cuda::BasicBackend<S, TestDevice>;
@@ -354,7 +355,7 @@ void check_packs_change_no_bits() {
     return out;
   };
   struct Results {
-    std::vector<float> gathered, combined, d_rows, dweights, sum, filled;
+    std::vector<float> gathered, combined, d_rows, dweights, sum, filled, gelu, dgelu, glu, dglu;
   };
   const auto run = [&](bool shift) {
     const Index pad = shift ? 1 : 0;
@@ -364,7 +365,11 @@ void check_packs_change_no_bits() {
     const auto view = [&](typename B::Matrix& m) { return moe::MatrixView<S>(m.data() + pad, m.rows(), H, H + pad); };
     const auto host = [&](const typename B::Matrix& m) {
       const auto all = to_host<S>(backend, m.data(), m.rows() * m.cols());
-      return shift ? unshifted(all, m.rows(), H) : all;
+      return shift ? unshifted(all, m.rows(), m.cols() - 1) : all;
+    };
+    // [rows, H / 2] views (SwiGLU's F columns), shifted alike.
+    const auto half = [&](typename B::Matrix& m) {
+      return moe::MatrixView<S>(m.data() + pad, m.rows(), H / 2, H / 2 + pad);
     };
     auto x = upload(x_host, T), rows = upload(rows_host, R), dy = upload(dy_host, T);
     typename B::Matrix gathered(R, H + pad), combined(T, H + pad), d_rows(R, H + pad);
@@ -376,22 +381,38 @@ void check_packs_change_no_bits() {
     backend.copy(view(x), view(sum));
     backend.add(view(dy), view(sum));  // x + dy
     backend.fill(view(filled), S(0.375f));
+    // The activations: x as GELU's input, and as SwiGLU's gate | up (F = H / 2).
+    typename B::Matrix gelu(T, H + pad), dgelu(T, H + pad), glu(T, H / 2 + pad), dglu(T, H + pad);
+    backend.gelu_forward(view(x), view(gelu));
+    backend.gelu_backward(view(x), view(dy), view(dgelu));
+    backend.swiglu_forward(view(x), half(glu));
+    backend.swiglu_backward(view(x), half(glu), view(dglu));  // glu's values as the incoming gradient
     return Results{host(gathered), host(combined), host(d_rows), to_host<S>(backend, dweights.data(), T * k),
-                   host(sum),      host(filled)};
+                   host(sum),      host(filled),   host(gelu),   host(dgelu),
+                   host(glu),      host(dglu)};
   };
   const Results packed = run(false), single = run(true);
+  // Copies and single operations: the same bits.
   CHECK(packed.gathered == single.gathered);
-  CHECK(packed.combined == single.combined);
   CHECK(packed.d_rows == single.d_rows);
   CHECK(packed.dweights == single.dweights);
   CHECK(packed.sum == single.sum);
   CHECK(packed.filled == single.filled);
+  // Formulas: the same operations, but the compiler may fuse multiply-adds differently in the two loops (one rounding
+  // apart in float, hence up to two bf16 steps).
+  const double near = std::is_same_v<S, float> ? 1e-6 : 8e-3;
+  CHECK(relative_error(packed.combined, single.combined) < near);
+  CHECK(relative_error(packed.gelu, single.gelu) < near);
+  CHECK(relative_error(packed.dgelu, single.dgelu) < near);
+  CHECK(relative_error(packed.glu, single.glu) < near);
+  CHECK(relative_error(packed.dglu, single.dglu) < near);
+  CHECK(packed.glu[3] == float(S(moe::activation::silu(float(S(x_host[3]))) * float(S(x_host[3 + H / 2])))));
   CHECK(packed.sum[7] == float(S(float(S(x_host[7])) + float(S(dy_host[7])))));
   CHECK(std::all_of(packed.filled.begin(), packed.filled.end(), [](float v) { return v == 0.375f; }));
   CHECK(std::all_of(packed.combined.begin(), packed.combined.end(), [](float v) { return std::isfinite(v); }));
 }
 
-TEST_CASE(CUDA_TEST_NAME("dispatch, combine, copy, add, fill: 16-byte packs give the bits of single elements (fp32, bf16)")) {
+TEST_CASE(CUDA_TEST_NAME("dispatch, combine, copy, add, fill, GELU, SwiGLU: 16-byte packs give the results of single elements")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   check_packs_change_no_bits<float>();
   check_packs_change_no_bits<moe::bfloat16>();

@@ -393,13 +393,32 @@ class BasicBackend {
   }
 
   // ---- activations, element by element ------------------------------------------------------
+  // Each takes 16-byte packs of columns where the rows allow (moe/cuda/pack.hpp), single elements
+  // otherwise: the same arithmetic per element.
   // in: [R, F] -> out: [R, F]; out may alias in
   void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
+    if (packable<S>(in.cols, in, out)) {
+      detail::for_each_2d(device_, in.rows, in.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
+        Pack<S> v = load_pack(&in(r, q * kPack));
+        for (Index i = 0; i < kPack; ++i) v.v[i] = S(activation::gelu(C(v.v[i])));
+        store_pack(&out(r, q * kPack), v);
+      });
+      return;
+    }
     detail::for_each_2d(device_, in.rows, in.cols,
                         [=] MOE_HOST_DEVICE(Index r, Index c) { out(r, c) = S(activation::gelu(C(in(r, c)))); });
   }
   // din = dout * gelu'(in); din may alias dout
   void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
+    if (packable<S>(in.cols, in, dout, din)) {
+      detail::for_each_2d(device_, in.rows, in.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
+        const Pack<S> x = load_pack(&in(r, q * kPack));
+        Pack<S> d = load_pack(&dout(r, q * kPack));
+        for (Index i = 0; i < kPack; ++i) d.v[i] = S(C(d.v[i]) * activation::gelu_grad(C(x.v[i])));
+        store_pack(&din(r, q * kPack), d);
+      });
+      return;
+    }
     detail::for_each_2d(device_, in.rows, in.cols, [=] MOE_HOST_DEVICE(Index r, Index c) {
       din(r, c) = S(C(dout(r, c)) * activation::gelu_grad(C(in(r, c))));
     });
@@ -407,14 +426,37 @@ class BasicBackend {
   // gate_up: [R, 2F] (gate | up) -> out: [R, F] = silu(gate) * up
   void swiglu_forward(ConstMatrixView<S> gate_up, MatrixView<S> out) const {
     const Index F = out.cols;
+    if (packable<S>(F, gate_up, out)) {
+      detail::for_each_2d(device_, out.rows, F / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
+        const Pack<S> g = load_pack(&gate_up(r, q * kPack)), u = load_pack(&gate_up(r, F + q * kPack));
+        Pack<S> y;
+        for (Index i = 0; i < kPack; ++i) y.v[i] = S(activation::silu(C(g.v[i])) * C(u.v[i]));
+        store_pack(&out(r, q * kPack), y);
+      });
+      return;
+    }
     detail::for_each_2d(device_, out.rows, F, [=] MOE_HOST_DEVICE(Index r, Index c) {
       out(r, c) = S(activation::silu(C(gate_up(r, c))) * C(gate_up(r, F + c)));
     });
   }
   // dgate_up = (dout * up * silu'(gate) | dout * silu(gate)); one thread reads and writes both
-  // halves of its column, so dgate_up may alias gate_up.
+  // halves of its columns, so dgate_up may alias gate_up.
   void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
     const Index F = dout.cols;
+    if (packable<S>(F, gate_up, dout, dgate_up)) {
+      detail::for_each_2d(device_, dout.rows, F / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
+        const Index c = q * kPack;
+        const Pack<S> g = load_pack(&gate_up(r, c)), u = load_pack(&gate_up(r, F + c)), d = load_pack(&dout(r, c));
+        Pack<S> dg, du;
+        for (Index i = 0; i < kPack; ++i) {
+          dg.v[i] = S(C(d.v[i]) * C(u.v[i]) * activation::silu_grad(C(g.v[i])));
+          du.v[i] = S(C(d.v[i]) * activation::silu(C(g.v[i])));
+        }
+        store_pack(&dgate_up(r, c), dg);
+        store_pack(&dgate_up(r, F + c), du);
+      });
+      return;
+    }
     detail::for_each_2d(device_, dout.rows, F, [=] MOE_HOST_DEVICE(Index r, Index c) {
       const C g = C(gate_up(r, c)), u = C(gate_up(r, F + c)), d = C(dout(r, c));
       dgate_up(r, c) = S(d * u * activation::silu_grad(g));

@@ -2,7 +2,9 @@
 // load issues eight times the instructions of one that moves a 16-byte pack (8 bf16, 4 float, 2 double), and the
 // row copies and sums of dispatch and combine are bound by exactly that. A kernel takes packs where every row of its
 // views starts on a 16-byte boundary and the row length is a whole number of packs (packable), and single elements
-// otherwise; both do the same arithmetic per element in the same order, so the results are the same bits.
+// otherwise. Both do the same operations per element in the same order: copies give the same bits, formulas the
+// same up to where the compiler fuses a multiply-add (it may choose differently in the two loops). Which path runs
+// depends on the shapes and alignments alone, so a rerun gives the same bits.
 #pragma once
 
 #include <cstdint>
