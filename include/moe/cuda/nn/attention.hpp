@@ -30,12 +30,6 @@ namespace moe::cuda::nn {
 
 namespace attention_detail {
 
-// The [T, hs] q, k or v block (part 0, 1, 2) of head h in sequence b (T may be const S).
-template <class T>
-MatrixView<T> head_part(MatrixView<T> qkv, Index part, Index b, Index h, Index len, Index C, Index hs) {
-  return qkv.col_block(part * C + h * hs, hs).row_block(b * len, len);
-}
-
 // Rows per block of the causal products: about 8 blocks, each a multiple of 64 rows (aligned operands for the
 // tensor cores); all T rows in one block when bidirectional (nothing to skip).
 inline Index default_block(Index T, bool causal) {
@@ -58,14 +52,11 @@ inline Blocks blocks(const char* where, Index T, bool causal, Index block) {
   return {size, (T + size - 1) / size};
 }
 
-// Where pair p = b*heads + h starts in each buffer: its q, k, v ([T, hs] blocks of qkv), its [T, T] probabilities or
-// their gradient, and its [T, hs] block of a [B*T, C] or [B*T, 3C] matrix (column offset `part` * C).
+// Where pair p = b*heads + h starts in each buffer: its [T, T] probabilities (or their gradient), and its [T, hs]
+// block of a [B*T, C] or [B*T, 3C] matrix (`part` 0, 1, 2: q, k, v of qkv; 0 of out).
 template <class S>
 struct PairBases {
   Index T, heads, C, hs;
-  MOE_HOST_DEVICE const S* q(const S* qkv, Index ld, Index p) const { return qkv + (p / heads) * T * ld + (p % heads) * hs; }
-  MOE_HOST_DEVICE const S* k(const S* qkv, Index ld, Index p) const { return q(qkv, ld, p) + C; }
-  MOE_HOST_DEVICE const S* v(const S* qkv, Index ld, Index p) const { return q(qkv, ld, p) + 2 * C; }
   template <class E>
   MOE_HOST_DEVICE E* square(E* all, Index p) const { return all + p * T * T; }
   template <class E>
@@ -122,18 +113,18 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
   void* scratch = device.scratch(layout.bytes());
   const ad::PointerArrays<S> arrays{a_slot.in(scratch), b_slot.in(scratch), out_slot.in(scratch)};
   const ad::PairBases<S> at{T, heads, channels, hs};
-  const S* q_all = qkv.data;
+  const S* qkv_all = qkv.data;
   S* out_all = out.data;
   const Index ld_qkv = qkv.stride, ld_out = out.stride;
   device.for_each(calls * pairs, [=] MOE_HOST_DEVICE(Index i) {
     const Index call = i / pairs, p = i % pairs, row = blocks.begin(call % blocks.count);
     if (call / blocks.count == kScores) {  // att[rows of the block, keys] = q[rows] k[keys]^T
-      arrays.a[i] = at.q(q_all, ld_qkv, p) + row * ld_qkv;
-      arrays.b[i] = at.k(q_all, ld_qkv, p);
+      arrays.a[i] = at.head(qkv_all, ld_qkv, 0, p) + row * ld_qkv;
+      arrays.b[i] = at.head(qkv_all, ld_qkv, 1, p);
       arrays.out[i] = at.square(att, p) + row * T;
     } else {  // out[rows] = att[rows, keys] v[keys]
       arrays.a[i] = at.square(att, p) + row * T;
-      arrays.b[i] = at.v(q_all, ld_qkv, p);
+      arrays.b[i] = at.head(qkv_all, ld_qkv, 2, p);
       arrays.out[i] = at.head(out_all, ld_out, 0, p) + row * ld_out;
     }
   });
@@ -194,7 +185,7 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   S* ds_all = ds_slot.in(scratch);
   const ad::PointerArrays<S> arrays{a_slot.in(scratch), b_slot.in(scratch), out_slot.in(scratch)};
   const ad::PairBases<S> at{T, heads, channels, hs};
-  const S* q_all = qkv.data;
+  const S* qkv_all = qkv.data;
   const S* dout_all = dout.data;
   S* dqkv_all = dqkv.data;
   const Index ld_qkv = qkv.stride, ld_dout = dout.stride, ld_dqkv = dqkv.stride;
@@ -204,7 +195,7 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
     switch (call / blocks.count) {
       case kProbabilityGrad:  // dP[rows, keys] = dout[rows] v[keys]^T
         arrays.a[i] = at.head(dout_all, ld_dout, 0, p) + start * ld_dout;
-        arrays.b[i] = at.v(q_all, ld_qkv, p);
+        arrays.b[i] = at.head(qkv_all, ld_qkv, 2, p);
         arrays.out[i] = at.square(ds_all, p) + start * T;
         break;
       case kValueGrad:  // dv[keys] += P[seeing rows, keys]^T dout[seeing rows]
@@ -214,12 +205,12 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
         break;
       case kQueryGrad:  // dq[rows] += dS[rows, keys] k[keys]
         arrays.a[i] = at.square(ds_all, p) + start * T;
-        arrays.b[i] = at.k(q_all, ld_qkv, p);
+        arrays.b[i] = at.head(qkv_all, ld_qkv, 1, p);
         arrays.out[i] = at.head(dqkv_all, ld_dqkv, 0, p) + start * ld_dqkv;
         break;
       default:  // kKeyGrad: dk[keys] += dS[seeing rows, keys]^T q[seeing rows]
         arrays.a[i] = at.square(ds_all, p) + seeing * T + start;
-        arrays.b[i] = at.q(q_all, ld_qkv, p) + seeing * ld_qkv;
+        arrays.b[i] = at.head(qkv_all, ld_qkv, 0, p) + seeing * ld_qkv;
         arrays.out[i] = at.head(dqkv_all, ld_dqkv, 1, p) + start * ld_dqkv;
         break;
     }
