@@ -40,7 +40,7 @@ constexpr moe::Index kBatch = 2, kSeq = 8;
 
 // Training steps [first, first + count) on deterministic data that depends on the step only.
 template <class Model>
-void train(Model& model, moe::nn::AdamW<float>& optimizer, int first, int count) {
+void train_steps(Model& model, moe::nn::AdamW<float>& optimizer, int first, int count) {
   const Config& c = model.config();
   model.set_threads(1);  // results are the same on any count; one avoids contention on a busy machine
   for (int step = first; step < first + count; ++step) {
@@ -190,7 +190,7 @@ TEST_CASE("checkpoint: the header alone gives the variant, the config and the ca
   config.seed = 0xFFFFFFFFFFFFFFFFull;
   gpt2::MoEModel<moe::SelfRoute, float> model(config);
   moe::nn::AdamW<float> optimizer;
-  train(model, optimizer, 0, 1);
+  train_steps(model, optimizer, 0, 1);
   const fs::path path = directory.path / "self.safetensors";
   gpt2::save_checkpoint(path, model, &optimizer, {{"step", "1"}, {"data.shard", "3"}, {"lr.schedule", "cosine"}});
 
@@ -249,11 +249,11 @@ TEST_CASE("checkpoint: training resumes bit-exactly after save and load (paramet
 
       Model straight(tiny_config());
       moe::nn::AdamW<float> straight_optimizer(adamw);
-      train(straight, straight_optimizer, 0, 4);
+      train_steps(straight, straight_optimizer, 0, 4);
 
       Model first(tiny_config());
       moe::nn::AdamW<float> first_optimizer(adamw);
-      train(first, first_optimizer, 0, 2);
+      train_steps(first, first_optimizer, 0, 2);
       const fs::path path = directory.path / (std::string(variant) + ".safetensors");
       gpt2::save_checkpoint(path, first, &first_optimizer, {{"step", "2"}});
 
@@ -267,14 +267,14 @@ TEST_CASE("checkpoint: training resumes bit-exactly after save and load (paramet
         if constexpr (requires { resumed.ffn(0).layer().gate().step(); })
           CHECK(resumed.ffn(1).layer().gate().step() == 2);  // one draw per forward
       }
-      train(resumed, resumed_optimizer, 2, 2);
+      train_steps(resumed, resumed_optimizer, 2, 2);
       CHECK(same_parameters(straight, resumed));
 
       // Without the optimizer state the trajectory differs (the test has teeth).
       Model no_state(tiny_config());
       moe::nn::AdamW<float> fresh_optimizer(adamw);
       gpt2::load_checkpoint(path, no_state);
-      train(no_state, fresh_optimizer, 2, 2);
+      train_steps(no_state, fresh_optimizer, 2, 2);
       CHECK_FALSE(same_parameters(straight, no_state));
     });
   }
@@ -436,7 +436,7 @@ TEST_CASE("checkpoint: optimizer moments without a partner or for a frozen tenso
   const fs::path path = directory.path / "good.safetensors", bad = directory.path / "bad.safetensors";
   gpt2::MoEModel<moe::FixedRandom, float> model(tiny_config());
   moe::nn::AdamW<float> optimizer;
-  train(model, optimizer, 0, 1);
+  train_steps(model, optimizer, 0, 1);
   gpt2::save_checkpoint(path, model, &optimizer);
   {
     const moe::io::SafetensorsFile file(path);

@@ -16,8 +16,8 @@ using moe::Index;
 namespace {
 
 // Tiny enough that a forward takes microseconds; N <= H for SelfRoute.
-const gpt2::Config kTiny{.vocab = 11, .context = 8, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
-                         .experts = 4, .top_k = 2, .seed = 7};
+const gpt2::Config kTinyModel{.vocab = 11, .context = 8, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
+                              .experts = 4, .top_k = 2, .seed = 7};
 
 struct Batch {
   std::vector<std::int32_t> tokens, targets;
@@ -86,15 +86,15 @@ void check_gradients(const gpt2::Config& config, double scale_floor = 1e-8) {
 }  // namespace
 
 TEST_CASE("gpt2 model: finite-difference gradients of every parameter, every variant") {
-  SUBCASE("dense") { check_gradients<gpt2::DenseModel<double>>(kTiny); }
-  SUBCASE("linear") { check_gradients<gpt2::MoEModel<moe::Linear, double>>(kTiny); }
-  SUBCASE("self") { check_gradients<gpt2::MoEModel<moe::SelfRoute, double>>(kTiny); }
-  SUBCASE("fixed-random") { check_gradients<gpt2::MoEModel<moe::FixedRandom, double>>(kTiny); }
-  SUBCASE("random") { check_gradients<gpt2::MoEModel<moe::Random, double>>(kTiny); }
+  SUBCASE("dense") { check_gradients<gpt2::DenseModel<double>>(kTinyModel); }
+  SUBCASE("linear") { check_gradients<gpt2::MoEModel<moe::Linear, double>>(kTinyModel); }
+  SUBCASE("self") { check_gradients<gpt2::MoEModel<moe::SelfRoute, double>>(kTinyModel); }
+  SUBCASE("fixed-random") { check_gradients<gpt2::MoEModel<moe::FixedRandom, double>>(kTinyModel); }
+  SUBCASE("random") { check_gradients<gpt2::MoEModel<moe::Random, double>>(kTinyModel); }
 }
 
 TEST_CASE("gpt2 model: finite-difference gradients when the gate reads the residual stream") {
-  gpt2::Config config = kTiny;
+  gpt2::Config config = kTinyModel;
   config.route_from_residual = true;
   // The Linear router's gradients are ~5e-5 here, where rounding (~2e-10) is 5e-6 of them: measure
   // against 1e-3 instead (a wrong term would still be ~4e-2 of that).
@@ -103,17 +103,17 @@ TEST_CASE("gpt2 model: finite-difference gradients when the gate reads the resid
 }
 
 TEST_CASE("gpt2 model: routing from the residual stream changes the routing, not the shapes") {
-  const Batch batch = random_batch(2, 6, kTiny.vocab, 3);
-  gpt2::Config from_residual = kTiny;
+  const Batch batch = random_batch(2, 6, kTinyModel.vocab, 3);
+  gpt2::Config from_residual = kTinyModel;
   from_residual.route_from_residual = true;
-  gpt2::MoEModel<moe::SelfRoute, double> own(kTiny), residual(from_residual);
+  gpt2::MoEModel<moe::SelfRoute, double> own(kTinyModel), residual(from_residual);
   const double loss_own = own.forward(batch.tokens, batch.targets, batch.B, batch.T);
   const double loss_residual = residual.forward(batch.tokens, batch.targets, batch.B, batch.T);
   CHECK(std::isfinite(loss_residual));
   CHECK(loss_own != loss_residual);  // same weights, other logits (before vs after ln_2)
   // The residual stream is not normalised: its last N coordinates are the logits, as read.
   const auto logits = residual.ffn(0).layer().last_logits();
-  CHECK(logits.cols == kTiny.experts);
+  CHECK(logits.cols == kTinyModel.experts);
 }
 
 TEST_CASE("gpt2 model: with_variant maps each name to its model type") {
@@ -126,7 +126,7 @@ TEST_CASE("gpt2 model: with_variant maps each name to its model type") {
 }
 
 TEST_CASE("gpt2 model: Hugging Face parameter names, shapes and GPT-2 initialisation") {
-  gpt2::DenseModel<float> dense(kTiny);
+  gpt2::DenseModel<float> dense(kTinyModel);
   auto params = dense.parameters();
   REQUIRE(params.size() == 2 + 12 * 2 + 2);
   CHECK(params[0].name == "wte.weight");
@@ -142,20 +142,20 @@ TEST_CASE("gpt2 model: Hugging Face parameter names, shapes and GPT-2 initialisa
   CHECK(params[2].value[0] == 1.0f);  // LayerNorm weight 1
   CHECK(params[5].value[3] == 0.0f);  // biases 0
 
-  gpt2::MoEModel<moe::Linear, float> linear(kTiny);
+  gpt2::MoEModel<moe::Linear, float> linear(kTinyModel);
   std::vector<std::string> names;
   for (auto& p : linear.parameters()) names.push_back(p.name);
   CHECK(std::count(names.begin(), names.end(), "h.1.moe.router.weight") == 1);
   CHECK(std::count(names.begin(), names.end(), "h.1.moe.experts.fc.weight") == 1);
   CHECK(std::count(names.begin(), names.end(), "h.1.moe.experts.proj.bias") == 1);
   CHECK(linear.router_parameter_count() == 2 * 4 * 16);
-  gpt2::MoEModel<moe::SelfRoute, float> self(kTiny);
+  gpt2::MoEModel<moe::SelfRoute, float> self(kTinyModel);
   CHECK(self.router_parameter_count() == 0);
 
   // Same seed, same values; another seed, other values.
-  gpt2::DenseModel<float> again(kTiny);
+  gpt2::DenseModel<float> again(kTinyModel);
   CHECK(std::equal(params[0].value.begin(), params[0].value.end(), again.parameters()[0].value.begin()));
-  gpt2::Config other = kTiny;
+  gpt2::Config other = kTinyModel;
   other.seed = 8;
   gpt2::DenseModel<float> reseeded(other);
   CHECK(params[0].value[0] != reseeded.parameters()[0].value[0]);
@@ -251,10 +251,10 @@ TEST_CASE("gpt2 model: bad input throws at the entry point") {
   CHECK(unknown.find("'bogus'") != std::string::npos);
   CHECK(unknown.find("fixed-random") != std::string::npos);
 
-  gpt2::MoEModel<moe::SelfRoute, float> model(kTiny);
-  const Batch batch = random_batch(2, 5, kTiny.vocab, 3);
+  gpt2::MoEModel<moe::SelfRoute, float> model(kTinyModel);
+  const Batch batch = random_batch(2, 5, kTinyModel.vocab, 3);
   std::vector<std::int32_t> bad = batch.tokens;
-  bad[3] = std::int32_t(kTiny.vocab);
+  bad[3] = std::int32_t(kTinyModel.vocab);
   CHECK(message_of([&] { model.forward(bad, batch.targets, 2, 5); }).find("token id 11") != std::string::npos);
   bad[3] = -1;
   CHECK(message_of([&] { model.forward(bad, batch.targets, 2, 5); }).find("token id -1") != std::string::npos);
@@ -263,17 +263,17 @@ TEST_CASE("gpt2 model: bad input throws at the entry point") {
   CHECK(message_of([&] { model.forward(batch.tokens, bad_targets, 2, 5); }).find("target id 42") !=
         std::string::npos);
 
-  const Batch long_batch = random_batch(1, 9, kTiny.vocab, 4);
+  const Batch long_batch = random_batch(1, 9, kTinyModel.vocab, 4);
   CHECK(message_of([&] { model.forward(long_batch.tokens, long_batch.targets, 1, 9); }).find("exceeds the context 8") !=
         std::string::npos);
   CHECK_THROWS_AS(model.forward(batch.tokens, batch.targets, 3, 5), moe::Error);  // 10 ids for B*T = 15
   CHECK_THROWS_AS(model.backward(), moe::Error);  // nothing forwarded successfully yet
 
-  gpt2::Config narrow = kTiny;
+  gpt2::Config narrow = kTinyModel;
   narrow.hidden = 2, narrow.heads = 1;  // SelfRoute reads N = 4 coordinates of H = 2
   CHECK(message_of([&] { gpt2::MoEModel<moe::SelfRoute, float> too_narrow(narrow); }).find("SelfRoute") !=
         std::string::npos);
-  gpt2::Config uneven = kTiny;
+  gpt2::Config uneven = kTinyModel;
   uneven.heads = 3;
   CHECK(message_of([&] { gpt2::DenseModel<float> bad_heads(uneven); }).find("heads = 3") != std::string::npos);
 }

@@ -15,11 +15,11 @@ using moe::Index;
 
 namespace {
 
-const gpt2::Config kTiny{.vocab = 32, .context = 16, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
-                         .experts = 4, .top_k = 2, .seed = 9};
+const gpt2::Config kTinyTrain{.vocab = 32, .context = 16, .layers = 2, .heads = 2, .hidden = 16, .ffn = 24,
+                              .experts = 4, .top_k = 2, .seed = 9};
 
 // A stream with structure to learn: a few repeating phrases.
-gpt2::Dataset tiny_dataset() {
+gpt2::Dataset phrase_dataset() {
   gpt2::Dataset data;
   data.tokenizer = "bytes";
   for (int i = 0; i < 3000; ++i) data.train.push_back(std::uint16_t((i * 7 + i / 11) % 29));
@@ -27,7 +27,7 @@ gpt2::Dataset tiny_dataset() {
   return data;
 }
 
-gpt2::TrainOptions tiny_options(std::int64_t steps) {
+gpt2::TrainOptions train_options(std::int64_t steps) {
   gpt2::TrainOptions o;
   o.steps = steps;
   o.batch = 3;
@@ -48,7 +48,7 @@ std::vector<float> all_values(auto& model) {
   return values;
 }
 
-std::filesystem::path temp_file(const std::string& name) {
+std::filesystem::path train_temp_file(const std::string& name) {
   const auto dir = std::filesystem::temp_directory_path() / "moe_test_gpt2_train";
   std::filesystem::create_directories(dir);
   return dir / name;
@@ -57,25 +57,25 @@ std::filesystem::path temp_file(const std::string& name) {
 // 6 steps straight vs 3 steps, checkpoint, fresh model and optimizer, load, 3 more: same bits.
 template <class Model>
 void check_exact_resume(std::int64_t accumulation) {
-  const gpt2::Dataset data = tiny_dataset();
-  gpt2::TrainOptions options = tiny_options(6);
+  const gpt2::Dataset data = phrase_dataset();
+  gpt2::TrainOptions options = train_options(6);
   options.accumulation = accumulation;
 
-  Model straight(kTiny);
+  Model straight(kTinyTrain);
   moe::nn::AdamW<float> straight_optimizer({.lr = options.lr});
   const gpt2::TrainResult full = gpt2::train(straight, straight_optimizer, data, options);
 
   gpt2::TrainOptions interrupted = options;
-  interrupted.checkpoint = temp_file(std::string(Model::variant) + ".safetensors");
+  interrupted.checkpoint = train_temp_file(std::string(Model::variant) + ".safetensors");
   interrupted.stop_after = 3;
   {
-    Model first(kTiny);
+    Model first(kTinyTrain);
     moe::nn::AdamW<float> first_optimizer({.lr = options.lr});
     const gpt2::TrainResult half = gpt2::train(first, first_optimizer, data, interrupted);
     CHECK(half.steps == 3);
     CHECK(std::isnan(half.val_loss));  // no evaluation when interrupted
   }
-  Model resumed(kTiny);
+  Model resumed(kTinyTrain);
   moe::nn::AdamW<float> resumed_optimizer({.lr = options.lr});
   gpt2::load_checkpoint(interrupted.checkpoint, resumed, &resumed_optimizer);
   CHECK(resumed_optimizer.step_count() == 3);
@@ -107,11 +107,11 @@ TEST_CASE("train: interrupted at step 3 and resumed from the checkpoint, every b
 }
 
 TEST_CASE("train: the loss drops, routing statistics cover the held-out tokens, same bits on 1 and 2 threads") {
-  const gpt2::Dataset data = tiny_dataset();
-  gpt2::TrainOptions options = tiny_options(40);
+  const gpt2::Dataset data = phrase_dataset();
+  gpt2::TrainOptions options = train_options(40);
   auto run = [&](int threads) {
     options.threads = threads;
-    gpt2::MoEModel<moe::SelfRoute, float> model(kTiny);
+    gpt2::MoEModel<moe::SelfRoute, float> model(kTinyTrain);
     moe::nn::AdamW<float> optimizer({.lr = options.lr});
     gpt2::TrainResult r = gpt2::train(model, optimizer, data, options);
     return std::make_pair(r, all_values(model));
@@ -130,19 +130,19 @@ TEST_CASE("train: the loss drops, routing statistics cover the held-out tokens, 
 }
 
 TEST_CASE("train: bad options and data name the problem") {
-  const gpt2::Dataset data = tiny_dataset();
-  gpt2::MoEModel<moe::SelfRoute, float> model(kTiny);
+  const gpt2::Dataset data = phrase_dataset();
+  gpt2::MoEModel<moe::SelfRoute, float> model(kTinyTrain);
   moe::nn::AdamW<float> optimizer;
-  gpt2::TrainOptions options = tiny_options(2);
+  gpt2::TrainOptions options = train_options(2);
   options.seq = 17;  // > context 16
   CHECK_THROWS_WITH_AS(gpt2::train(model, optimizer, data, options), doctest::Contains("--seq = 17"), moe::Error);
   gpt2::Dataset wide = data;
   wide.train[5] = 40;  // outside vocab 32
-  CHECK_THROWS_WITH_AS(gpt2::train(model, optimizer, wide, tiny_options(2)), doctest::Contains("token id 40"),
+  CHECK_THROWS_WITH_AS(gpt2::train(model, optimizer, wide, train_options(2)), doctest::Contains("token id 40"),
                        moe::Error);
   gpt2::Dataset tiny_val = data;
   tiny_val.val.resize(5);
-  CHECK_THROWS_WITH_AS(gpt2::train(model, optimizer, tiny_val, tiny_options(2)),
+  CHECK_THROWS_WITH_AS(gpt2::train(model, optimizer, tiny_val, train_options(2)),
                        doctest::Contains("validation split holds 5"), moe::Error);
 }
 
@@ -156,7 +156,7 @@ TEST_CASE("sample: greedy picks the largest logit (ties to the lower id), top-k 
   CHECK(gpt2::pick_token(logits, 1.0, 2, 0.0) == 1);
   CHECK(gpt2::pick_token(logits, 1.0, 2, 0.999) == 2);
   // Same seed, same text; the prompt is kept.
-  gpt2::MoEModel<moe::SelfRoute, float> model(kTiny);
+  gpt2::MoEModel<moe::SelfRoute, float> model(kTinyTrain);
   model.set_threads(1);
   const gpt2::SampleOptions options{.tokens = 10, .temperature = 1.0, .top_k = 5, .seed = 3};
   const auto a = gpt2::generate(model, {1, 2, 3}, options), b = gpt2::generate(model, {1, 2, 3}, options);

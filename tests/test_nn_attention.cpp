@@ -100,7 +100,7 @@ const std::vector<Shape> kShapes{{1, 1, 4, 1},  {3, 1, 8, 2},   {2, 7, 12, 3},  
                                  {2, 64, 8, 2}, {1, 65, 16, 1}, {2, 130, 24, 4}};
 
 // fp32 against float64: dot products of <= 130 terms and exp round to ~1e-6 relative.
-constexpr double kFp32Tolerance = 1e-5;
+constexpr double kAttentionFp32Tolerance = 1e-5;
 
 }  // namespace
 
@@ -116,9 +116,9 @@ TEST_CASE("attention: fp32 forward and backward match the float64 reference, cau
       const auto qkv = ref::randn(s.B * s.T, 3 * s.C, ++seed), dout = ref::randn(s.B * s.T, s.C, ++seed);
       const Run<float> r = run_attention<float>(qkv, s, causal, dout, 2);
       const Reference e = reference_attention(qkv.cast<double>(), s, causal, dout.cast<double>());
-      CHECK(ref::rel_error(r.out, e.out) < kFp32Tolerance);
-      CHECK(ref::rel_error(r.att, e.att) < kFp32Tolerance);
-      CHECK(ref::rel_error(r.dqkv, e.dqkv) < kFp32Tolerance);
+      CHECK(ref::rel_error(r.out, e.out) < kAttentionFp32Tolerance);
+      CHECK(ref::rel_error(r.att, e.att) < kAttentionFp32Tolerance);
+      CHECK(ref::rel_error(r.dqkv, e.dqkv) < kAttentionFp32Tolerance);
     }
 }
 
@@ -149,8 +149,8 @@ TEST_CASE("attention: strided views (qkv, out and dqkv as column blocks of wider
 
   const Reference e = reference_attention(wide_qkv.middleCols(2, 3 * s.C).cast<double>(), s, true,
                                           dout.cast<double>());
-  CHECK(ref::rel_error(Mat<float>(wide_out.middleCols(1, s.C)), e.out) < kFp32Tolerance);
-  CHECK(ref::rel_error(Mat<float>(wide_dqkv.middleCols(3, 3 * s.C)), e.dqkv) < kFp32Tolerance);
+  CHECK(ref::rel_error(Mat<float>(wide_out.middleCols(1, s.C)), e.out) < kAttentionFp32Tolerance);
+  CHECK(ref::rel_error(Mat<float>(wide_dqkv.middleCols(3, 3 * s.C)), e.dqkv) < kAttentionFp32Tolerance);
   CHECK((wide_out.col(0).array() == 7.0f).all());  // columns outside the views untouched
   CHECK((wide_out.rightCols(2).array() == 7.0f).all());
   CHECK((wide_dqkv.leftCols(3).array() == 0.0f).all());

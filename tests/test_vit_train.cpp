@@ -20,8 +20,8 @@ using moe::Index;
 namespace {
 
 // 8 x 8 one-channel images in 4 patches of 4 x 4 (T = 5), 2 blocks of which block 1 is MoE.
-const vit::Config kTiny{.image_size = 8, .channels = 1, .patch = 4, .classes = 4, .layers = 2, .heads = 2,
-                        .hidden = 16, .ffn = 24, .experts = 4, .top_k = 2, .moe_every = 2, .seed = 5};
+const vit::Config kTinyTrain{.image_size = 8, .channels = 1, .patch = 4, .classes = 4, .layers = 2, .heads = 2,
+                             .hidden = 16, .ffn = 24, .experts = 4, .top_k = 2, .moe_every = 2, .seed = 5};
 
 // Class c is a brightness level, 30 + 50 c plus noise in [0, 40) per pixel: learnable in a few
 // dozen steps (a task that needs the positions, such as "which quadrant is lit", takes hundreds).
@@ -81,7 +81,7 @@ void check_exact_resume() {
   const vit::Data data = tiny_data();
   const vit::TrainOptions options = tiny_options(10);
 
-  Model straight(kTiny);
+  Model straight(kTinyTrain);
   moe::nn::AdamW<float> straight_optimizer = vit::make_optimizer(options);
   const vit::TrainResult full = vit::train(straight, straight_optimizer, data, options);
 
@@ -89,13 +89,13 @@ void check_exact_resume() {
   interrupted.checkpoint = temp_file(std::string(Model::variant) + ".safetensors");
   interrupted.stop_after = 5;
   {
-    Model first(kTiny);
+    Model first(kTinyTrain);
     moe::nn::AdamW<float> first_optimizer = vit::make_optimizer(options);
     const vit::TrainResult half = vit::train(first, first_optimizer, data, interrupted);
     CHECK(half.steps == 5);
     CHECK(std::isnan(half.test.accuracy));  // no evaluation when interrupted
   }
-  Model resumed(kTiny);
+  Model resumed(kTinyTrain);
   moe::nn::AdamW<float> resumed_optimizer = vit::make_optimizer(options);
   const vit::CheckpointHeader header = vit::load_checkpoint(interrupted.checkpoint, resumed, &resumed_optimizer);
   CHECK(header.metadata.at("step") == "5");
@@ -126,7 +126,7 @@ TEST_CASE("vit train: the loss drops, routing statistics cover the test images, 
   vit::TrainResult results[2];
   for (int threads : {1, 2}) {
     options.threads = threads;
-    vit::MoEModel<moe::SelfRoute, float> model(kTiny);
+    vit::MoEModel<moe::SelfRoute, float> model(kTinyTrain);
     moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
     results[threads - 1] = vit::train(model, optimizer, data, options);
     values[threads - 1] = all_values(model);
@@ -141,7 +141,7 @@ TEST_CASE("vit train: the loss drops, routing statistics cover the test images, 
   CHECK(r.test.confusion.total() == 20);
   CHECK(r.moe_blocks == std::vector<Index>{1});
   REQUIRE(r.routing.size() == 1);
-  CHECK(r.routed_tokens == 20 * kTiny.tokens());  // every test image's tokens, the class token included
+  CHECK(r.routed_tokens == 20 * kTinyTrain.tokens());  // every test image's tokens, the class token included
   double sum = 0;
   for (double f : r.routing[0].fractions) sum += f;
   CHECK(sum == doctest::Approx(1.0));
@@ -157,7 +157,7 @@ TEST_CASE("vit train: --epochs counts whole passes; a batch is drawn from one ep
 
 TEST_CASE("vit train: the class token and the position embedding are not decayed, the matrices are") {
   const vit::Data data = tiny_data();
-  vit::DenseModel<float> model(kTiny);
+  vit::DenseModel<float> model(kTinyTrain);
   vit::TrainOptions options = tiny_options(1);
   options.weight_decay = 0.5;
   auto params = vit::detail::optimizer_view(model.parameters());
@@ -176,7 +176,7 @@ TEST_CASE("vit train: the class token and the position embedding are not decayed
 
 TEST_CASE("vit train: bad options and data name the problem") {
   const vit::Data data = tiny_data();
-  vit::MoEModel<moe::SelfRoute, float> model(kTiny);
+  vit::MoEModel<moe::SelfRoute, float> model(kTinyTrain);
   moe::nn::AdamW<float> optimizer;
   const auto fails = [&](vit::TrainOptions o, const vit::Data& d, const char* phrase) {
     CAPTURE(phrase);
@@ -211,7 +211,7 @@ TEST_CASE("vit checkpoint: parameters, optimizer state and config round-trip; ti
   const vit::Data data = tiny_data();
   vit::TrainOptions options = tiny_options(3);
   options.checkpoint = temp_file("roundtrip.safetensors");
-  vit::MoEModel<moe::Linear, float> model(kTiny);
+  vit::MoEModel<moe::Linear, float> model(kTinyTrain);
   moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
   vit::train(model, optimizer, data, options, 0, "", {{"train.note", "kept"}});
 
@@ -230,7 +230,7 @@ TEST_CASE("vit checkpoint: parameters, optimizer state and config round-trip; ti
   }
   CHECK(file.info("patch_embed.proj.weight").shape == std::vector<std::int64_t>{16, 1, 4, 4});
 
-  vit::MoEModel<moe::Linear, float> loaded(kTiny);
+  vit::MoEModel<moe::Linear, float> loaded(kTinyTrain);
   moe::nn::AdamW<float> loaded_optimizer;
   vit::load_checkpoint(options.checkpoint, loaded, &loaded_optimizer);
   CHECK(all_values(loaded) == all_values(model));
@@ -241,16 +241,16 @@ TEST_CASE("vit checkpoint: parameters, optimizer state and config round-trip; ti
 
 TEST_CASE("vit checkpoint: another variant, another config, truncation and corruption are refused by name") {
   const auto path = temp_file("good.safetensors");
-  vit::MoEModel<moe::SelfRoute, float> model(kTiny);
+  vit::MoEModel<moe::SelfRoute, float> model(kTinyTrain);
   vit::save_checkpoint(path, model, nullptr, {{"step", "0"}});
   const std::vector<float> original = all_values(model);
 
   SUBCASE("another variant") {
-    vit::MoEModel<moe::Linear, float> linear(kTiny);
+    vit::MoEModel<moe::Linear, float> linear(kTinyTrain);
     CHECK_THROWS_WITH_AS(vit::load_checkpoint(path, linear), doctest::Contains("variant is \"self\""), moe::Error);
   }
   SUBCASE("another config") {
-    vit::Config wider = kTiny;
+    vit::Config wider = kTinyTrain;
     wider.hidden = 32;
     vit::MoEModel<moe::SelfRoute, float> other(wider);
     CHECK_THROWS_WITH_AS(vit::load_checkpoint(path, other),
@@ -267,7 +267,7 @@ TEST_CASE("vit checkpoint: another variant, another config, truncation and corru
                                bytes.size() - 1}) {
       CAPTURE(length);
       write_bytes(cut, std::vector<char>(bytes.begin(), bytes.begin() + std::ptrdiff_t(length)));
-      vit::MoEModel<moe::SelfRoute, float> target(kTiny);
+      vit::MoEModel<moe::SelfRoute, float> target(kTinyTrain);
       const std::vector<float> untouched = all_values(target);
       CHECK_THROWS_WITH_AS(vit::load_checkpoint(cut, target), doctest::Contains(cut.string().c_str()), moe::Error);
       CHECK(all_values(target) == untouched);  // nothing changed before the error
@@ -281,7 +281,7 @@ TEST_CASE("vit checkpoint: another variant, another config, truncation and corru
       const std::size_t at = std::size_t(moe::random::bits(3, 0, trial) % copy.size());
       copy[at] = char(moe::random::bits(3, 1, trial));
       write_bytes(mutated, copy);
-      vit::MoEModel<moe::SelfRoute, float> target(kTiny);
+      vit::MoEModel<moe::SelfRoute, float> target(kTinyTrain);
       try {
         vit::load_checkpoint(mutated, target);
         const std::vector<float> values = all_values(target);
@@ -361,7 +361,7 @@ TEST_CASE("confusion matrix: counts, accuracy and row rates of a hand-built case
 
   // evaluate(): the same predictions and losses as forward on the whole test split at once.
   const vit::Data data = tiny_data();
-  vit::MoEModel<moe::Linear, float> model(kTiny);
+  vit::MoEModel<moe::Linear, float> model(kTinyTrain);
   model.set_threads(1);
   const vit::Evaluation in_batches = vit::evaluate(model, data.test, data.normalisation, 6);
   CHECK(in_batches.images == 20);
