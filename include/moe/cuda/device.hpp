@@ -76,6 +76,10 @@ struct BlasGemm {
   const S* const* b_array = nullptr;
   S* const* c_array = nullptr;
   bool pointer_batch() const { return a_array || b_array || c_array; }
+  // Product q's operands, whichever way the batch is given (A and B null when k = 0 by pointers).
+  const S* a_of(Index q) const { return pointer_batch() ? (k > 0 ? a_array[q] : nullptr) : a + q * stride_a; }
+  const S* b_of(Index q) const { return pointer_batch() ? (k > 0 ? b_array[q] : nullptr) : b + q * stride_b; }
+  S* c_of(Index q) const { return pointer_batch() ? c_array[q] : c + q * stride_c; }
 };
 
 // cuBLAS's rules for one GemmEx / GemmStridedBatchedEx call (sizes >= 0 and within 32 bits,

@@ -179,9 +179,9 @@ struct EmulatedDevice {
       return C(op == BlasOp::none ? p[r + c * ld] : p[c + r * ld]);
     };
     for (Index q = 0; q < g.batch; ++q) {
-      const S* a = g.pointer_batch() ? (g.k > 0 ? g.a_array[q] : nullptr) : g.a + q * g.stride_a;
-      const S* b = g.pointer_batch() ? (g.k > 0 ? g.b_array[q] : nullptr) : g.b + q * g.stride_b;
-      S* c = g.pointer_batch() ? g.c_array[q] : g.c + q * g.stride_c;
+      const S* a = g.a_of(q);
+      const S* b = g.b_of(q);
+      S* c = g.c_of(q);
       for (Index j = 0; j < g.n; ++j)
         for (Index i = 0; i < g.m; ++i) {
           C sum = g.accumulate ? C(c[i + j * g.ldc]) : C(0);
@@ -264,8 +264,7 @@ struct EmulatedDevice {
     const auto& allocations = emulated_detail::Allocations::instance();
     const Index a_rows = g.op_a == BlasOp::none ? g.m : g.k, a_cols = g.op_a == BlasOp::none ? g.k : g.m;
     const Index b_rows = g.op_b == BlasOp::none ? g.k : g.n, b_cols = g.op_b == BlasOp::none ? g.n : g.k;
-    const bool by_pointers = g.pointer_batch();
-    if (by_pointers) {  // the arrays themselves are device memory, as cublasGemmBatchedEx reads them
+    if (g.pointer_batch()) {  // the arrays themselves are device memory, as cublasGemmBatchedEx reads them
       const std::size_t bytes = std::size_t(g.batch) * sizeof(void*);
       allocations.check_inside(g.c_array, bytes, "gemm's array of C pointers");
       if (g.k > 0) {
@@ -274,12 +273,9 @@ struct EmulatedDevice {
       }
     }
     for (Index q = 0; q < g.batch; ++q) {
-      const S* a = by_pointers ? (g.k > 0 ? g.a_array[q] : nullptr) : g.a + q * g.stride_a;
-      const S* b = by_pointers ? (g.k > 0 ? g.b_array[q] : nullptr) : g.b + q * g.stride_b;
-      S* c = by_pointers ? g.c_array[q] : g.c + q * g.stride_c;
-      allocations.check_inside(a, emulated_detail::operand_bytes<S>(a_rows, a_cols, g.lda), "gemm's A");
-      allocations.check_inside(b, emulated_detail::operand_bytes<S>(b_rows, b_cols, g.ldb), "gemm's B");
-      allocations.check_inside(c, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldc), "gemm's C");
+      allocations.check_inside(g.a_of(q), emulated_detail::operand_bytes<S>(a_rows, a_cols, g.lda), "gemm's A");
+      allocations.check_inside(g.b_of(q), emulated_detail::operand_bytes<S>(b_rows, b_cols, g.ldb), "gemm's B");
+      allocations.check_inside(g.c_of(q), emulated_detail::operand_bytes<S>(g.m, g.n, g.ldc), "gemm's C");
     }
     if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu)
       allocations.check_inside(g.bias, std::size_t(g.m) * sizeof(S), "gemm's bias");
