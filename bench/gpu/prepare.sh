@@ -42,5 +42,18 @@ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_ENABLE_CU
 cmake --build "$build" --parallel "$(nproc)" --target moe_cuda_tests bench_moe_cuda bench_gpt2_cuda gpt2_moe
 cp "$build/tests/moe_cuda_tests" "$build/bench/gpu/bench_moe_cuda" "$build/bench/gpu/bench_gpt2_cuda" \
   "$build/examples/gpt2_moe" "$deps/bin/"
-du -sh "$deps"
+strip "$deps"/bin/*  # symbols only (no debug info in Release): about 3 MB less to carry
+
+# The device call carries the working tree (tracked and untracked files git does not ignore) and
+# .gpu-deps together, 64 MiB at most: say so here, not in a refused call.
+tree_kib=$(git -C "$root" ls-files -z --cached --others --exclude-standard | (cd "$root" && du -ck --files0-from=- 2>/dev/null) |
+  tail -1 | cut -f1)
+deps_kib=$(du -sk "$deps" | cut -f1)
+echo "travels with a device call: working tree $((tree_kib / 1024)) MiB + .gpu-deps $((deps_kib / 1024)) MiB" \
+  "(limit 64 MiB)"
+if ((tree_kib + deps_kib > 62 * 1024)); then
+  echo "prepare.sh: $(((tree_kib + deps_kib) / 1024)) MiB would travel, over the device call's 64 MiB less a" \
+    "margin: carry less (e.g. leave out data/dicts/wn.dict.dz) or ignore large untracked files" >&2
+  exit 1
+fi
 echo "prepared $deps: call the device tool with carry [\".gpu-deps\"] and bench/gpu/run.sh"
