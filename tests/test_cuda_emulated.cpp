@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "cuda/emulated_test_device.hpp"
+#include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/plan_cache.hpp"
 
 #define CUDA_TEST_NAME(text) "cuda backend, emulated device: " text
@@ -75,6 +76,60 @@ TEST_CASE("emulated device: every launch order visits each index once; a racy bo
     return x;
   };
   CHECK(racy(LaunchOrder::ascending) != racy(LaunchOrder::descending));
+}
+
+TEST_CASE("emulated device: launch_count counts launches over non-empty ranges and library calls, copies shared") {
+  const moe::cuda::EmulatedDevice device;
+  const moe::cuda::EmulatedDevice copy = device;
+  device.for_each(3, [](moe::Index) {});
+  device.for_each(0, [](moe::Index) {});
+  copy.for_each_2d(2, 2, [](moe::Index, moe::Index) {});
+  device.for_each_row(0, [](moe::Index, const moe::cuda::EmulatedRow&) {});
+  device.for_each_row(4, [](moe::Index, const moe::cuda::EmulatedRow&) {});
+  CHECK(device.launch_count() == 3);
+  CHECK(copy.launch_count() == 3);
+}
+
+TEST_CASE("multi-tensor launches: every element of every tensor once, units of about `chunk`, a launch per table") {
+  struct Tensor {
+    std::int32_t* visits;
+    moe::Index n;
+    moe::Index expected_units;
+  };
+  constexpr moe::Index kChunk = 64;
+  constexpr int kCapacity = moe::cuda::kTensorsPerLaunch<Tensor>;
+  // 2.5 tables of non-empty tensors, an empty one every 5th (they take no table slot).
+  const int nonempty = 2 * kCapacity + kCapacity / 2;
+  std::vector<moe::cuda::DeviceArray<std::int32_t, moe::cuda::EmulatedDevice>> storage;
+  std::vector<Tensor> tensors;
+  for (int i = 0, made = 0; made < nonempty; ++i) {
+    const moe::Index n = i % 5 == 4 ? 0 : moe::Index(1 + (i * 37) % 200);  // 1 .. 200: under, at and over the chunk
+    storage.emplace_back(n);
+    std::fill_n(storage.back().data(), n, 0);
+    tensors.push_back({storage.back().data(), n, (n + kChunk - 1) / kChunk});
+    made += n > 0;
+  }
+  for (moe::cuda::LaunchOrder order : {moe::cuda::LaunchOrder::ascending, moe::cuda::LaunchOrder::shuffled}) {
+    const moe::cuda::EmulatedDevice device(order);
+    bool units_right = true;
+    bool* units_ok = &units_right;
+    moe::cuda::for_each_tensor_unit(device, std::span<const Tensor>(tensors), kChunk,
+                                    [=](const Tensor& t, moe::Index q, moe::Index units) {
+                                      if (units != t.expected_units || q < 0 || q >= units) *units_ok = false;
+                                      for (moe::Index j = q; j < t.n; j += units) ++t.visits[j];
+                                    });
+    CHECK(units_right);
+    CHECK(device.launch_count() == 3);  // ceil(2.5 tables)
+    moe::cuda::for_each_tensor_element(device, std::span<const Tensor>(tensors), kChunk,
+                                       [=](const Tensor& t, moe::Index j) { ++t.visits[j]; });
+    CHECK(device.launch_count() == 6);
+  }
+  for (std::size_t i = 0; i < tensors.size(); ++i)
+    for (moe::Index j = 0; j < tensors[i].n; ++j) REQUIRE(tensors[i].visits[j] == 4);  // 2 orders x 2 calls
+  const moe::cuda::EmulatedDevice device;
+  moe::cuda::for_each_tensor_unit(device, std::span<const Tensor>(tensors.data(), 0), kChunk,
+                                  [](const Tensor&, moe::Index, moe::Index) {});
+  CHECK(device.launch_count() == 0);
 }
 
 TEST_CASE("emulated device: GEMMs check cuBLAS's argument rules and that operands are device memory") {

@@ -208,20 +208,16 @@ struct TwinParam {
   Index size() const { return Index(value.size()); }
 };
 
+struct ParamSpec {
+  std::string name;
+  std::vector<Index> shape;
+  bool trainable, has_grad;
+};
+
 template <class S>
-std::vector<TwinParam<S>> make_params(const TestDevice& device, std::uint64_t seed) {
-  struct Spec {
-    const char* name;
-    std::vector<Index> shape;
-    bool trainable, has_grad;
-  };
-  const std::vector<Spec> specs = {
-      {"w", {37, 23}, true, true},        {"b", {23}, true, true},      {"s", {1}, true, true},
-      {"big", {71, 97}, true, true},      {"t3", {5, 3, 7}, true, true}, {"frozen", {4, 4}, false, true},
-      {"nograd", {6}, true, false},        {"empty", {0, 5}, true, true},
-  };
+std::vector<TwinParam<S>> make_params(const TestDevice& device, std::uint64_t seed, const std::vector<ParamSpec>& specs) {
   std::vector<TwinParam<S>> params;
-  for (const Spec& s : specs) {
+  for (const ParamSpec& s : specs) {
     TwinParam<S> p;
     p.name = s.name, p.shape = s.shape, p.trainable = s.trainable, p.has_grad = s.has_grad;
     Index n = 1;
@@ -235,6 +231,36 @@ std::vector<TwinParam<S>> make_params(const TestDevice& device, std::uint64_t se
     params.push_back(std::move(p));
   }
   return params;
+}
+
+// A small model's worth: matrices and vectors, a scalar, a frozen buffer, one without a gradient,
+// an empty one.
+template <class S>
+std::vector<TwinParam<S>> make_params(const TestDevice& device, std::uint64_t seed) {
+  return make_params<S>(device, seed,
+                        {{"w", {37, 23}, true, true},
+                         {"b", {23}, true, true},
+                         {"s", {1}, true, true},
+                         {"big", {71, 97}, true, true},
+                         {"t3", {5, 3, 7}, true, true},
+                         {"frozen", {4, 4}, false, true},
+                         {"nograd", {6}, true, false},
+                         {"empty", {0, 5}, true, true}});
+}
+
+// `count` parameters (more than one launch of moe/cuda/multi_tensor.hpp takes when count is large),
+// sized around its chunks (the update's 512 and the norm's 2048 elements): 1-D and 2-D (decayed or
+// not), every 7th frozen, every 11th without a gradient, every 13th empty.
+inline std::vector<ParamSpec> many_param_specs(int count) {
+  const Index sizes[] = {1, 511, 512, 513, 2047, 2048, 2049, 3, 4100, 17};
+  std::vector<ParamSpec> specs;
+  for (int i = 0; i < count; ++i) {
+    const Index n = i % 13 == 12 ? 0 : sizes[i % 10];
+    ParamSpec s{std::string("p").append(std::to_string(i)), i % 2 ? std::vector<Index>{n} : std::vector<Index>{1, n}, i % 7 != 6,
+                i % 11 != 10};
+    specs.push_back(std::move(s));
+  }
+  return specs;
 }
 
 template <class S>
@@ -372,6 +398,58 @@ TEST_CASE("cuda nn loss: AdamW state restored with set_state resumes the same tr
   CHECK(second.step_count() == 3);
   for (std::size_t i = 0; i < a.size(); ++i)
     CHECK(same_bits(raw_host(device, a[i].d_value.data(), a[i].size()), raw_host(device, b[i].d_value.data(), b[i].size())));
+}
+
+TEST_CASE("cuda nn loss: AdamW over more tensors than one launch takes gives each the bits of its own optimizer") {
+  // The multi-tensor launches (moe/cuda/multi_tensor.hpp) must hand each element to the update of
+  // its own tensor: one optimizer over the whole list and one optimizer per tensor agree bit for bit.
+  const TestDevice device = cuda_test::make_device();
+  const int count = 3 * moe::cuda::kTensorsPerLaunch<moe::cuda::nn::adamw_detail::UpdatedTensor<moe::bfloat16>> + 5;
+  const std::vector<ParamSpec> specs = many_param_specs(count);
+  using B16 = moe::bfloat16;
+  std::vector<TwinParam<B16>> together = make_params<B16>(device, 81, specs), apart = make_params<B16>(device, 81, specs);
+  moe::cuda::nn::AdamWConfig config;
+  config.lr = 0.01;
+  moe::cuda::nn::AdamW<B16, TestDevice> all(device, config);
+  std::vector<moe::cuda::nn::AdamW<B16, TestDevice>> each;
+  for (int i = 0; i < count; ++i) each.emplace_back(device, config);
+  for (int t = 1; t <= 3; ++t) {
+    set_gradients(device, together, 900 + std::uint64_t(t), 1.f);
+    set_gradients(device, apart, 900 + std::uint64_t(t), 1.f);
+    auto list = device_refs(together);
+    all.step(list);
+    auto singles = device_refs(apart);
+    for (int i = 0; i < count; ++i) {
+      std::vector<moe::ParamRef<B16>> one = {singles[std::size_t(i)]};
+      each[std::size_t(i)].step(one);
+    }
+  }
+  const auto master = all.master_weights(), m = all.m();
+  for (int i = 0; i < count; ++i) {
+    CAPTURE(i);
+    const auto& a = together[std::size_t(i)];
+    CHECK(same_bits(raw_host(device, a.d_value.data(), a.size()),
+                    raw_host(device, apart[std::size_t(i)].d_value.data(), a.size())));
+    CHECK(same_bits(master[std::size_t(i)], each[std::size_t(i)].master_weights()[0]));
+    CHECK(same_bits(m[std::size_t(i)], each[std::size_t(i)].m()[0]));
+  }
+}
+
+TEST_CASE("cuda nn loss: clip_grad_norm over more tensors than one launch takes matches the CPU") {
+  const TestDevice device = cuda_test::make_device();
+  const int count = 3 * moe::cuda::kTensorsPerLaunch<moe::cuda::nn::adamw_detail::GradTensor<float>> + 5;
+  std::vector<TwinParam<float>> params = make_params<float>(device, 91, many_param_specs(count));
+  set_gradients(device, params, 92, 1.f);
+  auto cpu_list = cpu_refs(params);
+  auto list = device_refs(params);
+  const double cpu_norm = moe::nn::clip_grad_norm(cpu_list, 1.0, 2);
+  REQUIRE(cpu_norm > 10.0);  // so the gradients are scaled
+  const double norm = moe::cuda::nn::clip_grad_norm(device, list, 1.0);
+  CHECK(std::abs(norm - cpu_norm) <= 1e-12 * cpu_norm);  // the same squares, summed in double in another order
+  for (const auto& p : params) {
+    CAPTURE(p.name);
+    if (p.has_grad) CHECK(relative_error(to_host(device, p.d_grad.data(), p.size()), p.grad) < 1e-6);
+  }
 }
 
 TEST_CASE("cuda nn loss: clip_grad_norm leaves gradients alone when the norm is not finite") {

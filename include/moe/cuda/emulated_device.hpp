@@ -151,19 +151,26 @@ struct EmulatedDevice {
   }
   void synchronize() const {}
 
+  // Launches and library calls so far (for_each* over a non-empty range, gemm, stable_sort_pairs;
+  // by this device and its copies): about what a GPU would queue, for tests that count them.
+  std::uint64_t launch_count() const { return state_->launch_count; }
+
   template <class Body>
   void for_each(Index n, Body body) const {
+    if (n > 0) ++state_->launch_count;
     const Order order = next_order(n);
     for (Index i = 0; i < n; ++i) body(order[i]);
   }
   template <class Body>
   void for_each_2d(Index rows, Index cols, Body body) const {
+    if (rows > 0 && cols > 0) ++state_->launch_count;
     const Order row_order = next_order(rows), col_order = next_order(cols);
     for (Index r = 0; r < rows; ++r)
       for (Index c = 0; c < cols; ++c) body(row_order[r], col_order[c]);
   }
   template <class Body>
   void for_each_row(Index rows, Body body) const {
+    if (rows > 0) ++state_->launch_count;
     const Order order = next_order(rows);
     for (Index r = 0; r < rows; ++r) body(order[r], Row{});
   }
@@ -175,6 +182,7 @@ struct EmulatedDevice {
     using C = Compute<S>;
     check_blas_gemm(g);
     check_gemm_memory(g);
+    ++state_->launch_count;
     const auto at = [](const S* p, Index ld, BlasOp op, Index r, Index c) {
       return C(op == BlasOp::none ? p[r + c * ld] : p[c + r * ld]);
     };
@@ -223,6 +231,7 @@ struct EmulatedDevice {
     allocations.check_inside(keys_out, bytes, "sort's output keys");
     allocations.check_inside(values_in, bytes, "sort's input values");
     allocations.check_inside(values_out, bytes, "sort's output values");
+    ++state_->launch_count;
     std::vector<Index> order(static_cast<std::size_t>(n));
     std::iota(order.begin(), order.end(), Index{0});
     std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return keys_in[a] < keys_in[b]; });
@@ -290,7 +299,8 @@ struct EmulatedDevice {
       void operator()(unsigned char* p) const { deallocate(p); }
     };
     LaunchOrder order = LaunchOrder::ascending;
-    std::uint64_t launches = 0;
+    std::uint64_t launches = 0;  // shuffled launches: what the shuffles draw from
+    std::uint64_t launch_count = 0;
     std::unique_ptr<unsigned char, Free> scratch;
     std::size_t scratch_size = 0;
   };

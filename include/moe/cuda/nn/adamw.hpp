@@ -7,13 +7,16 @@
 // The moments are kept in Compute<S>, one device array per parameter. For bf16 parameters that is
 // the mixed-precision recipe: fp32 moments and fp32 MASTER WEIGHTS, which the update changes and
 // then rounds into the bf16 parameter (an update smaller than half a bf16 step is not lost).
-// Every update is elementwise, one index per element; the only sync is clip_grad_norm's download
-// of the summed squares (its partials live in the device's scratch). The moments (and master
-// weights) are allocated once, on a parameter's first update.
+// Every update is elementwise, and all parameters go through a handful of launches
+// (moe/cuda/multi_tensor.hpp: up to kTensorsPerLaunch tensors each; GPT-2 small with MoE blocks
+// has about 170), not one launch per tensor; the only sync is clip_grad_norm's download of the
+// summed squares (its partials live in the device's scratch). The moments (and master weights)
+// are allocated once, on a parameter's first update.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
+#include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -21,6 +24,7 @@
 #include "moe/config.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/multi_tensor.hpp"
 #include "moe/host_device.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/routing.hpp"
@@ -50,23 +54,40 @@ struct AdamWStep {
   C step_size;             // lr / (1 - b1^t)
   C inv_sqrt_correction2;  // 1 / sqrt(1 - b2^t)
   C eps;
-  C decay_factor;          // 1 - lr * wd for decayed parameters, else exactly 1
+  C decay;                 // 1 - lr * wd, the factor of decaying parameters (UpdatedTensor::decays)
 };
 
-// value, grad: [n] (S); m, v: [n] (C); master: [n] (C) or null. One index per element: the CPU
-// AdamW's update, in C, of the master weight when there is one (then rounded into value).
+// One parameter's arrays for the multi-tensor update: value, grad: [n] (S); m, v: [n] (C);
+// master: [n] (C) or null. `decays`: weight decay applies (decays(p) and weight_decay > 0).
+template <class S, class C = Compute<S>>
+struct UpdatedTensor {
+  S* value;
+  const S* grad;
+  C* m;
+  C* v;
+  C* master;
+  Index n;
+  bool decays;
+};
+
+// Elements per thread of the update (moe/cuda/multi_tensor.hpp's chunk; any value gives the same bits).
+inline constexpr Index kUpdateChunk = 512;
+
+// The CPU AdamW's update of every element of every tensor, in C, of the master weight when there is
+// one (then rounded into value); tensors in launches of kTensorsPerLaunch.
 template <class S, class D, class C = Compute<S>>
-void adamw_update(const D& device, S* value, C* master, const S* grad, C* m, C* v, Index n, AdamWStep<C> k) {
-  device.for_each(n, [=] MOE_HOST_DEVICE(Index j) {
-    const C g = C(grad[j]);
-    const C mj = k.b1 * m[j] + k.one_minus_b1 * g;
-    const C vj = k.b2 * v[j] + k.one_minus_b2 * g * g;
-    m[j] = mj;
-    v[j] = vj;
-    const C p = master ? master[j] : C(value[j]);
-    const C updated = p * k.decay_factor - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps);
-    if (master) master[j] = updated;
-    value[j] = S(updated);
+void adamw_update(const D& device, std::span<const UpdatedTensor<S>> tensors, AdamWStep<C> k) {
+  for_each_tensor_element(device, tensors, kUpdateChunk, [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index j) {
+    const C g = C(p.grad[j]);
+    const C mj = k.b1 * p.m[j] + k.one_minus_b1 * g;
+    const C vj = k.b2 * p.v[j] + k.one_minus_b2 * g * g;
+    p.m[j] = mj;
+    p.v[j] = vj;
+    const C old = p.master ? p.master[j] : C(p.value[j]);
+    // old * 1 is exact: parameters that do not decay take the same path.
+    const C updated = old * (p.decays ? k.decay : C(1)) - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps);
+    if (p.master) p.master[j] = updated;
+    p.value[j] = S(updated);
   });
 }
 
@@ -81,16 +102,23 @@ void fill_zero(const D& device, T* data, Index n) {
   device.for_each(n, [=] MOE_HOST_DEVICE(Index j) { data[j] = T(0); });
 }
 
-// partial[q] = sum of grad[j]^2 over j = q, q + chunks, q + 2 chunks, ... (chunks = n / kNormChunk
-// rounded up: about kNormChunk elements each), in double, j ascending. Interleaved rather than
-// contiguous so that neighbouring threads read neighbouring elements (coalesced on the GPU).
+// A gradient for clip_grad_norm: grad [n] and where its partial sums of squares go.
+template <class S>
+struct GradTensor {
+  S* grad;
+  Index n;
+  double* partial;
+};
+
+// partial[q] = sum of grad[j]^2 over j = q, q + units, q + 2 units, ... (units = n / kNormChunk
+// rounded up: about kNormChunk elements each, moe/cuda/multi_tensor.hpp's units), in double, j
+// ascending; the gradients in launches of kTensorsPerLaunch.
 template <class S, class D>
-void chunk_squares(const D& device, const S* grad, Index n, double* partial) {
-  const Index chunks = (n + kNormChunk - 1) / kNormChunk;
-  device.for_each(chunks, [=] MOE_HOST_DEVICE(Index q) {
+void chunk_squares(const D& device, std::span<const GradTensor<S>> grads) {
+  for_each_tensor_unit(device, grads, kNormChunk, [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index q, Index units) {
     double s = 0;
-    for (Index j = q; j < n; j += chunks) s += double(grad[j]) * double(grad[j]);
-    partial[q] = s;
+    for (Index j = q; j < g.n; j += units) s += double(g.grad[j]) * double(g.grad[j]);
+    g.partial[q] = s;
   });
 }
 
@@ -105,8 +133,9 @@ void ordered_sum(const D& device, const double* partial, Index count, double* to
 }
 
 template <class S, class D, class C = Compute<S>>
-void scale_in_place(const D& device, S* data, Index n, C scale) {
-  device.for_each(n, [=] MOE_HOST_DEVICE(Index j) { data[j] = S(C(data[j]) * scale); });
+void scale_in_place(const D& device, std::span<const GradTensor<S>> grads, C scale) {
+  for_each_tensor_element(device, grads, kUpdateChunk,
+                          [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index j) { g.grad[j] = S(C(g.grad[j]) * scale); });
 }
 
 }  // namespace adamw_detail
@@ -121,8 +150,8 @@ void scale_in_place(const D& device, S* data, Index n, C scale) {
 //   m  = b1 m + (1 - b1) g
 //   v  = b2 v + (1 - b2) g^2
 //   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-// in Compute<S>, the moments stored in Compute<S> (fp32 for bf16). One launch per parameter; no
-// sync. m()/v() download the state for a checkpoint (syncs), set_state() uploads one.
+// in Compute<S>, the moments stored in Compute<S> (fp32 for bf16). All parameters in a few
+// launches (kTensorsPerLaunch each); no sync. m()/v() download the state for a checkpoint (syncs), set_state() uploads one.
 //
 // Master weights (bf16 parameters only, kMasterWeights): p above is a Compute<S> copy of the
 // parameter, made from its values on its first update (or set by set_master_weights, e.g. the
@@ -155,16 +184,16 @@ class AdamW {
     k.step_size = C(lr / correction1);
     k.inv_sqrt_correction2 = C(1 / std::sqrt(correction2));
     k.eps = C(config_.eps);
-    const C decay = C(1 - lr * config_.weight_decay);
+    k.decay = C(1 - lr * config_.weight_decay);
+    std::vector<adamw_detail::UpdatedTensor<S>> tensors;
     for (std::size_t i = 0; i < params.size(); ++i) {
       ParamRef<S>& p = params[i];
       if (!adamw_detail::updated(p)) continue;
-      // p * 1 is exact: parameters that do not decay take the same path.
-      k.decay_factor = decays(p) && config_.weight_decay != 0 ? decay : C(1);
       C* master = kMasterWeights ? master_[i].data() : nullptr;
-      adamw_detail::adamw_update(device_, p.value.data(), master, p.grad.data(), m_[i].data(), v_[i].data(),
-                                 Index(p.value.size()), k);
+      tensors.push_back({p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(), master, Index(p.value.size()),
+                         decays(p) && config_.weight_decay != 0});
     }
+    adamw_detail::adamw_update(device_, std::span<const adamw_detail::UpdatedTensor<S>>(tensors), k);
   }
 
   // ---- state, for checkpoints ------------------------------------------------------------
@@ -279,35 +308,35 @@ class AdamW {
 // moe::nn::clip_grad_norm. Returns the norm before clipping; a non-finite norm is returned with
 // the gradients left as they are (the caller should skip that step).
 // The squares are summed in double: per parameter in interleaved chunks of about kNormChunk
-// elements (one thread each, in index order), then every partial in list-and-chunk order by one thread, so the norm
-// is the same bits on every run. Downloading the sum waits for the stream: the one sync.
+// elements (one thread each, in index order; all parameters in a few launches), then every
+// partial in list-and-chunk order by one thread, so the norm is the same bits on every run. Downloading the sum waits for the stream: the one sync.
 template <class S, class D>
 double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double max_norm) {
   using C = Compute<S>;
   check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
-  // Each updated parameter's first partial.
-  std::vector<Index> first(params.size(), 0);
+  // Each updated parameter's gradient and its first partial (the pointers into the scratch below).
+  std::vector<adamw_detail::GradTensor<S>> grads;
+  std::vector<Index> first;
   Index partials = 0;
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    first[i] = partials;
-    if (adamw_detail::updated(params[i]))
-      partials += (Index(params[i].grad.size()) + adamw_detail::kNormChunk - 1) / adamw_detail::kNormChunk;
-  }
+  for (ParamRef<S>& p : params)
+    if (adamw_detail::updated(p)) {
+      grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr});
+      first.push_back(partials);
+      partials += units_of(Index(p.grad.size()), adamw_detail::kNormChunk);
+    }
   if (partials == 0) return 0.0;
   ScratchLayout layout;
   const auto sums_slot = layout.add<double>(partials + 1);  // the partials, then their sum
   double* sums = sums_slot.in(device.scratch(layout.bytes()));
-  for (std::size_t i = 0; i < params.size(); ++i)
-    if (adamw_detail::updated(params[i]))
-      adamw_detail::chunk_squares(device, params[i].grad.data(), Index(params[i].grad.size()), sums + first[i]);
+  for (std::size_t i = 0; i < grads.size(); ++i) grads[i].partial = sums + first[i];
+  const std::span<const adamw_detail::GradTensor<S>> list(grads);
+  adamw_detail::chunk_squares(device, list);
   adamw_detail::ordered_sum(device, sums, partials, sums + partials);
   double squares = 0;
   device.download(&squares, sums + partials, sizeof(double));  // waits for the stream
   const double norm = std::sqrt(squares);
   if (!std::isfinite(norm) || norm <= max_norm) return norm;
-  const C scale = C(max_norm / (norm + 1e-6));
-  for (ParamRef<S>& p : params)
-    if (adamw_detail::updated(p)) adamw_detail::scale_in_place(device, p.grad.data(), Index(p.grad.size()), scale);
+  adamw_detail::scale_in_place(device, list, C(max_norm / (norm + 1e-6)));
   return norm;
 }
 
