@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <random>
 #include <span>
@@ -615,17 +616,25 @@ TEST_CASE(CUDA_TEST_NAME("GEMM mapping: row-major products through the column-ma
 // out = epilogue(a b^T) with a bias per output column, for bias_gelu pre = a b^T + bias, out =
 // gelu(pre), and for dgelu out = (a b^T) * gelu'(pre) with pre given: against float64 on the
 // values the device holds. Shapes with 16-byte-aligned rows go to cuBLASLt's fused epilogues on
-// the GPU, the odd ones to cuBLAS and a separate pass.
+// the GPU (and must not fall back: CudaDevice::epilogue_fallbacks), the odd ones to cuBLAS and a
+// separate pass. M = 37, 50, 64, 33 share cuBLASLt's plan of 64 rows (CudaDevice::fused_gemm).
 template <class S>
 void check_gemm_epilogues(double tolerance) {
   using B = moe::cuda::BasicBackend<S, TestDevice>;
   const B backend(make_device());
+  const auto fallbacks = [&]() -> std::uint64_t {
+    if constexpr (requires { backend.device().epilogue_fallbacks(); })
+      return backend.device().epilogue_fallbacks();
+    else
+      return 0;
+  };
   struct Shape {
     Index M, K, O;
   };
-  for (const Shape shape : {Shape{37, 64, 96}, Shape{7, 5, 9}})
+  for (const Shape shape : {Shape{37, 64, 96}, Shape{50, 64, 96}, Shape{64, 64, 96}, Shape{33, 64, 96}, Shape{7, 5, 9}})
     for (auto epilogue : {moe::cuda::Epilogue::bias, moe::cuda::Epilogue::bias_gelu, moe::cuda::Epilogue::dgelu}) {
       const auto [M, K, O] = shape;
+      const std::uint64_t fallbacks_before = fallbacks();
       const bool dgelu = epilogue == moe::cuda::Epilogue::dgelu;
       auto a_host = normal_values(std::size_t(M * K), 93), w_host = normal_values(std::size_t(O * K), 94, 0.3f);
       auto bias_host = normal_values(std::size_t(O), 95), given_pre = normal_values(std::size_t(M * O), 96);
@@ -654,6 +663,7 @@ void check_gemm_epilogues(double tolerance) {
       CHECK(relative_error(to_host<S>(backend, out.data(), M * O), expected_out) < tolerance);
       if (epilogue != moe::cuda::Epilogue::bias)  // dgelu leaves it as given
         CHECK(relative_error(to_host<S>(backend, pre.data(), M * O), expected_pre) < tolerance);
+      if (K == 64) CHECK_MESSAGE(fallbacks() == fallbacks_before, "cuBLASLt declined an aligned fused product");
     }
 }
 

@@ -9,6 +9,9 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
@@ -282,7 +285,7 @@ class CudaDevice {
   }
 
   // The product and its epilogue in one cuBLASLt call (BIAS, GELU_AUX_BIAS or DGELU); false,
-  // having queued nothing, when cuBLASLt has no algorithm for it.
+  // having queued nothing, when cuBLASLt has no algorithm for it or declines the one chosen.
   template <class S>
   bool fused_gemm(const BlasGemm<S>& g) const {
     if constexpr (std::is_same_v<S, double>) {
@@ -296,6 +299,7 @@ class CudaDevice {
       const Index leading[] = {g.lda, g.ldb, g.ldc, gelu ? g.ldaux : g.ldc};
       for (const Index ld : leading)
         if (ld * Index(sizeof(S)) % kMinAlignment != 0) return false;
+      if (gelu && g.ldaux % 8 != 0) return false;  // cuBLASLt's rule for the GELU epilogues' aux
       const cudaDataType_t type = std::is_same_v<S, float> ? CUDA_R_32F : CUDA_R_16BF;
       const cublasComputeType_t compute = std::is_same_v<S, float> && context_->math == Fp32Math::tf32
                                               ? CUBLAS_COMPUTE_32F_FAST_TF32
@@ -315,15 +319,25 @@ class CudaDevice {
         desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, std::int64_t(g.ldaux));
       }
       const bool a_plain = g.op_a == BlasOp::none, b_plain = g.op_b == BlasOp::none;
-      const lt_detail::Layout a(type, a_plain ? g.m : g.k, a_plain ? g.k : g.m, g.lda);
-      const lt_detail::Layout b(type, b_plain ? g.k : g.n, b_plain ? g.n : g.k, g.ldb);
-      const lt_detail::Layout c(type, g.m, g.n, g.ldc);
-      // The heuristic's answer depends on everything but the pointers' values: asked once per shape (it costs
-      // microseconds of host time per call, as much as a small GEMM takes on the GPU).
+      const auto layouts = [&](Index n) {  // A, B and C (= D) with n columns of C
+        return std::array<lt_detail::Layout, 3>{lt_detail::Layout(type, a_plain ? g.m : g.k, a_plain ? g.k : g.m, g.lda),
+                                                lt_detail::Layout(type, b_plain ? g.k : n, b_plain ? n : g.k, g.ldb),
+                                                lt_detail::Layout(type, g.m, n, g.ldc)};
+      };
+      // The heuristic's answer depends on everything but the pointers' values (their alignments
+      // count: cuBLASLt picks kernels by them) and costs microseconds of host time per call, as
+      // much as a small GEMM takes on the GPU: it is asked once per key. An expert's row count n
+      // changes every step, so n goes into the key rounded up to a power of two (when B's leading
+      // dimension does not depend on it) and the heuristic sees that n: its algorithm serves every
+      // smaller n, with no more workspace. Should cuBLASLt decline one, the plain path takes it.
+      const Index n_key = b_plain ? std::bit_ceil(std::uint64_t(g.n)) : g.n;
       const std::uint32_t align_a = lt_detail::alignment_of(g.a), align_b = lt_detail::alignment_of(g.b),
                           align_c = lt_detail::alignment_of(g.c);
-      const LtPlans::Key key = {type,    compute, int(g.op_a), int(g.op_b), int(g.epilogue), g.m,     g.n,    g.k,
-                                g.lda,   g.ldb,   g.ldc,       g.ldaux,     align_a,         align_b, align_c};
+      const std::uint32_t align_bias = biased ? lt_detail::alignment_of(g.bias) : 0,
+                          align_aux = gelu ? lt_detail::alignment_of(g.aux) : 0;
+      const LtPlans::Key key = {type,  compute, int(g.op_a), int(g.op_b), int(g.epilogue), g.m,     n_key,      g.k,
+                                g.lda, g.ldb,   g.ldc,       g.ldaux,     align_a,         align_b, align_c,    align_bias,
+                                align_aux};
       const std::uint64_t workspace_bytes = Context::kLtWorkspaceBytes;
       std::optional<LtPlan> plan = context_->lt_plans.find(key);
       if (!plan) {
@@ -335,6 +349,7 @@ class CudaDevice {
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b);
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c);
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c);
+        const auto [a, b, c] = layouts(n_key);
         cublasLtMatmulHeuristicResult_t heuristic{};
         int found = 0;
         const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(context_->lt, desc.handle, a.handle, b.handle,
@@ -343,15 +358,23 @@ class CudaDevice {
         plan = LtPlan{status == CUBLAS_STATUS_SUCCESS && found > 0, heuristic.algo};
         context_->lt_plans.insert(key, *plan);
       }
-      if (!plan->found) return false;
+      if (!plan->found) return declined();
+      const auto [a, b, c] = layouts(g.n);
       const float alpha = 1, beta = 0;
-      check_cublas(cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c,
-                                  c.handle, g.c, c.handle, &plan->algo, context_->lt_workspace(), workspace_bytes,
-                                  stream()),
-                   "cublasLtMatmul");
+      const cublasStatus_t status =
+          cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c, c.handle, g.c,
+                         c.handle, &plan->algo, context_->lt_workspace(), workspace_bytes, stream());
+      // Declined arguments are checked before anything is queued.
+      if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) return declined();
+      check_cublas(status, "cublasLtMatmul");
       return true;
     }
   }
+
+  // Products with an epilogue that went the plain path (cuBLAS, then a pass) since this device's
+  // context was made, though their operands are aligned for cuBLASLt: it offered no algorithm or
+  // declined the one chosen. Zero on a GPU where the fusion works (the GPU tests check it).
+  std::uint64_t epilogue_fallbacks() const { return context_->epilogue_fallbacks.load(); }
 
   // One growing device buffer per context: reused while big enough; growing waits for the stream
   // (queued work may still read the old one) and keeps a quarter more room.
@@ -377,7 +400,11 @@ class CudaDevice {
     bool found = false;
     cublasLtMatmulAlgo_t algo{};
   };
-  using LtPlans = PlanCache<15, LtPlan>;
+  using LtPlans = PlanCache<17, LtPlan>;
+  bool declined() const {
+    ++context_->epilogue_fallbacks;
+    return false;
+  }
 
   struct Context {
     cudaStream_t stream;
@@ -392,6 +419,7 @@ class CudaDevice {
     void* scratch_data = nullptr;
     std::size_t scratch_bytes = 0;
     LtPlans lt_plans;
+    std::atomic<std::uint64_t> epilogue_fallbacks{0};
 
     Context(cudaStream_t s, Fp32Math m) : stream(s), math(m) {
       int device = 0;
