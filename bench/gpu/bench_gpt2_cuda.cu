@@ -51,10 +51,7 @@ Index batch_size() {
   return text ? std::max<Index>(1, std::atoll(text)) : 8;
 }
 
-bool gpu_available() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
+bool gpu_available() { return moe::cuda::no_device_reason().empty(); }
 
 // Model FLOPs per token (see the header).
 double flops_per_token(const gpt2::Config& c, bool moe, bool linear_router, Index T) {
@@ -174,8 +171,10 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   // Without a device each benchmark reports the error and the exit status is 77 (skipped, as moe_cuda_tests'):
   // the binary starts (bench/gpu/run.sh checks that) but measured nothing.
-  const bool have_device = gpu_available();
-  if (!have_device) std::fprintf(stderr, "bench_gpt2_cuda: no CUDA device on this machine: nothing can be measured\n");
+  const std::string no_device = moe::cuda::no_device_reason();
+  const bool have_device = no_device.empty();
+  if (!have_device)
+    std::fprintf(stderr, "bench_gpt2_cuda: no usable CUDA device (%s): nothing can be measured\n", no_device.c_str());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return have_device ? 0 : 77;

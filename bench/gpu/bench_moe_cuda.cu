@@ -336,8 +336,8 @@ int main(int argc, char** argv) {
 
   // Without a device the benchmarks still list (--benchmark_list_tests) and each one reports the
   // CUDA error it gets; the exit status 77 (skipped, as moe_cuda_tests') says the run measured nothing.
-  int count = 0;
-  const bool have_device = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  const std::string no_device = moe::cuda::no_device_reason();
+  const bool have_device = no_device.empty();
   if (have_device) {
     try {
       check_cuda(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -347,7 +347,7 @@ int main(int argc, char** argv) {
       return 1;
     }
   } else {
-    std::fprintf(stderr, "bench_moe_cuda: no CUDA device on this machine: nothing can be measured\n");
+    std::fprintf(stderr, "bench_moe_cuda: no usable CUDA device (%s): nothing can be measured\n", no_device.c_str());
   }
 
   benchmark::RunSpecifiedBenchmarks();

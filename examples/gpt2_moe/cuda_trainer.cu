@@ -10,12 +10,9 @@
 namespace gpt2 {
 
 bool cuda_available(std::string* why_not) {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status == cudaSuccess && count > 0) return true;
-  if (why_not)
-    *why_not = status != cudaSuccess ? std::string("no usable CUDA device: ") + cudaGetErrorString(status)
-                                     : std::string("no CUDA device on this machine");
+  const std::string reason = moe::cuda::no_device_reason();
+  if (reason.empty()) return true;
+  if (why_not) *why_not = "no usable CUDA device (" + reason + ")";
   return false;
 }
 

@@ -13,10 +13,7 @@
 namespace cuda_test {
 using TestDevice = moe::cuda::CudaDevice;
 inline bool device_available() {
-  static const bool available = [] {
-    int count = 0;
-    return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-  }();
+  static const bool available = moe::cuda::no_device_reason().empty();
   return available;
 }
 inline TestDevice make_device() { return TestDevice(nullptr); }
@@ -51,8 +48,8 @@ TEST_CASE("cuda backend, GPU: a caller's stream is used and TF32 stays within it
 }  // namespace cuda_test
 
 int main(int argc, char** argv) {
-  if (!cuda_test::device_available()) {
-    std::printf("moe_cuda_tests: no CUDA device on this machine: the GPU tests were NOT run (skipped)\n");
+  if (const std::string why = moe::cuda::no_device_reason(); !why.empty()) {
+    std::printf("moe_cuda_tests: no usable CUDA device (%s): the GPU tests were NOT run (skipped)\n", why.c_str());
     return 77;
   }
   doctest::Context context(argc, argv);

@@ -13,10 +13,7 @@
 namespace cuda_test {
 using TestDevice = moe::cuda::CudaDevice;
 inline TestDevice make_device() { return TestDevice(nullptr); }
-inline bool device_available() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
+inline bool device_available() { return moe::cuda::no_device_reason().empty(); }
 }  // namespace cuda_test
 
 #define CUDA_TEST_NAME(text) "cuda nn, GPU: " text

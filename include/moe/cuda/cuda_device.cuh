@@ -159,6 +159,15 @@ inline std::uint32_t alignment_of(const void* p) {
 }
 }  // namespace lt_detail
 
+// Why this process can use no CUDA device, or "" when it can: none found, or the runtime's own
+// error (a driver older than the CUDA runtime, no access to /dev/nvidia*), named as it names it.
+inline std::string no_device_reason() {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+  return count > 0 ? std::string() : std::string("no CUDA device found");
+}
+
 class CudaDevice {
  public:
   // stream: the caller's stream (nullptr = the legacy default stream). The device does not own it.
