@@ -19,10 +19,14 @@
 #   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
 #
 # Environment (all optional):
-#   OUT_DIR           results (default build-gpu/results): tests.log, memcheck.log, racecheck.log,
-#                     moe_cuda.json, torch_cuda.json, gpt2_cuda.json, torch_gpt2_cuda.json, table.md,
-#                     table_gpt2.md, compare/, env.txt. On the device machine ($OUT set) they are
-#                     also packed into $OUT/results.tar.gz, with the two tables beside it.
+#   OUT_DIR           results: tests.log, memcheck.log, racecheck.log, moe_cuda.json, torch_cuda.json,
+#                     gpt2_cuda.json, torch_gpt2_cuda.json, table.md, table_gpt2.md, compare/, env.txt
+#                     (default build-gpu/results; on the device machine, where $OUT is set,
+#                     $OUT/results: every step's files are where the device tool fetches them as soon
+#                     as the step ends, so a call cut off at its time limit still brings them back)
+#   BUDGET            seconds this run may take in all (default: no limit): a step gets what is left
+#                     (then it is stopped, TIMED OUT), and a step with nothing left does not start
+#                     (NOT RUN); set it under the device call's limit so the tables are always printed
 #   BUILD_DIR         the CMake build, if one is needed (default build-gpu)
 #   DEPS_DIR          prepare.sh's folder (default .gpu-deps)
 #   STEPS             comma-separated subset of build,test,memcheck,racecheck,bench,torch,report,
@@ -49,7 +53,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${BUILD_DIR:-$root/build-gpu}
 deps=${DEPS_DIR:-$root/.gpu-deps}
-out=${OUT_DIR:-$build/results}
+if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then out=${OUT_DIR:-$OUT/results}; else out=${OUT_DIR:-$build/results}; fi
+budget=${BUDGET:-0}
 steps=${STEPS:-build,test,memcheck,racecheck,bench,torch,report,bench_gpt2,torch_gpt2,report_gpt2}
 repetitions=${REPETITIONS:-3}
 min_time=${MIN_TIME:-0.5}
@@ -84,14 +89,26 @@ mkdir -p "$out"
 want() { [[ ",$steps," == *",$1,"* ]]; }
 
 failed=()
-# run_step NAME LOG CMD...: runs CMD with its output shown and kept in LOG; a failure is recorded
-# and the script goes on.
+# run_step NAME LOG CMD...: runs CMD with its output shown and kept in LOG, within what is left of
+# BUDGET; a failure is recorded and the script goes on.
 run_step() {
-  local name=$1 log=$2 rc=0 start=$SECONDS
+  local name=$1 log=$2 rc=0 start=$SECONDS limit=()
   shift 2
+  if ((budget > 0)); then
+    local left=$((budget - SECONDS))
+    if ((left < 5)); then
+      echo "== $name: NOT RUN: the run's BUDGET of $budget s is spent"
+      failed+=("$name")
+      return
+    fi
+    limit=(timeout -k 5 "$left")
+  fi
   echo "== $name: $*"
-  "$@" 2>&1 | tee "$log" || rc=$?
-  if ((rc == 0)); then
+  "${limit[@]+"${limit[@]}"}" "$@" 2>&1 | tee "$log" || rc=$?
+  if ((rc == 124 && budget > 0)); then
+    echo "== $name: TIMED OUT after $((SECONDS - start)) s: the run's BUDGET of $budget s ran out, see $log"
+    failed+=("$name")
+  elif ((rc == 0)); then
     echo "== $name: ok ($((SECONDS - start)) s)"
   elif ((rc == 77)); then  # the GPU binaries' "no CUDA device here": nothing ran, which is not a pass
     echo "== $name: SKIPPED: no CUDA device on this machine (exit status 77), see $log"
@@ -210,10 +227,11 @@ fi
 if want compare; then
   # The gates at GPT-2-small scale on the dictionaries prepare.sh carried, tokenized here. No
   # checkpoints: gigabytes each, they could not come back from the device machine.
-  shards=$out/../gpt2-shards
-  mkdir -p "$out/dicts"
-  for f in "$deps"/data/dicts/*.dict.dz; do ln -sf "$f" "$out/dicts/"; done
-  run_step tokenize "$out/tokenize.log" "$gpt2" tokenize --config gpt2-small --data "$out/dicts" \
+  # The shards (57 MB) stay in the build folder, outside what the device tool brings back.
+  shards=$build/gpt2-shards
+  mkdir -p "$build/dicts"
+  for f in "$deps"/data/dicts/*.dict.dz; do ln -sf "$f" "$build/dicts/"; done
+  run_step tokenize "$out/tokenize.log" "$gpt2" tokenize --config gpt2-small --data "$build/dicts" \
     --tokenizer gpt2-bpe --out "$shards"
   compare_steps=${COMPARE_STEPS:-200}
   run_step compare "$out/compare.log" "$gpt2" compare --config gpt2-small --device cuda --precision bf16 \
@@ -256,12 +274,6 @@ fi
 if want compare && [[ -f $out/compare/report.md ]]; then
   echo
   sed -n '/^| variant/,/^$/p' "$out/compare/report.md"
-fi
-
-# The device tool brings back a few files from $OUT: everything in one archive, the tables beside it.
-if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
-  tar czf "$OUT/results.tar.gz" --exclude=dicts -C "$out" . 2>/dev/null || echo "== could not pack $out"
-  for f in table.md table_gpt2.md; do [[ -f $out/$f ]] && cp "$out/$f" "$OUT/"; done
 fi
 
 ((${#failed[@]} == 0))
