@@ -173,6 +173,10 @@ int main(int argc, char** argv) {
   // the binary starts (bench/gpu/run.sh checks that) but measured nothing.
   const std::string no_device = moe::cuda::no_device_reason();
   const bool have_device = no_device.empty();
+  if (have_device) {  // the GPU's name in the JSON's context, for report_gpt2.py's header
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) benchmark::AddCustomContext("gpu", prop.name);
+  }
   if (!have_device)
     std::fprintf(stderr, "bench_gpt2_cuda: no usable CUDA device (%s): nothing can be measured\n", no_device.c_str());
   benchmark::RunSpecifiedBenchmarks();

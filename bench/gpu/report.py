@@ -18,6 +18,8 @@ import json
 import statistics
 import sys
 
+import gbench
+
 SHAPES = ["gpt2_T16384", "gpt2_T1024", "mixtral_T4096"]
 PRECISIONS = ["bf16", "fp32", "tf32"]
 TORCH_PRECISION = "bf16"  # the torch peers run in bf16 only
@@ -35,15 +37,12 @@ TARGETS = {
 
 
 def load_ours(path):
-    """(what, shape, precision) -> median ms; the same key -> error message; the run's context."""
-    with open(path) as f:
-        data = json.load(f)
+    """(what, shape, precision) -> median ms; the same key -> error message; the run's context;
+    a note when the file was cut short."""
+    records, context, note = gbench.read_runs(path)
     runs, medians, errors = {}, {}, {}
-    for b in data.get("benchmarks", []):
-        name = b.get("run_name") or b.get("name", "")
-        if name.endswith("/manual_time"):
-            name = name[: -len("/manual_time")]
-        key = tuple(name.split("/"))
+    for b in records:
+        key = gbench.name_parts(b)
         if len(key) != 3:
             continue
         if b.get("error_occurred"):
@@ -57,7 +56,7 @@ def load_ours(path):
             runs.setdefault(key, []).append(ms)
     times = {key: statistics.median(v) for key, v in runs.items()}
     times.update(medians)
-    return times, errors, data.get("context", {})
+    return times, errors, context, note
 
 
 def load_torch(path):
@@ -105,9 +104,11 @@ def main(argv):
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(__doc__)
         return 0 if len(argv) >= 2 else 2
-    times, errors, context = load_ours(argv[1])
+    times, errors, context, note = load_ours(argv[1])
     peers = load_torch(argv[2] if len(argv) > 2 else None)
     torch_shapes = peers.get("shapes", {})
+    if note:
+        print(f"({note})\n")
 
     def ours(what, shape, prec):
         return times.get((what, shape, prec))

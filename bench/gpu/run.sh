@@ -35,7 +35,8 @@
 #   REPETITIONS       bench_moe_cuda repetitions (default 3; the report uses their median)
 #   MIN_TIME          seconds per benchmark repetition (default 0.5)
 #   BENCH_FILTER      --benchmark_filter regex for bench_moe_cuda (default: every benchmark)
-#   GPT2_FILTER       --benchmark_filter regex for bench_gpt2_cuda (default: every benchmark)
+#   GPT2_FILTER       --benchmark_filter regex for bench_gpt2_cuda (default: every benchmark; keep
+#                     Peak/bf16_gemm in it, the MFU is against that peak)
 #   TORCH_GPT2_ARGS   extra arguments of torch_gpt2_cuda.py (e.g. '--mode eager')
 #   COMPARE_VARIANTS  gates compared (default dense,linear,self,fixed-random,random)
 #   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""bench/gpu/report.py and report_gpt2.py on outputs shaped as the GPU run writes them (no GPU
+needed): Google Benchmark 1.7's JSON (names with /min_time:0.100/ and /manual_time, repetitions
+and their aggregates, rows that failed, a file cut short) and the torch scripts' JSON. Each check
+names the figure a GPU session would otherwise read wrong. Exits 1 on the first failed check.
+
+  python3 tests/gpu_report/test_gpu_reports.py
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPORT = os.path.join(ROOT, "bench", "gpu", "report.py")
+REPORT_GPT2 = os.path.join(ROOT, "bench", "gpu", "report_gpt2.py")
+
+SHAPES = {"gpt2_T16384": 1.0, "gpt2_T1024": 0.15, "mixtral_T4096": 6.0}  # a time scale per shape
+# Our bf16 medians (ms) at scale 1; repetitions take x 1.0, 1.02, 1.3, so the median is 1.02 x.
+OURS = {"moe_fwd": 0.80, "moe_fwd_linear": 0.82, "moe_fwdbwd": 2.30, "routing_dispatch": 0.035, "floor_fwd": 0.60}
+
+
+def gbench_records(name, times, counters=None, error=None):
+    """The rows Google Benchmark 1.7 writes for one benchmark run len(times) times (ms)."""
+    rows = []
+    for i, t in enumerate(times):
+        row = {"name": name, "run_name": name, "run_type": "iteration", "repetitions": len(times),
+               "repetition_index": i, "threads": 1, "iterations": 0 if error else 100,
+               "real_time": 0 if error else t, "cpu_time": 1e-5, "time_unit": "ms"}
+        if error:
+            row.update({"error_occurred": True, "error_message": error})
+        row.update(counters or {})
+        rows.append(row)
+    if len(times) > 1 and not error:
+        for aggregate in ("mean", "median", "stddev", "cv"):
+            value = {"mean": sum(times) / len(times), "median": sorted(times)[len(times) // 2],
+                     "stddev": 0.1, "cv": 0.05}[aggregate]
+            rows.append({"name": f"{name}_{aggregate}", "run_name": name, "run_type": "aggregate",
+                         "repetitions": len(times), "threads": 1, "aggregate_name": aggregate,
+                         "aggregate_unit": "time" if aggregate != "cv" else "percentage", "iterations": len(times),
+                         "real_time": value, "cpu_time": 1e-5, "time_unit": "ms", **(counters or {})})
+    return rows
+
+
+def moe_json(errors=()):
+    benchmarks = []
+    for shape, scale in SHAPES.items():
+        for precision, slower in (("bf16", 1.0), ("fp32", 5.0)):
+            if shape == "mixtral_T4096" and precision != "bf16":
+                continue
+            for what, ms in OURS.items():
+                name = f"{what}/{shape}/{precision}" + ("/min_time:0.100" if what == "floor_fwd" else "") + "/manual_time"
+                base = ms * scale * slower
+                error = "CUDA error: out of memory" if (what, shape, precision) in errors else None
+                benchmarks += gbench_records(name, [base, 1.02 * base, 1.3 * base], error=error)
+    return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200", "gpu_sm": "9.0", "cuda_runtime": "13000"},
+            "benchmarks": benchmarks}
+
+
+def torch_moe_json():
+    shapes = {}
+    for shape, scale in SHAPES.items():
+        shapes[shape] = {
+            "grouped_mm": {"forward_ms": 1.30 * scale, "forward_grad_ms": 1.4 * scale, "forward_backward_ms": 4.2 * scale},
+            "loop": {"forward_ms": 2.4 * scale, "forward_grad_ms": 2.6 * scale, "forward_backward_ms": 8.1 * scale},
+            "hf_mixtral": {"forward_ms": 3.3 * scale},
+            "floor_mm": {"forward_ms": 0.62 * scale},
+        }
+    return {"torch": "2.11.0", "device": "NVIDIA H200", "shapes": shapes}
+
+
+def gpt2_json(repetitions=1, self_error=None):
+    benchmarks = gbench_records("Peak/bf16_gemm/iterations:10/manual_time", [7.0] * repetitions, {"tflops": 780.0})
+    for variant, ms in (("self", 70.0), ("linear", 72.0), ("dense", 55.0)):
+        counters = {"tokens/s": 8192 * 1000 / ms, "step_ms": ms, "mfu": 0.18, "device_gib": 21.5}
+        error = self_error if variant == "self" else None
+        benchmarks += gbench_records(f"Train/{variant}/bf16/iterations:5/manual_time", [ms] * repetitions, counters,
+                                     error)
+    return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200"}, "benchmarks": benchmarks}
+
+
+def torch_gpt2_json():
+    entries = [{"variant": v, "mode": m, "tokens_per_s": t}
+               for v, m, t in (("self", "eager", 60000.0), ("self", "compile", 95000.0))]
+    entries.append({"variant": "linear", "mode": "compile",
+                    "error": "BackendCompilerFailed: backend='inductor' raised:\nRuntimeError: the real cause"})
+    return {"peak": {"tflops": 760.0}, "entries": entries}
+
+
+def run(script, *paths):
+    result = subprocess.run([sys.executable, script, *paths], capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"{os.path.basename(script)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def fail(message):
+    print("FAILED:", message)
+    sys.exit(1)
+
+
+def expect(output, text, why):
+    if text not in output:
+        fail(f"{why}: '{text}' not in the output:\n{output}")
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        def write(name, data, cut=None):
+            path = os.path.join(tmp, name)
+            text = json.dumps(data, indent=2)
+            with open(path, "w") as f:
+                f.write(text[:cut] if cut else text)
+            return path
+
+        torch_moe = write("torch_cuda.json", torch_moe_json())
+        out = run(REPORT, write("moe_cuda.json", moe_json()), torch_moe)
+        # The floor's name carries /min_time:0.100/: its median (1.02 x 0.60) must reach the targets.
+        expect(out, "| gpt2_T16384 | bf16 | 0.816 | 0.612 | 1.33 FAIL (<= 1.15)", "forward / floor from the medians")
+        expect(out, "1.59x PASS (>= 1.5x)", "torch grouped_mm forward / ours (1.30 / 0.816)")
+        expect(out, "3.45x PASS (>= 3x)", "torch loop forward+backward / ours (8.1 / 2.346)")
+        expect(out, "4.4% PASS (< 5%)", "routing + dispatch share of the forward (0.0357 / 0.816)")
+        expect(out, "| mixtral_T4096 | bf16 | 4.896 | 3.672 | 1.33 FAIL", "the Mixtral shape's row")
+        expect(out, "Targets (bf16 rows): 3 PASS, 3 FAIL, 0 MISSING", "every target has its figures")
+
+        # A benchmark that failed: its target MISSING and its message listed.
+        out = run(REPORT, write("moe_error.json", moe_json(errors={("moe_fwd", "gpt2_T1024", "bf16")})), torch_moe)
+        expect(out, "moe_fwd/gpt2_T1024/bf16: CUDA error: out of memory", "the failed benchmark's message")
+        expect(out, "MISSING (>= 2x)", "the target without its figure")
+
+        # A file cut short (a call stopped at its limit): the whole records before the cut count.
+        whole = json.dumps(moe_json(), indent=2)
+        out = run(REPORT, write("moe_cut.json", moe_json(), cut=int(len(whole) * 0.6)), torch_moe)
+        expect(out, "was cut short", "the note that the file was cut short")
+        expect(out, "| gpt2_T16384 | bf16 | 0.816 | 0.612 |", "the figures written before the cut")
+
+        # GPT-2: tokens/s, MFU, the torch ratios; repetitions read through their median only.
+        torch_gpt2 = write("torch_gpt2_cuda.json", torch_gpt2_json())
+        for repetitions in (1, 3):
+            out = run(REPORT_GPT2, write(f"gpt2_{repetitions}.json", gpt2_json(repetitions)), torch_gpt2)
+            expect(out, "| self | bf16 | 117,029 | 70.0 | 18.0% | 21.5 | 60,000 | 95,000 | 1.95x | 1.23x |",
+                   f"the self row with {repetitions} repetition(s)")
+            expect(out, "bf16 GEMM peak: ours 780 TFLOP/s", "the peak, not an aggregate's statistic")
+            expect(out, "NVIDIA H200", "the GPU's name from the context")
+            expect(out, "RuntimeError: the real cause", "the second line of a torch.compile error")
+        out = run(REPORT_GPT2, write("gpt2_error.json", gpt2_json(self_error="out of memory")), torch_gpt2)
+        expect(out, "| self | bf16 | error: out of memory", "the failed row")
+        expect(out, ">= 1.3x PyTorch eager: -  NOT met", "the targets still listed when their row failed")
+    print("gpu reports: every check passed")
+
+
+if __name__ == "__main__":
+    main()
