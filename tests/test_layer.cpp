@@ -339,3 +339,47 @@ TEST_CASE("a separate router input: routing reads it, gradients split between it
   SUBCASE("SelfRoute") { check_separate_router_input<moe::SelfRoute>(); }
   SUBCASE("Linear") { check_separate_router_input<moe::Linear>(); }
 }
+
+namespace {
+
+// ForwardOptions::for_backward = false (inference): the training forward's bits, with a separate
+// router input too; nothing kept, so backward is refused until a training forward.
+template <template <class> class G, template <class> class E>
+void check_inference_forward() {
+  using Layer = moe::MoELayer<G, E, moe::cpu::Backend>;
+  using Matrix = moe::cpu::Backend::Matrix;
+  const Index T = 29, H = kSmall.hidden;
+  Layer layer(kSmall, 41, {}, {}, moe::cpu::Backend(2));
+  const auto x = ref::randn(T, H, 42), r = ref::randn(T, H, 43);
+  const moe::ForwardOptions inference{.for_backward = false};  // as the README writes it
+  for (bool separate : {false, true}) {
+    CAPTURE(separate);
+    Matrix y_train(T, H), y_infer(T, H);
+    if (separate) {
+      layer.forward_into(x, r, y_train);
+      layer.forward_into(x, r, y_infer, inference);
+    } else {
+      layer.forward_into(x, y_train);
+      layer.forward_into(x, y_infer, inference);
+    }
+    CHECK(y_infer == y_train);
+    Matrix dx(T, H), d_router = Matrix::Zero(T, H);
+    const auto backward = [&] {
+      if (separate)
+        layer.backward_into(y_train, dx, d_router);
+      else
+        layer.backward_into(y_train, dx);
+    };
+    CHECK_THROWS_WITH_AS(backward(), doctest::Contains("for_backward"), moe::Error);
+  }
+  layer.forward(x);
+  CHECK_NOTHROW(layer.backward(x));
+}
+
+}  // namespace
+
+TEST_CASE("inference forward (for_backward = false): the training forward's bits, backward refused") {
+  check_inference_forward<moe::SelfRoute, moe::GeluMLP>();
+  check_inference_forward<moe::Linear, moe::GeluMLP>();
+  check_inference_forward<moe::FixedRandom, moe::SwiGLU>();
+}

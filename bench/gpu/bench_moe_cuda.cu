@@ -7,9 +7,13 @@
 // storage, TF32 tensor-core GEMMs) for the GPT-2 shapes.
 //
 // Benchmarks, named <what>/<shape>/<precision> (Google Benchmark appends /manual_time):
-//   moe_fwd            MoELayer<SelfRoute, Experts>::forward_into
-//   moe_fwdbwd         forward_into + backward_into (d(x) and every parameter gradient)
-//   moe_fwd_linear     the same forward with the learned Linear router
+//   moe_fwd            MoELayer<SelfRoute, Experts>::forward_into for inference (ForwardOptions::
+//                      for_backward = false: nothing kept for backward), as the torch peers'
+//                      forwards under torch.no_grad()
+//   moe_fwd_train      the same forward keeping what backward needs (the input's copy, GeluMLP's
+//                      pre-activation: R x F more values written)
+//   moe_fwdbwd         training forward_into + backward_into (d(x) and every parameter gradient)
+//   moe_fwd_linear     the inference forward with the learned Linear router
 //   floor_fwd          the dense floor: T*k rows through ONE expert's two GEMMs (cublasGemmEx,
 //                      the layer's precision, fp32 compute), no routing, no bias, no activation.
 //                      The same FLOPs as the MoE forward with perfect batching. Ten calls are
@@ -164,7 +168,7 @@ void guarded(benchmark::State& state, Fn&& fn) {
 template <template <class> class Gate, template <class> class Experts, class B>
 using Layer = moe::MoELayer<Gate, Experts, B>;
 
-template <template <class> class Gate, template <class> class Experts, class B>
+template <template <class> class Gate, template <class> class Experts, class B, bool kForBackward = false>
 void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
     Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p));
@@ -173,7 +177,9 @@ void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
     // projections spread the tokens evenly over the experts.
     typename B::Matrix x(s.T, s.H), y(s.T, s.H);
     layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
-    const double seconds = timed_loop(state, 1, [&] { layer.forward_into(x, y); });
+    moe::ForwardOptions options;
+    options.for_backward = kForBackward;
+    const double seconds = timed_loop(state, 1, [&] { layer.forward_into(x, y, options); });
     set_counters(state, s, seconds, s.forward_flops());
   });
 }
@@ -297,6 +303,7 @@ benchmark::internal::Benchmark* add(const std::string& what, const Shape& s, con
 template <template <class> class Experts, class B>
 void add_all(const Shape& s, const Precision& p) {
   add("moe_fwd", s, p, bm_forward<moe::SelfRoute, Experts, B>);
+  add("moe_fwd_train", s, p, bm_forward<moe::SelfRoute, Experts, B, true>);
   add("moe_fwdbwd", s, p, bm_forward_backward<moe::SelfRoute, Experts, B>);
   add("moe_fwd_linear", s, p, bm_forward<moe::Linear, Experts, B>);
   add("floor_fwd", s, p, bm_floor<B>)->MinTime(kFloorMinTime);

@@ -6,8 +6,9 @@ markdown out, the table of targets last.
 
 The torch file is optional (its columns then read "-"). Times are medians: of the repetitions'
 per-iteration means when bench_moe_cuda ran with --benchmark_repetitions (its "median"
-aggregate), of torch's timed iterations otherwise. The torch forward figures are its
-torch.no_grad() forwards, the faster form, so the speedups are the conservative ones.
+aggregate), of torch's timed iterations otherwise. The forwards compared are inference forwards
+on both sides: torch's under torch.no_grad(), ours with ForwardOptions::for_backward = false
+(moe_fwd; moe_fwd_train, the forward that keeps what backward needs, is listed beside it).
 
 Targets (bf16, the issue's): our SelfRoute forward within 1.15x of the dense cuBLAS floor at
 T=16384 and for Mixtral; >= 1.5x faster than torch._grouped_mm at T=16384 and >= 2x at T=1024;
@@ -161,7 +162,8 @@ def main(argv):
             print()
 
     # ---- ours, every figure ----
-    print("bench_moe_cuda, median ms (fwd = SelfRoute; floor = one expert's two cuBLAS GEMMs over T*k rows):")
+    print("bench_moe_cuda, median ms (fwd = SelfRoute, inference; fwd (train) = keeping what backward needs; "
+          "floor = one expert's two cuBLAS GEMMs over T*k rows):")
     print()
     rows = []
     for shape in SHAPES:
@@ -171,14 +173,15 @@ def main(argv):
             if fwd is None and linear is None and ours("floor_fwd", shape, prec) is None:
                 continue
             torch_row = prec == TORCH_PRECISION
-            rows.append([shape, prec, fmt_ms(fwd), fmt_ms(linear), fmt_ms(ours("moe_fwdbwd", shape, prec)),
+            rows.append([shape, prec, fmt_ms(fwd), fmt_ms(ours("moe_fwd_train", shape, prec)), fmt_ms(linear),
+                         fmt_ms(ours("moe_fwdbwd", shape, prec)),
                          fmt_ms(ours("floor_fwd", shape, prec)), fmt_ms(ours("routing_dispatch", shape, prec)),
                          fmt_x(ratio(peer(shape, "grouped_mm"), linear)) if torch_row else "-",
                          fmt_x(ratio(peer(shape, "hf_mixtral"), fwd)) if torch_row else "-",
                          fmt_x(ratio(peer(shape, "loop"), fwd)) if torch_row else "-",
                          fmt_ratio(ratio(ours("floor_fwd", shape, prec), peer(shape, "floor_mm")))
                          if torch_row else "-"])
-    print(table(["shape", "prec", "fwd", "fwd (Linear gate)", "fwd+bwd", "floor", "routing+dispatch",
+    print(table(["shape", "prec", "fwd", "fwd (train)", "fwd (Linear gate)", "fwd+bwd", "floor", "routing+dispatch",
                  "Linear fwd vs grouped_mm", "fwd vs HF block", "fwd vs loop", "cuBLAS floor / torch.mm floor"], rows))
     print()
     if errors:

@@ -32,7 +32,7 @@ concept Backend = requires(B& be, const B& cbe, typename B::Matrix& m, typename 
   cbe.linear_forward(in, in, out);                     // out = in W^T
   cbe.linear_backward(in, in, in, out, out);           // din += dout W; dW += dout^T in
   cbe.grouped_linear_forward(in, offsets, in, bias, out);              // per-expert out = in W_e^T + b_e
-  cbe.grouped_linear_gelu_forward(in, offsets, in, bias, out, out);    // per-expert pre = in W_e^T + b_e, act = gelu(pre)
+  cbe.grouped_linear_gelu_forward(in, offsets, in, bias, out, out);    // per-expert pre = in W_e^T + b_e (pre empty: not kept), act = gelu(pre)
   cbe.grouped_linear_backward(in, in, offsets, in, out, out, dbias);   // per-expert gradients
   cbe.grouped_linear_backward_through_gelu(in, in, offsets, in, in, out, out, dbias);  // ... din * gelu'(pre)
   cbe.gelu_forward(in, out);

@@ -34,6 +34,8 @@ concept Expert = Backend<B> && requires(E& experts, const LayerConfig& config, B
   { experts.parameters() } -> std::same_as<std::vector<ParamRef<typename B::Scalar>>>;
   { E::cached_scalars_per_row(config) } -> std::convertible_to<Index>;  // kept from forward to backward
 };
+// Optional: experts.infer(be, rows, offsets, out), forward without keeping anything for backward
+// (MoELayer's ForwardOptions::for_backward = false); the same output. Without it, forward serves.
 
 namespace detail {
 template <class Matrix, class Scalar>
@@ -71,6 +73,13 @@ struct GeluMLP {
   void forward(B& be, ConstMatrixView<Scalar> rows, std::span<const Index> offsets, MatrixView<Scalar> out) {
     B::resize(pre_, rows.rows, ffn_), B::resize(act_, rows.rows, ffn_);
     be.grouped_linear_gelu_forward(rows, offsets, fc_w_, fc_b_.data(), pre_, act_);
+    be.grouped_linear_forward(act_, offsets, proj_w_, proj_b_.data(), out);
+  }
+  // forward's output, keeping nothing for backward: no pre-activation is written (GELU_BIAS on
+  // the GPU), act_ is workspace.
+  void infer(B& be, ConstMatrixView<Scalar> rows, std::span<const Index> offsets, MatrixView<Scalar> out) {
+    B::resize(act_, rows.rows, ffn_);
+    be.grouped_linear_gelu_forward(rows, offsets, fc_w_, fc_b_.data(), MatrixView<Scalar>{}, act_);
     be.grouped_linear_forward(act_, offsets, proj_w_, proj_b_.data(), out);
   }
   // (rows, dout) -> drows; gradients accumulate. Once per forward: act_ becomes the gradient.

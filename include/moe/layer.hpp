@@ -24,6 +24,10 @@ struct ForwardOptions {
   // One entry per token; tokens with 0 are left out of the auxiliary losses and the statistics
   // (they are still routed and computed). Empty: every token counts.
   std::span<const std::uint8_t> token_mask = {};
+  // false: inference (torch.no_grad()): nothing is kept for backward. The input is not copied, the
+  // experts keep no activations (GeluMLP writes no pre-activation), and backward throws until the
+  // next forward with true. The same output.
+  bool for_backward = true;
 };
 
 template <template <class> class GatePolicy, template <class> class ExpertPolicy, class B>
@@ -138,6 +142,8 @@ class MoELayer {
   // The last forward's routing: the plan, the weights [T*k], the logits [T, N].
   const typename B::Plan& last_plan() const { return plan_; }
   const typename B::template Vector<Scalar>& last_weights() const { return weights_; }
+  // The last forward's logits (SelfRoute's are a view of the gate's input: after an inference
+  // forward, of the caller's matrix).
   ConstMatrixView<Scalar> last_logits() const { return logits_; }
 
  private:
@@ -150,32 +156,45 @@ class MoELayer {
     check_mask(options.token_mask, T);
     mask_.assign(options.token_mask.begin(), options.token_mask.end());
 
-    B::resize(input_, T, H);
-    backend_.copy(x, input_);  // kept: the experts' backward (and the gate's, when it reads x) needs it
+    // Kept for backward (copies: the caller may change x before it): the gate's backward reads its
+    // input. An inference forward reads the caller's matrices in place.
+    const bool keep = options.for_backward;
+    forwarded_ = false;  // until this forward has finished
+    ConstMatrixView<Scalar> input = x;
     routed_separately_ = router_input != nullptr;
-    if (routed_separately_) {
-      B::resize(router_input_, T, H);
-      backend_.copy(*router_input, router_input_);
+    if (keep) {
+      B::resize(input_, T, H);
+      backend_.copy(x, input_);
+      input = input_;
+      if (routed_separately_) {
+        B::resize(router_input_, T, H);
+        backend_.copy(*router_input, router_input_);
+      }
     }
-    logits_ = gate_.forward(backend_, gate_input());
+    const ConstMatrixView<Scalar> gate_in = !routed_separately_ ? input : keep ? gate_input() : *router_input;
+    logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
     backend_.route(logits_, config_, plan_, weights_);
     const std::span<const Index> offsets = B::expert_offsets(plan_);
     const Index R = offsets.back();
     B::resize(expert_in_, R, H);
-    backend_.gather_rows(input_, plan_, expert_in_);
+    backend_.gather_rows(input, plan_, expert_in_);
     B::resize(expert_out_, R, H);
-    experts_.forward(backend_, expert_in_, offsets, expert_out_);
+    if (keep)
+      experts_.forward(backend_, expert_in_, offsets, expert_out_);
+    else
+      infer_experts(offsets);
     backend_.combine(expert_out_, plan_, weights_, y);
 
     aux_ = has_aux_loss() ? backend_.aux_loss(logits_, plan_, config_, mask_) : AuxLosses{};
     if (collect_stats_) B::accumulate_stats(plan_, mask_, stats_);
-    forwarded_ = true;
+    forwarded_ = keep;
   }
 
   // dx written through the experts; d_gate_input (dx itself, or the router input's gradient) +=
   // through the gate.
   void backward_impl(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, MatrixView<Scalar> d_gate_input) {
-    check(forwarded_, "backward needs a forward first (and runs once per forward)");
+    check(forwarded_, "backward needs a forward first (one with ForwardOptions::for_backward, the default; and runs "
+                      "once per forward)");
     const Index T = input_.rows(), H = config_.hidden;
     check(dy.rows == T && dy.cols == H, "output gradient is [", dy.rows, ", ", dy.cols,
           "], the last forward's output is [", T, ", ", H, "]");
@@ -197,6 +216,15 @@ class MoELayer {
   }
 
   ConstMatrixView<Scalar> gate_input() const { return routed_separately_ ? router_input_ : input_; }
+
+  // expert_in_ -> expert_out_ through the experts' inference forward where they have one
+  // (moe/experts.hpp), else through their forward.
+  void infer_experts(std::span<const Index> offsets) {
+    if constexpr (requires { experts_.infer(backend_, expert_in_, offsets, expert_out_); })
+      experts_.infer(backend_, expert_in_, offsets, expert_out_);
+    else
+      experts_.forward(backend_, expert_in_, offsets, expert_out_);
+  }
 
   static LayerConfig validated(const LayerConfig& config) {
     validate(config);

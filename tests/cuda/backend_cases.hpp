@@ -1,6 +1,6 @@
 // tests/cuda/backend_cases.hpp: the CUDA backend's test cases, written once over the device.
-// The including file defines, in namespace cuda_test, `TestDevice`, `make_device()` and
-// `device_available()`, and CUDA_TEST_NAME(text) (a test-name prefix):
+// The including file defines, in namespace cuda_test, `TestDevice`, `make_device()`,
+// `device_available()` and `kEmulatedDevice`, and CUDA_TEST_NAME(text) (a test-name prefix):
 //   * tests/test_cuda_emulated.cpp: EmulatedDevice, host compiler, every CI run (and under ASan);
 //   * tests/cuda/test_cuda_backend.cu: CudaDevice, nvcc; skips each case without a GPU.
 // Reference: the CPU backend's layer on the same parameters (cpu_reference.hpp), fp32.
@@ -428,6 +428,57 @@ TEST_CASE(CUDA_TEST_NAME("parity: a separate router input (SelfRoute and Linear)
   }
 }
 
+// An inference forward (ForwardOptions::for_backward = false: no input copy, GeluMLP writes no
+// pre-activation, GELU_BIAS instead of GELU_AUX_BIAS on the GPU) against a training forward of the
+// same layer: the same output (the same bits on the emulated device, where the GEMM is one
+// definition; cuBLASLt may pick another kernel for the other epilogue), and backward refused.
+template <class S, template <class> class G, template <class> class E>
+void check_inference_forward(bool separate_router_input, double tolerance) {
+  using B = moe::cuda::BasicBackend<S, TestDevice>;
+  const moe::LayerConfig config = small_config(6, 2);
+  moe::MoELayer<G, E, B> layer(config, 17, {}, {}, B(make_device()));
+  const B& be = layer.backend();
+  const Index T = 45, H = config.hidden;
+  const auto x = to_device<S>(be, normal_values(std::size_t(T * H), 71), T, H);
+  const auto router_input = to_device<S>(be, normal_values(std::size_t(T * H), 72), T, H);
+  typename B::Matrix y_train(T, H), y_infer(T, H), dx(T, H), d_router(T, H);
+  const auto forward = [&](typename B::Matrix& y, bool for_backward) {
+    moe::ForwardOptions options;
+    options.for_backward = for_backward;
+    if (separate_router_input)
+      layer.forward_into(x, router_input, y, options);
+    else
+      layer.forward_into(x, y, options);
+  };
+  forward(y_train, true);
+  forward(y_infer, false);
+  const auto train = to_host<S>(be, y_train.data(), T * H), infer = to_host<S>(be, y_infer.data(), T * H);
+  if constexpr (kEmulatedDevice)
+    CHECK(std::memcmp(train.data(), infer.data(), train.size() * sizeof(float)) == 0);
+  else
+    CHECK(relative_error(infer, train) < tolerance);
+  const auto backward = [&] {
+    if (separate_router_input)
+      layer.backward_into(y_train, dx, d_router);
+    else
+      layer.backward_into(y_train, dx);
+  };
+  CHECK_THROWS_WITH_AS(backward(), doctest::Contains("for_backward"), moe::Error);
+  forward(y_train, true);  // a training forward makes backward possible again
+  CHECK_NOTHROW(backward());
+}
+
+TEST_CASE(CUDA_TEST_NAME("inference forward: the training forward's output, nothing kept, backward refused")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  for (bool separate : {false, true}) {
+    CAPTURE(separate);
+    check_inference_forward<float, moe::SelfRoute, moe::GeluMLP>(separate, 1e-5);
+    check_inference_forward<float, moe::Linear, moe::GeluMLP>(separate, 1e-5);
+    check_inference_forward<float, moe::FixedRandom, moe::SwiGLU>(separate, 1e-5);
+    check_inference_forward<moe::bfloat16, moe::SelfRoute, moe::GeluMLP>(separate, 2e-2);
+  }
+}
+
 TEST_CASE(CUDA_TEST_NAME("edge shapes: T = 0, T = 1, odd T, N = 1, k = N, every token to one expert")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   for (Index T : {0, 1, 2, 65}) {
@@ -632,7 +683,11 @@ void check_gemm_epilogues(double tolerance) {
     Index M, K, O;
   };
   for (const Shape shape : {Shape{37, 64, 96}, Shape{50, 64, 96}, Shape{64, 64, 96}, Shape{33, 64, 96}, Shape{7, 5, 9}})
-    for (auto epilogue : {moe::cuda::Epilogue::bias, moe::cuda::Epilogue::bias_gelu, moe::cuda::Epilogue::dgelu}) {
+    for (int variant = 0; variant < 4; ++variant) {  // bias, bias_gelu, bias_gelu without aux (inference), dgelu
+      const moe::cuda::Epilogue epilogue = variant == 0   ? moe::cuda::Epilogue::bias
+                                           : variant == 3 ? moe::cuda::Epilogue::dgelu
+                                                          : moe::cuda::Epilogue::bias_gelu;
+      const bool keep_aux = variant != 2;
       const auto [M, K, O] = shape;
       const std::uint64_t fallbacks_before = fallbacks();
       const bool dgelu = epilogue == moe::cuda::Epilogue::dgelu;
@@ -646,7 +701,8 @@ void check_gemm_epilogues(double tolerance) {
       typename B::Matrix out(M, O);
       moe::cuda::detail::gemm_epilogue(backend.device(), moe::MatrixView<S>(out), moe::ConstMatrixView<S>(a),
                                        moe::ConstMatrixView<S>(w), moe::cuda::BlasOp::transpose, epilogue,
-                                       dgelu ? nullptr : bias.data(), moe::MatrixView<S>(pre));
+                                       dgelu ? nullptr : bias.data(),
+                                       keep_aux ? moe::MatrixView<S>(pre) : moe::MatrixView<S>{});
       std::vector<float> expected_pre(std::size_t(M * O)), expected_out(expected_pre.size());
       for (Index i = 0; i < M; ++i)
         for (Index o = 0; o < O; ++o) {
@@ -659,15 +715,15 @@ void check_gemm_epilogues(double tolerance) {
                                            : sum);
         }
       CAPTURE(M);
-      CAPTURE(int(epilogue));
+      CAPTURE(variant);
       CHECK(relative_error(to_host<S>(backend, out.data(), M * O), expected_out) < tolerance);
-      if (epilogue != moe::cuda::Epilogue::bias)  // dgelu leaves it as given
-        CHECK(relative_error(to_host<S>(backend, pre.data(), M * O), expected_pre) < tolerance);
+      if (epilogue != moe::cuda::Epilogue::bias)  // dgelu leaves it as given; without aux it is untouched
+        CHECK(relative_error(to_host<S>(backend, pre.data(), M * O), keep_aux ? expected_pre : given_pre) < tolerance);
       if (K == 64) CHECK_MESSAGE(fallbacks() == fallbacks_before, "cuBLASLt declined an aligned fused product");
     }
 }
 
-TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bias, bias + GELU (with the pre-activation), GELU's derivative; fp32, bf16")) {
+TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bias, bias + GELU (with or without the pre-activation), GELU's derivative; fp32, bf16")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   check_gemm_epilogues<float>(1e-5);
   check_gemm_epilogues<moe::bfloat16>(2e-2);

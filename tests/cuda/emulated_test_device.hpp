@@ -9,6 +9,7 @@
 namespace cuda_test {
 
 using TestDevice = moe::cuda::EmulatedDevice;
+inline constexpr bool kEmulatedDevice = true;  // GEMMs are one definition: some cases compare bits
 
 inline TestDevice make_device() {
   static int calls = 0;

@@ -12,6 +12,7 @@
 
 namespace cuda_test {
 using TestDevice = moe::cuda::CudaDevice;
+inline constexpr bool kEmulatedDevice = false;
 inline bool device_available() {
   static const bool available = moe::cuda::no_device_reason().empty();
   return available;

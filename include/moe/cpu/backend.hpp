@@ -97,10 +97,16 @@ class BasicBackend {
     run_gemms<S>(work, threads_);
   }
   // pre = in W_e^T + b_e (bias [N, O], required), then act = gelu(pre): the expert MLP's first
-  // layer with its activation (one fused GEMM on the GPU backend).
+  // layer with its activation (one fused GEMM on the GPU backend). pre empty (null data): not kept
+  // (inference), act the same values.
   void grouped_linear_gelu_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
                                    const S* bias, MatrixView<S> pre, MatrixView<S> act) const {
     check(bias, "grouped_linear_gelu_forward: the bias must not be null");
+    if (!pre.data) {
+      grouped_linear_forward(in, offsets, weight, bias, act);
+      gelu_forward(act, act);
+      return;
+    }
     check_same_shape("grouped_linear_gelu_forward", "pre", pre, "act", act);
     grouped_linear_forward(in, offsets, weight, bias, pre);
     gelu_forward(pre, act);

@@ -362,17 +362,20 @@ class BasicBackend {
     }
   }
   // pre = in W_e^T + b_e and act = gelu(pre), per expert in one GEMM (Epilogue::bias_gelu:
-  // cuBLASLt's GELU_AUX_BIAS on the GPU). bias: [N, O], required; pre and act: [R, O].
+  // cuBLASLt's GELU_AUX_BIAS on the GPU). bias: [N, O], required; pre and act: [R, O]. pre empty
+  // (null data): not kept (inference; GELU_BIAS, R x O fewer values written), act the same.
   void grouped_linear_gelu_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
                                    const S* bias, MatrixView<S> pre, MatrixView<S> act) const {
     const Index O = act.cols;
     check(bias, "grouped_linear_gelu_forward: the bias must not be null");
-    check_same_shape("grouped_linear_gelu_forward", "pre", pre, "act", act);
+    const bool keep = pre.data != nullptr;
+    if (keep) check_same_shape("grouped_linear_gelu_forward", "pre", pre, "act", act);
     for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
       detail::gemm_epilogue(device_, act.row_block(begin, rows), in.row_block(begin, rows), weight.row_block(e * O, O),
-                            BlasOp::transpose, Epilogue::bias_gelu, bias + e * O, pre.row_block(begin, rows));
+                            BlasOp::transpose, Epilogue::bias_gelu, bias + e * O,
+                            keep ? pre.row_block(begin, rows) : MatrixView<S>{});
     }
   }
   // dweight_e += dout_e^T in_e; dbias_e += column sums of dout_e (if dbias);

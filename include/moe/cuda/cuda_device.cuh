@@ -293,7 +293,7 @@ class CudaDevice {
                  "cublasGemmStridedBatchedEx");
   }
 
-  // The product and its epilogue in one cuBLASLt call (BIAS, GELU_AUX_BIAS or DGELU); false,
+  // The product and its epilogue in one cuBLASLt call (BIAS, GELU_AUX_BIAS, GELU_BIAS or DGELU); false,
   // having queued nothing, when cuBLASLt has no algorithm for it or declines the one chosen.
   template <class S>
   bool fused_gemm(const BlasGemm<S>& g) const {
@@ -301,14 +301,14 @@ class CudaDevice {
       return false;
     } else {
       constexpr std::uint32_t kMinAlignment = 16;  // below this, the plain path
-      const bool gelu = g.epilogue != Epilogue::bias, biased = g.epilogue != Epilogue::dgelu;
-      const void* const pointers[] = {g.a, g.b, g.c, biased ? g.bias : g.c, gelu ? g.aux : g.c};
+      const bool with_aux = g.aux != nullptr, biased = g.epilogue != Epilogue::dgelu;
+      const void* const pointers[] = {g.a, g.b, g.c, biased ? g.bias : g.c, with_aux ? g.aux : g.c};
       for (const void* p : pointers)
         if (lt_detail::alignment_of(p) < kMinAlignment) return false;
-      const Index leading[] = {g.lda, g.ldb, g.ldc, gelu ? g.ldaux : g.ldc};
+      const Index leading[] = {g.lda, g.ldb, g.ldc, with_aux ? g.ldaux : g.ldc};
       for (const Index ld : leading)
         if (ld * Index(sizeof(S)) % kMinAlignment != 0) return false;
-      if (gelu && g.ldaux % 8 != 0) return false;  // cuBLASLt's rule for the GELU epilogues' aux
+      if (with_aux && g.ldaux % 8 != 0) return false;  // cuBLASLt's rule for the GELU epilogues' aux
       const cudaDataType_t type = std::is_same_v<S, float> ? CUDA_R_32F : CUDA_R_16BF;
       const cublasComputeType_t compute = std::is_same_v<S, float> && context_->math == Fp32Math::tf32
                                               ? CUBLAS_COMPUTE_32F_FAST_TF32
@@ -318,12 +318,13 @@ class CudaDevice {
       const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
       desc.set(CUBLASLT_MATMUL_DESC_TRANSA, op(g.op_a));
       desc.set(CUBLASLT_MATMUL_DESC_TRANSB, op(g.op_b));
-      const cublasLtEpilogue_t epilogue = g.epilogue == Epilogue::bias        ? CUBLASLT_EPILOGUE_BIAS
-                                          : g.epilogue == Epilogue::bias_gelu ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
-                                                                              : CUBLASLT_EPILOGUE_DGELU;
+      const cublasLtEpilogue_t epilogue = g.epilogue == Epilogue::bias ? CUBLASLT_EPILOGUE_BIAS
+                                          : g.epilogue == Epilogue::dgelu
+                                              ? CUBLASLT_EPILOGUE_DGELU
+                                              : (with_aux ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS);
       desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
       if (biased) desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));  // of C's type
-      if (gelu) {
+      if (with_aux) {
         desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, static_cast<void*>(g.aux));  // of C's type
         desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, std::int64_t(g.ldaux));
       }
@@ -343,8 +344,8 @@ class CudaDevice {
       const std::uint32_t align_a = lt_detail::alignment_of(g.a), align_b = lt_detail::alignment_of(g.b),
                           align_c = lt_detail::alignment_of(g.c);
       const std::uint32_t align_bias = biased ? lt_detail::alignment_of(g.bias) : 0,
-                          align_aux = gelu ? lt_detail::alignment_of(g.aux) : 0;
-      const LtPlans::Key key = {type,  compute, int(g.op_a), int(g.op_b), int(g.epilogue), g.m,     n_key,      g.k,
+                          align_aux = with_aux ? lt_detail::alignment_of(g.aux) : 0;
+      const LtPlans::Key key = {type,  compute, int(g.op_a), int(g.op_b), int(epilogue), g.m,     n_key,      g.k,
                                 g.lda, g.ldb,   g.ldc,       g.ldaux,     align_a,         align_b, align_c,    align_bias,
                                 align_aux};
       const std::uint64_t workspace_bytes = Context::kLtWorkspaceBytes;
@@ -493,7 +494,7 @@ void epilogue_pass(const CudaDevice& device, const BlasGemm<S>& g) {
       return;
     }
     const C pre = C(c[i + j * ldc]) + C(bias[i]);
-    if (epilogue == Epilogue::bias_gelu) aux[i + j * ldaux] = S(pre);
+    if (epilogue == Epilogue::bias_gelu && aux) aux[i + j * ldaux] = S(pre);
     c[i + j * ldc] = S(epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
   });
 }

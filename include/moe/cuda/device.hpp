@@ -42,7 +42,8 @@ enum class BlasOp { none, transpose };
 //   none       C = acc (+ C when accumulate)
 //   bias       C = acc + bias
 //   bias_gelu  aux = acc + bias (the pre-activation, kept for backward), C = gelu(aux) (tanh GELU,
-//              moe/activations.hpp), both rounded once from the compute type
+//              moe/activations.hpp), both rounded once from the compute type; with aux null
+//              (inference: nothing kept) only C
 //   dgelu      C = acc * gelu'(aux): backward through the GELU, aux (read) the forward's pre-activation
 enum class Epilogue { none, bias, bias_gelu, dgelu };
 
@@ -62,8 +63,8 @@ struct BlasGemm {
   // (cublasGemmStridedBatchedEx). The outputs must not share elements.
   Index batch = 1;
   Index stride_a = 0, stride_b = 0, stride_c = 0;
-  // An epilogue (one product, no accumulate): bias [m]; bias_gelu also writes aux [m, n] (ldaux),
-  // dgelu reads it.
+  // An epilogue (one product, no accumulate): bias [m]; bias_gelu also writes aux [m, n] (ldaux)
+  // unless aux is null, dgelu reads it.
   Epilogue epilogue = Epilogue::none;
   const S* bias = nullptr;
   S* aux = nullptr;
@@ -115,9 +116,10 @@ void check_blas_gemm(const BlasGemm<S>& g) {
   check(g.batch == 1 && !g.accumulate, "gemm: an epilogue needs one product that overwrites C (batch ", g.batch,
         g.accumulate ? ", accumulate)" : ")");
   if (g.epilogue != Epilogue::dgelu) check(!writes || g.bias, "gemm: the epilogue's bias [", g.m, "] is null");
-  if (g.epilogue != Epilogue::bias)
-    check(!writes || (g.aux && g.ldaux >= (g.m > 1 ? g.m : 1) && g.ldaux <= kMax), "gemm: the GELU epilogue's aux [",
-          g.m, ", ", g.n, "] is null or its leading dimension ", g.ldaux, " is below ", g.m);
+  if (g.epilogue == Epilogue::dgelu) check(!writes || g.aux, "gemm: the GELU derivative's aux [", g.m, ", ", g.n, "] is null");
+  if (g.aux)
+    check(g.ldaux >= (g.m > 1 ? g.m : 1) && g.ldaux <= kMax, "gemm: the GELU epilogue's aux has leading dimension ",
+          g.ldaux, ", below its ", g.m, " rows");
 }
 
 // Row-major out[M, N] (=|+=) op_a(a)[M, K] op_b(b)[K, N] as the column-major call
@@ -144,12 +146,12 @@ BlasGemm<S> column_major_gemm(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op
 
 // Row-major out[M, N] = epilogue(a[M, K] op_b(b)): column_major_gemm with a bias per output
 // column (bias [N]; null for dgelu) and, for the GELU epilogues, the pre-activation aux [M, N]
-// (row-major, as out): written by bias_gelu, read by dgelu.
+// (row-major, as out): written by bias_gelu (unless aux is empty: inference), read by dgelu.
 template <class S>
 BlasGemm<S> column_major_gemm_epilogue(MatrixView<S> out, ConstMatrixView<S> a, ConstMatrixView<S> b, BlasOp op_b,
                                        Epilogue epilogue, const S* bias, MatrixView<S> aux = {}) {
   BlasGemm<S> g = column_major_gemm(out, a, BlasOp::none, b, op_b, false);
-  const bool uses_aux = epilogue == Epilogue::bias_gelu || epilogue == Epilogue::dgelu;
+  const bool uses_aux = (epilogue == Epilogue::bias_gelu && aux.data) || epilogue == Epilogue::dgelu;
   if (uses_aux)
     check(aux.rows == out.rows && aux.cols == out.cols, "gemm: the GELU epilogue's aux is [", aux.rows, ", ",
           aux.cols, "], the output is [", out.rows, ", ", out.cols, "]");

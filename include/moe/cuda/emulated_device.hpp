@@ -204,7 +204,7 @@ struct EmulatedDevice {
             continue;
           }
           const C pre = product + C(g.bias[i]);
-          if (g.epilogue == Epilogue::bias_gelu) g.aux[i + j * g.ldaux] = S(pre);
+          if (g.epilogue == Epilogue::bias_gelu && g.aux) g.aux[i + j * g.ldaux] = S(pre);
           c[i + j * g.ldc] = S(g.epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
         }
     }
@@ -288,7 +288,7 @@ struct EmulatedDevice {
     }
     if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu)
       allocations.check_inside(g.bias, std::size_t(g.m) * sizeof(S), "gemm's bias");
-    if (g.epilogue == Epilogue::bias_gelu || g.epilogue == Epilogue::dgelu)
+    if (g.aux)
       allocations.check_inside(g.aux, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldaux), "gemm's aux");
   }
 
