@@ -223,10 +223,14 @@ class CudaDevice {
   template <class Body>
   void for_each_2d(Index rows, Index cols, Body body) const {
     if (rows <= 0 || cols <= 0) return;
-    constexpr Index kX = 32, kY = 8;  // a warp along the row, 8 rows per block
-    const Index bx = (cols + kX - 1) / kX < 1024 ? (cols + kX - 1) / kX : 1024;
-    const Index by = (rows + kY - 1) / kY < 65535 ? (rows + kY - 1) / kY : 65535;
-    for_each_2d_kernel<<<dim3(unsigned(bx), unsigned(by)), dim3(unsigned(kX), unsigned(kY)), 0, stream()>>>(
+    // 256 threads a block: a warp along each of 8 rows, or fewer rows and wider when the grid has
+    // fewer than 8 (a [1, n] view, e.g. a flat parameter's gradient, gets 256 along its one row:
+    // with 8 rows a block, 7 of 8 threads would idle and a 1024-block grid could not fill the GPU).
+    constexpr Index kThreads = 256;
+    const Index ky = rows >= 8 ? 8 : rows >= 4 ? 4 : rows >= 2 ? 2 : 1, kx = kThreads / ky;
+    const Index bx = (cols + kx - 1) / kx < 1024 ? (cols + kx - 1) / kx : 1024;
+    const Index by = (rows + ky - 1) / ky < 65535 ? (rows + ky - 1) / ky : 65535;
+    for_each_2d_kernel<<<dim3(unsigned(bx), unsigned(by)), dim3(unsigned(kx), unsigned(ky)), 0, stream()>>>(
         rows, cols, body);
     check_cuda(cudaGetLastError(), "kernel launch");
   }

@@ -122,13 +122,25 @@ void chunk_squares(const D& device, std::span<const GradTensor<S>> grads) {
   });
 }
 
-// *total = partial[0] + partial[1] + ... in that order (one thread).
+// Partials per strip of ordered_sum.
+inline constexpr Index kSumStrip = 1024;
+inline Index sum_strips(Index count) { return (count + kSumStrip - 1) / kSumStrip; }
+
+// *total = the sum of partial[0, count) in a fixed order: strips of kSumStrip partials, each
+// folded by one row of work (32 lanes, then their butterfly: moe/cuda/device.hpp), then the
+// strips' sums (strip_sums [sum_strips(count)]) by one more row. GPT-2 small with MoE blocks has
+// ~250,000 partials: one thread adding them, a chain of dependent loads, would take milliseconds.
 template <class D>
-void ordered_sum(const D& device, const double* partial, Index count, double* total) {
-  device.for_each(1, [=] MOE_HOST_DEVICE(Index) {
-    double s = 0;
-    for (Index q = 0; q < count; ++q) s += partial[q];
-    *total = s;
+void ordered_sum(const D& device, const double* partial, Index count, double* strip_sums, double* total) {
+  const Index strips = sum_strips(count);
+  device.for_each_row(strips, [=] MOE_HOST_DEVICE(Index s, const typename D::Row& r) {
+    const Index begin = s * kSumStrip, n = count - begin < kSumStrip ? count - begin : kSumStrip;
+    const double sum = r.sum(n, [&](Index j) { return partial[begin + j]; });
+    if (r.first()) strip_sums[s] = sum;
+  });
+  device.for_each_row(1, [=] MOE_HOST_DEVICE(Index, const typename D::Row& r) {
+    const double sum = r.sum(strips, [&](Index s) { return strip_sums[s]; });
+    if (r.first()) *total = sum;
   });
 }
 
@@ -308,8 +320,9 @@ class AdamW {
 // moe::nn::clip_grad_norm. Returns the norm before clipping; a non-finite norm is returned with
 // the gradients left as they are (the caller should skip that step).
 // The squares are summed in double: per parameter in interleaved chunks of about kNormChunk
-// elements (one thread each, in index order; all parameters in a few launches), then every
-// partial in list-and-chunk order by one thread, so the norm is the same bits on every run. Downloading the sum waits for the stream: the one sync.
+// elements (one thread each, in index order; all parameters in a few launches), then the partials
+// in list-and-chunk order through ordered_sum's fixed tree, so the norm is the same bits on every
+// run. Downloading the sum waits for the stream: the one sync.
 template <class S, class D>
 double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double max_norm) {
   using C = Compute<S>;
@@ -327,11 +340,13 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
   if (partials == 0) return 0.0;
   ScratchLayout layout;
   const auto sums_slot = layout.add<double>(partials + 1);  // the partials, then their sum
-  double* sums = sums_slot.in(device.scratch(layout.bytes()));
+  const auto strips_slot = layout.add<double>(adamw_detail::sum_strips(partials));
+  void* scratch = device.scratch(layout.bytes());
+  double* sums = sums_slot.in(scratch);
   for (std::size_t i = 0; i < grads.size(); ++i) grads[i].partial = sums + first[i];
   const std::span<const adamw_detail::GradTensor<S>> list(grads);
   adamw_detail::chunk_squares(device, list);
-  adamw_detail::ordered_sum(device, sums, partials, sums + partials);
+  adamw_detail::ordered_sum(device, sums, partials, strips_slot.in(scratch), sums + partials);
   double squares = 0;
   device.download(&squares, sums + partials, sizeof(double));  // waits for the stream
   const double norm = std::sqrt(squares);
