@@ -11,14 +11,16 @@
 //   Peak/bf16_gemm                cuBLAS bf16 GEMM, 8192^3 on N(0, 1) operands, fp32 accumulation:
 //                                 the matmul peak MFU is measured against, in the same process
 //
-// One iteration is one full training step, as gpt2_moe's loop runs it: zero_grad, forward (loss),
+// One iteration is one full training step, as gpt2_moe's loop runs it (routing statistics off):
+// zero_grad, forward (loss),
 // backward, clip_grad_norm(1.0), AdamW; wall-clock time with the GPU drained at the end of each
 // step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
 // Two warm-up steps first (every buffer is allocated then; afterwards nothing is).
 //
 // Counters: tokens/s, step_ms, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
 // torch_gpt2_cuda.py), tflops and mfu (against Peak/bf16_gemm, measured first), device_gib (GPU
-// memory in use after the steps, cudaMemGetInfo: buffers only grow, so this is the peak), loss,
+// memory the trainer took: cudaMemGetInfo's use after the steps less its use before the trainer
+// was built, so the CUDA context is not counted; buffers only grow, so this is the peak), loss,
 // and for MoE max_expert_fraction (the busiest expert's share of a layer's choices in the last
 // step, the worst layer).
 //
@@ -63,11 +65,27 @@ double flops_per_token(const gpt2::Config& c, bool moe, bool linear_router, Inde
 
 double g_peak_tflops = 0;  // Peak/bf16_gemm's result, for the MFU of the training benchmarks
 
-void BM_PeakGemm(benchmark::State& state) {
-  if (!gpu_available()) {
-    state.SkipWithError("no CUDA device on this machine");
-    return;
+// A CUDA or library error skips the benchmark with its message (Google Benchmark lets exceptions
+// end the whole run, and every later row with it); the exit status then says 1.
+bool g_any_error = false;
+template <class Fn>
+void guarded(benchmark::State& state, Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    g_any_error = true;
   }
+}
+
+std::size_t memory_in_use() {
+  std::size_t free = 0, total = 0;
+  moe::cuda::check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return total - free;
+}
+
+void peak_gemm(benchmark::State& state) {
+  using moe::cuda::check_cublas, moe::cuda::check_cuda;
   constexpr int n = 8192, kCalls = 5;
   moe::cuda::DeviceArray<moe::bfloat16, moe::cuda::CudaDevice> a(Index(n) * n), b(Index(n) * n), c(Index(n) * n);
   // Random operands: zeros run faster (less switching power, higher clocks), which would flatter the peak.
@@ -75,39 +93,38 @@ void BM_PeakGemm(benchmark::State& state) {
   fill.fill_normal(moe::MatrixView<moe::bfloat16>(a.data(), n, n), 1.0, 1, 0);
   fill.fill_normal(moe::MatrixView<moe::bfloat16>(b.data(), n, n), 1.0, 2, 0);
   cublasHandle_t handle;
-  cublasCreate(&handle);
+  check_cublas(cublasCreate(&handle), "cublasCreate");
+  const std::unique_ptr<cublasContext, cublasStatus_t (*)(cublasHandle_t)> owned(handle, cublasDestroy);
   const float alpha = 1, beta = 0;
   auto run = [&] {
     for (int i = 0; i < kCalls; ++i)
-      cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(), CUDA_R_16BF,
-                   n, &beta, c.data(), CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      check_cublas(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(),
+                                CUDA_R_16BF, n, &beta, c.data(), CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (peak)");
   };
   run();
-  cudaDeviceSynchronize();
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   double best = 0;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
     run();
-    cudaDeviceSynchronize();
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     state.SetIterationTime(seconds);
     best = std::max(best, kCalls * 2.0 * double(n) * n * n / seconds / 1e12);
   }
-  cublasDestroy(handle);
   g_peak_tflops = std::max(g_peak_tflops, best);
   state.counters["tflops"] = best;
 }
 
-void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision) {
-  if (!gpu_available()) {
-    state.SkipWithError("no CUDA device on this machine");
-    return;
-  }
+void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision) {
   const gpt2::Config config = gpt2::Config::gpt2_small();
   const Index B = batch_size(), T = kSeq;
+  const std::size_t memory_before = memory_in_use();
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   std::unique_ptr<gpt2::Trainer> trainer =
       gpt2::make_device_trainer(variant, config, {}, precision, moe::cuda::CudaDevice(nullptr, math));
+  trainer->collect_routing_stats(false);  // as gpt2_moe's loop: statistics would sync once per MoE layer
 
   std::vector<std::int32_t> tokens, targets;
   for (Index i = 0; i <= B * T; ++i)
@@ -122,7 +139,7 @@ void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision prec
     trainer->backward();
     trainer->prepare_gradients(1.0f, 1.0);
     trainer->optimizer_step(6e-4);
-    cudaDeviceSynchronize();
+    moe::cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   };
   for (int i = 0; i < kWarmupSteps; ++i) step();
   double seconds = 0;
@@ -141,7 +158,7 @@ void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision prec
   state.counters["flops_per_token"] = flops;
   state.counters["tflops"] = tokens_per_s * flops / 1e12;
   if (g_peak_tflops > 0) state.counters["mfu"] = tokens_per_s * flops / 1e12 / g_peak_tflops;
-  state.counters["device_gib"] = double(trainer->device_memory_in_use()) / double(1 << 30);
+  state.counters["device_gib"] = double(memory_in_use() - memory_before) / double(1 << 30);
   state.counters["loss"] = loss;
   state.counters["batch"] = double(B);
   if (trainer->is_moe()) {
@@ -153,6 +170,23 @@ void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision prec
     for (Index l = 0; l < config.layers; ++l) busiest = std::max(busiest, trainer->routing_stats(l).max_fraction());
     state.counters["max_expert_fraction"] = busiest;
   }
+}
+
+
+void BM_PeakGemm(benchmark::State& state) {
+  if (!gpu_available()) {
+    state.SkipWithError("no CUDA device on this machine");
+    return;
+  }
+  guarded(state, [&] { peak_gemm(state); });
+}
+
+void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision) {
+  if (!gpu_available()) {
+    state.SkipWithError("no CUDA device on this machine");
+    return;
+  }
+  guarded(state, [&] { train(state, variant, precision); });
 }
 
 }  // namespace
@@ -181,5 +215,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_gpt2_cuda: no usable CUDA device (%s): nothing can be measured\n", no_device.c_str());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  return have_device ? 0 : 77;
+  return !have_device ? 77 : g_any_error ? 1 : 0;
 }

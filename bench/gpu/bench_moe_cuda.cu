@@ -153,13 +153,15 @@ void set_counters(benchmark::State& state, const Shape& s, double seconds, doubl
 }
 
 // A CUDA or library failure skips the benchmark with its message instead of ending the run
-// (an out-of-memory on one shape should not hide the others).
+// (an out-of-memory on one shape should not hide the others); the exit status then says 1.
+bool g_any_error = false;
 template <class Fn>
 void guarded(benchmark::State& state, Fn&& fn) {
   try {
     fn();
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
+    g_any_error = true;
   }
 }
 
@@ -360,5 +362,5 @@ int main(int argc, char** argv) {
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   if (g_stream) cudaStreamDestroy(g_stream);
-  return have_device ? 0 : 77;
+  return !have_device ? 77 : g_any_error ? 1 : 0;
 }
