@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "../../examples/gpt2_moe/device_trainer.hpp"
+#include "guarded.hpp"
 #include "moe/cuda.cuh"
 
 namespace {
@@ -65,18 +66,7 @@ double flops_per_token(const gpt2::Config& c, bool moe, bool linear_router, Inde
 
 double g_peak_tflops = 0;  // Peak/bf16_gemm's result, for the MFU of the training benchmarks
 
-// A CUDA or library error skips the benchmark with its message (Google Benchmark lets exceptions
-// end the whole run, and every later row with it); the exit status then says 1.
-bool g_any_error = false;
-template <class Fn>
-void guarded(benchmark::State& state, Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    state.SkipWithError(e.what());
-    g_any_error = true;
-  }
-}
+using bench_gpu::guarded;  // an error skips the benchmark with its message; the exit status then says 1
 
 std::size_t memory_in_use() {
   std::size_t free = 0, total = 0;
@@ -215,5 +205,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_gpt2_cuda: no usable CUDA device (%s): nothing can be measured\n", no_device.c_str());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  return !have_device ? 77 : g_any_error ? 1 : 0;
+  return !have_device ? 77 : bench_gpu::any_failed ? 1 : 0;
 }

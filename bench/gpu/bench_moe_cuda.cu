@@ -41,6 +41,7 @@
 #include <string>
 #include <type_traits>
 
+#include "guarded.hpp"
 #include "moe/cuda.cuh"
 
 namespace {
@@ -152,18 +153,9 @@ void set_counters(benchmark::State& state, const Shape& s, double seconds, doubl
   state.SetLabel(s.label());
 }
 
-// A CUDA or library failure skips the benchmark with its message instead of ending the run
-// (an out-of-memory on one shape should not hide the others); the exit status then says 1.
-bool g_any_error = false;
-template <class Fn>
-void guarded(benchmark::State& state, Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    state.SkipWithError(e.what());
-    g_any_error = true;
-  }
-}
+// A CUDA or library failure skips the benchmark with its message instead of ending the run (an
+// out-of-memory on one shape should not hide the others); the exit status then says 1.
+using bench_gpu::guarded;
 
 // ---- the MoE layer -----------------------------------------------------------------------------
 
@@ -362,5 +354,5 @@ int main(int argc, char** argv) {
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   if (g_stream) cudaStreamDestroy(g_stream);
-  return !have_device ? 77 : g_any_error ? 1 : 0;
+  return !have_device ? 77 : bench_gpu::any_failed ? 1 : 0;
 }
