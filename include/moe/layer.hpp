@@ -160,18 +160,17 @@ class MoELayer {
     // input. An inference forward reads the caller's matrices in place.
     const bool keep = options.for_backward;
     forwarded_ = false;  // until this forward has finished
-    ConstMatrixView<Scalar> input = x;
     routed_separately_ = router_input != nullptr;
+    ConstMatrixView<Scalar> input = x, gate_in = routed_separately_ ? *router_input : x;
     if (keep) {
       B::resize(input_, T, H);
       backend_.copy(x, input_);
-      input = input_;
       if (routed_separately_) {
         B::resize(router_input_, T, H);
         backend_.copy(*router_input, router_input_);
       }
+      input = input_, gate_in = gate_input();
     }
-    const ConstMatrixView<Scalar> gate_in = !routed_separately_ ? input : keep ? gate_input() : *router_input;
     logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
     backend_.route(logits_, config_, plan_, weights_);
     const std::span<const Index> offsets = B::expert_offsets(plan_);
