@@ -68,12 +68,6 @@ double g_peak_tflops = 0;  // Peak/bf16_gemm's result, for the MFU of the traini
 
 using bench_gpu::guarded;  // an error skips the benchmark with its message; the exit status then says 1
 
-std::size_t memory_in_use() {
-  std::size_t free = 0, total = 0;
-  moe::cuda::check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
-  return total - free;
-}
-
 void peak_gemm(benchmark::State& state) {
   using moe::cuda::check_cublas, moe::cuda::check_cuda;
   constexpr int n = 8192, kCalls = 5;
@@ -110,7 +104,7 @@ void peak_gemm(benchmark::State& state) {
 void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision) {
   const gpt2::Config config = gpt2::Config::gpt2_small();
   const Index B = batch_size(), T = kSeq;
-  const std::size_t memory_before = memory_in_use();
+  const std::size_t memory_before = moe::cuda::CudaDevice::memory_in_use();
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   std::unique_ptr<gpt2::Trainer> trainer =
       gpt2::make_device_trainer(variant, config, {}, precision, moe::cuda::CudaDevice(nullptr, math));
@@ -148,7 +142,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   state.counters["flops_per_token"] = flops;
   state.counters["tflops"] = tokens_per_s * flops / 1e12;
   if (g_peak_tflops > 0) state.counters["mfu"] = tokens_per_s * flops / 1e12 / g_peak_tflops;
-  state.counters["device_gib"] = double(memory_in_use() - memory_before) / double(1 << 30);
+  state.counters["device_gib"] = double(moe::cuda::CudaDevice::memory_in_use() - memory_before) / double(1 << 30);
   state.counters["loss"] = loss;
   state.counters["batch"] = double(B);
   if (trainer->is_moe()) {

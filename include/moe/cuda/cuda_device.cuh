@@ -186,8 +186,9 @@ class CudaDevice {
     return std::string(properties.name) + ", " + std::to_string(context_->sms) + " SMs" +
            (context_->math == Fp32Math::tf32 ? ", TF32" : "");
   }
-  // Bytes of the GPU's memory in use by every process (cudaMemGetInfo: total - free).
-  std::size_t memory_in_use() const {
+  // Bytes of the GPU's memory in use by every process (cudaMemGetInfo: total - free); needs no
+  // device object (static), so a caller can take it before making one.
+  static std::size_t memory_in_use() {
     std::size_t free = 0, total = 0;
     check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
     return total - free;
