@@ -132,6 +132,42 @@ TEST_CASE("multi-tensor launches: every element of every tensor once, units of a
   CHECK(device.launch_count() == 0);
 }
 
+TEST_CASE("cuda backend: the experts' bias gradients in two launches for all experts, each expert's own sums") {
+  using B = moe::cuda::BasicBackend<float, moe::cuda::EmulatedDevice>;
+  using moe::Index;
+  const Index I = 5, O = 7, N = 6;
+  // Expert blocks of 0, 1, 64, 65, 0 and 130 rows: empty, a partial chunk, one whole, one plus a row.
+  const std::vector<Index> offsets = {0, 0, 1, 65, 130, 130, 260};
+  const Index R = offsets.back();
+  const moe::cuda::EmulatedDevice device(moe::cuda::LaunchOrder::shuffled);
+  const B backend(device);
+  B::Matrix in(R, I), dout(R, O), weight(N * O, I), dweight(N * O, I);
+  B::Vector<float> dbias(N * O);
+  const std::vector<float> dout_host = cuda_test::normal_values(std::size_t(R * O), 91);
+  backend.upload(dout_host, dout);
+  backend.upload(cuda_test::normal_values(std::size_t(R * I), 92), in);
+  backend.fill(dweight, 0.f);
+  const std::vector<float> before = cuda_test::normal_values(std::size_t(N * O), 93);  // "+=": start from values
+  std::copy(before.begin(), before.end(), dbias.data());
+
+  const std::uint64_t launches = device.launch_count();
+  backend.grouped_linear_backward(in, dout, offsets, weight, {}, dweight, dbias.data());
+  const Index nonempty = 4;
+  CHECK(device.launch_count() - launches == nonempty + 2);  // a weight GEMM per expert, 2 for the sums
+
+  for (Index e = 0; e < N; ++e)
+    for (Index c = 0; c < O; ++c) {
+      double sum = before[std::size_t(e * O + c)];
+      for (Index r = offsets[std::size_t(e)]; r < offsets[std::size_t(e) + 1]; ++r) sum += dout_host[std::size_t(r * O + c)];
+      CAPTURE(e);
+      CAPTURE(c);
+      if (offsets[std::size_t(e)] == offsets[std::size_t(e) + 1])
+        CHECK(dbias.data()[e * O + c] == before[std::size_t(e * O + c)]);  // an empty expert's bias gradient untouched
+      else
+        CHECK(std::abs(dbias.data()[e * O + c] - sum) <= 1e-5 * (1 + std::abs(sum)));
+    }
+}
+
 TEST_CASE("emulated device: GEMMs check cuBLAS's argument rules and that operands are device memory") {
   using moe::cuda::BlasGemm;
   using moe::cuda::EmulatedDevice;

@@ -36,6 +36,7 @@
 #include "moe/config.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/pack.hpp"
 #include "moe/random.hpp"
 #include "moe/routing.hpp"
@@ -110,24 +111,50 @@ void gemm_epilogue(const D& device, MatrixView<S> out, ConstMatrixView<S> a, Con
 inline constexpr Index kColumnSumChunk = 64;
 inline Index column_sum_partials(Index rows, Index cols) { return (rows + kColumnSumChunk - 1) / kColumnSumChunk * cols; }
 
-// db[c] += sum over rows of m(r, c): chunks of kColumnSumChunk rows add in row order into
-// partial[chunk * cols + c] (column_sum_partials(rows, cols) of them), then one index per column
-// adds its partials in chunk order. Deterministic without atomics.
+// One matrix of a column sum and where its sums go: db[c] += sum over rows of m(r, c). The
+// partials are `chunks * m.cols` values of the caller's buffer; n is the launch's unit count
+// (moe/cuda/multi_tensor.hpp's Tensor), set by add_column_sums.
+template <class S, class C>
+struct ColumnSum {
+  ConstMatrixView<S> m;
+  S* db;
+  C* partial = nullptr;
+  Index n = 0;
+};
+
+// db_i[c] += sum over rows of m_i(r, c) for every ColumnSum i (an expert's block of rows and its
+// bias gradient, or one matrix): chunks of kColumnSumChunk rows add in row order into partial_i[chunk
+// * cols + c], then one index per column adds its partials in chunk order. Deterministic without
+// atomics; the sums of many matrices go in two launches (multi_tensor.hpp's tables), not two each.
+// `partial`: the sum of column_sum_partials over the matrices. Empty matrices are left alone.
+template <class D, class S, class C = Compute<S>>
+void add_column_sums(const D& device, std::span<ColumnSum<S, C>> sums, C* partial) {
+  for (ColumnSum<S, C>& sum : sums) {
+    sum.partial = partial, sum.n = column_sum_partials(sum.m.rows, sum.m.cols);
+    partial += sum.n;
+  }
+  using Sum = ColumnSum<S, C>;
+  for_each_tensor_unit(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index u, Index) {
+    const Index cols = s.m.cols, q = u / cols, c = u % cols;
+    const Index end = (q + 1) * kColumnSumChunk < s.m.rows ? (q + 1) * kColumnSumChunk : s.m.rows;
+    C total = 0;
+    for (Index r = q * kColumnSumChunk; r < end; ++r) total += C(s.m(r, c));
+    s.partial[u] = total;
+  });
+  for (Sum& sum : sums) sum.n = sum.n > 0 ? sum.m.cols : 0;  // now one unit per column
+  for_each_tensor_element(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index c) {
+    const Index cols = s.m.cols, chunks = (s.m.rows + kColumnSumChunk - 1) / kColumnSumChunk;
+    C total = 0;
+    for (Index q = 0; q < chunks; ++q) total += s.partial[q * cols + c];
+    s.db[c] = S(C(s.db[c]) + total);
+  });
+}
+
+// The same for one matrix: db[c] += sum over rows of m(r, c); partial: column_sum_partials(rows, cols).
 template <class D, class S, class C = Compute<S>>
 void add_column_sums(const D& device, ConstMatrixView<S> m, S* db, C* partial) {
-  const Index rows = m.rows, cols = m.cols, chunks = (rows + kColumnSumChunk - 1) / kColumnSumChunk;
-  if (chunks == 0 || cols == 0) return;
-  for_each_2d(device, chunks, cols, [=] MOE_HOST_DEVICE(Index q, Index c) {
-    const Index end = (q + 1) * kColumnSumChunk < rows ? (q + 1) * kColumnSumChunk : rows;
-    C sum = 0;
-    for (Index r = q * kColumnSumChunk; r < end; ++r) sum += C(m(r, c));
-    partial[q * cols + c] = sum;
-  });
-  device.for_each(cols, [=] MOE_HOST_DEVICE(Index c) {
-    C sum = 0;
-    for (Index q = 0; q < chunks; ++q) sum += partial[q * cols + c];
-    db[c] = S(C(db[c]) + sum);
-  });
+  ColumnSum<S, C> sum{m, db};
+  add_column_sums(device, std::span<ColumnSum<S, C>>(&sum, 1), partial);
 }
 
 // The host RoutingPlan of a device plan (statistics and auxiliary losses read it).
@@ -744,10 +771,19 @@ class BasicBackend {
     });
   }
 
-  // db[c] += sum over rows of m(r, c) (detail::add_column_sums, partials in partial_).
-  void add_column_sums(ConstMatrixView<S> m, S* db) const {
-    partial_.resize(detail::column_sum_partials(m.rows, m.cols));
-    detail::add_column_sums(device_, m, db, partial_.data());
+  // db_e[c] += sum over the rows of expert e's block of m(r, c), for every expert with rows
+  // (detail::add_column_sums: two launches for all of them, partials in partial_).
+  void add_grouped_column_sums(ConstMatrixView<S> m, std::span<const Index> offsets, S* db) const {
+    std::vector<detail::ColumnSum<S, C>> sums;
+    Index partials = 0;
+    for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      sums.push_back({m.row_block(begin, rows), db + e * m.cols});
+      partials += detail::column_sum_partials(rows, m.cols);
+    }
+    partial_.resize(partials);
+    detail::add_column_sums(device_, std::span(sums), partial_.data());
   }
 
   // dlogits += the auxiliary losses' gradient (aux_loss_backward, moe/aux_loss.hpp): f from the
@@ -780,8 +816,8 @@ class BasicBackend {
       if (rows == 0) continue;
       detail::gemm(device_, dweight.row_block(e * O, O), dout.row_block(begin, rows), BlasOp::transpose,
                    in.row_block(begin, rows), BlasOp::none, true);
-      if (dbias) add_column_sums(dout.row_block(begin, rows), dbias + e * O);
     }
+    if (dbias) add_grouped_column_sums(dout, offsets, dbias);
     if (!din.data) return;
     for (Index e = 0; e < experts; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
