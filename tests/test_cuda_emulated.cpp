@@ -6,6 +6,7 @@
 #include "cuda/emulated_test_device.hpp"
 #include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/plan_cache.hpp"
+#include "moe/cuda/row_packs.hpp"
 
 #define CUDA_TEST_NAME(text) "cuda backend, emulated device: " text
 #include "cuda/backend_cases.hpp"
@@ -268,4 +269,58 @@ TEST_CASE("emulated device: a batch by pointer arrays reads each product's opera
   CHECK_THROWS_WITH_AS(device.gemm(g), doctest::Contains("gemm's C"), moe::Error);
   EmulatedDevice::deallocate(pointers);
   EmulatedDevice::deallocate(data);
+}
+
+// moe/cuda/row_packs.hpp on the emulated device's row: packed and column-by-column reductions agree with a float64
+// reference at every length across and inside packs, the maximum exactly and skipping NaN alike, updates bit for bit.
+template <class S>
+void check_row_packs() {
+  constexpr moe::Index kLength = 72, kPack = moe::cuda::kPackSize<S>;
+  moe::cuda::DeviceArray<S, moe::cuda::EmulatedDevice> a(kLength), b(kLength), out_packed(kLength), out_plain(kLength);
+  REQUIRE(moe::cuda::row_packs_fit(a.data(), kLength, kLength));
+  CHECK_FALSE(moe::cuda::row_packs_fit(a.data() + 1, kLength, kLength));
+  CHECK_FALSE(moe::cuda::row_packs_fit(a.data(), kLength + 1, kLength));
+  const std::vector<float> va = cuda_test::normal_values(kLength, 5), vb = cuda_test::normal_values(kLength, 6);
+  for (moe::Index c = 0; c < kLength; ++c) a.data()[c] = S(va[std::size_t(c)]), b.data()[c] = S(vb[std::size_t(c)]);
+  const moe::cuda::EmulatedRow row;
+  const auto value = [](moe::Index, S x) { return float(x); };
+  const auto product = [](moe::Index, S x, S y) { return float(x) * float(y); };
+  for (moe::Index n = 0; n <= kLength; ++n) {
+    CAPTURE(n);
+    double sum = 0, dot = 0, max = -INFINITY;
+    for (moe::Index c = 0; c < n; ++c) {
+      sum += double(float(a.data()[c]));
+      dot += double(float(a.data()[c])) * double(float(b.data()[c]));
+      max = std::max(max, double(float(a.data()[c])));
+    }
+    for (const float got : {moe::cuda::row_sum<true>(row, n, value, a.data()), moe::cuda::row_sum<false>(row, n, value, a.data())})
+      CHECK(std::abs(got - sum) <= 1e-6 * (1 + std::abs(sum)));
+    for (const float got : {moe::cuda::row_sum<true>(row, n, product, a.data(), b.data()),
+                            moe::cuda::row_sum<false>(row, n, product, a.data(), b.data())})
+      CHECK(std::abs(got - dot) <= 1e-6 * (1 + std::abs(dot)));
+    CHECK(moe::cuda::row_max<true>(row, n, value, a.data()) == float(max));
+    CHECK(moe::cuda::row_max<false>(row, n, value, a.data()) == float(max));
+  }
+  // A NaN is skipped by both orders (the row work's `>` rule), wherever it sits in a pack.
+  for (const moe::Index at : {moe::Index{0}, kPack - 1, kPack + 1, kLength - 1}) {
+    const S kept = a.data()[at];
+    a.data()[at] = S(NAN);
+    const float packed = moe::cuda::row_max<true>(row, kLength, value, a.data());
+    CHECK(packed == moe::cuda::row_max<false>(row, kLength, value, a.data()));
+    CHECK_FALSE(std::isnan(packed));
+    a.data()[at] = kept;
+  }
+  // Updates: the same element function, the same bits, and nothing past n.
+  const auto update = [](moe::Index c, S o, S x, S y) { return S(float(o) * 0.5f + float(x) * float(y) + float(c)); };
+  for (moe::Index c = 0; c < kLength; ++c) out_packed.data()[c] = out_plain.data()[c] = S(float(c) - 3.f);
+  const moe::Index n = kLength - kPack;
+  moe::cuda::row_update<true>(row, n, update, out_packed.data(), a.data(), b.data());
+  moe::cuda::row_update<false>(row, n, update, out_plain.data(), a.data(), b.data());
+  CHECK(std::memcmp(out_packed.data(), out_plain.data(), sizeof(S) * kLength) == 0);
+  CHECK(float(out_packed.data()[n]) == float(n) - 3.f);
+}
+
+TEST_CASE("row packs: sums, maxima and updates in 16-byte packs agree with the column-by-column row work") {
+  check_row_packs<float>();
+  check_row_packs<moe::bfloat16>();
 }

@@ -102,10 +102,12 @@ Results device_attention(const std::vector<float>& qkv, const std::vector<float>
           to_host(device, d_dqkv.data(), d_dqkv.size())};
 }
 
-// Awkward shapes: T = 1, T below / across / not a multiple of 32, one head, hs = 1, odd C.
+// Awkward shapes: T = 1, T below / across / not a multiple of 32, one head, hs = 1, odd C; and T in whole 16-byte
+// packs of both types (40, 64: the softmax rows go in packs, moe/cuda/row_packs.hpp; 100: in fp32 only).
 inline const std::vector<Shape>& shapes() {
-  static const std::vector<Shape> list = {{1, 1, 8, 2},   {3, 1, 6, 3},   {2, 5, 12, 3}, {1, 31, 10, 5}, {2, 33, 24, 4},
-                                          {1, 37, 18, 1}, {3, 70, 21, 7}, {2, 45, 3, 3}, {2, 100, 96, 6}};
+  static const std::vector<Shape> list = {{1, 1, 8, 2},   {3, 1, 6, 3},   {2, 5, 12, 3},  {1, 31, 10, 5},
+                                          {2, 33, 24, 4}, {1, 37, 18, 1}, {3, 70, 21, 7}, {2, 45, 3, 3},
+                                          {2, 100, 96, 6}, {2, 40, 16, 2}, {1, 64, 24, 3}};
   return list;
 }
 
@@ -162,7 +164,7 @@ TEST_CASE(
 
 template <class S>
 void check_rerun_bits() {
-  for (const Shape s : {Shape{2, 33, 24, 4}, Shape{3, 70, 21, 7}})
+  for (const Shape s : {Shape{2, 33, 24, 4}, Shape{3, 70, 21, 7}, Shape{2, 40, 16, 2}})
     for (const bool causal : {true, false}) {
       const auto [B, T, C, heads] = s;
       CAPTURE(T);

@@ -145,6 +145,8 @@ TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (fp32, awk
   check_cross_entropy<float>(200, 3, 0.5, 15);
   check_cross_entropy<float>(65, 257, 0.0, 16);
   check_cross_entropy<float>(0, 5, 0.0, 17);      // no rows
+  check_cross_entropy<float>(33, 64, 0.2, 18);    // rows of whole 16-byte packs: the packed row work
+  check_cross_entropy<float>(9, 520, 0.1, 19);
 }
 
 TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (bf16 vs fp32)") {
@@ -152,6 +154,8 @@ TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (bf16 vs f
   check_cross_entropy<moe::bfloat16>(1, 7, 0.0, 22);
   check_cross_entropy<moe::bfloat16>(130, 50, 0.3, 24);
   check_cross_entropy<moe::bfloat16>(65, 257, 0.0, 26);
+  check_cross_entropy<moe::bfloat16>(33, 64, 0.2, 27);  // packed
+  check_cross_entropy<moe::bfloat16>(9, 520, 0.1, 28);
 }
 
 TEST_CASE("cuda nn loss: cross-entropy with every row ignored gives 0 and zero gradients") {

@@ -201,9 +201,9 @@ void check_layernorm_parity(Index T, Index C, std::uint64_t seed, double toleran
 }
 
 inline const std::vector<std::pair<Index, Index>>& layernorm_shapes() {
-  // T = 1, C = 1, sizes around the 64-row chunk, primes
-  static const std::vector<std::pair<Index, Index>> shapes = {{1, 1},  {1, 7},   {5, 1},  {37, 48},
-                                                              {64, 33}, {65, 29}, {130, 77}, {203, 129}};
+  // T = 1, C = 1, sizes around the 64-row chunk, primes; C in whole 16-byte packs (48, and GPT-2's 768): packed rows
+  static const std::vector<std::pair<Index, Index>> shapes = {{1, 1},   {1, 7},   {5, 1},    {37, 48},  {64, 33},
+                                                              {65, 29}, {130, 77}, {203, 129}, {9, 768}};
   return shapes;
 }
 

@@ -9,7 +9,7 @@
 // Plan: every product is one batched GEMM over all B*heads pairs at once (cublasGemmBatchedEx: the pairs' operands sit
 // at no single stride, so a launch first writes their pointers into the scratch), and every softmax step is one row of
 // the device's row work per (b, h, t) (a warp on the GPU; moe/cuda/device.hpp), whose arithmetic runs in a fixed order
-// in Compute<S> (float for bf16). The probabilities are materialised ([B, heads, T, T]; no fused kernel yet). Causal
+// in Compute<S> (float for bf16), reading 16-byte packs when T fills whole packs (moe/cuda/row_packs.hpp). The probabilities are materialised ([B, heads, T, T]; no fused kernel yet). Causal
 // attention skips the masked half: the rows go in blocks (about 8; `block` rows each, default_block), and block i's
 // products span only keys [0, end of block i) -- about 9/16 of the full T x T work at 8 blocks. Masked probabilities
 // are still stored as exact zeros. No floating-point atomics: each element has one writer, so the results are
@@ -23,6 +23,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/row_packs.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
@@ -87,6 +88,37 @@ void per_pair(const D& device, const PointerArrays<S>& arrays, Index call, Index
                                            arrays.a + first, arrays.b + first));
 }
 
+// One row of work per (b, h, t), row i of the [rows, T] probabilities at att + i * T: the scaled, masked,
+// max-subtracted softmax of the raw scores in place; masked keys 0 (written, though never computed). The stored
+// probability is the stored exponential (as S) times 1 / sum, as on the CPU. Packed: in 16-byte packs
+// (moe/cuda/row_packs.hpp).
+template <bool Packed, class S, class D, class C = Compute<S>>
+void softmax_rows(const D& device, S* att, Index rows, Index T, bool causal, C scale) {
+  device.for_each_row(rows, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
+    const Index seen = causal ? i % T + 1 : T;
+    S* row = att + i * T;
+    const C max = row_max<Packed>(r, seen, [](Index, S x) { return C(x); }, row);
+    const C sum = row_sum<Packed>(r, seen, [&](Index, S x) { return C(std::exp((C(x) - max) * scale)); }, row);
+    const C inverse = C(1) / sum;
+    row_update<Packed>(
+        r, T, [&](Index j, S x) { return j < seen ? S(C(S(std::exp((C(x) - max) * scale))) * inverse) : S(0); }, row);
+  });
+}
+
+// One row of work per (b, h, t): dS = P * (dP - P . dP) * scale in place of dP (ds, rows as att's); masked keys
+// exactly 0.
+template <bool Packed, class S, class D, class C = Compute<S>>
+void softmax_backward_rows(const D& device, const S* att, S* ds_all, Index rows, Index T, bool causal, C scale) {
+  device.for_each_row(rows, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
+    const Index seen = causal ? i % T + 1 : T;
+    const S* p = att + i * T;
+    S* ds = ds_all + i * T;
+    const C p_dot_dp = row_sum<Packed>(r, seen, [](Index, S pj, S dj) { return C(pj) * C(dj); }, p, ds);
+    row_update<Packed>(
+        r, T, [&](Index j, S dj, S pj) { return j < seen ? S(C(pj) * (C(dj) - p_dot_dp) * scale) : S(0); }, ds, p);
+  });
+}
+
 }  // namespace attention_detail
 
 // qkv: [B*T, 3C] -> out: [B*T, C], att: [B, heads, T, T] (device memory)
@@ -134,20 +166,11 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
     ad::per_pair(device, arrays, kScores * blocks.count + i, pairs, blocks.rows(i, T), blocks.keys(i, T, causal), hs,
                  T, BlasOp::none, ld_qkv, BlasOp::transpose, ld_qkv, false);
 
-  // One row of work per (b, h, t): scaled, masked, max-subtracted softmax in place; masked keys 0 (written, though
-  // never computed). The stored probability is the stored exponential (as S) times 1 / sum, as on the CPU.
   const C scale = C(1) / std::sqrt(C(hs));
-  device.for_each_row(pairs * T, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
-    const Index t = i % T;
-    const Index seen = causal ? t + 1 : T;
-    S* row = att + i * T;
-    const C max = r.max(seen, [&](Index j) { return C(row[j]); });
-    const C sum = r.sum(seen, [&](Index j) { return C(std::exp((C(row[j]) - max) * scale)); });
-    const C inverse = C(1) / sum;
-    r.for_each(T, [&](Index j) {
-      row[j] = j < seen ? S(C(S(std::exp((C(row[j]) - max) * scale))) * inverse) : S(0);
-    });
-  });
+  if (row_packs_fit(att, T, T))
+    ad::softmax_rows<true>(device, att, pairs * T, T, causal, scale);
+  else
+    ad::softmax_rows<false>(device, att, pairs * T, T, causal, scale);
 
   // out = att v into each head's column block, block by block.
   for (Index i = 0; i < blocks.count; ++i)
@@ -227,16 +250,11 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
                  T, BlasOp::none, ld_dout, BlasOp::transpose, ld_qkv, false);
   }
 
-  // One row of work per (b, h, t): dS = P * (dP - P . dP) * scale in place; masked keys exactly 0.
   const C scale = C(1) / std::sqrt(C(hs));
-  device.for_each_row(pairs * T, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
-    const Index t = i % T;
-    const Index seen = causal ? t + 1 : T;
-    const S* p = att + i * T;
-    S* ds = ds_all + i * T;
-    const C p_dot_dp = r.sum(seen, [&](Index j) { return C(p[j]) * C(ds[j]); });
-    r.for_each(T, [&](Index j) { ds[j] = j < seen ? S(C(p[j]) * (C(ds[j]) - p_dot_dp) * scale) : S(0); });
-  });
+  if (row_packs_fit(att, T, T) && row_packs_fit(static_cast<const S*>(ds_all), T, T))
+    ad::softmax_backward_rows<true>(device, att, ds_all, pairs * T, T, causal, scale);
+  else
+    ad::softmax_backward_rows<false>(device, att, ds_all, pairs * T, T, causal, scale);
 
   // dq += dS k and dk += dS^T q.
   for (Index i = 0; i < blocks.count; ++i) {

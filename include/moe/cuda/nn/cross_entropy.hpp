@@ -19,6 +19,8 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/pack.hpp"
+#include "moe/cuda/row_packs.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/host_device.hpp"
 #include "moe/routing.hpp"
@@ -41,12 +43,66 @@ std::int32_t* upload_targets(const D& device, std::span<const std::int32_t> targ
   return slot;
 }
 
-// max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, by the device's row work.
-template <class S, class Row, class C = Compute<S>>
+// max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, by the device's row work (in 16-byte packs when
+// Packed: moe/cuda/row_packs.hpp).
+template <bool Packed, class S, class Row, class C = Compute<S>>
 MOE_HOST_DEVICE void softmax_stats(const Row& work, const S* row, Index V, C& max, C& sum) {
-  const C m = work.max(V, [&](Index j) { return C(row[j]); });
-  sum = work.sum(V, [&](Index j) { return C(std::exp(C(row[j]) - m)); });
+  const C m = row_max<Packed>(work, V, [](Index, S x) { return C(x); }, row);
+  sum = row_sum<Packed>(work, V, [&](Index, S x) { return C(std::exp(C(x) - m)); }, row);
   max = m;
+}
+
+// Row r's loss into losses[r] (0 where ignored): logsumexp - the target's logit.
+template <bool Packed, class S, class D>
+void row_losses(const D& device, ConstMatrixView<S> logits, const std::int32_t* target, S* losses) {
+  using C = Compute<S>;
+  const Index V = logits.cols;
+  device.for_each_row(logits.rows, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& work) {
+    const std::int32_t t = target[r];
+    if (t == kIgnoreTarget) {
+      if (work.first()) losses[r] = S(0);
+      return;
+    }
+    const S* row = logits.row(r);
+    C max, sum;
+    softmax_stats<Packed>(work, row, V, max, sum);
+    if (work.first()) losses[r] = S(C(std::log(sum)) + max - C(row[t]));
+  });
+}
+
+// Row r's max and 1 / sum of exponentials into stat[2r], stat[2r + 1] (ignored rows: never read, not written).
+template <bool Packed, class S, class D, class C = Compute<S>>
+void row_stats(const D& device, ConstMatrixView<S> logits, const std::int32_t* target, C* stat) {
+  const Index V = logits.cols;
+  device.for_each_row(logits.rows, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& work) {
+    if (target[r] == kIgnoreTarget) return;
+    C max, sum;
+    softmax_stats<Packed>(work, logits.row(r), V, max, sum);
+    if (work.first()) {
+      stat[2 * r] = max;
+      stat[2 * r + 1] = C(1) / sum;
+    }
+  });
+}
+
+// d(loss)/d(logit) of element (r, c): scale * (softmax - onehot), 0 in ignored rows; stat from row_stats.
+template <class S, class C = Compute<S>>
+struct Gradient {
+  const std::int32_t* target;
+  const C* stat;
+  C scale;
+  MOE_HOST_DEVICE S operator()(Index r, Index c, S logit) const {
+    const std::int32_t t = target[r];
+    if (t == kIgnoreTarget) return S(0);
+    const C p = C(std::exp(C(logit) - stat[2 * r])) * stat[2 * r + 1];
+    return S(scale * p - (c == Index(t) ? scale : C(0)));
+  }
+};
+
+// Whether the rows of the logits (and of dlogits) go in packs.
+template <class S>
+bool rows_in_packs(ConstMatrixView<S> logits) {
+  return row_packs_fit(logits.data, logits.stride, logits.cols);
 }
 
 }  // namespace cross_entropy_detail
@@ -60,7 +116,6 @@ MOE_HOST_DEVICE void softmax_stats(const Row& work, const S* row, Index V, C& ma
 template <class S, class D>
 double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::span<const std::int32_t> targets,
                              S* losses) {
-  using C = Compute<S>;
   const Index N = logits.rows, V = logits.cols;
   const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_forward", N, V, targets);
   check(losses || N == 0, "cross_entropy_forward: losses [", N, "] must not be null");
@@ -72,17 +127,10 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   void* scratch = device.scratch(layout.bytes());
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One row of work per row: the row's softmax statistics and its loss.
-  device.for_each_row(N, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& work) {
-    const std::int32_t t = target[r];
-    if (t == kIgnoreTarget) {
-      if (work.first()) losses[r] = S(0);
-      return;
-    }
-    const S* row = logits.row(r);
-    C max, sum;
-    cross_entropy_detail::softmax_stats(work, row, V, max, sum);
-    if (work.first()) losses[r] = S(C(std::log(sum)) + max - C(row[t]));  // logsumexp - logit of the target
-  });
+  if (cross_entropy_detail::rows_in_packs(logits))
+    cross_entropy_detail::row_losses<true>(device, logits, target, losses);
+  else
+    cross_entropy_detail::row_losses<false>(device, logits, target, losses);
   // Mean: per-chunk partial sums in double, then one thread adds them in chunk order.
   double* partial = sums_slot.in(scratch);
   double* mean = partial + chunks;
@@ -126,26 +174,25 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One row of work per row: max and 1 / sum of the row's exponentials.
   C* stat = stats_slot.in(scratch);
-  device.for_each_row(N, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& work) {
-    if (target[r] == kIgnoreTarget) return;  // never read
-    C max, sum;
-    cross_entropy_detail::softmax_stats(work, logits.row(r), V, max, sum);
-    if (work.first()) {
-      stat[2 * r] = max;
-      stat[2 * r + 1] = C(1) / sum;
-    }
-  });
-  // One index per element.
+  const bool packed = cross_entropy_detail::rows_in_packs(logits) && packable<S>(V, logits, dlogits);
+  if (packed)
+    cross_entropy_detail::row_stats<true>(device, logits, target, stat);
+  else
+    cross_entropy_detail::row_stats<false>(device, logits, target, stat);
+  // One index per element (per 16-byte pack of elements where the rows allow: the same formula).
   const C scale = valid ? C(dloss / double(valid)) : C(0);
-  moe::cuda::detail::for_each_2d(device, N, V, [=] MOE_HOST_DEVICE(Index r, Index c) {
-    const std::int32_t t = target[r];
-    if (t == kIgnoreTarget) {
-      dlogits(r, c) = S(0);
-      return;
-    }
-    const C p = C(std::exp(C(logits(r, c)) - stat[2 * r])) * stat[2 * r + 1];
-    dlogits(r, c) = S(scale * p - (c == Index(t) ? scale : C(0)));
-  });
+  const cross_entropy_detail::Gradient<S> gradient{target, stat, scale};
+  if (packed) {
+    constexpr Index P = kPackSize<S>;
+    moe::cuda::detail::for_each_2d(device, N, V / P, [=] MOE_HOST_DEVICE(Index r, Index q) {
+      Pack<S> x = load_pack(logits.row(r) + q * P);
+      for (Index i = 0; i < P; ++i) x.v[i] = gradient(r, q * P + i, x.v[i]);
+      store_pack(dlogits.row(r) + q * P, x);
+    });
+  } else {
+    moe::cuda::detail::for_each_2d(device, N, V,
+                                   [=] MOE_HOST_DEVICE(Index r, Index c) { dlogits(r, c) = gradient(r, c, logits(r, c)); });
+  }
 }
 
 }  // namespace moe::cuda::nn

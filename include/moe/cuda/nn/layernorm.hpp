@@ -16,6 +16,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/row_packs.hpp"
 #include "moe/host_device.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
@@ -25,15 +26,71 @@ namespace moe::cuda::nn {
 inline constexpr double kLayerNormEps = 1e-5;  // PyTorch's nn.LayerNorm default, as moe::nn
 inline constexpr Index kLayerNormRowChunk = 64;  // rows per partial of the parameter gradients
 
+namespace layernorm_detail {
+
+// The forward's rows: one row of work per row (in 16-byte packs when Packed: moe/cuda/row_packs.hpp), two passes (mean,
+// then the centred sum of squares), then the normalised, scaled and shifted row; mean and rstd kept.
+template <bool Packed, class S, class D, class Cm = Compute<S>>
+void forward_rows(const D& device, ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out, Cm* mean,
+                  Cm* rstd) {
+  const Index C = x.cols;
+  const Cm eps = Cm(kLayerNormEps);
+  device.for_each_row(x.rows, [=] MOE_HOST_DEVICE(Index t, const typename D::Row& row) {
+    const S* xt = x.row(t);
+    const Cm m = row_sum<Packed>(row, C, [](Index, S v) { return Cm(v); }, xt) / Cm(C);
+    const Cm squares = row_sum<Packed>(
+        row, C,
+        [&](Index, S v) {
+          const Cm d = Cm(v) - m;
+          return d * d;
+        },
+        xt);
+    const Cm s = Cm(1) / std::sqrt(squares / Cm(C) + eps);
+    row_update<Packed>(
+        row, C, [&](Index, S, S v, S w, S b) { return S((Cm(v) - m) * s * Cm(w) + Cm(b)); }, out.row(t), xt, weight,
+        bias);
+    if (row.first()) {
+      mean[t] = m;
+      rstd[t] = s;
+    }
+  });
+}
+
+// The backward's input gradient rows: dx += rstd * (dn - mean_c(dn) - n * mean_c(dn * n)), one row of work per row.
+template <bool Packed, class S, class D, class Cm = Compute<S>>
+void input_gradient_rows(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight,
+                         const Cm* mean, const Cm* rstd, MatrixView<S> dx) {
+  const Index C = x.cols;
+  device.for_each_row(x.rows, [=] MOE_HOST_DEVICE(Index t, const typename D::Row& row) {
+    const S* xt = x.row(t);
+    const S* dt = dout.row(t);
+    const Cm m = mean[t], s = rstd[t];
+    const Cm dn_mean = row_sum<Packed>(row, C, [](Index, S d, S w) { return Cm(d) * Cm(w); }, dt, weight) / Cm(C);
+    const Cm dn_n_mean =
+        row_sum<Packed>(
+            row, C, [&](Index, S d, S w, S v) { return Cm(d) * Cm(w) * ((Cm(v) - m) * s); }, dt, weight, xt) /
+        Cm(C);
+    row_update<Packed>(
+        row, C,
+        [&](Index, S o, S d, S w, S v) {
+          const Cm dn = Cm(d) * Cm(w);
+          const Cm n = (Cm(v) - m) * s;
+          return S(Cm(o) + s * (dn - dn_mean - n * dn_n_mean));
+        },
+        dx.row(t), dt, weight, xt);
+  });
+}
+
+}  // namespace layernorm_detail
+
 // x: [T, C], weight: [C], bias: [C] -> out: [T, C]; cached for backward: mean: [T], rstd: [T]
 // (Compute<S>, device memory). out[t] = (x[t] - mean[t]) * rstd[t] * weight + bias,
 // rstd = 1 / sqrt(var + eps). One row of work per row, two passes (mean, then the centred sum of
-// squares: no cancellation when |mean| >> std). out may alias x: each column is read and then
-// written by the same lane.
+// squares: no cancellation when |mean| >> std), in 16-byte packs where every row and parameter
+// array allows. out may alias x: each column is read and then written by the same lane.
 template <class S, class D>
 void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out,
                        Compute<S>* mean, Compute<S>* rstd) {
-  using Cm = Compute<S>;
   const Index T = x.rows, C = x.cols;
   check(C > 0, "layernorm_forward: x has no columns (x is [", T, ", ", C, "])");
   check(out.rows == T && out.cols == C, "layernorm_forward: out is [", out.rows, ", ", out.cols, "], x is [", T,
@@ -41,22 +98,13 @@ void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, c
   check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
   check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
   if (T == 0) return;
-  const Cm eps = Cm(kLayerNormEps);
-  device.for_each_row(T, [=] MOE_HOST_DEVICE(Index t, const typename D::Row& row) {
-    const S* xt = x.row(t);
-    const Cm m = row.sum(C, [&](Index c) { return Cm(xt[c]); }) / Cm(C);
-    const Cm squares = row.sum(C, [&](Index c) {
-      const Cm d = Cm(xt[c]) - m;
-      return d * d;
-    });
-    const Cm s = Cm(1) / std::sqrt(squares / Cm(C) + eps);
-    S* ot = out.row(t);
-    row.for_each(C, [&](Index c) { ot[c] = S((Cm(xt[c]) - m) * s * Cm(weight[c]) + Cm(bias[c])); });
-    if (row.first()) {
-      mean[t] = m;
-      rstd[t] = s;
-    }
-  });
+  const bool packed = row_packs_fit(x.data, x.stride, C) &&
+                      row_packs_fit(static_cast<const S*>(out.data), out.stride, C) && row_packs_fit(weight, 0, C) &&
+                      row_packs_fit(bias, 0, C);
+  if (packed)
+    layernorm_detail::forward_rows<true>(device, x, weight, bias, out, mean, rstd);
+  else
+    layernorm_detail::forward_rows<false>(device, x, weight, bias, out, mean, rstd);
 }
 
 // dout: [T, C], x: [T, C], weight: [C], mean: [T], rstd: [T] (from forward, Compute<S>)
@@ -79,21 +127,14 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
         "], x is [", T, ", ", C, "]");
   check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
 
-  if (dx.data && T > 0)
-    device.for_each_row(T, [=] MOE_HOST_DEVICE(Index t, const typename D::Row& row) {
-      const S* xt = x.row(t);
-      const S* dt = dout.row(t);
-      const Cm m = mean[t], s = rstd[t];
-      const Cm dn_mean = row.sum(C, [&](Index c) { return Cm(dt[c]) * Cm(weight[c]); }) / Cm(C);
-      const Cm dn_n_mean =
-          row.sum(C, [&](Index c) { return Cm(dt[c]) * Cm(weight[c]) * ((Cm(xt[c]) - m) * s); }) / Cm(C);
-      S* dxt = dx.row(t);
-      row.for_each(C, [&](Index c) {
-        const Cm dn = Cm(dt[c]) * Cm(weight[c]);
-        const Cm n = (Cm(xt[c]) - m) * s;
-        dxt[c] = S(Cm(dxt[c]) + s * (dn - dn_mean - n * dn_n_mean));
-      });
-    });
+  if (dx.data && T > 0) {
+    const bool packed = row_packs_fit(dout.data, dout.stride, C) && row_packs_fit(x.data, x.stride, C) &&
+                        row_packs_fit(static_cast<const S*>(dx.data), dx.stride, C) && row_packs_fit(weight, 0, C);
+    if (packed)
+      layernorm_detail::input_gradient_rows<true>(device, dout, x, weight, mean, rstd, dx);
+    else
+      layernorm_detail::input_gradient_rows<false>(device, dout, x, weight, mean, rstd, dx);
+  }
 
   if (!dweight && !dbias) return;
   const Index chunks = (T + kLayerNormRowChunk - 1) / kLayerNormRowChunk;

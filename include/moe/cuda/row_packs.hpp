@@ -1,0 +1,95 @@
+// moe/cuda/row_packs.hpp: a row's sums, maxima and updates in 16-byte packs (moe/cuda/pack.hpp), through the row
+// work of a device (moe/cuda/device.hpp's D::Row: a warp per row on the GPU).
+//
+// Row work reads a row column by column: lane l takes c = l, l + 32, ... A warp then moves 32 elements per load, 64
+// bytes in bf16, and a softmax over attention's [T, T] probabilities or the logits' [N, V] is bound by exactly those
+// loads. Here lane l takes packs l, l + 32, ... instead (8 bf16 or 4 float per load) and folds each pack's elements in
+// order before the butterfly. Both orders are fixed, so each gives the same bits run to run; they differ from each
+// other in the last bits of a sum, so the caller picks one by shapes and alignments alone (row_packs_fit), as
+// pack.hpp's kernels do.
+//
+// Each function takes one or more rows of the same element type, read at the same columns: f(c, row[c], more[c]...).
+//   row_sum<Packed>(work, n, f, rows...)     sum over c in [0, n) of f(c, ...)
+//   row_max<Packed>(work, n, f, rows...)     max over c in [0, n) of f(c, ...) (-inf for n = 0; `>` decides NaNs)
+//   row_update<Packed>(work, n, f, out, rows...)
+//                                            out[c] = f(c, out[c], row[c]...) for every c in [0, n)
+// Packed = true needs every row 16-byte aligned and readable up to whole packs past n (a row of a matrix whose
+// columns fill whole packs: row_packs_fit); row_update's n must then be a whole number of packs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "moe/config.hpp"
+#include "moe/cuda/pack.hpp"
+#include "moe/host_device.hpp"
+
+namespace moe::cuda {
+
+// Whether rows that start at base + r * stride (elements of S, r >= 0) and hold `cols` readable elements can go in
+// packs: the base 16-byte aligned, the stride and cols whole packs.
+template <class S>
+bool row_packs_fit(const S* base, Index stride, Index cols) {
+  constexpr Index P = kPackSize<S>;
+  return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && stride % P == 0 && cols % P == 0;
+}
+
+namespace row_packs_detail {
+
+// f over the elements c < n of pack q of every row, folded in order by `fold` from `init`.
+template <class T, class Fold, class F, class S, class... More>
+MOE_HOST_DEVICE T fold_pack(Index q, Index n, T init, Fold fold, F f, const S* row, const More*... more) {
+  constexpr Index P = kPackSize<S>;
+  static_assert((std::is_same_v<S, More> && ...), "moe::cuda row packs: every row holds the same element type");
+  return [&](const Pack<S>& x, const auto&... y) {
+    T acc = init;
+    for (Index i = 0; i < P && q * P + i < n; ++i) acc = fold(acc, f(q * P + i, x.v[i], y.v[i]...));
+    return acc;
+  }(load_pack(row + q * P), load_pack(more + q * P)...);
+}
+
+}  // namespace row_packs_detail
+
+template <bool Packed, class Row, class F, class S, class... More>
+MOE_HOST_DEVICE auto row_sum(const Row& work, Index n, F f, const S* row, const More*... more) {
+  using T = decltype(f(Index{}, row[0], more[0]...));
+  if constexpr (Packed) {
+    constexpr Index P = kPackSize<S>;
+    const auto add = [](T a, T b) { return a + b; };
+    return work.sum((n + P - 1) / P,
+                    [&](Index q) { return row_packs_detail::fold_pack(q, n, T(0), add, f, row, more...); });
+  } else {
+    return work.sum(n, [&](Index c) { return f(c, row[c], more[c]...); });
+  }
+}
+
+template <bool Packed, class Row, class F, class S, class... More>
+MOE_HOST_DEVICE auto row_max(const Row& work, Index n, F f, const S* row, const More*... more) {
+  using T = decltype(f(Index{}, row[0], more[0]...));
+  if constexpr (Packed) {
+    constexpr Index P = kPackSize<S>;
+    const auto larger = [](T a, T b) { return b > a ? b : a; };  // the row work's own rule
+    return work.max((n + P - 1) / P,
+                    [&](Index q) { return row_packs_detail::fold_pack(q, n, -T(INFINITY), larger, f, row, more...); });
+  } else {
+    return work.max(n, [&](Index c) { return f(c, row[c], more[c]...); });
+  }
+}
+
+template <bool Packed, class Row, class F, class S, class... More>
+MOE_HOST_DEVICE void row_update(const Row& work, Index n, F f, S* out, const More*... more) {
+  if constexpr (Packed) {
+    constexpr Index P = kPackSize<S>;
+    work.for_each(n / P, [&](Index q) {
+      [&](Pack<S> x, const auto&... y) {
+        for (Index i = 0; i < P; ++i) x.v[i] = f(q * P + i, x.v[i], y.v[i]...);
+        store_pack(out + q * P, x);
+      }(load_pack(out + q * P), load_pack(more + q * P)...);
+    });
+  } else {
+    work.for_each(n, [&](Index c) { out[c] = f(c, out[c], more[c]...); });
+  }
+}
+
+}  // namespace moe::cuda
