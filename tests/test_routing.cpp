@@ -2,9 +2,12 @@
 // dispatch order and capacity, and the statistics' math.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
+#include <random>
 
 #include "reference.hpp"
 
@@ -235,4 +238,42 @@ TEST_CASE("aux losses: load balance (eq. 4) and z-loss values, gradients by fini
       CHECK(grad(t, e) == doctest::Approx(fd).epsilon(1e-6).scale(1e-3));
     }
   for (Index e = 0; e < N; ++e) CHECK(grad(2, e) == 0.0);  // masked token
+}
+
+// route_one_token<kK> (select_top_k_fixed: k a compile-time constant, the selection in registers; the
+// CUDA backend's routing kernel) against the runtime-k contract: the same experts, weights and status,
+// bit for bit, on rows full of ties, NaN, +-inf and huge values, for every k in [1, 8] and N from k to 40.
+template <Index kK>
+void check_fixed_k_routing(std::mt19937_64& rng) {
+  const float pool[] = {0.f, 1.f, -1.f, 1.f, 2.5f, kNaN, kInf, -kInf, 3e38f, -3e38f, 0.25f};
+  std::uniform_int_distribution<int> pick(0, int(std::size(pool)) - 1);
+  std::normal_distribution<float> normal;
+  for (Index N = kK; N <= 40; ++N)
+    for (int row = 0; row < 20; ++row) {
+      std::vector<float> z(std::size_t(N), 0.f);
+      for (float& v : z) v = row % 3 == 0 ? normal(rng) : pool[pick(rng)];
+      for (const RoutingWeights mode : {RoutingWeights::softmax_over_top_k, RoutingWeights::softmax_then_top_k}) {
+        std::int32_t chosen[kK], chosen_fixed[kK];
+        float w[kK], w_fixed[kK];
+        const auto status = moe::route_one_token(z.data(), N, kK, mode, chosen, w);
+        const auto status_fixed = moe::route_one_token<kK>(z.data(), N, kK, mode, chosen_fixed, w_fixed);
+        CAPTURE(N);
+        CAPTURE(row);
+        REQUIRE(status == status_fixed);
+        REQUIRE(std::equal(chosen, chosen + kK, chosen_fixed));
+        REQUIRE(std::memcmp(w, w_fixed, sizeof(w)) == 0);
+      }
+    }
+}
+
+TEST_CASE("top-k with k fixed at compile time: the runtime selection's experts, weights and status, bit for bit") {
+  std::mt19937_64 rng(2026);
+  check_fixed_k_routing<1>(rng);
+  check_fixed_k_routing<2>(rng);
+  check_fixed_k_routing<3>(rng);
+  check_fixed_k_routing<4>(rng);
+  check_fixed_k_routing<5>(rng);
+  check_fixed_k_routing<6>(rng);
+  check_fixed_k_routing<7>(rng);
+  check_fixed_k_routing<8>(rng);
 }

@@ -9,3 +9,13 @@
 #else
 #define MOE_HOST_DEVICE
 #endif
+
+// MOE_UNROLL before a loop of constant trip count: unroll it, so arrays it indexes can live in
+// registers (nvcc's and clang's `#pragma unroll`, GCC's `#pragma GCC unroll`; nothing elsewhere).
+#if defined(__CUDACC__) || defined(__clang__)
+#define MOE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define MOE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define MOE_UNROLL
+#endif

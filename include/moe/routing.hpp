@@ -69,6 +69,35 @@ MOE_HOST_DEVICE void select_top_k(const S* logits, Index N, Index k, std::int32_
   }
 }
 
+// select_top_k with k fixed at compile time (kK >= 1, kK <= N): the selection is kK (value, expert)
+// pairs kept sorted by an insertion of fixed length, so with its loops unrolled it lives in
+// registers (the GPU's routing thread reads each logit once and nothing else). The result is
+// select_top_k's: ranks_above is a strict total order, so the k best and their order are unique.
+template <Index kK, class S>
+MOE_HOST_DEVICE void select_top_k_fixed(const S* logits, Index N, std::int32_t* chosen) {
+  static_assert(kK >= 1, "moe::select_top_k_fixed: k must be at least 1");
+  using C = Compute<S>;
+  C value[kK];
+  std::int32_t expert[kK];  // -1: an empty place, below every logit
+  MOE_UNROLL
+  for (Index j = 0; j < kK; ++j) value[j] = C(0), expert[j] = -1;
+  for (Index e = 0; e < N; ++e) {
+    const C v = C(logits[e]);
+    if (expert[kK - 1] >= 0 && !ranks_above(v, e, value[kK - 1], Index(expert[kK - 1]))) continue;
+    value[kK - 1] = v, expert[kK - 1] = std::int32_t(e);  // the last one falls out
+    MOE_UNROLL
+    for (Index p = kK - 1; p > 0; --p)  // move it up past every place it ranks above
+      if (expert[p - 1] < 0 || ranks_above(value[p], Index(expert[p]), value[p - 1], Index(expert[p - 1]))) {
+        const C tv = value[p];
+        const std::int32_t te = expert[p];
+        value[p] = value[p - 1], expert[p] = expert[p - 1];
+        value[p - 1] = tv, expert[p - 1] = te;
+      }
+  }
+  MOE_UNROLL
+  for (Index j = 0; j < kK; ++j) chosen[j] = expert[j];
+}
+
 // What a softmax over count values needs besides the values: their largest (NaN skipped) and
 // the sum of exp(v - max), or, when the largest is not finite, how many entries share the mass.
 template <class C>
@@ -163,12 +192,18 @@ inline Index expert_capacity(Index tokens, Index top_k, Index experts, double ca
 
 // One token: logits z [N] -> its k experts (chosen, best first) and their weights w [k]; returns
 // the token's RowStatus. No scratch and no allocation: the CPU runs it per token on threads, the
-// GPU per token in one thread's registers.
-template <class S>
+// GPU per token in one thread's registers. kFixedK > 0: k is that compile-time constant (k must
+// equal it) and the selection is select_top_k_fixed's unrolled one; the same result.
+template <Index kFixedK = 0, class S>
 MOE_HOST_DEVICE std::uint8_t route_one_token(const S* z, Index N, Index k, RoutingWeights mode,
                                              std::int32_t* chosen, S* w) {
   using C = Compute<S>;
-  select_top_k(z, N, k, chosen);
+  if constexpr (kFixedK > 0) {
+    k = kFixedK;
+    select_top_k_fixed<kFixedK>(z, N, chosen);
+  } else {
+    select_top_k(z, N, k, chosen);
+  }
   std::uint8_t status = kRowFinite;
   bool any_finite = false;
   for (Index e = 0; e < N; ++e) {
