@@ -11,10 +11,11 @@
 #endif
 
 // MOE_UNROLL before a loop of constant trip count: unroll it, so arrays it indexes can live in
-// registers (nvcc's and clang's `#pragma unroll`, GCC's `#pragma GCC unroll`; nothing elsewhere).
-#if defined(__CUDACC__) || defined(__clang__)
+// registers (nvcc's and clang's `#pragma unroll`, GCC's `#pragma GCC unroll`). Nothing in nvcc's
+// host pass, whose front end and host compiler each reject the other's spelling.
+#if defined(__CUDA_ARCH__) || (defined(__clang__) && !defined(__CUDACC__))
 #define MOE_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
+#elif defined(__GNUC__) && !defined(__CUDACC__)
 #define MOE_UNROLL _Pragma("GCC unroll 16")
 #else
 #define MOE_UNROLL

@@ -157,6 +157,22 @@ void add_column_sums(const D& device, ConstMatrixView<S> m, S* db, C* partial) {
   add_column_sums(device, std::span<ColumnSum<S, C>>(&sum, 1), partial);
 }
 
+// Selection and weights, one thread per token (moe::route_one_token), with k a compile-time
+// constant: one kernel per k in [1, kMaxTopK], so the selection is select_top_k_fixed's, in
+// registers. The same result as a runtime k.
+template <Index kK = 1, class D, class S>
+void route_tokens(const D& device, ConstMatrixView<S> logits, Index k, RoutingWeights mode, std::int32_t* expert,
+                  std::uint8_t* status, S* w) {
+  if constexpr (kK < kMaxTopK) {
+    if (k != kK) return route_tokens<kK + 1>(device, logits, k, mode, expert, status, w);
+  }
+  check(k == kK, "route_tokens: top_k = ", k, " outside [1, ", kMaxTopK, "]");
+  const Index N = logits.cols;
+  device.for_each(logits.rows, [=] MOE_HOST_DEVICE(Index t) {
+    status[t] = route_one_token<kK>(logits.row(t), N, kK, mode, expert + t * kK, w + t * kK);
+  });
+}
+
 // The host RoutingPlan of a device plan (statistics and auxiliary losses read it).
 template <class D>
 RoutingPlan to_host(const DevicePlan<D>& plan) {
@@ -517,7 +533,7 @@ class BasicBackend {
     std::int32_t* expert = plan.expert.data();
     std::uint8_t* status = plan.row_status.data();
     S* w = weights.data();
-    if (T > 0) route_tokens(logits, k, mode, expert, status, w);
+    if (T > 0) detail::route_tokens(device_, logits, k, mode, expert, status, w);
 
     std::int64_t* count = plan.chosen_count.data();
     device_.for_each(N, [=] MOE_HOST_DEVICE(Index e) { count[e] = 0; });
@@ -803,22 +819,6 @@ class BasicBackend {
   }
 
  private:
-  // Selection and weights, one thread per token (moe::route_one_token), with k a compile-time
-  // constant: one kernel per k in [1, kMaxTopK], so the selection is select_top_k_fixed's, in
-  // registers. The same result as a runtime k.
-  template <Index kK = 1>
-  void route_tokens(ConstMatrixView<S> logits, Index k, RoutingWeights mode, std::int32_t* expert,
-                    std::uint8_t* status, S* w) const {
-    if constexpr (kK < kMaxTopK) {
-      if (k != kK) return route_tokens<kK + 1>(logits, k, mode, expert, status, w);
-    }
-    check(k == kK, "route_tokens: top_k = ", k, " outside [1, ", kMaxTopK, "]");
-    const Index N = logits.cols;
-    device_.for_each(logits.rows, [=] MOE_HOST_DEVICE(Index t) {
-      status[t] = route_one_token<kK>(logits.row(t), N, kK, mode, expert + t * kK, w + t * kK);
-    });
-  }
-
   // gelu_pre null: the plain input gradient; else through the GELU at *gelu_pre.
   void grouped_linear_backward_impl(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
                                     ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight, S* dbias,
