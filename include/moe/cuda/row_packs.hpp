@@ -18,7 +18,6 @@
 #pragma once
 
 #include <cmath>
-#include <cstdint>
 #include <type_traits>
 
 #include "moe/config.hpp"
@@ -27,12 +26,16 @@
 
 namespace moe::cuda {
 
-// Whether rows that start at base + r * stride (elements of S, r >= 0) and hold `cols` readable elements can go in
-// packs: the base 16-byte aligned, the stride and cols whole packs.
+// Whether rows that start at base + r * stride (elements of S, r >= 0; stride 0: one row read for every row) and hold
+// `cols` readable elements can go in packs: pack.hpp's packable (the base 16-byte aligned, the stride and cols whole
+// packs) for rows given by a pointer.
 template <class S>
 bool row_packs_fit(const S* base, Index stride, Index cols) {
-  constexpr Index P = kPackSize<S>;
-  return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && stride % P == 0 && cols % P == 0;
+  struct Rows {
+    const S* data;
+    Index stride;
+  };
+  return packable<S>(cols, Rows{base, stride});
 }
 
 namespace row_packs_detail {

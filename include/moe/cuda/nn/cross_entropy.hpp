@@ -99,12 +99,6 @@ struct Gradient {
   }
 };
 
-// Whether the rows of the logits (and of dlogits) go in packs.
-template <class S>
-bool rows_in_packs(ConstMatrixView<S> logits) {
-  return row_packs_fit(logits.data, logits.stride, logits.cols);
-}
-
 }  // namespace cross_entropy_detail
 
 // logits: [N, V] (device), targets: [N] (host; ids in [0, V), or -1 to ignore the row)
@@ -127,7 +121,7 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   void* scratch = device.scratch(layout.bytes());
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One row of work per row: the row's softmax statistics and its loss.
-  if (cross_entropy_detail::rows_in_packs(logits))
+  if (packable<S>(V, logits))  // whole 16-byte packs per row: the packed row work
     cross_entropy_detail::row_losses<true>(device, logits, target, losses);
   else
     cross_entropy_detail::row_losses<false>(device, logits, target, losses);
@@ -174,7 +168,7 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One row of work per row: max and 1 / sum of the row's exponentials.
   C* stat = stats_slot.in(scratch);
-  const bool packed = cross_entropy_detail::rows_in_packs(logits) && packable<S>(V, logits, dlogits);
+  const bool packed = packable<S>(V, logits, dlogits);
   if (packed)
     cross_entropy_detail::row_stats<true>(device, logits, target, stat);
   else
