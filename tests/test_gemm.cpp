@@ -1,8 +1,9 @@
 // The CPU GEMM (moe/cpu/gemm.hpp: the register-blocked float kernel, Eigen's kernel for double)
 // and the fixed-order SIMD row loops (moe/cpu/simd.hpp), against float64 / long double references
 // on fresh random inputs. Shapes are chosen to hit every edge of the blocking: rows that are not a
-// multiple of the micro-kernel's MR, columns not a multiple of NR (packed B panels), depths past one
-// KC block, widths past one NC block, strided views and all four transpose combinations.
+// multiple of the micro-kernel's MR, columns not a multiple of NR, depths past one KC block, widths
+// past one NC block, B packed and read in place, strided views, all four transpose combinations,
+// and "=" / "+=" with and without a bias.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -103,6 +104,8 @@ void check_product(Shape shape, Op op_a, Op op_b, bool accumulate, bool with_bia
 const std::vector<Shape> kShapes = {
     {1, 1, 1},     {1, 33, 7},    {7, 1, 300},  {8, 32, 16},   {9, 33, 257},  {17, 17, 64},  {33, 48, 255},
     {64, 96, 256}, {100, 5, 600}, {150, 31, 40}, {5, 530, 33}, {200, 8, 129}, {2, 1040, 3}, {145, 64, 513},
+    // B read in place (read_b_in_place: <= 32 rows, depth <= 128, whole NR panels), full and edge rows
+    {32, 64, 128}, {20, 96, 100},
 };
 
 }  // namespace
@@ -111,10 +114,10 @@ TEST_CASE("gemm float: every transpose combination and blocking edge against a l
   std::uint64_t seed = 100;
   for (const Shape& shape : kShapes)
     for (Op op_a : {Op::none, Op::transpose})
-      for (Op op_b : {Op::none, Op::transpose}) {
-        check_product<float>(shape, op_a, op_b, false, false, 2, ++seed);
-        check_product<float>(shape, op_a, op_b, true, true, 1, ++seed);
-      }
+      for (Op op_b : {Op::none, Op::transpose})
+        for (bool accumulate : {false, true})  // "=" stores without reading C; "+=" adds to it
+          for (bool with_bias : {false, true})  // the bias is added in the last depth block's stores
+            check_product<float>(shape, op_a, op_b, accumulate, with_bias, accumulate ? 1 : 2, ++seed);
 }
 
 TEST_CASE("gemm double (Eigen's kernel): the same shapes and bounds") {

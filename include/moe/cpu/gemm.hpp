@@ -54,9 +54,9 @@ void eigen_sequential_gemm(Index m, Index n, Index depth, const S* a, Index lda,
 // runs the depth loop as broadcast(A) x packet(B) FMAs. Blocks: NC columns of B, KC of the depth
 // and MC rows of A at a time, sized so a B panel (KC x NR) stays in L1 and an A block in L2.
 // op(A) is read where it lies (row-major A: one row per register row; transposed A is packed,
-// MR values per depth step); op(B) is read in place when its rows are contiguous and NR-aligned,
-// and packed into KC x NR panels otherwise. Measured on the project's Zen 4 VM (one thread, the
-// GPT-2 example's expert and attention GEMMs): 12-18% more GFLOP/s than Eigen's kernel.
+// MR values per depth step); op(B) is packed into KC x NR panels (see read_b_in_place for the
+// one exception). Measured on the project's Zen 4 VM (one thread, the GPT-2 example's expert and
+// attention GEMMs): 12-18% more GFLOP/s than Eigen's kernel.
 //
 // Every C element sums its depth in KC blocks, in order, one FMA chain per block: the bits depend
 // on the tile's shape and values alone.
@@ -71,10 +71,14 @@ inline constexpr Index NR = 2 * kLanes;
 inline constexpr Index KC = 256, MC = 144, NC = 512;
 
 // C[rows, cols] += sum_k A(r, k) B(k, c) over k < depth, A(r, k) = a[r * a_row + k * a_step],
-// B(k, c) = b[k * b_step + c]. Full tiles update C in place; edge tiles go through a buffer.
+// B(k, c) = b[k * b_step + c]; with `overwrite`, C = that sum instead (C is not read), and with a
+// `bias` (this block's cols values) the result + bias[c] is stored. Folding the "=" and the bias
+// into the store saves the tile two passes over C: a zero fill before and a bias add after.
+// Full tiles update C in place; edge tiles go through a buffer.
 template <bool FullTile>
 void micro_kernel(const float* __restrict a, Index a_row, Index a_step, const float* __restrict b, Index b_step,
-                  Index depth, float* c, Index ldc, Index rows, [[maybe_unused]] Index cols) {
+                  Index depth, float* c, Index ldc, Index rows, [[maybe_unused]] Index cols, bool overwrite,
+                  const float* bias) {
   using namespace Eigen::internal;
   using P = FloatPacket;
   P acc0[MR], acc1[MR];
@@ -93,12 +97,21 @@ void micro_kernel(const float* __restrict a, Index a_row, Index a_step, const fl
       acc1[r] = pmadd(a_rk, b1, acc1[r]);
     }
   }
+  // The sum's order is C's old value, this depth block, then the bias: as a zero fill, the
+  // accumulation and a bias pass would give it.
   if constexpr (FullTile) {
+    const P bias0 = bias ? ploadu<P>(bias) : pset1<P>(0.f), bias1 = bias ? ploadu<P>(bias + kLanes) : pset1<P>(0.f);
 #pragma GCC unroll 8
     for (Index r = 0; r < MR; ++r) {
       float* c_row = c + r * ldc;
-      pstoreu(c_row, padd(ploadu<P>(c_row), acc0[r]));
-      pstoreu(c_row + kLanes, padd(ploadu<P>(c_row + kLanes), acc1[r]));
+      P sum0 = overwrite ? acc0[r] : padd(ploadu<P>(c_row), acc0[r]);
+      P sum1 = overwrite ? acc1[r] : padd(ploadu<P>(c_row + kLanes), acc1[r]);
+      if (bias) {
+        sum0 = padd(sum0, bias0);
+        sum1 = padd(sum1, bias1);
+      }
+      pstoreu(c_row, sum0);
+      pstoreu(c_row + kLanes, sum1);
     }
   } else {
     alignas(64) float block[MR * NR];
@@ -107,7 +120,11 @@ void micro_kernel(const float* __restrict a, Index a_row, Index a_step, const fl
       pstore(block + r * NR + kLanes, acc1[r]);
     }
     for (Index r = 0; r < rows; ++r)
-      for (Index j = 0; j < cols; ++j) c[r * ldc + j] += block[r * NR + j];
+      for (Index j = 0; j < cols; ++j) {
+        float sum = overwrite ? block[r * NR + j] : c[r * ldc + j] + block[r * NR + j];
+        if (bias) sum += bias[j];
+        c[r * ldc + j] = sum;
+      }
   }
 }
 
@@ -169,12 +186,25 @@ inline void pack_transposed_a(const Gemm<float>& g, Index i0, Index mc, Index k0
   }
 }
 
-// c += op(a) op(b), single-threaded.
-inline void gemm_accumulate(const Gemm<float>& g) {
+// Whether the micro-kernel reads op(B) where it lies instead of from packed panels. A panel read
+// in place has its KC rows one B stride apart, and the widths of these models make that stride a
+// multiple of 512 bytes, which maps the rows to a few L1 sets: each of the MC / MR passes over
+// the panel misses L1 again. Packed, they are contiguous. Measured on one thread of an AVX-512
+// Xeon VM: packing is 4-35% faster on the GPT-2 example's expert and projection shapes (GPT-2
+// small's 512x3072x768: 35%; the ViT's 197x192x192: 1%). Only tiles of <= 4 * MR rows with a
+// short depth (attention's 32-row blocks against a head's keys) are ~10% faster in place: 4
+// passes over <= 128 rows cost less than the copy.
+inline bool read_b_in_place(const Gemm<float>& g) {
+  return g.op_b == Op::none && g.n() % NR == 0 && g.m() <= 4 * MR && g.depth() <= KC / 2;
+}
+
+// c (+)= op(a) op(b) (+ bias), single-threaded, as g says. depth >= 1: the first depth block
+// writes C (or adds to it), the last one adds the bias.
+inline void gemm(const Gemm<float>& g) {
   const Index m = g.m(), n = g.n(), depth = g.depth();
   thread_local std::vector<float, Eigen::aligned_allocator<float>> a_buffer, b_buffer;
   const bool a_packed = g.op_a == Op::transpose;
-  const bool b_packed = g.op_b == Op::transpose || n % NR != 0;
+  const bool b_packed = !read_b_in_place(g);
   if (a_packed) a_buffer.resize(std::size_t(KC * ((MC + MR - 1) / MR * MR)));
   if (b_packed) b_buffer.resize(std::size_t(KC * ((NC + NR - 1) / NR * NR)));
   for (Index j0 = 0; j0 < n; j0 += NC) {
@@ -194,10 +224,14 @@ inline void gemm_accumulate(const Gemm<float>& g) {
             const float* a_panel = a_packed ? a_buffer.data() + p * kc : g.a.row(i0 + p) + k0;
             const Index a_row = a_packed ? 1 : g.a.stride, a_step = a_packed ? MR : 1;
             float* c_block = g.c.row(i0 + p) + j0 + q;
+            const bool overwrite = !g.accumulate && k0 == 0;
+            const float* bias = g.bias && k0 + kc == depth ? g.bias + j0 + q : nullptr;
             if (rows == MR && cols == NR)
-              micro_kernel<true>(a_panel, a_row, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols);
+              micro_kernel<true>(a_panel, a_row, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols,
+                                 overwrite, bias);
             else
-              micro_kernel<false>(a_panel, a_row, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols);
+              micro_kernel<false>(a_panel, a_row, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols,
+                                  overwrite, bias);
           }
         }
       }
@@ -207,15 +241,18 @@ inline void gemm_accumulate(const Gemm<float>& g) {
 
 }  // namespace kernel
 
-// c += op(a) op(b) for one tile, single-threaded. (Eigen's kernel takes a transposed row-major
-// view as a column-major matrix with the same stride.)
+// One tile, single-threaded: c (+)= op(a) op(b) (+ bias), as g says. (Eigen's kernel takes a
+// transposed row-major view as a column-major matrix with the same stride.)
 template <class S>
-void gemm_tile_accumulate(const Gemm<S>& g) {
+void gemm_tile(const Gemm<S>& g) {
   const Index m = g.m(), n = g.n(), depth = g.depth();
-  if (m == 0 || n == 0 || depth == 0) return;
+  if (m == 0 || n == 0) return;
   if constexpr (std::is_same_v<S, float> && kernel::kEnabled) {
-    kernel::gemm_accumulate(g);
-  } else {
+    if (depth > 0) return kernel::gemm(g);  // "=" and the bias folded into its stores
+  }
+  if (!g.accumulate)
+    for (Index r = 0; r < m; ++r) std::fill(g.c.row(r), g.c.row(r) + n, S(0));
+  if (depth > 0) {
     constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
     const bool ta = g.op_a == Op::transpose, tb = g.op_b == Op::transpose;
     const S *a = g.a.data, *b = g.b.data;
@@ -224,17 +261,10 @@ void gemm_tile_accumulate(const Gemm<S>& g) {
     if (ta && !tb) eigen_sequential_gemm<S, C, R>(m, n, depth, a, g.a.stride, b, g.b.stride, g.c.data, g.c.stride);
     if (ta && tb) eigen_sequential_gemm<S, C, C>(m, n, depth, a, g.a.stride, b, g.b.stride, g.c.data, g.c.stride);
   }
-}
-
-template <class S>
-void run_tile(const Gemm<S>& g) {
-  if (!g.accumulate)
-    for (Index r = 0; r < g.c.rows; ++r) std::fill(g.c.row(r), g.c.row(r) + g.c.cols, S(0));
-  gemm_tile_accumulate(g);
   if (g.bias)
-    for (Index r = 0; r < g.c.rows; ++r) {
+    for (Index r = 0; r < m; ++r) {
       S* row = g.c.row(r);
-      for (Index j = 0; j < g.c.cols; ++j) row[j] += g.bias[j];
+      for (Index j = 0; j < n; ++j) row[j] += g.bias[j];
     }
 }
 
@@ -278,7 +308,7 @@ void run_gemms(std::span<const Gemm<S>> problems, int threads) {
     check(g.depth() == (g.op_b == Op::none ? g.b.rows : g.b.cols), "gemm: inner dimensions differ");
     append_tiles(g, tiles);
   }
-  parallel_for(threads, Index(tiles.size()), [&](Index i) { detail::run_tile(tiles[i]); });
+  parallel_for(threads, Index(tiles.size()), [&](Index i) { detail::gemm_tile(tiles[i]); });
 }
 
 template <class S>

@@ -41,15 +41,16 @@ void softmax_row(S* row, Index n, S scale) {
   for (Index j = 0; j < n; ++j) row[j] *= inverse;
 }
 
-// c (+)= op(a) op(b) on one thread; the caller zeroes c first when it wants "=".
+// c = op(a) op(b) on one thread.
 template <class S>
 void product(MatrixView<S> c, ConstMatrixView<S> a, cpu::Op op_a, ConstMatrixView<S> b, cpu::Op op_b) {
-  cpu::detail::gemm_tile_accumulate(cpu::Gemm<S>{c, a, op_a, b, op_b, true});
+  cpu::detail::gemm_tile(cpu::Gemm<S>{c, a, op_a, b, op_b, false});
 }
 
+// c += op(a) op(b) on one thread.
 template <class S>
-void zero(MatrixView<S> m) {
-  for (Index r = 0; r < m.rows; ++r) std::fill(m.row(r), m.row(r) + m.cols, S(0));
+void add_product(MatrixView<S> c, ConstMatrixView<S> a, cpu::Op op_a, ConstMatrixView<S> b, cpu::Op op_b) {
+  cpu::detail::gemm_tile(cpu::Gemm<S>{c, a, op_a, b, op_b, true});
 }
 
 // The [T, hs] q, k or v block (part 0, 1, 2) of head h in sequence b.
@@ -100,7 +101,6 @@ void attention_forward(ConstMatrixView<S> qkv, Index B, Index T, Index heads, bo
       const Index rows = std::min(kAttentionBlock, T - r0);
       const Index keys = causal ? r0 + rows : T;  // keys any query of this block may see
       const auto p = probs.row_block(r0, rows).col_block(0, keys);
-      ad::zero(p);
       ad::product<S>(p, q.row_block(r0, rows), Op::none, k.row_block(0, keys), Op::transpose);
       for (Index i = 0; i < rows; ++i) {
         const Index seen = causal ? r0 + i + 1 : T;
@@ -108,7 +108,6 @@ void attention_forward(ConstMatrixView<S> qkv, Index B, Index T, Index heads, bo
         std::fill(probs.row(r0 + i) + seen, probs.row(r0 + i) + T, S(0));  // masked: exactly 0
       }
       const auto o_block = o.row_block(r0, rows);
-      ad::zero(o_block);
       ad::product<S>(o_block, p, Op::none, v.row_block(0, keys), Op::none);
     }
   });
@@ -143,8 +142,7 @@ void attention_backward(ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S
       const auto d_o_block = d_o.row_block(r0, rows);
       const MatrixView<S> ds(scratch.data(), rows, keys);  // holds dP, then dS in place
 
-      ad::product<S>(dv.row_block(0, keys), p, Op::transpose, d_o_block, Op::none);
-      ad::zero(ds);
+      ad::add_product<S>(dv.row_block(0, keys), p, Op::transpose, d_o_block, Op::none);
       ad::product<S>(ds, d_o_block, Op::none, v.row_block(0, keys), Op::transpose);
       for (Index i = 0; i < rows; ++i) {
         const Index seen = causal ? r0 + i + 1 : T;
@@ -154,8 +152,8 @@ void attention_backward(ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S
         for (Index j = 0; j < seen; ++j) ds_row[j] = p_row[j] * (ds_row[j] - p_dot_dp) * scale;
         std::fill(ds_row + seen, ds_row + keys, S(0));  // masked keys get no gradient
       }
-      ad::product<S>(dq.row_block(r0, rows), ds, Op::none, k.row_block(0, keys), Op::none);
-      ad::product<S>(dk.row_block(0, keys), ds, Op::transpose, q.row_block(r0, rows), Op::none);
+      ad::add_product<S>(dq.row_block(r0, rows), ds, Op::none, k.row_block(0, keys), Op::none);
+      ad::add_product<S>(dk.row_block(0, keys), ds, Op::transpose, q.row_block(r0, rows), Op::none);
     }
   });
 }
