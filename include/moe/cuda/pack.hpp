@@ -23,13 +23,25 @@ struct alignas(16) Pack {
   S v[kPackSize<S>];
 };
 
+#if !defined(__CUDA_ARCH__)
+namespace pack_detail {
+// On the host (the emulated device) a pack moves element by element and would work at any address;
+// on the GPU a misaligned 128-bit access stops the kernel. So the host checks what the GPU assumes.
+inline void check_aligned(const void* p, const char* where) {
+  check(reinterpret_cast<std::uintptr_t>(p) % 16 == 0, where, ": address ", p,
+        " is not 16-byte aligned (a 128-bit access there faults on the GPU; packable() should have said no)");
+}
+}  // namespace pack_detail
+#endif
+
 // The pack at p (16-byte aligned): one 128-bit load on the GPU; element by element on the host (no aliasing
-// questions there).
+// questions there), after checking the alignment.
 template <class S>
 MOE_HOST_DEVICE Pack<S> load_pack(const S* p) {
 #if defined(__CUDA_ARCH__)
   return *reinterpret_cast<const Pack<S>*>(p);
 #else
+  pack_detail::check_aligned(p, "load_pack");
   Pack<S> x;
   for (Index i = 0; i < kPackSize<S>; ++i) x.v[i] = p[i];
   return x;
@@ -41,6 +53,7 @@ MOE_HOST_DEVICE void store_pack(S* p, const Pack<S>& x) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<Pack<S>*>(p) = x;
 #else
+  pack_detail::check_aligned(p, "store_pack");
   for (Index i = 0; i < kPackSize<S>; ++i) p[i] = x.v[i];
 #endif
 }
