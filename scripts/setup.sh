@@ -14,7 +14,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
 packages=(
-  build-essential cmake ninja-build pkg-config
+  build-essential cmake ninja-build pkg-config clang libomp-dev
   libeigen3-dev doctest-dev libbenchmark-dev
   python3 python3-numpy python3-torch libopenblas0-pthread
   fortunes dict-gcide dict-wn dict-foldoc

@@ -222,7 +222,8 @@ class OwningTrainer final : public ModelTrainer<Model> {
   };
 
  public:
-  OwningTrainer(const Config& config, const moe::nn::AdamWConfig& adamw, typename Model::Ops ops = {})
+  OwningTrainer(const Config& config, const moe::nn::AdamWConfig& adamw,
+                typename Model::Ops ops = typename Model::Ops())
       : OwningTrainer(std::unique_ptr<Parts>(new Parts{Model(config, ops), ops.make_optimizer(adamw)})) {}
 
  private:

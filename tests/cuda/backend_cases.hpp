@@ -714,7 +714,7 @@ void check_gemm_epilogues(double tolerance) {
                                    : dgelu ? sum * moe::activation::gelu_grad(double(given_pre[at]))
                                            : sum);
         }
-      CAPTURE(M);
+      CAPTURE(shape.M);  // the binding itself: clang < 16 cannot capture it in CAPTURE's lambda
       CAPTURE(variant);
       CHECK(relative_error(to_host<S>(backend, out.data(), M * O), expected_out) < tolerance);
       if (epilogue != moe::cuda::Epilogue::bias)  // dgelu leaves it as given; without aux it is untouched

@@ -121,10 +121,10 @@ void check_against_cpu(double tolerance) {
       for (const Index block : {Index{0}, Index{16}, Index{7}})
         for (const bool zero_start : {true, false}) {
           const auto [B, T, C, heads] = s;
-          CAPTURE(B);
-          CAPTURE(T);
-          CAPTURE(C);
-          CAPTURE(heads);
+          CAPTURE(s.B);  // the fields, not the bindings: clang < 16 cannot capture those in CAPTURE's lambda
+          CAPTURE(s.T);
+          CAPTURE(s.C);
+          CAPTURE(s.heads);
           CAPTURE(causal);
           CAPTURE(block);
           CAPTURE(zero_start);
@@ -167,7 +167,7 @@ void check_rerun_bits() {
   for (const Shape s : {Shape{2, 33, 24, 4}, Shape{3, 70, 21, 7}, Shape{2, 40, 16, 2}})
     for (const bool causal : {true, false}) {
       const auto [B, T, C, heads] = s;
-      CAPTURE(T);
+      CAPTURE(s.T);
       CAPTURE(causal);
       const auto qkv = normal_values(std::size_t(B * T * 3 * C), 7);
       const auto dout = normal_values(std::size_t(B * T * C), 8);

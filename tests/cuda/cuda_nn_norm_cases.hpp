@@ -378,7 +378,8 @@ void check_embedding_parity(const EmbeddingShape& s, std::uint64_t seed, double 
   CAPTURE(s.V);
   CAPTURE(s.C);
   const EmbeddingInputs in = rounded<S>(embedding_inputs(s.B, s.T, s.V, s.max_T, s.C, seed));
-  for (const auto& [with_dwte, with_dwpe] : {std::pair{true, true}, std::pair{true, false}, std::pair{false, true}}) {
+  for (const auto& wanted : {std::pair{true, true}, std::pair{true, false}, std::pair{false, true}}) {
+    const bool with_dwte = wanted.first, with_dwpe = wanted.second;
     CAPTURE(with_dwte);
     CAPTURE(with_dwpe);
     const EmbeddingResult cpu = embedding_cpu(in, with_dwte, with_dwpe);
