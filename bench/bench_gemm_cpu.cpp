@@ -111,31 +111,30 @@ double eigen_median_seconds(Problem& p) {
   return times[times.size() / 2];
 }
 
-// GFLOP/s and, for the kernel, Eigen's time / ours, from the wall time of the whole loop.
-void bm_kernel(benchmark::State& state, const Shape& shape) {
-  Problem p(shape);
-  const double eigen = eigen_median_seconds(p);
+// Runs the benchmark's loop over `product` and returns the wall time per product.
+template <class F>
+double seconds_per_product(benchmark::State& state, Problem& p, F product) {
   const auto t0 = Clock::now();
   for (auto _ : state) {
-    p.run_kernel();
+    product();
     benchmark::DoNotOptimize(p.c.data());
     benchmark::ClobberMemory();
   }
-  const double per_product = std::chrono::duration<double>(Clock::now() - t0).count() / double(state.iterations());
-  state.counters["GFLOP/s"] = p.flops() * 1e-9 / per_product;
-  state.counters["speedup_vs_eigen"] = eigen / per_product;
+  return std::chrono::duration<double>(Clock::now() - t0).count() / double(state.iterations());
+}
+
+// GFLOP/s and, for the kernel, Eigen's time / ours.
+void bm_kernel(benchmark::State& state, const Shape& shape) {
+  Problem p(shape);
+  const double eigen = eigen_median_seconds(p);
+  const double ours = seconds_per_product(state, p, [&] { p.run_kernel(); });
+  state.counters["GFLOP/s"] = p.flops() * 1e-9 / ours;
+  state.counters["speedup_vs_eigen"] = eigen / ours;
 }
 
 void bm_eigen(benchmark::State& state, const Shape& shape) {
   Problem p(shape);
-  const auto t0 = Clock::now();
-  for (auto _ : state) {
-    p.run_eigen();
-    benchmark::DoNotOptimize(p.c.data());
-    benchmark::ClobberMemory();
-  }
-  const double per_product = std::chrono::duration<double>(Clock::now() - t0).count() / double(state.iterations());
-  state.counters["GFLOP/s"] = p.flops() * 1e-9 / per_product;
+  state.counters["GFLOP/s"] = p.flops() * 1e-9 / seconds_per_product(state, p, [&] { p.run_eigen(); });
 }
 
 const bool registered = [] {
