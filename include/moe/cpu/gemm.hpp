@@ -55,8 +55,9 @@ void eigen_sequential_gemm(Index m, Index n, Index depth, const S* a, Index lda,
 // and MC rows of A at a time, sized so a B panel (KC x NR) stays in L1 and an A block in L2.
 // op(A) is read where it lies (row-major A: one row per register row; transposed A is packed,
 // MR values per depth step); op(B) is packed into KC x NR panels (see read_b_in_place for the
-// one exception). Measured on the project's Zen 4 VM (one thread, the GPT-2 example's expert and
-// attention GEMMs): 12-18% more GFLOP/s than Eigen's kernel.
+// one exception). Against Eigen's kernel, one thread (bench/bench_gemm_cpu, bench/RESULTS.md):
+// 12-18% more GFLOP/s on a Zen 4 VM; on an AVX-512 Xeon VM 5-20% more on the small config's
+// expert products and a draw on GPT-2's.
 //
 // Every C element sums its depth in KC blocks, in order, one FMA chain per block: the bits depend
 // on the tile's shape and values alone.
