@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine and runs every test, in three configurations:
 #   1. Release (-O3 -march=native, OpenMP), the configuration users build;
-#   2. AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g1: line tables for the reports, and
-#      compiles 2.5x faster than -O2 -g; host code only: the CUDA backend's cases run there on the
-#      emulated device, the GPU binary is built in 1 only);
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer (-Og -g1: line tables for the reports; -Og
+#      compiles 1.8x faster than -O1 under the sanitizers and the tests ran as fast; host code only:
+#      the CUDA backend's cases run there on the emulated device, the GPU binary is built in 1 only);
 #   3. Clang (Debian's clang 14, Release, with LLVM's OpenMP): the headers compile with the other
 #      compiler users have, and the unit tests, the package consumer and the parity tests pass
 #      (examples and benchmarks are left to 1: they add build time, not coverage of the headers).
@@ -28,7 +28,7 @@ fi
 if [[ $what == all || $what == sanitize ]]; then
   # Every test again with the library code instrumented (the parity test's C++ side included).
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    run_config sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG" \
+    run_config sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-Og -g1 -DNDEBUG" \
       -DMOE_SANITIZE=ON -DMOE_BUILD_BENCH=OFF -DMOE_ENABLE_CUDA=OFF
 fi
 if [[ $what == all || $what == clang ]]; then
