@@ -4,9 +4,11 @@
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer (-Og -g1: line tables for the reports; -Og
 #      compiles 1.8x faster than -O1 under the sanitizers and the tests ran as fast; host code only:
 #      the CUDA backend's cases run there on the emulated device, the GPU binary is built in 1 only);
-#   3. Clang (Debian's clang 14, Release, with LLVM's OpenMP): the headers compile with the other
+#   3. Clang (Debian's clang 14 at -O1, with LLVM's OpenMP): the headers compile with the other
 #      compiler users have, and the unit tests, the package consumer and the parity tests pass
 #      (examples and benchmarks are left to 1: they add build time, not coverage of the headers).
+#      -O1 builds in half the time of -O3 and the tests ran as fast; the package consumer still
+#      builds and runs a layer at clang's -O3 (its own project, Release).
 # Usage: scripts/test.sh [release|sanitize|clang]   (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ if [[ $what == all || $what == sanitize ]]; then
       -DMOE_SANITIZE=ON -DMOE_BUILD_BENCH=OFF -DMOE_ENABLE_CUDA=OFF
 fi
 if [[ $what == all || $what == clang ]]; then
-  run_config clang -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ -DMOE_BUILD_BENCH=OFF \
+  run_config clang -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG" -DCMAKE_CXX_COMPILER=clang++ -DMOE_BUILD_BENCH=OFF \
     -DMOE_BUILD_EXAMPLES=OFF -DMOE_ENABLE_CUDA=OFF
 fi
 echo "== all test configurations passed =="
