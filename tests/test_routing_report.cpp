@@ -1,6 +1,7 @@
-// The routing report of the gate comparisons (examples/common/routing_report.hpp) and the SVG
-// pictures under it (examples/common/svg_plot.hpp): every file is written, every number is the
-// one given, the pictures are well-formed XML whatever the names and values.
+// The routing report of the gate comparisons (examples/common/routing_report.hpp), its summary
+// over seeds (examples/common/seed_summary.hpp) and the SVG pictures under them
+// (examples/common/svg_plot.hpp): every file is written, every number is the one given or the
+// statistic computed by hand, the pictures are well-formed XML whatever the names and values.
 #include <doctest/doctest.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "../examples/common/routing_report.hpp"
+#include "../examples/common/seed_summary.hpp"
 #include "moe/io/json.hpp"
 
 namespace {
@@ -587,4 +589,148 @@ TEST_CASE("routing report: the appendix ends report.md as given; without one the
   options.appendix = "## Confusion matrix\n\n![confusion](confusion.svg)";
   const std::string with = report::report_markdown(results, options);
   CHECK(with == plain + "\n## Confusion matrix\n\n![confusion](confusion.svg)\n");
+}
+
+// ---- the summary over seeds ----------------------------------------------------------------------
+
+namespace {
+
+// Seed s of three: linear's val loss 2.00, 2.10, 2.20; self's 1.95, 2.08, 2.12 (self - linear:
+// -0.05, -0.02, -0.08: mean -0.05, sample std 0.03); dense 2.5 + s / 10 (always 0.5 above). Routing: every layer of
+// linear has max fraction 0.25 + s / 100, self's 0.2 (the synthetic layers' entropies are kept).
+std::vector<report::SeedRun> synthetic_seed_runs() {
+  const double linear_loss[] = {2.00, 2.10, 2.20}, self_loss[] = {1.95, 2.08, 2.12};
+  std::vector<report::SeedRun> runs;
+  for (int s = 0; s < 3; ++s) {
+    const std::vector<report::VariantResult> base = synthetic_results();  // dense, linear, self, fixed-random
+    report::VariantResult self = base[2], dense = base[0], linear = base[1];
+    self.values = {{"val loss", self_loss[s], 4}, {"tokens/s", 1000.0 + s, 0}};
+    linear.values = {{"val loss", linear_loss[s], 4}, {"tokens/s", 900.0, 0}};
+    dense.values = {{"val loss", 2.5 + s / 10.0, 4}};
+    for (auto& layer : linear.layers) layer.max_fraction = 0.25 + s / 100.0;
+    for (auto& layer : self.layers) layer.max_fraction = 0.2;
+    runs.push_back({std::uint64_t(100 + s), {self, linear, dense}, "seed-" + std::to_string(100 + s)});
+  }
+  return runs;
+}
+
+// The markdown row that starts with "| name |".
+std::vector<std::string> row_of(std::string_view table, std::string_view name) {
+  for (const std::string& line : split(table, '\n'))
+    if (line.starts_with("| " + std::string(name) + " |")) return cells(line);
+  FAIL("no row " << name << " in\n" << table);
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("seed summary: mean, sample standard deviation and range over the finite values") {
+  const std::vector<std::optional<double>> values = {1.0, std::nullopt, 4.0, kNaN, 2.0};
+  const report::Spread s = report::Spread::of(values);
+  CHECK(s.given == 4);
+  CHECK(s.finite == 3);
+  CHECK(s.mean == doctest::Approx(7.0 / 3).epsilon(1e-15));
+  CHECK(s.std == doctest::Approx(std::sqrt(7.0 / 3)).epsilon(1e-15));  // ((4 + 1 + 25) / 9) / (3 - 1)
+  CHECK(s.low == 1.0);
+  CHECK(s.high == 4.0);
+  const report::Spread one = report::Spread::of(std::vector<std::optional<double>>{3.0});
+  CHECK(one.mean == 3.0);
+  CHECK(std::isnan(one.std));  // no spread from one value
+  const report::Spread none = report::Spread::of(std::vector<std::optional<double>>{kInf, std::nullopt});
+  CHECK(none.given == 1);
+  CHECK(none.finite == 0);
+  CHECK(std::isnan(none.mean));
+}
+
+TEST_CASE("seed summary: the table holds each value's mean ± std, '-' where a variant has none") {
+  const auto runs = synthetic_seed_runs();
+  const std::string table = report::seed_summary_table(runs);
+  CAPTURE(table);
+  CHECK(cells(split(table, '\n')[0]) ==
+        std::vector<std::string>{"variant", "val loss", "tokens/s", "mean norm. entropy", "mean max expert fraction"});
+  CHECK(row_of(table, "linear")[1] == "2.1000 ± 0.1000");
+  CHECK(row_of(table, "self")[1] == "2.0500 ± 0.0889");  // sd of 1.95, 2.08, 2.12 = 0.08888...
+  CHECK(row_of(table, "self")[2] == "1001 ± 1");
+  CHECK(row_of(table, "linear")[4] == "0.260 ± 0.010");
+  CHECK(row_of(table, "dense")[2] == "-");
+  CHECK(row_of(table, "dense")[3] == "-");
+  const double entropy = mean_of(runs[0].results[0], &report::LayerRouting::entropy);
+  CHECK(row_of(table, "self")[3] == report::format_fixed(entropy, 3) + " ± 0.000");  // the same layers every seed
+}
+
+TEST_CASE("seed summary: differences from linear are taken seed by seed, with their range") {
+  auto runs = synthetic_seed_runs();
+  const std::string table = report::seed_difference_table(runs);
+  CAPTURE(table);
+  CHECK(table.starts_with("| variant − linear |"));
+  CHECK(row_of(table, "self")[1] == "-0.0500 ± 0.0300 [-0.0800, -0.0200]");
+  CHECK(row_of(table, "self")[4] == "-0.060 ± 0.010 [-0.070, -0.050]");
+  CHECK(row_of(table, "dense")[1] == "0.5000 ± 0.0000 [0.5000, 0.5000]");
+  CHECK(row_of(table, "dense")[3] == "-");
+  CHECK(table.find("| linear |") == std::string::npos);  // the reference has no row
+  // A seed whose run diverged: counted out, and said so.
+  runs[1].results[0].values[0].value = kNaN;
+  const std::string diverged = report::seed_difference_table(runs);
+  CHECK(row_of(diverged, "self")[1] == "-0.0650 ± 0.0212 [-0.0800, -0.0500] (2 of 3 seeds)");
+  // Without linear the first variant is the reference.
+  for (auto& run : runs) run.results.erase(run.results.begin() + 1);
+  CHECK(report::seed_difference_table(runs).starts_with("| variant − self |"));
+}
+
+TEST_CASE("seed summary: the files hold every per-seed value, the JSON parses, report.md links each seed") {
+  const auto runs = synthetic_seed_runs();
+  TempDir dir;
+  report::write_seed_summary(dir.path / "out", runs,
+                             {.title = "over seeds", .command_line = "gpt2_moe compare --seeds 100,101,102"});
+  const std::string md = read_file(dir.path / "out" / "report.md");
+  CHECK(md.find("# over seeds") == 0);
+  CHECK(md.find("- **Seeds** (3): 100, 101, 102.") != std::string::npos);
+  CHECK(md.find("[seed-101/report.md](seed-101/report.md)") != std::string::npos);
+  CHECK(md.find("| 102 | 2.1200 | 2.2000 | 2.7000 |") != std::string::npos);  // val loss per seed
+  const Value doc = moe::io::json::parse(read_file(dir.path / "out" / "summary.json"));
+  CHECK(doc.at("reference").as_string() == "linear");
+  REQUIRE(doc.at("seeds").as_array().size() == 3);
+  CHECK(item(doc.at("seeds"), 2).as_int() == 102);
+  const Value& self = item(doc.at("variants"), 0);
+  CHECK(self.at("variant").as_string() == "self");
+  CHECK(item(self.at("values").at("val loss").at("per_seed"), 1).as_number() == 2.08);
+  CHECK(self.at("minus_reference").at("val loss").at("mean").as_number() == doctest::Approx(-0.05).epsilon(1e-12));
+  CHECK(self.at("minus_reference").at("val loss").at("std").as_number() == doctest::Approx(0.03).epsilon(1e-12));
+  const Value& linear = item(doc.at("variants"), 1);
+  CHECK(linear.find("minus_reference") == nullptr);
+  const Value& dense = item(doc.at("variants"), 2);
+  CHECK(dense.at("values").find("mean norm. entropy") == nullptr);
+}
+
+TEST_CASE("seed summary: bad input names the seed, the variant and the problem") {
+  const auto check_message = [](std::vector<report::SeedRun> runs, const char* message) {
+    CAPTURE(message);
+    CHECK_THROWS_WITH_AS(report::seed_summary_table(runs), doctest::Contains(message), moe::Error);
+  };
+  auto runs = synthetic_seed_runs();
+  std::swap(runs[2].results[0], runs[2].results[1]);
+  check_message(runs, "variant 0 is 'linear' for seed 102 but 'self' for seed 100");
+  runs = synthetic_seed_runs();
+  runs[1].results.pop_back();
+  check_message(runs, "seed 101 has 2 variants, seed 100 has 3");
+  runs = synthetic_seed_runs();
+  runs[2].seed = 100;
+  check_message(runs, "seed 100 appears twice");
+  runs = synthetic_seed_runs();
+  runs[1].results[1].values.push_back({"val loss", 1, 4});
+  check_message(runs, "variant 'linear' of seed 101 has value 'val loss' twice");
+  runs = synthetic_seed_runs();
+  runs[1].results[0].layers.pop_back();
+  check_message(runs, "variant 'self' has 3 MoE layers for seed 101 but 4 for seed 100");
+  runs = synthetic_seed_runs();
+  runs.resize(1);
+  check_message(runs, "needs at least two runs");
+
+  CHECK(report::parse_seeds({"3", "18446744073709551615"}, "x") ==
+        std::vector<std::uint64_t>{3, 18446744073709551615ull});
+  CHECK_THROWS_WITH_AS(report::parse_seeds({"3"}, "prog"),
+                       doctest::Contains("prog: --seeds needs at least two seeds (for one, use --seed)"), moe::Error);
+  CHECK_THROWS_WITH_AS(report::parse_seeds({"3", "-1"}, "prog"),
+                       doctest::Contains("item '-1' is not a non-negative integer"), moe::Error);
+  CHECK_THROWS_WITH_AS(report::parse_seeds({"3", "3"}, "prog"), doctest::Contains("lists 3 twice"), moe::Error);
 }

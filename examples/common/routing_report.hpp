@@ -75,6 +75,14 @@ struct VariantResult {
   // Columns after the routing means (a classifier's throughput: {"images/s", "1.2k"}); in the
   // JSON they follow `metrics` in the same object. Empty: the table ends with the routing means.
   std::vector<std::pair<std::string, std::string>> trailing_metrics{};
+  // The metrics a comparison over several seeds summarises (seed_summary.hpp), as numbers:
+  // {"val loss", 2.2954, 4}. Not shown in this report's own table.
+  struct Value {
+    std::string name{};
+    double value = 0;
+    int decimals = 4;  // shown with this many digits after the point
+  };
+  std::vector<Value> values{};
 };
 
 struct ReportOptions {

@@ -18,6 +18,7 @@
 
 #include "../common/cli.hpp"
 #include "../common/routing_report.hpp"
+#include "../common/seed_summary.hpp"
 #include "checkpoint.hpp"
 #include "data.hpp"
 #include "cpu_model.hpp"
@@ -55,6 +56,9 @@ cli::Parser make_parser() {
       {"top-k", "K", "experts per token k", "2"},
       {"route-from-residual", "", "gates read the residual stream before ln_2 instead of ln_2's output", ""},
       {"seed", "N", "model initialisation and data order", "1337"},
+      {"seeds", "LIST",
+       "compare: repeat the comparison for each of these seeds (e.g. 1337,1338,1339); the report gives mean ± std "
+       "over them and each variant's difference from linear seed by seed", ""},
       {"steps", "N", "optimizer steps (with --resume: the total to reach)", "500 (compare: 600)"},
       {"batch", "B", "sequences per micro-batch", "16"},
       {"seq", "T", "tokens per sequence", "128 (at most the context)"},
@@ -87,7 +91,7 @@ cli::Parser make_parser() {
       {"train", "Train one variant; writes <out>/<variant>.safetensors.",
        concat(concat({"variant", "resume"}, kModelFlags), kTrainFlags)},
       {"compare", "Train several variants with identical data, seed and budget; write a routing report to <out>.",
-       concat(concat({"variants"}, kModelFlags), kTrainFlags)},
+       concat(concat({"variants", "seeds"}, kModelFlags), kTrainFlags)},
       {"sample", "Generate text from a checkpoint.",
        {"checkpoint", "prompt", "tokens", "temperature", "sample-top-k", "seed", "threads", "tokenizer"}},
       {"tokenize", "Tokenize a text corpus into llm.c .bin shards (<out>/train_000000.bin, val_000000.bin).",
@@ -201,6 +205,7 @@ report::VariantResult to_report(const gpt2::TrainResult& r, const gpt2::Config& 
   v.metrics = {{"val loss", format_fixed(r.val_loss, 4)},
                {"val ppl", format_fixed(std::exp(r.val_loss), 2)},
                {"tokens/s", train::format_count(r.tokens_per_second)}};
+  v.values = {{"val loss", r.val_loss, 4}, {"val ppl", std::exp(r.val_loss), 2}, {"tokens/s", r.tokens_per_second, 0}};
   if (r.device_memory_bytes > 0)  // a device run: the memory it held (buffers only grow: the peak)
     v.metrics.push_back({"device memory", format_fixed(double(r.device_memory_bytes) / (1 << 30), 1) + " GiB"});
   v.is_moe = r.variant != "dense";
@@ -282,32 +287,19 @@ int run_train(const cli::Parser& args) {
   return 0;
 }
 
-int run_compare(const cli::Parser& args, const std::string& command) {
-  const gpt2::Config config = model_config(args);
-  const gpt2::Device device = device_of(args);
-  const gpt2::Precision precision = precision_of(args, device);
-  const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
-  for (const std::string& v : variants) gpt2::with_variant<float>(v, [](auto) { return 0; });  // names checked first
-  gpt2::TrainOptions options = train_options(args, config, 600);
-  const gpt2::Dataset data =
-      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
-  const fs::path out = args.get("out", "runs/compare");
-  std::fprintf(stderr, "comparing %zu variants: %lld steps of %lld x %lld tokens each on %s\n", variants.size(),
-               (long long)options.steps, (long long)(options.batch * options.accumulation), (long long)options.seq,
-               data.description.c_str());
+// "4 layers, hidden 128, 4 heads, context 128, 8 experts (F = 512), top-2"
+std::string model_description(const gpt2::Config& config) {
+  std::ostringstream model;
+  model << config.layers << " layers, hidden " << config.hidden << ", " << config.heads << " heads, context "
+        << config.context << ", " << config.experts << " experts (F = " << config.ffn << "), top-" << config.top_k
+        << (config.route_from_residual ? ", gates read the residual stream" : "");
+  return model.str();
+}
 
-  std::vector<report::VariantResult> results;
-  std::string where;
-  for (const std::string& variant : variants) {
-    options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
-    // Same seed: the tensors the variants share start equal.
-    gpt2::Session session = gpt2::make_session(device, precision, variant, config,
-                                               {.lr = options.lr, .weight_decay = options.weight_decay});
-    where = session.trainer->description();
-    results.push_back(to_report(
-        gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), config));
-  }
-
+// The report's header of a comparison; `where`: the device the variants trained on (empty: none named).
+report::ReportOptions compare_report_options(const std::string& command, const gpt2::Config& config,
+                                             const gpt2::TrainOptions& options, const gpt2::Dataset& data,
+                                             const std::string& where) {
   report::ReportOptions report_options;
   report_options.title = "GPT-2 MoE: routing gates compared";
   report_options.command_line = command;
@@ -317,14 +309,82 @@ int run_compare(const cli::Parser& args, const std::string& command) {
                           train::format_count(double(options.steps * options.batch * options.accumulation * options.seq)) +
                           " tokens); routing statistics on the validation split (up to " +
                           train::format_count(double(options.stats_tokens)) + " tokens)";
-  std::ostringstream model;
-  model << config.layers << " layers, hidden " << config.hidden << ", " << config.heads << " heads, context "
-        << config.context << ", " << config.experts << " experts (F = " << config.ffn << "), top-" << config.top_k
-        << (config.route_from_residual ? ", gates read the residual stream" : "") << ", seed " << config.seed;
   report_options.corpus = data.description;
-  report_options.notes = "Model: " + model.str() + ". Trained on " + where + ".";
-  report::write_routing_report(out, results, report_options);
-  std::printf("\n%s\nreport: %s\n", report::markdown_table(results).c_str(), (out / "report.md").c_str());
+  report_options.notes = "Model: " + model_description(config) + ", seed " + std::to_string(config.seed) + "." +
+                         (where.empty() ? "" : " Trained on " + where + ".");
+  return report_options;
+}
+
+// One comparison: every variant trained on `data` with `config`'s seed, its report written to
+// `out`: the variants' results, and the device they trained on.
+struct Comparison {
+  std::vector<report::VariantResult> results;
+  std::string where;
+};
+
+Comparison compare_variants(const cli::Parser& args, const std::string& command,
+                                                   const std::vector<std::string>& variants, const gpt2::Config& config,
+                                                   gpt2::TrainOptions options, const gpt2::Dataset& data,
+                                                   const fs::path& out) {
+  const gpt2::Device device = device_of(args);
+  const gpt2::Precision precision = precision_of(args, device);
+  options.data_seed = config.seed;
+  Comparison c;
+  for (const std::string& variant : variants) {
+    options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
+    // Same seed: the tensors the variants share start equal.
+    gpt2::Session session = gpt2::make_session(device, precision, variant, config,
+                                               {.lr = options.lr, .weight_decay = options.weight_decay});
+    c.where = session.trainer->description();
+    c.results.push_back(to_report(
+        gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), config));
+  }
+  report::write_routing_report(out, c.results, compare_report_options(command, config, options, data, c.where));
+  return c;
+}
+
+int run_compare(const cli::Parser& args, const std::string& command) {
+  gpt2::Config config = model_config(args);
+  const gpt2::Device device = device_of(args);
+  precision_of(args, device);  // checked before the data loads
+  const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
+  for (const std::string& v : variants) gpt2::with_variant<float>(v, [](auto) { return 0; });  // names checked first
+  moe::check(!(args.has("seed") && args.has("seeds")), "gpt2_moe compare: give --seed or --seeds, not both");
+  const std::vector<std::uint64_t> seeds =
+      args.has("seeds") ? report::parse_seeds(args.get_list("seeds", ""), "gpt2_moe compare")
+                        : std::vector<std::uint64_t>{config.seed};
+  const gpt2::TrainOptions options = train_options(args, config, 600);
+  const gpt2::Dataset data =
+      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
+  const fs::path out = args.get("out", "runs/compare");
+  std::fprintf(stderr, "comparing %zu variants%s: %lld steps of %lld x %lld tokens each on %s\n", variants.size(),
+               seeds.size() > 1 ? (" over " + std::to_string(seeds.size()) + " seeds").c_str() : "",
+               (long long)options.steps, (long long)(options.batch * options.accumulation), (long long)options.seq,
+               data.description.c_str());
+
+  if (seeds.size() == 1) {
+    const Comparison c = compare_variants(args, command, variants, config, options, data, out);
+    std::printf("\n%s\nreport: %s\n", report::markdown_table(c.results).c_str(), (out / "report.md").c_str());
+    print_memory();
+    return 0;
+  }
+  // Several seeds: each seed's comparison in out/seed-<seed>/, the summary over them in out/.
+  std::vector<report::SeedRun> runs;
+  std::string where;
+  for (const std::uint64_t seed : seeds) {
+    config.seed = seed;
+    const std::string folder = "seed-" + std::to_string(seed);
+    std::fprintf(stderr, "seed %llu (%zu of %zu)\n", (unsigned long long)seed, runs.size() + 1, seeds.size());
+    Comparison c = compare_variants(args, command, variants, config, options, data, out / folder);
+    runs.push_back({seed, std::move(c.results), folder});
+    where = c.where;
+  }
+  report::ReportOptions summary = compare_report_options(command, config, options, data, where);
+  summary.title = "GPT-2 MoE: routing gates compared over " + std::to_string(seeds.size()) + " seeds";
+  summary.notes = "Model: " + model_description(config) + ". Trained on " + where + ".";
+  report::write_seed_summary(out, runs, summary);
+  std::printf("\n%s\n%s\nreport: %s\n", report::seed_summary_table(runs).c_str(),
+              report::seed_difference_table(runs).c_str(), (out / "report.md").c_str());
   print_memory();
   return 0;
 }

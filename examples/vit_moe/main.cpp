@@ -18,6 +18,7 @@
 #include "../common/cli.hpp"
 #include "../common/confusion.hpp"
 #include "../common/routing_report.hpp"
+#include "../common/seed_summary.hpp"
 #include "checkpoint.hpp"
 #include "dataset.hpp"
 #include "model.hpp"
@@ -53,6 +54,9 @@ cli::Parser make_parser() {
       {"experts", "N", "experts per MoE layer N", "4"},
       {"top-k", "K", "experts per token k", "2"},
       {"seed", "N", "model initialisation, data order and augmentation", "1337"},
+      {"seeds", "LIST",
+       "compare: repeat the comparison for each of these seeds (e.g. 1337,1338,1339); the report gives mean ± std "
+       "over them and each variant's difference from linear seed by seed", ""},
       {"steps", "N", "optimizer steps (with --resume: the total to reach)", "2000"},
       {"epochs", "N", "train for N passes over the training images instead of --steps", ""},
       {"batch", "B", "images per step (also per evaluation batch)", "64"},
@@ -78,7 +82,7 @@ cli::Parser make_parser() {
       {"compare",
        "Train several variants with identical data order, seed and budget; write a routing report "
        "(table, per-layer routing, pictures, confusion matrix of the best variant) to <out>.",
-       concat(concat({"variants"}, kModelFlags), kTrainFlags)},
+       concat(concat({"variants", "seeds"}, kModelFlags), kTrainFlags)},
   };
   return cli::Parser("vit_moe",
                      "vit_moe: a ViT / DeiT image classifier whose every second MLP is a Mixture-of-Experts layer;\n"
@@ -276,6 +280,7 @@ report::VariantResult to_report(const vit::TrainResult& r, const vit::Config& co
   v.metrics = {{"test top-1", report::format_fixed(r.test.accuracy, 4)},
                {"test loss", report::format_fixed(r.test.loss, 4)}};
   v.trailing_metrics = {{"images/s", train::format_count(r.images_per_second)}};
+  v.values = {{"test top-1", r.test.accuracy, 4}, {"test loss", r.test.loss, 4}, {"images/s", r.images_per_second, 0}};
   v.is_moe = r.variant != "dense";
   v.layers = r.routing;
   v.routed_tokens = std::uint64_t(r.routed_tokens);
@@ -298,11 +303,12 @@ void print_memory() {
   std::fprintf(stderr, "peak resident memory: %.0f MiB\n", double(vit::peak_rss_bytes()) / (1 << 20));
 }
 
-std::string describe(const vit::Config& c) {
+std::string describe(const vit::Config& c, bool with_seed = true) {
   std::ostringstream text;
   text << c.layers << " blocks, hidden " << c.hidden << ", " << c.heads << " heads, MLP / expert width " << c.ffn
        << ", patch " << c.patch << " (" << c.tokens() << " tokens per image), " << c.experts << " experts, top-"
-       << c.top_k << ", seed " << c.seed;
+       << c.top_k;
+  if (with_seed) text << ", seed " << c.seed;
   return text.str();
 }
 
@@ -367,18 +373,45 @@ int run_train(const cli::Parser& args) {
   });
 }
 
-int run_compare(const cli::Parser& args, const std::string& command) {
-  const std::vector<std::string> variants = args.get_list("variants", "dense,linear,self,random");
-  for (const std::string& v : variants) vit::with_variant<float>(v, [](auto) { return 0; });  // names checked first
-  const vit::Data data = load_data(args);
-  const vit::Config config = model_config(args, data);
-  check_variants(variants, config);
-  vit::TrainOptions options = train_options(args, data);
-  options.data_seed = config.seed;
-  const fs::path out = args.get("out", "runs/compare");
-  std::fprintf(stderr, "comparing %zu variants: %lld steps of %lld images each on %s\n", variants.size(),
-               (long long)options.steps, (long long)options.batch, data.description.c_str());
+// The report's header of a comparison (`runs`: the variants' results, for the MoE blocks and the
+// test images counted; empty: left out).
+report::ReportOptions compare_report_options(const std::string& command, const vit::Config& config,
+                                             const vit::TrainOptions& options, const vit::Data& data,
+                                             const std::vector<vit::TrainResult>& runs) {
+  std::string moe_blocks;
+  for (const vit::TrainResult& r : runs)
+    if (!r.moe_blocks.empty()) {
+      for (std::size_t i = 0; i < r.moe_blocks.size(); ++i)
+        moe_blocks += (i ? ", " : "") + std::to_string(r.moe_blocks[i]);
+      break;
+    }
+  report::ReportOptions report_options;
+  report_options.title = "ViT MoE: routing gates compared";
+  report_options.command_line = command;
+  report_options.budget = std::to_string(options.steps) + " steps of " + std::to_string(options.batch) +
+                          " images per variant (" + report::format_fixed(double(options.steps * options.batch) /
+                                                                          double(data.train.count()), 1) +
+                          " epochs), AdamW lr " + exact(options.lr) + ", warmup " + std::to_string(options.warmup) +
+                          ", cosine to 0, weight decay " + exact(options.weight_decay) + ", augmentation " +
+                          (options.augment ? "crop + flip" : "off") +
+                          "; accuracy and routing statistics on the test split" +
+                          (runs.empty() ? std::string() : " (" + std::to_string(runs.front().test.images) + " images)");
+  report_options.corpus = data.description;
+  report_options.notes = "Model: " + describe(config) + "." +
+                         (moe_blocks.empty() ? std::string()
+                                             : " Layer i of the routing pictures and files is the i-th MoE block "
+                                               "(blocks " + moe_blocks + ").") +
+                         " Images/s: training throughput (forward, backward, optimizer).";
+  return report_options;
+}
 
+// One comparison: every variant trained with `config`'s seed, its report (with the confusion
+// matrix of the most accurate variant) written to `out`. Returns the variants' results.
+std::vector<report::VariantResult> compare_variants(const std::string& command,
+                                                   const std::vector<std::string>& variants, const vit::Config& config,
+                                                   vit::TrainOptions options, const vit::Data& data,
+                                                   const fs::path& out) {
+  options.data_seed = config.seed;
   std::vector<report::VariantResult> results;
   std::vector<vit::TrainResult> runs;
   for (const std::string& variant : variants) {
@@ -398,29 +431,7 @@ int run_compare(const cli::Parser& args, const std::string& command) {
     if (runs[i].test.accuracy > runs[best].test.accuracy) best = i;
   const vit::TrainResult& winner = runs[best];
   const std::string confusion_file = "confusion.svg";
-  std::string moe_blocks;
-  for (const vit::TrainResult& r : runs)
-    if (!r.moe_blocks.empty()) {
-      for (std::size_t i = 0; i < r.moe_blocks.size(); ++i)
-        moe_blocks += (i ? ", " : "") + std::to_string(r.moe_blocks[i]);
-      break;
-    }
-
-  report::ReportOptions report_options;
-  report_options.title = "ViT MoE: routing gates compared";
-  report_options.command_line = command;
-  report_options.budget = std::to_string(options.steps) + " steps of " + std::to_string(options.batch) +
-                          " images per variant (" + report::format_fixed(double(options.steps * options.batch) /
-                                                                          double(data.train.count()), 1) +
-                          " epochs), AdamW lr " + exact(options.lr) + ", warmup " + std::to_string(options.warmup) +
-                          ", cosine to 0, weight decay " + exact(options.weight_decay) + ", augmentation " +
-                          (options.augment ? "crop + flip" : "off") +
-                          "; accuracy and routing statistics on the test split (" +
-                          std::to_string(winner.test.images) + " images)";
-  report_options.corpus = data.description;
-  report_options.notes = "Model: " + describe(config) + ". Layer i of the routing pictures and files is the i-th MoE " +
-                         "block (blocks " + moe_blocks + "). Images/s: training throughput (forward, backward, " +
-                         "optimizer).";
+  report::ReportOptions report_options = compare_report_options(command, config, options, data, runs);
   report_options.appendix = "## Confusion matrix of the most accurate variant (" + winner.variant + ", test top-1 " +
                             report::format_fixed(winner.test.accuracy, 4) + ")\n\nRows: true class, columns: " +
                             "predicted class, cells: share of the true class's test images.\n\n![confusion matrix](" +
@@ -431,7 +442,45 @@ int run_compare(const cli::Parser& args, const std::string& command) {
       report::heatmap_svg(report::confusion_heatmap(
           winner.test.confusion, winner.variant + ": confusion matrix on the test split (row-normalised)",
           class_names(config.classes))));
-  std::printf("\n%s\nreport: %s\n", report::markdown_table(results).c_str(), (out / "report.md").c_str());
+  return results;
+}
+
+int run_compare(const cli::Parser& args, const std::string& command) {
+  const std::vector<std::string> variants = args.get_list("variants", "dense,linear,self,random");
+  for (const std::string& v : variants) vit::with_variant<float>(v, [](auto) { return 0; });  // names checked first
+  moe::check(!(args.has("seed") && args.has("seeds")), "vit_moe compare: give --seed or --seeds, not both");
+  const std::vector<std::uint64_t> seeds =
+      args.has("seeds") ? report::parse_seeds(args.get_list("seeds", ""), "vit_moe compare")
+                        : std::vector<std::uint64_t>{};
+  const vit::Data data = load_data(args);
+  vit::Config config = model_config(args, data);
+  check_variants(variants, config);
+  const vit::TrainOptions options = train_options(args, data);
+  const fs::path out = args.get("out", "runs/compare");
+  std::fprintf(stderr, "comparing %zu variants%s: %lld steps of %lld images each on %s\n", variants.size(),
+               seeds.empty() ? "" : (" over " + std::to_string(seeds.size()) + " seeds").c_str(),
+               (long long)options.steps, (long long)options.batch, data.description.c_str());
+
+  if (seeds.empty()) {
+    const std::vector<report::VariantResult> results = compare_variants(command, variants, config, options, data, out);
+    std::printf("\n%s\nreport: %s\n", report::markdown_table(results).c_str(), (out / "report.md").c_str());
+    print_memory();
+    return 0;
+  }
+  // Several seeds: each seed's comparison in out/seed-<seed>/, the summary over them in out/.
+  std::vector<report::SeedRun> runs;
+  for (const std::uint64_t seed : seeds) {
+    config.seed = seed;
+    const std::string folder = "seed-" + std::to_string(seed);
+    std::fprintf(stderr, "seed %llu (%zu of %zu)\n", (unsigned long long)seed, runs.size() + 1, seeds.size());
+    runs.push_back({seed, compare_variants(command, variants, config, options, data, out / folder), folder});
+  }
+  report::ReportOptions summary = compare_report_options(command, config, options, data, {});
+  summary.title = "ViT MoE: routing gates compared over " + std::to_string(seeds.size()) + " seeds";
+  summary.notes = "Model: " + describe(config, false) + ".";
+  report::write_seed_summary(out, runs, summary);
+  std::printf("\n%s\n%s\nreport: %s\n", report::seed_summary_table(runs).c_str(),
+              report::seed_difference_table(runs).c_str(), (out / "report.md").c_str());
   print_memory();
   return 0;
 }

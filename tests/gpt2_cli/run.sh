@@ -53,6 +53,16 @@ for f in report.md routing.csv routing.json entropy.svg max_fraction.svg heatmap
   [[ -s $work/report/$f ]] || fail "compare did not write $f"
 done
 grep -q "| self" "$work/compare.log" || fail "compare did not print the table"
+# Over seeds: each seed's report in seed-<s>/, the summary (mean ± std, differences from linear) on top.
+"$bin" compare --variants self,linear,dense --seeds 7,8 --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
+  --no-checkpoint --out "$work/seeds" >"$work/seeds.log" 2>&1 || fail "compare --seeds: $(tail -3 "$work/seeds.log")"
+for f in report.md summary.json seed-7/report.md seed-7/entropy.svg seed-8/routing.json; do
+  [[ -s $work/seeds/$f ]] || fail "compare --seeds did not write $f"
+done
+grep -q "^| self | .* ± " "$work/seeds.log" || fail "compare --seeds printed no mean ± std: $(cat "$work/seeds.log")"
+grep -q "^| variant − linear |" "$work/seeds.log" || fail "compare --seeds printed no differences from linear"
+grep -q '"seeds": \[7, 8\]' "$work/seeds/summary.json" || fail "summary.json lacks the seeds"
+grep -q "seed 8" "$work/seeds/seed-8/report.md" || fail "seed-8's report does not name its seed"
 
 # ---- devices: the GPU's code on the host (--device emulated), bf16 with fp32 master weights,
 # resumed on the CPU; a compare there too ----
@@ -85,6 +95,10 @@ expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
 expect_error "unknown flag" "unknown flag --colour" train --colour red
 expect_error "unknown variant" "unknown variant 'learned'" train --variant learned --data "$work/corpus"
 expect_error "unknown variant in a list" "unknown variant 'slef'" compare --variants self,slef
+expect_error "one seed" "--seeds needs at least two seeds" compare --seeds 5
+expect_error "a seed twice" "--seeds lists 5 twice" compare --seeds 5,6,5
+expect_error "bad seed" "--seeds item 'x' is not a non-negative integer" compare --seeds 5,x
+expect_error "seed and seeds" "give --seed or --seeds, not both" compare --seed 1 --seeds 5,6
 expect_error "unknown device" "--device must be cpu, cuda or emulated" train --device gpu --data "$work/corpus"
 expect_error "unknown precision" "--precision must be fp32, tf32 or bf16" train --precision fp16 --data "$work/corpus"
 expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train --precision bf16 --data "$work/corpus"

@@ -80,12 +80,23 @@ done < <(grep -E '^\| (dense|self|linear) ' "$work/compare.log" | awk -F'|' '{ g
 # Per-layer routing: one MoE block (block 1) x 4 experts per MoE variant.
 [[ $(grep -c '^self,0,' "$work/report/routing.csv") -eq 4 ]] || fail "routing.csv: $(cat "$work/report/routing.csv")"
 
+# Over seeds: each seed's report in seed-<s>/, the summary (mean ± std, differences from linear) on top.
+"$bin" compare --variants self,linear --seeds 3,4 --steps 4 "${tiny[@]}" --out "$work/seeds" \
+  >"$work/seeds.log" 2>&1 || fail "compare --seeds: $(tail -3 "$work/seeds.log")"
+for f in report.md summary.json seed-3/report.md seed-3/confusion.svg seed-4/routing.json; do
+  [[ -s $work/seeds/$f ]] || fail "compare --seeds did not write $f"
+done
+grep -q "^| self | .* ± " "$work/seeds.log" || fail "compare --seeds printed no mean ± std: $(cat "$work/seeds.log")"
+grep -q '"test top-1": {"mean": ' "$work/seeds/summary.json" || fail "summary.json lacks test top-1"
+
 # ---- bad input ----
 expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
 expect_error "unknown flag" "unknown flag --colour" train --colour red
 expect_error "flag of another subcommand" "--variants does not apply" train --variants self
 expect_error "unknown variant" "unknown variant 'learned'" train --variant learned --data "$work/data"
 expect_error "unknown variant in a list" "unknown variant 'slef'" compare --variants self,slef
+expect_error "one seed" "--seeds needs at least two seeds" compare --seeds 5
+expect_error "seed and seeds" "give --seed or --seeds, not both" compare --seed 1 --seeds 5,6
 expect_error "bad integer" "--steps expects an integer" train --steps ten
 expect_error "bad number" "--lr expects a number" train --lr fast
 expect_error "missing value" "--steps needs a value" train --steps
