@@ -270,7 +270,7 @@ inline std::string seed_summary_markdown(std::span<const SeedRun> runs, const Re
   validate(runs);
   const std::vector<Column> list = columns(runs);
   const std::vector<VariantResult>& first = runs.front().results;
-  const std::size_t reference = reference_index(runs);
+  const std::string reference_name = detail::markdown_escape(first[reference_index(runs)].variant);
   std::string md = "# " + detail::markdown_escape(options.title) + "\n\n";
   if (!options.command_line.empty()) md += "Produced by\n\n" + detail::code_block(options.command_line) + "\n";
   md += "- **Seeds** (" + std::to_string(runs.size()) + "): " + seed_list(runs) +
@@ -282,11 +282,11 @@ inline std::string seed_summary_markdown(std::span<const SeedRun> runs, const Re
   md += "\n## Mean ± standard deviation over the seeds\n\n" + seed_summary_table(runs) + "\n";
   md += "Sample standard deviation (n − 1). The routing means are each seed's mean over layers, as in the "
         "per-seed reports.\n";
-  md += "\n## Difference from " + detail::markdown_escape(first[reference].variant) + ", seed by seed\n\n" +
+  md += "\n## Difference from " + reference_name + ", seed by seed\n\n" +
         seed_difference_table(runs) + "\n";
-  md += "Each cell: the mean ± standard deviation of (variant − " +
-        detail::markdown_escape(first[reference].variant) + ") over the seeds, then the smallest and largest difference. A range that excludes 0 means every seed "
-        "put the two variants in the same order.\n";
+  md += "Each cell: the mean ± standard deviation of (variant − " + reference_name +
+        ") over the seeds, then the smallest and largest difference. A range that excludes 0 means every seed put "
+        "the two variants in the same order.\n";
   md += "\n## " + detail::markdown_escape(list.front().name) + " per seed\n\n| seed |";
   std::string rule = "|---:|";
   for (const VariantResult& r : first) detail::append_cell(md, detail::markdown_escape(r.variant)), rule += "---:|";
@@ -328,30 +328,25 @@ inline std::string seed_summary_json(std::span<const SeedRun> runs, const Report
   for (std::size_t i = 0; i < runs.size(); ++i)
     json += (i ? ", " : "") + detail::json_quote(runs[i].folder + "/report.md");
   json += "],\n  \"reference\": " + detail::json_quote(first[reference].variant) + ",\n  \"variants\": [";
-  for (std::size_t v = 0; v < first.size(); ++v) {
-    json += v ? ",\n    {" : "\n    {";
-    json += "\"variant\": " + detail::json_quote(first[v].variant) + ",\n     \"values\": {";
-    bool any = false;
+  // {"<column>": {"mean": ..., "per_seed": [...]}, ...} of the columns some seed gave.
+  const auto spreads = [&](const auto& values_of) {
+    std::string object = "{";
     for (const Column& c : list) {
-      const std::vector<std::optional<double>> values = per_seed(runs, v, c);
+      const std::vector<std::optional<double>> values = values_of(c);
       const Spread s = Spread::of(values);
       if (s.given == 0) continue;
-      json += (any ? ",\n       " : "\n       ") + detail::json_quote(c.name) + ": " + spread_json(s, values);
-      any = true;
+      object += (object.size() > 1 ? ",\n       " : "\n       ") + detail::json_quote(c.name) + ": " +
+                spread_json(s, values);
     }
-    json += any ? "\n     }" : "}";
-    if (v != reference) {
-      json += ",\n     \"minus_reference\": {";
-      any = false;
-      for (const Column& c : list) {
-        const std::vector<std::optional<double>> values = paired_differences(runs, v, reference, c);
-        const Spread s = Spread::of(values);
-        if (s.given == 0) continue;
-        json += (any ? ",\n       " : "\n       ") + detail::json_quote(c.name) + ": " + spread_json(s, values);
-        any = true;
-      }
-      json += any ? "\n     }" : "}";
-    }
+    return object + (object.size() > 1 ? "\n     }" : "}");
+  };
+  for (std::size_t v = 0; v < first.size(); ++v) {
+    json += v ? ",\n    {" : "\n    {";
+    json += "\"variant\": " + detail::json_quote(first[v].variant) + ",\n     \"values\": ";
+    json += spreads([&](const Column& c) { return per_seed(runs, v, c); });
+    if (v != reference)
+      json += ",\n     \"minus_reference\": " +
+              spreads([&](const Column& c) { return paired_differences(runs, v, reference, c); });
     json += "}";
   }
   json += "\n  ]\n}\n";
