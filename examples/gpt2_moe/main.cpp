@@ -379,7 +379,7 @@ int run_compare(const cli::Parser& args, const std::string& command) {
     runs.push_back({seed, std::move(c.results), folder});
     where = c.where;
   }
-  report::ReportOptions summary = compare_report_options(command, config, options, data, where);
+  report::ReportOptions summary = compare_report_options(command, config, options, data, "");
   summary.title = "GPT-2 MoE: routing gates compared over " + std::to_string(seeds.size()) + " seeds";
   summary.notes = "Model: " + model_description(config) + ". Trained on " + where + ".";
   report::write_seed_summary(out, runs, summary);
