@@ -272,14 +272,16 @@ TEST_CASE("emulated device: a batch by pointer arrays reads each product's opera
 }
 
 // moe/cuda/row_packs.hpp on the emulated device's row: packed and column-by-column reductions agree with a float64
-// reference at every length across and inside packs, the maximum exactly and skipping NaN alike, updates bit for bit.
+// reference at every length across and inside packs, the maximum exactly and skipping NaN alike, updates bit for bit;
+// a row whose length is not a whole number of packs is neither read nor written past its end.
 template <class S>
 void check_row_packs() {
   constexpr moe::Index kLength = 72, kPack = moe::cuda::kPackSize<S>;
   moe::cuda::DeviceArray<S, moe::cuda::EmulatedDevice> a(kLength), b(kLength), out_packed(kLength), out_plain(kLength);
-  REQUIRE(moe::cuda::row_packs_fit(a.data(), kLength, kLength));
-  CHECK_FALSE(moe::cuda::row_packs_fit(a.data() + 1, kLength, kLength));
-  CHECK_FALSE(moe::cuda::row_packs_fit(a.data(), kLength + 1, kLength));
+  REQUIRE(moe::cuda::row_packs_fit(a.data(), kLength));
+  CHECK(moe::cuda::row_packs_fit(a.data(), 0));  // one row for every row (a weight vector)
+  CHECK_FALSE(moe::cuda::row_packs_fit(a.data() + 1, kLength));
+  CHECK_FALSE(moe::cuda::row_packs_fit(a.data(), kLength + 1));
   const std::vector<float> va = cuda_test::normal_values(kLength, 5), vb = cuda_test::normal_values(kLength, 6);
   for (moe::Index c = 0; c < kLength; ++c) a.data()[c] = S(va[std::size_t(c)]), b.data()[c] = S(vb[std::size_t(c)]);
   const moe::cuda::EmulatedRow row;
@@ -311,13 +313,34 @@ void check_row_packs() {
     a.data()[at] = kept;
   }
   // Updates: the same element function, the same bits, and nothing past n.
-  const auto update = [](moe::Index c, S o, S x, S y) { return S(float(o) * 0.5f + float(x) * float(y) + float(c)); };
-  for (moe::Index c = 0; c < kLength; ++c) out_packed.data()[c] = out_plain.data()[c] = S(float(c) - 3.f);
-  const moe::Index n = kLength - kPack;
-  moe::cuda::row_update<true>(row, n, update, out_packed.data(), a.data(), b.data());
-  moe::cuda::row_update<false>(row, n, update, out_plain.data(), a.data(), b.data());
-  CHECK(std::memcmp(out_packed.data(), out_plain.data(), sizeof(S) * kLength) == 0);
-  CHECK(float(out_packed.data()[n]) == float(n) - 3.f);
+  // Additions only: the compiler may fuse a multiply-add in one loop and not in the other (moe/cuda/pack.hpp).
+  const auto update = [](moe::Index c, S o, S x, S y) { return S(float(o) - float(x) + float(y) + float(c)); };
+  for (const moe::Index n : {kLength - kPack, kLength - kPack - 1, kPack + 1, moe::Index{1}, moe::Index{0}}) {
+    CAPTURE(n);
+    for (moe::Index c = 0; c < kLength; ++c) out_packed.data()[c] = out_plain.data()[c] = S(float(c) - 3.f);
+    moe::cuda::row_update<true>(row, n, update, out_packed.data(), a.data(), b.data());
+    moe::cuda::row_update<false>(row, n, update, out_plain.data(), a.data(), b.data());
+    CHECK(std::memcmp(out_packed.data(), out_plain.data(), sizeof(S) * kLength) == 0);
+    CHECK(float(out_packed.data()[n]) == float(n) - 3.f);
+  }
+  // Rows allocated to their exact length (the emulated device's allocations are exact, so the sanitizer build reports
+  // any access past the end): the partial last pack is taken element by element.
+  for (const moe::Index n : {moe::Index{1}, kPack - 1, kPack + 1, 3 * kPack + 2}) {
+    CAPTURE(n);
+    moe::cuda::DeviceArray<S, moe::cuda::EmulatedDevice> x(n), y(n), packed(n), plain(n);
+    REQUIRE(moe::cuda::row_packs_fit(x.data(), n - n % kPack));
+    for (moe::Index c = 0; c < n; ++c) {
+      x.data()[c] = a.data()[c], y.data()[c] = b.data()[c];
+      packed.data()[c] = plain.data()[c] = S(float(c));
+    }
+    double dot = 0;
+    for (moe::Index c = 0; c < n; ++c) dot += double(float(x.data()[c])) * double(float(y.data()[c]));
+    CHECK(std::abs(moe::cuda::row_sum<true>(row, n, product, x.data(), y.data()) - dot) <= 1e-6 * (1 + std::abs(dot)));
+    CHECK(moe::cuda::row_max<true>(row, n, value, x.data()) == moe::cuda::row_max<false>(row, n, value, x.data()));
+    moe::cuda::row_update<true>(row, n, update, packed.data(), x.data(), y.data());
+    moe::cuda::row_update<false>(row, n, update, plain.data(), x.data(), y.data());
+    CHECK(std::memcmp(packed.data(), plain.data(), sizeof(S) * std::size_t(n)) == 0);
+  }
 }
 
 TEST_CASE("row packs: sums, maxima and updates in 16-byte packs agree with the column-by-column row work") {

@@ -93,11 +93,15 @@ inline std::vector<std::int32_t> random_targets(Index N, Index V, double ignored
 }
 
 // Forward and backward on the device vs the CPU fp32 functions; reruns give the same bits; the
-// backward in place (dlogits = logits) gives the same bits as into a separate buffer.
+// backward in place (dlogits = logits) gives the same bits as into a separate buffer. Rows lie
+// `stride` elements apart (0: V, contiguous), the columns past V holding NaN: a kernel that read
+// them would turn a loss or gradient into NaN, one that wrote them would change them.
 template <class S>
-void check_cross_entropy(Index N, Index V, double ignored, std::uint64_t seed) {
+void check_cross_entropy(Index N, Index V, double ignored, std::uint64_t seed, Index stride = 0) {
+  if (stride == 0) stride = V;
   CAPTURE(N);
   CAPTURE(V);
+  CAPTURE(stride);
   const TestDevice device = cuda_test::make_device();
   const std::vector<float> logits = rounded<S>(normal_values(std::size_t(N * V), seed, 3.f));
   const std::vector<std::int32_t> targets = random_targets(N, V, ignored, seed + 1);
@@ -108,17 +112,37 @@ void check_cross_entropy(Index N, Index V, double ignored, std::uint64_t seed) {
   const double cpu_mean = moe::nn::cross_entropy_forward<float>(cpu_logits, targets, cpu_losses.data(), 2);
   moe::nn::cross_entropy_backward<float>(cpu_logits, targets, dloss, {cpu_dlogits.data(), N, V}, 2);
 
-  DArray<S> d_logits = to_device<S>(device, logits);
-  DArray<S> d_losses(N), d_losses2(N), d_dlogits(N * V), d_dlogits2(N * V);
-  const moe::ConstMatrixView<S> view(d_logits.data(), N, V);
-  const double mean = moe::cuda::nn::cross_entropy_forward<S>(device, view, targets, d_losses.data());
-  moe::cuda::nn::cross_entropy_backward<S>(device, view, targets, dloss, {d_dlogits.data(), N, V});
+  // The logits in rows of `stride`, and the same layout back as V columns per row.
+  std::vector<float> padded(static_cast<std::size_t>(N * stride), std::numeric_limits<float>::quiet_NaN());
+  for (Index r = 0; r < N; ++r)
+    for (Index c = 0; c < V; ++c) padded[std::size_t(r * stride + c)] = logits[std::size_t(r * V + c)];
+  const auto columns = [&](const std::vector<float>& rows) {
+    std::vector<float> out(static_cast<std::size_t>(N * V));
+    for (Index r = 0; r < N; ++r)
+      for (Index c = 0; c < V; ++c) out[std::size_t(r * V + c)] = rows[std::size_t(r * stride + c)];
+    return out;
+  };
+  const auto padding_kept = [&](const std::vector<float>& rows) {
+    for (Index r = 0; r < N; ++r)
+      for (Index c = V; c < stride; ++c)
+        if (!std::isnan(rows[std::size_t(r * stride + c)])) return false;
+    return true;
+  };
 
+  DArray<S> d_logits = to_device<S>(device, padded), d_dlogits = to_device<S>(device, padded),
+            d_dlogits2 = to_device<S>(device, padded);
+  DArray<S> d_losses(N), d_losses2(N);
+  const moe::ConstMatrixView<S> view(d_logits.data(), N, V, stride);
+  const double mean = moe::cuda::nn::cross_entropy_forward<S>(device, view, targets, d_losses.data());
+  moe::cuda::nn::cross_entropy_backward<S>(device, view, targets, dloss, {d_dlogits.data(), N, V, stride});
+
+  const std::vector<float> dlogits_rows = to_host(device, d_dlogits.data(), N * stride);
   CHECK(relative_error(to_host(device, d_losses.data(), N), cpu_losses) < tolerance<S>());
   CHECK(std::abs(mean - cpu_mean) <= tolerance<S>() * std::max(1.0, std::abs(cpu_mean)));
-  CHECK(relative_error(to_host(device, d_dlogits.data(), N * V), cpu_dlogits) < tolerance<S>());
+  CHECK(relative_error(columns(dlogits_rows), cpu_dlogits) < tolerance<S>());
+  CHECK(padding_kept(dlogits_rows));
   // Ignored rows: zero loss, zero gradient row, exactly.
-  const std::vector<float> losses = to_host(device, d_losses.data(), N), dl = to_host(device, d_dlogits.data(), N * V);
+  const std::vector<float> losses = to_host(device, d_losses.data(), N), dl = columns(dlogits_rows);
   for (Index r = 0; r < N; ++r)
     if (targets[std::size_t(r)] == moe::nn::kIgnoreTarget) {
       CHECK(losses[std::size_t(r)] == 0.f);
@@ -127,14 +151,14 @@ void check_cross_entropy(Index N, Index V, double ignored, std::uint64_t seed) {
 
   // Same bits on a rerun.
   const double mean2 = moe::cuda::nn::cross_entropy_forward<S>(device, view, targets, d_losses2.data());
-  moe::cuda::nn::cross_entropy_backward<S>(device, view, targets, dloss, {d_dlogits2.data(), N, V});
+  moe::cuda::nn::cross_entropy_backward<S>(device, view, targets, dloss, {d_dlogits2.data(), N, V, stride});
   CHECK(std::memcmp(&mean, &mean2, sizeof(double)) == 0);
   CHECK(same_bits(raw_host(device, d_losses.data(), N), raw_host(device, d_losses2.data(), N)));
-  CHECK(same_bits(raw_host(device, d_dlogits.data(), N * V), raw_host(device, d_dlogits2.data(), N * V)));
+  CHECK(same_bits(raw_host(device, d_dlogits.data(), N * stride), raw_host(device, d_dlogits2.data(), N * stride)));
 
   // In place: dlogits aliases logits.
-  moe::cuda::nn::cross_entropy_backward<S>(device, view, targets, dloss, {d_logits.data(), N, V});
-  CHECK(same_bits(raw_host(device, d_logits.data(), N * V), raw_host(device, d_dlogits.data(), N * V)));
+  moe::cuda::nn::cross_entropy_backward<S>(device, view, targets, dloss, {d_logits.data(), N, V, stride});
+  CHECK(same_bits(raw_host(device, d_logits.data(), N * stride), raw_host(device, d_dlogits.data(), N * stride)));
 }
 
 TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (fp32, awkward shapes)") {
@@ -145,8 +169,12 @@ TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (fp32, awk
   check_cross_entropy<float>(200, 3, 0.5, 15);
   check_cross_entropy<float>(65, 257, 0.0, 16);
   check_cross_entropy<float>(0, 5, 0.0, 17);      // no rows
-  check_cross_entropy<float>(33, 64, 0.2, 18);    // rows of whole 16-byte packs: the packed row work
+  check_cross_entropy<float>(33, 64, 0.2, 18);    // rows starting 16-byte aligned: the packed row work
   check_cross_entropy<float>(9, 520, 0.1, 19);
+  // Rows padded to 64 columns as the GPT-2 model's logits: packed, with a partial last pack.
+  check_cross_entropy<float>(37, 101, 0.2, 41, 128);
+  check_cross_entropy<float>(5, 1, 0.0, 42, 64);
+  check_cross_entropy<float>(65, 257, 0.1, 43, 320);
 }
 
 TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (bf16 vs fp32)") {
@@ -156,6 +184,9 @@ TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (bf16 vs f
   check_cross_entropy<moe::bfloat16>(65, 257, 0.0, 26);
   check_cross_entropy<moe::bfloat16>(33, 64, 0.2, 27);  // packed
   check_cross_entropy<moe::bfloat16>(9, 520, 0.1, 28);
+  check_cross_entropy<moe::bfloat16>(37, 101, 0.2, 44, 128);  // padded rows, a partial last pack
+  check_cross_entropy<moe::bfloat16>(65, 257, 0.1, 45, 320);
+  check_cross_entropy<moe::bfloat16>(3, 7, 0.0, 46, 64);     // one partial pack per row
 }
 
 TEST_CASE("cuda nn loss: cross-entropy with every row ignored gives 0 and zero gradients") {

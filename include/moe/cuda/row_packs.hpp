@@ -13,11 +13,13 @@
 //   row_max<Packed>(work, n, f, rows...)     max over c in [0, n) of f(c, ...) (-inf for n = 0; `>` decides NaNs)
 //   row_update<Packed>(work, n, f, out, rows...)
 //                                            out[c] = f(c, out[c], row[c]...) for every c in [0, n)
-// Packed = true needs every row 16-byte aligned and readable up to whole packs past n (a row of a matrix whose
-// columns fill whole packs: row_packs_fit); row_update's n must then be a whole number of packs.
+// Packed = true needs every row to start 16-byte aligned (row_packs_fit); n is free. A whole pack moves as one 16-byte
+// load or store; a row's last, partial pack (n not a multiple of the pack: GPT-2's vocabulary of 50,257 logits, a
+// causal row of attention) element by element, in the same order, so nothing past n is read or written.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 #include "moe/config.hpp"
@@ -26,30 +28,30 @@
 
 namespace moe::cuda {
 
-// Whether rows that start at base + r * stride (elements of S, r >= 0; stride 0: one row read for every row) and hold
-// `cols` readable elements can go in packs: pack.hpp's packable (the base 16-byte aligned, the stride and cols whole
-// packs) for rows given by a pointer.
+// Whether rows that start at base + r * stride (elements of S, r >= 0; stride 0: one row read for every row) can go in
+// packs: every row starts 16-byte aligned (the base is, and the stride is a whole number of packs).
 template <class S>
-bool row_packs_fit(const S* base, Index stride, Index cols) {
-  struct Rows {
-    const S* data;
-    Index stride;
-  };
-  return packable<S>(cols, Rows{base, stride});
+bool row_packs_fit(const S* base, Index stride) {
+  return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && stride % kPackSize<S> == 0;
 }
 
 namespace row_packs_detail {
 
-// f over the elements c < n of pack q of every row, folded in order by `fold` from `init`.
+// f over the elements c < n of pack q of every row, folded in order by `fold` from `init`: a 16-byte load per row for
+// a whole pack, element by element for the partial last one.
 template <class T, class Fold, class F, class S, class... More>
 MOE_HOST_DEVICE T fold_pack(Index q, Index n, T init, Fold fold, F f, const S* row, const More*... more) {
   constexpr Index P = kPackSize<S>;
   static_assert((std::is_same_v<S, More> && ...), "moe::cuda row packs: every row holds the same element type");
-  return [&](const Pack<S>& x, const auto&... y) {
-    T acc = init;
-    for (Index i = 0; i < P && q * P + i < n; ++i) acc = fold(acc, f(q * P + i, x.v[i], y.v[i]...));
-    return acc;
-  }(load_pack(row + q * P), load_pack(more + q * P)...);
+  T acc = init;
+  if ((q + 1) * P <= n) {
+    [&](const Pack<S>& x, const auto&... y) {
+      for (Index i = 0; i < P; ++i) acc = fold(acc, f(q * P + i, x.v[i], y.v[i]...));
+    }(load_pack(row + q * P), load_pack(more + q * P)...);
+  } else {
+    for (Index c = q * P; c < n; ++c) acc = fold(acc, f(c, row[c], more[c]...));
+  }
+  return acc;
 }
 
 }  // namespace row_packs_detail
@@ -84,7 +86,11 @@ template <bool Packed, class Row, class F, class S, class... More>
 MOE_HOST_DEVICE void row_update(const Row& work, Index n, F f, S* out, const More*... more) {
   if constexpr (Packed) {
     constexpr Index P = kPackSize<S>;
-    work.for_each(n / P, [&](Index q) {
+    work.for_each((n + P - 1) / P, [&](Index q) {
+      if ((q + 1) * P > n) {  // the partial last pack
+        for (Index c = q * P; c < n; ++c) out[c] = f(c, out[c], more[c]...);
+        return;
+      }
       [&](Pack<S> x, const auto&... y) {
         for (Index i = 0; i < P; ++i) x.v[i] = f(q * P + i, x.v[i], y.v[i]...);
         store_pack(out + q * P, x);

@@ -167,7 +167,7 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
                  T, BlasOp::none, ld_qkv, BlasOp::transpose, ld_qkv, false);
 
   const C scale = C(1) / std::sqrt(C(hs));
-  if (row_packs_fit(att, T, T))
+  if (row_packs_fit(att, T))
     ad::softmax_rows<true>(device, att, pairs * T, T, causal, scale);
   else
     ad::softmax_rows<false>(device, att, pairs * T, T, causal, scale);
@@ -251,7 +251,7 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   }
 
   const C scale = C(1) / std::sqrt(C(hs));
-  if (row_packs_fit(att, T, T) && row_packs_fit(static_cast<const S*>(ds_all), T, T))
+  if (row_packs_fit(att, T) && row_packs_fit(static_cast<const S*>(ds_all), T))
     ad::softmax_backward_rows<true>(device, att, ds_all, pairs * T, T, causal, scale);
   else
     ad::softmax_backward_rows<false>(device, att, ds_all, pairs * T, T, causal, scale);

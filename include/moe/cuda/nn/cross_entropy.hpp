@@ -44,7 +44,7 @@ std::int32_t* upload_targets(const D& device, std::span<const std::int32_t> targ
 }
 
 // max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, by the device's row work (in 16-byte packs when
-// Packed: moe/cuda/row_packs.hpp).
+// Packed: moe/cuda/row_packs.hpp; GPT-2's 50,257 logits are 6,282 whole packs of 8 bf16 and one element).
 template <bool Packed, class S, class Row, class C = Compute<S>>
 MOE_HOST_DEVICE void softmax_stats(const Row& work, const S* row, Index V, C& max, C& sum) {
   const C m = row_max<Packed>(work, V, [](Index, S x) { return C(x); }, row);
@@ -121,7 +121,7 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   void* scratch = device.scratch(layout.bytes());
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One row of work per row: the row's softmax statistics and its loss.
-  if (packable<S>(V, logits))  // whole 16-byte packs per row: the packed row work
+  if (row_packs_fit(logits.data, logits.stride))  // rows start 16-byte aligned: the packed row work
     cross_entropy_detail::row_losses<true>(device, logits, target, losses);
   else
     cross_entropy_detail::row_losses<false>(device, logits, target, losses);
@@ -168,17 +168,22 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One row of work per row: max and 1 / sum of the row's exponentials.
   C* stat = stats_slot.in(scratch);
-  const bool packed = packable<S>(V, logits, dlogits);
+  const bool packed = row_packs_fit(logits.data, logits.stride) && row_packs_fit(dlogits.data, dlogits.stride);
   if (packed)
     cross_entropy_detail::row_stats<true>(device, logits, target, stat);
   else
     cross_entropy_detail::row_stats<false>(device, logits, target, stat);
-  // One index per element (per 16-byte pack of elements where the rows allow: the same formula).
+  // One index per element, or per 16-byte pack of elements where the rows start aligned (the same formula; a row's
+  // partial last pack element by element).
   const C scale = valid ? C(dloss / double(valid)) : C(0);
   const cross_entropy_detail::Gradient<S> gradient{target, stat, scale};
   if (packed) {
     constexpr Index P = kPackSize<S>;
-    moe::cuda::detail::for_each_2d(device, N, V / P, [=] MOE_HOST_DEVICE(Index r, Index q) {
+    moe::cuda::detail::for_each_2d(device, N, (V + P - 1) / P, [=] MOE_HOST_DEVICE(Index r, Index q) {
+      if ((q + 1) * P > V) {
+        for (Index c = q * P; c < V; ++c) dlogits(r, c) = gradient(r, c, logits(r, c));
+        return;
+      }
       Pack<S> x = load_pack(logits.row(r) + q * P);
       for (Index i = 0; i < P; ++i) x.v[i] = gradient(r, q * P + i, x.v[i]);
       store_pack(dlogits.row(r) + q * P, x);

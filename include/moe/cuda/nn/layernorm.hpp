@@ -98,9 +98,9 @@ void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, c
   check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
   check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
   if (T == 0) return;
-  const bool packed = row_packs_fit(x.data, x.stride, C) &&
-                      row_packs_fit(static_cast<const S*>(out.data), out.stride, C) && row_packs_fit(weight, 0, C) &&
-                      row_packs_fit(bias, 0, C);
+  const bool packed = row_packs_fit(x.data, x.stride) &&
+                      row_packs_fit(static_cast<const S*>(out.data), out.stride) && row_packs_fit(weight, 0) &&
+                      row_packs_fit(bias, 0);
   if (packed)
     layernorm_detail::forward_rows<true>(device, x, weight, bias, out, mean, rstd);
   else
@@ -128,8 +128,8 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
 
   if (dx.data && T > 0) {
-    const bool packed = row_packs_fit(dout.data, dout.stride, C) && row_packs_fit(x.data, x.stride, C) &&
-                        row_packs_fit(static_cast<const S*>(dx.data), dx.stride, C) && row_packs_fit(weight, 0, C);
+    const bool packed = row_packs_fit(dout.data, dout.stride) && row_packs_fit(x.data, x.stride) &&
+                        row_packs_fit(static_cast<const S*>(dx.data), dx.stride) && row_packs_fit(weight, 0);
     if (packed)
       layernorm_detail::input_gradient_rows<true>(device, dout, x, weight, mean, rstd, dx);
     else
