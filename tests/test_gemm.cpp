@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <moe/cpu/gemm.hpp>
 #include <moe/cpu/simd.hpp>
@@ -189,6 +190,38 @@ TEST_CASE("simd row loops: sum, dot, max, exp_and_sum and scale against long dou
     moe::cpu::simd::scale(a.data(), n, 0.25f, scaled.data());
     for (Index j = 0; j < n; ++j) CHECK(scaled[std::size_t(j)] == a[std::size_t(j)] * 0.25f);
   }
+}
+
+// Every lane of exact_sqrt equals std::sqrt bit for bit (a fast approximation, as Eigen's psqrt
+// for float under EIGEN_FAST_MATH, is a bit or two off for most values).
+template <class S>
+void check_exact_sqrt() {
+  using P = moe::cpu::simd::Packet<S>;
+  constexpr Index L = moe::cpu::simd::kLanes<S>;
+  const S specials[] = {S(0), -S(0), S(1), S(2), std::numeric_limits<S>::denorm_min(), std::numeric_limits<S>::min(),
+                        std::numeric_limits<S>::max(), std::numeric_limits<S>::infinity(), -S(1),
+                        std::numeric_limits<S>::quiet_NaN()};
+  std::vector<S> values(specials, specials + std::size(specials));
+  for (int i = 0; i < 4000; ++i)  // magnitudes from 1e-30 to 1e30
+    values.push_back(S(std::exp(moe::random::normal(5, 0, std::uint64_t(i)) * 23)) *
+                     S(1 + moe::random::normal(5, 1, std::uint64_t(i)) * 0.1));
+  while (values.size() % std::size_t(L) != 0) values.push_back(S(3));
+  std::size_t mismatches = 0;
+  for (std::size_t j = 0; j < values.size(); j += std::size_t(L)) {
+    alignas(64) S lanes[L];
+    Eigen::internal::pstore(lanes, moe::cpu::simd::exact_sqrt(Eigen::internal::ploadu<P>(values.data() + j)));
+    for (Index l = 0; l < L; ++l) {
+      const S expected = std::sqrt(values[j + std::size_t(l)]);
+      if (std::memcmp(&lanes[l], &expected, sizeof(S)) != 0 && !(std::isnan(lanes[l]) && std::isnan(expected)))
+        ++mismatches;
+    }
+  }
+  CHECK(mismatches == 0);
+}
+
+TEST_CASE("simd exact_sqrt: every lane is std::sqrt's correctly rounded root, special values too") {
+  check_exact_sqrt<float>();
+  check_exact_sqrt<double>();
 }
 
 TEST_CASE("simd row loops: the bits depend on the values, not on the row's address") {

@@ -505,6 +505,71 @@ TEST_CASE("nn adamw: two steps match torch.optim.AdamW's formulas; frozen parame
   check_adamw_against_reference<float>(1e-6);    // a few float32 roundings
 }
 
+// Parameters long enough for the update's SIMD packets, with every tail length near a packet's
+// and one that spans two of the optimizer's pieces: three steps against the double reference,
+// per element, and the same bits on 1 and 2 threads. Values and steps are of one size (lr 1e-2,
+// values ~1e-2), so an error in the update shows at the values' precision.
+template <class S>
+void check_adamw_long_parameters(double tolerance) {
+  const moe::nn::AdamWConfig config{.lr = 1e-2, .weight_decay = 0.1};
+  const Index sizes[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 70, moe::nn::detail::kOptimizerPiece + 37};
+  struct Param {
+    Vec<S> value, grad;
+    Vec<double> reference, m, v;
+  };
+  std::vector<Param> one_thread, two_threads;
+  for (std::size_t i = 0; i < std::size(sizes); ++i) {
+    const Vec<S> value = random_vector<S>(sizes[i], unsigned(100 + i), 1e-2);
+    one_thread.push_back({value, Vec<S>(value.size()), widen(value), Vec<double>(value.size(), 0),
+                          Vec<double>(value.size(), 0)});
+  }
+  two_threads = one_thread;
+  auto params = [&](std::vector<Param>& ps) {
+    std::vector<moe::ParamRef<S>> refs;
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      const bool matrix = i % 2 == 0;  // matrices decay, vectors do not
+      refs.push_back({"p" + std::to_string(i), matrix ? std::vector<Index>{1, sizes[i]} : std::vector<Index>{sizes[i]}, ps[i].value,
+                      ps[i].grad, true});
+    }
+    return refs;
+  };
+  moe::nn::AdamW<S> serial(config), parallel(config);
+  serial.set_threads(1);
+  parallel.set_threads(2);
+  for (int step = 1; step <= 3; ++step) {
+    for (std::size_t i = 0; i < one_thread.size(); ++i) {
+      // Gradients of mixed sizes, some zero: the second moment then spans many magnitudes.
+      Vec<S> grad = random_vector<S>(sizes[i], unsigned(1000 * step + i), 1e-3);
+      for (std::size_t j = 0; j < grad.size(); j += 5) grad[j] = S(0);
+      one_thread[i].grad = two_threads[i].grad = grad;
+      for (std::size_t j = 0; j < grad.size(); ++j)
+        adamw_reference(one_thread[i].reference[j], double(grad[j]), one_thread[i].m[j], one_thread[i].v[j], step,
+                        config.lr, config, i % 2 == 0);
+    }
+    auto serial_params = params(one_thread);
+    serial.step(serial_params);
+    auto parallel_params = params(two_threads);
+    parallel.step(parallel_params);
+  }
+  for (std::size_t i = 0; i < one_thread.size(); ++i) {
+    CAPTURE(sizes[i]);
+    double worst = 0;
+    for (std::size_t j = 0; j < one_thread[i].value.size(); ++j)
+      worst = std::max(worst, std::fabs(double(one_thread[i].value[j]) - one_thread[i].reference[j]) /
+                                  std::max(std::fabs(one_thread[i].reference[j]), 1e-3));
+    CHECK(worst < tolerance);
+    CHECK(rel(widen(serial.m()[i]), one_thread[i].m) < tolerance);
+    CHECK(rel(widen(serial.v()[i]), one_thread[i].v) < tolerance);
+    CHECK(same_bits(one_thread[i].value, two_threads[i].value));
+    CHECK(same_bits(serial.v()[i], parallel.v()[i]));
+  }
+}
+
+TEST_CASE("nn adamw: long parameters (SIMD packets, every tail, two pieces) match the reference per element") {
+  check_adamw_long_parameters<double>(1e-12);
+  check_adamw_long_parameters<float>(2e-5);
+}
+
 TEST_CASE("nn adamw: weight decay applies to matrices only, not to 1-D parameters") {
   Model<double> model;
   std::fill(model.w_grad.begin(), model.w_grad.end(), 0.0);  // zero gradient: only decay can move p

@@ -1,4 +1,5 @@
-// moe/cpu/simd.hpp: reductions and exponentials over one row, in SIMD packets, in a fixed order.
+// moe/cpu/simd.hpp: reductions, exponentials and square roots over one row, in SIMD packets, in a
+// fixed order.
 //
 // Every loop runs in packets from index 0 and finishes the tail in a padded packet or in scalar
 // code: an element's bits depend on the row's values and length alone, never on its address
@@ -8,6 +9,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 
 #include "moe/config.hpp"
 
@@ -100,6 +102,36 @@ S exp_and_sum(const S* a, Index n, S shift, S scale, S* out = nullptr) {
     if (out) std::copy(tail, tail + (n - full), out + full);
   }
   return sum_lanes<S>(sums);
+}
+
+// The square root of every lane, correctly rounded as std::sqrt's. (Eigen's psqrt for float
+// packets is, under its default EIGEN_FAST_MATH, an approximate reciprocal square root and a
+// Newton step: a bit or two off, so the packets and a scalar tail would disagree.)
+#if defined(EIGEN_VECTORIZE_AVX512)
+inline __m512 exact_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+inline __m512d exact_sqrt(__m512d x) { return _mm512_sqrt_pd(x); }
+#endif
+#if defined(EIGEN_VECTORIZE_AVX)
+inline __m256 exact_sqrt(__m256 x) { return _mm256_sqrt_ps(x); }
+inline __m256d exact_sqrt(__m256d x) { return _mm256_sqrt_pd(x); }
+#endif
+#if defined(EIGEN_VECTORIZE_SSE2)
+inline __m128 exact_sqrt(__m128 x) { return _mm_sqrt_ps(x); }
+inline __m128d exact_sqrt(__m128d x) { return _mm_sqrt_pd(x); }
+#endif
+// Any other packet (another architecture, or S itself where S has no packets): lane by lane.
+template <class P>
+P exact_sqrt(const P& x) {
+  using S = typename Eigen::internal::unpacket_traits<P>::type;
+  constexpr Index L = Eigen::internal::unpacket_traits<P>::size;
+  if constexpr (L == 1) {
+    return P(std::sqrt(x));
+  } else {
+    alignas(64) S lanes[L];
+    Eigen::internal::pstore(lanes, x);
+    for (Index i = 0; i < L; ++i) lanes[i] = std::sqrt(lanes[i]);
+    return Eigen::internal::pload<P>(lanes);
+  }
 }
 
 // out[j] = a[j] * factor for j < n (out may be a).

@@ -11,6 +11,7 @@
 
 #include "moe/config.hpp"
 #include "moe/cpu/parallel.hpp"
+#include "moe/cpu/simd.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
@@ -30,6 +31,48 @@ std::vector<std::pair<std::size_t, Index>> optimizer_pieces(const std::vector<Pa
       for (Index begin = 0; begin < Index(params[i].value.size()); begin += kOptimizerPiece)
         pieces.emplace_back(i, begin);
   return pieces;
+}
+
+// One step's constants, in S (computed in double).
+template <class S>
+struct AdamWConstants {
+  S b1, b2, one_minus_b1, one_minus_b2;
+  S step_size;             // lr / (1 - b1^t)
+  S inv_sqrt_correction2;  // 1 / sqrt(1 - b2^t)
+  S eps;
+};
+
+// The update of n elements of one parameter (see AdamW), in SIMD packets from element 0 and the
+// rest one by one, with the same operations in the same order (the square roots and divisions
+// round correctly either way; the compiler may fuse multiply-adds differently in the two). Where
+// the packets end depends on n alone, so the bits depend on the values and the shapes only.
+// (A plain loop would not vectorise: std::sqrt's errno check is a branch.)
+template <class S>
+void adamw_update(S* __restrict value, const S* __restrict grad, S* __restrict m, S* __restrict v, Index n,
+                  S decay_factor, const AdamWConstants<S>& k) {
+  using namespace Eigen::internal;
+  using P = cpu::simd::Packet<S>;
+  constexpr Index L = cpu::simd::kLanes<S>;
+  const Index full = n - n % L;
+  const P b1 = pset1<P>(k.b1), b2 = pset1<P>(k.b2), one_minus_b1 = pset1<P>(k.one_minus_b1),
+          one_minus_b2 = pset1<P>(k.one_minus_b2), step_size = pset1<P>(k.step_size),
+          inv_sqrt_correction2 = pset1<P>(k.inv_sqrt_correction2), eps = pset1<P>(k.eps),
+          decay = pset1<P>(decay_factor);
+  for (Index j = 0; j < full; j += L) {
+    const P g = ploadu<P>(grad + j);
+    const P mj = padd(pmul(b1, ploadu<P>(m + j)), pmul(one_minus_b1, g));
+    const P vj = padd(pmul(b2, ploadu<P>(v + j)), pmul(pmul(one_minus_b2, g), g));
+    pstoreu(m + j, mj);
+    pstoreu(v + j, vj);
+    const P denominator = padd(pmul(cpu::simd::exact_sqrt(vj), inv_sqrt_correction2), eps);
+    pstoreu(value + j, psub(pmul(ploadu<P>(value + j), decay), pdiv(pmul(step_size, mj), denominator)));
+  }
+  for (Index j = full; j < n; ++j) {
+    const S g = grad[j];
+    m[j] = k.b1 * m[j] + k.one_minus_b1 * g;
+    v[j] = k.b2 * v[j] + k.one_minus_b2 * g * g;
+    value[j] = value[j] * decay_factor - k.step_size * m[j] / (std::sqrt(v[j]) * k.inv_sqrt_correction2 + k.eps);
+  }
 }
 }  // namespace detail
 
@@ -69,9 +112,9 @@ class AdamW {
     ++steps_;
     const double b1 = config_.beta1, b2 = config_.beta2;
     const double correction1 = 1 - std::pow(b1, steps_), correction2 = 1 - std::pow(b2, steps_);
-    const S step_size = S(lr / correction1), inv_sqrt_correction2 = S(1 / std::sqrt(correction2));
-    const S eps = S(config_.eps), decay = S(1 - lr * config_.weight_decay);
-    const S s_b1 = S(b1), s_b2 = S(b2), one_minus_b1 = S(1 - b1), one_minus_b2 = S(1 - b2);
+    const detail::AdamWConstants<S> constants{S(b1), S(b2), S(1 - b1), S(1 - b2), S(lr / correction1),
+                                              S(1 / std::sqrt(correction2)), S(config_.eps)};
+    const S decay = S(1 - lr * config_.weight_decay);
     const auto pieces = detail::optimizer_pieces(params, updated);
     cpu::parallel_for(threads_, Index(pieces.size()), [&](Index piece) {
       const auto [i, begin] = pieces[std::size_t(piece)];
@@ -79,16 +122,8 @@ class AdamW {
       const Index end = std::min(begin + detail::kOptimizerPiece, Index(p.value.size()));
       // p * 1 is exact: parameters that do not decay take the same path.
       const S decay_factor = decays(p) && config_.weight_decay != 0 ? decay : S(1);
-      S* __restrict value = p.value.data();
-      const S* __restrict grad = p.grad.data();
-      S* __restrict m = m_[i].data();
-      S* __restrict v = v_[i].data();
-      for (Index j = begin; j < end; ++j) {
-        const S g = grad[j];
-        m[j] = s_b1 * m[j] + one_minus_b1 * g;
-        v[j] = s_b2 * v[j] + one_minus_b2 * g * g;
-        value[j] = value[j] * decay_factor - step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_correction2 + eps);
-      }
+      detail::adamw_update(p.value.data() + begin, p.grad.data() + begin, m_[i].data() + begin,
+                           v_[i].data() + begin, end - begin, decay_factor, constants);
     });
   }
 
