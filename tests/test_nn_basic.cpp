@@ -570,6 +570,35 @@ TEST_CASE("nn adamw: long parameters (SIMD packets, every tail, two pieces) matc
   check_adamw_long_parameters<float>(2e-5);
 }
 
+// The update in SIMD packets gives the bits of the same update one element at a time (explicit
+// multiply-adds on both paths), at every length around a packet's.
+template <class S>
+void check_adamw_packets_equal_elements() {
+  const moe::nn::detail::AdamWConstants<S> k{S(0.9), S(0.95), S(0.1), S(0.05), S(6e-4 / 0.19), S(1 / std::sqrt(0.0975)),
+                                             S(1e-8)};
+  for (Index n = 1; n <= 70; ++n) {
+    CAPTURE(n);
+    const Vec<S> value = random_vector<S>(n, unsigned(n)), grad = random_vector<S>(n, unsigned(n + 100), 1e-3);
+    Vec<S> m = random_vector<S>(n, unsigned(n + 200), 1e-3), v = random_vector<S>(n, unsigned(n + 300), 1e-6);
+    for (S& x : v) x = std::abs(x);
+    Vec<S> packed = value, packed_m = m, packed_v = v, single = value, single_m = m, single_v = v;
+    for (int step = 0; step < 3; ++step) {
+      moe::nn::detail::adamw_update(packed.data(), grad.data(), packed_m.data(), packed_v.data(), n, S(0.999), k);
+      for (Index j = 0; j < n; ++j)
+        moe::nn::detail::adamw_update_at<S>(j, single.data(), grad.data(), single_m.data(), single_v.data(), S(0.999),
+                                            k);
+    }
+    CHECK(same_bits(packed, single));
+    CHECK(same_bits(packed_m, single_m));
+    CHECK(same_bits(packed_v, single_v));
+  }
+}
+
+TEST_CASE("nn adamw: the SIMD update gives the bits of the same update element by element") {
+  check_adamw_packets_equal_elements<float>();
+  check_adamw_packets_equal_elements<double>();
+}
+
 TEST_CASE("nn adamw: weight decay applies to matrices only, not to 1-D parameters") {
   Model<double> model;
   std::fill(model.w_grad.begin(), model.w_grad.end(), 0.0);  // zero gradient: only decay can move p

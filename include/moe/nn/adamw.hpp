@@ -42,37 +42,34 @@ struct AdamWConstants {
   S eps;
 };
 
-// The update of n elements of one parameter (see AdamW), in SIMD packets from element 0 and the
-// rest one by one, with the same operations in the same order (the square roots and divisions
-// round correctly either way; the compiler may fuse multiply-adds differently in the two). Where
-// the packets end depends on n alone, so the bits depend on the values and the shapes only.
-// (A plain loop would not vectorise: std::sqrt's errno check is a branch.)
-template <class S>
-void adamw_update(S* __restrict value, const S* __restrict grad, S* __restrict m, S* __restrict v, Index n,
-                  S decay_factor, const AdamWConstants<S>& k) {
+// AdamW's update of elements j.. of one parameter, as many as P holds: P is a SIMD packet of S,
+// or S itself for one element. The multiply-adds are written as such: pmadd is fused where the
+// machine has FMA, in packets and (Eigen's scalar pmadd) for one element alike, so a packet's lanes
+// and single elements give the same bits, whatever a compiler would contract in a * b + c.
+template <class P, class S>
+void adamw_update_at(Index j, S* value, const S* grad, S* m, S* v, S decay, const AdamWConstants<S>& k) {
   using namespace Eigen::internal;
+  const P g = ploadu<P>(grad + j);
+  const P mj = pmadd(pset1<P>(k.b1), ploadu<P>(m + j), pmul(pset1<P>(k.one_minus_b1), g));
+  const P vj = pmadd(pset1<P>(k.b2), ploadu<P>(v + j), pmul(pmul(pset1<P>(k.one_minus_b2), g), g));
+  pstoreu(m + j, mj);
+  pstoreu(v + j, vj);
+  // sqrt(v / (1 - b2^t)) + eps, as sqrt(v) / sqrt(1 - b2^t) + eps (PyTorch's order)
+  const P denominator = pmadd(cpu::simd::exact_sqrt(vj), pset1<P>(k.inv_sqrt_correction2), pset1<P>(k.eps));
+  const P step = pdiv(pmul(pset1<P>(k.step_size), mj), denominator);
+  pstoreu(value + j, pmadd(ploadu<P>(value + j), pset1<P>(decay), pnegate(step)));
+}
+
+// The update of n elements of one parameter (see AdamW): SIMD packets from element 0, then the
+// rest one by one through the same formula, with the same bits. (A plain loop would not
+// vectorise: std::sqrt's errno check is a branch.)
+template <class S>
+void adamw_update(S* value, const S* grad, S* m, S* v, Index n, S decay, const AdamWConstants<S>& k) {
   using P = cpu::simd::Packet<S>;
   constexpr Index L = cpu::simd::kLanes<S>;
   const Index full = n - n % L;
-  const P b1 = pset1<P>(k.b1), b2 = pset1<P>(k.b2), one_minus_b1 = pset1<P>(k.one_minus_b1),
-          one_minus_b2 = pset1<P>(k.one_minus_b2), step_size = pset1<P>(k.step_size),
-          inv_sqrt_correction2 = pset1<P>(k.inv_sqrt_correction2), eps = pset1<P>(k.eps),
-          decay = pset1<P>(decay_factor);
-  for (Index j = 0; j < full; j += L) {
-    const P g = ploadu<P>(grad + j);
-    const P mj = padd(pmul(b1, ploadu<P>(m + j)), pmul(one_minus_b1, g));
-    const P vj = padd(pmul(b2, ploadu<P>(v + j)), pmul(pmul(one_minus_b2, g), g));
-    pstoreu(m + j, mj);
-    pstoreu(v + j, vj);
-    const P denominator = padd(pmul(cpu::simd::exact_sqrt(vj), inv_sqrt_correction2), eps);
-    pstoreu(value + j, psub(pmul(ploadu<P>(value + j), decay), pdiv(pmul(step_size, mj), denominator)));
-  }
-  for (Index j = full; j < n; ++j) {
-    const S g = grad[j];
-    m[j] = k.b1 * m[j] + k.one_minus_b1 * g;
-    v[j] = k.b2 * v[j] + k.one_minus_b2 * g * g;
-    value[j] = value[j] * decay_factor - k.step_size * m[j] / (std::sqrt(v[j]) * k.inv_sqrt_correction2 + k.eps);
-  }
+  for (Index j = 0; j < full; j += L) adamw_update_at<P>(j, value, grad, m, v, decay, k);
+  for (Index j = full; j < n; ++j) adamw_update_at<S>(j, value, grad, m, v, decay, k);
 }
 }  // namespace detail
 
