@@ -528,8 +528,8 @@ void check_adamw_long_parameters(double tolerance) {
     std::vector<moe::ParamRef<S>> refs;
     for (std::size_t i = 0; i < ps.size(); ++i) {
       const bool matrix = i % 2 == 0;  // matrices decay, vectors do not
-      refs.push_back({"p" + std::to_string(i), matrix ? std::vector<Index>{1, sizes[i]} : std::vector<Index>{sizes[i]}, ps[i].value,
-                      ps[i].grad, true});
+      const std::vector<Index> shape = matrix ? std::vector<Index>{1, sizes[i]} : std::vector<Index>{sizes[i]};
+      refs.push_back({"p" + std::to_string(i), shape, ps[i].value, ps[i].grad, true});
     }
     return refs;
   };
@@ -574,8 +574,7 @@ TEST_CASE("nn adamw: long parameters (SIMD packets, every tail, two pieces) matc
 // multiply-adds on both paths), at every length around a packet's.
 template <class S>
 void check_adamw_packets_equal_elements() {
-  const moe::nn::detail::AdamWConstants<S> k{S(0.9), S(0.95), S(0.1), S(0.05), S(6e-4 / 0.19), S(1 / std::sqrt(0.0975)),
-                                             S(1e-8)};
+  const auto k = moe::nn::adamw_step<S>({.lr = 6e-4, .weight_decay = 0.1}, 6e-4, 2);
   for (Index n = 1; n <= 70; ++n) {
     CAPTURE(n);
     const Vec<S> value = random_vector<S>(n, unsigned(n)), grad = random_vector<S>(n, unsigned(n + 100), 1e-3);
@@ -583,9 +582,9 @@ void check_adamw_packets_equal_elements() {
     for (S& x : v) x = std::abs(x);
     Vec<S> packed = value, packed_m = m, packed_v = v, single = value, single_m = m, single_v = v;
     for (int step = 0; step < 3; ++step) {
-      moe::nn::detail::adamw_update(packed.data(), grad.data(), packed_m.data(), packed_v.data(), n, S(0.999), k);
+      moe::nn::detail::adamw_update(packed.data(), grad.data(), packed_m.data(), packed_v.data(), n, k.decay, k);
       for (Index j = 0; j < n; ++j)
-        moe::nn::detail::adamw_update_at<S>(j, single.data(), grad.data(), single_m.data(), single_v.data(), S(0.999),
+        moe::nn::detail::adamw_update_at<S>(j, single.data(), grad.data(), single_m.data(), single_v.data(), k.decay,
                                             k);
     }
     CHECK(same_bits(packed, single));

@@ -33,28 +33,20 @@ std::vector<std::pair<std::size_t, Index>> optimizer_pieces(const std::vector<Pa
   return pieces;
 }
 
-// One step's constants, in S (computed in double).
-template <class S>
-struct AdamWConstants {
-  S b1, b2, one_minus_b1, one_minus_b2;
-  S step_size;             // lr / (1 - b1^t)
-  S inv_sqrt_correction2;  // 1 / sqrt(1 - b2^t)
-  S eps;
-};
-
 // AdamW's update of elements j.. of one parameter, as many as P holds: P is a SIMD packet of S,
 // or S itself for one element. The multiply-adds are written as such: pmadd is fused where the
 // machine has FMA, in packets and (Eigen's scalar pmadd) for one element alike, so a packet's lanes
 // and single elements give the same bits, whatever a compiler would contract in a * b + c.
+// decay: k.decay for a parameter that decays, else 1.
 template <class P, class S>
-void adamw_update_at(Index j, S* value, const S* grad, S* m, S* v, S decay, const AdamWConstants<S>& k) {
+void adamw_update_at(Index j, S* value, const S* grad, S* m, S* v, S decay, const AdamWStep<S>& k) {
   using namespace Eigen::internal;
   const P g = ploadu<P>(grad + j);
   const P mj = pmadd(pset1<P>(k.b1), ploadu<P>(m + j), pmul(pset1<P>(k.one_minus_b1), g));
   const P vj = pmadd(pset1<P>(k.b2), ploadu<P>(v + j), pmul(pmul(pset1<P>(k.one_minus_b2), g), g));
   pstoreu(m + j, mj);
   pstoreu(v + j, vj);
-  // sqrt(v / (1 - b2^t)) + eps, as sqrt(v) / sqrt(1 - b2^t) + eps (PyTorch's order)
+  // sqrt(v / (1 - b2^t)) + eps, as sqrt(v) * (1 / sqrt(1 - b2^t)) + eps
   const P denominator = pmadd(cpu::simd::exact_sqrt(vj), pset1<P>(k.inv_sqrt_correction2), pset1<P>(k.eps));
   const P step = pdiv(pmul(pset1<P>(k.step_size), mj), denominator);
   pstoreu(value + j, pmadd(ploadu<P>(value + j), pset1<P>(decay), pnegate(step)));
@@ -64,7 +56,7 @@ void adamw_update_at(Index j, S* value, const S* grad, S* m, S* v, S decay, cons
 // rest one by one through the same formula, with the same bits. (A plain loop would not
 // vectorise: std::sqrt's errno check is a branch.)
 template <class S>
-void adamw_update(S* value, const S* grad, S* m, S* v, Index n, S decay, const AdamWConstants<S>& k) {
+void adamw_update(S* value, const S* grad, S* m, S* v, Index n, S decay, const AdamWStep<S>& k) {
   using P = cpu::simd::Packet<S>;
   constexpr Index L = cpu::simd::kLanes<S>;
   const Index full = n - n % L;
@@ -107,20 +99,16 @@ class AdamW {
   void step(std::vector<ParamRef<S>>& params, double lr) {
     bind(params);
     ++steps_;
-    const double b1 = config_.beta1, b2 = config_.beta2;
-    const double correction1 = 1 - std::pow(b1, steps_), correction2 = 1 - std::pow(b2, steps_);
-    const detail::AdamWConstants<S> constants{S(b1), S(b2), S(1 - b1), S(1 - b2), S(lr / correction1),
-                                              S(1 / std::sqrt(correction2)), S(config_.eps)};
-    const S decay = S(1 - lr * config_.weight_decay);
+    const AdamWStep<S> k = adamw_step<S>(config_, lr, steps_);
     const auto pieces = detail::optimizer_pieces(params, updated);
     cpu::parallel_for(threads_, Index(pieces.size()), [&](Index piece) {
       const auto [i, begin] = pieces[std::size_t(piece)];
       ParamRef<S>& p = params[i];
       const Index end = std::min(begin + detail::kOptimizerPiece, Index(p.value.size()));
       // p * 1 is exact: parameters that do not decay take the same path.
-      const S decay_factor = decays(p) && config_.weight_decay != 0 ? decay : S(1);
+      const S decay = decays(p) && config_.weight_decay != 0 ? k.decay : S(1);
       detail::adamw_update(p.value.data() + begin, p.grad.data() + begin, m_[i].data() + begin,
-                           v_[i].data() + begin, end - begin, decay_factor, constants);
+                           v_[i].data() + begin, end - begin, decay, k);
     });
   }
 

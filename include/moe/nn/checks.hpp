@@ -1,8 +1,9 @@
 // moe/nn/checks.hpp: what the CPU (moe/nn/) and CUDA (moe/cuda/nn/) transformer pieces share
 // besides their arithmetic: argument checks with their messages, the ignore-target value, the
-// optimizer's options and its decay rule. Plain C++ (no Eigen), so nvcc code includes it too.
+// optimizer's options, step constants and decay rule. Plain C++ (no Eigen), so nvcc code includes it too.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <span>
 
@@ -21,6 +22,25 @@ struct AdamWConfig {
   double eps = 1e-8;
   double weight_decay = 0.1;
 };
+
+// One AdamW step's constants in C, computed in double from the options, the step's rate and its
+// number t (1 on the first step): the CPU and CUDA optimizers take them from here.
+template <class C>
+struct AdamWStep {
+  C b1, b2, one_minus_b1, one_minus_b2;
+  C step_size;             // lr / (1 - b1^t)
+  C inv_sqrt_correction2;  // 1 / sqrt(1 - b2^t)
+  C eps;
+  C decay;                 // 1 - lr * weight_decay, the factor of a parameter that decays
+};
+
+template <class C>
+AdamWStep<C> adamw_step(const AdamWConfig& config, double lr, int t) {
+  const double b1 = config.beta1, b2 = config.beta2;
+  const double correction1 = 1 - std::pow(b1, t), correction2 = 1 - std::pow(b2, t);
+  return {C(b1), C(b2), C(1 - b1), C(1 - b2), C(lr / correction1), C(1 / std::sqrt(correction2)), C(config.eps),
+          C(1 - lr * config.weight_decay)};
+}
 
 // Weight decay applies only to parameters of 2 or more dimensions (matrices, embeddings); biases
 // and norm weights (1-D) are not decayed: the GPT-2 / llm.c convention.

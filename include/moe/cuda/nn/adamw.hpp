@@ -34,6 +34,7 @@ namespace moe::cuda::nn {
 
 // The CPU optimizer's options and decay rule (moe/nn/checks.hpp).
 using moe::nn::AdamWConfig;
+using moe::nn::AdamWStep;
 using moe::nn::decays;
 
 namespace adamw_detail {
@@ -46,16 +47,6 @@ template <class S>
 bool updated(const ParamRef<S>& p) {
   return p.trainable && !p.grad.empty();
 }
-
-// The step's constants, in C, computed on the host in double as the CPU computes them.
-template <class C>
-struct AdamWStep {
-  C b1, b2, one_minus_b1, one_minus_b2;
-  C step_size;             // lr / (1 - b1^t)
-  C inv_sqrt_correction2;  // 1 / sqrt(1 - b2^t)
-  C eps;
-  C decay;                 // 1 - lr * wd, the factor of decaying parameters (UpdatedTensor::decays)
-};
 
 // One parameter's arrays for the multi-tensor update: value, grad: [n] (S); m, v: [n] (C);
 // master: [n] (C) or null. `decays`: weight decay applies (decays(p) and weight_decay > 0).
@@ -189,14 +180,7 @@ class AdamW {
   void step(std::vector<ParamRef<S>>& params, double lr) {
     bind(params);
     ++steps_;
-    const double b1 = config_.beta1, b2 = config_.beta2;
-    const double correction1 = 1 - std::pow(b1, steps_), correction2 = 1 - std::pow(b2, steps_);
-    adamw_detail::AdamWStep<C> k;
-    k.b1 = C(b1), k.b2 = C(b2), k.one_minus_b1 = C(1 - b1), k.one_minus_b2 = C(1 - b2);
-    k.step_size = C(lr / correction1);
-    k.inv_sqrt_correction2 = C(1 / std::sqrt(correction2));
-    k.eps = C(config_.eps);
-    k.decay = C(1 - lr * config_.weight_decay);
+    const AdamWStep<C> k = moe::nn::adamw_step<C>(config_, lr, steps_);
     std::vector<adamw_detail::UpdatedTensor<S>> tensors;
     for (std::size_t i = 0; i < params.size(); ++i) {
       ParamRef<S>& p = params[i];
