@@ -1,6 +1,7 @@
 // moe/nn/checks.hpp: what the CPU (moe/nn/) and CUDA (moe/cuda/nn/) transformer pieces share
 // besides their arithmetic: argument checks with their messages, the ignore-target value, the
-// optimizer's options, step constants and decay rule. Plain C++ (no Eigen), so nvcc code includes it too.
+// optimizer's options, step constants and decay rule. Plain C++ (no Eigen), so nvcc code includes
+// it too.
 #pragma once
 
 #include <cmath>
