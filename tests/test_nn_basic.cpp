@@ -647,6 +647,52 @@ TEST_CASE("nn adamw: a changed parameter list throws; saved state resumes the sa
   CHECK(same_bits(straight.b, resumed.b));
 }
 
+TEST_CASE("nn adamw: restored state and gradients that do not fit the list throw before anything changes") {
+  Model<float> model;
+  const Vec<float> w0 = model.w;
+  auto params = model.params();
+  auto short_grad = model.params();
+  short_grad[0].grad = short_grad[0].grad.first(4);
+  moe::nn::AdamW<float> fresh;
+  CHECK_THROWS_WITH_AS(fresh.step(short_grad), doctest::Contains("parameter 0 'w' has 6 values but 4 gradients"),
+                       moe::Error);
+  CHECK(fresh.step_count() == 0);
+  CHECK(fresh.m().empty());  // nothing sized yet
+  CHECK_THROWS_WITH_AS(fresh.set_state(-1, {}, {}), doctest::Contains("step count must be >= 0, got -1"), moe::Error);
+  CHECK_THROWS_WITH_AS(fresh.set_state(1, {{1.f}}, {}), doctest::Contains("1 first moments but 0 second moments"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(fresh.set_state(1, {{1.f}}, {{1.f, 2.f}}),
+                       doctest::Contains("moments of parameter 0 have sizes 1 and 2"), moe::Error);
+  CHECK(fresh.step_count() == 0);
+
+  moe::nn::AdamW<float> too_few;
+  too_few.set_state(3, {{}, {}}, {{}, {}});
+  CHECK_THROWS_WITH_AS(too_few.step(params), doctest::Contains("the restored moments hold 2 parameters, the list has 4"),
+                       moe::Error);
+  CHECK(too_few.step_count() == 3);
+  CHECK(too_few.m().size() == 2);
+
+  moe::nn::AdamW<float> wrong_size;
+  wrong_size.set_state(1, {{}, {1.f, 2.f}, {}, {}}, {{}, {1.f, 2.f}, {}, {}});
+  CHECK_THROWS_WITH_AS(wrong_size.step(params),
+                       doctest::Contains("restored moments of parameter 1 'b' have 2 entries, the parameter has 3"),
+                       moe::Error);
+  CHECK(wrong_size.m()[0].empty());  // not sized for the rejected list
+  CHECK(model.w == w0);  // no step was taken
+
+  // Empty entries are parameters not updated yet: their first step starts from zero moments, as a
+  // fresh optimizer's does.
+  Model<float> other;
+  moe::nn::AdamW<float> restored, straight;
+  restored.set_state(0, {{}, {}, {}, {}}, {{}, {}, {}, {}});
+  restored.step(params);
+  auto other_params = other.params();
+  straight.step(other_params);
+  CHECK(same_bits(model.w, other.w));
+  CHECK(same_bits(model.b, other.b));
+  CHECK(restored.m()[2].empty());  // frozen: never sized
+}
+
 TEST_CASE("nn clip_grad_norm: the global norm over trainable gradients; scaled only above max_norm") {
   Model<double> model;
   model.w_grad = {3, 0, 0, 0, 0, 0};

@@ -142,7 +142,7 @@ std::vector<bool> check_tensors(const moe::io::SafetensorsFile& file, const std:
       const std::string m = "optimizer.m." + params[i].name, v = "optimizer.v." + params[i].name;
       moe::check(file.contains(m) == file.contains(v), name, ": checkpoint has only one of \"", m, "\" and \"", v, "\"");
       if (!file.contains(m)) continue;
-      moe::check(params[i].trainable && !params[i].grad.empty(), name, ": checkpoint has optimizer moments for \"",
+      moe::check(moe::nn::optimizer_updates(params[i]), name, ": checkpoint has optimizer moments for \"",
                  params[i].name, "\", which is not trained");
       check_tensor(m, params[i]);
       check_tensor(v, params[i]);

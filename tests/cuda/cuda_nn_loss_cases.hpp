@@ -533,7 +533,7 @@ TEST_CASE("cuda nn loss: AdamW and clip_grad_norm reject bad arguments, naming t
   CHECK_THROWS_WITH_AS(adamw.set_state(-1, {}, {}), doctest::Contains("step count must be >= 0"), moe::Error);
   AdamW<float, TestDevice> restored(device);
   restored.set_state(1, {{1.f}}, {{1.f}});
-  CHECK_THROWS_WITH_AS(restored.step(list), doctest::Contains("the restored state has 1 parameters, the list has 8"),
+  CHECK_THROWS_WITH_AS(restored.step(list), doctest::Contains("the restored moments hold 1 parameters, the list has 8"),
                        moe::Error);
 }
 

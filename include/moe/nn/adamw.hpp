@@ -22,12 +22,12 @@ namespace detail {
 // the shapes alone, so any thread count gives the same bits.
 inline constexpr Index kOptimizerPiece = Index(1) << 14;
 
-// (parameter index, first element) of every piece of the parameters with updated(p) true.
-template <class S, class Filter>
-std::vector<std::pair<std::size_t, Index>> optimizer_pieces(const std::vector<ParamRef<S>>& params, Filter updated) {
+// (parameter index, first element) of every piece of the parameters the optimizer updates.
+template <class S>
+std::vector<std::pair<std::size_t, Index>> optimizer_pieces(const std::vector<ParamRef<S>>& params) {
   std::vector<std::pair<std::size_t, Index>> pieces;
   for (std::size_t i = 0; i < params.size(); ++i)
-    if (updated(params[i]))
+    if (optimizer_updates(params[i]))
       for (Index begin = 0; begin < Index(params[i].value.size()); begin += kOptimizerPiece)
         pieces.emplace_back(i, begin);
   return pieces;
@@ -100,7 +100,7 @@ class AdamW {
     bind(params);
     ++steps_;
     const AdamWStep<S> k = adamw_step<S>(config_, lr, steps_);
-    const auto pieces = detail::optimizer_pieces(params, updated);
+    const auto pieces = detail::optimizer_pieces(params);
     cpu::parallel_for(threads_, Index(pieces.size()), [&](Index piece) {
       const auto [i, begin] = pieces[std::size_t(piece)];
       ParamRef<S>& p = params[i];
@@ -120,11 +120,7 @@ class AdamW {
   const std::vector<std::vector<S>>& v() const { return v_; }
   // Restores a saved state; the next step() checks it against its parameter list.
   void set_state(int step_count, std::vector<std::vector<S>> m, std::vector<std::vector<S>> v) {
-    check(step_count >= 0, "AdamW::set_state: step count must be >= 0, got ", step_count);
-    check(m.size() == v.size(), "AdamW::set_state: ", m.size(), " first moments but ", v.size(), " second moments");
-    for (std::size_t i = 0; i < m.size(); ++i)
-      check(m[i].size() == v[i].size(), "AdamW::set_state: moments of parameter ", i, " have sizes ", m[i].size(),
-            " and ", v[i].size());
+    detail::check_adamw_set_state(step_count, m, v);
     steps_ = step_count;
     m_ = std::move(m);
     v_ = std::move(v);
@@ -132,38 +128,24 @@ class AdamW {
   }
 
  private:
-  static bool updated(const ParamRef<S>& p) { return p.trainable && !p.grad.empty(); }
-
   // Sizes the moments on the first step (or checks restored ones); afterwards, checks that the
-  // list still matches.
+  // list still matches. Every check comes before any change (see nn/checks.hpp).
   void bind(const std::vector<ParamRef<S>>& params) {
-    for (std::size_t i = 0; i < params.size(); ++i)
-      if (updated(params[i]))
-        check(params[i].grad.size() == params[i].value.size(), "AdamW: parameter ", i, " '", params[i].name,
-              "' has ", params[i].value.size(), " values but ", params[i].grad.size(), " gradients");
-    if (sizes_.empty()) {
-      if (m_.empty()) {  // first step
+    detail::check_adamw_gradients(params);
+    if (sizes_.empty()) {  // the first step, or the first after set_state
+      detail::check_adamw_state("restored moments", m_, params);
+      for (const ParamRef<S>& p : params) sizes_.push_back(p.value.size());
+      if (m_.empty()) {
         m_.resize(params.size());
         v_.resize(params.size());
       }
-      check(m_.size() == params.size(), "AdamW: the restored state has ", m_.size(), " parameters, the list has ",
-            params.size());
-      for (std::size_t i = 0; i < params.size(); ++i)
-        check(m_[i].empty() || m_[i].size() == params[i].value.size(), "AdamW: restored moments of parameter ", i,
-              " '", params[i].name, "' have ", m_[i].size(), " entries, the parameter has ",
-              params[i].value.size());
-      for (const ParamRef<S>& p : params) sizes_.push_back(p.value.size());
     }
-    check(params.size() == sizes_.size(), "AdamW: the parameter list has ", params.size(),
-          " entries, the first step had ", sizes_.size());
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      check(params[i].value.size() == sizes_[i], "AdamW: parameter ", i, " '", params[i].name, "' has ",
-            params[i].value.size(), " values, it had ", sizes_[i], " at the first step");
-      if (updated(params[i]) && m_[i].empty()) {  // first update of this parameter
+    detail::check_adamw_list(params, sizes_);
+    for (std::size_t i = 0; i < params.size(); ++i)
+      if (optimizer_updates(params[i]) && m_[i].empty()) {  // first update of this parameter
         m_[i].assign(sizes_[i], S(0));
         v_[i].assign(sizes_[i], S(0));
       }
-    }
   }
 
   AdamWConfig config_;
@@ -183,8 +165,7 @@ template <class S>
 double clip_grad_norm(std::vector<ParamRef<S>>& params, double max_norm, int threads = cpu::default_threads()) {
   check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
   check(threads >= 1, "clip_grad_norm: thread count must be >= 1, got ", threads);
-  const auto pieces =
-      detail::optimizer_pieces(params, [](const ParamRef<S>& p) { return p.trainable && !p.grad.empty(); });
+  const auto pieces = detail::optimizer_pieces(params);
   auto piece_range = [&](Index piece) {
     const auto [i, begin] = pieces[std::size_t(piece)];
     const Index size = std::min(detail::kOptimizerPiece, Index(params[i].grad.size()) - begin);

@@ -1,12 +1,14 @@
 // moe/nn/checks.hpp: what the CPU (moe/nn/) and CUDA (moe/cuda/nn/) transformer pieces share
 // besides their arithmetic: argument checks with their messages, the ignore-target value, the
-// optimizer's options, step constants and decay rule. Plain C++ (no Eigen), so nvcc code includes
-// it too.
+// optimizer's options, step constants, decay rule, which parameters it updates and its checks of
+// the parameter list and of restored state. Plain C++ (no Eigen), so nvcc code includes it too.
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "moe/config.hpp"
 #include "moe/tensor.hpp"
@@ -50,7 +52,60 @@ bool decays(const ParamRef<S>& param) {
   return param.shape.size() >= 2;
 }
 
+// A parameter the optimizer updates: trainable, with a gradient. The others keep empty moments.
+template <class S>
+bool optimizer_updates(const ParamRef<S>& param) {
+  return param.trainable && !param.grad.empty();
+}
+
 namespace detail {
+
+// AdamW's checks of its parameter list, one set for the CPU and CUDA optimizers (same messages).
+// Each runs before the optimizer allocates or changes anything, so a throw leaves it as it was.
+
+// Every updated parameter has as many gradients as values.
+template <class S>
+void check_adamw_gradients(const std::vector<ParamRef<S>>& params) {
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (optimizer_updates(params[i]))
+      check(params[i].grad.size() == params[i].value.size(), "AdamW: parameter ", i, " '", params[i].name, "' has ",
+            params[i].value.size(), " values but ", params[i].grad.size(), " gradients");
+}
+
+// A state given to set_state: a step count >= 0 and two moments of the same size per parameter.
+template <class C>
+void check_adamw_set_state(int step_count, const std::vector<std::vector<C>>& m, const std::vector<std::vector<C>>& v) {
+  check(step_count >= 0, "AdamW::set_state: step count must be >= 0, got ", step_count);
+  check(m.size() == v.size(), "AdamW::set_state: ", m.size(), " first moments but ", v.size(), " second moments");
+  for (std::size_t i = 0; i < m.size(); ++i)
+    check(m[i].size() == v[i].size(), "AdamW::set_state: moments of parameter ", i, " have sizes ", m[i].size(),
+          " and ", v[i].size());
+}
+
+// Per-parameter state (restored moments, master weights) against the list it will serve: none
+// (a fresh optimizer), or one entry per parameter, each empty (not updated yet) or of its size.
+// State is any vector-like of vector-likes (host vectors, device arrays).
+template <class State, class S>
+void check_adamw_state(const char* what, const State& state, const std::vector<ParamRef<S>>& params) {
+  if (state.empty()) return;
+  check(std::size_t(state.size()) == params.size(), "AdamW: the ", what, " hold ", state.size(),
+        " parameters, the list has ", params.size());
+  for (std::size_t i = 0; i < params.size(); ++i)
+    check(state[i].empty() || std::size_t(state[i].size()) == params[i].value.size(), "AdamW: ", what,
+          " of parameter ", i, " '", params[i].name, "' have ", state[i].size(), " entries, the parameter has ",
+          params[i].value.size());
+}
+
+// After the first step the list keeps its length and every parameter its size (sizes: the first
+// step's).
+template <class S>
+void check_adamw_list(const std::vector<ParamRef<S>>& params, const std::vector<std::size_t>& sizes) {
+  check(params.size() == sizes.size(), "AdamW: the parameter list has ", params.size(), " entries, the first step had ",
+        sizes.size());
+  for (std::size_t i = 0; i < params.size(); ++i)
+    check(params[i].value.size() == sizes[i], "AdamW: parameter ", i, " '", params[i].name, "' has ",
+          params[i].value.size(), " values, it had ", sizes[i], " at the first step");
+}
 
 // Embedding shapes and token ids, checked on the host before any parallel or device work (an
 // exception must not leave an OpenMP region; ids must never index the device out of range).
@@ -65,6 +120,53 @@ inline void check_embedding(const char* where, std::span<const std::int32_t> tok
   for (Index i = 0; i < Index(tokens.size()); ++i)
     check(tokens[i] >= 0 && tokens[i] < V, where, ": token id ", tokens[i], " at position ", i, " (b = ", i / T,
           ", t = ", i % T, ") is outside the vocabulary [0, ", V, ")");
+}
+
+// The embedding's own checks before check_embedding's: wte [V, C] and wpe [maxT, C] share C;
+// backward's gradients (each skipped if null) have dout's width.
+template <class S>
+void check_embedding_forward(std::span<const std::int32_t> tokens, Index B, Index T, ConstMatrixView<S> wte,
+                             ConstMatrixView<S> wpe, MatrixView<S> out) {
+  check(wpe.cols == wte.cols, "embedding_forward: wte is [", wte.rows, ", ", wte.cols, "], wpe is [", wpe.rows, ", ",
+        wpe.cols, "] (the widths differ)");
+  check_embedding("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows, out.cols);
+}
+template <class S>
+void check_embedding_backward(ConstMatrixView<S> dout, std::span<const std::int32_t> tokens, Index B, Index T,
+                              MatrixView<S> dwte, MatrixView<S> dwpe) {
+  const Index C = dout.cols;
+  check(!dwte.data || dwte.cols == C, "embedding_backward: dwte is [", dwte.rows, ", ", dwte.cols, "], dout is [",
+        dout.rows, ", ", C, "]");
+  check(!dwpe.data || dwpe.cols == C, "embedding_backward: dwpe is [", dwpe.rows, ", ", dwpe.cols, "], dout is [",
+        dout.rows, ", ", C, "]");
+  // Without a dwte, ids are not looked up; with no dwpe, positions are unbounded.
+  const Index V = dwte.data ? dwte.rows : Index(INT32_MAX) + 1;
+  const Index max_T = dwpe.data ? dwpe.rows : T;
+  check_embedding("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
+}
+
+// LayerNorm: x [T, C] with C > 0; out, dout and dx (skipped if null) of x's shape; no null
+// parameter or cache. Stat is the cache's type (S on the CPU, Compute<S> on the device).
+template <class S, class Stat>
+void check_layernorm_forward(ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out,
+                             const Stat* mean, const Stat* rstd) {
+  const Index T = x.rows, C = x.cols;
+  check(C > 0, "layernorm_forward: x has no columns (x is [", T, ", ", C, "])");
+  check(out.rows == T && out.cols == C, "layernorm_forward: out is [", out.rows, ", ", out.cols, "], x is [", T,
+        ", ", C, "]");
+  check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
+  check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
+}
+template <class S, class Stat>
+void check_layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight, const Stat* mean,
+                              const Stat* rstd, MatrixView<S> dx) {
+  const Index T = x.rows, C = x.cols;
+  check(C > 0, "layernorm_backward: x has no columns (x is [", T, ", ", C, "])");
+  check(dout.rows == T && dout.cols == C, "layernorm_backward: dout is [", dout.rows, ", ", dout.cols, "], x is [",
+        T, ", ", C, "]");
+  check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
+        "], x is [", T, ", ", C, "]");
+  check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
 }
 
 // Cross-entropy shapes and targets; returns the number of rows counted.

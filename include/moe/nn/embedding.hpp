@@ -19,9 +19,7 @@ namespace moe::nn {
 template <class S>
 void embedding_forward(std::span<const std::int32_t> tokens, Index B, Index T, ConstMatrixView<S> wte,
                        ConstMatrixView<S> wpe, MatrixView<S> out, int threads) {
-  check(wpe.cols == wte.cols, "embedding_forward: wte is [", wte.rows, ", ", wte.cols, "], wpe is [", wpe.rows, ", ",
-        wpe.cols, "] (the widths differ)");
-  detail::check_embedding("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows, out.cols);
+  detail::check_embedding_forward(tokens, B, T, wte, wpe, out);
   const Index C = wte.cols;
   const Index rows_per_task = cpu::rows_per_task(C);
   cpu::parallel_chunks(threads, B * T, rows_per_task, [&](Index begin, Index end) {
@@ -42,14 +40,7 @@ template <class S>
 void embedding_backward(ConstMatrixView<S> dout, std::span<const std::int32_t> tokens, Index B, Index T,
                         MatrixView<S> dwte, MatrixView<S> dwpe, int threads) {
   const Index C = dout.cols;
-  check(!dwte.data || dwte.cols == C, "embedding_backward: dwte is [", dwte.rows, ", ", dwte.cols, "], dout is [",
-        dout.rows, ", ", C, "]");
-  check(!dwpe.data || dwpe.cols == C, "embedding_backward: dwpe is [", dwpe.rows, ", ", dwpe.cols, "], dout is [",
-        dout.rows, ", ", C, "]");
-  // Without a dwte, ids are not looked up; with no dwpe, positions are unbounded.
-  const Index V = dwte.data ? dwte.rows : Index(INT32_MAX) + 1;
-  const Index max_T = dwpe.data ? dwpe.rows : T;
-  detail::check_embedding("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
+  detail::check_embedding_backward(dout, tokens, B, T, dwte, dwpe);
 
   using cpu::kColumnsPerTask;
   cpu::parallel_chunks(threads, C, kColumnsPerTask, [&](Index begin, Index end) {

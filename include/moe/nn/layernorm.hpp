@@ -9,6 +9,7 @@
 #include "moe/config.hpp"
 #include "moe/cpu/parallel.hpp"
 #include "moe/cpu/simd.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::nn {
@@ -22,11 +23,7 @@ template <class S>
 void layernorm_forward(ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out, S* mean, S* rstd,
                        int threads) {
   const Index T = x.rows, C = x.cols;
-  check(C > 0, "layernorm_forward: x has no columns (x is [", T, ", ", C, "])");
-  check(out.rows == T && out.cols == C, "layernorm_forward: out is [", out.rows, ", ", out.cols, "], x is [", T,
-        ", ", C, "]");
-  check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
-  check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
+  detail::check_layernorm_forward(x, weight, bias, out, mean, rstd);
   const Index rows_per_task = cpu::rows_per_task(C);  // from the shape: same bits on any thread count
   cpu::parallel_chunks(threads, T, rows_per_task, [&](Index begin, Index end) {
     std::vector<S> centered(static_cast<std::size_t>(C));
@@ -56,12 +53,7 @@ template <class S>
 void layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight, const S* mean,
                         const S* rstd, MatrixView<S> dx, S* dweight, S* dbias, int threads) {
   const Index T = x.rows, C = x.cols;
-  check(C > 0, "layernorm_backward: x has no columns (x is [", T, ", ", C, "])");
-  check(dout.rows == T && dout.cols == C, "layernorm_backward: dout is [", dout.rows, ", ", dout.cols, "], x is [",
-        T, ", ", C, "]");
-  check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
-        "], x is [", T, ", ", C, "]");
-  check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
+  detail::check_layernorm_backward(dout, x, weight, mean, rstd, dx);
 
   if (dx.data) {
     const Index rows_per_task = cpu::rows_per_task(C);

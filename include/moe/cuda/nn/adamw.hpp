@@ -32,21 +32,16 @@
 
 namespace moe::cuda::nn {
 
-// The CPU optimizer's options and decay rule (moe/nn/checks.hpp).
+// The CPU optimizer's options, decay rule and choice of updated parameters (moe/nn/checks.hpp).
 using moe::nn::AdamWConfig;
 using moe::nn::AdamWStep;
 using moe::nn::decays;
+using moe::nn::optimizer_updates;
 
 namespace adamw_detail {
 
 // Elements per partial sum of squares in clip_grad_norm (one device thread each).
 inline constexpr Index kNormChunk = 2048;
-
-// A parameter the optimizer updates: trainable, with a gradient.
-template <class S>
-bool updated(const ParamRef<S>& p) {
-  return p.trainable && !p.grad.empty();
-}
 
 // One parameter's arrays for the multi-tensor update: value, grad: [n] (S); m, v: [n] (C);
 // master: [n] (C) or null. `decays`: weight decay applies (decays(p) and weight_decay > 0).
@@ -184,7 +179,7 @@ class AdamW {
     std::vector<adamw_detail::UpdatedTensor<S>> tensors;
     for (std::size_t i = 0; i < params.size(); ++i) {
       ParamRef<S>& p = params[i];
-      if (!adamw_detail::updated(p)) continue;
+      if (!optimizer_updates(p)) continue;
       C* master = kMasterWeights ? master_[i].data() : nullptr;
       tensors.push_back({p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(), master, Index(p.value.size()),
                          decays(p) && config_.weight_decay != 0});
@@ -199,11 +194,7 @@ class AdamW {
   std::vector<std::vector<C>> v() const { return download(v_); }
   // Restores a saved state (uploads it); the next step() checks it against its parameter list.
   void set_state(int step_count, const std::vector<std::vector<C>>& m, const std::vector<std::vector<C>>& v) {
-    check(step_count >= 0, "AdamW::set_state: step count must be >= 0, got ", step_count);
-    check(m.size() == v.size(), "AdamW::set_state: ", m.size(), " first moments but ", v.size(), " second moments");
-    for (std::size_t i = 0; i < m.size(); ++i)
-      check(m[i].size() == v[i].size(), "AdamW::set_state: moments of parameter ", i, " have sizes ", m[i].size(),
-            " and ", v[i].size());
+    moe::nn::detail::check_adamw_set_state(step_count, m, v);
     steps_ = step_count;
     m_ = upload(m);
     v_ = upload(v);
@@ -243,50 +234,34 @@ class AdamW {
     return moments;
   }
 
-  // Sizes the moments on the first step (or checks restored ones); afterwards, checks that the
-  // list still matches. Messages are moe::nn::AdamW's.
+  // Sizes the moments (and master weights) on the first step, or checks restored ones; afterwards,
+  // checks that the list still matches. The checks are moe::nn::AdamW's (nn/checks.hpp) and come
+  // before any allocation or upload.
   void bind(const std::vector<ParamRef<S>>& params) {
-    for (std::size_t i = 0; i < params.size(); ++i)
-      if (adamw_detail::updated(params[i]))
-        check(params[i].grad.size() == params[i].value.size(), "AdamW: parameter ", i, " '", params[i].name,
-              "' has ", params[i].value.size(), " values but ", params[i].grad.size(), " gradients");
-    if (sizes_.empty()) {
-      if (m_.empty()) {  // first step
+    moe::nn::detail::check_adamw_gradients(params);
+    if (sizes_.empty()) {  // the first step, or the first after set_state / set_master_weights
+      moe::nn::detail::check_adamw_state("restored moments", m_, params);
+      if constexpr (kMasterWeights) moe::nn::detail::check_adamw_state("master weights", master_, params);
+      for (const ParamRef<S>& p : params) sizes_.push_back(p.value.size());
+      if (m_.empty()) {
         m_.resize(params.size());
         v_.resize(params.size());
       }
       if (kMasterWeights && master_.empty()) master_.resize(params.size());
-      check(m_.size() == params.size(), "AdamW: the restored state has ", m_.size(), " parameters, the list has ",
-            params.size());
-      if constexpr (kMasterWeights) {
-        check(master_.size() == params.size(), "AdamW: the master weights hold ", master_.size(),
-              " parameters, the list has ", params.size());
-        for (std::size_t i = 0; i < params.size(); ++i)
-          check(master_[i].empty() || std::size_t(master_[i].size()) == params[i].value.size(),
-                "AdamW: master weights of parameter ", i, " '", params[i].name, "' have ", master_[i].size(),
-                " entries, the parameter has ", params[i].value.size());
-      }
-      for (std::size_t i = 0; i < params.size(); ++i)
-        check(m_[i].empty() || std::size_t(m_[i].size()) == params[i].value.size(),
-              "AdamW: restored moments of parameter ", i, " '", params[i].name, "' have ", m_[i].size(),
-              " entries, the parameter has ", params[i].value.size());
-      for (const ParamRef<S>& p : params) sizes_.push_back(p.value.size());
     }
-    check(params.size() == sizes_.size(), "AdamW: the parameter list has ", params.size(),
-          " entries, the first step had ", sizes_.size());
+    moe::nn::detail::check_adamw_list(params, sizes_);
     for (std::size_t i = 0; i < params.size(); ++i) {
-      check(params[i].value.size() == sizes_[i], "AdamW: parameter ", i, " '", params[i].name, "' has ",
-            params[i].value.size(), " values, it had ", sizes_[i], " at the first step");
-      if (adamw_detail::updated(params[i]) && m_[i].empty() && sizes_[i] > 0) {  // first update of this parameter
-        const Index n = Index(sizes_[i]);
+      if (!optimizer_updates(params[i]) || sizes_[i] == 0) continue;
+      const Index n = Index(sizes_[i]);
+      if (m_[i].empty()) {  // first update of this parameter
         m_[i].resize(n);
         v_[i].resize(n);
         adamw_detail::fill_zero(device_, m_[i].data(), n);
         adamw_detail::fill_zero(device_, v_[i].data(), n);
       }
-      if (kMasterWeights && adamw_detail::updated(params[i]) && master_[i].empty() && sizes_[i] > 0) {
-        master_[i].resize(Index(sizes_[i]));
-        adamw_detail::widen(device_, params[i].value.data(), master_[i].data(), Index(sizes_[i]));
+      if (kMasterWeights && master_[i].empty()) {
+        master_[i].resize(n);
+        adamw_detail::widen(device_, params[i].value.data(), master_[i].data(), n);
       }
     }
   }
@@ -316,7 +291,7 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
   std::vector<Index> first;
   Index partials = 0;
   for (ParamRef<S>& p : params)
-    if (adamw_detail::updated(p)) {
+    if (optimizer_updates(p)) {
       grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr});
       first.push_back(partials);
       partials += units_of(Index(p.grad.size()), adamw_detail::kNormChunk);

@@ -34,10 +34,7 @@ template <class S, class D>
 void embedding_forward(const D& device, std::span<const std::int32_t> tokens, Index B, Index T,
                        ConstMatrixView<S> wte, ConstMatrixView<S> wpe, MatrixView<S> out) {
   using Cm = Compute<S>;
-  check(wpe.cols == wte.cols, "embedding_forward: wte is [", wte.rows, ", ", wte.cols, "], wpe is [", wpe.rows, ", ",
-        wpe.cols, "] (the widths differ)");
-  moe::nn::detail::check_embedding("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows,
-                                        out.cols);
+  moe::nn::detail::check_embedding_forward(tokens, B, T, wte, wpe, out);
   const Index rows = B * T, C = wte.cols;
   if (rows == 0 || C == 0) return;
   ScratchLayout layout;
@@ -61,14 +58,7 @@ void embedding_backward(const D& device, ConstMatrixView<S> dout, std::span<cons
                         Index T, MatrixView<S> dwte, MatrixView<S> dwpe) {
   using Cm = Compute<S>;
   const Index C = dout.cols;
-  check(!dwte.data || dwte.cols == C, "embedding_backward: dwte is [", dwte.rows, ", ", dwte.cols, "], dout is [",
-        dout.rows, ", ", C, "]");
-  check(!dwpe.data || dwpe.cols == C, "embedding_backward: dwpe is [", dwpe.rows, ", ", dwpe.cols, "], dout is [",
-        dout.rows, ", ", C, "]");
-  // Without a dwte, ids are not looked up; with no dwpe, positions are unbounded.
-  const Index V = dwte.data ? dwte.rows : Index(INT32_MAX) + 1;
-  const Index max_T = dwpe.data ? dwpe.rows : T;
-  moe::nn::detail::check_embedding("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
+  moe::nn::detail::check_embedding_backward(dout, tokens, B, T, dwte, dwpe);
   const Index rows = B * T;
   if (rows == 0 || C == 0) return;
 

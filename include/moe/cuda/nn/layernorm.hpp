@@ -18,6 +18,7 @@
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/row_packs.hpp"
 #include "moe/host_device.hpp"
+#include "moe/nn/checks.hpp"
 #include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 
@@ -91,13 +92,8 @@ void input_gradient_rows(const D& device, ConstMatrixView<S> dout, ConstMatrixVi
 template <class S, class D>
 void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out,
                        Compute<S>* mean, Compute<S>* rstd) {
-  const Index T = x.rows, C = x.cols;
-  check(C > 0, "layernorm_forward: x has no columns (x is [", T, ", ", C, "])");
-  check(out.rows == T && out.cols == C, "layernorm_forward: out is [", out.rows, ", ", out.cols, "], x is [", T,
-        ", ", C, "]");
-  check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
-  check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
-  if (T == 0) return;
+  moe::nn::detail::check_layernorm_forward(x, weight, bias, out, mean, rstd);
+  if (x.rows == 0) return;
   const bool packed = row_packs_fit(x.data, x.stride) &&
                       row_packs_fit(static_cast<const S*>(out.data), out.stride) && row_packs_fit(weight, 0) &&
                       row_packs_fit(bias, 0);
@@ -120,12 +116,7 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
                         const Compute<S>* mean, const Compute<S>* rstd, MatrixView<S> dx, S* dweight, S* dbias) {
   using Cm = Compute<S>;
   const Index T = x.rows, C = x.cols;
-  check(C > 0, "layernorm_backward: x has no columns (x is [", T, ", ", C, "])");
-  check(dout.rows == T && dout.cols == C, "layernorm_backward: dout is [", dout.rows, ", ", dout.cols, "], x is [",
-        T, ", ", C, "]");
-  check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
-        "], x is [", T, ", ", C, "]");
-  check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
+  moe::nn::detail::check_layernorm_backward(dout, x, weight, mean, rstd, dx);
 
   if (dx.data && T > 0) {
     const bool packed = row_packs_fit(dout.data, dout.stride) && row_packs_fit(x.data, x.stride) &&
