@@ -362,6 +362,44 @@ TEST_CASE("checkpoint: a missing, misshapen, mistyped or unexpected tensor is re
       REQUIRE(loaded[i].value[j] == moe::io::bf16_to_float(moe::io::float_to_bf16(source[i].value[j])));
 }
 
+TEST_CASE("checkpoint: a non-finite value in a parameter or a moment is refused; model and optimizer unchanged") {
+  TemporaryDirectory directory;
+  const fs::path path = directory.path / "good.safetensors", bad = directory.path / "bad.safetensors";
+  const moe::nn::AdamWConfig adamw{.lr = 1e-2};
+  gpt2::MoEModel<moe::Linear, float> model(tiny_config());
+  moe::nn::AdamW<float> optimizer(adamw);
+  train_steps(model, optimizer, 0, 1);
+  gpt2::save_checkpoint(path, model, &optimizer);
+
+  gpt2::MoEModel<moe::Linear, float> target(tiny_config()), untouched(tiny_config());
+  moe::nn::AdamW<float> target_optimizer(adamw);
+  std::vector<float> poisoned;
+  // c_attn is stored transposed (the Conv1D layout), ln_f's moment as it is: both read paths.
+  for (const std::string tensor : {"h.0.attn.c_attn.weight", "optimizer.v.ln_f.weight", "wte.weight"})
+    for (const float value : {NAN, INFINITY}) {
+      CAPTURE(tensor);
+      CAPTURE(value);
+      rewrite(path, bad, [&](auto& tensors, auto&) {
+        for (auto& t : tensors)
+          if (t.name == tensor) {
+            poisoned.assign(t.bytes.size() / 4, 0.0f);
+            std::memcpy(poisoned.data(), t.bytes.data(), t.bytes.size());
+            poisoned[poisoned.size() / 2] = value;
+            t = moe::io::tensor_to_write(t.name, t.shape, std::span<const float>(poisoned));
+          }
+      });
+      CHECK_THROWS_WITH_AS(gpt2::load_checkpoint(bad, target, &target_optimizer),
+                           doctest::Contains(("bad.safetensors: tensor \"" + tensor + "\" holds a non-finite value").c_str()),
+                           moe::Error);
+      CHECK(same_parameters(target, untouched));
+      CHECK(target_optimizer.step_count() == 0);
+      CHECK(target_optimizer.m().empty());
+    }
+  gpt2::load_checkpoint(path, target, &target_optimizer);  // the file it came from loads
+  CHECK(same_parameters(target, model));
+  CHECK(target_optimizer.step_count() == 1);
+}
+
 TEST_CASE("checkpoint: bad metadata is refused, naming the key") {
   TemporaryDirectory directory;
   const fs::path path = directory.path / "good.safetensors", bad = directory.path / "bad.safetensors";

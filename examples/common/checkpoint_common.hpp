@@ -8,7 +8,9 @@
 // values)` the stored values. The identity layout is the default.
 #pragma once
 
+#include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -32,17 +34,50 @@ inline bool reserved_key(std::string_view key) {
          key.starts_with("optimizer.");
 }
 
+// A metadata entry the file must have; the errors name the file and the key.
+inline const std::string& metadata_text(const std::string& file, const std::map<std::string, std::string>& metadata,
+                                        const std::string& key) {
+  const auto it = metadata.find(key);
+  moe::check(it != metadata.end(), file, ": metadata has no \"", key, "\"");
+  return it->second;
+}
+
 template <class Integer>
 Integer parse_integer(const std::string& file, const std::map<std::string, std::string>& metadata,
                       const std::string& key) {
-  const auto it = metadata.find(key);
-  moe::check(it != metadata.end(), file, ": metadata has no \"", key, "\"");
+  const std::string& text = metadata_text(file, metadata, key);
   Integer value{};
-  const std::string& text = it->second;
   const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
   moe::check(result.ec == std::errc{} && result.ptr == text.data() + text.size() && !text.empty(), file,
              ": metadata \"", key, "\" = \"", text, "\" is not a valid integer");
   return value;
+}
+
+// A count (steps, a batch, a seed): an integer >= 0 that fits std::int64_t.
+inline std::int64_t parse_count(const std::string& file, const std::map<std::string, std::string>& metadata,
+                                const std::string& key) {
+  const auto value = parse_integer<std::int64_t>(file, metadata, key);
+  moe::check(value >= 0, file, ": metadata \"", key, "\" = ", value, " is negative");
+  return value;
+}
+
+// A finite number, as std::to_chars wrote it.
+inline double parse_number(const std::string& file, const std::map<std::string, std::string>& metadata,
+                           const std::string& key) {
+  const std::string& text = metadata_text(file, metadata, key);
+  double value = 0;
+  const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
+  moe::check(result.ec == std::errc{} && result.ptr == text.data() + text.size() && !text.empty() &&
+                 std::isfinite(value),
+             file, ": metadata \"", key, "\" = \"", text, "\" is not a finite number");
+  return value;
+}
+
+// The shortest text that parse_number reads back as the same double ("0.05", not "0.050000000000000003").
+inline std::string exact_text(double value) {
+  char text[32];
+  const auto result = std::to_chars(text, text + sizeof text, value);
+  return std::string(text, result.ptr);
 }
 
 // The caller's entries (none of them reserved), then format and variant.
@@ -153,6 +188,55 @@ std::vector<bool> check_tensors(const moe::io::SafetensorsFile& file, const std:
     moe::check(expected.contains(stored) || ignored(stored), name, ": checkpoint tensor \"", stored,
                "\" has no place in the ", variant, " model (a checkpoint of another variant or config?)");
   return has_moments;
+}
+
+// The counters a checkpoint records, read and checked before anything is restored: AdamW's step
+// count (only when the optimizer state is to be restored) and the Random gate's draw counter.
+struct RecordedSteps {
+  bool restore_optimizer = false;
+  int optimizer_step = 0;
+  std::uint64_t routing_step = 0;
+};
+
+inline RecordedSteps read_steps(const std::string& file, const std::map<std::string, std::string>& metadata,
+                                bool restore_optimizer) {
+  RecordedSteps steps;
+  steps.restore_optimizer = restore_optimizer;
+  if (restore_optimizer) {
+    steps.optimizer_step = parse_integer<int>(file, metadata, "optimizer.step");
+    moe::check(steps.optimizer_step >= 0, file, ": optimizer.step is negative (", steps.optimizer_step, ")");
+  }
+  if (metadata.contains("routing_step"))
+    steps.routing_step = parse_integer<std::uint64_t>(file, metadata, "routing_step");
+  return steps;
+}
+
+// Reads every parameter (under prefix + its name) and, when `steps` restores the optimizer, the
+// moments `has_moments` marks, through `read(stored_name, param, out)`, into scratch; checks
+// that every value is finite (a non-finite one would poison training silently, and a corrupt file
+// is its likely cause); only then copies them into the parameters and sets the optimizer's state.
+// An error leaves the parameters and the optimizer as they were.
+template <class S, class Read>
+void restore_tensors(const std::string& file, std::vector<moe::ParamRef<S>>& params, const std::string& prefix,
+                     const std::vector<bool>& has_moments, const RecordedSteps& steps, moe::nn::AdamW<S>* optimizer,
+                     Read read) {
+  const auto read_finite = [&](const std::string& stored, const moe::ParamRef<S>& p, std::vector<S>& out) {
+    out.resize(p.value.size());
+    read(stored, p, std::span<S>(out));
+    for (S value : out) moe::check(std::isfinite(value), file, ": tensor \"", stored, "\" holds a non-finite value");
+  };
+  const bool restore_optimizer = steps.restore_optimizer && optimizer;
+  std::vector<std::vector<S>> values(params.size()), m(params.size()), v(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    read_finite(prefix + params[i].name, params[i], values[i]);
+    if (!restore_optimizer || !has_moments[i]) continue;
+    read_finite("optimizer.m." + params[i].name, params[i], m[i]);
+    read_finite("optimizer.v." + params[i].name, params[i], v[i]);
+  }
+  // set_state checks its arguments before it changes anything; the copies after it cannot fail.
+  if (restore_optimizer) optimizer->set_state(steps.optimizer_step, std::move(m), std::move(v));
+  for (std::size_t i = 0; i < params.size(); ++i)
+    std::copy(values[i].begin(), values[i].end(), params[i].value.begin());
 }
 
 }  // namespace examples::checkpoint

@@ -1,20 +1,44 @@
 // examples/common/cli.hpp: the examples' command lines, `program SUBCOMMAND [--flag value]...`.
 // Flags are declared up front with their help text; anything else is an error that names it.
-// Values are parsed on request, and a bad value names the flag and what was expected.
+// Values are parsed on request, and a bad value names the flag and what was expected. run_main is
+// the examples' main(): the subcommand's handler runs, and any error becomes one line on stderr.
 #pragma once
 
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <iostream>
 #include <map>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "moe/config.hpp"
 
 namespace cli {
+
+// `text` as one shell word: as it is when it holds only characters no shell treats specially, else
+// in single quotes (a quote inside written '\'').
+inline std::string shell_quoted(std::string_view text) {
+  const auto plain = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           std::string_view("_-+=.,/:@%").find(c) != std::string_view::npos;
+  };
+  if (!text.empty() && std::all_of(text.begin(), text.end(), plain)) return std::string(text);
+  std::string quoted = "'";
+  for (char c : text) {
+    if (c == '\'') quoted += "'\\''";
+    else quoted += c;
+  }
+  quoted += '\'';
+  return quoted;
+}
 
 struct Flag {
   std::string name;        // without the dashes: "steps"
@@ -42,6 +66,11 @@ class Parser {
   // argv[1] is the subcommand (or --help / -h / help); then --name value, --name=value or --switch.
   void parse(int argc, const char* const* argv) {
     std::vector<std::string_view> args(argv + 1, argv + argc);
+    command_line_ = program_;
+    for (std::string_view arg : args) {
+      command_line_ += ' ';
+      command_line_ += shell_quoted(arg);
+    }
     if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
       help_ = true;
       if (args.size() >= 2) subcommand_ = std::string(args[1]);
@@ -81,6 +110,9 @@ class Parser {
 
   bool help_requested() const { return help_; }
   const std::string& subcommand() const { return subcommand_; }
+  const std::string& program() const { return program_; }
+  // The command as parsed, quoted so that a shell runs it again (the reports print it).
+  const std::string& command_line() const { return command_line_; }
   bool has(std::string_view name) const { return values_.count(std::string(name)) > 0; }
 
   std::string get(std::string_view name, std::string_view fallback) const {
@@ -171,12 +203,54 @@ class Parser {
     return false;
   }
 
-  std::string program_, description_;
+  std::string program_, description_, command_line_;
   std::vector<Flag> flags_;
   std::vector<Subcommand> subcommands_;
   std::string subcommand_;
   std::map<std::string, std::string> values_;
   bool help_ = false;
 };
+
+// The flag lists of several subcommands joined: concat({"variant"}, model_flags).
+inline std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// What `error.what()` reads as on the program's one error line: without the "moe: " the library's
+// errors start with nor the program's own name (the line names it once), on one line.
+inline std::string error_line(std::string_view message, const std::string& program,
+                              const std::vector<std::string>& other_prefixes = {}) {
+  std::vector<std::string> prefixes = {"moe: ", program + ": "};
+  prefixes.insert(prefixes.end(), other_prefixes.begin(), other_prefixes.end());
+  for (const std::string& prefix : prefixes)
+    if (message.starts_with(prefix)) message.remove_prefix(prefix.size());
+  std::string line(message);
+  std::replace(line.begin(), line.end(), '\n', ' ');
+  return line;
+}
+
+// An example's main(): parses argv, prints the help when asked, else runs the subcommand's
+// handler. Every error ends here as one line on stderr, "<program>: error: <message>", and exit
+// status 1; `other_prefixes` are further prefixes the line drops ("vit: " of the ViT headers).
+using Handler = std::function<int(const Parser&)>;
+inline int run_main(int argc, const char* const* argv, Parser& parser,
+                    const std::vector<std::pair<std::string, Handler>>& handlers,
+                    const std::vector<std::string>& other_prefixes = {}) {
+  try {
+    parser.parse(argc, argv);
+    if (parser.help_requested()) {
+      std::cout << parser.help();
+      return 0;
+    }
+    for (const auto& [name, handler] : handlers)
+      if (name == parser.subcommand()) return handler(parser);
+    moe::fail(parser.program(), ": subcommand '", parser.subcommand(), "' has no handler");
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s: error: %s\n", parser.program().c_str(),
+                 error_line(error.what(), parser.program(), other_prefixes).c_str());
+    return 1;
+  }
+}
 
 }  // namespace cli

@@ -12,6 +12,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -363,6 +364,29 @@ inline void write_seed_summary(const std::filesystem::path& dir, std::span<const
   moe::check(!error, "report: cannot create directory '", dir.string(), "': ", error.message());
   detail::write_file(dir / "report.md", seed_summary_markdown(runs, options));
   detail::write_file(dir / "summary.json", seed_summary_json(runs, options));
+}
+
+// Runs one comparison per seed: `compare_one(seed, folder)` trains the variants with that seed,
+// writes their report into <the summary's folder>/<folder> ("seed-<seed>") and returns their
+// results. Progress goes to stderr.
+template <class CompareOne>
+std::vector<SeedRun> compare_over_seeds(const std::vector<std::uint64_t>& seeds, CompareOne compare_one) {
+  std::vector<SeedRun> runs;
+  for (const std::uint64_t seed : seeds) {
+    const std::string folder = "seed-" + std::to_string(seed);
+    std::fprintf(stderr, "seed %llu (%zu of %zu)\n", (unsigned long long)seed, runs.size() + 1, seeds.size());
+    std::vector<VariantResult> results = compare_one(seed, folder);
+    runs.push_back({seed, std::move(results), folder});
+  }
+  return runs;
+}
+
+// write_seed_summary, then the summary's two tables and where the report is, on stdout.
+inline void write_and_print_seed_summary(const std::filesystem::path& dir, std::span<const SeedRun> runs,
+                                         const ReportOptions& options) {
+  write_seed_summary(dir, runs, options);
+  std::printf("\n%s\n%s\nreport: %s\n", seed_summary_table(runs).c_str(), seed_difference_table(runs).c_str(),
+              (dir / "report.md").c_str());
 }
 
 }  // namespace report

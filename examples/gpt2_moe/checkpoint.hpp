@@ -296,32 +296,16 @@ CheckpointHeader load_checkpoint(const std::filesystem::path& path, Model& model
       file, params, prefix, header.has_optimizer_state, Model::variant,
       [](const moe::ParamRef<S>& p) { return checkpoint_detail::file_shape(p.name, p.shape); },
       [&](const std::string& stored) { return header.hugging_face && checkpoint_detail::hf_ignored(stored); });
-  const bool restore_optimizer = optimizer && header.has_optimizer_state;
-  int optimizer_step = 0;
-  if (restore_optimizer) {
-    optimizer_step = checkpoint_detail::parse_integer<int>(name, header.metadata, "optimizer.step");
-    moe::check(optimizer_step >= 0, name, ": optimizer.step is negative (", optimizer_step, ")");
-  }
-  std::uint64_t routing_step = 0;
-  if constexpr (Model::is_moe)
-    if (header.metadata.contains("routing_step"))
-      routing_step = checkpoint_detail::parse_integer<std::uint64_t>(name, header.metadata, "routing_step");
+  const examples::checkpoint::RecordedSteps steps =
+      examples::checkpoint::read_steps(name, header.metadata, optimizer && header.has_optimizer_state);
 
-  // Then the restore, which cannot fail.
-  for (moe::ParamRef<S>& p : params)
-    checkpoint_detail::read_into<S>(file, prefix + p.name, p.name, p.shape, p.value);
-  if (restore_optimizer) {
-    std::vector<std::vector<S>> m(params.size()), v(params.size());
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      if (!has_moments[i]) continue;
-      m[i].resize(params[i].value.size());
-      v[i].resize(params[i].value.size());
-      checkpoint_detail::read_into<S>(file, "optimizer.m." + params[i].name, params[i].name, params[i].shape, m[i]);
-      checkpoint_detail::read_into<S>(file, "optimizer.v." + params[i].name, params[i].name, params[i].shape, v[i]);
-    }
-    optimizer->set_state(optimizer_step, std::move(m), std::move(v));
-  }
-  model.set_routing_step(routing_step);
+  // Then the restore, which changes nothing unless every value is read and finite.
+  examples::checkpoint::restore_tensors<S>(
+      name, params, prefix, has_moments, steps, optimizer,
+      [&](const std::string& stored, const moe::ParamRef<S>& p, std::span<S> out) {
+        checkpoint_detail::read_into<S>(file, stored, p.name, p.shape, out);
+      });
+  model.set_routing_step(Model::is_moe ? steps.routing_step : 0);
   return header;
 }
 

@@ -7,8 +7,8 @@
 //   gpt2_moe tokenize --data corpus/ --tokenizer gpt2-bpe --out shards/
 //
 // Every error is one line on stderr naming the file or flag, and a non-zero exit.
+#include <cmath>
 #include <cstdio>
-#include <exception>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/cli.hpp"
+#include "../common/memory.hpp"
 #include "../common/routing_report.hpp"
 #include "../common/seed_summary.hpp"
 #include "checkpoint.hpp"
@@ -36,11 +37,6 @@ const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumula
                                               "weight-decay", "clip", "eval-every", "eval-tokens", "stats-tokens",
                                               "checkpoint-every", "threads", "data", "tokenizer", "out",
                                               "device", "precision", "no-checkpoint"};
-
-std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
 
 cli::Parser make_parser() {
   std::vector<cli::Flag> flags = {
@@ -89,9 +85,9 @@ cli::Parser make_parser() {
   };
   std::vector<cli::Subcommand> subcommands = {
       {"train", "Train one variant; writes <out>/<variant>.safetensors.",
-       concat(concat({"variant", "resume"}, kModelFlags), kTrainFlags)},
+       cli::concat(cli::concat({"variant", "resume"}, kModelFlags), kTrainFlags)},
       {"compare", "Train several variants with identical data, seed and budget; write a routing report to <out>.",
-       concat(concat({"variants", "seeds"}, kModelFlags), kTrainFlags)},
+       cli::concat(cli::concat({"variants", "seeds"}, kModelFlags), kTrainFlags)},
       {"sample", "Generate text from a checkpoint.",
        {"checkpoint", "prompt", "tokens", "temperature", "sample-top-k", "seed", "threads", "tokenizer"}},
       {"tokenize", "Tokenize a text corpus into llm.c .bin shards (<out>/train_000000.bin, val_000000.bin).",
@@ -160,42 +156,33 @@ std::map<std::string, std::string> options_metadata(const gpt2::TrainOptions& o)
           {"train.stats_tokens", std::to_string(o.stats_tokens)}};
 }
 
-std::int64_t metadata_int(const std::map<std::string, std::string>& meta, const std::string& key,
-                          const fs::path& file) {
-  const auto it = meta.find(key);
-  moe::check(it != meta.end(), "gpt2_moe: checkpoint ", file.string(), " has no '", key, "' in its metadata");
-  std::int64_t value = 0;
-  const auto [end, error] = std::from_chars(it->second.data(), it->second.data() + it->second.size(), value);
-  moe::check(error == std::errc() && end == it->second.data() + it->second.size(), "gpt2_moe: checkpoint ",
-             file.string(), ": metadata '", key, "' is not an integer: '", it->second, "'");
-  return value;
-}
-
 // Restores the options saved by options_metadata; flags given on the command line win (a changed
 // --steps extends or shortens the schedule, so the run no longer matches an uninterrupted one).
-gpt2::TrainOptions resumed_options(const std::map<std::string, std::string>& meta, const fs::path& file) {
+gpt2::TrainOptions resumed_options(const std::map<std::string, std::string>& meta, const fs::path& path) {
+  namespace ckpt = examples::checkpoint;
+  const std::string file = path.string();
   gpt2::TrainOptions o;
-  o.steps = metadata_int(meta, "train.steps", file);
-  o.batch = metadata_int(meta, "train.batch", file);
-  o.seq = metadata_int(meta, "train.seq", file);
-  o.accumulation = metadata_int(meta, "train.accumulation", file);
-  o.warmup = metadata_int(meta, "train.warmup", file);
-  o.data_seed = std::uint64_t(metadata_int(meta, "train.data_seed", file));
-  o.eval_every = metadata_int(meta, "train.eval_every", file);
-  o.eval_tokens = metadata_int(meta, "train.eval_tokens", file);
-  o.stats_tokens = metadata_int(meta, "train.stats_tokens", file);
-  std::istringstream lr(meta.at("train.lr")), rest(meta.at("train.decay_clip_min_lr"));
-  lr >> o.lr;
+  o.steps = ckpt::parse_count(file, meta, "train.steps");
+  o.batch = ckpt::parse_count(file, meta, "train.batch");
+  o.seq = ckpt::parse_count(file, meta, "train.seq");
+  o.accumulation = ckpt::parse_count(file, meta, "train.accumulation");
+  o.warmup = ckpt::parse_count(file, meta, "train.warmup");
+  o.data_seed = std::uint64_t(ckpt::parse_count(file, meta, "train.data_seed"));
+  o.eval_every = ckpt::parse_count(file, meta, "train.eval_every");
+  o.eval_tokens = ckpt::parse_count(file, meta, "train.eval_tokens");
+  o.stats_tokens = ckpt::parse_count(file, meta, "train.stats_tokens");
+  o.lr = ckpt::parse_number(file, meta, "train.lr");
+  // Three numbers in one entry (the format of the first checkpoints, kept so that they resume).
+  std::istringstream rest(ckpt::metadata_text(file, meta, "train.decay_clip_min_lr"));
   rest >> o.weight_decay >> o.grad_clip >> o.min_lr_ratio;
-  moe::check(!lr.fail() && !rest.fail(), "gpt2_moe: checkpoint ", file.string(), ": unreadable training options");
+  moe::check(!rest.fail() && (rest >> std::ws).eof() && std::isfinite(o.weight_decay) && std::isfinite(o.grad_clip) &&
+                 std::isfinite(o.min_lr_ratio),
+             file, ": metadata \"train.decay_clip_min_lr\" = \"", meta.at("train.decay_clip_min_lr"),
+             "\" is not three finite numbers");
   return o;
 }
 
-std::string format_fixed(double value, int digits) {
-  char text[64];
-  std::snprintf(text, sizeof text, "%.*f", digits, value);
-  return text;
-}
+using report::format_fixed;
 
 report::VariantResult to_report(const gpt2::TrainResult& r, const gpt2::Config& config) {
   report::VariantResult v;
@@ -213,16 +200,6 @@ report::VariantResult to_report(const gpt2::TrainResult& r, const gpt2::Config& 
   v.routed_tokens = std::uint64_t(r.routed_tokens);
   v.top_k = config.top_k;
   return v;
-}
-
-std::string command_line(int argc, char** argv) {
-  std::string line = "gpt2_moe";
-  for (int i = 1; i < argc; ++i) line += std::string(" ") + argv[i];
-  return line;
-}
-
-void print_memory() {
-  std::fprintf(stderr, "peak resident memory: %.0f MiB\n", double(gpt2::peak_rss_bytes()) / (1 << 20));
 }
 
 // The device and precision flags; a device run defaults to bf16, the CPU to fp32.
@@ -244,10 +221,10 @@ int run_train(const cli::Parser& args) {
   if (args.has("resume")) {
     const fs::path file = args.get("resume", "");
     const gpt2::CheckpointHeader header = gpt2::read_checkpoint_header(file);
-    const std::int64_t step = metadata_int(header.metadata, "step", file);
+    const std::int64_t step = examples::checkpoint::parse_count(file.string(), header.metadata, "step");
     gpt2::TrainOptions options = resumed_options(header.metadata, file);
     options = train_options(args, header.config, options.steps, options);
-    options.data_seed = std::uint64_t(metadata_int(header.metadata, "train.data_seed", file));
+    options.data_seed = std::uint64_t(examples::checkpoint::parse_count(file.string(), header.metadata, "train.data_seed"));
     const std::string tokenizer = header.metadata.count("tokenizer") ? header.metadata.at("tokenizer") : "bytes";
     const gpt2::Dataset data = gpt2::load_dataset(args.get("data", ""), tokenizer, header.config.vocab);
     moe::check(!header.metadata.count("data_fingerprint") ||
@@ -264,7 +241,7 @@ int run_train(const cli::Parser& args) {
     const gpt2::TrainResult r = gpt2::train(*session.trainer, session.save, data, options, step, header.variant,
                                             options_metadata(options));
     print_result(r, options.checkpoint);
-    print_memory();
+    train::print_peak_memory();
     return 0;
   }
   const gpt2::Config config = model_config(args);
@@ -283,7 +260,7 @@ int run_train(const cli::Parser& args) {
                (long long)(options.batch * options.accumulation), (long long)options.seq, data.description.c_str());
   const gpt2::TrainResult r = gpt2::train(trainer, session.save, data, options, 0, variant, options_metadata(options));
   print_result(r, options.checkpoint);
-  print_memory();
+  train::print_peak_memory();
   return 0;
 }
 
@@ -343,7 +320,8 @@ Comparison compare_variants(const cli::Parser& args, const std::string& command,
   return c;
 }
 
-int run_compare(const cli::Parser& args, const std::string& command) {
+int run_compare(const cli::Parser& args) {
+  const std::string& command = args.command_line();
   gpt2::Config config = model_config(args);
   const gpt2::Device device = device_of(args);
   precision_of(args, device);  // checked before the data loads
@@ -365,27 +343,23 @@ int run_compare(const cli::Parser& args, const std::string& command) {
   if (seeds.size() == 1) {
     const Comparison c = compare_variants(args, command, variants, config, options, data, out);
     std::printf("\n%s\nreport: %s\n", report::markdown_table(c.results).c_str(), (out / "report.md").c_str());
-    print_memory();
+    train::print_peak_memory();
     return 0;
   }
   // Several seeds: each seed's comparison in out/seed-<seed>/, the summary over them in out/.
-  std::vector<report::SeedRun> runs;
   std::string where;
-  for (const std::uint64_t seed : seeds) {
+  const auto compare_one = [&](std::uint64_t seed, const std::string& folder) {
     config.seed = seed;
-    const std::string folder = "seed-" + std::to_string(seed);
-    std::fprintf(stderr, "seed %llu (%zu of %zu)\n", (unsigned long long)seed, runs.size() + 1, seeds.size());
     Comparison c = compare_variants(args, command, variants, config, options, data, out / folder);
-    runs.push_back({seed, std::move(c.results), folder});
     where = c.where;
-  }
+    return std::move(c.results);
+  };
+  const std::vector<report::SeedRun> runs = report::compare_over_seeds(seeds, compare_one);
   report::ReportOptions summary = compare_report_options(command, config, options, data, "");
   summary.title = "GPT-2 MoE: routing gates compared over " + std::to_string(seeds.size()) + " seeds";
   summary.notes = "Model: " + model_description(config) + ". Trained on " + where + ".";
-  report::write_seed_summary(out, runs, summary);
-  std::printf("\n%s\n%s\nreport: %s\n", report::seed_summary_table(runs).c_str(),
-              report::seed_difference_table(runs).c_str(), (out / "report.md").c_str());
-  print_memory();
+  report::write_and_print_seed_summary(out, runs, summary);
+  train::print_peak_memory();
   return 0;
 }
 
@@ -431,23 +405,7 @@ int run_tokenize(const cli::Parser& args) {
 
 int main(int argc, char** argv) {
   cli::Parser args = make_parser();
-  try {
-    args.parse(argc, argv);
-    if (args.help_requested()) {
-      std::cout << args.help();
-      return 0;
-    }
-    const std::string& sub = args.subcommand();
-    if (sub == "train") return run_train(args);
-    if (sub == "compare") return run_compare(args, command_line(argc, argv));
-    if (sub == "sample") return run_sample(args);
-    if (sub == "tokenize") return run_tokenize(args);
-    return 2;
-  } catch (const std::exception& error) {
-    std::string_view message = error.what();  // library errors start "moe: "; ours name gpt2_moe again
-    for (std::string_view prefix : {"moe: ", "gpt2_moe: "})
-      if (message.starts_with(prefix)) message.remove_prefix(prefix.size());
-    std::fprintf(stderr, "gpt2_moe: error: %.*s\n", int(message.size()), message.data());
-    return 1;
-  }
+  return cli::run_main(
+      argc, argv, args,
+      {{"train", run_train}, {"compare", run_compare}, {"sample", run_sample}, {"tokenize", run_tokenize}});
 }

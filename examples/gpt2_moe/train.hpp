@@ -14,8 +14,6 @@
 // bf16; checkpoints go through a Checkpointer, which writes the trainer's state.
 #pragma once
 
-#include <sys/resource.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -122,13 +120,6 @@ inline std::uint64_t fingerprint(std::span<const std::uint16_t> tokens) {
 }
 
 }  // namespace detail
-
-// Peak resident memory of this process so far (bytes).
-inline std::int64_t peak_rss_bytes() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return std::int64_t(usage.ru_maxrss) * 1024;  // Linux reports KiB
-}
 
 // Mean loss over the first `max_tokens` tokens of `stream` in consecutive windows of T (B at a
 // time). Routing statistics, when collecting, cover exactly these tokens.

@@ -83,7 +83,7 @@ class Trainer {
   // kept as master weights), the optimizer's state when given, the Random gate's counter.
   virtual void upload_state(std::vector<moe::ParamRef<float>>& from, const OptimizerState* optimizer,
                             std::uint64_t routing_step) = 0;
-  // Device memory in use after the last step, in bytes (0 on the CPU: see peak_rss_bytes).
+  // Device memory in use after the last step, in bytes (0 on the CPU: see train::peak_rss_bytes).
   virtual std::int64_t device_memory_in_use() const = 0;
 };
 

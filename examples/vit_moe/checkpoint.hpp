@@ -205,39 +205,17 @@ CheckpointHeader load_checkpoint(const std::filesystem::path& path, Model& model
   const std::vector<bool> has_moments =
       examples::checkpoint::check_tensors<S>(file, params, "", header.has_optimizer_state, Model::variant,
                                              examples::checkpoint::model_shape<S>, [](const std::string&) { return false; });
-  const bool restore_optimizer = optimizer && header.has_optimizer_state;
-  int optimizer_step = 0;
-  if (restore_optimizer) {
-    optimizer_step = checkpoint_detail::parse_integer<int>(name, header.metadata, "optimizer.step");
-    moe::check(optimizer_step >= 0, name, ": optimizer.step is negative (", optimizer_step, ")");
-  }
-  std::uint64_t routing_step = 0;
-  if (header.metadata.contains("routing_step"))
-    routing_step = checkpoint_detail::parse_integer<std::uint64_t>(name, header.metadata, "routing_step");
-  // Non-finite values would poison training silently; a corrupt file is the likely cause.
-  const auto check_finite = [&](const std::string& stored, std::span<const S> values) {
-    for (S value : values)
-      moe::check(std::isfinite(value), name, ": tensor \"", stored, "\" holds a non-finite value");
-  };
+  const examples::checkpoint::RecordedSteps steps =
+      examples::checkpoint::read_steps(name, header.metadata, optimizer && header.has_optimizer_state);
 
-  // Read everything into scratch first, so that a bad value leaves the model untouched.
-  std::vector<std::vector<S>> values(params.size()), m(params.size()), v(params.size());
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    values[i].resize(params[i].value.size());
-    const std::vector<std::int64_t> shape(params[i].shape.begin(), params[i].shape.end());
-    file.read(params[i].name, std::span<S>(values[i]), std::span<const std::int64_t>(shape));
-    check_finite(params[i].name, values[i]);
-    if (!restore_optimizer || !has_moments[i]) continue;
-    m[i].resize(values[i].size());
-    v[i].resize(values[i].size());
-    file.read("optimizer.m." + params[i].name, std::span<S>(m[i]), std::span<const std::int64_t>(shape));
-    file.read("optimizer.v." + params[i].name, std::span<S>(v[i]), std::span<const std::int64_t>(shape));
-    check_finite("optimizer.m." + params[i].name, m[i]);
-    check_finite("optimizer.v." + params[i].name, v[i]);
-  }
-  for (std::size_t i = 0; i < params.size(); ++i) std::copy(values[i].begin(), values[i].end(), params[i].value.begin());
-  if (restore_optimizer) optimizer->set_state(optimizer_step, std::move(m), std::move(v));
-  model.set_routing_step(routing_step);
+  // Then the restore, which changes nothing unless every value is read and finite.
+  examples::checkpoint::restore_tensors<S>(
+      name, params, "", has_moments, steps, optimizer,
+      [&](const std::string& stored, const moe::ParamRef<S>& p, std::span<S> out) {
+        const std::vector<std::int64_t> shape(p.shape.begin(), p.shape.end());
+        file.read(stored, out, std::span<const std::int64_t>(shape));
+      });
+  model.set_routing_step(steps.routing_step);
   return header;
 }
 

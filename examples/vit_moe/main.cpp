@@ -5,9 +5,7 @@
 //   vit_moe train --resume runs/self/self.safetensors --steps 3000
 //
 // Every error is one line on stderr naming the file or flag, and a non-zero exit.
-#include <charconv>
 #include <cstdio>
-#include <exception>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -17,6 +15,7 @@
 
 #include "../common/cli.hpp"
 #include "../common/confusion.hpp"
+#include "../common/memory.hpp"
 #include "../common/routing_report.hpp"
 #include "../common/seed_summary.hpp"
 #include "checkpoint.hpp"
@@ -33,11 +32,6 @@ const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "hea
 const std::vector<std::string> kTrainFlags = {"steps", "epochs", "batch", "lr", "warmup", "weight-decay", "clip",
                                               "augment", "eval-every", "eval-images", "checkpoint-every", "threads",
                                               "data", "out"};
-
-std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
 
 cli::Parser make_parser() {
   std::vector<cli::Flag> flags = {
@@ -78,11 +72,11 @@ cli::Parser make_parser() {
   };
   std::vector<cli::Subcommand> subcommands = {
       {"train", "Train one variant; writes <out>/<variant>.safetensors.",
-       concat(concat({"variant", "resume"}, kModelFlags), kTrainFlags)},
+       cli::concat(cli::concat({"variant", "resume"}, kModelFlags), kTrainFlags)},
       {"compare",
        "Train several variants with identical data order, seed and budget; write a routing report "
        "(table, per-layer routing, pictures, confusion matrix of the best variant) to <out>.",
-       concat(concat({"variants", "seeds"}, kModelFlags), kTrainFlags)},
+       cli::concat(cli::concat({"variants", "seeds"}, kModelFlags), kTrainFlags)},
   };
   return cli::Parser("vit_moe",
                      "vit_moe: a ViT / DeiT image classifier whose every second MLP is a Mixture-of-Experts layer;\n"
@@ -209,64 +203,42 @@ vit::TrainOptions train_options(const cli::Parser& args, const vit::Data& data, 
   return options;
 }
 
-// The shortest text that reads back as the same double ("0.05", not "0.050000000000000003").
-std::string exact(double value) {
-  char text[32];
-  const auto result = std::to_chars(text, text + sizeof text, value);
-  return std::string(text, result.ptr);
-}
+using examples::checkpoint::exact_text;
 
 // The options a run was started with, kept in its checkpoint so that --resume continues it exactly.
 std::map<std::string, std::string> options_metadata(const vit::TrainOptions& o) {
   return {{"train.steps", std::to_string(o.steps)},
           {"train.batch", std::to_string(o.batch)},
-          {"train.lr", exact(o.lr)},
+          {"train.lr", exact_text(o.lr)},
           {"train.warmup", std::to_string(o.warmup)},
-          {"train.min_lr_ratio", exact(o.min_lr_ratio)},
-          {"train.weight_decay", exact(o.weight_decay)},
-          {"train.clip", exact(o.grad_clip)},
+          {"train.min_lr_ratio", exact_text(o.min_lr_ratio)},
+          {"train.weight_decay", exact_text(o.weight_decay)},
+          {"train.clip", exact_text(o.grad_clip)},
           {"train.augment", o.augment ? "on" : "off"},
           {"train.data_seed", std::to_string(o.data_seed)},
           {"train.eval_every", std::to_string(o.eval_every)},
           {"train.eval_images", std::to_string(o.eval_images)}};
 }
 
-std::string metadata_text(const std::map<std::string, std::string>& meta, const std::string& key, const fs::path& file) {
-  const auto it = meta.find(key);
-  moe::check(it != meta.end(), "vit_moe: checkpoint ", file.string(), " has no '", key, "' in its metadata");
-  return it->second;
-}
-std::int64_t metadata_int(const std::map<std::string, std::string>& meta, const std::string& key, const fs::path& file) {
-  const std::string text = metadata_text(meta, key, file);
-  std::int64_t value = 0;
-  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
-  moe::check(error == std::errc() && end == text.data() + text.size() && value >= 0, "vit_moe: checkpoint ",
-             file.string(), ": metadata '", key, "' is not a non-negative integer: '", text, "'");
-  return value;
-}
-double metadata_double(const std::map<std::string, std::string>& meta, const std::string& key, const fs::path& file) {
-  const std::string text = metadata_text(meta, key, file);
-  double value = 0;
-  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
-  moe::check(error == std::errc() && end == text.data() + text.size() && std::isfinite(value), "vit_moe: checkpoint ",
-             file.string(), ": metadata '", key, "' is not a number: '", text, "'");
-  return value;
-}
-
 // Restores the options saved by options_metadata.
-vit::TrainOptions resumed_options(const std::map<std::string, std::string>& meta, const fs::path& file) {
+vit::TrainOptions resumed_options(const std::map<std::string, std::string>& meta, const fs::path& path) {
+  namespace ckpt = examples::checkpoint;
+  const std::string file = path.string();
   vit::TrainOptions o;
-  o.steps = metadata_int(meta, "train.steps", file);
-  o.batch = metadata_int(meta, "train.batch", file);
-  o.lr = metadata_double(meta, "train.lr", file);
-  o.warmup = metadata_int(meta, "train.warmup", file);
-  o.min_lr_ratio = metadata_double(meta, "train.min_lr_ratio", file);
-  o.weight_decay = metadata_double(meta, "train.weight_decay", file);
-  o.grad_clip = metadata_double(meta, "train.clip", file);
-  o.augment = metadata_text(meta, "train.augment", file) == "on";
-  o.data_seed = std::uint64_t(metadata_int(meta, "train.data_seed", file));
-  o.eval_every = metadata_int(meta, "train.eval_every", file);
-  o.eval_images = metadata_int(meta, "train.eval_images", file);
+  o.steps = ckpt::parse_count(file, meta, "train.steps");
+  o.batch = ckpt::parse_count(file, meta, "train.batch");
+  o.lr = ckpt::parse_number(file, meta, "train.lr");
+  o.warmup = ckpt::parse_count(file, meta, "train.warmup");
+  o.min_lr_ratio = ckpt::parse_number(file, meta, "train.min_lr_ratio");
+  o.weight_decay = ckpt::parse_number(file, meta, "train.weight_decay");
+  o.grad_clip = ckpt::parse_number(file, meta, "train.clip");
+  const std::string& augment = ckpt::metadata_text(file, meta, "train.augment");
+  moe::check(augment == "on" || augment == "off", file, ": metadata \"train.augment\" = \"", augment,
+             "\" is not on or off");
+  o.augment = augment == "on";
+  o.data_seed = std::uint64_t(ckpt::parse_count(file, meta, "train.data_seed"));
+  o.eval_every = ckpt::parse_count(file, meta, "train.eval_every");
+  o.eval_images = ckpt::parse_count(file, meta, "train.eval_images");
   return o;
 }
 
@@ -293,16 +265,6 @@ void print_result(const vit::TrainResult& r, const fs::path& checkpoint) {
               r.test.accuracy, r.test.loss, r.images_per_second, checkpoint.c_str());
 }
 
-std::string command_line(int argc, char** argv) {
-  std::string line = "vit_moe";
-  for (int i = 1; i < argc; ++i) line += std::string(" ") + argv[i];
-  return line;
-}
-
-void print_memory() {
-  std::fprintf(stderr, "peak resident memory: %.0f MiB\n", double(vit::peak_rss_bytes()) / (1 << 20));
-}
-
 std::string describe(const vit::Config& c, bool with_seed = true) {
   std::ostringstream text;
   text << c.layers << " blocks, hidden " << c.hidden << ", " << c.heads << " heads, MLP / expert width " << c.ffn
@@ -326,11 +288,11 @@ void check_variants(const std::vector<std::string>& variants, const vit::Config&
 
 int run_train(const cli::Parser& args) {
   if (args.has("resume")) {
-    for (const std::string& flag : concat({"variant"}, kModelFlags))
+    for (const std::string& flag : cli::concat({"variant"}, kModelFlags))
       moe::check(!args.has(flag), "vit_moe train: --", flag, " cannot change a resumed run (the checkpoint fixes it)");
     const fs::path file = args.get("resume", "");
     const vit::CheckpointHeader header = vit::read_checkpoint_header(file);
-    const std::int64_t step = metadata_int(header.metadata, "step", file);
+    const std::int64_t step = examples::checkpoint::parse_count(file.string(), header.metadata, "step");
     const vit::Data data = load_data(args);
     vit::TrainOptions options = train_options(args, data, resumed_options(header.metadata, file), true);
     moe::check(!header.metadata.count("data_fingerprint") ||
@@ -347,7 +309,7 @@ int run_train(const cli::Parser& args) {
       const vit::TrainResult r =
           vit::train(model, optimizer, data, options, step, header.variant, options_metadata(options));
       print_result(r, options.checkpoint);
-      print_memory();
+      train::print_peak_memory();
       return 0;
     });
   }
@@ -368,7 +330,7 @@ int run_train(const cli::Parser& args) {
                  (long long)options.steps, (long long)options.batch, data.description.c_str());
     const vit::TrainResult r = vit::train(model, optimizer, data, options, 0, variant, options_metadata(options));
     print_result(r, options.checkpoint);
-    print_memory();
+    train::print_peak_memory();
     return 0;
   });
 }
@@ -391,8 +353,8 @@ report::ReportOptions compare_report_options(const std::string& command, const v
   report_options.budget = std::to_string(options.steps) + " steps of " + std::to_string(options.batch) +
                           " images per variant (" + report::format_fixed(double(options.steps * options.batch) /
                                                                           double(data.train.count()), 1) +
-                          " epochs), AdamW lr " + exact(options.lr) + ", warmup " + std::to_string(options.warmup) +
-                          ", cosine to 0, weight decay " + exact(options.weight_decay) + ", augmentation " +
+                          " epochs), AdamW lr " + exact_text(options.lr) + ", warmup " + std::to_string(options.warmup) +
+                          ", cosine to 0, weight decay " + exact_text(options.weight_decay) + ", augmentation " +
                           (options.augment ? "crop + flip" : "off") +
                           "; accuracy and routing statistics on the test split" +
                           (runs.empty() ? std::string() : " (" + std::to_string(runs.front().test.images) + " images)");
@@ -445,7 +407,8 @@ std::vector<report::VariantResult> compare_variants(const std::string& command,
   return results;
 }
 
-int run_compare(const cli::Parser& args, const std::string& command) {
+int run_compare(const cli::Parser& args) {
+  const std::string& command = args.command_line();
   const std::vector<std::string> variants = args.get_list("variants", "dense,linear,self,random");
   for (const std::string& v : variants) vit::with_variant<float>(v, [](auto) { return 0; });  // names checked first
   moe::check(!(args.has("seed") && args.has("seeds")), "vit_moe compare: give --seed or --seeds, not both");
@@ -464,24 +427,20 @@ int run_compare(const cli::Parser& args, const std::string& command) {
   if (seeds.empty()) {
     const std::vector<report::VariantResult> results = compare_variants(command, variants, config, options, data, out);
     std::printf("\n%s\nreport: %s\n", report::markdown_table(results).c_str(), (out / "report.md").c_str());
-    print_memory();
+    train::print_peak_memory();
     return 0;
   }
   // Several seeds: each seed's comparison in out/seed-<seed>/, the summary over them in out/.
-  std::vector<report::SeedRun> runs;
-  for (const std::uint64_t seed : seeds) {
+  const auto compare_one = [&](std::uint64_t seed, const std::string& folder) {
     config.seed = seed;
-    const std::string folder = "seed-" + std::to_string(seed);
-    std::fprintf(stderr, "seed %llu (%zu of %zu)\n", (unsigned long long)seed, runs.size() + 1, seeds.size());
-    runs.push_back({seed, compare_variants(command, variants, config, options, data, out / folder), folder});
-  }
+    return compare_variants(command, variants, config, options, data, out / folder);
+  };
+  const std::vector<report::SeedRun> runs = report::compare_over_seeds(seeds, compare_one);
   report::ReportOptions summary = compare_report_options(command, config, options, data, {});
   summary.title = "ViT MoE: routing gates compared over " + std::to_string(seeds.size()) + " seeds";
   summary.notes = "Model: " + describe(config, false) + ".";
-  report::write_seed_summary(out, runs, summary);
-  std::printf("\n%s\n%s\nreport: %s\n", report::seed_summary_table(runs).c_str(),
-              report::seed_difference_table(runs).c_str(), (out / "report.md").c_str());
-  print_memory();
+  report::write_and_print_seed_summary(out, runs, summary);
+  train::print_peak_memory();
   return 0;
 }
 
@@ -489,24 +448,5 @@ int run_compare(const cli::Parser& args, const std::string& command) {
 
 int main(int argc, char** argv) {
   cli::Parser args = make_parser();
-  try {
-    args.parse(argc, argv);
-    if (args.help_requested()) {
-      std::cout << args.help();
-      return 0;
-    }
-    const std::string& sub = args.subcommand();
-    if (sub == "train") return run_train(args);
-    if (sub == "compare") return run_compare(args, command_line(argc, argv));
-    return 2;
-  } catch (const std::exception& error) {
-    std::string_view message = error.what();  // library errors start "moe: "; ours name vit_moe again
-    for (std::string_view prefix : {"moe: ", "vit_moe: ", "vit: "})
-      if (message.starts_with(prefix)) message.remove_prefix(prefix.size());
-    std::string line(message);
-    for (char& c : line)
-      if (c == '\n') c = ' ';  // one line, whatever the message
-    std::fprintf(stderr, "vit_moe: error: %s\n", line.c_str());
-    return 1;
-  }
+  return cli::run_main(argc, argv, args, {{"train", run_train}, {"compare", run_compare}}, {"vit: "});
 }

@@ -12,8 +12,6 @@
 // checkpoint at step s continues with exactly the bits of an uninterrupted run.
 #pragma once
 
-#include <sys/resource.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -131,13 +129,6 @@ std::vector<moe::ParamRef<S>> optimizer_view(std::vector<moe::ParamRef<S>> param
 // Steps in one pass over the training images (the last partial batch of an epoch is dropped).
 inline std::int64_t steps_per_epoch(const Dataset& train, std::int64_t batch) {
   return std::max<std::int64_t>(1, train.count() / std::max<std::int64_t>(batch, 1));
-}
-
-// Peak resident memory of this process so far (bytes).
-inline std::int64_t peak_rss_bytes() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return std::int64_t(usage.ru_maxrss) * 1024;  // Linux reports KiB
 }
 
 // The data must fit the model: image size, channels, labels within its classes.

@@ -48,10 +48,13 @@ grep -q "^The " "$work/sample.txt" || fail "sample does not continue the prompt:
 "$bin" train --variant linear --steps 2 --warmup 1 "${tiny[@]}" --data "$work/shards" --out "$work/run2" \
   >"$work/shards.log" 2>&1 || fail "train on shards: $(tail -3 "$work/shards.log")"
 "$bin" compare --variants self,random,dense --steps 3 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
-  --out "$work/report" >"$work/compare.log" 2>&1 || fail "compare: $(tail -3 "$work/compare.log")"
+  --out "$work/the report" >"$work/compare.log" 2>&1 || fail "compare: $(tail -3 "$work/compare.log")"
 for f in report.md routing.csv routing.json entropy.svg max_fraction.svg heatmap_self.svg; do
-  [[ -s $work/report/$f ]] || fail "compare did not write $f"
+  [[ -s "$work/the report/$f" ]] || fail "compare did not write $f"
 done
+# The report gives the command as a shell runs it again: the folder with a space in quotes.
+grep -qF -- "--out '$work/the report'" "$work/the report/report.md" ||
+  fail "the report's command line does not quote --out: $(grep -A3 'Produced by' "$work/the report/report.md")"
 grep -q "| self" "$work/compare.log" || fail "compare did not print the table"
 # Over seeds: each seed's report in seed-<s>/, the summary (mean ± std, differences from linear) on top.
 "$bin" compare --variants self,linear,dense --seeds 7,8 --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
@@ -119,6 +122,10 @@ expect_error "wrong shard magic" "magic" train "${tiny[@]}" --data "$work/wrongm
 mkdir -p "$work/other"
 for i in $(seq 1 300); do printf 'Completely different text, part %d.\n%%\n' "$i"; done >"$work/other/text"
 expect_error "resume on other data" "differs" train --resume "$work/run/self.safetensors" --data "$work/other"
+# A checkpoint whose training options lack the learning rate (the key renamed in place: same length).
+LC_ALL=C sed 's/"train\.lr"/"train.LR"/' "$work/run/self.safetensors" >"$work/no_lr.safetensors"
+expect_error "resume without train.lr" 'no_lr.safetensors: metadata has no "train.lr"' \
+  train --resume "$work/no_lr.safetensors" --data "$work/corpus"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"

@@ -134,6 +134,10 @@ mkdir -p "$work/other"
 write_split "$work/other/train" 256 7
 cp "$work/data/t10k-labels-idx1-ubyte" "$work/data/t10k-images-idx3-ubyte.gz" "$work/other/"
 expect_error "resume on other data" "differs" train --resume "$work/run/self.safetensors" --data "$work/other"
+# A checkpoint whose augmentation option is neither on nor off (the value edited in place: same length).
+LC_ALL=C sed 's/"train\.augment":"on"/"train.augment":"ja"/' "$work/run/self.safetensors" >"$work/bad_augment.safetensors"
+expect_error "resume with a bad train.augment" 'metadata "train.augment" = "ja" is not on or off' \
+  train --resume "$work/bad_augment.safetensors" --data "$work/data"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"
