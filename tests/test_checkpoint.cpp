@@ -416,6 +416,8 @@ TEST_CASE("checkpoint: bad metadata is refused, naming the key") {
   };
   CHECK(contains(with("format", "moe-gpt2/2"), "checkpoint format \"moe-gpt2/2\" is not supported (expected moe-gpt2/1)"));
   CHECK(contains(with("variant", std::nullopt), "metadata has no \"variant\""));
+  CHECK(contains(with("variant", "mixture"),
+                 "bad.safetensors: unknown variant \"mixture\" (valid: dense, linear, self, fixed-random, random)"));
   CHECK(contains(with("config.hidden", "16x"), "metadata \"config.hidden\" = \"16x\" is not a valid integer"));
   CHECK(contains(with("config.hidden", ""), "\"config.hidden\" = \"\" is not a valid integer"));
   CHECK(contains(with("config.layers", std::nullopt), "metadata has no \"config.layers\""));

@@ -25,6 +25,7 @@
 #include "moe/io/safetensors.hpp"
 #include "moe/nn/adamw.hpp"
 #include "moe/tensor.hpp"
+#include "variants.hpp"
 
 namespace examples::checkpoint {
 
@@ -51,6 +52,13 @@ Integer parse_integer(const std::string& file, const std::map<std::string, std::
   moe::check(result.ec == std::errc{} && result.ptr == text.data() + text.size() && !text.empty(), file,
              ": metadata \"", key, "\" = \"", text, "\" is not a valid integer");
   return value;
+}
+
+// The variant a checkpoint holds: one of examples::kVariants.
+inline std::string read_variant(const std::string& file, const std::map<std::string, std::string>& metadata) {
+  const std::string& variant = metadata_text(file, metadata, "variant");
+  moe::check(known_variant(variant), file, ": unknown variant \"", variant, "\" (valid: ", kVariantList, ")");
+  return variant;
 }
 
 // A count (steps, a batch, a seed): an integer >= 0 that fits std::int64_t.

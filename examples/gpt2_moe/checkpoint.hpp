@@ -213,9 +213,7 @@ inline CheckpointHeader read_checkpoint_header(const std::filesystem::path& path
     header.hugging_face = true;
     return header;
   }
-  const auto variant = header.metadata.find("variant");
-  moe::check(variant != header.metadata.end(), file.file(), ": metadata has no \"variant\"");
-  header.variant = variant->second;
+  header.variant = examples::checkpoint::read_variant(file.file(), header.metadata);
   header.config = checkpoint_detail::parse_config(file.file(), header.metadata);
   checkpoint_detail::check_config_against_shapes(file, header.config);
   header.has_optimizer_state = header.metadata.contains("optimizer.step");

@@ -30,6 +30,7 @@
 
 #include "../common/nn_ops.hpp"
 #include "../common/parameter.hpp"
+#include "../common/variants.hpp"
 #include "config.hpp"
 #include "moe/experts.hpp"
 #include "moe/gate.hpp"
@@ -472,8 +473,16 @@ class Model {
 
 // ---- run-time choice of the variant ----------------------------------------------------------
 
-inline constexpr std::string_view kVariants[] = {"dense", "linear", "self", "fixed-random", "random"};
-inline constexpr std::string_view kVariantList = "dense, linear, self, fixed-random, random";
+using examples::kVariantList;
+using examples::kVariants;
+
+// The model types over backend B, by variant (examples::with_variant_of).
+template <class B>
+struct ModelsOn {
+  using Dense = Model<DenseFFN<B>>;
+  template <template <class> class Gate>
+  using MoE = Model<MoEFFN<Gate, B>>;
+};
 
 // Calls fn(std::type_identity<ModelType>{}) with the model type over backend B that the name
 // selects and returns its result, e.g.
@@ -481,12 +490,7 @@ inline constexpr std::string_view kVariantList = "dense, linear, self, fixed-ran
 // Unknown names throw moe::Error naming the name and the valid list.
 template <class B, class Fn>
 decltype(auto) with_variant_on(std::string_view name, Fn&& fn) {
-  if (name == "dense") return fn(std::type_identity<Model<DenseFFN<B>>>{});
-  if (name == "linear") return fn(std::type_identity<Model<MoEFFN<moe::Linear, B>>>{});
-  if (name == "self") return fn(std::type_identity<Model<MoEFFN<moe::SelfRoute, B>>>{});
-  if (name == "fixed-random") return fn(std::type_identity<Model<MoEFFN<moe::FixedRandom, B>>>{});
-  if (name == "random") return fn(std::type_identity<Model<MoEFFN<moe::Random, B>>>{});
-  moe::fail("gpt2: unknown variant '", name, "' (valid: ", kVariantList, ")");
+  return examples::with_variant_of<ModelsOn<B>>(name, "gpt2", std::forward<Fn>(fn));
 }
 
 }  // namespace gpt2

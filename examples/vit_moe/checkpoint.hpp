@@ -139,12 +139,7 @@ inline CheckpointHeader read_checkpoint_header(const std::filesystem::path& path
   moe::check(format != header.metadata.end() && format->second == kCheckpointFormat, file.file(),
              ": not a vit_moe checkpoint (metadata format is \"",
              format == header.metadata.end() ? "" : format->second, "\", expected \"", kCheckpointFormat, "\")");
-  const auto variant = header.metadata.find("variant");
-  moe::check(variant != header.metadata.end(), file.file(), ": metadata has no \"variant\"");
-  header.variant = variant->second;
-  bool known = false;
-  for (std::string_view v : kVariants) known = known || v == header.variant;
-  moe::check(known, file.file(), ": unknown variant \"", header.variant, "\" (valid: ", kVariantList, ")");
+  header.variant = examples::checkpoint::read_variant(file.file(), header.metadata);
   header.config = checkpoint_detail::parse_config(file.file(), header.metadata);
   checkpoint_detail::check_config_against_shapes(file, header.config);
   header.has_optimizer_state = header.metadata.contains("optimizer.step");

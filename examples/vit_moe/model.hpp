@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../common/parameter.hpp"
+#include "../common/variants.hpp"
 #include "config.hpp"
 #include "moe/moe.hpp"
 #include "moe/nn.hpp"
@@ -554,25 +555,28 @@ class Model {
 
 // ---- run-time choice of the variant ----------------------------------------------------------
 
-inline constexpr std::string_view kVariants[] = {"dense", "linear", "self", "fixed-random", "random"};
-inline constexpr std::string_view kVariantList = "dense, linear, self, fixed-random, random";
+using examples::kVariantList;
+using examples::kVariants;
 
 template <class S>
 using DenseModel = Model<DenseMLP<moe::cpu::BasicBackend<S>>>;
 template <template <class> class Gate, class S>
 using MoEModel = Model<MoEFFN<Gate, moe::cpu::BasicBackend<S>>>;
 
+// The model types of scalar S, by variant (examples::with_variant_of).
+template <class S>
+struct Models {
+  using Dense = DenseModel<S>;
+  template <template <class> class Gate>
+  using MoE = MoEModel<Gate, S>;
+};
+
 // Calls fn(std::type_identity<ModelType>{}) with the model type the name selects and returns its
 // result, e.g.  with_variant<float>(name, [&](auto tag) { typename decltype(tag)::type model(config); ... });
 // Unknown names throw moe::Error naming the name and the valid list.
 template <class S, class Fn>
 decltype(auto) with_variant(std::string_view name, Fn&& fn) {
-  if (name == "dense") return fn(std::type_identity<DenseModel<S>>{});
-  if (name == "linear") return fn(std::type_identity<MoEModel<moe::Linear, S>>{});
-  if (name == "self") return fn(std::type_identity<MoEModel<moe::SelfRoute, S>>{});
-  if (name == "fixed-random") return fn(std::type_identity<MoEModel<moe::FixedRandom, S>>{});
-  if (name == "random") return fn(std::type_identity<MoEModel<moe::Random, S>>{});
-  moe::fail("vit: unknown variant '", name, "' (valid: ", kVariantList, ")");
+  return examples::with_variant_of<Models<S>>(name, "vit", std::forward<Fn>(fn));
 }
 
 }  // namespace vit
