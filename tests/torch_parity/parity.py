@@ -23,9 +23,7 @@ Exit codes: 0 all passed, 1 a comparison or check failed, 77 skipped (no torch /
 import argparse
 import math
 import os
-import subprocess
 import sys
-import tempfile
 
 SKIP = 77
 
@@ -37,50 +35,10 @@ except ImportError as error:  # pragma: no cover - depends on the machine
     print(f"torch_parity SKIPPED: {sys.executable} cannot import torch/numpy ({error})")
     sys.exit(SKIP)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from manifest_reader import Report, read_dump, run_dump  # noqa: E402  (needs numpy)
+
 DTYPE = torch.float64
-
-
-# ---- the dump -------------------------------------------------------------------------------
-
-class Case:
-    def __init__(self, name, options):
-        self.name = name
-        self.options = options
-        self.tensors = {}   # name -> float64 numpy array
-        self.params = {}    # name -> {"trainable": bool, "grad": bool}, in dump order
-        self.scalars = {}   # key -> string
-
-    def opt(self, key, cast=str):
-        return cast(self.options[key])
-
-
-def read_dump(folder):
-    cases = {}
-    with open(os.path.join(folder, "manifest.txt")) as manifest:
-        for number, line in enumerate(manifest, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            kind = fields[0]
-            if kind == "case":
-                options = dict(field.split("=", 1) for field in fields[2:])
-                cases[fields[1]] = Case(fields[1], options)
-            elif kind == "tensor":
-                case, name, file, ndim = fields[1], fields[2], fields[3], int(fields[4])
-                shape = tuple(int(d) for d in fields[5:5 + ndim])
-                data = np.fromfile(os.path.join(folder, file), dtype="<f4")
-                if data.size != math.prod(shape):
-                    raise RuntimeError(f"{file}: {data.size} values, shape {shape}")
-                cases[case].tensors[name] = data.reshape(shape).astype(np.float64)
-            elif kind == "param":
-                flags = dict(field.split("=", 1) for field in fields[3:])
-                cases[fields[1]].params[fields[2]] = {"trainable": flags["trainable"] == "1",
-                                                      "grad": flags["grad"] == "1"}
-            elif kind == "scalar":
-                cases[fields[1]].scalars[fields[2]] = fields[3]
-            else:
-                raise RuntimeError(f"manifest line {number}: unknown record {kind!r}")
-    return list(cases.values())
 
 
 # ---- the reference layer, from the semantics ------------------------------------------------
@@ -188,37 +146,6 @@ def reference(case):
         "capacity": capacity,
         "gap": gap,
     }
-
-
-# ---- comparison -----------------------------------------------------------------------------
-
-def relative_error(ours, ref):
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    if ours.shape != ref.shape:
-        return math.inf, f"shape {ours.shape} != reference {ref.shape}"
-    if not np.all(np.isfinite(ours)):
-        return math.inf, "non-finite values"
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    diff = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
-    if scale == 0.0:
-        return diff, "max|ref| = 0, absolute error"
-    return diff / scale, f"max|ref| {scale:.3e}"
-
-
-class Report:
-    def __init__(self, tolerance):
-        self.tolerance = tolerance
-        self.failures = 0
-
-    def compare(self, case, what, ours, ref):
-        error, note = relative_error(ours, ref)
-        ok = error < self.tolerance
-        self.failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {case:32s} {what:34s} rel_err {error:.3e}  ({note})")
-
-    def check(self, case, what, condition, detail=""):
-        self.failures += not condition
-        print(f"{'ok  ' if condition else 'FAIL'} {case:32s} {what:34s} {detail}")
 
 
 def check_case(case, report):
@@ -398,11 +325,8 @@ def check_nn_case(case, report):
             for param, ref in (("weight", w), ("bias", b)):
                 ref = ref.detach().numpy()
                 report.compare(name, f"{param} after step {step}", t[f"{param}.{step}"], ref)
-                error, note = relative_error(t[f"{param}.{step}"] - t[f"{param}.0"], ref - t[f"{param}.0"])
-                ok = error < ADAMW_UPDATE_TOLERANCE
-                report.failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {name:32s} {param + ' update to step ' + str(step):34s} "
-                      f"rel_err {error:.3e}  ({note}; tolerance {ADAMW_UPDATE_TOLERANCE:g})")
+                report.compare(name, f"{param} update to step {step}", t[f"{param}.{step}"] - t[f"{param}.0"],
+                               ref - t[f"{param}.0"], tolerance=ADAMW_UPDATE_TOLERANCE)
 
     else:
         report.check(name, "known kind", False, kind)
@@ -416,26 +340,20 @@ def main():
     args = parser.parse_args()
 
     torch.set_num_threads(2)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
+    return run_dump(args.dump_exe, args.keep, "moe_torch_parity_", lambda folder: check_dump(folder, args.tolerance))
 
-    with tempfile.TemporaryDirectory(prefix="moe_torch_parity_") as temporary:
-        folder = args.keep or temporary
-        run = subprocess.run([args.dump_exe, folder], env=env)
-        if run.returncode != 0:
-            print(f"FAIL the dump program exited with {run.returncode}")
-            return 1
-        cases = read_dump(folder)
 
-        print(f"torch {torch.__version__}, reference in float64, tolerance {args.tolerance:g}")
-        report = Report(args.tolerance)
-        if not cases:
-            report.check("-", "cases dumped", False, "none")
-        for case in cases:
-            if "kind" in case.options:
-                check_nn_case(case, report)
-            else:
-                check_case(case, report)
+def check_dump(folder, tolerance):
+    cases = read_dump(folder)
+    print(f"torch {torch.__version__}, reference in float64, tolerance {tolerance:g}")
+    report = Report(tolerance)
+    if not cases:
+        report.check("-", "cases dumped", False, "none")
+    for case in cases:
+        if "kind" in case.options:
+            check_nn_case(case, report)
+        else:
+            check_case(case, report)
 
     label = "torch_parity_nn" if any("kind" in case.options for case in cases) else "torch_parity"
     if report.failures:
