@@ -31,7 +31,7 @@ const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "hea
                                               "patch",  "experts", "top-k", "seed"};
 const std::vector<std::string> kTrainFlags = {"steps", "epochs", "batch", "lr", "warmup", "weight-decay", "clip",
                                               "augment", "eval-every", "eval-images", "checkpoint-every", "threads",
-                                              "data", "out"};
+                                              "data", "out", "no-checkpoint"};
 
 cli::Parser make_parser() {
   std::vector<cli::Flag> flags = {
@@ -62,6 +62,7 @@ cli::Parser make_parser() {
       {"eval-every", "N", "steps between test-set accuracies (0: at the end only)", "0"},
       {"eval-images", "N", "test images per evaluation and for the routing statistics (0: all)", "0"},
       {"checkpoint-every", "N", "steps between checkpoints (0: at the end only)", "0"},
+      {"no-checkpoint", "", "write no checkpoint (when only the figures are wanted)", ""},
       {"threads", "N", "CPU threads (results are bit-identical on any count)", "all cores"},
       {"data", "DIR",
        "folder with the four MNIST-style IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
@@ -262,7 +263,7 @@ report::VariantResult to_report(const vit::TrainResult& r, const vit::Config& co
 
 void print_result(const vit::TrainResult& r, const fs::path& checkpoint) {
   std::printf("%s: test top-1 %.4f, test loss %.4f, %.0f images/s; checkpoint %s\n", r.variant.c_str(),
-              r.test.accuracy, r.test.loss, r.images_per_second, checkpoint.c_str());
+              r.test.accuracy, r.test.loss, r.images_per_second, checkpoint.empty() ? "none" : checkpoint.c_str());
 }
 
 std::string describe(const vit::Config& c, bool with_seed = true) {
@@ -300,6 +301,7 @@ int run_train(const cli::Parser& args) {
                "vit_moe: the training data differs from the data checkpoint ", file.string(),
                " was trained on; pass the same --data");
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
+    if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
     return vit::with_variant<float>(header.variant, [&](auto tag) {
       typename decltype(tag)::type model(header.config);
       moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
@@ -321,7 +323,7 @@ int run_train(const cli::Parser& args) {
   vit::TrainOptions options = train_options(args, data);
   options.data_seed = config.seed;
   const fs::path out = args.get("out", "runs/train");
-  options.checkpoint = out / (variant + ".safetensors");
+  options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
   return vit::with_variant<float>(variant, [&](auto tag) {
     typename decltype(tag)::type model(config);
     moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
@@ -369,15 +371,15 @@ report::ReportOptions compare_report_options(const std::string& command, const v
 
 // One comparison: every variant trained with `config`'s seed, its report (with the confusion
 // matrix of the most accurate variant) written to `out`. Returns the variants' results.
-std::vector<report::VariantResult> compare_variants(const std::string& command,
-                                                   const std::vector<std::string>& variants, const vit::Config& config,
-                                                   vit::TrainOptions options, const vit::Data& data,
-                                                   const fs::path& out) {
+std::vector<report::VariantResult> compare_variants(const cli::Parser& args, const std::vector<std::string>& variants,
+                                                   const vit::Config& config, vit::TrainOptions options,
+                                                   const vit::Data& data, const fs::path& out) {
+  const std::string& command = args.command_line();
   options.data_seed = config.seed;
   std::vector<report::VariantResult> results;
   std::vector<vit::TrainResult> runs;
   for (const std::string& variant : variants) {
-    options.checkpoint = out / (variant + ".safetensors");
+    options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
     vit::with_variant<float>(variant, [&](auto tag) {
       typename decltype(tag)::type model(config);  // same seed: shared tensors start equal
       moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
@@ -425,7 +427,7 @@ int run_compare(const cli::Parser& args) {
                (long long)options.steps, (long long)options.batch, data.description.c_str());
 
   if (seeds.empty()) {
-    const std::vector<report::VariantResult> results = compare_variants(command, variants, config, options, data, out);
+    const std::vector<report::VariantResult> results = compare_variants(args, variants, config, options, data, out);
     std::printf("\n%s\nreport: %s\n", report::markdown_table(results).c_str(), (out / "report.md").c_str());
     train::print_peak_memory();
     return 0;
@@ -433,7 +435,7 @@ int run_compare(const cli::Parser& args) {
   // Several seeds: each seed's comparison in out/seed-<seed>/, the summary over them in out/.
   const auto compare_one = [&](std::uint64_t seed, const std::string& folder) {
     config.seed = seed;
-    return compare_variants(command, variants, config, options, data, out / folder);
+    return compare_variants(args, variants, config, options, data, out / folder);
   };
   const std::vector<report::SeedRun> runs = report::compare_over_seeds(seeds, compare_one);
   report::ReportOptions summary = compare_report_options(command, config, options, data, {});

@@ -88,6 +88,15 @@ for f in report.md summary.json seed-3/report.md seed-3/confusion.svg seed-4/rou
 done
 grep -q "^| self | .* ± " "$work/seeds.log" || fail "compare --seeds printed no mean ± std: $(cat "$work/seeds.log")"
 grep -q '"test top-1": {"mean": ' "$work/seeds/summary.json" || fail "summary.json lacks test top-1"
+# --no-checkpoint: the figures without the checkpoints (a comparison over many seeds would write one per run).
+"$bin" compare --variants self,linear --seeds 3,4 --steps 4 "${tiny[@]}" --no-checkpoint --out "$work/seeds_only" \
+  >"$work/seeds_only.log" 2>&1 || fail "compare --seeds --no-checkpoint: $(tail -3 "$work/seeds_only.log")"
+[[ -s $work/seeds_only/seed-4/report.md ]] || fail "compare --no-checkpoint wrote no report"
+[[ -z $(find "$work/seeds_only" -name '*.safetensors') ]] || fail "compare --no-checkpoint wrote a checkpoint"
+"$bin" train --variant linear --steps 2 "${tiny[@]}" --no-checkpoint --out "$work/nockpt" >"$work/nockpt.log" 2>&1 ||
+  fail "train --no-checkpoint: $(tail -3 "$work/nockpt.log")"
+grep -q "checkpoint none" "$work/nockpt.log" || fail "train --no-checkpoint did not say so: $(cat "$work/nockpt.log")"
+[[ ! -e $work/nockpt/linear.safetensors ]] || fail "train --no-checkpoint wrote a checkpoint"
 
 # ---- bad input ----
 expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
