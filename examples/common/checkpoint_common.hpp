@@ -69,7 +69,7 @@ inline std::int64_t parse_count(const std::string& file, const std::map<std::str
   return value;
 }
 
-// A finite number, as std::to_chars wrote it.
+// A finite number, as std::to_chars (report::shortest) wrote it.
 inline double parse_number(const std::string& file, const std::map<std::string, std::string>& metadata,
                            const std::string& key) {
   const std::string& text = metadata_text(file, metadata, key);
@@ -79,13 +79,6 @@ inline double parse_number(const std::string& file, const std::map<std::string, 
                  std::isfinite(value),
              file, ": metadata \"", key, "\" = \"", text, "\" is not a finite number");
   return value;
-}
-
-// The shortest text that parse_number reads back as the same double ("0.05", not "0.050000000000000003").
-inline std::string exact_text(double value) {
-  char text[32];
-  const auto result = std::to_chars(text, text + sizeof text, value);
-  return std::string(text, result.ptr);
 }
 
 // The caller's entries (none of them reserved), then format and variant.

@@ -115,6 +115,13 @@ inline VariantStyle variant_style(std::string_view variant) {
   return {colours[hash % colours.size()], markers[(hash / colours.size()) % markers.size()]};
 }
 
+// Shortest text that reads back as the same double ("0.05", not "0.050000000000000003").
+inline std::string shortest(double value) {
+  char buffer[32];
+  const auto result = std::to_chars(buffer, buffer + sizeof buffer, value);
+  return std::string(buffer, result.ptr);
+}
+
 namespace detail {
 
 inline std::size_t experts_of(const VariantResult& result) {
@@ -182,13 +189,6 @@ inline std::string grouped(std::uint64_t value) {
     out += digits[i];
   }
   return out;
-}
-
-// Shortest text that reads back as the same double.
-inline std::string shortest(double value) {
-  char buffer[32];
-  const auto result = std::to_chars(buffer, buffer + sizeof buffer, value);
-  return std::string(buffer, result.ptr);
 }
 
 // Mean over the layers where the statistic is finite.

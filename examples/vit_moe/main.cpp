@@ -204,17 +204,15 @@ vit::TrainOptions train_options(const cli::Parser& args, const vit::Data& data, 
   return options;
 }
 
-using examples::checkpoint::exact_text;
-
 // The options a run was started with, kept in its checkpoint so that --resume continues it exactly.
 std::map<std::string, std::string> options_metadata(const vit::TrainOptions& o) {
   return {{"train.steps", std::to_string(o.steps)},
           {"train.batch", std::to_string(o.batch)},
-          {"train.lr", exact_text(o.lr)},
+          {"train.lr", report::shortest(o.lr)},
           {"train.warmup", std::to_string(o.warmup)},
-          {"train.min_lr_ratio", exact_text(o.min_lr_ratio)},
-          {"train.weight_decay", exact_text(o.weight_decay)},
-          {"train.clip", exact_text(o.grad_clip)},
+          {"train.min_lr_ratio", report::shortest(o.min_lr_ratio)},
+          {"train.weight_decay", report::shortest(o.weight_decay)},
+          {"train.clip", report::shortest(o.grad_clip)},
           {"train.augment", o.augment ? "on" : "off"},
           {"train.data_seed", std::to_string(o.data_seed)},
           {"train.eval_every", std::to_string(o.eval_every)},
@@ -355,8 +353,9 @@ report::ReportOptions compare_report_options(const std::string& command, const v
   report_options.budget = std::to_string(options.steps) + " steps of " + std::to_string(options.batch) +
                           " images per variant (" + report::format_fixed(double(options.steps * options.batch) /
                                                                           double(data.train.count()), 1) +
-                          " epochs), AdamW lr " + exact_text(options.lr) + ", warmup " + std::to_string(options.warmup) +
-                          ", cosine to 0, weight decay " + exact_text(options.weight_decay) + ", augmentation " +
+                          " epochs), AdamW lr " + report::shortest(options.lr) + ", warmup " +
+                          std::to_string(options.warmup) + ", cosine to 0, weight decay " +
+                          report::shortest(options.weight_decay) + ", augmentation " +
                           (options.augment ? "crop + flip" : "off") +
                           "; accuracy and routing statistics on the test split" +
                           (runs.empty() ? std::string() : " (" + std::to_string(runs.front().test.images) + " images)");
