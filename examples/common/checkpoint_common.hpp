@@ -57,7 +57,7 @@ Integer parse_integer(const std::string& file, const std::map<std::string, std::
 // The variant a checkpoint holds: one of examples::kVariants.
 inline std::string read_variant(const std::string& file, const std::map<std::string, std::string>& metadata) {
   const std::string& variant = metadata_text(file, metadata, "variant");
-  moe::check(known_variant(variant), file, ": unknown variant \"", variant, "\" (valid: ", kVariantList, ")");
+  moe::check(known_variant(variant), file, ": unknown variant \"", variant, "\" (valid: ", variant_list(), ")");
   return variant;
 }
 

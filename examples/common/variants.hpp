@@ -3,6 +3,9 @@
 // whose gate is one of the library's four policies.
 #pragma once
 
+#include <algorithm>
+#include <iterator>
+#include <string>
 #include <string_view>
 #include <type_traits>
 
@@ -12,12 +15,13 @@
 namespace examples {
 
 inline constexpr std::string_view kVariants[] = {"dense", "linear", "self", "fixed-random", "random"};
-inline constexpr std::string_view kVariantList = "dense, linear, self, fixed-random, random";
+inline bool known_variant(std::string_view name) { return std::ranges::find(kVariants, name) != std::end(kVariants); }
 
-inline bool known_variant(std::string_view name) {
-  for (std::string_view v : kVariants)
-    if (v == name) return true;
-  return false;
+// "dense, linear, self, fixed-random, random", for the errors.
+inline std::string variant_list() {
+  std::string list;
+  for (std::string_view v : kVariants) (list += list.empty() ? "" : ", ") += v;
+  return list;
 }
 
 // Calls fn(std::type_identity<Model>{}) with the Model the name selects and returns its result.
@@ -31,7 +35,7 @@ decltype(auto) with_variant_of(std::string_view name, std::string_view who, Fn&&
   if (name == "self") return fn(std::type_identity<typename Models::template MoE<moe::SelfRoute>>{});
   if (name == "fixed-random") return fn(std::type_identity<typename Models::template MoE<moe::FixedRandom>>{});
   if (name == "random") return fn(std::type_identity<typename Models::template MoE<moe::Random>>{});
-  moe::fail(who, ": unknown variant '", name, "' (valid: ", kVariantList, ")");
+  moe::fail(who, ": unknown variant '", name, "' (valid: ", variant_list(), ")");
 }
 
 }  // namespace examples

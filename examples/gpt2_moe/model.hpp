@@ -473,7 +473,6 @@ class Model {
 
 // ---- run-time choice of the variant ----------------------------------------------------------
 
-using examples::kVariantList;
 using examples::kVariants;
 
 // The model types over backend B, by variant (examples::with_variant_of).

@@ -555,7 +555,6 @@ class Model {
 
 // ---- run-time choice of the variant ----------------------------------------------------------
 
-using examples::kVariantList;
 using examples::kVariants;
 
 template <class S>
