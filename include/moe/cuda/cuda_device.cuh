@@ -20,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "moe/activations.hpp"
 #include "moe/bfloat16.hpp"
@@ -151,12 +152,6 @@ struct Preference {
                  "cublasLtMatmulPreferenceSetAttribute");
   }
 };
-// The largest power of two (up to 256) that divides the address: what cuBLASLt may assume.
-inline std::uint32_t alignment_of(const void* p) {
-  std::uint32_t bytes = 256;
-  while (bytes > 1 && reinterpret_cast<std::uintptr_t>(p) % bytes != 0) bytes /= 2;
-  return bytes;
-}
 }  // namespace lt_detail
 
 // Why this process can use no CUDA device, or "" when it can: none found, or the runtime's own
@@ -275,6 +270,27 @@ class CudaDevice {
     }
     using Alpha = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const Alpha alpha = 1, beta = g.accumulate ? 1 : 0;
+    if (g.pointer_batch() && g.array_alignment < kBatchedAlignment) {
+      // cublasGemmBatchedEx would assume aligned pointers it cannot check (seen on an H200: a
+      // misaligned address fault that poisons the context). One cublasGemmEx per product, which
+      // looks at its pointers; reading the arrays waits for the stream. Only odd shapes land here
+      // (attention with a head size or T not a multiple of 8 in bf16, 4 in fp32, ...).
+      std::vector<const S*> a_array(std::size_t(g.k > 0 ? g.batch : 0)), b_array(a_array.size());
+      std::vector<S*> c_array(std::size_t(g.batch));
+      if (g.k > 0) {
+        download(a_array.data(), g.a_array, a_array.size() * sizeof(S*));
+        download(b_array.data(), g.b_array, b_array.size() * sizeof(S*));
+      }
+      download(c_array.data(), g.c_array, c_array.size() * sizeof(S*));
+      BlasGemm<S> one = g;
+      one.a_array = one.b_array = nullptr, one.c_array = nullptr;
+      one.batch = 1;
+      for (std::size_t q = 0; q < c_array.size(); ++q) {
+        one.a = g.k > 0 ? a_array[q] : nullptr, one.b = g.k > 0 ? b_array[q] : nullptr, one.c = c_array[q];
+        gemm(one);
+      }
+      return;
+    }
     if (g.pointer_batch()) {
       check_cublas(cublasGemmBatchedEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha,
                                        reinterpret_cast<const void* const*>(g.a_array), type, int(g.lda),
@@ -309,7 +325,7 @@ class CudaDevice {
       const bool with_aux = g.aux != nullptr, biased = g.epilogue != Epilogue::dgelu;
       const void* const pointers[] = {g.a, g.b, g.c, biased ? g.bias : g.c, with_aux ? g.aux : g.c};
       for (const void* p : pointers)
-        if (lt_detail::alignment_of(p) < kMinAlignment) return false;
+        if (alignment_of(p) < kMinAlignment) return false;
       const Index leading[] = {g.lda, g.ldb, g.ldc, with_aux ? g.ldaux : g.ldc};
       for (const Index ld : leading)
         if (ld * Index(sizeof(S)) % kMinAlignment != 0) return false;
@@ -346,10 +362,10 @@ class CudaDevice {
       // dimension does not depend on it) and the heuristic sees that n: its algorithm serves every
       // smaller n, with no more workspace. Should cuBLASLt decline one, the plain path takes it.
       const Index n_key = b_plain ? std::bit_ceil(std::uint64_t(g.n)) : g.n;
-      const std::uint32_t align_a = lt_detail::alignment_of(g.a), align_b = lt_detail::alignment_of(g.b),
-                          align_c = lt_detail::alignment_of(g.c);
-      const std::uint32_t align_bias = biased ? lt_detail::alignment_of(g.bias) : 0,
-                          align_aux = with_aux ? lt_detail::alignment_of(g.aux) : 0;
+      const std::uint32_t align_a = alignment_of(g.a), align_b = alignment_of(g.b),
+                          align_c = alignment_of(g.c);
+      const std::uint32_t align_bias = biased ? alignment_of(g.bias) : 0,
+                          align_aux = with_aux ? alignment_of(g.aux) : 0;
       const LtPlans::Key key = {type,  compute, int(g.op_a), int(g.op_b), int(epilogue), g.m,     n_key,      g.k,
                                 g.lda, g.ldb,   g.ldc,       g.ldaux,     align_a,         align_b, align_c,    align_bias,
                                 align_aux};

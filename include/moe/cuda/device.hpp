@@ -24,9 +24,12 @@
 // index body, every launch size and every GEMM mapping of the GPU path on a machine without a GPU.
 #pragma once
 
+#include <algorithm>
+#include <bit>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "moe/config.hpp"
 #include "moe/host_device.hpp"
@@ -76,6 +79,11 @@ struct BlasGemm {
   const S* const* a_array = nullptr;
   const S* const* b_array = nullptr;
   S* const* c_array = nullptr;
+  // Bytes that every pointer in the arrays is a multiple of (a power of two; 1 when nothing is
+  // known). cublasGemmBatchedEx cannot see the pointers from the host and picks kernels that
+  // assume 16-byte aligned operands; below kBatchedAlignment the GPU device runs the products
+  // one by one instead (moe/cuda/cuda_device.cuh).
+  std::uint32_t array_alignment = 1;
   bool pointer_batch() const { return a_array || b_array || c_array; }
   // Product q's operands, whichever way the batch is given (A and B null when k = 0 by pointers).
   const S* a_of(Index q) const { return pointer_batch() ? (k > 0 ? a_array[q] : nullptr) : a + q * stride_a; }
@@ -173,18 +181,44 @@ BlasGemm<S> column_major_gemm_batched(MatrixView<S> out, ConstMatrixView<S> a, B
   return g;
 }
 
+// The alignment a batch by pointer arrays needs for cublasGemmBatchedEx's kernels (16-byte loads).
+inline constexpr std::uint32_t kBatchedAlignment = 16;
+
+// The largest power of two, up to 256, that divides `value` (256 for 0).
+constexpr std::uint32_t alignment_of(std::uintptr_t value) {
+  std::uint32_t bytes = 256;
+  while (bytes > 1 && value % bytes != 0) bytes /= 2;
+  return bytes;
+}
+inline std::uint32_t alignment_of(const void* p) { return alignment_of(reinterpret_cast<std::uintptr_t>(p)); }
+
+// The alignment of every pointer made from one of `bases` plus whole multiples of the element
+// counts in `steps` (leading dimensions, block offsets, ...) of S elements each.
+template <class S>
+std::uint32_t common_alignment(std::initializer_list<const void*> bases, std::initializer_list<Index> steps) {
+  std::uint32_t bytes = 256;
+  for (const void* p : bases) bytes = std::min(bytes, alignment_of(p));
+  for (const Index n : steps) bytes = std::min(bytes, alignment_of(std::uintptr_t(n) * sizeof(S)));
+  return bytes;
+}
+
 // column_major_gemm over a batch given by pointer arrays (device memory, `count` each): the views
 // give the shapes and leading dimensions (their data pointers are ignored), product i is
 // out_i (=|+=) op_a(a_i) op_b(b_i) with x_i = x_pointers[i]. The arrays swap as the operands do.
+// `alignment`: bytes every pointer in the arrays is a multiple of (common_alignment); the
+// emulated device checks that it holds.
 template <class S>
 BlasGemm<S> column_major_gemm_pointers(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b,
                                        BlasOp op_b, bool accumulate, Index count, S* const* out_pointers,
-                                       const S* const* a_pointers, const S* const* b_pointers) {
+                                       const S* const* a_pointers, const S* const* b_pointers,
+                                       std::uint32_t alignment) {
   check(count >= 1, "gemm: a batch of ", count, " products");
+  check(alignment >= 1 && std::has_single_bit(alignment), "gemm: a pointer alignment of ", alignment, " bytes");
   BlasGemm<S> g = column_major_gemm(out, a, op_a, b, op_b, accumulate);
   g.a = g.b = nullptr, g.c = nullptr;
   g.batch = count;
   g.a_array = b_pointers, g.b_array = a_pointers, g.c_array = out_pointers;
+  g.array_alignment = alignment;
   return g;
 }
 

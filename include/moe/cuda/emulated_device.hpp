@@ -281,6 +281,13 @@ struct EmulatedDevice {
         allocations.check_inside(g.b_array, bytes, "gemm's array of B pointers");
       }
     }
+    if (g.pointer_batch())  // the alignment the caller promised, which decides the GPU's path
+      for (Index q = 0; q < g.batch; ++q) {
+        const void* const operands[] = {g.k > 0 ? g.a_of(q) : nullptr, g.k > 0 ? g.b_of(q) : nullptr, g.c_of(q)};
+        for (const void* p : operands)
+          check(alignment_of(p) >= g.array_alignment, "gemm: product ", q, " of a batch promised ",
+                g.array_alignment, "-byte aligned pointers has one aligned to ", alignment_of(p));
+      }
     for (Index q = 0; q < g.batch; ++q) {
       allocations.check_inside(g.a_of(q), emulated_detail::operand_bytes<S>(a_rows, a_cols, g.lda), "gemm's A");
       allocations.check_inside(g.b_of(q), emulated_detail::operand_bytes<S>(b_rows, b_cols, g.ldb), "gemm's B");

@@ -79,13 +79,14 @@ struct PointerArrays {
 // `depth`, operands given by call `call` of `arrays`.
 template <class S, class D>
 void per_pair(const D& device, const PointerArrays<S>& arrays, Index call, Index pairs, Index rows, Index cols,
-              Index depth, Index ld_out, BlasOp op_a, Index ld_a, BlasOp op_b, Index ld_b, bool accumulate) {
+              Index depth, Index ld_out, BlasOp op_a, Index ld_a, BlasOp op_b, Index ld_b, bool accumulate,
+              std::uint32_t alignment) {
   const MatrixView<S> out(nullptr, rows, cols, ld_out);
   const ConstMatrixView<S> a(nullptr, op_a == BlasOp::none ? rows : depth, op_a == BlasOp::none ? depth : rows, ld_a);
   const ConstMatrixView<S> b(nullptr, op_b == BlasOp::none ? depth : cols, op_b == BlasOp::none ? cols : depth, ld_b);
   const Index first = call * pairs;
   device.gemm(column_major_gemm_pointers<S>(out, a, op_a, b, op_b, accumulate, pairs, arrays.out + first,
-                                           arrays.a + first, arrays.b + first));
+                                           arrays.a + first, arrays.b + first, alignment));
 }
 
 // One row of work per (b, h, t), row i of the [rows, T] probabilities at att + i * T: the scaled, masked,
@@ -161,10 +162,14 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
     }
   });
 
+  // Every operand pointer is a base plus whole multiples of these element counts.
+  const std::uint32_t aligned =
+      common_alignment<S>({qkv_all, out_all, att}, {T, hs, channels, ld_qkv, ld_out, blocks.size});
+
   // Raw scores q k^T into att, block by block.
   for (Index i = 0; i < blocks.count; ++i)
     ad::per_pair(device, arrays, kScores * blocks.count + i, pairs, blocks.rows(i, T), blocks.keys(i, T, causal), hs,
-                 T, BlasOp::none, ld_qkv, BlasOp::transpose, ld_qkv, false);
+                 T, BlasOp::none, ld_qkv, BlasOp::transpose, ld_qkv, false, aligned);
 
   const C scale = C(1) / std::sqrt(C(hs));
   if (row_packs_fit(att, T))
@@ -175,7 +180,7 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
   // out = att v into each head's column block, block by block.
   for (Index i = 0; i < blocks.count; ++i)
     ad::per_pair(device, arrays, kValues * blocks.count + i, pairs, blocks.rows(i, T), hs, blocks.keys(i, T, causal),
-                 ld_out, BlasOp::none, T, BlasOp::none, ld_qkv, false);
+                 ld_out, BlasOp::none, T, BlasOp::none, ld_qkv, false, aligned);
 }
 
 // dout: [B*T, C], qkv: [B*T, 3C], att: [B, heads, T, T] (from forward) -> dqkv: [B*T, 3C], added into (+=, llm.c's
@@ -239,15 +244,17 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
     }
   });
   const auto call_of = [&](Index kind, Index i) { return kind * blocks.count + i; };
+  const std::uint32_t aligned = common_alignment<S>({qkv_all, dout_all, dqkv_all, att, ds_all},
+                                                    {T, hs, channels, ld_qkv, ld_dout, ld_dqkv, blocks.size});
   // Rows of the query blocks that see key block i (from its start when causal, else all T).
   const auto seeing_rows = [&](Index i) { return causal ? T - blocks.begin(i) : T; };
 
   // dv += P^T dout and dP = dout v^T.
   for (Index i = 0; i < blocks.count; ++i) {
     ad::per_pair(device, arrays, call_of(kValueGrad, i), pairs, blocks.rows(i, T), hs, seeing_rows(i), ld_dqkv,
-                 BlasOp::transpose, T, BlasOp::none, ld_dout, true);
+                 BlasOp::transpose, T, BlasOp::none, ld_dout, true, aligned);
     ad::per_pair(device, arrays, call_of(kProbabilityGrad, i), pairs, blocks.rows(i, T), blocks.keys(i, T, causal), hs,
-                 T, BlasOp::none, ld_dout, BlasOp::transpose, ld_qkv, false);
+                 T, BlasOp::none, ld_dout, BlasOp::transpose, ld_qkv, false, aligned);
   }
 
   const C scale = C(1) / std::sqrt(C(hs));
@@ -259,9 +266,9 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   // dq += dS k and dk += dS^T q.
   for (Index i = 0; i < blocks.count; ++i) {
     ad::per_pair(device, arrays, call_of(kQueryGrad, i), pairs, blocks.rows(i, T), hs, blocks.keys(i, T, causal),
-                 ld_dqkv, BlasOp::none, T, BlasOp::none, ld_qkv, true);
+                 ld_dqkv, BlasOp::none, T, BlasOp::none, ld_qkv, true, aligned);
     ad::per_pair(device, arrays, call_of(kKeyGrad, i), pairs, blocks.rows(i, T), hs, seeing_rows(i), ld_dqkv,
-                 BlasOp::transpose, T, BlasOp::none, ld_qkv, true);
+                 BlasOp::transpose, T, BlasOp::none, ld_qkv, true, aligned);
   }
 }
 
