@@ -313,11 +313,27 @@ TEST_CASE(CUDA_TEST_NAME("auxiliary losses and their gradient match moe/aux_loss
     backend.fill(moe::MatrixView<float>(dweights.data(), 1, T * k), 0.f);
     typename B::Matrix dlogits(T, N);
     backend.route_backward(logits, plan, config, dweights, mask, dlogits);
-    std::vector<float> expected(std::size_t(T * N), 0.f);
-    moe::aux_loss_backward<float>(zv, host_plan, config.aux, mask, moe::MatrixView<float>(expected.data(), T, N));
+    // The float64 reference. The load-balance gradient p_e (g_e - p . g) cancels to nothing when
+    // the choice fractions are near equal (N = 2, k = 1 with a split of 44 / 44): float32 on the
+    // GPU (FMA, its own exp) then differs from float32 on the host by more than 1e-6 of the
+    // result. So the error is measured against the size of the terms that cancel (g's largest
+    // entry) as well as the result's.
+    std::vector<double> z64(z.begin(), z.end()), expected(std::size_t(T * N), 0.0);
+    moe::aux_loss_backward<double>(moe::ConstMatrixView<double>(z64.data(), T, N), host_plan, config.aux, mask,
+                                   moe::MatrixView<double>(expected.data(), T, N));
+    const Index counted = moe::detail::counted_tokens(mask, T);
+    double terms = 0;
+    if (counted > 0 && config.aux.load_balance > 0)
+      for (const double f : moe::detail::choice_fractions(host_plan, mask, counted))
+        terms = std::max(terms, config.aux.load_balance * double(N) / double(counted) * f);
     const std::vector<float> dz = to_host<float>(backend, dlogits.data(), T * N);
     CHECK(std::all_of(dz.begin(), dz.end(), [](float v) { return std::isfinite(v); }));
-    CHECK(relative_error(dz, expected) < 1e-6);
+    double diff = 0, largest = terms;
+    for (std::size_t i = 0; i < dz.size(); ++i) {
+      diff = std::max(diff, std::abs(double(dz[i]) - expected[i]));
+      largest = std::max(largest, std::abs(expected[i]));
+    }
+    CHECK(diff <= 1e-5 * largest);
     if (round % 4 == 3) {
       CHECK(got.total() == 0.0);
       CHECK(std::all_of(dz.begin(), dz.end(), [](float v) { return v == 0.f; }));
