@@ -1,11 +1,16 @@
 // bench/gpu/guarded.hpp: the GPU benchmarks' error handling. Google Benchmark lets an exception end
 // the whole run (and every later row with it): guarded() skips the one benchmark with its message
-// instead, and remembers that one failed, for the binary's exit status.
+// instead, and remembers that one failed, for the binary's exit status. Also the hook that lets
+// bench/gpu/profile.sh see one timed call alone.
 #pragma once
 
 #include <benchmark/benchmark.h>
+#include <cuda_profiler_api.h>
+#include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <exception>
+#include <string>
 
 namespace bench_gpu {
 
@@ -19,6 +24,24 @@ void guarded(benchmark::State& state, Fn&& fn) {
     state.SkipWithError(e.what());
     any_failed = true;
   }
+}
+
+// MOE_PROFILE_ONE=1 in the environment: profiled_once(call) runs `call` once between
+// cudaProfilerStart and cudaProfilerStop, so that `ncu --profile-from-start off`
+// (bench/gpu/profile.sh) records the kernels of that one call and nothing else (no setup, no
+// warm-up). Without it, nothing happens. Call it after the warm-up, before the timed loop.
+template <class Call>
+void profiled_once(Call&& call) {
+  static const bool on = [] {
+    const char* v = std::getenv("MOE_PROFILE_ONE");
+    return v && std::string(v) == "1";
+  }();
+  if (!on) return;
+  cudaDeviceSynchronize();
+  cudaProfilerStart();
+  call();
+  cudaDeviceSynchronize();
+  cudaProfilerStop();
 }
 
 }  // namespace bench_gpu
