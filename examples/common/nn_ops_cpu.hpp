@@ -37,7 +37,10 @@ class NnOps<moe::cpu::BasicBackend<S>> {
   std::string description() const { return "cpu, " + std::to_string(threads_) + " threads, fp32"; }
 
   // ---- making -----------------------------------------------------------------------------
-  Param param(std::string name, std::vector<Index> shape) const { return Param(std::move(name), std::move(shape)); }
+  // storage_rows: ignored; the CPU pads nothing (Tensor::padded_matrix is the matrix).
+  Param param(std::string name, std::vector<Index> shape, Index /*storage_rows*/ = 0) const {
+    return Param(std::move(name), std::move(shape));
+  }
   Backend make_backend() const { return Backend(threads_); }
   Optimizer make_optimizer(const moe::nn::AdamWConfig& config) const {
     Optimizer optimizer(config);

@@ -48,10 +48,11 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   }
 
   // ---- making -----------------------------------------------------------------------------
-  Param param(std::string name, std::vector<Index> shape) const {
-    Param t(std::move(name), std::move(shape));
-    backend_->fill(t.matrix(), S(0));
-    backend_->fill(t.grad_matrix(), S(0));
+  // storage_rows: rows of zero padding below the matrix (DeviceTensor), for products over them.
+  Param param(std::string name, std::vector<Index> shape, Index storage_rows = 0) const {
+    Param t(std::move(name), std::move(shape), storage_rows);
+    backend_->fill(t.padded_matrix(), S(0));
+    backend_->fill(t.padded_grad_matrix(), S(0));
     return t;
   }
   Backend make_backend() const { return Backend(device_); }

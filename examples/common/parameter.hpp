@@ -38,6 +38,9 @@ struct Tensor {
   moe::MatrixView<S> matrix() { return {value.data(), rows(), cols()}; }
   moe::ConstMatrixView<S> matrix() const { return {value.data(), rows(), cols()}; }
   moe::MatrixView<S> grad_matrix() { return {grad.data(), rows(), cols()}; }
+  // No padding rows on the CPU (the device's DeviceTensor has them for cuBLAS): the matrix itself.
+  moe::MatrixView<S> padded_matrix() { return matrix(); }
+  moe::MatrixView<S> padded_grad_matrix() { return grad_matrix(); }
   moe::ParamRef<S> ref() { return {name, shape, value, grad, true}; }
 };
 

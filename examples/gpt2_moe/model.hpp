@@ -190,7 +190,7 @@ class Model {
   explicit Model(const Config& config, Ops ops = Ops{})
       : config_(validated(config)),
         nn_(std::move(ops)),
-        wte_(nn_.param("wte.weight", {config.vocab, config.hidden})),
+        wte_(nn_.param("wte.weight", {config.vocab, config.hidden}, padded_vocab())),
         wpe_(nn_.param("wpe.weight", {config.context, config.hidden})),
         ln_f_weight_(nn_.param("ln_f.weight", {config.hidden})),
         ln_f_bias_(nn_.param("ln_f.bias", {config.hidden})) {
@@ -217,7 +217,7 @@ class Model {
     for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(*this, residual_[l], residual_[l + 1]);
     nn_.layernorm_forward(residual_.back(), ln_f_weight_.value.data(), ln_f_bias_.value.data(), ln_f_,
                           ln_f_mean_.data(), ln_f_rstd_.data());
-    nn_.linear_forward(ln_f_, wte_.matrix(), nullptr, logits_view());  // tied: logits = ln_f wte^T
+    nn_.linear_forward(ln_f_, wte_.padded_matrix(), nullptr, classifier_view());  // tied: logits = ln_f wte^T
     loss_ = targets.empty() ? 0.0 : nn_.cross_entropy_forward(logits_view(), targets, losses_.data());
     forwarded_ = !targets.empty();
     return loss_;
@@ -231,8 +231,12 @@ class Model {
 
     const MatrixView<S> dlogits = logits_view();  // written over the logits (llm.c): they are not needed again
     nn_.cross_entropy_backward(dlogits, targets_, 1.0, dlogits);
+    // wte's padding rows (device only) gave zero logits; their gradient must be zero too, also
+    // where a non-finite input made 0 * inf there.
+    const Index classes = wte_.padded_matrix().rows;
+    if (classes > config_.vocab) nn_.zero(MatrixView<S>(logits_).col_block(config_.vocab, classes - config_.vocab));
     nn_.zero(dtmp_);
-    nn_.linear_backward(ln_f_, dlogits, wte_.matrix(), dtmp_, wte_.grad_matrix(), nullptr);
+    nn_.linear_backward(ln_f_, classifier_view(), wte_.padded_matrix(), dtmp_, wte_.padded_grad_matrix(), nullptr);
     nn_.zero(dresidual_);
     nn_.layernorm_backward(dtmp_, residual_.back(), ln_f_weight_.value.data(), ln_f_mean_.data(), ln_f_rstd_.data(),
                            dresidual_, ln_f_weight_.grad.data(), ln_f_bias_.grad.data());
@@ -436,6 +440,9 @@ class Model {
   // (GPT-2's V = 50257 is odd; cuBLAS's fast bf16 kernels want ld a multiple of 8 elements).
   Index padded_vocab() const { return (config_.vocab + 63) / 64 * 64; }
   MatrixView<S> logits_view() { return MatrixView<S>(logits_).col_block(0, config_.vocab); }
+  // The classifier's output: the logits and, on the device, the columns of wte's padding rows
+  // (the product runs over wte's padded_matrix(): 50304 rows, not GPT-2's odd 50257).
+  MatrixView<S> classifier_view() { return MatrixView<S>(logits_).col_block(0, wte_.padded_matrix().rows); }
 
   // Activations for (B, T): allocated on the first forward of that shape, then reused.
   void allocate(Index B_, Index T) {
