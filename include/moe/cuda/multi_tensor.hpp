@@ -90,4 +90,29 @@ void for_each_tensor_element(const D& device, std::span<const Tensor> tensors, I
   });
 }
 
+// The elements per unroll of for_each_tensor_element_loaded.
+inline constexpr int kLoadsInFlight = 4;
+
+// For every element j of every tensor: store(tensor, j, load(tensor, j)), with the loads of
+// kLoadsInFlight elements of a unit issued before their stores. An element-at-a-time body leaves
+// one load in flight per thread, and the GPU then waits on memory latency instead of streaming:
+// seen on an H200, AdamW's update and clip_grad_norm's scaling at under half the memory bandwidth.
+// Elementwise: the same results as for_each_tensor_element(load then store).
+template <class Tensor, class D, class Load, class Store>
+void for_each_tensor_element_loaded(const D& device, std::span<const Tensor> tensors, Index chunk, Load load,
+                                    Store store) {
+  for_each_tensor_unit(device, tensors, chunk, [=] MOE_HOST_DEVICE(const Tensor& tensor, Index q, Index units) {
+    constexpr int K = kLoadsInFlight;
+    Index j = q;
+    for (; j + (K - 1) * units < tensor.n; j += K * units) {
+      decltype(load(tensor, j)) loaded[K];
+      MOE_UNROLL
+      for (int i = 0; i < K; ++i) loaded[i] = load(tensor, j + i * units);
+      MOE_UNROLL
+      for (int i = 0; i < K; ++i) store(tensor, j + i * units, loaded[i]);
+    }
+    for (; j < tensor.n; j += units) store(tensor, j, load(tensor, j));
+  });
+}
+
 }  // namespace moe::cuda

@@ -61,20 +61,31 @@ inline constexpr Index kUpdateChunk = 512;
 
 // The CPU AdamW's update of every element of every tensor, in C, of the master weight when there is
 // one (then rounded into value); tensors in launches of kTensorsPerLaunch.
+// What the update reads of one element (nvcc's device lambdas may not take a function-local type).
+template <class C>
+struct LoadedElement {
+  C g, m, v, old;  // gradient, moments, the value updated (master weight or parameter)
+};
+
 template <class S, class D, class C = Compute<S>>
 void adamw_update(const D& device, std::span<const UpdatedTensor<S>> tensors, AdamWStep<C> k) {
-  for_each_tensor_element(device, tensors, kUpdateChunk, [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index j) {
-    const C g = C(p.grad[j]);
-    const C mj = k.b1 * p.m[j] + k.one_minus_b1 * g;
-    const C vj = k.b2 * p.v[j] + k.one_minus_b2 * g * g;
-    p.m[j] = mj;
-    p.v[j] = vj;
-    const C old = p.master ? p.master[j] : C(p.value[j]);
-    // old * 1 is exact: parameters that do not decay take the same path.
-    const C updated = old * (p.decays ? k.decay : C(1)) - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps);
-    if (p.master) p.master[j] = updated;
-    p.value[j] = S(updated);
-  });
+  using Loaded = LoadedElement<C>;
+  for_each_tensor_element_loaded(
+      device, tensors, kUpdateChunk,
+      [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index j) {
+        return Loaded{C(p.grad[j]), p.m[j], p.v[j], p.master ? p.master[j] : C(p.value[j])};
+      },
+      [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index j, const Loaded& x) {
+        const C mj = k.b1 * x.m + k.one_minus_b1 * x.g;
+        const C vj = k.b2 * x.v + k.one_minus_b2 * x.g * x.g;
+        p.m[j] = mj;
+        p.v[j] = vj;
+        // old * 1 is exact: parameters that do not decay take the same path.
+        const C updated =
+            x.old * (p.decays ? k.decay : C(1)) - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps);
+        if (p.master) p.master[j] = updated;
+        p.value[j] = S(updated);
+      });
 }
 
 // master[j] = C(value[j]): a master copy starts as the parameter's own values.
@@ -102,8 +113,19 @@ struct GradTensor {
 template <class S, class D>
 void chunk_squares(const D& device, std::span<const GradTensor<S>> grads) {
   for_each_tensor_unit(device, grads, kNormChunk, [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index q, Index units) {
+    // kLoadsInFlight loads before their squares are added (in j order, as one at a time would):
+    // one load in flight per thread leaves the GPU waiting on memory latency.
+    constexpr int K = kLoadsInFlight;
     double s = 0;
-    for (Index j = q; j < g.n; j += units) s += double(g.grad[j]) * double(g.grad[j]);
+    Index j = q;
+    for (; j + (K - 1) * units < g.n; j += K * units) {
+      S loaded[K];
+      MOE_UNROLL
+      for (int i = 0; i < K; ++i) loaded[i] = g.grad[j + i * units];
+      MOE_UNROLL
+      for (int i = 0; i < K; ++i) s += double(loaded[i]) * double(loaded[i]);
+    }
+    for (; j < g.n; j += units) s += double(g.grad[j]) * double(g.grad[j]);
     g.partial[q] = s;
   });
 }
@@ -132,8 +154,9 @@ void ordered_sum(const D& device, const double* partial, Index count, double* st
 
 template <class S, class D, class C = Compute<S>>
 void scale_in_place(const D& device, std::span<const GradTensor<S>> grads, C scale) {
-  for_each_tensor_element(device, grads, kUpdateChunk,
-                          [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index j) { g.grad[j] = S(C(g.grad[j]) * scale); });
+  for_each_tensor_element_loaded(
+      device, grads, kUpdateChunk, [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index j) { return g.grad[j]; },
+      [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index j, S x) { g.grad[j] = S(C(x) * scale); });
 }
 
 }  // namespace adamw_detail
