@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""bench/gpu/report.py and report_gpt2.py on outputs shaped as the GPU run writes them (no GPU
+"""bench/gpu/report.py, report_gpt2.py and kernel_summary.py on outputs shaped as the GPU run writes them (no GPU
 needed): Google Benchmark 1.7's JSON (names with /min_time:0.100/ and /manual_time, repetitions
 and their aggregates, rows that failed, a file cut short) and the torch scripts' JSON. Each check
 names the figure a GPU session would otherwise read wrong. Exits 1 on the first failed check.
@@ -15,6 +15,17 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPORT = os.path.join(ROOT, "bench", "gpu", "report.py")
 REPORT_GPT2 = os.path.join(ROOT, "bench", "gpu", "report_gpt2.py")
+KERNEL_SUMMARY = os.path.join(ROOT, "bench", "gpu", "kernel_summary.py")
+
+# Nsight Compute 2025.3's CSV as bench/gpu/profile.sh asks for it (names as ncu demangles them on an
+# H200, 2026-12-04): after the program's own output, one row per kernel, times in ns with commas.
+NCU_CSV = """Benchmark output the program printed first
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","582","b","h","void moe::for_each_2d_kernel<moe::BasicBackend<moe::bfloat16, moe::CudaDevice>::fill(moe::MatrixView<moe::bfloat16>, moe::bfloat16) const::[lambda(long, long) (instance 1)]>(long, long, T1)","1","7","(256, 1, 1)","(1024, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","21,472"
+"1","582","b","h","void moe::for_each_kernel<void nn::attention_forward<moe::bfloat16, moe::CudaDevice>(const T2 &, moe::MatrixView<const T1>, long, long, long, bool, moe::MatrixView<T1>, T1 *, long)::[lambda(long) (instance 1)]>(long, T1)","1","7","(256, 1, 1)","(6, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","2,336"
+"2","582","b","h","void moe::for_each_2d_kernel<moe::BasicBackend<moe::bfloat16, moe::CudaDevice>::fill(moe::MatrixView<moe::bfloat16>, moe::bfloat16) const::[lambda(long, long) (instance 1)]>(long, long, T1)","1","7","(256, 1, 1)","(1024, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","8,528"
+"3","582","b","h","void cutlass::Kernel2<cutlass_75_tensorop_bf16_s1688gemm_bf16_128x128_tn_align1>(T1::Params)","1","7","(128, 1, 1)","(512, 50, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","6,682,240"
+"""
 
 SHAPES = {"gpt2_T16384": 1.0, "gpt2_T1024": 0.15, "mixtral_T4096": 6.0}  # a time scale per shape
 # Our bf16 medians (ms) at scale 1; repetitions take x 1.0, 1.02, 1.3, so the median is 1.02 x.
@@ -114,6 +125,12 @@ def main():
                 f.write(text[:cut] if cut else text)
             return path
 
+        def write_text(name, text):
+            path = os.path.join(tmp, name)
+            with open(path, "w") as f:
+                f.write(text)
+            return path
+
         torch_moe = write("torch_cuda.json", torch_moe_json())
         out = run(REPORT, write("moe_cuda.json", moe_json()), torch_moe)
         # The floor's name carries /min_time:0.100/: its median (1.02 x 0.60) must reach the targets.
@@ -149,6 +166,14 @@ def main():
         out = run(REPORT_GPT2, write("gpt2_error.json", gpt2_json(self_error="out of memory")), torch_gpt2)
         expect(out, "| self | bf16 | error: out of memory", "the failed row")
         expect(out, ">= 1.3x PyTorch eager: -  NOT met", "the targets still listed when their row failed")
+
+        # Nsight Compute's kernels summed by name: a lambda's kernel by the function that holds it.
+        out = run(KERNEL_SUMMARY, write_text("profile.csv", NCU_CSV))
+        expect(out, "4 kernels, 6.715 ms of kernel time", "the kernel count and the total (ns with commas)")
+        expect(out, "| cutlass_75_tensorop_bf16_s1688gemm_bf16_128x128_tn_align1 | 1 | 6682.2 | 99.5% |",
+               "a CUTLASS kernel by its template argument, largest first")
+        expect(out, "| fill (lambda) | 2 | 30.0 | 0.4% |", "two launches of fill's lambda summed")
+        expect(out, "| attention_forward (lambda) | 1 | 2.3 |", "a free function's lambda")
     print("gpu reports: every check passed")
 
 
