@@ -15,9 +15,10 @@
 // zero_grad, forward (loss),
 // backward, clip_grad_norm(1.0), AdamW; wall-clock time with the GPU drained at the end of each
 // step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
-// Two warm-up steps first (every buffer is allocated then; afterwards nothing is).
+// Four warm-up steps first (every buffer is allocated then; afterwards nothing is), then 8 timed.
 //
-// Counters: tokens/s, step_ms, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
+// Counters: tokens/s and step_ms from the median step (as the PyTorch peer's), step_ms_mean and
+// step_ms_max beside them, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
 // torch_gpt2_cuda.py), tflops and mfu (against Peak/bf16_gemm, measured first), device_gib (GPU
 // memory the trainer took: cudaMemGetInfo's use after the steps less its use before the trainer
 // was built, so the CUDA context is not counted; buffers only grow, so this is the peak), loss,
@@ -132,19 +133,29 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   };
   for (int i = 0; i < kWarmupSteps; ++i) step();
   bench_gpu::profiled_once(step);
-  double seconds = 0;
+  std::vector<double> seconds;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
     step();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     state.SetIterationTime(s);
-    seconds += s;
+    seconds.push_back(s);
   }
-  const double steps = double(state.iterations()), tokens_per_step = double(B * T);
-  const double tokens_per_s = steps * tokens_per_step / seconds;
+  // The median step, as torch_gpt2_cuda.py reports its peer's: a step that loads a kernel for the
+  // first time (a new expert row-count bucket) stalls, and the mean would carry that one-off.
+  if (seconds.empty()) return;
+  std::sort(seconds.begin(), seconds.end());
+  const std::size_t n = seconds.size();
+  const double median = n % 2 ? seconds[n / 2] : (seconds[n / 2 - 1] + seconds[n / 2]) / 2;
+  double total = 0;
+  for (const double s : seconds) total += s;
+  const double tokens_per_step = double(B * T);
+  const double tokens_per_s = tokens_per_step / median;
   const double flops = flops_per_token(config, trainer->is_moe(), variant == "linear", T);
   state.counters["tokens/s"] = tokens_per_s;
-  state.counters["step_ms"] = seconds / steps * 1e3;
+  state.counters["step_ms"] = median * 1e3;
+  state.counters["step_ms_mean"] = total / double(n) * 1e3;
+  state.counters["step_ms_max"] = seconds.back() * 1e3;
   state.counters["flops_per_token"] = flops;
   state.counters["tflops"] = tokens_per_s * flops / 1e12;
   if (g_peak_tflops > 0) state.counters["mfu"] = tokens_per_s * flops / 1e12 / g_peak_tflops;
