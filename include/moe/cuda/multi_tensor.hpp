@@ -90,28 +90,19 @@ void for_each_tensor_element(const D& device, std::span<const Tensor> tensors, I
   });
 }
 
-// The elements per unroll of for_each_tensor_element_loaded.
-inline constexpr int kLoadsInFlight = 4;
-
-// For every element j of every tensor: store(tensor, j, load(tensor, j)), with the loads of
-// kLoadsInFlight elements of a unit issued before their stores. An element-at-a-time body leaves
-// one load in flight per thread, and the GPU then waits on memory latency instead of streaming:
-// seen on an H200, AdamW's update and clip_grad_norm's scaling at under half the memory bandwidth.
-// Elementwise: the same results as for_each_tensor_element(load then store).
-template <class Tensor, class D, class Load, class Store>
-void for_each_tensor_element_loaded(const D& device, std::span<const Tensor> tensors, Index chunk, Load load,
-                                    Store store) {
+// body(tensor, first, count) for every pack of W consecutive elements [first, first + count) of
+// every tensor (count = W but in a tensor's last pack), in units as for_each_tensor_unit's: unit q
+// takes packs q, q + units, q + 2 units, ..., so neighbouring threads take neighbouring packs. A
+// pack lets the body move 16 bytes per load (moe/cuda/pack.hpp, W = kPackSize): one 2-byte element
+// per load left AdamW and gradient clipping at 1-2 TB/s of an H200's ~4.3.
+template <Index W, class Tensor, class D, class Body>
+void for_each_tensor_pack(const D& device, std::span<const Tensor> tensors, Index chunk, Body body) {
   for_each_tensor_unit(device, tensors, chunk, [=] MOE_HOST_DEVICE(const Tensor& tensor, Index q, Index units) {
-    constexpr int K = kLoadsInFlight;
-    Index j = q;
-    for (; j + (K - 1) * units < tensor.n; j += K * units) {
-      decltype(load(tensor, j)) loaded[K];
-      MOE_UNROLL
-      for (int i = 0; i < K; ++i) loaded[i] = load(tensor, j + i * units);
-      MOE_UNROLL
-      for (int i = 0; i < K; ++i) store(tensor, j + i * units, loaded[i]);
+    const Index packs = (tensor.n + W - 1) / W;
+    for (Index p = q; p < packs; p += units) {
+      const Index first = p * W;
+      body(tensor, first, tensor.n - first < W ? tensor.n - first : W);
     }
-    for (; j < tensor.n; j += units) store(tensor, j, load(tensor, j));
   });
 }
 

@@ -25,6 +25,7 @@
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/multi_tensor.hpp"
+#include "moe/cuda/pack.hpp"
 #include "moe/host_device.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/routing.hpp"
@@ -54,6 +55,7 @@ struct UpdatedTensor {
   C* master;
   Index n;
   bool decays;
+  bool packed;  // every array 16-byte aligned: whole packs move as 16-byte loads and stores
 };
 
 // Elements per thread of the update (moe/cuda/multi_tensor.hpp's chunk; any value gives the same bits).
@@ -61,31 +63,83 @@ inline constexpr Index kUpdateChunk = 512;
 
 // The CPU AdamW's update of every element of every tensor, in C, of the master weight when there is
 // one (then rounded into value); tensors in launches of kTensorsPerLaunch.
-// What the update reads of one element (nvcc's device lambdas may not take a function-local type).
+// One element of the update, in C: the new moments and the new value of the master weight (or
+// parameter). The packed and the single-element paths both call it.
 template <class C>
-struct LoadedElement {
-  C g, m, v, old;  // gradient, moments, the value updated (master weight or parameter)
+struct AdamWElement {
+  C m, v, updated;
 };
+template <class C>
+MOE_HOST_DEVICE AdamWElement<C> adamw_element(const AdamWStep<C>& k, bool decays, C g, C m, C v, C old) {
+  const C mj = k.b1 * m + k.one_minus_b1 * g;
+  const C vj = k.b2 * v + k.one_minus_b2 * g * g;
+  // old * 1 is exact: parameters that do not decay take the same path.
+  const C updated = old * (decays ? k.decay : C(1)) - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps);
+  return {mj, vj, updated};
+}
 
+// W elements of T at p (16-byte aligned) through W / kPackSize<T> pack loads, and back.
+template <Index W, class T>
+MOE_HOST_DEVICE void load_elements(const T* p, T (&out)[W]) {
+  MOE_UNROLL
+  for (Index i = 0; i < W / kPackSize<T>; ++i) {
+    const Pack<T> x = load_pack(p + i * kPackSize<T>);
+    MOE_UNROLL
+    for (Index e = 0; e < kPackSize<T>; ++e) out[i * kPackSize<T> + e] = x.v[e];
+  }
+}
+template <Index W, class T>
+MOE_HOST_DEVICE void store_elements(T* p, const T (&in)[W]) {
+  MOE_UNROLL
+  for (Index i = 0; i < W / kPackSize<T>; ++i) {
+    Pack<T> x;
+    MOE_UNROLL
+    for (Index e = 0; e < kPackSize<T>; ++e) x.v[e] = in[i * kPackSize<T> + e];
+    store_pack(p + i * kPackSize<T>, x);
+  }
+}
+
+// The CPU AdamW's update of every element of every tensor, in C, of the master weight when there is
+// one (then rounded into value); tensors in launches of kTensorsPerLaunch, a 16-byte pack of S
+// (and the same elements of the C arrays) per step of a thread where the tensor's arrays allow.
 template <class S, class D, class C = Compute<S>>
 void adamw_update(const D& device, std::span<const UpdatedTensor<S>> tensors, AdamWStep<C> k) {
-  using Loaded = LoadedElement<C>;
-  for_each_tensor_element_loaded(
-      device, tensors, kUpdateChunk,
-      [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index j) {
-        return Loaded{C(p.grad[j]), p.m[j], p.v[j], p.master ? p.master[j] : C(p.value[j])};
-      },
-      [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index j, const Loaded& x) {
-        const C mj = k.b1 * x.m + k.one_minus_b1 * x.g;
-        const C vj = k.b2 * x.v + k.one_minus_b2 * x.g * x.g;
-        p.m[j] = mj;
-        p.v[j] = vj;
-        // old * 1 is exact: parameters that do not decay take the same path.
-        const C updated =
-            x.old * (p.decays ? k.decay : C(1)) - k.step_size * mj / (C(std::sqrt(vj)) * k.inv_sqrt_correction2 + k.eps);
-        if (p.master) p.master[j] = updated;
-        p.value[j] = S(updated);
-      });
+  constexpr Index W = kPackSize<S>;
+  for_each_tensor_pack<W>(device, tensors, kUpdateChunk, [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index first, Index count) {
+    if (p.packed && count == W) {
+      const Pack<S> g = load_pack(p.grad + first);
+      C m[W], v[W], old[W];
+      load_elements<W>(p.m + first, m);
+      load_elements<W>(p.v + first, v);
+      if (p.master) {
+        load_elements<W>(p.master + first, old);
+      } else {
+        const Pack<S> value = load_pack(p.value + first);
+        MOE_UNROLL
+        for (Index i = 0; i < W; ++i) old[i] = C(value.v[i]);
+      }
+      Pack<S> value;
+      MOE_UNROLL
+      for (Index i = 0; i < W; ++i) {
+        const AdamWElement<C> x = adamw_element(k, p.decays, C(g.v[i]), m[i], v[i], old[i]);
+        m[i] = x.m, v[i] = x.v, old[i] = x.updated;
+        value.v[i] = S(x.updated);
+      }
+      store_elements<W>(p.m + first, m);
+      store_elements<W>(p.v + first, v);
+      if (p.master) store_elements<W>(p.master + first, old);
+      store_pack(p.value + first, value);
+      return;
+    }
+    for (Index j = first; j < first + count; ++j) {
+      const AdamWElement<C> x =
+          adamw_element(k, p.decays, C(p.grad[j]), p.m[j], p.v[j], p.master ? p.master[j] : C(p.value[j]));
+      p.m[j] = x.m;
+      p.v[j] = x.v;
+      if (p.master) p.master[j] = x.updated;
+      p.value[j] = S(x.updated);
+    }
+  });
 }
 
 // master[j] = C(value[j]): a master copy starts as the parameter's own values.
@@ -105,27 +159,29 @@ struct GradTensor {
   S* grad;
   Index n;
   double* partial;
+  bool packed;  // grad is 16-byte aligned: whole packs move as 16-byte loads and stores
 };
 
-// partial[q] = sum of grad[j]^2 over j = q, q + units, q + 2 units, ... (units = n / kNormChunk
-// rounded up: about kNormChunk elements each, moe/cuda/multi_tensor.hpp's units), in double, j
-// ascending; the gradients in launches of kTensorsPerLaunch.
+// partial[q] = sum of grad[j]^2 over the packs p = q, q + units, q + 2 units, ... of kPackSize<S>
+// elements each (units = n / kNormChunk rounded up: about kNormChunk elements per unit,
+// moe/cuda/multi_tensor.hpp's units), in double, packs and their elements in ascending order; the
+// gradients in launches of kTensorsPerLaunch.
 template <class S, class D>
 void chunk_squares(const D& device, std::span<const GradTensor<S>> grads) {
   for_each_tensor_unit(device, grads, kNormChunk, [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index q, Index units) {
-    // kLoadsInFlight loads before their squares are added (in j order, as one at a time would):
-    // one load in flight per thread leaves the GPU waiting on memory latency.
-    constexpr int K = kLoadsInFlight;
+    constexpr Index W = kPackSize<S>;  // a 16-byte pack per load where the gradient allows
+    const Index packs = (g.n + W - 1) / W;
     double s = 0;
-    Index j = q;
-    for (; j + (K - 1) * units < g.n; j += K * units) {
-      S loaded[K];
-      MOE_UNROLL
-      for (int i = 0; i < K; ++i) loaded[i] = g.grad[j + i * units];
-      MOE_UNROLL
-      for (int i = 0; i < K; ++i) s += double(loaded[i]) * double(loaded[i]);
+    for (Index p = q; p < packs; p += units) {
+      const Index first = p * W;
+      if (g.packed && first + W <= g.n) {
+        const Pack<S> x = load_pack(g.grad + first);
+        MOE_UNROLL
+        for (Index i = 0; i < W; ++i) s += double(x.v[i]) * double(x.v[i]);
+      } else {
+        for (Index j = first; j < g.n && j < first + W; ++j) s += double(g.grad[j]) * double(g.grad[j]);
+      }
     }
-    for (; j < g.n; j += units) s += double(g.grad[j]) * double(g.grad[j]);
     g.partial[q] = s;
   });
 }
@@ -154,9 +210,17 @@ void ordered_sum(const D& device, const double* partial, Index count, double* st
 
 template <class S, class D, class C = Compute<S>>
 void scale_in_place(const D& device, std::span<const GradTensor<S>> grads, C scale) {
-  for_each_tensor_element_loaded(
-      device, grads, kUpdateChunk, [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index j) { return g.grad[j]; },
-      [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index j, S x) { g.grad[j] = S(C(x) * scale); });
+  constexpr Index W = kPackSize<S>;
+  for_each_tensor_pack<W>(device, grads, kUpdateChunk, [=] MOE_HOST_DEVICE(const GradTensor<S>& g, Index first, Index count) {
+    if (g.packed && count == W) {
+      Pack<S> x = load_pack(g.grad + first);
+      MOE_UNROLL
+      for (Index i = 0; i < W; ++i) x.v[i] = S(C(x.v[i]) * scale);
+      store_pack(g.grad + first, x);
+      return;
+    }
+    for (Index j = first; j < first + count; ++j) g.grad[j] = S(C(g.grad[j]) * scale);
+  });
 }
 
 }  // namespace adamw_detail
@@ -204,8 +268,11 @@ class AdamW {
       ParamRef<S>& p = params[i];
       if (!optimizer_updates(p)) continue;
       C* master = kMasterWeights ? master_[i].data() : nullptr;
+      const bool packed = common_alignment<S>({p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(),
+                                                master ? static_cast<const void*>(master) : p.value.data()},
+                                               {}) >= 16;
       tensors.push_back({p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(), master, Index(p.value.size()),
-                         decays(p) && config_.weight_decay != 0});
+                         decays(p) && config_.weight_decay != 0, packed});
     }
     adamw_detail::adamw_update(device_, std::span<const adamw_detail::UpdatedTensor<S>>(tensors), k);
   }
@@ -302,7 +369,7 @@ class AdamW {
 // moe::nn::clip_grad_norm. Returns the norm before clipping; a non-finite norm is returned with
 // the gradients left as they are (the caller should skip that step).
 // The squares are summed in double: per parameter in interleaved chunks of about kNormChunk
-// elements (one thread each, in index order; all parameters in a few launches), then the partials
+// elements (one thread each, 16-byte packs in index order; all parameters in a few launches), then the partials
 // in list-and-chunk order through ordered_sum's fixed tree, so the norm is the same bits on every
 // run. Downloading the sum waits for the stream: the one sync.
 template <class S, class D>
@@ -315,7 +382,7 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
   Index partials = 0;
   for (ParamRef<S>& p : params)
     if (optimizer_updates(p)) {
-      grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr});
+      grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr, alignment_of(p.grad.data()) >= 16});
       first.push_back(partials);
       partials += units_of(Index(p.grad.size()), adamw_detail::kNormChunk);
     }
