@@ -61,8 +61,6 @@ struct UpdatedTensor {
 // Elements per thread of the update (moe/cuda/multi_tensor.hpp's chunk; any value gives the same bits).
 inline constexpr Index kUpdateChunk = 512;
 
-// The CPU AdamW's update of every element of every tensor, in C, of the master weight when there is
-// one (then rounded into value); tensors in launches of kTensorsPerLaunch.
 // One element of the update, in C: the new moments and the new value of the master weight (or
 // parameter). The packed and the single-element paths both call it.
 template <class C>
