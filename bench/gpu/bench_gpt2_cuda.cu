@@ -35,7 +35,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../../examples/gpt2_moe/device_trainer.hpp"
@@ -106,6 +109,43 @@ void peak_gemm(benchmark::State& state) {
   state.counters["tflops"] = best;
 }
 
+// One more step with its phases timed twice: on the host (until the call returns) and on the
+// device (events on the stream between the calls): <phase>_host_ms and <phase>_gpu_ms. A phase
+// whose device span is well over its kernels' time (bench/gpu/profile.sh) is one where the GPU
+// waited on the host; a phase whose host time is well over its device span is one whose launches
+// or syncs cost more than its kernels.
+void time_phases(benchmark::State& state, gpt2::Trainer& trainer, const std::vector<std::int32_t>& tokens,
+                 const std::vector<std::int32_t>& targets, Index B, Index T) {
+  using moe::cuda::check_cuda;
+  using Clock = std::chrono::steady_clock;
+  const std::pair<const char*, std::function<void()>> phases[] = {
+      {"zero_grad", [&] { trainer.zero_grad(); }},
+      {"forward", [&] { trainer.forward(tokens, targets, B, T); }},
+      {"backward", [&] { trainer.backward(); }},
+      {"clip", [&] { trainer.prepare_gradients(1.0f, 1.0); }},
+      {"adamw", [&] { trainer.optimizer_step(6e-4); }}};
+  constexpr int kPhases = int(std::size(phases));
+  cudaEvent_t events[kPhases + 1];
+  for (cudaEvent_t& e : events) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  double host_ms[kPhases];
+  check_cuda(cudaEventRecord(events[0], nullptr), "cudaEventRecord");
+  for (int i = 0; i < kPhases; ++i) {
+    const auto start = Clock::now();
+    phases[i].second();
+    check_cuda(cudaEventRecord(events[i + 1], nullptr), "cudaEventRecord");
+    host_ms[i] = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  }
+  check_cuda(cudaEventSynchronize(events[kPhases]), "cudaEventSynchronize");
+  for (int i = 0; i < kPhases; ++i) {
+    float gpu_ms = 0;
+    check_cuda(cudaEventElapsedTime(&gpu_ms, events[i], events[i + 1]), "cudaEventElapsedTime");
+    state.counters[std::string(phases[i].first) + "_host_ms"] = host_ms[i];
+    state.counters[std::string(phases[i].first) + "_gpu_ms"] = gpu_ms;
+  }
+  for (cudaEvent_t e : events) cudaEventDestroy(e);
+}
+
 void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision) {
   const gpt2::Config config = gpt2::Config::gpt2_small();
   const Index B = batch_size(), T = kSeq;
@@ -162,6 +202,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   state.counters["device_gib"] = double(moe::cuda::CudaDevice::memory_in_use() - memory_before) / double(1 << 30);
   state.counters["loss"] = loss;
   state.counters["batch"] = double(B);
+  time_phases(state, *trainer, tokens, targets, B, T);
   if (trainer->is_moe()) {
     // The last step's routing: one more forward with statistics on.
     trainer->reset_routing_stats();

@@ -53,6 +53,24 @@ def fmt(value, spec="{:,.0f}"):
     return "-" if value is None else spec.format(value)
 
 
+PHASES = ["zero_grad", "forward", "backward", "clip", "adamw"]
+
+
+def print_phases(ours):
+    """One step's phases, host ms / device ms (bench_gpt2_cuda's time_phases), where they were measured."""
+    rows = [(key, r) for key, r in sorted(ours.items()) if "error" not in r and r.get("forward_gpu_ms") is not None]
+    if not rows:
+        return
+    print()
+    print("One step's phases, host ms / device ms (the device span includes the GPU's waits on the host):")
+    print()
+    print("| variant | precision | " + " | ".join(PHASES) + " |")
+    print("|---|---|" + "---:|" * len(PHASES))
+    for (variant, precision), r in rows:
+        cells = [f"{fmt(r.get(p + '_host_ms'), '{:.1f}')} / {fmt(r.get(p + '_gpu_ms'), '{:.1f}')}" for p in PHASES]
+        print(f"| {variant} | {precision} | " + " | ".join(cells) + " |")
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(__doc__)
@@ -94,6 +112,7 @@ def main(argv):
         (">= 1.0x torch.compile", x_compile_target, x_compile_target is not None and x_compile_target >= 1.0),
         ("MFU >= 35%", mfu_target, mfu_target is not None and mfu_target >= 0.35),
     ]
+    print_phases(ours)
     for (variant, mode), e in sorted(torch_entries.items()):
         if e.get("error"):  # two lines: inductor's first line only says which backend failed
             print(f"\ntorch {variant}/{mode}: {' / '.join(e['error'].splitlines()[:2])[:400]}")

@@ -85,6 +85,11 @@ def gpt2_json(repetitions=1, self_error=None):
     benchmarks = gbench_records("Peak/bf16_gemm/iterations:10/manual_time", [7.0] * repetitions, {"tflops": 780.0})
     for variant, ms in (("self", 70.0), ("linear", 72.0), ("dense", 55.0)):
         counters = {"tokens/s": 8192 * 1000 / ms, "step_ms": ms, "mfu": 0.18, "device_gib": 21.5}
+        if variant == "self":  # bench_gpt2_cuda's time_phases (the dense row goes without them)
+            phases = {"zero_grad": (0.2, 0.3), "forward": (20.5, 24.0), "backward": (30.0, 33.25), "clip": (3.0, 3.5),
+                      "adamw": (0.4, 8.0)}
+            for name, (host, gpu) in phases.items():
+                counters[f"{name}_host_ms"], counters[f"{name}_gpu_ms"] = host, gpu
         error = self_error if variant == "self" else None
         benchmarks += gbench_records(f"Train/{variant}/bf16/iterations:5/manual_time", [ms] * repetitions, counters,
                                      error)
@@ -163,6 +168,10 @@ def main():
             expect(out, "bf16 GEMM peak: ours 780 TFLOP/s", "the peak, not an aggregate's statistic")
             expect(out, "NVIDIA H200", "the GPU's name from the context")
             expect(out, "RuntimeError: the real cause", "the second line of a torch.compile error")
+            expect(out, "| self | bf16 | 0.2 / 0.3 | 20.5 / 24.0 | 30.0 / 33.2 | 3.0 / 3.5 | 0.4 / 8.0 |",
+                   "the phases' host and device times, in PHASES order")
+            if "| linear | bf16 | -" in out or "| dense | bf16 | - /" in out:
+                fail(f"a row without phase timings was listed in the phases table:\n{out}")
         out = run(REPORT_GPT2, write("gpt2_error.json", gpt2_json(self_error="out of memory")), torch_gpt2)
         expect(out, "| self | bf16 | error: out of memory", "the failed row")
         expect(out, ">= 1.3x PyTorch eager: -  NOT met", "the targets still listed when their row failed")
