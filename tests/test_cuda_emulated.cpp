@@ -26,9 +26,9 @@ TEST_CASE("bfloat16: rounding to nearest even, NaN and infinities kept, overflow
 }
 
 TEST_CASE("cuda backend: routing workspace bytes per token follow the documented formula") {
-  // k = 2, H = 768, bf16: 2 * (7 * 4 + 2 * 2 + 12 partials * 4) + 1 status byte
-  CHECK(moe::cuda::BasicBackend<moe::bfloat16, moe::cuda::EmulatedDevice>::routing_bytes_per_token(2, 768) == 161);
-  CHECK(moe::cuda::BasicBackend<float, moe::cuda::EmulatedDevice>::routing_bytes_per_token(1, 64) == 41);
+  // k = 2, bf16: 2 * (7 * 4 + 2 * 2) + 1 status byte; k = 1, fp32: 7 * 4 + 2 * 4 + 1
+  CHECK(moe::cuda::BasicBackend<moe::bfloat16, moe::cuda::EmulatedDevice>::routing_bytes_per_token(2) == 65);
+  CHECK(moe::cuda::BasicBackend<float, moe::cuda::EmulatedDevice>::routing_bytes_per_token(1) == 37);
 }
 
 // ---- the emulated device fails where a GPU would ----------------------------------------------

@@ -38,6 +38,7 @@
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/pack.hpp"
+#include "moe/cuda/row_packs.hpp"
 #include "moe/random.hpp"
 #include "moe/routing.hpp"
 #include "moe/stats.hpp"
@@ -621,26 +622,17 @@ class BasicBackend {
         if (r >= 0) d_rows(r, c) = S(C(w[s]) * C(dy(s / k, c)));
       });
     }
-    // dweights: per-slot dot products over H, in chunks of kChunk columns, chunk partials summed
-    // in chunk order.
+    // dweights: per-slot dot products over H, one row of work each (a warp on the GPU: its lanes
+    // read neighbouring 16-byte packs, moe/cuda/row_packs.hpp). One thread per 64-column chunk
+    // read its own stretch, so a warp's loads touched 32 lines at once: on an H200 that took
+    // ~250 us of a 2.4 ms forward + backward at T = 16384.
     dweights.resize(slots);
-    const Index chunks = (H + kChunk - 1) / kChunk;
-    partial_.resize(slots * chunks);
-    C* partial = partial_.data();
-    detail::for_each_2d(device_, slots, chunks, [=] MOE_HOST_DEVICE(Index s, Index q) {
-      const Index r = row[s], end = (q + 1) * kChunk < H ? (q + 1) * kChunk : H;
-      C sum = 0;
-      if (r >= 0)
-        for (Index c = q * kChunk; c < end; ++c) sum += C(dy(s / k, c)) * C(expert_rows(r, c));
-      partial[s * chunks + q] = sum;
-    });
-    S* dw = dweights.data();
-    if (slots > 0)
-      device_.for_each(slots, [=] MOE_HOST_DEVICE(Index s) {
-        C sum = 0;
-        for (Index q = 0; q < chunks; ++q) sum += partial[s * chunks + q];
-        dw[s] = S(sum);
-      });
+    if (slots > 0) {
+      if (row_packs_fit(dy.data, dy.stride) && row_packs_fit(expert_rows.data, expert_rows.stride))
+        slot_dots<true>(dy, expert_rows, row, k, dweights.data(), slots);
+      else
+        slot_dots<false>(dy, expert_rows, row, k, dweights.data(), slots);
+    }
   }
   // dx[t] = sum_j d_rows[row(t,j)] (j ascending; 0 if every slot was dropped)
   void sum_rows_to_tokens(ConstMatrixView<S> d_rows, const Plan& plan, MatrixView<S> dx) const {
@@ -742,15 +734,47 @@ class BasicBackend {
   }
 
   // Device bytes of routing state and workspace per token: per slot, 7 int32 (expert, row,
-  // slot_of_row, the sort's keys and slots in and out), the weight and its gradient, and the
-  // dot-product partials of combine_backward; plus the status byte.
-  static Index routing_bytes_per_token(Index top_k, Index hidden) {
-    const Index partials = (hidden + kChunk - 1) / kChunk * Index(sizeof(C));
-    return top_k * (7 * Index(sizeof(std::int32_t)) + 2 * Index(sizeof(S)) + partials) + 1;
+  // slot_of_row, the sort's keys and slots in and out), the weight and its gradient; plus the
+  // status byte.
+  static Index routing_bytes_per_token(Index top_k) {
+    return top_k * (7 * Index(sizeof(std::int32_t)) + 2 * Index(sizeof(S))) + 1;
   }
 
   // ---- implementation pieces: public only because nvcc's device lambdas may not be defined in
   // private member functions ------------------------------------------------------------------
+
+  // dw[s] = dy[token of s] . expert_rows[row(s)] over H (0 for a dropped slot), in Compute<S>.
+  // Lane l of the row work takes the 16-byte packs l, l + 32, ... and adds each pack's products
+  // in order; Packed only decides whether a pack comes in one load or element by element, so both
+  // give the same bits (tests/cuda/backend_cases.hpp's check_packs_change_no_bits).
+  template <bool Packed>
+  void slot_dots(ConstMatrixView<S> dy, ConstMatrixView<S> expert_rows, const std::int32_t* row, Index k, S* dw,
+                 Index slots) const {
+    const Index H = dy.cols;
+    device_.for_each_row(slots, [=] MOE_HOST_DEVICE(Index s, const typename D::Row& lanes) {
+      const Index r = row[s];
+      if (r < 0) {
+        if (lanes.first()) dw[s] = S(0);
+        return;
+      }
+      const S* a = dy.row(s / k);
+      const S* b = expert_rows.row(r);
+      const C sum = lanes.sum((H + kPack - 1) / kPack, [&](Index q) {
+        Pack<S> x, y;
+        if (Packed && (q + 1) * kPack <= H) {
+          x = load_pack(a + q * kPack), y = load_pack(b + q * kPack);
+        } else {  // zeros past H add nothing
+          for (Index i = 0, c = q * kPack; i < kPack; ++i, ++c) x.v[i] = c < H ? a[c] : S(0), y.v[i] = c < H ? b[c] : S(0);
+        }
+        // Explicit fused multiply-adds: left to the compiler, the two instantiations contract
+        // differently (seen: one float ulp apart).
+        C acc = 0;
+        for (Index i = 0; i < kPack; ++i) acc = std::fma(C(x.v[i]), C(y.v[i]), acc);
+        return acc;
+      });
+      if (lanes.first()) dw[s] = S(sum);
+    });
+  }
 
   // out[t] = sum_j w[t,j] * rows[row(t,j)] in ascending j (w = 1 when weights is null): each
   // output element is one thread's fixed-order sum, so there is no racy scatter.
@@ -849,7 +873,7 @@ class BasicBackend {
     }
   }
 
-  static constexpr Index kChunk = 64;  // columns (dot products) or rows (column sums) per partial
+  static constexpr Index kChunk = 64;  // tokens per partial of the auxiliary losses' column sums
 
   D device_;
   mutable Vector<C> partial_;                    // reduction partials
