@@ -5,9 +5,9 @@
 
 The CSV is what `ncu --csv --print-units base --print-kernel-base demangled --metrics
 gpu__time_duration.sum` prints. A kernel launched by the device's for_each / for_each_2d /
-for_each_row is named by the function that launched it (the member named in the lambda's
-__nv_dl_tag), so "route_backward" rather than "for_each_kernel<...>"; a library kernel (cuBLAS,
-CUB) by its own name without template arguments.
+for_each_row is named by the function that holds its lambda, so "route_backward (lambda)" rather
+than "for_each_kernel<...>"; a library kernel (cuBLAS, CUB) by its own name without template
+arguments, a CUTLASS kernel by its template argument.
 """
 import argparse
 import csv
@@ -36,17 +36,6 @@ def short_name(name):
         holder = strip_templates(name[name.index("<") + 1:name.index("::[lambda")])
         holder = holder.split("(")[0].split()[-1]  # no parameters, no return type
         return holder.split("::")[-1] + " (lambda)"
-    # nvcc's extended lambdas carry the function that holds them:
-    # __nv_dl_tag<void (Class::*)(...), &ns::Class<...>::function, (unsigned int)1>
-    tag = name.rfind("__nv_dl_tag<")
-    amp = name.find(", &", tag) + 2 if tag >= 0 and name.find(", &", tag) >= 0 else -1
-    if amp >= 0:
-        depth, end = 0, amp + 1
-        while end < len(name) and not (depth == 0 and name[end] in ",>"):
-            depth += {"<": 1, ">": -1}.get(name[end], 0)
-            end += 1
-        qualified = strip_templates(name[amp + 1:end])
-        return qualified.split("::")[-1] + " (lambda)"
     base = strip_templates(re.sub(r"\(.*$", "", name))  # no parameter list, no template arguments
     words = base.split()
     short = words[-1].split("::")[-1] if words else name[:60]
