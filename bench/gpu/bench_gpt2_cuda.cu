@@ -36,7 +36,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
@@ -109,35 +108,31 @@ void peak_gemm(benchmark::State& state) {
   state.counters["tflops"] = best;
 }
 
+// A training step as gpt2_moe's loop takes it, in named phases (time_phases times each).
+using Phase = std::pair<const char*, std::function<void()>>;
+
 // One more step with its phases timed twice: on the host (until the call returns) and on the
 // device (events on the stream between the calls): <phase>_host_ms and <phase>_gpu_ms. A phase
 // whose device span is well over its kernels' time (bench/gpu/profile.sh) is one where the GPU
 // waited on the host; a phase whose host time is well over its device span is one whose launches
 // or syncs cost more than its kernels.
-void time_phases(benchmark::State& state, gpt2::Trainer& trainer, const std::vector<std::int32_t>& tokens,
-                 const std::vector<std::int32_t>& targets, Index B, Index T) {
+void time_phases(benchmark::State& state, const std::vector<Phase>& phases) {
   using moe::cuda::check_cuda;
   using Clock = std::chrono::steady_clock;
-  const std::pair<const char*, std::function<void()>> phases[] = {
-      {"zero_grad", [&] { trainer.zero_grad(); }},
-      {"forward", [&] { trainer.forward(tokens, targets, B, T); }},
-      {"backward", [&] { trainer.backward(); }},
-      {"clip", [&] { trainer.prepare_gradients(1.0f, 1.0); }},
-      {"adamw", [&] { trainer.optimizer_step(6e-4); }}};
-  constexpr int kPhases = int(std::size(phases));
-  cudaEvent_t events[kPhases + 1];
+  const std::size_t n = phases.size();
+  std::vector<cudaEvent_t> events(n + 1);
   for (cudaEvent_t& e : events) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  double host_ms[kPhases];
+  std::vector<double> host_ms(n);
   check_cuda(cudaEventRecord(events[0], nullptr), "cudaEventRecord");
-  for (int i = 0; i < kPhases; ++i) {
+  for (std::size_t i = 0; i < n; ++i) {
     const auto start = Clock::now();
     phases[i].second();
     check_cuda(cudaEventRecord(events[i + 1], nullptr), "cudaEventRecord");
     host_ms[i] = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   }
-  check_cuda(cudaEventSynchronize(events[kPhases]), "cudaEventSynchronize");
-  for (int i = 0; i < kPhases; ++i) {
+  check_cuda(cudaEventSynchronize(events[n]), "cudaEventSynchronize");
+  for (std::size_t i = 0; i < n; ++i) {
     float gpu_ms = 0;
     check_cuda(cudaEventElapsedTime(&gpu_ms, events[i], events[i + 1]), "cudaEventElapsedTime");
     state.counters[std::string(phases[i].first) + "_host_ms"] = host_ms[i];
@@ -163,12 +158,13 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   tokens.pop_back();
 
   double loss = 0;
+  const std::vector<Phase> phases = {{"zero_grad", [&] { trainer->zero_grad(); }},
+                                     {"forward", [&] { loss = trainer->forward(tokens, targets, B, T); }},
+                                     {"backward", [&] { trainer->backward(); }},
+                                     {"clip", [&] { trainer->prepare_gradients(1.0f, 1.0); }},
+                                     {"adamw", [&] { trainer->optimizer_step(6e-4); }}};
   auto step = [&] {
-    trainer->zero_grad();
-    loss = trainer->forward(tokens, targets, B, T);
-    trainer->backward();
-    trainer->prepare_gradients(1.0f, 1.0);
-    trainer->optimizer_step(6e-4);
+    for (const Phase& phase : phases) phase.second();
     moe::cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   };
   for (int i = 0; i < kWarmupSteps; ++i) step();
@@ -202,7 +198,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   state.counters["device_gib"] = double(moe::cuda::CudaDevice::memory_in_use() - memory_before) / double(1 << 30);
   state.counters["loss"] = loss;
   state.counters["batch"] = double(B);
-  time_phases(state, *trainer, tokens, targets, B, T);
+  time_phases(state, phases);  // after the loss counter: this extra step changes `loss`
   if (trainer->is_moe()) {
     // The last step's routing: one more forward with statistics on.
     trainer->reset_routing_stats();
