@@ -18,6 +18,9 @@ namespace moe::cuda {
 template <class S>
 inline constexpr Index kPackSize = Index(16 / sizeof(S));
 
+// Whether a pack may be loaded or stored at p: 16-byte aligned.
+inline bool pack_aligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
 template <class S>
 struct alignas(16) Pack {
   S v[kPackSize<S>];
@@ -63,7 +66,7 @@ MOE_HOST_DEVICE void store_pack(S* p, const Pack<S>& x) {
 template <class S, class... Views>
 bool packable(Index cols, const Views&... views) {
   const auto aligned = [](const auto& view) {
-    return reinterpret_cast<std::uintptr_t>(view.data) % 16 == 0 && (view.stride * Index(sizeof(S))) % 16 == 0;
+    return pack_aligned(view.data) && (view.stride * Index(sizeof(S))) % 16 == 0;
   };
   return cols % kPackSize<S> == 0 && (aligned(views) && ...);
 }

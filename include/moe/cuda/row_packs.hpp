@@ -32,7 +32,7 @@ namespace moe::cuda {
 // packs: every row starts 16-byte aligned (the base is, and the stride is a whole number of packs).
 template <class S>
 bool row_packs_fit(const S* base, Index stride) {
-  return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && stride % kPackSize<S> == 0;
+  return pack_aligned(base) && stride % kPackSize<S> == 0;
 }
 
 namespace row_packs_detail {

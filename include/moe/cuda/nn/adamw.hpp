@@ -266,9 +266,8 @@ class AdamW {
       ParamRef<S>& p = params[i];
       if (!optimizer_updates(p)) continue;
       C* master = kMasterWeights ? master_[i].data() : nullptr;
-      const bool packed = common_alignment<S>({p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(),
-                                                master ? static_cast<const void*>(master) : p.value.data()},
-                                               {}) >= 16;
+      const bool packed = pack_aligned(p.value.data()) && pack_aligned(p.grad.data()) && pack_aligned(m_[i].data()) &&
+                          pack_aligned(v_[i].data()) && (!master || pack_aligned(master));
       tensors.push_back({p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(), master, Index(p.value.size()),
                          decays(p) && config_.weight_decay != 0, packed});
     }
@@ -380,7 +379,7 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
   Index partials = 0;
   for (ParamRef<S>& p : params)
     if (optimizer_updates(p)) {
-      grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr, alignment_of(p.grad.data()) >= 16});
+      grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr, pack_aligned(p.grad.data())});
       first.push_back(partials);
       partials += units_of(Index(p.grad.size()), adamw_detail::kNormChunk);
     }
