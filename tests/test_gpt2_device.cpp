@@ -184,3 +184,49 @@ TEST_CASE("gpt2 sessions: unusable device and precision combinations are refused
   CHECK_THROWS_WITH_AS(session(gpt2::Device::emulated, gpt2::Precision::fp32, "moe", options),
                        doctest::Contains("unknown variant 'moe'"), moe::Error);
 }
+
+// What a GPU step costs the host besides its launches: after the first step (which sizes every
+// buffer) a training step allocates no device memory (cudaMalloc and cudaFree wait for the whole
+// device) and waits for the stream exactly once per MoE layer (the expert offsets the per-expert
+// GEMMs need on the host), once for the loss and once for the gradient norm. Batches differ from
+// step to step, so the experts' row counts do too: no buffer may be sized by them.
+TEST_CASE("gpt2 on the emulated device: a steady training step allocates nothing and syncs once per MoE layer") {
+  const gpt2::Config config = kTiny;
+  const Index B = 2, T = config.context;
+  for (const std::string_view variant : gpt2::kVariants) {
+    for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {
+      CAPTURE(variant);
+      CAPTURE(gpt2::precision_name(precision));
+      const moe::cuda::EmulatedDevice device;
+      const std::unique_ptr<gpt2::Trainer> trainer =
+          gpt2::make_device_trainer(variant, config, {}, precision, device);
+      if (trainer->is_moe()) trainer->collect_routing_stats(false);  // as the training loop's steps
+      const auto step = [&](int s) {
+        std::vector<std::int32_t> tokens, targets;
+        for (Index i = 0; i < B * T; ++i) {
+          tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+          targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+        }
+        trainer->zero_grad();
+        trainer->forward(tokens, targets, B, T);
+        trainer->backward();
+        trainer->prepare_gradients(1.0f, 1.0);
+        trainer->optimizer_step(1e-3);
+      };
+      step(0);
+      const std::uint64_t syncs_per_step = (trainer->is_moe() ? std::uint64_t(config.layers) : 0) + 2;
+      for (int s = 1; s <= 3; ++s) {
+        const std::uint64_t allocations = moe::cuda::EmulatedDevice::allocation_count(), syncs = device.sync_count();
+        step(s);
+        CHECK(moe::cuda::EmulatedDevice::allocation_count() == allocations);
+        CHECK(device.sync_count() - syncs == syncs_per_step);
+      }
+      if (!trainer->is_moe()) continue;
+      // Statistics, when collected, add one download of counters per MoE layer.
+      trainer->collect_routing_stats(true);
+      const std::uint64_t syncs = device.sync_count();
+      step(4);
+      CHECK(device.sync_count() - syncs == syncs_per_step + std::uint64_t(config.layers));
+    }
+  }
+}

@@ -89,6 +89,12 @@ class Allocations {
   void add(const void* p, std::size_t bytes) {
     const std::lock_guard lock(mutex_);
     live_[address(p)] = bytes;
+    ++made_;
+  }
+  // Allocations made so far, by every emulated device (cudaMalloc calls, on a GPU).
+  std::uint64_t made() const {
+    const std::lock_guard lock(mutex_);
+    return made_;
   }
   void remove(const void* p) {
     const std::lock_guard lock(mutex_);
@@ -109,6 +115,7 @@ class Allocations {
   static std::uintptr_t address(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
   mutable std::mutex mutex_;
   std::map<std::uintptr_t, std::size_t> live_;
+  std::uint64_t made_ = 0;
 };
 
 // Bytes from the first to one past the last element a column-major operand touches (0 if none).
@@ -148,12 +155,18 @@ struct EmulatedDevice {
   void download(void* dst, const void* src, std::size_t bytes) const {
     emulated_detail::Allocations::instance().check_inside(src, bytes, "download's source");
     copy_bytes(dst, src, bytes);
+    ++state_->sync_count;
   }
-  void synchronize() const {}
+  void synchronize() const { ++state_->sync_count; }
 
   // Launches and library calls so far (for_each* over a non-empty range, gemm, stable_sort_pairs;
   // by this device and its copies): about what a GPU would queue, for tests that count them.
   std::uint64_t launch_count() const { return state_->launch_count; }
+  // Waits for the stream so far (download, synchronize): each one drains a GPU's queue.
+  std::uint64_t sync_count() const { return state_->sync_count; }
+  // Device allocations so far, by every emulated device (each a cudaMalloc on a GPU, and a
+  // cudaFree later: both wait for the whole device).
+  static std::uint64_t allocation_count() { return emulated_detail::Allocations::instance().made(); }
 
   template <class Body>
   void for_each(Index n, Body body) const {
@@ -308,6 +321,7 @@ struct EmulatedDevice {
     LaunchOrder order = LaunchOrder::ascending;
     std::uint64_t launches = 0;  // shuffled launches: what the shuffles draw from
     std::uint64_t launch_count = 0;
+    std::uint64_t sync_count = 0;
     std::unique_ptr<unsigned char, Free> scratch;
     std::size_t scratch_size = 0;
   };
