@@ -1,9 +1,11 @@
 // The CUDA backend's test cases on the emulated device: moe::cuda::BasicBackend's every body,
 // launch size, dispatch step and GEMM mapping, run on the host (every CI run, ASan included).
 // tests/cuda/test_cuda_backend.cu runs the same cases on a GPU.
+#include <chrono>
 #include <numeric>
 
 #include "cuda/emulated_test_device.hpp"
+#include "moe/cuda/host_times.hpp"
 #include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/plan_cache.hpp"
 #include "moe/cuda/row_packs.hpp"
@@ -89,6 +91,57 @@ TEST_CASE("emulated device: launch_count counts launches over non-empty ranges a
   device.for_each_row(4, [](moe::Index, const moe::cuda::EmulatedRow&) {});
   CHECK(device.launch_count() == 3);
   CHECK(copy.launch_count() == 3);
+}
+
+TEST_CASE("emulated device: sync_count counts downloads and synchronize, copies shared") {
+  const moe::cuda::EmulatedDevice device;
+  const moe::cuda::EmulatedDevice copy = device;
+  moe::cuda::DeviceArray<float, moe::cuda::EmulatedDevice> a(2);
+  float host[2];
+  device.upload(a.data(), host, sizeof(host));
+  device.download(host, a.data(), sizeof(host));
+  copy.synchronize();
+  CHECK(device.sync_count() == 2);
+  CHECK(copy.sync_count() == 2);
+}
+
+TEST_CASE("host call times: nothing while off; nested calls count in the outer one, the heuristic as a detail") {
+  using moe::cuda::HostCall;
+  moe::cuda::HostCallTimes times;
+  { const auto t = times.time(HostCall::launch); }
+  CHECK(times[HostCall::launch].calls == 0);
+  times.enable(true);
+  const auto spin = [](double seconds) {  // host time that a clock must see
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (std::chrono::steady_clock::now() < end) {}
+  };
+  {
+    const auto outer = times.time(HostCall::gemm_lt);  // a declined fusion: cuBLAS, then a pass
+    {
+      const auto search = times.time(HostCall::lt_heuristic);
+      spin(2e-3);
+    }
+    { const auto inner = times.time(HostCall::gemm); }
+    { const auto pass = times.time(HostCall::launch); }
+  }
+  { const auto a = times.time(HostCall::launch); }
+  {
+    const auto b = times.time(HostCall::launch);
+    spin(1e-3);
+  }
+  CHECK(times[HostCall::gemm_lt].calls == 1);
+  CHECK(times[HostCall::gemm].calls == 0);
+  CHECK(times[HostCall::lt_heuristic].calls == 1);
+  CHECK(times[HostCall::launch].calls == 2);
+  CHECK(times[HostCall::gemm_lt].seconds >= times[HostCall::lt_heuristic].seconds);
+  CHECK(times[HostCall::lt_heuristic].seconds >= 2e-3);
+  CHECK(times[HostCall::launch].max_seconds >= 1e-3);
+  CHECK(times[HostCall::launch].seconds >= times[HostCall::launch].max_seconds);
+  CHECK(times.total_seconds() == doctest::Approx(times[HostCall::gemm_lt].seconds + times[HostCall::launch].seconds));
+  times.reset();
+  CHECK(times[HostCall::launch].calls == 0);
+  CHECK(times.total_seconds() == 0);
+  CHECK(moe::cuda::host_call_name(HostCall::wait) == "wait");
 }
 
 TEST_CASE("multi-tensor launches: every element of every tensor once, units of about `chunk`, a launch per table") {

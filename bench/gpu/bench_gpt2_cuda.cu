@@ -23,7 +23,8 @@
 // memory the trainer took: cudaMemGetInfo's use after the steps less its use before the trainer
 // was built, so the CUDA context is not counted; buffers only grow, so this is the peak), loss,
 // and for MoE max_expert_fraction (the busiest expert's share of a layer's choices in the last
-// step, the worst layer).
+// step, the worst layer). Then one more step, timed by phase and by kind of device call on the
+// host (time_phases below).
 //
 // bench/gpu/run.sh runs it beside the PyTorch peer and bench/gpu/report_gpt2.py prints the table.
 #include <benchmark/benchmark.h>
@@ -116,7 +117,11 @@ using Phase = std::pair<const char*, std::function<void()>>;
 // whose device span is well over its kernels' time (bench/gpu/profile.sh) is one where the GPU
 // waited on the host; a phase whose host time is well over its device span is one whose launches
 // or syncs cost more than its kernels.
-void time_phases(benchmark::State& state, const std::vector<Phase>& phases) {
+// The same step's host time in the device's calls, by kind (moe/cuda/host_times.hpp):
+// host_<kind>_calls, host_<kind>_ms and host_<kind>_max_ms (the longest call: a kernel loaded on
+// its first launch, a new shape's cuBLASLt heuristic), and host_calls_ms, their sum. Waits are
+// the GPU's lead over the host; the step's host time less host_calls_ms is the model's own code.
+void time_phases(benchmark::State& state, const std::vector<Phase>& phases, moe::cuda::HostCallTimes& times) {
   using moe::cuda::check_cuda;
   using Clock = std::chrono::steady_clock;
   const std::size_t n = phases.size();
@@ -124,6 +129,8 @@ void time_phases(benchmark::State& state, const std::vector<Phase>& phases) {
   for (cudaEvent_t& e : events) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   std::vector<double> host_ms(n);
+  times.reset();
+  times.enable(true);
   check_cuda(cudaEventRecord(events[0], nullptr), "cudaEventRecord");
   for (std::size_t i = 0; i < n; ++i) {
     const auto start = Clock::now();
@@ -131,7 +138,16 @@ void time_phases(benchmark::State& state, const std::vector<Phase>& phases) {
     check_cuda(cudaEventRecord(events[i + 1], nullptr), "cudaEventRecord");
     host_ms[i] = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   }
+  times.enable(false);
   check_cuda(cudaEventSynchronize(events[n]), "cudaEventSynchronize");
+  for (std::size_t k = 0; k < moe::cuda::kHostCallKinds; ++k) {
+    const auto kind = moe::cuda::HostCall(k);
+    const std::string name = "host_" + std::string(moe::cuda::host_call_name(kind));
+    state.counters[name + "_calls"] = double(times[kind].calls);
+    state.counters[name + "_ms"] = times[kind].seconds * 1e3;
+    state.counters[name + "_max_ms"] = times[kind].max_seconds * 1e3;
+  }
+  state.counters["host_calls_ms"] = times.total_seconds() * 1e3;
   for (std::size_t i = 0; i < n; ++i) {
     float gpu_ms = 0;
     check_cuda(cudaEventElapsedTime(&gpu_ms, events[i], events[i + 1]), "cudaEventElapsedTime");
@@ -146,8 +162,8 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   const Index B = batch_size(), T = kSeq;
   const std::size_t memory_before = moe::cuda::CudaDevice::memory_in_use();
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
-  std::unique_ptr<gpt2::Trainer> trainer =
-      gpt2::make_device_trainer(variant, config, {}, precision, moe::cuda::CudaDevice(nullptr, math));
+  const moe::cuda::CudaDevice device(nullptr, math);  // copies share its context: host_times() sees the trainer's calls
+  std::unique_ptr<gpt2::Trainer> trainer = gpt2::make_device_trainer(variant, config, {}, precision, device);
   // As gpt2_moe's loop: statistics would sync once per MoE layer (the dense model has none).
   if (trainer->is_moe()) trainer->collect_routing_stats(false);
 
@@ -198,7 +214,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   state.counters["device_gib"] = double(moe::cuda::CudaDevice::memory_in_use() - memory_before) / double(1 << 30);
   state.counters["loss"] = loss;
   state.counters["batch"] = double(B);
-  time_phases(state, phases);  // after the loss counter: this extra step changes `loss`
+  time_phases(state, phases, device.host_times());  // after the loss counter: this extra step changes `loss`
   if (trainer->is_moe()) {
     // The last step's routing: one more forward with statistics on.
     trainer->reset_routing_stats();

@@ -71,6 +71,29 @@ def print_phases(ours):
         print(f"| {variant} | {precision} | " + " | ".join(cells) + " |")
 
 
+HOST_CALLS = ["launch", "gemm", "gemm_lt", "lt_heuristic", "sort", "upload", "wait"]
+
+
+def print_host_calls(ours):
+    """The timed phases' step, host time in the device's calls by kind (moe/cuda/host_times.hpp):
+    ms over calls, and the longest call's ms, where they were measured."""
+    rows = [(key, r) for key, r in sorted(ours.items()) if "error" not in r and r.get("host_calls_ms") is not None]
+    if not rows:
+        return
+    print()
+    print("The same step's host time in device calls, ms (calls) [longest call ms]; lt_heuristic is part of "
+          "gemm_lt, wait is the GPU's lead:")
+    print()
+    print("| variant | precision | host ms | in calls | " + " | ".join(HOST_CALLS) + " |")
+    print("|---|---|---:|---:|" + "---:|" * len(HOST_CALLS))
+    for (variant, precision), r in rows:
+        step = sum(r.get(p + "_host_ms") or 0 for p in PHASES)
+        cells = [f"{fmt(r.get(f'host_{k}_ms'), '{:.1f}')} ({fmt(r.get(f'host_{k}_calls'))}) "
+                 f"[{fmt(r.get(f'host_{k}_max_ms'), '{:.2f}')}]" for k in HOST_CALLS]
+        print(f"| {variant} | {precision} | {step:.1f} | {fmt(r.get('host_calls_ms'), '{:.1f}')} | "
+              + " | ".join(cells) + " |")
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(__doc__)
@@ -113,6 +136,7 @@ def main(argv):
         ("MFU >= 35%", mfu_target, mfu_target is not None and mfu_target >= 0.35),
     ]
     print_phases(ours)
+    print_host_calls(ours)
     for (variant, mode), e in sorted(torch_entries.items()):
         if e.get("error"):  # two lines: inductor's first line only says which backend failed
             print(f"\ntorch {variant}/{mode}: {' / '.join(e['error'].splitlines()[:2])[:400]}")

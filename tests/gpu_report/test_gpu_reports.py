@@ -90,6 +90,13 @@ def gpt2_json(repetitions=1, self_error=None):
                       "adamw": (0.4, 8.0)}
             for name, (host, gpu) in phases.items():
                 counters[f"{name}_host_ms"], counters[f"{name}_gpu_ms"] = host, gpu
+            host_calls = {"launch": (1200, 6.5, 0.9), "gemm": (300, 2.0, 0.05), "gemm_lt": (250, 4.0, 1.5),
+                          "lt_heuristic": (3, 1.2, 0.6), "sort": (12, 0.3, 0.03), "upload": (3, 0.1, 0.05),
+                          "wait": (14, 30.0, 9.0)}
+            for name, (calls, ms, longest) in host_calls.items():
+                counters[f"host_{name}_calls"], counters[f"host_{name}_ms"] = calls, ms
+                counters[f"host_{name}_max_ms"] = longest
+            counters["host_calls_ms"] = 42.9
         error = self_error if variant == "self" else None
         benchmarks += gbench_records(f"Train/{variant}/bf16/iterations:5/manual_time", [ms] * repetitions, counters,
                                      error)
@@ -170,6 +177,11 @@ def main():
             expect(out, "RuntimeError: the real cause", "the second line of a torch.compile error")
             expect(out, "| self | bf16 | 0.2 / 0.3 | 20.5 / 24.0 | 30.0 / 33.2 | 3.0 / 3.5 | 0.4 / 8.0 |",
                    "the phases' host and device times, in PHASES order")
+            expect(out, "| self | bf16 | 54.1 | 42.9 | 6.5 (1,200) [0.90] | 2.0 (300) [0.05] | 4.0 (250) [1.50] | "
+                   "1.2 (3) [0.60] | 0.3 (12) [0.03] | 0.1 (3) [0.05] | 30.0 (14) [9.00] |",
+                   "the host calls by kind, in HOST_CALLS order, after the step's host ms and their sum")
+            if out.count("| linear | bf16 | ") > 1 or out.count("| dense | bf16 | ") > 1:
+                fail(f"a row without host call times was listed in the host calls table:\n{out}")
             if "| linear | bf16 | -" in out or "| dense | bf16 | - /" in out:
                 fail(f"a row without phase timings was listed in the phases table:\n{out}")
         out = run(REPORT_GPT2, write("gpt2_error.json", gpt2_json(self_error="out of memory")), torch_gpt2)

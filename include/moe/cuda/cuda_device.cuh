@@ -26,6 +26,7 @@
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/host_times.hpp"
 #include "moe/cuda/plan_cache.hpp"
 
 namespace moe::cuda {
@@ -196,19 +197,29 @@ class CudaDevice {
   }
   static void deallocate(void* p) { cudaFree(p); }
 
+  // Host time per kind of call (moe/cuda/host_times.hpp), shared by copies of this device; off
+  // until host_times().enable(true).
+  HostCallTimes& host_times() const { return context_->host_times; }
+
   void upload(void* dst, const void* src, std::size_t bytes) const {
+    const auto timed = context_->host_times.time(HostCall::upload);
     if (bytes) check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()), "upload");
   }
   // Waits for the stream: the result is on the host when this returns.
   void download(void* dst, const void* src, std::size_t bytes) const {
+    const auto timed = context_->host_times.time(HostCall::wait);
     if (bytes) check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "download");
     synchronize();
   }
-  void synchronize() const { check_cuda(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
+  void synchronize() const {
+    const auto timed = context_->host_times.time(HostCall::wait);
+    check_cuda(cudaStreamSynchronize(stream()), "cudaStreamSynchronize");
+  }
 
   template <class Body>
   void for_each(Index n, Body body) const {
     if (n <= 0) return;
+    const auto timed = context_->host_times.time(HostCall::launch);
     constexpr Index kThreads = 256;
     const Index max_blocks = Index(context_->sms) * 16;
     const Index blocks = (n + kThreads - 1) / kThreads < max_blocks ? (n + kThreads - 1) / kThreads : max_blocks;
@@ -219,6 +230,7 @@ class CudaDevice {
   template <class Body>
   void for_each_2d(Index rows, Index cols, Body body) const {
     if (rows <= 0 || cols <= 0) return;
+    const auto timed = context_->host_times.time(HostCall::launch);
     // 256 threads a block: a warp along each of 8 rows, or fewer rows and wider when the grid has
     // fewer than 8 (a [1, n] view, e.g. a flat parameter's gradient, gets 256 along its one row:
     // with 8 rows a block, 7 of 8 threads would idle and a 1024-block grid could not fill the GPU).
@@ -235,6 +247,7 @@ class CudaDevice {
   template <class Body>
   void for_each_row(Index rows, Body body) const {
     if (rows <= 0) return;
+    const auto timed = context_->host_times.time(HostCall::launch);
     constexpr Index kThreads = 256, kRowsPerBlock = kThreads / kRowLanes;
     const Index max_blocks = Index(context_->sms) * 16;
     const Index needed = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -248,6 +261,7 @@ class CudaDevice {
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
     check_blas_gemm(g);
+    const auto timed = context_->host_times.time(g.epilogue == Epilogue::none ? HostCall::gemm : HostCall::gemm_lt);
     if (g.epilogue != Epilogue::none) {
       if (g.m == 0 || g.n == 0 || fused_gemm(g)) return;
       BlasGemm<S> plain = g;
@@ -381,6 +395,7 @@ class CudaDevice {
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c);
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c);
         const auto [a, b, c] = layouts(n_key);
+        const auto searching = context_->host_times.time(HostCall::lt_heuristic);
         cublasLtMatmulHeuristicResult_t heuristic{};
         int found = 0;
         const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(context_->lt, desc.handle, a.handle, b.handle,
@@ -415,6 +430,7 @@ class CudaDevice {
   void stable_sort_pairs(const std::uint32_t* keys_in, std::uint32_t* keys_out, const std::int32_t* values_in,
                          std::int32_t* values_out, Index n, int bits) const {
     check(n < (Index{1} << 31), "sort: ", n, " pairs exceed CUB's 32-bit item count");
+    const auto timed = context_->host_times.time(HostCall::sort);
     std::size_t bytes = 0;
     check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys_in, keys_out, values_in, values_out, int(n), 0,
                                                bits, stream()),
@@ -450,6 +466,7 @@ class CudaDevice {
     void* scratch_data = nullptr;
     std::size_t scratch_bytes = 0;
     LtPlans lt_plans;
+    HostCallTimes host_times;
     std::atomic<std::uint64_t> epilogue_fallbacks{0};
 
     Context(cudaStream_t s, Fp32Math m) : stream(s), math(m) {
