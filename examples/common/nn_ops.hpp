@@ -10,7 +10,8 @@
 //              buffer: .resize(n), .data()), Optimizer (AdamW over the Params' storage)
 //   making     param(name, shape) (zeros), make_backend() (for a MoELayer or dense FFN),
 //              make_optimizer(AdamWConfig), init_normal(Param&, std, seed) (the CPU's numbers
-//              from (seed, name)), fill(Param&, value), zero(MatrixView), zero_grad(ParamRef&)
+//              from (seed, name)), fill(Param&, value), zero(MatrixView), zero_grad(ParamRef&),
+//              zero_grads(params) (every gradient of the list: a few launches on a device)
 //   layers     embedding_, layernorm_, linear_, attention_, cross_entropy_{forward,backward}:
 //              moe::nn's arguments without the thread count (see moe/nn/*.hpp), and
 //              add(src, dst) (dst += src), gelu_forward/backward

@@ -51,6 +51,9 @@ class NnOps<moe::cpu::BasicBackend<S>> {
   void fill(Param& t, S value) const { examples::fill(t, value); }
   void zero(moe::MatrixView<S> m) const { examples::zero(m); }
   void zero_grad(moe::ParamRef<S>& p) const { std::fill(p.grad.begin(), p.grad.end(), S(0)); }
+  void zero_grads(std::vector<moe::ParamRef<S>>& params) const {
+    for (moe::ParamRef<S>& p : params) zero_grad(p);
+  }
   void download(std::span<const S> values, std::span<float> host) const { std::copy(values.begin(), values.end(), host.begin()); }
   void upload(std::span<const float> host, std::span<S> values) const { std::copy(host.begin(), host.end(), values.begin()); }
 

@@ -68,6 +68,7 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   void zero_grad(moe::ParamRef<S>& p) const {
     if (!p.grad.empty()) backend_->fill(moe::MatrixView<S>(p.grad.data(), 1, Index(p.grad.size())), S(0));
   }
+  void zero_grads(std::vector<moe::ParamRef<S>>& params) const { moe::cuda::nn::zero_grads(device_, params); }
   // Device values <-> host floats (for checkpoints): a download waits for the stream.
   void download(std::span<const S> values, std::span<float> host) const {
     moe::check(values.size() == host.size(), "download: ", values.size(), " values into ", host.size());
@@ -131,12 +132,7 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   // ---- training -----------------------------------------------------------------------------
   // g = S(C(g) * factor), element by element (the CPU's float product for fp32).
   void scale_gradients(std::vector<moe::ParamRef<S>>& params, float factor) const {
-    using C = moe::Compute<S>;
-    for (auto& p : params) {
-      S* g = p.grad.data();
-      if (!p.grad.empty())
-        device_.for_each(Index(p.grad.size()), [=] MOE_HOST_DEVICE(Index j) { g[j] = S(C(g[j]) * C(factor)); });
-    }
+    moe::cuda::nn::scale_grads(device_, params, factor);
   }
   double clip_grad_norm(std::vector<moe::ParamRef<S>>& params, double max_norm) const {
     return moe::cuda::nn::clip_grad_norm(device_, params, max_norm);

@@ -254,7 +254,8 @@ class Model {
     return all;
   }
   void zero_grad() {
-    for (ParamRef<S>& p : parameters()) nn_.zero_grad(p);
+    std::vector<ParamRef<S>> all = parameters();
+    nn_.zero_grads(all);  // one pass over every gradient (a few launches on a device)
   }
   Index parameter_count() {
     Index n = 0;

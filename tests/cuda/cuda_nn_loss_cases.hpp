@@ -487,6 +487,46 @@ TEST_CASE("cuda nn loss: clip_grad_norm over more tensors than one launch takes 
   }
 }
 
+// zero_grads and scale_grads: every gradient of the list (frozen ones too), packed where aligned and
+// element by element where not (a gradient one element into its buffer), nothing outside touched.
+template <class S>
+void check_gradient_passes() {
+  const TestDevice device = cuda_test::make_device();
+  const int count = 2 * moe::cuda::kTensorsPerLaunch<moe::cuda::nn::adamw_detail::GradTensor<S>> + 3;
+  std::vector<TwinParam<S>> params = make_params<S>(device, 61, many_param_specs(count));
+  set_gradients(device, params, 62, 1.f);
+  auto list = device_refs(params);
+  // The last parameter with a gradient of 2+ elements: its view starts one element in (not 16-byte aligned).
+  std::size_t shifted = params.size();
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (params[i].has_grad && params[i].size() >= 2) shifted = i;
+  REQUIRE(shifted < params.size());
+  list[shifted].grad = list[shifted].grad.subspan(1);
+  list[shifted].value = list[shifted].value.subspan(1);
+
+  moe::cuda::nn::scale_grads(device, list, 0.5f);
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    CAPTURE(params[i].name);
+    if (!params[i].has_grad) continue;
+    std::vector<float> expected = params[i].grad;
+    for (std::size_t j = i == shifted ? 1 : 0; j < expected.size(); ++j) expected[j] = float(S(expected[j] * 0.5f));
+    CHECK(same_bits(to_host(device, params[i].d_grad.data(), params[i].size()), expected));
+  }
+  moe::cuda::nn::zero_grads(device, list);
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    CAPTURE(params[i].name);
+    if (!params[i].has_grad) continue;
+    std::vector<float> expected(params[i].grad.size(), 0.f);
+    if (i == shifted) expected[0] = float(S(params[i].grad[0]));  // before the view: untouched
+    CHECK(same_bits(to_host(device, params[i].d_grad.data(), params[i].size()), expected));
+  }
+}
+
+TEST_CASE("cuda nn loss: zero_grads and scale_grads reach every gradient of a long list, aligned or not") {
+  check_gradient_passes<float>();
+  check_gradient_passes<moe::bfloat16>();
+}
+
 TEST_CASE("cuda nn loss: clip_grad_norm leaves gradients alone when the norm is not finite") {
   const TestDevice device = cuda_test::make_device();
   std::vector<TwinParam<float>> params = make_params<float>(device, 41);
