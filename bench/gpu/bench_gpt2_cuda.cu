@@ -15,7 +15,7 @@
 // zero_grad, forward (loss),
 // backward, clip_grad_norm(1.0), AdamW; wall-clock time with the GPU drained at the end of each
 // step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
-// Four warm-up steps first (every buffer is allocated then; afterwards nothing is), then 8 timed.
+// Warm-up steps first (12, or WARMUP: every buffer is allocated in the first; afterwards nothing is), then 8 timed.
 //
 // Counters: tokens/s and step_ms from the median step (as the PyTorch peer's), step_ms_mean and
 // step_ms_max beside them, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
@@ -53,9 +53,16 @@ constexpr Index kSeq = 1024;
 constexpr std::uint64_t kDataSeed = 42;
 // Steps before timing: the first steps load kernels lazily (CUDA's default module loading) and ask
 // cuBLASLt for new shapes (an expert's row count moves between power-of-two buckets while routing
-// settles). On an H200 with 2 warm-up steps and 5 timed, the first variant timed (self) read 93 ms
-// a step and the next (linear) 71 ms, with the same 58 ms of kernels in each.
-constexpr int kWarmupSteps = 4;
+// settles), and cuBLAS picks kernels by the exact row counts of the experts' weight gradients, so a
+// new count can still load a kernel steps later. On an H200 with 2 warm-up steps and 5 timed, the
+// first variant timed (self) read 93 ms a step and the next (linear) 71 ms, with the same 58 ms of
+// kernels in each; with 4 warm-up steps self still read 10 ms more than linear. A warm-up step
+// costs under 0.1 s, so 12 by default (the environment variable WARMUP overrides it); the
+// counters warmup_first_ms and warmup_last_ms show how far the last one had settled.
+int warmup_steps() {
+  const char* text = std::getenv("WARMUP");
+  return text ? std::max(1, std::atoi(text)) : 12;
+}
 
 Index batch_size() {
   const char* text = std::getenv("BATCH");
@@ -183,7 +190,12 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
     for (const Phase& phase : phases) phase.second();
     moe::cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   };
-  for (int i = 0; i < kWarmupSteps; ++i) step();
+  std::vector<double> warmup_ms;
+  for (int i = 0, n = warmup_steps(); i < n; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    step();
+    warmup_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
   bench_gpu::profiled_once(step);
   std::vector<double> seconds;
   for (auto _ : state) {
@@ -208,6 +220,8 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   state.counters["step_ms"] = median * 1e3;
   state.counters["step_ms_mean"] = total / double(n) * 1e3;
   state.counters["step_ms_max"] = seconds.back() * 1e3;
+  state.counters["warmup_first_ms"] = warmup_ms.front();
+  state.counters["warmup_last_ms"] = warmup_ms.back();
   state.counters["flops_per_token"] = flops;
   state.counters["tflops"] = tokens_per_s * flops / 1e12;
   if (g_peak_tflops > 0) state.counters["mfu"] = tokens_per_s * flops / 1e12 / g_peak_tflops;
