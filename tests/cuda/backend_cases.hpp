@@ -683,15 +683,16 @@ TEST_CASE(CUDA_TEST_NAME("GEMM mapping: row-major products through the column-ma
 // out = epilogue(a b^T) with a bias per output column, for bias_gelu pre = a b^T + bias, out =
 // gelu(pre), and for dgelu out = (a b^T) * gelu'(pre) with pre given: against float64 on the
 // values the device holds. Shapes with 16-byte-aligned rows go to cuBLASLt's fused epilogues on
-// the GPU (and must not fall back: CudaDevice::epilogue_fallbacks), the odd ones to cuBLAS and a
-// separate pass. M = 37, 50, 64, 33 share cuBLASLt's plan of 64 rows (CudaDevice::fused_gemm).
+// the GPU (and must not fall back: CudaDevice::lt_fallbacks), the odd ones to cuBLAS and a
+// separate pass. M = 37, 50, 64, 33 share cuBLASLt's plan of 64 rows (CudaDevice::lt_gemm: the
+// products are marked Shape::varies, as an expert's are).
 template <class S>
 void check_gemm_epilogues(double tolerance) {
   using B = moe::cuda::BasicBackend<S, TestDevice>;
   const B backend(make_device());
   const auto fallbacks = [&]() -> std::uint64_t {
-    if constexpr (requires { backend.device().epilogue_fallbacks(); })
-      return backend.device().epilogue_fallbacks();
+    if constexpr (requires { backend.device().lt_fallbacks(); })
+      return backend.device().lt_fallbacks();
     else
       return 0;
   };
@@ -718,7 +719,8 @@ void check_gemm_epilogues(double tolerance) {
       moe::cuda::detail::gemm_epilogue(backend.device(), moe::MatrixView<S>(out), moe::ConstMatrixView<S>(a),
                                        moe::ConstMatrixView<S>(w), moe::cuda::BlasOp::transpose, epilogue,
                                        dgelu ? nullptr : bias.data(),
-                                       keep_aux ? moe::MatrixView<S>(pre) : moe::MatrixView<S>{});
+                                       keep_aux ? moe::MatrixView<S>(pre) : moe::MatrixView<S>{},
+                                       moe::cuda::detail::Shape::varies);
       std::vector<float> expected_pre(std::size_t(M * O)), expected_out(expected_pre.size());
       for (Index i = 0; i < M; ++i)
         for (Index o = 0; o < O; ++o) {
@@ -743,6 +745,77 @@ TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bias, bias + GELU (with or without the
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   check_gemm_epilogues<float>(1e-5);
   check_gemm_epilogues<moe::bfloat16>(2e-2);
+}
+
+// An expert's plain products (Shape::varies: cuBLASLt with a plan per power-of-two bucket of the
+// row count on the GPU), against float64: the forward and input-gradient shape (rows = n of the
+// column-major call) and the weight gradient's (rows = its depth k, accumulated into the gradient).
+// Row counts 37, 50, 64 and 33 share one bucket, so later ones run on a plan chosen for 64 rows;
+// with 16-byte-aligned operands none may fall back to cuBLAS.
+template <class S>
+void check_varying_gemms(double tolerance) {
+  using B = moe::cuda::BasicBackend<S, TestDevice>;
+  using moe::cuda::BlasOp;
+  const B backend(make_device());
+  const auto fallbacks = [&]() -> std::uint64_t {
+    if constexpr (requires { backend.device().lt_fallbacks(); })
+      return backend.device().lt_fallbacks();
+    else
+      return 0;
+  };
+  constexpr Index I = 64, O = 96;
+  const auto w_host = normal_values(std::size_t(O * I), 71, 0.3f);
+  const auto w = to_device<S>(backend, w_host, O, I);
+  const auto round = [](std::vector<float> v) {
+    for (float& x : v) x = float(S(x));
+    return v;
+  };
+  for (const Index rows : {Index(37), Index(50), Index(64), Index(33), Index(7)}) {
+    CAPTURE(rows);
+    const std::uint64_t before = fallbacks();
+    const auto x_host = round(normal_values(std::size_t(rows * I), 72 + std::uint64_t(rows)));
+    const auto dy_host = round(normal_values(std::size_t(rows * O), 73 + std::uint64_t(rows)));
+    const auto x = to_device<S>(backend, x_host, rows, I), dy = to_device<S>(backend, dy_host, rows, O);
+    // y = x W^T [rows, O]; dx = dy W [rows, I]; dW (+)= dy^T x [O, I], starting from W itself.
+    typename B::Matrix y(rows, O), dx(rows, I);
+    auto dw = to_device<S>(backend, round(w_host), O, I);
+    const auto varies = moe::cuda::detail::Shape::varies;
+    moe::cuda::detail::gemm(backend.device(), moe::MatrixView<S>(y), moe::ConstMatrixView<S>(x), BlasOp::none,
+                            moe::ConstMatrixView<S>(w), BlasOp::transpose, false, varies);
+    moe::cuda::detail::gemm(backend.device(), moe::MatrixView<S>(dx), moe::ConstMatrixView<S>(dy), BlasOp::none,
+                            moe::ConstMatrixView<S>(w), BlasOp::none, false, varies);
+    moe::cuda::detail::gemm(backend.device(), moe::MatrixView<S>(dw), moe::ConstMatrixView<S>(dy), BlasOp::transpose,
+                            moe::ConstMatrixView<S>(x), BlasOp::none, true, varies);
+    std::vector<float> y_ref(std::size_t(rows * O)), dx_ref(std::size_t(rows * I)), dw_ref(std::size_t(O * I));
+    for (Index r = 0; r < rows; ++r)
+      for (Index o = 0; o < O; ++o) {
+        double sum = 0;
+        for (Index i = 0; i < I; ++i) sum += double(x_host[std::size_t(r * I + i)]) * w_host[std::size_t(o * I + i)];
+        y_ref[std::size_t(r * O + o)] = float(sum);
+      }
+    for (Index r = 0; r < rows; ++r)
+      for (Index i = 0; i < I; ++i) {
+        double sum = 0;
+        for (Index o = 0; o < O; ++o) sum += double(dy_host[std::size_t(r * O + o)]) * w_host[std::size_t(o * I + i)];
+        dx_ref[std::size_t(r * I + i)] = float(sum);
+      }
+    for (Index o = 0; o < O; ++o)
+      for (Index i = 0; i < I; ++i) {
+        double sum = double(float(S(w_host[std::size_t(o * I + i)])));
+        for (Index r = 0; r < rows; ++r) sum += double(dy_host[std::size_t(r * O + o)]) * x_host[std::size_t(r * I + i)];
+        dw_ref[std::size_t(o * I + i)] = float(sum);
+      }
+    CHECK(relative_error(to_host<S>(backend, y.data(), rows * O), y_ref) < tolerance);
+    CHECK(relative_error(to_host<S>(backend, dx.data(), rows * I), dx_ref) < tolerance);
+    CHECK(relative_error(to_host<S>(backend, dw.data(), O * I), dw_ref) < tolerance);
+    CHECK_MESSAGE(fallbacks() == before, "cuBLASLt declined an aligned product of a varying shape");
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("GEMMs of varying shape (an expert's): forward, input and accumulated weight gradients; fp32, bf16")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  check_varying_gemms<float>(1e-5);
+  check_varying_gemms<moe::bfloat16>(2e-2);
 }
 
 TEST_CASE(CUDA_TEST_NAME("GEMM epilogues: bad arguments are named before any product runs")) {

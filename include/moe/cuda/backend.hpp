@@ -87,10 +87,14 @@ void for_each_2d(const D& device, Index rows, Index cols, Body body) {
   if (rows > 0 && cols > 0) device.for_each_2d(rows, cols, body);
 }
 
+// Shape::varies: the sizes change from call to call (BlasGemm::shape_varies: an expert's block).
+enum class Shape { fixed, varies };
+
 template <class D, class S>
 void gemm(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b, BlasOp op_b,
-          bool accumulate) {
-  const BlasGemm<S> call = column_major_gemm(out, a, op_a, b, op_b, accumulate);
+          bool accumulate, Shape shape = Shape::fixed) {
+  BlasGemm<S> call = column_major_gemm(out, a, op_a, b, op_b, accumulate);
+  call.shape_varies = shape == Shape::varies;
   if (call.m == 0 || call.n == 0) return;
   if (call.k > 0) {
     device.gemm(call);
@@ -103,8 +107,9 @@ void gemm(const D& device, MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a,
 // the pre-activation into aux as well. One fused GEMM on the GPU.
 template <class D, class S>
 void gemm_epilogue(const D& device, MatrixView<S> out, ConstMatrixView<S> a, ConstMatrixView<S> b, BlasOp op_b,
-                   Epilogue epilogue, const S* bias, MatrixView<S> aux = {}) {
-  const BlasGemm<S> call = column_major_gemm_epilogue(out, a, b, op_b, epilogue, bias, aux);
+                   Epilogue epilogue, const S* bias, MatrixView<S> aux = {}, Shape shape = Shape::fixed) {
+  BlasGemm<S> call = column_major_gemm_epilogue(out, a, b, op_b, epilogue, bias, aux);
+  call.shape_varies = shape == Shape::varies;
   if (call.m > 0 && call.n > 0) device.gemm(call);
 }
 
@@ -399,10 +404,10 @@ class BasicBackend {
       const MatrixView<S> block = out.row_block(begin, rows);
       if (bias)
         detail::gemm_epilogue(device_, block, in.row_block(begin, rows), weight.row_block(e * O, O), BlasOp::transpose,
-                              Epilogue::bias, bias + e * O);
+                              Epilogue::bias, bias + e * O, {}, detail::Shape::varies);
       else
         detail::gemm(device_, block, in.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O),
-                     BlasOp::transpose, false);
+                     BlasOp::transpose, false, detail::Shape::varies);
     }
   }
   // pre = in W_e^T + b_e and act = gelu(pre), per expert in one GEMM (Epilogue::bias_gelu:
@@ -419,7 +424,7 @@ class BasicBackend {
       if (rows == 0) continue;
       detail::gemm_epilogue(device_, act.row_block(begin, rows), in.row_block(begin, rows), weight.row_block(e * O, O),
                             BlasOp::transpose, Epilogue::bias_gelu, bias + e * O,
-                            keep ? pre.row_block(begin, rows) : MatrixView<S>{});
+                            keep ? pre.row_block(begin, rows) : MatrixView<S>{}, detail::Shape::varies);
     }
   }
   // dweight_e += dout_e^T in_e; dbias_e += column sums of dout_e (if dbias);
@@ -852,7 +857,7 @@ class BasicBackend {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
       detail::gemm(device_, dweight.row_block(e * O, O), dout.row_block(begin, rows), BlasOp::transpose,
-                   in.row_block(begin, rows), BlasOp::none, true);
+                   in.row_block(begin, rows), BlasOp::none, true, detail::Shape::varies);
     }
     if (dbias) add_grouped_column_sums(dout, offsets, dbias);
     if (!din.data) return;
@@ -865,10 +870,10 @@ class BasicBackend {
         const MatrixView<S> aux(const_cast<S*>(pre.data), pre.rows, pre.cols, pre.stride);
         detail::gemm_epilogue(device_, din.row_block(begin, rows), dout.row_block(begin, rows),
                               weight.row_block(e * O, O), BlasOp::none, Epilogue::dgelu, static_cast<const S*>(nullptr),
-                              aux);
+                              aux, detail::Shape::varies);
       } else {
         detail::gemm(device_, din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none,
-                     weight.row_block(e * O, O), BlasOp::none, false);
+                     weight.row_block(e * O, O), BlasOp::none, false, detail::Shape::varies);
       }
     }
   }

@@ -257,19 +257,24 @@ class CudaDevice {
   }
 
   // A product with an epilogue goes to cuBLASLt, fused; where cuBLASLt offers no algorithm for
-  // it (double, or operands it cannot take), to cuBLAS and then epilogue_pass.
+  // it (double, or operands it cannot take), to cuBLAS and then epilogue_pass. A plain product
+  // whose shape varies from call to call (an expert's block: BlasGemm::shape_varies) goes to
+  // cuBLASLt too, with its algorithm chosen once per size bucket (lt_gemm): cuBLAS would run its
+  // heuristic for every new exact shape, and an expert's row count is new at almost every step.
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
     check_blas_gemm(g);
-    const auto timed = context_->host_times.time(g.epilogue == Epilogue::none ? HostCall::gemm : HostCall::gemm_lt);
+    const bool lt = g.epilogue != Epilogue::none || (g.shape_varies && !g.pointer_batch() && g.batch == 1);
+    const auto timed = context_->host_times.time(lt ? HostCall::gemm_lt : HostCall::gemm);
     if (g.epilogue != Epilogue::none) {
-      if (g.m == 0 || g.n == 0 || fused_gemm(g)) return;
+      if (g.m == 0 || g.n == 0 || lt_gemm(g)) return;
       BlasGemm<S> plain = g;
       plain.epilogue = Epilogue::none;
       gemm(plain);
       epilogue_pass(*this, g);
       return;
     }
+    if (lt && g.m > 0 && g.n > 0 && g.k > 0 && lt_gemm(g)) return;
     const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
     cudaDataType_t type;
     cublasComputeType_t compute;
@@ -328,15 +333,17 @@ class CudaDevice {
                  "cublasGemmStridedBatchedEx");
   }
 
-  // The product and its epilogue in one cuBLASLt call (BIAS, GELU_AUX_BIAS, GELU_BIAS or DGELU); false,
-  // having queued nothing, when cuBLASLt has no algorithm for it or declines the one chosen.
+  // One product (and its epilogue: BIAS, GELU_AUX_BIAS, GELU_BIAS or DGELU; or none, C overwritten
+  // or accumulated) in one cuBLASLt call; false, having queued nothing, when cuBLASLt has no
+  // algorithm for it or declines the one chosen.
   template <class S>
-  bool fused_gemm(const BlasGemm<S>& g) const {
+  bool lt_gemm(const BlasGemm<S>& g) const {
     if constexpr (std::is_same_v<S, double>) {
       return false;
     } else {
       constexpr std::uint32_t kMinAlignment = 16;  // below this, the plain path
-      const bool with_aux = g.aux != nullptr, biased = g.epilogue != Epilogue::dgelu;
+      const bool with_aux = g.aux != nullptr;
+      const bool biased = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
       const void* const pointers[] = {g.a, g.b, g.c, biased ? g.bias : g.c, with_aux ? g.aux : g.c};
       for (const void* p : pointers)
         if (alignment_of(p) < kMinAlignment) return false;
@@ -353,10 +360,11 @@ class CudaDevice {
       const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
       desc.set(CUBLASLT_MATMUL_DESC_TRANSA, op(g.op_a));
       desc.set(CUBLASLT_MATMUL_DESC_TRANSB, op(g.op_b));
-      const cublasLtEpilogue_t epilogue = g.epilogue == Epilogue::bias ? CUBLASLT_EPILOGUE_BIAS
-                                          : g.epilogue == Epilogue::dgelu
-                                              ? CUBLASLT_EPILOGUE_DGELU
-                                              : (with_aux ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS);
+      const cublasLtEpilogue_t epilogue = g.epilogue == Epilogue::none    ? CUBLASLT_EPILOGUE_DEFAULT
+                                          : g.epilogue == Epilogue::bias  ? CUBLASLT_EPILOGUE_BIAS
+                                          : g.epilogue == Epilogue::dgelu ? CUBLASLT_EPILOGUE_DGELU
+                                          : with_aux ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                                     : CUBLASLT_EPILOGUE_GELU_BIAS;
       desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
       if (biased) desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));  // of C's type
       if (with_aux) {
@@ -364,25 +372,33 @@ class CudaDevice {
         desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, std::int64_t(g.ldaux));
       }
       const bool a_plain = g.op_a == BlasOp::none, b_plain = g.op_b == BlasOp::none;
-      const auto layouts = [&](Index n) {  // A, B and C (= D) with n columns of C
-        return std::array<lt_detail::Layout, 3>{lt_detail::Layout(type, a_plain ? g.m : g.k, a_plain ? g.k : g.m, g.lda),
-                                                lt_detail::Layout(type, b_plain ? g.k : n, b_plain ? n : g.k, g.ldb),
+      const auto layouts = [&](Index n, Index k) {  // A, B and C (= D) with n columns of C, depth k
+        return std::array<lt_detail::Layout, 3>{lt_detail::Layout(type, a_plain ? g.m : k, a_plain ? k : g.m, g.lda),
+                                                lt_detail::Layout(type, b_plain ? k : n, b_plain ? n : k, g.ldb),
                                                 lt_detail::Layout(type, g.m, n, g.ldc)};
       };
       // The heuristic's answer depends on everything but the pointers' values (their alignments
-      // count: cuBLASLt picks kernels by them) and costs microseconds of host time per call, as
-      // much as a small GEMM takes on the GPU: it is asked once per key. An expert's row count n
-      // changes every step, so n goes into the key rounded up to a power of two (when B's leading
-      // dimension does not depend on it) and the heuristic sees that n: its algorithm serves every
-      // smaller n, with no more workspace. Should cuBLASLt decline one, the plain path takes it.
-      const Index n_key = b_plain ? std::bit_ceil(std::uint64_t(g.n)) : g.n;
+      // count: cuBLASLt picks kernels by them) and costs tens of microseconds of host time, more
+      // than a small GEMM takes on the GPU: it is asked once per key. Where the shape varies (an
+      // expert's row count is n of its forward and input-gradient products and k of its weight
+      // gradient, new at almost every step), n and k go into the key rounded up to a power of two
+      // wherever the stored layouts still hold them (a leading dimension that must cover the
+      // dimension), and the heuristic sees those sizes: its algorithm serves every smaller one
+      // with no more workspace. Should cuBLASLt decline one, the plain path takes it.
+      const auto bucket = [&](Index size, bool fits) {
+        const Index up = Index(std::bit_ceil(std::uint64_t(size)));
+        return g.shape_varies && fits ? up : size;
+      };
+      const Index n_key = bucket(g.n, b_plain || g.ldb >= Index(std::bit_ceil(std::uint64_t(g.n))));
+      const Index k_up = Index(std::bit_ceil(std::uint64_t(g.k)));
+      const Index k_key = bucket(g.k, (a_plain || g.lda >= k_up) && (!b_plain || g.ldb >= k_up));
       const std::uint32_t align_a = alignment_of(g.a), align_b = alignment_of(g.b),
                           align_c = alignment_of(g.c);
       const std::uint32_t align_bias = biased ? alignment_of(g.bias) : 0,
                           align_aux = with_aux ? alignment_of(g.aux) : 0;
-      const LtPlans::Key key = {type,  compute, int(g.op_a), int(g.op_b), int(epilogue), g.m,     n_key,      g.k,
-                                g.lda, g.ldb,   g.ldc,       g.ldaux,     align_a,         align_b, align_c,    align_bias,
-                                align_aux};
+      const LtPlans::Key key = {type,    compute, int(g.op_a), int(g.op_b), int(epilogue), int(g.accumulate),
+                                g.m,     n_key,   k_key,       g.lda,       g.ldb,         g.ldc,
+                                g.ldaux, align_a, align_b,     align_c,     align_bias,    align_aux};
       const std::uint64_t workspace_bytes = Context::kLtWorkspaceBytes;
       std::optional<LtPlan> plan = context_->lt_plans.find(key);
       if (!plan) {
@@ -394,7 +410,7 @@ class CudaDevice {
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b);
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c);
         preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c);
-        const auto [a, b, c] = layouts(n_key);
+        const auto [a, b, c] = layouts(n_key, k_key);
         const auto searching = context_->host_times.time(HostCall::lt_heuristic);
         cublasLtMatmulHeuristicResult_t heuristic{};
         int found = 0;
@@ -405,8 +421,8 @@ class CudaDevice {
         context_->lt_plans.insert(key, *plan);
       }
       if (!plan->found) return declined();
-      const auto [a, b, c] = layouts(g.n);
-      const float alpha = 1, beta = 0;
+      const auto [a, b, c] = layouts(g.n, g.k);
+      const float alpha = 1, beta = g.accumulate ? 1 : 0;  // C is D: accumulate adds in place
       const cublasStatus_t status =
           cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c, c.handle, g.c,
                          c.handle, &plan->algo, context_->lt_workspace(), workspace_bytes, stream());
@@ -417,10 +433,11 @@ class CudaDevice {
     }
   }
 
-  // Products with an epilogue that went the plain path (cuBLAS, then a pass) since this device's
-  // context was made, though their operands are aligned for cuBLASLt: it offered no algorithm or
-  // declined the one chosen. Zero on a GPU where the fusion works (the GPU tests check it).
-  std::uint64_t epilogue_fallbacks() const { return context_->epilogue_fallbacks.load(); }
+  // Products meant for cuBLASLt (an epilogue, or a varying shape) that went the plain path (cuBLAS,
+  // then a pass for an epilogue) since this device's context was made, though their operands are
+  // aligned for it: it offered no algorithm or declined the one chosen. Zero on a GPU where it
+  // works (the GPU tests check it).
+  std::uint64_t lt_fallbacks() const { return context_->lt_fallbacks.load(); }
 
   // One growing device buffer per context: reused while big enough; growing waits for the stream
   // (queued work may still read the old one) and keeps a quarter more room.
@@ -442,14 +459,14 @@ class CudaDevice {
   }
 
  private:
-  // cuBLASLt's algorithm for one shape of fused GEMM, or none (found = false: the plain path).
+  // cuBLASLt's algorithm for one key of lt_gemm, or none (found = false: the plain path).
   struct LtPlan {
     bool found = false;
     cublasLtMatmulAlgo_t algo{};
   };
-  using LtPlans = PlanCache<17, LtPlan>;
+  using LtPlans = PlanCache<18, LtPlan>;
   bool declined() const {
-    ++context_->epilogue_fallbacks;
+    ++context_->lt_fallbacks;
     return false;
   }
 
@@ -467,7 +484,7 @@ class CudaDevice {
     std::size_t scratch_bytes = 0;
     LtPlans lt_plans;
     HostCallTimes host_times;
-    std::atomic<std::uint64_t> epilogue_fallbacks{0};
+    std::atomic<std::uint64_t> lt_fallbacks{0};
 
     Context(cudaStream_t s, Fp32Math m) : stream(s), math(m) {
       int device = 0;

@@ -84,6 +84,10 @@ struct BlasGemm {
   // assume 16-byte aligned operands; below kBatchedAlignment the GPU device runs the products
   // one by one instead (moe/cuda/cuda_device.cuh).
   std::uint32_t array_alignment = 1;
+  // The sizes change from call to call (an expert's block of rows): a device may choose its
+  // algorithm once per size bucket instead of once per exact shape (CudaDevice: cuBLASLt with
+  // plans per power-of-two bucket). Same results either way; a hint about cost only.
+  bool shape_varies = false;
   bool pointer_batch() const { return a_array || b_array || c_array; }
   // Product q's operands, whichever way the batch is given (A and B null when k = 0 by pointers).
   const S* a_of(Index q) const { return pointer_batch() ? (k > 0 ? a_array[q] : nullptr) : a + q * stride_a; }

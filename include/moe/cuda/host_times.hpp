@@ -23,9 +23,9 @@ namespace moe::cuda {
 
 enum class HostCall {
   launch,        // a kernel of for_each / for_each_2d / for_each_row (the first launch loads it)
-  gemm,          // cuBLAS (cublasGemmEx, strided or pointer-array batches)
-  gemm_lt,       // products with an epilogue: cuBLASLt (descriptors and heuristic included), or
-                 // cuBLAS then a pass where cuBLASLt declines
+  gemm,          // cuBLAS (cublasGemmEx, strided or pointer-array batches): fixed shapes
+  gemm_lt,       // products with an epilogue or a varying shape: cuBLASLt (descriptors and
+                 // heuristic included), or cuBLAS (then a pass) where cuBLASLt declines
   lt_heuristic,  // of which: cuBLASLt's algorithm search for a shape not asked before
   sort,          // CUB's radix sort (size query and run)
   upload,        // host -> device copies
