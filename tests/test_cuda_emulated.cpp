@@ -394,6 +394,32 @@ void check_row_packs() {
     moe::cuda::row_update<false>(row, n, update, plain.data(), x.data(), y.data());
     CHECK(std::memcmp(packed.data(), plain.data(), sizeof(S) * std::size_t(n)) == 0);
   }
+  // row_update_live: the update below `live`, zeros from there to n, nothing read at or past live (the inputs are
+  // allocated `live` long: the sanitizer build reports a read past them) and nothing written past n.
+  for (const moe::Index n : {moe::Index{1}, kPack - 1, kPack + 1, 3 * kPack + 2, 4 * kPack}) {
+    for (const moe::Index live : {moe::Index{0}, moe::Index{1}, kPack - 1, kPack, kPack + 1, n - 1, n}) {
+      if (live < 0 || live > n) continue;
+      CAPTURE(n);
+      CAPTURE(live);
+      moe::cuda::DeviceArray<S, moe::cuda::EmulatedDevice> x(live), y(live), packed(n + 1), plain(n + 1);
+      for (moe::Index c = 0; c < live; ++c) x.data()[c] = a.data()[c], y.data()[c] = b.data()[c];
+      for (moe::Index c = 0; c <= n; ++c) packed.data()[c] = plain.data()[c] = S(float(c) + 0.5f);
+      moe::Index calls = 0;
+      const auto counted = [&](moe::Index c, S o, S xv, S yv) {
+        ++calls;
+        return update(c, o, xv, yv);
+      };
+      moe::cuda::row_update_live<true>(row, n, live, counted, packed.data(), x.data(), y.data());
+      CHECK(calls == live);
+      moe::cuda::row_update_live<false>(row, n, live, update, plain.data(), x.data(), y.data());
+      CHECK(std::memcmp(packed.data(), plain.data(), sizeof(S) * std::size_t(n + 1)) == 0);
+      for (moe::Index c = 0; c < n; ++c) {
+        const float expected = c < live ? float(update(c, S(float(c) + 0.5f), x.data()[c], y.data()[c])) : 0.f;
+        CHECK(float(packed.data()[c]) == expected);
+      }
+      CHECK(float(packed.data()[n]) == float(n) + 0.5f);
+    }
+  }
 }
 
 TEST_CASE("row packs: sums, maxima and updates in 16-byte packs agree with the column-by-column row work") {

@@ -13,6 +13,10 @@
 //   row_max<Packed>(work, n, f, rows...)     max over c in [0, n) of f(c, ...) (-inf for n = 0; `>` decides NaNs)
 //   row_update<Packed>(work, n, f, out, rows...)
 //                                            out[c] = f(c, out[c], row[c]...) for every c in [0, n)
+//   row_update_live<Packed>(work, n, live, f, out, rows...)
+//                                            the same for c in [0, live), and out[c] = 0 for c in [live, n) with
+//                                            nothing read there: a causal row's masked tail costs a store, not a
+//                                            load of each row and a store
 // Packed = true needs every row to start 16-byte aligned (row_packs_fit); n is free. A whole pack moves as one 16-byte
 // load or store; a row's last, partial pack (n not a multiple of the pack: GPT-2's vocabulary of 50,257 logits, a
 // causal row of attention) element by element, in the same order, so nothing past n is read or written.
@@ -98,6 +102,36 @@ MOE_HOST_DEVICE void row_update(const Row& work, Index n, F f, S* out, const Mor
     });
   } else {
     work.for_each(n, [&](Index c) { out[c] = f(c, out[c], more[c]...); });
+  }
+}
+
+template <bool Packed, class Row, class F, class S, class... More>
+MOE_HOST_DEVICE void row_update_live(const Row& work, Index n, Index live, F f, S* out, const More*... more) {
+  if constexpr (Packed) {
+    constexpr Index P = kPackSize<S>;
+    work.for_each((n + P - 1) / P, [&](Index q) {
+      const bool whole = (q + 1) * P <= n;
+      if (q * P >= live) {  // wholly past live: zeros, nothing read
+        if (whole) {
+          Pack<S> zero;
+          for (Index i = 0; i < P; ++i) zero.v[i] = S(0);
+          store_pack(out + q * P, zero);
+        } else {
+          for (Index c = q * P; c < n; ++c) out[c] = S(0);
+        }
+        return;
+      }
+      if (!whole || (q + 1) * P > live) {  // the partial last pack, or the one live ends in: element by element
+        for (Index c = q * P; c < n && c < (q + 1) * P; ++c) out[c] = c < live ? f(c, out[c], more[c]...) : S(0);
+        return;
+      }
+      [&](Pack<S> x, const auto&... y) {
+        for (Index i = 0; i < P; ++i) x.v[i] = f(q * P + i, x.v[i], y.v[i]...);
+        store_pack(out + q * P, x);
+      }(load_pack(out + q * P), load_pack(more + q * P)...);
+    });
+  } else {
+    work.for_each(n, [&](Index c) { out[c] = c < live ? f(c, out[c], more[c]...) : S(0); });
   }
 }
 

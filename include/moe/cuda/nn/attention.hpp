@@ -90,9 +90,9 @@ void per_pair(const D& device, const PointerArrays<S>& arrays, Index call, Index
 }
 
 // One row of work per (b, h, t), row i of the [rows, T] probabilities at att + i * T: the scaled, masked,
-// max-subtracted softmax of the raw scores in place; masked keys 0 (written, though never computed). The stored
-// probability is the stored exponential (as S) times 1 / sum, as on the CPU. Packed: in 16-byte packs
-// (moe/cuda/row_packs.hpp).
+// max-subtracted softmax of the raw scores in place; masked keys 0 (written, never read: the products left them
+// unset). The stored probability is the stored exponential (as S) times 1 / sum, as on the CPU. Packed: in 16-byte
+// packs (moe/cuda/row_packs.hpp).
 template <bool Packed, class S, class D, class C = Compute<S>>
 void softmax_rows(const D& device, S* att, Index rows, Index T, bool causal, C scale) {
   device.for_each_row(rows, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
@@ -101,22 +101,25 @@ void softmax_rows(const D& device, S* att, Index rows, Index T, bool causal, C s
     const C max = row_max<Packed>(r, seen, [](Index, S x) { return C(x); }, row);
     const C sum = row_sum<Packed>(r, seen, [&](Index, S x) { return C(std::exp((C(x) - max) * scale)); }, row);
     const C inverse = C(1) / sum;
-    row_update<Packed>(
-        r, T, [&](Index j, S x) { return j < seen ? S(C(S(std::exp((C(x) - max) * scale))) * inverse) : S(0); }, row);
+    row_update_live<Packed>(
+        r, T, seen, [&](Index, S x) { return S(C(S(std::exp((C(x) - max) * scale))) * inverse); }, row);
   });
 }
 
-// One row of work per (b, h, t): dS = P * (dP - P . dP) * scale in place of dP (ds, rows as att's); masked keys
-// exactly 0.
+// One row of work per (b, h, t): dS = P * (dP - P . dP) * scale in place of dP (ds, rows as att's). Written over the
+// keys the products read, [0, end of the row's block of `block` rows) when causal (masked keys there exactly 0),
+// every key otherwise; past that ds is left alone. Masked keys are never read.
 template <bool Packed, class S, class D, class C = Compute<S>>
-void softmax_backward_rows(const D& device, const S* att, S* ds_all, Index rows, Index T, bool causal, C scale) {
+void softmax_backward_rows(const D& device, const S* att, S* ds_all, Index rows, Index T, bool causal, Index block,
+                           C scale) {
   device.for_each_row(rows, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
-    const Index seen = causal ? i % T + 1 : T;
+    const Index t = i % T, seen = causal ? t + 1 : T;
+    const Index block_end = (t / block + 1) * block, written = causal && block_end < T ? block_end : T;
     const S* p = att + i * T;
     S* ds = ds_all + i * T;
     const C p_dot_dp = row_sum<Packed>(r, seen, [](Index, S pj, S dj) { return C(pj) * C(dj); }, p, ds);
-    row_update<Packed>(
-        r, T, [&](Index j, S dj, S pj) { return j < seen ? S(C(pj) * (C(dj) - p_dot_dp) * scale) : S(0); }, ds, p);
+    row_update_live<Packed>(
+        r, written, seen, [&](Index, S dj, S pj) { return S(C(pj) * (C(dj) - p_dot_dp) * scale); }, ds, p);
   });
 }
 
@@ -259,9 +262,9 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
 
   const C scale = C(1) / std::sqrt(C(hs));
   if (row_packs_fit(att, T) && row_packs_fit(static_cast<const S*>(ds_all), T))
-    ad::softmax_backward_rows<true>(device, att, ds_all, pairs * T, T, causal, scale);
+    ad::softmax_backward_rows<true>(device, att, ds_all, pairs * T, T, causal, blocks.size, scale);
   else
-    ad::softmax_backward_rows<false>(device, att, ds_all, pairs * T, T, causal, scale);
+    ad::softmax_backward_rows<false>(device, att, ds_all, pairs * T, T, causal, blocks.size, scale);
 
   // dq += dS k and dk += dS^T q.
   for (Index i = 0; i < blocks.count; ++i) {
