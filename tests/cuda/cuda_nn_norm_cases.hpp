@@ -219,6 +219,46 @@ TEST_CASE(CUDA_TEST_NAME("layernorm: bf16 storage with fp32 statistics match the
   for (const auto& [T, C] : layernorm_shapes()) check_layernorm_parity<moe::bfloat16>(T, C, seed += 10, 2e-2);
 }
 
+// The parameter gradients in 16-byte packs of columns (rows aligned) and column by column (the same rows one element
+// into their buffers): the same sums in the same order, so the same bits.
+template <class S>
+void check_layernorm_packed_parameter_gradients() {
+  using Cm = moe::Compute<S>;
+  const TestDevice device = make_device();
+  const Index T = 130, C = 48;
+  const LayerNormInputs in = rounded<S>(layernorm_inputs(T, C, 91));
+  std::vector<float> x1(1, 0.f), dout1(1, 0.f);  // the same values one element further
+  x1.insert(x1.end(), in.x.begin(), in.x.end());
+  dout1.insert(dout1.end(), in.dout.begin(), in.dout.end());
+  const Array<S> x = to_device<S>(device, in.x), dout = to_device<S>(device, in.dout);
+  const Array<S> x_shifted = to_device<S>(device, x1), dout_shifted = to_device<S>(device, dout1);
+  const Array<S> weight = to_device<S>(device, in.weight), bias = to_device<S>(device, in.bias);
+  Array<S> out(T * C);
+  Array<Cm> mean(T), rstd(T);
+  moe::cuda::nn::layernorm_forward<S>(device, ConstMatrixView<S>(x.data(), T, C), weight.data(), bias.data(),
+                                      MatrixView<S>(out.data(), T, C), mean.data(), rstd.data());
+  std::vector<std::vector<S>> dweights, dbiases;
+  for (const bool shifted : {false, true}) {
+    Array<S> dweight = to_device<S>(device, in.dweight), dbias = to_device<S>(device, in.dbias);
+    REQUIRE(moe::cuda::row_packs_fit(shifted ? x_shifted.data() + 1 : x.data(), C) == !shifted);
+    moe::cuda::nn::layernorm_backward<S>(
+        device, ConstMatrixView<S>(shifted ? dout_shifted.data() + 1 : dout.data(), T, C),
+        ConstMatrixView<S>(shifted ? x_shifted.data() + 1 : x.data(), T, C), weight.data(), mean.data(), rstd.data(),
+        MatrixView<S>(), dweight.data(), dbias.data());
+    dweights.push_back(raw_host(device, dweight.data(), C));
+    dbiases.push_back(raw_host(device, dbias.data(), C));
+  }
+  CHECK(same_bits(dweights[0], dweights[1]));
+  CHECK(same_bits(dbiases[0], dbiases[1]));
+  CHECK(relative_error(floats(dweights[0]), layernorm_cpu(in).dweight) < (std::is_same_v<S, float> ? 1e-5 : 2e-2));
+}
+
+TEST_CASE(CUDA_TEST_NAME("layernorm: parameter gradients in packs of columns and column by column give the same bits")) {
+  CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
+  check_layernorm_packed_parameter_gradients<float>();
+  check_layernorm_packed_parameter_gradients<moe::bfloat16>();
+}
+
 TEST_CASE(CUDA_TEST_NAME("layernorm: null gradients are skipped and the others still match")) {
   CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
   const TestDevice device = make_device();
