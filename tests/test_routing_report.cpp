@@ -734,3 +734,100 @@ TEST_CASE("seed summary: bad input names the seed, the variant and the problem")
                        doctest::Contains("item '-1' is not a non-negative integer"), moe::Error);
   CHECK_THROWS_WITH_AS(report::parse_seeds({"3", "3"}, "prog"), doctest::Contains("lists 3 twice"), moe::Error);
 }
+
+// ---- reading routing.json back; comparisons run apart, reported together ----------------------
+
+namespace {
+
+void check_same_result(const report::VariantResult& got, const report::VariantResult& want) {
+  CAPTURE(want.variant);
+  CHECK(got.variant == want.variant);
+  CHECK(got.is_moe == want.is_moe);
+  CHECK(got.router_parameters == want.router_parameters);
+  CHECK(got.total_parameters == want.total_parameters);
+  CHECK(got.metrics == want.metrics);
+  CHECK(got.trailing_metrics == want.trailing_metrics);
+  CHECK(got.top_k == want.top_k);
+  CHECK(got.routed_tokens == want.routed_tokens);
+  REQUIRE(got.layers.size() == want.layers.size());
+  const auto same = [](double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); };
+  for (std::size_t l = 0; l < want.layers.size(); ++l) {
+    CAPTURE(l);
+    REQUIRE(got.layers[l].fractions.size() == want.layers[l].fractions.size());
+    for (std::size_t e = 0; e < want.layers[l].fractions.size(); ++e)
+      CHECK(same(got.layers[l].fractions[e], want.layers[l].fractions[e]));  // shortest text: the same double
+    CHECK(same(got.layers[l].entropy, want.layers[l].entropy));
+    CHECK(same(got.layers[l].max_fraction, want.layers[l].max_fraction));
+  }
+}
+
+report::ReportOptions run_options(std::string command) {
+  return {.title = "GPT-2 MoE: routing gates compared",
+          .command_line = std::move(command),
+          .budget = "200 steps of 8 x 1024 tokens per variant",
+          .corpus = "dictionaries, 28M tokens",
+          .notes = "Model: GPT-2 small, seed 1337.",
+          .trained_on = "NVIDIA H200, 132 SMs, bf16"};
+}
+
+}  // namespace
+
+TEST_CASE("routing report: routing.json reads back into the same results and options, NaN included") {
+  auto results = synthetic_results();
+  results[1].trailing_metrics = {{"images/s", "1.2k"}};  // after the routing columns; must stay there
+  const report::ReportOptions options = run_options("gpt2_moe compare --variants dense,linear,self,fixed-random");
+  const report::RoutingDocument doc = report::parse_routing_json(report::routing_json(results, options), "test");
+  REQUIRE(doc.results.size() == results.size());
+  for (std::size_t i = 0; i < results.size(); ++i) check_same_result(doc.results[i], results[i]);
+  CHECK(doc.options.title == options.title);
+  CHECK(doc.options.command_line == options.command_line);
+  CHECK(doc.options.budget == options.budget);
+  CHECK(doc.options.corpus == options.corpus);
+  CHECK(doc.options.notes == options.notes);
+  CHECK(doc.options.trained_on == options.trained_on);
+  // The report written from what was read is the report written from the results.
+  CHECK(report::report_markdown(doc.results, doc.options) == report::report_markdown(results, options));
+  CHECK_THROWS_WITH_AS(report::parse_routing_json("{\"title\": \"t\"}", "old.json"), doctest::Contains("command_line"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(report::parse_routing_json("[1,", "cut.json"), doctest::Contains("cut.json"), moe::Error);
+}
+
+TEST_CASE("routing report: runs of other gates with the same budget merge into one report; unlike runs are refused") {
+  const auto results = synthetic_results();  // dense, linear, self, fixed-random
+  const std::vector<report::VariantResult> first(results.begin(), results.begin() + 2), second(results.begin() + 2,
+                                                                                               results.end());
+  report::ReportOptions second_options = run_options("gpt2_moe compare --variants self,fixed-random");
+  second_options.trained_on = "NVIDIA H100 80GB HBM3, 132 SMs, bf16";  // a later session's GPU
+  const std::vector<report::RoutingDocument> docs = {
+      report::parse_routing_json(report::routing_json(first, run_options("gpt2_moe compare --variants dense,linear")),
+                                 "a/routing.json"),
+      report::parse_routing_json(report::routing_json(second, second_options), "b/routing.json")};
+  const std::vector<std::string> names = {"a/routing.json", "b/routing.json"};
+  const report::RoutingDocument merged = report::merge_routing_documents(docs, names);
+  REQUIRE(merged.results.size() == 4);
+  for (std::size_t i = 0; i < results.size(); ++i) check_same_result(merged.results[i], results[i]);
+  CHECK(merged.options.command_line ==
+        "gpt2_moe compare --variants dense,linear\ngpt2_moe compare --variants self,fixed-random");
+  CHECK(merged.options.trained_on ==
+        "NVIDIA H200, 132 SMs, bf16 (dense, linear); NVIDIA H100 80GB HBM3, 132 SMs, bf16 (self, fixed-random)");
+  const std::string md = report::report_markdown(merged.results, merged.options);
+  CHECK(md.find("Trained on NVIDIA H200, 132 SMs, bf16 (dense, linear); NVIDIA H100") != std::string::npos);
+  CHECK(md.find("| fixed-random |") != std::string::npos);
+
+  // Runs on one GPU: its name once.
+  std::vector<report::RoutingDocument> same_place = docs;
+  same_place[1].options.trained_on = same_place[0].options.trained_on;
+  CHECK(report::merge_routing_documents(same_place, names).options.trained_on == "NVIDIA H200, 132 SMs, bf16");
+
+  const auto refused = [&](auto change, const char* phrase) {
+    std::vector<report::RoutingDocument> changed = docs;
+    change(changed[1]);
+    CHECK_THROWS_WITH_AS(report::merge_routing_documents(changed, names), doctest::Contains(phrase), moe::Error);
+  };
+  refused([](report::RoutingDocument& d) { d.options.budget = "100 steps of 8 x 1024 tokens per variant"; },
+          "b/routing.json has another budget than a/routing.json");
+  refused([](report::RoutingDocument& d) { d.options.corpus = "fortunes"; }, "another corpus");
+  refused([](report::RoutingDocument& d) { d.options.notes = "Model: GPT-2 small, seed 7."; }, "model or seed");
+  refused([](report::RoutingDocument& d) { d.results[0].variant = "linear"; },
+          "variant 'linear' is in more than one of the runs");
+}

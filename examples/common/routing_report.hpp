@@ -3,7 +3,9 @@
 // MoE variants, the routing statistics of every layer. write_routing_report writes into one folder
 //   report.md          the table, the settings, the pictures embedded
 //   routing.csv        variant,layer,expert,fraction (long format)
-//   routing.json       every number of the table and of the pictures
+//   routing.json       every number of the table and of the pictures (read back by
+//                      parse_routing_json: comparisons run apart, one gate per GPU call, are
+//                      reported together by merge_routing_documents)
 //   entropy.svg        normalized routing entropy per layer, one line per MoE variant (Figure 2)
 //   max_fraction.svg   largest expert fraction per layer (Figure 4)
 //   heatmap_<v>.svg    layer x expert fractions of variant v, one colour range for all (Figure 3)
@@ -91,6 +93,7 @@ struct ReportOptions {
   std::string budget{};        // e.g. "2,000 steps of 8 x 128 tokens"
   std::string corpus{};        // e.g. "tiny-shakespeare, 1.1M bytes, 90/10 split"
   std::string notes{};         // markdown, appended to the header paragraph as it is
+  std::string trained_on{};    // where the variants trained ("NVIDIA H200, 132 SMs, bf16"): "Trained on ..." after the notes
   std::string appendix{};      // markdown, appended to the end of report.md as it is (its own sections)
 };
 
@@ -356,6 +359,8 @@ inline std::string routing_json(std::span<const VariantResult> results, const Re
   json += "  \"command_line\": " + json_quote(options.command_line) + ",\n";
   json += "  \"budget\": " + json_quote(options.budget) + ",\n";
   json += "  \"corpus\": " + json_quote(options.corpus) + ",\n";
+  json += "  \"notes\": " + json_quote(options.notes) + ",\n";
+  json += "  \"trained_on\": " + json_quote(options.trained_on) + ",\n";
   json += "  \"entropy\": \"normalized: -sum_i f_i log f_i / log N (1 = uniform)\",\n";
   json += "  \"variants\": [";
   for (std::size_t v = 0; v < results.size(); ++v) {
@@ -372,6 +377,10 @@ inline std::string routing_json(std::span<const VariantResult> results, const Re
       json += (m || !r.metrics.empty() ? ", " : "") + json_quote(r.trailing_metrics[m].first) + ": " +
               json_quote(r.trailing_metrics[m].second);
     json += "},\n";
+    json += "      \"trailing_metrics\": [";  // the names, of `metrics` above, that go after the routing columns
+    for (std::size_t m = 0; m < r.trailing_metrics.size(); ++m)
+      json += (m ? ", " : "") + json_quote(r.trailing_metrics[m].first);
+    json += "],\n";
     if (!r.is_moe) {
       json += "      \"layers\": []\n    }";
       continue;
@@ -531,7 +540,12 @@ inline std::string report_markdown(std::span<const VariantResult> results, const
       if (r.is_moe) md += " " + markdown_escape(r.variant) + " " + grouped(r.routed_tokens) + ";";
     md.back() = '\n';
   }
-  if (!options.notes.empty()) md += "\n" + options.notes + "\n";
+  if (!options.notes.empty() || !options.trained_on.empty()) {
+    std::string paragraph = options.notes;
+    if (!options.trained_on.empty())
+      paragraph += (paragraph.empty() ? "" : " ") + std::string("Trained on ") + options.trained_on + ".";
+    md += "\n" + paragraph + "\n";
+  }
   md += "\n" + markdown_table(results) + "\n";
   md +=
       "Router params are the learned parameters of the gates, summed over layers (\"-\": no router). "
@@ -577,6 +591,117 @@ inline void write_routing_report(const std::filesystem::path& dir, std::span<con
   const std::vector<std::string> files = heatmap_file_names(results);
   for (std::size_t i = 0; i < results.size(); ++i)
     if (results[i].is_moe) write_file(dir / files[i], heatmap_svg(fractions_heatmap(results[i], range)));
+}
+
+// ---- reading a report back, and reporting comparisons run apart together ----------------------
+
+// A comparison as its routing.json holds it: the options it was written with (all but the
+// appendix) and every variant's table cells and routing (VariantResult::values, the numbers a
+// summary over seeds uses, are not in the file).
+struct RoutingDocument {
+  ReportOptions options{};
+  std::vector<VariantResult> results{};
+};
+
+namespace detail {
+inline RoutingDocument parse_routing_document(std::string_view text, std::string_view what) {
+  namespace json = moe::io::json;
+  const json::Value doc = json::parse(text, what);
+  const std::string where(what);
+  const auto number = [](const json::Value& v) { return v.is_null() ? std::nan("") : v.as_number(); };
+  RoutingDocument d;
+  d.options.title = doc.at("title").as_string();
+  d.options.command_line = doc.at("command_line").as_string();
+  d.options.budget = doc.at("budget").as_string();
+  d.options.corpus = doc.at("corpus").as_string();
+  if (const json::Value* notes = doc.find("notes")) d.options.notes = notes->as_string();
+  if (const json::Value* place = doc.find("trained_on")) d.options.trained_on = place->as_string();
+  for (const json::Value& v : doc.at("variants").as_array()) {
+    VariantResult r;
+    r.variant = v.at("variant").as_string();
+    r.is_moe = v.at("is_moe").as_bool();
+    r.router_parameters = v.at("router_parameters").as_int();
+    r.total_parameters = v.at("total_parameters").as_int();
+    std::set<std::string> trailing;
+    if (const json::Value* names = v.find("trailing_metrics"))
+      for (const json::Value& name : names->as_array()) trailing.insert(name.as_string());
+    for (const auto& [name, value] : v.at("metrics").as_object())
+      (trailing.count(name) ? r.trailing_metrics : r.metrics).emplace_back(name, value.as_string());
+    if (r.is_moe) {
+      const json::Value& top_k = v.at("top_k");
+      r.top_k = top_k.is_null() ? 0 : top_k.as_int();
+      r.routed_tokens = std::uint64_t(v.at("routed_tokens").as_int());
+      for (const json::Value& layer : v.at("layers").as_array()) {
+        LayerRouting l;
+        for (const json::Value& f : layer.at("fractions").as_array()) l.fractions.push_back(number(f));
+        l.entropy = number(layer.at("entropy"));
+        l.max_fraction = number(layer.at("max_fraction"));
+        r.layers.push_back(std::move(l));
+      }
+    }
+    d.results.push_back(std::move(r));
+  }
+  moe::check(!d.results.empty(), "report: ", where, " holds no variants");
+  validate(d.results);
+  return d;
+}
+}  // namespace detail
+
+// routing_json's text back into the results and options it was written from. `what` names the
+// file in errors. Non-finite numbers (written as null) read as NaN.
+inline RoutingDocument parse_routing_json(std::string_view text, std::string_view what) {
+  try {
+    return detail::parse_routing_document(text, what);
+  } catch (const moe::Error& e) {  // a missing key or a wrong type says neither the file nor that it is a report
+    const std::string message = e.what();
+    if (message.find(what) != std::string::npos) throw;
+    moe::fail("report: ", what, ": ", message);
+  }
+}
+
+// The variants of several comparisons in one report, in the order given. They must have been
+// run alike: the same budget, data and notes (model, seed), and no variant twice. The report
+// keeps every run's command line, one per line, and where each trained when they differ (a later
+// GPU session may get another GPU): "A (self, linear); B (random)". Throws moe::Error naming what
+// differs.
+inline RoutingDocument merge_routing_documents(std::span<const RoutingDocument> documents,
+                                               std::span<const std::string> names) {
+  moe::check(!documents.empty() && documents.size() == names.size(), "report: nothing to merge");
+  RoutingDocument merged;
+  merged.options = documents.front().options;
+  merged.options.command_line.clear();
+  std::set<std::string> seen;
+  for (std::size_t i = 0; i < documents.size(); ++i) {
+    const ReportOptions& o = documents[i].options;
+    const auto same = [&](const std::string& ours, const std::string& theirs, const char* field) {
+      moe::check(ours == theirs, "report: ", names[i], " has another ", field, " than ", names.front(), " ('", theirs,
+                 "' against '", ours, "'): only comparisons run alike can be reported together");
+    };
+    same(merged.options.budget, o.budget, "budget");
+    same(merged.options.corpus, o.corpus, "corpus");
+    same(merged.options.notes, o.notes, "model or seed (the notes)");
+    for (const VariantResult& r : documents[i].results) {
+      moe::check(seen.insert(r.variant).second, "report: variant '", r.variant, "' is in more than one of the runs (",
+                 names[i], " again)");
+      merged.results.push_back(r);
+    }
+    if (!o.command_line.empty())
+      merged.options.command_line += (merged.options.command_line.empty() ? "" : "\n") + o.command_line;
+  }
+  const bool one_place = std::all_of(documents.begin(), documents.end(), [&](const RoutingDocument& d) {
+    return d.options.trained_on == documents.front().options.trained_on;
+  });
+  if (!one_place) {
+    merged.options.trained_on.clear();
+    for (const RoutingDocument& d : documents) {
+      std::string variants;
+      for (const VariantResult& r : d.results) variants += (variants.empty() ? "" : ", ") + r.variant;
+      merged.options.trained_on += (merged.options.trained_on.empty() ? "" : "; ") +
+                                   (d.options.trained_on.empty() ? std::string("unknown") : d.options.trained_on) +
+                                   " (" + variants + ")";
+    }
+  }
+  return merged;
 }
 
 }  // namespace report

@@ -10,7 +10,9 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <string>
@@ -76,6 +78,7 @@ cli::Parser make_parser() {
        "/usr/share/games/fortunes (Debian package fortunes)"},
       {"tokenizer", "NAME", "bytes or gpt2-bpe", "bytes for small, gpt2-bpe for gpt2-small"},
       {"out", "DIR", "folder for checkpoints and reports", "runs/<subcommand>"},
+      {"from", "DIRS", "compare output folders (their routing.json) to report together, comma-separated", ""},
       {"resume", "FILE", "continue training from a checkpoint (same data; options restored from it)", ""},
       {"checkpoint", "FILE", "the checkpoint to sample from", ""},
       {"prompt", "TEXT", "text to continue", "\"\\n\""},
@@ -90,6 +93,8 @@ cli::Parser make_parser() {
        cli::concat(cli::concat({"variants", "seeds"}, kModelFlags), kTrainFlags)},
       {"sample", "Generate text from a checkpoint.",
        {"checkpoint", "prompt", "tokens", "temperature", "sample-top-k", "seed", "threads", "tokenizer"}},
+      {"report", "Report comparisons run apart (same budget, data, model and seed; other variants) together in <out>.",
+       {"from", "out"}},
       {"tokenize", "Tokenize a text corpus into llm.c .bin shards (<out>/train_000000.bin, val_000000.bin).",
        {"data", "tokenizer", "out", "config"}},
   };
@@ -287,8 +292,8 @@ report::ReportOptions compare_report_options(const std::string& command, const g
                           " tokens); routing statistics on the validation split (up to " +
                           train::format_count(double(options.stats_tokens)) + " tokens)";
   report_options.corpus = data.description;
-  report_options.notes = "Model: " + model_description(config) + ", seed " + std::to_string(config.seed) + "." +
-                         (where.empty() ? "" : " Trained on " + where + ".");
+  report_options.notes = "Model: " + model_description(config) + ", seed " + std::to_string(config.seed) + ".";
+  report_options.trained_on = where;
   return report_options;
 }
 
@@ -363,6 +368,29 @@ int run_compare(const cli::Parser& args) {
   return 0;
 }
 
+// Comparisons run apart (a GPU session's time fits one or two gates at GPT-2-small scale) in one
+// report: each --from folder's routing.json, checked to be alike (merge_routing_documents).
+int run_report(const cli::Parser& args) {
+  const std::vector<std::string> folders = args.get_list("from", "");
+  moe::check(!folders.empty(), "gpt2_moe report: --from DIRS (comma-separated compare folders) is required");
+  std::vector<report::RoutingDocument> documents;
+  std::vector<std::string> names;
+  for (const std::string& folder : folders) {
+    const fs::path file = fs::path(folder) / "routing.json";
+    std::ifstream in(file, std::ios::binary);
+    moe::check(in.is_open(), "gpt2_moe report: cannot read '", file.string(), "' (a compare output folder?)");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    documents.push_back(report::parse_routing_json(text, file.string()));
+    names.push_back(file.string());
+  }
+  report::RoutingDocument merged = report::merge_routing_documents(documents, names);
+  merged.options.title = "GPT-2 MoE: routing gates compared (" + std::to_string(folders.size()) + " runs)";
+  const fs::path out = args.get("out", "runs/report");
+  report::write_routing_report(out, merged.results, merged.options);
+  std::printf("%s\nreport: %s\n", report::markdown_table(merged.results).c_str(), (out / "report.md").c_str());
+  return 0;
+}
+
 int run_sample(const cli::Parser& args) {
   moe::check(args.has("checkpoint"), "gpt2_moe sample: --checkpoint FILE is required");
   const fs::path file = args.get("checkpoint", "");
@@ -407,5 +435,6 @@ int main(int argc, char** argv) {
   cli::Parser args = make_parser();
   return cli::run_main(
       argc, argv, args,
-      {{"train", run_train}, {"compare", run_compare}, {"sample", run_sample}, {"tokenize", run_tokenize}});
+      {{"train", run_train}, {"compare", run_compare}, {"report", run_report}, {"sample", run_sample},
+       {"tokenize", run_tokenize}});
 }

@@ -66,6 +66,17 @@ grep -q "^| self | .* ± " "$work/seeds.log" || fail "compare --seeds printed no
 grep -q "^| variant − linear |" "$work/seeds.log" || fail "compare --seeds printed no differences from linear"
 grep -q '"seeds": \[7, 8\]' "$work/seeds/summary.json" || fail "summary.json lacks the seeds"
 grep -q "seed 8" "$work/seeds/seed-8/report.md" || fail "seed-8's report does not name its seed"
+# A comparison run apart (as GPU sessions run the gates): another gate with the same budget in its
+# own folder, then one report of both runs.
+"$bin" compare --variants linear --steps 3 --warmup 1 "${tiny[@]}" --data "$work/corpus" --no-checkpoint \
+  --out "$work/apart" >"$work/apart.log" 2>&1 || fail "compare (apart): $(tail -3 "$work/apart.log")"
+"$bin" report --from "$work/the report,$work/apart" --out "$work/merged" >"$work/merged.log" 2>&1 ||
+  fail "report --from: $(tail -3 "$work/merged.log")"
+for v in self random dense linear; do
+  grep -q "^| $v " "$work/merged/report.md" || fail "the merged report lacks $v: $(cat "$work/merged/report.md")"
+done
+[[ -s $work/merged/heatmap_linear.svg && -s $work/merged/heatmap_self.svg ]] || fail "the merged report drew no heatmaps"
+grep -q -- "--variants linear" "$work/merged/report.md" || fail "the merged report lacks the second run's command"
 
 # ---- devices: the GPU's code on the host (--device emulated), bf16 with fp32 master weights,
 # resumed on the CPU; a compare there too ----
@@ -95,6 +106,10 @@ fi
 
 # ---- bad input ----
 expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
+expect_error "report without runs" "--from DIRS" report
+expect_error "report of a gate twice" "is in more than one of the runs" report --from "$work/the report,$work/apart,$work/apart"
+expect_error "report of unlike runs" "another budget" report --from "$work/the report,$work/seeds/seed-7"
+expect_error "report of no comparison" "corpus/routing.json" report --from "$work/corpus"
 expect_error "unknown flag" "unknown flag --colour" train --colour red
 expect_error "unknown variant" "unknown variant 'learned'" train --variant learned --data "$work/corpus"
 expect_error "unknown variant in a list" "unknown variant 'slef'" compare --variants self,slef
