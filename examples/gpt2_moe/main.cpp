@@ -371,8 +371,8 @@ int run_compare(const cli::Parser& args) {
 // Comparisons run apart (a GPU session's time fits one or two gates at GPT-2-small scale) in one
 // report: each --from folder's routing.json, checked to be alike (merge_routing_documents).
 int run_report(const cli::Parser& args) {
+  moe::check(args.has("from"), "gpt2_moe report: --from DIRS (comma-separated compare folders) is required");
   const std::vector<std::string> folders = args.get_list("from", "");
-  moe::check(!folders.empty(), "gpt2_moe report: --from DIRS (comma-separated compare folders) is required");
   std::vector<report::RoutingDocument> documents;
   std::vector<std::string> names;
   for (const std::string& folder : folders) {
