@@ -680,6 +680,16 @@ TEST_CASE(CUDA_TEST_NAME("GEMM mapping: row-major products through the column-ma
       }
 }
 
+// Products a GPU device meant for cuBLASLt that went to cuBLAS instead (CudaDevice::lt_fallbacks);
+// 0 on a device without cuBLASLt.
+template <class D>
+std::uint64_t lt_fallbacks_of(const D& device) {
+  if constexpr (requires { device.lt_fallbacks(); })
+    return device.lt_fallbacks();
+  else
+    return 0;
+}
+
 // out = epilogue(a b^T) with a bias per output column, for bias_gelu pre = a b^T + bias, out =
 // gelu(pre), and for dgelu out = (a b^T) * gelu'(pre) with pre given: against float64 on the
 // values the device holds. Shapes with 16-byte-aligned rows go to cuBLASLt's fused epilogues on
@@ -690,12 +700,7 @@ template <class S>
 void check_gemm_epilogues(double tolerance) {
   using B = moe::cuda::BasicBackend<S, TestDevice>;
   const B backend(make_device());
-  const auto fallbacks = [&]() -> std::uint64_t {
-    if constexpr (requires { backend.device().lt_fallbacks(); })
-      return backend.device().lt_fallbacks();
-    else
-      return 0;
-  };
+  const auto fallbacks = [&] { return lt_fallbacks_of(backend.device()); };
   struct Shape {
     Index M, K, O;
   };
@@ -757,12 +762,7 @@ void check_varying_gemms(double tolerance) {
   using B = moe::cuda::BasicBackend<S, TestDevice>;
   using moe::cuda::BlasOp;
   const B backend(make_device());
-  const auto fallbacks = [&]() -> std::uint64_t {
-    if constexpr (requires { backend.device().lt_fallbacks(); })
-      return backend.device().lt_fallbacks();
-    else
-      return 0;
-  };
+  const auto fallbacks = [&] { return lt_fallbacks_of(backend.device()); };
   constexpr Index I = 64, O = 96;
   const auto w_host = normal_values(std::size_t(O * I), 71, 0.3f);
   const auto w = to_device<S>(backend, w_host, O, I);

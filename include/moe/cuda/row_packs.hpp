@@ -87,25 +87,6 @@ MOE_HOST_DEVICE auto row_max(const Row& work, Index n, F f, const S* row, const 
 }
 
 template <bool Packed, class Row, class F, class S, class... More>
-MOE_HOST_DEVICE void row_update(const Row& work, Index n, F f, S* out, const More*... more) {
-  if constexpr (Packed) {
-    constexpr Index P = kPackSize<S>;
-    work.for_each((n + P - 1) / P, [&](Index q) {
-      if ((q + 1) * P > n) {  // the partial last pack
-        for (Index c = q * P; c < n; ++c) out[c] = f(c, out[c], more[c]...);
-        return;
-      }
-      [&](Pack<S> x, const auto&... y) {
-        for (Index i = 0; i < P; ++i) x.v[i] = f(q * P + i, x.v[i], y.v[i]...);
-        store_pack(out + q * P, x);
-      }(load_pack(out + q * P), load_pack(more + q * P)...);
-    });
-  } else {
-    work.for_each(n, [&](Index c) { out[c] = f(c, out[c], more[c]...); });
-  }
-}
-
-template <bool Packed, class Row, class F, class S, class... More>
 MOE_HOST_DEVICE void row_update_live(const Row& work, Index n, Index live, F f, S* out, const More*... more) {
   if constexpr (Packed) {
     constexpr Index P = kPackSize<S>;
@@ -133,6 +114,12 @@ MOE_HOST_DEVICE void row_update_live(const Row& work, Index n, Index live, F f, 
   } else {
     work.for_each(n, [&](Index c) { out[c] = c < live ? f(c, out[c], more[c]...) : S(0); });
   }
+}
+
+// row_update_live with every column live: the same loads, stores and bits.
+template <bool Packed, class Row, class F, class S, class... More>
+MOE_HOST_DEVICE void row_update(const Row& work, Index n, F f, S* out, const More*... more) {
+  row_update_live<Packed>(work, n, n, f, out, more...);
 }
 
 }  // namespace moe::cuda
