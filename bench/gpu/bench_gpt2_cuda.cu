@@ -43,6 +43,7 @@
 
 #include "../../examples/gpt2_moe/device_trainer.hpp"
 #include "guarded.hpp"
+#include "host_counters.hpp"
 #include "moe/cuda.cuh"
 
 namespace {
@@ -147,14 +148,7 @@ void time_phases(benchmark::State& state, const std::vector<Phase>& phases, moe:
   }
   times.enable(false);
   check_cuda(cudaEventSynchronize(events[n]), "cudaEventSynchronize");
-  for (std::size_t k = 0; k < moe::cuda::kHostCallKinds; ++k) {
-    const auto kind = moe::cuda::HostCall(k);
-    const std::string name = "host_" + std::string(moe::cuda::host_call_name(kind));
-    state.counters[name + "_calls"] = double(times[kind].calls);
-    state.counters[name + "_ms"] = times[kind].seconds * 1e3;
-    state.counters[name + "_max_ms"] = times[kind].max_seconds * 1e3;
-  }
-  state.counters["host_calls_ms"] = times.total_seconds() * 1e3;
+  bench_gpu::add_host_call_counters(state, times);
   for (std::size_t i = 0; i < n; ++i) {
     float gpu_ms = 0;
     check_cuda(cudaEventElapsedTime(&gpu_ms, events[i], events[i + 1]), "cudaEventElapsedTime");

@@ -29,7 +29,10 @@
 // expert offsets), so its events include that round trip and the launches after it.
 // Counters: tokens_per_s (T / time per iteration) and TFLOP/s with the expert FLOPs
 // (forward = 2 GEMMs over T*k rows: 4*T*k*H*F for GeluMLP, 6*T*k*H*F for SwiGLU; forward +
-// backward = 3x). bench/gpu/report.py turns the JSON into the comparison table.
+// backward = 3x). The layer's rows also carry its host calls per call, by kind
+// (bench/gpu/host_counters.hpp, over kHostTimedCalls more calls after the timed loop): what the
+// host spends queueing a forward, and how long the offsets' sync waits.
+// bench/gpu/report.py turns the JSON into the comparison table.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -42,6 +45,7 @@
 #include <type_traits>
 
 #include "guarded.hpp"
+#include "host_counters.hpp"
 #include "moe/cuda.cuh"
 
 namespace {
@@ -58,6 +62,7 @@ constexpr int kFloorBatch = 10;            // floor calls per timed iteration
 constexpr double kFloorMinTime = 0.1;      // seconds of (manual) time per floor repetition
 constexpr int kMinWarmupRuns = 3;          // the first run sizes every buffer and picks cuBLAS kernels
 constexpr double kMinWarmupSeconds = 0.1;  // and long enough for the clocks to settle
+constexpr int kHostTimedCalls = 5;         // calls with their host calls timed, after the timed loop
 
 cudaStream_t g_stream = nullptr;  // every benchmark runs on this stream (created in main)
 
@@ -174,8 +179,10 @@ void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
     layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
     moe::ForwardOptions options;
     options.for_backward = kForBackward;
-    const double seconds = timed_loop(state, 1, [&] { layer.forward_into(x, y, options); });
+    const auto forward = [&] { layer.forward_into(x, y, options); };
+    const double seconds = timed_loop(state, 1, forward);
     set_counters(state, s, seconds, s.forward_flops());
+    bench_gpu::time_host_calls(state, layer.backend().device(), forward, kHostTimedCalls);
   });
 }
 
@@ -188,11 +195,13 @@ void bm_forward_backward(benchmark::State& state, const Shape& s, const Precisio
     layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
     layer.backend().fill_normal(dy, 1.0 / double(s.T), kInputSeed, 1);  // a mean loss's gradient scale
     // Parameter gradients accumulate over the iterations, as between two zero_grad() calls.
-    const double seconds = timed_loop(state, 1, [&] {
+    const auto step = [&] {
       layer.forward_into(x, y);
       layer.backward_into(dy, dx);
-    });
+    };
+    const double seconds = timed_loop(state, 1, step);
     set_counters(state, s, seconds, 3 * s.forward_flops());
+    bench_gpu::time_host_calls(state, layer.backend().device(), step, kHostTimedCalls);
   });
 }
 

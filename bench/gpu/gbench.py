@@ -43,3 +43,8 @@ def name_parts(record):
     (manual_time, iterations:5, min_time:0.100, repeats:3, threads:1)."""
     name = record.get("run_name") or record.get("name", "")
     return tuple(p for p in name.split("/") if p and ":" not in p and p not in ("manual_time", "real_time"))
+
+
+# The kinds of host call moe/cuda/host_times.hpp times, in its order (bench/gpu/host_counters.hpp
+# writes host_<kind>_ms, host_<kind>_calls and host_<kind>_max_ms for each).
+HOST_CALLS = ["launch", "gemm", "gemm_lt", "lt_heuristic", "sort", "upload", "wait"]

@@ -60,6 +60,36 @@ def load_ours(path):
     return times, errors, context, note
 
 
+HOST_CALLS = gbench.HOST_CALLS
+
+
+def load_host_calls(path):
+    """(what, shape, precision) -> the host-call counters of its row (bench/gpu/host_counters.hpp:
+    per call, the same in every repetition's record), for the rows that have them."""
+    records, _, _ = gbench.read_runs(path)
+    hosts = {}
+    for b in records:
+        key = gbench.name_parts(b)
+        if len(key) == 3 and not b.get("error_occurred") and b.get("host_calls_ms") is not None:
+            hosts.setdefault(key, b)
+    return hosts
+
+
+def print_host_calls(hosts):
+    """Host ms per call by kind of device call, (calls per call), for the layer's rows."""
+    rows = []
+    for (what, shape, prec), b in sorted(hosts.items()):
+        cells = [f"{b.get(f'host_{k}_ms', 0):.3f} ({b.get(f'host_{k}_calls', 0):g})" for k in HOST_CALLS]
+        rows.append([f"{what}/{shape}/{prec}", f"{b['host_calls_ms']:.3f}"] + cells)
+    if not rows:
+        return
+    print("Host time per call in the device's calls, ms (calls); lt_heuristic is part of gemm_lt, wait is the "
+          "offsets' sync (the GPU's lead):")
+    print()
+    print(table(["benchmark", "in calls"] + HOST_CALLS, rows))
+    print()
+
+
 def load_torch(path):
     if not path:
         return {}
@@ -188,6 +218,7 @@ def main(argv):
         for (what, shape, prec), message in sorted(errors.items()):
             print(f"- bench_moe_cuda {what}/{shape}/{prec}: {message}")
         print()
+    print_host_calls(load_host_calls(argv[1]))
 
     # ---- the targets, last ----
     passed = failed = missing = 0

@@ -71,7 +71,7 @@ def print_phases(ours):
         print(f"| {variant} | {precision} | " + " | ".join(cells) + " |")
 
 
-HOST_CALLS = ["launch", "gemm", "gemm_lt", "lt_heuristic", "sort", "upload", "wait"]
+HOST_CALLS = gbench.HOST_CALLS
 
 
 def print_host_calls(ours):

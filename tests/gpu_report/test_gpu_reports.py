@@ -64,7 +64,14 @@ def moe_json(errors=()):
                 name = f"{what}/{shape}/{precision}" + ("/min_time:0.100" if what == "floor_fwd" else "") + "/manual_time"
                 base = ms * scale * slower
                 error = "CUDA error: out of memory" if (what, shape, precision) in errors else None
-                benchmarks += gbench_records(name, [base, 1.02 * base, 1.3 * base], error=error)
+                counters = None
+                if what == "moe_fwd" and shape == "gpt2_T16384" and precision == "bf16":  # host_counters.hpp's
+                    counters = {"host_calls_ms": 0.25, "host_launch_ms": 0.05, "host_launch_calls": 9,
+                                "host_gemm_ms": 0.0, "host_gemm_calls": 0, "host_gemm_lt_ms": 0.08,
+                                "host_gemm_lt_calls": 16, "host_lt_heuristic_ms": 0.0, "host_lt_heuristic_calls": 0,
+                                "host_sort_ms": 0.01, "host_sort_calls": 1, "host_upload_ms": 0.0,
+                                "host_upload_calls": 0, "host_wait_ms": 0.11, "host_wait_calls": 1}
+                benchmarks += gbench_records(name, [base, 1.02 * base, 1.3 * base], counters, error=error)
     return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200", "gpu_sm": "9.0", "cuda_runtime": "13000"},
             "benchmarks": benchmarks}
 
@@ -155,6 +162,10 @@ def main():
         expect(out, "| gpt2_T16384 | bf16 | 0.816 | 0.867 | 0.836 | 2.346 | 0.612 | 0.036 |",
                "inference forward, training forward, Linear gate, fwd+bwd, floor, routing in their columns")
 
+        expect(out, "| moe_fwd/gpt2_T16384/bf16 | 0.250 | 0.050 (9) | 0.000 (0) | 0.080 (16) | 0.000 (0) | "
+               "0.010 (1) | 0.000 (0) | 0.110 (1) |", "the layer's host calls per call, in HOST_CALLS order")
+        if out.count("| moe_fwd/") != 1:
+            fail(f"rows without host counters were listed in the host-call table:\n{out}")
         # A benchmark that failed: its target MISSING and its message listed.
         out = run(REPORT, write("moe_error.json", moe_json(errors={("moe_fwd", "gpt2_T1024", "bf16")})), torch_moe)
         expect(out, "moe_fwd/gpt2_T1024/bf16: CUDA error: out of memory", "the failed benchmark's message")
