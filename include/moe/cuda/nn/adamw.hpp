@@ -236,12 +236,18 @@ void zero_in_place(const D& device, std::span<const GradTensor<S>> grads) {
   });
 }
 
-// The gradients of `params` (those that have one) as GradTensors, packed where 16-byte aligned.
+// A parameter's gradient as a GradTensor (no partials yet), packed where 16-byte aligned.
+template <class S>
+GradTensor<S> grad_tensor(ParamRef<S>& p) {
+  return {p.grad.data(), Index(p.grad.size()), nullptr, pack_aligned(p.grad.data())};
+}
+
+// The gradients of `params` (those that have one) as GradTensors.
 template <class S>
 std::vector<GradTensor<S>> grad_tensors(std::vector<ParamRef<S>>& params) {
   std::vector<GradTensor<S>> grads;
   for (ParamRef<S>& p : params)
-    if (!p.grad.empty()) grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr, pack_aligned(p.grad.data())});
+    if (!p.grad.empty()) grads.push_back(grad_tensor(p));
   return grads;
 }
 
@@ -403,7 +409,7 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
   Index partials = 0;
   for (ParamRef<S>& p : params)
     if (optimizer_updates(p)) {
-      grads.push_back({p.grad.data(), Index(p.grad.size()), nullptr, pack_aligned(p.grad.data())});
+      grads.push_back(adamw_detail::grad_tensor(p));
       first.push_back(partials);
       partials += units_of(Index(p.grad.size()), adamw_detail::kNormChunk);
     }
