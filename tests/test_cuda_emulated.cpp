@@ -3,6 +3,7 @@
 // tests/cuda/test_cuda_backend.cu runs the same cases on a GPU.
 #include <chrono>
 #include <numeric>
+#include <span>
 
 #include "cuda/emulated_test_device.hpp"
 #include "moe/cuda/host_times.hpp"
@@ -260,6 +261,54 @@ TEST_CASE("emulated device: GEMMs check cuBLAS's argument rules and that operand
                        moe::Error);
   EmulatedDevice::deallocate(c);
   CHECK_THROWS_WITH_AS(device.download(host.data(), c, sizeof(float)), doctest::Contains("freed"), moe::Error);
+  EmulatedDevice::deallocate(b);
+  EmulatedDevice::deallocate(a);
+}
+
+TEST_CASE("emulated device: a GEMM group runs independent products and refuses ones that touch each other's output") {
+  using moe::cuda::BlasGemm;
+  using moe::cuda::EmulatedDevice;
+  // Two experts' blocks: C_e[2, 2] = A_e[2, 3] B_e[3, 2], column-major, each in its own part of
+  // one allocation (as an expert's row block of the experts' buffer is).
+  auto* a = static_cast<float*>(EmulatedDevice::allocate(12 * sizeof(float)));
+  auto* b = static_cast<float*>(EmulatedDevice::allocate(12 * sizeof(float)));
+  auto* c = static_cast<float*>(EmulatedDevice::allocate(8 * sizeof(float)));
+  for (int i = 0; i < 12; ++i) a[i] = float(i), b[i] = float(i % 5) - 2.f;
+  std::vector<BlasGemm<float>> group(2);
+  for (int e = 0; e < 2; ++e) {
+    BlasGemm<float>& g = group[std::size_t(e)];
+    g.m = 2, g.n = 2, g.k = 3, g.a = a + 6 * e, g.lda = 2, g.b = b + 6 * e, g.ldb = 3, g.c = c + 4 * e, g.ldc = 2;
+  }
+  const auto expected = [&](int e, int i, int j) {
+    float sum = 0;
+    for (int p = 0; p < 3; ++p) sum += a[6 * e + i + 2 * p] * b[6 * e + p + 3 * j];
+    return sum;
+  };
+  for (const auto order : {moe::cuda::LaunchOrder::ascending, moe::cuda::LaunchOrder::descending}) {
+    const EmulatedDevice device(order);
+    std::fill(c, c + 8, -1.f);
+    device.gemm_group(std::span<const BlasGemm<float>>(group));
+    CHECK(device.launch_count() == 2);
+    for (int e = 0; e < 2; ++e)
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) CHECK(c[4 * e + i + 2 * j] == expected(e, i, j));
+  }
+  const EmulatedDevice device;
+  std::vector<BlasGemm<float>> bad = group;
+  bad[1].c = c + 3;  // overlaps the first output's last element
+  CHECK_THROWS_WITH_AS(device.gemm_group(std::span<const BlasGemm<float>>(bad)),
+                       doctest::Contains("product 0 writes memory that product 1 reads or writes"), moe::Error);
+  bad = group;
+  bad[1].b = c;  // reads the first product's output (and the extent still lies in one allocation)
+  bad[1].ldb = 3, bad[1].n = 1;
+  bad[1].ldc = 2;
+  CHECK_THROWS_WITH_AS(device.gemm_group(std::span<const BlasGemm<float>>(bad)),
+                       doctest::Contains("product 0 writes memory that product 1 reads"), moe::Error);
+  bad = group;
+  bad[0].batch = 2, bad[0].stride_c = 0, bad[0].stride_a = 0, bad[0].stride_b = 0;
+  CHECK_THROWS_WITH_AS(device.gemm_group(std::span<const BlasGemm<float>>(bad)),
+                       doctest::Contains("single ones, got a batch of 2"), moe::Error);
+  EmulatedDevice::deallocate(c);
   EmulatedDevice::deallocate(b);
   EmulatedDevice::deallocate(a);
 }

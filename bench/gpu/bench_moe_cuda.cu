@@ -14,6 +14,9 @@
 //                      pre-activation: R x F more values written)
 //   moe_fwdbwd         training forward_into + backward_into (d(x) and every parameter gradient)
 //   moe_fwd_linear     the inference forward with the learned Linear router
+//   moe_fwd_lanes1, moe_fwdbwd_lanes1
+//                      (bf16) moe_fwd and moe_fwdbwd with the experts' products in order on the
+//                      stream (CudaDevice::set_gemm_lanes(1)) instead of spread over side streams
 //   floor_fwd          the dense floor: T*k rows through ONE expert's two GEMMs (cublasGemmEx,
 //                      the layer's precision, fp32 compute), no routing, no bias, no activation.
 //                      The same FLOPs as the MoE forward with perfect batching. Ten calls are
@@ -168,10 +171,20 @@ using bench_gpu::guarded;
 template <template <class> class Gate, template <class> class Experts, class B>
 using Layer = moe::MoELayer<Gate, Experts, B>;
 
-template <template <class> class Gate, template <class> class Experts, class B, bool kForBackward = false>
+// lanes > 0: the device's side streams for the experts' products (CudaDevice::set_gemm_lanes);
+// 0 keeps its default.
+template <class B>
+B make_backend(const Precision& p, int lanes) {
+  B backend = make_backend<B>(p);
+  if (lanes > 0) backend.device().set_gemm_lanes(lanes);
+  return backend;
+}
+
+template <template <class> class Gate, template <class> class Experts, class B, bool kForBackward = false,
+          int kLanes = 0>
 void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
-    Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p));
+    Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p, kLanes));
     layer.collect_stats(false);  // statistics would copy the routing decisions to the host
     // N(0, 1) input: SelfRoute's logits (the last N coordinates) and the Linear router's N(0, 1/H)
     // projections spread the tokens evenly over the experts.
@@ -186,10 +199,10 @@ void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
   });
 }
 
-template <template <class> class Gate, template <class> class Experts, class B>
+template <template <class> class Gate, template <class> class Experts, class B, int kLanes = 0>
 void bm_forward_backward(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
-    Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p));
+    Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p, kLanes));
     layer.collect_stats(false);
     typename B::Matrix x(s.T, s.H), y(s.T, s.H), dy(s.T, s.H), dx(s.T, s.H);
     layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
@@ -312,6 +325,10 @@ void add_all(const Shape& s, const Precision& p) {
   add("moe_fwd_linear", s, p, bm_forward<moe::Linear, Experts, B>);
   add("floor_fwd", s, p, bm_floor<B>)->MinTime(kFloorMinTime);
   add("routing_dispatch", s, p, bm_routing_dispatch<B>);
+  if (&p == &kBF16) {
+    add("moe_fwd_lanes1", s, p, bm_forward<moe::SelfRoute, Experts, B, false, 1>);
+    add("moe_fwdbwd_lanes1", s, p, bm_forward_backward<moe::SelfRoute, Experts, B, 1>);
+  }
 }
 
 void add_gpu_context() {

@@ -220,6 +220,23 @@ def main(argv):
         print()
     print_host_calls(load_host_calls(argv[1]))
 
+    # ---- the experts' products on side streams against in order ----
+    rows = []
+    for shape in SHAPES:
+        for prec in PRECISIONS:
+            one, one_fb = ours("moe_fwd_lanes1", shape, prec), ours("moe_fwdbwd_lanes1", shape, prec)
+            if one is None and one_fb is None:
+                continue
+            fwd, fwdbwd = ours("moe_fwd", shape, prec), ours("moe_fwdbwd", shape, prec)
+            rows.append([shape, prec, fmt_ms(one), fmt_ms(fwd), fmt_x(ratio(one, fwd)), fmt_ms(one_fb), fmt_ms(fwdbwd),
+                         fmt_x(ratio(one_fb, fwdbwd))])
+    if rows:
+        print("The experts' products spread over side streams (the device's default lanes) against in order on the "
+              "stream (1 lane), median ms; gain = in order / spread:")
+        print()
+        print(table(["shape", "prec", "fwd, 1 lane", "fwd", "gain", "fwd+bwd, 1 lane", "fwd+bwd", "gain"], rows))
+        print()
+
     # ---- the targets, last ----
     passed = failed = missing = 0
     rows = []

@@ -72,6 +72,8 @@ Outcome device_run(const Case& c, Inputs& in) {
   using B = moe::cuda::BasicBackend<S, TestDevice>;
   moe::MoELayer<G, E, B> layer(c.config, c.seed, {}, {}, B(make_device()));
   const B& be = layer.backend();
+  if constexpr (requires { be.device().set_gemm_lanes(1); })
+    if (c.gemm_lanes > 0) be.device().set_gemm_lanes(c.gemm_lanes);
   auto params = layer.parameters();
   if (in.params.empty()) {
     for (auto& p : params) in.params.push_back(to_host<S>(be, p.value.data(), Index(p.value.size())));
@@ -551,21 +553,40 @@ TEST_CASE(CUDA_TEST_NAME("NaN and inf logits: the documented contract, as on the
   CHECK(relative_error(finite_part(gpu.y), finite_part(cpu.y)) < 1e-5);
 }
 
-TEST_CASE(CUDA_TEST_NAME("deterministic: two runs give the same bits")) {
+// Two runs of one case, the second with the experts' products spread over `lanes` side streams
+// on a GPU (the first in order on the stream) and, on the emulated device, in another launch order.
+template <class S>
+void check_same_bits(const Case& c, int lanes) {
+  Case in_order = c, spread = c;
+  in_order.gemm_lanes = 1, spread.gemm_lanes = lanes;
+  Inputs a = fresh_inputs(c, 60), b = a;
+  const Outcome first = device_layer<S>(in_order, a), second = device_layer<S>(spread, b);
+  const auto same_bits = [](const std::vector<float>& u, const std::vector<float>& v) {
+    return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
+  };
+  CAPTURE(int(c.gate));
+  CAPTURE(int(c.expert));
+  CAPTURE(lanes);
+  CHECK(same_bits(first.y, second.y));
+  CHECK(same_bits(first.dx, second.dx));
+  REQUIRE(first.grads.size() == second.grads.size());
+  for (std::size_t i = 0; i < first.grads.size(); ++i) CHECK(same_bits(first.grads[i], second.grads[i]));
+  CHECK(first.row == second.row);
+}
+
+TEST_CASE(CUDA_TEST_NAME("deterministic: two runs give the same bits, the experts' products in order or concurrent")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   for (GateKind gate : {GateKind::self, GateKind::linear}) {
     moe::LayerConfig config = small_config(8, 2);
     config.capacity_factor = 1.0;
-    const Case c{config, gate, ExpertKind::gelu, 300, 9};
-    Inputs a = fresh_inputs(c, 60), b = a;
-    const Outcome first = device_layer(c, a), second = device_layer(c, b);
-    const auto same_bits = [](const std::vector<float>& u, const std::vector<float>& v) {
-      return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
-    };
-    CHECK(same_bits(first.y, second.y));
-    CHECK(same_bits(first.dx, second.dx));
-    for (std::size_t i = 0; i < first.grads.size(); ++i) CHECK(same_bits(first.grads[i], second.grads[i]));
-    CHECK(first.row == second.row);
+    check_same_bits<float>({config, gate, ExpertKind::gelu, 300, 9}, 4);
+  }
+  // 8 experts over 3 lanes (uneven), and every expert product of both banks in bf16: the fused
+  // epilogues (bias, bias + GELU, GELU's derivative) on side streams too.
+  moe::LayerConfig config = small_config(8, 2);
+  for (ExpertKind expert : {ExpertKind::gelu, ExpertKind::swiglu}) {
+    check_same_bits<float>({config, GateKind::self, expert, 517, 10}, 3);
+    check_same_bits<moe::bfloat16>({config, GateKind::self, expert, 517, 11}, 4);
   }
 }
 

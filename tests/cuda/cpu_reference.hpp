@@ -23,6 +23,7 @@ struct Case {
   Index tokens = 0;
   std::uint64_t seed = 1;
   bool separate_router_input = false;  // forward_into(x, router_input, y)
+  int gemm_lanes = 0;                  // a GPU device's side streams for the experts' products (0: its default)
 };
 
 // Everything one forward + backward produced, on the host.

@@ -60,7 +60,8 @@ def moe_json(errors=()):
         for precision, slower in (("bf16", 1.0), ("fp32", 5.0)):
             if shape == "mixtral_T4096" and precision != "bf16":
                 continue
-            for what, ms in OURS.items():
+            lanes1 = {"moe_fwd_lanes1": 0.96, "moe_fwdbwd_lanes1": 2.53} if precision == "bf16" else {}
+            for what, ms in {**OURS, **lanes1}.items():
                 name = f"{what}/{shape}/{precision}" + ("/min_time:0.100" if what == "floor_fwd" else "") + "/manual_time"
                 base = ms * scale * slower
                 error = "CUDA error: out of memory" if (what, shape, precision) in errors else None
@@ -162,6 +163,11 @@ def main():
         expect(out, "| gpt2_T16384 | bf16 | 0.816 | 0.867 | 0.836 | 2.346 | 0.612 | 0.036 |",
                "inference forward, training forward, Linear gate, fwd+bwd, floor, routing in their columns")
 
+        # The experts' products in order (1 lane) against spread: 0.96 x 1.02 / 0.816 = 1.20x.
+        expect(out, "| gpt2_T16384 | bf16 | 0.979 | 0.816 | 1.20x | 2.581 | 2.346 | 1.10x |",
+               "the lanes table: in order, spread and the gain, forward then forward + backward")
+        if "| gpt2_T16384 | fp32 | " in out.split("against in order")[1].split("Targets")[0]:
+            fail(f"the lanes table lists a precision without its 1-lane rows:\n{out}")
         expect(out, "| moe_fwd/gpt2_T16384/bf16 | 0.250 | 0.050 (9) | 0.000 (0) | 0.080 (16) | 0.000 (0) | "
                "0.010 (1) | 0.000 (0) | 0.110 (1) |", "the layer's host calls per call, in HOST_CALLS order")
         if out.count("| moe_fwd/") != 1:

@@ -113,6 +113,43 @@ void gemm_epilogue(const D& device, MatrixView<S> out, ConstMatrixView<S> a, Con
   if (call.m > 0 && call.n > 0) device.gemm(call);
 }
 
+// Products that do not depend on each other (an expert's block against its own weights, one per
+// expert), gathered and then handed to the device at once (device.gemm_group): a GPU runs them
+// concurrently, so one expert's small product does not leave the SMs idle while the next waits.
+// Their sizes vary (Shape::varies). Nothing runs before run().
+template <class D, class S>
+class GemmGroup {
+ public:
+  explicit GemmGroup(const D& device) : device_(device) {}
+  // As detail::gemm: out (=|+=) op_a(a) op_b(b), row-major.
+  void gemm(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b, BlasOp op_b, bool accumulate) {
+    BlasGemm<S> call = column_major_gemm(out, a, op_a, b, op_b, accumulate);
+    if (call.m == 0 || call.n == 0) return;
+    if (call.k > 0)
+      add(call);
+    else  // an empty sum, as detail::gemm takes it (a product of the group may not read out anyway)
+      detail::gemm(device_, out, a, op_a, b, op_b, accumulate);
+  }
+  // As detail::gemm_epilogue.
+  void gemm_epilogue(MatrixView<S> out, ConstMatrixView<S> a, ConstMatrixView<S> b, BlasOp op_b, Epilogue epilogue,
+                     const S* bias, MatrixView<S> aux = {}) {
+    BlasGemm<S> call = column_major_gemm_epilogue(out, a, b, op_b, epilogue, bias, aux);
+    if (call.m > 0 && call.n > 0) add(call);
+  }
+  void run() {
+    if (!products_.empty()) device_.gemm_group(std::span<const BlasGemm<S>>(products_));
+    products_.clear();
+  }
+
+ private:
+  void add(BlasGemm<S> call) {
+    call.shape_varies = true;
+    products_.push_back(call);
+  }
+  const D& device_;
+  std::vector<BlasGemm<S>> products_;
+};
+
 // Rows per partial of a column sum.
 inline constexpr Index kColumnSumChunk = 64;
 inline Index column_sum_partials(Index rows, Index cols) { return (rows + kColumnSumChunk - 1) / kColumnSumChunk * cols; }
@@ -398,17 +435,19 @@ class BasicBackend {
   void grouped_linear_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
                               const S* bias, MatrixView<S> out) const {
     const Index O = out.cols;
+    detail::GemmGroup<D, S> experts(device_);
     for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
       const MatrixView<S> block = out.row_block(begin, rows);
       if (bias)
-        detail::gemm_epilogue(device_, block, in.row_block(begin, rows), weight.row_block(e * O, O), BlasOp::transpose,
-                              Epilogue::bias, bias + e * O, {}, detail::Shape::varies);
+        experts.gemm_epilogue(block, in.row_block(begin, rows), weight.row_block(e * O, O), BlasOp::transpose,
+                              Epilogue::bias, bias + e * O);
       else
-        detail::gemm(device_, block, in.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O),
-                     BlasOp::transpose, false, detail::Shape::varies);
+        experts.gemm(block, in.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O), BlasOp::transpose,
+                     false);
     }
+    experts.run();
   }
   // pre = in W_e^T + b_e and act = gelu(pre), per expert in one GEMM (Epilogue::bias_gelu:
   // cuBLASLt's GELU_AUX_BIAS on the GPU). bias: [N, O], required; pre and act: [R, O]. pre empty
@@ -419,13 +458,15 @@ class BasicBackend {
     check(bias, "grouped_linear_gelu_forward: the bias must not be null");
     const bool keep = pre.data != nullptr;
     if (keep) check_same_shape("grouped_linear_gelu_forward", "pre", pre, "act", act);
+    detail::GemmGroup<D, S> experts(device_);
     for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
-      detail::gemm_epilogue(device_, act.row_block(begin, rows), in.row_block(begin, rows), weight.row_block(e * O, O),
+      experts.gemm_epilogue(act.row_block(begin, rows), in.row_block(begin, rows), weight.row_block(e * O, O),
                             BlasOp::transpose, Epilogue::bias_gelu, bias + e * O,
-                            keep ? pre.row_block(begin, rows) : MatrixView<S>{}, detail::Shape::varies);
+                            keep ? pre.row_block(begin, rows) : MatrixView<S>{});
     }
+    experts.run();
   }
   // dweight_e += dout_e^T in_e; dbias_e += column sums of dout_e (if dbias);
   // din = dout_e W_e (if din). din may alias in: the weight gradient is formed first.
@@ -853,12 +894,15 @@ class BasicBackend {
                                     ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight, S* dbias,
                                     const ConstMatrixView<S>* gelu_pre) const {
     const Index O = dout.cols, experts = Index(offsets.size()) - 1;
+    // The weight gradients first, as a group: din may alias in, which they read.
+    detail::GemmGroup<D, S> group(device_);
     for (Index e = 0; e < experts; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
-      detail::gemm(device_, dweight.row_block(e * O, O), dout.row_block(begin, rows), BlasOp::transpose,
-                   in.row_block(begin, rows), BlasOp::none, true, detail::Shape::varies);
+      group.gemm(dweight.row_block(e * O, O), dout.row_block(begin, rows), BlasOp::transpose, in.row_block(begin, rows),
+                 BlasOp::none, true);
     }
+    group.run();
     if (dbias) add_grouped_column_sums(dout, offsets, dbias);
     if (!din.data) return;
     for (Index e = 0; e < experts; ++e) {
@@ -868,14 +912,14 @@ class BasicBackend {
         const ConstMatrixView<S> pre = gelu_pre->row_block(begin, rows);
         // The epilogue only reads aux for dgelu; BlasGemm holds one mutable aux pointer for both uses.
         const MatrixView<S> aux(const_cast<S*>(pre.data), pre.rows, pre.cols, pre.stride);
-        detail::gemm_epilogue(device_, din.row_block(begin, rows), dout.row_block(begin, rows),
-                              weight.row_block(e * O, O), BlasOp::none, Epilogue::dgelu, static_cast<const S*>(nullptr),
-                              aux, detail::Shape::varies);
+        group.gemm_epilogue(din.row_block(begin, rows), dout.row_block(begin, rows), weight.row_block(e * O, O),
+                            BlasOp::none, Epilogue::dgelu, static_cast<const S*>(nullptr), aux);
       } else {
-        detail::gemm(device_, din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none,
-                     weight.row_block(e * O, O), BlasOp::none, false, detail::Shape::varies);
+        group.gemm(din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O),
+                   BlasOp::none, false);
       }
     }
+    group.run();
   }
 
   static constexpr Index kChunk = 64;  // tokens per partial of the auxiliary losses' column sums

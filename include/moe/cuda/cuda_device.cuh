@@ -17,6 +17,7 @@
 #include <cub/device/device_radix_sort.cuh>
 #include <memory>
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -264,17 +265,81 @@ class CudaDevice {
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
     check_blas_gemm(g);
+    gemm_on(g, context_->main);
+  }
+
+  // Independent single products (device.hpp): the first `gemm_lanes()` of them each start a side
+  // stream, the rest follow round the lanes; the side streams wait for the stream's work so far,
+  // and the stream waits for all of them before its next call. Each lane has its own cuBLAS
+  // handle and cuBLASLt workspace, and the plans are shared, so a product gets the same
+  // algorithm, hence the same bits, on any lane. With one lane (or one product) they run in order
+  // on the stream. A fused product cuBLASLt declines runs on the stream after the join (its
+  // epilogue pass is a launch on the stream).
+  template <class S>
+  void gemm_group(std::span<const BlasGemm<S>> products) const {
+    for (const BlasGemm<S>& g : products) check_group_member(g);
+    const int lanes = int(products.size()) < context_->gemm_lanes ? int(products.size()) : context_->gemm_lanes;
+    if (lanes <= 1) {
+      for (const BlasGemm<S>& g : products) gemm_on(g, context_->main);
+      return;
+    }
+    Context& context = *context_;
+    {
+      const auto timed = context.host_times.time(HostCall::launch);  // the fork's event calls
+      context.make_lanes(lanes);
+      check_cuda(cudaEventRecord(context.fork, stream()), "cudaEventRecord (fork)");
+      for (int l = 0; l < lanes; ++l)
+        check_cuda(cudaStreamWaitEvent(context.side[std::size_t(l)].stream, context.fork), "cudaStreamWaitEvent (fork)");
+    }
+    std::vector<const BlasGemm<S>*> declined;
+    for (std::size_t i = 0; i < products.size(); ++i)
+      if (!gemm_on(products[i], context.side[i % std::size_t(lanes)])) declined.push_back(&products[i]);
+    {
+      const auto timed = context.host_times.time(HostCall::launch);  // the join's event calls
+      for (int l = 0; l < lanes; ++l) {
+        Lane& lane = context.side[std::size_t(l)];
+        check_cuda(cudaEventRecord(lane.done, lane.stream), "cudaEventRecord (join)");
+        check_cuda(cudaStreamWaitEvent(stream(), lane.done), "cudaStreamWaitEvent (join)");
+      }
+    }
+    for (const BlasGemm<S>* g : declined) gemm_on(*g, context.main);
+  }
+  // Side streams a gemm_group may spread over (default kDefaultGemmLanes; 1: none, in order on the
+  // stream). Set before the first group: the lanes are made once, at the first group that needs them.
+  int gemm_lanes() const { return context_->gemm_lanes; }
+  void set_gemm_lanes(int lanes) const {
+    check(lanes >= 1 && lanes <= kMaxGemmLanes, "set_gemm_lanes: ", lanes, " lanes, expected 1 to ", kMaxGemmLanes);
+    context_->gemm_lanes = lanes;
+  }
+  static constexpr int kDefaultGemmLanes = 4, kMaxGemmLanes = 16;
+
+ private:
+  // A stream and what a product needs on it: a cuBLAS handle bound to it and a cuBLASLt workspace
+  // of its own (allocated at its first cuBLASLt product).
+  struct Lane {
+    cudaStream_t stream = nullptr;
+    cublasHandle_t handle = nullptr;
+    void* lt_workspace = nullptr;
+    cudaEvent_t done = nullptr;  // recorded at a group's join (side lanes)
+  };
+
+  // One product on `lane`; false, having queued nothing, for a fused product cuBLASLt declined
+  // on a side lane (the caller runs it on the stream, where its epilogue pass can follow).
+  template <class S>
+  bool gemm_on(const BlasGemm<S>& g, Lane& lane) const {
+    const bool on_stream = &lane == &context_->main;
     const bool lt = g.epilogue != Epilogue::none || (g.shape_varies && !g.pointer_batch() && g.batch == 1);
     const auto timed = context_->host_times.time(lt ? HostCall::gemm_lt : HostCall::gemm);
     if (g.epilogue != Epilogue::none) {
-      if (g.m == 0 || g.n == 0 || lt_gemm(g)) return;
+      if (g.m == 0 || g.n == 0 || lt_gemm(g, lane)) return true;
+      if (!on_stream) return false;
       BlasGemm<S> plain = g;
       plain.epilogue = Epilogue::none;
-      gemm(plain);
+      gemm_on(plain, lane);
       epilogue_pass(*this, g);
-      return;
+      return true;
     }
-    if (lt && g.m > 0 && g.n > 0 && g.k > 0 && lt_gemm(g)) return;
+    if (lt && g.m > 0 && g.n > 0 && g.k > 0 && lt_gemm(g, lane)) return true;
     const auto op = [](BlasOp o) { return o == BlasOp::none ? CUBLAS_OP_N : CUBLAS_OP_T; };
     cudaDataType_t type;
     cublasComputeType_t compute;
@@ -289,6 +354,7 @@ class CudaDevice {
     }
     using Alpha = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const Alpha alpha = 1, beta = g.accumulate ? 1 : 0;
+    check(on_stream || !g.pointer_batch(), "gemm: a batch by pointer arrays runs on the device's stream");
     if (g.pointer_batch() && g.array_alignment < kBatchedAlignment) {
       // cublasGemmBatchedEx would assume aligned pointers it cannot check (seen on an H200: a
       // misaligned address fault that poisons the context). One cublasGemmEx per product, which
@@ -306,38 +372,44 @@ class CudaDevice {
       one.batch = 1;
       for (std::size_t q = 0; q < c_array.size(); ++q) {
         one.a = g.k > 0 ? a_array[q] : nullptr, one.b = g.k > 0 ? b_array[q] : nullptr, one.c = c_array[q];
-        gemm(one);
+        gemm_on(one, lane);
       }
-      return;
+      return true;
     }
     if (g.pointer_batch()) {
-      check_cublas(cublasGemmBatchedEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha,
+      check_cublas(cublasGemmBatchedEx(lane.handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha,
                                        reinterpret_cast<const void* const*>(g.a_array), type, int(g.lda),
                                        reinterpret_cast<const void* const*>(g.b_array), type, int(g.ldb), &beta,
                                        reinterpret_cast<void* const*>(g.c_array), type, int(g.ldc), int(g.batch),
                                        compute, CUBLAS_GEMM_DEFAULT),
                    "cublasGemmBatchedEx");
-      return;
+      return true;
     }
     if (g.batch == 1) {
-      check_cublas(cublasGemmEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha, g.a,
+      check_cublas(cublasGemmEx(lane.handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k), &alpha, g.a,
                                 type, int(g.lda), g.b, type, int(g.ldb), &beta, g.c, type, int(g.ldc), compute,
                                 CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx");
-      return;
+      return true;
     }
-    check_cublas(cublasGemmStridedBatchedEx(context_->handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k),
+    check_cublas(cublasGemmStridedBatchedEx(lane.handle, op(g.op_a), op(g.op_b), int(g.m), int(g.n), int(g.k),
                                             &alpha, g.a, type, int(g.lda), (long long)g.stride_a, g.b, type,
                                             int(g.ldb), (long long)g.stride_b, &beta, g.c, type, int(g.ldc),
                                             (long long)g.stride_c, int(g.batch), compute, CUBLAS_GEMM_DEFAULT),
                  "cublasGemmStridedBatchedEx");
+    return true;
   }
 
+ public:
   // One product (and its epilogue: BIAS, GELU_AUX_BIAS, GELU_BIAS or DGELU; or none, C overwritten
   // or accumulated) in one cuBLASLt call; false, having queued nothing, when cuBLASLt has no
   // algorithm for it or declines the one chosen.
   template <class S>
   bool lt_gemm(const BlasGemm<S>& g) const {
+    return lt_gemm(g, context_->main);
+  }
+  template <class S>
+  bool lt_gemm(const BlasGemm<S>& g, Lane& lane) const {
     if constexpr (std::is_same_v<S, double>) {
       return false;
     } else {
@@ -425,7 +497,7 @@ class CudaDevice {
       const float alpha = 1, beta = g.accumulate ? 1 : 0;  // C is D: accumulate adds in place
       const cublasStatus_t status =
           cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c, c.handle, g.c,
-                         c.handle, &plan->algo, context_->lt_workspace(), workspace_bytes, stream());
+                         c.handle, &plan->algo, context_->lt_workspace(lane), workspace_bytes, lane.stream);
       // Declined arguments are checked before anything is queued.
       if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) return declined();
       check_cublas(status, "cublasLtMatmul");
@@ -473,10 +545,12 @@ class CudaDevice {
   struct Context {
     cudaStream_t stream;
     Fp32Math math;
-    cublasHandle_t handle = nullptr;
+    Lane main;               // the caller's stream, its cuBLAS handle and cuBLASLt workspace
+    std::vector<Lane> side;  // gemm_group's side streams, made at the first group that needs them
+    cudaEvent_t fork = nullptr;
+    int gemm_lanes = kDefaultGemmLanes;
     cublasLtHandle_t lt = nullptr;
     static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // NVIDIA's advice for Hopper
-    void* lt_workspace_data = nullptr;
     int sms = 1;
     void* temp = nullptr;
     std::size_t temp_bytes = 0;
@@ -490,16 +564,39 @@ class CudaDevice {
       int device = 0;
       check_cuda(cudaGetDevice(&device), "cudaGetDevice");
       check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-      check_cublas(cublasCreate(&handle), "cublasCreate");
-      check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+      main.stream = stream;
+      check_cublas(cublasCreate(&main.handle), "cublasCreate");
+      check_cublas(cublasSetStream(main.handle, stream), "cublasSetStream");
       check_cublas(cublasLtCreate(&lt), "cublasLtCreate");
     }
     ~Context() {
-      if (lt_workspace_data) cudaFree(lt_workspace_data);
+      for (Lane& lane : side) {
+        if (lane.stream) cudaStreamSynchronize(lane.stream);
+        release(lane);
+        if (lane.done) cudaEventDestroy(lane.done);
+        if (lane.stream) cudaStreamDestroy(lane.stream);
+      }
+      if (fork) cudaEventDestroy(fork);
+      release(main);
       if (lt) cublasLtDestroy(lt);
       if (scratch_data) cudaFree(scratch_data);
       if (temp) cudaFree(temp);
-      if (handle) cublasDestroy(handle);
+    }
+    static void release(Lane& lane) {
+      if (lane.lt_workspace) cudaFree(lane.lt_workspace);
+      if (lane.handle) cublasDestroy(lane.handle);
+    }
+    // Side lanes up to `count`: a non-blocking stream each (ordered with the caller's stream only
+    // by the group's events), a cuBLAS handle on it and the event of its join.
+    void make_lanes(int count) {
+      if (!fork) check_cuda(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "cudaEventCreate");
+      while (int(side.size()) < count) {
+        Lane& lane = side.emplace_back();
+        check_cuda(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+        check_cuda(cudaEventCreateWithFlags(&lane.done, cudaEventDisableTiming), "cudaEventCreate");
+        check_cublas(cublasCreate(&lane.handle), "cublasCreate");
+        check_cublas(cublasSetStream(lane.handle, lane.stream), "cublasSetStream");
+      }
     }
     Context(const Context&) = delete;
     Context& operator=(const Context&) = delete;
@@ -514,10 +611,12 @@ class CudaDevice {
       }
       return temp;
     }
-    // cuBLASLt's workspace: allocated at the first fused GEMM, then reused (never resized).
-    void* lt_workspace() {
-      if (!lt_workspace_data) check_cuda(cudaMalloc(&lt_workspace_data, kLtWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
-      return lt_workspace_data;
+    // A lane's cuBLASLt workspace: allocated at its first cuBLASLt product, then reused (never
+    // resized; the plans are chosen for this size, so every lane's must be the same).
+    void* lt_workspace(Lane& lane) {
+      if (!lane.lt_workspace)
+        check_cuda(cudaMalloc(&lane.lt_workspace, kLtWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
+      return lane.lt_workspace;
     }
     void* scratch(std::size_t bytes) {
       if (bytes > scratch_bytes) {

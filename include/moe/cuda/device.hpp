@@ -11,6 +11,10 @@
 //                                              work on the row's columns together (below)
 //   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention), or a
 //                                              batch of them by strides or by pointer arrays
+//   d.gemm_group(span<const BlasGemm<S>>)      independent single products (no product writes what
+//                                              another reads or writes): the device may run them
+//                                              concurrently (CudaDevice: on side streams, joined
+//                                              before the stream's next call), in any order
 //   d.scratch(bytes)                           a reusable workspace: valid until the next scratch()
 //                                              call on this device (or a copy of it); growing it
 //                                              waits for the stream. Work queued on the stream uses
@@ -132,6 +136,14 @@ void check_blas_gemm(const BlasGemm<S>& g) {
   if (g.aux)
     check(g.ldaux >= (g.m > 1 ? g.m : 1) && g.ldaux <= kMax, "gemm: the GELU epilogue's aux has leading dimension ",
           g.ldaux, ", below its ", g.m, " rows");
+}
+
+// A member of a gemm_group: one product, not a batch (a batch is already one call to spread).
+template <class S>
+void check_group_member(const BlasGemm<S>& g) {
+  check_blas_gemm(g);
+  check(g.batch == 1 && !g.pointer_batch(), "gemm_group: its products are single ones, got a batch of ", g.batch,
+        g.pointer_batch() ? " by pointer arrays" : "");
 }
 
 // Row-major out[M, N] (=|+=) op_a(a)[M, K] op_b(b)[K, N] as the column-major call

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <new>
 #include <numeric>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -124,6 +125,39 @@ std::size_t operand_bytes(Index rows, Index cols, Index ld) {
   return rows > 0 && cols > 0 ? std::size_t((cols - 1) * ld + rows) * sizeof(S) : 0;
 }
 
+// The byte ranges a product reads and writes (column-major footprints, from the first to one
+// past the last element: conservative for operands with gaps between their columns).
+struct Extent {
+  std::uintptr_t begin = 0, end = 0;
+  bool overlaps(const Extent& other) const { return begin < other.end && other.begin < end; }
+};
+struct Footprint {
+  std::vector<Extent> reads, writes;
+};
+template <class S>
+Footprint footprint(const BlasGemm<S>& g) {
+  Footprint f;
+  if (g.m == 0 || g.n == 0) return f;
+  const auto extent = [](const void* p, std::size_t bytes) {
+    const std::uintptr_t begin = reinterpret_cast<std::uintptr_t>(p);
+    return Extent{begin, begin + bytes};
+  };
+  const Index a_rows = g.op_a == BlasOp::none ? g.m : g.k, a_cols = g.op_a == BlasOp::none ? g.k : g.m;
+  const Index b_rows = g.op_b == BlasOp::none ? g.k : g.n, b_cols = g.op_b == BlasOp::none ? g.n : g.k;
+  f.reads.push_back(extent(g.a, operand_bytes<S>(a_rows, a_cols, g.lda)));
+  f.reads.push_back(extent(g.b, operand_bytes<S>(b_rows, b_cols, g.ldb)));
+  const Extent c = extent(g.c, operand_bytes<S>(g.m, g.n, g.ldc));
+  f.writes.push_back(c);
+  if (g.accumulate) f.reads.push_back(c);
+  if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu)
+    f.reads.push_back(extent(g.bias, std::size_t(g.m) * sizeof(S)));
+  if (g.aux) {
+    const Extent aux = extent(g.aux, operand_bytes<S>(g.m, g.n, g.ldaux));
+    (g.epilogue == Epilogue::dgelu ? f.reads : f.writes).push_back(aux);
+  }
+  return f;
+}
+
 }  // namespace emulated_detail
 
 struct EmulatedDevice {
@@ -221,6 +255,32 @@ struct EmulatedDevice {
           c[i + j * g.ldc] = S(g.epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
         }
     }
+  }
+
+  // Independent products (device.hpp): each is checked as gemm checks it, then that none writes
+  // bytes another reads or writes (a GPU would run them concurrently: that would be a race),
+  // then they run in the device's launch order (so a dependence the check cannot see, if any,
+  // changes bits between orders).
+  template <class S>
+  void gemm_group(std::span<const BlasGemm<S>> products) const {
+    std::vector<emulated_detail::Footprint> footprints;
+    for (const BlasGemm<S>& g : products) {
+      check_group_member(g);
+      footprints.push_back(emulated_detail::footprint(g));
+    }
+    for (std::size_t p = 0; p < footprints.size(); ++p)
+      for (std::size_t q = 0; q < footprints.size(); ++q) {
+        if (p == q) continue;
+        for (const emulated_detail::Extent& w : footprints[p].writes) {
+          bool clash = false;
+          for (const emulated_detail::Extent& r : footprints[q].reads) clash = clash || w.overlaps(r);
+          for (const emulated_detail::Extent& o : footprints[q].writes) clash = clash || w.overlaps(o);
+          check(!clash, "gemm_group: product ", p, " writes memory that product ", q,
+                " reads or writes; a GPU may run them at the same time");
+        }
+      }
+    const Order order = next_order(Index(products.size()));
+    for (Index i = 0; i < Index(products.size()); ++i) gemm(products[std::size_t(order[i])]);
   }
 
   // One growing host buffer, shared by copies of this device (as CudaDevice's context is),
