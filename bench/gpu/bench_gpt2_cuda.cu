@@ -16,6 +16,7 @@
 // backward, clip_grad_norm(1.0), AdamW; wall-clock time with the GPU drained at the end of each
 // step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
 // Warm-up steps first (12, or WARMUP: every buffer is allocated in the first; afterwards nothing is), then 8 timed.
+// The experts' products run on the device's default side streams (GEMM_LANES=n: n; 1: in order).
 //
 // Counters: tokens/s and step_ms from the median step (as the PyTorch peer's), step_ms_mean and
 // step_ms_max beside them, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
@@ -63,6 +64,13 @@ constexpr std::uint64_t kDataSeed = 42;
 int warmup_steps() {
   const char* text = std::getenv("WARMUP");
   return text ? std::max(1, std::atoi(text)) : 12;
+}
+
+// Side streams for the experts' products (CudaDevice::set_gemm_lanes): GEMM_LANES, else the
+// device's default. GEMM_LANES=1 runs them in order on the stream, for a comparison.
+int gemm_lanes() {
+  const char* text = std::getenv("GEMM_LANES");
+  return text ? std::max(1, std::atoi(text)) : moe::cuda::CudaDevice::kDefaultGemmLanes;
 }
 
 Index batch_size() {
@@ -164,6 +172,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   const std::size_t memory_before = moe::cuda::CudaDevice::memory_in_use();
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   const moe::cuda::CudaDevice device(nullptr, math);  // copies share its context: host_times() sees the trainer's calls
+  device.set_gemm_lanes(gemm_lanes());
   std::unique_ptr<gpt2::Trainer> trainer = gpt2::make_device_trainer(variant, config, {}, precision, device);
   // As gpt2_moe's loop: statistics would sync once per MoE layer (the dense model has none).
   if (trainer->is_moe()) trainer->collect_routing_stats(false);
@@ -272,6 +281,7 @@ int main(int argc, char** argv) {
   if (have_device) {  // the GPU's name in the JSON's context, for report_gpt2.py's header
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) benchmark::AddCustomContext("gpu", prop.name);
+    benchmark::AddCustomContext("gemm_lanes", std::to_string(gemm_lanes()));
   }
   if (!have_device)
     std::fprintf(stderr, "bench_gpt2_cuda: no usable CUDA device (%s): nothing can be measured\n", no_device.c_str());

@@ -16,7 +16,9 @@
 //              moe::nn's arguments without the thread count (see moe/nn/*.hpp), and
 //              add(src, dst) (dst += src), gelu_forward/backward
 //   training   scale_gradients(params, factor), clip_grad_norm(params, max_norm),
-//              set_threads(n) (CPU; a no-op on a device), description()
+//              set_threads(n) (CPU; a no-op on a device), description(); a device's also
+//              grad_norm(params) and clip_factor(norm, max_norm), clipping's halves, so that its
+//              Optimizer::step(params, lr, factor) applies the factor (no pass of its own)
 // Host data (token ids, targets) always comes as host spans; device memory never reaches the host
 // except through download(span, host).
 #pragma once

@@ -137,6 +137,12 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   double clip_grad_norm(std::vector<moe::ParamRef<S>>& params, double max_norm) const {
     return moe::cuda::nn::clip_grad_norm(device_, params, max_norm);
   }
+  // Clipping in two halves, for a step that lets the update apply it (Optimizer::step(params, lr,
+  // factor)): the norm, then the factor clip_grad_norm would scale the gradients by (1: none).
+  double grad_norm(std::vector<moe::ParamRef<S>>& params) const { return moe::cuda::nn::grad_norm(device_, params); }
+  static moe::Compute<S> clip_factor(double norm, double max_norm) {
+    return moe::cuda::nn::clip_factor<moe::Compute<S>>(norm, max_norm);
+  }
   // Device memory in use (bytes) where the device can tell (the GPU: cudaMemGetInfo), else 0.
   std::int64_t memory_in_use() const {
     if constexpr (requires { device_.memory_in_use(); }) return std::int64_t(device_.memory_in_use());

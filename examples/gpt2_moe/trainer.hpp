@@ -63,7 +63,9 @@ class Trainer {
   virtual void backward() = 0;
   virtual void zero_grad() = 0;
   // Gradients *= grad_scale (unless 1), then clipped to max_norm (unless 0); returns the norm
-  // before clipping (0 when not clipping), non-finite if the gradients are.
+  // before clipping (0 when not clipping), non-finite if the gradients are. A device trainer
+  // leaves clipping's factor to optimizer_step, which updates with the clipped gradients without
+  // a pass of its own over them: between the two calls its stored gradients are not yet clipped.
   virtual double prepare_gradients(float grad_scale, double max_norm) = 0;
   virtual void optimizer_step(double lr) = 0;
 
@@ -119,11 +121,23 @@ class ModelTrainer : public Trainer {
   double prepare_gradients(float grad_scale, double max_norm) override {
     bind();
     if (grad_scale != 1.0f) model_.ops().scale_gradients(params_, grad_scale);
-    return max_norm > 0 ? model_.ops().clip_grad_norm(params_, max_norm) : 0.0;
+    if (max_norm <= 0) return 0.0;
+    if constexpr (kClipInUpdate) {
+      const double norm = model_.ops().grad_norm(params_);
+      clip_factor_ = model_.ops().clip_factor(norm, max_norm);
+      return norm;
+    } else {
+      return model_.ops().clip_grad_norm(params_, max_norm);
+    }
   }
   void optimizer_step(double lr) override {
     bind();
-    optimizer_.step(params_, lr);
+    if constexpr (kClipInUpdate) {
+      optimizer_.step(params_, lr, clip_factor_);
+      clip_factor_ = 1;
+    } else {
+      optimizer_.step(params_, lr);
+    }
   }
 
   void set_routing_step(std::uint64_t step) override { model_.set_routing_step(step); }
@@ -179,6 +193,14 @@ class ModelTrainer : public Trainer {
   }
 
  private:
+  // A device's clipping is applied by the update (NnOps::grad_norm, clip_factor); the CPU's
+  // scales the gradients in place, as PyTorch does.
+  static constexpr bool kClipInUpdate = requires(const typename Model::Ops& ops, std::vector<moe::ParamRef<S>>& p) {
+    ops.grad_norm(p);
+    ops.clip_factor(1.0, 1.0);
+  };
+  moe::Compute<S> clip_factor_ = 1;  // from prepare_gradients to optimizer_step
+
   // The parameter list, taken once (the model's tensors never move).
   void bind() {
     if (params_.empty()) params_ = model_.parameters();

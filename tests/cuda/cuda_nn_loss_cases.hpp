@@ -333,10 +333,12 @@ struct Trajectory {
 };
 
 // `steps` AdamW steps on both sides (gradient clipping at max_norm first when max_norm > 0),
-// checked against the CPU after every step.
+// checked against the CPU after every step. in_update: the device clips through the update
+// (grad_norm, then step(params, lr, clip_factor)), its gradients left unscaled.
 template <class S>
-Trajectory<S> run_adamw(int steps, double max_norm, std::uint64_t seed) {
+Trajectory<S> run_adamw(int steps, double max_norm, std::uint64_t seed, bool in_update = false) {
   CAPTURE(max_norm);
+  CAPTURE(in_update);
   const TestDevice device = cuda_test::make_device();
   std::vector<TwinParam<S>> params = make_params<S>(device, seed);
   const std::vector<TwinParam<S>>& cparams = params;
@@ -358,20 +360,34 @@ Trajectory<S> run_adamw(int steps, double max_norm, std::uint64_t seed) {
     set_gradients(device, params, seed + 100 * std::uint64_t(t), t % 2 ? 1.f : 0.001f);
     auto cpu_list = cpu_refs(params);
     auto list = device_refs(params);
+    using C = moe::Compute<S>;
+    C factor = 1;
     if (max_norm > 0) {
+      const std::vector<float> unclipped = cparams[0].grad;
       const double cpu_norm = moe::nn::clip_grad_norm(cpu_list, max_norm, 2);
-      const double norm = moe::cuda::nn::clip_grad_norm(device, list, max_norm);
+      double norm = 0;
+      if (in_update) {
+        norm = moe::cuda::nn::grad_norm(device, list);
+        factor = moe::cuda::nn::clip_factor<C>(norm, max_norm);
+        // The gradients stay as they were (the update scales what it reads).
+        CHECK(same_bits(to_host(device, cparams[0].d_grad.data(), cparams[0].size()), unclipped));
+      } else {
+        norm = moe::cuda::nn::clip_grad_norm(device, list, max_norm);
+        for (const auto& p : cparams)
+          if (p.has_grad) CHECK(relative_error(to_host(device, p.d_grad.data(), p.size()), p.grad) < tolerance<S>());
+      }
       CHECK(std::abs(norm - cpu_norm) <= 1e-6 * cpu_norm);  // the same inputs, summed in double
       out.norms.push_back(norm);
-      for (const auto& p : cparams)
-        if (p.has_grad) CHECK(relative_error(to_host(device, p.d_grad.data(), p.size()), p.grad) < tolerance<S>());
     }
     if (t == 2) {  // a scheduled rate
       cpu.step(cpu_list, 0.03);
-      adamw.step(list, 0.03);
+      adamw.step(list, 0.03, factor);
     } else {
       cpu.step(cpu_list);
-      adamw.step(list);
+      if (in_update)
+        adamw.step(list, config.lr, factor);
+      else
+        adamw.step(list);
     }
     CHECK(adamw.step_count() == t);
     const auto m = adamw.m(), v = adamw.v();
@@ -404,6 +420,16 @@ void check_adamw() {
       CHECK(same_bits(a.v[i], b.v[i]));
     }
     CHECK(same_bits(a.norms, b.norms));
+    // Clipping through the update: within tolerance of the CPU (run_adamw checks); for fp32
+    // gradients, the bits of clipping in place (C(g) * factor is the in-place product).
+    const Trajectory<S> c = run_adamw<S>(4, max_norm, 7, true);
+    CHECK(same_bits(a.norms, c.norms));
+    if constexpr (std::is_same_v<S, float>)
+      for (std::size_t i = 0; i < a.values.size(); ++i) {
+        CHECK(same_bits(a.values[i], c.values[i]));
+        CHECK(same_bits(a.m[i], c.m[i]));
+        CHECK(same_bits(a.v[i], c.v[i]));
+      }
   }
 }
 

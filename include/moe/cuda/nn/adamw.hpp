@@ -69,6 +69,7 @@ struct AdamWElement {
 };
 template <class C>
 MOE_HOST_DEVICE AdamWElement<C> adamw_element(const AdamWStep<C>& k, bool decays, C g, C m, C v, C old) {
+  // (g arrives times the step's gradient scale: C(grad) * scale, exact when the scale is 1.)
   const C mj = k.b1 * m + k.one_minus_b1 * g;
   const C vj = k.b2 * v + k.one_minus_b2 * g * g;
   // old * 1 is exact: parameters that do not decay take the same path.
@@ -98,10 +99,11 @@ MOE_HOST_DEVICE void store_elements(T* p, const T (&in)[W]) {
 }
 
 // The CPU AdamW's update of every element of every tensor, in C, of the master weight when there is
-// one (then rounded into value); tensors in launches of kTensorsPerLaunch, a 16-byte pack of S
-// (and the same elements of the C arrays) per step of a thread where the tensor's arrays allow.
+// one (then rounded into value), with the gradient C(grad) * grad_scale; tensors in launches of
+// kTensorsPerLaunch, a 16-byte pack of S (and the same elements of the C arrays) per step of a
+// thread where the tensor's arrays allow.
 template <class S, class D, class C = Compute<S>>
-void adamw_update(const D& device, std::span<const UpdatedTensor<S>> tensors, AdamWStep<C> k) {
+void adamw_update(const D& device, std::span<const UpdatedTensor<S>> tensors, AdamWStep<C> k, C grad_scale) {
   constexpr Index W = kPackSize<S>;
   for_each_tensor_pack<W>(device, tensors, kUpdateChunk, [=] MOE_HOST_DEVICE(const UpdatedTensor<S>& p, Index first, Index count) {
     if (p.packed && count == W) {
@@ -119,7 +121,7 @@ void adamw_update(const D& device, std::span<const UpdatedTensor<S>> tensors, Ad
       Pack<S> value;
       MOE_UNROLL
       for (Index i = 0; i < W; ++i) {
-        const AdamWElement<C> x = adamw_element(k, p.decays, C(g.v[i]), m[i], v[i], old[i]);
+        const AdamWElement<C> x = adamw_element(k, p.decays, C(g.v[i]) * grad_scale, m[i], v[i], old[i]);
         m[i] = x.m, v[i] = x.v, old[i] = x.updated;
         value.v[i] = S(x.updated);
       }
@@ -131,7 +133,7 @@ void adamw_update(const D& device, std::span<const UpdatedTensor<S>> tensors, Ad
     }
     for (Index j = first; j < first + count; ++j) {
       const AdamWElement<C> x =
-          adamw_element(k, p.decays, C(p.grad[j]), p.m[j], p.v[j], p.master ? p.master[j] : C(p.value[j]));
+          adamw_element(k, p.decays, C(p.grad[j]) * grad_scale, p.m[j], p.v[j], p.master ? p.master[j] : C(p.value[j]));
       p.m[j] = x.m;
       p.v[j] = x.v;
       if (p.master) p.master[j] = x.updated;
@@ -251,6 +253,15 @@ std::vector<GradTensor<S>> grad_tensors(std::vector<ParamRef<S>>& params) {
   return grads;
 }
 
+// The gradients clipping measures and scales: those the optimizer updates (optimizer_updates).
+template <class S>
+std::vector<GradTensor<S>> updated_grad_tensors(std::vector<ParamRef<S>>& params) {
+  std::vector<GradTensor<S>> grads;
+  for (ParamRef<S>& p : params)
+    if (optimizer_updates(p)) grads.push_back(grad_tensor(p));
+  return grads;
+}
+
 }  // namespace adamw_detail
 
 // First and second moments for each parameter, keyed by its position in the list given to
@@ -287,7 +298,11 @@ class AdamW {
 
   void step(std::vector<ParamRef<S>>& params) { step(params, config_.lr); }
 
-  void step(std::vector<ParamRef<S>>& params, double lr) {
+  // grad_scale: the update reads every gradient times this factor, as if the gradients had been
+  // scaled in place first (C(g) * scale, rounded once in C: for fp32 the bits of the in-place
+  // scaling; for bf16 gradients, without their rounding back to bf16). It is how clipping's
+  // factor reaches the update without its own pass over the gradients (grad_norm, clip_factor).
+  void step(std::vector<ParamRef<S>>& params, double lr, C grad_scale = C(1)) {
     bind(params);
     ++steps_;
     const AdamWStep<C> k = moe::nn::adamw_step<C>(config_, lr, steps_);
@@ -301,7 +316,7 @@ class AdamW {
       tensors.push_back({p.value.data(), p.grad.data(), m_[i].data(), v_[i].data(), master, Index(p.value.size()),
                          decays(p) && config_.weight_decay != 0, packed});
     }
-    adamw_detail::adamw_update(device_, std::span<const adamw_detail::UpdatedTensor<S>>(tensors), k);
+    adamw_detail::adamw_update(device_, std::span<const adamw_detail::UpdatedTensor<S>>(tensors), k, grad_scale);
   }
 
   // ---- state, for checkpoints ------------------------------------------------------------
@@ -391,28 +406,22 @@ class AdamW {
   std::vector<DeviceArray<C, D>> master_;  // [params] fp32 master weights (kMasterWeights only)
 };
 
-// Scales every gradient by max_norm / (norm + 1e-6) when the global L2 norm of all gradients
-// (trainable parameters with a gradient, in device memory) exceeds max_norm, as
-// moe::nn::clip_grad_norm. Returns the norm before clipping; a non-finite norm is returned with
-// the gradients left as they are (the caller should skip that step).
-// The squares are summed in double: per parameter in interleaved chunks of about kNormChunk
-// elements (one thread each, 16-byte packs in index order; all parameters in a few launches), then the partials
-// in list-and-chunk order through ordered_sum's fixed tree, so the norm is the same bits on every
-// run. Downloading the sum waits for the stream: the one sync.
+// The global L2 norm of all gradients (trainable parameters with a gradient, in device memory),
+// as moe::nn::clip_grad_norm measures it. The squares are summed in double: per parameter in
+// interleaved chunks of about kNormChunk elements (one thread each, 16-byte packs in index order;
+// all parameters in a few launches), then the partials in list-and-chunk order through
+// ordered_sum's fixed tree, so the norm is the same bits on every run. Downloading the sum waits
+// for the stream: the one sync.
 template <class S, class D>
-double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double max_norm) {
-  using C = Compute<S>;
-  check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+double grad_norm(const D& device, std::vector<ParamRef<S>>& params) {
   // Each updated parameter's gradient and its first partial (the pointers into the scratch below).
-  std::vector<adamw_detail::GradTensor<S>> grads;
+  std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::updated_grad_tensors(params);
   std::vector<Index> first;
   Index partials = 0;
-  for (ParamRef<S>& p : params)
-    if (optimizer_updates(p)) {
-      grads.push_back(adamw_detail::grad_tensor(p));
-      first.push_back(partials);
-      partials += units_of(Index(p.grad.size()), adamw_detail::kNormChunk);
-    }
+  for (const adamw_detail::GradTensor<S>& g : grads) {
+    first.push_back(partials);
+    partials += units_of(g.n, adamw_detail::kNormChunk);
+  }
   if (partials == 0) return 0.0;
   ScratchLayout layout;
   const auto sums_slot = layout.add<double>(partials + 1);  // the partials, then their sum
@@ -425,9 +434,30 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
   adamw_detail::ordered_sum(device, sums, partials, strips_slot.in(scratch), sums + partials);
   double squares = 0;
   device.download(&squares, sums + partials, sizeof(double));  // waits for the stream
-  const double norm = std::sqrt(squares);
-  if (!std::isfinite(norm) || norm <= max_norm) return norm;
-  adamw_detail::scale_in_place(device, list, C(max_norm / (norm + 1e-6)));
+  return std::sqrt(squares);
+}
+
+// What clipping multiplies the gradients by for a norm: max_norm / (norm + 1e-6) in C when the
+// norm exceeds max_norm, else 1 (and 1 for a non-finite norm: the caller should skip that step).
+// AdamW::step(params, lr, clip_factor(norm, max_norm)) then updates with the clipped gradients.
+template <class C>
+C clip_factor(double norm, double max_norm) {
+  check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  return std::isfinite(norm) && norm > max_norm ? C(max_norm / (norm + 1e-6)) : C(1);
+}
+
+// Scales every gradient by clip_factor when the global norm (grad_norm) exceeds max_norm, as
+// moe::nn::clip_grad_norm. Returns the norm before clipping; a non-finite norm is returned with
+// the gradients left as they are (the caller should skip that step).
+template <class S, class D>
+double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double max_norm) {
+  using C = Compute<S>;
+  check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  const double norm = grad_norm(device, params);
+  const C factor = clip_factor<C>(norm, max_norm);
+  if (factor == C(1)) return norm;
+  const std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::updated_grad_tensors(params);
+  adamw_detail::scale_in_place(device, std::span<const adamw_detail::GradTensor<S>>(grads), factor);
   return norm;
 }
 
