@@ -475,3 +475,51 @@ TEST_CASE("row packs: sums, maxima and updates in 16-byte packs agree with the c
   check_row_packs<float>();
   check_row_packs<moe::bfloat16>();
 }
+
+TEST_CASE("row max-sum: one read gives a row's max and sum of exponentials; -inf, NaN and the pair's symmetry") {
+  using moe::cuda::MaxSum;
+  const moe::cuda::EmulatedRow row;
+  const auto value = [](moe::Index, float x) { return x; };
+  std::mt19937_64 rng(77);
+  std::normal_distribution<float> normal(0.f, 4.f);
+  for (const moe::Index n : {moe::Index{1}, moe::Index{3}, moe::Index{31}, moe::Index{33}, moe::Index{100},
+                             moe::Index{1000}, moe::Index{4099}}) {
+    CAPTURE(n);
+    moe::cuda::DeviceArray<float, moe::cuda::EmulatedDevice> x(n);
+    for (moe::Index c = 0; c < n; ++c) x.data()[c] = c % 17 == 5 ? -INFINITY : normal(rng);  // masked entries too
+    double max = -INFINITY, sum = 0;
+    for (moe::Index c = 0; c < n; ++c) max = std::max(max, double(x.data()[c]));
+    for (moe::Index c = 0; c < n; ++c) sum += std::exp(double(x.data()[c]) - max);
+    for (const bool packed : {true, false}) {
+      const MaxSum<float> s = packed ? moe::cuda::row_max_sum<true>(row, n, value, x.data())
+                                     : moe::cuda::row_max_sum<false>(row, n, value, x.data());
+      CHECK(double(s.max) == max);
+      CHECK(std::abs(double(s.sum) - sum) <= 1e-6 * sum);
+    }
+  }
+  // The pair: {-inf, 0} is the identity, combining is the same bits either way round, a NaN is kept.
+  const MaxSum<float> empty{-INFINITY, 0.f}, a{1.5f, 3.25f}, b{-2.f, 7.5f}, c{1.5f, 0.75f};
+  const auto same = [](MaxSum<float> u, MaxSum<float> v) { return std::memcmp(&u, &v, sizeof(u)) == 0; };
+  CHECK(same(moe::cuda::max_sum_combine(a, empty), a));
+  CHECK(same(moe::cuda::max_sum_combine(empty, a), a));
+  CHECK(same(moe::cuda::max_sum_combine(empty, empty), empty));
+  for (const auto& [u, v] : {std::pair{a, b}, std::pair{a, c}, std::pair{b, c}}) {
+    CHECK(same(moe::cuda::max_sum_combine(u, v), moe::cuda::max_sum_combine(v, u)));
+    const MaxSum<float> w = moe::cuda::max_sum_combine(u, v);
+    const double expected = double(u.sum) * std::exp(double(u.max) - double(w.max)) +
+                            double(v.sum) * std::exp(double(v.max) - double(w.max));
+    CHECK(w.max == std::max(u.max, v.max));
+    CHECK(std::abs(double(w.sum) - expected) <= 1e-6 * expected);
+  }
+  CHECK(same(moe::cuda::max_sum_add(empty, -INFINITY), empty));
+  CHECK(std::isnan(moe::cuda::max_sum_add(empty, NAN).sum));
+  CHECK(std::isnan(moe::cuda::max_sum_add(a, NAN).sum));
+  CHECK(std::isnan(moe::cuda::max_sum_combine(moe::cuda::max_sum_add(empty, NAN), a).sum));
+  CHECK(std::isnan(moe::cuda::max_sum_combine(a, moe::cuda::max_sum_add(empty, NAN)).sum));
+  // Every column of a row once, each lane's in order: a count of visits per column.
+  std::vector<int> visits(70, 0);
+  const int total = row.reduce(moe::Index{70}, 0, [&](int acc, moe::Index col) { return ++visits[std::size_t(col)], acc + 1; },
+                               [](int u, int v) { return u + v; });
+  CHECK(total == 70);
+  CHECK(std::all_of(visits.begin(), visits.end(), [](int v) { return v == 1; }));
+}

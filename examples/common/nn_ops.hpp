@@ -12,7 +12,9 @@
 //              make_optimizer(AdamWConfig), init_normal(Param&, std, seed) (the CPU's numbers
 //              from (seed, name)), fill(Param&, value), zero(MatrixView), zero_grad(ParamRef&),
 //              zero_grads(params) (every gradient of the list: a few launches on a device)
-//   layers     embedding_, layernorm_, linear_, attention_, cross_entropy_{forward,backward}:
+//   layers     embedding_, layernorm_, linear_, attention_, cross_entropy_{forward,backward} (these
+//              two take an optional Stat array [2N], the forward's row statistics for the
+//              backward on the same logits: a device skips its second read of the rows):
 //              moe::nn's arguments without the thread count (see moe/nn/*.hpp), and
 //              add(src, dst) (dst += src), gelu_forward/backward
 //   training   scale_gradients(params, factor), clip_grad_norm(params, max_norm),

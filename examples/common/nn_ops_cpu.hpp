@@ -90,11 +90,13 @@ class NnOps<moe::cpu::BasicBackend<S>> {
                           Index heads, bool causal, moe::MatrixView<S> dqkv) const {
     moe::nn::attention_backward<S>(dout, qkv, att, B, T, heads, causal, dqkv, threads_);
   }
-  double cross_entropy_forward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, S* losses) const {
+  // row_stats: unused here (the CPU's backward recomputes the softmax statistics).
+  double cross_entropy_forward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, S* losses,
+                               Stat* /*row_stats*/ = nullptr) const {
     return moe::nn::cross_entropy_forward<S>(logits, targets, losses, threads_);
   }
   void cross_entropy_backward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, double dloss,
-                              moe::MatrixView<S> dlogits) const {
+                              moe::MatrixView<S> dlogits, const Stat* /*row_stats*/ = nullptr) const {
     moe::nn::cross_entropy_backward<S>(logits, targets, dloss, dlogits, threads_);
   }
   void add(moe::ConstMatrixView<S> src, moe::MatrixView<S> dst) const { backend_.add(src, dst); }

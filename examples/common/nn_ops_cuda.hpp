@@ -116,12 +116,15 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
                           Index heads, bool causal, moe::MatrixView<S> dqkv) const {
     moe::cuda::nn::attention_backward<S>(device_, dout, qkv, att, B, T, heads, causal, dqkv);
   }
-  double cross_entropy_forward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, S* losses) const {
-    return moe::cuda::nn::cross_entropy_forward<S>(device_, logits, targets, losses);
+  // row_stats ([2N], optional): the forward's softmax statistics, read by the backward on the same
+  // logits instead of a second read of every row.
+  double cross_entropy_forward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, S* losses,
+                               Stat* row_stats = nullptr) const {
+    return moe::cuda::nn::cross_entropy_forward<S>(device_, logits, targets, losses, row_stats);
   }
   void cross_entropy_backward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, double dloss,
-                              moe::MatrixView<S> dlogits) const {
-    moe::cuda::nn::cross_entropy_backward<S>(device_, logits, targets, dloss, dlogits);
+                              moe::MatrixView<S> dlogits, const Stat* row_stats = nullptr) const {
+    moe::cuda::nn::cross_entropy_backward<S>(device_, logits, targets, dloss, dlogits, row_stats);
   }
   void add(moe::ConstMatrixView<S> src, moe::MatrixView<S> dst) const { backend_->add(src, dst); }
   void gelu_forward(moe::ConstMatrixView<S> in, moe::MatrixView<S> out) const { backend_->gelu_forward(in, out); }

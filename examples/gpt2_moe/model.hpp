@@ -218,7 +218,8 @@ class Model {
     nn_.layernorm_forward(residual_.back(), ln_f_weight_.value.data(), ln_f_bias_.value.data(), ln_f_,
                           ln_f_mean_.data(), ln_f_rstd_.data());
     nn_.linear_forward(ln_f_, wte_.padded_matrix(), nullptr, classifier_view());  // tied: logits = ln_f wte^T
-    loss_ = targets.empty() ? 0.0 : nn_.cross_entropy_forward(logits_view(), targets, losses_.data());
+    loss_ = targets.empty() ? 0.0
+                            : nn_.cross_entropy_forward(logits_view(), targets, losses_.data(), loss_stats_.data());
     forwarded_ = !targets.empty();
     return loss_;
   }
@@ -230,7 +231,7 @@ class Model {
     const Index B_ = batch_, T = seq_;
 
     const MatrixView<S> dlogits = logits_view();  // written over the logits (llm.c): they are not needed again
-    nn_.cross_entropy_backward(dlogits, targets_, 1.0, dlogits);
+    nn_.cross_entropy_backward(dlogits, targets_, 1.0, dlogits, loss_stats_.data());  // the forward's row statistics
     // wte's padding rows (device only) gave zero logits; their gradient must be zero too, also
     // where a non-finite input made 0 * inf there.
     const Index classes = wte_.padded_matrix().rows;
@@ -458,6 +459,7 @@ class Model {
     B::resize(dqkv_, BT, 3 * H);
     B::resize(logits_, BT, padded_vocab());
     ln_f_mean_.resize(std::size_t(BT)), ln_f_rstd_.resize(std::size_t(BT)), losses_.resize(std::size_t(BT));
+    loss_stats_.resize(std::size_t(2 * BT));
   }
 
   Config config_;
@@ -473,6 +475,7 @@ class Model {
   Matrix ln_f_, logits_;  // logits_: rows of padded_vocab(), the first V used
   Array<typename Ops::Stat> ln_f_mean_, ln_f_rstd_;
   Array<S> losses_;
+  Array<typename Ops::Stat> loss_stats_;  // [2 B*T] the loss's softmax statistics, from forward to backward
   double loss_ = 0;
   bool forwarded_ = false;
   // Backward workspace, shared by every block.

@@ -14,6 +14,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <cub/device/device_radix_sort.cuh>
 #include <memory>
 #include <optional>
@@ -92,11 +93,34 @@ struct WarpRow {
 #endif
     return acc;
   }
+  template <class T, class Fold, class Combine>
+  __host__ __device__ T reduce(Index n, T identity, Fold fold, Combine combine) const {
+    T acc = identity;
+#if defined(__CUDA_ARCH__)
+    for (Index c = lane; c < n; c += kRowLanes) acc = fold(acc, c);
+    for (int offset = kRowLanes / 2; offset > 0; offset /= 2) acc = combine(acc, shuffle_xor(acc, offset));
+#endif
+    return acc;
+  }
   template <class F>
   __host__ __device__ void for_each(Index n, F f) const {
     for (Index c = lane; c < n; c += kRowLanes) f(c);
   }
   __host__ __device__ bool first() const { return lane == 0; }
+
+ private:
+  // Lane (lane ^ offset)'s value of a trivially copyable T, word by word.
+  template <class T>
+  __device__ static T shuffle_xor(const T& value, int offset) {
+    static_assert(std::is_trivially_copyable_v<T> && sizeof(T) % sizeof(unsigned) == 0,
+                  "WarpRow::reduce: the value must be whole 32-bit words");
+    unsigned words[sizeof(T) / sizeof(unsigned)];
+    std::memcpy(words, &value, sizeof(T));
+    for (unsigned& w : words) w = __shfl_xor_sync(0xffffffffu, w, offset);
+    T out;
+    std::memcpy(&out, words, sizeof(T));
+    return out;
+  }
 };
 
 // One warp per row, grid-stride over the rows. Every lane of a warp takes the same rows, so the
@@ -206,11 +230,15 @@ class CudaDevice {
     const auto timed = context_->host_times.time(HostCall::upload);
     if (bytes) check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()), "upload");
   }
-  // Waits for the stream: the result is on the host when this returns.
+  // Waits for the stream: the result is on the host when this returns. Small copies (a layer's
+  // expert offsets, a loss, a norm: the training step's syncs) go through a page-locked staging
+  // buffer, so the copy is one DMA the stream runs in order, not the runtime's pageable path.
   void download(void* dst, const void* src, std::size_t bytes) const {
     const auto timed = context_->host_times.time(HostCall::wait);
-    if (bytes) check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "download");
+    void* staging = bytes <= Context::kStagingBytes ? context_->staging() : nullptr;
+    if (bytes) check_cuda(cudaMemcpyAsync(staging ? staging : dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "download");
     synchronize();
+    if (bytes && staging) std::memcpy(dst, staging, bytes);
   }
   void synchronize() const {
     const auto timed = context_->host_times.time(HostCall::wait);
@@ -556,6 +584,8 @@ class CudaDevice {
     std::size_t temp_bytes = 0;
     void* scratch_data = nullptr;
     std::size_t scratch_bytes = 0;
+    static constexpr std::size_t kStagingBytes = 4096;  // downloads up to this size are staged
+    void* staging_data = nullptr;                       // page-locked host memory, made at the first
     LtPlans lt_plans;
     HostCallTimes host_times;
     std::atomic<std::uint64_t> lt_fallbacks{0};
@@ -581,6 +611,11 @@ class CudaDevice {
       if (lt) cublasLtDestroy(lt);
       if (scratch_data) cudaFree(scratch_data);
       if (temp) cudaFree(temp);
+      if (staging_data) cudaFreeHost(staging_data);
+    }
+    void* staging() {
+      if (!staging_data) check_cuda(cudaMallocHost(&staging_data, kStagingBytes), "cudaMallocHost (download staging)");
+      return staging_data;
     }
     static void release(Lane& lane) {
       if (lane.lt_workspace) cudaFree(lane.lt_workspace);

@@ -271,6 +271,10 @@ class ScratchLayout {
 // each) or under row.first() (once per row): on the GPU all 32 lanes run the body.
 //   row.sum(n, f)      sum over c in [0, n) of f(c)
 //   row.max(n, f)      max over c in [0, n) of f(c) (-inf for n = 0; a NaN is kept or skipped as `>` decides)
+//   row.reduce(n, identity, fold, combine)
+//                      each lane folds acc = fold(acc, c) over its columns from `identity`, then the
+//                      butterfly meets the partials with combine(mine, other's); combine must give
+//                      the same bits either way round, so that every lane ends with the same value
 //   row.for_each(n, f) f(c) for every c in [0, n)
 //   row.first()        true in exactly one lane
 inline constexpr int kRowLanes = 32;

@@ -60,6 +60,15 @@ struct EmulatedRow {
     }
     return butterfly(lanes, [](T a, T b) { return b > a ? b : a; });
   }
+  template <class T, class Fold, class Combine>
+  T reduce(Index n, T identity, Fold fold, Combine combine) const {
+    T lanes[kRowLanes];
+    for (int l = 0; l < kRowLanes; ++l) {
+      lanes[l] = identity;
+      for (Index c = l; c < n; c += kRowLanes) lanes[l] = fold(lanes[l], c);
+    }
+    return butterfly(lanes, combine);
+  }
   template <class F>
   void for_each(Index n, F f) const {
     for (Index c = 0; c < n; ++c) f(c);

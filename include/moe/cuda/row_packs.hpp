@@ -11,6 +11,8 @@
 // Each function takes one or more rows of the same element type, read at the same columns: f(c, row[c], more[c]...).
 //   row_sum<Packed>(work, n, f, rows...)     sum over c in [0, n) of f(c, ...)
 //   row_max<Packed>(work, n, f, rows...)     max over c in [0, n) of f(c, ...) (-inf for n = 0; `>` decides NaNs)
+//   row_max_sum<Packed>(work, n, f, row)     {max, sum of exp(f - max)} over c in [0, n) in ONE read of the row
+//                                            (the online softmax's running pair; {-inf, 0} for n = 0)
 //   row_update<Packed>(work, n, f, out, rows...)
 //                                            out[c] = f(c, out[c], row[c]...) for every c in [0, n)
 //   row_update_live<Packed>(work, n, live, f, out, rows...)
@@ -83,6 +85,48 @@ MOE_HOST_DEVICE auto row_max(const Row& work, Index n, F f, const S* row, const 
                     [&](Index q) { return row_packs_detail::fold_pack(q, n, -T(INFINITY), larger, f, row, more...); });
   } else {
     return work.max(n, [&](Index c) { return f(c, row[c], more[c]...); });
+  }
+}
+
+// A softmax's running pair over some values: their max and the sum of exp(value - max).
+template <class C>
+struct MaxSum {
+  C max, sum;
+};
+
+// The pair with one value more: a larger value rescales the sum to it (one exp either way). A value
+// of -inf adds nothing; a NaN makes the sum NaN.
+template <class C>
+MOE_HOST_DEVICE MaxSum<C> max_sum_add(MaxSum<C> acc, C x) {
+  if (x > acc.max) return {x, acc.sum * C(std::exp(acc.max - x)) + C(1)};
+  if (acc.sum == C(0) && !(x == x)) return {acc.max, x};     // a NaN first (nothing else seen): NaN sum
+  if (acc.sum == C(0) && x == -C(INFINITY)) return acc;      // -inf into nothing: still nothing
+  return {acc.max, acc.sum + C(std::exp(x - acc.max))};
+}
+
+// Two pairs as one, the same bits in either order (the larger max first; equal maxes: the larger
+// sum first), so every lane of a butterfly ends with the same pair. An empty pair ({-inf, 0}) is
+// the identity.
+template <class C>
+MOE_HOST_DEVICE MaxSum<C> max_sum_combine(MaxSum<C> a, MaxSum<C> b) {
+  const bool a_first = a.max > b.max || (a.max == b.max && a.sum >= b.sum);
+  const MaxSum<C> hi = a_first ? a : b, lo = a_first ? b : a;
+  if (lo.sum == C(0)) return hi;
+  return {hi.max, hi.sum + lo.sum * C(std::exp(lo.max - hi.max))};
+}
+
+template <bool Packed, class Row, class F, class S>
+MOE_HOST_DEVICE auto row_max_sum(const Row& work, Index n, F f, const S* row) {
+  using C = decltype(f(Index{}, row[0]));
+  const MaxSum<C> empty{-C(INFINITY), C(0)};
+  const auto combine = [](MaxSum<C> a, MaxSum<C> b) { return max_sum_combine(a, b); };
+  if constexpr (Packed) {
+    constexpr Index P = kPackSize<S>;
+    return work.reduce((n + P - 1) / P, empty, [&](MaxSum<C> acc, Index q) {
+      return row_packs_detail::fold_pack(q, n, acc, [](MaxSum<C> a, C x) { return max_sum_add(a, x); }, f, row);
+    }, combine);
+  } else {
+    return work.reduce(n, empty, [&](MaxSum<C> acc, Index c) { return max_sum_add(acc, f(c, row[c])); }, combine);
   }
 }
 

@@ -43,19 +43,20 @@ std::int32_t* upload_targets(const D& device, std::span<const std::int32_t> targ
   return slot;
 }
 
-// max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, by the device's row work (in 16-byte packs when
-// Packed: moe/cuda/row_packs.hpp; GPT-2's 50,257 logits are 6,282 whole packs of 8 bf16 and one element).
+// max and sum_j exp(row_j - max) of one row of V >= 1 logits, in C, by the device's row work in one read of the row
+// (row_max_sum: the online softmax's running pair; in 16-byte packs when Packed, moe/cuda/row_packs.hpp: GPT-2's
+// 50,257 logits are 6,282 whole packs of 8 bf16 and one element). A row is ~100 KB: a second read would come from
+// DRAM again.
 template <bool Packed, class S, class Row, class C = Compute<S>>
 MOE_HOST_DEVICE void softmax_stats(const Row& work, const S* row, Index V, C& max, C& sum) {
-  const C m = row_max<Packed>(work, V, [](Index, S x) { return C(x); }, row);
-  sum = row_sum<Packed>(work, V, [&](Index, S x) { return C(std::exp(C(x) - m)); }, row);
-  max = m;
+  const MaxSum<C> stats = row_max_sum<Packed>(work, V, [](Index, S x) { return C(x); }, row);
+  max = stats.max, sum = stats.sum;
 }
 
-// Row r's loss into losses[r] (0 where ignored): logsumexp - the target's logit.
-template <bool Packed, class S, class D>
-void row_losses(const D& device, ConstMatrixView<S> logits, const std::int32_t* target, S* losses) {
-  using C = Compute<S>;
+// Row r's loss into losses[r] (0 where ignored): logsumexp - the target's logit; with stat, its max and 1 / sum of
+// exponentials into stat[2r], stat[2r + 1] as row_stats writes them (ignored rows: not written).
+template <bool Packed, class S, class D, class C = Compute<S>>
+void row_losses(const D& device, ConstMatrixView<S> logits, const std::int32_t* target, S* losses, C* stat) {
   const Index V = logits.cols;
   device.for_each_row(logits.rows, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& work) {
     const std::int32_t t = target[r];
@@ -66,7 +67,10 @@ void row_losses(const D& device, ConstMatrixView<S> logits, const std::int32_t* 
     const S* row = logits.row(r);
     C max, sum;
     softmax_stats<Packed>(work, row, V, max, sum);
-    if (work.first()) losses[r] = S(C(std::log(sum)) + max - C(row[t]));
+    if (work.first()) {
+      losses[r] = S(C(std::log(sum)) + max - C(row[t]));
+      if (stat) stat[2 * r] = max, stat[2 * r + 1] = C(1) / sum;
+    }
   });
 }
 
@@ -106,10 +110,12 @@ struct Gradient {
 // Returns the mean of the losses over the counted rows (0 if every row is ignored, where PyTorch
 // gives NaN): the losses (as stored, in S) are summed in double in chunks of kLossChunk rows, the
 // chunk partials in chunk order, so the result is the same bits on every run. Downloading it
-// waits for the stream (a sync). Nothing is cached: backward recomputes the softmax.
+// waits for the stream (a sync).
+// row_stats (optional, device, [2N] of Compute<S>): each counted row's softmax statistics, for
+// cross_entropy_backward on the same logits and targets to skip reading the rows for them again.
 template <class S, class D>
 double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::span<const std::int32_t> targets,
-                             S* losses) {
+                             S* losses, Compute<S>* row_stats = nullptr) {
   const Index N = logits.rows, V = logits.cols;
   const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_forward", N, V, targets);
   check(losses || N == 0, "cross_entropy_forward: losses [", N, "] must not be null");
@@ -122,9 +128,9 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
   // One row of work per row: the row's softmax statistics and its loss.
   if (row_packs_fit(logits.data, logits.stride))  // rows start 16-byte aligned: the packed row work
-    cross_entropy_detail::row_losses<true>(device, logits, target, losses);
+    cross_entropy_detail::row_losses<true>(device, logits, target, losses, row_stats);
   else
-    cross_entropy_detail::row_losses<false>(device, logits, target, losses);
+    cross_entropy_detail::row_losses<false>(device, logits, target, losses, row_stats);
   // Mean: per-chunk partial sums in double, then one thread adds them in chunk order.
   double* partial = sums_slot.in(scratch);
   double* mean = partial + chunks;
@@ -151,10 +157,11 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
 //      rows where ignored.
 // dlogits is WRITTEN, not accumulated (the logits end the graph), and may alias logits: the row
 // statistics are computed first, then each element reads only its own logit before writing it.
-// No sync.
+// row_stats: what cross_entropy_forward wrote there for these logits and targets (the same bits
+// as computing them here), or null to compute them. No sync.
 template <class S, class D>
 void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::span<const std::int32_t> targets,
-                            double dloss, MatrixView<S> dlogits) {
+                            double dloss, MatrixView<S> dlogits, const Compute<S>* row_stats = nullptr) {
   using C = Compute<S>;
   const Index N = logits.rows, V = logits.cols;
   const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_backward", N, V, targets);
@@ -166,13 +173,17 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
   const auto stats_slot = layout.add<C>(2 * N);
   void* scratch = device.scratch(layout.bytes());
   const std::int32_t* target = cross_entropy_detail::upload_targets(device, targets, target_slot.in(scratch));
-  // One row of work per row: max and 1 / sum of the row's exponentials.
-  C* stat = stats_slot.in(scratch);
+  // One row of work per row: max and 1 / sum of the row's exponentials (unless the forward's are given).
   const bool packed = row_packs_fit(logits.data, logits.stride) && row_packs_fit(dlogits.data, dlogits.stride);
-  if (packed)
-    cross_entropy_detail::row_stats<true>(device, logits, target, stat);
-  else
-    cross_entropy_detail::row_stats<false>(device, logits, target, stat);
+  const C* stat = row_stats;
+  if (!stat) {
+    C* computed = stats_slot.in(scratch);
+    if (row_packs_fit(logits.data, logits.stride))  // as the forward picks: the same bits
+      cross_entropy_detail::row_stats<true>(device, logits, target, computed);
+    else
+      cross_entropy_detail::row_stats<false>(device, logits, target, computed);
+    stat = computed;
+  }
   // One index per element, or per 16-byte pack of elements where the rows start aligned (the same formula; a row's
   // partial last pack element by element).
   const C scale = valid ? C(dloss / double(valid)) : C(0);
