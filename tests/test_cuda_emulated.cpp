@@ -487,14 +487,17 @@ TEST_CASE("row max-sum: one read gives a row's max and sum of exponentials; -inf
     CAPTURE(n);
     moe::cuda::DeviceArray<float, moe::cuda::EmulatedDevice> x(n);
     for (moe::Index c = 0; c < n; ++c) x.data()[c] = c % 17 == 5 ? -INFINITY : normal(rng);  // masked entries too
-    double max = -INFINITY, sum = 0;
-    for (moe::Index c = 0; c < n; ++c) max = std::max(max, double(x.data()[c]));
-    for (moe::Index c = 0; c < n; ++c) sum += std::exp(double(x.data()[c]) - max);
-    for (const bool packed : {true, false}) {
-      const MaxSum<float> s = packed ? moe::cuda::row_max_sum<true>(row, n, value, x.data())
-                                     : moe::cuda::row_max_sum<false>(row, n, value, x.data());
-      CHECK(double(s.max) == max);
-      CHECK(std::abs(double(s.sum) - sum) <= 1e-6 * sum);
+    for (const float scale : {1.f, 0.125f}) {  // attention's 1 / sqrt(head size) goes inside the exponent
+      CAPTURE(scale);
+      double max = -INFINITY, sum = 0;
+      for (moe::Index c = 0; c < n; ++c) max = std::max(max, double(x.data()[c]));
+      for (moe::Index c = 0; c < n; ++c) sum += std::exp((double(x.data()[c]) - max) * scale);
+      for (const bool packed : {true, false}) {
+        const MaxSum<float> s = packed ? moe::cuda::row_max_sum<true>(row, n, value, x.data(), scale)
+                                       : moe::cuda::row_max_sum<false>(row, n, value, x.data(), scale);
+        CHECK(double(s.max) == max);
+        CHECK(std::abs(double(s.sum) - sum) <= 1e-6 * sum);
+      }
     }
   }
   // The pair: {-inf, 0} is the identity, combining is the same bits either way round, a NaN is kept.

@@ -11,8 +11,10 @@
 // Each function takes one or more rows of the same element type, read at the same columns: f(c, row[c], more[c]...).
 //   row_sum<Packed>(work, n, f, rows...)     sum over c in [0, n) of f(c, ...)
 //   row_max<Packed>(work, n, f, rows...)     max over c in [0, n) of f(c, ...) (-inf for n = 0; `>` decides NaNs)
-//   row_max_sum<Packed>(work, n, f, row)     {max, sum of exp(f - max)} over c in [0, n) in ONE read of the row
-//                                            (the online softmax's running pair; {-inf, 0} for n = 0)
+//   row_max_sum<Packed>(work, n, f, row, scale = 1)
+//                                            {max, sum of exp((f - max) * scale)} over c in [0, n) (scale > 0) in
+//                                            ONE read of the row (the online softmax's running pair; {-inf, 0} for
+//                                            n = 0)
 //   row_update<Packed>(work, n, f, out, rows...)
 //                                            out[c] = f(c, out[c], row[c]...) for every c in [0, n)
 //   row_update_live<Packed>(work, n, live, f, out, rows...)
@@ -27,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "moe/config.hpp"
 #include "moe/cuda/pack.hpp"
@@ -88,7 +91,8 @@ MOE_HOST_DEVICE auto row_max(const Row& work, Index n, F f, const S* row, const 
   }
 }
 
-// A softmax's running pair over some values: their max and the sum of exp(value - max).
+// A softmax's running pair over some values: their max and the sum of exp((value - max) * scale),
+// scale > 0 (attention's 1 / sqrt(head size) inside the exponent; 1 for cross-entropy, exactly).
 template <class C>
 struct MaxSum {
   C max, sum;
@@ -97,36 +101,36 @@ struct MaxSum {
 // The pair with one value more: a larger value rescales the sum to it (one exp either way). A value
 // of -inf adds nothing; a NaN makes the sum NaN.
 template <class C>
-MOE_HOST_DEVICE MaxSum<C> max_sum_add(MaxSum<C> acc, C x) {
-  if (x > acc.max) return {x, acc.sum * C(std::exp(acc.max - x)) + C(1)};
+MOE_HOST_DEVICE MaxSum<C> max_sum_add(MaxSum<C> acc, C x, C scale = C(1)) {
+  if (x > acc.max) return {x, acc.sum * C(std::exp((acc.max - x) * scale)) + C(1)};
   if (acc.sum == C(0) && !(x == x)) return {acc.max, x};     // a NaN first (nothing else seen): NaN sum
   if (acc.sum == C(0) && x == -C(INFINITY)) return acc;      // -inf into nothing: still nothing
-  return {acc.max, acc.sum + C(std::exp(x - acc.max))};
+  return {acc.max, acc.sum + C(std::exp((x - acc.max) * scale))};
 }
 
 // Two pairs as one, the same bits in either order (the larger max first; equal maxes: the larger
 // sum first), so every lane of a butterfly ends with the same pair. An empty pair ({-inf, 0}) is
 // the identity.
 template <class C>
-MOE_HOST_DEVICE MaxSum<C> max_sum_combine(MaxSum<C> a, MaxSum<C> b) {
+MOE_HOST_DEVICE MaxSum<C> max_sum_combine(MaxSum<C> a, MaxSum<C> b, C scale = C(1)) {
   const bool a_first = a.max > b.max || (a.max == b.max && a.sum >= b.sum);
   const MaxSum<C> hi = a_first ? a : b, lo = a_first ? b : a;
   if (lo.sum == C(0)) return hi;
-  return {hi.max, hi.sum + lo.sum * C(std::exp(lo.max - hi.max))};
+  return {hi.max, hi.sum + lo.sum * C(std::exp((lo.max - hi.max) * scale))};
 }
 
-template <bool Packed, class Row, class F, class S>
-MOE_HOST_DEVICE auto row_max_sum(const Row& work, Index n, F f, const S* row) {
-  using C = decltype(f(Index{}, row[0]));
+template <bool Packed, class Row, class F, class S, class C = decltype(std::declval<F>()(Index{}, std::declval<S>()))>
+MOE_HOST_DEVICE MaxSum<C> row_max_sum(const Row& work, Index n, F f, const S* row, C scale = C(1)) {
   const MaxSum<C> empty{-C(INFINITY), C(0)};
-  const auto combine = [](MaxSum<C> a, MaxSum<C> b) { return max_sum_combine(a, b); };
+  const auto combine = [scale](MaxSum<C> a, MaxSum<C> b) { return max_sum_combine(a, b, scale); };
+  const auto add = [scale](MaxSum<C> a, C x) { return max_sum_add(a, x, scale); };
   if constexpr (Packed) {
     constexpr Index P = kPackSize<S>;
     return work.reduce((n + P - 1) / P, empty, [&](MaxSum<C> acc, Index q) {
-      return row_packs_detail::fold_pack(q, n, acc, [](MaxSum<C> a, C x) { return max_sum_add(a, x); }, f, row);
+      return row_packs_detail::fold_pack(q, n, acc, add, f, row);
     }, combine);
   } else {
-    return work.reduce(n, empty, [&](MaxSum<C> acc, Index c) { return max_sum_add(acc, f(c, row[c])); }, combine);
+    return work.reduce(n, empty, [&](MaxSum<C> acc, Index c) { return add(acc, f(c, row[c])); }, combine);
   }
 }
 

@@ -91,16 +91,16 @@ void per_pair(const D& device, const PointerArrays<S>& arrays, Index call, Index
 
 // One row of work per (b, h, t), row i of the [rows, T] probabilities at att + i * T: the scaled, masked,
 // max-subtracted softmax of the raw scores in place; masked keys 0 (written, never read: the products left them
-// unset). The stored probability is the stored exponential (as S) times 1 / sum, as on the CPU. Packed: in 16-byte
+// unset). The max and the sum of exponentials come from one read of the row (row_max_sum), the probabilities from a
+// second. The stored probability is the stored exponential (as S) times 1 / sum, as on the CPU. Packed: in 16-byte
 // packs (moe/cuda/row_packs.hpp).
 template <bool Packed, class S, class D, class C = Compute<S>>
 void softmax_rows(const D& device, S* att, Index rows, Index T, bool causal, C scale) {
   device.for_each_row(rows, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
     const Index seen = causal ? i % T + 1 : T;
     S* row = att + i * T;
-    const C max = row_max<Packed>(r, seen, [](Index, S x) { return C(x); }, row);
-    const C sum = row_sum<Packed>(r, seen, [&](Index, S x) { return C(std::exp((C(x) - max) * scale)); }, row);
-    const C inverse = C(1) / sum;
+    const MaxSum<C> stats = row_max_sum<Packed>(r, seen, [](Index, S x) { return C(x); }, row, scale);
+    const C max = stats.max, inverse = C(1) / stats.sum;
     row_update_live<Packed>(
         r, T, seen, [&](Index, S x) { return S(C(S(std::exp((C(x) - max) * scale))) * inverse); }, row);
   });
