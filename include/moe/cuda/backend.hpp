@@ -127,7 +127,7 @@ class GemmGroup {
     if (call.m == 0 || call.n == 0) return;
     if (call.k > 0)
       add(call);
-    else  // an empty sum, as detail::gemm takes it (a product of the group may not read out anyway)
+    else  // an empty sum: as detail::gemm does it, now (no product of the group reads out, so the order is free)
       detail::gemm(device_, out, a, op_a, b, op_b, accumulate);
   }
   // As detail::gemm_epilogue.

@@ -195,7 +195,7 @@ class CudaDevice {
   explicit CudaDevice(cudaStream_t stream = nullptr, Fp32Math math = Fp32Math::exact)
       : context_(std::make_shared<Context>(stream, math)) {}
 
-  cudaStream_t stream() const { return context_->stream; }
+  cudaStream_t stream() const { return context_->main.stream; }
   Fp32Math fp32_math() const { return context_->math; }
 
   // The GPU's name and SM count, for logs ("NVIDIA H100 80GB HBM3, 132 SMs, TF32").
@@ -333,7 +333,7 @@ class CudaDevice {
     for (const BlasGemm<S>* g : declined) gemm_on(*g, context.main);
   }
   // Side streams a gemm_group may spread over (default kDefaultGemmLanes; 1: none, in order on the
-  // stream). Set before the first group: the lanes are made once, at the first group that needs them.
+  // stream). It may change between groups: a lane is made when a group first needs it, then kept.
   int gemm_lanes() const { return context_->gemm_lanes; }
   void set_gemm_lanes(int lanes) const {
     check(lanes >= 1 && lanes <= kMaxGemmLanes, "set_gemm_lanes: ", lanes, " lanes, expected 1 to ", kMaxGemmLanes);
@@ -436,6 +436,9 @@ class CudaDevice {
   bool lt_gemm(const BlasGemm<S>& g) const {
     return lt_gemm(g, context_->main);
   }
+
+ private:
+  // lt_gemm on a lane's stream, with its workspace.
   template <class S>
   bool lt_gemm(const BlasGemm<S>& g, Lane& lane) const {
     if constexpr (std::is_same_v<S, double>) {
@@ -533,6 +536,7 @@ class CudaDevice {
     }
   }
 
+ public:
   // Products meant for cuBLASLt (an epilogue, or a varying shape) that went the plain path (cuBLAS,
   // then a pass for an epilogue) since this device's context was made, though their operands are
   // aligned for it: it offered no algorithm or declined the one chosen. Zero on a GPU where it
@@ -571,7 +575,6 @@ class CudaDevice {
   }
 
   struct Context {
-    cudaStream_t stream;
     Fp32Math math;
     Lane main;               // the caller's stream, its cuBLAS handle and cuBLASLt workspace
     std::vector<Lane> side;  // gemm_group's side streams, made at the first group that needs them
@@ -585,12 +588,12 @@ class CudaDevice {
     void* scratch_data = nullptr;
     std::size_t scratch_bytes = 0;
     static constexpr std::size_t kStagingBytes = 4096;  // downloads up to this size are staged
-    void* staging_data = nullptr;                       // page-locked host memory, made at the first
+    void* staging_data = nullptr;                       // page-locked host memory, made at the first staged download
     LtPlans lt_plans;
     HostCallTimes host_times;
     std::atomic<std::uint64_t> lt_fallbacks{0};
 
-    Context(cudaStream_t s, Fp32Math m) : stream(s), math(m) {
+    Context(cudaStream_t stream, Fp32Math m) : math(m) {
       int device = 0;
       check_cuda(cudaGetDevice(&device), "cudaGetDevice");
       check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
@@ -638,7 +641,7 @@ class CudaDevice {
     void* workspace(std::size_t bytes) {
       if (bytes > temp_bytes) {
         // The old workspace may still be read by queued work on the stream: wait before freeing.
-        check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        check_cuda(cudaStreamSynchronize(main.stream), "cudaStreamSynchronize");
         if (temp) cudaFree(temp);
         temp = nullptr;
         check_cuda(cudaMalloc(&temp, bytes), "cudaMalloc (sort workspace)");
@@ -655,7 +658,7 @@ class CudaDevice {
     }
     void* scratch(std::size_t bytes) {
       if (bytes > scratch_bytes) {
-        check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        check_cuda(cudaStreamSynchronize(main.stream), "cudaStreamSynchronize");
         if (scratch_data) cudaFree(scratch_data);
         scratch_data = nullptr;
         const std::size_t grown = bytes + bytes / 4;

@@ -244,22 +244,23 @@ GradTensor<S> grad_tensor(ParamRef<S>& p) {
   return {p.grad.data(), Index(p.grad.size()), nullptr, pack_aligned(p.grad.data())};
 }
 
-// The gradients of `params` (those that have one) as GradTensors.
-template <class S>
-std::vector<GradTensor<S>> grad_tensors(std::vector<ParamRef<S>>& params) {
+// The gradients of the parameters `keep` selects, as GradTensors.
+template <class S, class Keep>
+std::vector<GradTensor<S>> grad_tensors_where(std::vector<ParamRef<S>>& params, Keep keep) {
   std::vector<GradTensor<S>> grads;
   for (ParamRef<S>& p : params)
-    if (!p.grad.empty()) grads.push_back(grad_tensor(p));
+    if (keep(p)) grads.push_back(grad_tensor(p));
   return grads;
 }
-
+// Every gradient of `params` (frozen parameters' too): what zero_grads and scale_grads touch.
+template <class S>
+std::vector<GradTensor<S>> grad_tensors(std::vector<ParamRef<S>>& params) {
+  return grad_tensors_where(params, [](const ParamRef<S>& p) { return !p.grad.empty(); });
+}
 // The gradients clipping measures and scales: those the optimizer updates (optimizer_updates).
 template <class S>
 std::vector<GradTensor<S>> updated_grad_tensors(std::vector<ParamRef<S>>& params) {
-  std::vector<GradTensor<S>> grads;
-  for (ParamRef<S>& p : params)
-    if (optimizer_updates(p)) grads.push_back(grad_tensor(p));
-  return grads;
+  return grad_tensors_where(params, [](const ParamRef<S>& p) { return optimizer_updates(p); });
 }
 
 }  // namespace adamw_detail
