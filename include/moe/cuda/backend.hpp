@@ -114,13 +114,14 @@ void gemm_epilogue(const D& device, MatrixView<S> out, ConstMatrixView<S> a, Con
 }
 
 // Products that do not depend on each other (an expert's block against its own weights, one per
-// expert), gathered and then handed to the device at once (device.gemm_group): a GPU runs them
-// concurrently, so one expert's small product does not leave the SMs idle while the next waits.
-// Their sizes vary (Shape::varies). Nothing runs before run().
+// expert; a linear layer's weight and input gradients), gathered and then handed to the device at
+// once (device.gemm_group): a GPU runs them concurrently, so one small product does not leave the
+// SMs idle while the next waits. `shape`: whether their sizes vary from call to call (an expert's
+// block: Shape::varies). Nothing runs before run().
 template <class D, class S>
 class GemmGroup {
  public:
-  explicit GemmGroup(const D& device) : device_(device) {}
+  explicit GemmGroup(const D& device, Shape shape = Shape::varies) : device_(device), shape_(shape) {}
   // As detail::gemm: out (=|+=) op_a(a) op_b(b), row-major.
   void gemm(MatrixView<S> out, ConstMatrixView<S> a, BlasOp op_a, ConstMatrixView<S> b, BlasOp op_b, bool accumulate) {
     BlasGemm<S> call = column_major_gemm(out, a, op_a, b, op_b, accumulate);
@@ -143,10 +144,11 @@ class GemmGroup {
 
  private:
   void add(BlasGemm<S> call) {
-    call.shape_varies = true;
+    call.shape_varies = shape_ == Shape::varies;
     products_.push_back(call);
   }
   const D& device_;
+  Shape shape_;
   std::vector<BlasGemm<S>> products_;
 };
 

@@ -32,15 +32,19 @@ void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> w
 //   -> din: [T, I] += dout weight        (skipped if din.data is null)
 //      dweight: [O, I] += dout^T in      (skipped if dweight.data is null)
 //      dbias: [O] += column sums of dout (skipped if null)
-// din must not alias dout or weight.
+// din must not alias in, dout or weight: the two products are one group (device.gemm_group), run
+// at the same time on a GPU (as on the CPU's threads), where a weight gradient's small output
+// [O, I] over the long depth T may not fill the SMs alone.
 template <class S, class D>
 void linear_backward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
                      MatrixView<S> din, MatrixView<S> dweight, S* dbias) {
   using C = Compute<S>;
   const Index T = in.rows, O = weight.rows;
   moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight);
-  if (dweight.data) moe::cuda::detail::gemm(device, dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
-  if (din.data) moe::cuda::detail::gemm(device, din, dout, BlasOp::none, weight, BlasOp::none, true);
+  moe::cuda::detail::GemmGroup<D, S> products(device, moe::cuda::detail::Shape::fixed);
+  if (dweight.data) products.gemm(dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
+  if (din.data) products.gemm(din, dout, BlasOp::none, weight, BlasOp::none, true);
+  products.run();
   if (!dbias) return;
   ScratchLayout layout;
   const auto partial_slot = layout.add<C>(moe::cuda::detail::column_sum_partials(T, O));
