@@ -27,4 +27,11 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
+// A GPU device's side streams for its GEMM groups (CudaDevice::set_gemm_lanes; 1: in order on the
+// stream); nothing on a device without them (the emulated one runs a group in its launch order).
+template <class D>
+void set_gemm_lanes(const D& device, int lanes) {
+  if constexpr (requires { device.set_gemm_lanes(1); }) device.set_gemm_lanes(lanes);
+}
+
 }  // namespace cuda_test

@@ -27,7 +27,8 @@ void linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* b
 //      dweight: [O, I] += dout^T in      (skipped if dweight.data is null)
 //      dbias: [O] += column sums of dout (skipped if null)
 // The GEMM tiles and the bias's column blocks are cut from the shapes alone, and each bias column
-// adds the rows in order: the same bits on any thread count. din must not alias dout or weight.
+// adds the rows in order: the same bits on any thread count. din must not alias in, dout or
+// weight (the two products run side by side on the threads).
 template <class S>
 void linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight, MatrixView<S> din,
                      MatrixView<S> dweight, S* dbias, int threads) {
