@@ -134,6 +134,17 @@ std::size_t operand_bytes(Index rows, Index cols, Index ld) {
   return rows > 0 && cols > 0 ? std::size_t((cols - 1) * ld + rows) * sizeof(S) : 0;
 }
 
+// Bytes of A and of B as a product stores them (op(A) is [m, k], op(B) is [k, n]; each column-major
+// with its leading dimension), for one product of the batch.
+template <class S>
+std::size_t a_bytes(const BlasGemm<S>& g) {
+  return g.op_a == BlasOp::none ? operand_bytes<S>(g.m, g.k, g.lda) : operand_bytes<S>(g.k, g.m, g.lda);
+}
+template <class S>
+std::size_t b_bytes(const BlasGemm<S>& g) {
+  return g.op_b == BlasOp::none ? operand_bytes<S>(g.k, g.n, g.ldb) : operand_bytes<S>(g.n, g.k, g.ldb);
+}
+
 // The byte ranges a product reads and writes (column-major footprints, from the first to one
 // past the last element: conservative for operands with gaps between their columns).
 struct Extent {
@@ -151,10 +162,8 @@ Footprint footprint(const BlasGemm<S>& g) {
     const std::uintptr_t begin = reinterpret_cast<std::uintptr_t>(p);
     return Extent{begin, begin + bytes};
   };
-  const Index a_rows = g.op_a == BlasOp::none ? g.m : g.k, a_cols = g.op_a == BlasOp::none ? g.k : g.m;
-  const Index b_rows = g.op_b == BlasOp::none ? g.k : g.n, b_cols = g.op_b == BlasOp::none ? g.n : g.k;
-  f.reads.push_back(extent(g.a, operand_bytes<S>(a_rows, a_cols, g.lda)));
-  f.reads.push_back(extent(g.b, operand_bytes<S>(b_rows, b_cols, g.ldb)));
+  f.reads.push_back(extent(g.a, a_bytes(g)));
+  f.reads.push_back(extent(g.b, b_bytes(g)));
   const Extent c = extent(g.c, operand_bytes<S>(g.m, g.n, g.ldc));
   f.writes.push_back(c);
   if (g.accumulate) f.reads.push_back(c);
@@ -353,8 +362,6 @@ struct EmulatedDevice {
   static void check_gemm_memory(const BlasGemm<S>& g) {
     if (g.m == 0 || g.n == 0) return;
     const auto& allocations = emulated_detail::Allocations::instance();
-    const Index a_rows = g.op_a == BlasOp::none ? g.m : g.k, a_cols = g.op_a == BlasOp::none ? g.k : g.m;
-    const Index b_rows = g.op_b == BlasOp::none ? g.k : g.n, b_cols = g.op_b == BlasOp::none ? g.n : g.k;
     if (g.pointer_batch()) {  // the arrays themselves are device memory, as cublasGemmBatchedEx reads them
       const std::size_t bytes = std::size_t(g.batch) * sizeof(void*);
       allocations.check_inside(g.c_array, bytes, "gemm's array of C pointers");
@@ -371,8 +378,8 @@ struct EmulatedDevice {
                 g.array_alignment, "-byte aligned pointers has one aligned to ", alignment_of(p));
       }
     for (Index q = 0; q < g.batch; ++q) {
-      allocations.check_inside(g.a_of(q), emulated_detail::operand_bytes<S>(a_rows, a_cols, g.lda), "gemm's A");
-      allocations.check_inside(g.b_of(q), emulated_detail::operand_bytes<S>(b_rows, b_cols, g.ldb), "gemm's B");
+      allocations.check_inside(g.a_of(q), emulated_detail::a_bytes(g), "gemm's A");
+      allocations.check_inside(g.b_of(q), emulated_detail::b_bytes(g), "gemm's B");
       allocations.check_inside(g.c_of(q), emulated_detail::operand_bytes<S>(g.m, g.n, g.ldc), "gemm's C");
     }
     if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu)
