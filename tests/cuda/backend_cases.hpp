@@ -560,9 +560,6 @@ void check_same_bits(const Case& c, int lanes) {
   in_order.gemm_lanes = 1, spread.gemm_lanes = lanes;
   Inputs a = fresh_inputs(c, 60), b = a;
   const Outcome first = device_layer<S>(in_order, a), second = device_layer<S>(spread, b);
-  const auto same_bits = [](const std::vector<float>& u, const std::vector<float>& v) {
-    return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
-  };
   CAPTURE(int(c.gate));
   CAPTURE(int(c.expert));
   CAPTURE(lanes);
