@@ -10,11 +10,13 @@
 
 namespace cuda_test {
 
-// max |a - b| / max |b|: one number per tensor, robust to entries near zero.
+// max |a - b| / max |b|: one number per tensor, robust to entries near zero. Infinite where only one side has a NaN
+// at an entry (std::max would skip it).
 inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
   REQUIRE(a.size() == b.size());
   double diff = 0, scale = 0;
   for (std::size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) != std::isnan(b[i])) return INFINITY;
     diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
     scale = std::max(scale, std::abs(double(b[i])));
   }
