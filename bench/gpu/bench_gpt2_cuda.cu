@@ -17,6 +17,8 @@
 // step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
 // Warm-up steps first (12, or WARMUP: every buffer is allocated in the first; afterwards nothing is), then 8 timed.
 // The experts' products run on the device's default side streams (GEMM_LANES=n: n; 1: in order).
+// Attention: the fused kernel (moe/cuda/nn/fused_attention.hpp) in bf16; ATTENTION=materialized for the stored
+// probabilities of moe/cuda/nn/attention.hpp.
 //
 // Counters: tokens/s and step_ms from the median step (as the PyTorch peer's), step_ms_mean and
 // step_ms_max beside them, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
@@ -39,6 +41,7 @@
 #include <cstdlib>
 #include <functional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -64,6 +67,15 @@ constexpr std::uint64_t kDataSeed = 42;
 int warmup_steps() {
   const char* text = std::getenv("WARMUP");
   return text ? std::max(1, std::atoi(text)) : 12;
+}
+
+// The attention kernel: fused where it fits (bf16 at GPT-2's head size 64), unless ATTENTION=materialized
+// (moe/cuda/nn/attention.hpp's stored probabilities), for a comparison.
+examples::AttentionKernel attention_kernel() {
+  const char* text = std::getenv("ATTENTION");
+  if (!text || std::string_view(text) == "fused") return examples::AttentionKernel::fused;
+  moe::check(std::string_view(text) == "materialized", "ATTENTION must be fused or materialized, got ", text);
+  return examples::AttentionKernel::materialized;
 }
 
 // Side streams for the experts' products (CudaDevice::set_gemm_lanes): GEMM_LANES, else the
@@ -173,7 +185,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   const moe::cuda::CudaDevice device(nullptr, math);  // copies share its context: host_times() sees the trainer's calls
   device.set_gemm_lanes(gemm_lanes());
-  std::unique_ptr<gpt2::Trainer> trainer = gpt2::make_device_trainer(variant, config, {}, precision, device);
+  std::unique_ptr<gpt2::Trainer> trainer = gpt2::make_device_trainer(variant, config, {}, precision, device, attention_kernel());
   // As gpt2_moe's loop: statistics would sync once per MoE layer (the dense model has none).
   if (trainer->is_moe()) trainer->collect_routing_stats(false);
 
@@ -282,6 +294,7 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) benchmark::AddCustomContext("gpu", prop.name);
     benchmark::AddCustomContext("gemm_lanes", std::to_string(gemm_lanes()));
+    benchmark::AddCustomContext("attention", attention_kernel() == examples::AttentionKernel::fused ? "fused" : "materialized");
   }
   if (!have_device)
     std::fprintf(stderr, "bench_gpt2_cuda: no usable CUDA device (%s): nothing can be measured\n", no_device.c_str());

@@ -15,7 +15,10 @@
 //   layers     embedding_, layernorm_, linear_, attention_, cross_entropy_{forward,backward} (these
 //              two take an optional Stat array [2N], the forward's row statistics for the
 //              backward on the same logits: a device skips its second read of the rows):
-//              moe::nn's arguments without the thread count (see moe/nn/*.hpp), and
+//              moe::nn's arguments without the thread count (see moe/nn/*.hpp), except that attention's
+//              cache for its backward (attention_cache_size(B, T, heads, C) elements) may hold less than
+//              the probabilities (a device's fused attention keeps log-sum-exps), so its backward also
+//              takes the forward's out; and
 //              add(src, dst) (dst += src), gelu_forward/backward
 //   training   scale_gradients(params, factor), clip_grad_norm(params, max_norm),
 //              set_threads(n) (CPU; a no-op on a device), description(); a device's also

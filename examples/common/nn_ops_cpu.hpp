@@ -82,12 +82,15 @@ class NnOps<moe::cpu::BasicBackend<S>> {
                        moe::MatrixView<S> din, moe::MatrixView<S> dweight, S* dbias) const {
     moe::nn::linear_backward<S>(in, dout, weight, din, dweight, dbias, threads_);
   }
+  // The attention's cache for its backward: the [B, heads, T, T] probabilities.
+  Index attention_cache_size(Index B, Index T, Index heads, Index /*channels*/) const { return B * heads * T * T; }
   void attention_forward(moe::ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
                          moe::MatrixView<S> out, S* att) const {
     moe::nn::attention_forward<S>(qkv, B, T, heads, causal, out, att, threads_);
   }
-  void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, const S* att, Index B, Index T,
-                          Index heads, bool causal, moe::MatrixView<S> dqkv) const {
+  // out (the forward's): unused here, as the cache holds the probabilities.
+  void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, moe::ConstMatrixView<S> /*out*/,
+                          const S* att, Index B, Index T, Index heads, bool causal, moe::MatrixView<S> dqkv) const {
     moe::nn::attention_backward<S>(dout, qkv, att, B, T, heads, causal, dqkv, threads_);
   }
   // row_stats: unused here (the CPU's backward recomputes the softmax statistics).

@@ -19,6 +19,7 @@
 #include "moe/cuda/nn/attention.hpp"
 #include "moe/cuda/nn/cross_entropy.hpp"
 #include "moe/cuda/nn/embedding.hpp"
+#include "moe/cuda/nn/fused_attention.hpp"
 #include "moe/cuda/nn/layernorm.hpp"
 #include "moe/cuda/nn/linear.hpp"
 #include "moe/random.hpp"
@@ -26,6 +27,12 @@
 #include "parameter.hpp"
 
 namespace examples {
+
+// Which attention NnOps<cuda> runs: fused keeps the probabilities on chip (moe/cuda/nn/fused_attention.hpp: bf16,
+// head sizes that are multiples of 16 up to 128; its cache is a float log-sum-exp per query row); materialized
+// stores them (moe/cuda/nn/attention.hpp: every precision and shape; its cache is the [B, heads, T, T]
+// probabilities). fused falls back to materialized where it does not fit.
+enum class AttentionKernel { fused, materialized };
 
 template <class S, class D>
 class NnOps<moe::cuda::BasicBackend<S, D>> {
@@ -38,7 +45,8 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   using Array = moe::cuda::DeviceArray<T, D>;
   using Optimizer = moe::cuda::nn::AdamW<S, D>;
 
-  explicit NnOps(D device = D{}) : device_(device), backend_(std::make_shared<Backend>(device)) {}
+  explicit NnOps(D device = D{}, AttentionKernel attention = AttentionKernel::fused)
+      : device_(device), backend_(std::make_shared<Backend>(device)), attention_(attention) {}
   const D& device() const { return device_; }
   void set_threads(int) {}  // the device decides
   std::string description() const {
@@ -108,13 +116,31 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
                        moe::MatrixView<S> din, moe::MatrixView<S> dweight, S* dbias) const {
     moe::cuda::nn::linear_backward<S>(device_, in, dout, weight, din, dweight, dbias);
   }
-  void attention_forward(moe::ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
-                         moe::MatrixView<S> out, S* att) const {
-    moe::cuda::nn::attention_forward<S>(device_, qkv, B, T, heads, causal, out, att);
+  // The attention's cache for its backward (elements of S): the fused path's log-sum-exps (a float per query row) or
+  // the materialised probabilities.
+  bool uses_fused_attention(Index channels, Index heads) const {
+    return attention_ == AttentionKernel::fused && moe::cuda::nn::fused_attention_fits<S>(channels, heads);
   }
-  void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, const S* att, Index B, Index T,
-                          Index heads, bool causal, moe::MatrixView<S> dqkv) const {
-    moe::cuda::nn::attention_backward<S>(device_, dout, qkv, att, B, T, heads, causal, dqkv);
+  Index attention_cache_size(Index B, Index T, Index heads, Index channels) const {
+    if (!uses_fused_attention(channels, heads)) return B * heads * T * T;
+    return (B * heads * T * Index(sizeof(float)) + Index(sizeof(S)) - 1) / Index(sizeof(S));
+  }
+  void attention_forward(moe::ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
+                         moe::MatrixView<S> out, S* cache) const {
+    if constexpr (std::is_same_v<S, moe::bfloat16>)
+      if (uses_fused_attention(out.cols, heads))
+        return moe::cuda::nn::fused_attention_forward<S>(device_, qkv, B, T, heads, causal, out,
+                                                         reinterpret_cast<float*>(cache));
+    moe::cuda::nn::attention_forward<S>(device_, qkv, B, T, heads, causal, out, cache);
+  }
+  // out: the forward's (the fused backward reads it; the materialised one does not).
+  void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, moe::ConstMatrixView<S> out,
+                          const S* cache, Index B, Index T, Index heads, bool causal, moe::MatrixView<S> dqkv) const {
+    if constexpr (std::is_same_v<S, moe::bfloat16>)
+      if (uses_fused_attention(out.cols, heads))
+        return moe::cuda::nn::fused_attention_backward<S>(device_, dout, qkv, out, reinterpret_cast<const float*>(cache),
+                                                          B, T, heads, causal, dqkv);
+    moe::cuda::nn::attention_backward<S>(device_, dout, qkv, cache, B, T, heads, causal, dqkv);
   }
   // row_stats ([2N], optional): the forward's softmax statistics, read by the backward on the same
   // logits instead of a second read of every row.
@@ -155,6 +181,7 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
  private:
   D device_;
   std::shared_ptr<Backend> backend_;  // element-wise passes (shared by copies: it owns workspace)
+  AttentionKernel attention_;
 };
 
 }  // namespace examples

@@ -323,7 +323,7 @@ class Model {
     Ops nn;
     Param ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, ln_2_weight, ln_2_bias;
     FFN ffn;
-    // Activations kept for backward ([B*T, ...] rows; att is [B, NH, T, T]).
+    // Activations kept for backward ([B*T, ...] rows; att is the attention's cache: nn.attention_cache_size).
     Matrix ln_1, qkv, atty, residual_attn, ln_2;
     Array<typename Ops::Stat> ln_1_mean, ln_1_rstd, ln_2_mean, ln_2_rstd;
     Array<S> att;
@@ -397,7 +397,7 @@ class Model {
       nn.linear_backward(atty, dresidual, c_proj_weight.matrix(), dtmp, c_proj_weight.grad_matrix(),
                          c_proj_bias.grad.data());
       nn.zero(dqkv);
-      nn.attention_backward(dtmp, qkv, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv);
+      nn.attention_backward(dtmp, qkv, atty, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv);
       nn.zero(dtmp);  // d ln_1
       nn.linear_backward(ln_1, dqkv, c_attn_weight.matrix(), dtmp, c_attn_weight.grad_matrix(),
                          c_attn_bias.grad.data());
@@ -453,7 +453,7 @@ class Model {
     const Index BT = B_ * T, H = config_.hidden;
     residual_.resize(std::size_t(config_.layers + 1));
     for (Matrix& r : residual_) B::resize(r, BT, H);
-    for (Block& block : blocks_) block.allocate(BT, H, B_ * config_.heads * T * T);
+    for (Block& block : blocks_) block.allocate(BT, H, nn_.attention_cache_size(B_, T, config_.heads, H));
     for (Matrix* m : {&ln_f_, &dresidual_, &dtmp_}) B::resize(*m, BT, H);
     if (routes_from_residual()) B::resize(drouter_, BT, H);
     B::resize(dqkv_, BT, 3 * H);

@@ -18,6 +18,7 @@ inline bool device_available() { return moe::cuda::no_device_reason().empty(); }
 
 #define CUDA_TEST_NAME(text) "cuda nn, GPU: " text
 #include "cuda/cuda_nn_attention_cases.hpp"
+#include "cuda/cuda_nn_fused_attention_cases.hpp"
 #include "cuda/cuda_nn_loss_cases.hpp"
 #include "cuda/cuda_nn_norm_cases.hpp"
 #include "cuda/gpt2_model_cases.hpp"

@@ -7,8 +7,12 @@
 
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <bit>
@@ -131,6 +135,109 @@ __global__ void for_each_row_kernel(Index rows, Body body) {
   const Index warps = Index(gridDim.x) * (blockDim.x / kRowLanes);
   for (Index r = (Index(blockIdx.x) * blockDim.x + threadIdx.x) / kRowLanes; r < rows; r += warps)
     body(r, WarpRow{lane});
+}
+
+// A warp of CudaDevice::for_each_warp (device.hpp): its lanes and its part of the block's shared memory, tiles as
+// nvcuda::wmma fragments (tensor cores). Callable from host-device code; only device code runs it.
+struct WarpTiles {
+  unsigned lane = 0;
+  unsigned char* memory = nullptr;
+
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kTileSize, kTileSize, kTileSize, float>;
+  using ARows = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kTileSize, kTileSize, kTileSize, __nv_bfloat16,
+                                       nvcuda::wmma::row_major>;
+  using BRows = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kTileSize, kTileSize, kTileSize, __nv_bfloat16,
+                                       nvcuda::wmma::row_major>;
+  using BCols = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kTileSize, kTileSize, kTileSize, __nv_bfloat16,
+                                       nvcuda::wmma::col_major>;
+
+  __host__ __device__ unsigned char* staging() const { return memory; }
+  template <class F>
+  __host__ __device__ void lanes(Index n, F f) const {
+    for (Index i = lane; i < n; i += kRowLanes) f(i);
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
+  template <class E, class RowOf>
+  __host__ __device__ void copy_rows(E* dst, Index ld, Index rows, Index valid, Index cols, RowOf row_of) const {
+#if defined(__CUDA_ARCH__)
+    constexpr Index kPer = Index(16 / sizeof(E));
+    const Index packs = cols / kPer;
+    for (Index i = lane; i < rows * packs; i += kRowLanes) {
+      const Index r = i / packs, c = (i % packs) * kPer;
+      E* to = dst + r * ld + c;
+      if (r < valid)
+        __pipeline_memcpy_async(to, row_of(r) + c, 16);
+      else
+        *reinterpret_cast<uint4*>(to) = make_uint4(0u, 0u, 0u, 0u);
+    }
+#endif
+  }
+  __host__ __device__ void commit_copies() const {
+#if defined(__CUDA_ARCH__)
+    __pipeline_commit();
+#endif
+  }
+  __host__ __device__ void wait_copies(int pending) const {
+#if defined(__CUDA_ARCH__)
+    if (pending == 0)
+      __pipeline_wait_prior(0);
+    else
+      __pipeline_wait_prior(1);
+    __syncwarp();
+#endif
+  }
+  __host__ __device__ void fill(Acc& acc, float value) const {
+#if defined(__CUDA_ARCH__)
+    nvcuda::wmma::fill_fragment(acc, value);
+#endif
+  }
+  __host__ __device__ void load_acc(Acc& acc, const float* p, Index ld) const {
+#if defined(__CUDA_ARCH__)
+    nvcuda::wmma::load_matrix_sync(acc, p, unsigned(ld), nvcuda::wmma::mem_row_major);
+#endif
+  }
+  __host__ __device__ void store_acc(float* p, Index ld, const Acc& acc) const {
+#if defined(__CUDA_ARCH__)
+    nvcuda::wmma::store_matrix_sync(p, acc, unsigned(ld), nvcuda::wmma::mem_row_major);
+    __syncwarp();
+#endif
+  }
+  __host__ __device__ void load_a(ARows& a, const bfloat16* p, Index ld) const {
+#if defined(__CUDA_ARCH__)
+    nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const __nv_bfloat16*>(p), unsigned(ld));
+#endif
+  }
+  __host__ __device__ void load_b(BRows& b, const bfloat16* p, Index ld) const {
+#if defined(__CUDA_ARCH__)
+    nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const __nv_bfloat16*>(p), unsigned(ld));
+#endif
+  }
+  __host__ __device__ void load_bt(BCols& b, const bfloat16* p, Index ld) const {
+#if defined(__CUDA_ARCH__)
+    nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const __nv_bfloat16*>(p), unsigned(ld));
+#endif
+  }
+  template <class B>
+  __host__ __device__ void mma(Acc& acc, const ARows& a, const B& b) const {
+#if defined(__CUDA_ARCH__)
+    nvcuda::wmma::mma_sync(acc, a, b, acc);
+#endif
+  }
+};
+static_assert(sizeof(bfloat16) == sizeof(__nv_bfloat16), "moe::bfloat16 must be stored as __nv_bfloat16 is");
+
+// Warps of a block each take their own `staging_bytes` of the block's shared memory, grid-stride over w.
+template <class Body>
+__global__ void for_each_warp_kernel(Index count, unsigned staging_bytes, Body body) {
+  extern __shared__ __align__(128) unsigned char warp_staging[];
+  const unsigned lane = threadIdx.x % kRowLanes, slot = threadIdx.x / kRowLanes;
+  const Index per_block = blockDim.x / kRowLanes, warps = Index(gridDim.x) * per_block;
+  for (Index w = Index(blockIdx.x) * per_block + slot; w < count; w += warps) {
+    body(w, WarpTiles{lane, warp_staging + std::size_t(slot) * staging_bytes});
+    __syncwarp();  // the next w's writes to the staging wait for this one's last reads
+  }
 }
 
 // fp32 GEMMs: exact fp32 (the default, what parity is checked with) or TF32 tensor cores.
@@ -282,6 +389,23 @@ class CudaDevice {
     const Index needed = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
     for_each_row_kernel<<<unsigned(needed < max_blocks ? needed : max_blocks), unsigned(kThreads), 0, stream()>>>(
         rows, body);
+    check_cuda(cudaGetLastError(), "kernel launch");
+  }
+
+  // Up to 4 warps a block, as many as fit in the default 48 KiB of shared memory; each warp's staging
+  // rounded up to 128 bytes.
+  using Warp = WarpTiles;
+  template <class Body>
+  void for_each_warp(Index count, std::size_t staging_bytes, Body body) const {
+    check(staging_bytes <= kWarpStagingMax, "for_each_warp: ", staging_bytes, " bytes of staging a warp, over the ",
+          kWarpStagingMax, " a GPU gives");
+    if (count <= 0) return;
+    const auto timed = context_->host_times.time(HostCall::launch);
+    const std::size_t staging = (staging_bytes + 127) / 128 * 128;
+    const Index per_block = staging == 0 ? 4 : std::min<Index>(4, Index(kWarpStagingMax / staging));
+    const Index max_blocks = Index(context_->sms) * 16, needed = (count + per_block - 1) / per_block;
+    for_each_warp_kernel<<<unsigned(needed < max_blocks ? needed : max_blocks), unsigned(per_block * kRowLanes),
+                           staging * std::size_t(per_block), stream()>>>(count, unsigned(staging), body);
     check_cuda(cudaGetLastError(), "kernel launch");
   }
 

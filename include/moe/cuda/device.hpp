@@ -9,6 +9,10 @@
 //   d.for_each_2d(rows, cols, body)            body(r, c) over a grid (no index division per element)
 //   d.for_each_row(rows, body)                 body(r, row) per row r, with `row` (a D::Row) to
 //                                              work on the row's columns together (below)
+//   d.for_each_warp(count, staging_bytes, body)
+//                                              body(w, warp) for every w in [0, count): a warp of
+//                                              kRowLanes lanes with staging memory of its own and
+//                                              tensor-core tile products (D::Warp, below)
 //   d.gemm(BlasGemm<S>)                        one column-major product (cuBLAS's convention), or a
 //                                              batch of them by strides or by pointer arrays
 //   d.gemm_group(span<const BlasGemm<S>>)      independent single products (no product writes what
@@ -289,6 +293,42 @@ T butterfly(T (&lanes)[kRowLanes], Combine combine) {
   }
   return lanes[0];
 }
+
+// The tile work of D::for_each_warp, for kernels that keep their operands on chip (fused attention,
+// moe/cuda/nn/fused_attention.hpp). Each w gets one warp; the warp's body works as a row body does: all
+// lanes run it, so what it computes outside lanes() must be the same in every lane, and it writes
+// only through lanes() and store_acc. Its calls:
+//   warp.staging()                 `staging_bytes` of the warp's own memory (shared memory on the GPU),
+//                                  kTileAlignment-aligned, contents undefined on entry (at most
+//                                  kWarpStagingMax bytes)
+//   warp.lanes(n, f)               f(i) for every i in [0, n), dealt over the lanes; when it returns,
+//                                  every lane is done and sees the others' writes
+//   warp.copy_rows(dst, ld, rows, valid, cols, row_of)
+//                                  starts copies into the staging: row r < valid of the [rows, cols] tile at dst
+//                                  (leading dimension ld, elements of E) gets the cols elements at row_of(r),
+//                                  rows valid..rows-1 get zeros; every row 16-byte aligned on both sides and
+//                                  cols * sizeof(E) a multiple of 16 (GPU: asynchronous 16-byte copies, cp.async,
+//                                  so a warp's loads are in flight together)
+//   warp.commit_copies()           closes a batch: the copies started since the last commit
+//   warp.wait_copies(pending)      waits until at most `pending` (0 or 1) of the latest committed batches are in
+//                                  flight; the finished ones are then seen by every lane. What a batch writes must
+//                                  not be read or written before the wait that finishes it, and a body must not
+//                                  return with copies in flight (the emulated device defers every copy to its
+//                                  wait, so a read before it sees the staging's poison)
+//   warp.fill(acc, v)              every element of a Warp::Acc (16 x 16 float) = v
+//   warp.load_acc(acc, p, ld) / warp.store_acc(p, ld, acc)
+//                                  a row-major float tile: element (r, c) at p[r * ld + c]
+//   warp.load_a(a, p, ld)          Warp::ARows, bf16: A(r, k) = p[r * ld + k]
+//   warp.load_b(b, p, ld)          Warp::BRows, bf16: B(k, c) = p[k * ld + c]
+//   warp.load_bt(b, p, ld)         Warp::BCols, bf16: B(k, c) = p[c * ld + k] (B given by the rows of its transpose)
+//   warp.mma(acc, a, b)            acc += A B over the 16 k, products and sums in float
+// Every tile pointer must be kTileAlignment-aligned and every ld a multiple of 16 bytes (the
+// tensor cores' loads; nvcuda::wmma's rules): the emulated device checks both. The GPU adds a tile
+// product's terms in the hardware's order, the emulated device in k order: the same bits run to run
+// on each, results within float rounding of each other.
+inline constexpr int kTileSize = 16;
+inline constexpr std::size_t kTileAlignment = 32;
+inline constexpr std::size_t kWarpStagingMax = 48 * 1024;
 
 // *target += value with an atomic on the GPU. Only integers: integer sums do not depend on the
 // order of the additions, so counts stay deterministic.

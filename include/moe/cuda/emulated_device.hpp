@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <iterator>
 #include <map>
 #include <memory>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "moe/activations.hpp"
+#include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/random.hpp"
@@ -74,6 +76,122 @@ struct EmulatedRow {
     for (Index c = 0; c < n; ++c) f(c);
   }
   bool first() const { return true; }  // the body runs once per row here
+};
+
+// A warp of EmulatedDevice::for_each_warp (device.hpp): the lanes in a loop, a tile as 16 x 16 floats (bf16 operands
+// are exact in float), a tile product as the definition in k order. Each load and store checks the alignment and the
+// leading dimension the GPU's tensor-core loads require.
+class EmulatedWarp {
+ public:
+  static constexpr int kElements = kTileSize * kTileSize;
+  struct Acc {
+    float v[kElements];
+  };
+  struct ARows {  // A(r, k) at v[r * 16 + k]
+    float v[kElements];
+  };
+  struct BRows {  // B(k, c) at v[k * 16 + c]
+    float v[kElements];
+  };
+  struct BCols {  // the same, loaded from B's transpose
+    float v[kElements];
+  };
+
+  // A batch of copy_rows: 16-byte copies (from null: zeros), run at the wait that finishes the batch.
+  struct Copy {
+    unsigned char* to;
+    const unsigned char* from;
+  };
+  using Batches = std::deque<std::vector<Copy>>;
+
+  struct InFlight {
+    std::vector<Copy> open;  // started, not committed
+    Batches committed;
+    bool empty() const { return open.empty() && committed.empty(); }
+  };
+
+  EmulatedWarp(unsigned char* staging, InFlight* in_flight) : staging_(staging), in_flight_(in_flight) {}
+  unsigned char* staging() const { return staging_; }
+  template <class F>
+  void lanes(Index n, F f) const {
+    for (Index i = 0; i < n; ++i) f(i);
+  }
+  template <class E, class RowOf>
+  void copy_rows(E* dst, Index ld, Index rows, Index valid, Index cols, RowOf row_of) const {
+    check((std::size_t(cols) * sizeof(E)) % 16 == 0 && (std::size_t(ld) * sizeof(E)) % 16 == 0 && ld >= cols,
+          "for_each_warp: copy_rows of ", cols, " elements of ", sizeof(E), " bytes into rows ", ld,
+          " apart (each a multiple of 16 bytes)");
+    std::vector<Copy>& batch = in_flight_->open;
+    for (Index r = 0; r < rows; ++r) {
+      unsigned char* to = reinterpret_cast<unsigned char*>(dst + r * ld);
+      const unsigned char* from = r < valid ? reinterpret_cast<const unsigned char*>(row_of(r)) : nullptr;
+      check(alignment_of(to) >= 16 && (!from || alignment_of(from) >= 16), "for_each_warp: copy_rows's row ", r,
+            " is not 16-byte aligned on both sides");
+      for (std::size_t b = 0; b < std::size_t(cols) * sizeof(E); b += 16) batch.push_back({to + b, from ? from + b : nullptr});
+    }
+  }
+  void commit_copies() const {
+    in_flight_->committed.push_back(std::move(in_flight_->open));
+    in_flight_->open.clear();
+  }
+  void wait_copies(int pending) const {
+    check(pending == 0 || pending == 1, "for_each_warp: wait_copies(", pending, "): 0 or 1 batches may stay in flight");
+    Batches& committed = in_flight_->committed;
+    while (committed.size() > std::size_t(pending)) {
+      for (const Copy& c : committed.front())
+        if (c.from)
+          std::memcpy(c.to, c.from, 16);
+        else
+          std::memset(c.to, 0, 16);
+      committed.pop_front();
+    }
+  }
+  void fill(Acc& acc, float value) const { std::fill(std::begin(acc.v), std::end(acc.v), value); }
+  void load_acc(Acc& acc, const float* p, Index ld) const {
+    check_tile(p, ld, sizeof(float), "load_acc");
+    for (int r = 0; r < kTileSize; ++r)
+      for (int c = 0; c < kTileSize; ++c) acc.v[r * kTileSize + c] = p[r * ld + c];
+  }
+  void store_acc(float* p, Index ld, const Acc& acc) const {
+    check_tile(p, ld, sizeof(float), "store_acc");
+    for (int r = 0; r < kTileSize; ++r)
+      for (int c = 0; c < kTileSize; ++c) p[r * ld + c] = acc.v[r * kTileSize + c];
+  }
+  void load_a(ARows& a, const bfloat16* p, Index ld) const {
+    check_tile(p, ld, sizeof(bfloat16), "load_a");
+    for (int r = 0; r < kTileSize; ++r)
+      for (int k = 0; k < kTileSize; ++k) a.v[r * kTileSize + k] = float(p[r * ld + k]);
+  }
+  void load_b(BRows& b, const bfloat16* p, Index ld) const {
+    check_tile(p, ld, sizeof(bfloat16), "load_b");
+    for (int k = 0; k < kTileSize; ++k)
+      for (int c = 0; c < kTileSize; ++c) b.v[k * kTileSize + c] = float(p[k * ld + c]);
+  }
+  void load_bt(BCols& b, const bfloat16* p, Index ld) const {
+    check_tile(p, ld, sizeof(bfloat16), "load_bt");
+    for (int k = 0; k < kTileSize; ++k)
+      for (int c = 0; c < kTileSize; ++c) b.v[k * kTileSize + c] = float(p[c * ld + k]);
+  }
+  void mma(Acc& acc, const ARows& a, const BRows& b) const { product(acc, a.v, b.v); }
+  void mma(Acc& acc, const ARows& a, const BCols& b) const { product(acc, a.v, b.v); }
+
+ private:
+  static void product(Acc& acc, const float* a, const float* b) {
+    for (int r = 0; r < kTileSize; ++r)
+      for (int c = 0; c < kTileSize; ++c) {
+        float sum = acc.v[r * kTileSize + c];
+        for (int k = 0; k < kTileSize; ++k) sum += a[r * kTileSize + k] * b[k * kTileSize + c];
+        acc.v[r * kTileSize + c] = sum;
+      }
+  }
+  static void check_tile(const void* p, Index ld, std::size_t element, const char* what) {
+    check(alignment_of(p) >= kTileAlignment, "for_each_warp: ", what, " at an address aligned to ", alignment_of(p),
+          " bytes (tensor-core tile loads need ", kTileAlignment, ")");
+    check(ld >= kTileSize && (std::size_t(ld) * element) % 16 == 0, "for_each_warp: ", what, " with ld = ", ld,
+          " (at least 16, and a multiple of 16 bytes)");
+  }
+  unsigned char* staging_;
+  InFlight* in_flight_;
 };
 
 // The order in which a launch's indices run. A GPU promises none; race-free bodies give the same
@@ -240,6 +358,28 @@ struct EmulatedDevice {
     for (Index r = 0; r < rows; ++r) body(order[r], Row{});
   }
 
+  // Each warp's staging starts poisoned, as a GPU's shared memory holds whatever the last block left there.
+  using Warp = EmulatedWarp;
+  template <class Body>
+  void for_each_warp(Index count, std::size_t staging_bytes, Body body) const {
+    check(staging_bytes <= kWarpStagingMax, "for_each_warp: ", staging_bytes, " bytes of staging a warp, over the ",
+          kWarpStagingMax, " a GPU gives");
+    if (count <= 0) return;
+    ++state_->launch_count;
+    const std::size_t bytes = staging_bytes == 0 ? 1 : staging_bytes;
+    const std::unique_ptr<unsigned char, StagingFree> staging(
+        static_cast<unsigned char*>(::operator new(bytes, std::align_val_t{kTileAlignment})));
+    const Order order = next_order(count);
+    Warp::InFlight in_flight;
+    for (Index i = 0; i < count; ++i) {
+      std::memset(staging.get(), emulated_detail::kPoison, bytes);
+      body(order[i], Warp(staging.get(), &in_flight));
+      check(in_flight.empty(), "for_each_warp: warp ", order[i], " returned with copies in flight (",
+            in_flight.committed.size(), " committed batches, ", in_flight.open.size(),
+            " uncommitted copies): they would land in the next warp's staging");
+    }
+  }
+
   // The column-major definition, accumulated in the scalar's compute type in k order; a batch is
   // its products one after another. cuBLAS's argument rules and the operands' memory are checked first.
   template <class S>
@@ -387,6 +527,10 @@ struct EmulatedDevice {
     if (g.aux)
       allocations.check_inside(g.aux, emulated_detail::operand_bytes<S>(g.m, g.n, g.ldaux), "gemm's aux");
   }
+
+  struct StagingFree {
+    void operator()(unsigned char* p) const { ::operator delete(p, std::align_val_t{kTileAlignment}); }
+  };
 
   // Shared by copies of the device (as CudaDevice's context is): the order, the launch count the
   // shuffles draw from, and the scratch buffer.

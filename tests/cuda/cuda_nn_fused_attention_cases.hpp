@@ -1,0 +1,240 @@
+// tests/cuda/cuda_nn_fused_attention_cases.hpp: the device's tensor-core tiles (D::for_each_warp) and the fused
+// attention built on them (moe/cuda/nn/fused_attention.hpp) against float64 and against the CPU attention, written once
+// over the device. The including file defines, in namespace cuda_test, `TestDevice`, `make_device()` and
+// `device_available()` (the emulated device on the host; CudaDevice under nvcc, where each case returns early without
+// a GPU). Host compiler only: it includes the CPU library.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include "cuda/compare.hpp"
+#include "cuda/cuda_nn_attention_cases.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <moe/bfloat16.hpp>
+#include <moe/cuda/buffer.hpp>
+#include <moe/cuda/nn/fused_attention.hpp>
+#include <moe/nn/attention.hpp>
+#include <vector>
+
+namespace cuda_test::nn_fused_attention_cases {
+
+using moe::Index;
+using moe::bfloat16;
+using nn_attention_cases::normal_values;
+using nn_attention_cases::rounded;
+using nn_attention_cases::Shape;
+using nn_attention_cases::to_device;
+using nn_attention_cases::to_host;
+using nn_attention_cases::view;
+template <class S>
+using DeviceMatrix = nn_attention_cases::DeviceMatrix<S>;
+
+// One warp computes out[16, 32] = init + A[16, depth] B[depth, 32] with B's first 16 columns loaded from B's rows
+// (load_b) and the last 16 from its transpose's rows (load_bt), staged through lanes(): the tiles' index conventions,
+// against float64.
+TEST_CASE("cuda warp tiles: a tile product through staging, both B layouts and a loaded accumulator, against float64") {
+  if (!device_available()) return;
+  const TestDevice device = make_device();
+  constexpr Index kDepth = 48, kCols = 32, kLd = kDepth + 8;
+  const auto a = rounded<bfloat16>(normal_values(16 * kDepth, 1));
+  const auto b = rounded<bfloat16>(normal_values(kDepth * kCols, 2));
+  const auto init = normal_values(16 * kCols, 3);
+  const auto d_a = to_device<bfloat16>(device, a, 16, kDepth);
+  const auto d_b = to_device<bfloat16>(device, b, kDepth, kCols);
+  DeviceMatrix<float> d_out(16, kCols);
+  {
+    std::vector<float> raw(init);
+    device.upload(d_out.data(), raw.data(), raw.size() * sizeof(float));
+  }
+  const bfloat16* a_all = d_a.data();
+  const bfloat16* b_all = d_b.data();
+  float* out = d_out.data();
+  // Staging: A [16, ld], B [depth, ld] as rows, B^T [32, ld], the accumulator [16, 36].
+  const std::size_t a_bytes = 16 * kLd * sizeof(bfloat16), b_bytes = kDepth * kLd * sizeof(bfloat16);
+  const std::size_t bt_bytes = kCols * kLd * sizeof(bfloat16), staging = a_bytes + b_bytes + bt_bytes + 16 * 36 * 4;
+  device.for_each_warp(1, staging, [=] MOE_HOST_DEVICE(Index, const typename TestDevice::Warp& warp) {
+    unsigned char* base = warp.staging();
+    auto* sa = reinterpret_cast<bfloat16*>(base);
+    auto* sb = reinterpret_cast<bfloat16*>(base + a_bytes);
+    auto* sbt = reinterpret_cast<bfloat16*>(base + a_bytes + b_bytes);
+    auto* acc_tile = reinterpret_cast<float*>(base + a_bytes + b_bytes + bt_bytes);
+    warp.lanes(16 * kDepth, [&](Index i) { sa[(i / kDepth) * kLd + i % kDepth] = a_all[i]; });
+    warp.lanes(kDepth * kCols, [&](Index i) {
+      const Index k = i / kCols, c = i % kCols;
+      sb[k * kLd + c] = b_all[i];
+      sbt[c * kLd + k] = b_all[i];
+    });
+    warp.lanes(16 * kCols, [&](Index i) { acc_tile[(i / kCols) * 36 + i % kCols] = out[i]; });
+    for (Index half = 0; half < 2; ++half) {
+      typename TestDevice::Warp::Acc acc;
+      warp.load_acc(acc, acc_tile + half * 16, 36);
+      for (Index k = 0; k < kDepth; k += 16) {
+        typename TestDevice::Warp::ARows at;
+        warp.load_a(at, sa + k, kLd);
+        if (half == 0) {
+          typename TestDevice::Warp::BRows bt;
+          warp.load_b(bt, sb + k * kLd, kLd);
+          warp.mma(acc, at, bt);
+        } else {
+          typename TestDevice::Warp::BCols bt;
+          warp.load_bt(bt, sbt + 16 * kLd + k, kLd);
+          warp.mma(acc, at, bt);
+        }
+      }
+      warp.store_acc(acc_tile + half * 16, 36, acc);
+    }
+    warp.lanes(16 * kCols, [&](Index i) { out[i] = acc_tile[(i / kCols) * 36 + i % kCols]; });
+  });
+  std::vector<float> got(16 * kCols);
+  device.download(got.data(), d_out.data(), got.size() * sizeof(float));
+  std::vector<float> want(16 * kCols);
+  for (Index r = 0; r < 16; ++r)
+    for (Index c = 0; c < kCols; ++c) {
+      double sum = init[std::size_t(r * kCols + c)];
+      for (Index k = 0; k < kDepth; ++k) sum += double(a[std::size_t(r * kDepth + k)]) * b[std::size_t(k * kCols + c)];
+      want[std::size_t(r * kCols + c)] = float(sum);
+    }
+  CHECK(relative_error(got, want) < 1e-5);
+}
+
+// Forward and backward of both paths on the same bf16 inputs: the CPU (float, materialised) as the reference.
+struct FusedResults {
+  std::vector<float> out, lse, dqkv;
+};
+
+inline FusedResults fused_attention(const std::vector<float>& qkv, const std::vector<float>& dout,
+                                    const std::vector<float>& dqkv0, Shape s, bool causal) {
+  const auto [B, T, C, heads] = s;
+  const TestDevice device = make_device();
+  auto d_qkv = to_device<bfloat16>(device, qkv, B * T, 3 * C);
+  auto d_dout = to_device<bfloat16>(device, dout, B * T, C);
+  auto d_dqkv = to_device<bfloat16>(device, dqkv0, B * T, 3 * C);
+  DeviceMatrix<bfloat16> d_out(B * T, C);
+  moe::cuda::DeviceArray<float, TestDevice> d_lse(std::size_t(B * heads * T));
+  const moe::ConstMatrixView<bfloat16> q(view(d_qkv));
+  moe::cuda::nn::fused_attention_forward<bfloat16>(device, q, B, T, heads, causal, view(d_out), d_lse.data());
+  moe::cuda::nn::fused_attention_backward<bfloat16>(device, moe::ConstMatrixView<bfloat16>(view(d_dout)), q,
+                                                    moe::ConstMatrixView<bfloat16>(view(d_out)), d_lse.data(), B, T,
+                                                    heads, causal, view(d_dqkv));
+  std::vector<float> lse(std::size_t(B * heads * T));
+  device.download(lse.data(), d_lse.data(), lse.size() * sizeof(float));
+  return {to_host(device, d_out.data(), d_out.size()), lse, to_host(device, d_dqkv.data(), d_dqkv.size())};
+}
+
+// lse in float64 from the inputs: log sum over the keys row t sees of exp(q.k / sqrt(hs)).
+inline std::vector<float> lse_reference(const std::vector<float>& qkv, Shape s, bool causal) {
+  const auto [B, T, C, heads] = s;
+  const Index hs = C / heads;
+  std::vector<float> lse(std::size_t(B * heads * T));
+  for (Index b = 0; b < B; ++b)
+    for (Index h = 0; h < heads; ++h)
+      for (Index t = 0; t < T; ++t) {
+        std::vector<double> scores;
+        for (Index j = 0; j < (causal ? t + 1 : T); ++j) {
+          double dot = 0;
+          for (Index c = 0; c < hs; ++c)
+            dot += double(qkv[std::size_t((b * T + t) * 3 * C + h * hs + c)]) *
+                   qkv[std::size_t((b * T + j) * 3 * C + C + h * hs + c)];
+          scores.push_back(dot / std::sqrt(double(hs)));
+        }
+        double max = -INFINITY, sum = 0;
+        for (const double x : scores) max = std::max(max, x);
+        for (const double x : scores) sum += std::exp(x - max);
+        lse[std::size_t((b * heads + h) * T + t)] = float(max + std::log(sum));
+      }
+  return lse;
+}
+
+// Head sizes 16, 32, 64 (GPT-2's) and 128; T = 1, T below, across and not a multiple of the 16-row tiles and the
+// 32-key blocks; one head and several.
+inline const std::vector<Shape>& fused_shapes() {
+  static const std::vector<Shape> list = {{1, 1, 16, 1},  {2, 5, 32, 2},  {1, 33, 64, 2}, {2, 70, 128, 2},
+                                          {1, 47, 48, 3}, {1, 100, 64, 1}, {1, 40, 128, 1}};
+  return list;
+}
+
+TEST_CASE("cuda nn fused attention: bf16 forward, log-sum-exp and backward match the CPU (causal and bidirectional)") {
+  if (!device_available()) return;
+  std::uint64_t seed = 500;
+  for (const Shape s : fused_shapes())
+    for (const bool causal : {true, false})
+      for (const bool zero_start : {true, false}) {
+        const auto [B, T, C, heads] = s;
+        CAPTURE(s.B);
+        CAPTURE(s.T);
+        CAPTURE(s.C);
+        CAPTURE(s.heads);
+        CAPTURE(causal);
+        CAPTURE(zero_start);
+        const auto qkv = rounded<bfloat16>(normal_values(std::size_t(B * T * 3 * C), ++seed));
+        const auto dout = rounded<bfloat16>(normal_values(std::size_t(B * T * C), ++seed));
+        const auto dqkv0 = zero_start ? std::vector<float>(std::size_t(B * T * 3 * C), 0.f)
+                                      : rounded<bfloat16>(normal_values(std::size_t(B * T * 3 * C), ++seed, 0.1f));
+        const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, causal);
+        const FusedResults dev = fused_attention(qkv, dout, dqkv0, s, causal);
+        CHECK(relative_error(dev.out, cpu.out) < 2e-2);
+        CHECK(relative_error(dev.lse, lse_reference(qkv, s, causal)) < 1e-2);
+        CHECK(relative_error(dev.dqkv, cpu.dqkv) < 2e-2);
+      }
+}
+
+TEST_CASE("cuda nn fused attention: reruns are bit-identical; a NaN query stays in its own row") {
+  if (!device_available()) return;
+  const Shape s{2, 45, 64, 2};
+  const auto [B, T, C, heads] = s;
+  auto qkv = normal_values(std::size_t(B * T * 3 * C), 31);
+  const auto dout = normal_values(std::size_t(B * T * C), 32);
+  const auto dqkv0 = normal_values(std::size_t(B * T * 3 * C), 33, 0.1f);
+  for (const bool causal : {true, false}) {
+    CAPTURE(causal);
+    const FusedResults a = fused_attention(qkv, dout, dqkv0, s, causal);
+    const FusedResults b = fused_attention(qkv, dout, dqkv0, s, causal);
+    CHECK(same_bits(a.out, b.out));
+    CHECK(same_bits(a.lse, b.lse));
+    CHECK(same_bits(a.dqkv, b.dqkv));
+  }
+  // Token 7 of sequence 1 gets a NaN query: its rows of out (every head) are NaN, every other row is finite.
+  const Index bad = 1 * T + 7;
+  qkv[std::size_t(bad * 3 * C + 3)] = std::numeric_limits<float>::quiet_NaN();
+  const FusedResults r = fused_attention(qkv, dout, dqkv0, s, true);
+  bool own_row_nan = true, others_finite = true;
+  for (Index row = 0; row < B * T; ++row)
+    for (Index c = 0; c < C; ++c) {
+      const float x = r.out[std::size_t(row * C + c)];
+      if (row == bad && c < C / heads) own_row_nan = own_row_nan && std::isnan(x);
+      if (row != bad) others_finite = others_finite && std::isfinite(x);
+    }
+  CHECK(own_row_nan);
+  CHECK(others_finite);
+}
+
+TEST_CASE("cuda nn fused attention: which operands it takes, and clear errors for the rest") {
+  if (!device_available()) return;
+  using moe::cuda::nn::fused_attention_fits;
+  const TestDevice device = make_device();
+  DeviceMatrix<bfloat16> qkv(8, 3 * 128), out(8, 128), wide(8, 3 * 128 + 1);
+  const moe::ConstMatrixView<bfloat16> q(view(qkv));
+  CHECK(fused_attention_fits<bfloat16>(128, 2, q, view(out)));       // hs = 64
+  CHECK(fused_attention_fits<bfloat16>(128, 1, q, view(out)));       // hs = 128
+  CHECK_FALSE(fused_attention_fits<float>(128, 2, q, view(out)));    // fp32: the materialised path (exact)
+  CHECK_FALSE(fused_attention_fits<bfloat16>(128, 16, q, view(out)));  // hs = 8
+  CHECK_FALSE(fused_attention_fits<bfloat16>(120, 3, q, view(out)));   // hs = 40
+  CHECK_FALSE(fused_attention_fits<bfloat16>(
+      128, 2, moe::ConstMatrixView<bfloat16>(wide.data(), 8, 3 * 128, 3 * 128 + 1), view(out)));  // odd row stride
+  moe::cuda::DeviceArray<float, TestDevice> lse(16);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::fused_attention_forward<bfloat16>(device, q, 2, 4, 16, true, view(out), lse.data()),
+                       doctest::Contains("fused_attention_forward: bf16 with a head size that is a multiple of 16"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::fused_attention_forward<bfloat16>(device, q, 2, 4, 2, true, view(out), nullptr),
+                       doctest::Contains("lse (a float per query row, [B * heads * T]) is null"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::fused_attention_backward<bfloat16>(
+                           device, moe::ConstMatrixView<bfloat16>(view(out)), q,
+                           moe::ConstMatrixView<bfloat16>(out.data(), 8, 64), lse.data(), 2, 4, 2, true, view(qkv)),
+                       doctest::Contains("fused_attention_backward: out is [8, 64], expected [B*T, C] = [8, 128]"),
+                       moe::Error);
+}
+
+}  // namespace cuda_test::nn_fused_attention_cases
