@@ -10,6 +10,9 @@
 //                                 precision bf16 (fp32 master weights and optimizer state) or tf32
 //   Peak/bf16_gemm                cuBLAS bf16 GEMM, 8192^3 on N(0, 1) operands, fp32 accumulation:
 //                                 the matmul peak MFU is measured against, in the same process
+//   Attention/<kernel>/bf16/<fwd|fwdbwd>
+//                                 one layer's causal attention alone, fused (on-chip probabilities) or
+//                                 materialized, forward or forward + backward (attention() below)
 //
 // One iteration is one full training step, as gpt2_moe's loop runs it (routing statistics off):
 // zero_grad, forward (loss),
@@ -135,6 +138,64 @@ void peak_gemm(benchmark::State& state) {
   }
   g_peak_tflops = std::max(g_peak_tflops, best);
   state.counters["tflops"] = best;
+}
+
+// One layer's causal self-attention at GPT-2 small's shape (B sequences of 1024 tokens, 768 wide, 12 heads), bf16:
+// the fused kernel (moe/cuda/nn/fused_attention.hpp) or the materialised one (attention.hpp), forward alone or forward
+// and backward, timed by CUDA events over kCalls calls. Counters: tflops (the causal half's products: 4 B heads T^2 hs
+// / 2 forward, 2.5 times that backward) and cache_mib (what the layer keeps for its backward).
+void attention(benchmark::State& state, bool fused, bool backward) {
+  using S = moe::bfloat16;
+  using moe::cuda::check_cuda;
+  const gpt2::Config config = gpt2::Config::gpt2_small();
+  const Index B = batch_size(), T = kSeq, C = config.hidden, heads = config.heads, hs = C / heads;
+  constexpr int kCalls = 10;
+  const moe::cuda::CudaDevice device(nullptr);
+  const moe::cuda::BackendBF16 fill{device};
+  moe::cuda::DeviceMatrix<S, moe::cuda::CudaDevice> qkv(B * T, 3 * C), out(B * T, C), dout(B * T, C),
+      dqkv(B * T, 3 * C);
+  fill.fill_normal(moe::MatrixView<S>(qkv.data(), B * T, 3 * C), 1.0, 3, 0);
+  fill.fill_normal(moe::MatrixView<S>(dout.data(), B * T, C), 1.0, 4, 0);
+  fill.fill(moe::MatrixView<S>(dqkv.data(), B * T, 3 * C), S(0.f));
+  const Index cache = fused ? B * heads * T * 2 : B * heads * T * T;  // elements of S (the fused: a float per row)
+  moe::cuda::DeviceArray<S, moe::cuda::CudaDevice> att(cache);
+  const moe::ConstMatrixView<S> q(qkv.data(), B * T, 3 * C);
+  const auto run = [&] {
+    if (fused) {
+      float* lse = reinterpret_cast<float*>(att.data());
+      moe::cuda::nn::fused_attention_forward<S>(device, q, B, T, heads, true, moe::MatrixView<S>(out.data(), B * T, C), lse);
+      if (backward)
+        moe::cuda::nn::fused_attention_backward<S>(device, moe::ConstMatrixView<S>(dout.data(), B * T, C), q,
+                                                   moe::ConstMatrixView<S>(out.data(), B * T, C), lse, B, T, heads, true,
+                                                   moe::MatrixView<S>(dqkv.data(), B * T, 3 * C));
+    } else {
+      moe::cuda::nn::attention_forward<S>(device, q, B, T, heads, true, moe::MatrixView<S>(out.data(), B * T, C),
+                                          att.data());
+      if (backward)
+        moe::cuda::nn::attention_backward<S>(device, moe::ConstMatrixView<S>(dout.data(), B * T, C), q, att.data(), B, T,
+                                             heads, true, moe::MatrixView<S>(dqkv.data(), B * T, 3 * C));
+    }
+  };
+  run();  // warm-up: kernels loaded, scratch grown
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  cudaEvent_t start, stop;
+  check_cuda(cudaEventCreate(&start), "cudaEventCreate");
+  check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
+  for (auto _ : state) {
+    check_cuda(cudaEventRecord(start, device.stream()), "cudaEventRecord");
+    for (int i = 0; i < kCalls; ++i) run();
+    check_cuda(cudaEventRecord(stop, device.stream()), "cudaEventRecord");
+    check_cuda(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    state.SetIterationTime(double(ms) / 1e3 / kCalls);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  const double forward_flops = 4.0 * double(B * heads) * double(T) * double(T) * double(hs) / 2;
+  state.counters["tflops"] = benchmark::Counter((backward ? 3.5 : 1.0) * forward_flops / 1e12,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["cache_mib"] = double(cache) * sizeof(S) / (1 << 20);
 }
 
 // A training step as gpt2_moe's loop takes it, in named phases (time_phases times each).
@@ -264,6 +325,14 @@ void BM_PeakGemm(benchmark::State& state) {
   guarded(state, [&] { peak_gemm(state); });
 }
 
+void BM_Attention(benchmark::State& state, bool fused, bool backward) {
+  if (!gpu_available()) {
+    state.SkipWithError("no CUDA device on this machine");
+    return;
+  }
+  guarded(state, [&] { attention(state, fused, backward); });
+}
+
 void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision) {
   if (!gpu_available()) {
     state.SkipWithError("no CUDA device on this machine");
@@ -277,6 +346,14 @@ void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision prec
 int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("Peak/bf16_gemm", BM_PeakGemm)->UseManualTime()->Unit(benchmark::kMillisecond)
       ->Iterations(10);
+  for (const bool fused : {true, false})
+    for (const bool backward : {false, true})
+      benchmark::RegisterBenchmark((std::string("Attention/") + (fused ? "fused" : "materialized") + "/bf16/" +
+                                    (backward ? "fwdbwd" : "fwd")).c_str(),
+                                   BM_Attention, fused, backward)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(5);
   for (const auto& [precision, name] : {std::pair{gpt2::Precision::bf16, "bf16"}, std::pair{gpt2::Precision::tf32, "tf32"}})
     for (const char* variant : {"self", "linear", "dense"})
       benchmark::RegisterBenchmark((std::string("Train/") + variant + "/" + name).c_str(), BM_Train, std::string(variant),

@@ -34,6 +34,8 @@ def load_ours(path):
             peak = b.get("tflops", peak)
         elif parts and parts[0] == "Train" and len(parts) >= 3:
             rows[(parts[1], parts[2])] = {"error": b.get("error_message")} if b.get("error_occurred") else b
+        elif parts and parts[0] == "Attention" and len(parts) >= 4:  # Attention/<kernel>/bf16/<pass>
+            rows[("attention", parts[1], parts[3])] = {"error": b.get("error_message")} if b.get("error_occurred") else b
     return rows, peak, context, note
 
 
@@ -72,6 +74,31 @@ def print_phases(ours):
 
 
 HOST_CALLS = gbench.HOST_CALLS
+
+
+def print_attention(ours):
+    """One layer's attention alone: the fused kernel against the materialised one (ms, TFLOP/s, cache MiB)."""
+    passes = [p for p in ("fwd", "fwdbwd") if any(("attention", k, p) in ours for k in ("fused", "materialized"))]
+    if not passes:
+        return
+    print()
+    print("One layer's causal attention (bf16, GPT-2 small's shape), ms [TFLOP/s], and what it keeps for backward:")
+    print()
+    print("| pass | fused | materialized | fused gain | fused cache MiB | materialized cache MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for p in passes:
+        fused, mat = ours.get(("attention", "fused", p)) or {}, ours.get(("attention", "materialized", p)) or {}
+
+        def cell(r):
+            if "error" in r:
+                return "error: " + str(r["error"])[:60]
+            if "real_time" not in r:
+                return "-"
+            return f"{r['real_time']:.3f} [{fmt(r.get('tflops'), '{:.0f}')}]"
+
+        gain = mat["real_time"] / fused["real_time"] if fused.get("real_time") and mat.get("real_time") else None
+        print(f"| {p} | {cell(fused)} | {cell(mat)} | {fmt(gain, '{:.2f}x')} | {fmt(fused.get('cache_mib'), '{:.0f}')} "
+              f"| {fmt(mat.get('cache_mib'), '{:.0f}')} |")
 
 
 def print_host_calls(ours):
@@ -137,6 +164,7 @@ def main(argv):
     ]
     print_phases(ours)
     print_host_calls(ours)
+    print_attention(ours)
     for (variant, mode), e in sorted(torch_entries.items()):
         if e.get("error"):  # two lines: inductor's first line only says which backend failed
             print(f"\ntorch {variant}/{mode}: {' / '.join(e['error'].splitlines()[:2])[:400]}")

@@ -108,6 +108,11 @@ def gpt2_json(repetitions=1, self_error=None):
         error = self_error if variant == "self" else None
         benchmarks += gbench_records(f"Train/{variant}/bf16/iterations:5/manual_time", [ms] * repetitions, counters,
                                      error)
+    for kernel, ms in (("fused", 0.5), ("materialized", 1.5)):
+        for pass_, scale in (("fwd", 1.0), ("fwdbwd", 3.0)):
+            benchmarks += gbench_records(f"Attention/{kernel}/bf16/{pass_}/iterations:5/manual_time",
+                                         [ms * scale] * repetitions,
+                                         {"tflops": 100.0 / ms, "cache_mib": 3.0 if kernel == "fused" else 1536.0})
     return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200"}, "benchmarks": benchmarks}
 
 
@@ -197,6 +202,8 @@ def main():
             expect(out, "| self | bf16 | 54.1 | 42.9 | 6.5 (1,200) [0.90] | 2.0 (300) [0.05] | 4.0 (250) [1.50] | "
                    "1.2 (3) [0.60] | 0.3 (12) [0.03] | 0.1 (3) [0.05] | 30.0 (14) [9.00] |",
                    "the host calls by kind, in HOST_CALLS order, after the step's host ms and their sum")
+            expect(out, "| fwdbwd | 1.500 [200] | 4.500 [67] | 3.00x | 3 | 1536 |",
+                   "the attention kernels side by side, with the fused one's gain")
             if out.count("| linear | bf16 | ") > 1 or out.count("| dense | bf16 | ") > 1:
                 fail(f"a row without host call times was listed in the host calls table:\n{out}")
             if "| linear | bf16 | -" in out or "| dense | bf16 | - /" in out:
