@@ -29,7 +29,7 @@
 namespace examples {
 
 // Which attention NnOps<cuda> runs: fused keeps the probabilities on chip (moe/cuda/nn/fused_attention.hpp: bf16,
-// head sizes that are multiples of 16 up to 128; its cache is a float log-sum-exp per query row); materialized
+// head sizes 32, 64 and 128; its cache is a float log-sum-exp per query row); materialized
 // stores them (moe/cuda/nn/attention.hpp: every precision and shape; its cache is the [B, heads, T, T]
 // probabilities). fused falls back to materialized where it does not fit.
 enum class AttentionKernel { fused, materialized };

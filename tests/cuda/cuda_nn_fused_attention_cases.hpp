@@ -148,11 +148,11 @@ inline std::vector<float> lse_reference(const std::vector<float>& qkv, Shape s, 
   return lse;
 }
 
-// Head sizes 16, 32, 64 (GPT-2's) and 128; T = 1, T below, across and not a multiple of the 16-row tiles and the
-// 32-key blocks; one head and several.
+// Head sizes 32, 64 (GPT-2's) and 128; T = 1, T below, across and not a multiple of the tiles (32 rows, 16 at head
+// size 128) and the key and query blocks (32 or 16); one head and several.
 inline const std::vector<Shape>& fused_shapes() {
-  static const std::vector<Shape> list = {{1, 1, 16, 1},  {2, 5, 32, 2},  {1, 33, 64, 2}, {2, 70, 128, 2},
-                                          {1, 47, 48, 3}, {1, 100, 64, 1}, {1, 40, 128, 1}};
+  static const std::vector<Shape> list = {{1, 1, 32, 1},  {2, 5, 64, 2},  {1, 33, 64, 2}, {2, 70, 128, 2},
+                                          {1, 47, 96, 3}, {1, 100, 64, 1}, {1, 40, 128, 1}, {1, 37, 256, 2}};
   return list;
 }
 
@@ -217,16 +217,18 @@ TEST_CASE("cuda nn fused attention: which operands it takes, and clear errors fo
   const TestDevice device = make_device();
   DeviceMatrix<bfloat16> qkv(8, 3 * 128), out(8, 128), wide(8, 3 * 128 + 1);
   const moe::ConstMatrixView<bfloat16> q(view(qkv));
-  CHECK(fused_attention_fits<bfloat16>(128, 2, q, view(out)));       // hs = 64
-  CHECK(fused_attention_fits<bfloat16>(128, 1, q, view(out)));       // hs = 128
-  CHECK_FALSE(fused_attention_fits<float>(128, 2, q, view(out)));    // fp32: the materialised path (exact)
-  CHECK_FALSE(fused_attention_fits<bfloat16>(128, 16, q, view(out)));  // hs = 8
+  CHECK(fused_attention_fits<bfloat16>(128, 2, q, view(out)));         // hs = 64
+  CHECK(fused_attention_fits<bfloat16>(128, 1, q, view(out)));         // hs = 128
+  CHECK(fused_attention_fits<bfloat16>(128, 4, q, view(out)));         // hs = 32
+  CHECK_FALSE(fused_attention_fits<float>(128, 2, q, view(out)));      // fp32: the materialised path (exact)
+  CHECK_FALSE(fused_attention_fits<bfloat16>(128, 8, q, view(out)));   // hs = 16
   CHECK_FALSE(fused_attention_fits<bfloat16>(120, 3, q, view(out)));   // hs = 40
+  CHECK_FALSE(fused_attention_fits<bfloat16>(384, 2, q, view(out)));   // hs = 192
   CHECK_FALSE(fused_attention_fits<bfloat16>(
       128, 2, moe::ConstMatrixView<bfloat16>(wide.data(), 8, 3 * 128, 3 * 128 + 1), view(out)));  // odd row stride
   moe::cuda::DeviceArray<float, TestDevice> lse(16);
   CHECK_THROWS_WITH_AS(moe::cuda::nn::fused_attention_forward<bfloat16>(device, q, 2, 4, 16, true, view(out), lse.data()),
-                       doctest::Contains("fused_attention_forward: bf16 with a head size that is a multiple of 16"),
+                       doctest::Contains("fused_attention_forward: bf16, a head size of 32, 64 or 128"),
                        moe::Error);
   CHECK_THROWS_WITH_AS(moe::cuda::nn::fused_attention_forward<bfloat16>(device, q, 2, 4, 2, true, view(out), nullptr),
                        doctest::Contains("lse (a float per query row, [B * heads * T]) is null"), moe::Error);

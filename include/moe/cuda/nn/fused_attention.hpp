@@ -8,8 +8,9 @@
 // Work: one warp per tile of rows of one (b, h) pair (32 rows up to head size 64, else 16): query rows for the forward
 // and for dq, keys for dk and dv. The warp copies its tile and each block of the other side into its staging memory
 // (asynchronous copies, the next block's in flight during this one's products; zero past T and past the block's end, so
-// a tile product reads nothing else), runs the products there on tensor cores, and keeps the float accumulators (out,
-// dq, dk, dv) there too. Per row of a tile the softmax arithmetic is one lane's, in a fixed order.
+// a tile product reads nothing else) and runs the products there on tensor cores. The forward's float accumulator
+// (out) stays there too, as its rows are rescaled when their running max grows; dq, dk and dv accumulate in registers.
+// Per row of a tile the softmax arithmetic is one lane's, in a fixed order.
 // No floating-point atomics: dq has a pass of its own (over key blocks) instead of FlashAttention-2's atomic adds, so
 // every output element has one writer and reruns give the same bits.
 //
@@ -17,7 +18,7 @@
 // before its product, as the materialised path stores it; out is the accumulator / sum, rounded once. Results match
 // attention.hpp's within bf16 rounding (tests/cuda/cuda_nn_fused_attention_cases.hpp), not bit for bit.
 //
-// Taken when fused_attention_fits (bf16, head size a multiple of 16 up to 128, every row on a 16-byte boundary);
+// Taken when fused_attention_fits (bf16, head size 32, 64 or 128, every row on a 16-byte boundary);
 // NnOps<cuda> (examples/common/nn_ops_cuda.hpp) falls back to attention.hpp otherwise.
 #pragma once
 
@@ -39,7 +40,6 @@ namespace fused_attention_detail {
 
 using Bf16 = bfloat16;
 inline constexpr Index kTile = kTileSize;     // a tensor-core tile's side
-inline constexpr Index kMaxHead = 128;        // head sizes up to this fit a warp's staging
 inline constexpr Index kPack = kPackSize<Bf16>;
 
 // Regions of a warp's staging memory, each kTileAlignment-aligned: offsets in bytes, made on the host.
@@ -54,8 +54,8 @@ struct StagingLayout {
 
 // Leading dimensions (elements) of staged tiles: rows of hs bf16 padded by 8 (16 bytes: a multiple of 16 bytes, and
 // rows that do not all start in the same shared-memory bank), float rows padded by 4.
-MOE_HOST_DEVICE inline Index ld_rows(Index hs) { return hs + 8; }
-MOE_HOST_DEVICE inline Index ld_floats(Index cols) { return cols + 4; }
+MOE_HOST_DEVICE constexpr Index ld_rows(Index hs) { return hs + 8; }
+MOE_HOST_DEVICE constexpr Index ld_floats(Index cols) { return cols + 4; }
 
 // Where pair p = b * heads + h finds row t of part `part` (0 q, 1 k, 2 v) of qkv, or row t of out / dout.
 struct Heads {
@@ -66,16 +66,21 @@ struct Heads {
   }
 };
 
-// out[rows, cols] = A[rows, hs] B[cols, hs]^T (rows and cols multiples of 16): a staged tile of rows times a staged
-// block of rows, transposed (scores q k^T, dP = dout v^T, and their transposes).
-template <class Warp>
-MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out, const Bf16* a, Index rows,
-                                     const Bf16* b, Index cols, Index ld, Index hs) {
-  for (Index i = 0; i < rows; i += kTile)
-    for (Index j = 0; j < cols; j += kTile) {
+// The tile products, their sizes compile-time constants so that the loops unroll and a register array of tiles is
+// indexed by constants.
+// out[Rows, Cols] = A[Rows, HS] B[Cols, HS]^T: a staged tile of rows times a staged block of rows, transposed (scores
+// q k^T, dP = dout v^T, and their transposes).
+template <Index Rows, Index Cols, Index HS, class Warp>
+MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out, const Bf16* a, const Bf16* b,
+                                     Index ld) {
+  MOE_UNROLL
+  for (Index i = 0; i < Rows; i += kTile) {
+    MOE_UNROLL
+    for (Index j = 0; j < Cols; j += kTile) {
       typename Warp::Acc acc;
       warp.fill(acc, 0.f);
-      for (Index d = 0; d < hs; d += kTile) {
+      MOE_UNROLL
+      for (Index d = 0; d < HS; d += kTile) {
         typename Warp::ARows at;
         typename Warp::BCols bt;
         warp.load_a(at, a + i * ld + d, ld);
@@ -84,18 +89,22 @@ MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out,
       }
       warp.store_acc(out + i * ld_out + j, ld_out, acc);
     }
+  }
 }
 
-// acc[rows, hs] += P[rows, depth] V[depth, hs] (rows and depth multiples of 16): P a staged bf16 tile (probabilities,
-// dS), V a staged block of rows (v, dout, q, k); acc a staged float tile.
-template <class Warp>
+// acc[Rows, HS] += P[Rows, Depth] V[Depth, HS]: P a staged bf16 tile (probabilities, dS), V a staged block of rows (v,
+// dout, q, k); acc a staged float tile (the forward's out, rescaled between blocks).
+template <Index Rows, Index Depth, Index HS, class Warp>
 MOE_HOST_DEVICE void accumulate_product(const Warp& warp, float* acc_tile, Index ld_acc, const Bf16* p, Index ld_p,
-                                        Index rows, Index depth, const Bf16* v, Index ld, Index hs) {
-  for (Index i = 0; i < rows; i += kTile)
-    for (Index d = 0; d < hs; d += kTile) {
+                                        const Bf16* v, Index ld) {
+  MOE_UNROLL
+  for (Index i = 0; i < Rows; i += kTile) {
+    MOE_UNROLL
+    for (Index d = 0; d < HS; d += kTile) {
       typename Warp::Acc acc;
       warp.load_acc(acc, acc_tile + i * ld_acc + d, ld_acc);
-      for (Index j = 0; j < depth; j += kTile) {
+      MOE_UNROLL
+      for (Index j = 0; j < Depth; j += kTile) {
         typename Warp::ARows at;
         typename Warp::BRows bv;
         warp.load_a(at, p + i * ld_p + j, ld_p);
@@ -104,6 +113,46 @@ MOE_HOST_DEVICE void accumulate_product(const Warp& warp, float* acc_tile, Index
       }
       warp.store_acc(acc_tile + i * ld_acc + d, ld_acc, acc);
     }
+  }
+}
+
+// The same product into tiles held in the warp's registers across blocks (dq, dk, dv: nothing rescales them, so no
+// round trip through the staging): acc[(i / 16) * (HS / 16) + d / 16] is the tile at rows i, columns d.
+template <Index Rows, Index HS, class Warp>
+using Accumulators = typename Warp::Acc[(Rows / kTile) * (HS / kTile)];
+template <Index Rows, Index Depth, Index HS, class Warp>
+MOE_HOST_DEVICE void accumulate_in_registers(const Warp& warp, Accumulators<Rows, HS, Warp>& acc, const Bf16* p,
+                                             Index ld_p, const Bf16* v, Index ld) {
+  MOE_UNROLL
+  for (Index i = 0; i < Rows; i += kTile) {
+    MOE_UNROLL
+    for (Index d = 0; d < HS; d += kTile) {
+      MOE_UNROLL
+      for (Index j = 0; j < Depth; j += kTile) {
+        typename Warp::ARows at;
+        typename Warp::BRows bv;
+        warp.load_a(at, p + i * ld_p + j, ld_p);
+        warp.load_b(bv, v + j * ld + d, ld);
+        warp.mma(acc[(i / kTile) * (HS / kTile) + d / kTile], at, bv);
+      }
+    }
+  }
+}
+
+// Register tiles -> a staged float tile [Rows, HS] (for write_rows); zero -> the register tiles.
+template <Index Rows, Index HS, class Warp>
+MOE_HOST_DEVICE void store_accumulators(const Warp& warp, float* out, Index ld_out, const Accumulators<Rows, HS, Warp>& acc) {
+  MOE_UNROLL
+  for (Index i = 0; i < Rows; i += kTile) {
+    MOE_UNROLL
+    for (Index d = 0; d < HS; d += kTile)
+      warp.store_acc(out + i * ld_out + d, ld_out, acc[(i / kTile) * (HS / kTile) + d / kTile]);
+  }
+}
+template <Index Rows, Index HS, class Warp>
+MOE_HOST_DEVICE void zero_accumulators(const Warp& warp, Accumulators<Rows, HS, Warp>& acc) {
+  MOE_UNROLL
+  for (Index a = 0; a < (Rows / kTile) * (HS / kTile); ++a) warp.fill(acc[a], 0.f);
 }
 
 // dst row r (r < valid) = S(C(dst) + acc[r]) when adding, S(acc[r] * factor[r]) otherwise; hs columns in packs.
@@ -126,7 +175,7 @@ MOE_HOST_DEVICE void write_rows(const Warp& warp, const float* acc, Index ld_acc
 
 // Rows of a warp's tile: 32 (a lane per row in the softmax steps, and each staged block of the other side serves 32
 // rows) up to head size 64; 16 above, where the staging would not fit. Rows of a block of the other side likewise.
-MOE_HOST_DEVICE inline Index tile_rows(Index hs) { return hs <= 64 ? 32 : 16; }
+MOE_HOST_DEVICE constexpr Index tile_rows(Index hs) { return hs <= 64 ? 32 : 16; }
 
 // The forward's staging for head size hs: a tile of `rows` query rows against blocks of `keys` keys, two blocks (k and
 // v) staged at a time: the next one's copies run during this one's products.
@@ -179,7 +228,7 @@ struct KeyStaging {
 struct QueryStaging {
   Index rows, keys;
   std::size_t q, dout, lse, dsum, k[2], v[2], s, dp, ds, dq, bytes;
-  explicit QueryStaging(Index hs) : rows(tile_rows(hs)), keys(hs <= 64 ? 32 : 16) {
+  explicit QueryStaging(Index hs) : rows(tile_rows(hs)), keys(tile_rows(hs)) {
     StagingLayout layout;
     q = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     dout = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
@@ -202,10 +251,253 @@ MOE_HOST_DEVICE T* region(unsigned char* base, std::size_t offset) {
   return reinterpret_cast<T*>(base + offset);
 }
 
+// The forward for head size HS (fused_attention_forward checks the arguments).
+template <Index HS, class S, class D>
+void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal, MatrixView<S> out,
+             float* lse) {
+  const Index channels = HS * heads;
+  const ForwardStaging at(HS);
+  constexpr Index R = tile_rows(HS), K = R;
+  const Heads heads_of{T, heads, channels, HS};
+  const Index tiles = (T + R - 1) / R, ld_qkv = qkv.stride, ld_out = out.stride;
+  constexpr Index ldh = ld_rows(HS), lds = ld_floats(K), ldp = ld_rows(K), ldo = ld_floats(HS);
+  const float scale = 1.f / std::sqrt(float(HS));
+  const S* qkv_all = qkv.data;
+  S* out_all = out.data;
+  device.for_each_warp(B * heads * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
+    // Causal tiles further down see more keys: the launch takes those first.
+    const Index pair = w / tiles, tile = causal ? tiles - 1 - w % tiles : w % tiles;
+    const Index row0 = tile * R, rows = T - row0 < R ? T - row0 : R;
+    unsigned char* base = warp.staging();
+    Bf16* q = region<Bf16>(base, at.q);
+    float* s = region<float>(base, at.s);
+    Bf16* p = region<Bf16>(base, at.p);
+    float* o = region<float>(base, at.o);
+    float* m = region<float>(base, at.m);
+    float* l = region<float>(base, at.l);
+    const Index key_end = causal ? row0 + rows : T;
+    // Block kb's keys and values into buffer `buf`, one batch.
+    const auto fetch = [&](Index kb, int buf) {
+      const Index keys = key_end - kb < K ? key_end - kb : K;
+      warp.copy_rows(region<Bf16>(base, at.k[buf]), ldh, K, keys, HS,
+                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, kb + r); });
+      warp.copy_rows(region<Bf16>(base, at.v[buf]), ldh, K, keys, HS,
+                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, kb + r); });
+      warp.commit_copies();
+    };
+    warp.copy_rows(q, ldh, R, rows, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, row0 + r); });
+    fetch(0, 0);
+    warp.lanes(R * HS, [&](Index i) { o[(i / HS) * ldo + i % HS] = 0.f; });
+    warp.lanes(R, [&](Index r) { m[r] = -INFINITY, l[r] = 0.f; });
+    int buf = 0;
+    for (Index kb = 0; kb < key_end; kb += K, buf ^= 1) {
+      const Index keys = key_end - kb < K ? key_end - kb : K;
+      if (kb + K < key_end) {
+        fetch(kb + K, buf ^ 1);
+        warp.wait_copies(1);
+      } else {
+        warp.wait_copies(0);
+      }
+      const Bf16* k = region<Bf16>(base, at.k[buf]);
+      const Bf16* v = region<Bf16>(base, at.v[buf]);
+      rows_times_rows<R, K, HS>(warp, s, lds, q, k, ldh);
+      // Online softmax, one lane per query row: the new max, the old terms' factor, this block's probabilities.
+      warp.lanes(R, [&](Index r) {
+        const Index seen = !causal ? keys : row0 + r - kb + 1 < keys ? row0 + r - kb + 1 : keys;
+        float max = m[r];
+        for (Index j = 0; j < seen; ++j) {
+          const float x = s[r * lds + j] * scale;
+          max = x > max ? x : max;
+        }
+        float sum = 0.f;
+        for (Index j = 0; j < K; ++j) {
+          const Bf16 pj = j < seen ? Bf16(std::exp(s[r * lds + j] * scale - max)) : Bf16(0.f);
+          p[r * ldp + j] = pj;
+          sum += float(pj);
+        }
+        if (max != m[r]) {  // rescale the terms so far (none before the first block: their factor is 0)
+          const float factor = std::exp(m[r] - max);
+          l[r] *= factor;
+          for (Index c = 0; c < HS; ++c) o[r * ldo + c] *= factor;
+        }
+        l[r] += sum;
+        m[r] = max;
+      });
+      accumulate_product<R, K, HS>(warp, o, ldo, p, ldp, v, ldh);
+    }
+    write_rows(
+        warp, o, ldo, rows, HS, false, [&](Index r) { return heads_of.row(out_all, ld_out, 0, pair, row0 + r); },
+        [&](Index r) { return 1.f / l[r]; });
+    warp.lanes(rows, [&](Index r) { lse[pair * T + row0 + r] = m[r] + std::log(l[r]); });
+  });
+}
+
+// The backward for head size HS (fused_attention_backward checks the arguments): D per query row, then the two
+// passes.
+template <Index HS, class S, class D>
+void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, ConstMatrixView<S> out,
+              const float* lse, Index B, Index T, Index heads, bool causal, MatrixView<S> dqkv) {
+  const Index channels = HS * heads;
+  const Index pairs = B * heads;
+  const Heads heads_of{T, heads, channels, HS};
+  const Index ld_qkv = qkv.stride, ld_out = out.stride, ld_dout = dout.stride, ld_dqkv = dqkv.stride;
+  constexpr Index ldh = ld_rows(HS), ldacc = ld_floats(HS);
+  const float scale = 1.f / std::sqrt(float(HS));
+  const S* qkv_all = qkv.data;
+  const S* out_all = out.data;
+  const S* dout_all = dout.data;
+  S* dqkv_all = dqkv.data;
+  const auto add = [] MOE_HOST_DEVICE(Index) { return 1.f; };
+
+  // D per query row, in the scratch.
+  float* dsum_all = static_cast<float*>(device.scratch(std::size_t(pairs * T) * sizeof(float)));
+  device.for_each_row(pairs * T, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
+    const Index pair = i / T, t = i % T;
+    const S* o = heads_of.row(out_all, ld_out, 0, pair, t);
+    const S* g = heads_of.row(dout_all, ld_dout, 0, pair, t);
+    const float d = r.sum(HS, [&](Index c) { return float(o[c]) * float(g[c]); });
+    if (r.first()) dsum_all[i] = d;
+  });
+
+  // dk and dv: a warp per tile of keys, over the blocks of queries that see them.
+  const KeyStaging ks(HS);
+  constexpr Index kQueries = KeyStaging::kQueries;
+  constexpr Index RK = tile_rows(HS), ld_sq = ld_floats(kQueries), ld_pq = ld_rows(kQueries);
+  const Index key_tiles = (T + RK - 1) / RK;
+  device.for_each_warp(pairs * key_tiles, ks.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
+    const Index pair = w / key_tiles, tile = w % key_tiles;  // causal: the first keys are seen by the most queries
+    const Index key0 = tile * RK, keys = T - key0 < RK ? T - key0 : RK;
+    unsigned char* base = warp.staging();
+    Bf16* k = region<Bf16>(base, ks.k);
+    Bf16* v = region<Bf16>(base, ks.v);
+    float* lse_q = region<float>(base, ks.lse);
+    float* dsum_q = region<float>(base, ks.dsum);
+    float* st = region<float>(base, ks.st);
+    float* dpt = region<float>(base, ks.dpt);
+    Bf16* pt = region<Bf16>(base, ks.pt);
+    Bf16* dst = region<Bf16>(base, ks.dst);
+    float* dk = region<float>(base, ks.dk);
+    float* dv = region<float>(base, ks.dv);
+    // Block qb's queries and their output gradients into buffer `buf`, one batch.
+    const auto fetch = [&](Index qb, int buf) {
+      const Index queries = T - qb < kQueries ? T - qb : kQueries;
+      warp.copy_rows(region<Bf16>(base, ks.q[buf]), ldh, kQueries, queries, HS,
+                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, qb + r); });
+      warp.copy_rows(region<Bf16>(base, ks.dout[buf]), ldh, kQueries, queries, HS,
+                     [&](Index r) { return heads_of.row(dout_all, ld_dout, 0, pair, qb + r); });
+      warp.commit_copies();
+    };
+    const Index first = causal ? key0 : 0;
+    warp.copy_rows(k, ldh, RK, keys, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, key0 + r); });
+    warp.copy_rows(v, ldh, RK, keys, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, key0 + r); });
+    fetch(first, 0);
+    Accumulators<RK, HS, typename D::Warp> dk_acc, dv_acc;
+    zero_accumulators<RK, HS>(warp, dk_acc);
+    zero_accumulators<RK, HS>(warp, dv_acc);
+    int buf = 0;
+    for (Index qb = first; qb < T; qb += kQueries, buf ^= 1) {
+      const Index queries = T - qb < kQueries ? T - qb : kQueries;
+      if (qb + kQueries < T) {
+        fetch(qb + kQueries, buf ^ 1);
+        warp.wait_copies(1);
+      } else {
+        warp.wait_copies(0);
+      }
+      const Bf16* q = region<Bf16>(base, ks.q[buf]);
+      const Bf16* g = region<Bf16>(base, ks.dout[buf]);
+      warp.lanes(kQueries, [&](Index j) {
+        lse_q[j] = j < queries ? lse[pair * T + qb + j] : 0.f;
+        dsum_q[j] = j < queries ? dsum_all[pair * T + qb + j] : 0.f;
+      });
+      rows_times_rows<RK, kQueries, HS>(warp, st, ld_sq, k, q, ldh);   // S^T = k q^T
+      rows_times_rows<RK, kQueries, HS>(warp, dpt, ld_sq, v, g, ldh);  // dP^T = v dout^T
+      warp.lanes(RK, [&](Index r) {  // one lane per key: P^T and dS^T
+        for (Index j = 0; j < kQueries; ++j) {
+          const bool seen = r < keys && j < queries && (!causal || qb + j >= key0 + r);
+          const float pj = seen ? std::exp(st[r * ld_sq + j] * scale - lse_q[j]) : 0.f;
+          pt[r * ld_pq + j] = Bf16(pj);
+          dst[r * ld_pq + j] = Bf16(pj * (dpt[r * ld_sq + j] - dsum_q[j]) * scale);
+        }
+      });
+      accumulate_in_registers<RK, kQueries, HS>(warp, dv_acc, pt, ld_pq, g, ldh);   // dv += P^T dout
+      accumulate_in_registers<RK, kQueries, HS>(warp, dk_acc, dst, ld_pq, q, ldh);  // dk += dS^T q
+    }
+    store_accumulators<RK, HS>(warp, dk, ldacc, dk_acc);
+    store_accumulators<RK, HS>(warp, dv, ldacc, dv_acc);
+    write_rows(warp, dk, ldacc, keys, HS, true,
+                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, add);
+    write_rows(warp, dv, ldacc, keys, HS, true,
+                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, add);
+  });
+
+  // dq: a warp per tile of queries, over the blocks of keys they see.
+  const QueryStaging qs(HS);
+  constexpr Index RQ = tile_rows(HS), K = RQ, ld_sk = ld_floats(K), ld_pk = ld_rows(K);
+  const Index query_tiles = (T + RQ - 1) / RQ;
+  device.for_each_warp(pairs * query_tiles, qs.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
+    const Index pair = w / query_tiles, tile = causal ? query_tiles - 1 - w % query_tiles : w % query_tiles;
+    const Index row0 = tile * RQ, rows = T - row0 < RQ ? T - row0 : RQ;
+    unsigned char* base = warp.staging();
+    Bf16* q = region<Bf16>(base, qs.q);
+    Bf16* g = region<Bf16>(base, qs.dout);
+    float* lse_q = region<float>(base, qs.lse);
+    float* dsum_q = region<float>(base, qs.dsum);
+    float* s = region<float>(base, qs.s);
+    float* dp = region<float>(base, qs.dp);
+    Bf16* ds = region<Bf16>(base, qs.ds);
+    float* dq = region<float>(base, qs.dq);
+    const Index key_end = causal ? row0 + rows : T;
+    // Block kb's keys and values into buffer `buf`, one batch.
+    const auto fetch = [&](Index kb, int buf) {
+      const Index keys = key_end - kb < K ? key_end - kb : K;
+      warp.copy_rows(region<Bf16>(base, qs.k[buf]), ldh, K, keys, HS,
+                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, kb + r); });
+      warp.copy_rows(region<Bf16>(base, qs.v[buf]), ldh, K, keys, HS,
+                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, kb + r); });
+      warp.commit_copies();
+    };
+    warp.copy_rows(q, ldh, RQ, rows, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, row0 + r); });
+    warp.copy_rows(g, ldh, RQ, rows, HS, [&](Index r) { return heads_of.row(dout_all, ld_dout, 0, pair, row0 + r); });
+    fetch(0, 0);
+    warp.lanes(RQ, [&](Index r) {
+      lse_q[r] = r < rows ? lse[pair * T + row0 + r] : 0.f;
+      dsum_q[r] = r < rows ? dsum_all[pair * T + row0 + r] : 0.f;
+    });
+    Accumulators<RQ, HS, typename D::Warp> dq_acc;
+    zero_accumulators<RQ, HS>(warp, dq_acc);
+    int buf = 0;
+    for (Index kb = 0; kb < key_end; kb += K, buf ^= 1) {
+      const Index keys = key_end - kb < K ? key_end - kb : K;
+      if (kb + K < key_end) {
+        fetch(kb + K, buf ^ 1);
+        warp.wait_copies(1);
+      } else {
+        warp.wait_copies(0);
+      }
+      const Bf16* k = region<Bf16>(base, qs.k[buf]);
+      const Bf16* v = region<Bf16>(base, qs.v[buf]);
+      rows_times_rows<RQ, K, HS>(warp, s, ld_sk, q, k, ldh);   // S = q k^T
+      rows_times_rows<RQ, K, HS>(warp, dp, ld_sk, g, v, ldh);  // dP = dout v^T
+      warp.lanes(RQ, [&](Index r) {  // one lane per query row: dS
+        for (Index j = 0; j < K; ++j) {
+          const bool seen = r < rows && j < keys && (!causal || kb + j <= row0 + r);
+          const float pj = seen ? std::exp(s[r * ld_sk + j] * scale - lse_q[r]) : 0.f;
+          ds[r * ld_pk + j] = Bf16(pj * (dp[r * ld_sk + j] - dsum_q[r]) * scale);
+        }
+      });
+      accumulate_in_registers<RQ, K, HS>(warp, dq_acc, ds, ld_pk, k, ldh);  // dq += dS k
+    }
+    store_accumulators<RQ, HS>(warp, dq, ldacc, dq_acc);
+    write_rows(warp, dq, ldacc, rows, HS, true,
+                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, add);
+  });
+}
+
 }  // namespace fused_attention_detail
 
-// Whether the fused path takes these operands: bf16, head size C / heads a multiple of 16 and at most 128, and every
-// row of every view (qkv and out; dout and dqkv for the backward) on a 16-byte boundary.
+// Whether the fused path takes these operands: bf16, head size C / heads 32, 64 (GPT-2's) or 128 (each a compile-time
+// kernel: its tiles unroll, and dq, dk and dv stay in registers), and every row of every view (qkv and out; dout and
+// dqkv for the backward) on a 16-byte boundary.
 template <class S, class... Views>
 bool fused_attention_fits(Index channels, Index heads, const Views&... views) {
   if constexpr (!std::is_same_v<S, bfloat16>) {
@@ -213,7 +505,7 @@ bool fused_attention_fits(Index channels, Index heads, const Views&... views) {
   } else {
     if (heads <= 0 || channels % heads != 0) return false;
     const Index hs = channels / heads;
-    if (hs % kTileSize != 0 || hs > fused_attention_detail::kMaxHead) return false;
+    if (hs != 32 && hs != 64 && hs != 128) return false;
     if constexpr (sizeof...(Views) > 0) return packable<S>(channels, views...);
     return true;  // the shapes alone (NnOps decides its cache by them)
   }
@@ -230,82 +522,13 @@ void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, I
   check(lse != nullptr, "fused_attention_forward: lse (a float per query row, [B * heads * T]) is null");
   const auto [channels, hs] = moe::nn::detail::check_attention("fused_attention_forward", qkv, B, T, heads, out.rows,
                                                                out.cols, "out", reinterpret_cast<const S*>(lse));
-  check(fused_attention_fits<S>(channels, heads, qkv, out), "fused_attention_forward: bf16 with a head size that is ",
-        "a multiple of 16 up to ", fd::kMaxHead, " and 16-byte aligned rows is needed (head size ", hs,
-        "); attention_forward takes the rest");
-  const fd::ForwardStaging at(hs);
-  const fd::Heads heads_of{T, heads, channels, hs};
-  const Index R = at.rows, K = at.keys, tiles = (T + R - 1) / R, ld_qkv = qkv.stride, ld_out = out.stride;
-  const Index ldh = fd::ld_rows(hs), lds = fd::ld_floats(K), ldp = fd::ld_rows(K), ldo = fd::ld_floats(hs);
-  const float scale = 1.f / std::sqrt(float(hs));
-  const S* qkv_all = qkv.data;
-  S* out_all = out.data;
-  device.for_each_warp(B * heads * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    // Causal tiles further down see more keys: the launch takes those first.
-    const Index pair = w / tiles, tile = causal ? tiles - 1 - w % tiles : w % tiles;
-    const Index row0 = tile * R, rows = T - row0 < R ? T - row0 : R;
-    unsigned char* base = warp.staging();
-    fd::Bf16* q = fd::region<fd::Bf16>(base, at.q);
-    float* s = fd::region<float>(base, at.s);
-    fd::Bf16* p = fd::region<fd::Bf16>(base, at.p);
-    float* o = fd::region<float>(base, at.o);
-    float* m = fd::region<float>(base, at.m);
-    float* l = fd::region<float>(base, at.l);
-    const Index key_end = causal ? row0 + rows : T;
-    // Block kb's keys and values into buffer `buf`, one batch.
-    const auto fetch = [&](Index kb, int buf) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      warp.copy_rows(fd::region<fd::Bf16>(base, at.k[buf]), ldh, K, keys, hs,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, kb + r); });
-      warp.copy_rows(fd::region<fd::Bf16>(base, at.v[buf]), ldh, K, keys, hs,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, kb + r); });
-      warp.commit_copies();
-    };
-    warp.copy_rows(q, ldh, R, rows, hs, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, row0 + r); });
-    fetch(0, 0);
-    warp.lanes(R * hs, [&](Index i) { o[(i / hs) * ldo + i % hs] = 0.f; });
-    warp.lanes(R, [&](Index r) { m[r] = -INFINITY, l[r] = 0.f; });
-    int buf = 0;
-    for (Index kb = 0; kb < key_end; kb += K, buf ^= 1) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      if (kb + K < key_end) {
-        fetch(kb + K, buf ^ 1);
-        warp.wait_copies(1);
-      } else {
-        warp.wait_copies(0);
-      }
-      const fd::Bf16* k = fd::region<fd::Bf16>(base, at.k[buf]);
-      const fd::Bf16* v = fd::region<fd::Bf16>(base, at.v[buf]);
-      fd::rows_times_rows(warp, s, lds, q, R, k, K, ldh, hs);
-      // Online softmax, one lane per query row: the new max, the old terms' factor, this block's probabilities.
-      warp.lanes(R, [&](Index r) {
-        const Index seen = !causal ? keys : row0 + r - kb + 1 < keys ? row0 + r - kb + 1 : keys;
-        float max = m[r];
-        for (Index j = 0; j < seen; ++j) {
-          const float x = s[r * lds + j] * scale;
-          max = x > max ? x : max;
-        }
-        float sum = 0.f;
-        for (Index j = 0; j < K; ++j) {
-          const fd::Bf16 pj = j < seen ? fd::Bf16(std::exp(s[r * lds + j] * scale - max)) : fd::Bf16(0.f);
-          p[r * ldp + j] = pj;
-          sum += float(pj);
-        }
-        if (max != m[r]) {  // rescale the terms so far (none before the first block: their factor is 0)
-          const float factor = std::exp(m[r] - max);
-          l[r] *= factor;
-          for (Index c = 0; c < hs; ++c) o[r * ldo + c] *= factor;
-        }
-        l[r] += sum;
-        m[r] = max;
-      });
-      fd::accumulate_product(warp, o, ldo, p, ldp, R, K, v, ldh, hs);
-    }
-    fd::write_rows(
-        warp, o, ldo, rows, hs, false, [&](Index r) { return heads_of.row(out_all, ld_out, 0, pair, row0 + r); },
-        [&](Index r) { return 1.f / l[r]; });
-    warp.lanes(rows, [&](Index r) { lse[pair * T + row0 + r] = m[r] + std::log(l[r]); });
-  });
+  check(fused_attention_fits<S>(channels, heads, qkv, out), "fused_attention_forward: bf16, a head size of 32, 64 or 128 ",
+        "and 16-byte aligned rows are needed (head size ", hs, "); attention_forward takes the rest");
+  switch (hs) {  // fused_attention_fits took only these
+    case 32: return fd::forward<32>(device, qkv, B, T, heads, causal, out, lse);
+    case 64: return fd::forward<64>(device, qkv, B, T, heads, causal, out, lse);
+    default: return fd::forward<128>(device, qkv, B, T, heads, causal, out, lse);
+  }
 }
 
 // dout: [B*T, C], qkv: [B*T, 3C], out and lse from fused_attention_forward -> dqkv: [B*T, 3C], added into (+=), as
@@ -325,155 +548,13 @@ void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMat
   check(dqkv.rows == B * T && dqkv.cols == 3 * channels, "fused_attention_backward: dqkv is [", dqkv.rows, ", ",
         dqkv.cols, "], expected [B*T, 3C] = [", B * T, ", ", 3 * channels, "]");
   check(fused_attention_fits<S>(channels, heads, qkv, out, dout, dqkv),
-        "fused_attention_backward: bf16 with a head size that is a multiple of 16 up to ", fd::kMaxHead,
-        " and 16-byte aligned rows is needed (head size ", hs, "); attention_backward takes the rest");
-  const Index pairs = B * heads;
-  const fd::Heads heads_of{T, heads, channels, hs};
-  const Index ld_qkv = qkv.stride, ld_out = out.stride, ld_dout = dout.stride, ld_dqkv = dqkv.stride;
-  const Index ldh = fd::ld_rows(hs), ldacc = fd::ld_floats(hs);
-  const float scale = 1.f / std::sqrt(float(hs));
-  const S* qkv_all = qkv.data;
-  const S* out_all = out.data;
-  const S* dout_all = dout.data;
-  S* dqkv_all = dqkv.data;
-  const auto add = [] MOE_HOST_DEVICE(Index) { return 1.f; };
-
-  // D per query row, in the scratch.
-  float* dsum_all = static_cast<float*>(device.scratch(std::size_t(pairs * T) * sizeof(float)));
-  device.for_each_row(pairs * T, [=] MOE_HOST_DEVICE(Index i, const typename D::Row& r) {
-    const Index pair = i / T, t = i % T;
-    const S* o = heads_of.row(out_all, ld_out, 0, pair, t);
-    const S* g = heads_of.row(dout_all, ld_dout, 0, pair, t);
-    const float d = r.sum(hs, [&](Index c) { return float(o[c]) * float(g[c]); });
-    if (r.first()) dsum_all[i] = d;
-  });
-
-  // dk and dv: a warp per tile of keys, over the blocks of queries that see them.
-  const fd::KeyStaging ks(hs);
-  constexpr Index kQueries = fd::KeyStaging::kQueries;
-  const Index RK = ks.rows, key_tiles = (T + RK - 1) / RK;
-  const Index ld_sq = fd::ld_floats(kQueries), ld_pq = fd::ld_rows(kQueries);
-  device.for_each_warp(pairs * key_tiles, ks.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    const Index pair = w / key_tiles, tile = w % key_tiles;  // causal: the first keys are seen by the most queries
-    const Index key0 = tile * RK, keys = T - key0 < RK ? T - key0 : RK;
-    unsigned char* base = warp.staging();
-    fd::Bf16* k = fd::region<fd::Bf16>(base, ks.k);
-    fd::Bf16* v = fd::region<fd::Bf16>(base, ks.v);
-    float* lse_q = fd::region<float>(base, ks.lse);
-    float* dsum_q = fd::region<float>(base, ks.dsum);
-    float* st = fd::region<float>(base, ks.st);
-    float* dpt = fd::region<float>(base, ks.dpt);
-    fd::Bf16* pt = fd::region<fd::Bf16>(base, ks.pt);
-    fd::Bf16* dst = fd::region<fd::Bf16>(base, ks.dst);
-    float* dk = fd::region<float>(base, ks.dk);
-    float* dv = fd::region<float>(base, ks.dv);
-    // Block qb's queries and their output gradients into buffer `buf`, one batch.
-    const auto fetch = [&](Index qb, int buf) {
-      const Index queries = T - qb < kQueries ? T - qb : kQueries;
-      warp.copy_rows(fd::region<fd::Bf16>(base, ks.q[buf]), ldh, kQueries, queries, hs,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, qb + r); });
-      warp.copy_rows(fd::region<fd::Bf16>(base, ks.dout[buf]), ldh, kQueries, queries, hs,
-                     [&](Index r) { return heads_of.row(dout_all, ld_dout, 0, pair, qb + r); });
-      warp.commit_copies();
-    };
-    const Index first = causal ? key0 : 0;
-    warp.copy_rows(k, ldh, RK, keys, hs, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, key0 + r); });
-    warp.copy_rows(v, ldh, RK, keys, hs, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, key0 + r); });
-    fetch(first, 0);
-    warp.lanes(RK * hs, [&](Index i) { dk[(i / hs) * ldacc + i % hs] = 0.f, dv[(i / hs) * ldacc + i % hs] = 0.f; });
-    int buf = 0;
-    for (Index qb = first; qb < T; qb += kQueries, buf ^= 1) {
-      const Index queries = T - qb < kQueries ? T - qb : kQueries;
-      if (qb + kQueries < T) {
-        fetch(qb + kQueries, buf ^ 1);
-        warp.wait_copies(1);
-      } else {
-        warp.wait_copies(0);
-      }
-      const fd::Bf16* q = fd::region<fd::Bf16>(base, ks.q[buf]);
-      const fd::Bf16* g = fd::region<fd::Bf16>(base, ks.dout[buf]);
-      warp.lanes(kQueries, [&](Index j) {
-        lse_q[j] = j < queries ? lse[pair * T + qb + j] : 0.f;
-        dsum_q[j] = j < queries ? dsum_all[pair * T + qb + j] : 0.f;
-      });
-      fd::rows_times_rows(warp, st, ld_sq, k, RK, q, kQueries, ldh, hs);   // S^T = k q^T
-      fd::rows_times_rows(warp, dpt, ld_sq, v, RK, g, kQueries, ldh, hs);  // dP^T = v dout^T
-      warp.lanes(RK, [&](Index r) {  // one lane per key: P^T and dS^T
-        for (Index j = 0; j < kQueries; ++j) {
-          const bool seen = r < keys && j < queries && (!causal || qb + j >= key0 + r);
-          const float pj = seen ? std::exp(st[r * ld_sq + j] * scale - lse_q[j]) : 0.f;
-          pt[r * ld_pq + j] = fd::Bf16(pj);
-          dst[r * ld_pq + j] = fd::Bf16(pj * (dpt[r * ld_sq + j] - dsum_q[j]) * scale);
-        }
-      });
-      fd::accumulate_product(warp, dv, ldacc, pt, ld_pq, RK, kQueries, g, ldh, hs);   // dv += P^T dout
-      fd::accumulate_product(warp, dk, ldacc, dst, ld_pq, RK, kQueries, q, ldh, hs);  // dk += dS^T q
-    }
-    fd::write_rows(warp, dk, ldacc, keys, hs, true,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, add);
-    fd::write_rows(warp, dv, ldacc, keys, hs, true,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, add);
-  });
-
-  // dq: a warp per tile of queries, over the blocks of keys they see.
-  const fd::QueryStaging qs(hs);
-  const Index RQ = qs.rows, K = qs.keys, query_tiles = (T + RQ - 1) / RQ;
-  const Index ld_sk = fd::ld_floats(K), ld_pk = fd::ld_rows(K);
-  device.for_each_warp(pairs * query_tiles, qs.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    const Index pair = w / query_tiles, tile = causal ? query_tiles - 1 - w % query_tiles : w % query_tiles;
-    const Index row0 = tile * RQ, rows = T - row0 < RQ ? T - row0 : RQ;
-    unsigned char* base = warp.staging();
-    fd::Bf16* q = fd::region<fd::Bf16>(base, qs.q);
-    fd::Bf16* g = fd::region<fd::Bf16>(base, qs.dout);
-    float* lse_q = fd::region<float>(base, qs.lse);
-    float* dsum_q = fd::region<float>(base, qs.dsum);
-    float* s = fd::region<float>(base, qs.s);
-    float* dp = fd::region<float>(base, qs.dp);
-    fd::Bf16* ds = fd::region<fd::Bf16>(base, qs.ds);
-    float* dq = fd::region<float>(base, qs.dq);
-    const Index key_end = causal ? row0 + rows : T;
-    // Block kb's keys and values into buffer `buf`, one batch.
-    const auto fetch = [&](Index kb, int buf) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      warp.copy_rows(fd::region<fd::Bf16>(base, qs.k[buf]), ldh, K, keys, hs,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, kb + r); });
-      warp.copy_rows(fd::region<fd::Bf16>(base, qs.v[buf]), ldh, K, keys, hs,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, kb + r); });
-      warp.commit_copies();
-    };
-    warp.copy_rows(q, ldh, RQ, rows, hs, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, row0 + r); });
-    warp.copy_rows(g, ldh, RQ, rows, hs, [&](Index r) { return heads_of.row(dout_all, ld_dout, 0, pair, row0 + r); });
-    fetch(0, 0);
-    warp.lanes(RQ, [&](Index r) {
-      lse_q[r] = r < rows ? lse[pair * T + row0 + r] : 0.f;
-      dsum_q[r] = r < rows ? dsum_all[pair * T + row0 + r] : 0.f;
-    });
-    warp.lanes(RQ * hs, [&](Index i) { dq[(i / hs) * ldacc + i % hs] = 0.f; });
-    int buf = 0;
-    for (Index kb = 0; kb < key_end; kb += K, buf ^= 1) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      if (kb + K < key_end) {
-        fetch(kb + K, buf ^ 1);
-        warp.wait_copies(1);
-      } else {
-        warp.wait_copies(0);
-      }
-      const fd::Bf16* k = fd::region<fd::Bf16>(base, qs.k[buf]);
-      const fd::Bf16* v = fd::region<fd::Bf16>(base, qs.v[buf]);
-      fd::rows_times_rows(warp, s, ld_sk, q, RQ, k, K, ldh, hs);   // S = q k^T
-      fd::rows_times_rows(warp, dp, ld_sk, g, RQ, v, K, ldh, hs);  // dP = dout v^T
-      warp.lanes(RQ, [&](Index r) {  // one lane per query row: dS
-        for (Index j = 0; j < K; ++j) {
-          const bool seen = r < rows && j < keys && (!causal || kb + j <= row0 + r);
-          const float pj = seen ? std::exp(s[r * ld_sk + j] * scale - lse_q[r]) : 0.f;
-          ds[r * ld_pk + j] = fd::Bf16(pj * (dp[r * ld_sk + j] - dsum_q[r]) * scale);
-        }
-      });
-      fd::accumulate_product(warp, dq, ldacc, ds, ld_pk, RQ, K, k, ldh, hs);  // dq += dS k
-    }
-    fd::write_rows(warp, dq, ldacc, rows, hs, true,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, add);
-  });
+        "fused_attention_backward: bf16, a head size of 32, 64 or 128 and 16-byte aligned rows are needed (head size ",
+        hs, "); attention_backward takes the rest");
+  switch (hs) {  // fused_attention_fits took only these
+    case 32: return fd::backward<32>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv);
+    case 64: return fd::backward<64>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv);
+    default: return fd::backward<128>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv);
+  }
 }
 
 }  // namespace moe::cuda::nn
