@@ -162,6 +162,7 @@ struct WarpTiles {
   template <class E, class RowOf>
   __host__ __device__ void copy_rows(E* dst, Index ld, Index rows, Index valid, Index cols, RowOf row_of) const {
 #if defined(__CUDA_ARCH__)
+    __syncwarp();  // every lane is past its reads of what the copies may overwrite (a double buffer's other half)
     constexpr Index kPer = Index(16 / sizeof(E));
     const Index packs = cols / kPer;
     for (Index i = lane; i < rows * packs; i += kRowLanes) {
