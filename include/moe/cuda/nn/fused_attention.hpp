@@ -259,14 +259,14 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
   const ForwardStaging at(HS);
   constexpr Index R = tile_rows(HS), K = R;
   const Heads heads_of{T, heads, channels, HS};
-  const Index tiles = (T + R - 1) / R, ld_qkv = qkv.stride, ld_out = out.stride;
+  const Index pairs = B * heads, tiles = (T + R - 1) / R, ld_qkv = qkv.stride, ld_out = out.stride;
   constexpr Index ldh = ld_rows(HS), lds = ld_floats(K), ldp = ld_rows(K), ldo = ld_floats(HS);
   const float scale = 1.f / std::sqrt(float(HS));
   const S* qkv_all = qkv.data;
   S* out_all = out.data;
-  device.for_each_warp(B * heads * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    // Causal tiles further down see more keys: the launch takes those first.
-    const Index pair = w / tiles, tile = causal ? tiles - 1 - w % tiles : w % tiles;
+  device.for_each_warp(pairs * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
+    // Causal tiles further down see more keys: the launch takes those first, of every pair (the longest jobs first).
+    const Index pair = w % pairs, tile = causal ? tiles - 1 - w / pairs : w / pairs;
     const Index row0 = tile * R, rows = T - row0 < R ? T - row0 : R;
     unsigned char* base = warp.staging();
     Bf16* q = region<Bf16>(base, at.q);
@@ -365,7 +365,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
   constexpr Index RK = tile_rows(HS), ld_sq = ld_floats(kQueries), ld_pq = ld_rows(kQueries);
   const Index key_tiles = (T + RK - 1) / RK;
   device.for_each_warp(pairs * key_tiles, ks.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    const Index pair = w / key_tiles, tile = w % key_tiles;  // causal: the first keys are seen by the most queries
+    const Index pair = w % pairs, tile = w / pairs;  // causal: the first keys are seen by the most queries: first
     const Index key0 = tile * RK, keys = T - key0 < RK ? T - key0 : RK;
     unsigned char* base = warp.staging();
     Bf16* k = region<Bf16>(base, ks.k);
@@ -435,7 +435,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
   constexpr Index RQ = tile_rows(HS), K = RQ, ld_sk = ld_floats(K), ld_pk = ld_rows(K);
   const Index query_tiles = (T + RQ - 1) / RQ;
   device.for_each_warp(pairs * query_tiles, qs.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    const Index pair = w / query_tiles, tile = causal ? query_tiles - 1 - w % query_tiles : w % query_tiles;
+    const Index pair = w % pairs, tile = causal ? query_tiles - 1 - w / pairs : w / pairs;  // the longest first
     const Index row0 = tile * RQ, rows = T - row0 < RQ ? T - row0 : RQ;
     unsigned char* base = warp.staging();
     Bf16* q = region<Bf16>(base, qs.q);
