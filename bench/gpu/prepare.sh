@@ -6,8 +6,8 @@
 #            static library): a prefix for building there (-DCMAKE_PREFIX_PATH) if need be
 #   lib/     libbenchmark.so.1debian and libgomp.so.1, for the binaries below
 #   bin/     moe_cuda_tests, bench_moe_cuda, bench_gpt2_cuda and gpt2_moe, built here with nvcc for
-#            sm_90 (Release), so the GPU call needs no build (bench/gpu/run.sh falls back to one
-#            if they do not start there)
+#            sm_90 (Release), gzipped, so the GPU call needs no build (bench/gpu/run.sh unpacks them,
+#            and falls back to a build if they do not start there)
 #   data/    the dict-gcide, dict-wn and dict-foldoc databases and GPT-2's BPE files, for the
 #            GPT-2-small comparison (tokenized there: 28M tokens in seconds)
 # Then call the device tool with carry [".gpu-deps"] and, e.g., `bench/gpu/run.sh` (see there).
@@ -43,6 +43,9 @@ cmake --build "$build" --parallel "$(nproc)" --target moe_cuda_tests bench_moe_c
 cp "$build/tests/moe_cuda_tests" "$build/bench/gpu/bench_moe_cuda" "$build/bench/gpu/bench_gpt2_cuda" \
   "$build/examples/gpt2_moe" "$deps/bin/"
 strip "$deps"/bin/*  # symbols only (no debug info in Release): about 3 MB less to carry
+# Gzipped: 23 MB of binaries (the fused attention's unrolled kernels) travel as about 8; run.sh and profile.sh unpack
+# them on the GPU machine (bench/gpu/unpack_bins.sh).
+gzip -9 "$deps"/bin/*
 
 # The device call carries the working tree (tracked and untracked files git does not ignore) and
 # .gpu-deps together, 64 MiB at most: say so here, not in a refused call.

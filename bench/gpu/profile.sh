@@ -30,6 +30,9 @@ case $1 in
   *) echo "profile.sh: '$1' is neither gpt2 nor moe" >&2; exit 2 ;;
 esac
 shift
+# prepare.sh carries them gzipped (the device call's 64 MiB).
+source "$root/bench/gpu/unpack_bins.sh"
+unpack_gpu_bins "$deps"
 binary=$deps/bin/$name
 [[ -x $binary ]] || binary=$built
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)

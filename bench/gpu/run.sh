@@ -70,6 +70,9 @@ fi
 # The libraries prepare.sh carried (Google Benchmark, OpenMP) and CUDA's own.
 export LD_LIBRARY_PATH=$deps/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MOE_GPT2_BPE_DIR=${MOE_GPT2_BPE_DIR:-$deps/data/bpe}
+# prepare.sh carries them gzipped (the device call's 64 MiB).
+source "$root/bench/gpu/unpack_bins.sh"
+unpack_gpu_bins "$deps"
 # prepare.sh's binaries when they start here, else the build step's.
 tests=$deps/bin/moe_cuda_tests
 bench=$deps/bin/bench_moe_cuda
