@@ -398,8 +398,7 @@ class CudaDevice {
   using Warp = WarpTiles;
   template <class Body>
   void for_each_warp(Index count, std::size_t staging_bytes, Body body) const {
-    check(staging_bytes <= kWarpStagingMax, "for_each_warp: ", staging_bytes, " bytes of staging a warp, over the ",
-          kWarpStagingMax, " a GPU gives");
+    check_warp_staging(staging_bytes);
     if (count <= 0) return;
     const auto timed = context_->host_times.time(HostCall::launch);
     const std::size_t staging = (staging_bytes + 127) / 128 * 128;

@@ -329,6 +329,10 @@ T butterfly(T (&lanes)[kRowLanes], Combine combine) {
 inline constexpr int kTileSize = 16;
 inline constexpr std::size_t kTileAlignment = 32;
 inline constexpr std::size_t kWarpStagingMax = 48 * 1024;
+inline void check_warp_staging(std::size_t bytes) {
+  check(bytes <= kWarpStagingMax, "for_each_warp: ", bytes, " bytes of staging a warp, over the ", kWarpStagingMax,
+        " a GPU gives");
+}
 
 // *target += value with an atomic on the GPU. Only integers: integer sums do not depend on the
 // order of the additions, so counts stay deterministic.

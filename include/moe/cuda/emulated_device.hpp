@@ -362,8 +362,7 @@ struct EmulatedDevice {
   using Warp = EmulatedWarp;
   template <class Body>
   void for_each_warp(Index count, std::size_t staging_bytes, Body body) const {
-    check(staging_bytes <= kWarpStagingMax, "for_each_warp: ", staging_bytes, " bytes of staging a warp, over the ",
-          kWarpStagingMax, " a GPU gives");
+    check_warp_staging(staging_bytes);
     if (count <= 0) return;
     ++state_->launch_count;
     const std::size_t bytes = staging_bytes == 0 ? 1 : staging_bytes;

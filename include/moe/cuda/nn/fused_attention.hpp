@@ -251,6 +251,49 @@ MOE_HOST_DEVICE T* region(unsigned char* base, std::size_t offset) {
   return reinterpret_cast<T*>(base + offset);
 }
 
+// The rows of tile `w` of a launch over pairs * tiles warps: its pair, first row and row count. The launch takes the
+// longest jobs first, across all pairs: with `descending`, the last tiles (causal query tiles, which see the most
+// keys), else the first (causal key tiles, seen by the most queries).
+struct TileOf {
+  Index pair, first, rows;
+};
+MOE_HOST_DEVICE inline TileOf tile_of(Index w, Index pairs, Index T, Index rows_per_tile, bool descending) {
+  const Index tiles = (T + rows_per_tile - 1) / rows_per_tile;
+  const Index tile = descending ? tiles - 1 - w / pairs : w / pairs, first = tile * rows_per_tile;
+  return {w % pairs, first, T - first < rows_per_tile ? T - first : rows_per_tile};
+}
+
+// Starts the copies of `valid` rows of pair `pair`'s head slice `part` of m (rows first, first + 1, ...) into a staged
+// block of `rows` rows (zeros past `valid`).
+template <Index HS, class Warp, class E>
+MOE_HOST_DEVICE void stage_head_rows(const Warp& warp, Bf16* dst, Index rows, Index valid, const Heads& heads_of,
+                                     const E* m, Index ld, Index part, Index pair, Index first) {
+  warp.copy_rows(dst, ld_rows(HS), rows, valid, HS, [&](Index r) { return heads_of.row(m, ld, part, pair, first + r); });
+}
+
+// The blocks [first, end) of `step` rows, double-buffered: fetch(b, buf) starts block b's copies into buffer buf and
+// commits them (with any copies the caller started before: its own tile); body(b, buf) runs once they have landed,
+// while the next block's copies are in flight.
+template <class Warp, class Fetch, class Body>
+MOE_HOST_DEVICE void over_blocks(const Warp& warp, Index first, Index end, Index step, Fetch fetch, Body body) {
+  if (first >= end) {
+    warp.commit_copies();
+    warp.wait_copies(0);
+    return;
+  }
+  fetch(first, 0);
+  int buf = 0;
+  for (Index b = first; b < end; b += step, buf ^= 1) {
+    if (b + step < end) {
+      fetch(b + step, buf ^ 1);
+      warp.wait_copies(1);
+    } else {
+      warp.wait_copies(0);
+    }
+    body(b, buf);
+  }
+}
+
 // The forward for head size HS (fused_attention_forward checks the arguments).
 template <Index HS, class S, class D>
 void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal, MatrixView<S> out,
@@ -265,9 +308,8 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
   const S* qkv_all = qkv.data;
   S* out_all = out.data;
   device.for_each_warp(pairs * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    // Causal tiles further down see more keys: the launch takes those first, of every pair (the longest jobs first).
-    const Index pair = w % pairs, tile = causal ? tiles - 1 - w / pairs : w / pairs;
-    const Index row0 = tile * R, rows = T - row0 < R ? T - row0 : R;
+    const TileOf tile = tile_of(w, pairs, T, R, causal);
+    const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
     Bf16* q = region<Bf16>(base, at.q);
     float* s = region<float>(base, at.s);
@@ -276,28 +318,17 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     float* m = region<float>(base, at.m);
     float* l = region<float>(base, at.l);
     const Index key_end = causal ? row0 + rows : T;
-    // Block kb's keys and values into buffer `buf`, one batch.
-    const auto fetch = [&](Index kb, int buf) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      warp.copy_rows(region<Bf16>(base, at.k[buf]), ldh, K, keys, HS,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, kb + r); });
-      warp.copy_rows(region<Bf16>(base, at.v[buf]), ldh, K, keys, HS,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, kb + r); });
-      warp.commit_copies();
-    };
-    warp.copy_rows(q, ldh, R, rows, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, row0 + r); });
-    fetch(0, 0);
+    const auto keys_in = [&](Index kb) { return key_end - kb < K ? key_end - kb : K; };
     warp.lanes(R * HS, [&](Index i) { o[(i / HS) * ldo + i % HS] = 0.f; });
     warp.lanes(R, [&](Index r) { m[r] = -INFINITY, l[r] = 0.f; });
-    int buf = 0;
-    for (Index kb = 0; kb < key_end; kb += K, buf ^= 1) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      if (kb + K < key_end) {
-        fetch(kb + K, buf ^ 1);
-        warp.wait_copies(1);
-      } else {
-        warp.wait_copies(0);
-      }
+    stage_head_rows<HS>(warp, q, R, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);
+    const auto fetch = [&](Index kb, int buf) {  // block kb's keys and values
+      stage_head_rows<HS>(warp, region<Bf16>(base, at.k[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 1, pair, kb);
+      stage_head_rows<HS>(warp, region<Bf16>(base, at.v[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 2, pair, kb);
+      warp.commit_copies();
+    };
+    over_blocks(warp, 0, key_end, K, fetch, [&](Index kb, int buf) {
+      const Index keys = keys_in(kb);
       const Bf16* k = region<Bf16>(base, at.k[buf]);
       const Bf16* v = region<Bf16>(base, at.v[buf]);
       rows_times_rows<R, K, HS>(warp, s, lds, q, k, ldh);
@@ -324,7 +355,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
         m[r] = max;
       });
       accumulate_product<R, K, HS>(warp, o, ldo, p, ldp, v, ldh);
-    }
+    });
     write_rows(
         warp, o, ldo, rows, HS, false, [&](Index r) { return heads_of.row(out_all, ld_out, 0, pair, row0 + r); },
         [&](Index r) { return 1.f / l[r]; });
@@ -365,8 +396,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
   constexpr Index RK = tile_rows(HS), ld_sq = ld_floats(kQueries), ld_pq = ld_rows(kQueries);
   const Index key_tiles = (T + RK - 1) / RK;
   device.for_each_warp(pairs * key_tiles, ks.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    const Index pair = w % pairs, tile = w / pairs;  // causal: the first keys are seen by the most queries: first
-    const Index key0 = tile * RK, keys = T - key0 < RK ? T - key0 : RK;
+    const TileOf tile = tile_of(w, pairs, T, RK, false);
+    const Index pair = tile.pair, key0 = tile.first, keys = tile.rows;
     unsigned char* base = warp.staging();
     Bf16* k = region<Bf16>(base, ks.k);
     Bf16* v = region<Bf16>(base, ks.v);
@@ -378,31 +409,21 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     Bf16* dst = region<Bf16>(base, ks.dst);
     float* dk = region<float>(base, ks.dk);
     float* dv = region<float>(base, ks.dv);
-    // Block qb's queries and their output gradients into buffer `buf`, one batch.
-    const auto fetch = [&](Index qb, int buf) {
-      const Index queries = T - qb < kQueries ? T - qb : kQueries;
-      warp.copy_rows(region<Bf16>(base, ks.q[buf]), ldh, kQueries, queries, HS,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, qb + r); });
-      warp.copy_rows(region<Bf16>(base, ks.dout[buf]), ldh, kQueries, queries, HS,
-                     [&](Index r) { return heads_of.row(dout_all, ld_dout, 0, pair, qb + r); });
-      warp.commit_copies();
-    };
-    const Index first = causal ? key0 : 0;
-    warp.copy_rows(k, ldh, RK, keys, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, key0 + r); });
-    warp.copy_rows(v, ldh, RK, keys, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, key0 + r); });
-    fetch(first, 0);
+    const auto queries_in = [&](Index qb) { return T - qb < kQueries ? T - qb : kQueries; };
     Accumulators<RK, HS, typename D::Warp> dk_acc, dv_acc;
     zero_accumulators<RK, HS>(warp, dk_acc);
     zero_accumulators<RK, HS>(warp, dv_acc);
-    int buf = 0;
-    for (Index qb = first; qb < T; qb += kQueries, buf ^= 1) {
-      const Index queries = T - qb < kQueries ? T - qb : kQueries;
-      if (qb + kQueries < T) {
-        fetch(qb + kQueries, buf ^ 1);
-        warp.wait_copies(1);
-      } else {
-        warp.wait_copies(0);
-      }
+    stage_head_rows<HS>(warp, k, RK, keys, heads_of, qkv_all, ld_qkv, 1, pair, key0);
+    stage_head_rows<HS>(warp, v, RK, keys, heads_of, qkv_all, ld_qkv, 2, pair, key0);
+    const auto fetch = [&](Index qb, int buf) {  // block qb's queries and their output gradients
+      stage_head_rows<HS>(warp, region<Bf16>(base, ks.q[buf]), kQueries, queries_in(qb), heads_of, qkv_all, ld_qkv, 0,
+                          pair, qb);
+      stage_head_rows<HS>(warp, region<Bf16>(base, ks.dout[buf]), kQueries, queries_in(qb), heads_of, dout_all, ld_dout,
+                          0, pair, qb);
+      warp.commit_copies();
+    };
+    over_blocks(warp, causal ? key0 : 0, T, kQueries, fetch, [&](Index qb, int buf) {
+      const Index queries = queries_in(qb);
       const Bf16* q = region<Bf16>(base, ks.q[buf]);
       const Bf16* g = region<Bf16>(base, ks.dout[buf]);
       warp.lanes(kQueries, [&](Index j) {
@@ -421,7 +442,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       });
       accumulate_in_registers<RK, kQueries, HS>(warp, dv_acc, pt, ld_pq, g, ldh);   // dv += P^T dout
       accumulate_in_registers<RK, kQueries, HS>(warp, dk_acc, dst, ld_pq, q, ldh);  // dk += dS^T q
-    }
+    });
     store_accumulators<RK, HS>(warp, dk, ldacc, dk_acc);
     store_accumulators<RK, HS>(warp, dv, ldacc, dv_acc);
     write_rows(warp, dk, ldacc, keys, HS, true,
@@ -435,8 +456,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
   constexpr Index RQ = tile_rows(HS), K = RQ, ld_sk = ld_floats(K), ld_pk = ld_rows(K);
   const Index query_tiles = (T + RQ - 1) / RQ;
   device.for_each_warp(pairs * query_tiles, qs.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
-    const Index pair = w % pairs, tile = causal ? query_tiles - 1 - w / pairs : w / pairs;  // the longest first
-    const Index row0 = tile * RQ, rows = T - row0 < RQ ? T - row0 : RQ;
+    const TileOf tile = tile_of(w, pairs, T, RQ, causal);
+    const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
     Bf16* q = region<Bf16>(base, qs.q);
     Bf16* g = region<Bf16>(base, qs.dout);
@@ -447,33 +468,22 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     Bf16* ds = region<Bf16>(base, qs.ds);
     float* dq = region<float>(base, qs.dq);
     const Index key_end = causal ? row0 + rows : T;
-    // Block kb's keys and values into buffer `buf`, one batch.
-    const auto fetch = [&](Index kb, int buf) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      warp.copy_rows(region<Bf16>(base, qs.k[buf]), ldh, K, keys, HS,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 1, pair, kb + r); });
-      warp.copy_rows(region<Bf16>(base, qs.v[buf]), ldh, K, keys, HS,
-                     [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 2, pair, kb + r); });
-      warp.commit_copies();
-    };
-    warp.copy_rows(q, ldh, RQ, rows, HS, [&](Index r) { return heads_of.row(qkv_all, ld_qkv, 0, pair, row0 + r); });
-    warp.copy_rows(g, ldh, RQ, rows, HS, [&](Index r) { return heads_of.row(dout_all, ld_dout, 0, pair, row0 + r); });
-    fetch(0, 0);
+    const auto keys_in = [&](Index kb) { return key_end - kb < K ? key_end - kb : K; };
     warp.lanes(RQ, [&](Index r) {
       lse_q[r] = r < rows ? lse[pair * T + row0 + r] : 0.f;
       dsum_q[r] = r < rows ? dsum_all[pair * T + row0 + r] : 0.f;
     });
     Accumulators<RQ, HS, typename D::Warp> dq_acc;
     zero_accumulators<RQ, HS>(warp, dq_acc);
-    int buf = 0;
-    for (Index kb = 0; kb < key_end; kb += K, buf ^= 1) {
-      const Index keys = key_end - kb < K ? key_end - kb : K;
-      if (kb + K < key_end) {
-        fetch(kb + K, buf ^ 1);
-        warp.wait_copies(1);
-      } else {
-        warp.wait_copies(0);
-      }
+    stage_head_rows<HS>(warp, q, RQ, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);
+    stage_head_rows<HS>(warp, g, RQ, rows, heads_of, dout_all, ld_dout, 0, pair, row0);
+    const auto fetch = [&](Index kb, int buf) {  // block kb's keys and values
+      stage_head_rows<HS>(warp, region<Bf16>(base, qs.k[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 1, pair, kb);
+      stage_head_rows<HS>(warp, region<Bf16>(base, qs.v[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 2, pair, kb);
+      warp.commit_copies();
+    };
+    over_blocks(warp, 0, key_end, K, fetch, [&](Index kb, int buf) {
+      const Index keys = keys_in(kb);
       const Bf16* k = region<Bf16>(base, qs.k[buf]);
       const Bf16* v = region<Bf16>(base, qs.v[buf]);
       rows_times_rows<RQ, K, HS>(warp, s, ld_sk, q, k, ldh);   // S = q k^T
@@ -486,7 +496,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
         }
       });
       accumulate_in_registers<RQ, K, HS>(warp, dq_acc, ds, ld_pk, k, ldh);  // dq += dS k
-    }
+    });
     store_accumulators<RQ, HS>(warp, dq, ldacc, dq_acc);
     write_rows(warp, dq, ldacc, rows, HS, true,
                    [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, add);
