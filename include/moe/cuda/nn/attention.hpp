@@ -64,6 +64,11 @@ struct PairBases {
   MOE_HOST_DEVICE E* head(E* m, Index ld, Index part, Index p) const {
     return m + (p / heads) * T * ld + part * C + (p % heads) * hs;
   }
+  // Row t of that block (fused_attention.hpp stages rows one by one).
+  template <class E>
+  MOE_HOST_DEVICE E* row(E* m, Index ld, Index part, Index p, Index t) const {
+    return head(m, ld, part, p) + t * ld;
+  }
 };
 
 // The pointer arrays of `calls` batched products over `pairs` pairs, in the scratch: call c's product i reads

@@ -30,6 +30,7 @@
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/nn/attention.hpp"
 #include "moe/cuda/pack.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
@@ -57,14 +58,9 @@ struct StagingLayout {
 MOE_HOST_DEVICE constexpr Index ld_rows(Index hs) { return hs + 8; }
 MOE_HOST_DEVICE constexpr Index ld_floats(Index cols) { return cols + 4; }
 
-// Where pair p = b * heads + h finds row t of part `part` (0 q, 1 k, 2 v) of qkv, or row t of out / dout.
-struct Heads {
-  Index T, heads, C, hs;
-  template <class E>
-  MOE_HOST_DEVICE E* row(E* m, Index ld, Index part, Index p, Index t) const {
-    return m + ((p / heads) * T + t) * ld + part * C + (p % heads) * hs;
-  }
-};
+// Where pair p = b * heads + h finds row t of part `part` (0 q, 1 k, 2 v) of qkv, or row t of out / dout:
+// attention.hpp's PairBases::row.
+using Heads = attention_detail::PairBases<Bf16>;
 
 // The tile products, their sizes compile-time constants so that the loops unroll and a register array of tiles is
 // indexed by constants.
@@ -180,9 +176,9 @@ MOE_HOST_DEVICE constexpr Index tile_rows(Index hs) { return hs <= 64 ? 32 : 16;
 // The forward's staging for head size hs: a tile of `rows` query rows against blocks of `keys` keys, two blocks (k and
 // v) staged at a time: the next one's copies run during this one's products.
 struct ForwardStaging {
-  Index rows, keys;
   std::size_t q, k[2], v[2], s, p, o, m, l, bytes;
-  explicit ForwardStaging(Index hs) : rows(tile_rows(hs)), keys(tile_rows(hs)) {
+  explicit ForwardStaging(Index hs) {
+    const Index rows = tile_rows(hs), keys = rows;
     StagingLayout layout;
     q = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     for (int b = 0; b < 2; ++b) {
@@ -203,9 +199,9 @@ struct ForwardStaging {
 // blocks of `keys` keys (k and v, two at a time).
 struct KeyStaging {
   static constexpr Index kQueries = 16;
-  Index rows;
   std::size_t k, v, q[2], dout[2], lse, dsum, st, dpt, pt, dst, dk, dv, bytes;
-  explicit KeyStaging(Index hs) : rows(tile_rows(hs)) {
+  explicit KeyStaging(Index hs) {
+    const Index rows = tile_rows(hs);
     StagingLayout layout;
     k = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     v = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
@@ -226,9 +222,9 @@ struct KeyStaging {
 };
 
 struct QueryStaging {
-  Index rows, keys;
   std::size_t q, dout, lse, dsum, k[2], v[2], s, dp, ds, dq, bytes;
-  explicit QueryStaging(Index hs) : rows(tile_rows(hs)), keys(tile_rows(hs)) {
+  explicit QueryStaging(Index hs) {
+    const Index rows = tile_rows(hs), keys = rows;
     StagingLayout layout;
     q = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     dout = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
