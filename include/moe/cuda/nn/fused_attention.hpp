@@ -290,6 +290,24 @@ MOE_HOST_DEVICE void over_blocks(const Warp& warp, Index first, Index end, Index
   }
 }
 
+// The blocks of K keys a tile of query rows sees, keys [0, key_end), their keys and values double-buffered into the
+// staging regions k_at[buf] and v_at[buf]: body(kb, keys, k, v) per block, with `keys` of its K rows real (the forward
+// and dq's pass).
+template <Index HS, Index K, class Warp, class Body>
+MOE_HOST_DEVICE void over_key_blocks(const Warp& warp, unsigned char* base, const std::size_t (&k_at)[2],
+                                     const std::size_t (&v_at)[2], const Heads& heads_of, const Bf16* qkv, Index ld_qkv,
+                                     Index pair, Index key_end, Body body) {
+  const auto keys_in = [&](Index kb) { return key_end - kb < K ? key_end - kb : K; };
+  const auto fetch = [&](Index kb, int buf) {
+    stage_head_rows<HS>(warp, region<Bf16>(base, k_at[buf]), K, keys_in(kb), heads_of, qkv, ld_qkv, 1, pair, kb);
+    stage_head_rows<HS>(warp, region<Bf16>(base, v_at[buf]), K, keys_in(kb), heads_of, qkv, ld_qkv, 2, pair, kb);
+    warp.commit_copies();
+  };
+  over_blocks(warp, 0, key_end, K, fetch, [&](Index kb, int buf) {
+    body(kb, keys_in(kb), region<const Bf16>(base, k_at[buf]), region<const Bf16>(base, v_at[buf]));
+  });
+}
+
 // The forward for head size HS (fused_attention_forward checks the arguments).
 template <Index HS, class S, class D>
 void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal, MatrixView<S> out,
@@ -313,20 +331,12 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     float* o = region<float>(base, at.o);
     float* m = region<float>(base, at.m);
     float* l = region<float>(base, at.l);
-    const Index key_end = causal ? row0 + rows : T;
-    const auto keys_in = [&](Index kb) { return key_end - kb < K ? key_end - kb : K; };
     warp.lanes(R * HS, [&](Index i) { o[(i / HS) * ldo + i % HS] = 0.f; });
     warp.lanes(R, [&](Index r) { m[r] = -INFINITY, l[r] = 0.f; });
     stage_head_rows<HS>(warp, q, R, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);
-    const auto fetch = [&](Index kb, int buf) {  // block kb's keys and values
-      stage_head_rows<HS>(warp, region<Bf16>(base, at.k[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 1, pair, kb);
-      stage_head_rows<HS>(warp, region<Bf16>(base, at.v[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 2, pair, kb);
-      warp.commit_copies();
-    };
-    over_blocks(warp, 0, key_end, K, fetch, [&](Index kb, int buf) {
-      const Index keys = keys_in(kb);
-      const Bf16* k = region<Bf16>(base, at.k[buf]);
-      const Bf16* v = region<Bf16>(base, at.v[buf]);
+    const Index key_end = causal ? row0 + rows : T;
+    over_key_blocks<HS, K>(warp, base, at.k, at.v, heads_of, qkv_all, ld_qkv, pair, key_end,
+                           [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       rows_times_rows<R, K, HS>(warp, s, lds, q, k, ldh);
       // Online softmax, one lane per query row: the new max, the old terms' factor, this block's probabilities.
       warp.lanes(R, [&](Index r) {
@@ -463,8 +473,6 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     float* dp = region<float>(base, qs.dp);
     Bf16* ds = region<Bf16>(base, qs.ds);
     float* dq = region<float>(base, qs.dq);
-    const Index key_end = causal ? row0 + rows : T;
-    const auto keys_in = [&](Index kb) { return key_end - kb < K ? key_end - kb : K; };
     warp.lanes(RQ, [&](Index r) {
       lse_q[r] = r < rows ? lse[pair * T + row0 + r] : 0.f;
       dsum_q[r] = r < rows ? dsum_all[pair * T + row0 + r] : 0.f;
@@ -473,15 +481,9 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     zero_accumulators<RQ, HS>(warp, dq_acc);
     stage_head_rows<HS>(warp, q, RQ, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);
     stage_head_rows<HS>(warp, g, RQ, rows, heads_of, dout_all, ld_dout, 0, pair, row0);
-    const auto fetch = [&](Index kb, int buf) {  // block kb's keys and values
-      stage_head_rows<HS>(warp, region<Bf16>(base, qs.k[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 1, pair, kb);
-      stage_head_rows<HS>(warp, region<Bf16>(base, qs.v[buf]), K, keys_in(kb), heads_of, qkv_all, ld_qkv, 2, pair, kb);
-      warp.commit_copies();
-    };
-    over_blocks(warp, 0, key_end, K, fetch, [&](Index kb, int buf) {
-      const Index keys = keys_in(kb);
-      const Bf16* k = region<Bf16>(base, qs.k[buf]);
-      const Bf16* v = region<Bf16>(base, qs.v[buf]);
+    const Index key_end = causal ? row0 + rows : T;
+    over_key_blocks<HS, K>(warp, base, qs.k, qs.v, heads_of, qkv_all, ld_qkv, pair, key_end,
+                           [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       rows_times_rows<RQ, K, HS>(warp, s, ld_sk, q, k, ldh);   // S = q k^T
       rows_times_rows<RQ, K, HS>(warp, dp, ld_sk, g, v, ldh);  // dP = dout v^T
       warp.lanes(RQ, [&](Index r) {  // one lane per query row: dS
