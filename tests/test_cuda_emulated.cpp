@@ -106,6 +106,24 @@ TEST_CASE("emulated device: sync_count counts downloads and synchronize, copies 
   CHECK(copy.sync_count() == 2);
 }
 
+TEST_CASE("emulated device: a started download copies the stream's bytes of its start, reaching the host at its finish") {
+  const moe::cuda::EmulatedDevice device;
+  moe::cuda::DeviceArray<float, moe::cuda::EmulatedDevice> a(2);
+  const float first[2] = {1.f, 2.f}, second[2] = {3.f, 4.f};
+  device.upload(a.data(), first, sizeof(first));
+  moe::cuda::EmulatedDevice::PendingDownload pending;
+  device.start_download(pending, a.data(), sizeof(first));
+  device.upload(a.data(), second, sizeof(second));  // queued after the copy: not in it
+  float host[2] = {0.f, 0.f};
+  CHECK(device.sync_count() == 0);  // the start does not wait
+  device.finish_download(pending, host);
+  CHECK(host[0] == 1.f);
+  CHECK(host[1] == 2.f);
+  CHECK(device.sync_count() == 1);  // the finish waits: a sync point
+  CHECK_THROWS_WITH_AS(device.finish_download(pending, host), doctest::Contains("no download in flight"), moe::Error);
+  CHECK_THROWS_AS(device.start_download(pending, first, sizeof(first)), moe::Error);  // host memory is no source
+}
+
 TEST_CASE("host call times: nothing while off; nested calls count in the outer one, the heuristic as a detail") {
   using moe::cuda::HostCall;
   moe::cuda::HostCallTimes times;

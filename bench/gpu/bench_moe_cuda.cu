@@ -233,10 +233,11 @@ void bm_routing_dispatch(benchmark::State& state, const Shape& s, const Precisio
     typename B::Plan plan;
     typename B::template Vector<S> weights;
     const double seconds = timed_loop(state, 1, [&] {
-      be.route(logits, config, plan, weights);  // ends with the host copy of the expert offsets
-      B::resize(rows, B::expert_offsets(plan).back(), s.H);  // capacity only grows: no allocation after warm-up
-      be.gather_rows(input, plan, rows);
-      be.combine(rows, plan, weights, y);  // the gathered rows stand in for the expert outputs
+      be.route(logits, config, plan, weights);  // ends by starting the host copy of the expert offsets
+      B::resize(rows, s.T * s.k, s.H);           // every slot's row, as the layer does: no allocation after warm-up
+      be.gather_rows(input, plan, rows);         // queued before the wait, as in the layer
+      const moe::Index R = B::expert_offsets(plan).back();  // the wait (the experts' products queue here)
+      be.combine(moe::ConstMatrixView<S>(rows).row_block(0, R), plan, weights, y);  // the gathered rows stand in for the expert outputs
     });
     set_counters(state, s, seconds, 0);
   });

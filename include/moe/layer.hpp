@@ -173,13 +173,15 @@ class MoELayer {
     }
     logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
     backend_.route(logits_, config_, plan_, weights_);
-    const std::span<const Index> offsets = B::expert_offsets(plan_);
-    const Index R = offsets.back();
-    B::resize(expert_in_, R, H);
+    // Gathered before the host reads the expert offsets: a GPU backend's route() leaves their
+    // copy in flight, and the gather runs while the host waits for it. So room for every slot
+    // (T*k rows); the R kept ones are filled.
+    B::resize(expert_in_, T * config_.top_k, H);
     backend_.gather_rows(input, plan_, expert_in_);
-    B::resize(expert_out_, R, H);
+    const std::span<const Index> offsets = B::expert_offsets(plan_);
+    B::resize(expert_out_, offsets.back(), H);
     if (keep)
-      experts_.forward(backend_, expert_in_, offsets, expert_out_);
+      experts_.forward(backend_, expert_input(), offsets, expert_out_);
     else
       infer_experts(offsets);
     backend_.combine(expert_out_, plan_, weights_, y);
@@ -205,7 +207,7 @@ class MoELayer {
     B::resize(expert_grad_, expert_out_.rows(), H);
     backend_.combine_backward(dy, expert_out_, plan_, weights_, expert_grad_, dweights_);
     // expert_out_ is spent: it receives d(expert input rows).
-    experts_.backward(backend_, expert_in_, expert_grad_, offsets, expert_out_);
+    experts_.backward(backend_, expert_input(), expert_grad_, offsets, expert_out_);
     backend_.sum_rows_to_tokens(expert_out_, plan_, dx);
     if (gate_.wants_logit_gradient()) {
       B::resize(dlogits_, T, config_.experts);
@@ -215,14 +217,16 @@ class MoELayer {
   }
 
   ConstMatrixView<Scalar> gate_input() const { return routed_separately_ ? router_input_ : input_; }
+  // The R gathered rows (expert_out_ has R rows).
+  ConstMatrixView<Scalar> expert_input() const { return ConstMatrixView<Scalar>(expert_in_).row_block(0, expert_out_.rows()); }
 
   // expert_in_ -> expert_out_ through the experts' inference forward where they have one
   // (moe/experts.hpp), else through their forward.
   void infer_experts(std::span<const Index> offsets) {
     if constexpr (requires { experts_.infer(backend_, expert_in_, offsets, expert_out_); })
-      experts_.infer(backend_, expert_in_, offsets, expert_out_);
+      experts_.infer(backend_, expert_input(), offsets, expert_out_);
     else
-      experts_.forward(backend_, expert_in_, offsets, expert_out_);
+      experts_.forward(backend_, expert_input(), offsets, expert_out_);
   }
 
   static LayerConfig validated(const LayerConfig& config) {

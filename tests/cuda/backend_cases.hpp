@@ -355,7 +355,7 @@ void check_packs_change_no_bits() {
   typename B::Plan plan;
   typename B::template Vector<S> weights;
   backend.route(logits, config, plan, weights);
-  CHECK(plan.dropped_slots > 0);
+  CHECK(plan.dropped_slots() > 0);
   const Index R = plan.rows();
   const auto x_host = normal_values(std::size_t(T * H), 6), rows_host = normal_values(std::size_t(R * H), 7),
              dy_host = normal_values(std::size_t(T * H), 8);
@@ -635,6 +635,46 @@ TEST_CASE(CUDA_TEST_NAME("routing alone matches the contract on fuzzed logits wi
     CHECK(got.row_status == expected.row_status);
     CHECK(got.dropped_slots == expected.dropped_slots);
     CHECK(relative_error(to_host<float>(backend, weights.data(), T * k), expected_weights) < 1e-6);
+  }
+}
+
+TEST_CASE(CUDA_TEST_NAME("gather before the host has the expert offsets: every slot's room, the R kept rows filled")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  const Index T = 23, N = 4, k = 2, H = 8;  // H = 8: whole 16-byte packs, the GPU's warp-per-row path
+  for (const double capacity_factor : {0.0, 0.6}) {
+    CAPTURE(capacity_factor);
+    moe::LayerConfig config{H, 8, N, k};
+    config.capacity_factor = capacity_factor;
+    const auto logits = to_device<float>(backend, normal_values(std::size_t(T * N), 31), T, N);
+    const auto x_host = normal_values(std::size_t(T * H), 32);
+    const auto x = to_device<float>(backend, x_host, T, H);
+    typename B::Plan plan;
+    typename B::template Vector<float> weights;
+    backend.route(logits, config, plan, weights);
+    CHECK_FALSE(plan.offsets_on_host());
+    // Fewer than T*k rows while the offsets are on their way: refused, saying why.
+    typename B::Matrix short_rows(T * k - 1, H);
+    CHECK_THROWS_WITH_AS(backend.gather_rows(x, plan, short_rows), doctest::Contains("until the host has the offsets"),
+                         moe::Error);
+    typename B::Matrix rows(T * k, H);
+    backend.fill(moe::MatrixView<float>(rows), -7.f);
+    backend.gather_rows(x, plan, rows);
+    CHECK_FALSE(plan.offsets_on_host());  // queued: the gather did not wait
+    const Index R = plan.rows();          // waits
+    CHECK(plan.offsets_on_host());
+    if (capacity_factor > 0) CHECK(R < T * k);
+    const moe::RoutingPlan host_plan = moe::cuda::detail::to_host(plan);
+    const auto got = to_host<float>(backend, rows.data(), T * k * H);
+    for (Index r = 0; r < T * k; ++r)
+      for (Index c = 0; c < H; ++c) {
+        const float want = r < R ? x_host[std::size_t(host_plan.slot_of_row[std::size_t(r)] / k * H + c)] : -7.f;
+        CHECK(got[std::size_t(r * H + c)] == want);  // rows past R untouched
+      }
+    // Once the host has them, R rows suffice.
+    typename B::Matrix exact(R, H);
+    backend.gather_rows(x, plan, exact);
   }
 }
 

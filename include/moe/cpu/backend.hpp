@@ -211,9 +211,13 @@ class BasicBackend {
     dispatch(plan, config.capacity_factor);
   }
 
-  // rows[r] = x[token of row r]: the expert-sorted copy of the input. x: [T, H] -> rows: [R, H]
+  // rows[r] = x[token of row r] for the R kept rows: the expert-sorted copy of the input.
+  // x: [T, H] -> rows: [>= R, H], rows past R untouched.
   void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
-    for_rows(rows.rows, rows.cols, [&](Index r) {
+    const Index R = plan.rows();
+    check(rows.rows >= R && rows.cols == x.cols, "gather_rows: rows is [", rows.rows, ", ", rows.cols,
+          "], the plan needs [", R, ", ", x.cols, "]");
+    for_rows(R, rows.cols, [&](Index r) {
       const Index t = plan.slot_of_row[r] / plan.top_k;
       std::copy(x.row(t), x.row(t) + x.cols, rows.row(r));
     });

@@ -14,8 +14,9 @@
 // through per-chunk partials summed in chunk order), and counts use integer atomics, whose
 // result does not depend on order. Same inputs, same bits, run to run.
 //
-// Host synchronisation: route() copies the N+1 expert offsets to the host (the per-expert GEMMs
-// need their row counts there); that is the one sync of a forward's computation. Statistics and
+// Host synchronisation: the per-expert GEMMs need their row counts on the host. route() starts the
+// copy of the N+1 expert offsets, and the first read of them (B::expert_offsets, after the layer has
+// queued the gather) waits for it: the one sync of a forward's computation. Statistics and
 // the auxiliary losses are computed on the device and only their results come back:
 //   * accumulate_stats (when collected) downloads N+4 integer counters: one sync per forward;
 //   * aux_loss (when a loss weight is > 0) downloads the two weighted losses: one sync per forward.
@@ -55,14 +56,13 @@ inline constexpr Index kMaxTopK = 8;
 template <class D>
 struct DevicePlan {
   Index tokens = 0, experts = 0, top_k = 0;
-  Index capacity = 0, dropped_slots = 0;
+  Index capacity = 0;
   DeviceArray<std::int32_t, D> expert;       // [T*k] chosen expert of each slot
   DeviceArray<std::int32_t, D> row;          // [T*k] row in the expert-sorted buffer, -1 if dropped
   DeviceArray<std::int32_t, D> slot_of_row;  // [R]   which slot fills each row
   DeviceArray<std::uint8_t, D> row_status;   // [T]   RowStatus bits
   DeviceArray<std::int64_t, D> chosen_count; // [N]   slots that chose e, dropped ones included
-  DeviceArray<Index, D> offsets;             // [N+1] on the device
-  std::vector<Index> expert_offsets;         // [N+1] host copy
+  DeviceArray<Index, D> offsets;             // [N+1] on the device (the host's: host_offsets())
   // Dispatch workspace: (expert, slot) pairs in choice-major order, then sorted by expert.
   DeviceArray<Index, D> chosen_start;        // [N] first sorted position of expert e
   DeviceArray<std::uint32_t, D> keys, sorted_keys;
@@ -75,8 +75,36 @@ struct DevicePlan {
   mutable DeviceArray<std::int64_t, D> tally;    // [N+4]
   const D* device = nullptr;                 // the device that routed (statistics run on it)
 
-  Index rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
   Index slots_count() const { return tokens * top_k; }
+
+  // The host copy of the offsets. route() starts it and returns; the first of these reads waits
+  // for it (the forward's one sync point), so what was queued after route() (the gather) keeps
+  // the GPU busy while the host waits, and the experts' products queue behind it.
+  std::span<const Index> host_offsets() const {
+    finish_offsets();
+    return host_offsets_;
+  }
+  Index rows() const { return host_offsets().empty() ? 0 : host_offsets_.back(); }  // R: the kept slots
+  Index dropped_slots() const { return slots_count() - rows(); }
+  bool offsets_on_host() const { return !offsets_pending_; }
+
+  // route()'s part: the copy of `offsets` ([experts + 1]) starts.
+  void start_offsets_download(const D& routed_on) {
+    device = &routed_on;
+    host_offsets_.resize(std::size_t(experts + 1));
+    routed_on.start_download(offsets_download_, offsets.data(), host_offsets_.size() * sizeof(Index));
+    offsets_pending_ = true;
+  }
+
+ private:
+  void finish_offsets() const {
+    if (!offsets_pending_) return;
+    device->finish_download(offsets_download_, host_offsets_.data());
+    offsets_pending_ = false;
+  }
+  mutable std::vector<Index> host_offsets_;  // [N+1]
+  mutable typename D::PendingDownload offsets_download_;
+  mutable bool offsets_pending_ = false;
 };
 
 namespace detail {
@@ -204,17 +232,24 @@ void add_column_sums(const D& device, ConstMatrixView<S> m, S* db, C* partial) {
 
 // Selection and weights, one thread per token (moe::route_one_token), with k a compile-time
 // constant: one kernel per k in [1, kMaxTopK], so the selection is select_top_k_fixed's, in
-// registers. The same result as a runtime k.
+// registers. The same result as a runtime k. Also the dispatch sort's input: pair i = j*T + t
+// (choice-major: every first choice before any second) has key expert(t, j) and value slot t*k + j.
 template <Index kK = 1, class D, class S>
 void route_tokens(const D& device, ConstMatrixView<S> logits, Index k, RoutingWeights mode, std::int32_t* expert,
-                  std::uint8_t* status, S* w) {
+                  std::uint8_t* status, S* w, std::uint32_t* keys, std::int32_t* slots) {
   if constexpr (kK < kMaxTopK) {
-    if (k != kK) return route_tokens<kK + 1>(device, logits, k, mode, expert, status, w);
+    if (k != kK) return route_tokens<kK + 1>(device, logits, k, mode, expert, status, w, keys, slots);
   }
   check(k == kK, "route_tokens: top_k = ", k, " outside [1, ", kMaxTopK, "]");
-  const Index N = logits.cols;
-  device.for_each(logits.rows, [=] MOE_HOST_DEVICE(Index t) {
-    status[t] = route_one_token<kK>(logits.row(t), N, kK, mode, expert + t * kK, w + t * kK);
+  const Index T = logits.rows, N = logits.cols;
+  device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+    std::int32_t chosen[kK];
+    status[t] = route_one_token<kK>(logits.row(t), N, kK, mode, chosen, w + t * kK);
+    for (Index j = 0; j < kK; ++j) {
+      expert[t * kK + j] = chosen[j];
+      keys[j * T + t] = std::uint32_t(chosen[j]);
+      slots[j * T + t] = std::int32_t(t * kK + j);
+    }
   });
 }
 
@@ -224,7 +259,7 @@ RoutingPlan to_host(const DevicePlan<D>& plan) {
   check(plan.device != nullptr, "routing plan: no forward has routed yet");
   RoutingPlan h;
   h.tokens = plan.tokens, h.experts = plan.experts, h.top_k = plan.top_k;
-  h.capacity = plan.capacity, h.dropped_slots = plan.dropped_slots;
+  h.capacity = plan.capacity, h.dropped_slots = plan.dropped_slots();
   const Index slots = plan.slots_count();
   h.expert.resize(slots), h.row.resize(slots), h.row_status.resize(plan.tokens);
   h.slot_of_row.resize(plan.rows()), h.chosen_count.resize(plan.experts);
@@ -234,7 +269,7 @@ RoutingPlan to_host(const DevicePlan<D>& plan) {
   d.download(h.row_status.data(), plan.row_status.data(), plan.tokens * sizeof(std::uint8_t));
   d.download(h.slot_of_row.data(), plan.slot_of_row.data(), plan.rows() * sizeof(std::int32_t));
   d.download(h.chosen_count.data(), plan.chosen_count.data(), plan.experts * sizeof(std::int64_t));
-  h.expert_offsets = plan.expert_offsets;
+  h.expert_offsets.assign(plan.host_offsets().begin(), plan.host_offsets().end());
   return h;
 }
 
@@ -562,8 +597,9 @@ class BasicBackend {
   // ---- routing ---------------------------------------------------------------------------
   // logits: [T, N] (a strided view is read in place: SelfRoute's slice of x is never copied)
   // -> plan, weights [T*k]. Selection and weights: moe::route_one_token, one thread per token.
-  // Dispatch: counts by integer atomics, a stable radix sort of the choice-major (expert, slot)
-  // pairs, offsets by a scan, then each pair's row. Ends by copying the offsets to the host.
+  // Dispatch: a stable radix sort of the choice-major (expert, slot) pairs, each expert's first
+  // sorted position (hence the counts), offsets by a scan, then each pair's row. Ends by starting
+  // the offsets' copy to the host.
   void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights) const {
     const Index T = logits.rows, N = logits.cols, k = config.top_k;
     check_top_k(k, N);
@@ -582,36 +618,34 @@ class BasicBackend {
     std::int32_t* expert = plan.expert.data();
     std::uint8_t* status = plan.row_status.data();
     S* w = weights.data();
-    if (T > 0) detail::route_tokens(device_, logits, k, mode, expert, status, w);
-
-    std::int64_t* count = plan.chosen_count.data();
-    device_.for_each(N, [=] MOE_HOST_DEVICE(Index e) { count[e] = 0; });
     std::uint32_t* keys = plan.keys.data();
     std::int32_t* order = plan.slots.data();
-    if (slots > 0)
-      device_.for_each(slots, [=] MOE_HOST_DEVICE(Index i) {
-        const Index j = i / T, t = i % T, s = t * k + j;  // i-th pair in choice-major order
-        atomic_add(count + expert[s], std::int64_t{1});
-        keys[i] = std::uint32_t(expert[s]);
-        order[i] = std::int32_t(s);
-      });
+    if (T > 0) detail::route_tokens(device_, logits, k, mode, expert, status, w, keys, order);
     if (slots > 0)
       device_.stable_sort_pairs(keys, plan.sorted_keys.data(), order, plan.sorted_slots.data(), slots, key_bits(N));
 
-    // Offsets: the capacity-clipped counts' exclusive scan; chosen_start: the unclipped one.
-    const Index capacity = plan.capacity;
-    Index* offsets = plan.offsets.data();
+    // chosen_start[e]: the first sorted position whose key is >= e (slots if none), written by the
+    // one position p where the keys step over e: key[p-1] < e <= key[p], with key[-1] = -1 and
+    // key[slots] = N. No atomics, and empty experts get their start too.
+    const std::uint32_t* sorted_keys = plan.sorted_keys.data();
     Index* start = plan.chosen_start.data();
+    device_.for_each(slots + 1, [=] MOE_HOST_DEVICE(Index p) {
+      const Index from = p == 0 ? 0 : Index(sorted_keys[p - 1]) + 1, to = p == slots ? N : Index(sorted_keys[p]) + 1;
+      for (Index e = from; e < to; ++e) start[e] = p;
+    });
+    // The counts; offsets: the capacity-clipped counts' exclusive scan.
+    const Index capacity = plan.capacity;
+    std::int64_t* count = plan.chosen_count.data();
+    Index* offsets = plan.offsets.data();
     device_.for_each(1, [=] MOE_HOST_DEVICE(Index) {
-      Index kept = 0, chosen = 0;
+      Index kept = 0;
       for (Index e = 0; e < N; ++e) {
-        offsets[e] = kept, start[e] = chosen;
-        chosen += count[e];
+        count[e] = (e + 1 < N ? start[e + 1] : slots) - start[e];
+        offsets[e] = kept;
         kept += count[e] < capacity ? count[e] : capacity;
       }
       offsets[N] = kept;
     });
-    const std::uint32_t* sorted_keys = plan.sorted_keys.data();
     const std::int32_t* sorted_slots = plan.sorted_slots.data();
     std::int32_t* row = plan.row.data();
     std::int32_t* slot_of_row = plan.slot_of_row.data();
@@ -626,23 +660,42 @@ class BasicBackend {
         }
       });
 
-    plan.expert_offsets.resize(N + 1);
-    device_.download(plan.expert_offsets.data(), offsets, (N + 1) * sizeof(Index));  // the forward's sync point
-    plan.dropped_slots = slots - plan.expert_offsets.back();
+    plan.start_offsets_download(device_);  // read by B::expert_offsets(plan): the forward's sync point
   }
 
-  // rows[r] = x[token of row r]: the expert-sorted copy of the input. x: [T, H] -> rows: [R, H]
+  // rows[r] = x[token of row r] for the R kept rows: the expert-sorted copy of the input.
+  // x: [T, H] -> rows: [>= R, H], rows past R untouched. R is read on the device, so the gather
+  // queues before the host has the offsets; rows then needs every slot's row (T*k).
   void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
+    const Index needed = plan.offsets_on_host() ? plan.rows() : plan.slots_count();
+    check(rows.rows >= needed && rows.cols == x.cols, "gather_rows: rows is [", rows.rows, ", ", rows.cols,
+          "], the plan needs [", needed, ", ", x.cols, "]", plan.offsets_on_host() ? "" : " (T*k rows until the host has the offsets)");
     const std::int32_t* slot_of_row = plan.slot_of_row.data();
+    const Index* kept = plan.offsets.data() + plan.experts;  // R
     const Index k = plan.top_k;
-    if (packable<S>(rows.cols, x, rows)) {  // 16 bytes per thread (moe/cuda/pack.hpp)
-      detail::for_each_2d(device_, rows.rows, rows.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
-        store_pack(&rows(r, q * kPack), load_pack(&x(slot_of_row[r] / k, q * kPack)));
+    if (packable<S>(rows.cols, x, rows)) {
+      // A warp per row, its lanes' packs all loaded before any is stored (a store could alias a
+      // later load for all the compiler knows): kUnroll 16-byte loads in flight per lane.
+      constexpr Index kUnroll = 4;
+      const Index packs = rows.cols / kPack, groups = (packs + kRowLanes * kUnroll - 1) / (kRowLanes * kUnroll);
+      device_.for_each_row(rows.rows, [=] MOE_HOST_DEVICE(Index r, const typename D::Row& row) {
+        if (r >= *kept) return;
+        const S* from = x.row(slot_of_row[r] / k);
+        S* to = rows.row(r);
+        row.for_each(groups * kRowLanes, [&](Index c) {  // c: lane + kRowLanes * group
+          const Index first = (c / kRowLanes) * kRowLanes * kUnroll + c % kRowLanes;
+          Pack<S> v[kUnroll] = {};
+          for (Index u = 0; u < kUnroll; ++u)
+            if (first + u * kRowLanes < packs) v[u] = load_pack(from + (first + u * kRowLanes) * kPack);
+          for (Index u = 0; u < kUnroll; ++u)
+            if (first + u * kRowLanes < packs) store_pack(to + (first + u * kRowLanes) * kPack, v[u]);
+        });
       });
       return;
     }
-    detail::for_each_2d(device_, rows.rows, rows.cols,
-                        [=] MOE_HOST_DEVICE(Index r, Index c) { rows(r, c) = x(slot_of_row[r] / k, c); });
+    detail::for_each_2d(device_, rows.rows, rows.cols, [=] MOE_HOST_DEVICE(Index r, Index c) {
+      if (r < *kept) rows(r, c) = x(slot_of_row[r] / k, c);
+    });
   }
 
   // y[t] = sum_j weight[t,j] * expert_rows[row(t,j)], j ascending, dropped slots skipped.
@@ -761,7 +814,7 @@ class BasicBackend {
     return out;
   }
 
-  static std::span<const Index> expert_offsets(const Plan& plan) { return plan.expert_offsets; }
+  static std::span<const Index> expert_offsets(const Plan& plan) { return plan.host_offsets(); }
   // Counts on the device and downloads N+4 integers (a sync); pause with
   // MoELayer::collect_stats(false). Adds exactly what RoutingStats::accumulate adds.
   static void accumulate_stats(const Plan& plan, std::span<const std::uint8_t> mask, RoutingStats& stats) {

@@ -26,6 +26,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moe/activations.hpp"
@@ -351,6 +352,60 @@ class CudaDevice {
   void synchronize() const {
     const auto timed = context_->host_times.time(HostCall::wait);
     check_cuda(cudaStreamSynchronize(stream()), "cudaStreamSynchronize");
+  }
+
+  // A device -> host copy the host collects later (start_download, finish_download): page-locked
+  // memory and an event of its own, reused from copy to copy. Move-only; destroying one waits for
+  // its copy.
+  class PendingDownload {
+   public:
+    PendingDownload() = default;
+    PendingDownload(PendingDownload&& other) noexcept { swap(other); }
+    PendingDownload& operator=(PendingDownload&& other) noexcept {
+      PendingDownload(std::move(other)).swap(*this);
+      return *this;
+    }
+    ~PendingDownload() {
+      if (event_) {
+        cudaEventSynchronize(event_);  // the copy may still be writing the page-locked memory
+        cudaEventDestroy(event_);
+      }
+      if (host_) cudaFreeHost(host_);
+    }
+
+   private:
+    friend class CudaDevice;
+    void swap(PendingDownload& other) noexcept {
+      std::swap(host_, other.host_), std::swap(capacity_, other.capacity_), std::swap(bytes_, other.bytes_);
+      std::swap(event_, other.event_), std::swap(in_flight_, other.in_flight_);
+    }
+    void* host_ = nullptr;
+    std::size_t capacity_ = 0, bytes_ = 0;
+    cudaEvent_t event_ = nullptr;
+    bool in_flight_ = false;
+  };
+  // Queues the copy of `bytes` from src and returns at once: work queued after it runs on while
+  // the host goes on (a forward's gather, behind its expert offsets).
+  void start_download(PendingDownload& pending, const void* src, std::size_t bytes) const {
+    if (bytes > pending.capacity_) {
+      if (pending.event_) check_cuda(cudaEventSynchronize(pending.event_), "cudaEventSynchronize");
+      if (pending.host_) cudaFreeHost(pending.host_);
+      pending.host_ = nullptr, pending.capacity_ = 0;
+      check_cuda(cudaMallocHost(&pending.host_, bytes), "cudaMallocHost (pending download)");
+      pending.capacity_ = bytes;
+    }
+    if (!pending.event_) check_cuda(cudaEventCreateWithFlags(&pending.event_, cudaEventDisableTiming), "cudaEventCreate");
+    if (bytes) check_cuda(cudaMemcpyAsync(pending.host_, src, bytes, cudaMemcpyDeviceToHost, stream()), "download");
+    check_cuda(cudaEventRecord(pending.event_, stream()), "cudaEventRecord");
+    pending.bytes_ = bytes, pending.in_flight_ = true;
+  }
+  // Waits for the copy (a sync point up to it, not past it) and puts its bytes at dst.
+  void finish_download(PendingDownload& pending, void* dst) const {
+    check(pending.in_flight_, "finish_download: no download in flight");
+    const auto timed = context_->host_times.time(HostCall::wait);
+    check_cuda(cudaEventSynchronize(pending.event_), "cudaEventSynchronize");
+    if (pending.bytes_) std::memcpy(dst, pending.host_, pending.bytes_);
+    pending.in_flight_ = false;
   }
 
   template <class Body>

@@ -5,6 +5,9 @@
 //   D::allocate(bytes) / D::deallocate(p)      device memory (static: matrices resize themselves)
 //   d.upload(dst, src, bytes)                  host -> device, ordered on the stream
 //   d.download(dst, src, bytes)                device -> host; waits for the stream (a sync point)
+//   d.start_download(pending, src, bytes)      device -> host into a D::PendingDownload, returning at
+//   d.finish_download(pending, dst)            once; the finish waits for the stream up to the copy
+//                                              (a sync point) and puts the bytes at dst
 //   d.for_each(n, body)                        body(i) for every i in [0, n), in any order/parallel
 //   d.for_each_2d(rows, cols, body)            body(r, c) over a grid (no index division per element)
 //   d.for_each_row(rows, body)                 body(r, row) per row r, with `row` (a D::Row) to

@@ -329,6 +329,27 @@ struct EmulatedDevice {
   }
   void synchronize() const { ++state_->sync_count; }
 
+  // start_download / finish_download (as CudaDevice's): the source's bytes are taken at the start,
+  // where the stream would copy them, and reach the host only at the finish, so a host read
+  // before it finds nothing new.
+  class PendingDownload {
+    friend class EmulatedDevice;
+    std::vector<unsigned char> bytes_;
+    bool in_flight_ = false;
+  };
+  void start_download(PendingDownload& pending, const void* src, std::size_t bytes) const {
+    emulated_detail::Allocations::instance().check_inside(src, bytes, "download's source");
+    pending.bytes_.resize(bytes);
+    copy_bytes(pending.bytes_.data(), src, bytes);
+    pending.in_flight_ = true;
+  }
+  void finish_download(PendingDownload& pending, void* dst) const {
+    check(pending.in_flight_, "finish_download: no download in flight");
+    copy_bytes(dst, pending.bytes_.data(), pending.bytes_.size());
+    pending.in_flight_ = false;
+    ++state_->sync_count;
+  }
+
   // Launches and library calls so far (for_each* over a non-empty range, gemm, stable_sort_pairs;
   // by this device and its copies): about what a GPU would queue, for tests that count them.
   std::uint64_t launch_count() const { return state_->launch_count; }
