@@ -183,6 +183,19 @@ TEST_CASE("gpt2 sessions: unusable device and precision combinations are refused
                        moe::Error);
   CHECK_THROWS_WITH_AS(session(gpt2::Device::emulated, gpt2::Precision::fp32, "moe", options),
                        doctest::Contains("unknown variant 'moe'"), moe::Error);
+  // --attention: a device's choice; the CPU has one attention.
+  const moe::nn::AdamWConfig adamw{.lr = options.lr, .weight_decay = options.weight_decay};
+  CHECK_THROWS_WITH_AS(gpt2::make_session(gpt2::Device::cpu, gpt2::Precision::fp32, "self", kTiny, adamw,
+                                          examples::AttentionKernel::materialized),
+                       doctest::Contains("--attention materialized needs --device cuda or emulated"), moe::Error);
+  CHECK_THROWS_WITH_AS(examples::parse_attention("flash"), doctest::Contains("--attention must be fused or materialized"),
+                       moe::Error);
+  CHECK(examples::parse_attention("materialized") == examples::AttentionKernel::materialized);
+  const gpt2::Session materialized = gpt2::make_session(gpt2::Device::emulated, gpt2::Precision::bf16, "self", kTiny,
+                                                        adamw, examples::AttentionKernel::materialized);
+  CHECK(materialized.trainer->description().find("materialized attention") != std::string::npos);
+  CHECK(session(gpt2::Device::emulated, gpt2::Precision::bf16, "self", options).trainer->description().find(
+            "materialized") == std::string::npos);
 }
 
 // What a GPU step costs the host besides its launches: after the first step (which sizes every

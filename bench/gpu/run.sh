@@ -41,6 +41,9 @@
 #   COMPARE_VARIANTS  gates compared (default dense,linear,self,fixed-random,random)
 #   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024
 #                     tokens per step (default 8): 200 x 8 x 1024 = 1.6M tokens per variant
+#   ATTENTION         fused (default) or materialized: the GPT-2 attention of bench_gpt2 (read by the
+#                     binary) and of compare (gpt2_moe --attention), e.g. should the fused kernel fail
+#                     its GPU tests
 #   PYTHON            the python with torch 2.x and transformers (default python3)
 #   COMPUTE_SANITIZER the compute-sanitizer binary (default: found on the PATH, under
 #                     /usr/local/cuda*, or in pip's nvidia-cuda-sanitizer-api wheel)
@@ -242,7 +245,8 @@ if want compare; then
     --variants "${COMPARE_VARIANTS:-dense,linear,self,fixed-random,random}" --data "$shards" \
     --steps "$compare_steps" --batch "${COMPARE_BATCH:-8}" --seq 1024 --lr 6e-4 \
     --warmup $((compare_steps < 20 ? compare_steps : 20)) \
-    --eval-every 0 --eval-tokens 262144 --stats-tokens 262144 --no-checkpoint --out "$out/compare"
+    --eval-every 0 --eval-tokens 262144 --stats-tokens 262144 --no-checkpoint --out "$out/compare" \
+    ${ATTENTION:+--attention "$ATTENTION"}
 fi
 
 echo

@@ -22,17 +22,12 @@
 #include "moe/cuda/nn/fused_attention.hpp"
 #include "moe/cuda/nn/layernorm.hpp"
 #include "moe/cuda/nn/linear.hpp"
+#include "attention_kernel.hpp"
 #include "moe/random.hpp"
 #include "nn_ops.hpp"
 #include "parameter.hpp"
 
 namespace examples {
-
-// Which attention NnOps<cuda> runs: fused keeps the probabilities on chip (moe/cuda/nn/fused_attention.hpp: bf16,
-// head sizes 32, 64 and 128; its cache is a float log-sum-exp per query row); materialized
-// stores them (moe/cuda/nn/attention.hpp: every precision and shape; its cache is the [B, heads, T, T]
-// probabilities). fused falls back to materialized where it does not fit.
-enum class AttentionKernel { fused, materialized };
 
 template <class S, class D>
 class NnOps<moe::cuda::BasicBackend<S, D>> {
@@ -52,6 +47,7 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   std::string description() const {
     std::string text = std::is_same_v<S, moe::bfloat16> ? "bf16 (fp32 master weights)" : "fp32";
     if constexpr (requires { device_.description(); }) text = device_.description() + ", " + text;
+    if (attention_ == AttentionKernel::materialized) text += ", materialized attention";
     return text;
   }
 

@@ -17,11 +17,12 @@ bool cuda_available(std::string* why_not) {
 }
 
 std::unique_ptr<Trainer> make_cuda_trainer(std::string_view variant, const Config& config,
-                                           const moe::nn::AdamWConfig& adamw, Precision precision) {
+                                           const moe::nn::AdamWConfig& adamw, Precision precision,
+                                           examples::AttentionKernel attention) {
   std::string why;
   moe::check(cuda_available(&why), "--device cuda: ", why);
   const auto math = precision == Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
-  return make_device_trainer(variant, config, adamw, precision, moe::cuda::CudaDevice(nullptr, math));
+  return make_device_trainer(variant, config, adamw, precision, moe::cuda::CudaDevice(nullptr, math), attention);
 }
 
 }  // namespace gpt2

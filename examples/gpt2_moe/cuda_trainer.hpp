@@ -7,6 +7,7 @@
 #include <string>
 #include <string_view>
 
+#include "../common/attention_kernel.hpp"
 #include "config.hpp"
 #include "moe/nn/checks.hpp"
 #include "trainer.hpp"
@@ -16,8 +17,10 @@ namespace gpt2 {
 // Whether this build has the CUDA trainers and the machine a CUDA device; when not, why not.
 bool cuda_available(std::string* why_not);
 
-// A Trainer of `variant` on the current CUDA device (the legacy default stream), in `precision`.
+// A Trainer of `variant` on the current CUDA device (the legacy default stream), in `precision`,
+// with `attention` (examples/common/attention_kernel.hpp).
 std::unique_ptr<Trainer> make_cuda_trainer(std::string_view variant, const Config& config,
-                                           const moe::nn::AdamWConfig& adamw, Precision precision);
+                                           const moe::nn::AdamWConfig& adamw, Precision precision,
+                                           examples::AttentionKernel attention = examples::AttentionKernel::fused);
 
 }  // namespace gpt2

@@ -38,7 +38,7 @@ const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "hea
 const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumulation", "lr", "warmup",
                                               "weight-decay", "clip", "eval-every", "eval-tokens", "stats-tokens",
                                               "checkpoint-every", "threads", "data", "tokenizer", "out",
-                                              "device", "precision", "no-checkpoint"};
+                                              "device", "precision", "attention", "no-checkpoint"};
 
 cli::Parser make_parser() {
   std::vector<cli::Flag> flags = {
@@ -74,6 +74,9 @@ cli::Parser make_parser() {
       {"no-checkpoint", "", "write no checkpoint (when only the figures are wanted)", ""},
       {"precision", "NAME", "fp32, tf32 or bf16 (bf16 and tf32: --device cuda; bf16 keeps fp32 master weights)",
        "fp32 on cpu, bf16 on cuda"},
+      {"attention", "NAME",
+       "device runs: fused (bf16, head sizes 32/64/128; elsewhere materialized) or materialized (keeps the "
+       "[B, heads, T, T] probabilities)", "fused"},
       {"data", "PATH", "text file, folder of text files, or llm.c .bin shard(s)",
        "/usr/share/games/fortunes (Debian package fortunes)"},
       {"tokenizer", "NAME", "bytes or gpt2-bpe", "bytes for small, gpt2-bpe for gpt2-small"},
@@ -213,6 +216,13 @@ gpt2::Precision precision_of(const cli::Parser& args, gpt2::Device device) {
   return gpt2::parse_precision(args.get("precision", device == gpt2::Device::cuda ? "bf16" : "fp32"));
 }
 
+examples::AttentionKernel attention_of(const cli::Parser& args, gpt2::Device device) {
+  const examples::AttentionKernel kernel = examples::parse_attention(args.get("attention", "fused"));
+  moe::check(!args.has("attention") || device != gpt2::Device::cpu,
+             "--attention needs --device cuda or emulated (the CPU has one attention)");
+  return kernel;
+}
+
 void print_result(const gpt2::TrainResult& r, const fs::path& checkpoint) {
   std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(), r.val_loss,
               std::exp(r.val_loss), r.tokens_per_second, checkpoint.empty() ? "none" : checkpoint.c_str());
@@ -239,7 +249,7 @@ int run_train(const cli::Parser& args) {
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
     if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
     gpt2::Session session = gpt2::make_session(device, precision, header.variant, header.config,
-                                               {.lr = options.lr, .weight_decay = options.weight_decay});
+                                               {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
     session.load(file);
     std::fprintf(stderr, "resuming %s from step %lld of %lld on %s (%s)\n", header.variant.c_str(), (long long)step,
                  (long long)options.steps, session.trainer->description().c_str(), data.description.c_str());
@@ -257,7 +267,7 @@ int run_train(const cli::Parser& args) {
   const fs::path out = args.get("out", "runs/train");
   options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
   gpt2::Session session = gpt2::make_session(device, precision, variant, config,
-                                             {.lr = options.lr, .weight_decay = options.weight_decay});
+                                             {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
   gpt2::Trainer& trainer = *session.trainer;
   std::fprintf(stderr, "training %s on %s: %lld parameters (%lld in routers), %lld steps of %lld x %lld tokens on %s\n",
                variant.c_str(), trainer.description().c_str(), (long long)trainer.parameter_count(),
@@ -316,7 +326,7 @@ Comparison compare_variants(const cli::Parser& args, const std::string& command,
     options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
     // Same seed: the tensors the variants share start equal.
     gpt2::Session session = gpt2::make_session(device, precision, variant, config,
-                                               {.lr = options.lr, .weight_decay = options.weight_decay});
+                                               {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
     c.where = session.trainer->description();
     c.results.push_back(to_report(
         gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), config));
@@ -330,6 +340,7 @@ int run_compare(const cli::Parser& args) {
   gpt2::Config config = model_config(args);
   const gpt2::Device device = device_of(args);
   precision_of(args, device);  // checked before the data loads
+  attention_of(args, device);
   const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
   for (const std::string& v : variants) gpt2::with_variant<float>(v, [](auto) { return 0; });  // names checked first
   moe::check(!(args.has("seed") && args.has("seeds")), "gpt2_moe compare: give --seed or --seeds, not both");

@@ -113,11 +113,14 @@ class HostMirror {
 // naming the flag for a combination that cannot run (bf16 on the CPU, cuda in a build without
 // CUDA or on a machine without a GPU).
 inline Session make_session(Device device, Precision precision, std::string_view variant, const Config& config,
-                            const moe::nn::AdamWConfig& adamw) {
+                            const moe::nn::AdamWConfig& adamw,
+                            examples::AttentionKernel attention = examples::AttentionKernel::fused) {
   Session session;
   if (device == Device::cpu) {
     moe::check(precision == Precision::fp32, "--precision ", precision_name(precision),
                " needs --device cuda (the CPU trains in fp32)");
+    moe::check(attention == examples::AttentionKernel::fused, "--attention ", examples::attention_name(attention),
+               " needs --device cuda or emulated (the CPU has one attention)");
     with_variant<float>(variant, [&](auto tag) {
       using M = typename decltype(tag)::type;
       auto owned = std::make_unique<OwningTrainer<M>>(config, adamw);
@@ -135,14 +138,14 @@ inline Session make_session(Device device, Precision precision, std::string_view
   }
   if (device == Device::cuda) {
 #if MOE_GPT2_CUDA
-    session.trainer = make_cuda_trainer(variant, config, adamw, precision);
+    session.trainer = make_cuda_trainer(variant, config, adamw, precision, attention);
 #else
     moe::fail("--device cuda: this gpt2_moe was built without CUDA (configure with nvcc on the PATH, or "
               "-DMOE_ENABLE_CUDA=ON)");
 #endif
   } else {
     moe::check(precision != Precision::tf32, "--precision tf32 needs --device cuda (the emulated device has no TF32)");
-    session.trainer = make_device_trainer(variant, config, adamw, precision, moe::cuda::EmulatedDevice{});
+    session.trainer = make_device_trainer(variant, config, adamw, precision, moe::cuda::EmulatedDevice{}, attention);
   }
   auto mirror = std::make_shared<session_detail::HostMirror>(std::string(variant), config, adamw);
   Trainer* trainer = session.trainer.get();
