@@ -41,14 +41,14 @@ def load_ours(path):
 
 def load_torch(path):
     if not path:
-        return {}, None
+        return {}, None, None
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):
-        return {}, None
+        return {}, None, None
     entries = {(e["variant"], e["mode"]): e for e in data.get("entries", [])}
-    return entries, (data.get("peak") or {}).get("tflops")
+    return entries, (data.get("peak") or {}).get("tflops"), (data.get("batch") or {}).get("sequences")
 
 
 def fmt(value, spec="{:,.0f}"):
@@ -126,12 +126,16 @@ def main(argv):
         print(__doc__)
         return 0 if len(argv) >= 2 else 2
     ours, peak, context, note = load_ours(argv[1])
-    torch_entries, torch_peak = load_torch(argv[2] if len(argv) > 2 else None)
+    torch_entries, torch_peak, torch_batch = load_torch(argv[2] if len(argv) > 2 else None)
     if note:
         print(f"({note})\n")
 
     print(f"GPT-2 small MoE training on the GPU ({context.get('gpu', context.get('host_name', '?'))}); bf16 GEMM peak: ours "
           f"{fmt(peak, '{:.0f}')} TFLOP/s, torch {fmt(torch_peak, '{:.0f}')} TFLOP/s")
+    ours_batch = next((r.get("batch") for key, r in ours.items() if key[0] in VARIANTS and "batch" in r), None)
+    print(f"Batch: ours {fmt(ours_batch)} x 1024 tokens, torch {fmt(torch_batch)} x 1024 tokens"
+          + (" (NOT the same: the x eager / x compile columns compare unlike steps)"
+             if ours_batch and torch_batch and int(ours_batch) != int(torch_batch) else ""))
     print()
     print("| variant | precision | ours tokens/s | step ms | MFU | device GiB | torch eager | torch compile "
           "| x eager | x compile |")

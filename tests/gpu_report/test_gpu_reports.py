@@ -89,10 +89,10 @@ def torch_moe_json():
     return {"torch": "2.11.0", "device": "NVIDIA H200", "shapes": shapes}
 
 
-def gpt2_json(repetitions=1, self_error=None):
+def gpt2_json(repetitions=1, self_error=None, batch=8):
     benchmarks = gbench_records("Peak/bf16_gemm/iterations:10/manual_time", [7.0] * repetitions, {"tflops": 780.0})
     for variant, ms in (("self", 70.0), ("linear", 72.0), ("dense", 55.0)):
-        counters = {"tokens/s": 8192 * 1000 / ms, "step_ms": ms, "mfu": 0.18, "device_gib": 21.5}
+        counters = {"tokens/s": 8192 * 1000 / ms, "step_ms": ms, "mfu": 0.18, "device_gib": 21.5, "batch": batch}
         if variant == "self":  # bench_gpt2_cuda's time_phases (the dense row goes without them)
             phases = {"zero_grad": (0.2, 0.3), "forward": (20.5, 24.0), "backward": (30.0, 33.25), "clip": (3.0, 3.5),
                       "adamw": (0.4, 8.0)}
@@ -121,7 +121,8 @@ def torch_gpt2_json():
                for v, m, t in (("self", "eager", 60000.0), ("self", "compile", 95000.0))]
     entries.append({"variant": "linear", "mode": "compile",
                     "error": "BackendCompilerFailed: backend='inductor' raised:\nRuntimeError: the real cause"})
-    return {"peak": {"tflops": 760.0}, "entries": entries}
+    return {"peak": {"tflops": 760.0}, "batch": {"sequences": 8, "seq": 1024, "tokens_per_step": 8192},
+            "entries": entries}
 
 
 def run(script, *paths):
@@ -208,6 +209,10 @@ def main():
                 fail(f"a row without host call times was listed in the host calls table:\n{out}")
             if "| linear | bf16 | -" in out or "| dense | bf16 | - /" in out:
                 fail(f"a row without phase timings was listed in the phases table:\n{out}")
+            expect(out, "Batch: ours 8 x 1024 tokens, torch 8 x 1024 tokens\n", "both batches, the same")
+        out = run(REPORT_GPT2, write("gpt2_batch32.json", gpt2_json(batch=32)), torch_gpt2)
+        expect(out, "Batch: ours 32 x 1024 tokens, torch 8 x 1024 tokens (NOT the same",
+               "a warning when the two ran different batches")
         out = run(REPORT_GPT2, write("gpt2_error.json", gpt2_json(self_error="out of memory")), torch_gpt2)
         expect(out, "| self | bf16 | error: out of memory", "the failed row")
         expect(out, ">= 1.3x PyTorch eager: -  NOT met", "the targets still listed when their row failed")
