@@ -37,6 +37,9 @@
 #   BENCH_FILTER      --benchmark_filter regex for bench_moe_cuda (default: every benchmark)
 #   GPT2_FILTER       --benchmark_filter regex for bench_gpt2_cuda (default: every benchmark; keep
 #                     Peak/bf16_gemm in it, the MFU is against that peak)
+#   GPT2_BATCHES      comma-separated batches (sequences of 1024 tokens) for bench_gpt2 and torch_gpt2
+#                     (default 8): the first one's files are gpt2_cuda.json, torch_gpt2_cuda.json and
+#                     table_gpt2.md, a further batch B's end in _b<B> (gpt2_cuda_b32.json, ...)
 #   TORCH_GPT2_ARGS   extra arguments of torch_gpt2_cuda.py (e.g. '--mode eager')
 #   COMPARE_VARIANTS  gates compared (default dense,linear,self,fixed-random,random)
 #   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024
@@ -64,6 +67,14 @@ repetitions=${REPETITIONS:-3}
 min_time=${MIN_TIME:-0.5}
 python=${PYTHON:-python3}
 read -r -a sanitizer_filter <<<"${SANITIZER_FILTER:-}"
+# GPT-2 training speed at each batch of GPT2_BATCHES: the first one's files are gpt2_cuda.json,
+# torch_gpt2_cuda.json and table_gpt2.md, each further batch B's carry the suffix _b<B>.
+IFS=, read -r -a gpt2_batches <<<"${GPT2_BATCHES:-8}"
+for b in "${gpt2_batches[@]}"; do
+  [[ $b =~ ^[1-9][0-9]*$ ]] || { echo "GPT2_BATCHES: '$b' is not a batch (a positive count of sequences)" >&2; exit 2; }
+done
+batch_suffix() { [[ $1 == "${gpt2_batches[0]}" ]] || echo "_b$1"; }
+
 
 # nvcc and compute-sanitizer live here when the CUDA toolkit is not on the PATH.
 if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
@@ -219,16 +230,23 @@ fi
 if want bench_gpt2; then
   filter=()
   if [[ -n ${GPT2_FILTER:-} ]]; then filter=(--benchmark_filter="$GPT2_FILTER"); fi
-  rm -f "$out/gpt2_cuda.json"
-  run_step bench_gpt2 "$out/bench_gpt2.log" "$bench_gpt2" --benchmark_out="$out/gpt2_cuda.json" \
-    --benchmark_out_format=json "${filter[@]+"${filter[@]}"}"
+  for b in "${gpt2_batches[@]}"; do
+    suffix=$(batch_suffix "$b")
+    rm -f "$out/gpt2_cuda$suffix.json"
+    run_step "bench_gpt2$suffix" "$out/bench_gpt2$suffix.log" env BATCH="$b" "$bench_gpt2" \
+      --benchmark_out="$out/gpt2_cuda$suffix.json" --benchmark_out_format=json "${filter[@]+"${filter[@]}"}"
+  done
 fi
 
 if want torch_gpt2; then
-  rm -f "$out/torch_gpt2_cuda.json"
   read -r -a torch_gpt2_args <<<"${TORCH_GPT2_ARGS:-}"
-  run_step torch_gpt2 "$out/torch_gpt2.log" env PYTHONUNBUFFERED=1 "$python" "$root/bench/gpu/torch_gpt2_cuda.py" \
-    --out "$out/torch_gpt2_cuda.json" "${torch_gpt2_args[@]+"${torch_gpt2_args[@]}"}"
+  for b in "${gpt2_batches[@]}"; do
+    suffix=$(batch_suffix "$b")
+    rm -f "$out/torch_gpt2_cuda$suffix.json"
+    run_step "torch_gpt2$suffix" "$out/torch_gpt2$suffix.log" env PYTHONUNBUFFERED=1 "$python" \
+      "$root/bench/gpu/torch_gpt2_cuda.py" --out "$out/torch_gpt2_cuda$suffix.json" --batch "$b" \
+      "${torch_gpt2_args[@]+"${torch_gpt2_args[@]}"}"
+  done
 fi
 
 if want compare; then
@@ -269,14 +287,17 @@ if want report; then
 fi
 
 if want report_gpt2; then
-  if [[ -f $out/gpt2_cuda.json ]]; then
-    echo
-    "$python" "$root/bench/gpu/report_gpt2.py" "$out/gpt2_cuda.json" "$out/torch_gpt2_cuda.json" |
-      tee "$out/table_gpt2.md" || failed+=(report_gpt2)
-  else
-    echo "== report_gpt2: no $out/gpt2_cuda.json (run the bench_gpt2 step first)"
-    failed+=(report_gpt2)
-  fi
+  for b in "${gpt2_batches[@]}"; do
+    suffix=$(batch_suffix "$b")
+    if [[ -f $out/gpt2_cuda$suffix.json ]]; then
+      echo
+      "$python" "$root/bench/gpu/report_gpt2.py" "$out/gpt2_cuda$suffix.json" "$out/torch_gpt2_cuda$suffix.json" |
+        tee "$out/table_gpt2$suffix.md" || failed+=("report_gpt2$suffix")
+    else
+      echo "== report_gpt2$suffix: no $out/gpt2_cuda$suffix.json (run the bench_gpt2 step first)"
+      failed+=("report_gpt2$suffix")
+    fi
+  done
 fi
 
 if want compare && [[ -f $out/compare/report.md ]]; then
