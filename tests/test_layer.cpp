@@ -383,3 +383,48 @@ TEST_CASE("inference forward (for_backward = false): the training forward's bits
   check_inference_forward<moe::Linear, moe::GeluMLP>();
   check_inference_forward<moe::FixedRandom, moe::SwiGLU>();
 }
+
+namespace {
+
+// ForwardOptions::input_kept: the layer reads the caller's x (and router input) in backward instead
+// of copies. The same bits while the caller keeps them; without the copy, a change the caller makes
+// before the backward shows in it (SelfRoute's logits are a view of its input).
+template <template <class> class G>
+void check_input_kept() {
+  using Layer = moe::MoELayer<G, moe::GeluMLP, moe::cpu::Backend>;
+  using Matrix = moe::cpu::Backend::Matrix;
+  const Index T = 29, H = kSmall.hidden;
+  const auto dy = ref::randn(T, H, 44);
+  for (bool separate : {false, true}) {
+    CAPTURE(separate);
+    // dx and d_router after a forward (input kept or copied) and a backward, x's values changed in between or not.
+    const auto run = [&](bool kept, bool change_between) {
+      Layer layer(kSmall, 41, {}, {}, moe::cpu::Backend(2));
+      Matrix x = ref::randn(T, H, 42), r = ref::randn(T, H, 43), y(T, H), dx(T, H), d_router = Matrix::Zero(T, H);
+      const moe::ForwardOptions options{.input_kept = kept};
+      if (separate)
+        layer.forward_into(x, r, y, options);
+      else
+        layer.forward_into(x, y, options);
+      if (change_between) x *= 2.f, r *= 2.f;
+      if (separate)
+        layer.backward_into(dy, dx, d_router);
+      else
+        layer.backward_into(dy, dx);
+      return std::pair{Matrix(dx), Matrix(d_router)};
+    };
+    const auto copied = run(false, false), kept = run(true, false);
+    CHECK(kept.first == copied.first);
+    CHECK(kept.second == copied.second);
+    // The gate's gradient (into dx, or into d_router with a separate router input) reads its input:
+    const auto gate_gradient = [&](const auto& result) { return separate ? result.second : result.first; };
+    CHECK(gate_gradient(run(false, true)) == gate_gradient(copied));  // the copy: later values do not reach the backward
+    CHECK(gate_gradient(run(true, true)) != gate_gradient(copied));   // no copy: they do (keeping x is the caller's promise)
+  }
+}
+
+}  // namespace
+
+TEST_CASE("input_kept: no copy of the input, the same bits while the caller keeps it") {
+  check_input_kept<moe::SelfRoute>();
+}

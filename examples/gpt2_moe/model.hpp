@@ -140,13 +140,15 @@ class MoEFFN {
         layer_(config.layer(), moe::random::mix64(seed ^ examples::stream_of(prefix_)), {},
                {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, ops.make_backend()) {}
 
-  // x: [N, H] -> y: [N, H] (the MoELayer keeps its input, routing and expert activations)
-  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y); }
+  // x: [N, H] -> y: [N, H] (the MoELayer keeps its routing and expert activations; x, the block's
+  // ln_2 output, and a router input, its residual stream, are the block's own until its backward,
+  // so the layer reads them there: input_kept, no copy)
+  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y, {.input_kept = true}); }
   // dy: [N, H] -> dx: [N, H] (written; includes the router path, e.g. SelfRoute's logit gradient)
   void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx) { layer_.backward_into(dy, dx); }
   // The gate reads router_input: [N, H] instead of x; its gradient is added into d_router_input.
   void forward(ConstMatrixView<S> x, ConstMatrixView<S> router_input, MatrixView<S> y) {
-    layer_.forward_into(x, router_input, y);
+    layer_.forward_into(x, router_input, y, {.input_kept = true});
   }
   void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx, MatrixView<S> d_router_input) {
     layer_.backward_into(dy, dx, d_router_input);

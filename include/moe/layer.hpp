@@ -28,6 +28,10 @@ struct ForwardOptions {
   // experts keep no activations (GeluMLP writes no pre-activation), and backward throws until the
   // next forward with true. The same output.
   bool for_backward = true;
+  // true: the caller keeps x (and a separate router input) unchanged until the backward, so the
+  // layer reads them there instead of keeping copies: a model that keeps each block's activations
+  // anyway saves a copy of [T, H] and its memory per layer. The same results.
+  bool input_kept = false;
 };
 
 template <template <class> class GatePolicy, template <class> class ExpertPolicy, class B>
@@ -126,7 +130,7 @@ class MoELayer {
 
   // Activation memory kept from forward to backward, per token (bytes), for this configuration.
   static Index saved_bytes_per_token(const LayerConfig& c) {
-    const Index scalars = c.hidden                                           // the input
+    const Index scalars = c.hidden                                           // the input (the caller's with input_kept)
                           + 2 * c.top_k * c.hidden                           // expert input and output rows
                           + c.top_k * ExpertsType::cached_scalars_per_row(c) // expert activations
                           + c.experts                                        // logits (copied unless SelfRoute)
@@ -143,7 +147,7 @@ class MoELayer {
   const typename B::Plan& last_plan() const { return plan_; }
   const typename B::template Vector<Scalar>& last_weights() const { return weights_; }
   // The last forward's logits (SelfRoute's are a view of the gate's input: after an inference
-  // forward, of the caller's matrix).
+  // forward or one with input_kept, of the caller's matrix).
   ConstMatrixView<Scalar> last_logits() const { return logits_; }
 
  private:
@@ -156,20 +160,24 @@ class MoELayer {
     check_mask(options.token_mask, T);
     mask_.assign(options.token_mask.begin(), options.token_mask.end());
 
-    // Kept for backward (copies: the caller may change x before it): the gate's backward reads its
-    // input. An inference forward reads the caller's matrices in place.
+    // Kept for backward (copies, unless the caller keeps them: it may change x before): the gate's
+    // backward reads its input. An inference forward reads the caller's matrices in place.
     const bool keep = options.for_backward;
     forwarded_ = false;  // until this forward has finished
     routed_separately_ = router_input != nullptr;
     ConstMatrixView<Scalar> input = x, gate_in = routed_separately_ ? *router_input : x;
     if (keep) {
-      B::resize(input_, T, H);
-      backend_.copy(x, input_);
-      if (routed_separately_) {
-        B::resize(router_input_, T, H);
-        backend_.copy(*router_input, router_input_);
+      input_kept_ = options.input_kept;
+      callers_input_ = x, callers_router_input_ = routed_separately_ ? *router_input : ConstMatrixView<Scalar>{};
+      if (!input_kept_) {
+        B::resize(input_, T, H);
+        backend_.copy(x, input_);
+        if (routed_separately_) {
+          B::resize(router_input_, T, H);
+          backend_.copy(*router_input, router_input_);
+        }
       }
-      input = input_, gate_in = gate_input();
+      input = layer_input(), gate_in = gate_input();
     }
     logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
     backend_.route(logits_, config_, plan_, weights_);
@@ -196,7 +204,7 @@ class MoELayer {
   void backward_impl(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, MatrixView<Scalar> d_gate_input) {
     check(forwarded_, "backward needs a forward first (one with ForwardOptions::for_backward, the default; and runs "
                       "once per forward)");
-    const Index T = input_.rows(), H = config_.hidden;
+    const Index T = layer_input().rows, H = config_.hidden;
     check(dy.rows == T && dy.cols == H, "output gradient is [", dy.rows, ", ", dy.cols,
           "], the last forward's output is [", T, ", ", H, "]");
     check(dx.rows == T && dx.cols == H, "input gradient is [", dx.rows, ", ", dx.cols, "], expected [", T, ", ",
@@ -216,7 +224,12 @@ class MoELayer {
     }
   }
 
-  ConstMatrixView<Scalar> gate_input() const { return routed_separately_ ? router_input_ : input_; }
+  // The last forward's input and the gate's: the layer's copies, or the caller's matrices (input_kept).
+  ConstMatrixView<Scalar> layer_input() const { return input_kept_ ? callers_input_ : ConstMatrixView<Scalar>(input_); }
+  ConstMatrixView<Scalar> gate_input() const {
+    if (!routed_separately_) return layer_input();
+    return input_kept_ ? callers_router_input_ : ConstMatrixView<Scalar>(router_input_);
+  }
   // The R gathered rows (expert_out_ has R rows).
   ConstMatrixView<Scalar> expert_input() const { return ConstMatrixView<Scalar>(expert_in_).row_block(0, expert_out_.rows()); }
 
@@ -246,6 +259,8 @@ class MoELayer {
 
   // Kept from forward for backward.
   Matrix input_, router_input_, expert_in_, expert_out_;
+  bool input_kept_ = false;                                     // ForwardOptions::input_kept of the last forward
+  ConstMatrixView<Scalar> callers_input_, callers_router_input_;  // read by backward when input_kept_
   ConstMatrixView<Scalar> logits_;
   typename B::Plan plan_;
   typename B::template Vector<Scalar> weights_;
