@@ -333,7 +333,7 @@ struct EmulatedDevice {
   // where the stream would copy them, and reach the host only at the finish, so a host read
   // before it finds nothing new.
   class PendingDownload {
-    friend class EmulatedDevice;
+    friend struct EmulatedDevice;
     std::vector<unsigned char> bytes_;
     bool in_flight_ = false;
   };
