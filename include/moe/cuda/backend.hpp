@@ -11,8 +11,9 @@
 //
 // Determinism: nothing adds floating-point values with atomics. Each output element is one
 // thread's fixed-order sum (combine gathers each token's k rows in slot order; reductions go
-// through per-chunk partials summed in chunk order), and counts use integer atomics, whose
-// result does not depend on order. Same inputs, same bits, run to run.
+// through per-chunk partials summed in chunk order), and the statistics' counts use integer
+// atomics, whose result does not depend on order (dispatch needs none). Same inputs, same bits,
+// run to run.
 //
 // Host synchronisation: the per-expert GEMMs need their row counts on the host. route() starts the
 // copy of the N+1 expert offsets, and the first read of them (B::expert_offsets, after the layer has
