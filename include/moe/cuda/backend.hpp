@@ -89,11 +89,10 @@ struct DevicePlan {
   Index dropped_slots() const { return slots_count() - rows(); }
   bool offsets_on_host() const { return !offsets_pending_; }
 
-  // route()'s part: the copy of `offsets` ([experts + 1]) starts.
-  void start_offsets_download(const D& routed_on) {
-    device = &routed_on;
+  // route()'s part, on the device that routed: the copy of `offsets` ([experts + 1]) starts.
+  void start_offsets_download() {
     host_offsets_.resize(std::size_t(experts + 1));
-    routed_on.start_download(offsets_download_, offsets.data(), host_offsets_.size() * sizeof(Index));
+    device->start_download(offsets_download_, offsets.data(), host_offsets_.size() * sizeof(Index));
     offsets_pending_ = true;
   }
 
@@ -681,7 +680,7 @@ class BasicBackend {
         }
       });
 
-    plan.start_offsets_download(device_);  // read by B::expert_offsets(plan): the forward's sync point
+    plan.start_offsets_download();  // read by B::expert_offsets(plan): the forward's sync point
   }
 
   // rows[r] = x[token of row r] for the R kept rows: the expert-sorted copy of the input.

@@ -88,6 +88,20 @@ MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out,
   }
 }
 
+// One 16 x 16 tile of P V: acc += P[16, Depth] V[Depth, 16], p and v at the tile's first row and column.
+template <Index Depth, class Warp>
+MOE_HOST_DEVICE void accumulate_tile(const Warp& warp, typename Warp::Acc& acc, const Bf16* p, Index ld_p,
+                                     const Bf16* v, Index ld) {
+  MOE_UNROLL
+  for (Index j = 0; j < Depth; j += kTile) {
+    typename Warp::ARows at;
+    typename Warp::BRows bv;
+    warp.load_a(at, p + j, ld_p);
+    warp.load_b(bv, v + j * ld, ld);
+    warp.mma(acc, at, bv);
+  }
+}
+
 // acc[Rows, HS] += P[Rows, Depth] V[Depth, HS]: P a staged bf16 tile (probabilities, dS), V a staged block of rows (v,
 // dout, q, k); acc a staged float tile (the forward's out, rescaled between blocks).
 template <Index Rows, Index Depth, Index HS, class Warp>
@@ -99,14 +113,7 @@ MOE_HOST_DEVICE void accumulate_product(const Warp& warp, float* acc_tile, Index
     for (Index d = 0; d < HS; d += kTile) {
       typename Warp::Acc acc;
       warp.load_acc(acc, acc_tile + i * ld_acc + d, ld_acc);
-      MOE_UNROLL
-      for (Index j = 0; j < Depth; j += kTile) {
-        typename Warp::ARows at;
-        typename Warp::BRows bv;
-        warp.load_a(at, p + i * ld_p + j, ld_p);
-        warp.load_b(bv, v + j * ld + d, ld);
-        warp.mma(acc, at, bv);
-      }
+      accumulate_tile<Depth>(warp, acc, p + i * ld_p, ld_p, v + d, ld);
       warp.store_acc(acc_tile + i * ld_acc + d, ld_acc, acc);
     }
   }
@@ -122,16 +129,8 @@ MOE_HOST_DEVICE void accumulate_in_registers(const Warp& warp, Accumulators<Rows
   MOE_UNROLL
   for (Index i = 0; i < Rows; i += kTile) {
     MOE_UNROLL
-    for (Index d = 0; d < HS; d += kTile) {
-      MOE_UNROLL
-      for (Index j = 0; j < Depth; j += kTile) {
-        typename Warp::ARows at;
-        typename Warp::BRows bv;
-        warp.load_a(at, p + i * ld_p + j, ld_p);
-        warp.load_b(bv, v + j * ld + d, ld);
-        warp.mma(acc[(i / kTile) * (HS / kTile) + d / kTile], at, bv);
-      }
-    }
+    for (Index d = 0; d < HS; d += kTile)
+      accumulate_tile<Depth>(warp, acc[(i / kTile) * (HS / kTile) + d / kTile], p + i * ld_p, ld_p, v + d, ld);
   }
 }
 
