@@ -181,6 +181,39 @@ TEST_CASE("cuda nn fused attention: bf16 forward, log-sum-exp and backward match
       }
 }
 
+// Scores that grow along the keys: every query gets 16 on its head's first coordinate and key j gets a * j there, so a
+// query's scores climb by `growth` per block of keys. Below the forward's rescale margin (8) a row keeps its first
+// block's max and its probabilities pass 1; above it every block moves the max and rescales out.
+TEST_CASE("cuda nn fused attention: scores that climb from key block to key block, under and over the rescale margin") {
+  if (!device_available()) return;
+  std::uint64_t seed = 900;
+  for (const Shape s : {Shape{1, 100, 64, 1}, Shape{2, 70, 128, 2}, Shape{1, 47, 96, 3}})
+    for (const double growth : {5.0, 12.0})
+      for (const bool causal : {true, false}) {
+        const auto [B, T, C, heads] = s;
+        const Index hs = C / heads, keys_per_block = hs <= 64 ? 32 : 16;
+        const double a = growth * std::sqrt(double(hs)) / (16.0 * double(keys_per_block));
+        CAPTURE(s.T);
+        CAPTURE(s.C);
+        CAPTURE(growth);
+        CAPTURE(causal);
+        auto qkv = normal_values(std::size_t(B * T * 3 * C), ++seed);
+        for (Index row = 0; row < B * T; ++row)
+          for (Index h = 0; h < heads; ++h) {
+            qkv[std::size_t(row * 3 * C + h * hs)] += 16.f;
+            qkv[std::size_t(row * 3 * C + C + h * hs)] += float(a * double(row % T));
+          }
+        qkv = rounded<bfloat16>(qkv);
+        const auto dout = rounded<bfloat16>(normal_values(std::size_t(B * T * C), ++seed));
+        const std::vector<float> dqkv0(std::size_t(B * T * 3 * C), 0.f);
+        const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, causal);
+        const FusedResults dev = fused_attention(qkv, dout, dqkv0, s, causal);
+        CHECK(relative_error(dev.out, cpu.out) < 2e-2);
+        CHECK(relative_error(dev.lse, lse_reference(qkv, s, causal)) < 1e-2);
+        CHECK(relative_error(dev.dqkv, cpu.dqkv) < 2e-2);
+      }
+}
+
 TEST_CASE("cuda nn fused attention: reruns are bit-identical; a NaN query stays in its own row") {
   if (!device_available()) return;
   const Shape s{2, 45, 64, 2};

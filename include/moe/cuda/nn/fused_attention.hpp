@@ -168,6 +168,19 @@ MOE_HOST_DEVICE void write_rows(const Warp& warp, const float* acc, Index ld_acc
   });
 }
 
+// Step i of row r's walk over its N columns (N a power of two), when one lane per row walks them all: starting at
+// column r, the lanes of a step read different shared-memory banks. The staged rows are 4 banks apart (ld_floats,
+// ld_rows), so lanes r and r + 8 would meet on one bank at every step of a walk from column 0 (4-way conflicts);
+// from column r the forward's float rows (and dq's) meet none, the rest at most 2-way.
+template <Index N>
+MOE_HOST_DEVICE constexpr Index lane_order(Index i, Index r) {
+  static_assert(N > 0 && (N & (N - 1)) == 0, "lane_order: a power of two of columns");
+  return (i + r) & (N - 1);
+}
+
+// How far a block's scores may pass a row's running max before the forward rescales the row (see forward).
+inline constexpr float kRescaleMargin = 8.f;
+
 // Rows of a warp's tile: 32 (a lane per row in the softmax steps, and each staged block of the other side serves 32
 // rows) up to head size 64; 16 above, where the staging would not fit. Rows of a block of the other side likewise.
 MOE_HOST_DEVICE constexpr Index tile_rows(Index hs) { return hs <= 64 ? 32 : 16; }
@@ -338,15 +351,23 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       rows_times_rows<R, K, HS>(warp, s, lds, q, k, ldh);
       // Online softmax, one lane per query row: the new max, the old terms' factor, this block's probabilities.
+      // Each lane walks its row from its own column (lane_order): in step, the lanes' rows would share banks.
       warp.lanes(R, [&](Index r) {
         const Index seen = !causal ? keys : row0 + r - kb + 1 < keys ? row0 + r - kb + 1 : keys;
-        float max = m[r];
-        for (Index j = 0; j < seen; ++j) {
-          const float x = s[r * lds + j] * scale;
-          max = x > max ? x : max;
+        float block_max = -INFINITY;
+        for (Index i = 0; i < K; ++i) {
+          const Index j = lane_order<K>(i, r);
+          const float x = j < seen ? s[r * lds + j] * scale : -INFINITY;
+          block_max = x > block_max ? x : block_max;
         }
+        // The row's reference max moves only when this block's passes it by more than kRescaleMargin: below that the
+        // block's probabilities are at most e^8 (no overflow, and bf16's relative rounding does not depend on size),
+        // and the rescale of out, the lane's longest loop, is skipped. out / sum and lse = max + log(sum) hold for any
+        // reference at or under the true max.
+        const float max = block_max > m[r] + kRescaleMargin ? block_max : m[r];
         float sum = 0.f;
-        for (Index j = 0; j < K; ++j) {
+        for (Index i = 0; i < K; ++i) {
+          const Index j = lane_order<K>(i, r);
           const Bf16 pj = j < seen ? Bf16(std::exp(s[r * lds + j] * scale - max)) : Bf16(0.f);
           p[r * ldp + j] = pj;
           sum += float(pj);
@@ -354,7 +375,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
         if (max != m[r]) {  // rescale the terms so far (none before the first block: their factor is 0)
           const float factor = std::exp(m[r] - max);
           l[r] *= factor;
-          for (Index c = 0; c < HS; ++c) o[r * ldo + c] *= factor;
+          for (Index i = 0; i < HS; ++i) o[r * ldo + lane_order<HS>(i, r)] *= factor;
         }
         l[r] += sum;
         m[r] = max;
@@ -438,7 +459,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       rows_times_rows<RK, kQueries, HS>(warp, st, ld_sq, k, q, ldh);   // S^T = k q^T
       rows_times_rows<RK, kQueries, HS>(warp, dpt, ld_sq, v, g, ldh);  // dP^T = v dout^T
       warp.lanes(RK, [&](Index r) {  // one lane per key: P^T and dS^T
-        for (Index j = 0; j < kQueries; ++j) {
+        for (Index i = 0; i < kQueries; ++i) {
+          const Index j = lane_order<kQueries>(i, r);
           const bool seen = r < keys && j < queries && (!causal || qb + j >= key0 + r);
           const float pj = seen ? std::exp(st[r * ld_sq + j] * scale - lse_q[j]) : 0.f;
           pt[r * ld_pq + j] = Bf16(pj);
@@ -486,7 +508,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       rows_times_rows<RQ, K, HS>(warp, s, ld_sk, q, k, ldh);   // S = q k^T
       rows_times_rows<RQ, K, HS>(warp, dp, ld_sk, g, v, ldh);  // dP = dout v^T
       warp.lanes(RQ, [&](Index r) {  // one lane per query row: dS
-        for (Index j = 0; j < K; ++j) {
+        for (Index i = 0; i < K; ++i) {
+          const Index j = lane_order<K>(i, r);
           const bool seen = r < rows && j < keys && (!causal || kb + j <= row0 + r);
           const float pj = seen ? std::exp(s[r * ld_sk + j] * scale - lse_q[r]) : 0.f;
           ds[r * ld_pk + j] = Bf16(pj * (dp[r * ld_sk + j] - dsum_q[r]) * scale);
