@@ -153,6 +153,11 @@ struct WarpTiles {
                                        nvcuda::wmma::col_major>;
 
   __host__ __device__ unsigned char* staging() const { return memory; }
+  __host__ __device__ void sync() const {
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
   template <class F>
   __host__ __device__ void lanes(Index n, F f) const {
     for (Index i = lane; i < n; i += kRowLanes) f(i);

@@ -306,6 +306,8 @@ T butterfly(T (&lanes)[kRowLanes], Combine combine) {
 //                                  kWarpStagingMax bytes)
 //   warp.lanes(n, f)               f(i) for every i in [0, n), dealt over the lanes; when it returns,
 //                                  every lane is done and sees the others' writes
+//   warp.sync()                    every lane's reads and writes of the staging so far are done before any lane
+//                                  goes on (a tile loaded into registers, then written over)
 //   warp.copy_rows(dst, ld, rows, valid, cols, row_of)
 //                                  starts copies into the staging: row r < valid of the [rows, cols] tile at dst
 //                                  (leading dimension ld, elements of E) gets the cols elements at row_of(r),

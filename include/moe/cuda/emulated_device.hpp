@@ -112,6 +112,7 @@ class EmulatedWarp {
 
   EmulatedWarp(unsigned char* staging, InFlight* in_flight) : staging_(staging), in_flight_(in_flight) {}
   unsigned char* staging() const { return staging_; }
+  void sync() const {}  // one sequence of steps: every read is done before the next write
   template <class F>
   void lanes(Index n, F f) const {
     for (Index i = 0; i < n; ++i) f(i);

@@ -51,6 +51,12 @@ struct StagingLayout {
     bytes = offset + size;
     return offset;
   }
+  // A region at `offset` (a region added before) over what follows it, for a use that starts once those regions are
+  // dead; the layout grows if it runs past the end.
+  std::size_t overlay(std::size_t offset, std::size_t size) {
+    bytes = std::max(bytes, offset + size);
+    return offset;
+  }
 };
 
 // Leading dimensions (elements) of staged tiles: rows of hs bf16 padded by 8 (16 bytes: a multiple of 16 bytes, and
@@ -64,11 +70,10 @@ using Heads = attention_detail::PairBases<Bf16>;
 
 // The tile products, their sizes compile-time constants so that the loops unroll and a register array of tiles is
 // indexed by constants.
-// out[Rows, Cols] = A[Rows, HS] B[Cols, HS]^T: a staged tile of rows times a staged block of rows, transposed (scores
-// q k^T, dP = dout v^T, and their transposes).
-template <Index Rows, Index Cols, Index HS, class Warp>
-MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out, const Bf16* a, const Bf16* b,
-                                     Index ld) {
+// out[Rows, Cols] = A[Rows, HS] B[Cols, HS]^T, B a staged block of rows, transposed (scores q k^T, dP = dout v^T, and
+// their transposes); with_a(i, d, f) calls f with A's tile at rows i, columns d (loaded from the staging, or held).
+template <Index Rows, Index Cols, Index HS, class Warp, class WithA>
+MOE_HOST_DEVICE void times_rows(const Warp& warp, float* out, Index ld_out, WithA with_a, const Bf16* b, Index ld) {
   MOE_UNROLL
   for (Index i = 0; i < Rows; i += kTile) {
     MOE_UNROLL
@@ -77,15 +82,47 @@ MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out,
       warp.fill(acc, 0.f);
       MOE_UNROLL
       for (Index d = 0; d < HS; d += kTile) {
-        typename Warp::ARows at;
         typename Warp::BCols bt;
-        warp.load_a(at, a + i * ld + d, ld);
         warp.load_bt(bt, b + j * ld + d, ld);
-        warp.mma(acc, at, bt);
+        with_a(i, d, [&](const typename Warp::ARows& at) { warp.mma(acc, at, bt); });
       }
       warp.store_acc(out + i * ld_out + j, ld_out, acc);
     }
   }
+}
+
+// A a staged tile of rows.
+template <Index Rows, Index Cols, Index HS, class Warp>
+MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out, const Bf16* a, const Bf16* b,
+                                     Index ld) {
+  times_rows<Rows, Cols, HS>(
+      warp, out, ld_out,
+      [&](Index i, Index d, auto f) {
+        typename Warp::ARows at;
+        warp.load_a(at, a + i * ld + d, ld);
+        f(at);
+      },
+      b, ld);
+}
+
+// A tile of rows [Rows, HS] held in registers as tensor-core A operands across blocks (the forward's queries: loaded
+// once, not once per key block): held[(i / 16) * (HS / 16) + d / 16] is the tile at rows i, columns d.
+template <Index Rows, Index HS, class Warp>
+using HeldRows = typename Warp::ARows[(Rows / kTile) * (HS / kTile)];
+template <Index Rows, Index HS, class Warp>
+MOE_HOST_DEVICE void hold_rows(const Warp& warp, HeldRows<Rows, HS, Warp>& held, const Bf16* a, Index ld) {
+  MOE_UNROLL
+  for (Index i = 0; i < Rows; i += kTile) {
+    MOE_UNROLL
+    for (Index d = 0; d < HS; d += kTile) warp.load_a(held[(i / kTile) * (HS / kTile) + d / kTile], a + i * ld + d, ld);
+  }
+  warp.sync();  // every lane has read the tile before any lane writes over it
+}
+template <Index Rows, Index Cols, Index HS, class Warp>
+MOE_HOST_DEVICE void held_times_rows(const Warp& warp, float* out, Index ld_out, const HeldRows<Rows, HS, Warp>& held,
+                                     const Bf16* b, Index ld) {
+  times_rows<Rows, Cols, HS>(
+      warp, out, ld_out, [&](Index i, Index d, auto f) { f(held[(i / kTile) * (HS / kTile) + d / kTile]); }, b, ld);
 }
 
 // One 16 x 16 tile of P V: acc += P[16, Depth] V[Depth, 16], p and v at the tile's first row and column.
@@ -187,17 +224,19 @@ MOE_HOST_DEVICE constexpr Index tile_rows(Index hs) { return hs <= 64 ? 32 : 16;
 
 // The forward's staging for head size hs: a tile of `rows` query rows against blocks of `keys` keys, two blocks (k and
 // v) staged at a time: the next one's copies run during this one's products.
+// The query tile lands where the scores go (q_s): the first block reads it into registers before its scores are
+// stored there.
 struct ForwardStaging {
-  std::size_t q, k[2], v[2], s, p, o, m, l, bytes;
+  std::size_t q_s, k[2], v[2], p, o, m, l, bytes;
   explicit ForwardStaging(Index hs) {
     const Index rows = tile_rows(hs), keys = rows;
     StagingLayout layout;
-    q = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
+    q_s = layout.add(std::max(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16),
+                              std::size_t(rows * ld_floats(keys)) * sizeof(float)));
     for (int b = 0; b < 2; ++b) {
       k[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
       v[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
     }
-    s = layout.add(std::size_t(rows * ld_floats(keys)) * sizeof(float));
     p = layout.add(std::size_t(rows * ld_rows(keys)) * sizeof(Bf16));
     o = layout.add(std::size_t(rows * ld_floats(hs)) * sizeof(float));
     m = layout.add(std::size_t(rows) * sizeof(float));
@@ -211,7 +250,7 @@ struct ForwardStaging {
 // blocks of `keys` keys (k and v, two at a time).
 struct KeyStaging {
   static constexpr Index kQueries = 16;
-  std::size_t k, v, q[2], dout[2], lse, dsum, st, dpt, pt, dst, dk, dv, bytes;
+  std::size_t k, v, q[2], dout[2], lse, dsum, st, dpt, pt, dst, grad, bytes;
   explicit KeyStaging(Index hs) {
     const Index rows = tile_rows(hs);
     StagingLayout layout;
@@ -227,8 +266,8 @@ struct KeyStaging {
     dpt = layout.add(std::size_t(rows * ld_floats(kQueries)) * sizeof(float));
     pt = layout.add(std::size_t(rows * ld_rows(kQueries)) * sizeof(Bf16));
     dst = layout.add(std::size_t(rows * ld_rows(kQueries)) * sizeof(Bf16));
-    dk = layout.add(std::size_t(rows * ld_floats(hs)) * sizeof(float));
-    dv = layout.add(std::size_t(rows * ld_floats(hs)) * sizeof(float));
+    // dk's float tile, then dv's, on their way out: over the query blocks, done with by then.
+    grad = layout.overlay(q[0], std::size_t(rows * ld_floats(hs)) * sizeof(float));
     bytes = layout.bytes;
   }
 };
@@ -249,7 +288,7 @@ struct QueryStaging {
     s = layout.add(std::size_t(rows * ld_floats(keys)) * sizeof(float));
     dp = layout.add(std::size_t(rows * ld_floats(keys)) * sizeof(float));
     ds = layout.add(std::size_t(rows * ld_rows(keys)) * sizeof(Bf16));
-    dq = layout.add(std::size_t(rows * ld_floats(hs)) * sizeof(float));
+    dq = layout.overlay(s, std::size_t(rows * ld_floats(hs)) * sizeof(float));  // on its way out, over s, dp and ds
     bytes = layout.bytes;
   }
 };
@@ -337,19 +376,21 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     const TileOf tile = tile_of(w, pairs, T, R, causal);
     const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
-    Bf16* q = region<Bf16>(base, at.q);
-    float* s = region<float>(base, at.s);
+    Bf16* q = region<Bf16>(base, at.q_s);
+    float* s = region<float>(base, at.q_s);
     Bf16* p = region<Bf16>(base, at.p);
     float* o = region<float>(base, at.o);
     float* m = region<float>(base, at.m);
     float* l = region<float>(base, at.l);
     warp.lanes(R * HS, [&](Index i) { o[(i / HS) * ldo + i % HS] = 0.f; });
     warp.lanes(R, [&](Index r) { m[r] = -INFINITY, l[r] = 0.f; });
-    stage_head_rows<HS>(warp, q, R, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);
+    stage_head_rows<HS>(warp, q, R, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);  // lands with block 0
+    HeldRows<R, HS, typename D::Warp> q_held;
     const Index key_end = causal ? row0 + rows : T;
     over_key_blocks<HS, K>(warp, base, at.k, at.v, heads_of, qkv_all, ld_qkv, pair, key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
-      rows_times_rows<R, K, HS>(warp, s, lds, q, k, ldh);
+      if (kb == 0) hold_rows<R, HS>(warp, q_held, q, ldh);
+      held_times_rows<R, K, HS>(warp, s, lds, q_held, k, ldh);
       // Online softmax, one lane per query row: the new max, the old terms' factor, this block's probabilities.
       // Each lane walks its row from its own column (lane_order): in step, the lanes' rows would share banks.
       warp.lanes(R, [&](Index r) {
@@ -433,8 +474,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     float* dpt = region<float>(base, ks.dpt);
     Bf16* pt = region<Bf16>(base, ks.pt);
     Bf16* dst = region<Bf16>(base, ks.dst);
-    float* dk = region<float>(base, ks.dk);
-    float* dv = region<float>(base, ks.dv);
+    float* grad = region<float>(base, ks.grad);
     const auto queries_in = [&](Index qb) { return T - qb < kQueries ? T - qb : kQueries; };
     Accumulators<RK, HS, typename D::Warp> dk_acc, dv_acc;
     zero_accumulators<RK, HS>(warp, dk_acc);
@@ -470,11 +510,11 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       accumulate_in_registers<RK, kQueries, HS>(warp, dv_acc, pt, ld_pq, g, ldh);   // dv += P^T dout
       accumulate_in_registers<RK, kQueries, HS>(warp, dk_acc, dst, ld_pq, q, ldh);  // dk += dS^T q
     });
-    store_accumulators<RK, HS>(warp, dk, ldacc, dk_acc);
-    store_accumulators<RK, HS>(warp, dv, ldacc, dv_acc);
-    write_rows(warp, dk, ldacc, keys, HS, true,
+    store_accumulators<RK, HS>(warp, grad, ldacc, dk_acc);
+    write_rows(warp, grad, ldacc, keys, HS, true,
                    [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, add);
-    write_rows(warp, dv, ldacc, keys, HS, true,
+    store_accumulators<RK, HS>(warp, grad, ldacc, dv_acc);
+    write_rows(warp, grad, ldacc, keys, HS, true,
                    [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, add);
   });
 
@@ -543,7 +583,7 @@ bool fused_attention_fits(Index channels, Index heads, const Views&... views) {
 
 // qkv: [B*T, 3C] -> out: [B*T, C], lse: [B * heads * T] (float, device memory; pair-major as attention.hpp's att):
 // attention_forward's out, and lse[pair * T + t] = log sum_j exp(scale * s_tj) over the keys row t sees (scale =
-// 1 / sqrt(hs)), kept for the backward. Staging: 39 KB a warp at head size 64.
+// 1 / sqrt(hs)), kept for the backward. Staging: 34 KB a warp at head size 64 (its queries are held in registers).
 template <class S, class D>
 void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
                              MatrixView<S> out, float* lse) {
@@ -563,7 +603,7 @@ void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, I
 
 // dout: [B*T, C], qkv: [B*T, 3C], out and lse from fused_attention_forward -> dqkv: [B*T, 3C], added into (+=), as
 // attention_backward. Scratch: one float per query row (D = rowsum(dout * out), FlashAttention's identity for
-// rowsum(P * dP)). Staging: 42 KB (dk, dv) and 48 KB (dq) a warp at head size 64.
+// rowsum(P * dP)). Staging: 26 KB (dk, dv) and 39 KB (dq) a warp at head size 64.
 template <class S, class D>
 void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv,
                               ConstMatrixView<S> out, const float* lse, Index B, Index T, Index heads, bool causal,
