@@ -272,12 +272,14 @@ struct KeyStaging {
   }
 };
 
+// As the forward's, the query tile lands where the scores go (q_s) and goes into registers at the first block.
 struct QueryStaging {
-  std::size_t q, dout, lse, dsum, k[2], v[2], s, dp, ds, dq, bytes;
+  std::size_t q_s, dout, lse, dsum, k[2], v[2], dp, ds, dq, bytes;
   explicit QueryStaging(Index hs) {
     const Index rows = tile_rows(hs), keys = rows;
     StagingLayout layout;
-    q = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
+    q_s = layout.add(std::max(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16),
+                              std::size_t(rows * ld_floats(keys)) * sizeof(float)));
     dout = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     lse = layout.add(std::size_t(rows) * sizeof(float));
     dsum = layout.add(std::size_t(rows) * sizeof(float));
@@ -285,10 +287,9 @@ struct QueryStaging {
       k[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
       v[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
     }
-    s = layout.add(std::size_t(rows * ld_floats(keys)) * sizeof(float));
     dp = layout.add(std::size_t(rows * ld_floats(keys)) * sizeof(float));
     ds = layout.add(std::size_t(rows * ld_rows(keys)) * sizeof(Bf16));
-    dq = layout.overlay(s, std::size_t(rows * ld_floats(hs)) * sizeof(float));  // on its way out, over s, dp and ds
+    dq = layout.overlay(q_s, std::size_t(rows * ld_floats(hs)) * sizeof(float));  // on its way out, over the rest
     bytes = layout.bytes;
   }
 };
@@ -526,11 +527,11 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     const TileOf tile = tile_of(w, pairs, T, RQ, causal);
     const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
-    Bf16* q = region<Bf16>(base, qs.q);
+    Bf16* q = region<Bf16>(base, qs.q_s);
     Bf16* g = region<Bf16>(base, qs.dout);
     float* lse_q = region<float>(base, qs.lse);
     float* dsum_q = region<float>(base, qs.dsum);
-    float* s = region<float>(base, qs.s);
+    float* s = region<float>(base, qs.q_s);
     float* dp = region<float>(base, qs.dp);
     Bf16* ds = region<Bf16>(base, qs.ds);
     float* dq = region<float>(base, qs.dq);
@@ -540,12 +541,14 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     });
     Accumulators<RQ, HS, typename D::Warp> dq_acc;
     zero_accumulators<RQ, HS>(warp, dq_acc);
-    stage_head_rows<HS>(warp, q, RQ, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);
+    stage_head_rows<HS>(warp, q, RQ, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);  // q and dout land with block 0
     stage_head_rows<HS>(warp, g, RQ, rows, heads_of, dout_all, ld_dout, 0, pair, row0);
+    HeldRows<RQ, HS, typename D::Warp> q_held;
     const Index key_end = causal ? row0 + rows : T;
     over_key_blocks<HS, K>(warp, base, qs.k, qs.v, heads_of, qkv_all, ld_qkv, pair, key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
-      rows_times_rows<RQ, K, HS>(warp, s, ld_sk, q, k, ldh);   // S = q k^T
+      if (kb == 0) hold_rows<RQ, HS>(warp, q_held, q, ldh);
+      held_times_rows<RQ, K, HS>(warp, s, ld_sk, q_held, k, ldh);  // S = q k^T
       rows_times_rows<RQ, K, HS>(warp, dp, ld_sk, g, v, ldh);  // dP = dout v^T
       warp.lanes(RQ, [&](Index r) {  // one lane per query row: dS
         for (Index i = 0; i < K; ++i) {
@@ -603,7 +606,7 @@ void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, I
 
 // dout: [B*T, C], qkv: [B*T, 3C], out and lse from fused_attention_forward -> dqkv: [B*T, 3C], added into (+=), as
 // attention_backward. Scratch: one float per query row (D = rowsum(dout * out), FlashAttention's identity for
-// rowsum(P * dP)). Staging: 26 KB (dk, dv) and 39 KB (dq) a warp at head size 64.
+// rowsum(P * dP)). Staging: 26 KB (dk, dv) and 35 KB (dq) a warp at head size 64.
 template <class S, class D>
 void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv,
                               ConstMatrixView<S> out, const float* lse, Index B, Index T, Index heads, bool causal,
