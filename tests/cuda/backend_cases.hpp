@@ -373,8 +373,10 @@ void check_packs_change_no_bits() {
     return out;
   };
   struct Results {
-    std::vector<float> gathered, combined, d_rows, dweights, sum, filled, gelu, dgelu, glu, dglu;
+    std::vector<float> gathered, combined, d_rows, dweights, sum, filled, gelu, dgelu, glu, dglu, column_sums;
   };
+  const Index tall = 150;  // rows of the column sums: three chunks of moe::cuda::detail::kColumnSumChunk, one short
+  const auto tall_host = normal_values(std::size_t(tall * H), 9);
   const auto run = [&](bool shift) {
     const Index pad = shift ? 1 : 0;
     const auto upload = [&](const std::vector<float>& v, Index rows) {
@@ -405,9 +407,15 @@ void check_packs_change_no_bits() {
     backend.gelu_backward(view(x), view(dy), view(dgelu));
     backend.swiglu_forward(view(x), half(glu));
     backend.swiglu_backward(view(x), half(glu), view(dglu));  // glu's values as the incoming gradient
+    // A bias gradient: db (0.25 each) += the column sums of a [tall, H] matrix.
+    auto m = upload(tall_host, tall);
+    auto db = to_device<S>(backend, std::vector<float>(std::size_t(H), 0.25f), 1, H);
+    typename B::template Vector<moe::Compute<S>> partial;
+    B::resize(partial, moe::cuda::detail::column_sum_partials(tall, H));
+    moe::cuda::detail::add_column_sums(backend.device(), moe::ConstMatrixView<S>(view(m)), db.data(), partial.data());
     return Results{host(gathered), host(combined), host(d_rows), to_host<S>(backend, dweights.data(), T * k),
                    host(sum),      host(filled),   host(gelu),   host(dgelu),
-                   host(glu),      host(dglu)};
+                   host(glu),      host(dglu),     to_host<S>(backend, db.data(), H)};
   };
   const Results packed = run(false), single = run(true);
   // Copies and single operations: the same bits.
@@ -416,6 +424,16 @@ void check_packs_change_no_bits() {
   CHECK(packed.dweights == single.dweights);
   CHECK(packed.sum == single.sum);
   CHECK(packed.filled == single.filled);
+  CHECK(packed.column_sums == single.column_sums);
+  {  // and the right sums, against float64
+    std::vector<float> want(static_cast<std::size_t>(H));
+    for (Index c = 0; c < H; ++c) {
+      double total = 0;
+      for (Index r = 0; r < tall; ++r) total += double(S(tall_host[std::size_t(r * H + c)]));
+      want[std::size_t(c)] = float(0.25 + total);
+    }
+    CHECK(relative_error(packed.column_sums, want) < (std::is_same_v<S, float> ? 1e-5 : 1e-2));
+  }
   // Formulas: the same operations, but the compiler may fuse multiply-adds differently in the two loops (one rounding
   // apart in float, hence up to two bf16 steps).
   const double near = std::is_same_v<S, float> ? 1e-6 : 8e-3;
@@ -430,7 +448,7 @@ void check_packs_change_no_bits() {
   CHECK(std::all_of(packed.combined.begin(), packed.combined.end(), [](float v) { return std::isfinite(v); }));
 }
 
-TEST_CASE(CUDA_TEST_NAME("dispatch, combine, copy, add, fill, GELU, SwiGLU: 16-byte packs give the results of single elements")) {
+TEST_CASE(CUDA_TEST_NAME("dispatch, combine, copy, add, fill, GELU, SwiGLU, column sums: 16-byte packs give the results of single elements")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   check_packs_change_no_bits<float>();
   check_packs_change_no_bits<moe::bfloat16>();

@@ -26,6 +26,7 @@
 // host (detail::to_host does that for the tests).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -207,13 +208,33 @@ void add_column_sums(const D& device, std::span<ColumnSum<S, C>> sums, C* partia
     partial += sum.n;
   }
   using Sum = ColumnSum<S, C>;
-  for_each_tensor_unit(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index u, Index) {
-    const Index cols = s.m.cols, q = u / cols, c = u % cols;
-    const Index end = (q + 1) * kColumnSumChunk < s.m.rows ? (q + 1) * kColumnSumChunk : s.m.rows;
-    C total = 0;
-    for (Index r = q * kColumnSumChunk; r < end; ++r) total += C(s.m(r, c));
-    s.partial[u] = total;
-  });
+  // Where every matrix's rows go in 16-byte packs, a unit takes a pack of columns (one load a row for all of them,
+  // as LayerNorm's parameter gradients do): the same sums in the same row order, the same bits.
+  constexpr Index P = kPackSize<S>;
+  const bool packed = std::all_of(sums.begin(), sums.end(), [](const Sum& s) { return packable<S>(s.m.cols, s.m); });
+  if (packed) {
+    for (Sum& sum : sums) sum.n /= P;  // a unit per (chunk, pack of columns)
+    for_each_tensor_unit(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index u, Index) {
+      const Index cols = s.m.cols, packs = cols / P, q = u / packs, c0 = (u % packs) * P;
+      const Index end = (q + 1) * kColumnSumChunk < s.m.rows ? (q + 1) * kColumnSumChunk : s.m.rows;
+      C total[P] = {};
+      for (Index r = q * kColumnSumChunk; r < end; ++r) {
+        const Pack<S> v = load_pack(&s.m(r, c0));
+        MOE_UNROLL
+        for (Index i = 0; i < P; ++i) total[i] += C(v.v[i]);
+      }
+      MOE_UNROLL
+      for (Index i = 0; i < P; ++i) s.partial[q * cols + c0 + i] = total[i];
+    });
+  } else {
+    for_each_tensor_unit(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index u, Index) {
+      const Index cols = s.m.cols, q = u / cols, c = u % cols;
+      const Index end = (q + 1) * kColumnSumChunk < s.m.rows ? (q + 1) * kColumnSumChunk : s.m.rows;
+      C total = 0;
+      for (Index r = q * kColumnSumChunk; r < end; ++r) total += C(s.m(r, c));
+      s.partial[u] = total;
+    });
+  }
   for (Sum& sum : sums) sum.n = sum.n > 0 ? sum.m.cols : 0;  // now one unit per column
   for_each_tensor_element(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index c) {
     const Index cols = s.m.cols, chunks = (s.m.rows + kColumnSumChunk - 1) / kColumnSumChunk;
