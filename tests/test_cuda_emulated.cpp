@@ -2,7 +2,10 @@
 // launch size, dispatch step and GEMM mapping, run on the host (every CI run, ASan included).
 // tests/cuda/test_cuda_backend.cu runs the same cases on a GPU.
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <numeric>
+#include <random>
 #include <span>
 
 #include "cuda/emulated_test_device.hpp"
@@ -32,6 +35,20 @@ TEST_CASE("cuda backend: routing workspace bytes per token follow the documented
   // k = 2, bf16: 2 * (7 * 4 + 2 * 2) + 1 status byte; k = 1, fp32: 7 * 4 + 2 * 4 + 1
   CHECK(moe::cuda::BasicBackend<moe::bfloat16, moe::cuda::EmulatedDevice>::routing_bytes_per_token(2) == 65);
   CHECK(moe::cuda::BasicBackend<float, moe::cuda::EmulatedDevice>::routing_bytes_per_token(1) == 37);
+}
+
+TEST_CASE("cuda: sum_in_order (a column's partials, fetched eight at a time) has the plain loop's bits") {
+  std::mt19937_64 rng(77);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<float> values(100);
+  for (float& v : values) v = float(std::ldexp(normal(rng), int(rng() % 40) - 20));  // magnitudes that round apart
+  for (const moe::Index n : {0, 1, 7, 8, 9, 16, 17, 63, 100}) {
+    CAPTURE(n);
+    float plain = 0;
+    for (moe::Index i = 0; i < n; ++i) plain += values[std::size_t(i)];
+    const float batched = moe::cuda::sum_in_order<float>(n, [&](moe::Index i) { return values[std::size_t(i)]; });
+    CHECK(std::memcmp(&plain, &batched, sizeof(float)) == 0);
+  }
 }
 
 // ---- the emulated device fails where a GPU would ----------------------------------------------

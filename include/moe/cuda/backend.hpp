@@ -218,11 +218,11 @@ void add_column_sums(const D& device, std::span<ColumnSum<S, C>> sums, C* partia
       const Index cols = s.m.cols, packs = cols / P, q = u / packs, c0 = (u % packs) * P;
       const Index end = (q + 1) * kColumnSumChunk < s.m.rows ? (q + 1) * kColumnSumChunk : s.m.rows;
       C total[P] = {};
-      for (Index r = q * kColumnSumChunk; r < end; ++r) {
-        const Pack<S> v = load_pack(&s.m(r, c0));
-        MOE_UNROLL
-        for (Index i = 0; i < P; ++i) total[i] += C(v.v[i]);
-      }
+      fetch_in_batches<8>(q * kColumnSumChunk, end, [&](Index r) { return load_pack(&s.m(r, c0)); },
+                          [&](const Pack<S>& v) {
+                            MOE_UNROLL
+                            for (Index i = 0; i < P; ++i) total[i] += C(v.v[i]);
+                          });
       MOE_UNROLL
       for (Index i = 0; i < P; ++i) s.partial[q * cols + c0 + i] = total[i];
     });
@@ -238,8 +238,7 @@ void add_column_sums(const D& device, std::span<ColumnSum<S, C>> sums, C* partia
   for (Sum& sum : sums) sum.n = sum.n > 0 ? sum.m.cols : 0;  // now one unit per column
   for_each_tensor_element(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index c) {
     const Index cols = s.m.cols, chunks = (s.m.rows + kColumnSumChunk - 1) / kColumnSumChunk;
-    C total = 0;
-    for (Index q = 0; q < chunks; ++q) total += s.partial[q * cols + c];
+    const C total = sum_in_order<C>(chunks, [&](Index q) { return s.partial[q * cols + c]; });
     s.db[c] = S(C(s.db[c]) + total);
   });
 }
@@ -826,9 +825,7 @@ class BasicBackend {
       partial[q * cols + c] = sum;
     });
     device_.for_each(cols, [=] MOE_HOST_DEVICE(Index c) {
-      double sum = 0;
-      for (Index q = 0; q < chunks; ++q) sum += partial[q * cols + c];
-      column[c] = sum;
+      column[c] = sum_in_order<double>(chunks, [&](Index q) { return partial[q * cols + c]; });
     });
     const double tm = double(counted), choices = double(counted * k);
     device_.for_each(1, [=] MOE_HOST_DEVICE(Index) {

@@ -339,6 +339,31 @@ inline void check_warp_staging(std::size_t bytes) {
         " a GPU gives");
 }
 
+// use(load(i)) for i = begin, ..., end - 1 in that order, the loads issued Batch at a time before their uses: one
+// thread walking a long column (a chunk of rows, a column's partials) keeps Batch loads in flight instead of waiting
+// on each in turn. The uses run in the plain loop's order, so sums keep its bits.
+template <Index Batch, class Load, class Use>
+MOE_HOST_DEVICE void fetch_in_batches(Index begin, Index end, Load load, Use use) {
+  using Item = decltype(load(begin));
+  Index i = begin;
+  for (; i + Batch <= end; i += Batch) {
+    Item items[Batch];
+    MOE_UNROLL
+    for (Index j = 0; j < Batch; ++j) items[j] = load(i + j);
+    MOE_UNROLL
+    for (Index j = 0; j < Batch; ++j) use(items[j]);
+  }
+  for (; i < end; ++i) use(load(i));
+}
+
+// f(0) + f(1) + ... + f(n - 1) in T, added in that order (the plain loop's bits), fetched eight at a time.
+template <class T, class F>
+MOE_HOST_DEVICE T sum_in_order(Index n, F f) {
+  T total = 0;
+  fetch_in_batches<8>(0, n, f, [&](T term) { total += term; });
+  return total;
+}
+
 // *target += value with an atomic on the GPU. Only integers: integer sums do not depend on the
 // order of the additions, so counts stay deterministic.
 template <class I>

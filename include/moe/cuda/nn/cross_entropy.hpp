@@ -143,8 +143,7 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   });
   const double count = double(valid);
   device.for_each(1, [=] MOE_HOST_DEVICE(Index) {
-    double s = 0;
-    for (Index q = 0; q < chunks; ++q) s += partial[q];
+    const double s = sum_in_order<double>(chunks, [&](Index q) { return partial[q]; });
     *mean = count > 0 ? s / count : 0.0;
   });
   double result = 0;

@@ -145,14 +145,19 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
       Cm dw[P], db[P];
       MOE_UNROLL
       for (Index i = 0; i < P; ++i) dw[i] = 0, db[i] = 0;
-      for (Index t = begin; t < end; ++t) {
-        const Pack<S> d = load_pack(&dout(t, c0)), xs = load_pack(&x(t, c0));
-        MOE_UNROLL
-        for (Index i = 0; i < P; ++i) {
-          dw[i] = std::fma(Cm(d.v[i]), (Cm(xs.v[i]) - mean[t]) * rstd[t], dw[i]);
-          db[i] += Cm(d.v[i]);
-        }
-      }
+      struct RowTerms {  // one row's packs and statistics, fetched four rows at a time
+        Pack<S> d, xs;
+        Cm mean, rstd;
+      };
+      fetch_in_batches<4>(
+          begin, end, [&](Index t) { return RowTerms{load_pack(&dout(t, c0)), load_pack(&x(t, c0)), mean[t], rstd[t]}; },
+          [&](const RowTerms& v) {
+            MOE_UNROLL
+            for (Index i = 0; i < P; ++i) {
+              dw[i] = std::fma(Cm(v.d.v[i]), (Cm(v.xs.v[i]) - v.mean) * v.rstd, dw[i]);
+              db[i] += Cm(v.d.v[i]);
+            }
+          });
       MOE_UNROLL
       for (Index i = 0; i < P; ++i) {
         partial[q * C + c0 + i] = dw[i];
@@ -174,11 +179,8 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
     });
   }
   device.for_each(C, [=] MOE_HOST_DEVICE(Index c) {
-    Cm dw = 0, db = 0;
-    for (Index q = 0; q < chunks; ++q) {
-      dw += partial[q * C + c];
-      db += partial[(chunks + q) * C + c];
-    }
+    const Cm dw = sum_in_order<Cm>(chunks, [&](Index q) { return partial[q * C + c]; });
+    const Cm db = sum_in_order<Cm>(chunks, [&](Index q) { return partial[(chunks + q) * C + c]; });
     if (dweight) dweight[c] = S(Cm(dweight[c]) + dw);
     if (dbias) dbias[c] = S(Cm(dbias[c]) + db);
   });
