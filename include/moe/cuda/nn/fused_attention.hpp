@@ -70,10 +70,11 @@ using Heads = attention_detail::PairBases<Bf16>;
 
 // The tile products, their sizes compile-time constants so that the loops unroll and a register array of tiles is
 // indexed by constants.
-// out[Rows, Cols] = A[Rows, HS] B[Cols, HS]^T, B a staged block of rows, transposed (scores q k^T, dP = dout v^T, and
-// their transposes); with_a(i, d, f) calls f with A's tile at rows i, columns d (loaded from the staging, or held).
-template <Index Rows, Index Cols, Index HS, class Warp, class WithA>
-MOE_HOST_DEVICE void times_rows(const Warp& warp, float* out, Index ld_out, WithA with_a, const Bf16* b, Index ld) {
+// out[Rows, Cols] = A[Rows, HS] B[Cols, HS]^T: a staged tile of rows times a staged block of rows, transposed (the
+// backward's S^T = k q^T and dP^T = v dout^T, dq's dP = dout v^T).
+template <Index Rows, Index Cols, Index HS, class Warp>
+MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out, const Bf16* a, const Bf16* b,
+                                     Index ld) {
   MOE_UNROLL
   for (Index i = 0; i < Rows; i += kTile) {
     MOE_UNROLL
@@ -82,31 +83,19 @@ MOE_HOST_DEVICE void times_rows(const Warp& warp, float* out, Index ld_out, With
       warp.fill(acc, 0.f);
       MOE_UNROLL
       for (Index d = 0; d < HS; d += kTile) {
+        typename Warp::ARows at;
         typename Warp::BCols bt;
+        warp.load_a(at, a + i * ld + d, ld);
         warp.load_bt(bt, b + j * ld + d, ld);
-        with_a(i, d, [&](const typename Warp::ARows& at) { warp.mma(acc, at, bt); });
+        warp.mma(acc, at, bt);
       }
       warp.store_acc(out + i * ld_out + j, ld_out, acc);
     }
   }
 }
 
-// A a staged tile of rows.
-template <Index Rows, Index Cols, Index HS, class Warp>
-MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out, const Bf16* a, const Bf16* b,
-                                     Index ld) {
-  times_rows<Rows, Cols, HS>(
-      warp, out, ld_out,
-      [&](Index i, Index d, auto f) {
-        typename Warp::ARows at;
-        warp.load_a(at, a + i * ld + d, ld);
-        f(at);
-      },
-      b, ld);
-}
-
-// A tile of rows [Rows, HS] held in registers as tensor-core A operands across blocks (the forward's queries: loaded
-// once, not once per key block): held[(i / 16) * (HS / 16) + d / 16] is the tile at rows i, columns d.
+// A tile of rows [Rows, HS] held in registers as tensor-core A operands across blocks (the queries of the forward and
+// of dq: loaded once, not once per key block): held[(i / 16) * (HS / 16) + d / 16] is the tile at rows i, columns d.
 template <Index Rows, Index HS, class Warp>
 using HeldRows = typename Warp::ARows[(Rows / kTile) * (HS / kTile)];
 template <Index Rows, Index HS, class Warp>
@@ -118,39 +107,69 @@ MOE_HOST_DEVICE void hold_rows(const Warp& warp, HeldRows<Rows, HS, Warp>& held,
   }
   warp.sync();  // every lane has read the tile before any lane writes over it
 }
+// rows_times_rows with A held, B's fragments of a column tile loaded once for every row tile (the stores of the
+// products between would keep the compiler from sharing them).
 template <Index Rows, Index Cols, Index HS, class Warp>
 MOE_HOST_DEVICE void held_times_rows(const Warp& warp, float* out, Index ld_out, const HeldRows<Rows, HS, Warp>& held,
                                      const Bf16* b, Index ld) {
-  times_rows<Rows, Cols, HS>(
-      warp, out, ld_out, [&](Index i, Index d, auto f) { f(held[(i / kTile) * (HS / kTile) + d / kTile]); }, b, ld);
-}
-
-// One 16 x 16 tile of P V: acc += P[16, Depth] V[Depth, 16], p and v at the tile's first row and column.
-template <Index Depth, class Warp>
-MOE_HOST_DEVICE void accumulate_tile(const Warp& warp, typename Warp::Acc& acc, const Bf16* p, Index ld_p,
-                                     const Bf16* v, Index ld) {
   MOE_UNROLL
-  for (Index j = 0; j < Depth; j += kTile) {
-    typename Warp::ARows at;
-    typename Warp::BRows bv;
-    warp.load_a(at, p + j, ld_p);
-    warp.load_b(bv, v + j * ld, ld);
-    warp.mma(acc, at, bv);
+  for (Index j = 0; j < Cols; j += kTile) {
+    typename Warp::BCols bt[HS / kTile];
+    MOE_UNROLL
+    for (Index d = 0; d < HS; d += kTile) warp.load_bt(bt[d / kTile], b + j * ld + d, ld);
+    MOE_UNROLL
+    for (Index i = 0; i < Rows; i += kTile) {
+      typename Warp::Acc acc;
+      warp.fill(acc, 0.f);
+      MOE_UNROLL
+      for (Index d = 0; d < HS; d += kTile) warp.mma(acc, held[(i / kTile) * (HS / kTile) + d / kTile], bt[d / kTile]);
+      warp.store_acc(out + i * ld_out + j, ld_out, acc);
+    }
   }
 }
 
-// acc[Rows, HS] += P[Rows, Depth] V[Depth, HS]: P a staged bf16 tile (probabilities, dS), V a staged block of rows (v,
-// dout, q, k); acc a staged float tile (the forward's out, rescaled between blocks).
+// One 16-row tile of P as the A operand of P V: its Depth / 16 fragments, loaded once and used for every column tile
+// of V (not once per column tile).
+template <Index Depth, class Warp>
+using RowTileOfP = typename Warp::ARows[Depth / kTile];
+template <Index Depth, class Warp>
+MOE_HOST_DEVICE void load_row_tile(const Warp& warp, RowTileOfP<Depth, Warp>& a, const Bf16* p, Index ld_p) {
+  MOE_UNROLL
+  for (Index j = 0; j < Depth; j += kTile) warp.load_a(a[j / kTile], p + j, ld_p);
+}
+
+// One 16 x 16 tile of P V: acc += P[16, Depth] V[Depth, 16], the row tile of P loaded, v at the tile's first column.
+template <Index Depth, class Warp>
+MOE_HOST_DEVICE void accumulate_tile(const Warp& warp, typename Warp::Acc& acc, const RowTileOfP<Depth, Warp>& a,
+                                     const Bf16* v, Index ld) {
+  MOE_UNROLL
+  for (Index j = 0; j < Depth; j += kTile) {
+    typename Warp::BRows bv;
+    warp.load_b(bv, v + j * ld, ld);
+    warp.mma(acc, a[j / kTile], bv);
+  }
+}
+
+// acc[Rows, HS] += P[Rows, Depth] V[Depth, HS]: P a staged bf16 tile (the forward's probabilities), V a staged block
+// of rows (v); acc a staged float tile (the forward's out, rescaled between blocks). Each fragment of P and of V is
+// loaded once (the stores of acc between products would keep the compiler from sharing them).
 template <Index Rows, Index Depth, Index HS, class Warp>
 MOE_HOST_DEVICE void accumulate_product(const Warp& warp, float* acc_tile, Index ld_acc, const Bf16* p, Index ld_p,
                                         const Bf16* v, Index ld) {
+  RowTileOfP<Depth, Warp> a[Rows / kTile];
   MOE_UNROLL
-  for (Index i = 0; i < Rows; i += kTile) {
+  for (Index i = 0; i < Rows; i += kTile) load_row_tile<Depth>(warp, a[i / kTile], p + i * ld_p, ld_p);
+  MOE_UNROLL
+  for (Index d = 0; d < HS; d += kTile) {
+    typename Warp::BRows bv[Depth / kTile];
     MOE_UNROLL
-    for (Index d = 0; d < HS; d += kTile) {
+    for (Index j = 0; j < Depth; j += kTile) warp.load_b(bv[j / kTile], v + j * ld + d, ld);
+    MOE_UNROLL
+    for (Index i = 0; i < Rows; i += kTile) {
       typename Warp::Acc acc;
       warp.load_acc(acc, acc_tile + i * ld_acc + d, ld_acc);
-      accumulate_tile<Depth>(warp, acc, p + i * ld_p, ld_p, v + d, ld);
+      MOE_UNROLL
+      for (Index j = 0; j < Depth; j += kTile) warp.mma(acc, a[i / kTile][j / kTile], bv[j / kTile]);
       warp.store_acc(acc_tile + i * ld_acc + d, ld_acc, acc);
     }
   }
@@ -165,9 +184,11 @@ MOE_HOST_DEVICE void accumulate_in_registers(const Warp& warp, Accumulators<Rows
                                              Index ld_p, const Bf16* v, Index ld) {
   MOE_UNROLL
   for (Index i = 0; i < Rows; i += kTile) {
+    RowTileOfP<Depth, Warp> a;
+    load_row_tile<Depth>(warp, a, p + i * ld_p, ld_p);
     MOE_UNROLL
     for (Index d = 0; d < HS; d += kTile)
-      accumulate_tile<Depth>(warp, acc[(i / kTile) * (HS / kTile) + d / kTile], p + i * ld_p, ld_p, v + d, ld);
+      accumulate_tile<Depth>(warp, acc[(i / kTile) * (HS / kTile) + d / kTile], a, v + d, ld);
   }
 }
 
