@@ -107,25 +107,39 @@ MOE_HOST_DEVICE void hold_rows(const Warp& warp, HeldRows<Rows, HS, Warp>& held,
   }
   warp.sync();  // every lane has read the tile before any lane writes over it
 }
-// rows_times_rows with A held, B's fragments of a column tile loaded once for every row tile (the stores of the
-// products between would keep the compiler from sharing them).
-template <Index Rows, Index Cols, Index HS, class Warp>
-MOE_HOST_DEVICE void held_times_rows(const Warp& warp, float* out, Index ld_out, const HeldRows<Rows, HS, Warp>& held,
-                                     const Bf16* b, Index ld) {
+// out[Rows, Cols] (= when Accumulate is false, else +=) A[Rows, Depth] B[Depth, Cols] in 16 x 16 tiles, A's fragments
+// in registers (a(i, d): the tile at rows i, depth d) and B's of a column tile loaded once for every row tile
+// (load_b(b, c, d): the tile at depth d, columns c): the stores of out between products would keep the compiler from
+// sharing those loads.
+template <Index Rows, Index Cols, Index Depth, bool Accumulate, class BTile, class Warp, class ATile, class LoadB>
+MOE_HOST_DEVICE void held_product(const Warp& warp, float* out, Index ld_out, ATile a, LoadB load_b) {
   MOE_UNROLL
-  for (Index j = 0; j < Cols; j += kTile) {
-    typename Warp::BCols bt[HS / kTile];
+  for (Index c = 0; c < Cols; c += kTile) {
+    BTile b[Depth / kTile];
     MOE_UNROLL
-    for (Index d = 0; d < HS; d += kTile) warp.load_bt(bt[d / kTile], b + j * ld + d, ld);
+    for (Index d = 0; d < Depth; d += kTile) load_b(b[d / kTile], c, d);
     MOE_UNROLL
     for (Index i = 0; i < Rows; i += kTile) {
       typename Warp::Acc acc;
-      warp.fill(acc, 0.f);
+      if constexpr (Accumulate)
+        warp.load_acc(acc, out + i * ld_out + c, ld_out);
+      else
+        warp.fill(acc, 0.f);
       MOE_UNROLL
-      for (Index d = 0; d < HS; d += kTile) warp.mma(acc, held[(i / kTile) * (HS / kTile) + d / kTile], bt[d / kTile]);
-      warp.store_acc(out + i * ld_out + j, ld_out, acc);
+      for (Index d = 0; d < Depth; d += kTile) warp.mma(acc, a(i, d), b[d / kTile]);
+      warp.store_acc(out + i * ld_out + c, ld_out, acc);
     }
   }
+}
+
+// rows_times_rows with A held: the scores of the forward and of dq, q k^T.
+template <Index Rows, Index Cols, Index HS, class Warp>
+MOE_HOST_DEVICE void held_times_rows(const Warp& warp, float* out, Index ld_out, const HeldRows<Rows, HS, Warp>& held,
+                                     const Bf16* b, Index ld) {
+  held_product<Rows, Cols, HS, false, typename Warp::BCols>(
+      warp, out, ld_out,
+      [&](Index i, Index d) -> const typename Warp::ARows& { return held[(i / kTile) * (HS / kTile) + d / kTile]; },
+      [&](typename Warp::BCols& bt, Index c, Index d) { warp.load_bt(bt, b + c * ld + d, ld); });
 }
 
 // One 16-row tile of P as the A operand of P V: its Depth / 16 fragments, loaded once and used for every column tile
@@ -152,27 +166,17 @@ MOE_HOST_DEVICE void accumulate_tile(const Warp& warp, typename Warp::Acc& acc, 
 
 // acc[Rows, HS] += P[Rows, Depth] V[Depth, HS]: P a staged bf16 tile (the forward's probabilities), V a staged block
 // of rows (v); acc a staged float tile (the forward's out, rescaled between blocks). Each fragment of P and of V is
-// loaded once (the stores of acc between products would keep the compiler from sharing them).
+// loaded once.
 template <Index Rows, Index Depth, Index HS, class Warp>
 MOE_HOST_DEVICE void accumulate_product(const Warp& warp, float* acc_tile, Index ld_acc, const Bf16* p, Index ld_p,
                                         const Bf16* v, Index ld) {
   RowTileOfP<Depth, Warp> a[Rows / kTile];
   MOE_UNROLL
   for (Index i = 0; i < Rows; i += kTile) load_row_tile<Depth>(warp, a[i / kTile], p + i * ld_p, ld_p);
-  MOE_UNROLL
-  for (Index d = 0; d < HS; d += kTile) {
-    typename Warp::BRows bv[Depth / kTile];
-    MOE_UNROLL
-    for (Index j = 0; j < Depth; j += kTile) warp.load_b(bv[j / kTile], v + j * ld + d, ld);
-    MOE_UNROLL
-    for (Index i = 0; i < Rows; i += kTile) {
-      typename Warp::Acc acc;
-      warp.load_acc(acc, acc_tile + i * ld_acc + d, ld_acc);
-      MOE_UNROLL
-      for (Index j = 0; j < Depth; j += kTile) warp.mma(acc, a[i / kTile][j / kTile], bv[j / kTile]);
-      warp.store_acc(acc_tile + i * ld_acc + d, ld_acc, acc);
-    }
-  }
+  held_product<Rows, HS, Depth, true, typename Warp::BRows>(
+      warp, acc_tile, ld_acc,
+      [&](Index i, Index j) -> const typename Warp::ARows& { return a[i / kTile][j / kTile]; },
+      [&](typename Warp::BRows& bv, Index c, Index j) { warp.load_b(bv, v + j * ld + c, ld); });
 }
 
 // The same product into tiles held in the warp's registers across blocks (dq, dk, dv: nothing rescales them, so no
