@@ -23,6 +23,17 @@
 //                      queued per timed iteration, so launch latency is hidden: the strictest floor.
 //                      (Its minimum time is fixed at 0.1 s of GPU time: --benchmark_min_time
 //                      would cost ten times its value in wall time here.)
+//   expert_gemm        (bf16, GPT-2's H=768, F=3072) one expert's products over a block of R rows,
+//                      alone, through the layer's own path (CudaDevice::gemm with a varying shape:
+//                      cuBLASLt, a plan per size bucket), named expert_gemm/<product>_R<rows>/bf16:
+//                        gelu_fwd   act = gelu(x W1^T + b1), pre kept  (the layer's first product: TN, GELU_AUX_BIAS)
+//                        bias_fwd   y = act W2^T + b2                  (its second: TN, BIAS)
+//                        dgelu_nn   din = (dy W2) * gelu'(pre)         (its backward through the GELU: NN, DGELU)
+//                        dgelu_tn   the same from W2's transpose [F, H] (TN, DGELU: a layout the layer could keep)
+//                        plain_nn, plain_tn   dy W2 without the epilogue, in the two layouts
+//                      The first H200 profile ran the DGELU products at ~340 TFLOP/s on an older
+//                      kernel family (sm90_xmma) against ~430-600 for the others; these rows say
+//                      whether the layout or the epilogue is the cause, before the layer is changed.
 //   routing_dispatch   everything of the SelfRoute forward around the expert bank: backend.route
 //                      (top-k, softmax, dispatch; ends with the forward's one host sync),
 //                      gather_rows and combine, on the SelfRoute logits view of x
@@ -63,6 +74,7 @@ constexpr std::uint64_t kLayerSeed = 1234;
 constexpr std::uint64_t kInputSeed = 42;
 constexpr int kFloorBatch = 10;            // floor calls per timed iteration
 constexpr double kFloorMinTime = 0.1;      // seconds of (manual) time per floor repetition
+constexpr double kExpertGemmMinTime = 0.02;  // the same for expert_gemm's rows (12 of them: ~0.2 s of wall time each)
 constexpr int kMinWarmupRuns = 3;          // the first run sizes every buffer and picks cuBLAS kernels
 constexpr double kMinWarmupSeconds = 0.1;  // and long enough for the clocks to settle
 constexpr int kHostTimedCalls = 5;         // calls with their host calls timed, after the timed loop
@@ -307,6 +319,80 @@ void bm_floor(benchmark::State& state, const Shape& s, const Precision& p) {
   });
 }
 
+// ---- one expert's products alone, by layout and epilogue ---------------------------------------
+
+enum class ExpertProduct { gelu_fwd, bias_fwd, dgelu_nn, dgelu_tn, plain_nn, plain_tn };
+
+struct ExpertGemmCase {
+  const char* name;
+  ExpertProduct product;
+};
+const ExpertGemmCase kExpertGemmCases[] = {
+    {"gelu_fwd", ExpertProduct::gelu_fwd}, {"bias_fwd", ExpertProduct::bias_fwd}, {"dgelu_nn", ExpertProduct::dgelu_nn},
+    {"dgelu_tn", ExpertProduct::dgelu_tn}, {"plain_nn", ExpertProduct::plain_nn}, {"plain_tn", ExpertProduct::plain_tn}};
+// An expert's rows in a GPT-2-small step (8 x 1024 tokens, top-2, 8 experts, balanced) and in
+// issue 5's T = 16384 layer.
+const Index kExpertGemmRows[] = {2048, 4096};
+
+void bm_expert_gemm(benchmark::State& state, ExpertProduct product, Index R) {
+  guarded(state, [&] {
+    using B = moe::cuda::BackendBF16;
+    using S = B::Scalar;
+    using moe::cuda::BlasOp;
+    using moe::cuda::Epilogue;
+    using moe::cuda::detail::Shape;
+    const B be = make_backend<B>(kBF16);
+    const Index H = kGpt2Large.H, F = kGpt2Large.F;
+    // Weights in the layer's layouts (nn.Linear's [out, in]) and W2's transpose; inputs N(0, 1).
+    B::Matrix x(R, H), w1(F, H), b1(1, F), act(R, F), pre(R, F), w2(H, F), w2t(F, H), b2(1, H), y(R, H), dy(R, H),
+        din(R, F);
+    be.fill_normal(x, 1.0, kInputSeed, 20);
+    be.fill_normal(w1, 0.02, kInputSeed, 21);
+    be.fill_normal(b1, 0.02, kInputSeed, 22);
+    be.fill_normal(act, 1.0, kInputSeed, 23);
+    be.fill_normal(pre, 1.0, kInputSeed, 24);
+    be.fill_normal(w2, 0.02, kInputSeed, 25);
+    be.fill_normal(w2t, 0.02, kInputSeed, 26);
+    be.fill_normal(b2, 0.02, kInputSeed, 27);
+    be.fill_normal(dy, 1.0, kInputSeed, 28);
+    const auto& device = be.device();
+    const auto v = [](B::Matrix& m) { return moe::MatrixView<S>(m); };
+    const auto cv = [](B::Matrix& m) { return moe::ConstMatrixView<S>(moe::MatrixView<S>(m)); };
+    const double seconds = timed_loop(state, kFloorBatch, [&] {
+      switch (product) {
+        case ExpertProduct::gelu_fwd:
+          moe::cuda::detail::gemm_epilogue(device, v(act), cv(x), cv(w1), BlasOp::transpose,
+                                           Epilogue::bias_gelu, b1.data(), v(pre), Shape::varies);
+          break;
+        case ExpertProduct::bias_fwd:
+          moe::cuda::detail::gemm_epilogue(device, v(y), cv(act), cv(w2), BlasOp::transpose, Epilogue::bias,
+                                           b2.data(), moe::MatrixView<S>{}, Shape::varies);
+          break;
+        case ExpertProduct::dgelu_nn:
+        case ExpertProduct::dgelu_tn: {
+          const bool tn = product == ExpertProduct::dgelu_tn;
+          moe::cuda::detail::gemm_epilogue(device, v(din), cv(dy), tn ? cv(w2t) : cv(w2),
+                                           tn ? BlasOp::transpose : BlasOp::none, Epilogue::dgelu,
+                                           static_cast<const S*>(nullptr), v(pre), Shape::varies);
+          break;
+        }
+        case ExpertProduct::plain_nn:
+        case ExpertProduct::plain_tn: {
+          const bool tn = product == ExpertProduct::plain_tn;
+          moe::cuda::detail::gemm(device, v(din), cv(dy), BlasOp::none, tn ? cv(w2t) : cv(w2),
+                                  tn ? BlasOp::transpose : BlasOp::none, false, Shape::varies);
+          break;
+        }
+      }
+    });
+    if (seconds > 0) {
+      state.counters["TFLOP/s"] = 2.0 * double(R) * double(H) * double(F) / seconds / 1e12;
+      state.counters["lt_fallbacks"] = double(device.lt_fallbacks());  // > 0: cuBLASLt declined, cuBLAS + a pass ran
+    }
+    state.SetLabel("R=" + std::to_string(R) + " H=" + std::to_string(H) + " F=" + std::to_string(F));
+  });
+}
+
 // ---- registration ------------------------------------------------------------------------------
 
 template <class Fn>
@@ -362,6 +448,15 @@ int main(int argc, char** argv) {
     add_all<moe::GeluMLP, Backend>(*s, kTF32);
   }
   add_all<moe::SwiGLU, BackendBF16>(kMixtral, kBF16);
+  for (const ExpertGemmCase& c : kExpertGemmCases)
+    for (const Index R : kExpertGemmRows) {
+      const std::string name = std::string("expert_gemm/") + c.name + "_R" + std::to_string(R) + "/bf16";
+      const ExpertProduct product = c.product;
+      benchmark::RegisterBenchmark(name.c_str(), [product, R](benchmark::State& st) { bm_expert_gemm(st, product, R); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond)
+          ->MinTime(kExpertGemmMinTime);
+    }
 
   // Without a device the benchmarks still list (--benchmark_list_tests) and each one reports the
   // CUDA error it gets; the exit status 77 (skipped, as moe_cuda_tests') says the run measured nothing.

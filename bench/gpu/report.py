@@ -90,6 +90,42 @@ def print_host_calls(hosts):
     print()
 
 
+# bench_moe_cuda's expert_gemm rows: GPT-2's H and F; the products in the order they are listed.
+EXPERT_GEMM_H, EXPERT_GEMM_F = 768, 3072
+EXPERT_GEMM_PRODUCTS = ["gelu_fwd", "bias_fwd", "dgelu_nn", "dgelu_tn", "plain_nn", "plain_tn"]
+
+
+def print_expert_gemms(times, errors):
+    """One expert's products alone (expert_gemm/<product>_R<rows>/bf16): us and TFLOP/s from the median time."""
+    found = {}
+    for (what, case, prec), ms in times.items():
+        product, _, rows = case.rpartition("_R")
+        if what == "expert_gemm" and prec == "bf16" and rows.isdigit():
+            found[(product, int(rows))] = ms
+    failed = {case: message for (what, case, _), message in errors.items() if what == "expert_gemm"}
+    if not found and not failed:
+        return
+    all_rows = sorted({r for _, r in found})
+    order = {p: i for i, p in enumerate(EXPERT_GEMM_PRODUCTS)}
+    rows = []
+    for product in sorted({p for p, _ in found}, key=lambda p: (order.get(p, len(order)), p)):
+        cells = [product]
+        for r in all_rows:
+            ms = found.get((product, r))
+            flops = 2.0 * r * EXPERT_GEMM_H * EXPERT_GEMM_F
+            cells += ["-", "-"] if ms is None else [f"{1000 * ms:.1f}", f"{flops / (ms * 1e-3) / 1e12:.0f}"]
+        rows.append(cells)
+    print(f"One expert's products alone, bf16, H={EXPERT_GEMM_H} F={EXPERT_GEMM_F} (median us and TFLOP/s; "
+          "nn / tn: W2 as the layer keeps it, [H, F], or its transpose):")
+    print()
+    print(table(["product"] + [f"{h} R={r}" for r in all_rows for h in ("us", "TFLOP/s")], rows))
+    print()
+    for case, message in sorted(failed.items()):
+        print(f"- bench_moe_cuda expert_gemm/{case}/bf16: {message}")
+    if failed:
+        print()
+
+
 def load_torch(path):
     if not path:
         return {}
@@ -236,6 +272,9 @@ def main(argv):
         print()
         print(table(["shape", "prec", "fwd, 1 lane", "fwd", "gain", "fwd+bwd, 1 lane", "fwd+bwd", "gain"], rows))
         print()
+
+    # ---- one expert's products alone ----
+    print_expert_gemms(times, errors)
 
     # ---- the targets, last ----
     passed = failed = missing = 0

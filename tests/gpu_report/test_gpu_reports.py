@@ -73,6 +73,14 @@ def moe_json(errors=()):
                                 "host_sort_ms": 0.01, "host_sort_calls": 1, "host_upload_ms": 0.0,
                                 "host_upload_calls": 0, "host_wait_ms": 0.11, "host_wait_calls": 1}
                 benchmarks += gbench_records(name, [base, 1.02 * base, 1.3 * base], counters, error=error)
+    # One expert's products alone (us as Google Benchmark writes them with Unit(kMicrosecond)).
+    for product, us in (("gelu_fwd", 40.0), ("dgelu_nn", 60.0), ("dgelu_tn", 30.0)):
+        for rows, scale in ((2048, 1.0), (4096, 2.0)):
+            name = f"expert_gemm/{product}_R{rows}/bf16/min_time:0.100/manual_time"
+            records = gbench_records(name, [us * scale] * 3)
+            for record in records:
+                record["time_unit"] = "us"
+            benchmarks += records
     return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200", "gpu_sm": "9.0", "cuda_runtime": "13000"},
             "benchmarks": benchmarks}
 
@@ -176,6 +184,11 @@ def main():
             fail(f"the lanes table lists a precision without its 1-lane rows:\n{out}")
         expect(out, "| moe_fwd/gpt2_T16384/bf16 | 0.250 | 0.050 (9) | 0.000 (0) | 0.080 (16) | 0.000 (0) | "
                "0.010 (1) | 0.000 (0) | 0.110 (1) |", "the layer's host calls per call, in HOST_CALLS order")
+        # dgelu_nn at R = 2048: 2 x 2048 x 768 x 3072 FLOP in 60 us = 161 TFLOP/s; R = 4096 in 120 us, the same.
+        expect(out, "| dgelu_nn | 60.0 | 161 | 120.0 | 161 |", "one expert's products: us and TFLOP/s per row count")
+        expect(out, "| dgelu_tn | 30.0 | 322 | 60.0 | 322 |", "the transposed layout's row")
+        if out.index("| gelu_fwd |") > out.index("| dgelu_nn |"):
+            fail(f"the expert products are not in their listed order:\n{out}")
         if out.count("| moe_fwd/") != 1:
             fail(f"rows without host counters were listed in the host-call table:\n{out}")
         # A benchmark that failed: its target MISSING and its message listed.
