@@ -99,6 +99,57 @@ TEST_CASE("emulated device: every launch order visits each index once; a racy bo
   CHECK(racy(LaunchOrder::ascending) != racy(LaunchOrder::descending));
 }
 
+TEST_CASE("emulated device: a warp's lanes take turns in the launch order, each lane's indices in order; a race between lanes shows") {
+  using moe::cuda::LaunchOrder;
+  using Warp = moe::cuda::EmulatedDevice::Warp;
+  constexpr moe::Index n = 70;  // lanes 0-5 get three indices, the rest two
+  const auto visits = [](LaunchOrder order, bool row) {
+    const moe::cuda::EmulatedDevice device(order);
+    std::vector<moe::Index> seen;
+    if (row)
+      device.for_each_row(1, [&](moe::Index, const moe::cuda::EmulatedRow& work) {
+        work.for_each(n, [&](moe::Index i) { seen.push_back(i); });
+      });
+    else
+      device.for_each_warp(1, 0, [&](moe::Index, const Warp& warp) { warp.lanes(n, [&](moe::Index i) { seen.push_back(i); }); });
+    return seen;
+  };
+  for (const bool row : {false, true}) {
+    CAPTURE(row);
+    std::vector<moe::Index> ascending(n);
+    std::iota(ascending.begin(), ascending.end(), moe::Index{0});
+    CHECK(visits(LaunchOrder::ascending, row) == ascending);
+    for (const LaunchOrder order : {LaunchOrder::descending, LaunchOrder::shuffled}) {
+      const std::vector<moe::Index> seen = visits(order, row);
+      std::vector<moe::Index> sorted = seen;
+      std::sort(sorted.begin(), sorted.end());
+      REQUIRE(sorted == ascending);  // each index once
+      CHECK(seen != ascending);
+      // Lane by lane: a lane's indices (i, i + 32, ...) one after another, in order.
+      for (std::size_t k = 0; k + 1 < seen.size(); ++k)
+        if (seen[k] + moe::cuda::kRowLanes < n) CHECK(seen[k + 1] == seen[k] + moe::cuda::kRowLanes);
+    }
+    const std::vector<moe::Index> descending = visits(LaunchOrder::descending, row);
+    CHECK(descending.front() == moe::cuda::kRowLanes - 1);  // lane 31 first
+  }
+  // Each lane adds its right neighbour's value into its own in the warp's staging, in one lanes()
+  // call: a race (no sync between the neighbour's write and this read), so the orders disagree.
+  const auto racy = [](LaunchOrder order) {
+    const moe::cuda::EmulatedDevice device(order);
+    std::vector<float> out(32);
+    float* o = out.data();
+    device.for_each_warp(1, 33 * sizeof(float), [=](moe::Index, const Warp& warp) {
+      float* x = reinterpret_cast<float*>(warp.staging());
+      warp.lanes(33, [&](moe::Index i) { x[i] = float(i + 1); });
+      warp.lanes(32, [&](moe::Index i) { x[i] += x[i + 1]; });
+      warp.lanes(32, [&](moe::Index i) { o[i] = x[i]; });
+    });
+    return out;
+  };
+  CHECK(racy(LaunchOrder::ascending) != racy(LaunchOrder::descending));
+  CHECK(racy(LaunchOrder::ascending) != racy(LaunchOrder::shuffled));
+}
+
 TEST_CASE("emulated device: launch_count counts launches over non-empty ranges and library calls, copies shared") {
   const moe::cuda::EmulatedDevice device;
   const moe::cuda::EmulatedDevice copy = device;

@@ -9,7 +9,8 @@
 //     -1 integers), as cudaMalloc's memory holds whatever was there, so a read before a write,
 //     or of a previous scratch() call's data, shows up as NaN or a wrong count;
 //   * launches run in a chosen order (LaunchOrder): a body that reads what another index of the
-//     same launch writes (a race on the GPU) gives different bits under another order;
+//     same launch writes (a race on the GPU) gives different bits under another order; so do the
+//     lanes of a warp's lanes() and of a row's for_each (LaneTurns), lane by lane;
 //   * GEMMs check cuBLAS's argument rules (check_blas_gemm), and GEMMs, sorts and copies check
 //     that every device pointer lies inside one live device allocation (a host pointer, or an
 //     extent past the end, is named instead of read).
@@ -38,6 +39,43 @@
 #include "moe/tensor.hpp"
 
 namespace moe::cuda {
+
+// The order in which a launch's indices run. A GPU promises none; race-free bodies give the same
+// bits under every order, which is what the tests check by changing it between runs. Within a
+// warp (warp.lanes, a row's for_each) it orders the lanes' turns instead (LaneTurns).
+enum class LaunchOrder {
+  ascending,   // 0, 1, ..., n - 1 (a plain loop)
+  descending,  // n - 1, ..., 0
+  shuffled,    // a fresh pseudo-random permutation per launch (rows and columns apart in 2-D)
+};
+
+// How the lanes of one warp take f(i) for i in [0, n): lane l runs l, l + 32, ... in that order,
+// as on a GPU, where the lanes themselves keep no order among each other. Ascending runs the
+// indices in order (the lanes in lockstep); descending runs lane 31's indices, then lane 30's, ...;
+// shuffled, lane by lane in a fresh permutation per call. A lane that reads what another lane writes
+// in the same call (a race without a sync between) then gets different bits under another order.
+struct LaneTurns {
+  LaunchOrder kind = LaunchOrder::ascending;
+  std::uint64_t* draws = nullptr;  // shuffled: the device's counter the permutations draw from
+
+  template <class F>
+  void run(Index n, F f) const {
+    if (kind == LaunchOrder::ascending || n <= 1) {
+      for (Index i = 0; i < n; ++i) f(i);
+      return;
+    }
+    int lanes[kRowLanes];
+    for (int l = 0; l < kRowLanes; ++l) lanes[l] = kind == LaunchOrder::descending ? kRowLanes - 1 - l : l;
+    if (kind == LaunchOrder::shuffled) {  // Fisher-Yates on counter-based draws
+      const std::uint64_t call = draws ? (*draws)++ : 0;
+      for (int l = kRowLanes - 1; l > 0; --l)
+        std::swap(lanes[l], lanes[moe::random::bits(kLaneSeed, call, std::uint64_t(l)) % std::uint64_t(l + 1)]);
+    }
+    for (const int lane : lanes)
+      for (Index i = lane; i < n; i += kRowLanes) f(i);
+  }
+  static constexpr std::uint64_t kLaneSeed = 0x1a7e5;
+};
 
 // A row of EmulatedDevice::for_each_row: the warp's lanes and butterfly in loops (device.hpp).
 struct EmulatedRow {
@@ -73,9 +111,10 @@ struct EmulatedRow {
   }
   template <class F>
   void for_each(Index n, F f) const {
-    for (Index c = 0; c < n; ++c) f(c);
+    turns.run(n, f);
   }
   bool first() const { return true; }  // the body runs once per row here
+  LaneTurns turns;  // the order of the lanes' turns in for_each (the device's launch order)
 };
 
 // A warp of EmulatedDevice::for_each_warp (device.hpp): the lanes in a loop, a tile as 16 x 16 floats (bf16 operands
@@ -110,12 +149,13 @@ class EmulatedWarp {
     bool empty() const { return open.empty() && committed.empty(); }
   };
 
-  EmulatedWarp(unsigned char* staging, InFlight* in_flight) : staging_(staging), in_flight_(in_flight) {}
+  EmulatedWarp(unsigned char* staging, InFlight* in_flight, LaneTurns turns = {})
+      : staging_(staging), in_flight_(in_flight), turns_(turns) {}
   unsigned char* staging() const { return staging_; }
   void sync() const {}  // one sequence of steps: every read is done before the next write
   template <class F>
   void lanes(Index n, F f) const {
-    for (Index i = 0; i < n; ++i) f(i);
+    turns_.run(n, f);
   }
   template <class E, class RowOf>
   void copy_rows(E* dst, Index ld, Index rows, Index valid, Index cols, RowOf row_of) const {
@@ -193,14 +233,7 @@ class EmulatedWarp {
   }
   unsigned char* staging_;
   InFlight* in_flight_;
-};
-
-// The order in which a launch's indices run. A GPU promises none; race-free bodies give the same
-// bits under every order, which is what the tests check by changing it between runs.
-enum class LaunchOrder {
-  ascending,   // 0, 1, ..., n - 1 (a plain loop)
-  descending,  // n - 1, ..., 0
-  shuffled,    // a fresh pseudo-random permutation per launch (rows and columns apart in 2-D)
+  LaneTurns turns_;
 };
 
 namespace emulated_detail {
@@ -377,7 +410,9 @@ struct EmulatedDevice {
   void for_each_row(Index rows, Body body) const {
     if (rows > 0) ++state_->launch_count;
     const Order order = next_order(rows);
-    for (Index r = 0; r < rows; ++r) body(order[r], Row{});
+    Row row;
+    row.turns = lane_turns();
+    for (Index r = 0; r < rows; ++r) body(order[r], row);
   }
 
   // Each warp's staging starts poisoned, as a GPU's shared memory holds whatever the last block left there.
@@ -394,7 +429,7 @@ struct EmulatedDevice {
     Warp::InFlight in_flight;
     for (Index i = 0; i < count; ++i) {
       std::memset(staging.get(), emulated_detail::kPoison, bytes);
-      body(order[i], Warp(staging.get(), &in_flight));
+      body(order[i], Warp(staging.get(), &in_flight, lane_turns()));
       check(in_flight.empty(), "for_each_warp: warp ", order[i], " returned with copies in flight (",
             in_flight.committed.size(), " committed batches, ", in_flight.open.size(),
             " uncommitted copies): they would land in the next warp's staging");
@@ -504,6 +539,7 @@ struct EmulatedDevice {
     }
   };
   static constexpr std::uint64_t kShuffleSeed = 0x5eed;
+  LaneTurns lane_turns() const { return {state_->order, &state_->launches}; }
   Order next_order(Index n) const {
     Order order{state_->order, n, {}};
     if (order.kind == LaunchOrder::shuffled && n <= 1) order.kind = LaunchOrder::ascending;  // one order only
