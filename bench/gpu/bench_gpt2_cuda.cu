@@ -8,6 +8,9 @@
 //
 //   Train/<variant>/<precision>   variant self, linear (MoE FFN) or dense (GPT-2's MLP);
 //                                 precision bf16 (fp32 master weights and optimizer state) or tf32
+//   Train/self_dgelu_transposed/bf16
+//                                 self with the device's DgeluWeights::transposed (moe/cuda/device.hpp):
+//                                 the experts' backward through the GELU over W2's transposes (TN)
 //   Peak/bf16_gemm                cuBLAS bf16 GEMM, 8192^3 on N(0, 1) operands, fp32 accumulation:
 //                                 the matmul peak MFU is measured against, in the same process
 //   Attention/<kernel>/bf16/<fwd|fwdbwd>
@@ -239,13 +242,14 @@ void time_phases(benchmark::State& state, const std::vector<Phase>& phases, moe:
   for (cudaEvent_t e : events) cudaEventDestroy(e);
 }
 
-void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision) {
+void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision, bool dgelu_transposed) {
   const gpt2::Config config = gpt2::Config::gpt2_small();
   const Index B = batch_size(), T = kSeq;
   const std::size_t memory_before = moe::cuda::CudaDevice::memory_in_use();
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   const moe::cuda::CudaDevice device(nullptr, math);  // copies share its context: host_times() sees the trainer's calls
   device.set_gemm_lanes(gemm_lanes());
+  if (dgelu_transposed) device.set_dgelu_weights(moe::cuda::DgeluWeights::transposed);
   std::unique_ptr<gpt2::Trainer> trainer = gpt2::make_device_trainer(variant, config, {}, precision, device, attention_kernel());
   // As gpt2_moe's loop: statistics would sync once per MoE layer (the dense model has none).
   if (trainer->is_moe()) trainer->collect_routing_stats(false);
@@ -333,12 +337,12 @@ void BM_Attention(benchmark::State& state, bool fused, bool backward) {
   guarded(state, [&] { attention(state, fused, backward); });
 }
 
-void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision) {
+void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision, bool dgelu_transposed) {
   if (!gpu_available()) {
     state.SkipWithError("no CUDA device on this machine");
     return;
   }
-  guarded(state, [&] { train(state, variant, precision); });
+  guarded(state, [&] { train(state, variant, precision, dgelu_transposed); });
 }
 
 }  // namespace
@@ -357,10 +361,15 @@ int main(int argc, char** argv) {
   for (const auto& [precision, name] : {std::pair{gpt2::Precision::bf16, "bf16"}, std::pair{gpt2::Precision::tf32, "tf32"}})
     for (const char* variant : {"self", "linear", "dense"})
       benchmark::RegisterBenchmark((std::string("Train/") + variant + "/" + name).c_str(), BM_Train, std::string(variant),
-                                   precision)
+                                   precision, false)
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond)
           ->Iterations(8);
+  benchmark::RegisterBenchmark("Train/self_dgelu_transposed/bf16", BM_Train, std::string("self"), gpt2::Precision::bf16,
+                               true)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(8);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   // Without a device each benchmark reports the error and the exit status is 77 (skipped, as moe_cuda_tests'):

@@ -31,6 +31,7 @@
 //                        dgelu_nn   din = (dy W2) * gelu'(pre)         (its backward through the GELU: NN, DGELU)
 //                        dgelu_tn   the same from W2's transpose [F, H] (TN, DGELU: a layout the layer could keep)
 //                        plain_nn, plain_tn   dy W2 without the epilogue, in the two layouts
+//                        dgelu_split  plain_nn, then din *= gelu'(pre) in one packed pass (BasicBackend::gelu_backward)
 //                      The first H200 profile ran the DGELU products at ~340 TFLOP/s on an older
 //                      kernel family (sm90_xmma) against ~430-600 for the others; these rows say
 //                      whether the layout or the epilogue is the cause, before the layer is changed.
@@ -321,7 +322,7 @@ void bm_floor(benchmark::State& state, const Shape& s, const Precision& p) {
 
 // ---- one expert's products alone, by layout and epilogue ---------------------------------------
 
-enum class ExpertProduct { gelu_fwd, bias_fwd, dgelu_nn, dgelu_tn, plain_nn, plain_tn };
+enum class ExpertProduct { gelu_fwd, bias_fwd, dgelu_nn, dgelu_tn, plain_nn, plain_tn, dgelu_split };
 
 struct ExpertGemmCase {
   const char* name;
@@ -329,7 +330,8 @@ struct ExpertGemmCase {
 };
 const ExpertGemmCase kExpertGemmCases[] = {
     {"gelu_fwd", ExpertProduct::gelu_fwd}, {"bias_fwd", ExpertProduct::bias_fwd}, {"dgelu_nn", ExpertProduct::dgelu_nn},
-    {"dgelu_tn", ExpertProduct::dgelu_tn}, {"plain_nn", ExpertProduct::plain_nn}, {"plain_tn", ExpertProduct::plain_tn}};
+    {"dgelu_tn", ExpertProduct::dgelu_tn}, {"plain_nn", ExpertProduct::plain_nn}, {"plain_tn", ExpertProduct::plain_tn},
+    {"dgelu_split", ExpertProduct::dgelu_split}};
 // An expert's rows in a GPT-2-small step (8 x 1024 tokens, top-2, 8 experts, balanced) and in
 // issue 5's T = 16384 layer.
 const Index kExpertGemmRows[] = {2048, 4096};
@@ -377,10 +379,12 @@ void bm_expert_gemm(benchmark::State& state, ExpertProduct product, Index R) {
           break;
         }
         case ExpertProduct::plain_nn:
-        case ExpertProduct::plain_tn: {
+        case ExpertProduct::plain_tn:
+        case ExpertProduct::dgelu_split: {
           const bool tn = product == ExpertProduct::plain_tn;
           moe::cuda::detail::gemm(device, v(din), cv(dy), BlasOp::none, tn ? cv(w2t) : cv(w2),
                                   tn ? BlasOp::transpose : BlasOp::none, false, Shape::varies);
+          if (product == ExpertProduct::dgelu_split) be.gelu_backward(cv(pre), cv(din), v(din));
           break;
         }
       }

@@ -92,7 +92,7 @@ def print_host_calls(hosts):
 
 # bench_moe_cuda's expert_gemm rows: GPT-2's H and F; the products in the order they are listed.
 EXPERT_GEMM_H, EXPERT_GEMM_F = 768, 3072
-EXPERT_GEMM_PRODUCTS = ["gelu_fwd", "bias_fwd", "dgelu_nn", "dgelu_tn", "plain_nn", "plain_tn"]
+EXPERT_GEMM_PRODUCTS = ["gelu_fwd", "bias_fwd", "dgelu_nn", "dgelu_tn", "dgelu_split", "plain_nn", "plain_tn"]
 
 
 def print_expert_gemms(times, errors):

@@ -17,6 +17,7 @@
 #include <random>
 #include <span>
 #include <type_traits>
+#include <tuple>
 #include <vector>
 
 #include "cuda/cpu_reference.hpp"
@@ -73,6 +74,7 @@ Outcome device_run(const Case& c, Inputs& in) {
   moe::MoELayer<G, E, B> layer(c.config, c.seed, {}, {}, B(make_device()));
   const B& be = layer.backend();
   if (c.gemm_lanes > 0) set_gemm_lanes(be.device(), c.gemm_lanes);
+  if (c.dgelu_transposed) be.device().set_dgelu_weights(moe::cuda::DgeluWeights::transposed);
   auto params = layer.parameters();
   if (in.params.empty()) {
     for (auto& p : params) in.params.push_back(to_host<S>(be, p.value.data(), Index(p.value.size())));
@@ -602,6 +604,40 @@ TEST_CASE(CUDA_TEST_NAME("deterministic: two runs give the same bits, the expert
     check_same_bits<float>({config, GateKind::self, expert, 517, 10}, 3);
     check_same_bits<moe::bfloat16>({config, GateKind::self, expert, 517, 11}, 4);
   }
+}
+
+TEST_CASE(CUDA_TEST_NAME("the backward through the GELU from the experts' transposed weights: the stored layout's results")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  // Hidden 32 and 34 (whole 16-byte packs or not: the packed and the element transposes), FFN 48
+  // and 20, 8 experts, some of them empty at T = 3 (top-2 over 8).
+  for (const auto& [hidden, ffn, tokens] : {std::tuple<Index, Index, Index>{32, 48, 300}, {34, 20, 300}, {32, 48, 3}}) {
+    CAPTURE(hidden);
+    CAPTURE(tokens);
+    moe::LayerConfig config{hidden, ffn, 8, 2};
+    Case c{config, GateKind::self, ExpertKind::gelu, tokens, 31};
+    const Inputs in = fresh_inputs(c, 90);
+    Inputs stored_in = in, transposed_in = in;
+    const Outcome stored = device_layer(c, stored_in);
+    c.dgelu_transposed = true;
+    const Outcome transposed = device_layer(c, transposed_in);
+    check_parity(c, in);  // against the CPU layer, within fp32's 1e-5
+    REQUIRE(stored.grads.size() == transposed.grads.size());
+    if constexpr (kEmulatedDevice) {  // one GEMM definition: the same sums in the same order
+      CHECK(transposed.dx == stored.dx);
+      for (std::size_t i = 0; i < stored.grads.size(); ++i) CHECK(transposed.grads[i] == stored.grads[i]);
+    }
+    for (std::size_t i = 0; i < stored.grads.size(); ++i) CHECK(relative_error(transposed.grads[i], stored.grads[i]) < 1e-5);
+    CHECK(relative_error(transposed.dx, stored.dx) < 1e-5);
+  }
+  // bf16 (the packed transpose at hidden 32): within bf16's rounding of the stored layout.
+  Case c{small_config(8, 2), GateKind::self, ExpertKind::gelu, 200, 33};
+  const Inputs in = fresh_inputs(c, 91);
+  Inputs a = in, b = in;
+  const Outcome stored = device_layer<moe::bfloat16>(c, a);
+  c.dgelu_transposed = true;
+  const Outcome transposed = device_layer<moe::bfloat16>(c, b);
+  if constexpr (kEmulatedDevice) CHECK(transposed.dx == stored.dx);
+  CHECK(relative_error(transposed.dx, stored.dx) < 2e-2);
 }
 
 TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU layer on the same values")) {

@@ -24,6 +24,7 @@ struct Case {
   std::uint64_t seed = 1;
   bool separate_router_input = false;  // forward_into(x, router_input, y)
   int gemm_lanes = 0;                  // a GPU device's side streams for the experts' products (0: its default)
+  bool dgelu_transposed = false;       // the device's DgeluWeights::transposed (the backward's TN products)
 };
 
 // Everything one forward + backward produced, on the host.

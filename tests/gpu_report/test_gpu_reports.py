@@ -116,6 +116,8 @@ def gpt2_json(repetitions=1, self_error=None, batch=8):
         error = self_error if variant == "self" else None
         benchmarks += gbench_records(f"Train/{variant}/bf16/iterations:5/manual_time", [ms] * repetitions, counters,
                                      error)
+    benchmarks += gbench_records("Train/self_dgelu_transposed/bf16/iterations:8/manual_time", [64.0] * repetitions,
+                                 {"tokens/s": 8192 * 1000 / 64.0, "step_ms": 64.0, "batch": batch})
     for kernel, ms in (("fused", 0.5), ("materialized", 1.5)):
         for pass_, scale in (("fwd", 1.0), ("fwdbwd", 3.0)):
             benchmarks += gbench_records(f"Attention/{kernel}/bf16/{pass_}/iterations:5/manual_time",
@@ -209,6 +211,10 @@ def main():
             expect(out, "| self | bf16 | 117,029 | 70.0 | 18.0% | 21.5 | 60,000 | 95,000 | 1.95x | 1.23x |",
                    f"the self row with {repetitions} repetition(s)")
             expect(out, "bf16 GEMM peak: ours 780 TFLOP/s", "the peak, not an aggregate's statistic")
+            expect(out, "DgeluWeights::transposed (the backward through the GELU over W2's transposes): 128,000 tokens/s, "
+                   "step 64.0 ms (1.094x self's 117,029)", "the transposed DGELU row against self's")
+            if "| self_dgelu_transposed |" in out.split("| variant | precision | ours tokens/s")[1].split("\n\n")[0]:
+                fail(f"the transposed DGELU row is in the main table:\n{out}")
             expect(out, "NVIDIA H200", "the GPU's name from the context")
             expect(out, "RuntimeError: the real cause", "the second line of a torch.compile error")
             expect(out, "| self | bf16 | 0.2 / 0.3 | 20.5 / 24.0 | 30.0 / 33.2 | 3.0 / 3.5 | 0.4 / 8.0 |",

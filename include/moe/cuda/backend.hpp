@@ -562,6 +562,31 @@ class BasicBackend {
     grouped_linear_backward_impl(in, dout, offsets, weight, din, dweight, dbias, &pre);
   }
 
+  // out = every expert's block of weight transposed: weight [E*O, I] -> out [E*I, O],
+  // out(e*I + i, o) = weight(e*O + o, i). Where the shapes allow, one index per 16-byte pack of out's
+  // rows: its 8 values come from 8 rows of weight at one column, so a warp (32 columns) reads 8 runs
+  // of 64 contiguous bytes, and a block's 8 warps (8 packs along o) fill 128 bytes of each out row.
+  void transpose_expert_blocks(ConstMatrixView<S> weight, Index experts, MatrixView<S> out) const {
+    const Index O = weight.rows / experts, I = weight.cols;
+    check(weight.rows == experts * O && out.rows == experts * I && out.cols == O,
+          "transpose_expert_blocks: weight [", weight.rows, ", ", I, "] of ", experts, " experts into out [", out.rows,
+          ", ", out.cols, "]");
+    if (O % kPack == 0 && packable<S>(O, out)) {
+      const Index packs = O / kPack;
+      detail::for_each_2d(device_, experts * packs, I, [=] MOE_HOST_DEVICE(Index r, Index i) {
+        const Index e = r / packs, o = (r - e * packs) * kPack;
+        Pack<S> x;
+        for (Index j = 0; j < kPack; ++j) x.v[j] = weight(e * O + o + j, i);
+        store_pack(&out(e * I + i, o), x);
+      });
+      return;
+    }
+    detail::for_each_2d(device_, experts * O, I, [=] MOE_HOST_DEVICE(Index r, Index i) {
+      const Index e = r / O;
+      out(e * I + i, r - e * O) = weight(r, i);
+    });
+  }
+
   // ---- activations, element by element ------------------------------------------------------
   // Each takes 16-byte packs of columns where the rows allow (moe/cuda/pack.hpp), single elements
   // otherwise: the same arithmetic per element.
@@ -987,6 +1012,13 @@ class BasicBackend {
     group.run();
     if (dbias) add_grouped_column_sums(dout, offsets, dbias);
     if (!din.data) return;
+    // Through the GELU with DgeluWeights::transposed: the products read W_e's transposes (TN).
+    const Index I = weight.cols;
+    const bool transposed = gelu_pre && device_.dgelu_weights() == DgeluWeights::transposed;
+    if (transposed) {
+      resize(weights_t_, experts * I, O);
+      transpose_expert_blocks(weight, experts, weights_t_);
+    }
     for (Index e = 0; e < experts; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
@@ -994,8 +1026,11 @@ class BasicBackend {
         const ConstMatrixView<S> pre = gelu_pre->row_block(begin, rows);
         // The epilogue only reads aux for dgelu; BlasGemm holds one mutable aux pointer for both uses.
         const MatrixView<S> aux(const_cast<S*>(pre.data), pre.rows, pre.cols, pre.stride);
-        group.gemm_epilogue(din.row_block(begin, rows), dout.row_block(begin, rows), weight.row_block(e * O, O),
-                            BlasOp::none, Epilogue::dgelu, static_cast<const S*>(nullptr), aux);
+        const ConstMatrixView<S> w = transposed ? ConstMatrixView<S>(MatrixView<S>(weights_t_)).row_block(e * I, I)
+                                                : weight.row_block(e * O, O);
+        group.gemm_epilogue(din.row_block(begin, rows), dout.row_block(begin, rows), w,
+                            transposed ? BlasOp::transpose : BlasOp::none, Epilogue::dgelu,
+                            static_cast<const S*>(nullptr), aux);
       } else {
         group.gemm(din.row_block(begin, rows), dout.row_block(begin, rows), BlasOp::none, weight.row_block(e * O, O),
                    BlasOp::none, false);
@@ -1008,6 +1043,7 @@ class BasicBackend {
 
   D device_;
   mutable Vector<C> partial_;                    // reduction partials
+  mutable Matrix weights_t_;                     // [E*I, O] the experts' transposed weights (DgeluWeights::transposed)
   mutable Vector<SoftmaxScale<C>> aux_scale_;    // [T] auxiliary losses: each token's softmax scale
   mutable Vector<double> aux_lse2_;              // [T] its logsumexp^2
   mutable Vector<double> aux_sums_;              // chunk partials, column sums, the two results

@@ -524,6 +524,9 @@ class CudaDevice {
     context_->gemm_lanes = lanes;
   }
   static constexpr int kDefaultGemmLanes = 4, kMaxGemmLanes = 16;
+  // device.hpp's DgeluWeights, for this device and its copies.
+  DgeluWeights dgelu_weights() const { return context_->dgelu_weights; }
+  void set_dgelu_weights(DgeluWeights weights) const { context_->dgelu_weights = weights; }
 
  private:
   // A stream and what a product needs on it: a cuBLAS handle bound to it and a cuBLASLt workspace
@@ -764,6 +767,7 @@ class CudaDevice {
     std::vector<Lane> side;  // gemm_group's side streams, made at the first group that needs them
     cudaEvent_t fork = nullptr;
     int gemm_lanes = kDefaultGemmLanes;
+    DgeluWeights dgelu_weights = DgeluWeights::stored;
     cublasLtHandle_t lt = nullptr;
     static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // NVIDIA's advice for Hopper
     int sms = 1;

@@ -28,6 +28,9 @@
 //                                              it in order, so a function may carve it freely.
 //   d.stable_sort_pairs(keys_in, keys_out, values_in, values_out, n, bits)
 //                                              pairs ordered by key, stably (CUB radix sort)
+//   d.dgelu_weights() / d.set_dgelu_weights(w) which weights an expert bank's backward through the
+//                                              GELU multiplies (DgeluWeights, below); a setting of the
+//                                              device and its copies, as CudaDevice's fp32 math is
 //
 // Two devices implement it: moe::cuda::CudaDevice (moe/cuda/cuda_device.cuh: kernels, CUB,
 // cuBLAS) and moe::cuda::EmulatedDevice (moe/cuda/emulated_device.hpp: host memory and plain
@@ -60,6 +63,17 @@ enum class BlasOp { none, transpose };
 //              (inference: nothing kept) only C
 //   dgelu      C = acc * gelu'(aux): backward through the GELU, aux (read) the forward's pre-activation
 enum class Epilogue { none, bias, bias_gelu, dgelu };
+
+// Which weights an expert bank's backward through the GELU multiplies (BasicBackend::
+// grouped_linear_backward_through_gelu: din = (dout W_e) * gelu'(pre), one product per expert
+// with the dgelu epilogue):
+//   stored      W_e as stored, [O, I] (nn.Linear's layout): cuBLAS's NN layout
+//   transposed  W_e's transposes, [I, O], copied first in one packed pass over W: the TN layout (and
+//               a copy of W in the backend's memory: 37.7 MB a layer for GPT-2-small's bf16 experts)
+// The same products and values (on the emulated device the same bits). Which is faster is the
+// GPU's question: the first H200 profile ran the NN products with cuBLASLt's DGELU epilogue on an
+// older kernel family at ~340 TFLOP/s (bench_moe_cuda's expert_gemm rows time both layouts).
+enum class DgeluWeights { stored, transposed };
 
 // C[m, n] (=|+=) op(A)[m, k] op(B)[k, n], every matrix column-major with a leading dimension.
 template <class S>

@@ -1,6 +1,7 @@
 // moe/cuda/emulated_device.hpp: the CUDA backend's device on the host. Memory is host memory,
-// for_each is a loop, the GEMM is the column-major definition (its epilogues applied to the
-// unrounded sum, as cuBLASLt applies them) and the sort is std::stable_sort.
+// for_each is a loop, the GEMM is the column-major definition (a fused multiply-add per term in k
+// order, its epilogues applied to the unrounded sum, as cuBLASLt applies them) and the sort is
+// std::stable_sort.
 // It exists to test: every index body, launch size and GEMM mapping of moe::cuda::BasicBackend
 // runs here with the host compiler (and under AddressSanitizer), on machines without a GPU.
 //
@@ -337,6 +338,8 @@ struct EmulatedDevice {
   EmulatedDevice() = default;
   explicit EmulatedDevice(LaunchOrder order) { state_->order = order; }
   LaunchOrder launch_order() const { return state_->order; }
+  DgeluWeights dgelu_weights() const { return state_->dgelu_weights; }
+  void set_dgelu_weights(DgeluWeights weights) const { state_->dgelu_weights = weights; }
   std::string description() const { return "emulated CUDA device (host loops)"; }
 
   static void* allocate(std::size_t bytes) {
@@ -455,7 +458,9 @@ struct EmulatedDevice {
         for (Index i = 0; i < g.m; ++i) {
           C sum = g.accumulate ? C(c[i + j * g.ldc]) : C(0);
           C product = 0;
-          for (Index p = 0; p < g.k; ++p) product += at(a, g.lda, g.op_a, i, p) * at(b, g.ldb, g.op_b, p, j);
+          // One fused multiply-add per term, in k order: the same bits whatever the operands' layouts and
+          // whatever the compiler would contract (at -O3 it versions this loop by layout).
+          for (Index p = 0; p < g.k; ++p) product = std::fma(at(a, g.lda, g.op_a, i, p), at(b, g.ldb, g.op_b, p, j), product);
           if (g.epilogue == Epilogue::none) {
             c[i + j * g.ldc] = S(sum + product);
             continue;
@@ -596,6 +601,7 @@ struct EmulatedDevice {
       void operator()(unsigned char* p) const { deallocate(p); }
     };
     LaunchOrder order = LaunchOrder::ascending;
+    DgeluWeights dgelu_weights = DgeluWeights::stored;
     std::uint64_t launches = 0;  // shuffled launches: what the shuffles draw from
     std::uint64_t launch_count = 0;
     std::uint64_t sync_count = 0;
