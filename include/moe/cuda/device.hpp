@@ -72,7 +72,7 @@ enum class Epilogue { none, bias, bias_gelu, dgelu };
 //               a copy of W in the backend's memory: 37.7 MB a layer for GPT-2-small's bf16 experts)
 // The same products and values (on the emulated device the same bits). Which is faster is the
 // GPU's question: the first H200 profile ran the NN products with cuBLASLt's DGELU epilogue on an
-// older kernel family at ~340 TFLOP/s (bench_moe_cuda's expert_gemm rows time both layouts).
+// older kernel family at ~355 TFLOP/s (bench_moe_cuda's expert_gemm rows time both layouts).
 enum class DgeluWeights { stored, transposed };
 
 // C[m, n] (=|+=) op(A)[m, k] op(B)[k, n], every matrix column-major with a leading dimension.
