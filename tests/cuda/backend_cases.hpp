@@ -17,7 +17,6 @@
 #include <random>
 #include <span>
 #include <type_traits>
-#include <tuple>
 #include <vector>
 
 #include "cuda/cpu_reference.hpp"
@@ -610,11 +609,14 @@ TEST_CASE(CUDA_TEST_NAME("the backward through the GELU from the experts' transp
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   // Hidden 32 and 34 (whole 16-byte packs or not: the packed and the element transposes), FFN 48
   // and 20, 8 experts, some of them empty at T = 3 (top-2 over 8).
-  for (const auto& [hidden, ffn, tokens] : {std::tuple<Index, Index, Index>{32, 48, 300}, {34, 20, 300}, {32, 48, 3}}) {
-    CAPTURE(hidden);
-    CAPTURE(tokens);
-    moe::LayerConfig config{hidden, ffn, 8, 2};
-    Case c{config, GateKind::self, ExpertKind::gelu, tokens, 31};
+  struct Shape {
+    Index hidden, ffn, tokens;
+  };
+  for (const Shape shape : {Shape{32, 48, 300}, Shape{34, 20, 300}, Shape{32, 48, 3}}) {
+    CAPTURE(shape.hidden);
+    CAPTURE(shape.tokens);
+    moe::LayerConfig config{shape.hidden, shape.ffn, 8, 2};
+    Case c{config, GateKind::self, ExpertKind::gelu, shape.tokens, 31};
     const Inputs in = fresh_inputs(c, 90);
     Inputs stored_in = in, transposed_in = in;
     const Outcome stored = device_layer(c, stored_in);
