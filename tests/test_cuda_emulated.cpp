@@ -605,6 +605,11 @@ TEST_CASE("row max-sum: one read gives a row's max and sum of exponentials; -inf
   CHECK(std::isnan(moe::cuda::max_sum_add(a, NAN).sum));
   CHECK(std::isnan(moe::cuda::max_sum_combine(moe::cuda::max_sum_add(empty, NAN), a).sum));
   CHECK(std::isnan(moe::cuda::max_sum_combine(a, moe::cuda::max_sum_add(empty, NAN)).sum));
+  // +inf: exp(inf - inf) is NaN, as on the CPU, whether it comes first, later, or twice.
+  CHECK(std::isnan(moe::cuda::max_sum_add(empty, INFINITY).sum));
+  CHECK(std::isnan(moe::cuda::max_sum_add(a, INFINITY).sum));
+  CHECK(std::isnan(moe::cuda::max_sum_add(moe::cuda::max_sum_add(a, INFINITY), 2.f).sum));
+  CHECK(moe::cuda::max_sum_add(a, 4.f).sum == a.sum * std::exp(a.max - 4.f) + 1.f);  // a finite new max: its 1 exactly
   // Every column of a row once, each lane's in order: a count of visits per column.
   std::vector<int> visits(70, 0);
   const int total = row.reduce(moe::Index{70}, 0, [&](int acc, moe::Index col) { return ++visits[std::size_t(col)], acc + 1; },

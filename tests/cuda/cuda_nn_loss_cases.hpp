@@ -192,6 +192,60 @@ TEST_CASE("cuda nn loss: cross-entropy forward/backward match the CPU (bf16 vs f
   check_cross_entropy<moe::bfloat16>(3, 7, 0.0, 46, 64);     // one partial pack per row
 }
 
+TEST_CASE("cuda nn loss: cross-entropy rows with a +inf, -inf or NaN logit give what the CPU gives") {
+  // Row 0: one +inf (not the target); row 1: +inf at the target; row 2: two +infs; row 3: a NaN; row 4: -inf
+  // at a non-target (probability 0); row 5: -inf at the target (loss +inf); row 6: finite. V = 40: whole packs of
+  // bf16 and of float, so the packed row work runs, the specials in different packs and lanes.
+  const Index N = 7, V = 40;
+  constexpr float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> logits = normal_values(std::size_t(N * V), 5, 2.f);
+  const std::vector<std::int32_t> targets = {3, 9, 0, 1, 2, 6, 4};
+  logits[0 * V + 17] = inf;
+  logits[1 * V + 9] = inf;
+  logits[2 * V + 5] = inf, logits[2 * V + 33] = inf;
+  logits[3 * V + 21] = nan;
+  logits[4 * V + 30] = -inf;
+  logits[5 * V + 6] = -inf;
+  std::vector<float> cpu_losses(static_cast<std::size_t>(N)), cpu_dlogits(static_cast<std::size_t>(N * V));
+  const moe::ConstMatrixView<float> cpu_logits(logits.data(), N, V);
+  moe::nn::cross_entropy_forward<float>(cpu_logits, targets, cpu_losses.data(), 1);
+  moe::nn::cross_entropy_backward<float>(cpu_logits, targets, 1.0, {cpu_dlogits.data(), N, V}, 1);
+  // The same class of value: NaN, +inf, -inf, or finite within the precision's tolerance.
+  const auto agree = [](float gpu, float cpu, double tol) {
+    if (std::isnan(cpu) || std::isnan(gpu)) return std::isnan(cpu) && std::isnan(gpu);
+    if (std::isinf(cpu) || std::isinf(gpu)) return gpu == cpu;
+    return std::abs(double(gpu) - double(cpu)) <= tol * std::max(1.0, std::abs(double(cpu)));
+  };
+  const auto check = [&](auto scalar) {
+    using S = decltype(scalar);
+    const TestDevice device = cuda_test::make_device();
+    DArray<S> d_logits = to_device<S>(device, logits), d_dlogits = to_device<S>(device, logits);
+    DArray<S> d_losses(N);
+    const moe::ConstMatrixView<S> view(d_logits.data(), N, V);
+    moe::cuda::nn::cross_entropy_forward<S>(device, view, targets, d_losses.data());
+    moe::cuda::nn::cross_entropy_backward<S>(device, view, targets, 1.0, {d_dlogits.data(), N, V});
+    const std::vector<float> losses = to_host(device, d_losses.data(), N), dlogits = to_host(device, d_dlogits.data(), N * V);
+    for (Index r = 0; r < N; ++r) {
+      CAPTURE(r);
+      CHECK(agree(losses[std::size_t(r)], cpu_losses[std::size_t(r)], 0.05));
+      for (Index c = 0; c < V; ++c) {
+        CAPTURE(c);
+        CHECK(agree(dlogits[std::size_t(r * V + c)], cpu_dlogits[std::size_t(r * V + c)], 0.05));
+      }
+    }
+  };
+  check(float{});
+  check(moe::bfloat16{});
+  // What the CPU gives, for the record: NaN for any +inf or NaN in the row, +inf for a -inf target.
+  CHECK(std::isnan(cpu_losses[0]));
+  CHECK(std::isnan(cpu_losses[1]));
+  CHECK(std::isnan(cpu_losses[2]));
+  CHECK(std::isnan(cpu_losses[3]));
+  CHECK(std::isfinite(cpu_losses[4]));
+  CHECK(cpu_losses[5] == inf);
+  CHECK(std::isfinite(cpu_losses[6]));
+}
+
 TEST_CASE("cuda nn loss: cross-entropy with every row ignored gives 0 and zero gradients") {
   const TestDevice device = cuda_test::make_device();
   const Index N = 9, V = 13;

@@ -14,7 +14,7 @@
 //   row_max_sum<Packed>(work, n, f, row, scale = 1)
 //                                            {max, sum of exp((f - max) * scale)} over c in [0, n) (scale > 0) in
 //                                            ONE read of the row (the online softmax's running pair; {-inf, 0} for
-//                                            n = 0)
+//                                            n = 0; a NaN sum where a value is NaN or +inf, as the CPU's)
 //   row_update<Packed>(work, n, f, out, rows...)
 //                                            out[c] = f(c, out[c], row[c]...) for every c in [0, n)
 //   row_update_live<Packed>(work, n, live, f, out, rows...)
@@ -99,10 +99,11 @@ struct MaxSum {
 };
 
 // The pair with one value more: a larger value rescales the sum to it (one exp either way). A value
-// of -inf adds nothing; a NaN makes the sum NaN.
+// of -inf adds nothing; a NaN or a +inf makes the sum NaN, as exp(x - max) does on the CPU (its own
+// term is exp(inf - inf): x - x adds 0 to a finite x's 1, NaN to an infinite one's).
 template <class C>
 MOE_HOST_DEVICE MaxSum<C> max_sum_add(MaxSum<C> acc, C x, C scale = C(1)) {
-  if (x > acc.max) return {x, acc.sum * C(std::exp((acc.max - x) * scale)) + C(1)};
+  if (x > acc.max) return {x, acc.sum * C(std::exp((acc.max - x) * scale)) + C(1) + (x - x)};
   if (acc.sum == C(0) && !(x == x)) return {acc.max, x};     // a NaN first (nothing else seen): NaN sum
   if (acc.sum == C(0) && x == -C(INFINITY)) return acc;      // -inf into nothing: still nothing
   return {acc.max, acc.sum + C(std::exp((x - acc.max) * scale))};

@@ -1,6 +1,8 @@
 // moe/cuda/nn/cross_entropy.hpp: softmax and cross-entropy fused over logits on a device (the
 // GPU twin of moe/nn/cross_entropy.hpp: same arguments, same semantics), forward then backward.
-// A target of -1 marks a row to ignore (PyTorch's ignore_index = -1).
+// A target of -1 marks a row to ignore (PyTorch's ignore_index = -1). Non-finite logits give what
+// the CPU gives: a NaN or +inf in a row makes its loss and gradients NaN; a -inf logit has
+// probability 0 (a -inf target: loss +inf).
 //
 // Targets arrive as a host span, as on the CPU: they are checked on the host (same errors as
 // moe::nn's check_cross_entropy) and uploaded to a device buffer (an upload, ordered on the
