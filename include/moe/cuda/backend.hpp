@@ -1019,6 +1019,7 @@ class BasicBackend {
       resize(weights_t_, experts * I, O);
       transpose_expert_blocks(weight, experts, weights_t_);
     }
+    const ConstMatrixView<S> weights_t = transposed ? MatrixView<S>(weights_t_) : MatrixView<S>{};
     for (Index e = 0; e < experts; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
       if (rows == 0) continue;
@@ -1026,8 +1027,7 @@ class BasicBackend {
         const ConstMatrixView<S> pre = gelu_pre->row_block(begin, rows);
         // The epilogue only reads aux for dgelu; BlasGemm holds one mutable aux pointer for both uses.
         const MatrixView<S> aux(const_cast<S*>(pre.data), pre.rows, pre.cols, pre.stride);
-        const ConstMatrixView<S> w = transposed ? ConstMatrixView<S>(MatrixView<S>(weights_t_)).row_block(e * I, I)
-                                                : weight.row_block(e * O, O);
+        const ConstMatrixView<S> w = transposed ? weights_t.row_block(e * I, I) : weight.row_block(e * O, O);
         group.gemm_epilogue(din.row_block(begin, rows), dout.row_block(begin, rows), w,
                             transposed ? BlasOp::transpose : BlasOp::none, Epilogue::dgelu,
                             static_cast<const S*>(nullptr), aux);

@@ -50,6 +50,14 @@ enum class LaunchOrder {
   shuffled,    // a fresh pseudo-random permutation per launch (rows and columns apart in 2-D)
 };
 
+// values[0, n) in a pseudo-random order, by Fisher-Yates on counter-based draws (seed, draw): the
+// same permutation for the same draw. The launches' shuffles and the lanes' share it.
+template <class T>
+void shuffle_by_draws(T* values, Index n, std::uint64_t seed, std::uint64_t draw) {
+  for (Index i = n - 1; i > 0; --i)
+    std::swap(values[i], values[moe::random::bits(seed, draw, std::uint64_t(i)) % std::uint64_t(i + 1)]);
+}
+
 // How the lanes of one warp take f(i) for i in [0, n): lane l runs l, l + 32, ... in that order,
 // as on a GPU, where the lanes themselves keep no order among each other. Ascending runs the
 // indices in order (the lanes in lockstep); descending runs lane 31's indices, then lane 30's, ...;
@@ -67,11 +75,7 @@ struct LaneTurns {
     }
     int lanes[kRowLanes];
     for (int l = 0; l < kRowLanes; ++l) lanes[l] = kind == LaunchOrder::descending ? kRowLanes - 1 - l : l;
-    if (kind == LaunchOrder::shuffled) {  // Fisher-Yates on counter-based draws
-      const std::uint64_t call = draws ? (*draws)++ : 0;
-      for (int l = kRowLanes - 1; l > 0; --l)
-        std::swap(lanes[l], lanes[moe::random::bits(kLaneSeed, call, std::uint64_t(l)) % std::uint64_t(l + 1)]);
-    }
+    if (kind == LaunchOrder::shuffled) shuffle_by_draws(lanes, kRowLanes, kLaneSeed, draws ? (*draws)++ : 0);
     for (const int lane : lanes)
       for (Index i = lane; i < n; i += kRowLanes) f(i);
   }
@@ -548,13 +552,10 @@ struct EmulatedDevice {
   Order next_order(Index n) const {
     Order order{state_->order, n, {}};
     if (order.kind == LaunchOrder::shuffled && n <= 1) order.kind = LaunchOrder::ascending;  // one order only
-    if (order.kind == LaunchOrder::shuffled) {  // Fisher-Yates on counter-based draws
+    if (order.kind == LaunchOrder::shuffled) {
       order.shuffled.resize(std::size_t(n));
       std::iota(order.shuffled.begin(), order.shuffled.end(), Index{0});
-      const std::uint64_t launch = state_->launches++;
-      for (Index i = n - 1; i > 0; --i)
-        std::swap(order.shuffled[std::size_t(i)],
-                  order.shuffled[std::size_t(moe::random::bits(kShuffleSeed, launch, std::uint64_t(i)) % std::uint64_t(i + 1))]);
+      shuffle_by_draws(order.shuffled.data(), n, kShuffleSeed, state_->launches++);
     }
     return order;
   }
