@@ -405,9 +405,12 @@ struct EmbeddingShape {
   Index B, T, V, max_T, C;
 };
 inline const std::vector<EmbeddingShape>& embedding_shapes() {
-  // T = 1, B = 1, V = 1 (every row the same token), many repeats (V small), max_T > T, primes
+  // T = 1, B = 1, V = 1 (every row the same token), many repeats (V small), max_T > T, primes; then widths that go in
+  // 16-byte packs (C = 16: 4 fp32 or 2 bf16 packs a row; C = 24: 6 fp32 packs, bf16 element by element), with runs of
+  // a token longer than the fetch's batch of 8 rows
   static const std::vector<EmbeddingShape> shapes = {
-      {1, 1, 1, 1, 1}, {3, 5, 11, 7, 13}, {4, 1, 50, 3, 17}, {1, 9, 1, 9, 6}, {2, 37, 9, 40, 33}, {5, 23, 301, 31, 19}};
+      {1, 1, 1, 1, 1},      {3, 5, 11, 7, 13},  {4, 1, 50, 3, 17},   {1, 9, 1, 9, 6},
+      {2, 37, 9, 40, 33},   {5, 23, 301, 31, 19}, {3, 29, 4, 30, 16}, {2, 41, 60, 41, 24}, {1, 1, 1, 1, 8}};
   return shapes;
 }
 
@@ -450,14 +453,19 @@ TEST_CASE(CUDA_TEST_NAME("embedding: bf16 storage matches the CPU version within
 
 TEST_CASE(CUDA_TEST_NAME("embedding: a repeated token sums its rows in row order, as the CPU version")) {
   CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
-  // Every row is token 2 of V = 4: dwte[2] is one long fixed-order sum; fp32 bits equal the CPU's.
-  EmbeddingInputs in = embedding_inputs(7, 19, 4, 19, 5, 3000);
-  std::fill(in.tokens.begin(), in.tokens.end(), 2);
-  const EmbeddingResult cpu = embedding_cpu(in);
-  const EmbeddingRaw<float> gpu = embedding_device_raw<float>(in);
-  CHECK(gpu.dwte == cpu.dwte);
-  CHECK(gpu.dwpe == cpu.dwpe);
-  CHECK(gpu.out == cpu.out);
+  // Every row is token 2 of V = 4: dwte[2] is one long fixed-order sum (133 rows: 16 batches of the fetch's 8 and 5
+  // more); fp32 bits equal the CPU's, element by element (C = 5) and in 16-byte packs (C = 12, 16).
+  for (const Index C : {Index(5), Index(12), Index(16)}) {
+    CAPTURE(C);
+    EmbeddingInputs in = embedding_inputs(7, 19, 4, 19, C, 3000 + std::uint64_t(C));
+    std::fill(in.tokens.begin(), in.tokens.end(), 2);
+    in.tokens[40] = 1;  // another token at row 40: token 2's sorted run skips that row
+    const EmbeddingResult cpu = embedding_cpu(in);
+    const EmbeddingRaw<float> gpu = embedding_device_raw<float>(in);
+    CHECK(gpu.dwte == cpu.dwte);
+    CHECK(gpu.dwpe == cpu.dwpe);
+    CHECK(gpu.out == cpu.out);
+  }
 }
 
 TEST_CASE(CUDA_TEST_NAME("embedding: bad ids and shapes throw before any device work, naming them")) {

@@ -21,9 +21,11 @@ inline constexpr Index kPackSize = Index(16 / sizeof(S));
 // Whether a pack may be loaded or stored at p: 16-byte aligned.
 inline bool pack_aligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-template <class S>
-struct alignas(16) Pack {
-  S v[kPackSize<S>];
+// W elements moved together: W = kPackSize<S> (the default) is a 16-byte pack; W = 1 a single element, so a kernel
+// written once over W (load_pack_of / store_pack_of) serves both of its paths.
+template <class S, Index W = kPackSize<S>>
+struct alignas(sizeof(S) * W) Pack {
+  S v[W];
 };
 
 #if !defined(__CUDA_ARCH__)
@@ -59,6 +61,27 @@ MOE_HOST_DEVICE void store_pack(S* p, const Pack<S>& x) {
   pack_detail::check_aligned(p, "store_pack");
   for (Index i = 0; i < kPackSize<S>; ++i) p[i] = x.v[i];
 #endif
+}
+
+// A pack of W elements at p: load_pack / store_pack for W = kPackSize<S>, a plain access for W = 1.
+template <Index W, class S>
+MOE_HOST_DEVICE Pack<S, W> load_pack_of(const S* p) {
+  static_assert(W == 1 || W == kPackSize<S>, "moe::cuda packs: W is 1 or kPackSize<S>");
+  if constexpr (W == 1) {
+    return Pack<S, 1>{{*p}};
+  } else {
+    return load_pack(p);
+  }
+}
+
+template <Index W, class S>
+MOE_HOST_DEVICE void store_pack_of(S* p, const Pack<S, W>& x) {
+  static_assert(W == 1 || W == kPackSize<S>, "moe::cuda packs: W is 1 or kPackSize<S>");
+  if constexpr (W == 1) {
+    *p = x.v[0];
+  } else {
+    store_pack(p, x);
+  }
 }
 
 // Whether rows of `cols` elements of every view can go in packs: each row starts 16-byte aligned and cols is a
