@@ -1,6 +1,7 @@
 // The CUDA backend's test cases on the emulated device: moe::cuda::BasicBackend's every body,
 // launch size, dispatch step and GEMM mapping, run on the host (every CI run, ASan included).
 // tests/cuda/test_cuda_backend.cu runs the same cases on a GPU.
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -610,6 +611,30 @@ TEST_CASE("row max-sum: one read gives a row's max and sum of exponentials; -inf
   CHECK(std::isnan(moe::cuda::max_sum_add(a, INFINITY).sum));
   CHECK(std::isnan(moe::cuda::max_sum_add(moe::cuda::max_sum_add(a, INFINITY), 2.f).sum));
   CHECK(moe::cuda::max_sum_add(a, 4.f).sum == a.sum * std::exp(a.max - 4.f) + 1.f);  // a finite new max: its 1 exactly
+  // A whole pack at once (max_sum_add_all): the pair of one value at a time up to the sum's rounding, and the same
+  // rules for -inf, NaN and +inf wherever they sit in the pack.
+  const auto add_all = [](MaxSum<float> acc, float x0, float x1, float x2, float x3) {
+    const float x[4] = {x0, x1, x2, x3};
+    return moe::cuda::max_sum_add_all(acc, x);
+  };
+  const auto add_each = [](MaxSum<float> acc, float x0, float x1, float x2, float x3) {
+    for (const float x : {x0, x1, x2, x3}) acc = moe::cuda::max_sum_add(acc, x);
+    return acc;
+  };
+  for (const MaxSum<float> start : {empty, a, b}) {
+    for (const auto& [x0, x1, x2, x3] : {std::array{0.5f, -1.f, 3.f, 2.f}, std::array{-4.f, -3.f, -6.f, -2.5f},
+                                         std::array{-INFINITY, 1.f, -INFINITY, 0.25f}}) {
+      const MaxSum<float> all = add_all(start, x0, x1, x2, x3), each = add_each(start, x0, x1, x2, x3);
+      CHECK(all.max == each.max);
+      CHECK(std::abs(double(all.sum) - double(each.sum)) <= 1e-6 * double(each.sum));
+    }
+    CHECK(same(add_all(start, -INFINITY, -INFINITY, -INFINITY, -INFINITY), start));
+    CHECK(std::isnan(add_all(start, -INFINITY, NAN, -INFINITY, -INFINITY).sum));
+    CHECK(std::isnan(add_all(start, 1.f, 2.f, NAN, 0.f).sum));
+    CHECK(std::isnan(add_all(start, 0.f, INFINITY, 1.f, 2.f).sum));
+    CHECK(std::isnan(add_all(add_all(start, INFINITY, 0.f, 0.f, 0.f), 1.f, 2.f, 3.f, 4.f).sum));
+    CHECK(std::isnan(add_all(add_all(start, NAN, -INFINITY, -INFINITY, -INFINITY), 1.f, 2.f, 3.f, 4.f).sum));
+  }
   // Every column of a row once, each lane's in order: a count of visits per column.
   std::vector<int> visits(70, 0);
   const int total = row.reduce(moe::Index{70}, 0, [&](int acc, moe::Index col) { return ++visits[std::size_t(col)], acc + 1; },

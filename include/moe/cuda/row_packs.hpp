@@ -13,8 +13,9 @@
 //   row_max<Packed>(work, n, f, rows...)     max over c in [0, n) of f(c, ...) (-inf for n = 0; `>` decides NaNs)
 //   row_max_sum<Packed>(work, n, f, row, scale = 1)
 //                                            {max, sum of exp((f - max) * scale)} over c in [0, n) (scale > 0) in
-//                                            ONE read of the row (the online softmax's running pair; {-inf, 0} for
-//                                            n = 0; a NaN sum where a value is NaN or +inf, as the CPU's)
+//                                            ONE read of the row (the online softmax's running pair, a whole pack
+//                                            folded in at once; {-inf, 0} for n = 0; a NaN sum where a value is NaN
+//                                            or +inf, as the CPU's)
 //   row_update<Packed>(work, n, f, out, rows...)
 //                                            out[c] = f(c, out[c], row[c]...) for every c in [0, n)
 //   row_update_live<Packed>(work, n, live, f, out, rows...)
@@ -109,6 +110,27 @@ MOE_HOST_DEVICE MaxSum<C> max_sum_add(MaxSum<C> acc, C x, C scale = C(1)) {
   return {acc.max, acc.sum + C(std::exp((x - acc.max) * scale))};
 }
 
+// The pair with P values more at once (a whole pack's): their max first, so the sum rescales once at most, then
+// their P exponentials, independent of each other (one after another, each waited on the pair's last max: a chain
+// of compares, branches and exps per element). Non-finite values as max_sum_add: -inf adds nothing, a NaN or a
+// +inf makes the sum NaN. The same pair as P max_sum_adds up to the rounding of the sum.
+template <class C, Index P>
+MOE_HOST_DEVICE MaxSum<C> max_sum_add_all(MaxSum<C> acc, const C (&x)[P], C scale = C(1)) {
+  C max = acc.max;
+  MOE_UNROLL
+  for (Index i = 0; i < P; ++i) max = x[i] > max ? x[i] : max;  // `>`: a NaN never becomes the max
+  if (max == -C(INFINITY)) {  // nothing above -inf yet: only a NaN changes the pair
+    MOE_UNROLL
+    for (Index i = 0; i < P; ++i) acc.sum = x[i] == x[i] ? acc.sum : x[i];
+    return acc;
+  }
+  if (max > acc.max) acc = {max, acc.sum * C(std::exp((acc.max - max) * scale))};
+  C terms = 0;
+  MOE_UNROLL
+  for (Index i = 0; i < P; ++i) terms += C(std::exp((x[i] - max) * scale));  // exp(inf - inf), exp(NaN): NaN
+  return {acc.max, acc.sum + terms};
+}
+
 // Two pairs as one, the same bits in either order (the larger max first; equal maxes: the larger
 // sum first), so every lane of a butterfly ends with the same pair. An empty pair ({-inf, 0}) is
 // the identity.
@@ -128,7 +150,12 @@ MOE_HOST_DEVICE MaxSum<C> row_max_sum(const Row& work, Index n, F f, const S* ro
   if constexpr (Packed) {
     constexpr Index P = kPackSize<S>;
     return work.reduce((n + P - 1) / P, empty, [&](MaxSum<C> acc, Index q) {
-      return row_packs_detail::fold_pack(q, n, acc, add, f, row);
+      if ((q + 1) * P > n) return row_packs_detail::fold_pack(q, n, acc, add, f, row);  // the partial last pack
+      const Pack<S> pack = load_pack(row + q * P);
+      C x[P];
+      MOE_UNROLL
+      for (Index i = 0; i < P; ++i) x[i] = f(q * P + i, pack.v[i]);
+      return max_sum_add_all(acc, x, scale);
     }, combine);
   } else {
     return work.reduce(n, empty, [&](MaxSum<C> acc, Index c) { return add(acc, f(c, row[c])); }, combine);
