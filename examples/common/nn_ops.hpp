@@ -19,7 +19,9 @@
 //              cache for its backward (attention_cache_size(B, T, heads, C) elements) may hold less than
 //              the probabilities (a device's fused attention keeps log-sum-exps), so its backward also
 //              takes the forward's out; and
-//              add(src, dst) (dst += src), gelu_forward/backward
+//              add(src, dst) (dst += src), gelu_forward/backward. linear_backward's din and
+//              attention_backward's dqkv are added into, or written over with a last argument of
+//              moe::nn::GradInto::overwrite (no zero fill of the buffer first)
 //   training   scale_gradients(params, factor), clip_grad_norm(params, max_norm),
 //              set_threads(n) (CPU; a no-op on a device), description(); a device's also
 //              grad_norm(params) and clip_factor(norm, max_norm), clipping's halves, so that its

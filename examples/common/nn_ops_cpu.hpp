@@ -79,8 +79,9 @@ class NnOps<moe::cpu::BasicBackend<S>> {
     moe::nn::linear_forward<S>(in, weight, bias, out, threads_);
   }
   void linear_backward(moe::ConstMatrixView<S> in, moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> weight,
-                       moe::MatrixView<S> din, moe::MatrixView<S> dweight, S* dbias) const {
-    moe::nn::linear_backward<S>(in, dout, weight, din, dweight, dbias, threads_);
+                       moe::MatrixView<S> din, moe::MatrixView<S> dweight, S* dbias,
+                       moe::nn::GradInto din_into = moe::nn::GradInto::add) const {
+    moe::nn::linear_backward<S>(in, dout, weight, din, dweight, dbias, threads_, din_into);
   }
   // The attention's cache for its backward: the [B, heads, T, T] probabilities.
   Index attention_cache_size(Index B, Index T, Index heads, Index /*channels*/) const { return B * heads * T * T; }
@@ -90,7 +91,9 @@ class NnOps<moe::cpu::BasicBackend<S>> {
   }
   // out (the forward's): unused here, as the cache holds the probabilities.
   void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, moe::ConstMatrixView<S> /*out*/,
-                          const S* att, Index B, Index T, Index heads, bool causal, moe::MatrixView<S> dqkv) const {
+                          const S* att, Index B, Index T, Index heads, bool causal, moe::MatrixView<S> dqkv,
+                          moe::nn::GradInto into = moe::nn::GradInto::add) const {
+    if (into == moe::nn::GradInto::overwrite) zero(dqkv);  // moe::nn's attention adds into dqkv
     moe::nn::attention_backward<S>(dout, qkv, att, B, T, heads, causal, dqkv, threads_);
   }
   // row_stats: unused here (the CPU's backward recomputes the softmax statistics).

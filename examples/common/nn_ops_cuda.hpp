@@ -109,8 +109,9 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
     moe::cuda::nn::linear_forward<S>(device_, in, weight, bias, out);
   }
   void linear_backward(moe::ConstMatrixView<S> in, moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> weight,
-                       moe::MatrixView<S> din, moe::MatrixView<S> dweight, S* dbias) const {
-    moe::cuda::nn::linear_backward<S>(device_, in, dout, weight, din, dweight, dbias);
+                       moe::MatrixView<S> din, moe::MatrixView<S> dweight, S* dbias,
+                       moe::nn::GradInto din_into = moe::nn::GradInto::add) const {
+    moe::cuda::nn::linear_backward<S>(device_, in, dout, weight, din, dweight, dbias, din_into);
   }
   // The attention's cache for its backward (elements of S): the fused path's log-sum-exps (a float per query row) or
   // the materialised probabilities.
@@ -131,11 +132,13 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   }
   // out: the forward's (the fused backward reads it; the materialised one does not).
   void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, moe::ConstMatrixView<S> out,
-                          const S* cache, Index B, Index T, Index heads, bool causal, moe::MatrixView<S> dqkv) const {
+                          const S* cache, Index B, Index T, Index heads, bool causal, moe::MatrixView<S> dqkv,
+                          moe::nn::GradInto into = moe::nn::GradInto::add) const {
     if constexpr (std::is_same_v<S, moe::bfloat16>)
       if (uses_fused_attention(out.cols, heads))
         return moe::cuda::nn::fused_attention_backward<S>(device_, dout, qkv, out, reinterpret_cast<const float*>(cache),
-                                                          B, T, heads, causal, dqkv);
+                                                          B, T, heads, causal, dqkv, into);
+    if (into == moe::nn::GradInto::overwrite) zero(dqkv);  // the materialised backward's products add into dqkv
     moe::cuda::nn::attention_backward<S>(device_, dout, qkv, cache, B, T, heads, causal, dqkv);
   }
   // row_stats ([2N], optional): the forward's softmax statistics, read by the backward on the same

@@ -9,7 +9,8 @@
 //   loss    = mean cross-entropy(logits, targets)
 //
 // Every backward adds its input gradient into the caller's buffer (+=), so the residual stream's
-// gradient runs through the blocks in place.
+// gradient runs through the blocks in place; where a buffer holds nothing to keep (dtmp, dqkv, an
+// FFN's hidden gradient) the pieces write over it instead (kOverwrite), with no zero fill first.
 //
 // The variant is a type: Model<DenseFFN<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...; the backend B
 // picks the world through examples::NnOps<B> (examples/common/nn_ops.hpp): the CPU
@@ -44,6 +45,9 @@ namespace gpt2 {
 using moe::ConstMatrixView;
 using moe::MatrixView;
 using moe::ParamRef;
+
+// What linear_backward and attention_backward take to write an input gradient instead of adding it.
+inline constexpr moe::nn::GradInto kOverwrite = moe::nn::GradInto::overwrite;
 
 namespace detail {
 
@@ -96,11 +100,11 @@ class DenseFFN {
   // dy: [N, H] -> dact = dy proj: [N, F] -> dpre = dact * gelu'(pre) -> dx = dpre fc: [N, H] (written)
   void backward(ConstMatrixView<S> x, ConstMatrixView<S> dy, MatrixView<S> dx) {
     B::resize(dact_, pre_.rows(), pre_.cols());
-    nn_.zero(dact_);
-    nn_.linear_backward(act_, dy, proj_weight_.matrix(), dact_, proj_weight_.grad_matrix(), proj_bias_.grad.data());
+    nn_.linear_backward(act_, dy, proj_weight_.matrix(), dact_, proj_weight_.grad_matrix(), proj_bias_.grad.data(),
+                        kOverwrite);
     nn_.gelu_backward(pre_, dact_, dact_);
-    nn_.zero(dx);
-    nn_.linear_backward(x, dact_, fc_weight_.matrix(), dx, fc_weight_.grad_matrix(), fc_bias_.grad.data());
+    nn_.linear_backward(x, dact_, fc_weight_.matrix(), dx, fc_weight_.grad_matrix(), fc_bias_.grad.data(),
+                        kOverwrite);
   }
 
   std::vector<ParamRef<S>> parameters() {
@@ -238,8 +242,8 @@ class Model {
     // where a non-finite input made 0 * inf there.
     const Index classes = wte_.padded_matrix().rows;
     if (classes > config_.vocab) nn_.zero(MatrixView<S>(logits_).col_block(config_.vocab, classes - config_.vocab));
-    nn_.zero(dtmp_);
-    nn_.linear_backward(ln_f_, classifier_view(), wte_.padded_matrix(), dtmp_, wte_.padded_grad_matrix(), nullptr);
+    nn_.linear_backward(ln_f_, classifier_view(), wte_.padded_matrix(), dtmp_, wte_.padded_grad_matrix(), nullptr,
+                        kOverwrite);  // dtmp_ = d ln_f
     nn_.zero(dresidual_);
     nn_.layernorm_backward(dtmp_, residual_.back(), ln_f_weight_.value.data(), ln_f_mean_.data(), ln_f_rstd_.data(),
                            dresidual_, ln_f_weight_.grad.data(), ln_f_bias_.grad.data());
@@ -395,14 +399,13 @@ class Model {
       nn.layernorm_backward(dtmp, residual_attn, ln_2_weight.value.data(), ln_2_mean.data(), ln_2_rstd.data(),
                             dresidual, ln_2_weight.grad.data(), ln_2_bias.grad.data());
       if (routed) nn.add(m.drouter_, dresidual);
-      nn.zero(dtmp);  // d atty
+      // dtmp and dqkv hold nothing to keep: their gradients are written over them, with no zero fill first.
       nn.linear_backward(atty, dresidual, c_proj_weight.matrix(), dtmp, c_proj_weight.grad_matrix(),
-                         c_proj_bias.grad.data());
-      nn.zero(dqkv);
-      nn.attention_backward(dtmp, qkv, atty, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv);
-      nn.zero(dtmp);  // d ln_1
+                         c_proj_bias.grad.data(), kOverwrite);  // dtmp = d atty
+      nn.attention_backward(dtmp, qkv, atty, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv,
+                            kOverwrite);
       nn.linear_backward(ln_1, dqkv, c_attn_weight.matrix(), dtmp, c_attn_weight.grad_matrix(),
-                         c_attn_bias.grad.data());
+                         c_attn_bias.grad.data(), kOverwrite);  // dtmp = d ln_1
       nn.layernorm_backward(dtmp, x, ln_1_weight.value.data(), ln_1_mean.data(), ln_1_rstd.data(), dresidual,
                             ln_1_weight.grad.data(), ln_1_bias.grad.data());
     }

@@ -106,7 +106,8 @@ struct FusedResults {
 };
 
 inline FusedResults fused_attention(const std::vector<float>& qkv, const std::vector<float>& dout,
-                                    const std::vector<float>& dqkv0, Shape s, bool causal) {
+                                    const std::vector<float>& dqkv0, Shape s, bool causal,
+                                    moe::nn::GradInto into = moe::nn::GradInto::add) {
   const auto [B, T, C, heads] = s;
   const TestDevice device = make_device();
   auto d_qkv = to_device<bfloat16>(device, qkv, B * T, 3 * C);
@@ -118,7 +119,7 @@ inline FusedResults fused_attention(const std::vector<float>& qkv, const std::ve
   moe::cuda::nn::fused_attention_forward<bfloat16>(device, q, B, T, heads, causal, view(d_out), d_lse.data());
   moe::cuda::nn::fused_attention_backward<bfloat16>(device, moe::ConstMatrixView<bfloat16>(view(d_dout)), q,
                                                     moe::ConstMatrixView<bfloat16>(view(d_out)), d_lse.data(), B, T,
-                                                    heads, causal, view(d_dqkv));
+                                                    heads, causal, view(d_dqkv), into);
   std::vector<float> lse(std::size_t(B * heads * T));
   device.download(lse.data(), d_lse.data(), lse.size() * sizeof(float));
   return {to_host(device, d_out.data(), d_out.size()), lse, to_host(device, d_dqkv.data(), d_dqkv.size())};
@@ -242,6 +243,25 @@ TEST_CASE("cuda nn fused attention: reruns are bit-identical; a NaN query stays 
     }
   CHECK(own_row_nan);
   CHECK(others_finite);
+}
+
+TEST_CASE("cuda nn fused attention: dqkv written over (GradInto::overwrite) is dqkv added into zeros, bit for bit") {
+  if (!device_available()) return;
+  for (const Shape s : {Shape{2, 45, 64, 2}, Shape{1, 40, 128, 1}, Shape{1, 5, 32, 1}}) {
+    const auto [B, T, C, heads] = s;
+    CAPTURE(T);
+    CAPTURE(C);
+    const auto qkv = normal_values(std::size_t(B * T * 3 * C), 41);
+    const auto dout = normal_values(std::size_t(B * T * C), 42);
+    const std::vector<float> zeros(std::size_t(B * T * 3 * C), 0.f),
+        nans(zeros.size(), std::numeric_limits<float>::quiet_NaN());
+    for (const bool causal : {true, false}) {
+      CAPTURE(causal);
+      const FusedResults added = fused_attention(qkv, dout, zeros, s, causal);
+      const FusedResults written = fused_attention(qkv, dout, nans, s, causal, moe::nn::GradInto::overwrite);
+      CHECK(same_bits(written.dqkv, added.dqkv));
+    }
+  }
 }
 
 TEST_CASE("cuda nn fused attention: which operands it takes, and clear errors for the rest") {

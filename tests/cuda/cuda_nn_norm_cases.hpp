@@ -14,9 +14,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moe/bfloat16.hpp"
@@ -565,7 +567,8 @@ struct LinearResult {
   std::vector<float> out, din, dweight, dbias;
 };
 
-inline LinearResult linear_cpu(const LinearInputs& x, LinearParts parts) {
+inline LinearResult linear_cpu(const LinearInputs& x, LinearParts parts,
+                               moe::nn::GradInto din_into = moe::nn::GradInto::add) {
   const Index T = x.T, I = x.I, O = x.O;
   LinearResult r;
   r.out.assign(std::size_t(T * O), 0.f);
@@ -576,7 +579,7 @@ inline LinearResult linear_cpu(const LinearInputs& x, LinearParts parts) {
                                   ConstMatrixView<float>(x.weight.data(), O, I),
                                   parts.din ? MatrixView<float>(r.din.data(), T, I) : MatrixView<float>(),
                                   parts.dweight ? MatrixView<float>(r.dweight.data(), O, I) : MatrixView<float>(),
-                                  parts.dbias ? r.dbias.data() : nullptr, 3);
+                                  parts.dbias ? r.dbias.data() : nullptr, 3, din_into);
   return r;
 }
 
@@ -587,7 +590,8 @@ struct LinearRaw {
 
 // lanes > 0: a GPU device's side streams for the two backward products (set_gemm_lanes; 1: in order).
 template <class S>
-LinearRaw<S> linear_device_raw(const LinearInputs& x, LinearParts parts, int lanes = 0) {
+LinearRaw<S> linear_device_raw(const LinearInputs& x, LinearParts parts, int lanes = 0,
+                               moe::nn::GradInto din_into = moe::nn::GradInto::add) {
   const TestDevice device = make_device();
   if (lanes > 0) set_gemm_lanes(device, lanes);
   const Index T = x.T, I = x.I, O = x.O;
@@ -600,7 +604,7 @@ LinearRaw<S> linear_device_raw(const LinearInputs& x, LinearParts parts, int lan
                                     ConstMatrixView<S>(weight.data(), O, I),
                                     parts.din ? MatrixView<S>(din.data(), T, I) : MatrixView<S>(),
                                     parts.dweight ? MatrixView<S>(dweight.data(), O, I) : MatrixView<S>(),
-                                    parts.dbias ? dbias.data() : nullptr);
+                                    parts.dbias ? dbias.data() : nullptr, din_into);
   LinearRaw<S> r;
   r.out = raw_host(device, out.data(), T * O);
   r.din = raw_host(device, din.data(), T * I);
@@ -651,6 +655,34 @@ TEST_CASE(CUDA_TEST_NAME("linear: bf16 storage with fp32 accumulation matches th
   CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
   std::uint64_t seed = 6000;
   for (const auto& [T, I, O] : linear_shapes()) check_linear_parity<moe::bfloat16>(T, I, O, {}, seed += 10, 2e-2);
+}
+
+template <class S>
+void check_linear_overwrite(Index T, Index I, Index O, std::uint64_t seed) {
+  CAPTURE(T);
+  CAPTURE(I);
+  CAPTURE(O);
+  // din written over NaNs gives the bits of din added into zeros, on the device and on the CPU; the rest as before.
+  LinearInputs zeros = rounded<S>(linear_inputs(T, I, O, seed)), nans = zeros;
+  std::fill(zeros.din.begin(), zeros.din.end(), 0.f);
+  std::fill(nans.din.begin(), nans.din.end(), std::numeric_limits<float>::quiet_NaN());
+  const LinearRaw<S> added = linear_device_raw<S>(zeros, {});
+  const LinearRaw<S> written = linear_device_raw<S>(nans, {}, 0, moe::nn::GradInto::overwrite);
+  CHECK(same_bits(written.din, added.din));
+  CHECK(same_bits(written.dweight, added.dweight));
+  CHECK(same_bits(written.dbias, added.dbias));
+  const LinearResult cpu_added = linear_cpu(zeros, {}), cpu_written = linear_cpu(nans, {}, moe::nn::GradInto::overwrite);
+  CHECK(cpu_written.din == cpu_added.din);
+  CHECK(relative_error(floats(written.din), cpu_written.din) < (std::is_same_v<S, float> ? 1e-5 : 2e-2));
+}
+
+TEST_CASE(CUDA_TEST_NAME("linear: din written over (GradInto::overwrite) is din added into zeros, bit for bit")) {
+  CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
+  std::uint64_t seed = 7500;
+  for (const auto& [T, I, O] : linear_shapes()) {
+    check_linear_overwrite<float>(T, I, O, seed += 10);
+    check_linear_overwrite<moe::bfloat16>(T, I, O, seed += 10);
+  }
 }
 
 TEST_CASE(CUDA_TEST_NAME("linear: no bias, and skipped gradients, leave the rest matching")) {

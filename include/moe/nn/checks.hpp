@@ -18,6 +18,11 @@ namespace moe::nn {
 // A cross-entropy target that leaves its row out of the loss.
 inline constexpr std::int32_t kIgnoreTarget = -1;
 
+// Where a backward puts an input's gradient: added into what the buffer holds (the default, llm.c's convention: a
+// value used in several places sums its gradients), or written over it, so a caller whose buffer holds nothing to
+// keep skips the zero fill first (a pass over the buffer, and the add's read of it). Both give the same bits.
+enum class GradInto { add, overwrite };
+
 struct AdamWConfig {
   double lr = 6e-4;  // used by step(params); step(params, lr) takes a scheduled rate instead
   double beta1 = 0.9;

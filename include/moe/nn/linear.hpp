@@ -23,7 +23,7 @@ void linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* b
 }
 
 // in: [T, I], dout: [T, O], weight: [O, I]
-//   -> din: [T, I] += dout weight        (skipped if din.data is null)
+//   -> din: [T, I] += dout weight        (skipped if din.data is null; = with GradInto::overwrite)
 //      dweight: [O, I] += dout^T in      (skipped if dweight.data is null)
 //      dbias: [O] += column sums of dout (skipped if null)
 // The GEMM tiles and the bias's column blocks are cut from the shapes alone, and each bias column
@@ -31,13 +31,13 @@ void linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* b
 // weight (the two products run side by side on the threads).
 template <class S>
 void linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight, MatrixView<S> din,
-                     MatrixView<S> dweight, S* dbias, int threads) {
+                     MatrixView<S> dweight, S* dbias, int threads, GradInto din_into = GradInto::add) {
   const Index T = in.rows, O = weight.rows;
   moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight);
 
   std::vector<cpu::Gemm<S>> work;
   if (dweight.data) work.push_back({dweight, dout, cpu::Op::transpose, in, cpu::Op::none, true});
-  if (din.data) work.push_back({din, dout, cpu::Op::none, weight, cpu::Op::none, true});
+  if (din.data) work.push_back({din, dout, cpu::Op::none, weight, cpu::Op::none, din_into == GradInto::add});
   cpu::run_gemms<S>(work, threads);
 
   if (!dbias) return;

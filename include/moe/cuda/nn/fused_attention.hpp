@@ -460,7 +460,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
 // passes.
 template <Index HS, class S, class D>
 void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, ConstMatrixView<S> out,
-              const float* lse, Index B, Index T, Index heads, bool causal, MatrixView<S> dqkv) {
+              const float* lse, Index B, Index T, Index heads, bool causal, MatrixView<S> dqkv, bool add) {
   const Index channels = HS * heads;
   const Index pairs = B * heads;
   const Heads heads_of{T, heads, channels, HS};
@@ -471,7 +471,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
   const S* out_all = out.data;
   const S* dout_all = dout.data;
   S* dqkv_all = dqkv.data;
-  const auto add = [] MOE_HOST_DEVICE(Index) { return 1.f; };
+  const auto unscaled = [] MOE_HOST_DEVICE(Index) { return 1.f; };
 
   // D per query row, in the scratch.
   float* dsum_all = static_cast<float*>(device.scratch(std::size_t(pairs * T) * sizeof(float)));
@@ -537,11 +537,11 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       accumulate_in_registers<RK, kQueries, HS>(warp, dk_acc, dst, ld_pq, q, ldh);  // dk += dS^T q
     });
     store_accumulators<RK, HS>(warp, grad, ldacc, dk_acc);
-    write_rows(warp, grad, ldacc, keys, HS, true,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, add);
+    write_rows(warp, grad, ldacc, keys, HS, add,
+                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, unscaled);
     store_accumulators<RK, HS>(warp, grad, ldacc, dv_acc);
-    write_rows(warp, grad, ldacc, keys, HS, true,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, add);
+    write_rows(warp, grad, ldacc, keys, HS, add,
+                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, unscaled);
   });
 
   // dq: a warp per tile of queries, over the blocks of keys they see.
@@ -586,8 +586,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       accumulate_in_registers<RQ, K, HS>(warp, dq_acc, ds, ld_pk, k, ldh);  // dq += dS k
     });
     store_accumulators<RQ, HS>(warp, dq, ldacc, dq_acc);
-    write_rows(warp, dq, ldacc, rows, HS, true,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, add);
+    write_rows(warp, dq, ldacc, rows, HS, add,
+                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, unscaled);
   });
 }
 
@@ -630,12 +630,13 @@ void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, I
 }
 
 // dout: [B*T, C], qkv: [B*T, 3C], out and lse from fused_attention_forward -> dqkv: [B*T, 3C], added into (+=), as
-// attention_backward. Scratch: one float per query row (D = rowsum(dout * out), FlashAttention's identity for
+// attention_backward, or written over (GradInto::overwrite: every element has one writer, which then stores instead
+// of adding; the same bits as adding into zeros). Scratch: one float per query row (D = rowsum(dout * out), FlashAttention's identity for
 // rowsum(P * dP)). Staging: 26 KB (dk, dv) and 35 KB (dq) a warp at head size 64.
 template <class S, class D>
 void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv,
                               ConstMatrixView<S> out, const float* lse, Index B, Index T, Index heads, bool causal,
-                              MatrixView<S> dqkv) {
+                              MatrixView<S> dqkv, moe::nn::GradInto into = moe::nn::GradInto::add) {
   static_assert(std::is_same_v<S, bfloat16>, "fused_attention_backward: bf16 only (attention.hpp takes every precision)");
   namespace fd = fused_attention_detail;
   check(lse != nullptr, "fused_attention_backward: lse (the forward's, [B * heads * T]) is null");
@@ -648,10 +649,11 @@ void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMat
   check(fused_attention_fits<S>(channels, heads, qkv, out, dout, dqkv),
         "fused_attention_backward: bf16, a head size of 32, 64 or 128 and 16-byte aligned rows are needed (head size ",
         hs, "); attention_backward takes the rest");
+  const bool add = into == moe::nn::GradInto::add;
   switch (hs) {  // fused_attention_fits took only these
-    case 32: return fd::backward<32>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv);
-    case 64: return fd::backward<64>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv);
-    default: return fd::backward<128>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv);
+    case 32: return fd::backward<32>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv, add);
+    case 64: return fd::backward<64>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv, add);
+    default: return fd::backward<128>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv, add);
   }
 }
 

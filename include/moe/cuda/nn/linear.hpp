@@ -16,6 +16,8 @@
 
 namespace moe::cuda::nn {
 
+using moe::nn::GradInto;  // moe/nn/checks.hpp
+
 // in: [T, I], weight: [O, I], bias: [O] or null -> out: [T, O] = in weight^T + bias.
 // Nothing is cached: backward takes in again. out must not alias in.
 template <class S, class D>
@@ -29,7 +31,7 @@ void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> w
 }
 
 // in: [T, I], dout: [T, O], weight: [O, I]
-//   -> din: [T, I] += dout weight        (skipped if din.data is null)
+//   -> din: [T, I] += dout weight        (skipped if din.data is null; = with GradInto::overwrite: beta = 0)
 //      dweight: [O, I] += dout^T in      (skipped if dweight.data is null)
 //      dbias: [O] += column sums of dout (skipped if null)
 // din must not alias in, dout or weight: the two products are one group (device.gemm_group), run
@@ -37,13 +39,13 @@ void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> w
 // [O, I] over the long depth T may not fill the SMs alone.
 template <class S, class D>
 void linear_backward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
-                     MatrixView<S> din, MatrixView<S> dweight, S* dbias) {
+                     MatrixView<S> din, MatrixView<S> dweight, S* dbias, GradInto din_into = GradInto::add) {
   using C = Compute<S>;
   const Index T = in.rows, O = weight.rows;
   moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight);
   moe::cuda::detail::GemmGroup<D, S> products(device, moe::cuda::detail::Shape::fixed);
   if (dweight.data) products.gemm(dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
-  if (din.data) products.gemm(din, dout, BlasOp::none, weight, BlasOp::none, true);
+  if (din.data) products.gemm(din, dout, BlasOp::none, weight, BlasOp::none, din_into == GradInto::add);
   products.run();
   if (!dbias) return;
   ScratchLayout layout;
