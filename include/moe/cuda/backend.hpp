@@ -797,14 +797,15 @@ class BasicBackend {
   // dlogits = d(routing weights)/d(logits)^T dweights (+ the auxiliary losses' gradient).
   void route_backward(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
                       const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
-    fill(dlogits, S(0));
     const Index N = logits.cols, k = config.top_k;
     const RoutingWeights mode = config.weights;
     const std::int32_t* expert = plan.expert.data();
     const S* dw = dweights.data();
     if (logits.rows > 0)
       device_.for_each(logits.rows, [=] MOE_HOST_DEVICE(Index t) {
-        route_one_token_backward(logits.row(t), N, k, mode, expert + t * k, dw + t * k, dlogits.row(t));
+        S* dz = dlogits.row(t);
+        for (Index e = 0; e < N; ++e) dz[e] = S(0);  // the row's zeros, then its gradient added (no fill launch)
+        route_one_token_backward(logits.row(t), N, k, mode, expert + t * k, dw + t * k, dz);
       });
     if (config.aux.load_balance > 0 || config.aux.z_loss > 0) add_aux_gradient(logits, plan, config, mask, dlogits);
   }
