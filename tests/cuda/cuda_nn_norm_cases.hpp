@@ -1,6 +1,6 @@
 // tests/cuda/cuda_nn_norm_cases.hpp: test cases of moe/cuda/nn/layernorm.hpp,
 // moe/cuda/nn/embedding.hpp and moe/cuda/nn/linear.hpp, written once over the device. The including file defines, in
-// namespace cuda_test, `TestDevice`, `make_device()` and `device_available()` (and optionally
+// namespace cuda_test, `TestDevice`, `kEmulatedDevice`, `make_device()` and `device_available()` (and optionally
 // CUDA_TEST_NAME(text), a test-name prefix). Reference: the CPU functions of moe/nn/*.hpp in fp32
 // on the same inputs (rounded to bf16 for both sides in the bf16 cases).
 #pragma once
@@ -662,13 +662,17 @@ void check_linear_overwrite(Index T, Index I, Index O, std::uint64_t seed) {
   CAPTURE(T);
   CAPTURE(I);
   CAPTURE(O);
-  // din written over NaNs gives the bits of din added into zeros, on the device and on the CPU; the rest as before.
+  // din written over NaNs gives din added into zeros: the same bits on the CPU and the emulated device (one GEMM
+  // definition), on a GPU within a kernel's rounding (cuBLAS may pick another kernel for beta = 0); the rest as before.
   LinearInputs zeros = rounded<S>(linear_inputs(T, I, O, seed)), nans = zeros;
   std::fill(zeros.din.begin(), zeros.din.end(), 0.f);
   std::fill(nans.din.begin(), nans.din.end(), std::numeric_limits<float>::quiet_NaN());
   const LinearRaw<S> added = linear_device_raw<S>(zeros, {});
   const LinearRaw<S> written = linear_device_raw<S>(nans, {}, 0, moe::nn::GradInto::overwrite);
-  CHECK(same_bits(written.din, added.din));
+  if constexpr (kEmulatedDevice)
+    CHECK(same_bits(written.din, added.din));
+  else
+    CHECK(relative_error(floats(written.din), floats(added.din)) < (std::is_same_v<S, float> ? 1e-6 : 1e-2));
   CHECK(same_bits(written.dweight, added.dweight));
   CHECK(same_bits(written.dbias, added.dbias));
   const LinearResult cpu_added = linear_cpu(zeros, {}), cpu_written = linear_cpu(nans, {}, moe::nn::GradInto::overwrite);
@@ -676,7 +680,7 @@ void check_linear_overwrite(Index T, Index I, Index O, std::uint64_t seed) {
   CHECK(relative_error(floats(written.din), cpu_written.din) < (std::is_same_v<S, float> ? 1e-5 : 2e-2));
 }
 
-TEST_CASE(CUDA_TEST_NAME("linear: din written over (GradInto::overwrite) is din added into zeros, bit for bit")) {
+TEST_CASE(CUDA_TEST_NAME("linear: din written over (GradInto::overwrite) is din added into zeros")) {
   CUDA_NN_NORM_SKIP_WITHOUT_DEVICE();
   std::uint64_t seed = 7500;
   for (const auto& [T, I, O] : linear_shapes()) {

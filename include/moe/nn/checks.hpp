@@ -20,7 +20,9 @@ inline constexpr std::int32_t kIgnoreTarget = -1;
 
 // Where a backward puts an input's gradient: added into what the buffer holds (the default, llm.c's convention: a
 // value used in several places sums its gradients), or written over it, so a caller whose buffer holds nothing to
-// keep skips the zero fill first (a pass over the buffer, and the add's read of it). Both give the same bits.
+// keep skips the zero fill first (a pass over the buffer, and the add's read of it). Both give the same values: the
+// same bits wherever the product runs the same kernel either way (the CPU, the emulated device, the fused attention;
+// cuBLAS may pick another kernel for beta = 0).
 enum class GradInto { add, overwrite };
 
 struct AdamWConfig {

@@ -631,8 +631,8 @@ void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, I
 
 // dout: [B*T, C], qkv: [B*T, 3C], out and lse from fused_attention_forward -> dqkv: [B*T, 3C], added into (+=), as
 // attention_backward, or written over (GradInto::overwrite: every element has one writer, which then stores instead
-// of adding; the same bits as adding into zeros). Scratch: one float per query row (D = rowsum(dout * out), FlashAttention's identity for
-// rowsum(P * dP)). Staging: 26 KB (dk, dv) and 35 KB (dq) a warp at head size 64.
+// of adding; the same bits as adding into zeros). Scratch: one float per query row (D = rowsum(dout * out),
+// FlashAttention's identity for rowsum(P * dP)). Staging: 26 KB (dk, dv) and 35 KB (dq) a warp at head size 64.
 template <class S, class D>
 void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv,
                               ConstMatrixView<S> out, const float* lse, Index B, Index T, Index heads, bool causal,
