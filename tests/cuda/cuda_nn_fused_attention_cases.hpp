@@ -248,12 +248,11 @@ TEST_CASE("cuda nn fused attention: reruns are bit-identical; a NaN query stays 
 TEST_CASE("cuda nn fused attention: dqkv written over (GradInto::overwrite) is dqkv added into zeros, bit for bit") {
   if (!device_available()) return;
   for (const Shape s : {Shape{2, 45, 64, 2}, Shape{1, 40, 128, 1}, Shape{1, 5, 32, 1}}) {
-    const auto [B, T, C, heads] = s;
-    CAPTURE(T);
-    CAPTURE(C);
-    const auto qkv = normal_values(std::size_t(B * T * 3 * C), 41);
-    const auto dout = normal_values(std::size_t(B * T * C), 42);
-    const std::vector<float> zeros(std::size_t(B * T * 3 * C), 0.f),
+    CAPTURE(s.T);  // (clang 14 cannot capture a structured binding in CAPTURE's lambda)
+    CAPTURE(s.C);
+    const auto qkv = normal_values(std::size_t(s.B * s.T * 3 * s.C), 41);
+    const auto dout = normal_values(std::size_t(s.B * s.T * s.C), 42);
+    const std::vector<float> zeros(std::size_t(s.B * s.T * 3 * s.C), 0.f),
         nans(zeros.size(), std::numeric_limits<float>::quiet_NaN());
     for (const bool causal : {true, false}) {
       CAPTURE(causal);
