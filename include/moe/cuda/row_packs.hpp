@@ -111,9 +111,9 @@ MOE_HOST_DEVICE MaxSum<C> max_sum_add(MaxSum<C> acc, C x, C scale = C(1)) {
 }
 
 // The pair with P values more at once (a whole pack's): their max first, so the sum rescales once at most, then
-// their P exponentials, independent of each other (one after another, each waited on the pair's last max: a chain
-// of compares, branches and exps per element). Non-finite values as max_sum_add: -inf adds nothing, a NaN or a
-// +inf makes the sum NaN. The same pair as P max_sum_adds up to the rounding of the sum.
+// their P exponentials, independent of each other (max_sum_add value by value chains a compare, a branch and an exp
+// on the pair's last max). Non-finite values as max_sum_add: -inf adds nothing, a NaN or a +inf makes the sum NaN.
+// The same pair as P max_sum_adds up to the rounding of the sum.
 template <class C, Index P>
 MOE_HOST_DEVICE MaxSum<C> max_sum_add_all(MaxSum<C> acc, const C (&x)[P], C scale = C(1)) {
   C max = acc.max;
