@@ -93,8 +93,7 @@ class NnOps<moe::cpu::BasicBackend<S>> {
   void attention_backward(moe::ConstMatrixView<S> dout, moe::ConstMatrixView<S> qkv, moe::ConstMatrixView<S> /*out*/,
                           const S* att, Index B, Index T, Index heads, bool causal, moe::MatrixView<S> dqkv,
                           moe::nn::GradInto into = moe::nn::GradInto::add) const {
-    if (into == moe::nn::GradInto::overwrite) zero(dqkv);  // moe::nn's attention adds into dqkv
-    moe::nn::attention_backward<S>(dout, qkv, att, B, T, heads, causal, dqkv, threads_);
+    moe::nn::attention_backward<S>(dout, qkv, att, B, T, heads, causal, dqkv, threads_, into);
   }
   // row_stats: unused here (the CPU's backward recomputes the softmax statistics).
   double cross_entropy_forward(moe::ConstMatrixView<S> logits, std::span<const std::int32_t> targets, S* losses,

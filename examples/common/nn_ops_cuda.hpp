@@ -138,8 +138,8 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
       if (uses_fused_attention(out.cols, heads))
         return moe::cuda::nn::fused_attention_backward<S>(device_, dout, qkv, out, reinterpret_cast<const float*>(cache),
                                                           B, T, heads, causal, dqkv, into);
-    if (into == moe::nn::GradInto::overwrite) zero(dqkv);  // the materialised backward's products add into dqkv
-    moe::cuda::nn::attention_backward<S>(device_, dout, qkv, cache, B, T, heads, causal, dqkv);
+    moe::cuda::nn::attention_backward<S>(device_, dout, qkv, cache, B, T, heads, causal, dqkv, /*block: default*/ 0,
+                                         into);
   }
   // row_stats ([2N], optional): the forward's softmax statistics, read by the backward on the same
   // logits instead of a second read of every row.

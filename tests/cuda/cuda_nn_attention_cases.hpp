@@ -1,6 +1,7 @@
 // tests/cuda/cuda_nn_attention_cases.hpp: moe::cuda::nn::attention_forward / attention_backward
 // (moe/cuda/nn/attention.hpp) against the CPU functions of moe/nn/attention.hpp, written once over the device. The
-// including file defines, in namespace cuda_test, `TestDevice`, `make_device()` and `device_available()` (the emulated
+// including file defines, in namespace cuda_test, `TestDevice`, `kEmulatedDevice`, `make_device()` and
+// `device_available()` (the emulated
 // device on the host; CudaDevice under nvcc, where each case returns early without a GPU). Host compiler only: it
 // includes the CPU library.
 #pragma once
@@ -13,6 +14,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <moe/bfloat16.hpp>
 #include <moe/cuda/buffer.hpp>
 #include <moe/cuda/nn/attention.hpp>
@@ -73,20 +76,21 @@ struct Results {
 };
 
 inline Results cpu_attention(const std::vector<float>& qkv, const std::vector<float>& dout,
-                             const std::vector<float>& dqkv0, Shape s, bool causal) {
+                             const std::vector<float>& dqkv0, Shape s, bool causal,
+                             moe::nn::GradInto into = moe::nn::GradInto::add) {
   const auto [B, T, C, heads] = s;
   Results r{std::vector<float>(std::size_t(B * T * C)), std::vector<float>(std::size_t(B * heads * T * T)), dqkv0};
   const moe::ConstMatrixView<float> q(qkv.data(), B * T, 3 * C);
   moe::nn::attention_forward<float>(q, B, T, heads, causal, moe::MatrixView<float>(r.out.data(), B * T, C),
                                     r.att.data(), 1);
   moe::nn::attention_backward<float>(moe::ConstMatrixView<float>(dout.data(), B * T, C), q, r.att.data(), B, T, heads,
-                                     causal, moe::MatrixView<float>(r.dqkv.data(), B * T, 3 * C), 1);
+                                     causal, moe::MatrixView<float>(r.dqkv.data(), B * T, 3 * C), 1, into);
   return r;
 }
 
 template <class S>
 Results device_attention(const std::vector<float>& qkv, const std::vector<float>& dout, const std::vector<float>& dqkv0,
-                         Shape s, bool causal, Index block = 0) {
+                         Shape s, bool causal, Index block = 0, moe::nn::GradInto into = moe::nn::GradInto::add) {
   const auto [B, T, C, heads] = s;
   const TestDevice device = make_device();
   auto d_qkv = to_device<S>(device, qkv, B * T, 3 * C);
@@ -97,7 +101,7 @@ Results device_attention(const std::vector<float>& qkv, const std::vector<float>
                                       d_att.data(), block);
   moe::cuda::nn::attention_backward<S>(device, moe::ConstMatrixView<S>(view(d_dout)),
                                        moe::ConstMatrixView<S>(view(d_qkv)), d_att.data(), B, T, heads, causal,
-                                       view(d_dqkv), block);
+                                       view(d_dqkv), block, into);
   return {to_host(device, d_out.data(), d_out.size()), to_host(device, d_att.data(), d_att.size()),
           to_host(device, d_dqkv.data(), d_dqkv.size())};
 }
@@ -184,6 +188,38 @@ TEST_CASE("cuda nn attention: reruns are bit-identical (fp32 and bf16)") {
   if (!device_available()) return;
   check_rerun_bits<float>();
   check_rerun_bits<moe::bfloat16>();
+}
+
+// dqkv written over NaNs (GradInto::overwrite) gives dqkv added into zeros: on the CPU and the emulated device bit for
+// bit, on a GPU within a kernel's rounding (cuBLAS may serve beta = 0 with another kernel). Blocks of 7 rows: several
+// products write dqkv, each its own rows.
+template <class S>
+void check_overwrite(double tolerance) {
+  for (const Shape s : {Shape{2, 33, 24, 4}, Shape{1, 37, 18, 1}, Shape{2, 40, 16, 2}})
+    for (const bool causal : {true, false}) {
+      CAPTURE(s.T);
+      CAPTURE(causal);
+      const auto qkv = rounded<S>(normal_values(std::size_t(s.B * s.T * 3 * s.C), 11));
+      const auto dout = rounded<S>(normal_values(std::size_t(s.B * s.T * s.C), 12));
+      const std::vector<float> zeros(std::size_t(s.B * s.T * 3 * s.C), 0.f),
+          nans(zeros.size(), std::numeric_limits<float>::quiet_NaN());
+      const Results cpu_added = cpu_attention(qkv, dout, zeros, s, causal);
+      const Results cpu_written = cpu_attention(qkv, dout, nans, s, causal, moe::nn::GradInto::overwrite);
+      CHECK(std::memcmp(cpu_written.dqkv.data(), cpu_added.dqkv.data(), cpu_added.dqkv.size() * sizeof(float)) == 0);
+      const Results added = device_attention<S>(qkv, dout, zeros, s, causal, 7);
+      const Results written = device_attention<S>(qkv, dout, nans, s, causal, 7, moe::nn::GradInto::overwrite);
+      if constexpr (kEmulatedDevice)
+        CHECK(std::memcmp(written.dqkv.data(), added.dqkv.data(), added.dqkv.size() * sizeof(float)) == 0);
+      else
+        CHECK(relative_error(written.dqkv, added.dqkv) < tolerance);
+      CHECK(relative_error(written.dqkv, cpu_written.dqkv) < (std::is_same_v<S, float> ? 1e-5 : 2e-2));
+    }
+}
+
+TEST_CASE("cuda nn attention: dqkv written over (GradInto::overwrite) is dqkv added into zeros") {
+  if (!device_available()) return;
+  check_overwrite<float>(1e-6);
+  check_overwrite<moe::bfloat16>(1e-2);
 }
 
 TEST_CASE("cuda nn attention: bad shapes throw moe::Error naming them") {

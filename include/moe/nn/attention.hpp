@@ -114,11 +114,13 @@ void attention_forward(ConstMatrixView<S> qkv, Index B, Index T, Index heads, bo
 }
 
 // dout: [B*T, C], qkv: [B*T, 3C], att: [B, heads, T, T] (from forward) -> dqkv: [B*T, 3C], added
-// into (+=, llm.c's convention). With P = att, dP = dout v^T:
+// into (+=, llm.c's convention), or written over (GradInto::overwrite: each pair zeroes its part of
+// dqkv first, as its query blocks add into dk and dv). With P = att, dP = dout v^T:
 //   dv += P^T dout;  dS = P * (dP - rowsum(P * dP)) / sqrt(hs);  dq += dS k;  dk += dS^T q.
 template <class S>
 void attention_backward(ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S* att, Index B, Index T, Index heads,
-                        bool causal, MatrixView<S> dqkv, int threads = cpu::default_threads()) {
+                        bool causal, MatrixView<S> dqkv, int threads = cpu::default_threads(),
+                        GradInto into = GradInto::add) {
   static_assert(std::is_floating_point_v<S>, "attention_backward: S must be float or double");
   namespace ad = attention_detail;
   const auto [C, hs] =
@@ -132,6 +134,9 @@ void attention_backward(ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S
     const Index b = pair / heads, h = pair % heads;
     const auto [q, k, v] = ad::head_qkv(qkv, b, h, T, C, hs);
     const auto [dq, dk, dv] = ad::head_qkv(dqkv, b, h, T, C, hs);
+    if (into == GradInto::overwrite)
+      for (const MatrixView<S>& d : {dq, dk, dv})
+        for (Index t = 0; t < T; ++t) std::fill(d.row(t), d.row(t) + hs, S(0));
     const auto d_o = dout.col_block(h * hs, hs).row_block(b * T, T);
     const ConstMatrixView<S> probs(att + pair * T * T, T, T);
     std::vector<S> scratch(std::size_t(std::min(kAttentionBlock, T) * T));

@@ -192,14 +192,16 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
 }
 
 // dout: [B*T, C], qkv: [B*T, 3C], att: [B, heads, T, T] (from forward) -> dqkv: [B*T, 3C], added into (+=, llm.c's
-// convention). With P = att, dP = dout v^T:
+// convention), or written over (GradInto::overwrite: each element of dqkv is one product's, which then runs with
+// beta = 0; no zero fill first). With P = att, dP = dout v^T:
 //   dv += P^T dout;  dS = P * (dP - rowsum(P * dP)) / sqrt(hs);  dq += dS k;  dk += dS^T q.
 // Causal: query block i's dP and dq span keys [0, end of block i); key block j's dv and dk take only the rows that
 // see it ([start of block j, T)). Scratch: dP / dS for every pair ([B, heads, T, T] like att) and 3 pointers per pair
 // and product.
 template <class S, class D>
 void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, const S* att, Index B,
-                        Index T, Index heads, bool causal, MatrixView<S> dqkv, Index block = 0) {
+                        Index T, Index heads, bool causal, MatrixView<S> dqkv, Index block = 0,
+                        moe::nn::GradInto into = moe::nn::GradInto::add) {
   namespace ad = attention_detail;
   using C = Compute<S>;
   const auto [channels, hs] =
@@ -256,11 +258,12 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
                                                     {T, hs, channels, ld_qkv, ld_dout, ld_dqkv, blocks.size});
   // Rows of the query blocks that see key block i (from its start when causal, else all T).
   const auto seeing_rows = [&](Index i) { return causal ? T - blocks.begin(i) : T; };
+  const bool add = into == moe::nn::GradInto::add;  // the dqkv products' beta
 
   // dv += P^T dout and dP = dout v^T.
   for (Index i = 0; i < blocks.count; ++i) {
     ad::per_pair(device, arrays, call_of(kValueGrad, i), pairs, blocks.rows(i, T), hs, seeing_rows(i), ld_dqkv,
-                 BlasOp::transpose, T, BlasOp::none, ld_dout, true, aligned);
+                 BlasOp::transpose, T, BlasOp::none, ld_dout, add, aligned);
     ad::per_pair(device, arrays, call_of(kProbabilityGrad, i), pairs, blocks.rows(i, T), blocks.keys(i, T, causal), hs,
                  T, BlasOp::none, ld_dout, BlasOp::transpose, ld_qkv, false, aligned);
   }
@@ -274,9 +277,9 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   // dq += dS k and dk += dS^T q.
   for (Index i = 0; i < blocks.count; ++i) {
     ad::per_pair(device, arrays, call_of(kQueryGrad, i), pairs, blocks.rows(i, T), hs, blocks.keys(i, T, causal),
-                 ld_dqkv, BlasOp::none, T, BlasOp::none, ld_qkv, true, aligned);
+                 ld_dqkv, BlasOp::none, T, BlasOp::none, ld_qkv, add, aligned);
     ad::per_pair(device, arrays, call_of(kKeyGrad, i), pairs, blocks.rows(i, T), hs, seeing_rows(i), ld_dqkv,
-                 BlasOp::transpose, T, BlasOp::none, ld_qkv, true, aligned);
+                 BlasOp::transpose, T, BlasOp::none, ld_qkv, add, aligned);
   }
 }
 
