@@ -218,11 +218,7 @@ void add_column_sums(const D& device, std::span<ColumnSum<S, C>> sums, C* partia
       const Index cols = s.m.cols, packs = cols / P, q = u / packs, c0 = (u % packs) * P;
       const Index end = (q + 1) * kColumnSumChunk < s.m.rows ? (q + 1) * kColumnSumChunk : s.m.rows;
       C total[P] = {};
-      fetch_in_batches<8>(q * kColumnSumChunk, end, [&](Index r) { return load_pack(&s.m(r, c0)); },
-                          [&](const Pack<S>& v) {
-                            MOE_UNROLL
-                            for (Index i = 0; i < P; ++i) total[i] += C(v.v[i]);
-                          });
+      add_rows_in_order<P>(total, q * kColumnSumChunk, end, [&](Index r) { return &s.m(r, c0); });
       MOE_UNROLL
       for (Index i = 0; i < P; ++i) s.partial[q * cols + c0 + i] = total[i];
     });
@@ -230,9 +226,9 @@ void add_column_sums(const D& device, std::span<ColumnSum<S, C>> sums, C* partia
     for_each_tensor_unit(device, std::span<const Sum>(sums), 1, [=] MOE_HOST_DEVICE(const Sum& s, Index u, Index) {
       const Index cols = s.m.cols, q = u / cols, c = u % cols;
       const Index end = (q + 1) * kColumnSumChunk < s.m.rows ? (q + 1) * kColumnSumChunk : s.m.rows;
-      C total = 0;
-      for (Index r = q * kColumnSumChunk; r < end; ++r) total += C(s.m(r, c));
-      s.partial[u] = total;
+      C total[1] = {};
+      add_rows_in_order<1>(total, q * kColumnSumChunk, end, [&](Index r) { return &s.m(r, c); });
+      s.partial[u] = total[0];
     });
   }
   for (Sum& sum : sums) sum.n = sum.n > 0 ? sum.m.cols : 0;  // now one unit per column

@@ -46,6 +46,7 @@
 #include <initializer_list>
 
 #include "moe/config.hpp"
+#include "moe/cuda/pack.hpp"
 #include "moe/host_device.hpp"
 #include "moe/tensor.hpp"
 
@@ -376,6 +377,17 @@ MOE_HOST_DEVICE T sum_in_order(Index n, F f) {
   T total = 0;
   fetch_in_batches<8>(0, n, f, [&](T term) { total += term; });
   return total;
+}
+
+// sum[e] += C(at(j)[e]) for e < W and j = begin, ..., end - 1, added in j order, a pack of W elements a row (W =
+// kPackSize<S>: one 16-byte load; 1: one element), eight rows in flight: a walk down a column of packs (a bias
+// gradient's chunk of rows, an embedding row's run of tokens) with the plain loop's bits.
+template <Index W, class C, class RowAt>
+MOE_HOST_DEVICE void add_rows_in_order(C (&sum)[W], Index begin, Index end, RowAt at) {
+  fetch_in_batches<8>(begin, end, [&](Index j) { return load_pack_of<W>(at(j)); }, [&](const auto& row) {
+    MOE_UNROLL
+    for (Index e = 0; e < W; ++e) sum[e] += C(row.v[e]);
+  });
 }
 
 // *target += value with an atomic on the GPU. Only integers: integer sums do not depend on the

@@ -50,18 +50,13 @@ void forward_packs(const D& device, const std::int32_t* id, Index T, ConstMatrix
 
 // to[c0, c0 + W) += dout(row_of(j), [c0, c0 + W)) for j = begin, ..., end - 1, added in that order in Cm.
 template <Index W, class S, class RowOf>
-MOE_HOST_DEVICE void add_rows_in_order(S* to, ConstMatrixView<S> dout, Index c0, Index begin, Index end,
-                                       RowOf row_of) {
+MOE_HOST_DEVICE void add_rows_into(S* to, ConstMatrixView<S> dout, Index c0, Index begin, Index end, RowOf row_of) {
   using Cm = Compute<S>;
   const Pack<S, W> start = load_pack_of<W>(to);
   Cm sum[W];
   MOE_UNROLL
   for (Index e = 0; e < W; ++e) sum[e] = Cm(start.v[e]);
-  fetch_in_batches<8>(begin, end, [&](Index j) { return load_pack_of<W>(&dout(row_of(j), c0)); },
-                      [&](const Pack<S, W>& g) {
-                        MOE_UNROLL
-                        for (Index e = 0; e < W; ++e) sum[e] += Cm(g.v[e]);
-                      });
+  add_rows_in_order<W>(sum, begin, end, [&](Index j) { return &dout(row_of(j), c0); });
   Pack<S, W> total;
   MOE_UNROLL
   for (Index e = 0; e < W; ++e) total.v[e] = S(sum[e]);
@@ -79,11 +74,11 @@ void backward_packs(const D& device, ConstMatrixView<S> dout, const std::uint32_
       if (i > 0 && token[i - 1] == token[i]) return;  // not the first row of its token
       Index end = i + 1;                              // the run's end (the small sorted ids: cached reads)
       while (end < rows && token[end] == token[i]) ++end;
-      add_rows_in_order<W>(&dwte(Index(token[i]), q * W), dout, q * W, i, end, [=](Index j) { return Index(row[j]); });
+      add_rows_into<W>(&dwte(Index(token[i]), q * W), dout, q * W, i, end, [=](Index j) { return Index(row[j]); });
     });
   if (dwpe.data)
     moe::cuda::detail::for_each_2d(device, T, packs, [=] MOE_HOST_DEVICE(Index t, Index q) {
-      add_rows_in_order<W>(&dwpe(t, q * W), dout, q * W, 0, B, [=](Index b) { return b * T + t; });
+      add_rows_into<W>(&dwpe(t, q * W), dout, q * W, 0, B, [=](Index b) { return b * T + t; });
     });
 }
 
