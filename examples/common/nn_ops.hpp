@@ -21,7 +21,8 @@
 //              takes the forward's out; and
 //              add(src, dst) (dst += src), gelu_forward/backward. linear_backward's din and
 //              attention_backward's dqkv are added into, or written over with a last argument of
-//              moe::nn::GradInto::overwrite (no zero fill of the buffer first)
+//              moe::nn::GradInto::overwrite (no zero fill of the buffer first: moe::nn and moe::cuda::nn
+//              take it themselves)
 //   training   scale_gradients(params, factor), clip_grad_norm(params, max_norm),
 //              set_threads(n) (CPU; a no-op on a device), description(); a device's also
 //              grad_norm(params) and clip_factor(norm, max_norm), clipping's halves, so that its
