@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu/run.sh: the CUDA backend and GPU training on a GPU machine, in one command. Runs the GPU
 # tests (moe_cuda_tests: the backend, the transformer pieces and the whole GPT-2 MoE model against
-# the CPU), the same tests under compute-sanitizer memcheck and racecheck, bench_moe_cuda and its
+# the CPU; after a failed run, each case again alone, bench/gpu/isolate_cases.sh), the same tests under compute-sanitizer memcheck and racecheck, bench_moe_cuda and its
 # PyTorch peers (bench/gpu/torch_moe_cuda.py), bench_gpt2_cuda (GPT-2-small MoE training) and its
 # PyTorch peer (bench/gpu/torch_gpt2_cuda.py), optionally the GPT-2-small comparison of the gates,
 # and prints the tables (bench/gpu/report.py, bench/gpu/report_gpt2.py) last.
@@ -19,7 +19,7 @@
 #   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
 #
 # Environment (all optional):
-#   OUT_DIR           results: tests.log, memcheck.log, racecheck.log, moe_cuda.json, torch_cuda.json,
+#   OUT_DIR           results: tests.log (isolate.log and isolated/ after a failed run), memcheck.log, racecheck.log, moe_cuda.json, torch_cuda.json,
 #                     gpt2_cuda.json, torch_gpt2_cuda.json, table.md, table_gpt2.md, compare/, env.txt
 #                     (default build-gpu/results; on the device machine, where $OUT is set,
 #                     $OUT/results: every step's files are where the device tool fetches them as soon
@@ -45,8 +45,8 @@
 #   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024
 #                     tokens per step (default 8): 200 x 8 x 1024 = 1.6M tokens per variant
 #   ATTENTION         fused (default) or materialized: the GPT-2 attention of bench_gpt2 (read by the
-#                     binary) and of compare (gpt2_moe --attention), e.g. should the fused kernel fail
-#                     its GPU tests
+#                     binary) and of compare (gpt2_moe --attention). Unset, it becomes materialized for
+#                     the rest of the run when a fused-attention case fails alone in the test step
 #   PYTHON            the python with torch 2.x and transformers (default python3)
 #   COMPUTE_SANITIZER the compute-sanitizer binary (default: found on the PATH, under
 #                     /usr/local/cuda*, or in pip's nvidia-cuda-sanitizer-api wheel)
@@ -112,6 +112,7 @@ failed=()
 run_step() {
   local name=$1 log=$2 rc=0 start=$SECONDS limit=()
   shift 2
+  last_rc=125  # not run
   if ((budget > 0)); then
     local left=$((budget - SECONDS))
     if ((left < 5)); then
@@ -123,6 +124,7 @@ run_step() {
   fi
   echo "== $name: $*"
   "${limit[@]+"${limit[@]}"}" "$@" 2>&1 | tee "$log" || rc=$?
+  last_rc=$rc
   if ((rc == 124 && budget > 0)); then
     echo "== $name: TIMED OUT after $((SECONDS - start)) s: the run's BUDGET of $budget s ran out, see $log"
     failed+=("$name")
@@ -178,6 +180,18 @@ fi
 
 if want test; then
   run_step test "$out/tests.log" "$tests"
+  # A failed run (not a skip or the budget): a CUDA fault is sticky, so every case after the faulty
+  # one fails too. Each case again in a process of its own tells the faulty ones from their victims.
+  if ((last_rc != 0 && last_rc != 77 && last_rc != 124 && last_rc != 125)); then
+    run_step isolate "$out/isolate.log" "$root/bench/gpu/isolate_cases.sh" "$tests" "$out/isolated"
+    # Should the fused attention fail alone, the GPT-2 rows and the comparison take the materialised
+    # path in this run (unless ATTENTION was set), rather than a second call.
+    if [[ -z ${ATTENTION:-} && -f $out/isolated/failed.txt ]] &&
+      grep -qE 'fused attention|warp tiles' "$out/isolated/failed.txt"; then
+      export ATTENTION=materialized
+      echo "== the fused attention fails its GPU tests alone: bench_gpt2 and compare run with ATTENTION=materialized"
+    fi
+  fi
 fi
 
 # compute-sanitizer: $COMPUTE_SANITIZER, the PATH, a CUDA toolkit under /usr/local, or pip's

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A stand-in for a doctest binary on a GPU whose case "b, faulty" leaves a sticky CUDA fault: run
+# whole, it fails every case from "b, faulty" on; run alone, only "b, faulty" fails, and "d, hangs"
+# never ends. Just enough of doctest's command line for bench/gpu/isolate_cases.sh.
+names=("a, first" "b, faulty" "c: after the fault (x = 1, y = 2)" "d, hangs" "e, last")
+summary() { echo "[doctest] test cases: $1 | $2 passed | $3 failed | 0 skipped"; }
+case "${1:-}" in
+  --list-test-cases)
+    echo "[doctest] listing all test case names"
+    echo "==============================================================================="
+    printf '%s\n' "${names[@]}"
+    echo "==============================================================================="
+    echo "[doctest] unskipped test cases passing the current filters: ${#names[@]}"
+    exit 0 ;;
+  --test-case=*)
+    # doctest splits its filters at commas not escaped by a backslash, then unescapes "\,".
+    filter=${1#--test-case=}
+    filter=${filter//\\,/$'\x1f'}
+    [[ $filter == *,* ]] && { summary 0 0 0; exit 0; }  # a name cut at a comma matches none of these
+    name=${filter//$'\x1f'/,}
+    case "$name" in
+      "b, faulty") echo "ERROR: CUDA error: an illegal memory access was encountered"; summary 1 0 1; exit 1 ;;
+      "d, hangs") sleep 30 ;;
+    esac
+    for n in "${names[@]}"; do
+      if [[ $n == "$name" ]]; then summary 1 1 0; exit 0; fi
+    done
+    summary 0 0 0  # no case matched the filter: doctest exits 0 too
+    exit 0 ;;
+  *)
+    echo "ERROR: CUDA error: an illegal memory access was encountered (4 cases)"
+    summary 5 1 4
+    exit 1 ;;
+esac

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# bench/gpu/isolate_cases.sh against a mock doctest binary (mock_doctest.sh): run whole, four of its
+# five cases fail; alone, the faulty case fails and the hanging one times out, and the three others
+# pass. The script must name exactly those two, escape the commas in names, and exit 1.
+set -u
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+script=$here/../../bench/gpu/isolate_cases.sh
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+fail() { echo "FAILED: $*"; echo "--- output:"; echo "$out"; exit 1; }
+
+rc=0
+out=$("$script" "$here/mock_doctest.sh" "$logs" 2 2>&1) || rc=$?
+((rc == 1)) || fail "exit status $rc, expected 1 (some cases fail alone)"
+expected=$'b, faulty\nd, hangs'
+[[ $(cat "$logs/failed.txt") == "$expected" ]] || fail "failed.txt is '$(cat "$logs/failed.txt")', expected '$expected'"
+grep -q 'isolated: 5 cases, 3 pass alone, 2 fail alone' <<<"$out" || fail "no summary line"
+grep -q 'fails alone (timed out after 2 s, .*): d, hangs' <<<"$out" || fail "the hanging case is not named as timed out"
+grep -q 'fails alone (exit status 1, .*): b, faulty' <<<"$out" || fail "the faulty case is not named with its exit status"
+grep -q 'illegal memory access' "$logs/1.log" || fail "the faulty case's log lacks its output"
+
+# A binary that cannot list its cases: exit status 2, said so.
+rc=0
+out=$("$script" /bin/false "$logs/none" 2>&1) || rc=$?
+((rc == 2)) || fail "exit status $rc for a binary that cannot list, expected 2"
+echo "isolate_cases.sh: every check passed"
