@@ -243,3 +243,53 @@ TEST_CASE("gpt2 on the emulated device: a steady training step allocates nothing
     }
   }
 }
+
+// The launches of a steady training step: 6 GEMMs per expert and MoE layer (two forward, four backward),
+// the rest of each block (attention, LayerNorms, residual adds, routing, dispatch and combine), and
+// what runs once (embedding, ln_f, the classifier and its loss, clipping, AdamW, zeroing the
+// gradients). A GPT-2-small self step in bf16 takes 23 + 12 x (40 + 6 x 8) = 1,079, each launch a few
+// microseconds of the host's time and a gap on the GPU. These are budgets, not counts: a change that
+// adds launches (a fill per parameter, a kernel per expert) fails here and raises them with a reason;
+// one that saves some passes and should lower them. bf16 takes the fused attention (head size 32).
+TEST_CASE("gpt2 on the emulated device: a steady training step stays within its launch budget") {
+  const gpt2::Config config{.vocab = 37, .context = 32, .layers = 2, .heads = 2, .hidden = 64, .ffn = 96,
+                            .experts = 4, .top_k = 2, .seed = 5};
+  const Index B = 2, T = config.context;
+  struct Budget {
+    std::string_view variant;
+    std::uint64_t fp32, bf16;  // launches per block besides the experts' GEMMs
+  };
+  constexpr Budget kPerBlock[] = {
+      {"dense", 42, 36}, {"linear", 48, 42}, {"self", 46, 40}, {"fixed-random", 47, 41}, {"random", 45, 39}};
+  constexpr std::uint64_t kOnce = 23, kPerExpert = 6;
+  for (const Budget& budget : kPerBlock) {
+    for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {
+      CAPTURE(budget.variant);
+      CAPTURE(gpt2::precision_name(precision));
+      const moe::cuda::EmulatedDevice device;
+      const std::unique_ptr<gpt2::Trainer> trainer =
+          gpt2::make_device_trainer(budget.variant, config, {}, precision, device);
+      if (trainer->is_moe()) trainer->collect_routing_stats(false);
+      const auto step = [&](int s) {
+        std::vector<std::int32_t> tokens, targets;
+        for (Index i = 0; i < B * T; ++i) {
+          tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+          targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+        }
+        trainer->zero_grad();
+        trainer->forward(tokens, targets, B, T);
+        trainer->backward();
+        trainer->prepare_gradients(1.0f, 1.0);
+        trainer->optimizer_step(1e-3);
+      };
+      step(0);
+      const std::uint64_t before = device.launch_count();
+      step(1);
+      const std::uint64_t launches = device.launch_count() - before;
+      const std::uint64_t per_block = precision == gpt2::Precision::bf16 ? budget.bf16 : budget.fp32;
+      const std::uint64_t experts = trainer->is_moe() ? kPerExpert * std::uint64_t(config.experts) : 0;
+      INFO("launches in the step: ", launches);
+      CHECK(launches <= kOnce + std::uint64_t(config.layers) * (per_block + experts));
+    }
+  }
+}
