@@ -27,6 +27,21 @@ namespace {
 using cuda_test::gpt2_model_cases::kTiny;
 using cuda_test::relative_error;
 
+// One training step of a trainer as the training loop takes it (zero, forward, backward, clipping's
+// norm, AdamW) on B sequences of T random tokens and targets drawn from step number s.
+void train_step(gpt2::Trainer& trainer, const gpt2::Config& config, Index B, Index T, int s) {
+  std::vector<std::int32_t> tokens, targets;
+  for (Index i = 0; i < B * T; ++i) {
+    tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+    targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+  }
+  trainer.zero_grad();
+  trainer.forward(tokens, targets, B, T);
+  trainer.backward();
+  trainer.prepare_gradients(1.0f, 1.0);
+  trainer.optimizer_step(1e-3);
+}
+
 gpt2::Dataset tiny_dataset() {
   gpt2::Dataset data;
   data.tokenizer = "bytes";
@@ -214,18 +229,7 @@ TEST_CASE("gpt2 on the emulated device: a steady training step allocates nothing
       const std::unique_ptr<gpt2::Trainer> trainer =
           gpt2::make_device_trainer(variant, config, {}, precision, device);
       if (trainer->is_moe()) trainer->collect_routing_stats(false);  // as the training loop's steps
-      const auto step = [&](int s) {
-        std::vector<std::int32_t> tokens, targets;
-        for (Index i = 0; i < B * T; ++i) {
-          tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
-          targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
-        }
-        trainer->zero_grad();
-        trainer->forward(tokens, targets, B, T);
-        trainer->backward();
-        trainer->prepare_gradients(1.0f, 1.0);
-        trainer->optimizer_step(1e-3);
-      };
+      const auto step = [&](int s) { train_step(*trainer, config, B, T, s); };
       step(0);
       const std::uint64_t syncs_per_step = (trainer->is_moe() ? std::uint64_t(config.layers) : 0) + 2;
       for (int s = 1; s <= 3; ++s) {
@@ -270,18 +274,7 @@ TEST_CASE("gpt2 on the emulated device: a steady training step stays within its 
       const std::unique_ptr<gpt2::Trainer> trainer =
           gpt2::make_device_trainer(budget.variant, config, {}, precision, device);
       if (trainer->is_moe()) trainer->collect_routing_stats(false);
-      const auto step = [&](int s) {
-        std::vector<std::int32_t> tokens, targets;
-        for (Index i = 0; i < B * T; ++i) {
-          tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
-          targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
-        }
-        trainer->zero_grad();
-        trainer->forward(tokens, targets, B, T);
-        trainer->backward();
-        trainer->prepare_gradients(1.0f, 1.0);
-        trainer->optimizer_step(1e-3);
-      };
+      const auto step = [&](int s) { train_step(*trainer, config, B, T, s); };
       step(0);
       const std::uint64_t before = device.launch_count();
       step(1);
