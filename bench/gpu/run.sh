@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # bench/gpu/run.sh: the CUDA backend and GPU training on a GPU machine, in one command. Runs the GPU
 # tests (moe_cuda_tests: the backend, the transformer pieces and the whole GPT-2 MoE model against
-# the CPU; after a failed run, each case again alone, bench/gpu/isolate_cases.sh), the same tests under compute-sanitizer memcheck and racecheck, bench_moe_cuda and its
-# PyTorch peers (bench/gpu/torch_moe_cuda.py), bench_gpt2_cuda (GPT-2-small MoE training) and its
-# PyTorch peer (bench/gpu/torch_gpt2_cuda.py), optionally the GPT-2-small comparison of the gates,
-# and prints the tables (bench/gpu/report.py, bench/gpu/report_gpt2.py) last.
+# the CPU; after a failed run, each case again alone, bench/gpu/isolate_cases.sh), the same tests
+# under compute-sanitizer memcheck and racecheck, bench_moe_cuda and its PyTorch peers
+# (bench/gpu/torch_moe_cuda.py), bench_gpt2_cuda (GPT-2-small MoE training) and its PyTorch peer
+# (bench/gpu/torch_gpt2_cuda.py), optionally the GPT-2-small comparison of the gates, and prints
+# the tables (bench/gpu/report.py, bench/gpu/report_gpt2.py) last.
 #
 # The GPU machine has nvcc, CMake and PyTorch but not this project's Debian packages and no network:
 # run bench/gpu/prepare.sh HERE first; it puts the binaries (built for sm_90), the libraries they
@@ -19,8 +20,9 @@
 #   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
 #
 # Environment (all optional):
-#   OUT_DIR           results: tests.log (isolate.log and isolated/ after a failed run), memcheck.log, racecheck.log, moe_cuda.json, torch_cuda.json,
-#                     gpt2_cuda.json, torch_gpt2_cuda.json, table.md, table_gpt2.md, compare/, env.txt
+#   OUT_DIR           results: tests.log (isolate.log and isolated/ after a failed run), memcheck.log,
+#                     racecheck.log, moe_cuda.json, torch_cuda.json, gpt2_cuda.json, torch_gpt2_cuda.json,
+#                     table.md, table_gpt2.md, compare/, env.txt
 #                     (default build-gpu/results; on the device machine, where $OUT is set,
 #                     $OUT/results: every step's files are where the device tool fetches them as soon
 #                     as the step ends, so a call cut off at its time limit still brings them back)
