@@ -32,10 +32,42 @@ TEST_CASE("bfloat16: rounding to nearest even, NaN and infinities kept, overflow
   for (float v : {0.1f, -7.3f, 1e-30f, 6.5e4f}) CHECK(std::abs(float(bfloat16(v)) - v) <= std::abs(v) * 0x1p-8f);
 }
 
-TEST_CASE("cuda backend: routing workspace bytes per token follow the documented formula") {
-  // k = 2, bf16: 2 * (7 * 4 + 2 * 2) + 1 status byte; k = 1, fp32: 7 * 4 + 2 * 4 + 1
-  CHECK(moe::cuda::BasicBackend<moe::bfloat16, moe::cuda::EmulatedDevice>::routing_bytes_per_token(2) == 65);
-  CHECK(moe::cuda::BasicBackend<float, moe::cuda::EmulatedDevice>::routing_bytes_per_token(1) == 37);
+TEST_CASE("cuda backend: routing workspace bytes per token bound what a routed plan holds") {
+  using moe::Index;
+  // k = 2, bf16, N = 8: 2 * (3 * 4 + 1 + 2 * 2) + 1 status byte + ceil(2 * 8 * 4 / 128); k = 1, fp32, N = 256:
+  // 3 * 4 + 1 + 2 * 4 + 1 + 8
+  CHECK(moe::cuda::BasicBackend<moe::bfloat16, moe::cuda::EmulatedDevice>::routing_bytes_per_token(2, 8) == 36);
+  CHECK(moe::cuda::BasicBackend<float, moe::cuda::EmulatedDevice>::routing_bytes_per_token(1, 256) == 30);
+  // What route() allocates for T tokens (the weights and their gradient counted as two slot arrays)
+  // stays within T times the formula, and above T times (formula - 1): the rounding of the tiles.
+  using B = moe::cuda::BasicBackend<moe::bfloat16, moe::cuda::EmulatedDevice>;
+  const B backend(cuda_test::make_device());
+  for (const Index T : {Index(1000), Index(4096), Index(70000)}) {
+    CAPTURE(T);
+    const Index N = 8, k = 2;
+    moe::LayerConfig config{8, 8, N, k};
+    B::Matrix logits(T, N);
+    backend.fill(moe::MatrixView<moe::bfloat16>(logits), moe::bfloat16(0.f));
+    B::Plan plan;
+    B::Vector<moe::bfloat16> weights;
+    backend.route(logits, config, plan, weights);
+    const Index bytes = (plan.expert.size() + plan.row.size() + plan.slot_of_row.size() + plan.tile_count.size()) * 4 +
+                        plan.choice.size() + plan.row_status.size() + 2 * weights.size() * Index(sizeof(moe::bfloat16));
+    CHECK(bytes <= T * B::routing_bytes_per_token(k, N));
+    CHECK(bytes > T * (B::routing_bytes_per_token(k, N) - 1));
+  }
+}
+
+TEST_CASE("cuda backend: dispatch tiles are 128 slots, longer where there would be more than 1024") {
+  using moe::Index;
+  using moe::cuda::detail::dispatch_tiles;
+  const auto tiles = [](Index slots) { return std::array<Index, 2>{dispatch_tiles(slots).size, dispatch_tiles(slots).count}; };
+  CHECK(tiles(0) == std::array<Index, 2>{128, 1});  // one empty tile: the offsets still get written
+  CHECK(tiles(128) == std::array<Index, 2>{128, 1});
+  CHECK(tiles(129) == std::array<Index, 2>{128, 2});
+  CHECK(tiles(131072) == std::array<Index, 2>{128, 1024});
+  CHECK(tiles(131073) == std::array<Index, 2>{256, 513});
+  CHECK(tiles(Index(1) << 30) == std::array<Index, 2>{Index(1) << 20, 1024});
 }
 
 TEST_CASE("cuda: sum_in_order (a column's partials, fetched eight at a time) has the plain loop's bits") {

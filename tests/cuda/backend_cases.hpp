@@ -694,6 +694,46 @@ TEST_CASE(CUDA_TEST_NAME("routing alone matches the contract on fuzzed logits wi
   }
 }
 
+TEST_CASE(CUDA_TEST_NAME("dispatch by counts keeps the contract's order within and across tiles, at every tile size")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  std::mt19937_64 rng(82);
+  struct Case {
+    Index T, N, k;
+    double capacity_factor;
+  };
+  // Slots at a tile's edges (127, 128, 129, 256), every slot to one expert (N = 1), the byte's
+  // largest expert (N = 256), and past 1024 tiles of 128 slots (T * k > 131072: tiles of 256).
+  for (const Case c : {Case{127, 3, 1, 0.0}, Case{128, 3, 1, 0.0}, Case{129, 5, 1, 0.7}, Case{64, 4, 4, 0.0},
+                       Case{3000, 1, 1, 0.0}, Case{3000, 256, 8, 1.5}, Case{70001, 8, 2, 0.0},
+                       Case{66000, 256, 2, 1.0}}) {
+    CAPTURE(c.T);
+    CAPTURE(c.N);
+    CAPTURE(c.k);
+    CAPTURE(c.capacity_factor);
+    moe::LayerConfig config{8, 8, c.N, c.k};
+    config.capacity_factor = c.capacity_factor;
+    std::vector<float> z(std::size_t(c.T * c.N));
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (float& v : z) v = rng() % 4 == 0 ? float(int(rng() % 3)) : normal(rng);  // ties among the normals
+    const auto logits = to_device<float>(backend, z, c.T, c.N);
+    typename B::Plan plan;
+    typename B::template Vector<float> weights;
+    backend.route(logits, config, plan, weights);
+    moe::RoutingPlan expected;
+    std::vector<float> expected_weights(std::size_t(c.T * c.k));
+    moe::route<float>(moe::ConstMatrixView<float>(z.data(), c.T, c.N), c.k, config.weights, config.capacity_factor,
+                      expected, expected_weights);
+    const moe::RoutingPlan got = moe::cuda::detail::to_host(plan);
+    CHECK(got.row == expected.row);
+    CHECK(got.slot_of_row == expected.slot_of_row);
+    CHECK(got.expert_offsets == expected.expert_offsets);
+    CHECK(got.chosen_count == expected.chosen_count);
+    if (c.capacity_factor > 0 && c.N > 1) CHECK(got.dropped_slots > 0);
+  }
+}
+
 TEST_CASE(CUDA_TEST_NAME("gather before the host has the expert offsets: every slot's room, the R kept rows filled")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   using B = moe::cuda::BasicBackend<float, TestDevice>;

@@ -65,10 +65,10 @@ struct DevicePlan {
   DeviceArray<std::uint8_t, D> row_status;   // [T]   RowStatus bits
   DeviceArray<std::int64_t, D> chosen_count; // [N]   slots that chose e, dropped ones included
   DeviceArray<Index, D> offsets;             // [N+1] on the device (the host's: host_offsets())
-  // Dispatch workspace: (expert, slot) pairs in choice-major order, then sorted by expert.
-  DeviceArray<Index, D> chosen_start;        // [N] first sorted position of expert e
-  DeviceArray<std::uint32_t, D> keys, sorted_keys;
-  DeviceArray<std::int32_t, D> slots, sorted_slots;
+  // Dispatch workspace (detail::dispatch_by_counts): each slot's expert as one byte in
+  // choice-major order, and per tile of that order the slots choosing each expert.
+  DeviceArray<std::uint8_t, D> choice;       // [tiles * tile size] expert of slot t*k + j at j*T + t
+  DeviceArray<std::int32_t, D> tile_count;   // [N * tiles] expert-major; then the counts before each tile
   // Statistics and auxiliary-loss workspace, written through the const plan of a finished
   // forward (hence mutable): the uploaded token mask and integer counters (per-expert choices of
   // counted tokens, then the statistics' tokens, dropped slots, rows with non-finite and without
@@ -248,13 +248,14 @@ void add_column_sums(const D& device, ConstMatrixView<S> m, S* db, C* partial) {
 
 // Selection and weights, one thread per token (moe::route_one_token), with k a compile-time
 // constant: one kernel per k in [1, kMaxTopK], so the selection is select_top_k_fixed's, in
-// registers. The same result as a runtime k. Also the dispatch sort's input: pair i = j*T + t
-// (choice-major: every first choice before any second) has key expert(t, j) and value slot t*k + j.
+// registers. The same result as a runtime k. Also dispatch's input: choice[j*T + t] = expert(t, j)
+// (choice-major: every first choice before any second; kMaxExperts <= 256, so a byte holds it).
 template <Index kK = 1, class D, class S>
 void route_tokens(const D& device, ConstMatrixView<S> logits, Index k, RoutingWeights mode, std::int32_t* expert,
-                  std::uint8_t* status, S* w, std::uint32_t* keys, std::int32_t* slots) {
+                  std::uint8_t* status, S* w, std::uint8_t* choice) {
+  static_assert(kMaxExperts <= 256, "route_tokens: an expert index must fit the choice byte");
   if constexpr (kK < kMaxTopK) {
-    if (k != kK) return route_tokens<kK + 1>(device, logits, k, mode, expert, status, w, keys, slots);
+    if (k != kK) return route_tokens<kK + 1>(device, logits, k, mode, expert, status, w, choice);
   }
   check(k == kK, "route_tokens: top_k = ", k, " outside [1, ", kMaxTopK, "]");
   const Index T = logits.rows, N = logits.cols;
@@ -263,9 +264,92 @@ void route_tokens(const D& device, ConstMatrixView<S> logits, Index k, RoutingWe
     status[t] = route_one_token<kK>(logits.row(t), N, kK, mode, chosen, w + t * kK);
     for (Index j = 0; j < kK; ++j) {
       expert[t * kK + j] = chosen[j];
-      keys[j * T + t] = std::uint32_t(chosen[j]);
-      slots[j * T + t] = std::int32_t(t * kK + j);
+      choice[j * T + t] = std::uint8_t(chosen[j]);
     }
+  });
+}
+
+// Dispatch: route_tokens' choices grouped by expert in the contract's order (moe/routing.hpp: a
+// stable counting sort of the choice-major slots, the capacity keeping each expert's first ones),
+// as rows, slot_of_row, the counts and the offsets. Three launches, no sort and no atomics. The
+// choice-major order is cut into tiles (dispatch_tiles), and:
+//   1. count:   thread (c, e) counts the slots of tile c that chose e      -> tile_count[e][c]
+//   2. scan:    thread e turns its column into the counts before each tile -> tile_count[e][c],
+//               and keeps the total                                         -> count[e]
+//   3. scatter: thread (c, e) walks tile c in order and gives each slot that chose e its rank
+//               among e's slots (tile_count[e][c], then one more per match); a rank under the
+//               capacity keeps row offsets[e] + rank, the others are dropped (row -1). Every
+//               thread adds up offsets[e] (the clipped counts before e) from count itself, and
+//               thread (0, e) stores it: no launch of its own for N numbers.
+// Each index writes only its own elements, so the launches run in any order with the same result.
+struct DispatchTiles {
+  Index size = 0;   // slots a tile (a multiple of 16: one 16-byte load brings 16 choices)
+  Index count = 0;  // tiles (at least one, so an empty batch still gets its zero offsets)
+};
+// Tiles of 128 slots, made longer where there would be more than 1024: the scan walks its column
+// alone, one thread per expert, so that walk stays short.
+inline DispatchTiles dispatch_tiles(Index slots) {
+  constexpr Index kBase = 128, kMaxTiles = 1024;
+  const Index size = kBase * std::max<Index>(1, (slots + kBase * kMaxTiles - 1) / (kBase * kMaxTiles));
+  return {size, std::max<Index>(1, (slots + size - 1) / size)};
+}
+
+// f(q, expert of q) for the slots q in [begin, end) in order, their choices fetched 16 at a time
+// (begin 16-aligned; the tile's last load may read past end, within the tile, and ignores it).
+template <class F>
+MOE_HOST_DEVICE void walk_choices(const std::uint8_t* choice, Index begin, Index end, F f) {
+  constexpr Index W = kPackSize<std::uint8_t>;
+  Index q = begin;
+  fetch_in_batches<4>(
+      0, (end - begin + W - 1) / W, [&](Index p) { return load_pack(choice + begin + p * W); },
+      [&](const Pack<std::uint8_t>& pack) {
+        MOE_UNROLL
+        for (Index b = 0; b < W; ++b, ++q)
+          if (q < end) f(q, Index(pack.v[b]));
+      });
+}
+
+template <class D>
+void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, Index k, Index N, Index capacity,
+                        DispatchTiles tiles, std::int32_t* tile_count, std::int64_t* count, Index* offsets,
+                        std::int32_t* row, std::int32_t* slot_of_row) {
+  const Index slots = T * k, size = tiles.size, n = tiles.count;
+  device.for_each(n * N, [=] MOE_HOST_DEVICE(Index i) {
+    const Index c = i / N, e = i - c * N, begin = c * size, end = begin + size < slots ? begin + size : slots;
+    std::int32_t matches = 0;
+    walk_choices(choice, begin, end, [&](Index, Index chosen) { matches += chosen == e ? 1 : 0; });
+    tile_count[e * n + c] = matches;
+  });
+  device.for_each(N, [=] MOE_HOST_DEVICE(Index e) {
+    std::int32_t* column = tile_count + e * n;
+    std::int64_t before = 0;
+    Index c = 0;
+    fetch_in_batches<8>(0, n, [&](Index q) { return column[q]; }, [&](std::int32_t matches) {
+      column[c++] = std::int32_t(before);
+      before += matches;
+    });
+    count[e] = before;
+  });
+  device.for_each(n * N, [=] MOE_HOST_DEVICE(Index i) {
+    const Index c = i / N, e = i - c * N, begin = c * size, end = begin + size < slots ? begin + size : slots;
+    Index offset = 0;
+    for (Index f = 0; f < e; ++f) offset += count[f] < capacity ? count[f] : capacity;
+    if (c == 0) {
+      offsets[e] = offset;
+      if (e == N - 1) offsets[N] = offset + (count[e] < capacity ? count[e] : capacity);
+    }
+    Index rank = tile_count[e * n + c];
+    walk_choices(choice, begin, end, [&](Index q, Index chosen) {
+      if (chosen != e) return;
+      const Index j = q / T, s = (q - j * T) * k + j;
+      if (rank < capacity) {
+        row[s] = std::int32_t(offset + rank);
+        slot_of_row[offset + rank] = std::int32_t(s);
+      } else {
+        row[s] = -1;
+      }
+      ++rank;
+    });
   });
 }
 
@@ -658,9 +742,8 @@ class BasicBackend {
   // ---- routing ---------------------------------------------------------------------------
   // logits: [T, N] (a strided view is read in place: SelfRoute's slice of x is never copied)
   // -> plan, weights [T*k]. Selection and weights: moe::route_one_token, one thread per token.
-  // Dispatch: a stable radix sort of the choice-major (expert, slot) pairs, each expert's first
-  // sorted position (hence the counts), offsets by a scan, then each pair's row. Ends by starting
-  // the offsets' copy to the host.
+  // Dispatch: detail::dispatch_by_counts, a counting sort in three launches. Ends by starting the
+  // offsets' copy to the host.
   void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights) const {
     const Index T = logits.rows, N = logits.cols, k = config.top_k;
     check_top_k(k, N);
@@ -670,57 +753,18 @@ class BasicBackend {
     plan.tokens = T, plan.experts = N, plan.top_k = k, plan.device = &device_;
     plan.capacity = expert_capacity(T, k, N, config.capacity_factor);
     const Index slots = T * k;
+    const detail::DispatchTiles tiles = detail::dispatch_tiles(slots);
     plan.expert.resize(slots), plan.row.resize(slots), plan.slot_of_row.resize(slots);
-    plan.row_status.resize(T), plan.chosen_count.resize(N), plan.offsets.resize(N + 1), plan.chosen_start.resize(N);
-    plan.keys.resize(slots), plan.sorted_keys.resize(slots), plan.slots.resize(slots), plan.sorted_slots.resize(slots);
+    plan.row_status.resize(T), plan.chosen_count.resize(N), plan.offsets.resize(N + 1);
+    plan.choice.resize(tiles.count * tiles.size), plan.tile_count.resize(N * tiles.count);
     weights.resize(slots);
 
-    const RoutingWeights mode = config.weights;
-    std::int32_t* expert = plan.expert.data();
-    std::uint8_t* status = plan.row_status.data();
-    S* w = weights.data();
-    std::uint32_t* keys = plan.keys.data();
-    std::int32_t* order = plan.slots.data();
-    if (T > 0) detail::route_tokens(device_, logits, k, mode, expert, status, w, keys, order);
-    if (slots > 0)
-      device_.stable_sort_pairs(keys, plan.sorted_keys.data(), order, plan.sorted_slots.data(), slots, key_bits(N));
-
-    // chosen_start[e]: the first sorted position whose key is >= e (slots if none), written by the
-    // one position p where the keys step over e: key[p-1] < e <= key[p], with key[-1] = -1 and
-    // key[slots] = N. No atomics, and empty experts get their start too.
-    const std::uint32_t* sorted_keys = plan.sorted_keys.data();
-    Index* start = plan.chosen_start.data();
-    device_.for_each(slots + 1, [=] MOE_HOST_DEVICE(Index p) {
-      const Index from = p == 0 ? 0 : Index(sorted_keys[p - 1]) + 1, to = p == slots ? N : Index(sorted_keys[p]) + 1;
-      for (Index e = from; e < to; ++e) start[e] = p;
-    });
-    // The counts; offsets: the capacity-clipped counts' exclusive scan.
-    const Index capacity = plan.capacity;
-    std::int64_t* count = plan.chosen_count.data();
-    Index* offsets = plan.offsets.data();
-    device_.for_each(1, [=] MOE_HOST_DEVICE(Index) {
-      Index kept = 0;
-      for (Index e = 0; e < N; ++e) {
-        count[e] = (e + 1 < N ? start[e + 1] : slots) - start[e];
-        offsets[e] = kept;
-        kept += count[e] < capacity ? count[e] : capacity;
-      }
-      offsets[N] = kept;
-    });
-    const std::int32_t* sorted_slots = plan.sorted_slots.data();
-    std::int32_t* row = plan.row.data();
-    std::int32_t* slot_of_row = plan.slot_of_row.data();
-    if (slots > 0)
-      device_.for_each(slots, [=] MOE_HOST_DEVICE(Index p) {
-        const Index e = sorted_keys[p], s = sorted_slots[p], rank = p - start[e];
-        if (rank < capacity) {
-          row[s] = std::int32_t(offsets[e] + rank);
-          slot_of_row[offsets[e] + rank] = std::int32_t(s);
-        } else {
-          row[s] = -1;
-        }
-      });
-
+    if (T > 0)
+      detail::route_tokens(device_, logits, k, config.weights, plan.expert.data(), plan.row_status.data(),
+                           weights.data(), plan.choice.data());
+    detail::dispatch_by_counts(device_, plan.choice.data(), T, k, N, plan.capacity, tiles, plan.tile_count.data(),
+                               plan.chosen_count.data(), plan.offsets.data(), plan.row.data(),
+                               plan.slot_of_row.data());
     plan.start_offsets_download();  // read by B::expert_offsets(plan): the forward's sync point
   }
 
@@ -883,11 +927,12 @@ class BasicBackend {
     stats.rows_without_finite += host[N + 3];
   }
 
-  // Device bytes of routing state and workspace per token: per slot, 7 int32 (expert, row,
-  // slot_of_row, the sort's keys and slots in and out), the weight and its gradient; plus the
-  // status byte.
-  static Index routing_bytes_per_token(Index top_k) {
-    return top_k * (7 * Index(sizeof(std::int32_t)) + 2 * Index(sizeof(S))) + 1;
+  // Device bytes of routing state and workspace per token: per slot 3 int32 (expert, row,
+  // slot_of_row), its choice byte, the weight and its gradient; the status byte; and dispatch's
+  // N counts per tile of at least 128 slots, at most k * N / 32 bytes a token (rounded up).
+  static Index routing_bytes_per_token(Index top_k, Index experts) {
+    return top_k * (3 * Index(sizeof(std::int32_t)) + 1 + 2 * Index(sizeof(S))) + 1 +
+           (top_k * experts * Index(sizeof(std::int32_t)) + 127) / 128;
   }
 
   // ---- implementation pieces: public only because nvcc's device lambdas may not be defined in
