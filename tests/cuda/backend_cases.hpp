@@ -658,6 +658,28 @@ TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU lay
   }
 }
 
+// Logits z [T, N] routed by the backend (its plan and weights brought to the host) and by the
+// contract's reference (moe::route), for a case to compare.
+struct RoutedBothWays {
+  moe::RoutingPlan got, expected;
+  std::vector<float> weights, expected_weights;
+};
+template <class B>
+RoutedBothWays route_both_ways(const B& backend, const std::vector<float>& z, Index T, const moe::LayerConfig& config) {
+  const Index N = config.experts, k = config.top_k;
+  const auto logits = to_device<float>(backend, z, T, N);
+  typename B::Plan plan;
+  typename B::template Vector<float> weights;
+  backend.route(logits, config, plan, weights);
+  RoutedBothWays r;
+  r.expected_weights.resize(std::size_t(T * k));
+  moe::route<float>(moe::ConstMatrixView<float>(z.data(), T, N), k, config.weights, config.capacity_factor, r.expected,
+                    r.expected_weights);
+  r.got = moe::cuda::detail::to_host(plan);
+  r.weights = to_host<float>(backend, weights.data(), T * k);
+  return r;
+}
+
 TEST_CASE(CUDA_TEST_NAME("routing alone matches the contract on fuzzed logits with ties and NaN")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   using B = moe::cuda::BasicBackend<float, TestDevice>;
@@ -674,15 +696,8 @@ TEST_CASE(CUDA_TEST_NAME("routing alone matches the contract on fuzzed logits wi
       v = r == 0 ? std::nanf("") : r == 1 ? INFINITY : r == 2 ? -INFINITY : float(int(rng() % 7) - 3);  // many ties
     }
     CAPTURE(round);
-    const auto logits = to_device<float>(backend, z, T, N);
-    typename B::Plan plan;
-    typename B::template Vector<float> weights;
-    backend.route(logits, config, plan, weights);
-    moe::RoutingPlan expected;
-    std::vector<float> expected_weights(std::size_t(T * k));
-    moe::route<float>(moe::ConstMatrixView<float>(z.data(), T, N), k, config.weights, config.capacity_factor, expected,
-                      expected_weights);
-    const moe::RoutingPlan got = moe::cuda::detail::to_host(plan);
+    const RoutedBothWays routed = route_both_ways(backend, z, T, config);
+    const moe::RoutingPlan &got = routed.got, &expected = routed.expected;
     CHECK(got.expert == expected.expert);
     CHECK(got.row == expected.row);
     CHECK(got.slot_of_row == expected.slot_of_row);
@@ -690,7 +705,7 @@ TEST_CASE(CUDA_TEST_NAME("routing alone matches the contract on fuzzed logits wi
     CHECK(got.chosen_count == expected.chosen_count);
     CHECK(got.row_status == expected.row_status);
     CHECK(got.dropped_slots == expected.dropped_slots);
-    CHECK(relative_error(to_host<float>(backend, weights.data(), T * k), expected_weights) < 1e-6);
+    CHECK(relative_error(routed.weights, routed.expected_weights) < 1e-6);
   }
 }
 
@@ -717,15 +732,8 @@ TEST_CASE(CUDA_TEST_NAME("dispatch by counts keeps the contract's order within a
     std::vector<float> z(std::size_t(c.T * c.N));
     std::normal_distribution<float> normal(0.f, 1.f);
     for (float& v : z) v = rng() % 4 == 0 ? float(int(rng() % 3)) : normal(rng);  // ties among the normals
-    const auto logits = to_device<float>(backend, z, c.T, c.N);
-    typename B::Plan plan;
-    typename B::template Vector<float> weights;
-    backend.route(logits, config, plan, weights);
-    moe::RoutingPlan expected;
-    std::vector<float> expected_weights(std::size_t(c.T * c.k));
-    moe::route<float>(moe::ConstMatrixView<float>(z.data(), c.T, c.N), c.k, config.weights, config.capacity_factor,
-                      expected, expected_weights);
-    const moe::RoutingPlan got = moe::cuda::detail::to_host(plan);
+    const RoutedBothWays routed = route_both_ways(backend, z, c.T, config);
+    const moe::RoutingPlan &got = routed.got, &expected = routed.expected;
     CHECK(got.row == expected.row);
     CHECK(got.slot_of_row == expected.slot_of_row);
     CHECK(got.expert_offsets == expected.expert_offsets);
