@@ -16,6 +16,7 @@
 #   bench/gpu/run.sh                                          # everything but compare (~25 min)
 #   STEPS=test,bench_gpt2,torch_gpt2,report_gpt2 bench/gpu/run.sh   # GPU tests + GPT-2 training speed (~6 min)
 #   STEPS=memcheck,racecheck SANITIZER_FILTER='--test-case=*edge*' bench/gpu/run.sh
+#   STEPS=racecheck bench/gpu/run.sh                          # racecheck over the whole test binary
 #   STEPS=bench,torch,report bench/gpu/run.sh                 # the MoE layer against PyTorch (~5 min)
 #   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
 #
@@ -52,6 +53,8 @@
 #   PYTHON            the python with torch 2.x and transformers (default python3)
 #   COMPUTE_SANITIZER the compute-sanitizer binary (default: found on the PATH, under
 #                     /usr/local/cuda*, or in pip's nvidia-cuda-sanitizer-api wheel)
+#   RACECHECK_KERNELS all: racecheck checks cuBLAS's and CUB's kernels too (default: ours only,
+#                     after a planted race it must report; bench/gpu/racecheck.sh)
 #
 # A failing step does not stop the later ones (a failed build does); the script exits 1 if any
 # step failed or was skipped (without a GPU every GPU step is skipped: a dry run of the script).
@@ -223,9 +226,15 @@ if want memcheck || want racecheck; then
       failed+=("$tool")
       continue
     fi
-    # --error-exitcode: a reported hazard fails the step even when every test passes.
-    run_step "$tool" "$out/$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 1 \
-      "$tests" "${sanitizer_filter[@]+"${sanitizer_filter[@]}"}"
+    # --error-exitcode: a reported hazard fails the step even when every test passes. Racecheck
+    # goes through racecheck.sh: a planted race first, then our kernels only (its header says why).
+    if [[ $tool == racecheck ]]; then
+      run_step racecheck "$out/racecheck.log" "$root/bench/gpu/racecheck.sh" "$sanitizer" "$tests" \
+        "${sanitizer_filter[@]+"${sanitizer_filter[@]}"}"
+    else
+      run_step "$tool" "$out/$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 1 \
+        "$tests" "${sanitizer_filter[@]+"${sanitizer_filter[@]}"}"
+    fi
   done
 fi
 

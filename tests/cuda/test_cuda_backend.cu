@@ -46,6 +46,38 @@ TEST_CASE("cuda backend, GPU: a caller's stream is used and TF32 stays within it
   cudaStreamDestroy(stream);
 }
 
+// A planted shared-memory race for bench/gpu/racecheck.sh, which runs this case alone under racecheck
+// first and requires a reported hazard: otherwise a clean racecheck run over the binary proves
+// nothing (a kernel filter that misses our kernels, a tool that did not attach). The first two warps
+// of one block write the first warp's first staging word, and the first warp reads it back, with no
+// barrier between them. Skipped unless asked for (doctest's --no-skip): a whole-binary racecheck run
+// must not meet it, and without racecheck it only shows that the kernel ran.
+TEST_CASE("cuda backend, GPU: racecheck canary, a planted shared-memory race (bench/gpu/racecheck.sh)" *
+          doctest::skip()) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  const moe::cuda::CudaDevice device(nullptr);
+  float* seen = nullptr;
+  REQUIRE(cudaMalloc(&seen, sizeof(float)) == cudaSuccess);
+  // 128 bytes of staging a warp: for_each_warp puts 4 warps in a block, w = 0 and 1 in slots 0 and 1,
+  // so slot 1's staging starts 32 floats after slot 0's.
+  constexpr std::size_t kStaging = 128;
+  device.for_each_warp(2, kStaging, [=] __device__(moe::Index w, const moe::cuda::WarpTiles& warp) {
+    if (warp.lane != 0) return;
+    volatile float* own = reinterpret_cast<volatile float*>(warp.staging());
+    if (w == 0) {
+      own[0] = 1.0f;
+      *seen = own[0];
+    } else {
+      own[-std::ptrdiff_t(kStaging / sizeof(float))] = 2.0f;  // the first warp's word
+    }
+  });
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  float value = 0;
+  REQUIRE(cudaMemcpy(&value, seen, sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK((value == 1.0f || value == 2.0f));  // either write may land last: that is the race
+  cudaFree(seen);
+}
+
 }  // namespace cuda_test
 
 int main(int argc, char** argv) {
