@@ -296,11 +296,12 @@ inline DispatchTiles dispatch_tiles(Index slots) {
 
 // f(q, expert of q) for the slots q in [begin, end) in order, their choices fetched 16 at a time
 // (begin 16-aligned; the tile's last load may read past end, within the tile, and ignores it).
+// Eight loads in flight: a tile of 128 slots is one wait for memory, not two.
 template <class F>
 MOE_HOST_DEVICE void walk_choices(const std::uint8_t* choice, Index begin, Index end, F f) {
   constexpr Index W = kPackSize<std::uint8_t>;
   Index q = begin;
-  fetch_in_batches<4>(
+  fetch_in_batches<8>(
       0, (end - begin + W - 1) / W, [&](Index p) { return load_pack(choice + begin + p * W); },
       [&](const Pack<std::uint8_t>& pack) {
         MOE_UNROLL
@@ -320,11 +321,13 @@ void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, In
     walk_choices(choice, begin, end, [&](Index, Index chosen) { matches += chosen == e ? 1 : 0; });
     tile_count[e * n + c] = matches;
   });
+  // The scan is N threads alone on the GPU, each walking its column of n counts (256 at T*k = 32768):
+  // 32 loads in flight make that 8 waits for memory instead of 32, a few µs instead of ~10.
   device.for_each(N, [=] MOE_HOST_DEVICE(Index e) {
     std::int32_t* column = tile_count + e * n;
     std::int64_t before = 0;
     Index c = 0;
-    fetch_in_batches<8>(0, n, [&](Index q) { return column[q]; }, [&](std::int32_t matches) {
+    fetch_in_batches<32>(0, n, [&](Index q) { return column[q]; }, [&](std::int32_t matches) {
       column[c++] = std::int32_t(before);
       before += matches;
     });
