@@ -310,16 +310,31 @@ MOE_HOST_DEVICE void walk_choices(const std::uint8_t* choice, Index begin, Index
       });
 }
 
+// Thread i of the count and scatter launches: tile c, expert e (i = c * N + e), the tile's slots
+// [begin, end).
+struct DispatchThread {
+  Index c, e, begin, end;
+};
+MOE_HOST_DEVICE inline DispatchThread dispatch_thread(Index i, Index N, Index tile_size, Index slots) {
+  const Index c = i / N, begin = c * tile_size;
+  return {c, i - c * N, begin, begin + tile_size < slots ? begin + tile_size : slots};
+}
+
+// Rows expert e keeps: its count clipped to the capacity.
+MOE_HOST_DEVICE inline Index kept_rows(std::int64_t count, Index capacity) {
+  return count < capacity ? Index(count) : capacity;
+}
+
 template <class D>
 void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, Index k, Index N, Index capacity,
                         DispatchTiles tiles, std::int32_t* tile_count, std::int64_t* count, Index* offsets,
                         std::int32_t* row, std::int32_t* slot_of_row) {
   const Index slots = T * k, size = tiles.size, n = tiles.count;
   device.for_each(n * N, [=] MOE_HOST_DEVICE(Index i) {
-    const Index c = i / N, e = i - c * N, begin = c * size, end = begin + size < slots ? begin + size : slots;
+    const DispatchThread my = dispatch_thread(i, N, size, slots);
     std::int32_t matches = 0;
-    walk_choices(choice, begin, end, [&](Index, Index chosen) { matches += chosen == e ? 1 : 0; });
-    tile_count[e * n + c] = matches;
+    walk_choices(choice, my.begin, my.end, [&](Index, Index chosen) { matches += chosen == my.e ? 1 : 0; });
+    tile_count[my.e * n + my.c] = matches;
   });
   // The scan is N threads alone on the GPU, each walking its column of n counts (256 at T*k = 32768):
   // 32 loads in flight make that 8 waits for memory instead of 32, a few µs instead of ~10.
@@ -334,16 +349,16 @@ void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, In
     count[e] = before;
   });
   device.for_each(n * N, [=] MOE_HOST_DEVICE(Index i) {
-    const Index c = i / N, e = i - c * N, begin = c * size, end = begin + size < slots ? begin + size : slots;
+    const DispatchThread my = dispatch_thread(i, N, size, slots);
     Index offset = 0;
-    for (Index f = 0; f < e; ++f) offset += count[f] < capacity ? count[f] : capacity;
-    if (c == 0) {
-      offsets[e] = offset;
-      if (e == N - 1) offsets[N] = offset + (count[e] < capacity ? count[e] : capacity);
+    for (Index f = 0; f < my.e; ++f) offset += kept_rows(count[f], capacity);
+    if (my.c == 0) {
+      offsets[my.e] = offset;
+      if (my.e == N - 1) offsets[N] = offset + kept_rows(count[my.e], capacity);
     }
-    Index rank = tile_count[e * n + c];
-    walk_choices(choice, begin, end, [&](Index q, Index chosen) {
-      if (chosen != e) return;
+    Index rank = tile_count[my.e * n + my.c];
+    walk_choices(choice, my.begin, my.end, [&](Index q, Index chosen) {
+      if (chosen != my.e) return;
       const Index j = q / T, s = (q - j * T) * k + j;
       if (rank < capacity) {
         row[s] = std::int32_t(offset + rank);
