@@ -23,8 +23,8 @@
 // step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
 // Warm-up steps first (12, or WARMUP: every buffer is allocated in the first; afterwards nothing is), then 8 timed.
 // The experts' products run on the device's default side streams (GEMM_LANES=n: n; 1: in order).
-// Attention: the fused kernel (moe/cuda/nn/fused_attention.hpp) in bf16; ATTENTION=materialized for the stored
-// probabilities of moe/cuda/nn/attention.hpp.
+// Attention: the trainer's default (examples::kDefaultAttention, the stored probabilities of
+// moe/cuda/nn/attention.hpp); ATTENTION=fused for moe/cuda/nn/fused_attention.hpp.
 //
 // Counters: tokens/s and step_ms from the median step (as the PyTorch peer's), step_ms_mean and
 // step_ms_max beside them, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
@@ -75,13 +75,10 @@ int warmup_steps() {
   return text ? std::max(1, std::atoi(text)) : 12;
 }
 
-// The attention kernel: fused where it fits (bf16 at GPT-2's head size 64), unless ATTENTION=materialized
-// (moe/cuda/nn/attention.hpp's stored probabilities), for a comparison.
+// The attention kernel: the trainer's default, or ATTENTION (fused or materialized) for a comparison.
 examples::AttentionKernel attention_kernel() {
   const char* text = std::getenv("ATTENTION");
-  if (!text || std::string_view(text) == "fused") return examples::AttentionKernel::fused;
-  moe::check(std::string_view(text) == "materialized", "ATTENTION must be fused or materialized, got ", text);
-  return examples::AttentionKernel::materialized;
+  return text ? examples::parse_attention(text) : examples::kDefaultAttention;
 }
 
 // Side streams for the experts' products (CudaDevice::set_gemm_lanes): GEMM_LANES, else the

@@ -47,9 +47,8 @@
 #   COMPARE_VARIANTS  gates compared (default dense,linear,self,fixed-random,random)
 #   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024
 #                     tokens per step (default 8): 200 x 8 x 1024 = 1.6M tokens per variant
-#   ATTENTION         fused (default) or materialized: the GPT-2 attention of bench_gpt2 (read by the
-#                     binary) and of compare (gpt2_moe --attention). Unset, it becomes materialized for
-#                     the rest of the run when a fused-attention case fails alone in the test step
+#   ATTENTION         materialized (default) or fused: the GPT-2 attention of bench_gpt2 (read by the
+#                     binary) and of compare (gpt2_moe --attention)
 #   PYTHON            the python with torch 2.x and transformers (default python3)
 #   COMPUTE_SANITIZER the compute-sanitizer binary (default: found on the PATH, under
 #                     /usr/local/cuda*, or in pip's nvidia-cuda-sanitizer-api wheel)
@@ -189,13 +188,6 @@ if want test; then
   # one fails too. Each case again in a process of its own tells the faulty ones from their victims.
   if ((last_rc != 0 && last_rc != 77 && last_rc != 124 && last_rc != 125)); then
     run_step isolate "$out/isolate.log" "$root/bench/gpu/isolate_cases.sh" "$tests" "$out/isolated"
-    # Should the fused attention fail alone, the GPT-2 rows and the comparison take the materialised
-    # path in this run (unless ATTENTION was set), rather than a second call.
-    if [[ -z ${ATTENTION:-} && -f $out/isolated/failed.txt ]] &&
-      grep -qE 'fused attention|warp tiles' "$out/isolated/failed.txt"; then
-      export ATTENTION=materialized
-      echo "== the fused attention fails its GPU tests alone: bench_gpt2 and compare run with ATTENTION=materialized"
-    fi
   fi
 fi
 

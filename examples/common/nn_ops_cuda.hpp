@@ -40,14 +40,14 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   using Array = moe::cuda::DeviceArray<T, D>;
   using Optimizer = moe::cuda::nn::AdamW<S, D>;
 
-  explicit NnOps(D device = D{}, AttentionKernel attention = AttentionKernel::fused)
+  explicit NnOps(D device = D{}, AttentionKernel attention = kDefaultAttention)
       : device_(device), backend_(std::make_shared<Backend>(device)), attention_(attention) {}
   const D& device() const { return device_; }
   void set_threads(int) {}  // the device decides
   std::string description() const {
     std::string text = std::is_same_v<S, moe::bfloat16> ? "bf16 (fp32 master weights)" : "fp32";
     if constexpr (requires { device_.description(); }) text = device_.description() + ", " + text;
-    if (attention_ == AttentionKernel::materialized) text += ", materialized attention";
+    text += attention_ == AttentionKernel::fused ? ", fused attention where it fits" : ", materialized attention";
     return text;
   }
 

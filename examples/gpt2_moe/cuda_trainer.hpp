@@ -21,6 +21,6 @@ bool cuda_available(std::string* why_not);
 // with `attention` (examples/common/attention_kernel.hpp).
 std::unique_ptr<Trainer> make_cuda_trainer(std::string_view variant, const Config& config,
                                            const moe::nn::AdamWConfig& adamw, Precision precision,
-                                           examples::AttentionKernel attention = examples::AttentionKernel::fused);
+                                           examples::AttentionKernel attention = examples::kDefaultAttention);
 
 }  // namespace gpt2

@@ -76,7 +76,7 @@ cli::Parser make_parser() {
        "fp32 on cpu, bf16 on cuda"},
       {"attention", "NAME",
        "device runs: fused (bf16, head sizes 32/64/128; elsewhere materialized) or materialized (keeps the "
-       "[B, heads, T, T] probabilities)", "fused"},
+       "[B, heads, T, T] probabilities: faster on an H100)", "materialized"},
       {"data", "PATH", "text file, folder of text files, or llm.c .bin shard(s)",
        "/usr/share/games/fortunes (Debian package fortunes)"},
       {"tokenizer", "NAME", "bytes or gpt2-bpe", "bytes for small, gpt2-bpe for gpt2-small"},
@@ -217,7 +217,8 @@ gpt2::Precision precision_of(const cli::Parser& args, gpt2::Device device) {
 }
 
 examples::AttentionKernel attention_of(const cli::Parser& args, gpt2::Device device) {
-  const examples::AttentionKernel kernel = examples::parse_attention(args.get("attention", "fused"));
+  const std::string fallback(examples::attention_name(examples::kDefaultAttention));
+  const examples::AttentionKernel kernel = examples::parse_attention(args.get("attention", fallback));
   moe::check(!args.has("attention") || device != gpt2::Device::cpu,
              "--attention needs --device cuda or emulated (the CPU has one attention)");
   return kernel;

@@ -114,12 +114,12 @@ class HostMirror {
 // CUDA or on a machine without a GPU).
 inline Session make_session(Device device, Precision precision, std::string_view variant, const Config& config,
                             const moe::nn::AdamWConfig& adamw,
-                            examples::AttentionKernel attention = examples::AttentionKernel::fused) {
+                            examples::AttentionKernel attention = examples::kDefaultAttention) {
   Session session;
   if (device == Device::cpu) {
     moe::check(precision == Precision::fp32, "--precision ", precision_name(precision),
                " needs --device cuda (the CPU trains in fp32)");
-    moe::check(attention == examples::AttentionKernel::fused, "--attention ", examples::attention_name(attention),
+    moe::check(attention == examples::kDefaultAttention, "--attention ", examples::attention_name(attention),
                " needs --device cuda or emulated (the CPU has one attention)");
     with_variant<float>(variant, [&](auto tag) {
       using M = typename decltype(tag)::type;

@@ -137,8 +137,10 @@ TEST_CASE(CUDA_TEST_NAME("gpt2 model: bf16 storage with fp32 accumulation stays 
   // pieces keep to 2e-2 in their own cases.
   gpt2::Config wider = kTiny;
   wider.hidden = 64, wider.ffn = 48, wider.context = 40;
-  REQUIRE(examples::NnOps<DeviceBackend<moe::bfloat16>>(make_device()).uses_fused_attention(wider.hidden, wider.heads));
-  REQUIRE_FALSE(examples::NnOps<DeviceBackend<moe::bfloat16>>(make_device()).uses_fused_attention(kTiny.hidden, kTiny.heads));
+  const examples::NnOps<DeviceBackend<moe::bfloat16>> fused(make_device(), examples::AttentionKernel::fused);
+  REQUIRE(fused.uses_fused_attention(wider.hidden, wider.heads));
+  REQUIRE_FALSE(fused.uses_fused_attention(kTiny.hidden, kTiny.heads));
+  REQUIRE_FALSE(examples::NnOps<DeviceBackend<moe::bfloat16>>(make_device()).uses_fused_attention(wider.hidden, wider.heads));
   for (const auto attention : {examples::AttentionKernel::fused, examples::AttentionKernel::materialized})
     check_model_parity<moe::bfloat16>("dense", wider, 3e-2, attention);
 }
