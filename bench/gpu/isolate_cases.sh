@@ -15,16 +15,16 @@ set -u
 binary=${1:?usage: isolate_cases.sh BINARY LOG_DIR [SECONDS_PER_CASE]}
 logs=${2:?usage: isolate_cases.sh BINARY LOG_DIR [SECONDS_PER_CASE]}
 per_case=${3:-120}
+source "$(dirname "${BASH_SOURCE[0]}")/doctest_cases.sh"
 mkdir -p "$logs"
 : >"$logs/failed.txt"
 
-# doctest's listing: the names between the two rules of '=' after "listing all test case names".
-list=$("$binary" --list-test-cases --no-intro=true 2>&1) || {
-  echo "isolate_cases: $binary --list-test-cases failed:" >&2
-  echo "$list" >&2
+list=$(doctest_case_names "$binary") || {
+  echo "isolate_cases: $binary --list-test-cases failed (its output above)" >&2
   exit 2
 }
-mapfile -t names < <(awk '/^====/ { rules++; next } rules == 1 && NF' <<<"$list")
+names=()
+[[ -n $list ]] && mapfile -t names <<<"$list"
 if ((${#names[@]} == 0)); then
   echo "isolate_cases: $binary listed no test cases" >&2
   exit 2
@@ -35,11 +35,9 @@ failed=()
 for i in "${!names[@]}"; do
   name=${names[$i]}
   log="$logs/$i.log"
-  # doctest's filters split at commas unless escaped; '*' and '?' in a name still match themselves.
   rc=0
-  timeout -k 5 "$per_case" "$binary" "--test-case=${name//,/\\,}" >"$log" 2>&1 || rc=$?
-  # Exactly this case ran: "test cases: 1 | 1 passed" (a filter that matched nothing also exits 0).
-  if ((rc == 0)) && grep -Eq 'test cases: +1 \| +1 passed' "$log"; then
+  timeout -k 5 "$per_case" "$binary" "$(doctest_case_filter "$name")" >"$log" 2>&1 || rc=$?
+  if ((rc == 0)) && doctest_ran_once "$log"; then
     passed=$((passed + 1))
     continue
   fi

@@ -16,7 +16,7 @@
 #   bench/gpu/run.sh                                          # everything but compare (~25 min)
 #   STEPS=test,bench_gpt2,torch_gpt2,report_gpt2 bench/gpu/run.sh   # GPU tests + GPT-2 training speed (~6 min)
 #   STEPS=memcheck,racecheck SANITIZER_FILTER='--test-case=*edge*' bench/gpu/run.sh
-#   STEPS=racecheck bench/gpu/run.sh                          # racecheck over the whole test binary
+#   STEPS=racecheck bench/gpu/run.sh                          # racecheck, each test case alone (~3 min)
 #   STEPS=bench,torch,report bench/gpu/run.sh                 # the MoE layer against PyTorch (~5 min)
 #   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
 #
@@ -35,6 +35,7 @@
 #   STEPS             comma-separated subset of build,test,memcheck,racecheck,bench,torch,report,
 #                     bench_gpt2,torch_gpt2,report_gpt2,compare (default: all but compare)
 #   SANITIZER_FILTER  doctest arguments for the two sanitizer runs, e.g. '--test-case=*edge*,*NaN*'
+#                     (split at spaces: a '?' stands for a space in a name, '*fused?attention*')
 #   REPETITIONS       bench_moe_cuda repetitions (default 3; the report uses their median)
 #   MIN_TIME          seconds per benchmark repetition (default 0.5)
 #   BENCH_FILTER      --benchmark_filter regex for bench_moe_cuda (default: every benchmark)
@@ -53,7 +54,9 @@
 #   COMPUTE_SANITIZER the compute-sanitizer binary (default: found on the PATH, under
 #                     /usr/local/cuda*, or in pip's nvidia-cuda-sanitizer-api wheel)
 #   RACECHECK_KERNELS all: racecheck checks cuBLAS's and CUB's kernels too (default: ours only,
-#                     after a planted race it must report; bench/gpu/racecheck.sh)
+#                     after a planted race it must report; then each case in a process of its own,
+#                     racecheck/<n>.log, and racecheck/unchecked.txt names the cases where the
+#                     sanitizer broke down; bench/gpu/racecheck.sh)
 #
 # A failing step does not stop the later ones (a failed build does); the script exits 1 if any
 # step failed or was skipped (without a GPU every GPU step is skipped: a dry run of the script).
@@ -221,7 +224,7 @@ if want memcheck || want racecheck; then
     # --error-exitcode: a reported hazard fails the step even when every test passes. Racecheck
     # goes through racecheck.sh: a planted race first, then our kernels only (its header says why).
     if [[ $tool == racecheck ]]; then
-      run_step racecheck "$out/racecheck.log" "$root/bench/gpu/racecheck.sh" "$sanitizer" "$tests" \
+      RACECHECK_LOGS=$out/racecheck run_step racecheck "$out/racecheck.log" "$root/bench/gpu/racecheck.sh" "$sanitizer" "$tests" \
         "${sanitizer_filter[@]+"${sanitizer_filter[@]}"}"
     else
       run_step "$tool" "$out/$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 1 \

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # A stand-in for a doctest binary on a GPU whose case "b, faulty" leaves a sticky CUDA fault: run
 # whole, it fails every case from "b, faulty" on; run alone, only "b, faulty" fails, and "d, hangs"
-# never ends. Just enough of doctest's command line for bench/gpu/isolate_cases.sh.
+# never ends. Just enough of doctest's command line for bench/gpu/isolate_cases.sh and racecheck.sh
+# (whose test lists with a --test-case=PATTERN after --list-test-cases: one glob, no commas).
 names=("a, first" "b, faulty" "c: after the fault (x = 1, y = 2)" "d, hangs" "e, last")
 summary() { echo "[doctest] test cases: $1 | $2 passed | $3 failed | 0 skipped"; }
 case "${1:-}" in
   --list-test-cases)
+    pattern='*'
+    for a in "$@"; do [[ $a == --test-case=* ]] && pattern=${a#--test-case=}; done
     echo "[doctest] listing all test case names"
     echo "==============================================================================="
-    printf '%s\n' "${names[@]}"
+    for n in "${names[@]}"; do
+      # shellcheck disable=SC2053  # the pattern is a glob, as doctest's
+      [[ $n == $pattern ]] && echo "$n"
+    done
     echo "==============================================================================="
     echo "[doctest] unskipped test cases passing the current filters: ${#names[@]}"
     exit 0 ;;

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # A stand-in for compute-sanitizer, just enough for bench/gpu/racecheck.sh. Each call but --help
-# appends its arguments as one line to $MOCK_CALLS. The environment sets what it does:
-#   MOCK_HELP    name | regex | none: which kernel filter option --help lists
-#   MOCK_CANARY  report | silent: whether the canary run (the one with --no-skip) reports its race
-#   MOCK_RC      the exit status of any other run
+# appends its arguments as one line to $MOCK_CALLS. Any run but the canary runs the test binary (the
+# argument after the sanitizer's own options) with the arguments after it, and passes on its output
+# and exit status, unless the environment says otherwise:
+#   MOCK_HELP      name | regex | none: which kernel filter option --help lists
+#   MOCK_CANARY    report | silent: whether the canary run (the one with --no-skip) reports its race
+#   MOCK_RACE      a case name: its run reports a race (exit status: --error-exitcode's)
+#   MOCK_BREAKDOWN a case name: in its run the sanitizer breaks down, and the case fails
 if [[ ${1:-} == --help ]]; then
   echo "Usage: compute-sanitizer [options] [your-program] [your-program-options]"
   case ${MOCK_HELP:-name} in
@@ -28,5 +31,27 @@ if [[ " $* " == *" --no-skip "* ]]; then
   echo "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
   exit 0
 fi
+# The binary: the first argument after the options (each option racecheck.sh passes takes a value).
+i=0
+while [[ ${args[i]} == --* ]]; do i=$((i + 2)); done
+binary=${args[i]}
+case_args=("${args[@]:i+1}")
+filter=${case_args[0]#--test-case=}
+name=${filter//\\,/,}
+if [[ $name == "${MOCK_RACE:-}" ]]; then
+  echo "========= Error: Race reported between Write access at for_each_warp_kernel+0x1f0"
+  echo "[doctest] test cases: 1 | 1 passed | 0 failed | 66 skipped"
+  echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+  exit "$error_rc"
+fi
+if [[ $name == "${MOCK_BREAKDOWN:-}" ]]; then
+  echo "========= Internal Sanitizer Error: The Sanitizer failed to handle a hardware exception."
+  echo "ERROR: test case THREW exception: moe: cuBLAS error in cublasLtMatmul: the function failed to launch"
+  echo "[doctest] test cases: 1 | 0 passed | 1 failed | 66 skipped"
+  echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+  exit "$error_rc"
+fi
+rc=0
+"$binary" "${case_args[@]}" || rc=$?
 echo "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
-exit "${MOCK_RC:-0}"
+exit "$rc"

@@ -1,52 +1,81 @@
 #!/usr/bin/env bash
-# bench/gpu/racecheck.sh against a mock compute-sanitizer (mock_sanitizer.sh): the canary runs first
-# with the same kernel filter as the run, a canary that racecheck does not report stops the step
-# before the run, the run's exit status is the script's, and the filter follows what --help offers.
+# bench/gpu/racecheck.sh against a mock compute-sanitizer (mock_sanitizer.sh) over the mock doctest
+# binary of gpu_isolate (five cases; alone, "b, faulty" fails and "d, hangs" never ends): the canary
+# runs first with the same kernel filter as the cases, a canary that racecheck does not report stops
+# the step before any case, then each case the doctest filter passes runs alone, and the step tells
+# clean cases from a reported race, a failing case and the sanitizer's own breakdown.
 set -u
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 script=$here/../../bench/gpu/racecheck.sh
 mock=$here/mock_sanitizer.sh
+tests=$here/../gpu_isolate/mock_doctest.sh
 calls=$(mktemp)
-trap 'rm -f "$calls"' EXIT
+logs=$(mktemp -d)
+trap 'rm -rf "$calls" "$logs"' EXIT
 fail() { echo "FAILED: $*"; echo "--- output:"; echo "$out"; echo "--- calls:"; cat "$calls"; exit 1; }
-run() {  # run [ENV=VALUE...]: the script over the mock, doctest arguments --test-case=*edge*
+run() {  # run [ENV=VALUE...] -- [doctest arguments...]: the script over the mocks
+  local env=()
+  while [[ $1 != -- ]]; do env+=("$1"); shift; done
+  shift
   : >"$calls"
+  rm -rf "${logs:?}"/*
   rc=0
-  out=$(env MOCK_CALLS="$calls" "$@" "$script" "$mock" ./moe_cuda_tests '--test-case=*edge*' 2>&1) || rc=$?
+  out=$(env MOCK_CALLS="$calls" RACECHECK_LOGS="$logs" RACECHECK_CASE_SECONDS=2 "${env[@]}" \
+    "$script" "$mock" "$tests" "$@" 2>&1) || rc=$?
 }
 
-# The canary is reported: two calls, both with the filter; the run gets the doctest arguments.
-run MOCK_HELP=name MOCK_CANARY=report MOCK_RC=0
-((rc == 0)) || fail "exit status $rc, expected the run's 0"
-(($(wc -l <"$calls") == 2)) || fail "expected two sanitizer runs (canary, then the binary)"
-canary=$(sed -n 1p "$calls") whole=$(sed -n 2p "$calls")
-[[ $canary == "--tool racecheck --error-exitcode 86 --kernel-name kns=for_each_ ./moe_cuda_tests --test-case=*racecheck canary* --no-skip" ]] ||
-  fail "canary call: '$canary'"
-[[ $whole == "--tool racecheck --error-exitcode 1 --kernel-name kns=for_each_ ./moe_cuda_tests --test-case=*edge*" ]] ||
-  fail "run call: '$whole'"
+# The canary is reported, then the two cases '*e*' passes, each alone with the filter, the comma in
+# a name escaped: both clean.
+run MOCK_HELP=name -- '--test-case=*e*'
+((rc == 0)) || fail "exit status $rc, expected 0 (every case clean)"
+(($(wc -l <"$calls") == 3)) || fail "expected three sanitizer runs (the canary, then two cases)"
+[[ $(sed -n 1p "$calls") == "--tool racecheck --error-exitcode 86 --kernel-name kns=for_each_ $tests --test-case=*racecheck canary* --no-skip" ]] ||
+  fail "canary call: '$(sed -n 1p "$calls")'"
+[[ $(sed -n 2p "$calls") == "--tool racecheck --error-exitcode 1 --kernel-name kns=for_each_ $tests --test-case=c: after the fault (x = 1\\, y = 2)" ]] ||
+  fail "first case's call: '$(sed -n 2p "$calls")'"
+[[ $(sed -n 3p "$calls") == *" --test-case=e\\, last" ]] || fail "second case's call: '$(sed -n 3p "$calls")'"
+grep -q 'racecheck: 2 cases: 2 clean, 0 with a race reported, 0 failing, 0 unchecked' <<<"$out" || fail "no summary line"
 
-# A hazard (or a failing case) in the run is the script's failure.
-run MOCK_HELP=name MOCK_CANARY=report MOCK_RC=1
-((rc == 1)) || fail "exit status $rc, expected the run's 1"
+# A reported race fails the step and names its case.
+run MOCK_RACE='e, last' -- '--test-case=*e*'
+((rc == 1)) || fail "exit status $rc with a race, expected 1"
+grep -q 'race reported (.*): e, last' <<<"$out" || fail "the racy case is not named"
 
-# The canary unreported: exit 1, said so, and the run does not start.
-run MOCK_HELP=name MOCK_CANARY=silent MOCK_RC=0
+# The sanitizer's breakdown alone: exit status 3, the case named and listed, not counted clean.
+run MOCK_BREAKDOWN='e, last' -- '--test-case=*e*'
+((rc == 3)) || fail "exit status $rc with a breakdown only, expected 3"
+grep -q 'unchecked, the sanitizer broke down (.*): e, last' <<<"$out" || fail "the unchecked case is not named"
+[[ $(cat "$logs/unchecked.txt") == "e, last" ]] || fail "unchecked.txt is '$(cat "$logs/unchecked.txt")'"
+grep -q '2 cases: 1 clean, 0 with a race reported, 0 failing, 1 unchecked' <<<"$out" || fail "wrong summary"
+
+# Every case: a failing and a hanging case outrank a breakdown (exit status 1); the rest are clean.
+run MOCK_BREAKDOWN='c: after the fault (x = 1, y = 2)' --
+((rc == 1)) || fail "exit status $rc with failing cases, expected 1"
+grep -q 'fails under racecheck (exit status 1, .*): b, faulty' <<<"$out" || fail "the failing case is not named"
+grep -q 'fails under racecheck (timed out after 2 s, .*): d, hangs' <<<"$out" || fail "the hanging case is not named"
+grep -q '5 cases: 2 clean, 0 with a race reported, 2 failing, 1 unchecked' <<<"$out" || fail "wrong summary"
+
+# The canary unreported: exit 1, said so, and no case runs.
+run MOCK_CANARY=silent -- '--test-case=*e*'
 ((rc == 1)) || fail "exit status $rc with an unreported canary, expected 1"
 grep -q 'did not report the planted race' <<<"$out" || fail "no message for the unreported canary"
-(($(wc -l <"$calls") == 1)) || fail "the run started after an unreported canary"
+(($(wc -l <"$calls") == 1)) || fail "cases ran after an unreported canary"
 
 # Older compute-sanitizers: --kernel-regex; none at all: every kernel, said so.
-run MOCK_HELP=regex MOCK_CANARY=report MOCK_RC=0
-((rc == 0)) && grep -q -- '--kernel-regex kns=for_each_ ./moe_cuda_tests --test-case=\*edge\*' "$calls" ||
-  fail "no --kernel-regex filter where --help offers only that"
-run MOCK_HELP=none MOCK_CANARY=report MOCK_RC=0
+run MOCK_HELP=regex -- '--test-case=*e*'
+((rc == 0)) && (($(grep -c -- '--kernel-regex kns=for_each_' "$calls") == 3)) ||
+  fail "no --kernel-regex filter on every run where --help offers only that"
+run MOCK_HELP=none -- '--test-case=*e*'
 ((rc == 0)) && ! grep -q -- '--kernel' "$calls" && grep -q 'checking every kernel' <<<"$out" ||
   fail "a filter where --help offers none, or no word of it"
-run RACECHECK_KERNELS=all MOCK_HELP=name MOCK_CANARY=report MOCK_RC=0
+run RACECHECK_KERNELS=all -- '--test-case=*e*'
 ((rc == 0)) && ! grep -q -- '--kernel' "$calls" || fail "RACECHECK_KERNELS=all still filters"
 
-# Usage.
+# Usage, and a binary that cannot list its cases.
 rc=0
 out=$("$script" "$mock" 2>&1) || rc=$?
 ((rc == 2)) || fail "exit status $rc without a test binary, expected 2"
+rc=0
+out=$(MOCK_CALLS="$calls" "$script" "$mock" /bin/false 2>&1) || rc=$?
+((rc == 2)) || fail "exit status $rc for a binary that cannot list, expected 2"
 echo "racecheck.sh: every check passed"
