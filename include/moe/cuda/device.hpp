@@ -71,9 +71,10 @@ enum class Epilogue { none, bias, bias_gelu, dgelu };
 //   stored      W_e as stored, [O, I] (nn.Linear's layout): cuBLAS's NN layout
 //   transposed  W_e's transposes, [I, O], copied first in one packed pass over W: the TN layout (and
 //               a copy of W in the backend's memory: 37.7 MB a layer for GPT-2-small's bf16 experts)
-// The same products and values (on the emulated device the same bits). Which is faster is the
-// GPU's question: the first H200 profile ran the NN products with cuBLASLt's DGELU epilogue on an
-// older kernel family at ~355 TFLOP/s (bench_moe_cuda's expert_gemm rows time both layouts).
+// The same products and values (on the emulated device the same bits). stored is the default: on
+// an H100 (2026-12-05) the two layouts' DGELU products ran alike (bench_moe_cuda's expert_gemm
+// rows: 347-395 against 351-379 TFLOP/s) and the copy made transposed's GPT-2-small training step
+// 9% slower (bench_gpt2_cuda's Train/self_dgelu_transposed).
 enum class DgeluWeights { stored, transposed };
 
 // C[m, n] (=|+=) op(A)[m, k] op(B)[k, n], every matrix column-major with a leading dimension.
