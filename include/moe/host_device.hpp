@@ -20,3 +20,11 @@
 #else
 #define MOE_UNROLL
 #endif
+
+// MOE_NO_UNROLL before a loop whose body is long: keep it rolled on the GPU, so that a kernel's code
+// stays small enough for the SM's instruction cache (the host compilers decide for themselves).
+#if defined(__CUDA_ARCH__)
+#define MOE_NO_UNROLL _Pragma("unroll 1")
+#else
+#define MOE_NO_UNROLL
+#endif
