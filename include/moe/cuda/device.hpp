@@ -372,11 +372,14 @@ MOE_HOST_DEVICE void fetch_in_batches(Index begin, Index end, Load load, Use use
   for (; i < end; ++i) use(load(i));
 }
 
-// f(0) + f(1) + ... + f(n - 1) in T, added in that order (the plain loop's bits), fetched eight at a time.
+// f(0) + f(1) + ... + f(n - 1) in T, added in that order (the plain loop's bits), fetched 32 at a time. Its
+// callers are the last steps of column sums, a thread per column over its partials with few threads in all:
+// their time is the round trips to memory (on an H100, LayerNorm's 2 x 128 partials a column took 29 µs a launch
+// fetched eight at a time, 32 waits).
 template <class T, class F>
 MOE_HOST_DEVICE T sum_in_order(Index n, F f) {
   T total = 0;
-  fetch_in_batches<8>(0, n, f, [&](T term) { total += term; });
+  fetch_in_batches<32>(0, n, f, [&](T term) { total += term; });
   return total;
 }
 
