@@ -333,7 +333,7 @@ MOE_HOST_DEVICE void walk_choices(const std::uint8_t* choice, SlotIndex begin, S
   const SlotIndex packs = (end - begin + W - 1) / W;
   SlotIndex q = begin;
   for (SlotIndex first = 0; first < packs; first += kInFlight) {
-    ChoicePack batch[kInFlight];
+    ChoicePack batch[kInFlight] = {};  // past the last pack, zeros move forward, never read
     MOE_UNROLL
     for (int i = 0; i < kInFlight; ++i)
       if (first + i < packs) batch[i] = load_choices(choice + begin + (first + i) * W);
