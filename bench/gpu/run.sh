@@ -224,8 +224,8 @@ if want memcheck || want racecheck; then
     # --error-exitcode: a reported hazard fails the step even when every test passes. Racecheck
     # goes through racecheck.sh: a planted race first, then our kernels only (its header says why).
     if [[ $tool == racecheck ]]; then
-      RACECHECK_LOGS=$out/racecheck run_step racecheck "$out/racecheck.log" "$root/bench/gpu/racecheck.sh" "$sanitizer" "$tests" \
-        "${sanitizer_filter[@]+"${sanitizer_filter[@]}"}"
+      RACECHECK_LOGS=$out/racecheck run_step racecheck "$out/racecheck.log" "$root/bench/gpu/racecheck.sh" \
+        "$sanitizer" "$tests" "${sanitizer_filter[@]+"${sanitizer_filter[@]}"}"
     else
       run_step "$tool" "$out/$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 1 \
         "$tests" "${sanitizer_filter[@]+"${sanitizer_filter[@]}"}"
