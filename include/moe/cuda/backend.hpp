@@ -321,7 +321,7 @@ MOE_HOST_DEVICE inline SlotIndex choice_in(const ChoicePack& c, int b) {
   return SlotIndex((c.w[b >> 2] >> (8 * (b & 3))) & 0xffu);
 }
 
-// f(q, expert of q) for the slots q in [begin, end) in order, their choices fetched 16 at a time
+// f(expert of q) for the slots q in [begin, end) in order, their choices fetched 16 at a time
 // (begin 16-aligned; the tile's last load may read past end, within the tile, and ignores it).
 // Eight loads in flight: a tile of 128 slots is one wait for memory, not two. f's code appears once,
 // for one pack: the packs take their turns at the front of the batch in a rolled loop. (Unrolled
@@ -342,7 +342,7 @@ MOE_HOST_DEVICE void walk_choices(const std::uint8_t* choice, SlotIndex begin, S
     for (int i = 0; i < here; ++i) {
       MOE_UNROLL
       for (int b = 0; b < int(W); ++b, ++q)
-        if (q < end) f(q, choice_in(batch[0], b));
+        if (q < end) f(choice_in(batch[0], b));
       MOE_UNROLL
       for (int m = 0; m + 1 < kInFlight; ++m) batch[m] = batch[m + 1];
     }
@@ -386,7 +386,7 @@ void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, In
   device.for_each(n * N, [=] MOE_HOST_DEVICE(Index i) {
     const DispatchThread my = dispatch_thread(i, N, size, slots);
     std::int32_t matches = 0;
-    walk_choices(choice, my.begin, my.end, [&](SlotIndex, SlotIndex chosen) { matches += chosen == my.e ? 1 : 0; });
+    walk_choices(choice, my.begin, my.end, [&](SlotIndex chosen) { matches += chosen == my.e ? 1 : 0; });
     tile_count[my.e * n + my.c] = matches;
   });
   // The scan is N threads alone on the GPU, each walking its column of n counts (256 at T*k = 32768):
@@ -413,7 +413,7 @@ void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, In
     const SlotIndex kept_below = SlotIndex(capacity < slots ? capacity : slots), first_row = SlotIndex(offset);
     SlotIndex rank = tile_count[my.e * n + my.c];
     ChoiceMajorCursor at(my.begin, SlotIndex(T), SlotIndex(k));
-    walk_choices(choice, my.begin, my.end, [&](SlotIndex, SlotIndex chosen) {
+    walk_choices(choice, my.begin, my.end, [&](SlotIndex chosen) {
       const SlotIndex s = at.slot();
       at.next();
       if (chosen != my.e) return;
