@@ -100,6 +100,98 @@ TEST_CASE("cuda warp tiles: a tile product through staging, both B layouts and a
   CHECK(relative_error(got, want) < 1e-5);
 }
 
+// The element-wise calls in registers (device.hpp), on integer-valued tiles that every step keeps exact: a tile built
+// from each element's coordinates, its row sums and maxes, row-wise arithmetic, an accumulator scaled by its rows and
+// combined with another, and accumulators rounded into A operands (checked through a product with the identity, B
+// given either way). On the GPU this pins each lane's elements to the coordinates the calls report.
+TEST_CASE("cuda warp tiles: element-wise calls in registers: coordinates, row folds, row values, accumulators as A operands") {
+  if (!device_available()) return;
+  const TestDevice device = make_device();
+  using Warp = typename TestDevice::Warp;
+  constexpr Index kLd = 24, kLdf = 20, kTiles = 5;
+  DeviceMatrix<float> d_tiles(kTiles * 16, 16), d_rows(4, 16);
+  float* tiles = d_tiles.data();
+  float* rows_out = d_rows.data();
+  const std::size_t eye_bytes = 16 * kLd * sizeof(bfloat16), staging = eye_bytes + 16 * kLdf * sizeof(float);
+  device.for_each_warp(1, staging, [=] MOE_HOST_DEVICE(Index, const Warp& warp) {
+    auto* eye = reinterpret_cast<bfloat16*>(warp.staging());
+    auto* tile = reinterpret_cast<float*>(warp.staging() + eye_bytes);
+    warp.lanes(16 * 16, [&](Index i) { eye[(i / 16) * kLd + i % 16] = bfloat16(i / 16 == i % 16 ? 1.f : 0.f); });
+    const auto out = [&](Index t, const typename Warp::Acc& acc) {  // tile t of the output, through the staging
+      warp.store_acc(tile, kLdf, acc);
+      warp.lanes(16 * 16, [&](Index i) { tiles[t * 256 + i] = tile[(i / 16) * kLdf + i % 16]; });
+    };
+    typename Warp::Acc x, y, z;
+    warp.fill(x, 0.f);
+    warp.map(x, [](Index r, Index c, float v) { return v + float(r * 16 + c); });  // x(r, c) = 16 r + c
+    out(0, x);
+    typename Warp::Rows sum, max;
+    warp.for_rows([](Index, float& s, float& m) { s = 0.f, m = -1e30f; }, sum, max);
+    warp.fold_rows(sum, x, [](float a, float b) { return a + b; });
+    warp.fold_rows(max, x, [](float a, float b) { return a > b ? a : b; });
+    warp.each_row([&](Index r, float s, float m) { rows_out[r] = s, rows_out[16 + r] = m; }, sum, max);
+    warp.for_rows([](Index r, float& s, float& m) { s += float(r), m -= 1.f; }, sum, max);
+    warp.each_row([&](Index r, float s, float m) { rows_out[32 + r] = s, rows_out[48 + r] = m; }, sum, max);
+    y = x;
+    warp.map_rows(y, max, [](Index, Index, float v, float m) { return v - m; });  // c - 14
+    warp.zip(y, x, [](Index, Index c, float a, float b) { return 2.f * a + b + float(c); });
+    out(1, y);
+    // x + 1/3 rounded to bf16 as an A operand, times the identity (B from its rows, then from its transpose's).
+    z = x;
+    warp.map(z, [](Index, Index, float v) { return v + 1.f / 3.f; });
+    typename Warp::ARows a;
+    warp.to_a(a, z);
+    typename Warp::BRows b;
+    typename Warp::BCols bt;
+    warp.load_b(b, eye, kLd);
+    warp.load_bt(bt, eye, kLd);
+    typename Warp::Acc by_rows, by_cols;
+    warp.fill(by_rows, 0.f);
+    warp.fill(by_cols, 0.5f);
+    warp.mma(by_rows, a, b);
+    warp.mma(by_cols, a, bt);
+    out(2, by_rows);
+    out(3, by_cols);
+    // A from the staging (load_a) times the identity: the staged tile again.
+    warp.store_acc(tile, kLdf, x);
+    warp.lanes(16 * 16, [&](Index i) { eye[(i / 16) * kLd + i % 16] = bfloat16(tile[(i / 16) * kLdf + i % 16]); });
+    warp.sync();
+    typename Warp::ARows staged;
+    warp.load_a(staged, eye, kLd);
+    warp.sync();  // every lane has loaded before the identity goes back
+    warp.lanes(16 * 16, [&](Index i) { eye[(i / 16) * kLd + i % 16] = bfloat16(i / 16 == i % 16 ? 1.f : 0.f); });
+    warp.load_b(b, eye, kLd);
+    typename Warp::Acc again;
+    warp.fill(again, 0.f);
+    warp.mma(again, staged, b);
+    out(4, again);
+  });
+  std::vector<float> got(kTiles * 256), rows(64);
+  device.download(got.data(), d_tiles.data(), got.size() * sizeof(float));
+  device.download(rows.data(), d_rows.data(), rows.size() * sizeof(float));
+  bool coordinates = true, combined = true, as_a_rows = true, as_a_cols = true, loaded = true, row_values = true;
+  for (Index r = 0; r < 16; ++r) {
+    for (Index c = 0; c < 16; ++c) {
+      const auto at = [&](Index t) { return got[std::size_t(t * 256 + r * 16 + c)]; };
+      const float x = float(r * 16 + c), rounded_x = float(bfloat16(x + 1.f / 3.f));
+      coordinates = coordinates && at(0) == x;
+      combined = combined && at(1) == 2.f * float(c - 14) + x + float(c);
+      as_a_rows = as_a_rows && at(2) == rounded_x;
+      as_a_cols = as_a_cols && at(3) == rounded_x + 0.5f;
+      loaded = loaded && at(4) == x;
+    }
+    const auto row = [&](Index k) { return rows[std::size_t(k * 16 + r)]; };
+    row_values = row_values && row(0) == float(256 * r + 120) && row(1) == float(16 * r + 15) &&
+                 row(2) == float(257 * r + 120) && row(3) == float(16 * r + 14);
+  }
+  CHECK(coordinates);
+  CHECK(row_values);
+  CHECK(combined);
+  CHECK(as_a_rows);
+  CHECK(as_a_cols);
+  CHECK(loaded);
+}
+
 // Forward and backward of both paths on the same bf16 inputs: the CPU (float, materialised) as the reference.
 struct FusedResults {
   std::vector<float> out, lse, dqkv;
@@ -150,7 +242,7 @@ inline std::vector<float> lse_reference(const std::vector<float>& qkv, Shape s, 
 }
 
 // Head sizes 32, 64 (GPT-2's) and 128; T = 1, T below, across and not a multiple of the tiles (32 rows, 16 at head
-// size 128) and the key and query blocks (32 or 16); one head and several.
+// size 128) and the key and query blocks (16); one head and several.
 inline const std::vector<Shape>& fused_shapes() {
   static const std::vector<Shape> list = {{1, 1, 32, 1},  {2, 5, 64, 2},  {1, 33, 64, 2}, {2, 70, 128, 2},
                                           {1, 47, 96, 3}, {1, 100, 64, 1}, {1, 40, 128, 1}, {1, 37, 256, 2}};
@@ -183,16 +275,16 @@ TEST_CASE("cuda nn fused attention: bf16 forward, log-sum-exp and backward match
 }
 
 // Scores that grow along the keys: every query gets 16 on its head's first coordinate and key j gets a * j there, so a
-// query's scores climb by `growth` per block of keys. Below the forward's rescale margin (8) a row keeps its first
-// block's max and its probabilities pass 1; above it every block moves the max and rescales out.
-TEST_CASE("cuda nn fused attention: scores that climb from key block to key block, under and over the rescale margin") {
+// query's scores climb by `growth` per block of keys: every block moves each row's max, and the terms so far are
+// rescaled by e^-growth or less each time.
+TEST_CASE("cuda nn fused attention: scores that climb from key block to key block") {
   if (!device_available()) return;
   std::uint64_t seed = 900;
   for (const Shape s : {Shape{1, 100, 64, 1}, Shape{2, 70, 128, 2}, Shape{1, 47, 96, 3}})
     for (const double growth : {5.0, 12.0})
       for (const bool causal : {true, false}) {
         const auto [B, T, C, heads] = s;
-        const Index hs = C / heads, keys_per_block = hs <= 64 ? 32 : 16;
+        const Index hs = C / heads, keys_per_block = moe::cuda::nn::fused_attention_detail::kBlockRows;
         const double a = growth * std::sqrt(double(hs)) / (16.0 * double(keys_per_block));
         CAPTURE(s.T);
         CAPTURE(s.C);

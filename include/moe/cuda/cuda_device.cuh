@@ -10,7 +10,6 @@
 #include <cuda_bf16.h>
 #include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <array>
@@ -139,18 +138,33 @@ __global__ void for_each_row_kernel(Index rows, Body body) {
 }
 
 // A warp of CudaDevice::for_each_warp (device.hpp): its lanes and its part of the block's shared memory, tiles as
-// nvcuda::wmma fragments (tensor cores). Callable from host-device code; only device code runs it.
+// register fragments of mma.sync.m16n8k16 (bf16 in, float accumulators), loaded from the staging by ldmatrix. The
+// layouts are the PTX ISA's ("Matrix Fragments for mma.m16n8k16"), so the element-wise calls know where each element
+// is. With g = lane / 4 and t = lane % 4:
+//   Acc: x[e] is element (g + 8 * ((e / 2) % 2), 2 * t + e % 2 + 8 * (e / 4)), two m16n8 accumulators side by side;
+//   ARows: x[0..3] hold A(g, 2t..2t+1), A(g + 8, 2t..), A(g, 2t + 8..), A(g + 8, 2t + 8..) as bf16 pairs;
+//   BRows / BCols: x[0], x[1] the B fragment of columns 0-7 (B(2t..2t+1, g), B(2t + 8.., g)), x[2], x[3] of 8-15;
+//   Rows: x[0] row g's value, x[1] row g + 8's (the 4 lanes of a quad hold the same rows).
+// Callable from host-device code; only device code runs it.
 struct WarpTiles {
   unsigned lane = 0;
   unsigned char* memory = nullptr;
 
-  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kTileSize, kTileSize, kTileSize, float>;
-  using ARows = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kTileSize, kTileSize, kTileSize, __nv_bfloat16,
-                                       nvcuda::wmma::row_major>;
-  using BRows = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kTileSize, kTileSize, kTileSize, __nv_bfloat16,
-                                       nvcuda::wmma::row_major>;
-  using BCols = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kTileSize, kTileSize, kTileSize, __nv_bfloat16,
-                                       nvcuda::wmma::col_major>;
+  struct Acc {
+    float x[8];
+  };
+  struct ARows {
+    unsigned x[4];
+  };
+  struct BRows {
+    unsigned x[4];
+  };
+  struct BCols {
+    unsigned x[4];
+  };
+  struct Rows {
+    float x[2];
+  };
 
   __host__ __device__ unsigned char* staging() const { return memory; }
   __host__ __device__ void sync() const {
@@ -195,41 +209,125 @@ struct WarpTiles {
     __syncwarp();
 #endif
   }
+
+  // Where this lane's element e of an accumulator sits.
+  __host__ __device__ Index row_of(int e) const { return Index(lane / 4 + 8 * ((e / 2) % 2)); }
+  __host__ __device__ Index col_of(int e) const { return Index(2 * (lane % 4) + e % 2 + 8 * (e / 4)); }
+
   __host__ __device__ void fill(Acc& acc, float value) const {
-#if defined(__CUDA_ARCH__)
-    nvcuda::wmma::fill_fragment(acc, value);
-#endif
+    for (float& x : acc.x) x = value;
   }
   __host__ __device__ void load_acc(Acc& acc, const float* p, Index ld) const {
-#if defined(__CUDA_ARCH__)
-    nvcuda::wmma::load_matrix_sync(acc, p, unsigned(ld), nvcuda::wmma::mem_row_major);
-#endif
+    for (int e = 0; e < 8; e += 2) {
+      const float2 v = *reinterpret_cast<const float2*>(p + row_of(e) * ld + col_of(e));
+      acc.x[e] = v.x, acc.x[e + 1] = v.y;
+    }
   }
   __host__ __device__ void store_acc(float* p, Index ld, const Acc& acc) const {
+    for (int e = 0; e < 8; e += 2)
+      *reinterpret_cast<float2*>(p + row_of(e) * ld + col_of(e)) = make_float2(acc.x[e], acc.x[e + 1]);
 #if defined(__CUDA_ARCH__)
-    nvcuda::wmma::store_matrix_sync(p, acc, unsigned(ld), nvcuda::wmma::mem_row_major);
     __syncwarp();
 #endif
   }
+  // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8 x 8 matrix i, which lands in x[i].
   __host__ __device__ void load_a(ARows& a, const bfloat16* p, Index ld) const {
-#if defined(__CUDA_ARCH__)
-    nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const __nv_bfloat16*>(p), unsigned(ld));
-#endif
+    const unsigned i = lane / 8, r = lane % 8;  // matrices: rows 0-7 | 8-15, then columns 8-15
+    load_matrices<false>(a.x, p + (Index(i % 2) * 8 + r) * ld + Index(i / 2) * 8);
   }
   __host__ __device__ void load_b(BRows& b, const bfloat16* p, Index ld) const {
-#if defined(__CUDA_ARCH__)
-    nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const __nv_bfloat16*>(p), unsigned(ld));
-#endif
+    const unsigned i = lane / 8, r = lane % 8;  // B(k, c) = p[k * ld + c]: k rows 0-7 | 8-15, then columns 8-15
+    load_matrices<true>(b.x, p + (Index(i % 2) * 8 + r) * ld + Index(i / 2) * 8);
   }
   __host__ __device__ void load_bt(BCols& b, const bfloat16* p, Index ld) const {
-#if defined(__CUDA_ARCH__)
-    nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const __nv_bfloat16*>(p), unsigned(ld));
-#endif
+    const unsigned i = lane / 8, r = lane % 8;  // B(k, c) = p[c * ld + k]: column rows 0-7 (k 0-7 | 8-15), then 8-15
+    load_matrices<false>(b.x, p + (Index(i / 2) * 8 + r) * ld + Index(i % 2) * 8);
   }
   template <class B>
   __host__ __device__ void mma(Acc& acc, const ARows& a, const B& b) const {
+    mma_m16n8k16(acc.x, a.x, b.x[0], b.x[1]);
+    mma_m16n8k16(acc.x + 4, a.x, b.x[2], b.x[3]);
+  }
+
+  template <class F>
+  __host__ __device__ void map(Acc& acc, F f) const {
+    for (int e = 0; e < 8; ++e) acc.x[e] = f(row_of(e), col_of(e), acc.x[e]);
+  }
+  template <class F>
+  __host__ __device__ void map_rows(Acc& acc, const Rows& rows, F f) const {
+    for (int e = 0; e < 8; ++e) acc.x[e] = f(row_of(e), col_of(e), acc.x[e], rows.x[(e / 2) % 2]);
+  }
+  template <class F>
+  __host__ __device__ void zip(Acc& acc, const Acc& other, F f) const {
+    for (int e = 0; e < 8; ++e) acc.x[e] = f(row_of(e), col_of(e), acc.x[e], other.x[e]);
+  }
+  // A lane's 4 elements of each of its rows, then the quad's 4 lanes by butterfly: with op commutative, every lane
+  // of the quad ends with the same bits.
+  template <class Op>
+  __host__ __device__ void fold_rows(Rows& rows, const Acc& acc, Op op) const {
+    for (int h = 0; h < 2; ++h) {
+      float x = op(op(acc.x[2 * h], acc.x[2 * h + 1]), op(acc.x[4 + 2 * h], acc.x[5 + 2 * h]));
 #if defined(__CUDA_ARCH__)
-    nvcuda::wmma::mma_sync(acc, a, b, acc);
+      x = op(x, __shfl_xor_sync(0xffffffffu, x, 1));
+      x = op(x, __shfl_xor_sync(0xffffffffu, x, 2));
+#endif
+      rows.x[h] = op(rows.x[h], x);
+    }
+  }
+  template <class F, class... R>
+  __host__ __device__ void for_rows(F f, R&... rows) const {
+    for (int h = 0; h < 2; ++h) f(Index(lane / 4 + 8 * h), rows.x[h]...);
+  }
+  template <class F, class... R>
+  __host__ __device__ void each_row(F f, const R&... rows) const {
+    if (lane % 4 == 0)
+      for (int h = 0; h < 2; ++h) f(Index(lane / 4 + 8 * h), rows.x[h]...);
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
+  __host__ __device__ void to_a(ARows& a, const Acc& acc) const {
+    for (int i = 0; i < 4; ++i) a.x[i] = bf16_pair(acc.x[2 * i], acc.x[2 * i + 1]);
+  }
+
+ private:
+  template <bool Transposed>
+  __host__ __device__ static void load_matrices(unsigned (&x)[4], const bfloat16* row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned at = unsigned(__cvta_generic_to_shared(row));
+    if constexpr (Transposed)
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                   : "r"(at)
+                   : "memory");
+    else
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                   : "r"(at)
+                   : "memory");
+#else
+    (void)row;
+    x[0] = x[1] = x[2] = x[3] = 0u;
+#endif
+  }
+  __host__ __device__ static void mma_m16n8k16(float* d, const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    (void)d, (void)a, (void)b0, (void)b1;
+#endif
+  }
+  // The low half is the first (lower-column) element, as the fragments order them.
+  __host__ __device__ static unsigned bf16_pair(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&pair);
+#else
+    (void)lo, (void)hi;
+    return 0u;
 #endif
   }
 };

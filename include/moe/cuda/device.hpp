@@ -343,10 +343,25 @@ T butterfly(T (&lanes)[kRowLanes], Combine combine) {
 //   warp.load_b(b, p, ld)          Warp::BRows, bf16: B(k, c) = p[k * ld + c]
 //   warp.load_bt(b, p, ld)         Warp::BCols, bf16: B(k, c) = p[c * ld + k] (B given by the rows of its transpose)
 //   warp.mma(acc, a, b)            acc += A B over the 16 k, products and sums in float
+// An accumulator also works in registers, element by element, so a softmax over its rows needs no
+// trip through the staging (the fused attention's scores). Warp::Rows holds a float per row of a
+// tile (row r's value in the lanes that hold row r's elements):
+//   warp.map(acc, f)               acc(r, c) = f(r, c, acc(r, c)) for every element
+//   warp.map_rows(acc, rows, f)    acc(r, c) = f(r, c, acc(r, c), rows[r])
+//   warp.zip(acc, other, f)        acc(r, c) = f(r, c, acc(r, c), other(r, c))
+//   warp.fold_rows(rows, acc, op)  rows[r] = op(rows[r], op over row r of acc): op associative and
+//                                  commutative on the bits (a sum, fmax), so every lane agrees
+//   warp.for_rows(f, rows...)      f(r, rows[r]...) for every r, each Rows by reference: arithmetic
+//                                  on whole rows (every lane that holds row r runs it)
+//   warp.each_row(f, rows...)      f(r, rows[r]...) exactly once per r (a store per row); when it
+//                                  returns, every lane sees its writes
+//   warp.to_a(a, acc)              a = the accumulator rounded to bf16, as an A operand (P in P V)
+// f and op must not write anything but their result (each_row's f excepted). The order of a fold's
+// terms is the device's own: the same bits run to run on each device.
 // Every tile pointer must be kTileAlignment-aligned and every ld a multiple of 16 bytes (the
-// tensor cores' loads; nvcuda::wmma's rules): the emulated device checks both. The GPU adds a tile
-// product's terms in the hardware's order, the emulated device in k order: the same bits run to run
-// on each, results within float rounding of each other.
+// tensor cores' loads): the emulated device checks both. The GPU adds a tile product's terms in
+// the hardware's order, the emulated device in k order: the same bits run to run on each, results
+// within float rounding of each other.
 inline constexpr int kTileSize = 16;
 inline constexpr std::size_t kTileAlignment = 32;
 inline constexpr std::size_t kWarpStagingMax = 48 * 1024;

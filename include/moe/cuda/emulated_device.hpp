@@ -140,6 +140,9 @@ class EmulatedWarp {
   struct BCols {  // the same, loaded from B's transpose
     float v[kElements];
   };
+  struct Rows {  // row r's value at v[r]
+    float v[kTileSize];
+  };
 
   // A batch of copy_rows: 16-byte copies (from null: zeros), run at the wait that finishes the batch.
   struct Copy {
@@ -220,6 +223,40 @@ class EmulatedWarp {
   }
   void mma(Acc& acc, const ARows& a, const BRows& b) const { product(acc, a.v, b.v); }
   void mma(Acc& acc, const ARows& a, const BCols& b) const { product(acc, a.v, b.v); }
+
+  // Element-wise work in registers (device.hpp): the whole tile at once, rows and columns in order.
+  template <class F>
+  void map(Acc& acc, F f) const {
+    for (int r = 0; r < kTileSize; ++r)
+      for (int c = 0; c < kTileSize; ++c) acc.v[r * kTileSize + c] = f(Index(r), Index(c), acc.v[r * kTileSize + c]);
+  }
+  template <class F>
+  void map_rows(Acc& acc, const Rows& rows, F f) const {
+    map(acc, [&](Index r, Index c, float x) { return f(r, c, x, rows.v[r]); });
+  }
+  template <class F>
+  void zip(Acc& acc, const Acc& other, F f) const {
+    map(acc, [&](Index r, Index c, float x) { return f(r, c, x, other.v[r * kTileSize + c]); });
+  }
+  template <class Op>
+  void fold_rows(Rows& rows, const Acc& acc, Op op) const {
+    for (int r = 0; r < kTileSize; ++r) {
+      float x = acc.v[r * kTileSize];
+      for (int c = 1; c < kTileSize; ++c) x = op(x, acc.v[r * kTileSize + c]);
+      rows.v[r] = op(rows.v[r], x);
+    }
+  }
+  template <class F, class... R>
+  void for_rows(F f, R&... rows) const {
+    for (int r = 0; r < kTileSize; ++r) f(Index(r), rows.v[r]...);
+  }
+  template <class F, class... R>
+  void each_row(F f, const R&... rows) const {
+    for (int r = 0; r < kTileSize; ++r) f(Index(r), rows.v[r]...);
+  }
+  void to_a(ARows& a, const Acc& acc) const {
+    for (int i = 0; i < kElements; ++i) a.v[i] = float(bfloat16(acc.v[i]));
+  }
 
  private:
   static void product(Acc& acc, const float* a, const float* b) {

@@ -6,11 +6,13 @@
 // recomputes the probabilities tile by tile from q, k and lse.
 //
 // Work: one warp per tile of rows of one (b, h) pair (32 rows up to head size 64, else 16): query rows for the forward
-// and for dq, keys for dk and dv. The warp copies its tile and each block of the other side into its staging memory
-// (asynchronous copies, the next block's in flight during this one's products; zero past T and past the block's end, so
-// a tile product reads nothing else) and runs the products there on tensor cores. The forward's float accumulator
-// (out) stays there too, as its rows are rescaled when their running max grows; dq, dk and dv accumulate in registers.
-// Per row of a tile the softmax arithmetic is one lane's, in a fixed order.
+// and for dq, keys for dk and dv. The warp copies its tile and each block of 16 rows of the other side into its
+// staging memory (asynchronous copies, the next block's in flight during this one's products; zero past T and past the
+// block's end, so a tile product reads nothing else) and runs the products on tensor cores with the scores, the
+// probabilities, the softmax's running max and sum and every accumulator (out, dq, dk, dv) in registers: each lane
+// knows which elements of a tile it holds (D::Warp's element-wise calls), so the softmax and its gradient run in place
+// and a probability tile becomes the next product's operand without a trip through the staging. A row's max and sum
+// are folded over its lanes in the device's fixed order.
 // No floating-point atomics: dq has a pass of its own (over key blocks) instead of FlashAttention-2's atomic adds, so
 // every output element has one writer and reruns give the same bits.
 //
@@ -68,28 +70,59 @@ MOE_HOST_DEVICE constexpr Index ld_floats(Index cols) { return cols + 4; }
 // attention.hpp's PairBases::row.
 using Heads = attention_detail::PairBases<Bf16>;
 
-// The tile products, their sizes compile-time constants so that the loops unroll and a register array of tiles is
-// indexed by constants.
-// out[Rows, Cols] = A[Rows, HS] B[Cols, HS]^T: a staged tile of rows times a staged block of rows, transposed (the
-// backward's S^T = k q^T and dP^T = v dout^T, dq's dP = dout v^T).
-template <Index Rows, Index Cols, Index HS, class Warp>
-MOE_HOST_DEVICE void rows_times_rows(const Warp& warp, float* out, Index ld_out, const Bf16* a, const Bf16* b,
-                                     Index ld) {
+// NaN-ignoring max (IEEE maxNum) and the sum, for fold_rows: both commutative on the bits, so a fold's lanes agree. A
+// NaN score leaves the max to the rest of its row; its own exponential carries it into that row's output.
+struct Max {
+  MOE_HOST_DEVICE float operator()(float a, float b) const { return std::fmax(a, b); }
+};
+struct Sum {
+  MOE_HOST_DEVICE float operator()(float a, float b) const { return a + b; }
+};
+
+// The tile products, their sizes compile-time constants so that the loops unroll and the register arrays of tiles are
+// indexed by constants. Scores, probabilities and accumulators stay in registers (D::Warp's element-wise calls); only
+// the operands of the other side come from the staging.
+
+// acc[i][j] = A[row tile i] B[tile j]^T over HS, B given by its staged rows (load_bt): q k^T, k q^T, dout v^T and
+// v dout^T. load_a_tile(a, i, d) gives A's fragment at row tile i, depth tile d (held in registers or loaded from the
+// staging). Each fragment of either side is loaded once.
+template <Index RT, Index CT, Index HS, class Warp, class LoadA>
+MOE_HOST_DEVICE void times_rows(const Warp& warp, typename Warp::Acc (&acc)[RT][CT], LoadA load_a_tile, const Bf16* b,
+                                Index ld) {
   MOE_UNROLL
-  for (Index i = 0; i < Rows; i += kTile) {
+  for (Index i = 0; i < RT; ++i) {
     MOE_UNROLL
-    for (Index j = 0; j < Cols; j += kTile) {
-      typename Warp::Acc acc;
-      warp.fill(acc, 0.f);
+    for (Index j = 0; j < CT; ++j) warp.fill(acc[i][j], 0.f);
+  }
+  MOE_UNROLL
+  for (Index d = 0; d < HS / kTile; ++d) {
+    typename Warp::ARows a[RT];
+    MOE_UNROLL
+    for (Index i = 0; i < RT; ++i) load_a_tile(a[i], i, d);
+    MOE_UNROLL
+    for (Index j = 0; j < CT; ++j) {
+      typename Warp::BCols bt;
+      warp.load_bt(bt, b + j * kTile * ld + d * kTile, ld);
       MOE_UNROLL
-      for (Index d = 0; d < HS; d += kTile) {
-        typename Warp::ARows at;
-        typename Warp::BCols bt;
-        warp.load_a(at, a + i * ld + d, ld);
-        warp.load_bt(bt, b + j * ld + d, ld);
-        warp.mma(acc, at, bt);
-      }
-      warp.store_acc(out + i * ld_out + j, ld_out, acc);
+      for (Index i = 0; i < RT; ++i) warp.mma(acc[i][j], a[i], bt);
+    }
+  }
+}
+
+// acc[i][d] += P[row tile i, KT tiles of depth] V[depth, column tile d]: P as A operands (to_a of score tiles), V a
+// staged block of rows (load_b): out += P v, dv += P^T dout, dk += dS^T q, dq += dS k. Each fragment of V is loaded
+// once.
+template <Index RT, Index KT, Index DT, class Warp>
+MOE_HOST_DEVICE void accumulate(const Warp& warp, typename Warp::Acc (&acc)[RT][DT],
+                                const typename Warp::ARows (&p)[RT][KT], const Bf16* v, Index ld) {
+  MOE_UNROLL
+  for (Index j = 0; j < KT; ++j) {
+    MOE_UNROLL
+    for (Index d = 0; d < DT; ++d) {
+      typename Warp::BRows b;
+      warp.load_b(b, v + j * kTile * ld + d * kTile, ld);
+      MOE_UNROLL
+      for (Index i = 0; i < RT; ++i) warp.mma(acc[i][d], p[i][j], b);
     }
   }
 }
@@ -107,109 +140,24 @@ MOE_HOST_DEVICE void hold_rows(const Warp& warp, HeldRows<Rows, HS, Warp>& held,
   }
   warp.sync();  // every lane has read the tile before any lane writes over it
 }
-// out[Rows, Cols] (= when Accumulate is false, else +=) A[Rows, Depth] B[Depth, Cols] in 16 x 16 tiles, A's fragments
-// in registers (a(i, d): the tile at rows i, depth d) and B's of a column tile loaded once for every row tile
-// (load_b(b, c, d): the tile at depth d, columns c): the stores of out between products would keep the compiler from
-// sharing those loads.
-template <Index Rows, Index Cols, Index Depth, bool Accumulate, class BTile, class Warp, class ATile, class LoadB>
-MOE_HOST_DEVICE void held_product(const Warp& warp, float* out, Index ld_out, ATile a, LoadB load_b) {
+
+// Register tiles -> a staged float tile [RT * 16, DT * 16] (for write_rows); zero -> the register tiles.
+template <Index RT, Index DT, class Warp>
+MOE_HOST_DEVICE void store_accumulators(const Warp& warp, float* out, Index ld_out,
+                                        const typename Warp::Acc (&acc)[RT][DT]) {
   MOE_UNROLL
-  for (Index c = 0; c < Cols; c += kTile) {
-    BTile b[Depth / kTile];
+  for (Index i = 0; i < RT; ++i) {
     MOE_UNROLL
-    for (Index d = 0; d < Depth; d += kTile) load_b(b[d / kTile], c, d);
-    MOE_UNROLL
-    for (Index i = 0; i < Rows; i += kTile) {
-      typename Warp::Acc acc;
-      if constexpr (Accumulate)
-        warp.load_acc(acc, out + i * ld_out + c, ld_out);
-      else
-        warp.fill(acc, 0.f);
-      MOE_UNROLL
-      for (Index d = 0; d < Depth; d += kTile) warp.mma(acc, a(i, d), b[d / kTile]);
-      warp.store_acc(out + i * ld_out + c, ld_out, acc);
-    }
+    for (Index d = 0; d < DT; ++d) warp.store_acc(out + i * kTile * ld_out + d * kTile, ld_out, acc[i][d]);
   }
 }
-
-// rows_times_rows with A held: the scores of the forward and of dq, q k^T.
-template <Index Rows, Index Cols, Index HS, class Warp>
-MOE_HOST_DEVICE void held_times_rows(const Warp& warp, float* out, Index ld_out, const HeldRows<Rows, HS, Warp>& held,
-                                     const Bf16* b, Index ld) {
-  held_product<Rows, Cols, HS, false, typename Warp::BCols>(
-      warp, out, ld_out,
-      [&](Index i, Index d) -> const typename Warp::ARows& { return held[(i / kTile) * (HS / kTile) + d / kTile]; },
-      [&](typename Warp::BCols& bt, Index c, Index d) { warp.load_bt(bt, b + c * ld + d, ld); });
-}
-
-// One 16-row tile of P as the A operand of P V: its Depth / 16 fragments, loaded once and used for every column tile
-// of V (not once per column tile).
-template <Index Depth, class Warp>
-using RowTileOfP = typename Warp::ARows[Depth / kTile];
-template <Index Depth, class Warp>
-MOE_HOST_DEVICE void load_row_tile(const Warp& warp, RowTileOfP<Depth, Warp>& a, const Bf16* p, Index ld_p) {
+template <Index RT, Index DT, class Warp>
+MOE_HOST_DEVICE void zero_accumulators(const Warp& warp, typename Warp::Acc (&acc)[RT][DT]) {
   MOE_UNROLL
-  for (Index j = 0; j < Depth; j += kTile) warp.load_a(a[j / kTile], p + j, ld_p);
-}
-
-// One 16 x 16 tile of P V: acc += P[16, Depth] V[Depth, 16], the row tile of P loaded, v at the tile's first column.
-template <Index Depth, class Warp>
-MOE_HOST_DEVICE void accumulate_tile(const Warp& warp, typename Warp::Acc& acc, const RowTileOfP<Depth, Warp>& a,
-                                     const Bf16* v, Index ld) {
-  MOE_UNROLL
-  for (Index j = 0; j < Depth; j += kTile) {
-    typename Warp::BRows bv;
-    warp.load_b(bv, v + j * ld, ld);
-    warp.mma(acc, a[j / kTile], bv);
-  }
-}
-
-// acc[Rows, HS] += P[Rows, Depth] V[Depth, HS]: P a staged bf16 tile (the forward's probabilities), V a staged block
-// of rows (v); acc a staged float tile (the forward's out, rescaled between blocks). Each fragment of P and of V is
-// loaded once.
-template <Index Rows, Index Depth, Index HS, class Warp>
-MOE_HOST_DEVICE void accumulate_product(const Warp& warp, float* acc_tile, Index ld_acc, const Bf16* p, Index ld_p,
-                                        const Bf16* v, Index ld) {
-  RowTileOfP<Depth, Warp> a[Rows / kTile];
-  MOE_UNROLL
-  for (Index i = 0; i < Rows; i += kTile) load_row_tile<Depth>(warp, a[i / kTile], p + i * ld_p, ld_p);
-  held_product<Rows, HS, Depth, true, typename Warp::BRows>(
-      warp, acc_tile, ld_acc,
-      [&](Index i, Index j) -> const typename Warp::ARows& { return a[i / kTile][j / kTile]; },
-      [&](typename Warp::BRows& bv, Index c, Index j) { warp.load_b(bv, v + j * ld + c, ld); });
-}
-
-// The same product into tiles held in the warp's registers across blocks (dq, dk, dv: nothing rescales them, so no
-// round trip through the staging): acc[(i / 16) * (HS / 16) + d / 16] is the tile at rows i, columns d.
-template <Index Rows, Index HS, class Warp>
-using Accumulators = typename Warp::Acc[(Rows / kTile) * (HS / kTile)];
-template <Index Rows, Index Depth, Index HS, class Warp>
-MOE_HOST_DEVICE void accumulate_in_registers(const Warp& warp, Accumulators<Rows, HS, Warp>& acc, const Bf16* p,
-                                             Index ld_p, const Bf16* v, Index ld) {
-  MOE_UNROLL
-  for (Index i = 0; i < Rows; i += kTile) {
-    RowTileOfP<Depth, Warp> a;
-    load_row_tile<Depth>(warp, a, p + i * ld_p, ld_p);
+  for (Index i = 0; i < RT; ++i) {
     MOE_UNROLL
-    for (Index d = 0; d < HS; d += kTile)
-      accumulate_tile<Depth>(warp, acc[(i / kTile) * (HS / kTile) + d / kTile], a, v + d, ld);
+    for (Index d = 0; d < DT; ++d) warp.fill(acc[i][d], 0.f);
   }
-}
-
-// Register tiles -> a staged float tile [Rows, HS] (for write_rows); zero -> the register tiles.
-template <Index Rows, Index HS, class Warp>
-MOE_HOST_DEVICE void store_accumulators(const Warp& warp, float* out, Index ld_out, const Accumulators<Rows, HS, Warp>& acc) {
-  MOE_UNROLL
-  for (Index i = 0; i < Rows; i += kTile) {
-    MOE_UNROLL
-    for (Index d = 0; d < HS; d += kTile)
-      warp.store_acc(out + i * ld_out + d, ld_out, acc[(i / kTile) * (HS / kTile) + d / kTile]);
-  }
-}
-template <Index Rows, Index HS, class Warp>
-MOE_HOST_DEVICE void zero_accumulators(const Warp& warp, Accumulators<Rows, HS, Warp>& acc) {
-  MOE_UNROLL
-  for (Index a = 0; a < (Rows / kTile) * (HS / kTile); ++a) warp.fill(acc[a], 0.f);
 }
 
 // dst row r (r < valid) = S(C(dst) + acc[r]) when adding, S(acc[r] * factor[r]) otherwise; hs columns in packs.
@@ -230,42 +178,28 @@ MOE_HOST_DEVICE void write_rows(const Warp& warp, const float* acc, Index ld_acc
   });
 }
 
-// Step i of row r's walk over its N columns (N a power of two), when one lane per row walks them all: starting at
-// column r, the lanes of a step read different shared-memory banks. The staged rows are 4 banks apart (ld_floats,
-// ld_rows), so lanes r and r + 8 would meet on one bank at every step of a walk from column 0 (4-way conflicts);
-// from column r the forward's float rows (and dq's) meet none, the rest at most 2-way.
-template <Index N>
-MOE_HOST_DEVICE constexpr Index lane_order(Index i, Index r) {
-  static_assert(N > 0 && (N & (N - 1)) == 0, "lane_order: a power of two of columns");
-  return (i + r) & (N - 1);
-}
-
-// How far a block's scores may pass a row's running max before the forward rescales the row (see forward).
-inline constexpr float kRescaleMargin = 8.f;
-
-// Rows of a warp's tile: 32 (a lane per row in the softmax steps, and each staged block of the other side serves 32
-// rows) up to head size 64; 16 above, where the staging would not fit. Rows of a block of the other side likewise.
+// Rows of a warp's tile: 32 (two 16-row tiles share each staged fragment of the other side) up to head size 64; 16
+// above, where the registers would not hold two.
 MOE_HOST_DEVICE constexpr Index tile_rows(Index hs) { return hs <= 64 ? 32 : 16; }
+// Rows of a staged block of the other side (keys for the forward and dq, queries for dk and dv): one tile, so that a
+// warp's staging stays under 19 KB at head size 64 and two or three warps share a block's 48 KB.
+inline constexpr Index kBlockRows = kTile;
 
 // The forward's staging for head size hs: a tile of `rows` query rows against blocks of `keys` keys, two blocks (k and
-// v) staged at a time: the next one's copies run during this one's products.
-// The query tile lands where the scores go (q_s): the first block reads it into registers before its scores are
-// stored there.
+// v) staged at a time: the next one's copies run during this one's products. The scores, the running max and sum and
+// the output's accumulator are in registers; out goes through a float tile over the key blocks once they are done.
 struct ForwardStaging {
-  std::size_t q_s, k[2], v[2], p, o, m, l, bytes;
+  std::size_t q, k[2], v[2], inverse, o, bytes;
   explicit ForwardStaging(Index hs) {
-    const Index rows = tile_rows(hs), keys = rows;
+    const Index rows = tile_rows(hs), keys = kBlockRows;
     StagingLayout layout;
-    q_s = layout.add(std::max(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16),
-                              std::size_t(rows * ld_floats(keys)) * sizeof(float)));
+    q = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     for (int b = 0; b < 2; ++b) {
       k[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
       v[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
     }
-    p = layout.add(std::size_t(rows * ld_rows(keys)) * sizeof(Bf16));
-    o = layout.add(std::size_t(rows * ld_floats(hs)) * sizeof(float));
-    m = layout.add(std::size_t(rows) * sizeof(float));
-    l = layout.add(std::size_t(rows) * sizeof(float));
+    inverse = layout.add(std::size_t(rows) * sizeof(float));
+    o = layout.overlay(k[0], std::size_t(rows * ld_floats(hs)) * sizeof(float));
     bytes = layout.bytes;
   }
 };
@@ -274,8 +208,8 @@ struct ForwardStaging {
 // keys against blocks of 16 queries (q and dout, two blocks staged at a time). dq: a tile of `rows` queries against
 // blocks of `keys` keys (k and v, two at a time).
 struct KeyStaging {
-  static constexpr Index kQueries = 16;
-  std::size_t k, v, q[2], dout[2], lse, dsum, st, dpt, pt, dst, grad, bytes;
+  static constexpr Index kQueries = kBlockRows;
+  std::size_t k, v, q[2], dout[2], lse, dsum, grad, bytes;
   explicit KeyStaging(Index hs) {
     const Index rows = tile_rows(hs);
     StagingLayout layout;
@@ -287,24 +221,19 @@ struct KeyStaging {
     }
     lse = layout.add(kQueries * sizeof(float));
     dsum = layout.add(kQueries * sizeof(float));
-    st = layout.add(std::size_t(rows * ld_floats(kQueries)) * sizeof(float));
-    dpt = layout.add(std::size_t(rows * ld_floats(kQueries)) * sizeof(float));
-    pt = layout.add(std::size_t(rows * ld_rows(kQueries)) * sizeof(Bf16));
-    dst = layout.add(std::size_t(rows * ld_rows(kQueries)) * sizeof(Bf16));
     // dk's float tile, then dv's, on their way out: over the query blocks, done with by then.
     grad = layout.overlay(q[0], std::size_t(rows * ld_floats(hs)) * sizeof(float));
     bytes = layout.bytes;
   }
 };
 
-// As the forward's, the query tile lands where the scores go (q_s) and goes into registers at the first block.
+// The query tile goes into registers at the first block; dq's float tile goes over it and the rest on its way out.
 struct QueryStaging {
-  std::size_t q_s, dout, lse, dsum, k[2], v[2], dp, ds, dq, bytes;
+  std::size_t q, dout, lse, dsum, k[2], v[2], dq, bytes;
   explicit QueryStaging(Index hs) {
-    const Index rows = tile_rows(hs), keys = rows;
+    const Index rows = tile_rows(hs), keys = kBlockRows;
     StagingLayout layout;
-    q_s = layout.add(std::max(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16),
-                              std::size_t(rows * ld_floats(keys)) * sizeof(float)));
+    q = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     dout = layout.add(std::size_t(rows * ld_rows(hs)) * sizeof(Bf16));
     lse = layout.add(std::size_t(rows) * sizeof(float));
     dsum = layout.add(std::size_t(rows) * sizeof(float));
@@ -312,9 +241,7 @@ struct QueryStaging {
       k[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
       v[b] = layout.add(std::size_t(keys * ld_rows(hs)) * sizeof(Bf16));
     }
-    dp = layout.add(std::size_t(rows * ld_floats(keys)) * sizeof(float));
-    ds = layout.add(std::size_t(rows * ld_rows(keys)) * sizeof(Bf16));
-    dq = layout.overlay(q_s, std::size_t(rows * ld_floats(hs)) * sizeof(float));  // on its way out, over the rest
+    dq = layout.overlay(q, std::size_t(rows * ld_floats(hs)) * sizeof(float));
     bytes = layout.bytes;
   }
 };
@@ -385,74 +312,95 @@ MOE_HOST_DEVICE void over_key_blocks(const Warp& warp, unsigned char* base, cons
   });
 }
 
-// The forward for head size HS (fused_attention_forward checks the arguments).
+// The forward for head size HS (fused_attention_forward checks the arguments). Per block of keys, per row tile: the
+// scaled, masked scores; the row's new max and the old terms' factor; the probabilities, rounded to bf16 as their
+// product takes them (the row's sum adds the rounded values); then out += P v. All in registers.
 template <Index HS, class S, class D>
 void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal, MatrixView<S> out,
              float* lse) {
+  using Warp = typename D::Warp;
+  using Acc = typename Warp::Acc;
+  using RowValues = typename Warp::Rows;
   const Index channels = HS * heads;
   const ForwardStaging at(HS);
-  constexpr Index R = tile_rows(HS), K = R;
+  constexpr Index R = tile_rows(HS), K = kBlockRows, RT = R / kTile, KT = K / kTile, DT = HS / kTile;
   const Heads heads_of{T, heads, channels, HS};
   const Index pairs = B * heads, tiles = (T + R - 1) / R, ld_qkv = qkv.stride, ld_out = out.stride;
-  constexpr Index ldh = ld_rows(HS), lds = ld_floats(K), ldp = ld_rows(K), ldo = ld_floats(HS);
+  constexpr Index ldh = ld_rows(HS), ldo = ld_floats(HS);
   const float scale = 1.f / std::sqrt(float(HS));
   const S* qkv_all = qkv.data;
   S* out_all = out.data;
-  device.for_each_warp(pairs * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
+  device.for_each_warp(pairs * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const Warp& warp) {
     const TileOf tile = tile_of(w, pairs, T, R, causal);
     const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
-    Bf16* q = region<Bf16>(base, at.q_s);
-    float* s = region<float>(base, at.q_s);
-    Bf16* p = region<Bf16>(base, at.p);
-    float* o = region<float>(base, at.o);
-    float* m = region<float>(base, at.m);
-    float* l = region<float>(base, at.l);
-    warp.lanes(R * HS, [&](Index i) { o[(i / HS) * ldo + i % HS] = 0.f; });
-    warp.lanes(R, [&](Index r) { m[r] = -INFINITY, l[r] = 0.f; });
+    Bf16* q = region<Bf16>(base, at.q);
     stage_head_rows<HS>(warp, q, R, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);  // lands with block 0
-    HeldRows<R, HS, typename D::Warp> q_held;
+    HeldRows<R, HS, Warp> q_held;
+    Acc o[RT][DT];
+    RowValues m[RT], l[RT];  // per row: the running max of the scaled scores, the sum of the probabilities
+    zero_accumulators<RT, DT>(warp, o);
+    MOE_UNROLL
+    for (Index i = 0; i < RT; ++i)
+      warp.for_rows([](Index, float& mi, float& li) { mi = -INFINITY, li = 0.f; }, m[i], l[i]);
     const Index key_end = causal ? row0 + rows : T;
     over_key_blocks<HS, K>(warp, base, at.k, at.v, heads_of, qkv_all, ld_qkv, pair, key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       if (kb == 0) hold_rows<R, HS>(warp, q_held, q, ldh);
-      held_times_rows<R, K, HS>(warp, s, lds, q_held, k, ldh);
-      // Online softmax, one lane per query row: the new max, the old terms' factor, this block's probabilities.
-      // Each lane walks its row from its own column (lane_order): in step, the lanes' rows would share banks.
-      warp.lanes(R, [&](Index r) {
-        const Index seen = !causal ? keys : row0 + r - kb + 1 < keys ? row0 + r - kb + 1 : keys;
-        float block_max = -INFINITY;
-        for (Index i = 0; i < K; ++i) {
-          const Index j = lane_order<K>(i, r);
-          const float x = j < seen ? s[r * lds + j] * scale : -INFINITY;
-          block_max = x > block_max ? x : block_max;
+      Acc s[RT][KT];
+      times_rows<RT, KT, HS>(
+          warp, s, [&](typename Warp::ARows& a, Index i, Index d) { a = q_held[i * DT + d]; }, k, ldh);
+      typename Warp::ARows p[RT][KT];
+      MOE_UNROLL
+      for (Index i = 0; i < RT; ++i) {
+        RowValues block_max, factor, sum;
+        warp.for_rows([](Index, float& mx, float& sm) { mx = -INFINITY, sm = 0.f; }, block_max, sum);
+        MOE_UNROLL
+        for (Index j = 0; j < KT; ++j) {
+          warp.map(s[i][j], [&](Index r, Index c, float x) {  // masked: past the block's keys, or later than the row
+            const Index key = j * kTile + c;
+            return key < keys && (!causal || kb + key <= row0 + i * kTile + r) ? x * scale : -INFINITY;
+          });
+          warp.fold_rows(block_max, s[i][j], Max{});
         }
-        // The row's reference max moves only when this block's passes it by more than kRescaleMargin: below that the
-        // block's probabilities are at most e^8 (no overflow, and bf16's relative rounding does not depend on size),
-        // and the rescale of out, the lane's longest loop, is skipped. out / sum and lse = max + log(sum) hold for any
-        // reference at or under the true max.
-        const float max = block_max > m[r] + kRescaleMargin ? block_max : m[r];
-        float sum = 0.f;
-        for (Index i = 0; i < K; ++i) {
-          const Index j = lane_order<K>(i, r);
-          const Bf16 pj = j < seen ? Bf16(std::exp(s[r * lds + j] * scale - max)) : Bf16(0.f);
-          p[r * ldp + j] = pj;
-          sum += float(pj);
+        // The new max; the old terms' factor (1 while a row has seen nothing: its terms are all 0).
+        warp.for_rows(
+            [](Index, float& mi, float& mx, float& f) {
+              const float next = std::fmax(mi, mx);
+              f = next == mi ? 1.f : std::exp(mi - next);
+              mi = next;
+            },
+            m[i], block_max, factor);
+        MOE_UNROLL
+        for (Index j = 0; j < KT; ++j) {
+          warp.map_rows(s[i][j], m[i], [](Index, Index, float x, float mi) { return float(Bf16(std::exp(x - mi))); });
+          warp.fold_rows(sum, s[i][j], Sum{});
+          warp.to_a(p[i][j], s[i][j]);
         }
-        if (max != m[r]) {  // rescale the terms so far (none before the first block: their factor is 0)
-          const float factor = std::exp(m[r] - max);
-          l[r] *= factor;
-          for (Index i = 0; i < HS; ++i) o[r * ldo + lane_order<HS>(i, r)] *= factor;
-        }
-        l[r] += sum;
-        m[r] = max;
-      });
-      accumulate_product<R, K, HS>(warp, o, ldo, p, ldp, v, ldh);
+        warp.for_rows([](Index, float& li, float& f, float& sm) { li = li * f + sm; }, l[i], factor, sum);
+        MOE_UNROLL
+        for (Index d = 0; d < DT; ++d)
+          warp.map_rows(o[i][d], factor, [](Index, Index, float x, float f) { return x * f; });
+      }
+      accumulate<RT, KT, DT>(warp, o, p, v, ldh);
     });
+    // out = o / l, rounded once; lse = max + log(sum).
+    float* inverse = region<float>(base, at.inverse);
+    MOE_UNROLL
+    for (Index i = 0; i < RT; ++i)
+      warp.each_row(
+          [&](Index r, float mi, float li) {
+            const Index row = i * kTile + r;
+            inverse[row] = 1.f / li;
+            if (row < rows) lse[pair * T + row0 + row] = mi + std::log(li);
+          },
+          m[i], l[i]);
+    warp.sync();  // every lane is past its reads of the last key block before o's tile goes over it
+    float* o_tile = region<float>(base, at.o);
+    store_accumulators<RT, DT>(warp, o_tile, ldo, o);
     write_rows(
-        warp, o, ldo, rows, HS, false, [&](Index r) { return heads_of.row(out_all, ld_out, 0, pair, row0 + r); },
-        [&](Index r) { return 1.f / l[r]; });
-    warp.lanes(rows, [&](Index r) { lse[pair * T + row0 + r] = m[r] + std::log(l[r]); });
+        warp, o_tile, ldo, rows, HS, false, [&](Index r) { return heads_of.row(out_all, ld_out, 0, pair, row0 + r); },
+        [&](Index r) { return inverse[r]; });
   });
 }
 
@@ -461,11 +409,14 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
 template <Index HS, class S, class D>
 void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, ConstMatrixView<S> out,
               const float* lse, Index B, Index T, Index heads, bool causal, MatrixView<S> dqkv, bool add) {
+  using Warp = typename D::Warp;
+  using Acc = typename Warp::Acc;
+  using ARows = typename Warp::ARows;
   const Index channels = HS * heads;
   const Index pairs = B * heads;
   const Heads heads_of{T, heads, channels, HS};
   const Index ld_qkv = qkv.stride, ld_out = out.stride, ld_dout = dout.stride, ld_dqkv = dqkv.stride;
-  constexpr Index ldh = ld_rows(HS), ldacc = ld_floats(HS);
+  constexpr Index ldh = ld_rows(HS), ldacc = ld_floats(HS), DT = HS / kTile;
   const float scale = 1.f / std::sqrt(float(HS));
   const S* qkv_all = qkv.data;
   const S* out_all = out.data;
@@ -483,12 +434,14 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     if (r.first()) dsum_all[i] = d;
   });
 
-  // dk and dv: a warp per tile of keys, over the blocks of queries that see them.
+  // dk and dv: a warp per tile of keys, over the blocks of queries that see them. Per block: S^T = k q^T and
+  // dP^T = v dout^T; P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T - D) scale, each rounded to bf16 as its product
+  // takes it; dv += P^T dout, dk += dS^T q.
   const KeyStaging ks(HS);
   constexpr Index kQueries = KeyStaging::kQueries;
-  constexpr Index RK = tile_rows(HS), ld_sq = ld_floats(kQueries), ld_pq = ld_rows(kQueries);
+  constexpr Index RK = tile_rows(HS), KRT = RK / kTile;
   const Index key_tiles = (T + RK - 1) / RK;
-  device.for_each_warp(pairs * key_tiles, ks.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
+  device.for_each_warp(pairs * key_tiles, ks.bytes, [=] MOE_HOST_DEVICE(Index w, const Warp& warp) {
     const TileOf tile = tile_of(w, pairs, T, RK, false);
     const Index pair = tile.pair, key0 = tile.first, keys = tile.rows;
     unsigned char* base = warp.staging();
@@ -496,15 +449,10 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     Bf16* v = region<Bf16>(base, ks.v);
     float* lse_q = region<float>(base, ks.lse);
     float* dsum_q = region<float>(base, ks.dsum);
-    float* st = region<float>(base, ks.st);
-    float* dpt = region<float>(base, ks.dpt);
-    Bf16* pt = region<Bf16>(base, ks.pt);
-    Bf16* dst = region<Bf16>(base, ks.dst);
-    float* grad = region<float>(base, ks.grad);
     const auto queries_in = [&](Index qb) { return T - qb < kQueries ? T - qb : kQueries; };
-    Accumulators<RK, HS, typename D::Warp> dk_acc, dv_acc;
-    zero_accumulators<RK, HS>(warp, dk_acc);
-    zero_accumulators<RK, HS>(warp, dv_acc);
+    Acc dk[KRT][DT], dv[KRT][DT];
+    zero_accumulators<KRT, DT>(warp, dk);
+    zero_accumulators<KRT, DT>(warp, dv);
     stage_head_rows<HS>(warp, k, RK, keys, heads_of, qkv_all, ld_qkv, 1, pair, key0);
     stage_head_rows<HS>(warp, v, RK, keys, heads_of, qkv_all, ld_qkv, 2, pair, key0);
     const auto fetch = [&](Index qb, int buf) {  // block qb's queries and their output gradients
@@ -522,72 +470,86 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
         lse_q[j] = j < queries ? lse[pair * T + qb + j] : 0.f;
         dsum_q[j] = j < queries ? dsum_all[pair * T + qb + j] : 0.f;
       });
-      rows_times_rows<RK, kQueries, HS>(warp, st, ld_sq, k, q, ldh);   // S^T = k q^T
-      rows_times_rows<RK, kQueries, HS>(warp, dpt, ld_sq, v, g, ldh);  // dP^T = v dout^T
-      warp.lanes(RK, [&](Index r) {  // one lane per key: P^T and dS^T
-        for (Index i = 0; i < kQueries; ++i) {
-          const Index j = lane_order<kQueries>(i, r);
-          const bool seen = r < keys && j < queries && (!causal || qb + j >= key0 + r);
-          const float pj = seen ? std::exp(st[r * ld_sq + j] * scale - lse_q[j]) : 0.f;
-          pt[r * ld_pq + j] = Bf16(pj);
-          dst[r * ld_pq + j] = Bf16(pj * (dpt[r * ld_sq + j] - dsum_q[j]) * scale);
-        }
-      });
-      accumulate_in_registers<RK, kQueries, HS>(warp, dv_acc, pt, ld_pq, g, ldh);   // dv += P^T dout
-      accumulate_in_registers<RK, kQueries, HS>(warp, dk_acc, dst, ld_pq, q, ldh);  // dk += dS^T q
+      Acc st[KRT][1], dpt[KRT][1];
+      times_rows<KRT, 1, HS>(
+          warp, st, [&](ARows& a, Index i, Index d) { warp.load_a(a, k + i * kTile * ldh + d * kTile, ldh); }, q, ldh);
+      times_rows<KRT, 1, HS>(
+          warp, dpt, [&](ARows& a, Index i, Index d) { warp.load_a(a, v + i * kTile * ldh + d * kTile, ldh); }, g, ldh);
+      ARows pt[KRT][1], dst[KRT][1];
+      MOE_UNROLL
+      for (Index i = 0; i < KRT; ++i) {
+        warp.map(st[i][0], [&](Index r, Index c, float x) {  // key i * 16 + r, query c of the block
+          const bool seen = i * kTile + r < keys && c < queries && (!causal || qb + c >= key0 + i * kTile + r);
+          return seen ? std::exp(x * scale - lse_q[c]) : 0.f;
+        });
+        warp.zip(dpt[i][0], st[i][0], [&](Index, Index c, float dp, float p) { return p * (dp - dsum_q[c]) * scale; });
+        warp.to_a(pt[i][0], st[i][0]);
+        warp.to_a(dst[i][0], dpt[i][0]);
+      }
+      accumulate<KRT, 1, DT>(warp, dv, pt, g, ldh);   // dv += P^T dout
+      accumulate<KRT, 1, DT>(warp, dk, dst, q, ldh);  // dk += dS^T q
     });
-    store_accumulators<RK, HS>(warp, grad, ldacc, dk_acc);
+    float* grad = region<float>(base, ks.grad);
+    warp.sync();  // every lane is past its reads of the last query block before the float tile goes over it
+    store_accumulators<KRT, DT>(warp, grad, ldacc, dk);
     write_rows(warp, grad, ldacc, keys, HS, add,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, unscaled);
-    store_accumulators<RK, HS>(warp, grad, ldacc, dv_acc);
+               [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, unscaled);
+    store_accumulators<KRT, DT>(warp, grad, ldacc, dv);
     write_rows(warp, grad, ldacc, keys, HS, add,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, unscaled);
+               [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, unscaled);
   });
 
-  // dq: a warp per tile of queries, over the blocks of keys they see.
+  // dq: a warp per tile of queries, over the blocks of keys they see. Per block: S = q k^T, dP = dout v^T,
+  // dS = exp(scale S - lse) (dP - D) scale rounded to bf16, dq += dS k.
   const QueryStaging qs(HS);
-  constexpr Index RQ = tile_rows(HS), K = RQ, ld_sk = ld_floats(K), ld_pk = ld_rows(K);
+  constexpr Index RQ = tile_rows(HS), K = kBlockRows, QRT = RQ / kTile, KT = K / kTile;
   const Index query_tiles = (T + RQ - 1) / RQ;
-  device.for_each_warp(pairs * query_tiles, qs.bytes, [=] MOE_HOST_DEVICE(Index w, const typename D::Warp& warp) {
+  device.for_each_warp(pairs * query_tiles, qs.bytes, [=] MOE_HOST_DEVICE(Index w, const Warp& warp) {
     const TileOf tile = tile_of(w, pairs, T, RQ, causal);
     const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
-    Bf16* q = region<Bf16>(base, qs.q_s);
+    Bf16* q = region<Bf16>(base, qs.q);
     Bf16* g = region<Bf16>(base, qs.dout);
     float* lse_q = region<float>(base, qs.lse);
     float* dsum_q = region<float>(base, qs.dsum);
-    float* s = region<float>(base, qs.q_s);
-    float* dp = region<float>(base, qs.dp);
-    Bf16* ds = region<Bf16>(base, qs.ds);
-    float* dq = region<float>(base, qs.dq);
     warp.lanes(RQ, [&](Index r) {
       lse_q[r] = r < rows ? lse[pair * T + row0 + r] : 0.f;
       dsum_q[r] = r < rows ? dsum_all[pair * T + row0 + r] : 0.f;
     });
-    Accumulators<RQ, HS, typename D::Warp> dq_acc;
-    zero_accumulators<RQ, HS>(warp, dq_acc);
+    Acc dq[QRT][DT];
+    zero_accumulators<QRT, DT>(warp, dq);
     stage_head_rows<HS>(warp, q, RQ, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);  // q and dout land with block 0
     stage_head_rows<HS>(warp, g, RQ, rows, heads_of, dout_all, ld_dout, 0, pair, row0);
-    HeldRows<RQ, HS, typename D::Warp> q_held;
+    HeldRows<RQ, HS, Warp> q_held;
     const Index key_end = causal ? row0 + rows : T;
     over_key_blocks<HS, K>(warp, base, qs.k, qs.v, heads_of, qkv_all, ld_qkv, pair, key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       if (kb == 0) hold_rows<RQ, HS>(warp, q_held, q, ldh);
-      held_times_rows<RQ, K, HS>(warp, s, ld_sk, q_held, k, ldh);  // S = q k^T
-      rows_times_rows<RQ, K, HS>(warp, dp, ld_sk, g, v, ldh);  // dP = dout v^T
-      warp.lanes(RQ, [&](Index r) {  // one lane per query row: dS
-        for (Index i = 0; i < K; ++i) {
-          const Index j = lane_order<K>(i, r);
-          const bool seen = r < rows && j < keys && (!causal || kb + j <= row0 + r);
-          const float pj = seen ? std::exp(s[r * ld_sk + j] * scale - lse_q[r]) : 0.f;
-          ds[r * ld_pk + j] = Bf16(pj * (dp[r * ld_sk + j] - dsum_q[r]) * scale);
+      Acc s[QRT][KT], dp[QRT][KT];
+      times_rows<QRT, KT, HS>(warp, s, [&](ARows& a, Index i, Index d) { a = q_held[i * DT + d]; }, k, ldh);
+      times_rows<QRT, KT, HS>(
+          warp, dp, [&](ARows& a, Index i, Index d) { warp.load_a(a, g + i * kTile * ldh + d * kTile, ldh); }, v, ldh);
+      ARows ds[QRT][KT];
+      MOE_UNROLL
+      for (Index i = 0; i < QRT; ++i) {
+        MOE_UNROLL
+        for (Index j = 0; j < KT; ++j) {
+          warp.zip(dp[i][j], s[i][j], [&](Index r, Index c, float dpv, float x) {
+            const Index row = i * kTile + r, key = j * kTile + c;
+            const bool seen = row < rows && key < keys && (!causal || kb + key <= row0 + row);
+            const float p = seen ? std::exp(x * scale - lse_q[row]) : 0.f;
+            return p * (dpv - dsum_q[row]) * scale;
+          });
+          warp.to_a(ds[i][j], dp[i][j]);
         }
-      });
-      accumulate_in_registers<RQ, K, HS>(warp, dq_acc, ds, ld_pk, k, ldh);  // dq += dS k
+      }
+      accumulate<QRT, KT, DT>(warp, dq, ds, k, ldh);  // dq += dS k
     });
-    store_accumulators<RQ, HS>(warp, dq, ldacc, dq_acc);
-    write_rows(warp, dq, ldacc, rows, HS, add,
-                   [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, unscaled);
+    float* dq_tile = region<float>(base, qs.dq);
+    warp.sync();  // every lane is past its reads of q, dout and the last key block before the float tile goes over them
+    store_accumulators<QRT, DT>(warp, dq_tile, ldacc, dq);
+    write_rows(warp, dq_tile, ldacc, rows, HS, add,
+               [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, unscaled);
   });
 }
 
@@ -611,7 +573,7 @@ bool fused_attention_fits(Index channels, Index heads, const Views&... views) {
 
 // qkv: [B*T, 3C] -> out: [B*T, C], lse: [B * heads * T] (float, device memory; pair-major as attention.hpp's att):
 // attention_forward's out, and lse[pair * T + t] = log sum_j exp(scale * s_tj) over the keys row t sees (scale =
-// 1 / sqrt(hs)), kept for the backward. Staging: 34 KB a warp at head size 64 (its queries are held in registers).
+// 1 / sqrt(hs)), kept for the backward. Staging: 14 KB a warp at head size 64 (its queries are held in registers).
 template <class S, class D>
 void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal,
                              MatrixView<S> out, float* lse) {
@@ -632,7 +594,7 @@ void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, I
 // dout: [B*T, C], qkv: [B*T, 3C], out and lse from fused_attention_forward -> dqkv: [B*T, 3C], added into (+=), as
 // attention_backward, or written over (GradInto::overwrite: every element has one writer, which then stores instead
 // of adding; the same bits as adding into zeros). Scratch: one float per query row (D = rowsum(dout * out),
-// FlashAttention's identity for rowsum(P * dP)). Staging: 26 KB (dk, dv) and 35 KB (dq) a warp at head size 64.
+// FlashAttention's identity for rowsum(P * dP)). Staging: 18 KB (dk, dv) and 18 KB (dq) a warp at head size 64.
 template <class S, class D>
 void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv,
                               ConstMatrixView<S> out, const float* lse, Index B, Index T, Index heads, bool causal,
