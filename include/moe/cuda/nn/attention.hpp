@@ -64,7 +64,7 @@ struct PairBases {
   MOE_HOST_DEVICE E* head(E* m, Index ld, Index part, Index p) const {
     return m + (p / heads) * T * ld + part * C + (p % heads) * hs;
   }
-  // Row t of that block (fused_attention.hpp stages rows one by one).
+  // Row t of that block (fused_attention.hpp's D, a row of work per query row).
   template <class E>
   MOE_HOST_DEVICE E* row(E* m, Index ld, Index part, Index p, Index t) const {
     return head(m, ld, part, p) + t * ld;

@@ -263,12 +263,25 @@ MOE_HOST_DEVICE inline TileOf tile_of(Index w, Index pairs, Index T, Index rows_
   return {w % pairs, first, T - first < rows_per_tile ? T - first : rows_per_tile};
 }
 
-// Starts the copies of `valid` rows of pair `pair`'s head slice `part` of m (rows first, first + 1, ...) into a staged
-// block of `rows` rows (zeros past `valid`).
+// One pair's head slice of a [B*T, *] matrix (Heads::head): row t at base + t * ld. A warp makes each once, so a staged
+// row's address is a multiply-add, not Heads::row's division of the pair by `heads` (64-bit) for every copy.
+template <class E>
+struct HeadRows {
+  E* base;
+  Index ld;
+  MOE_HOST_DEVICE E* row(Index t) const { return base + t * ld; }
+};
+template <class E>
+MOE_HOST_DEVICE HeadRows<E> head_rows(const Heads& heads_of, E* m, Index ld, Index part, Index pair) {
+  return {heads_of.head(m, ld, part, pair), ld};
+}
+
+// Starts the copies of `valid` rows of a head slice (rows first, first + 1, ...) into a staged block of `rows` rows
+// (zeros past `valid`).
 template <Index HS, class Warp, class E>
-MOE_HOST_DEVICE void stage_head_rows(const Warp& warp, Bf16* dst, Index rows, Index valid, const Heads& heads_of,
-                                     const E* m, Index ld, Index part, Index pair, Index first) {
-  warp.copy_rows(dst, ld_rows(HS), rows, valid, HS, [&](Index r) { return heads_of.row(m, ld, part, pair, first + r); });
+MOE_HOST_DEVICE void stage_head_rows(const Warp& warp, Bf16* dst, Index rows, Index valid, HeadRows<const E> src,
+                                     Index first) {
+  warp.copy_rows(dst, ld_rows(HS), rows, valid, HS, [&](Index r) { return src.row(first + r); });
 }
 
 // The blocks [first, end) of `step` rows, double-buffered: fetch(b, buf) starts block b's copies into buffer buf and
@@ -299,12 +312,12 @@ MOE_HOST_DEVICE void over_blocks(const Warp& warp, Index first, Index end, Index
 // and dq's pass).
 template <Index HS, Index K, class Warp, class Body>
 MOE_HOST_DEVICE void over_key_blocks(const Warp& warp, unsigned char* base, const std::size_t (&k_at)[2],
-                                     const std::size_t (&v_at)[2], const Heads& heads_of, const Bf16* qkv, Index ld_qkv,
-                                     Index pair, Index key_end, Body body) {
+                                     const std::size_t (&v_at)[2], HeadRows<const Bf16> k_rows,
+                                     HeadRows<const Bf16> v_rows, Index key_end, Body body) {
   const auto keys_in = [&](Index kb) { return key_end - kb < K ? key_end - kb : K; };
   const auto fetch = [&](Index kb, int buf) {
-    stage_head_rows<HS>(warp, region<Bf16>(base, k_at[buf]), K, keys_in(kb), heads_of, qkv, ld_qkv, 1, pair, kb);
-    stage_head_rows<HS>(warp, region<Bf16>(base, v_at[buf]), K, keys_in(kb), heads_of, qkv, ld_qkv, 2, pair, kb);
+    stage_head_rows<HS>(warp, region<Bf16>(base, k_at[buf]), K, keys_in(kb), k_rows, kb);
+    stage_head_rows<HS>(warp, region<Bf16>(base, v_at[buf]), K, keys_in(kb), v_rows, kb);
     warp.commit_copies();
   };
   over_blocks(warp, 0, key_end, K, fetch, [&](Index kb, int buf) {
@@ -335,7 +348,8 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
     Bf16* q = region<Bf16>(base, at.q);
-    stage_head_rows<HS>(warp, q, R, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);  // lands with block 0
+    const auto part = [&](Index which) { return head_rows(heads_of, qkv_all, ld_qkv, which, pair); };
+    stage_head_rows<HS>(warp, q, R, rows, part(0), row0);  // lands with block 0
     HeldRows<R, HS, Warp> q_held;
     Acc o[RT][DT];
     RowValues m[RT], l[RT];  // per row: the running max of the scaled scores, the sum of the probabilities
@@ -344,7 +358,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     for (Index i = 0; i < RT; ++i)
       warp.for_rows([](Index, float& mi, float& li) { mi = -INFINITY, li = 0.f; }, m[i], l[i]);
     const Index key_end = causal ? row0 + rows : T;
-    over_key_blocks<HS, K>(warp, base, at.k, at.v, heads_of, qkv_all, ld_qkv, pair, key_end,
+    over_key_blocks<HS, K>(warp, base, at.k, at.v, part(1), part(2), key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       if (kb == 0) hold_rows<R, HS>(warp, q_held, q, ldh);
       Acc s[RT][KT];
@@ -398,8 +412,9 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     warp.sync();  // every lane is past its reads of the last key block before o's tile goes over it
     float* o_tile = region<float>(base, at.o);
     store_accumulators<RT, DT>(warp, o_tile, ldo, o);
+    const HeadRows<Bf16> out_rows = head_rows(heads_of, out_all, ld_out, 0, pair);
     write_rows(
-        warp, o_tile, ldo, rows, HS, false, [&](Index r) { return heads_of.row(out_all, ld_out, 0, pair, row0 + r); },
+        warp, o_tile, ldo, rows, HS, false, [&](Index r) { return out_rows.row(row0 + r); },
         [&](Index r) { return inverse[r]; });
   });
 }
@@ -453,13 +468,13 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     Acc dk[KRT][DT], dv[KRT][DT];
     zero_accumulators<KRT, DT>(warp, dk);
     zero_accumulators<KRT, DT>(warp, dv);
-    stage_head_rows<HS>(warp, k, RK, keys, heads_of, qkv_all, ld_qkv, 1, pair, key0);
-    stage_head_rows<HS>(warp, v, RK, keys, heads_of, qkv_all, ld_qkv, 2, pair, key0);
+    const auto part = [&](Index which) { return head_rows(heads_of, qkv_all, ld_qkv, which, pair); };
+    const HeadRows<const Bf16> dout_rows = head_rows(heads_of, dout_all, ld_dout, 0, pair);
+    stage_head_rows<HS>(warp, k, RK, keys, part(1), key0);
+    stage_head_rows<HS>(warp, v, RK, keys, part(2), key0);
     const auto fetch = [&](Index qb, int buf) {  // block qb's queries and their output gradients
-      stage_head_rows<HS>(warp, region<Bf16>(base, ks.q[buf]), kQueries, queries_in(qb), heads_of, qkv_all, ld_qkv, 0,
-                          pair, qb);
-      stage_head_rows<HS>(warp, region<Bf16>(base, ks.dout[buf]), kQueries, queries_in(qb), heads_of, dout_all, ld_dout,
-                          0, pair, qb);
+      stage_head_rows<HS>(warp, region<Bf16>(base, ks.q[buf]), kQueries, queries_in(qb), part(0), qb);
+      stage_head_rows<HS>(warp, region<Bf16>(base, ks.dout[buf]), kQueries, queries_in(qb), dout_rows, qb);
       warp.commit_copies();
     };
     over_blocks(warp, causal ? key0 : 0, T, kQueries, fetch, [&](Index qb, int buf) {
@@ -491,12 +506,12 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     });
     float* grad = region<float>(base, ks.grad);
     warp.sync();  // every lane is past its reads of the last query block before the float tile goes over it
+    const HeadRows<Bf16> dk_rows = head_rows(heads_of, dqkv_all, ld_dqkv, 1, pair),
+                         dv_rows = head_rows(heads_of, dqkv_all, ld_dqkv, 2, pair);
     store_accumulators<KRT, DT>(warp, grad, ldacc, dk);
-    write_rows(warp, grad, ldacc, keys, HS, add,
-               [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 1, pair, key0 + r); }, unscaled);
+    write_rows(warp, grad, ldacc, keys, HS, add, [&](Index r) { return dk_rows.row(key0 + r); }, unscaled);
     store_accumulators<KRT, DT>(warp, grad, ldacc, dv);
-    write_rows(warp, grad, ldacc, keys, HS, add,
-               [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 2, pair, key0 + r); }, unscaled);
+    write_rows(warp, grad, ldacc, keys, HS, add, [&](Index r) { return dv_rows.row(key0 + r); }, unscaled);
   });
 
   // dq: a warp per tile of queries, over the blocks of keys they see. Per block: S = q k^T, dP = dout v^T,
@@ -518,11 +533,12 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     });
     Acc dq[QRT][DT];
     zero_accumulators<QRT, DT>(warp, dq);
-    stage_head_rows<HS>(warp, q, RQ, rows, heads_of, qkv_all, ld_qkv, 0, pair, row0);  // q and dout land with block 0
-    stage_head_rows<HS>(warp, g, RQ, rows, heads_of, dout_all, ld_dout, 0, pair, row0);
+    const auto part = [&](Index which) { return head_rows(heads_of, qkv_all, ld_qkv, which, pair); };
+    stage_head_rows<HS>(warp, q, RQ, rows, part(0), row0);  // q and dout land with block 0
+    stage_head_rows<HS>(warp, g, RQ, rows, head_rows(heads_of, dout_all, ld_dout, 0, pair), row0);
     HeldRows<RQ, HS, Warp> q_held;
     const Index key_end = causal ? row0 + rows : T;
-    over_key_blocks<HS, K>(warp, base, qs.k, qs.v, heads_of, qkv_all, ld_qkv, pair, key_end,
+    over_key_blocks<HS, K>(warp, base, qs.k, qs.v, part(1), part(2), key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       if (kb == 0) hold_rows<RQ, HS>(warp, q_held, q, ldh);
       Acc s[QRT][KT], dp[QRT][KT];
@@ -548,8 +564,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     float* dq_tile = region<float>(base, qs.dq);
     warp.sync();  // every lane is past its reads of q, dout and the last key block before the float tile goes over them
     store_accumulators<QRT, DT>(warp, dq_tile, ldacc, dq);
-    write_rows(warp, dq_tile, ldacc, rows, HS, add,
-               [&](Index r) { return heads_of.row(dqkv_all, ld_dqkv, 0, pair, row0 + r); }, unscaled);
+    const HeadRows<Bf16> dq_rows = head_rows(heads_of, dqkv_all, ld_dqkv, 0, pair);
+    write_rows(warp, dq_tile, ldacc, rows, HS, add, [&](Index r) { return dq_rows.row(row0 + r); }, unscaled);
   });
 }
 
