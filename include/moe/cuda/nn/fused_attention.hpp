@@ -178,6 +178,17 @@ MOE_HOST_DEVICE void write_rows(const Warp& warp, const float* acc, Index ld_acc
   });
 }
 
+// acc(r, c) = value(r, c, acc(r, c)) where visible(r, c), else `hidden`. `whole` (the same in every lane): the block
+// is all visible (away from the causal diagonal and from T), and the per-element test is skipped.
+template <class Warp, class Visible, class Value>
+MOE_HOST_DEVICE void map_visible(const Warp& warp, typename Warp::Acc& acc, bool whole, float hidden, Visible visible,
+                                 Value value) {
+  if (whole)
+    warp.map(acc, [&](Index r, Index c, float x) { return value(r, c, x); });
+  else
+    warp.map(acc, [&](Index r, Index c, float x) { return visible(r, c) ? value(r, c, x) : hidden; });
+}
+
 // Rows of a warp's tile: 32 (two 16-row tiles share each staged fragment of the other side) up to head size 64; 16
 // above, where the registers would not hold two.
 MOE_HOST_DEVICE constexpr Index tile_rows(Index hs) { return hs <= 64 ? 32 : 16; }
@@ -365,16 +376,20 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
       times_rows<RT, KT, HS>(
           warp, s, [&](typename Warp::ARows& a, Index i, Index d) { a = q_held[i * DT + d]; }, k, ldh);
       typename Warp::ARows p[RT][KT];
+      const bool whole = keys == K && (!causal || kb + K - 1 <= row0);  // every row of the tile sees every key
       MOE_UNROLL
       for (Index i = 0; i < RT; ++i) {
         RowValues block_max, factor, sum;
         warp.for_rows([](Index, float& mx, float& sm) { mx = -INFINITY, sm = 0.f; }, block_max, sum);
         MOE_UNROLL
         for (Index j = 0; j < KT; ++j) {
-          warp.map(s[i][j], [&](Index r, Index c, float x) {  // masked: past the block's keys, or later than the row
-            const Index key = j * kTile + c;
-            return key < keys && (!causal || kb + key <= row0 + i * kTile + r) ? x * scale : -INFINITY;
-          });
+          map_visible(  // masked: past the block's keys, or later than the row
+              warp, s[i][j], whole, -INFINITY,
+              [&](Index r, Index c) {
+                const Index key = j * kTile + c;
+                return key < keys && (!causal || kb + key <= row0 + i * kTile + r);
+              },
+              [&](Index, Index, float x) { return x * scale; });
           warp.fold_rows(block_max, s[i][j], Max{});
         }
         // The new max; the old terms' factor (1 while a row has seen nothing: its terms are all 0).
@@ -491,12 +506,15 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       times_rows<KRT, 1, HS>(
           warp, dpt, [&](ARows& a, Index i, Index d) { warp.load_a(a, v + i * kTile * ldh + d * kTile, ldh); }, g, ldh);
       ARows pt[KRT][1], dst[KRT][1];
+      const bool whole = keys == RK && queries == kQueries && (!causal || qb >= key0 + RK - 1);
       MOE_UNROLL
       for (Index i = 0; i < KRT; ++i) {
-        warp.map(st[i][0], [&](Index r, Index c, float x) {  // key i * 16 + r, query c of the block
-          const bool seen = i * kTile + r < keys && c < queries && (!causal || qb + c >= key0 + i * kTile + r);
-          return seen ? std::exp(x * scale - lse_q[c]) : 0.f;
-        });
+        map_visible(  // key i * 16 + r, query c of the block
+            warp, st[i][0], whole, 0.f,
+            [&](Index r, Index c) {
+              return i * kTile + r < keys && c < queries && (!causal || qb + c >= key0 + i * kTile + r);
+            },
+            [&](Index, Index c, float x) { return std::exp(x * scale - lse_q[c]); });
         warp.zip(dpt[i][0], st[i][0], [&](Index, Index c, float dp, float p) { return p * (dp - dsum_q[c]) * scale; });
         warp.to_a(pt[i][0], st[i][0]);
         warp.to_a(dst[i][0], dpt[i][0]);
@@ -546,15 +564,20 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       times_rows<QRT, KT, HS>(
           warp, dp, [&](ARows& a, Index i, Index d) { warp.load_a(a, g + i * kTile * ldh + d * kTile, ldh); }, v, ldh);
       ARows ds[QRT][KT];
+      const bool whole = rows == RQ && keys == K && (!causal || kb + K - 1 <= row0);
       MOE_UNROLL
       for (Index i = 0; i < QRT; ++i) {
         MOE_UNROLL
         for (Index j = 0; j < KT; ++j) {
-          warp.zip(dp[i][j], s[i][j], [&](Index r, Index c, float dpv, float x) {
-            const Index row = i * kTile + r, key = j * kTile + c;
-            const bool seen = row < rows && key < keys && (!causal || kb + key <= row0 + row);
-            const float p = seen ? std::exp(x * scale - lse_q[row]) : 0.f;
-            return p * (dpv - dsum_q[row]) * scale;
+          map_visible(  // P: query row i * 16 + r, key j * 16 + c of the block
+              warp, s[i][j], whole, 0.f,
+              [&](Index r, Index c) {
+                const Index row = i * kTile + r, key = j * kTile + c;
+                return row < rows && key < keys && (!causal || kb + key <= row0 + row);
+              },
+              [&](Index r, Index, float x) { return std::exp(x * scale - lse_q[i * kTile + r]); });
+          warp.zip(dp[i][j], s[i][j], [&](Index r, Index, float dpv, float p) {
+            return p * (dpv - dsum_q[i * kTile + r]) * scale;
           });
           warp.to_a(ds[i][j], dp[i][j]);
         }
