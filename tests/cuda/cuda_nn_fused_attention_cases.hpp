@@ -274,6 +274,22 @@ TEST_CASE("cuda nn fused attention: bf16 forward, log-sum-exp and backward match
       }
 }
 
+// GPT-2 small's attention on the GPU (T = 1024, 12 heads of 64: 32 query tiles, up to 64 key blocks a tile, most of
+// them all visible) against the CPU; a smaller stand-in with the same tiles on the emulated device.
+TEST_CASE("cuda nn fused attention: GPT-2 small's shape (T = 1024, 12 heads of 64) against the CPU") {
+  if (!device_available()) return;
+  const Shape s = kEmulatedDevice ? Shape{1, 256, 128, 2} : Shape{1, 1024, 768, 12};
+  const auto [B, T, C, heads] = s;
+  const auto qkv = rounded<bfloat16>(normal_values(std::size_t(B * T * 3 * C), 1024));
+  const auto dout = rounded<bfloat16>(normal_values(std::size_t(B * T * C), 1025));
+  const std::vector<float> dqkv0(std::size_t(B * T * 3 * C), 0.f);
+  const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, true);
+  const FusedResults dev = fused_attention(qkv, dout, dqkv0, s, true);
+  CHECK(relative_error(dev.out, cpu.out) < 2e-2);
+  CHECK(relative_error(dev.lse, lse_reference(qkv, s, true)) < 1e-2);
+  CHECK(relative_error(dev.dqkv, cpu.dqkv) < 2e-2);
+}
+
 // Scores that grow along the keys: every query gets 16 on its head's first coordinate and key j gets a * j there, so a
 // query's scores climb by `growth` per block of keys: every block moves each row's max, and the terms so far are
 // rescaled by e^-growth or less each time.
