@@ -241,6 +241,17 @@ inline std::vector<float> lse_reference(const std::vector<float>& qkv, Shape s, 
   return lse;
 }
 
+// Both paths on the same bf16 inputs: the fused attention's out, lse and dqkv within bf16 rounding of the CPU's
+// (float, materialised) and of lse in float64.
+inline void check_against_cpu(const std::vector<float>& qkv, const std::vector<float>& dout,
+                              const std::vector<float>& dqkv0, Shape s, bool causal) {
+  const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, causal);
+  const FusedResults dev = fused_attention(qkv, dout, dqkv0, s, causal);
+  CHECK(relative_error(dev.out, cpu.out) < 2e-2);
+  CHECK(relative_error(dev.lse, lse_reference(qkv, s, causal)) < 1e-2);
+  CHECK(relative_error(dev.dqkv, cpu.dqkv) < 2e-2);
+}
+
 // Head sizes 32, 64 (GPT-2's) and 128; T = 1, T below, across and not a multiple of the tiles (32 rows, 16 at head
 // size 128) and the key and query blocks (16); one head and several.
 inline const std::vector<Shape>& fused_shapes() {
@@ -266,11 +277,7 @@ TEST_CASE("cuda nn fused attention: bf16 forward, log-sum-exp and backward match
         const auto dout = rounded<bfloat16>(normal_values(std::size_t(B * T * C), ++seed));
         const auto dqkv0 = zero_start ? std::vector<float>(std::size_t(B * T * 3 * C), 0.f)
                                       : rounded<bfloat16>(normal_values(std::size_t(B * T * 3 * C), ++seed, 0.1f));
-        const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, causal);
-        const FusedResults dev = fused_attention(qkv, dout, dqkv0, s, causal);
-        CHECK(relative_error(dev.out, cpu.out) < 2e-2);
-        CHECK(relative_error(dev.lse, lse_reference(qkv, s, causal)) < 1e-2);
-        CHECK(relative_error(dev.dqkv, cpu.dqkv) < 2e-2);
+        check_against_cpu(qkv, dout, dqkv0, s, causal);
       }
 }
 
@@ -283,11 +290,7 @@ TEST_CASE("cuda nn fused attention: GPT-2 small's shape (T = 1024, 12 heads of 6
   const auto qkv = rounded<bfloat16>(normal_values(std::size_t(B * T * 3 * C), 1024));
   const auto dout = rounded<bfloat16>(normal_values(std::size_t(B * T * C), 1025));
   const std::vector<float> dqkv0(std::size_t(B * T * 3 * C), 0.f);
-  const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, true);
-  const FusedResults dev = fused_attention(qkv, dout, dqkv0, s, true);
-  CHECK(relative_error(dev.out, cpu.out) < 2e-2);
-  CHECK(relative_error(dev.lse, lse_reference(qkv, s, true)) < 1e-2);
-  CHECK(relative_error(dev.dqkv, cpu.dqkv) < 2e-2);
+  check_against_cpu(qkv, dout, dqkv0, s, true);
 }
 
 // Scores that grow along the keys: every query gets 16 on its head's first coordinate and key j gets a * j there, so a
@@ -315,11 +318,7 @@ TEST_CASE("cuda nn fused attention: scores that climb from key block to key bloc
         qkv = rounded<bfloat16>(qkv);
         const auto dout = rounded<bfloat16>(normal_values(std::size_t(B * T * C), ++seed));
         const std::vector<float> dqkv0(std::size_t(B * T * 3 * C), 0.f);
-        const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, causal);
-        const FusedResults dev = fused_attention(qkv, dout, dqkv0, s, causal);
-        CHECK(relative_error(dev.out, cpu.out) < 2e-2);
-        CHECK(relative_error(dev.lse, lse_reference(qkv, s, causal)) < 1e-2);
-        CHECK(relative_error(dev.dqkv, cpu.dqkv) < 2e-2);
+        check_against_cpu(qkv, dout, dqkv0, s, causal);
       }
 }
 
