@@ -70,6 +70,12 @@ MOE_HOST_DEVICE constexpr Index ld_floats(Index cols) { return cols + 4; }
 // attention.hpp's PairBases::row.
 using Heads = attention_detail::PairBases<Bf16>;
 
+// The exponentials in base 2 (FlashAttention's way): exp(scale * s - m) = exp2(s * scale * log2(e) - m * log2(e)), a
+// fused multiply-add and one ex2 instruction per probability where expf takes a range reduction around its ex2. lse
+// stays in natural-log units outside the kernels.
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+
 // NaN-ignoring max (IEEE maxNum) and the sum, for fold_rows: both commutative on the bits, so a fold's lanes agree. A
 // NaN score leaves the max to the rest of its row; its own exponential carries it into that row's output.
 struct Max {
@@ -337,8 +343,8 @@ MOE_HOST_DEVICE void over_key_blocks(const Warp& warp, unsigned char* base, cons
 }
 
 // The forward for head size HS (fused_attention_forward checks the arguments). Per block of keys, per row tile: the
-// scaled, masked scores; the row's new max and the old terms' factor; the probabilities, rounded to bf16 as their
-// product takes them (the row's sum adds the rounded values); then out += P v. All in registers.
+// scaled, masked scores (in log2 units); the row's new max and the old terms' factor; the probabilities, rounded to
+// bf16 as their product takes them (the row's sum adds the rounded values); then out += P v. All in registers.
 template <Index HS, class S, class D>
 void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index heads, bool causal, MatrixView<S> out,
              float* lse) {
@@ -351,7 +357,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
   const Heads heads_of{T, heads, channels, HS};
   const Index pairs = B * heads, tiles = (T + R - 1) / R, ld_qkv = qkv.stride, ld_out = out.stride;
   constexpr Index ldh = ld_rows(HS), ldo = ld_floats(HS);
-  const float scale = 1.f / std::sqrt(float(HS));
+  const float scale2 = kLog2e / std::sqrt(float(HS));  // scores -> log2 units
   const S* qkv_all = qkv.data;
   S* out_all = out.data;
   device.for_each_warp(pairs * tiles, at.bytes, [=] MOE_HOST_DEVICE(Index w, const Warp& warp) {
@@ -363,7 +369,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     stage_head_rows<HS>(warp, q, R, rows, part(0), row0);  // lands with block 0
     HeldRows<R, HS, Warp> q_held;
     Acc o[RT][DT];
-    RowValues m[RT], l[RT];  // per row: the running max of the scaled scores, the sum of the probabilities
+    RowValues m[RT], l[RT];  // per row: the running max of the scaled scores (log2 units), the probabilities' sum
     zero_accumulators<RT, DT>(warp, o);
     MOE_UNROLL
     for (Index i = 0; i < RT; ++i)
@@ -389,20 +395,20 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
                 const Index key = j * kTile + c;
                 return key < keys && (!causal || kb + key <= row0 + i * kTile + r);
               },
-              [&](Index, Index, float x) { return x * scale; });
+              [&](Index, Index, float x) { return x * scale2; });
           warp.fold_rows(block_max, s[i][j], Max{});
         }
         // The new max; the old terms' factor (1 while a row has seen nothing: its terms are all 0).
         warp.for_rows(
             [](Index, float& mi, float& mx, float& f) {
               const float next = std::fmax(mi, mx);
-              f = next == mi ? 1.f : std::exp(mi - next);
+              f = next == mi ? 1.f : exp2f(mi - next);
               mi = next;
             },
             m[i], block_max, factor);
         MOE_UNROLL
         for (Index j = 0; j < KT; ++j) {
-          warp.map_rows(s[i][j], m[i], [](Index, Index, float x, float mi) { return float(Bf16(std::exp(x - mi))); });
+          warp.map_rows(s[i][j], m[i], [](Index, Index, float x, float mi) { return float(Bf16(exp2f(x - mi))); });
           warp.fold_rows(sum, s[i][j], Sum{});
           warp.to_a(p[i][j], s[i][j]);
         }
@@ -413,7 +419,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
       }
       accumulate<RT, KT, DT>(warp, o, p, v, ldh);
     });
-    // out = o / l, rounded once; lse = max + log(sum).
+    // out = o / l, rounded once; lse = (max + log2(sum)) ln 2.
     float* inverse = region<float>(base, at.inverse);
     MOE_UNROLL
     for (Index i = 0; i < RT; ++i)
@@ -421,7 +427,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
           [&](Index r, float mi, float li) {
             const Index row = i * kTile + r;
             inverse[row] = 1.f / li;
-            if (row < rows) lse[pair * T + row0 + row] = mi + std::log(li);
+            if (row < rows) lse[pair * T + row0 + row] = (mi + log2f(li)) * kLn2;
           },
           m[i], l[i]);
     warp.sync();  // every lane is past its reads of the last key block before o's tile goes over it
@@ -447,7 +453,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
   const Heads heads_of{T, heads, channels, HS};
   const Index ld_qkv = qkv.stride, ld_out = out.stride, ld_dout = dout.stride, ld_dqkv = dqkv.stride;
   constexpr Index ldh = ld_rows(HS), ldacc = ld_floats(HS), DT = HS / kTile;
-  const float scale = 1.f / std::sqrt(float(HS));
+  const float scale = 1.f / std::sqrt(float(HS)), scale2 = scale * kLog2e;  // scale2: scores -> log2 units
   const S* qkv_all = qkv.data;
   const S* out_all = out.data;
   const S* dout_all = dout.data;
@@ -496,8 +502,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       const Index queries = queries_in(qb);
       const Bf16* q = region<Bf16>(base, ks.q[buf]);
       const Bf16* g = region<Bf16>(base, ks.dout[buf]);
-      warp.lanes(kQueries, [&](Index j) {
-        lse_q[j] = j < queries ? lse[pair * T + qb + j] : 0.f;
+      warp.lanes(kQueries, [&](Index j) {  // lse in log2 units
+        lse_q[j] = j < queries ? lse[pair * T + qb + j] * kLog2e : 0.f;
         dsum_q[j] = j < queries ? dsum_all[pair * T + qb + j] : 0.f;
       });
       Acc st[KRT][1], dpt[KRT][1];
@@ -514,7 +520,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
             [&](Index r, Index c) {
               return i * kTile + r < keys && c < queries && (!causal || qb + c >= key0 + i * kTile + r);
             },
-            [&](Index, Index c, float x) { return std::exp(x * scale - lse_q[c]); });
+            [&](Index, Index c, float x) { return exp2f(x * scale2 - lse_q[c]); });
         warp.zip(dpt[i][0], st[i][0], [&](Index, Index c, float dp, float p) { return p * (dp - dsum_q[c]) * scale; });
         warp.to_a(pt[i][0], st[i][0]);
         warp.to_a(dst[i][0], dpt[i][0]);
@@ -545,8 +551,8 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     Bf16* g = region<Bf16>(base, qs.dout);
     float* lse_q = region<float>(base, qs.lse);
     float* dsum_q = region<float>(base, qs.dsum);
-    warp.lanes(RQ, [&](Index r) {
-      lse_q[r] = r < rows ? lse[pair * T + row0 + r] : 0.f;
+    warp.lanes(RQ, [&](Index r) {  // lse in log2 units
+      lse_q[r] = r < rows ? lse[pair * T + row0 + r] * kLog2e : 0.f;
       dsum_q[r] = r < rows ? dsum_all[pair * T + row0 + r] : 0.f;
     });
     Acc dq[QRT][DT];
@@ -575,7 +581,7 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
                 const Index row = i * kTile + r, key = j * kTile + c;
                 return row < rows && key < keys && (!causal || kb + key <= row0 + row);
               },
-              [&](Index r, Index, float x) { return std::exp(x * scale - lse_q[i * kTile + r]); });
+              [&](Index r, Index, float x) { return exp2f(x * scale2 - lse_q[i * kTile + r]); });
           warp.zip(dp[i][j], s[i][j], [&](Index r, Index, float dpv, float p) {
             return p * (dpv - dsum_q[i * kTile + r]) * scale;
           });
