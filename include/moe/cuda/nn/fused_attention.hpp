@@ -293,6 +293,16 @@ MOE_HOST_DEVICE HeadRows<E> head_rows(const Heads& heads_of, E* m, Index ld, Ind
   return {heads_of.head(m, ld, part, pair), ld};
 }
 
+// The pair's q, k and v slices of qkv, made once per warp.
+struct QkvRows {
+  HeadRows<const Bf16> q, k, v;
+};
+template <class S>
+MOE_HOST_DEVICE QkvRows qkv_rows(const Heads& heads_of, const S* qkv, Index ld, Index pair) {
+  return {head_rows(heads_of, qkv, ld, 0, pair), head_rows(heads_of, qkv, ld, 1, pair),
+          head_rows(heads_of, qkv, ld, 2, pair)};
+}
+
 // Starts the copies of `valid` rows of a head slice (rows first, first + 1, ...) into a staged block of `rows` rows
 // (zeros past `valid`).
 template <Index HS, class Warp, class E>
@@ -365,8 +375,8 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     const Index pair = tile.pair, row0 = tile.first, rows = tile.rows;
     unsigned char* base = warp.staging();
     Bf16* q = region<Bf16>(base, at.q);
-    const auto part = [&](Index which) { return head_rows(heads_of, qkv_all, ld_qkv, which, pair); };
-    stage_head_rows<HS>(warp, q, R, rows, part(0), row0);  // lands with block 0
+    const QkvRows parts = qkv_rows(heads_of, qkv_all, ld_qkv, pair);
+    stage_head_rows<HS>(warp, q, R, rows, parts.q, row0);  // lands with block 0
     HeldRows<R, HS, Warp> q_held;
     Acc o[RT][DT];
     RowValues m[RT], l[RT];  // per row: the running max of the scaled scores (log2 units), the probabilities' sum
@@ -375,7 +385,7 @@ void forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T, Index he
     for (Index i = 0; i < RT; ++i)
       warp.for_rows([](Index, float& mi, float& li) { mi = -INFINITY, li = 0.f; }, m[i], l[i]);
     const Index key_end = causal ? row0 + rows : T;
-    over_key_blocks<HS, K>(warp, base, at.k, at.v, part(1), part(2), key_end,
+    over_key_blocks<HS, K>(warp, base, at.k, at.v, parts.k, parts.v, key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       if (kb == 0) hold_rows<R, HS>(warp, q_held, q, ldh);
       Acc s[RT][KT];
@@ -489,12 +499,12 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     Acc dk[KRT][DT], dv[KRT][DT];
     zero_accumulators<KRT, DT>(warp, dk);
     zero_accumulators<KRT, DT>(warp, dv);
-    const auto part = [&](Index which) { return head_rows(heads_of, qkv_all, ld_qkv, which, pair); };
+    const QkvRows parts = qkv_rows(heads_of, qkv_all, ld_qkv, pair);
     const HeadRows<const Bf16> dout_rows = head_rows(heads_of, dout_all, ld_dout, 0, pair);
-    stage_head_rows<HS>(warp, k, RK, keys, part(1), key0);
-    stage_head_rows<HS>(warp, v, RK, keys, part(2), key0);
+    stage_head_rows<HS>(warp, k, RK, keys, parts.k, key0);
+    stage_head_rows<HS>(warp, v, RK, keys, parts.v, key0);
     const auto fetch = [&](Index qb, int buf) {  // block qb's queries and their output gradients
-      stage_head_rows<HS>(warp, region<Bf16>(base, ks.q[buf]), kQueries, queries_in(qb), part(0), qb);
+      stage_head_rows<HS>(warp, region<Bf16>(base, ks.q[buf]), kQueries, queries_in(qb), parts.q, qb);
       stage_head_rows<HS>(warp, region<Bf16>(base, ks.dout[buf]), kQueries, queries_in(qb), dout_rows, qb);
       warp.commit_copies();
     };
@@ -557,12 +567,12 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
     });
     Acc dq[QRT][DT];
     zero_accumulators<QRT, DT>(warp, dq);
-    const auto part = [&](Index which) { return head_rows(heads_of, qkv_all, ld_qkv, which, pair); };
-    stage_head_rows<HS>(warp, q, RQ, rows, part(0), row0);  // q and dout land with block 0
+    const QkvRows parts = qkv_rows(heads_of, qkv_all, ld_qkv, pair);
+    stage_head_rows<HS>(warp, q, RQ, rows, parts.q, row0);  // q and dout land with block 0
     stage_head_rows<HS>(warp, g, RQ, rows, head_rows(heads_of, dout_all, ld_dout, 0, pair), row0);
     HeldRows<RQ, HS, Warp> q_held;
     const Index key_end = causal ? row0 + rows : T;
-    over_key_blocks<HS, K>(warp, base, qs.k, qs.v, part(1), part(2), key_end,
+    over_key_blocks<HS, K>(warp, base, qs.k, qs.v, parts.k, parts.v, key_end,
                            [&](Index kb, Index keys, const Bf16* k, const Bf16* v) {
       if (kb == 0) hold_rows<RQ, HS>(warp, q_held, q, ldh);
       Acc s[QRT][KT], dp[QRT][KT];
