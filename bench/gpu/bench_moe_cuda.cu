@@ -35,6 +35,12 @@
 //                      The first H200 profile ran the DGELU products at ~355 TFLOP/s on an older
 //                      kernel family (sm90_xmma) against ~430-600 for the others; these rows say
 //                      whether the layout or the epilogue is the cause, before the layer is changed.
+//   expert_product     (bf16, every shape) the expert bank's first or second product over a routed
+//                      layer's rows, named expert_product/<first|second>/<way>/<shape>/bf16: the
+//                      Hopper grouped GEMM (one launch, gathered rows, device offsets; ways
+//                      grouped_<BN>x<stages>[x<blocks an SM>]) against the layer's cuBLAS path
+//                      (cublas_experts: the gather, then a product per expert) and one dense
+//                      cuBLAS product of the same FLOPs (cublas_dense): is the kernel worth wiring in?
 //   routing_dispatch   everything of the SelfRoute forward around the expert bank: backend.route
 //                      (top-k, softmax, dispatch; ends with the forward's one host sync),
 //                      gather_rows and combine, on the SelfRoute logits view of x
@@ -62,6 +68,7 @@
 #include "guarded.hpp"
 #include "host_counters.hpp"
 #include "moe/cuda.cuh"
+#include "moe/cuda/hopper_grouped_gemm.cuh"
 
 namespace {
 
@@ -397,6 +404,95 @@ void bm_expert_gemm(benchmark::State& state, ExpertProduct product, Index R) {
   });
 }
 
+// ---- the experts' products over a routed layer: one grouped launch against cuBLAS per expert ------
+
+// The expert bank's two products at a shape, rows routed by SelfRoute on N(0, 1) input as in the
+// layer (the real plan: its device offsets and slot_of_row):
+//   first   act = gelu(x[token(r)] W1_e^T + b1_e), pre kept (SwiGLU: [gate | up] = x W_e^T, no bias)
+//   second  y = act W2_e^T + b2_e (SwiGLU: no bias)
+// Ways:
+//   grouped_<BN>x<stages>[x<blocks>]  moe::cuda::grouped_gemm (wgmma, sm_90a): one launch, the rows
+//                      gathered as they load (first), the offsets read on the device (no host copy)
+//   cublas_experts     the layer's path today: gather_rows into the expert-sorted copy (first),
+//                      then one cuBLASLt product per expert (host offsets) on the side streams
+//   cublas_dense       one cuBLASLt product over all R rows with expert 0's weights, no gather:
+//                      the same FLOPs with perfect batching (the product's floor)
+enum class ProductWay { grouped_128x4, grouped_256x4, grouped_128x3x2, cublas_experts, cublas_dense };
+struct ProductWayCase {
+  const char* name;
+  ProductWay way;
+};
+const ProductWayCase kProductWays[] = {{"grouped_128x4", ProductWay::grouped_128x4},
+                                       {"grouped_256x4", ProductWay::grouped_256x4},
+                                       {"grouped_128x3x2", ProductWay::grouped_128x3x2},
+                                       {"cublas_experts", ProductWay::cublas_experts},
+                                       {"cublas_dense", ProductWay::cublas_dense}};
+
+void bm_expert_product(benchmark::State& state, const Shape& s, bool first, ProductWay way) {
+  guarded(state, [&] {
+    using B = moe::cuda::BackendBF16;
+    using S = B::Scalar;
+    using moe::cuda::Epilogue;
+    const B be = make_backend<B>(kBF16);
+    const Index R = s.rows(), H = s.H, F = s.F, F_in = s.swiglu ? 2 * F : F;
+    const Index K = first ? H : F, O = first ? F_in : H;
+    const bool bias = !s.swiglu, gelu = first && !s.swiglu;
+    B::Matrix x(s.T, H), rows(first ? R : 0, H), in(first ? 0 : R, F), w(s.N * O, K), b(s.N, O), out(R, O),
+        pre(gelu ? R : 0, O);
+    be.fill_normal(x, 1.0, kInputSeed, 30);
+    be.fill_normal(in, 1.0, kInputSeed, 31);
+    be.fill_normal(w, 0.02, kInputSeed, 32);
+    be.fill_normal(b, 0.02, kInputSeed, 33);
+    const moe::ConstMatrixView<S> input = x;
+    B::Plan plan;
+    B::Vector<S> weights;
+    be.route(input.col_block(H - s.N, s.N), s.config(), plan, weights);
+    const std::span<const Index> offsets = B::expert_offsets(plan);
+    moe::check(offsets.back() == R, "bench expert products: a capacity dropped rows");
+    if (first) be.gather_rows(input, plan, rows);  // the dense product's input (cublas_experts gathers again, timed)
+    const std::vector<Index> dense{0, R};
+    const auto cv = [](const B::Matrix& m) { return moe::ConstMatrixView<S>(m); };
+
+    moe::cuda::GroupedGemm<S> g;
+    g.a = first ? x.data() : in.data(), g.lda = K;
+    g.gather = first ? plan.slot_of_row.data() : nullptr, g.gather_divisor = std::int32_t(s.k);
+    g.offsets = plan.offsets.data(), g.groups = s.N, g.max_rows = R;
+    g.w = w.data(), g.w_stride = O * K, g.bias = bias ? b.data() : nullptr, g.bias_stride = O;
+    g.out = out.data(), g.ldc = O, g.aux = gelu ? pre.data() : nullptr, g.ldaux = O, g.n = O, g.k = K;
+    g.epilogue = gelu ? Epilogue::bias_gelu : bias ? Epilogue::bias : Epilogue::none;
+
+    const auto cublas = [&](std::span<const Index> at, moe::ConstMatrixView<S> a) {
+      const moe::ConstMatrixView<S> weight = at.size() == 2 ? cv(w).row_block(0, O) : cv(w);
+      if (gelu)
+        be.grouped_linear_gelu_forward(a, at, weight, b.data(), pre, out);
+      else
+        be.grouped_linear_forward(a, at, weight, bias ? b.data() : nullptr, out);
+    };
+    const double seconds = timed_loop(state, 1, [&] {
+      switch (way) {
+        case ProductWay::grouped_128x4:
+          moe::cuda::grouped_gemm<128, 4, 1>(be.device(), g);
+          break;
+        case ProductWay::grouped_256x4:
+          moe::cuda::grouped_gemm<256, 4, 1>(be.device(), g);
+          break;
+        case ProductWay::grouped_128x3x2:
+          moe::cuda::grouped_gemm<128, 3, 2>(be.device(), g);
+          break;
+        case ProductWay::cublas_experts:
+          if (first) be.gather_rows(input, plan, rows);
+          cublas(offsets, first ? cv(rows) : cv(in));
+          break;
+        case ProductWay::cublas_dense:
+          cublas(dense, first ? cv(rows) : cv(in));
+          break;
+      }
+    });
+    if (seconds > 0) state.counters["TFLOP/s"] = 2.0 * double(R) * double(K) * double(O) / seconds / 1e12;
+    state.SetLabel(s.label() + (first ? " first product" : " second product"));
+  });
+}
+
 // ---- registration ------------------------------------------------------------------------------
 
 template <class Fn>
@@ -461,6 +557,18 @@ int main(int argc, char** argv) {
           ->Unit(benchmark::kMicrosecond)
           ->MinTime(kExpertGemmMinTime);
     }
+
+  for (const Shape* s : {&kGpt2Large, &kGpt2Small, &kMixtral})
+    for (const bool first : {true, false})
+      for (const ProductWayCase& c : kProductWays) {
+        const std::string name =
+            std::string("expert_product/") + (first ? "first/" : "second/") + c.name + "/" + s->name + "/bf16";
+        const ProductWay way = c.way;
+        benchmark::RegisterBenchmark(name.c_str(), [s, first, way](benchmark::State& st) { bm_expert_product(st, *s, first, way); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond)
+            ->MinTime(kExpertGemmMinTime);
+      }
 
   // Without a device the benchmarks still list (--benchmark_list_tests) and each one reports the
   // CUDA error it gets; the exit status 77 (skipped, as moe_cuda_tests') says the run measured nothing.

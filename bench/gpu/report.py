@@ -126,6 +126,52 @@ def print_expert_gemms(times, errors):
         print()
 
 
+# bench_moe_cuda's expert_product rows: expert_product/<first|second>/<way>/<shape>/bf16.
+EXPERT_PRODUCT_WAYS = ["grouped_128x4", "grouped_256x4", "grouped_128x3x2", "cublas_experts", "cublas_dense"]
+
+
+def print_expert_products(path):
+    """The expert bank's two products over a routed layer, by way: median us, TFLOP/s, and the
+    time against cublas_experts (the layer's path today) and cublas_dense (the product's floor)."""
+    records, _, _ = gbench.read_runs(path)
+    found, failed = {}, []
+    for b in records:
+        key = gbench.name_parts(b)
+        if len(key) != 5 or key[0] != "expert_product":
+            continue
+        _, product, way, shape, _ = key
+        if b.get("error_occurred"):
+            failed.append(f"- bench_moe_cuda {'/'.join(key)}: {b.get('error_message', 'error')}")
+            continue
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+            continue
+        ms = float(b["real_time"]) * UNIT_MS[b.get("time_unit", "ns")]
+        found.setdefault((shape, product, way), []).append((ms, b.get("TFLOP/s")))
+    if not found and not failed:
+        return
+    order = {w: i for i, w in enumerate(EXPERT_PRODUCT_WAYS)}
+    rows = []
+    for shape in SHAPES:
+        for product in ("first", "second"):
+            ways = sorted({w for (s, p, w) in found if s == shape and p == product}, key=lambda w: order.get(w, 99))
+            median = {w: statistics.median(ms for ms, _ in found[(shape, product, w)]) for w in ways}
+            for way in ways:
+                tflops = [t for _, t in found[(shape, product, way)] if t]
+                ms = median[way]
+                rows.append([shape, product, way, f"{1000 * ms:.1f}", f"{statistics.median(tflops):.0f}" if tflops else "-",
+                             fmt_x(ratio(median.get("cublas_experts"), ms)), fmt_ratio(ratio(ms, median.get("cublas_dense")))])
+    print("The experts' products over a routed layer (bf16; first = gathered rows, bias + GELU; second = bias), "
+          "median us; x experts = cublas_experts / this way (> 1: faster than the layer's path today); "
+          "/ dense = this way / cublas_dense (the same FLOPs in one dense product):")
+    print()
+    print(table(["shape", "product", "way", "us", "TFLOP/s", "x experts", "/ dense"], rows))
+    print()
+    for line in failed:
+        print(line)
+    if failed:
+        print()
+
+
 def load_torch(path):
     if not path:
         return {}
@@ -275,6 +321,7 @@ def main(argv):
 
     # ---- one expert's products alone ----
     print_expert_gemms(times, errors)
+    print_expert_products(argv[1])
 
     # ---- the targets, last ----
     passed = failed = missing = 0

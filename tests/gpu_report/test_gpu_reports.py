@@ -81,6 +81,14 @@ def moe_json(errors=()):
             for record in records:
                 record["time_unit"] = "us"
             benchmarks += records
+    # The experts' products by way (expert_product/<first|second>/<way>/<shape>/bf16), one failing.
+    for way, us in (("grouped_128x4", 50.0), ("cublas_experts", 75.0), ("cublas_dense", 40.0), ("grouped_256x4", 0)):
+        name = f"expert_product/first/{way}/gpt2_T16384/bf16/min_time:0.020/manual_time"
+        error = "grouped_gemm: needs an sm_90 GPU" if not us else None
+        records = gbench_records(name, [us, us, 2 * us], {"TFLOP/s": 600.0}, error=error)
+        for record in records:
+            record["time_unit"] = "us"
+        benchmarks += records
     return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200", "gpu_sm": "9.0", "cuda_runtime": "13000"},
             "benchmarks": benchmarks}
 
@@ -191,6 +199,11 @@ def main():
         expect(out, "| dgelu_tn | 30.0 | 322 | 60.0 | 322 |", "the transposed layout's row")
         if out.index("| gelu_fwd |") > out.index("| dgelu_nn |"):
             fail(f"the expert products are not in their listed order:\n{out}")
+        # The experts' products: 75 / 50 = 1.50x the layer's path, 50 / 40 = 1.25 of the dense product.
+        expect(out, "| gpt2_T16384 | first | grouped_128x4 | 50.0 | 600 | 1.50x | 1.25", "a grouped way against both cuBLAS ways")
+        expect(out, "| gpt2_T16384 | first | cublas_dense | 40.0 | 600 | 1.88x | 1.00", "the dense way's own row")
+        expect(out, "expert_product/first/grouped_256x4/gpt2_T16384/bf16: grouped_gemm: needs an sm_90 GPU",
+               "a way that failed, with its message")
         if out.count("| moe_fwd/") != 1:
             fail(f"rows without host counters were listed in the host-call table:\n{out}")
         # A benchmark that failed: its target MISSING and its message listed.

@@ -1,0 +1,261 @@
+// moe/cuda/grouped_gemm.hpp: one product per expert over the experts' blocks of rows, in one
+// launch that finds each block's expert from offsets in device memory (no host copy of them) and
+// gathers the rows from the layer's input as it loads them (no expert-sorted copy first):
+//
+//   for every group g and every row r in [offsets[g], offsets[g + 1]):
+//     out[r, :] = epilogue(A[source(r), :] W_g^T + bias_g)
+//
+//   A       [*, K] row-major (lda); source(r) = gather[r] / gather_divisor, or r when gather is null
+//           (the backend's slot_of_row over top_k: the token of the expert-sorted row r)
+//   W_g     w + g * w_stride: [N, K] row-major, nn.Linear's [out, in] layout
+//   bias_g  bias + g * bias_stride: [N] (Epilogue::bias and bias_gelu)
+//   out     [rows, N] row-major (ldc); aux the same shape (ldaux) for bias_gelu's pre-activation
+//
+// The GPU runs it as a Hopper kernel (moe/cuda/hopper_grouped_gemm.cuh): wgmma products read
+// from shared memory that cp.async fills in 128-byte-swizzled rows, a block of 2 warpgroups per
+// tile of kTileRows rows and BN columns. This header holds what the kernel and its host emulation
+// share, so the emulation checks the kernel's own arithmetic on indices: the tile plan over the
+// groups, the gathered rows' addresses, the swizzled placement in shared memory, the matrix
+// descriptors, the accumulator fragment's coordinates and the epilogue. grouped_gemm_emulated
+// runs the kernel's steps on the host and reads its shared memory through the descriptors the
+// way the PTX ISA describes wgmma reading it (K-major operands, 128-byte swizzle).
+//
+// Precision: bf16 operands, fp32 accumulation, each output rounded once (aux and out both from the
+// fp32 pre-activation, as cuBLASLt's GELU_AUX_BIAS epilogue).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "moe/activations.hpp"
+#include "moe/bfloat16.hpp"
+#include "moe/config.hpp"
+#include "moe/cuda/device.hpp"
+#include "moe/host_device.hpp"
+
+namespace moe::cuda {
+
+template <class S>
+struct GroupedGemm {
+  const S* a = nullptr;
+  Index lda = 0;
+  const std::int32_t* gather = nullptr;  // [rows] or null
+  std::int32_t gather_divisor = 1;
+  const Index* offsets = nullptr;  // [groups + 1], device memory, ascending from 0
+  Index groups = 0;
+  Index max_rows = 0;  // an upper bound of offsets[groups] the host knows (sizes the launch)
+  const S* w = nullptr;
+  Index w_stride = 0;
+  const S* bias = nullptr;
+  Index bias_stride = 0;
+  S* out = nullptr;
+  Index ldc = 0;
+  S* aux = nullptr;  // bias_gelu: the pre-activation (null: not kept)
+  Index ldaux = 0;
+  Index n = 0, k = 0;
+  Epilogue epilogue = Epilogue::none;  // none, bias or bias_gelu
+};
+
+namespace grouped_gemm_detail {
+
+inline constexpr Index kTileRows = 128;        // rows of a block's tile: 2 warpgroups of 64
+inline constexpr Index kWarpgroupRows = 64;    // wgmma's M
+inline constexpr Index kStageK = 64;           // K per pipeline stage: one 128-byte row of bf16
+inline constexpr Index kStepK = 16;            // wgmma's K for 16-bit operands
+inline constexpr Index kRowBytes = 128;        // a stage's row of either operand
+inline constexpr Index kChunkBytes = 16;       // one cp.async
+inline constexpr Index kChunksPerRow = kRowBytes / kChunkBytes;
+inline constexpr Index kSwizzleAtomBytes = 8 * kRowBytes;  // 8 rows: the 128-byte swizzle's period
+inline constexpr int kThreads = 256;           // 2 warpgroups
+
+// ---- the tile plan -------------------------------------------------------------------------------
+// Group g's rows take ceil(rows_g / kTileRows) tiles, the groups' tiles in group order. A launch
+// sizes its grid by tiles_bound (the host does not know the offsets); tiles past the last one are
+// empty and their blocks return at once.
+struct Tile {
+  Index group = 0, row_begin = 0, row_end = 0;
+  bool valid = false;
+};
+
+MOE_HOST_DEVICE inline Tile tile_of(const Index* offsets, Index groups, Index tile) {
+  Index first = 0;
+  for (Index g = 0; g < groups; ++g) {
+    const Index begin = offsets[g], end = offsets[g + 1];
+    const Index tiles = (end - begin + kTileRows - 1) / kTileRows;
+    if (tile < first + tiles) {
+      const Index row_begin = begin + (tile - first) * kTileRows;
+      return {g, row_begin, row_begin + kTileRows < end ? row_begin + kTileRows : end, true};
+    }
+    first += tiles;
+  }
+  return {};
+}
+
+// sum_g ceil(rows_g / kTileRows) <= ceil(sum_g rows_g / kTileRows) + groups.
+inline Index tiles_bound(Index max_rows, Index groups) { return (max_rows + kTileRows - 1) / kTileRows + groups; }
+
+// The A row a tile's row r (absolute, in the groups' concatenation) reads.
+template <class S>
+MOE_HOST_DEVICE Index source_row(const GroupedGemm<S>& p, Index r) {
+  return p.gather ? Index(p.gather[r] / p.gather_divisor) : r;
+}
+
+// ---- shared memory: 128-byte rows, swizzled ---------------------------------------------------
+// A stage holds kStageK columns of kTileRows rows of A, then of BN rows of W_g, each row 128 bytes
+// of 8 chunks of 16. Chunk c of row r lies at r * 128 + (c ^ (r % 8)) * 16 from a tile that starts
+// on a 1024-byte boundary: the 128-byte swizzle (address bits 4-6 XOR bits 7-9), so the 8 rows a
+// wgmma fetches together spread over all of shared memory's banks.
+MOE_HOST_DEVICE inline std::uint32_t swizzled_chunk(Index row, Index chunk) {
+  return std::uint32_t(row * kRowBytes + ((chunk ^ (row & 7)) * kChunkBytes));
+}
+
+template <int BN>
+struct StageLayout {
+  static constexpr std::uint32_t a_bytes = std::uint32_t(kTileRows * kRowBytes);
+  static constexpr std::uint32_t b_bytes = std::uint32_t(BN * kRowBytes);
+  static constexpr std::uint32_t bytes = a_bytes + b_bytes;  // a multiple of 1024
+  static_assert(bytes % kSwizzleAtomBytes == 0);
+};
+
+// A wgmma matrix descriptor for a K-major operand at `address` (shared memory, bytes): rows in
+// groups of 8 (the swizzle's atoms) 1024 bytes apart, 128-byte swizzle. Fields (PTX ISA,
+// "matrix descriptor"): bits 0-13 address >> 4; 16-29 leading byte offset >> 4 (unused by a
+// swizzled K-major operand whose K fits one 128-byte row: 1 by convention); 32-45 stride byte
+// offset >> 4 (between 8-row groups); 49-51 base offset (0: the atoms start 1024-aligned);
+// 62-63 swizzle mode (1 = 128 bytes). Stepping K by 16 elements adds 32 bytes to the address.
+MOE_HOST_DEVICE inline std::uint64_t operand_descriptor(std::uint32_t address) {
+  return (std::uint64_t((address & 0x3FFFF) >> 4)) | (std::uint64_t(1) << 16) |
+         (std::uint64_t(kSwizzleAtomBytes >> 4) << 32) | (std::uint64_t(1) << 62);
+}
+
+// ---- the accumulator fragment -------------------------------------------------------------------
+// wgmma m64nNk16 with fp32 accumulators leaves N / 2 values in each of a warpgroup's 128 threads:
+// value i of thread t is row 16 (t / 32) + (t % 32) / 4 + 8 ((i / 2) % 2), column
+// 8 (i / 4) + 2 (t % 4) + i % 2 (PTX ISA, "wgmma .m64nNk16 register fragment layout for the
+// accumulator matrix D": mma.m16n8's C layout, warps stacked along M, repeated along N).
+MOE_HOST_DEVICE inline Index fragment_row(int thread, int i) { return 16 * (thread / 32) + (thread % 32) / 4 + 8 * ((i / 2) % 2); }
+MOE_HOST_DEVICE inline Index fragment_col(int thread, int i) { return 8 * (i / 4) + 2 * (thread % 4) + i % 2; }
+
+// ---- the epilogue --------------------------------------------------------------------------------
+// One output value from its fp32 product: out, and aux (bias_gelu's pre-activation), each rounded
+// once from fp32.
+template <class S>
+struct OutputValues {
+  S out, aux;
+};
+template <class S>
+MOE_HOST_DEVICE OutputValues<S> output_values(Epilogue epilogue, float acc, const S* bias, Index c) {
+  if (epilogue == Epilogue::none) return {S(acc), S(0.0f)};
+  const float pre = acc + float(bias[c]);
+  if (epilogue == Epilogue::bias) return {S(pre), S(0.0f)};
+  return {S(activation::gelu(pre)), S(pre)};
+}
+
+// The host's reading of a descriptor: the byte of shared memory that element (row, e) of a
+// K-major 16-bit operand (row < 8 * groups, e < 16 within one wgmma step) comes from. The address
+// walks rows as the descriptor says (8-row groups at the stride byte offset, 128 bytes between
+// the rows of a group), then the 128-byte swizzle permutes the 16-byte chunks within each
+// 1024-byte period by the row's place in it.
+inline std::uint32_t descriptor_byte(std::uint64_t descriptor, Index row, Index e) {
+  const std::uint32_t start = std::uint32_t(descriptor & 0x3FFF) << 4;
+  const std::uint32_t stride = std::uint32_t((descriptor >> 32) & 0x3FFF) << 4;
+  const std::uint32_t logical = start + std::uint32_t(row / 8) * stride + std::uint32_t(row % 8) * kRowBytes + std::uint32_t(e) * 2;
+  return logical ^ (((logical >> 7) & 7) << 4);
+}
+
+}  // namespace grouped_gemm_detail
+
+// Argument checks shared by every device: what the kernel's tiles assume.
+template <class S>
+void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
+  check(p.groups >= 1 && p.offsets, "grouped_gemm: needs groups >= 1 and their offsets, got groups = ", p.groups);
+  check(p.n > 0 && p.k > 0 && p.n % block_n == 0 && p.k % grouped_gemm_detail::kStageK == 0,
+        "grouped_gemm: N = ", p.n, " must be a multiple of ", block_n, " and K = ", p.k, " of ",
+        grouped_gemm_detail::kStageK);
+  check(p.a && p.w && p.out && p.max_rows >= 0, "grouped_gemm: A, W and out must be set");
+  check(p.lda >= p.k && p.ldc >= p.n && p.w_stride >= p.n * p.k, "grouped_gemm: lda = ", p.lda, ", ldc = ", p.ldc,
+        ", w_stride = ", p.w_stride, " are too small for N = ", p.n, ", K = ", p.k);
+  check(p.lda % 8 == 0 && p.ldc % 2 == 0 && p.w_stride % 8 == 0,
+        "grouped_gemm: lda and w_stride must be multiples of 8 elements (16-byte rows) and ldc of 2");
+  check(p.epilogue == Epilogue::none || p.epilogue == Epilogue::bias || p.epilogue == Epilogue::bias_gelu,
+        "grouped_gemm: the epilogue must be none, bias or bias_gelu");
+  check(p.epilogue == Epilogue::none || p.bias, "grouped_gemm: the epilogue needs a bias");
+  check(!p.aux || (p.epilogue == Epilogue::bias_gelu && p.ldaux >= p.n && p.ldaux % 2 == 0),
+        "grouped_gemm: aux is bias_gelu's pre-activation, [rows, >= N]");
+  check(!p.gather || p.gather_divisor >= 1, "grouped_gemm: gather_divisor must be >= 1");
+}
+
+// The kernel's steps on the host, with host pointers (offsets and gather included): for each tile
+// and each BN-column block, the stages are placed in a 1024-aligned buffer by the kernel's
+// placement, each warpgroup's products read them through its descriptors (descriptor_byte), and
+// its fragment goes through the epilogue by the fragment's coordinates. Products accumulate in
+// fp32, one fused multiply-add per term in K order.
+template <int BN>
+void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
+  namespace gd = grouped_gemm_detail;
+  check_grouped_gemm(p, BN);
+  using Layout = gd::StageLayout<BN>;
+  // One stage; offsets in it stand for shared-memory addresses (the kernel's stages start
+  // 1024-aligned, so the swizzle sees the same address bits).
+  std::vector<unsigned char> buffer(Layout::bytes);
+  unsigned char* stage = buffer.data();
+  const std::uint32_t a_base = 0, b_base = Layout::a_bytes;
+  const auto element = [&](std::uint64_t descriptor, Index row, Index e) {
+    bfloat16 v;
+    std::memcpy(&v, stage + gd::descriptor_byte(descriptor, row, e), sizeof v);
+    return float(v);
+  };
+  std::vector<float> acc(std::size_t(2 * 128 * (BN / 2)));  // [warpgroup][thread][value]
+  const Index tiles = gd::tiles_bound(p.max_rows, p.groups);
+  for (Index t = 0; t < tiles; ++t) {
+    const gd::Tile tile = gd::tile_of(p.offsets, p.groups, t);
+    if (!tile.valid) continue;
+    const bfloat16* w = p.w + tile.group * p.w_stride;
+    const bfloat16* bias = p.bias ? p.bias + tile.group * p.bias_stride : nullptr;
+    for (Index n0 = 0; n0 < p.n; n0 += BN) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (Index k0 = 0; k0 < p.k; k0 += gd::kStageK) {
+        std::memset(stage, 0x7f, Layout::bytes);  // poison: a byte the placement misses reads as garbage
+        for (Index r = 0; r < gd::kTileRows; ++r)
+          for (Index c = 0; c < gd::kChunksPerRow; ++c) {
+            unsigned char* dst = stage + a_base + gd::swizzled_chunk(r, c);
+            const Index row = tile.row_begin + r;
+            if (row < tile.row_end)
+              std::memcpy(dst, p.a + gd::source_row(p, row) * p.lda + k0 + c * 8, gd::kChunkBytes);
+            else
+              std::memset(dst, 0, gd::kChunkBytes);  // cp.async's zero fill past the tile's rows
+          }
+        for (Index r = 0; r < BN; ++r)
+          for (Index c = 0; c < gd::kChunksPerRow; ++c)
+            std::memcpy(stage + b_base + gd::swizzled_chunk(r, c), w + (n0 + r) * p.k + k0 + c * 8, gd::kChunkBytes);
+        for (int wg = 0; wg < 2; ++wg)
+          for (Index step = 0; step < gd::kStageK / gd::kStepK; ++step) {
+            const std::uint64_t da = gd::operand_descriptor(std::uint32_t(a_base + wg * gd::kWarpgroupRows * gd::kRowBytes + step * 32));
+            const std::uint64_t db = gd::operand_descriptor(std::uint32_t(b_base + step * 32));
+            for (int thread = 0; thread < 128; ++thread)
+              for (int i = 0; i < BN / 2; ++i) {
+                float& d = acc[std::size_t((wg * 128 + thread) * (BN / 2) + i)];
+                const Index m = gd::fragment_row(thread, i), n = gd::fragment_col(thread, i);
+                for (Index e = 0; e < gd::kStepK; ++e) d = std::fma(element(da, m, e), element(db, n, e), d);
+              }
+          }
+      }
+      for (int wg = 0; wg < 2; ++wg)
+        for (int thread = 0; thread < 128; ++thread)
+          for (int i = 0; i < BN / 2; ++i) {
+            const Index row = tile.row_begin + wg * gd::kWarpgroupRows + gd::fragment_row(thread, i);
+            if (row >= tile.row_end) continue;
+            const Index c = n0 + gd::fragment_col(thread, i);
+            const gd::OutputValues<bfloat16> v =
+                gd::output_values(p.epilogue, acc[std::size_t((wg * 128 + thread) * (BN / 2) + i)], bias, c);
+            p.out[row * p.ldc + c] = v.out;
+            if (p.aux) p.aux[row * p.ldaux + c] = v.aux;
+          }
+    }
+  }
+}
+
+}  // namespace moe::cuda

@@ -1,0 +1,155 @@
+// The Hopper grouped GEMM (moe/cuda/hopper_grouped_gemm.cuh) on the GPU, against a double
+// product on the host and against the kernel's host emulation (moe/cuda/grouped_gemm.hpp, whose
+// index arithmetic tests/test_grouped_gemm.cpp checks without a GPU). Part of moe_cuda_tests.
+//
+// The kernel exists only in device code built for sm_90a. Where this binary was (CMake defines
+// MOE_TEST_SM90A), an H100/H200 must run it; built for plain sm_90, the cases say so and skip.
+#include <cuda_runtime.h>
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "moe/cuda.cuh"
+#include "moe/cuda/hopper_grouped_gemm.cuh"
+
+namespace {
+
+using moe::bfloat16;
+using moe::Index;
+using moe::cuda::Epilogue;
+using moe::cuda::GroupedGemm;
+
+bool skip_without_wgmma() {
+  if (!moe::cuda::no_device_reason().empty()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return true;
+  }
+#ifdef MOE_TEST_SM90A
+  REQUIRE_MESSAGE(moe::cuda::grouped_gemm_available(), "built for sm_90a, but the device does not run the wgmma kernel");
+  return false;
+#else
+  if (!moe::cuda::grouped_gemm_available()) {
+    MESSAGE("skipped: this binary's device code was not built for sm_90a (CMAKE_CUDA_ARCHITECTURES 90a)");
+    return true;
+  }
+  return false;
+#endif
+}
+
+template <class T>
+T* device_copy(const std::vector<T>& host) {
+  T* p = nullptr;
+  REQUIRE(cudaMalloc(&p, host.size() * sizeof(T) + 16) == cudaSuccess);
+  REQUIRE(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
+  return p;
+}
+template <class T>
+std::vector<T> host_copy(const T* p, std::size_t n) {
+  std::vector<T> host(n);
+  REQUIRE(cudaMemcpy(host.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
+  return host;
+}
+
+std::vector<bfloat16> random_bf16(std::size_t n, float scale, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<bfloat16> v(n);
+  for (bfloat16& x : v) x = bfloat16(normal(rng));
+  return v;
+}
+
+// One shape through the kernel with BN columns a tile, twice (the same bits both times), against
+// a double product (bf16's rounding of the stored value) and the host emulation (a few bf16 steps:
+// the tensor cores add in their own order).
+template <int BN, int Stages, int MinBlocks>
+void check_kernel(Epilogue epilogue, bool gather, const std::vector<Index>& group_rows, Index N, Index K,
+                  std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const Index groups = Index(group_rows.size());
+  std::vector<Index> offsets{0};
+  for (Index r : group_rows) offsets.push_back(offsets.back() + r);
+  const Index rows = offsets.back(), divisor = 2, lda = K + 64;
+  const Index a_rows = gather ? rows / divisor + 7 : rows;
+  const std::vector<bfloat16> a = random_bf16(std::size_t(std::max<Index>(a_rows, 1) * lda), 1.0f, rng);
+  const std::vector<bfloat16> w = random_bf16(std::size_t(groups * N * K), 0.03f, rng);
+  const std::vector<bfloat16> bias = random_bf16(std::size_t(groups * N), 0.5f, rng);
+  std::vector<std::int32_t> source(static_cast<std::size_t>(rows));
+  std::uniform_int_distribution<std::int32_t> pick(0, std::int32_t(a_rows * divisor - 1));
+  for (std::int32_t& s : source) s = pick(rng);
+  const bfloat16 poison = bfloat16(12345.0f);
+  const std::vector<bfloat16> poisoned(std::size_t(rows * N + 64), poison);
+
+  GroupedGemm<bfloat16> host;
+  host.lda = lda, host.gather_divisor = std::int32_t(divisor), host.groups = groups, host.max_rows = rows + 100;
+  host.w_stride = N * K, host.bias_stride = N, host.ldc = N, host.ldaux = N, host.n = N, host.k = K;
+  host.epilogue = epilogue;
+  GroupedGemm<bfloat16> dev = host;
+  std::vector<bfloat16> out_e = poisoned, aux_e = poisoned;
+  host.a = a.data(), host.gather = gather ? source.data() : nullptr, host.offsets = offsets.data(), host.w = w.data();
+  host.bias = epilogue == Epilogue::none ? nullptr : bias.data(), host.out = out_e.data();
+  host.aux = epilogue == Epilogue::bias_gelu ? aux_e.data() : nullptr;
+  moe::cuda::grouped_gemm_emulated<BN>(host);
+
+  bfloat16 *d_a = device_copy(a), *d_w = device_copy(w), *d_bias = device_copy(bias);
+  bfloat16 *d_out = device_copy(poisoned), *d_aux = device_copy(poisoned);
+  std::int32_t* d_source = device_copy(source.empty() ? std::vector<std::int32_t>{0} : source);
+  Index* d_offsets = device_copy(offsets);
+  dev.a = d_a, dev.gather = gather ? d_source : nullptr, dev.offsets = d_offsets, dev.w = d_w;
+  dev.bias = epilogue == Epilogue::none ? nullptr : d_bias, dev.out = d_out;
+  dev.aux = epilogue == Epilogue::bias_gelu ? d_aux : nullptr;
+  const moe::cuda::CudaDevice device(nullptr);
+  moe::cuda::grouped_gemm<BN, Stages, MinBlocks>(device, dev);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<bfloat16> out = host_copy(d_out, poisoned.size()), aux = host_copy(d_aux, poisoned.size());
+  moe::cuda::grouped_gemm<BN, Stages, MinBlocks>(device, dev);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<bfloat16> again = host_copy(d_out, poisoned.size());
+
+  Index differ = 0, far_from_exact = 0, far_from_emulation = 0;
+  for (Index g = 0; g < groups; ++g)
+    for (Index r = offsets[std::size_t(g)]; r < offsets[std::size_t(g) + 1]; ++r) {
+      const Index src = gather ? source[std::size_t(r)] / divisor : r;
+      for (Index c = 0; c < N; ++c) {
+        double exact = epilogue == Epilogue::none ? 0.0 : double(float(bias[std::size_t(g * N + c)]));
+        for (Index j = 0; j < K; ++j)
+          exact += double(float(a[std::size_t(src * lda + j)])) * double(float(w[std::size_t((g * N + c) * K + j)]));
+        const std::size_t i = std::size_t(r * N + c);
+        const double pre = epilogue == Epilogue::bias_gelu ? double(float(aux[i])) : double(float(out[i]));
+        far_from_exact += std::abs(pre - exact) > 1e-2 * (std::abs(exact) + 1e-2);
+        const double emulated = double(float(out_e[i])), got = double(float(out[i]));
+        far_from_emulation += std::abs(got - emulated) > 2e-2 * (std::abs(emulated) + 1e-2);
+        differ += again[i].bits != out[i].bits;
+      }
+    }
+  CHECK(far_from_exact == 0);
+  CHECK(far_from_emulation == 0);
+  CHECK(differ == 0);  // run to run
+  for (std::size_t i = std::size_t(rows * N); i < poisoned.size(); ++i) {
+    CHECK(out[i].bits == poison.bits);  // nothing written past the last row
+    CHECK(aux[i].bits == poison.bits);
+  }
+  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_w), static_cast<void*>(d_bias), static_cast<void*>(d_out),
+                  static_cast<void*>(d_aux), static_cast<void*>(d_source), static_cast<void*>(d_offsets)})
+    cudaFree(p);
+}
+
+}  // namespace
+
+TEST_CASE("hopper grouped gemm, GPU: gathered rows through uneven experts, bias + GELU, 128 columns a tile") {
+  if (skip_without_wgmma()) return;
+  check_kernel<128, 4, 1>(Epilogue::bias_gelu, true, {300, 0, 1, 129, 64, 517, 2, 250}, 512, 768, 1);
+}
+
+TEST_CASE("hopper grouped gemm, GPU: 256 columns a tile, bias; two blocks an SM with three stages; no epilogue") {
+  if (skip_without_wgmma()) return;
+  check_kernel<256, 4, 1>(Epilogue::bias, true, {700, 33, 0, 128}, 512, 256, 2);
+  check_kernel<128, 3, 2>(Epilogue::none, false, {129, 1000}, 256, 192, 3);
+}
+
+TEST_CASE("hopper grouped gemm, GPU: no rows, one stage of K") {
+  if (skip_without_wgmma()) return;
+  check_kernel<128, 4, 1>(Epilogue::bias, true, {0, 0, 0}, 128, 64, 4);
+  check_kernel<128, 4, 1>(Epilogue::bias_gelu, false, {5}, 128, 64, 5);
+}
