@@ -14,6 +14,9 @@
 //                      pre-activation: R x F more values written)
 //   moe_fwdbwd         training forward_into + backward_into (d(x) and every parameter gradient)
 //   moe_fwd_linear     the inference forward with the learned Linear router
+//   moe_fwd_grouped    (bf16) moe_fwd with the experts' products from the routing plan
+//                      (ExpertGemm::grouped: the Hopper grouped GEMM, rows gathered as they load,
+//                      no expert-sorted copy, no host sync); fails where that kernel is not built
 //   moe_fwd_lanes1, moe_fwdbwd_lanes1
 //                      (bf16) moe_fwd and moe_fwdbwd with the experts' products in order on the
 //                      stream (CudaDevice::set_gemm_lanes(1)) instead of spread over side streams
@@ -200,12 +203,19 @@ B make_backend(const Precision& p, int lanes) {
   return backend;
 }
 
+// kGrouped: the inference forward's experts from the routing plan (ExpertGemm::grouped: the
+// Hopper grouped GEMM, no gather, no host sync); refused (the row fails) where not available.
 template <template <class> class Gate, template <class> class Experts, class B, bool kForBackward = false,
-          int kLanes = 0>
+          int kLanes = 0, bool kGrouped = false>
 void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
     Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p, kLanes));
     layer.collect_stats(false);  // statistics would copy the routing decisions to the host
+    if constexpr (kGrouped) {
+      layer.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
+      moe::check(layer.experts().can_infer_routed(layer.backend()),
+                 "the grouped GEMM does not run here (device code for sm_90a on an sm_90 GPU, tiles that fit the shape)");
+    }
     // N(0, 1) input: SelfRoute's logits (the last N coordinates) and the Linear router's N(0, 1/H)
     // projections spread the tokens evenly over the experts.
     typename B::Matrix x(s.T, s.H), y(s.T, s.H);
@@ -471,13 +481,13 @@ void bm_expert_product(benchmark::State& state, const Shape& s, bool first, Prod
     const double seconds = timed_loop(state, 1, [&] {
       switch (way) {
         case ProductWay::grouped_128x4:
-          moe::cuda::grouped_gemm<128, 4, 1>(be.device(), g);
+          moe::cuda::grouped_gemm<128, 4, 1>(be.device().stream(), g);
           break;
         case ProductWay::grouped_256x4:
-          moe::cuda::grouped_gemm<256, 4, 1>(be.device(), g);
+          moe::cuda::grouped_gemm<256, 4, 1>(be.device().stream(), g);
           break;
         case ProductWay::grouped_128x3x2:
-          moe::cuda::grouped_gemm<128, 3, 2>(be.device(), g);
+          moe::cuda::grouped_gemm<128, 3, 2>(be.device().stream(), g);
           break;
         case ProductWay::cublas_experts:
           if (first) be.gather_rows(input, plan, rows);
@@ -513,6 +523,7 @@ void add_all(const Shape& s, const Precision& p) {
   add("floor_fwd", s, p, bm_floor<B>)->MinTime(kFloorMinTime);
   add("routing_dispatch", s, p, bm_routing_dispatch<B>);
   if (&p == &kBF16) {
+    add("moe_fwd_grouped", s, p, bm_forward<moe::SelfRoute, Experts, B, false, 0, true>);
     add("moe_fwd_lanes1", s, p, bm_forward<moe::SelfRoute, Experts, B, false, 1>);
     add("moe_fwdbwd_lanes1", s, p, bm_forward_backward<moe::SelfRoute, Experts, B, 1>);
   }

@@ -319,6 +319,23 @@ def main(argv):
         print(table(["shape", "prec", "fwd, 1 lane", "fwd", "gain", "fwd+bwd, 1 lane", "fwd+bwd", "gain"], rows))
         print()
 
+    # ---- the forward with the grouped GEMM ----
+    rows = []
+    for shape in SHAPES:
+        grouped = ours("moe_fwd_grouped", shape, "bf16")
+        if grouped is None and not any(k == ("moe_fwd_grouped", shape, "bf16") for k in errors):
+            continue
+        fwd, floor = ours("moe_fwd", shape, "bf16"), ours("floor_fwd", shape, "bf16")
+        rows.append([shape, fmt_ms(fwd), fmt_ms(grouped), fmt_x(ratio(fwd, grouped)), fmt_ratio(ratio(fwd, floor)),
+                     fmt_ratio(ratio(grouped, floor)), errors.get(("moe_fwd_grouped", shape, "bf16"), "")])
+    if rows:
+        print("The inference forward with the experts' products from the routing plan (ExpertGemm::grouped: one "
+              "wgmma launch per product, rows gathered as they load, no host sync) against the default (per expert), "
+              "bf16, median ms; gain = default / grouped:")
+        print()
+        print(table(["shape", "fwd", "fwd grouped", "gain", "fwd / floor", "grouped / floor", "error"], rows))
+        print()
+
     # ---- one expert's products alone ----
     print_expert_gemms(times, errors)
     print_expert_products(argv[1])

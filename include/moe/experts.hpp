@@ -36,6 +36,11 @@ concept Expert = Backend<B> && requires(E& experts, const LayerConfig& config, B
 };
 // Optional: experts.infer(be, rows, offsets, out), forward without keeping anything for backward
 // (MoELayer's ForwardOptions::for_backward = false); the same output. Without it, forward serves.
+// Optional, for backends whose products read the routing plan themselves (the CUDA backend's
+// routed products, ExpertGemm::grouped): experts.can_infer_routed(be) and
+// experts.infer_routed(be, x, plan, out), infer's output from the layer's input x [T, H] and the
+// plan, with no expert-sorted copy of x and no host copy of the offsets; out [T*k, H] holds the
+// expert-sorted rows (rows past the plan's kept ones untouched).
 
 namespace detail {
 template <class Matrix, class Scalar>
@@ -81,6 +86,20 @@ struct GeluMLP {
     B::resize(act_, rows.rows, ffn_);
     be.grouped_linear_gelu_forward(rows, offsets, fc_w_, fc_b_.data(), MatrixView<Scalar>{}, act_);
     be.grouped_linear_forward(act_, offsets, proj_w_, proj_b_.data(), out);
+  }
+  // infer from the routing plan (the concept's note above): the first product gathers x's rows.
+  bool can_infer_routed(const B& be) const
+    requires requires { be.routed_product_fits(Index{}, Index{}); }
+  {
+    return be.routed_product_fits(ffn_, hidden_) && be.routed_product_fits(hidden_, ffn_);
+  }
+  template <class Plan>
+  void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out)
+    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out); }
+  {
+    B::resize(act_, out.rows, ffn_);
+    be.routed_linear_gelu_forward(x, plan, true, fc_w_, fc_b_.data(), MatrixView<Scalar>{}, act_);
+    be.routed_linear_forward(act_, plan, false, proj_w_, proj_b_.data(), out);
   }
   // (rows, dout) -> drows; gradients accumulate. Once per forward: act_ becomes the gradient.
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
@@ -132,6 +151,22 @@ struct SwiGLU {
     be.grouped_linear_forward(rows, offsets, gate_up_w_, nullptr, gate_up_);
     be.swiglu_forward(gate_up_, act_);
     be.grouped_linear_forward(act_, offsets, down_w_, nullptr, out);
+  }
+  // forward from the routing plan (the concept's note above), keeping nothing for backward: the
+  // first product gathers x's rows; gate_up_ and act_ are workspace of one row per slot.
+  bool can_infer_routed(const B& be) const
+    requires requires { be.routed_product_fits(Index{}, Index{}); }
+  {
+    return be.routed_product_fits(2 * ffn_, hidden_) && be.routed_product_fits(hidden_, ffn_);
+  }
+  template <class Plan>
+  void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out)
+    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out); }
+  {
+    B::resize(gate_up_, out.rows, 2 * ffn_), B::resize(act_, out.rows, ffn_);
+    be.routed_linear_forward(x, plan, true, gate_up_w_, nullptr, gate_up_);
+    be.swiglu_forward(gate_up_, act_);
+    be.routed_linear_forward(act_, plan, false, down_w_, nullptr, out);
   }
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
                 MatrixView<Scalar> drows) {

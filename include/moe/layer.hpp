@@ -181,17 +181,19 @@ class MoELayer {
     }
     logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
     backend_.route(logits_, config_, plan_, weights_);
-    // Gathered before the host reads the expert offsets: a GPU backend's route() leaves their
-    // copy in flight, and the gather runs while the host waits for it. So room for every slot
-    // (T*k rows); the R kept ones are filled.
-    B::resize(expert_in_, T * config_.top_k, H);
-    backend_.gather_rows(input, plan_, expert_in_);
-    const std::span<const Index> offsets = B::expert_offsets(plan_);
-    B::resize(expert_out_, offsets.back(), H);
-    if (keep)
-      experts_.forward(backend_, expert_input(), offsets, expert_out_);
-    else
-      infer_experts(offsets);
+    if (keep || !infer_routed(input)) {
+      // Gathered before the host reads the expert offsets: a GPU backend's route() leaves their
+      // copy in flight, and the gather runs while the host waits for it. So room for every slot
+      // (T*k rows); the R kept ones are filled.
+      B::resize(expert_in_, T * config_.top_k, H);
+      backend_.gather_rows(input, plan_, expert_in_);
+      const std::span<const Index> offsets = B::expert_offsets(plan_);
+      B::resize(expert_out_, offsets.back(), H);
+      if (keep)
+        experts_.forward(backend_, expert_input(), offsets, expert_out_);
+      else
+        infer_experts(offsets);
+    }
     backend_.combine(expert_out_, plan_, weights_, y);
 
     aux_ = has_aux_loss() ? backend_.aux_loss(logits_, plan_, config_, mask_) : AuxLosses{};
@@ -240,6 +242,23 @@ class MoELayer {
       experts_.infer(backend_, expert_input(), offsets, expert_out_);
     else
       experts_.forward(backend_, expert_input(), offsets, expert_out_);
+  }
+
+  // An inference forward's experts straight from the routing plan, where the expert bank and the
+  // backend offer it (moe/experts.hpp's infer_routed; the CUDA backend's routed products): no
+  // expert-sorted copy of the input, no host copy of the offsets. expert_out_ then has a row per
+  // slot. False: not taken (the caller gathers).
+  bool infer_routed(ConstMatrixView<Scalar> input) {
+    if constexpr (requires {
+                    { experts_.can_infer_routed(backend_) } -> std::convertible_to<bool>;
+                    experts_.infer_routed(backend_, input, plan_, MatrixView<Scalar>(expert_out_));
+                  }) {
+      if (!experts_.can_infer_routed(backend_)) return false;
+      B::resize(expert_out_, input.rows * config_.top_k, config_.hidden);
+      experts_.infer_routed(backend_, input, plan_, expert_out_);
+      return true;
+    }
+    return false;
   }
 
   static LayerConfig validated(const LayerConfig& config) {

@@ -642,6 +642,57 @@ TEST_CASE(CUDA_TEST_NAME("the backward through the GELU from the experts' transp
   CHECK(relative_error(transposed.dx, stored.dx) < 2e-2);
 }
 
+// One bf16 layer's inference forward, per expert and then from the routing plan (ExpertGemm::
+// grouped: moe/cuda/grouped_gemm.hpp), on the same device: the emulated device's products add in
+// the same order both ways (the same bits), the GPU's tensor cores in their own (bf16's rounding).
+// The routed forward must not wait for the host: no copy of the offsets is read.
+template <template <class> class Experts>
+void check_routed_inference(const moe::LayerConfig& config, Index T, std::uint64_t seed) {
+  using B = moe::cuda::BasicBackend<moe::bfloat16, TestDevice>;
+  moe::MoELayer<moe::SelfRoute, Experts, B> layer(config, seed, {}, {}, B(make_device()));
+  layer.collect_stats(false);  // statistics would read the plan on the host
+  const auto x = to_device<moe::bfloat16>(layer.backend(), normal_values(std::size_t(T * config.hidden), seed + 1), T,
+                                          config.hidden);
+  typename B::Matrix y(T, config.hidden);
+  const auto& device = layer.backend().device();
+  device.set_expert_gemm(moe::cuda::ExpertGemm::per_expert);
+  layer.forward_into(x, y, {.for_backward = false});
+  const std::vector<float> per_expert = to_host<moe::bfloat16>(layer.backend(), y.data(), y.size());
+  device.set_expert_gemm(moe::cuda::ExpertGemm::grouped);
+  REQUIRE(layer.experts().can_infer_routed(layer.backend()));
+  std::uint64_t syncs = 0;
+  if constexpr (kEmulatedDevice) syncs = device.sync_count();
+  layer.forward_into(x, y, {.for_backward = false});
+  if constexpr (kEmulatedDevice) CHECK(device.sync_count() == syncs);
+  const std::vector<float> routed = to_host<moe::bfloat16>(layer.backend(), y.data(), y.size());
+  device.set_expert_gemm(moe::cuda::ExpertGemm::per_expert);
+  if constexpr (kEmulatedDevice) CHECK(routed == per_expert);
+  CHECK(relative_error(routed, per_expert) < 2e-2);
+  CHECK(std::all_of(routed.begin(), routed.end(), [](float v) { return std::isfinite(v); }));
+}
+
+TEST_CASE(CUDA_TEST_NAME("inference forward from the routing plan (ExpertGemm::grouped): the per-expert output, no host wait")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  if (!TestDevice::template grouped_gemm_supports<moe::bfloat16>()) {
+    MESSAGE("skipped: this device has no grouped GEMM (device code not built for sm_90a)");
+    return;
+  }
+  // H = 128 and F = 256 (SwiGLU's gate and up: 512): whole tiles of the grouped GEMM. T = 300
+  // over 8 experts, top-2: blocks of rows that end inside a tile; a capacity drops slots.
+  moe::LayerConfig config{128, 256, 8, 2};
+  check_routed_inference<moe::GeluMLP>(config, 300, 5);
+  check_routed_inference<moe::SwiGLU>(config, 300, 6);
+  config.capacity_factor = 1.0;
+  check_routed_inference<moe::GeluMLP>(config, 300, 7);
+  config = {128, 256, 4, 4};  // k = N: every expert gets every token
+  check_routed_inference<moe::GeluMLP>(config, 33, 8);
+  // Shapes the tiles do not take fall back to the per-expert products (H = 32).
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, moe::cuda::BasicBackend<moe::bfloat16, TestDevice>> small(
+      small_config(8, 2), 1, {}, {}, moe::cuda::BasicBackend<moe::bfloat16, TestDevice>(make_device()));
+  small.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
+  CHECK_FALSE(small.experts().can_infer_routed(small.backend()));
+}
+
 TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU layer on the same values")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   for (ExpertKind expert : {ExpertKind::gelu, ExpertKind::swiglu}) {

@@ -100,10 +100,10 @@ void check_kernel(Epilogue epilogue, bool gather, const std::vector<Index>& grou
   dev.bias = epilogue == Epilogue::none ? nullptr : d_bias, dev.out = d_out;
   dev.aux = epilogue == Epilogue::bias_gelu ? d_aux : nullptr;
   const moe::cuda::CudaDevice device(nullptr);
-  moe::cuda::grouped_gemm<BN, Stages, MinBlocks>(device, dev);
+  moe::cuda::grouped_gemm<BN, Stages, MinBlocks>(device.stream(), dev);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   const std::vector<bfloat16> out = host_copy(d_out, poisoned.size()), aux = host_copy(d_aux, poisoned.size());
-  moe::cuda::grouped_gemm<BN, Stages, MinBlocks>(device, dev);
+  moe::cuda::grouped_gemm<BN, Stages, MinBlocks>(device.stream(), dev);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   const std::vector<bfloat16> again = host_copy(d_out, poisoned.size());
 

@@ -39,6 +39,7 @@
 #include "moe/config.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/grouped_gemm.hpp"
 #include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/pack.hpp"
 #include "moe/cuda/row_packs.hpp"
@@ -700,6 +701,39 @@ class BasicBackend {
     }
     experts.run();
   }
+  // ---- routed products: the experts' products straight from the routing plan ------------------
+  // (ExpertGemm::grouped, moe/cuda/device.hpp.) Whether a product of `outputs` features from
+  // `inputs` takes them: the device's setting, its grouped GEMM for S, and tiles that fit.
+  bool routed_product_fits(Index outputs, Index inputs) const {
+    return device_.expert_gemm() == ExpertGemm::grouped && D::template grouped_gemm_supports<S>() &&
+           outputs % kGroupedGemmColumns == 0 && inputs % grouped_gemm_detail::kStageK == 0;
+  }
+  // out[r] = in_row(r) W_e^T (+ b_e) for the plan's R rows r (expert-sorted, expert e's block),
+  // one grouped GEMM (device.grouped_gemm): in_row(r) is in's row r (gathered = false: in is
+  // the expert-sorted rows, [>= R, I]) or its token's row (gathered = true: in is the layer's
+  // input, [T, I], read through slot_of_row). out has room for every slot, [T*k, O]; rows past
+  // R keep what they held. Nothing waits for the host. weight: [N*O, I], bias: [N, O] or null.
+  void routed_linear_forward(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
+                             const S* bias, MatrixView<S> out) const
+    requires std::is_same_v<S, bfloat16>  // the grouped GEMM's operands
+  {
+    device_.grouped_gemm(routed_gemm(in, plan, gathered, weight, bias, out, bias ? Epilogue::bias : Epilogue::none));
+  }
+  // act = gelu(in_row(r) W_e^T + b_e) as routed_linear_forward, pre (the pre-activation) kept
+  // unless empty. bias required.
+  void routed_linear_gelu_forward(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
+                                  const S* bias, MatrixView<S> pre, MatrixView<S> act) const
+    requires std::is_same_v<S, bfloat16>
+  {
+    check(bias, "routed_linear_gelu_forward: the bias must not be null");
+    GroupedGemm<S> g = routed_gemm(in, plan, gathered, weight, bias, act, Epilogue::bias_gelu);
+    if (pre.data) {
+      check_same_shape("routed_linear_gelu_forward", "pre", pre, "act", act);
+      g.aux = pre.data, g.ldaux = pre.stride;
+    }
+    device_.grouped_gemm(g);
+  }
+
   // dweight_e += dout_e^T in_e; dbias_e += column sums of dout_e (if dbias);
   // din = dout_e W_e (if din). din may alias in: the weight gradient is formed first.
   void grouped_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
@@ -1113,6 +1147,26 @@ class BasicBackend {
   }
 
  private:
+  // The grouped product of routed_linear_*: the plan's device offsets and, for gathered input,
+  // its slot_of_row over top_k (a row's slot -> its token).
+  GroupedGemm<S> routed_gemm(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
+                             const S* bias, MatrixView<S> out, Epilogue epilogue) const {
+    const Index N = plan.experts, O = out.cols, I = in.cols, slots = plan.slots_count();
+    check(weight.rows == N * O && weight.cols == I, "routed products: weight is [", weight.rows, ", ", weight.cols,
+          "], expected [", N * O, ", ", I, "]");
+    check(out.rows >= slots, "routed products: out has ", out.rows, " rows, the plan's slots need ", slots);
+    check(gathered ? in.rows == plan.tokens : in.rows >= slots, "routed products: in has ", in.rows, " rows, expected ",
+          gathered ? plan.tokens : slots, gathered ? " (the tokens)" : " (one per slot)");
+    check(weight.stride == I, "routed products: the weights must be contiguous rows");
+    GroupedGemm<S> g;
+    g.a = in.data, g.lda = in.stride;
+    g.gather = gathered ? plan.slot_of_row.data() : nullptr, g.gather_divisor = std::int32_t(plan.top_k);
+    g.offsets = plan.offsets.data(), g.groups = N, g.max_rows = slots;
+    g.w = weight.data, g.w_stride = O * I, g.bias = bias, g.bias_stride = O;
+    g.out = out.data, g.ldc = out.stride, g.n = O, g.k = I, g.epilogue = epilogue;
+    return g;
+  }
+
   // gelu_pre null: the plain input gradient; else through the GELU at *gelu_pre.
   void grouped_linear_backward_impl(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
                                     ConstMatrixView<S> weight, MatrixView<S> din, MatrixView<S> dweight, S* dbias,

@@ -32,6 +32,8 @@
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/grouped_gemm.hpp"
+#include "moe/cuda/hopper_grouped_gemm.cuh"
 #include "moe/cuda/host_times.hpp"
 #include "moe/cuda/plan_cache.hpp"
 
@@ -625,6 +627,25 @@ class CudaDevice {
   // device.hpp's DgeluWeights, for this device and its copies.
   DgeluWeights dgelu_weights() const { return context_->dgelu_weights; }
   void set_dgelu_weights(DgeluWeights weights) const { context_->dgelu_weights = weights; }
+  // device.hpp's ExpertGemm, for this device and its copies.
+  ExpertGemm expert_gemm() const { return context_->expert_gemm; }
+  void set_expert_gemm(ExpertGemm gemm) const { context_->expert_gemm = gemm; }
+
+  // The Hopper grouped GEMM (moe/cuda/hopper_grouped_gemm.cuh): bf16, in a program whose device
+  // code was built for sm_90a, on an sm_90 GPU.
+  template <class S>
+  static bool grouped_gemm_supports() {
+    if constexpr (std::is_same_v<S, bfloat16>)
+      return grouped_gemm_available();
+    else
+      return false;
+  }
+  template <class S>
+  void grouped_gemm(const GroupedGemm<S>& g) const {
+    static_assert(std::is_same_v<S, bfloat16>, "CudaDevice::grouped_gemm: bf16 operands only (the wgmma kernel's)");
+    const auto timed = context_->host_times.time(HostCall::launch);
+    moe::cuda::grouped_gemm<kGroupedGemmColumns, 4, 1>(stream(), g);
+  }
 
  private:
   // A stream and what a product needs on it: a cuBLAS handle bound to it and a cuBLASLt workspace
@@ -866,6 +887,7 @@ class CudaDevice {
     cudaEvent_t fork = nullptr;
     int gemm_lanes = kDefaultGemmLanes;
     DgeluWeights dgelu_weights = DgeluWeights::stored;
+    ExpertGemm expert_gemm = ExpertGemm::per_expert;
     cublasLtHandle_t lt = nullptr;
     static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // NVIDIA's advice for Hopper
     int sms = 1;

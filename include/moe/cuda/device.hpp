@@ -31,6 +31,12 @@
 //   d.dgelu_weights() / d.set_dgelu_weights(w) which weights an expert bank's backward through the
 //                                              GELU multiplies (DgeluWeights, below); a setting of the
 //                                              device and its copies, as CudaDevice's fp32 math is
+//   d.grouped_gemm(GroupedGemm<S>)             every expert's product in one call, offsets read on
+//                                              the device, rows gathered as they load
+//                                              (moe/cuda/grouped_gemm.hpp); only where
+//                                              d.grouped_gemm_supports<S>()
+//   d.expert_gemm() / d.set_expert_gemm(e)     how an inference forward runs the experts' products
+//                                              (ExpertGemm, below); a setting as dgelu_weights
 //
 // Two devices implement it: moe::cuda::CudaDevice (moe/cuda/cuda_device.cuh: kernels, CUB,
 // cuBLAS) and moe::cuda::EmulatedDevice (moe/cuda/emulated_device.hpp: host memory and plain
@@ -76,6 +82,18 @@ enum class Epilogue { none, bias, bias_gelu, dgelu };
 // rows: 347-395 against 351-379 TFLOP/s) and the copy made transposed's GPT-2-small training step
 // 9% slower (bench_gpt2_cuda's Train/self_dgelu_transposed).
 enum class DgeluWeights { stored, transposed };
+
+// How the backend runs an expert bank's products in an inference forward (MoELayer's
+// ForwardOptions::for_backward = false; BasicBackend::routed_products):
+//   per_expert  the expert-sorted copy of the input rows (gather_rows), the offsets' copy to the
+//               host (the forward's one sync), then a product per expert with rows (gemm_group)
+//   grouped     d.grouped_gemm straight from the routing plan: one launch per product, the first
+//               product's rows gathered from the tokens as it loads them, no copy and no sync
+//               (bf16 only, at shapes its tiles take; elsewhere per_expert runs)
+// The same values within the products' rounding (on the emulated device the same bits).
+// per_expert is the default until grouped is measured faster on a GPU (bench_moe_cuda's
+// expert_product and moe_fwd_grouped rows).
+enum class ExpertGemm { per_expert, grouped };
 
 // C[m, n] (=|+=) op(A)[m, k] op(B)[k, n], every matrix column-major with a leading dimension.
 template <class S>

@@ -30,12 +30,14 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moe/activations.hpp"
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/grouped_gemm.hpp"
 #include "moe/random.hpp"
 #include "moe/tensor.hpp"
 
@@ -381,6 +383,8 @@ struct EmulatedDevice {
   LaunchOrder launch_order() const { return state_->order; }
   DgeluWeights dgelu_weights() const { return state_->dgelu_weights; }
   void set_dgelu_weights(DgeluWeights weights) const { state_->dgelu_weights = weights; }
+  ExpertGemm expert_gemm() const { return state_->expert_gemm; }
+  void set_expert_gemm(ExpertGemm gemm) const { state_->expert_gemm = gemm; }
   std::string description() const { return "emulated CUDA device (host loops)"; }
 
   static void* allocate(std::size_t bytes) {
@@ -517,6 +521,26 @@ struct EmulatedDevice {
     }
   }
 
+  // The grouped product (moe/cuda/grouped_gemm.hpp) as the GPU's kernel runs it, emulated: the
+  // same tiles, placement and descriptors, products in k order (so the bits of gemm's products,
+  // which add in the same order). Its extents are checked against the live allocations first.
+  template <class S>
+  static constexpr bool grouped_gemm_supports() {
+    return std::is_same_v<S, bfloat16>;
+  }
+  template <class S>
+  void grouped_gemm(const GroupedGemm<S>& g) const {
+    static_assert(std::is_same_v<S, bfloat16>, "EmulatedDevice::grouped_gemm: bf16 operands only (the wgmma kernel's)");
+    check_grouped_gemm(g, kGroupedGemmColumns);
+    const auto& allocations = emulated_detail::Allocations::instance();
+    allocations.check_inside(g.offsets, std::size_t(g.groups + 1) * sizeof(Index), "grouped_gemm's offsets");
+    for_each_grouped_gemm_extent(g, [&](const void* p, std::size_t bytes, const char* what) {
+      allocations.check_inside(p, bytes, what);
+    });
+    ++state_->launch_count;
+    grouped_gemm_emulated<kGroupedGemmColumns>(g);
+  }
+
   // Independent products (device.hpp): each is checked as gemm checks it, then that none writes
   // bytes another reads or writes (a GPU would run them concurrently: that would be a race),
   // then they run in the device's launch order (so a dependence the check cannot see, if any,
@@ -640,6 +664,7 @@ struct EmulatedDevice {
     };
     LaunchOrder order = LaunchOrder::ascending;
     DgeluWeights dgelu_weights = DgeluWeights::stored;
+    ExpertGemm expert_gemm = ExpertGemm::per_expert;
     std::uint64_t launches = 0;  // shuffled launches: what the shuffles draw from
     std::uint64_t launch_count = 0;
     std::uint64_t sync_count = 0;

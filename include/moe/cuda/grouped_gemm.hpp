@@ -59,6 +59,10 @@ struct GroupedGemm {
   Epilogue epilogue = Epilogue::none;  // none, bias or bias_gelu
 };
 
+// The columns of a tile in the devices' grouped GEMM (CudaDevice and EmulatedDevice::grouped_gemm):
+// N must be a multiple of it, K of grouped_gemm_detail::kStageK.
+inline constexpr int kGroupedGemmColumns = 128;
+
 namespace grouped_gemm_detail {
 
 inline constexpr Index kTileRows = 128;        // rows of a block's tile: 2 warpgroups of 64
@@ -186,6 +190,29 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
   check(!p.aux || (p.epilogue == Epilogue::bias_gelu && p.ldaux >= p.n && p.ldaux % 2 == 0),
         "grouped_gemm: aux is bias_gelu's pre-activation, [rows, >= N]");
   check(!p.gather || p.gather_divisor >= 1, "grouped_gemm: gather_divisor must be >= 1");
+}
+
+// What a grouped product reads and writes, for a device that checks its memory (host copies of
+// the offsets and gathered indices: the emulated device's memory is the host's). Calls
+// inside(pointer, bytes, what) for every extent.
+template <class Inside>
+void for_each_grouped_gemm_extent(const GroupedGemm<bfloat16>& p, Inside inside) {
+  inside(p.offsets, std::size_t(p.groups + 1) * sizeof(Index), "grouped_gemm's offsets");
+  const Index rows = p.offsets[p.groups];
+  check(rows <= p.max_rows, "grouped_gemm: the offsets end at ", rows, " rows, past max_rows = ", p.max_rows);
+  if (rows == 0) return;
+  Index last_source = rows - 1;
+  if (p.gather) {
+    inside(p.gather, std::size_t(rows) * sizeof(std::int32_t), "grouped_gemm's gathered rows");
+    last_source = 0;
+    for (Index r = 0; r < rows; ++r) last_source = std::max(last_source, grouped_gemm_detail::source_row(p, r));
+  }
+  const auto span = [](Index count, Index stride, Index width) { return std::size_t((count - 1) * stride + width); };
+  inside(p.a, span(last_source + 1, p.lda, p.k) * sizeof(bfloat16), "grouped_gemm's A");
+  inside(p.w, span(p.groups, p.w_stride, p.n * p.k) * sizeof(bfloat16), "grouped_gemm's weights");
+  if (p.epilogue != Epilogue::none) inside(p.bias, span(p.groups, p.bias_stride, p.n) * sizeof(bfloat16), "grouped_gemm's bias");
+  inside(p.out, span(rows, p.ldc, p.n) * sizeof(bfloat16), "grouped_gemm's out");
+  if (p.aux) inside(p.aux, span(rows, p.ldaux, p.n) * sizeof(bfloat16), "grouped_gemm's aux");
 }
 
 // The kernel's steps on the host, with host pointers (offsets and gather included): for each tile

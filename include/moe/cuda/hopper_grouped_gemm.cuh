@@ -23,7 +23,6 @@
 
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
-#include "moe/cuda/cuda_device.cuh"
 #include "moe/cuda/grouped_gemm.hpp"
 
 namespace moe::cuda {
@@ -249,28 +248,26 @@ inline bool grouped_gemm_available() {
   return available;
 }
 
-// The grouped product (moe/cuda/grouped_gemm.hpp) on the device's stream: one launch, no sync.
-// BN: columns per tile (wgmma's N: 128 or 256); Stages: the shared-memory ring;
-// MinBlocks: blocks an SM should hold at once (__launch_bounds__). Throws where
-// grouped_gemm_available() is false.
+// The grouped product (moe/cuda/grouped_gemm.hpp) on `stream`: one launch, no sync (CudaDevice::
+// grouped_gemm calls it with the device's stream). BN: columns per tile (wgmma's N: 128 or 256);
+// Stages: the shared-memory ring; MinBlocks: blocks an SM should hold at once
+// (__launch_bounds__). Throws where grouped_gemm_available() is false.
 template <int BN = 128, int Stages = 4, int MinBlocks = 1>
-void grouped_gemm(const CudaDevice& device, const GroupedGemm<bfloat16>& p) {
+void grouped_gemm(cudaStream_t stream, const GroupedGemm<bfloat16>& p) {
   check_grouped_gemm(p, BN);
   check(grouped_gemm_available(),
         "grouped_gemm: needs an sm_90 GPU and device code built for sm_90a (CMAKE_CUDA_ARCHITECTURES 90a)");
   if (p.max_rows == 0) return;
   constexpr std::size_t bytes = hopper_detail::kSharedBytes<BN, Stages>;
   const auto kernel = hopper_detail::grouped_gemm_kernel<BN, Stages, MinBlocks>;
-  static const bool sized = [&] {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-               "cudaFuncSetAttribute (grouped_gemm)");
-    return true;
-  }();
-  (void)sized;
+  static const cudaError_t sized = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  check(sized == cudaSuccess, "grouped_gemm: cudaFuncSetAttribute (", bytes, " bytes of shared memory): ",
+        cudaGetErrorString(sized));
   const Index tiles = grouped_gemm_detail::tiles_bound(p.max_rows, p.groups);
   check(tiles < 65536, "grouped_gemm: ", p.max_rows, " rows need more than 65535 row tiles");
-  kernel<<<dim3(unsigned(p.n / BN), unsigned(tiles)), grouped_gemm_detail::kThreads, bytes, device.stream()>>>(p);
-  check_cuda(cudaGetLastError(), "grouped_gemm launch");
+  kernel<<<dim3(unsigned(p.n / BN), unsigned(tiles)), grouped_gemm_detail::kThreads, bytes, stream>>>(p);
+  const cudaError_t launched = cudaGetLastError();
+  check(launched == cudaSuccess, "grouped_gemm: launch: ", cudaGetErrorString(launched));
 }
 
 }  // namespace moe::cuda
