@@ -44,6 +44,8 @@
 //                      grouped_<BN>x<stages>[x<blocks an SM>]) against the layer's cuBLAS path
 //                      (cublas_experts: the gather, then a product per expert) and one dense
 //                      cuBLAS product of the same FLOPs (cublas_dense): is the kernel worth wiring in?
+//   routing_grouped    (bf16) the same for moe_fwd_grouped: route and combine (its products
+//                      gather their own rows and read the offsets on the device)
 //   routing_dispatch   everything of the SelfRoute forward around the expert bank: backend.route
 //                      (top-k, softmax, dispatch; ends with the forward's one host sync),
 //                      gather_rows and combine, on the SelfRoute logits view of x
@@ -250,7 +252,9 @@ void bm_forward_backward(benchmark::State& state, const Shape& s, const Precisio
 
 // ---- routing + dispatch: the SelfRoute forward without the expert bank --------------------------
 
-template <class B>
+// kGrouped: what the grouped forward (moe_fwd_grouped) does around its two products: route and
+// combine only (no gather, no wait for the offsets).
+template <class B, bool kGrouped = false>
 void bm_routing_dispatch(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
     using S = typename B::Scalar;
@@ -265,6 +269,10 @@ void bm_routing_dispatch(benchmark::State& state, const Shape& s, const Precisio
     const double seconds = timed_loop(state, 1, [&] {
       be.route(logits, config, plan, weights);  // ends by starting the host copy of the expert offsets
       B::resize(rows, s.T * s.k, s.H);           // every slot's row, as the layer does: no allocation after warm-up
+      if constexpr (kGrouped) {                  // the rows stand in for the grouped products' output
+        be.combine(moe::ConstMatrixView<S>(rows), plan, weights, y);
+        return;
+      }
       be.gather_rows(input, plan, rows);         // queued before the wait, as in the layer
       const moe::Index R = B::expert_offsets(plan).back();  // the wait (the experts' products queue here)
       be.combine(moe::ConstMatrixView<S>(rows).row_block(0, R), plan, weights, y);  // the gathered rows stand in for the expert outputs
@@ -524,6 +532,7 @@ void add_all(const Shape& s, const Precision& p) {
   add("routing_dispatch", s, p, bm_routing_dispatch<B>);
   if (&p == &kBF16) {
     add("moe_fwd_grouped", s, p, bm_forward<moe::SelfRoute, Experts, B, false, 0, true>);
+    add("routing_grouped", s, p, bm_routing_dispatch<B, true>);
     add("moe_fwd_lanes1", s, p, bm_forward<moe::SelfRoute, Experts, B, false, 1>);
     add("moe_fwdbwd_lanes1", s, p, bm_forward_backward<moe::SelfRoute, Experts, B, 1>);
   }

@@ -326,14 +326,15 @@ def main(argv):
         if grouped is None and not any(k == ("moe_fwd_grouped", shape, "bf16") for k in errors):
             continue
         fwd, floor = ours("moe_fwd", shape, "bf16"), ours("floor_fwd", shape, "bf16")
+        share = ratio(ours("routing_grouped", shape, "bf16"), grouped)
         rows.append([shape, fmt_ms(fwd), fmt_ms(grouped), fmt_x(ratio(fwd, grouped)), fmt_ratio(ratio(fwd, floor)),
-                     fmt_ratio(ratio(grouped, floor)), errors.get(("moe_fwd_grouped", shape, "bf16"), "")])
+                     fmt_ratio(ratio(grouped, floor)), fmt_pct(share), errors.get(("moe_fwd_grouped", shape, "bf16"), "")])
     if rows:
         print("The inference forward with the experts' products from the routing plan (ExpertGemm::grouped: one "
               "wgmma launch per product, rows gathered as they load, no host sync) against the default (per expert), "
-              "bf16, median ms; gain = default / grouped:")
+              "bf16, median ms; gain = default / grouped; routing share = routing_grouped (route + combine) / grouped:")
         print()
-        print(table(["shape", "fwd", "fwd grouped", "gain", "fwd / floor", "grouped / floor", "error"], rows))
+        print(table(["shape", "fwd", "fwd grouped", "gain", "fwd / floor", "grouped / floor", "routing share", "error"], rows))
         print()
 
     # ---- one expert's products alone ----
