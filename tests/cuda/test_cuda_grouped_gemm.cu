@@ -135,6 +135,49 @@ void check_kernel(Epilogue epilogue, bool gather, const std::vector<Index>& grou
     cudaFree(p);
 }
 
+// Probes for a kernel that reads the wrong elements: exact small integers (bf16 holds 0-256
+// exactly) so each output says which element it read. One group of 128 rows, K = 64 (one stage),
+// N = 128, no epilogue:
+//   rows:    A[r][0] = r, W[n][0] = 1, the rest 0       -> out[r][n] = r  (which A row)
+//   columns: A[r][0] = 1, W[n][0] = n                   -> out[r][n] = n  (which W row)
+//   k:       A[r][k] = 1 iff k = r % 64, W[n][k] = k    -> out[r][n] = r % 64  (which k)
+// The first mismatches of each probe are printed with what was read, to tell a descriptor or
+// swizzle fault (k) from a fragment fault (rows, columns) on the first GPU run.
+struct Probe {
+  const char* name;
+  float (*a)(Index r, Index k);
+  float (*w)(Index n, Index k);
+  float (*expected)(Index r, Index n);
+};
+
+void run_probe(const Probe& probe) {
+  constexpr Index R = 128, N = 128, K = 64;
+  std::vector<bfloat16> a(std::size_t(R * K)), w(std::size_t(N * K));
+  for (Index r = 0; r < R; ++r)
+    for (Index k = 0; k < K; ++k) a[std::size_t(r * K + k)] = bfloat16(probe.a(r, k));
+  for (Index n = 0; n < N; ++n)
+    for (Index k = 0; k < K; ++k) w[std::size_t(n * K + k)] = bfloat16(probe.w(n, k));
+  const std::vector<Index> offsets{0, R};
+  bfloat16 *d_a = device_copy(a), *d_w = device_copy(w), *d_out = device_copy(std::vector<bfloat16>(std::size_t(R * N)));
+  Index* d_offsets = device_copy(offsets);
+  GroupedGemm<bfloat16> p;
+  p.a = d_a, p.lda = K, p.offsets = d_offsets, p.groups = 1, p.max_rows = R, p.w = d_w, p.w_stride = N * K;
+  p.out = d_out, p.ldc = N, p.n = N, p.k = K;
+  moe::cuda::grouped_gemm<128, 4, 1>(nullptr, p);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<bfloat16> out = host_copy(d_out, std::size_t(R * N));
+  Index wrong = 0;
+  for (Index r = 0; r < R; ++r)
+    for (Index n = 0; n < N; ++n) {
+      const float got = float(out[std::size_t(r * N + n)]), expected = probe.expected(r, n);
+      if (got == expected) continue;
+      if (wrong++ < 8) MESSAGE(probe.name << " probe: out[" << r << "][" << n << "] = " << got << ", expected " << expected);
+    }
+  CHECK_MESSAGE(wrong == 0, probe.name << " probe: " << wrong << " of " << R * N << " outputs read the wrong element");
+  for (void* q : {static_cast<void*>(d_a), static_cast<void*>(d_w), static_cast<void*>(d_out), static_cast<void*>(d_offsets)})
+    cudaFree(q);
+}
+
 }  // namespace
 
 TEST_CASE("hopper grouped gemm, GPU: gathered rows through uneven experts, bias + GELU, 128 columns a tile") {
@@ -152,4 +195,14 @@ TEST_CASE("hopper grouped gemm, GPU: no rows, one stage of K") {
   if (skip_without_wgmma()) return;
   check_kernel<128, 4, 1>(Epilogue::bias, true, {0, 0, 0}, 128, 64, 4);
   check_kernel<128, 4, 1>(Epilogue::bias_gelu, false, {5}, 128, 64, 5);
+}
+
+TEST_CASE("hopper grouped gemm, GPU: integer probes say which row, column and k each output read") {
+  if (skip_without_wgmma()) return;
+  run_probe({"rows", [](Index r, Index k) { return k == 0 ? float(r) : 0.0f; }, [](Index, Index k) { return k == 0 ? 1.0f : 0.0f; },
+             [](Index r, Index) { return float(r); }});
+  run_probe({"columns", [](Index, Index k) { return k == 0 ? 1.0f : 0.0f; }, [](Index n, Index k) { return k == 0 ? float(n) : 0.0f; },
+             [](Index, Index n) { return float(n); }});
+  run_probe({"k", [](Index r, Index k) { return k == r % 64 ? 1.0f : 0.0f; }, [](Index, Index k) { return float(k); },
+             [](Index r, Index) { return float(r % 64); }});
 }
