@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -18,9 +19,22 @@ using moe::cuda::Epilogue;
 using moe::cuda::GroupedGemm;
 namespace gd = moe::cuda::grouped_gemm_detail;
 
-std::vector<bfloat16> random_bf16(std::size_t n, float scale, std::mt19937& rng) {
+// Operands start 64-byte aligned, as device allocations do (the kernel's 16-byte copies need 16).
+template <class T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <class U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  bool operator==(const AlignedAllocator&) const { return true; }
+};
+using Bf16s = std::vector<bfloat16, AlignedAllocator<bfloat16>>;
+
+Bf16s random_bf16(std::size_t n, float scale, std::mt19937& rng) {
   std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<bfloat16> v(n);
+  Bf16s v(n);
   for (bfloat16& x : v) x = bfloat16(normal(rng));
   return v;
 }
@@ -29,11 +43,11 @@ std::vector<bfloat16> random_bf16(std::size_t n, float scale, std::mt19937& rng)
 // multiply-add per term, as the emulation), then the epilogue's rounding. The emulation must give
 // these bits; a double-precision product bounds both.
 struct Expected {
-  std::vector<bfloat16> out, aux;
+  Bf16s out, aux;
   std::vector<double> exact;  // the product + bias in double, before the activation
 };
 Expected expected(const GroupedGemm<bfloat16>& p, const std::vector<Index>& offsets, Index rows) {
-  Expected e{std::vector<bfloat16>(std::size_t(rows * p.n)), std::vector<bfloat16>(std::size_t(rows * p.n)),
+  Expected e{Bf16s(std::size_t(rows * p.n)), Bf16s(std::size_t(rows * p.n)),
              std::vector<double>(std::size_t(rows * p.n))};
   for (Index g = 0; g < p.groups; ++g)
     for (Index r = offsets[std::size_t(g)]; r < offsets[std::size_t(g) + 1]; ++r) {
@@ -65,14 +79,14 @@ void check_emulated(Epilogue epilogue, bool gather, std::vector<Index> group_row
   for (Index r : group_rows) offsets.push_back(offsets.back() + r);
   const Index rows = offsets.back(), divisor = 2, lda = K + 8;  // padded rows: lda is honoured
   const Index a_rows = gather ? (rows + 1) / divisor + 3 : rows;
-  const std::vector<bfloat16> a = random_bf16(std::size_t(std::max<Index>(a_rows, 1) * lda), 1.0f, rng);
-  const std::vector<bfloat16> w = random_bf16(std::size_t(groups * N * K), 0.05f, rng);
-  const std::vector<bfloat16> bias = random_bf16(std::size_t(groups * N), 0.5f, rng);
+  const Bf16s a = random_bf16(std::size_t(std::max<Index>(a_rows, 1) * lda), 1.0f, rng);
+  const Bf16s w = random_bf16(std::size_t(groups * N * K), 0.05f, rng);
+  const Bf16s bias = random_bf16(std::size_t(groups * N), 0.5f, rng);
   std::vector<std::int32_t> source(static_cast<std::size_t>(rows));
   std::uniform_int_distribution<std::int32_t> pick(0, std::int32_t(a_rows * divisor - 1));
   for (std::int32_t& s : source) s = pick(rng);  // any row, in any order, some twice
   const bfloat16 poison = bfloat16(12345.0f);
-  std::vector<bfloat16> out(std::size_t(rows * N + 1), poison), aux(std::size_t(rows * N + 1), poison);
+  Bf16s out(std::size_t(rows * N + 1), poison), aux(std::size_t(rows * N + 1), poison);
 
   GroupedGemm<bfloat16> p;
   p.a = a.data(), p.lda = lda;
@@ -151,7 +165,7 @@ TEST_CASE("grouped gemm: the kernel's steps, emulated, give the plain products' 
 }
 
 TEST_CASE("grouped gemm: shapes the tiles cannot take are refused with the shape") {
-  std::vector<bfloat16> a(64 * 64), w(128 * 64), out(64 * 128);
+  Bf16s a(64 * 64), w(128 * 64), out(64 * 128);
   const std::vector<Index> offsets{0, 64};
   GroupedGemm<bfloat16> p;
   p.a = a.data(), p.lda = 64, p.offsets = offsets.data(), p.groups = 1, p.max_rows = 64;
@@ -164,6 +178,9 @@ TEST_CASE("grouped gemm: shapes the tiles cannot take are refused with the shape
   q = p;
   q.epilogue = Epilogue::bias;
   CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("needs a bias"));
+  q = p;
+  q.a = a.data() + 1;  // a view that starts mid-row: its 16-byte copies would fault on the GPU
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("16-byte aligned"));
   q = p;
   q.epilogue = Epilogue::dgelu;
   CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("none, bias or bias_gelu"));

@@ -184,6 +184,10 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
         ", w_stride = ", p.w_stride, " are too small for N = ", p.n, ", K = ", p.k);
   check(p.lda % 8 == 0 && p.ldc % 2 == 0 && p.w_stride % 8 == 0,
         "grouped_gemm: lda and w_stride must be multiples of 8 elements (16-byte rows) and ldc of 2");
+  // 16-byte copies of A's and W's rows, 4-byte stores of two outputs.
+  const auto aligned = [](const void* q, std::uintptr_t bytes) { return reinterpret_cast<std::uintptr_t>(q) % bytes == 0; };
+  check(aligned(p.a, 16) && aligned(p.w, 16) && aligned(p.out, 4) && (!p.aux || aligned(p.aux, 4)),
+        "grouped_gemm: A and W must start 16-byte aligned, out and aux 4-byte aligned");
   check(p.epilogue == Epilogue::none || p.epilogue == Epilogue::bias || p.epilogue == Epilogue::bias_gelu,
         "grouped_gemm: the epilogue must be none, bias or bias_gelu");
   check(p.epilogue == Epilogue::none || p.bias, "grouped_gemm: the epilogue needs a bias");
