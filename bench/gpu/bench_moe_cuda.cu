@@ -213,15 +213,16 @@ void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
     Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p, kLanes));
     layer.collect_stats(false);  // statistics would copy the routing decisions to the host
-    if constexpr (kGrouped) {
-      layer.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
-      moe::check(layer.experts().can_infer_routed(layer.backend()),
-                 "the grouped GEMM does not run here (device code for sm_90a on an sm_90 GPU, tiles that fit the shape)");
-    }
+
     // N(0, 1) input: SelfRoute's logits (the last N coordinates) and the Linear router's N(0, 1/H)
     // projections spread the tokens evenly over the experts.
     typename B::Matrix x(s.T, s.H), y(s.T, s.H);
     layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
+    if constexpr (kGrouped) {
+      layer.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
+      moe::check(layer.experts().can_infer_routed(layer.backend(), x),
+                 "the grouped GEMM does not run here (device code for sm_90a on an sm_90 GPU, tiles that fit the shape)");
+    }
     moe::ForwardOptions options;
     options.for_backward = kForBackward;
     const auto forward = [&] { layer.forward_into(x, y, options); };

@@ -37,7 +37,7 @@ concept Expert = Backend<B> && requires(E& experts, const LayerConfig& config, B
 // Optional: experts.infer(be, rows, offsets, out), forward without keeping anything for backward
 // (MoELayer's ForwardOptions::for_backward = false); the same output. Without it, forward serves.
 // Optional, for backends whose products read the routing plan themselves (the CUDA backend's
-// routed products, ExpertGemm::grouped): experts.can_infer_routed(be) and
+// routed products, ExpertGemm::grouped): experts.can_infer_routed(be, x) and
 // experts.infer_routed(be, x, plan, out), infer's output from the layer's input x [T, H] and the
 // plan, with no expert-sorted copy of x and no host copy of the offsets; out [T*k, H] holds the
 // expert-sorted rows (rows past the plan's kept ones untouched).
@@ -88,10 +88,10 @@ struct GeluMLP {
     be.grouped_linear_forward(act_, offsets, proj_w_, proj_b_.data(), out);
   }
   // infer from the routing plan (the concept's note above): the first product gathers x's rows.
-  bool can_infer_routed(const B& be) const
+  bool can_infer_routed(const B& be, ConstMatrixView<Scalar> x) const
     requires requires { be.routed_product_fits(Index{}, Index{}); }
   {
-    return be.routed_product_fits(ffn_, hidden_) && be.routed_product_fits(hidden_, ffn_);
+    return be.routed_input_fits(x) && be.routed_product_fits(ffn_, hidden_) && be.routed_product_fits(hidden_, ffn_);
   }
   template <class Plan>
   void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out)
@@ -154,10 +154,11 @@ struct SwiGLU {
   }
   // forward from the routing plan (the concept's note above), keeping nothing for backward: the
   // first product gathers x's rows; gate_up_ and act_ are workspace of one row per slot.
-  bool can_infer_routed(const B& be) const
+  bool can_infer_routed(const B& be, ConstMatrixView<Scalar> x) const
     requires requires { be.routed_product_fits(Index{}, Index{}); }
   {
-    return be.routed_product_fits(2 * ffn_, hidden_) && be.routed_product_fits(hidden_, ffn_);
+    return be.routed_input_fits(x) && be.routed_product_fits(2 * ffn_, hidden_) &&
+           be.routed_product_fits(hidden_, ffn_);
   }
   template <class Plan>
   void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out)

@@ -250,10 +250,10 @@ class MoELayer {
   // slot. False: not taken (the caller gathers).
   bool infer_routed(ConstMatrixView<Scalar> input) {
     if constexpr (requires {
-                    { experts_.can_infer_routed(backend_) } -> std::convertible_to<bool>;
+                    { experts_.can_infer_routed(backend_, input) } -> std::convertible_to<bool>;
                     experts_.infer_routed(backend_, input, plan_, MatrixView<Scalar>(expert_out_));
                   }) {
-      if (!experts_.can_infer_routed(backend_)) return false;
+      if (!experts_.can_infer_routed(backend_, input)) return false;
       B::resize(expert_out_, input.rows * config_.top_k, config_.hidden);
       experts_.infer_routed(backend_, input, plan_, expert_out_);
       return true;

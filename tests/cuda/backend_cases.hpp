@@ -659,7 +659,11 @@ void check_routed_inference(const moe::LayerConfig& config, Index T, std::uint64
   layer.forward_into(x, y, {.for_backward = false});
   const std::vector<float> per_expert = to_host<moe::bfloat16>(layer.backend(), y.data(), y.size());
   device.set_expert_gemm(moe::cuda::ExpertGemm::grouped);
-  REQUIRE(layer.experts().can_infer_routed(layer.backend()));
+  REQUIRE(layer.experts().can_infer_routed(layer.backend(), x));
+  // A view whose rows do not start on 16 bytes cannot be gathered by the kernel's copies: the
+  // per-expert path serves it.
+  typename B::Matrix wide(T, config.hidden + 8);
+  CHECK_FALSE(layer.experts().can_infer_routed(layer.backend(), moe::ConstMatrixView<moe::bfloat16>(wide).col_block(1, config.hidden)));
   std::uint64_t syncs = 0;
   if constexpr (kEmulatedDevice) syncs = device.sync_count();
   layer.forward_into(x, y, {.for_backward = false});
@@ -690,7 +694,8 @@ TEST_CASE(CUDA_TEST_NAME("inference forward from the routing plan (ExpertGemm::g
   moe::MoELayer<moe::SelfRoute, moe::GeluMLP, moe::cuda::BasicBackend<moe::bfloat16, TestDevice>> small(
       small_config(8, 2), 1, {}, {}, moe::cuda::BasicBackend<moe::bfloat16, TestDevice>(make_device()));
   small.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
-  CHECK_FALSE(small.experts().can_infer_routed(small.backend()));
+  const typename moe::cuda::BasicBackend<moe::bfloat16, TestDevice>::Matrix small_x(4, 32);
+  CHECK_FALSE(small.experts().can_infer_routed(small.backend(), small_x));
 }
 
 TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU layer on the same values")) {
