@@ -709,9 +709,7 @@ class BasicBackend {
            outputs % kGroupedGemmColumns == 0 && inputs % grouped_gemm_detail::kStageK == 0;
   }
   // Whether the grouped GEMM can gather its rows from x: 16-byte rows (its copies' unit).
-  static bool routed_input_fits(ConstMatrixView<S> x) {
-    return x.stride % 8 == 0 && reinterpret_cast<std::uintptr_t>(x.data) % 16 == 0;
-  }
+  static bool routed_input_fits(ConstMatrixView<S> x) { return rows_copyable(x.data, x.stride); }
   // out[r] = in_row(r) W_e^T (+ b_e) for the plan's R rows r (expert-sorted, expert e's block),
   // one grouped GEMM (device.grouped_gemm): in_row(r) is in's row r (gathered = false: in is
   // the expert-sorted rows, [>= R, I]) or its token's row (gathered = true: in is the layer's

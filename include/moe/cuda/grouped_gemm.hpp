@@ -172,6 +172,14 @@ inline std::uint32_t descriptor_byte(std::uint64_t descriptor, Index row, Index 
 
 }  // namespace grouped_gemm_detail
 
+// Whether rows at `data`, `stride` elements apart, go in the kernel's 16-byte copies: A's rows
+// and W's (the backend asks it of an input before it skips the gather).
+template <class S>
+bool rows_copyable(const S* data, Index stride) {
+  constexpr Index per_chunk = grouped_gemm_detail::kChunkBytes / Index(sizeof(S));
+  return stride % per_chunk == 0 && reinterpret_cast<std::uintptr_t>(data) % grouped_gemm_detail::kChunkBytes == 0;
+}
+
 // Argument checks shared by every device: what the kernel's tiles assume.
 template <class S>
 void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
@@ -182,16 +190,17 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
   check(p.a && p.w && p.out && p.max_rows >= 0, "grouped_gemm: A, W and out must be set");
   check(p.lda >= p.k && p.ldc >= p.n && p.w_stride >= p.n * p.k, "grouped_gemm: lda = ", p.lda, ", ldc = ", p.ldc,
         ", w_stride = ", p.w_stride, " are too small for N = ", p.n, ", K = ", p.k);
-  check(p.lda % 8 == 0 && p.ldc % 2 == 0 && p.w_stride % 8 == 0,
-        "grouped_gemm: lda and w_stride must be multiples of 8 elements (16-byte rows) and ldc of 2");
-  // 16-byte copies of A's and W's rows, 4-byte stores of two outputs.
-  const auto aligned = [](const void* q, std::uintptr_t bytes) { return reinterpret_cast<std::uintptr_t>(q) % bytes == 0; };
-  check(aligned(p.a, 16) && aligned(p.w, 16) && aligned(p.out, 4) && (!p.aux || aligned(p.aux, 4)),
-        "grouped_gemm: A and W must start 16-byte aligned, out and aux 4-byte aligned");
+  // 16-byte copies of A's rows and W's (its groups w_stride apart, its rows K apart: a multiple
+  // of kStageK), 4-byte stores of two outputs.
+  check(rows_copyable(p.a, p.lda) && rows_copyable(p.w, p.w_stride),
+        "grouped_gemm: A and W must start 16-byte aligned, with lda and w_stride multiples of 8 elements");
+  const auto aligned4 = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 4 == 0; };
+  check(p.ldc % 2 == 0 && aligned4(p.out) && (!p.aux || (p.ldaux % 2 == 0 && aligned4(p.aux))),
+        "grouped_gemm: out and aux must start 4-byte aligned, with even leading dimensions");
   check(p.epilogue == Epilogue::none || p.epilogue == Epilogue::bias || p.epilogue == Epilogue::bias_gelu,
         "grouped_gemm: the epilogue must be none, bias or bias_gelu");
   check(p.epilogue == Epilogue::none || p.bias, "grouped_gemm: the epilogue needs a bias");
-  check(!p.aux || (p.epilogue == Epilogue::bias_gelu && p.ldaux >= p.n && p.ldaux % 2 == 0),
+  check(!p.aux || (p.epilogue == Epilogue::bias_gelu && p.ldaux >= p.n),
         "grouped_gemm: aux is bias_gelu's pre-activation, [rows, >= N]");
   check(!p.gather || p.gather_divisor >= 1, "grouped_gemm: gather_divisor must be >= 1");
 }
