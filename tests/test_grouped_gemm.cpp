@@ -5,66 +5,34 @@
 
 #include <cmath>
 #include <cstdint>
-#include <new>
-#include <random>
 #include <vector>
 
+#include "cuda/grouped_gemm_operands.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
 
 namespace {
 
+using grouped_test::Bf16s;
 using moe::bfloat16;
 using moe::Index;
 using moe::cuda::Epilogue;
 using moe::cuda::GroupedGemm;
 namespace gd = moe::cuda::grouped_gemm_detail;
 
-// Operands start 64-byte aligned, as device allocations do (the kernel's 16-byte copies need 16).
-template <class T>
-struct AlignedAllocator {
-  using value_type = T;
-  AlignedAllocator() = default;
-  template <class U>
-  AlignedAllocator(const AlignedAllocator<U>&) {}
-  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
-  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
-  bool operator==(const AlignedAllocator&) const { return true; }
-};
-using Bf16s = std::vector<bfloat16, AlignedAllocator<bfloat16>>;
-
-Bf16s random_bf16(std::size_t n, float scale, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  Bf16s v(n);
-  for (bfloat16& x : v) x = bfloat16(normal(rng));
-  return v;
-}
-
 // The problem's definition, element by element: the fp32 product in K order (one fused
 // multiply-add per term, as the emulation), then the epilogue's rounding. The emulation must give
-// these bits; a double-precision product bounds both.
-struct Expected {
-  Bf16s out, aux;
-  std::vector<double> exact;  // the product + bias in double, before the activation
-};
-Expected expected(const GroupedGemm<bfloat16>& p, const std::vector<Index>& offsets, Index rows) {
-  Expected e{Bf16s(std::size_t(rows * p.n)), Bf16s(std::size_t(rows * p.n)),
-             std::vector<double>(std::size_t(rows * p.n))};
+// these bits; a double-precision product (Operands::exact) bounds both.
+Bf16s expected_outputs(const GroupedGemm<bfloat16>& p, const grouped_test::Operands& o, bool aux) {
+  Bf16s e(std::size_t(o.rows * p.n));
   for (Index g = 0; g < p.groups; ++g)
-    for (Index r = offsets[std::size_t(g)]; r < offsets[std::size_t(g) + 1]; ++r) {
+    for (Index r = o.offsets[std::size_t(g)]; r < o.offsets[std::size_t(g) + 1]; ++r) {
       const Index src = p.gather ? p.gather[r] / p.gather_divisor : r;
       for (Index c = 0; c < p.n; ++c) {
         float acc = 0;
-        double exact = 0;
-        for (Index j = 0; j < p.k; ++j) {
-          const float a = float(p.a[src * p.lda + j]), w = float(p.w[g * p.w_stride + c * p.k + j]);
-          acc = std::fma(a, w, acc);
-          exact += double(a) * double(w);
-        }
+        for (Index j = 0; j < p.k; ++j) acc = std::fma(float(p.a[src * p.lda + j]), float(p.w[g * p.w_stride + c * p.k + j]), acc);
         const bfloat16* bias = p.bias ? p.bias + g * p.bias_stride : nullptr;
         const gd::OutputValues<bfloat16> v = gd::output_values(p.epilogue, acc, bias, c);
-        e.out[std::size_t(r * p.n + c)] = v.out;
-        e.aux[std::size_t(r * p.n + c)] = v.aux;
-        e.exact[std::size_t(r * p.n + c)] = exact + (bias ? double(float(bias[c])) : 0.0);
+        e[std::size_t(r * p.n + c)] = aux ? v.aux : v.out;
       }
     }
   return e;
@@ -73,41 +41,26 @@ Expected expected(const GroupedGemm<bfloat16>& p, const std::vector<Index>& offs
 template <int BN>
 void check_emulated(Epilogue epilogue, bool gather, std::vector<Index> group_rows, Index N, Index K,
                     std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  const Index groups = Index(group_rows.size());
-  std::vector<Index> offsets{0};
-  for (Index r : group_rows) offsets.push_back(offsets.back() + r);
-  const Index rows = offsets.back(), divisor = 2, lda = K + 8;  // padded rows: lda is honoured
-  const Index a_rows = gather ? (rows + 1) / divisor + 3 : rows;
-  const Bf16s a = random_bf16(std::size_t(std::max<Index>(a_rows, 1) * lda), 1.0f, rng);
-  const Bf16s w = random_bf16(std::size_t(groups * N * K), 0.05f, rng);
-  const Bf16s bias = random_bf16(std::size_t(groups * N), 0.5f, rng);
-  std::vector<std::int32_t> source(static_cast<std::size_t>(rows));
-  std::uniform_int_distribution<std::int32_t> pick(0, std::int32_t(a_rows * divisor - 1));
-  for (std::int32_t& s : source) s = pick(rng);  // any row, in any order, some twice
+  const grouped_test::Operands o = grouped_test::make_operands(group_rows, N, K, gather, 8, 0.05f, seed);
+  const Index rows = o.rows;
   const bfloat16 poison = bfloat16(12345.0f);
   Bf16s out(std::size_t(rows * N + 1), poison), aux(std::size_t(rows * N + 1), poison);
-
-  GroupedGemm<bfloat16> p;
-  p.a = a.data(), p.lda = lda;
-  p.gather = gather ? source.data() : nullptr, p.gather_divisor = std::int32_t(divisor);
-  p.offsets = offsets.data(), p.groups = groups, p.max_rows = rows + 5;  // a loose bound, as the backend's T * k
-  p.w = w.data(), p.w_stride = N * K;
-  p.bias = epilogue == Epilogue::none ? nullptr : bias.data(), p.bias_stride = N;
-  p.out = out.data(), p.ldc = N;
-  p.aux = epilogue == Epilogue::bias_gelu ? aux.data() : nullptr, p.ldaux = N;
-  p.n = N, p.k = K, p.epilogue = epilogue;
+  const GroupedGemm<bfloat16> p = o.problem(epilogue, gather, out.data(), aux.data(), 5);
   moe::cuda::grouped_gemm_emulated<BN>(p);
 
-  const Expected e = expected(p, offsets, rows);
+  const Bf16s expected_out = expected_outputs(p, o, false), expected_aux = expected_outputs(p, o, true);
   Index mismatches = 0;
   double worst = 0;
-  for (Index i = 0; i < rows * N; ++i) {
-    mismatches += out[std::size_t(i)].bits != e.out[std::size_t(i)].bits;
-    if (p.aux) mismatches += aux[std::size_t(i)].bits != e.aux[std::size_t(i)].bits;
-    const double pre = epilogue == Epilogue::bias_gelu ? double(float(aux[std::size_t(i)])) : double(float(out[std::size_t(i)]));
-    worst = std::max(worst, std::abs(pre - e.exact[std::size_t(i)]) / (std::abs(e.exact[std::size_t(i)]) + 1e-2));
-  }
+  for (Index g = 0; g < o.groups; ++g)
+    for (Index r = o.offsets[std::size_t(g)]; r < o.offsets[std::size_t(g) + 1]; ++r)
+      for (Index c = 0; c < N; ++c) {
+        const std::size_t i = std::size_t(r * N + c);
+        mismatches += out[i].bits != expected_out[i].bits;
+        if (p.aux) mismatches += aux[i].bits != expected_aux[i].bits;
+        const double pre = epilogue == Epilogue::bias_gelu ? double(float(aux[i])) : double(float(out[i]));
+        const double exact = o.exact(p, g, r, c);
+        worst = std::max(worst, std::abs(pre - exact) / (std::abs(exact) + 1e-2));
+      }
   CHECK(mismatches == 0);
   CHECK(worst < 1e-2);  // bf16 rounding of the stored value: 2^-8 relative
   CHECK(out.back().bits == poison.bits);  // nothing written past the last row

@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda/grouped_gemm_operands.hpp"
 #include "moe/cuda.cuh"
 #include "moe/cuda/hopper_grouped_gemm.cuh"
 
@@ -39,8 +40,9 @@ bool skip_without_wgmma() {
 #endif
 }
 
-template <class T>
-T* device_copy(const std::vector<T>& host) {
+template <class Host>
+auto* device_copy(const Host& host) {
+  using T = typename Host::value_type;
   T* p = nullptr;
   REQUIRE(cudaMalloc(&p, host.size() * sizeof(T) + 16) == cudaSuccess);
   REQUIRE(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
@@ -53,52 +55,28 @@ std::vector<T> host_copy(const T* p, std::size_t n) {
   return host;
 }
 
-std::vector<bfloat16> random_bf16(std::size_t n, float scale, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<bfloat16> v(n);
-  for (bfloat16& x : v) x = bfloat16(normal(rng));
-  return v;
-}
-
 // One shape through the kernel with BN columns a tile, twice (the same bits both times), against
 // a double product (bf16's rounding of the stored value) and the host emulation (a few bf16 steps:
 // the tensor cores add in their own order).
 template <int BN, int Stages, int MinBlocks>
 void check_kernel(Epilogue epilogue, bool gather, const std::vector<Index>& group_rows, Index N, Index K,
                   std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  const Index groups = Index(group_rows.size());
-  std::vector<Index> offsets{0};
-  for (Index r : group_rows) offsets.push_back(offsets.back() + r);
-  const Index rows = offsets.back(), divisor = 2, lda = K + 64;
-  const Index a_rows = gather ? rows / divisor + 7 : rows;
-  const std::vector<bfloat16> a = random_bf16(std::size_t(std::max<Index>(a_rows, 1) * lda), 1.0f, rng);
-  const std::vector<bfloat16> w = random_bf16(std::size_t(groups * N * K), 0.03f, rng);
-  const std::vector<bfloat16> bias = random_bf16(std::size_t(groups * N), 0.5f, rng);
-  std::vector<std::int32_t> source(static_cast<std::size_t>(rows));
-  std::uniform_int_distribution<std::int32_t> pick(0, std::int32_t(a_rows * divisor - 1));
-  for (std::int32_t& s : source) s = pick(rng);
+  const grouped_test::Operands o = grouped_test::make_operands(group_rows, N, K, gather, 64, 0.03f, seed);
+  const Index rows = o.rows;
   const bfloat16 poison = bfloat16(12345.0f);
-  const std::vector<bfloat16> poisoned(std::size_t(rows * N + 64), poison);
-
-  GroupedGemm<bfloat16> host;
-  host.lda = lda, host.gather_divisor = std::int32_t(divisor), host.groups = groups, host.max_rows = rows + 100;
-  host.w_stride = N * K, host.bias_stride = N, host.ldc = N, host.ldaux = N, host.n = N, host.k = K;
-  host.epilogue = epilogue;
-  GroupedGemm<bfloat16> dev = host;
-  std::vector<bfloat16> out_e = poisoned, aux_e = poisoned;
-  host.a = a.data(), host.gather = gather ? source.data() : nullptr, host.offsets = offsets.data(), host.w = w.data();
-  host.bias = epilogue == Epilogue::none ? nullptr : bias.data(), host.out = out_e.data();
-  host.aux = epilogue == Epilogue::bias_gelu ? aux_e.data() : nullptr;
+  const grouped_test::Bf16s poisoned(std::size_t(rows * N + 64), poison);
+  grouped_test::Bf16s out_e = poisoned, aux_e = poisoned;
+  const GroupedGemm<bfloat16> host = o.problem(epilogue, gather, out_e.data(), aux_e.data(), 100);
   moe::cuda::grouped_gemm_emulated<BN>(host);
 
-  bfloat16 *d_a = device_copy(a), *d_w = device_copy(w), *d_bias = device_copy(bias);
+  // The same problem over device copies of the operands.
+  bfloat16 *d_a = device_copy(o.a), *d_w = device_copy(o.w), *d_bias = device_copy(o.bias);
   bfloat16 *d_out = device_copy(poisoned), *d_aux = device_copy(poisoned);
-  std::int32_t* d_source = device_copy(source.empty() ? std::vector<std::int32_t>{0} : source);
-  Index* d_offsets = device_copy(offsets);
+  std::int32_t* d_source = device_copy(o.source.empty() ? std::vector<std::int32_t>{0} : o.source);
+  Index* d_offsets = device_copy(o.offsets);
+  GroupedGemm<bfloat16> dev = host;
   dev.a = d_a, dev.gather = gather ? d_source : nullptr, dev.offsets = d_offsets, dev.w = d_w;
-  dev.bias = epilogue == Epilogue::none ? nullptr : d_bias, dev.out = d_out;
-  dev.aux = epilogue == Epilogue::bias_gelu ? d_aux : nullptr;
+  dev.bias = host.bias ? d_bias : nullptr, dev.out = d_out, dev.aux = host.aux ? d_aux : nullptr;
   const moe::cuda::CudaDevice device(nullptr);
   moe::cuda::grouped_gemm<BN, Stages, MinBlocks>(device.stream(), dev);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
@@ -108,13 +86,10 @@ void check_kernel(Epilogue epilogue, bool gather, const std::vector<Index>& grou
   const std::vector<bfloat16> again = host_copy(d_out, poisoned.size());
 
   Index differ = 0, far_from_exact = 0, far_from_emulation = 0;
-  for (Index g = 0; g < groups; ++g)
-    for (Index r = offsets[std::size_t(g)]; r < offsets[std::size_t(g) + 1]; ++r) {
-      const Index src = gather ? source[std::size_t(r)] / divisor : r;
+  for (Index g = 0; g < o.groups; ++g)
+    for (Index r = o.offsets[std::size_t(g)]; r < o.offsets[std::size_t(g) + 1]; ++r) {
       for (Index c = 0; c < N; ++c) {
-        double exact = epilogue == Epilogue::none ? 0.0 : double(float(bias[std::size_t(g * N + c)]));
-        for (Index j = 0; j < K; ++j)
-          exact += double(float(a[std::size_t(src * lda + j)])) * double(float(w[std::size_t((g * N + c) * K + j)]));
+        const double exact = o.exact(host, g, r, c);
         const std::size_t i = std::size_t(r * N + c);
         const double pre = epilogue == Epilogue::bias_gelu ? double(float(aux[i])) : double(float(out[i]));
         far_from_exact += std::abs(pre - exact) > 1e-2 * (std::abs(exact) + 1e-2);

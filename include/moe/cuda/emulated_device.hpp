@@ -533,7 +533,6 @@ struct EmulatedDevice {
     static_assert(std::is_same_v<S, bfloat16>, "EmulatedDevice::grouped_gemm: bf16 operands only (the wgmma kernel's)");
     check_grouped_gemm(g, kGroupedGemmColumns);
     const auto& allocations = emulated_detail::Allocations::instance();
-    allocations.check_inside(g.offsets, std::size_t(g.groups + 1) * sizeof(Index), "grouped_gemm's offsets");
     for_each_grouped_gemm_extent(g, [&](const void* p, std::size_t bytes, const char* what) {
       allocations.check_inside(p, bytes, what);
     });
