@@ -3,8 +3,11 @@
 //
 // Model: gpt2::Config::gpt2_small() (V = 50257, context 1024, 12 layers, 12 heads, H = 768,
 // F = 3072; MoE: N = 8 experts, top-2, in every layer). Batch: B = 8 sequences (the environment
-// variable BATCH overrides it) of T = 1024 tokens, 8192 tokens per step, the ids
-// bench/gpu/torch_gpt2_cuda.py uses: ids[i] = bits(42, 0, i) % V.
+// variable BATCH overrides it) of T = 1024 tokens, 8192 tokens per micro-batch, the ids
+// bench/gpu/torch_gpt2_cuda.py uses: ids[i] = bits(42, 0, i) % V. ACCUMULATION = A micro-batches
+// per optimizer step (default 1; gpt2_moe's --accumulation), the m-th reading ids [m B T, (m+1) B T):
+// the paper's steps are ~0.5M tokens, and AdamW's fixed cost per step (521M parameters) then
+// spreads over A times the tokens.
 //
 //   Train/<variant>/<precision>   variant self, linear (MoE FFN) or dense (GPT-2's MLP);
 //                                 precision bf16 (fp32 master weights and optimizer state) or tf32
@@ -18,8 +21,8 @@
 //                                 materialized, forward or forward + backward (attention() below)
 //
 // One iteration is one full training step, as gpt2_moe's loop runs it (routing statistics off):
-// zero_grad, forward (loss),
-// backward, clip_grad_norm(1.0), AdamW; wall-clock time with the GPU drained at the end of each
+// zero_grad, A times forward (loss) and
+// backward, clip_grad_norm(1.0) of the mean gradient, AdamW; wall-clock time with the GPU drained at the end of each
 // step (the step's own syncs: the expert offsets per MoE layer, the loss, the gradient norm).
 // Warm-up steps first (12, or WARMUP: every buffer is allocated in the first; afterwards nothing is), then 8 timed.
 // The experts' products run on the device's default side streams (GEMM_LANES=n: n; 1: in order).
@@ -46,6 +49,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -91,6 +95,11 @@ int gemm_lanes() {
 Index batch_size() {
   const char* text = std::getenv("BATCH");
   return text ? std::max<Index>(1, std::atoll(text)) : 8;
+}
+
+Index accumulation() {
+  const char* text = std::getenv("ACCUMULATION");
+  return text ? std::max<Index>(1, std::atoll(text)) : 1;
 }
 
 bool gpu_available() { return moe::cuda::no_device_reason().empty(); }
@@ -233,15 +242,16 @@ void time_phases(benchmark::State& state, const std::vector<Phase>& phases, moe:
   for (std::size_t i = 0; i < n; ++i) {
     float gpu_ms = 0;
     check_cuda(cudaEventElapsedTime(&gpu_ms, events[i], events[i + 1]), "cudaEventElapsedTime");
-    state.counters[std::string(phases[i].first) + "_host_ms"] = host_ms[i];
-    state.counters[std::string(phases[i].first) + "_gpu_ms"] = gpu_ms;
+    // A phase that runs once per micro-batch (forward, backward) adds up over the step.
+    state.counters[std::string(phases[i].first) + "_host_ms"].value += host_ms[i];
+    state.counters[std::string(phases[i].first) + "_gpu_ms"].value += gpu_ms;
   }
   for (cudaEvent_t e : events) cudaEventDestroy(e);
 }
 
 void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision, bool dgelu_transposed) {
   const gpt2::Config config = gpt2::Config::gpt2_small();
-  const Index B = batch_size(), T = kSeq;
+  const Index B = batch_size(), T = kSeq, A = accumulation();
   const std::size_t memory_before = moe::cuda::CudaDevice::memory_in_use();
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   const moe::cuda::CudaDevice device(nullptr, math);  // copies share its context: host_times() sees the trainer's calls
@@ -252,17 +262,23 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   if (trainer->is_moe()) trainer->collect_routing_stats(false);
 
   std::vector<std::int32_t> tokens, targets;
-  for (Index i = 0; i <= B * T; ++i)
+  for (Index i = 0; i <= A * B * T; ++i)
     tokens.push_back(std::int32_t(moe::random::bits(kDataSeed, 0, std::uint64_t(i)) % std::uint64_t(config.vocab)));
   targets.assign(tokens.begin() + 1, tokens.end());
   tokens.pop_back();
+  auto micro = [&](const std::vector<std::int32_t>& ids, Index m) {
+    return std::span<const std::int32_t>(ids).subspan(std::size_t(m * B * T), std::size_t(B * T));
+  };
 
-  double loss = 0;
-  const std::vector<Phase> phases = {{"zero_grad", [&] { trainer->zero_grad(); }},
-                                     {"forward", [&] { loss = trainer->forward(tokens, targets, B, T); }},
-                                     {"backward", [&] { trainer->backward(); }},
-                                     {"clip", [&] { trainer->prepare_gradients(1.0f, 1.0); }},
-                                     {"adamw", [&] { trainer->optimizer_step(6e-4); }}};
+  double loss_sum = 0, loss = 0;
+  std::vector<Phase> phases = {{"zero_grad", [&] { trainer->zero_grad(), loss_sum = 0; }}};
+  for (Index m = 0; m < A; ++m) {
+    phases.push_back({"forward", [&, m] { loss_sum += trainer->forward(micro(tokens, m), micro(targets, m), B, T); }});
+    phases.push_back({"backward", [&] { trainer->backward(); }});
+  }
+  // The mean over the micro-batches' gradients, as gpt2_moe's loop (examples/gpt2_moe/train.hpp).
+  phases.push_back({"clip", [&] { trainer->prepare_gradients(1.0f / float(A), 1.0), loss = loss_sum / double(A); }});
+  phases.push_back({"adamw", [&] { trainer->optimizer_step(6e-4); }});
   auto step = [&] {
     for (const Phase& phase : phases) phase.second();
     moe::cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -290,7 +306,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   const double median = n % 2 ? seconds[n / 2] : (seconds[n / 2 - 1] + seconds[n / 2]) / 2;
   double total = 0;
   for (const double s : seconds) total += s;
-  const double tokens_per_step = double(B * T);
+  const double tokens_per_step = double(A * B * T);
   const double tokens_per_s = tokens_per_step / median;
   const double flops = flops_per_token(config, trainer->is_moe(), variant == "linear", T);
   state.counters["tokens/s"] = tokens_per_s;
@@ -305,12 +321,13 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   state.counters["device_gib"] = double(moe::cuda::CudaDevice::memory_in_use() - memory_before) / double(1 << 30);
   state.counters["loss"] = loss;
   state.counters["batch"] = double(B);
+  state.counters["accumulation"] = double(A);
   time_phases(state, phases, device.host_times());  // after the loss counter: this extra step changes `loss`
   if (trainer->is_moe()) {
     // The last step's routing: one more forward with statistics on.
     trainer->reset_routing_stats();
     trainer->collect_routing_stats(true);
-    trainer->forward(tokens, targets, B, T);
+    trainer->forward(micro(tokens, 0), micro(targets, 0), B, T);
     double busiest = 0;
     for (Index l = 0; l < config.layers; ++l) busiest = std::max(busiest, trainer->routing_stats(l).max_fraction());
     state.counters["max_expert_fraction"] = busiest;

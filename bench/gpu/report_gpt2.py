@@ -64,7 +64,16 @@ def load_torch(path):
     except (OSError, ValueError):
         return {}, None, None
     entries = {(e["variant"], e["mode"]): e for e in data.get("entries", [])}
-    return entries, (data.get("peak") or {}).get("tflops"), (data.get("batch") or {}).get("sequences")
+    batch = data.get("batch") or {}
+    return entries, (data.get("peak") or {}).get("tflops"), step_shape(batch.get("sequences"), batch.get("accumulation"))
+
+
+def step_shape(sequences, accumulation):
+    """A step's sequences as the reports print them: "8", or "16 x 4" with gradient accumulation; None if unknown."""
+    if sequences is None:
+        return None
+    a = int(accumulation or 1)
+    return f"{int(sequences)}" + (f" x {a}" if a > 1 else "")
 
 
 def fmt(value, spec="{:,.0f}"):
@@ -148,10 +157,12 @@ def main(argv):
 
     print(f"GPT-2 small MoE training on the GPU ({context.get('gpu', context.get('host_name', '?'))}); bf16 GEMM peak: ours "
           f"{fmt(peak, '{:.0f}')} TFLOP/s, torch {fmt(torch_peak, '{:.0f}')} TFLOP/s")
-    ours_batch = next((r.get("batch") for key, r in ours.items() if key[0] in VARIANTS and "batch" in r), None)
-    print(f"Batch: ours {fmt(ours_batch)} x 1024 tokens, torch {fmt(torch_batch)} x 1024 tokens"
+    ours_batch = next((step_shape(r.get("batch"), r.get("accumulation"))
+                       for key, r in ours.items() if key[0] in VARIANTS and "batch" in r), None)
+    print(f"Batch (sequences x micro-batches a step): ours {ours_batch or '-'} x 1024 tokens, "
+          f"torch {torch_batch or '-'} x 1024 tokens"
           + (" (NOT the same: the x eager / x compile columns compare unlike steps)"
-             if ours_batch and torch_batch and int(ours_batch) != int(torch_batch) else ""))
+             if ours_batch and torch_batch and ours_batch != torch_batch else ""))
     print()
     print("| variant | precision | ours tokens/s | step ms | MFU | device GiB | torch eager | torch compile "
           "| x eager | x compile |")

@@ -42,8 +42,10 @@
 #   GPT2_FILTER       --benchmark_filter regex for bench_gpt2_cuda (default: every benchmark; keep
 #                     Peak/bf16_gemm in it, the MFU is against that peak)
 #   GPT2_BATCHES      comma-separated batches (sequences of 1024 tokens) for bench_gpt2 and torch_gpt2
-#                     (default 8): the first one's files are gpt2_cuda.json, torch_gpt2_cuda.json and
-#                     table_gpt2.md, a further batch B's end in _b<B> (gpt2_cuda_b32.json, ...)
+#                     (default 8), each B or BxA (A micro-batches of B per optimizer step, gradient
+#                     accumulation): the first one's files are gpt2_cuda.json, torch_gpt2_cuda.json
+#                     and table_gpt2.md, a further one's end in _b<B> or _b<B>x<A> (gpt2_cuda_b32.json,
+#                     gpt2_cuda_b16x4.json, ...)
 #   TORCH_GPT2_ARGS   extra arguments of torch_gpt2_cuda.py (e.g. '--mode eager')
 #   COMPARE_VARIANTS  gates compared (default dense,linear,self,fixed-random,random)
 #   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024
@@ -78,9 +80,12 @@ read -r -a sanitizer_filter <<<"${SANITIZER_FILTER:-}"
 # torch_gpt2_cuda.json and table_gpt2.md, each further batch B's carry the suffix _b<B>.
 IFS=, read -r -a gpt2_batches <<<"${GPT2_BATCHES:-8}"
 for b in "${gpt2_batches[@]}"; do
-  [[ $b =~ ^[1-9][0-9]*$ ]] || { echo "GPT2_BATCHES: '$b' is not a batch (a positive count of sequences)" >&2; exit 2; }
+  [[ $b =~ ^[1-9][0-9]*(x[1-9][0-9]*)?$ ]] ||
+    { echo "GPT2_BATCHES: '$b' is not a batch (B or BxA: positive counts of sequences and micro-batches)" >&2; exit 2; }
 done
 batch_suffix() { [[ $1 == "${gpt2_batches[0]}" ]] || echo "_b$1"; }
+batch_of() { echo "${1%%x*}"; }                                   # 16x4 -> 16
+accumulation_of() { [[ $1 == *x* ]] && echo "${1#*x}" || echo 1; }  # 16x4 -> 4, 32 -> 1
 
 
 # nvcc and compute-sanitizer live here when the CUDA toolkit is not on the PATH.
@@ -253,7 +258,8 @@ if want bench_gpt2; then
   for b in "${gpt2_batches[@]}"; do
     suffix=$(batch_suffix "$b")
     rm -f "$out/gpt2_cuda$suffix.json"
-    run_step "bench_gpt2$suffix" "$out/bench_gpt2$suffix.log" env BATCH="$b" "$bench_gpt2" \
+    run_step "bench_gpt2$suffix" "$out/bench_gpt2$suffix.log" \
+      env BATCH="$(batch_of "$b")" ACCUMULATION="$(accumulation_of "$b")" "$bench_gpt2" \
       --benchmark_out="$out/gpt2_cuda$suffix.json" --benchmark_out_format=json "${filter[@]+"${filter[@]}"}"
   done
 fi
@@ -264,7 +270,8 @@ if want torch_gpt2; then
     suffix=$(batch_suffix "$b")
     rm -f "$out/torch_gpt2_cuda$suffix.json"
     run_step "torch_gpt2$suffix" "$out/torch_gpt2$suffix.log" env PYTHONUNBUFFERED=1 "$python" \
-      "$root/bench/gpu/torch_gpt2_cuda.py" --out "$out/torch_gpt2_cuda$suffix.json" --batch "$b" \
+      "$root/bench/gpu/torch_gpt2_cuda.py" --out "$out/torch_gpt2_cuda$suffix.json" --batch "$(batch_of "$b")" \
+      --accumulation "$(accumulation_of "$b")" \
       "${torch_gpt2_args[@]+"${torch_gpt2_args[@]}"}"
   done
 fi

@@ -40,6 +40,9 @@ as they do there).
 Batch: --batch B = 8 sequences of --seq T = 1024 tokens (8192 tokens per step), the same ids as the
 C++ benchmark: ids[i] = bits(42, 0, i) % V for i in [0, B*T] (bench/torch_train_common.bits, the
 library's counter-based generator), tokens = ids[:-1], targets = ids[1:], both viewed [B, T].
+--accumulation A (default 1): A micro-batches of B x T per optimizer step (the C++ benchmark's
+ACCUMULATION), ids for i in [0, A*B*T], the m-th micro-batch rows [m B, (m+1) B) of the [A B, T] view;
+each micro-batch's loss is divided by A before its backward, so the step's gradient is their mean.
 
 Modes per variant: "eager", and "compile" = torch.compile(model) (default mode; --compile-mode
 max-autotune-no-cudagraphs, say). Each (variant, mode) builds a fresh model and optimizer (seed
@@ -47,13 +50,13 @@ max-autotune-no-cudagraphs, say). Each (variant, mode) builds a fresh model and 
 with null figures, and the script goes on.
 
 What is timed: one full training step,
-    with autocast: loss = model(tokens, targets)
-    loss.backward(); clip_grad_norm_(params, 1.0); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    A times: with autocast: loss = model(tokens_m, targets_m) / A; loss.backward()
+    clip_grad_norm_(params, 1.0); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 bracketed by torch.cuda.Event records (the GPU's time from the step's first launch to its last
 kernel, nothing read back to the host inside the step: the losses are read after the timed steps).
 --warmup steps first (eager, default 3; compile: --compile-warmup, default 6, the first of which
 compiles forward and backward, its wall time is recorded as "first_step_s"), then --steps timed
-steps (default 10): step_ms median and min, tokens_per_s = B*T / median step, and
+steps (default 10): step_ms median and min, tokens_per_s = A*B*T / median step, and
 torch.cuda.max_memory_allocated() over the entry (model, optimizer state, activations) in GiB.
 
 MFU: the bf16 matmul peak is measured in the same run (torch.mm of n x n bf16 matrices, n = 8192,
@@ -456,15 +459,21 @@ def precision_context(device, precision):
     return contextlib.nullcontext()
 
 
-def make_train_step(forward, optimizer, params, tokens, targets, device, precision):
+def make_train_step(forward, optimizer, params, tokens, targets, device, precision, accumulation):
+    """One optimizer step over `accumulation` micro-batches: the rows of tokens/targets split evenly."""
+    micro_tokens, micro_targets = tokens.chunk(accumulation), targets.chunk(accumulation)
+
     def step():
-        with precision_context(device, precision):
-            loss = forward(tokens, targets)
-        loss.backward()  # outside autocast, as recommended: backward runs in the forward's dtypes
+        total = None
+        for tokens_m, targets_m in zip(micro_tokens, micro_targets):
+            with precision_context(device, precision):
+                loss = forward(tokens_m, targets_m) / accumulation
+            loss.backward()  # outside autocast, as recommended: backward runs in the forward's dtypes
+            total = loss.detach() if total is None else total + loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()  # not .item(): a host sync inside the step would stall the launches
+        return total  # not .item(): a host sync inside the step would stall the launches
     return step
 
 
@@ -549,7 +558,8 @@ def time_steps(step, device, warmup, steps):
 
 def bench_entry(entry, variant, mode, config, args, device, tokens, targets, grouped_mm, peak, check):
     """Fills `entry` for one (variant, mode); raises on failure (the caller records it)."""
-    B, T = tokens.shape
+    A = args.accumulation
+    B, T = tokens.shape[0] // A, tokens.shape[1]
     compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     torch.manual_seed(MODEL_SEED)
     with on_device(device):
@@ -566,12 +576,12 @@ def bench_entry(entry, variant, mode, config, args, device, tokens, targets, gro
             raise RuntimeError(f"torch {torch.__version__} has no torch.compile")
         reset_dynamo()  # a fresh cache per model: no recompile limits carried over
         forward = torch.compile(model, mode=args.compile_mode)
-    step = make_train_step(forward, optimizer, params, tokens, targets, device, args.precision)
+    step = make_train_step(forward, optimizer, params, tokens, targets, device, args.precision, A)
     warmup = args.compile_warmup if mode == "compile" else args.warmup
     first_step_s, times_ms, losses = time_steps(step, device, max(warmup, 1), args.steps)
 
     median_ms = statistics.median(times_ms)
-    tokens_per_s = B * T / (median_ms / 1e3)
+    tokens_per_s = A * B * T / (median_ms / 1e3)
     entry.update({
         "tokens_per_s": tokens_per_s,
         "step_ms_median": median_ms,
@@ -588,7 +598,7 @@ def bench_entry(entry, variant, mode, config, args, device, tokens, targets, gro
         entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         entry["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
     try:  # a statistic beside the figures: its failure must not void them
-        entry["max_expert_fraction"] = routing_balance(model, tokens, targets, device, args.precision)
+        entry["max_expert_fraction"] = routing_balance(model, tokens[:B], targets[:B], device, args.precision)
     except Exception as e:
         entry["max_expert_fraction_error"] = error_text(e)
 
@@ -696,6 +706,8 @@ def parse_args():
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="bf16: autocast over fp32 weights (default); fp32: no autocast")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; smoke 2)")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches of --batch sequences per optimizer step (default 1)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; smoke 32)")
     parser.add_argument("--warmup", type=int, default=3, help="eager warm-up steps (default 3)")
     parser.add_argument("--compile-warmup", type=int, default=6,
@@ -743,13 +755,16 @@ def main():
     variants = args.variant or list(VARIANTS)
     modes = args.mode or list(MODES)
 
-    tokens, targets = make_batch(config.vocab, args.batch, args.seq, device)
+    if args.accumulation < 1:
+        sys.exit(f"torch_gpt2_cuda: --accumulation {args.accumulation} must be >= 1")
+    tokens, targets = make_batch(config.vocab, args.accumulation * args.batch, args.seq, device)
     report = {
         "benchmark": "torch_gpt2_cuda",
         "environment": gpu_environment(device),
         "device_type": device.type,
         "config": asdict(config),
-        "batch": {"sequences": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,
+        "batch": {"sequences": args.batch, "accumulation": args.accumulation, "seq": args.seq,
+                  "tokens_per_step": args.accumulation * args.batch * args.seq,
                   "data": f"ids[i] = bits({DATA_SEED}, 0, i) % V"},
         "precision": args.precision if device.type == "cuda" else "fp32 (cpu smoke check)",
         "optimizer": "AdamW lr 6e-4, betas (0.9, 0.95), eps 1e-8, wd 0.1 on dim >= 2; clip_grad_norm_ 1.0",

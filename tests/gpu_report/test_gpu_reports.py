@@ -105,10 +105,12 @@ def torch_moe_json():
     return {"torch": "2.11.0", "device": "NVIDIA H200", "shapes": shapes}
 
 
-def gpt2_json(repetitions=1, self_error=None, batch=8):
+def gpt2_json(repetitions=1, self_error=None, batch=8, accumulation=None):
     benchmarks = gbench_records("Peak/bf16_gemm/iterations:10/manual_time", [7.0] * repetitions, {"tflops": 780.0})
     for variant, ms in (("self", 70.0), ("linear", 72.0), ("dense", 55.0)):
         counters = {"tokens/s": 8192 * 1000 / ms, "step_ms": ms, "mfu": 0.18, "device_gib": 21.5, "batch": batch}
+        if accumulation is not None:  # bench_gpt2_cuda's ACCUMULATION (older JSON has no such counter)
+            counters["accumulation"] = accumulation
         if variant == "self":  # bench_gpt2_cuda's time_phases (the dense row goes without them)
             phases = {"zero_grad": (0.2, 0.3), "forward": (20.5, 24.0), "backward": (30.0, 33.25), "clip": (3.0, 3.5),
                       "adamw": (0.4, 8.0)}
@@ -134,13 +136,15 @@ def gpt2_json(repetitions=1, self_error=None, batch=8):
     return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200"}, "benchmarks": benchmarks}
 
 
-def torch_gpt2_json():
+def torch_gpt2_json(batch=8, accumulation=None):
     entries = [{"variant": v, "mode": m, "tokens_per_s": t}
                for v, m, t in (("self", "eager", 60000.0), ("self", "compile", 95000.0))]
     entries.append({"variant": "linear", "mode": "compile",
                     "error": "BackendCompilerFailed: backend='inductor' raised:\nRuntimeError: the real cause"})
-    return {"peak": {"tflops": 760.0}, "batch": {"sequences": 8, "seq": 1024, "tokens_per_step": 8192},
-            "entries": entries}
+    shape = {"sequences": batch, "seq": 1024, "tokens_per_step": batch * (accumulation or 1) * 1024}
+    if accumulation is not None:
+        shape["accumulation"] = accumulation
+    return {"peak": {"tflops": 760.0}, "batch": shape, "entries": entries}
 
 
 def run(script, *paths):
@@ -244,10 +248,19 @@ def main():
                 fail(f"a row without host call times was listed in the host calls table:\n{out}")
             if "| linear | bf16 | -" in out or "| dense | bf16 | - /" in out:
                 fail(f"a row without phase timings was listed in the phases table:\n{out}")
-            expect(out, "Batch: ours 8 x 1024 tokens, torch 8 x 1024 tokens\n", "both batches, the same")
+            expect(out, "Batch (sequences x micro-batches a step): ours 8 x 1024 tokens, torch 8 x 1024 tokens\n",
+                   "both batches, the same")
         out = run(REPORT_GPT2, write("gpt2_batch32.json", gpt2_json(batch=32)), torch_gpt2)
-        expect(out, "Batch: ours 32 x 1024 tokens, torch 8 x 1024 tokens (NOT the same",
+        expect(out, "Batch (sequences x micro-batches a step): ours 32 x 1024 tokens, torch 8 x 1024 tokens (NOT the same",
                "a warning when the two ran different batches")
+        # Gradient accumulation: the micro-batches printed, and a step of 16 x 4 unlike one of 16 (or 64).
+        out = run(REPORT_GPT2, write("gpt2_b16x4.json", gpt2_json(batch=16, accumulation=4)),
+                  write("torch_gpt2_b16x4.json", torch_gpt2_json(batch=16, accumulation=4)))
+        expect(out, "ours 16 x 4 x 1024 tokens, torch 16 x 4 x 1024 tokens\n", "both steps, 4 micro-batches of 16")
+        out = run(REPORT_GPT2, write("gpt2_b16x4b.json", gpt2_json(batch=16, accumulation=4)),
+                  write("torch_gpt2_b16.json", torch_gpt2_json(batch=16, accumulation=1)))
+        expect(out, "ours 16 x 4 x 1024 tokens, torch 16 x 1024 tokens (NOT the same",
+               "a warning when only one side accumulated")
         out = run(REPORT_GPT2, write("gpt2_error.json", gpt2_json(self_error="out of memory")), torch_gpt2)
         expect(out, "| self | bf16 | error: out of memory", "the failed row")
         expect(out, ">= 1.3x PyTorch eager: -  NOT met", "the targets still listed when their row failed")
