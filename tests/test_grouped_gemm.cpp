@@ -3,6 +3,7 @@
 // (grouped_gemm_emulated) against plain products. The kernel itself runs in moe_cuda_tests.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -67,7 +68,67 @@ void check_emulated(Epilogue epilogue, bool gather, std::vector<Index> group_row
   CHECK(aux.back().bits == poison.bits);
 }
 
+// The combine riding on the product: T tokens, top_k of `groups` experts each. y must hold the
+// backend combine's bits from the rows the product wrote, the rows must be those of the product
+// alone, every arrival count must be back at zero, and a second run must give the same bits.
+template <int BN>
+void check_emulated_combine(Index T, Index k, Index groups, Index N, Index K, std::uint32_t seed) {
+  const grouped_test::Routing rt = grouped_test::make_routing(T, k, groups, seed);
+  const grouped_test::Operands o = grouped_test::make_operands(rt.group_rows, N, K, false, 0, 0.05f, seed + 1);
+  const bfloat16 poison = bfloat16(12345.0f);
+  Bf16s alone(std::size_t(o.rows * N + 1), poison), out(std::size_t(o.rows * N + 1), poison), y(std::size_t(T * N + 1), poison);
+  std::vector<std::uint32_t> arrivals(std::size_t(T * (N / moe::cuda::kGroupedGemmColumns)), 0);
+  moe::cuda::grouped_gemm_emulated<BN>(o.problem(Epilogue::bias, false, alone.data(), nullptr, 0));
+  GroupedGemm<bfloat16> p = o.problem(Epilogue::bias, false, out.data(), nullptr, 0);
+  p.combine = rt.combine(y.data(), N, arrivals.data());
+  CHECK_NOTHROW(moe::cuda::for_each_grouped_gemm_extent(p, [](const void*, std::size_t, const char*) {}));
+  moe::cuda::grouped_gemm_emulated<BN>(p);
+  CHECK(out == alone);
+  const Bf16s expected = rt.expected_combine(out.data(), N, N);
+  Index wrong = 0;
+  for (std::size_t i = 0; i < expected.size(); ++i) wrong += y[i].bits != expected[i].bits;
+  CHECK(wrong == 0);
+  CHECK(y.back().bits == poison.bits);  // nothing past the last token
+  CHECK(std::all_of(arrivals.begin(), arrivals.end(), [](std::uint32_t a) { return a == 0; }));
+  const Bf16s first = y;
+  moe::cuda::grouped_gemm_emulated<BN>(p);
+  CHECK(y == first);
+}
+
 }  // namespace
+
+TEST_CASE("grouped gemm: the combine rides on the product: the combine's bits, counts back at zero") {
+  SUBCASE("top-2 of 8, 128 columns a tile") { check_emulated_combine<128>(300, 2, 8, 256, 128, 11); }
+  SUBCASE("top-1, 256 columns a tile") { check_emulated_combine<256>(77, 1, 3, 256, 64, 12); }
+  SUBCASE("k = N = 4: every expert gets every token") { check_emulated_combine<128>(33, 4, 4, 128, 64, 13); }
+  SUBCASE("no tokens") { check_emulated_combine<128>(0, 2, 4, 128, 64, 14); }
+}
+
+TEST_CASE("grouped gemm: a combine without its arrays, or with slots dropped, is refused") {
+  const grouped_test::Routing rt = grouped_test::make_routing(40, 2, 4, 21);
+  const grouped_test::Operands o = grouped_test::make_operands(rt.group_rows, 128, 64, false, 0, 0.05f, 22);
+  Bf16s out(std::size_t(o.rows * 128)), y(40 * 128);
+  std::vector<std::uint32_t> arrivals(40);
+  GroupedGemm<bfloat16> p = o.problem(Epilogue::none, false, out.data(), nullptr, 0);
+  p.combine = rt.combine(y.data(), 128, arrivals.data());
+  CHECK_NOTHROW(moe::cuda::check_grouped_gemm(p, 128));
+  GroupedGemm<bfloat16> q = p;
+  q.combine.arrivals = nullptr;
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("arrivals"));
+  q = p;
+  q.combine.ldy = 127;
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("even ldy"));
+  q = p;
+  q.max_rows = 79;  // fewer rows than slots: some slot has none
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("every slot's row"));
+  // Offsets that end short of T * k rows (a capacity dropped slots): the counts would never return to zero.
+  std::vector<Index> short_offsets = o.offsets;
+  short_offsets.back() -= 1;
+  q = p;
+  q.offsets = short_offsets.data();
+  CHECK_THROWS_WITH(moe::cuda::for_each_grouped_gemm_extent(q, [](const void*, std::size_t, const char*) {}),
+                    doctest::Contains("every slot kept"));
+}
 
 TEST_CASE("grouped gemm: tiles cover each group's rows once, in group order, empty groups skipped") {
   const std::vector<Index> offsets{0, 0, 300, 301, 301, 557};  // groups of 0, 300, 1, 0, 256 rows

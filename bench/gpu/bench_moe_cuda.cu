@@ -44,8 +44,11 @@
 //                      grouped_<BN>x<stages>[x<blocks an SM>]) against the layer's cuBLAS path
 //                      (cublas_experts: the gather, then a product per expert) and one dense
 //                      cuBLAS product of the same FLOPs (cublas_dense): is the kernel worth wiring in?
-//   routing_grouped    (bf16) the same for moe_fwd_grouped: route and combine (its products
-//                      gather their own rows and read the offsets on the device)
+//                      The second product also as grouped_128x4_combine: with the layer's combine in
+//                      its epilogue, as moe_fwd_grouped runs it (its cost = this row less grouped_128x4)
+//   routing_grouped    (bf16) the same for moe_fwd_grouped: route (and the combine where the
+//                      products cannot take it: a capacity); its products gather their own rows and
+//                      read the offsets on the device
 //   routing_dispatch   everything of the SelfRoute forward around the expert bank: backend.route
 //                      (top-k, softmax, dispatch; ends with the forward's one host sync),
 //                      gather_rows and combine, on the SelfRoute logits view of x
@@ -253,8 +256,9 @@ void bm_forward_backward(benchmark::State& state, const Shape& s, const Precisio
 
 // ---- routing + dispatch: the SelfRoute forward without the expert bank --------------------------
 
-// kGrouped: what the grouped forward (moe_fwd_grouped) does around its two products: route and
-// combine only (no gather, no wait for the offsets).
+// kGrouped: what the grouped forward (moe_fwd_grouped) does around its two products: route only
+// (no gather, no wait for the offsets; the combine rides on the second product, where no capacity
+// can drop a slot, else it runs here too).
 template <class B, bool kGrouped = false>
 void bm_routing_dispatch(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
@@ -271,7 +275,7 @@ void bm_routing_dispatch(benchmark::State& state, const Shape& s, const Precisio
       be.route(logits, config, plan, weights);  // ends by starting the host copy of the expert offsets
       B::resize(rows, s.T * s.k, s.H);           // every slot's row, as the layer does: no allocation after warm-up
       if constexpr (kGrouped) {                  // the rows stand in for the grouped products' output
-        be.combine(moe::ConstMatrixView<S>(rows), plan, weights, y);
+        if (!B::routed_sum_fits(plan, y)) be.combine(moe::ConstMatrixView<S>(rows), plan, weights, y);
         return;
       }
       be.gather_rows(input, plan, rows);         // queued before the wait, as in the layer
@@ -436,7 +440,9 @@ void bm_expert_gemm(benchmark::State& state, ExpertProduct product, Index R) {
 //                      then one cuBLASLt product per expert (host offsets) on the side streams
 //   cublas_dense       one cuBLASLt product over all R rows with expert 0's weights, no gather:
 //                      the same FLOPs with perfect batching (the product's floor)
-enum class ProductWay { grouped_128x4, grouped_256x4, grouped_128x3x2, cublas_experts, cublas_dense };
+//   grouped_128x4_combine  (second only) grouped_128x4 with the layer's combine in its epilogue
+//                      (GroupedGemm::combine, as BasicBackend::routed_linear_forward sets it)
+enum class ProductWay { grouped_128x4, grouped_256x4, grouped_128x3x2, cublas_experts, cublas_dense, grouped_combine };
 struct ProductWayCase {
   const char* name;
   ProductWay way;
@@ -445,7 +451,8 @@ const ProductWayCase kProductWays[] = {{"grouped_128x4", ProductWay::grouped_128
                                        {"grouped_256x4", ProductWay::grouped_256x4},
                                        {"grouped_128x3x2", ProductWay::grouped_128x3x2},
                                        {"cublas_experts", ProductWay::cublas_experts},
-                                       {"cublas_dense", ProductWay::cublas_dense}};
+                                       {"cublas_dense", ProductWay::cublas_dense},
+                                       {"grouped_128x4_combine", ProductWay::grouped_combine}};
 
 void bm_expert_product(benchmark::State& state, const Shape& s, bool first, ProductWay way) {
   guarded(state, [&] {
@@ -470,6 +477,7 @@ void bm_expert_product(benchmark::State& state, const Shape& s, bool first, Prod
     moe::check(offsets.back() == R, "bench expert products: a capacity dropped rows");
     if (first) be.gather_rows(input, plan, rows);  // the dense product's input (cublas_experts gathers again, timed)
     const std::vector<Index> dense{0, R};
+    B::Matrix y(way == ProductWay::grouped_combine ? s.T : 0, H);
     const auto cv = [](const B::Matrix& m) { return moe::ConstMatrixView<S>(m); };
 
     moe::cuda::GroupedGemm<S> g;
@@ -479,6 +487,7 @@ void bm_expert_product(benchmark::State& state, const Shape& s, bool first, Prod
     g.w = w.data(), g.w_stride = O * K, g.bias = bias ? b.data() : nullptr, g.bias_stride = O;
     g.out = out.data(), g.ldc = O, g.aux = gelu ? pre.data() : nullptr, g.ldaux = O, g.n = O, g.k = K;
     g.epilogue = gelu ? Epilogue::bias_gelu : bias ? Epilogue::bias : Epilogue::none;
+    const B::RoutedSum sum{&weights, y};
 
     const auto cublas = [&](std::span<const Index> at, moe::ConstMatrixView<S> a) {
       const moe::ConstMatrixView<S> weight = at.size() == 2 ? cv(w).row_block(0, O) : cv(w);
@@ -504,6 +513,9 @@ void bm_expert_product(benchmark::State& state, const Shape& s, bool first, Prod
           break;
         case ProductWay::cublas_dense:
           cublas(dense, first ? cv(rows) : cv(in));
+          break;
+        case ProductWay::grouped_combine:  // the backend's call: the same kernel (128 x 4) and arrival counts
+          be.routed_linear_forward(cv(in), plan, false, cv(w), bias ? b.data() : nullptr, out, &sum);
           break;
       }
     });
@@ -586,6 +598,7 @@ int main(int argc, char** argv) {
   for (const Shape* s : {&kGpt2Large, &kGpt2Small, &kMixtral})
     for (const bool first : {true, false})
       for (const ProductWayCase& c : kProductWays) {
+        if (first && c.way == ProductWay::grouped_combine) continue;  // the combine follows the second product
         const std::string name =
             std::string("expert_product/") + (first ? "first/" : "second/") + c.name + "/" + s->name + "/bf16";
         const ProductWay way = c.way;

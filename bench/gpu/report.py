@@ -127,12 +127,13 @@ def print_expert_gemms(times, errors):
 
 
 # bench_moe_cuda's expert_product rows: expert_product/<first|second>/<way>/<shape>/bf16.
-EXPERT_PRODUCT_WAYS = ["grouped_128x4", "grouped_256x4", "grouped_128x3x2", "cublas_experts", "cublas_dense"]
+EXPERT_PRODUCT_WAYS = ["grouped_128x4", "grouped_128x4_combine", "grouped_256x4", "grouped_128x3x2", "cublas_experts",
+                       "cublas_dense"]
 
 
-def print_expert_products(path):
-    """The expert bank's two products over a routed layer, by way: median us, TFLOP/s, and the
-    time against cublas_experts (the layer's path today) and cublas_dense (the product's floor)."""
+def load_expert_products(path):
+    """{(shape, product, way): [(ms, TFLOP/s), ...]} of the expert_product rows (medians of
+    repetitions only), and the failed rows' lines."""
     records, _, _ = gbench.read_runs(path)
     found, failed = {}, []
     for b in records:
@@ -147,6 +148,17 @@ def print_expert_products(path):
             continue
         ms = float(b["real_time"]) * UNIT_MS[b.get("time_unit", "ns")]
         found.setdefault((shape, product, way), []).append((ms, b.get("TFLOP/s")))
+    return found, failed
+
+
+def expert_product_ms(found, shape, product, way):
+    runs = found.get((shape, product, way))
+    return statistics.median(ms for ms, _ in runs) if runs else None
+
+
+def print_expert_products(found, failed):
+    """The expert bank's two products over a routed layer, by way: median us, TFLOP/s, and the
+    time against cublas_experts (the layer's path today) and cublas_dense (the product's floor)."""
     if not found and not failed:
         return
     order = {w: i for i, w in enumerate(EXPERT_PRODUCT_WAYS)}
@@ -160,8 +172,8 @@ def print_expert_products(path):
                 ms = median[way]
                 rows.append([shape, product, way, f"{1000 * ms:.1f}", f"{statistics.median(tflops):.0f}" if tflops else "-",
                              fmt_x(ratio(median.get("cublas_experts"), ms)), fmt_ratio(ratio(ms, median.get("cublas_dense")))])
-    print("The experts' products over a routed layer (bf16; first = gathered rows, bias + GELU; second = bias), "
-          "median us; x experts = cublas_experts / this way (> 1: faster than the layer's path today); "
+    print("The experts' products over a routed layer (bf16; first = gathered rows, bias + GELU; second = bias; "
+          "_combine: with the layer's combine in the epilogue), median us; x experts = cublas_experts / this way (> 1: faster than the layer's path today); "
           "/ dense = this way / cublas_dense (the same FLOPs in one dense product):")
     print()
     print(table(["shape", "product", "way", "us", "TFLOP/s", "x experts", "/ dense"], rows))
@@ -320,6 +332,7 @@ def main(argv):
         print()
 
     # ---- the forward with the grouped GEMM ----
+    products, product_failures = load_expert_products(argv[1])
     rows = []
     for shape in SHAPES:
         grouped = ours("moe_fwd_grouped", shape, "bf16")
@@ -327,19 +340,31 @@ def main(argv):
             continue
         fwd, floor = ours("moe_fwd", shape, "bf16"), ours("floor_fwd", shape, "bf16")
         share = ratio(ours("routing_grouped", shape, "bf16"), grouped)
+        first = expert_product_ms(products, shape, "first", "grouped_128x4")
+        second = expert_product_ms(products, shape, "second", "grouped_128x4")
+        second_combined = expert_product_ms(products, shape, "second", "grouped_128x4_combine")
+        bare = first + second if first is not None and second is not None else None
+        outside = grouped - bare if grouped is not None and bare is not None else None
+        combine = second_combined - second if second_combined is not None and second is not None else None
         rows.append([shape, fmt_ms(fwd), fmt_ms(grouped), fmt_x(ratio(fwd, grouped)), fmt_ratio(ratio(fwd, floor)),
-                     fmt_ratio(ratio(grouped, floor)), fmt_pct(share), errors.get(("moe_fwd_grouped", shape, "bf16"), "")])
+                     fmt_ratio(ratio(grouped, floor)), fmt_pct(share), fmt_ms(bare), fmt_pct(ratio(outside, grouped)),
+                     "-" if combine is None else f"{1000 * combine:.1f}",
+                     errors.get(("moe_fwd_grouped", shape, "bf16"), "")])
     if rows:
         print("The inference forward with the experts' products from the routing plan (ExpertGemm::grouped: one "
-              "wgmma launch per product, rows gathered as they load, no host sync) against the default (per expert), "
-              "bf16, median ms; gain = default / grouped; routing share = routing_grouped (route + combine) / grouped:")
+              "wgmma launch per product, rows gathered as they load, the combine in the second's epilogue, no host "
+              "sync) against the default (per expert), bf16, median ms; gain = default / grouped; route share = "
+              "routing_grouped / grouped; products = expert_product first + second grouped_128x4 (bare); outside share "
+              "= (grouped - products) / grouped, everything but the products' own work; combine us = the second "
+              "product with the combine less without:")
         print()
-        print(table(["shape", "fwd", "fwd grouped", "gain", "fwd / floor", "grouped / floor", "routing share", "error"], rows))
+        print(table(["shape", "fwd", "fwd grouped", "gain", "fwd / floor", "grouped / floor", "route share", "products",
+                     "outside share", "combine us", "error"], rows))
         print()
 
     # ---- one expert's products alone ----
     print_expert_gemms(times, errors)
-    print_expert_products(argv[1])
+    print_expert_products(products, product_failures)
 
     # ---- the targets, last ----
     passed = failed = missing = 0

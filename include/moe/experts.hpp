@@ -38,9 +38,10 @@ concept Expert = Backend<B> && requires(E& experts, const LayerConfig& config, B
 // (MoELayer's ForwardOptions::for_backward = false); the same output. Without it, forward serves.
 // Optional, for backends whose products read the routing plan themselves (the CUDA backend's
 // routed products, ExpertGemm::grouped): experts.can_infer_routed(be, x) and
-// experts.infer_routed(be, x, plan, out), infer's output from the layer's input x [T, H] and the
-// plan, with no expert-sorted copy of x and no host copy of the offsets; out [T*k, H] holds the
-// expert-sorted rows (rows past the plan's kept ones untouched).
+// experts.infer_routed(be, x, plan, out, sum), infer's output from the layer's input x [T, H] and
+// the plan, with no expert-sorted copy of x and no host copy of the offsets; out [T*k, H] holds the
+// expert-sorted rows (rows past the plan's kept ones untouched). sum (a B::RoutedSum, or null): the
+// layer's combine as well, handed to the last product.
 
 namespace detail {
 template <class Matrix, class Scalar>
@@ -93,13 +94,13 @@ struct GeluMLP {
   {
     return be.routed_input_fits(x) && be.routed_product_fits(ffn_, hidden_) && be.routed_product_fits(hidden_, ffn_);
   }
-  template <class Plan>
-  void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out)
-    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out); }
+  template <class Plan, class Sum>
+  void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out, const Sum* sum)
+    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out, sum); }
   {
     B::resize(act_, out.rows, ffn_);
     be.routed_linear_gelu_forward(x, plan, true, fc_w_, fc_b_.data(), MatrixView<Scalar>{}, act_);
-    be.routed_linear_forward(act_, plan, false, proj_w_, proj_b_.data(), out);
+    be.routed_linear_forward(act_, plan, false, proj_w_, proj_b_.data(), out, sum);
   }
   // (rows, dout) -> drows; gradients accumulate. Once per forward: act_ becomes the gradient.
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
@@ -160,14 +161,14 @@ struct SwiGLU {
     return be.routed_input_fits(x) && be.routed_product_fits(2 * ffn_, hidden_) &&
            be.routed_product_fits(hidden_, ffn_);
   }
-  template <class Plan>
-  void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out)
-    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out); }
+  template <class Plan, class Sum>
+  void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out, const Sum* sum)
+    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out, sum); }
   {
     B::resize(gate_up_, out.rows, 2 * ffn_), B::resize(act_, out.rows, ffn_);
     be.routed_linear_forward(x, plan, true, gate_up_w_, nullptr, gate_up_);
     be.swiglu_forward(gate_up_, act_);
-    be.routed_linear_forward(act_, plan, false, down_w_, nullptr, out);
+    be.routed_linear_forward(act_, plan, false, down_w_, nullptr, out, sum);
   }
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,
                 MatrixView<Scalar> drows) {

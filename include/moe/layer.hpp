@@ -181,7 +181,8 @@ class MoELayer {
     }
     logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
     backend_.route(logits_, config_, plan_, weights_);
-    if (keep || !infer_routed(input)) {
+    bool combined = false;  // by the routed products themselves
+    if (keep || !infer_routed(input, y, combined)) {
       // Gathered before the host reads the expert offsets: a GPU backend's route() leaves their
       // copy in flight, and the gather runs while the host waits for it. So room for every slot
       // (T*k rows); the R kept ones are filled.
@@ -194,7 +195,7 @@ class MoELayer {
       else
         infer_experts(offsets);
     }
-    backend_.combine(expert_out_, plan_, weights_, y);
+    if (!combined) backend_.combine(expert_out_, plan_, weights_, y);
 
     aux_ = has_aux_loss() ? backend_.aux_loss(logits_, plan_, config_, mask_) : AuxLosses{};
     if (collect_stats_) B::accumulate_stats(plan_, mask_, stats_);
@@ -247,15 +248,19 @@ class MoELayer {
   // An inference forward's experts straight from the routing plan, where the expert bank and the
   // backend offer it (moe/experts.hpp's infer_routed; the CUDA backend's routed products): no
   // expert-sorted copy of the input, no host copy of the offsets. expert_out_ then has a row per
-  // slot. False: not taken (the caller gathers).
-  bool infer_routed(ConstMatrixView<Scalar> input) {
-    if constexpr (requires {
+  // slot. Where the backend can (routed_sum_fits: no slot dropped), the last product also makes y
+  // (combined = true). False: not taken (the caller gathers).
+  bool infer_routed(ConstMatrixView<Scalar> input, MatrixView<Scalar> y, bool& combined) {
+    if constexpr (requires(const typename B::RoutedSum* sum) {
                     { experts_.can_infer_routed(backend_, input) } -> std::convertible_to<bool>;
-                    experts_.infer_routed(backend_, input, plan_, MatrixView<Scalar>(expert_out_));
+                    { B::routed_sum_fits(plan_, y) } -> std::convertible_to<bool>;
+                    experts_.infer_routed(backend_, input, plan_, MatrixView<Scalar>(expert_out_), sum);
                   }) {
       if (!experts_.can_infer_routed(backend_, input)) return false;
       B::resize(expert_out_, input.rows * config_.top_k, config_.hidden);
-      experts_.infer_routed(backend_, input, plan_, expert_out_);
+      const typename B::RoutedSum sum{&weights_, y};
+      combined = B::routed_sum_fits(plan_, y);
+      experts_.infer_routed(backend_, input, plan_, expert_out_, combined ? &sum : nullptr);
       return true;
     }
     return false;

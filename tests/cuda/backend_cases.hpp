@@ -663,7 +663,8 @@ void check_routed_inference(const moe::LayerConfig& config, Index T, std::uint64
   // A view whose rows do not start on 16 bytes cannot be gathered by the kernel's copies: the
   // per-expert path serves it.
   typename B::Matrix wide(T, config.hidden + 8);
-  CHECK_FALSE(layer.experts().can_infer_routed(layer.backend(), moe::ConstMatrixView<moe::bfloat16>(wide).col_block(1, config.hidden)));
+  if (T > 0)
+    CHECK_FALSE(layer.experts().can_infer_routed(layer.backend(), moe::ConstMatrixView<moe::bfloat16>(wide).col_block(1, config.hidden)));
   std::uint64_t syncs = 0;
   if constexpr (kEmulatedDevice) syncs = device.sync_count();
   layer.forward_into(x, y, {.for_backward = false});
@@ -690,6 +691,8 @@ TEST_CASE(CUDA_TEST_NAME("inference forward from the routing plan (ExpertGemm::g
   check_routed_inference<moe::GeluMLP>(config, 300, 7);
   config = {128, 256, 4, 4};  // k = N: every expert gets every token
   check_routed_inference<moe::GeluMLP>(config, 33, 8);
+  check_routed_inference<moe::GeluMLP>(config, 0, 9);  // no tokens: nothing to launch, nothing to refuse
+  check_routed_inference<moe::GeluMLP>(config, 1, 10);
   // Shapes the tiles do not take fall back to the per-expert products (H = 32).
   moe::MoELayer<moe::SelfRoute, moe::GeluMLP, moe::cuda::BasicBackend<moe::bfloat16, TestDevice>> small(
       small_config(8, 2), 1, {}, {}, moe::cuda::BasicBackend<moe::bfloat16, TestDevice>(make_device()));

@@ -92,4 +92,60 @@ inline Operands make_operands(const std::vector<Index>& group_rows, Index N, Ind
   return o;
 }
 
+// A routing of T tokens, each to k distinct experts of `groups` at random with random weights, laid
+// out as the backend's dispatch lays it: rows grouped by expert, each expert's in choice-major
+// order (every first choice before any second). For the combine (GroupedGemm::combine).
+struct Routing {
+  Index tokens = 0, top_k = 0;
+  std::vector<Index> group_rows;                         // rows per expert
+  std::vector<std::int32_t> slot_of_row, row_of_slot;    // [T * k] each
+  Bf16s weights;                                          // [T * k]
+
+  moe::cuda::GroupedCombine<bfloat16> combine(bfloat16* y, Index ldy, std::uint32_t* arrivals) const {
+    return {y, ldy, tokens, top_k, slot_of_row.data(), row_of_slot.data(), weights.data(), arrivals};
+  }
+  // y[t, c] from the rows out holds: the backend's combine (gather_sum), one fp32 sum per element.
+  Bf16s expected_combine(const bfloat16* out, Index ldc, Index n) const {
+    Bf16s y(std::size_t(tokens * n));
+    for (Index t = 0; t < tokens; ++t)
+      for (Index c = 0; c < n; ++c) {
+        float sum = 0;
+        for (Index j = 0; j < top_k; ++j) {
+          const std::size_t slot = std::size_t(t * top_k + j);
+          sum += float(weights[slot]) * float(out[Index(row_of_slot[slot]) * ldc + c]);
+        }
+        y[std::size_t(t * n + c)] = bfloat16(sum);
+      }
+    return y;
+  }
+};
+
+inline Routing make_routing(Index T, Index k, Index groups, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  Routing rt;
+  rt.tokens = T, rt.top_k = k;
+  std::vector<std::int32_t> expert(std::size_t(T * k));
+  std::vector<std::int32_t> order(static_cast<std::size_t>(groups));
+  for (Index t = 0; t < T; ++t) {
+    for (Index g = 0; g < groups; ++g) order[std::size_t(g)] = std::int32_t(g);
+    std::shuffle(order.begin(), order.end(), rng);
+    for (Index j = 0; j < k; ++j) expert[std::size_t(t * k + j)] = order[std::size_t(j)];
+  }
+  rt.group_rows.assign(std::size_t(groups), 0);
+  for (std::int32_t e : expert) ++rt.group_rows[std::size_t(e)];
+  std::vector<Index> next(std::size_t(groups), 0);
+  for (Index g = 1; g < groups; ++g) next[std::size_t(g)] = next[std::size_t(g - 1)] + rt.group_rows[std::size_t(g - 1)];
+  rt.slot_of_row.resize(std::size_t(T * k));
+  rt.row_of_slot.resize(std::size_t(T * k));
+  for (Index j = 0; j < k; ++j)
+    for (Index t = 0; t < T; ++t) {
+      const Index slot = t * k + j, row = next[std::size_t(expert[std::size_t(slot)])]++;
+      rt.slot_of_row[std::size_t(row)] = std::int32_t(slot), rt.row_of_slot[std::size_t(slot)] = std::int32_t(row);
+    }
+  std::uniform_real_distribution<float> weight(0.0f, 1.0f);
+  rt.weights.resize(std::size_t(T * k));
+  for (bfloat16& w : rt.weights) w = bfloat16(weight(rng));
+  return rt;
+}
+
 }  // namespace grouped_test

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -153,7 +154,66 @@ void run_probe(const Probe& probe) {
     cudaFree(q);
 }
 
+// The combine riding on the kernel (GroupedGemm::combine): T tokens routed to k of `groups` experts.
+// y against the combine of the rows the kernel wrote (the backend's gather_sum arithmetic on the
+// host: within a bf16 step, as the GPU may fuse its multiply-adds), every arrival count back at
+// zero, the same bits on a second launch, and the rows within bf16's rounding of the emulation.
+template <int BN>
+void check_kernel_combine(Index T, Index k, Index groups, Index N, Index K, std::uint32_t seed) {
+  const grouped_test::Routing rt = grouped_test::make_routing(T, k, groups, seed);
+  const grouped_test::Operands o = grouped_test::make_operands(rt.group_rows, N, K, false, 0, 0.03f, seed + 1);
+  const bfloat16 poison = bfloat16(12345.0f);
+  const grouped_test::Bf16s poisoned_rows(std::size_t(o.rows * N + 64), poison), poisoned_y(std::size_t(T * N + 64), poison);
+  grouped_test::Bf16s out_e = poisoned_rows;
+  moe::cuda::grouped_gemm_emulated<BN>(o.problem(Epilogue::bias, false, out_e.data(), nullptr, 0));
+
+  bfloat16 *d_a = device_copy(o.a), *d_w = device_copy(o.w), *d_bias = device_copy(o.bias);
+  bfloat16 *d_out = device_copy(poisoned_rows), *d_y = device_copy(poisoned_y), *d_weights = device_copy(rt.weights);
+  std::int32_t *d_slot_of_row = device_copy(rt.slot_of_row), *d_row_of_slot = device_copy(rt.row_of_slot);
+  std::uint32_t* d_arrivals = device_copy(std::vector<std::uint32_t>(std::size_t(T * (N / moe::cuda::kGroupedGemmColumns)), 0));
+  Index* d_offsets = device_copy(o.offsets);
+  GroupedGemm<bfloat16> dev = o.problem(Epilogue::bias, false, d_out, nullptr, 0);
+  dev.a = d_a, dev.offsets = d_offsets, dev.w = d_w, dev.bias = d_bias;
+  dev.combine = {d_y, N, T, k, d_slot_of_row, d_row_of_slot, d_weights, d_arrivals};
+  const moe::cuda::CudaDevice device(nullptr);
+  moe::cuda::grouped_gemm<BN, 4, 1>(device.stream(), dev);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<bfloat16> out = host_copy(d_out, poisoned_rows.size()), y = host_copy(d_y, poisoned_y.size());
+  const std::vector<std::uint32_t> arrivals = host_copy(d_arrivals, std::size_t(T * (N / moe::cuda::kGroupedGemmColumns)));
+  moe::cuda::grouped_gemm<BN, 4, 1>(device.stream(), dev);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<bfloat16> y_again = host_copy(d_y, poisoned_y.size());
+
+  Index far_rows = 0, far_y = 0, differ = 0;
+  for (Index i = 0; i < o.rows * N; ++i) {
+    const double got = double(float(out[std::size_t(i)])), emulated = double(float(out_e[std::size_t(i)]));
+    far_rows += std::abs(got - emulated) > 2e-2 * (std::abs(emulated) + 1e-2);
+  }
+  const grouped_test::Bf16s expected = rt.expected_combine(out.data(), N, N);
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    const double got = double(float(y[i])), want = double(float(expected[i]));
+    far_y += std::abs(got - want) > 8e-3 * (std::abs(want) + 1e-2);
+    differ += y_again[i].bits != y[i].bits;
+  }
+  CHECK(far_rows == 0);
+  CHECK_MESSAGE(far_y == 0, far_y << " of " << expected.size() << " combined values differ from the rows' combine");
+  CHECK(differ == 0);  // run to run, whichever row of a token came last
+  CHECK(std::all_of(arrivals.begin(), arrivals.end(), [](std::uint32_t a) { return a == 0; }));
+  for (std::size_t i = std::size_t(T * N); i < poisoned_y.size(); ++i) CHECK(y[i].bits == poison.bits);
+  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_w), static_cast<void*>(d_bias), static_cast<void*>(d_out),
+                  static_cast<void*>(d_y), static_cast<void*>(d_weights), static_cast<void*>(d_slot_of_row),
+                  static_cast<void*>(d_row_of_slot), static_cast<void*>(d_arrivals), static_cast<void*>(d_offsets)})
+    cudaFree(p);
+}
+
 }  // namespace
+
+TEST_CASE("hopper grouped gemm, GPU: the combine rides on the product (top-2 of 8 and top-1; 128 and 256 columns a tile)") {
+  if (skip_without_wgmma()) return;
+  check_kernel_combine<128>(1000, 2, 8, 768, 512, 31);
+  check_kernel_combine<256>(513, 1, 5, 512, 256, 32);
+  check_kernel_combine<128>(70, 4, 4, 256, 128, 33);
+}
 
 TEST_CASE("hopper grouped gemm, GPU: gathered rows through uneven experts, bias + GELU, 128 columns a tile") {
   if (skip_without_wgmma()) return;

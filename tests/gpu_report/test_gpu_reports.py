@@ -82,8 +82,10 @@ def moe_json(errors=()):
                 record["time_unit"] = "us"
             benchmarks += records
     # The experts' products by way (expert_product/<first|second>/<way>/<shape>/bf16), one failing.
-    for way, us in (("grouped_128x4", 50.0), ("cublas_experts", 75.0), ("cublas_dense", 40.0), ("grouped_256x4", 0)):
-        name = f"expert_product/first/{way}/gpt2_T16384/bf16/min_time:0.020/manual_time"
+    for product, way, us in (("first", "grouped_128x4", 50.0), ("first", "cublas_experts", 75.0),
+                             ("first", "cublas_dense", 40.0), ("first", "grouped_256x4", 0),
+                             ("second", "grouped_128x4", 400.0), ("second", "grouped_128x4_combine", 420.0)):
+        name = f"expert_product/{product}/{way}/gpt2_T16384/bf16/min_time:0.020/manual_time"
         error = "grouped_gemm: needs an sm_90 GPU" if not us else None
         records = gbench_records(name, [us, us, 2 * us], {"TFLOP/s": 600.0}, error=error)
         for record in records:
@@ -204,8 +206,10 @@ def main():
         if out.index("| gelu_fwd |") > out.index("| dgelu_nn |"):
             fail(f"the expert products are not in their listed order:\n{out}")
         # The grouped forward: 0.816 / 0.653 = 1.25x the default; 0.653 / 0.612 = 1.07 of the floor.
-        expect(out, "| gpt2_T16384 | 0.816 | 0.653 | 1.25x | 1.33 | 1.07 | 5.0% |",
-               "the grouped forward against the default and the floor, and its routing share (0.0326 / 0.653)")
+        # Its products bare: 50 + 400 us; outside them (0.653 - 0.450) / 0.653 = 31.1%; the combine 420 - 400 us.
+        expect(out, "| gpt2_T16384 | 0.816 | 0.653 | 1.25x | 1.33 | 1.07 | 5.0% | 0.450 | 31.1% | 20.0 |",
+               "the grouped forward against the default and the floor, its route share (0.0326 / 0.653), and "
+               "everything but its products")
         # The experts' products: 75 / 50 = 1.50x the layer's path, 50 / 40 = 1.25 of the dense product.
         expect(out, "| gpt2_T16384 | first | grouped_128x4 | 50.0 | 600 | 1.50x | 1.25", "a grouped way against both cuBLAS ways")
         expect(out, "| gpt2_T16384 | first | cublas_dense | 40.0 | 600 | 1.88x | 1.00", "the dense way's own row")

@@ -710,16 +710,47 @@ class BasicBackend {
   }
   // Whether the grouped GEMM can gather its rows from x: 16-byte rows (its copies' unit).
   static bool routed_input_fits(ConstMatrixView<S> x) { return rows_copyable(x.data, x.stride); }
+  // The layer's combine (combine(rows, plan, weights, y)) folded into the last routed product:
+  // GroupedGemm's combine, the same bits with no pass of its own over the T*k rows.
+  struct RoutedSum {
+    const Vector<S>* weights = nullptr;  // route()'s [T*k]
+    MatrixView<S> y;                     // [T, O]
+  };
+  // Whether it can: every slot kept (no expert can pass its capacity, so every token has its k
+  // rows), and y's pairs of columns 4-byte aligned.
+  static bool routed_sum_fits(const Plan& plan, MatrixView<S> y) {
+    return plan.capacity >= plan.tokens && y.stride % 2 == 0 && reinterpret_cast<std::uintptr_t>(y.data) % 4 == 0;
+  }
   // out[r] = in_row(r) W_e^T (+ b_e) for the plan's R rows r (expert-sorted, expert e's block),
   // one grouped GEMM (device.grouped_gemm): in_row(r) is in's row r (gathered = false: in is
   // the expert-sorted rows, [>= R, I]) or its token's row (gathered = true: in is the layer's
   // input, [T, I], read through slot_of_row). out has room for every slot, [T*k, O]; rows past
   // R keep what they held. Nothing waits for the host. weight: [N*O, I], bias: [N, O] or null.
+  // With sum (routed_sum_fits), also sum->y = the combine of out's rows by sum->weights.
   void routed_linear_forward(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
-                             const S* bias, MatrixView<S> out) const
+                             const S* bias, MatrixView<S> out, const RoutedSum* sum = nullptr) const
     requires std::is_same_v<S, bfloat16>  // the grouped GEMM's operands
   {
-    device_.grouped_gemm(routed_gemm(in, plan, gathered, weight, bias, out, bias ? Epilogue::bias : Epilogue::none));
+    GroupedGemm<S> g = routed_gemm(in, plan, gathered, weight, bias, out, bias ? Epilogue::bias : Epilogue::none);
+    if (sum) {
+      const Index T = plan.tokens, k = plan.top_k;
+      check(sum->weights && sum->weights->size() == T * k, "routed products: the combine needs route()'s ", T * k,
+            " weights");
+      check(sum->y.rows == T && sum->y.cols == out.cols, "routed products: the combine's y is [", sum->y.rows, ", ",
+            sum->y.cols, "], expected [", T, ", ", out.cols, "]");
+      check(routed_sum_fits(plan, sum->y), "routed products: the combine needs every slot kept (no capacity) and y's "
+                                            "rows 4-byte aligned with an even stride");
+      // Arrival counts, zero between launches (the kernel leaves them so): zeroed when they grow.
+      const Index counts = T * (out.cols / kGroupedGemmColumns);
+      if (arrivals_.size() < counts) {
+        arrivals_.resize(counts);
+        std::uint32_t* a = arrivals_.data();
+        device_.for_each(counts, [=] MOE_HOST_DEVICE(Index i) { a[i] = 0; });
+      }
+      g.combine = {sum->y.data,           sum->y.stride,     T, k, plan.slot_of_row.data(), plan.row.data(),
+                   sum->weights->data(), arrivals_.data()};
+    }
+    device_.grouped_gemm(g);
   }
   // act = gelu(in_row(r) W_e^T + b_e) as routed_linear_forward, pre (the pre-activation) kept
   // unless empty. bias required.
@@ -1216,6 +1247,7 @@ class BasicBackend {
 
   D device_;
   mutable Vector<C> partial_;                    // reduction partials
+  mutable Vector<std::uint32_t> arrivals_;       // routed_linear_forward's combine: [T * O / 128], zeros
   mutable Matrix weights_t_;                     // [E*I, O] the experts' transposed weights (DgeluWeights::transposed)
   mutable Vector<SoftmaxScale<C>> aux_scale_;    // [T] auxiliary losses: each token's softmax scale
   mutable Vector<double> aux_lse2_;              // [T] its logsumexp^2

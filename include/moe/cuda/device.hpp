@@ -88,7 +88,8 @@ enum class DgeluWeights { stored, transposed };
 //   per_expert  the expert-sorted copy of the input rows (gather_rows), the offsets' copy to the
 //               host (the forward's one sync), then a product per expert with rows (gemm_group)
 //   grouped     d.grouped_gemm straight from the routing plan: one launch per product, the first
-//               product's rows gathered from the tokens as it loads them, no copy and no sync
+//               product's rows gathered from the tokens as it loads them, no copy and no sync,
+//               and, where no slot can be dropped, the combine in the second's epilogue
 //               (bf16 only, at shapes its tiles take; elsewhere per_expert runs)
 // The same values within the products' rounding (on the emulated device the same bits).
 // per_expert is the default until grouped is measured faster on a GPU (bench_moe_cuda's

@@ -11,6 +11,18 @@
 //   bias_g  bias + g * bias_stride: [N] (Epilogue::bias and bias_gelu)
 //   out     [rows, N] row-major (ldc); aux the same shape (ldaux) for bias_gelu's pre-activation
 //
+// and, where `combine.y` is set (the MoE layer's second product), the layer's combine as well:
+//
+//   y[t, :] = sum_j weights[t k + j] * out[row_of_slot[t k + j], :]   in ascending j, in fp32
+//
+// each token's sum made by whichever of its k rows is written last. Every row counts its arrival in
+// `arrivals` (per token and BN-column block, one atomic per row: integers, so the count is exact);
+// the k-th reads the others' rows back (they are in L2, written moments before) and sums them in
+// slot order, so the result does not depend on which row came last: the bits of the separate
+// combine (the CUDA backend's gather_sum), without its pass over the T k rows. It needs every slot
+// kept (no capacity drops): then every token gets exactly k arrivals and each count ends where it
+// began, at zero.
+//
 // The GPU runs it as a Hopper kernel (moe/cuda/hopper_grouped_gemm.cuh): wgmma products read
 // from shared memory that cp.async fills in 128-byte-swizzled rows, a block of 2 warpgroups per
 // tile of kTileRows rows and BN columns. This header holds what the kernel and its host emulation
@@ -38,6 +50,18 @@
 
 namespace moe::cuda {
 
+// The layer's combine folded into the grouped product (above); null y: none.
+template <class S>
+struct GroupedCombine {
+  S* y = nullptr;                              // [tokens, N] (ldy)
+  Index ldy = 0;
+  Index tokens = 0, top_k = 0;
+  const std::int32_t* slot_of_row = nullptr;   // row -> slot t * k + j
+  const std::int32_t* row_of_slot = nullptr;   // slot -> row
+  const S* weights = nullptr;                  // [tokens * k], a slot's weight
+  std::uint32_t* arrivals = nullptr;           // [tokens * N / kGroupedGemmColumns], zeros (left zeros)
+};
+
 template <class S>
 struct GroupedGemm {
   const S* a = nullptr;
@@ -57,6 +81,7 @@ struct GroupedGemm {
   Index ldaux = 0;
   Index n = 0, k = 0;
   Epilogue epilogue = Epilogue::none;  // none, bias or bias_gelu
+  GroupedCombine<S> combine;           // the layer's combine as well, where combine.y is set
 };
 
 // The columns of a tile in the devices' grouped GEMM (CudaDevice and EmulatedDevice::grouped_gemm):
@@ -158,6 +183,35 @@ MOE_HOST_DEVICE OutputValues<S> output_values(Epilogue epilogue, float acc, cons
   return {S(activation::gelu(pre)), S(pre)};
 }
 
+// ---- the combine ---------------------------------------------------------------------------------
+// Where a row's arrival is counted: its token's count for the block of BN columns from n0.
+template <class S>
+MOE_HOST_DEVICE std::uint32_t* arrival_counter(const GroupedGemm<S>& p, Index row, Index n0, int block_n) {
+  const Index token = Index(p.combine.slot_of_row[row]) / p.combine.top_k;
+  return p.combine.arrivals + token * (p.n / block_n) + n0 / block_n;
+}
+// Token t's combined pair of columns (c, c + 1), from its k rows in slot order; load(r) gives row
+// r's pair. The arithmetic of the backend's gather_sum: sum += weight * value in fp32, rounded once.
+template <class S, class Load>
+MOE_HOST_DEVICE void combined_pair(const GroupedCombine<S>& m, Index token, Load load, S& y0, S& y1) {
+  float sum0 = 0, sum1 = 0;
+  for (Index j = 0; j < m.top_k; ++j) {
+    const Index slot = token * m.top_k + j;
+    S v0, v1;
+    load(Index(m.row_of_slot[slot]), v0, v1);
+    sum0 += float(m.weights[slot]) * float(v0);
+    sum1 += float(m.weights[slot]) * float(v1);
+  }
+  y0 = S(sum0), y1 = S(sum1);
+}
+
+// combined_pair's load for the host emulation: row r's pair at column c of out, as any other memory.
+struct PairOfRow {
+  const bfloat16* out;
+  Index ldc, c;
+  MOE_HOST_DEVICE void operator()(Index r, bfloat16& v0, bfloat16& v1) const { v0 = out[r * ldc + c], v1 = out[r * ldc + c + 1]; }
+};
+
 // The host's reading of a descriptor: the byte of shared memory that element (row, e) of a
 // K-major 16-bit operand (row < 8 * groups, e < 16 within one wgmma step) comes from. The address
 // walks rows as the descriptor says (8-row groups at the stride byte offset, 128 bytes between
@@ -187,7 +241,7 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
   check(p.n > 0 && p.k > 0 && p.n % block_n == 0 && p.k % grouped_gemm_detail::kStageK == 0,
         "grouped_gemm: N = ", p.n, " must be a multiple of ", block_n, " and K = ", p.k, " of ",
         grouped_gemm_detail::kStageK);
-  check(p.a && p.w && p.out && p.max_rows >= 0, "grouped_gemm: A, W and out must be set");
+  check(p.max_rows >= 0 && (p.max_rows == 0 || (p.a && p.w && p.out)), "grouped_gemm: A, W and out must be set");
   check(p.lda >= p.k && p.ldc >= p.n && p.w_stride >= p.n * p.k, "grouped_gemm: lda = ", p.lda, ", ldc = ", p.ldc,
         ", w_stride = ", p.w_stride, " are too small for N = ", p.n, ", K = ", p.k);
   // 16-byte copies of A's rows and W's (its groups w_stride apart, its rows K apart: a multiple
@@ -203,6 +257,15 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
   check(!p.aux || (p.epilogue == Epilogue::bias_gelu && p.ldaux >= p.n),
         "grouped_gemm: aux is bias_gelu's pre-activation, [rows, >= N]");
   check(!p.gather || p.gather_divisor >= 1, "grouped_gemm: gather_divisor must be >= 1");
+  const GroupedCombine<S>& m = p.combine;
+  if (m.y) {
+    check(m.top_k >= 1 && m.tokens >= 0 && (m.tokens == 0 || (m.slot_of_row && m.row_of_slot && m.weights && m.arrivals)),
+          "grouped_gemm: the combine needs top_k >= 1, slot_of_row, row_of_slot, weights and arrivals");
+    check(m.ldy >= p.n && m.ldy % 2 == 0 && reinterpret_cast<std::uintptr_t>(m.y) % 4 == 0,
+          "grouped_gemm: the combine's y must start 4-byte aligned, with an even ldy >= N (", m.ldy, ")");
+    check(p.max_rows >= m.tokens * m.top_k, "grouped_gemm: the combine needs every slot's row: max_rows = ", p.max_rows,
+          " < tokens * top_k = ", m.tokens * m.top_k);
+  }
 }
 
 // What a grouped product reads and writes, for a device that checks its memory (host copies of
@@ -226,6 +289,18 @@ void for_each_grouped_gemm_extent(const GroupedGemm<bfloat16>& p, Inside inside)
   if (p.epilogue != Epilogue::none) inside(p.bias, span(p.groups, p.bias_stride, p.n) * sizeof(bfloat16), "grouped_gemm's bias");
   inside(p.out, span(rows, p.ldc, p.n) * sizeof(bfloat16), "grouped_gemm's out");
   if (p.aux) inside(p.aux, span(rows, p.ldaux, p.n) * sizeof(bfloat16), "grouped_gemm's aux");
+  const GroupedCombine<bfloat16>& m = p.combine;
+  if (m.y) {
+    check(rows == m.tokens * m.top_k, "grouped_gemm: the combine needs every slot kept: the offsets end at ", rows,
+          " rows, tokens * top_k = ", m.tokens * m.top_k);
+    const std::size_t slots = std::size_t(rows);
+    inside(m.slot_of_row, slots * sizeof(std::int32_t), "grouped_gemm's slot_of_row");
+    inside(m.row_of_slot, slots * sizeof(std::int32_t), "grouped_gemm's row_of_slot");
+    inside(m.weights, slots * sizeof(bfloat16), "grouped_gemm's combine weights");
+    inside(m.arrivals, std::size_t(m.tokens * (p.n / kGroupedGemmColumns)) * sizeof(std::uint32_t),
+           "grouped_gemm's arrivals");
+    inside(m.y, span(m.tokens, m.ldy, p.n) * sizeof(bfloat16), "grouped_gemm's combine output");
+  }
 }
 
 // The kernel's steps on the host, with host pointers (offsets and gather included): for each tile
@@ -294,6 +369,16 @@ void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
             p.out[row * p.ldc + c] = v.out;
             if (p.aux) p.aux[row * p.ldaux + c] = v.aux;
           }
+      if (!p.combine.y) continue;
+      // The combine: each row of the tile arrives; a token's k-th arrival sums its rows.
+      for (Index row = tile.row_begin; row < tile.row_end; ++row) {
+        std::uint32_t* count = gd::arrival_counter(p, row, n0, BN);
+        if (++*count < std::uint32_t(p.combine.top_k)) continue;
+        *count = 0;
+        const Index token = Index(p.combine.slot_of_row[row]) / p.combine.top_k;
+        bfloat16* y = p.combine.y + token * p.combine.ldy;
+        for (Index c = n0; c < n0 + BN; c += 2) gd::combined_pair(p.combine, token, gd::PairOfRow{p.out, p.ldc, c}, y[c], y[c + 1]);
+      }
     }
   }
 }

@@ -10,7 +10,8 @@
 // ring of `Stages` stages, filled Stages - 2 ahead: a stage is refilled two iterations after
 // the products that read it were issued, once every warpgroup has waited for them
 // (wgmma.wait_group 1, then the next iteration's barrier). The epilogue adds the bias (and GELU),
-// rounds once, and stores pairs of columns from the accumulator fragment.
+// rounds once, and stores pairs of columns from the accumulator fragment. With a combine, each
+// row then counts its arrival, and a token's last row sums its k rows into y (combine_rows).
 //
 // wgmma needs the arch-specific target: compile with -gencode=arch=compute_90a,code=sm_90a
 // (CMAKE_CUDA_ARCHITECTURES 90a). Built for anything else, the kernel is empty and
@@ -113,6 +114,53 @@ __device__ inline void wgmma_m64n256k16(float (&d)[128], std::uint64_t a, std::u
       : "l"(a), "l"(b), "r"(scale_d));
 }
 
+// Two neighbouring bf16 values of global memory, read from L2 (not L1: another block wrote them
+// during this kernel).
+__device__ inline void load_pair_from_l2(const bfloat16* at, bfloat16& v0, bfloat16& v1) {
+  const unsigned int bits = __ldcg(reinterpret_cast<const unsigned int*>(at));
+  v0.bits = std::uint16_t(bits & 0xffffu), v1.bits = std::uint16_t(bits >> 16);
+}
+
+// The combine after a tile's stores (grouped_gemm.hpp). A row's N values lie with the 4 lanes of a
+// quad (the fragment's rows are t / 4 of a warp), 2 rows a lane. Each lane fences its stores;
+// after the warp's barrier the quad's first lane counts the row's arrival (fence, barrier, atomic:
+// the pattern of CUDA's threadFenceReduction sample, a warp for its block). The token's k-th
+// arrival fences again and passes it on through a barrier of the quads that came last, then its
+// quad reads the k rows from L2 and writes y; its first lane puts the count back to zero (no
+// other row of that token and block comes after it).
+template <int BN>
+__device__ inline void combine_rows(const GroupedGemm<bfloat16>& p, const grouped_gemm_detail::Tile& tile, int warpgroup,
+                                    int thread, Index n0) {
+  namespace gd = grouped_gemm_detail;
+  const GroupedCombine<bfloat16>& m = p.combine;
+  const int lane = thread % 32;
+  __threadfence();  // this lane's stores of its rows, before their arrival is counted
+  __syncwarp();
+  MOE_UNROLL
+  for (int half = 0; half < 2; ++half) {  // the lane's rows: values 4 q + 2 half + {0, 1}
+    const Index row = tile.row_begin + warpgroup * gd::kWarpgroupRows + gd::fragment_row(thread, 2 * half);
+    const bool valid = row < tile.row_end;  // the same for the 4 lanes of the quad
+    unsigned int last = 0;
+    if (valid && lane % 4 == 0)
+      last = atomicAdd(gd::arrival_counter(p, row, n0, BN), 1u) == unsigned(m.top_k - 1) ? 1u : 0u;
+    last = __shfl_sync(0xffffffffu, last, lane & ~3);
+    const unsigned int lasts = __ballot_sync(0xffffffffu, last);
+    if (!last) continue;
+    __threadfence();   // the count saw the other rows' arrivals: their stores are visible from here,
+    __syncwarp(lasts);  // to the first lane's quad-mates too
+    const Index token = Index(m.slot_of_row[row]) / m.top_k;
+    MOE_UNROLL
+    for (int i = 2 * half; i < BN / 2; i += 4) {
+      const Index c = n0 + gd::fragment_col(thread, i);
+      bfloat16 y0, y1;
+      gd::combined_pair(m, token, [&](Index r, bfloat16& v0, bfloat16& v1) { load_pair_from_l2(p.out + r * p.ldc + c, v0, v1); },
+                        y0, y1);
+      *reinterpret_cast<std::uint32_t*>(m.y + token * m.ldy + c) = std::uint32_t(y0.bits) | (std::uint32_t(y1.bits) << 16);
+    }
+    if (lane % 4 == 0) *gd::arrival_counter(p, row, n0, BN) = 0u;
+  }
+}
+
 template <int BN>
 __device__ inline void wgmma_step(float (&d)[BN / 2], std::uint64_t a, std::uint64_t b) {
   if constexpr (BN == 128)
@@ -213,6 +261,7 @@ __global__ void __launch_bounds__(grouped_gemm_detail::kThreads, MinBlocks) grou
     if (p.aux)
       *reinterpret_cast<std::uint32_t*>(p.aux + row * p.ldaux + c) = std::uint32_t(v0.aux.bits) | (std::uint32_t(v1.aux.bits) << 16);
   }
+  if (p.combine.y) combine_rows<BN>(p, tile, warpgroup, thread, n0);
 #endif
 }
 
