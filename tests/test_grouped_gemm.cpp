@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/grouped_gemm_operands.hpp"
+#include "moe/activations.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
 
 namespace {
@@ -95,7 +96,37 @@ void check_emulated_combine(Index T, Index k, Index groups, Index N, Index K, st
   CHECK(y == first);
 }
 
+// SwiGLU in the tiles (GroupedGemm::swiglu): W_g's 2F rows [gate; up], out [rows, F]. Against
+// the same operands as a plain product of 2F columns (gate_up, itself checked above) followed by
+// the unfused pass's arithmetic: the same bits.
+template <int BN>
+void check_emulated_swiglu(bool gather, std::vector<Index> group_rows, Index F, Index K, std::uint32_t seed) {
+  const grouped_test::Operands o = grouped_test::make_operands(group_rows, 2 * F, K, gather, 8, 0.05f, seed);
+  const bfloat16 poison = bfloat16(12345.0f);
+  Bf16s gate_up(std::size_t(o.rows * 2 * F + 1), poison), act(std::size_t(o.rows * F + 1), poison);
+  moe::cuda::grouped_gemm_emulated<BN>(o.problem(Epilogue::none, gather, gate_up.data(), nullptr, 3));
+  GroupedGemm<bfloat16> p = o.problem(Epilogue::none, gather, act.data(), nullptr, 3);
+  p.n = F, p.ldc = F, p.swiglu = true;
+  CHECK_NOTHROW(moe::cuda::for_each_grouped_gemm_extent(p, [](const void*, std::size_t, const char*) {}));
+  moe::cuda::grouped_gemm_emulated<BN>(p);
+  Index wrong = 0;
+  for (Index r = 0; r < o.rows; ++r)
+    for (Index c = 0; c < F; ++c) {
+      const float g = float(gate_up[std::size_t(r * 2 * F + c)]), u = float(gate_up[std::size_t(r * 2 * F + F + c)]);
+      wrong += act[std::size_t(r * F + c)].bits != bfloat16(moe::activation::silu(g) * u).bits;
+    }
+  CHECK(wrong == 0);
+  CHECK(act.back().bits == poison.bits);
+}
+
 }  // namespace
+
+TEST_CASE("grouped gemm: SwiGLU in the tiles gives the unfused product and pass's bits") {
+  SUBCASE("128 columns a tile (64 outputs), gathered rows, uneven groups") {
+    check_emulated_swiglu<128>(true, {130, 0, 1, 257}, 192, 128, 41);
+  }
+  SUBCASE("256 columns a tile (128 outputs), rows in place") { check_emulated_swiglu<256>(false, {64, 200}, 256, 64, 42); }
+}
 
 TEST_CASE("grouped gemm: the combine rides on the product: the combine's bits, counts back at zero") {
   SUBCASE("top-2 of 8, 128 columns a tile") { check_emulated_combine<128>(300, 2, 8, 256, 128, 11); }
@@ -198,4 +229,14 @@ TEST_CASE("grouped gemm: shapes the tiles cannot take are refused with the shape
   q = p;
   q.epilogue = Epilogue::dgelu;
   CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("none, bias or bias_gelu"));
+  // SwiGLU: W holds 2N rows an expert, N a multiple of half a tile, no other epilogue.
+  q = p;
+  q.n = 64, q.swiglu = true;
+  CHECK_NOTHROW(moe::cuda::check_grouped_gemm(q, 128));
+  q.n = 96, q.ldc = 128;
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("multiple of 64 (swiglu: half a tile)"));
+  q.n = 128;
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("swiglu: 2N rows of W"));
+  q.n = 64, q.epilogue = Epilogue::bias, q.bias = w.data();
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("swiglu is its own epilogue"));
 }

@@ -442,7 +442,10 @@ void bm_expert_gemm(benchmark::State& state, ExpertProduct product, Index R) {
 //                      the same FLOPs with perfect batching (the product's floor)
 //   grouped_128x4_combine  (second only) grouped_128x4 with the layer's combine in its epilogue
 //                      (GroupedGemm::combine, as BasicBackend::routed_linear_forward sets it)
-enum class ProductWay { grouped_128x4, grouped_256x4, grouped_128x3x2, cublas_experts, cublas_dense, grouped_combine };
+//   grouped_128x4_swiglu   (first, SwiGLU shapes only) grouped_128x4 making silu(gate) * up in its
+//                      tiles (GroupedGemm::swiglu, BasicBackend::routed_swiglu_forward): no gate_up
+enum class ProductWay { grouped_128x4, grouped_256x4, grouped_128x3x2, cublas_experts, cublas_dense, grouped_combine,
+                        grouped_swiglu };
 struct ProductWayCase {
   const char* name;
   ProductWay way;
@@ -452,7 +455,8 @@ const ProductWayCase kProductWays[] = {{"grouped_128x4", ProductWay::grouped_128
                                        {"grouped_128x3x2", ProductWay::grouped_128x3x2},
                                        {"cublas_experts", ProductWay::cublas_experts},
                                        {"cublas_dense", ProductWay::cublas_dense},
-                                       {"grouped_128x4_combine", ProductWay::grouped_combine}};
+                                       {"grouped_128x4_combine", ProductWay::grouped_combine},
+                                       {"grouped_128x4_swiglu", ProductWay::grouped_swiglu}};
 
 void bm_expert_product(benchmark::State& state, const Shape& s, bool first, ProductWay way) {
   guarded(state, [&] {
@@ -477,7 +481,7 @@ void bm_expert_product(benchmark::State& state, const Shape& s, bool first, Prod
     moe::check(offsets.back() == R, "bench expert products: a capacity dropped rows");
     if (first) be.gather_rows(input, plan, rows);  // the dense product's input (cublas_experts gathers again, timed)
     const std::vector<Index> dense{0, R};
-    B::Matrix y(way == ProductWay::grouped_combine ? s.T : 0, H);
+    B::Matrix y(way == ProductWay::grouped_combine ? s.T : 0, H), act(way == ProductWay::grouped_swiglu ? R : 0, F);
     const auto cv = [](const B::Matrix& m) { return moe::ConstMatrixView<S>(m); };
 
     moe::cuda::GroupedGemm<S> g;
@@ -516,6 +520,9 @@ void bm_expert_product(benchmark::State& state, const Shape& s, bool first, Prod
           break;
         case ProductWay::grouped_combine:  // the backend's call: the same kernel (128 x 4) and arrival counts
           be.routed_linear_forward(cv(in), plan, false, cv(w), bias ? b.data() : nullptr, out, &sum);
+          break;
+        case ProductWay::grouped_swiglu:  // the backend's call: w is [N * 2F, H], each expert's gate rows then up rows
+          be.routed_swiglu_forward(input, plan, true, cv(w), act);
           break;
       }
     });
@@ -599,6 +606,7 @@ int main(int argc, char** argv) {
     for (const bool first : {true, false})
       for (const ProductWayCase& c : kProductWays) {
         if (first && c.way == ProductWay::grouped_combine) continue;  // the combine follows the second product
+        if ((!first || !s->swiglu) && c.way == ProductWay::grouped_swiglu) continue;  // SwiGLU's first product only
         const std::string name =
             std::string("expert_product/") + (first ? "first/" : "second/") + c.name + "/" + s->name + "/bf16";
         const ProductWay way = c.way;

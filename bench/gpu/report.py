@@ -127,7 +127,7 @@ def print_expert_gemms(times, errors):
 
 
 # bench_moe_cuda's expert_product rows: expert_product/<first|second>/<way>/<shape>/bf16.
-EXPERT_PRODUCT_WAYS = ["grouped_128x4", "grouped_128x4_combine", "grouped_256x4", "grouped_128x3x2", "cublas_experts",
+EXPERT_PRODUCT_WAYS = ["grouped_128x4", "grouped_128x4_swiglu", "grouped_128x4_combine", "grouped_256x4", "grouped_128x3x2", "cublas_experts",
                        "cublas_dense"]
 
 
@@ -173,7 +173,7 @@ def print_expert_products(found, failed):
                 rows.append([shape, product, way, f"{1000 * ms:.1f}", f"{statistics.median(tflops):.0f}" if tflops else "-",
                              fmt_x(ratio(median.get("cublas_experts"), ms)), fmt_ratio(ratio(ms, median.get("cublas_dense")))])
     print("The experts' products over a routed layer (bf16; first = gathered rows, bias + GELU; second = bias; "
-          "_combine: with the layer's combine in the epilogue), median us; x experts = cublas_experts / this way (> 1: faster than the layer's path today); "
+          "_swiglu: silu(gate) * up in the tiles, no gate_up; _combine: with the layer's combine in the epilogue), median us; x experts = cublas_experts / this way (> 1: faster than the layer's path today); "
           "/ dense = this way / cublas_dense (the same FLOPs in one dense product):")
     print()
     print(table(["shape", "product", "way", "us", "TFLOP/s", "x experts", "/ dense"], rows))
@@ -340,7 +340,9 @@ def main(argv):
             continue
         fwd, floor = ours("moe_fwd", shape, "bf16"), ours("floor_fwd", shape, "bf16")
         share = ratio(ours("routing_grouped", shape, "bf16"), grouped)
-        first = expert_product_ms(products, shape, "first", "grouped_128x4")
+        # SwiGLU's forward makes silu(gate) * up in its first product's tiles: that way's row where measured.
+        first = (expert_product_ms(products, shape, "first", "grouped_128x4_swiglu")
+                 or expert_product_ms(products, shape, "first", "grouped_128x4"))
         second = expert_product_ms(products, shape, "second", "grouped_128x4")
         second_combined = expert_product_ms(products, shape, "second", "grouped_128x4_combine")
         bare = first + second if first is not None and second is not None else None
@@ -354,7 +356,8 @@ def main(argv):
         print("The inference forward with the experts' products from the routing plan (ExpertGemm::grouped: one "
               "wgmma launch per product, rows gathered as they load, the combine in the second's epilogue, no host "
               "sync) against the default (per expert), bf16, median ms; gain = default / grouped; route share = "
-              "routing_grouped / grouped; products = expert_product first + second grouped_128x4 (bare); outside share "
+              "routing_grouped / grouped; products = expert_product first (_swiglu for SwiGLU) + second grouped_128x4 "
+              "(bare); outside share "
               "= (grouped - products) / grouped, everything but the products' own work; combine us = the second "
               "product with the combine less without:")
         print()

@@ -154,7 +154,8 @@ struct SwiGLU {
     be.grouped_linear_forward(act_, offsets, down_w_, nullptr, out);
   }
   // forward from the routing plan (the concept's note above), keeping nothing for backward: the
-  // first product gathers x's rows; gate_up_ and act_ are workspace of one row per slot.
+  // first product gathers x's rows and makes silu(gate) * up in its epilogue (its tiles hold F's
+  // gate and up columns in halves: 2F fits as F's tiles do); act_ is workspace of a row per slot.
   bool can_infer_routed(const B& be, ConstMatrixView<Scalar> x) const
     requires requires { be.routed_product_fits(Index{}, Index{}); }
   {
@@ -163,11 +164,13 @@ struct SwiGLU {
   }
   template <class Plan, class Sum>
   void infer_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out, const Sum* sum)
-    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out, sum); }
+    requires requires {
+      be.routed_swiglu_forward(x, plan, true, x, out);
+      be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out, sum);
+    }
   {
-    B::resize(gate_up_, out.rows, 2 * ffn_), B::resize(act_, out.rows, ffn_);
-    be.routed_linear_forward(x, plan, true, gate_up_w_, nullptr, gate_up_);
-    be.swiglu_forward(gate_up_, act_);
+    B::resize(act_, out.rows, ffn_);
+    be.routed_swiglu_forward(x, plan, true, gate_up_w_, act_);  // silu(gate) * up in the product's epilogue
     be.routed_linear_forward(act_, plan, false, down_w_, nullptr, out, sum);
   }
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,

@@ -206,7 +206,51 @@ void check_kernel_combine(Index T, Index k, Index groups, Index N, Index K, std:
     cudaFree(p);
 }
 
+// SwiGLU in the tiles (GroupedGemm::swiglu): the kernel against its emulation (bf16 steps apart:
+// the tensor cores add in their own order), twice with the same bits, nothing past the last row.
+template <int BN>
+void check_kernel_swiglu(bool gather, const std::vector<Index>& group_rows, Index F, Index K, std::uint32_t seed) {
+  const grouped_test::Operands o = grouped_test::make_operands(group_rows, 2 * F, K, gather, 64, 0.03f, seed);
+  const bfloat16 poison = bfloat16(12345.0f);
+  const grouped_test::Bf16s poisoned(std::size_t(o.rows * F + 64), poison);
+  grouped_test::Bf16s act_e = poisoned;
+  GroupedGemm<bfloat16> host = o.problem(Epilogue::none, gather, act_e.data(), nullptr, 100);
+  host.n = F, host.ldc = F, host.swiglu = true;
+  moe::cuda::grouped_gemm_emulated<BN>(host);
+
+  bfloat16 *d_a = device_copy(o.a), *d_w = device_copy(o.w), *d_act = device_copy(poisoned);
+  std::int32_t* d_source = device_copy(o.source.empty() ? std::vector<std::int32_t>{0} : o.source);
+  Index* d_offsets = device_copy(o.offsets);
+  GroupedGemm<bfloat16> dev = host;
+  dev.a = d_a, dev.gather = gather ? d_source : nullptr, dev.offsets = d_offsets, dev.w = d_w, dev.out = d_act;
+  const moe::cuda::CudaDevice device(nullptr);
+  moe::cuda::grouped_gemm<BN, 4, 1>(device.stream(), dev);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<bfloat16> act = host_copy(d_act, poisoned.size());
+  moe::cuda::grouped_gemm<BN, 4, 1>(device.stream(), dev);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const std::vector<bfloat16> again = host_copy(d_act, poisoned.size());
+  Index far = 0, differ = 0;
+  for (std::size_t i = 0; i < std::size_t(o.rows * F); ++i) {
+    const double got = double(float(act[i])), emulated = double(float(act_e[i]));
+    far += std::abs(got - emulated) > 3e-2 * (std::abs(emulated) + 1e-2);
+    differ += again[i].bits != act[i].bits;
+  }
+  CHECK_MESSAGE(far == 0, far << " of " << o.rows * F << " SwiGLU outputs far from the emulation");
+  CHECK(differ == 0);
+  for (std::size_t i = std::size_t(o.rows * F); i < poisoned.size(); ++i) CHECK(act[i].bits == poison.bits);
+  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_w), static_cast<void*>(d_act), static_cast<void*>(d_source),
+                  static_cast<void*>(d_offsets)})
+    cudaFree(p);
+}
+
 }  // namespace
+
+TEST_CASE("hopper grouped gemm, GPU: SwiGLU in the tiles (gate and up halves), 128 and 256 columns a tile") {
+  if (skip_without_wgmma()) return;
+  check_kernel_swiglu<128>(true, {300, 0, 1, 129, 517}, 448, 256, 51);
+  check_kernel_swiglu<256>(false, {200, 70}, 256, 128, 52);
+}
 
 TEST_CASE("hopper grouped gemm, GPU: the combine rides on the product (top-2 of 8 and top-1; 128 and 256 columns a tile)") {
   if (skip_without_wgmma()) return;

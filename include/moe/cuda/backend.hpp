@@ -767,6 +767,17 @@ class BasicBackend {
     device_.grouped_gemm(g);
   }
 
+  // act = silu(gate) * up of in_row(r) [W_gate; W_up]_e^T as routed_linear_forward, one grouped
+  // GEMM whose tiles hold each output's gate and up columns (GroupedGemm::swiglu): the same bits as
+  // routed_linear_forward into gate_up, then swiglu_forward, without the [*, 2F] matrix or its pass.
+  // weight: [N*2F, I] (each expert's gate rows, then its up rows), act: [T*k, F].
+  void routed_swiglu_forward(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
+                             MatrixView<S> act) const
+    requires std::is_same_v<S, bfloat16>
+  {
+    device_.grouped_gemm(routed_gemm(in, plan, gathered, weight, nullptr, act, Epilogue::none, true));
+  }
+
   // dweight_e += dout_e^T in_e; dbias_e += column sums of dout_e (if dbias);
   // din = dout_e W_e (if din). din may alias in: the weight gradient is formed first.
   void grouped_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, std::span<const Index> offsets,
@@ -1180,13 +1191,14 @@ class BasicBackend {
   }
 
  private:
-  // The grouped product of routed_linear_*: the plan's device offsets and, for gathered input,
-  // its slot_of_row over top_k (a row's slot -> its token).
+  // The grouped product of routed_*: the plan's device offsets and, for gathered input, its
+  // slot_of_row over top_k (a row's slot -> its token). swiglu: each expert has 2 O weight rows.
   GroupedGemm<S> routed_gemm(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
-                             const S* bias, MatrixView<S> out, Epilogue epilogue) const {
+                             const S* bias, MatrixView<S> out, Epilogue epilogue, bool swiglu = false) const {
     const Index N = plan.experts, O = out.cols, I = in.cols, slots = plan.slots_count();
-    check(weight.rows == N * O && weight.cols == I, "routed products: weight is [", weight.rows, ", ", weight.cols,
-          "], expected [", N * O, ", ", I, "]");
+    const Index rows_per_expert = swiglu ? 2 * O : O;
+    check(weight.rows == N * rows_per_expert && weight.cols == I, "routed products: weight is [", weight.rows, ", ",
+          weight.cols, "], expected [", N * rows_per_expert, ", ", I, "]");
     check(out.rows >= slots, "routed products: out has ", out.rows, " rows, the plan's slots need ", slots);
     check(gathered ? in.rows == plan.tokens : in.rows >= slots, "routed products: in has ", in.rows, " rows, expected ",
           gathered ? plan.tokens : slots, gathered ? " (the tokens)" : " (one per slot)");
@@ -1195,8 +1207,8 @@ class BasicBackend {
     g.a = in.data, g.lda = in.stride;
     g.gather = gathered ? plan.slot_of_row.data() : nullptr, g.gather_divisor = std::int32_t(plan.top_k);
     g.offsets = plan.offsets.data(), g.groups = N, g.max_rows = slots;
-    g.w = weight.data, g.w_stride = O * I, g.bias = bias, g.bias_stride = O;
-    g.out = out.data, g.ldc = out.stride, g.n = O, g.k = I, g.epilogue = epilogue;
+    g.w = weight.data, g.w_stride = rows_per_expert * I, g.bias = bias, g.bias_stride = O;
+    g.out = out.data, g.ldc = out.stride, g.n = O, g.k = I, g.epilogue = epilogue, g.swiglu = swiglu;
     return g;
   }
 

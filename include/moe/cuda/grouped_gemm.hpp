@@ -11,6 +11,15 @@
 //   bias_g  bias + g * bias_stride: [N] (Epilogue::bias and bias_gelu)
 //   out     [rows, N] row-major (ldc); aux the same shape (ldaux) for bias_gelu's pre-activation
 //
+// With `swiglu`, W_g holds 2N rows, SwiGLU's [gate; up] (the expert bank's gate_up weights), and
+//
+//   out[r, c] = silu(gate) * up,   gate = A[source(r)] . W_g[c],  up = A[source(r)] . W_g[N + c]
+//
+// each of gate and up rounded to bf16 first, as the unfused path stores gate_up before its SwiGLU
+// pass (the same bits). A tile's BN columns of W are then BN/2 gate rows and the BN/2 up rows of
+// the same outputs, so each thread holds both values of its outputs (grouped_gemm_detail::
+// weight_row); the [rows, 2N] gate_up matrix and the pass over it are never made.
+//
 // and, where `combine.y` is set (the MoE layer's second product), the layer's combine as well:
 //
 //   y[t, :] = sum_j weights[t k + j] * out[row_of_slot[t k + j], :]   in ascending j, in fp32
@@ -81,6 +90,7 @@ struct GroupedGemm {
   Index ldaux = 0;
   Index n = 0, k = 0;
   Epilogue epilogue = Epilogue::none;  // none, bias or bias_gelu
+  bool swiglu = false;                 // W_g is [gate; up], 2N rows; out = silu(gate) * up (epilogue none)
   GroupedCombine<S> combine;           // the layer's combine as well, where combine.y is set
 };
 
@@ -125,6 +135,26 @@ MOE_HOST_DEVICE inline Tile tile_of(const Index* offsets, Index groups, Index ti
 
 // sum_g ceil(rows_g / kTileRows) <= ceil(sum_g rows_g / kTileRows) + groups.
 inline Index tiles_bound(Index max_rows, Index groups) { return (max_rows + kTileRows - 1) / kTileRows + groups; }
+
+// Outputs a tile's BN columns of W make: BN, or BN/2 with swiglu (a gate and an up column each).
+template <class S>
+MOE_HOST_DEVICE Index tile_outputs(const GroupedGemm<S>& p, int block_n) {
+  return p.swiglu ? block_n / 2 : block_n;
+}
+// The W_g row that column j of a tile multiplies by, for the tile whose first output column is f0:
+// f0 + j, or with swiglu the gate row f0 + j (j < BN/2) and the up row N + f0 + j - BN/2 (the
+// partner of the gate BN/2 columns before it).
+template <class S>
+MOE_HOST_DEVICE Index weight_row(const GroupedGemm<S>& p, Index f0, int block_n, Index j) {
+  if (!p.swiglu) return f0 + j;
+  return j < block_n / 2 ? f0 + j : p.n + f0 + j - block_n / 2;
+}
+// SwiGLU's output from the fp32 gate and up products: each rounded to S as the stored gate_up
+// would be, then the unfused pass's arithmetic (BasicBackend::swiglu_forward).
+template <class S>
+MOE_HOST_DEVICE S swiglu_output(float gate, float up) {
+  return S(activation::silu(float(S(gate))) * float(S(up)));
+}
 
 // The A row a tile's row r (absolute, in the groups' concatenation) reads.
 template <class S>
@@ -238,12 +268,15 @@ bool rows_copyable(const S* data, Index stride) {
 template <class S>
 void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
   check(p.groups >= 1 && p.offsets, "grouped_gemm: needs groups >= 1 and their offsets, got groups = ", p.groups);
-  check(p.n > 0 && p.k > 0 && p.n % block_n == 0 && p.k % grouped_gemm_detail::kStageK == 0,
-        "grouped_gemm: N = ", p.n, " must be a multiple of ", block_n, " and K = ", p.k, " of ",
-        grouped_gemm_detail::kStageK);
+  const Index outputs = grouped_gemm_detail::tile_outputs(p, block_n), w_rows = p.swiglu ? 2 * p.n : p.n;
+  check(p.n > 0 && p.k > 0 && p.n % outputs == 0 && p.k % grouped_gemm_detail::kStageK == 0,
+        "grouped_gemm: N = ", p.n, " must be a multiple of ", outputs, p.swiglu ? " (swiglu: half a tile)" : "",
+        " and K = ", p.k, " of ", grouped_gemm_detail::kStageK);
   check(p.max_rows >= 0 && (p.max_rows == 0 || (p.a && p.w && p.out)), "grouped_gemm: A, W and out must be set");
-  check(p.lda >= p.k && p.ldc >= p.n && p.w_stride >= p.n * p.k, "grouped_gemm: lda = ", p.lda, ", ldc = ", p.ldc,
-        ", w_stride = ", p.w_stride, " are too small for N = ", p.n, ", K = ", p.k);
+  check(p.lda >= p.k && p.ldc >= p.n && p.w_stride >= w_rows * p.k, "grouped_gemm: lda = ", p.lda, ", ldc = ", p.ldc,
+        ", w_stride = ", p.w_stride, " are too small for N = ", p.n, ", K = ", p.k, p.swiglu ? " (swiglu: 2N rows of W)" : "");
+  check(!p.swiglu || (p.epilogue == Epilogue::none && !p.aux && !p.combine.y),
+        "grouped_gemm: swiglu is its own epilogue: no bias, aux or combine");
   // 16-byte copies of A's rows and W's (its groups w_stride apart, its rows K apart: a multiple
   // of kStageK), 4-byte stores of two outputs.
   check(rows_copyable(p.a, p.lda) && rows_copyable(p.w, p.w_stride),
@@ -285,7 +318,7 @@ void for_each_grouped_gemm_extent(const GroupedGemm<bfloat16>& p, Inside inside)
   }
   const auto span = [](Index count, Index stride, Index width) { return std::size_t((count - 1) * stride + width); };
   inside(p.a, span(last_source + 1, p.lda, p.k) * sizeof(bfloat16), "grouped_gemm's A");
-  inside(p.w, span(p.groups, p.w_stride, p.n * p.k) * sizeof(bfloat16), "grouped_gemm's weights");
+  inside(p.w, span(p.groups, p.w_stride, (p.swiglu ? 2 * p.n : p.n) * p.k) * sizeof(bfloat16), "grouped_gemm's weights");
   if (p.epilogue != Epilogue::none) inside(p.bias, span(p.groups, p.bias_stride, p.n) * sizeof(bfloat16), "grouped_gemm's bias");
   inside(p.out, span(rows, p.ldc, p.n) * sizeof(bfloat16), "grouped_gemm's out");
   if (p.aux) inside(p.aux, span(rows, p.ldaux, p.n) * sizeof(bfloat16), "grouped_gemm's aux");
@@ -330,7 +363,7 @@ void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
     if (!tile.valid) continue;
     const bfloat16* w = p.w + tile.group * p.w_stride;
     const bfloat16* bias = p.bias ? p.bias + tile.group * p.bias_stride : nullptr;
-    for (Index n0 = 0; n0 < p.n; n0 += BN) {
+    for (Index n0 = 0; n0 < p.n; n0 += gd::tile_outputs(p, BN)) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (Index k0 = 0; k0 < p.k; k0 += gd::kStageK) {
         std::memset(stage, 0x7f, Layout::bytes);  // poison: a byte the placement misses reads as garbage
@@ -345,7 +378,8 @@ void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
           }
         for (Index r = 0; r < BN; ++r)
           for (Index c = 0; c < gd::kChunksPerRow; ++c)
-            std::memcpy(stage + b_base + gd::swizzled_chunk(r, c), w + (n0 + r) * p.k + k0 + c * 8, gd::kChunkBytes);
+            std::memcpy(stage + b_base + gd::swizzled_chunk(r, c), w + gd::weight_row(p, n0, BN, r) * p.k + k0 + c * 8,
+                        gd::kChunkBytes);
         for (int wg = 0; wg < 2; ++wg)
           for (Index step = 0; step < gd::kStageK / gd::kStepK; ++step) {
             const std::uint64_t da = gd::operand_descriptor(std::uint32_t(a_base + wg * gd::kWarpgroupRows * gd::kRowBytes + step * 32));
@@ -359,16 +393,22 @@ void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
           }
       }
       for (int wg = 0; wg < 2; ++wg)
-        for (int thread = 0; thread < 128; ++thread)
-          for (int i = 0; i < BN / 2; ++i) {
+        for (int thread = 0; thread < 128; ++thread) {
+          const float* d = &acc[std::size_t((wg * 128 + thread) * (BN / 2))];
+          // swiglu: the gate values are the first BN/4 (columns < BN/2), each one's up BN/4 on.
+          for (int i = 0; i < (p.swiglu ? BN / 4 : BN / 2); ++i) {
             const Index row = tile.row_begin + wg * gd::kWarpgroupRows + gd::fragment_row(thread, i);
             if (row >= tile.row_end) continue;
             const Index c = n0 + gd::fragment_col(thread, i);
-            const gd::OutputValues<bfloat16> v =
-                gd::output_values(p.epilogue, acc[std::size_t((wg * 128 + thread) * (BN / 2) + i)], bias, c);
+            if (p.swiglu) {
+              p.out[row * p.ldc + c] = gd::swiglu_output<bfloat16>(d[i], d[i + BN / 4]);
+              continue;
+            }
+            const gd::OutputValues<bfloat16> v = gd::output_values(p.epilogue, d[i], bias, c);
             p.out[row * p.ldc + c] = v.out;
             if (p.aux) p.aux[row * p.ldaux + c] = v.aux;
           }
+        }
       if (!p.combine.y) continue;
       // The combine: each row of the tile arrives; a token's k-th arrival sums its rows.
       for (Index row = tile.row_begin; row < tile.row_end; ++row) {

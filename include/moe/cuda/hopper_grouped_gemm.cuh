@@ -10,7 +10,8 @@
 // ring of `Stages` stages, filled Stages - 2 ahead: a stage is refilled two iterations after
 // the products that read it were issued, once every warpgroup has waited for them
 // (wgmma.wait_group 1, then the next iteration's barrier). The epilogue adds the bias (and GELU),
-// rounds once, and stores pairs of columns from the accumulator fragment. With a combine, each
+// rounds once, and stores pairs of columns from the accumulator fragment (swiglu: silu(gate) * up
+// from the two halves of the tile's columns, which the same thread holds). With a combine, each
 // row then counts its arrival, and a token's last row sums its k rows into y (combine_rows).
 //
 // wgmma needs the arch-specific target: compile with -gencode=arch=compute_90a,code=sm_90a
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(grouped_gemm_detail::kThreads, MinBlocks) grou
   if (!tile.valid) return;  // past the groups' last tile (the grid is sized by a bound)
   const std::uint32_t base = (shared_address(shared_raw) + 1023u) & ~1023u;  // the swizzle's period
   const int t = int(threadIdx.x), warpgroup = t / 128, chunk = t % 8;
-  const Index n0 = Index(blockIdx.x) * BN;
+  const Index n0 = Index(blockIdx.x) * gd::tile_outputs(p, BN);  // the tile's first output column
 
   // Thread t copies chunk t % 8 of rows t / 8 + 32 j: its sources and places, the same every stage.
   const bfloat16* a_src[kARows];
@@ -201,13 +202,13 @@ __global__ void __launch_bounds__(grouped_gemm_detail::kThreads, MinBlocks) grou
     a_src[j] = p.a + (a_valid[j] ? gd::source_row(p, row) * p.lda : 0) + chunk * 8;
     a_dst[j] = gd::swizzled_chunk(r, chunk);
   }
-  const bfloat16* w = p.w + tile.group * p.w_stride + n0 * p.k;
+  const bfloat16* w = p.w + tile.group * p.w_stride;
   const bfloat16* b_src[kBRows];
   std::uint32_t b_dst[kBRows];
   MOE_UNROLL
   for (int j = 0; j < kBRows; ++j) {
     const Index r = t / 8 + 32 * j;
-    b_src[j] = w + r * p.k + chunk * 8;
+    b_src[j] = w + gd::weight_row(p, n0, BN, r) * p.k + chunk * 8;
     b_dst[j] = Layout::a_bytes + gd::swizzled_chunk(r, chunk);
   }
   const auto load_stage = [&](Index kt) {
@@ -250,6 +251,18 @@ __global__ void __launch_bounds__(grouped_gemm_detail::kThreads, MinBlocks) grou
 
   const bfloat16* bias = p.bias ? p.bias + tile.group * p.bias_stride : nullptr;
   const int thread = t % 128;
+  if (p.swiglu) {
+    MOE_UNROLL
+    for (int i = 0; i < BN / 4; i += 2) {  // the gate values (columns < BN/2), each one's up BN/4 values on
+      const Index row = tile.row_begin + warpgroup * gd::kWarpgroupRows + gd::fragment_row(thread, i);
+      if (row >= tile.row_end) continue;
+      const Index c = n0 + gd::fragment_col(thread, i);
+      const bfloat16 y0 = gd::swiglu_output<bfloat16>(d[i], d[i + BN / 4]);
+      const bfloat16 y1 = gd::swiglu_output<bfloat16>(d[i + 1], d[i + 1 + BN / 4]);
+      *reinterpret_cast<std::uint32_t*>(p.out + row * p.ldc + c) = std::uint32_t(y0.bits) | (std::uint32_t(y1.bits) << 16);
+    }
+    return;
+  }
   MOE_UNROLL
   for (int i = 0; i < BN / 2; i += 2) {  // values i and i + 1: one row, two neighbouring columns
     const Index row = tile.row_begin + warpgroup * gd::kWarpgroupRows + gd::fragment_row(thread, i);
@@ -314,7 +327,8 @@ void grouped_gemm(cudaStream_t stream, const GroupedGemm<bfloat16>& p) {
         cudaGetErrorString(sized));
   const Index tiles = grouped_gemm_detail::tiles_bound(p.max_rows, p.groups);
   check(tiles < 65536, "grouped_gemm: ", p.max_rows, " rows need more than 65535 row tiles");
-  kernel<<<dim3(unsigned(p.n / BN), unsigned(tiles)), grouped_gemm_detail::kThreads, bytes, stream>>>(p);
+  const Index column_tiles = p.n / grouped_gemm_detail::tile_outputs(p, BN);
+  kernel<<<dim3(unsigned(column_tiles), unsigned(tiles)), grouped_gemm_detail::kThreads, bytes, stream>>>(p);
   const cudaError_t launched = cudaGetLastError();
   check(launched == cudaSuccess, "grouped_gemm: launch: ", cudaGetErrorString(launched));
 }
