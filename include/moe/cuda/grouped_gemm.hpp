@@ -26,9 +26,9 @@
 //
 // each token's sum made by whichever of its k rows is written last. Every row counts its arrival in
 // `arrivals` (per token and BN-column block, one atomic per row: integers, so the count is exact);
-// the k-th reads the others' rows back (they are in L2, written moments before) and sums them in
-// slot order, so the result does not depend on which row came last: the bits of the separate
-// combine (the CUDA backend's gather_sum), without its pass over the T k rows. It needs every slot
+// the k-th reads the others' rows back (from L2 while they are still there) and sums them in slot
+// order, so the result does not depend on which row came last: the bits of the separate combine
+// (the CUDA backend's gather_sum), without its launch and its second read of every row. It needs every slot
 // kept (no capacity drops): then every token gets exactly k arrivals and each count ends where it
 // began, at zero.
 //
