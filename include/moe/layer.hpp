@@ -180,9 +180,12 @@ class MoELayer {
       input = layer_input(), gate_in = gate_input();
     }
     logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
-    backend_.route(logits_, config_, plan_, weights_);
+    const bool routed = !keep && can_infer_routed(input);
+    route(routed);
     bool combined = false;  // by the routed products themselves
-    if (keep || !infer_routed(input, y, combined)) {
+    if (routed) {
+      combined = infer_routed(input, y);
+    } else {
       // Gathered before the host reads the expert offsets: a GPU backend's route() leaves their
       // copy in flight, and the gather runs while the host waits for it. So room for every slot
       // (T*k rows); the R kept ones are filled.
@@ -245,23 +248,43 @@ class MoELayer {
       experts_.forward(backend_, expert_input(), offsets, expert_out_);
   }
 
-  // An inference forward's experts straight from the routing plan, where the expert bank and the
-  // backend offer it (moe/experts.hpp's infer_routed; the CUDA backend's routed products): no
+  // Whether the expert bank and the backend offer an inference forward straight from the routing
+  // plan (moe/experts.hpp's infer_routed; the CUDA backend's routed products).
+  static constexpr bool has_routed_inference() {
+    if constexpr (requires { typename B::RoutedSum; }) {  // the backend's half first: its types below
+      return requires(ExpertsType& e, B& be, ConstMatrixView<Scalar> x, MatrixView<Scalar> out,
+                      const typename B::Plan& plan, const typename B::RoutedSum* sum) {
+        { e.can_infer_routed(be, x) } -> std::convertible_to<bool>;
+        { B::routed_sum_fits(plan, out) } -> std::convertible_to<bool>;
+        e.infer_routed(be, x, plan, out, sum);
+      };
+    } else {
+      return false;
+    }
+  }
+  bool can_infer_routed(ConstMatrixView<Scalar> input) const {
+    if constexpr (has_routed_inference()) return experts_.can_infer_routed(backend_, input);
+    return false;
+  }
+  // route(); the routed products never read the offsets on the host, so a backend that copies them
+  // there (the CUDA backend: route() starts the copy the per-expert path waits for) need not.
+  void route(bool offsets_stay_on_device) {
+    if constexpr (requires { backend_.route(logits_, config_, plan_, weights_, true); })
+      backend_.route(logits_, config_, plan_, weights_, !offsets_stay_on_device);
+    else
+      backend_.route(logits_, config_, plan_, weights_);
+  }
+  // An inference forward's experts straight from the routing plan (can_infer_routed): no
   // expert-sorted copy of the input, no host copy of the offsets. expert_out_ then has a row per
-  // slot. Where the backend can (routed_sum_fits: no slot dropped), the last product also makes y
-  // (combined = true). False: not taken (the caller gathers).
-  bool infer_routed(ConstMatrixView<Scalar> input, MatrixView<Scalar> y, bool& combined) {
-    if constexpr (requires(const typename B::RoutedSum* sum) {
-                    { experts_.can_infer_routed(backend_, input) } -> std::convertible_to<bool>;
-                    { B::routed_sum_fits(plan_, y) } -> std::convertible_to<bool>;
-                    experts_.infer_routed(backend_, input, plan_, MatrixView<Scalar>(expert_out_), sum);
-                  }) {
-      if (!experts_.can_infer_routed(backend_, input)) return false;
+  // slot. Where the backend can (routed_sum_fits: no slot dropped), the last product also makes y;
+  // returns whether it did.
+  bool infer_routed(ConstMatrixView<Scalar> input, MatrixView<Scalar> y) {
+    if constexpr (has_routed_inference()) {
       B::resize(expert_out_, input.rows * config_.top_k, config_.hidden);
       const typename B::RoutedSum sum{&weights_, y};
-      combined = B::routed_sum_fits(plan_, y);
+      const bool combined = B::routed_sum_fits(plan_, y);
       experts_.infer_routed(backend_, input, plan_, expert_out_, combined ? &sum : nullptr);
-      return true;
+      return combined;
     }
     return false;
   }

@@ -658,6 +658,8 @@ void check_routed_inference(const moe::LayerConfig& config, Index T, std::uint64
   device.set_expert_gemm(moe::cuda::ExpertGemm::per_expert);
   layer.forward_into(x, y, {.for_backward = false});
   const std::vector<float> per_expert = to_host<moe::bfloat16>(layer.backend(), y.data(), y.size());
+  const std::span<const Index> per_expert_offsets = B::expert_offsets(layer.last_plan());
+  const std::vector<Index> offsets(per_expert_offsets.begin(), per_expert_offsets.end());
   device.set_expert_gemm(moe::cuda::ExpertGemm::grouped);
   REQUIRE(layer.experts().can_infer_routed(layer.backend(), x));
   // A view whose rows do not start on 16 bytes cannot be gathered by the kernel's copies: the
@@ -669,6 +671,12 @@ void check_routed_inference(const moe::LayerConfig& config, Index T, std::uint64
   if constexpr (kEmulatedDevice) syncs = device.sync_count();
   layer.forward_into(x, y, {.for_backward = false});
   if constexpr (kEmulatedDevice) CHECK(device.sync_count() == syncs);
+  // Its route() did not copy the offsets to the host (the products read them on the device); a
+  // host read afterwards copies them then.
+  CHECK_FALSE(layer.last_plan().offsets_copy_in_flight());
+  CHECK_FALSE(layer.last_plan().offsets_on_host());
+  const std::span<const Index> routed_offsets = B::expert_offsets(layer.last_plan());
+  CHECK(std::vector<Index>(routed_offsets.begin(), routed_offsets.end()) == offsets);
   const std::vector<float> routed = to_host<moe::bfloat16>(layer.backend(), y.data(), y.size());
   device.set_expert_gemm(moe::cuda::ExpertGemm::per_expert);
   if constexpr (kEmulatedDevice) CHECK(routed == per_expert);

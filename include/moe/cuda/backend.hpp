@@ -82,21 +82,26 @@ struct DevicePlan {
 
   // The host copy of the offsets. route() starts it and returns; the first of these reads waits
   // for it (the forward's one sync point), so what was queued after route() (the gather) keeps
-  // the GPU busy while the host waits, and the experts' products queue behind it.
+  // the GPU busy while the host waits, and the experts' products queue behind it. A route() told
+  // not to copy them (the routed products read them on the device) leaves the copy to this read.
   std::span<const Index> host_offsets() const {
+    if (offsets_stale_) start_offsets_download();
     finish_offsets();
     return host_offsets_;
   }
   Index rows() const { return host_offsets().empty() ? 0 : host_offsets_.back(); }  // R: the kept slots
   Index dropped_slots() const { return slots_count() - rows(); }
-  bool offsets_on_host() const { return !offsets_pending_; }
+  bool offsets_on_host() const { return !offsets_pending_ && !offsets_stale_; }
+  bool offsets_copy_in_flight() const { return offsets_pending_; }
 
   // route()'s part, on the device that routed: the copy of `offsets` ([experts + 1]) starts.
-  void start_offsets_download() {
+  void start_offsets_download() const {
     host_offsets_.resize(std::size_t(experts + 1));
     device->start_download(offsets_download_, offsets.data(), host_offsets_.size() * sizeof(Index));
-    offsets_pending_ = true;
+    offsets_pending_ = true, offsets_stale_ = false;
   }
+  // route()'s part when it does not copy them: the host's copy is out of date until a read.
+  void mark_offsets_stale() { offsets_stale_ = true, offsets_pending_ = false; }
 
  private:
   void finish_offsets() const {
@@ -107,6 +112,7 @@ struct DevicePlan {
   mutable std::vector<Index> host_offsets_;  // [N+1]
   mutable typename D::PendingDownload offsets_download_;
   mutable bool offsets_pending_ = false;
+  mutable bool offsets_stale_ = false;
 };
 
 namespace detail {
@@ -896,8 +902,10 @@ class BasicBackend {
   // logits: [T, N] (a strided view is read in place: SelfRoute's slice of x is never copied)
   // -> plan, weights [T*k]. Selection and weights: moe::route_one_token, one thread per token.
   // Dispatch: detail::dispatch_by_counts, a counting sort in three launches. Ends by starting the
-  // offsets' copy to the host.
-  void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights) const {
+  // offsets' copy to the host, unless copy_offsets is false (the routed products read them on the
+  // device; a later host read copies them then).
+  void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights,
+             bool copy_offsets = true) const {
     const Index T = logits.rows, N = logits.cols, k = config.top_k;
     check_top_k(k, N);
     check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
@@ -918,7 +926,10 @@ class BasicBackend {
     detail::dispatch_by_counts(device_, plan.choice.data(), T, k, N, plan.capacity, tiles, plan.tile_count.data(),
                                plan.chosen_count.data(), plan.offsets.data(), plan.row.data(),
                                plan.slot_of_row.data());
-    plan.start_offsets_download();  // read by B::expert_offsets(plan): the forward's sync point
+    if (copy_offsets)
+      plan.start_offsets_download();  // read by B::expert_offsets(plan): the forward's sync point
+    else
+      plan.mark_offsets_stale();
   }
 
   // rows[r] = x[token of row r] for the R kept rows: the expert-sorted copy of the input.
