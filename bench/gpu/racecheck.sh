@@ -7,7 +7,10 @@
 # use their own, which no argument of ours can make racy, and under racecheck they run for minutes:
 # the first H200 run could not finish the fp32 attention case in 155 s. So racecheck checks the
 # kernels whose names hold "for_each_" and the others run unchecked. RACECHECK_KERNELS=all checks
-# every kernel.
+# every kernel: the way to check the Hopper grouped GEMM (grouped_gemm_kernel, whose cases run no
+# cuBLAS): RACECHECK_KERNELS=all with SANITIZER_FILTER='--test-case=*hopper?grouped*'. Where the
+# sanitizer offers --check-warpgroup-mma, it is turned on: the grouped GEMM's wgmma products read
+# shared memory asynchronously, after cp.async wrote it.
 #
 # First the canary: moe_cuda_tests' "racecheck canary" case, skipped in every other run, plants a
 # race between two warps of a block. Racecheck must report it under the same filter, or a clean run
@@ -48,6 +51,12 @@ if [[ ${RACECHECK_KERNELS:-ours} != all ]]; then
   else
     echo "racecheck.sh: $sanitizer --help names no kernel filter (--kernel-name, --kernel-regex): checking every kernel"
   fi
+fi
+
+# The tensor cores' asynchronous reads of shared memory (wgmma), where this sanitizer can check them.
+help=${help:-$("$sanitizer" --help 2>&1 || true)}
+if grep -q -- '--check-warpgroup-mma' <<<"$help"; then
+  filter+=(--check-warpgroup-mma yes)
 fi
 
 # The canary: its own exit status marks a reported error apart from a failing case (doctest's 1).

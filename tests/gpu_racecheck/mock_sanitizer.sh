@@ -3,7 +3,8 @@
 # appends its arguments as one line to $MOCK_CALLS. Any run but the canary runs the test binary (the
 # argument after the sanitizer's own options) with the arguments after it, and passes on its output
 # and exit status, unless the environment says otherwise:
-#   MOCK_HELP      name | regex | none: which kernel filter option --help lists
+#   MOCK_HELP      name | regex | none | wgmma: which kernel filter option --help lists (wgmma:
+#                  --kernel-name and --check-warpgroup-mma)
 #   MOCK_CANARY    report | silent: whether the canary run (the one with --no-skip) reports its race
 #   MOCK_RACE      a case name: its run reports a race (exit status: --error-exitcode's)
 #   MOCK_BREAKDOWN a case name: in its run the sanitizer breaks down, and the case fails
@@ -13,6 +14,8 @@ if [[ ${1:-} == --help ]]; then
     name) echo "  --kernel-name arg        Filter the kernels to check."
           echo "  --kernel-name-exclude arg  Filter the kernels not to check." ;;
     regex) echo "  --kernel-regex arg       Filter the kernels to check." ;;
+    wgmma) echo "  --kernel-name arg        Filter the kernels to check."
+           echo "  --check-warpgroup-mma arg  Check warpgroup MMA operations." ;;
   esac
   exit 0
 fi

@@ -70,6 +70,15 @@ run MOCK_HELP=none -- '--test-case=*e*'
   fail "a filter where --help offers none, or no word of it"
 run RACECHECK_KERNELS=all -- '--test-case=*e*'
 ((rc == 0)) && ! grep -q -- '--kernel' "$calls" || fail "RACECHECK_KERNELS=all still filters"
+# A sanitizer that checks wgmma's asynchronous shared-memory reads: on, on every run, filter or not.
+run MOCK_HELP=wgmma -- '--test-case=*e*'
+((rc == 0)) && (($(grep -c -- '--kernel-name kns=for_each_ --check-warpgroup-mma yes' "$calls") == 3)) ||
+  fail "no --check-warpgroup-mma yes where --help offers it"
+run MOCK_HELP=wgmma RACECHECK_KERNELS=all -- '--test-case=*e*'
+((rc == 0)) && (($(grep -c -- '--check-warpgroup-mma yes' "$calls") == 3)) && ! grep -q -- '--kernel' "$calls" ||
+  fail "RACECHECK_KERNELS=all lost --check-warpgroup-mma"
+run MOCK_HELP=name -- '--test-case=*e*'
+! grep -q -- '--check-warpgroup-mma' "$calls" || fail "--check-warpgroup-mma passed where --help does not offer it"
 
 # Usage, and a binary that cannot list its cases.
 rc=0
