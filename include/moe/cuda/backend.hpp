@@ -85,34 +85,36 @@ struct DevicePlan {
   // the GPU busy while the host waits, and the experts' products queue behind it. A route() told
   // not to copy them (the routed products read them on the device) leaves the copy to this read.
   std::span<const Index> host_offsets() const {
-    if (offsets_stale_) start_offsets_download();
+    if (offsets_copy_ == OffsetsCopy::not_started) start_offsets_download();
     finish_offsets();
     return host_offsets_;
   }
   Index rows() const { return host_offsets().empty() ? 0 : host_offsets_.back(); }  // R: the kept slots
   Index dropped_slots() const { return slots_count() - rows(); }
-  bool offsets_on_host() const { return !offsets_pending_ && !offsets_stale_; }
-  bool offsets_copy_in_flight() const { return offsets_pending_; }
+  bool offsets_on_host() const { return offsets_copy_ == OffsetsCopy::on_host; }
+  bool offsets_copy_in_flight() const { return offsets_copy_ == OffsetsCopy::in_flight; }
 
   // route()'s part, on the device that routed: the copy of `offsets` ([experts + 1]) starts.
   void start_offsets_download() const {
     host_offsets_.resize(std::size_t(experts + 1));
     device->start_download(offsets_download_, offsets.data(), host_offsets_.size() * sizeof(Index));
-    offsets_pending_ = true, offsets_stale_ = false;
+    offsets_copy_ = OffsetsCopy::in_flight;
   }
   // route()'s part when it does not copy them: the host's copy is out of date until a read.
-  void mark_offsets_stale() { offsets_stale_ = true, offsets_pending_ = false; }
+  void mark_offsets_stale() { offsets_copy_ = OffsetsCopy::not_started; }
 
  private:
   void finish_offsets() const {
-    if (!offsets_pending_) return;
+    if (offsets_copy_ != OffsetsCopy::in_flight) return;
     device->finish_download(offsets_download_, host_offsets_.data());
-    offsets_pending_ = false;
+    offsets_copy_ = OffsetsCopy::on_host;
   }
   mutable std::vector<Index> host_offsets_;  // [N+1]
   mutable typename D::PendingDownload offsets_download_;
-  mutable bool offsets_pending_ = false;
-  mutable bool offsets_stale_ = false;
+  // The host copy of this routing's offsets: made (on_host), started by route() (in_flight), or
+  // left to the first host read (not_started: route() was told the products read them on the device).
+  enum class OffsetsCopy { on_host, in_flight, not_started };
+  mutable OffsetsCopy offsets_copy_ = OffsetsCopy::on_host;
 };
 
 namespace detail {
@@ -725,7 +727,7 @@ class BasicBackend {
   // Whether it can: every slot kept (no expert can pass its capacity, so every token has its k
   // rows), and y's pairs of columns 4-byte aligned.
   static bool routed_sum_fits(const Plan& plan, MatrixView<S> y) {
-    return plan.capacity >= plan.tokens && y.stride % 2 == 0 && reinterpret_cast<std::uintptr_t>(y.data) % 4 == 0;
+    return plan.capacity >= plan.tokens && pairs_storable(y.data, y.stride);
   }
   // out[r] = in_row(r) W_e^T (+ b_e) for the plan's R rows r (expert-sorted, expert e's block),
   // one grouped GEMM (device.grouped_gemm): in_row(r) is in's row r (gathered = false: in is

@@ -214,10 +214,14 @@ MOE_HOST_DEVICE OutputValues<S> output_values(Epilogue epilogue, float acc, cons
 }
 
 // ---- the combine ---------------------------------------------------------------------------------
-// Where a row's arrival is counted: its token's count for the block of BN columns from n0.
+// The token a row holds a slot of, and where that token's arrivals are counted for the block of BN
+// columns from n0.
 template <class S>
-MOE_HOST_DEVICE std::uint32_t* arrival_counter(const GroupedGemm<S>& p, Index row, Index n0, int block_n) {
-  const Index token = Index(p.combine.slot_of_row[row]) / p.combine.top_k;
+MOE_HOST_DEVICE Index token_of_row(const GroupedCombine<S>& m, Index row) {
+  return Index(m.slot_of_row[row]) / m.top_k;
+}
+template <class S>
+MOE_HOST_DEVICE std::uint32_t* arrival_counter(const GroupedGemm<S>& p, Index token, Index n0, int block_n) {
   return p.combine.arrivals + token * (p.n / block_n) + n0 / block_n;
 }
 // Token t's combined pair of columns (c, c + 1), from its k rows in slot order; load(r) gives row
@@ -263,6 +267,13 @@ bool rows_copyable(const S* data, Index stride) {
   constexpr Index per_chunk = grouped_gemm_detail::kChunkBytes / Index(sizeof(S));
   return stride % per_chunk == 0 && reinterpret_cast<std::uintptr_t>(data) % grouped_gemm_detail::kChunkBytes == 0;
 }
+// Whether rows at `data`, `stride` elements apart, take the epilogue's stores of two neighbouring
+// 16-bit outputs as one 4-byte word: out, aux and the combine's y (the backend asks it of y before
+// it folds the combine in).
+template <class S>
+bool pairs_storable(const S* data, Index stride) {
+  return stride % 2 == 0 && reinterpret_cast<std::uintptr_t>(data) % (2 * sizeof(S)) == 0;
+}
 
 // Argument checks shared by every device: what the kernel's tiles assume.
 template <class S>
@@ -281,8 +292,7 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
   // of kStageK), 4-byte stores of two outputs.
   check(rows_copyable(p.a, p.lda) && rows_copyable(p.w, p.w_stride),
         "grouped_gemm: A and W must start 16-byte aligned, with lda and w_stride multiples of 8 elements");
-  const auto aligned4 = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 4 == 0; };
-  check(p.ldc % 2 == 0 && aligned4(p.out) && (!p.aux || (p.ldaux % 2 == 0 && aligned4(p.aux))),
+  check(pairs_storable(p.out, p.ldc) && (!p.aux || pairs_storable(p.aux, p.ldaux)),
         "grouped_gemm: out and aux must start 4-byte aligned, with even leading dimensions");
   check(p.epilogue == Epilogue::none || p.epilogue == Epilogue::bias || p.epilogue == Epilogue::bias_gelu,
         "grouped_gemm: the epilogue must be none, bias or bias_gelu");
@@ -294,7 +304,7 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
   if (m.y) {
     check(m.top_k >= 1 && m.tokens >= 0 && (m.tokens == 0 || (m.slot_of_row && m.row_of_slot && m.weights && m.arrivals)),
           "grouped_gemm: the combine needs top_k >= 1, slot_of_row, row_of_slot, weights and arrivals");
-    check(m.ldy >= p.n && m.ldy % 2 == 0 && reinterpret_cast<std::uintptr_t>(m.y) % 4 == 0,
+    check(m.ldy >= p.n && pairs_storable(m.y, m.ldy),
           "grouped_gemm: the combine's y must start 4-byte aligned, with an even ldy >= N (", m.ldy, ")");
     check(p.max_rows >= m.tokens * m.top_k, "grouped_gemm: the combine needs every slot's row: max_rows = ", p.max_rows,
           " < tokens * top_k = ", m.tokens * m.top_k);
@@ -412,10 +422,10 @@ void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
       if (!p.combine.y) continue;
       // The combine: each row of the tile arrives; a token's k-th arrival sums its rows.
       for (Index row = tile.row_begin; row < tile.row_end; ++row) {
-        std::uint32_t* count = gd::arrival_counter(p, row, n0, BN);
+        const Index token = gd::token_of_row(p.combine, row);
+        std::uint32_t* count = gd::arrival_counter(p, token, n0, BN);
         if (++*count < std::uint32_t(p.combine.top_k)) continue;
         *count = 0;
-        const Index token = Index(p.combine.slot_of_row[row]) / p.combine.top_k;
         bfloat16* y = p.combine.y + token * p.combine.ldy;
         for (Index c = n0; c < n0 + BN; c += 2) gd::combined_pair(p.combine, token, gd::PairOfRow{p.out, p.ldc, c}, y[c], y[c + 1]);
       }

@@ -141,15 +141,15 @@ __device__ inline void combine_rows(const GroupedGemm<bfloat16>& p, const groupe
   for (int half = 0; half < 2; ++half) {  // the lane's rows: values 4 q + 2 half + {0, 1}
     const Index row = tile.row_begin + warpgroup * gd::kWarpgroupRows + gd::fragment_row(thread, 2 * half);
     const bool valid = row < tile.row_end;  // the same for the 4 lanes of the quad
+    const Index token = valid ? gd::token_of_row(m, row) : 0;
+    std::uint32_t* const count = gd::arrival_counter(p, token, n0, BN);
     unsigned int last = 0;
-    if (valid && lane % 4 == 0)
-      last = atomicAdd(gd::arrival_counter(p, row, n0, BN), 1u) == unsigned(m.top_k - 1) ? 1u : 0u;
+    if (valid && lane % 4 == 0) last = atomicAdd(count, 1u) == unsigned(m.top_k - 1) ? 1u : 0u;
     last = __shfl_sync(0xffffffffu, last, lane & ~3);
     const unsigned int lasts = __ballot_sync(0xffffffffu, last);
     if (!last) continue;
     __threadfence();   // the count saw the other rows' arrivals: their stores are visible from here,
     __syncwarp(lasts);  // to the first lane's quad-mates too
-    const Index token = Index(m.slot_of_row[row]) / m.top_k;
     MOE_UNROLL
     for (int i = 2 * half; i < BN / 2; i += 4) {
       const Index c = n0 + gd::fragment_col(thread, i);
@@ -158,7 +158,7 @@ __device__ inline void combine_rows(const GroupedGemm<bfloat16>& p, const groupe
                         y0, y1);
       *reinterpret_cast<std::uint32_t*>(m.y + token * m.ldy + c) = std::uint32_t(y0.bits) | (std::uint32_t(y1.bits) << 16);
     }
-    if (lane % 4 == 0) *gd::arrival_counter(p, row, n0, BN) = 0u;
+    if (lane % 4 == 0) *count = 0u;
   }
 }
 
