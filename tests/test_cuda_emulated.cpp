@@ -183,6 +183,42 @@ TEST_CASE("emulated device: a warp's lanes take turns in the launch order, each 
   CHECK(racy(LaunchOrder::ascending) != racy(LaunchOrder::shuffled));
 }
 
+// The dispatch's scan: a row's exclusive_scan in place, over lengths around the 32 runs' edges (a run
+// of zero, one or several columns a lane), under every launch order.
+TEST_CASE("emulated device: a row's exclusive scan in place gives the plain loop's prefixes and the total in runs of n / 32") {
+  using moe::cuda::LaunchOrder;
+  using moe::Index;
+  std::mt19937_64 rng(86);
+  for (const Index n : {Index{0}, Index{1}, Index{31}, Index{32}, Index{33}, Index{100}, Index{1024}, Index{1025}}) {
+    CAPTURE(n);
+    // The runs tile [0, n) in lane order.
+    Index next = 0;
+    for (int lane = 0; lane < moe::cuda::kRowLanes; ++lane) {
+      const moe::cuda::RowRun run = moe::cuda::row_run(n, lane);
+      CHECK(run.begin == next);
+      CHECK(run.end >= run.begin);
+      next = run.end;
+    }
+    CHECK(next == n);
+    std::vector<std::int32_t> values(static_cast<std::size_t>(n)), expected(static_cast<std::size_t>(n));
+    for (auto& v : values) v = std::int32_t(rng() % 1000);
+    std::int64_t sum = 0;
+    for (Index c = 0; c < n; ++c) expected[std::size_t(c)] = std::int32_t(sum), sum += values[std::size_t(c)];
+    for (const LaunchOrder order : {LaunchOrder::ascending, LaunchOrder::descending, LaunchOrder::shuffled}) {
+      const moe::cuda::EmulatedDevice device(order);
+      std::vector<std::int32_t> column = values;
+      std::int64_t total = -1;
+      std::int32_t* c = column.data();
+      device.for_each_row(1, [&](Index, const moe::cuda::EmulatedRow& row) {
+        total = row.exclusive_scan<std::int64_t>(n, [=](Index i) { return c[i]; },
+                                                 [=](Index i, std::int64_t before) { c[i] = std::int32_t(before); });
+      });
+      CHECK(column == expected);
+      CHECK(total == sum);
+    }
+  }
+}
+
 TEST_CASE("emulated device: launch_count counts launches over non-empty ranges and library calls, copies shared") {
   const moe::cuda::EmulatedDevice device;
   const moe::cuda::EmulatedDevice copy = device;

@@ -809,6 +809,46 @@ TEST_CASE(CUDA_TEST_NAME("dispatch by counts keeps the contract's order within a
   }
 }
 
+// route_tokens counts into the plan's tile counts, and the scatter puts them back to zero: a plan
+// routed again (the layer's, every forward) must start from zeros whatever routed before it: more
+// tiles (a new allocation), fewer (inside the old one), more again inside it, other experts.
+TEST_CASE(CUDA_TEST_NAME("dispatch on one plan over and over: each route counts from zero, whatever the sizes before")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  const B backend(make_device());
+  typename B::Plan plan;
+  typename B::template Vector<float> weights;
+  std::mt19937_64 rng(84);
+  struct Case {
+    Index T, N, k;
+  };
+  for (const Case c : {Case{300, 4, 2}, Case{300, 4, 2}, Case{1000, 8, 2}, Case{129, 8, 1}, Case{900, 8, 2},
+                       Case{0, 8, 2}, Case{500, 16, 3}, Case{1, 3, 1}, Case{1000, 8, 2}}) {
+    CAPTURE(c.T);
+    CAPTURE(c.N);
+    CAPTURE(c.k);
+    moe::LayerConfig config{8, 8, c.N, c.k};
+    config.capacity_factor = rng() % 2 ? 0.0 : 1.0;
+    std::vector<float> z(std::size_t(c.T * c.N));
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (float& v : z) v = normal(rng);
+    const auto logits = to_device<float>(backend, z, c.T, c.N);
+    backend.route(logits, config, plan, weights);
+    moe::RoutingPlan expected;
+    std::vector<float> expected_weights(std::size_t(c.T * c.k));
+    moe::route<float>(moe::ConstMatrixView<float>(z.data(), c.T, c.N), c.k, config.weights, config.capacity_factor,
+                      expected, expected_weights);
+    const moe::RoutingPlan got = moe::cuda::detail::to_host(plan);
+    CHECK(got.row == expected.row);
+    CHECK(got.slot_of_row == expected.slot_of_row);
+    CHECK(got.expert_offsets == expected.expert_offsets);
+    CHECK(got.chosen_count == expected.chosen_count);
+    std::vector<std::int32_t> counts(std::size_t(plan.tile_count.capacity()), -1);
+    backend.device().download(counts.data(), plan.tile_count.data(), counts.size() * sizeof(std::int32_t));
+    CHECK(std::count(counts.begin(), counts.end(), 0) == std::ptrdiff_t(counts.size()));
+  }
+}
+
 TEST_CASE(CUDA_TEST_NAME("gather before the host has the expert offsets: every slot's room, the R kept rows filled")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   using B = moe::cuda::BasicBackend<float, TestDevice>;

@@ -69,7 +69,7 @@ struct DevicePlan {
   // Dispatch workspace (detail::dispatch_by_counts): each slot's expert as one byte in
   // choice-major order, and per tile of that order the slots choosing each expert.
   DeviceArray<std::uint8_t, D> choice;       // [tiles * tile size] expert of slot t*k + j at j*T + t
-  DeviceArray<std::int32_t, D> tile_count;   // [N * tiles] expert-major; then the counts before each tile
+  DeviceArray<std::int32_t, D> tile_count;   // [N * tiles] expert-major, zero between routes (below)
   // Statistics and auxiliary-loss workspace, written through the const plan of a finished
   // forward (hence mutable): the uploaded token mask and integer counters (per-expert choices of
   // counted tokens, then the statistics' tokens, dropped slots, rows with non-finite and without
@@ -255,48 +255,29 @@ void add_column_sums(const D& device, ConstMatrixView<S> m, S* db, C* partial) {
   add_column_sums(device, std::span<ColumnSum<S, C>>(&sum, 1), partial);
 }
 
-// Selection and weights, one thread per token (moe::route_one_token), with k a compile-time
-// constant: one kernel per k in [1, kMaxTopK], so the selection is select_top_k_fixed's, in
-// registers. The same result as a runtime k. Also dispatch's input: choice[j*T + t] = expert(t, j)
-// (choice-major: every first choice before any second; kMaxExperts <= 256, so a byte holds it).
-template <Index kK = 1, class D, class S>
-void route_tokens(const D& device, ConstMatrixView<S> logits, Index k, RoutingWeights mode, std::int32_t* expert,
-                  std::uint8_t* status, S* w, std::uint8_t* choice) {
-  static_assert(kMaxExperts <= 256, "route_tokens: an expert index must fit the choice byte");
-  if constexpr (kK < kMaxTopK) {
-    if (k != kK) return route_tokens<kK + 1>(device, logits, k, mode, expert, status, w, choice);
-  }
-  check(k == kK, "route_tokens: top_k = ", k, " outside [1, ", kMaxTopK, "]");
-  const Index T = logits.rows, N = logits.cols;
-  device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
-    std::int32_t chosen[kK];
-    status[t] = route_one_token<kK>(logits.row(t), N, kK, mode, chosen, w + t * kK);
-    for (Index j = 0; j < kK; ++j) {
-      expert[t * kK + j] = chosen[j];
-      choice[j * T + t] = std::uint8_t(chosen[j]);
-    }
-  });
-}
-
 // Dispatch: route_tokens' choices grouped by expert in the contract's order (moe/routing.hpp: a
 // stable counting sort of the choice-major slots, the capacity keeping each expert's first ones),
-// as rows, slot_of_row, the counts and the offsets. Three launches, no sort and no atomics. The
-// choice-major order is cut into tiles (dispatch_tiles), and:
-//   1. count:   thread (c, e) counts the slots of tile c that chose e      -> tile_count[e][c]
-//   2. scan:    thread e turns its column into the counts before each tile -> tile_count[e][c],
-//               and keeps the total                                         -> count[e]
+// as rows, slot_of_row, the counts and the offsets. No sort, and no atomics but integer ones (whose
+// sums have no order). The choice-major order is cut into tiles (dispatch_tiles), and:
+//   1. count:   in route_tokens, each choice adds one to its tile's count   -> tile_count[e][c]
+//   2. scan:    a warp per expert turns its column into the counts before
+//               each tile (a row's exclusive_scan), and keeps the total     -> tile_count[e][c], count[e]
 //   3. scatter: thread (c, e) walks tile c in order and gives each slot that chose e its rank
 //               among e's slots (tile_count[e][c], then one more per match); a rank under the
 //               capacity keeps row offsets[e] + rank, the others are dropped (row -1). Every
 //               thread adds up offsets[e] (the clipped counts before e) from count itself, and
-//               thread (0, e) stores it: no launch of its own for N numbers.
-// Each index writes only its own elements, so the launches run in any order with the same result.
+//               thread (0, e) stores it: no launch of its own for N numbers. It then puts its
+//               tile_count back to zero, ready for the next route's counts (route() zeroes the
+//               array once, when it is allocated).
+// Apart from the counts, each index writes only its own elements, so the launches run in any order
+// with the same result. (Counting in its own launch, a thread per tile and expert walking the tile,
+// cost ~5 µs on an H100; the scan, a thread per expert walking its column, ~7 µs.)
 struct DispatchTiles {
   Index size = 0;   // slots a tile (a multiple of 16: one 16-byte load brings 16 choices)
   Index count = 0;  // tiles (at least one, so an empty batch still gets its zero offsets)
 };
-// Tiles of 128 slots, made longer where there would be more than 1024: the scan walks its column
-// alone, one thread per expert, so that walk stays short.
+// Tiles of 128 slots, made longer where there would be more than 1024: a lane of the scan walks a
+// 32nd of its column, so that walk stays short.
 inline DispatchTiles dispatch_tiles(Index slots) {
   constexpr Index kBase = 128, kMaxTiles = 1024;
   const Index size = kBase * std::max<Index>(1, (slots + kBase * kMaxTiles - 1) / (kBase * kMaxTiles));
@@ -368,6 +349,11 @@ MOE_HOST_DEVICE inline DispatchThread dispatch_thread(Index i, Index N, Index ti
   return {SlotIndex(c), SlotIndex(i - c * N), SlotIndex(begin), SlotIndex(end)};
 }
 
+// The tile_count entry of a choice of expert e at choice-major position q: [e][q's tile].
+MOE_HOST_DEVICE inline Index tile_counter(DispatchTiles tiles, std::int32_t e, SlotIndex q) {
+  return Index(e) * tiles.count + q / SlotIndex(tiles.size);
+}
+
 // Rows expert e keeps: its count clipped to the capacity.
 MOE_HOST_DEVICE inline Index kept_rows(std::int64_t count, Index capacity) {
   return count < capacity ? Index(count) : capacity;
@@ -387,28 +373,43 @@ struct ChoiceMajorCursor {
   }
 };
 
+// Selection and weights, one thread per token (moe::route_one_token), with k a compile-time
+// constant: one kernel per k in [1, kMaxTopK], so the selection is select_top_k_fixed's, in
+// registers. The same result as a runtime k. Also dispatch's input: choice[j*T + t] = expert(t, j)
+// (choice-major: every first choice before any second; kMaxExperts <= 256, so a byte holds it),
+// and its first step: each choice adds one to its tile's count of its expert (dispatch_by_counts).
+template <Index kK = 1, class D, class S>
+void route_tokens(const D& device, ConstMatrixView<S> logits, Index k, RoutingWeights mode, std::int32_t* expert,
+                  std::uint8_t* status, S* w, std::uint8_t* choice, DispatchTiles tiles, std::int32_t* tile_count) {
+  static_assert(kMaxExperts <= 256, "route_tokens: an expert index must fit the choice byte");
+  if constexpr (kK < kMaxTopK) {
+    if (k != kK) return route_tokens<kK + 1>(device, logits, k, mode, expert, status, w, choice, tiles, tile_count);
+  }
+  check(k == kK, "route_tokens: top_k = ", k, " outside [1, ", kMaxTopK, "]");
+  const Index T = logits.rows, N = logits.cols;
+  device.for_each(T, [=] MOE_HOST_DEVICE(Index t) {
+    std::int32_t chosen[kK];
+    status[t] = route_one_token<kK>(logits.row(t), N, kK, mode, chosen, w + t * kK);
+    for (Index j = 0; j < kK; ++j) {
+      expert[t * kK + j] = chosen[j];
+      choice[j * T + t] = std::uint8_t(chosen[j]);
+      atomic_add(tile_count + tile_counter(tiles, chosen[j], SlotIndex(j * T + t)), std::int32_t{1});
+    }
+  });
+}
+
 template <class D>
 void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, Index k, Index N, Index capacity,
                         DispatchTiles tiles, std::int32_t* tile_count, std::int64_t* count, Index* offsets,
                         std::int32_t* row, std::int32_t* slot_of_row) {
   const Index slots = T * k, size = tiles.size, n = tiles.count;
-  device.for_each(n * N, [=] MOE_HOST_DEVICE(Index i) {
-    const DispatchThread my = dispatch_thread(i, N, size, slots);
-    std::int32_t matches = 0;
-    walk_choices(choice, my.begin, my.end, [&](SlotIndex chosen) { matches += chosen == my.e ? 1 : 0; });
-    tile_count[my.e * n + my.c] = matches;
-  });
-  // The scan is N threads alone on the GPU, each walking its column of n counts (256 at T*k = 32768):
-  // 32 loads in flight make that 8 waits for memory instead of 32, a few µs instead of ~10.
-  device.for_each(N, [=] MOE_HOST_DEVICE(Index e) {
+  // tile_count holds route_tokens' counts. The scan: a warp per expert, a run of a column's n counts
+  // (256 at T*k = 32768) a lane.
+  device.for_each_row(N, [=] MOE_HOST_DEVICE(Index e, const typename D::Row& warp) {
     std::int32_t* column = tile_count + e * n;
-    std::int64_t before = 0;
-    Index c = 0;
-    fetch_in_batches<32>(0, n, [&](Index q) { return column[q]; }, [&](std::int32_t matches) {
-      column[c++] = std::int32_t(before);
-      before += matches;
-    });
-    count[e] = before;
+    const std::int64_t total = warp.template exclusive_scan<std::int64_t>(
+        n, [=](Index c) { return column[c]; }, [=](Index c, std::int64_t before) { column[c] = std::int32_t(before); });
+    if (warp.first()) count[e] = total;
   });
   device.for_each(n * N, [=] MOE_HOST_DEVICE(Index i) {
     const DispatchThread my = dispatch_thread(i, N, size, slots);
@@ -421,6 +422,7 @@ void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, In
     // Ranks stay below the slots, so the capacity clipped to them keeps every comparison.
     const SlotIndex kept_below = SlotIndex(capacity < slots ? capacity : slots), first_row = SlotIndex(offset);
     SlotIndex rank = tile_count[my.e * n + my.c];
+    tile_count[my.e * n + my.c] = 0;  // for the next route's counts
     ChoiceMajorCursor at(my.begin, SlotIndex(T), SlotIndex(k));
     walk_choices(choice, my.begin, my.end, [&](SlotIndex chosen) {
       const SlotIndex s = at.slot();
@@ -903,7 +905,8 @@ class BasicBackend {
   // ---- routing ---------------------------------------------------------------------------
   // logits: [T, N] (a strided view is read in place: SelfRoute's slice of x is never copied)
   // -> plan, weights [T*k]. Selection and weights: moe::route_one_token, one thread per token.
-  // Dispatch: detail::dispatch_by_counts, a counting sort in three launches. Ends by starting the
+  // Dispatch: detail::dispatch_by_counts, a counting sort whose counts route_tokens makes; two
+  // launches more. Ends by starting the
   // offsets' copy to the host, unless copy_offsets is false (the routed products read them on the
   // device; a later host read copies them then).
   void route(ConstMatrixView<S> logits, const LayerConfig& config, Plan& plan, Vector<S>& weights,
@@ -919,12 +922,19 @@ class BasicBackend {
     const detail::DispatchTiles tiles = detail::dispatch_tiles(slots);
     plan.expert.resize(slots), plan.row.resize(slots), plan.slot_of_row.resize(slots);
     plan.row_status.resize(T), plan.chosen_count.resize(N), plan.offsets.resize(N + 1);
-    plan.choice.resize(tiles.count * tiles.size), plan.tile_count.resize(N * tiles.count);
+    plan.choice.resize(tiles.count * tiles.size);
+    // The counts are zero between routes (the scatter leaves them so); a new allocation is zeroed here.
+    const bool counts_allocated = plan.tile_count.capacity() < N * tiles.count;
+    plan.tile_count.resize(N * tiles.count);
+    if (counts_allocated) {
+      std::int32_t* counts = plan.tile_count.data();
+      device_.for_each(plan.tile_count.capacity(), [=] MOE_HOST_DEVICE(Index i) { counts[i] = 0; });
+    }
     weights.resize(slots);
 
     if (T > 0)
       detail::route_tokens(device_, logits, k, config.weights, plan.expert.data(), plan.row_status.data(),
-                           weights.data(), plan.choice.data());
+                           weights.data(), plan.choice.data(), tiles, plan.tile_count.data());
     detail::dispatch_by_counts(device_, plan.choice.data(), T, k, N, plan.capacity, tiles, plan.tile_count.data(),
                                plan.chosen_count.data(), plan.offsets.data(), plan.row.data(),
                                plan.slot_of_row.data());

@@ -46,6 +46,7 @@ class DeviceArray {
   T* data() { return data_; }
   const T* data() const { return data_; }
   Index size() const { return size_; }
+  Index capacity() const { return capacity_; }
   bool empty() const { return size_ == 0; }
 
  private:

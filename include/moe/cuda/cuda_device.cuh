@@ -112,6 +112,29 @@ struct WarpRow {
   __host__ __device__ void for_each(Index n, F f) const {
     for (Index c = lane; c < n; c += kRowLanes) f(c);
   }
+  template <class Acc, class Load, class Store>
+    requires std::integral<Acc>
+  __host__ __device__ Acc exclusive_scan(Index n, Load load, Store store) const {
+    Acc total = 0;
+#if defined(__CUDA_ARCH__)
+    const RowRun run = row_run(n, int(lane));
+    Acc own = 0;
+    fetch_in_batches<8>(run.begin, run.end, load, [&](auto v) { own += Acc(v); });
+    Acc inclusive = own;  // the lanes' sums scanned: Hillis-Steele over the warp
+    for (int offset = 1; offset < kRowLanes; offset *= 2) {
+      const Acc other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (int(lane) >= offset) inclusive += other;
+    }
+    total = __shfl_sync(0xffffffffu, inclusive, kRowLanes - 1);
+    Acc before = inclusive - own;
+    Index c = run.begin;
+    fetch_in_batches<8>(run.begin, run.end, load, [&](auto v) {  // a batch's loads come before its stores
+      store(c++, before);
+      before += Acc(v);
+    });
+#endif
+    return total;
+  }
   __host__ __device__ bool first() const { return lane == 0; }
 
  private:

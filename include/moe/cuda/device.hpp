@@ -318,8 +318,23 @@ class ScratchLayout {
 //                      butterfly meets the partials with combine(mine, other's); combine must give
 //                      the same bits either way round, so that every lane ends with the same value
 //   row.for_each(n, f) f(c) for every c in [0, n)
+//   row.exclusive_scan<Acc>(n, load, store)
+//                      store(c, load(0) + ... + load(c - 1)) for every c in [0, n), and returns the
+//                      total in every lane: an in-place scan of a column (store may overwrite what load
+//                      reads at c, and nothing else). Integers only, whose sums have no order. Lane l
+//                      takes the run row_run(n, l): its sum, the warp's scan of the 32 sums, its run
+//                      again (one wait for memory a pass, where a thread alone waits once per batch).
 //   row.first()        true in exactly one lane
 inline constexpr int kRowLanes = 32;
+
+// The columns [begin, end) of lane `lane` in a row's exclusive_scan: 32 runs of ceil(n / 32).
+struct RowRun {
+  Index begin = 0, end = 0;
+};
+MOE_HOST_DEVICE inline RowRun row_run(Index n, int lane) {
+  const Index per = (n + kRowLanes - 1) / kRowLanes, begin = per * lane, end = begin + per;
+  return {begin < n ? begin : n, end < n ? end : n};
+}
 
 // The butterfly on an array of lane partials (the emulated device's copy of the warp's shuffles).
 template <class T, class Combine>

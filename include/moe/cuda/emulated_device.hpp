@@ -120,6 +120,28 @@ struct EmulatedRow {
   void for_each(Index n, F f) const {
     turns.run(n, f);
   }
+  // The warp's steps in loops: each lane's run summed, the sums scanned, then the lanes take their
+  // turns over their runs (a store that reached into another lane's run shows under another order).
+  template <class Acc, class Load, class Store>
+    requires std::integral<Acc>
+  Acc exclusive_scan(Index n, Load load, Store store) const {
+    Acc before_lane[kRowLanes], total = 0;
+    for (int l = 0; l < kRowLanes; ++l) {
+      before_lane[l] = total;
+      const RowRun run = row_run(n, l);
+      for (Index c = run.begin; c < run.end; ++c) total += Acc(load(c));
+    }
+    turns.run(kRowLanes, [&](Index l) {
+      const RowRun run = row_run(n, int(l));
+      Acc before = before_lane[l];
+      for (Index c = run.begin; c < run.end; ++c) {
+        const Acc v = Acc(load(c));
+        store(c, before);
+        before += v;
+      }
+    });
+    return total;
+  }
   bool first() const { return true; }  // the body runs once per row here
   LaneTurns turns;  // the order of the lanes' turns in for_each (the device's launch order)
 };
