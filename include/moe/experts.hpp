@@ -41,7 +41,9 @@ concept Expert = Backend<B> && requires(E& experts, const LayerConfig& config, B
 // experts.infer_routed(be, x, plan, out, sum), infer's output from the layer's input x [T, H] and
 // the plan, with no expert-sorted copy of x and no host copy of the offsets; out [T*k, H] holds the
 // expert-sorted rows (rows past the plan's kept ones untouched). sum (a B::RoutedSum, or null): the
-// layer's combine as well, handed to the last product.
+// layer's combine as well, handed to the last product. With them, experts.forward_routed(be, x, plan,
+// out, sum): the same from a training forward, keeping what backward needs (rows of a slot each);
+// backward then runs as after forward, on the layer's expert-sorted copy of x made there.
 
 namespace detail {
 template <class Matrix, class Scalar>
@@ -100,6 +102,15 @@ struct GeluMLP {
   {
     B::resize(act_, out.rows, ffn_);
     be.routed_linear_gelu_forward(x, plan, true, fc_w_, fc_b_.data(), MatrixView<Scalar>{}, act_);
+    be.routed_linear_forward(act_, plan, false, proj_w_, proj_b_.data(), out, sum);
+  }
+  // forward from the routing plan: pre and act kept as forward keeps them, a row per slot.
+  template <class Plan, class Sum>
+  void forward_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out, const Sum* sum)
+    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out, sum); }
+  {
+    B::resize(pre_, out.rows, ffn_), B::resize(act_, out.rows, ffn_);
+    be.routed_linear_gelu_forward(x, plan, true, fc_w_, fc_b_.data(), pre_, act_);
     be.routed_linear_forward(act_, plan, false, proj_w_, proj_b_.data(), out, sum);
   }
   // (rows, dout) -> drows; gradients accumulate. Once per forward: act_ becomes the gradient.
@@ -171,6 +182,17 @@ struct SwiGLU {
   {
     B::resize(act_, out.rows, ffn_);
     be.routed_swiglu_forward(x, plan, true, gate_up_w_, act_);  // silu(gate) * up in the product's epilogue
+    be.routed_linear_forward(act_, plan, false, down_w_, nullptr, out, sum);
+  }
+  // forward from the routing plan: gate_up kept as forward keeps it (so no SwiGLU in the epilogue),
+  // a row per slot.
+  template <class Plan, class Sum>
+  void forward_routed(B& be, ConstMatrixView<Scalar> x, const Plan& plan, MatrixView<Scalar> out, const Sum* sum)
+    requires requires { be.routed_linear_forward(x, plan, true, x, static_cast<const Scalar*>(nullptr), out, sum); }
+  {
+    B::resize(gate_up_, out.rows, 2 * ffn_), B::resize(act_, out.rows, ffn_);
+    be.routed_linear_forward(x, plan, true, gate_up_w_, nullptr, gate_up_, nullptr);
+    be.swiglu_forward(gate_up_, act_);
     be.routed_linear_forward(act_, plan, false, down_w_, nullptr, out, sum);
   }
   void backward(B& be, ConstMatrixView<Scalar> rows, ConstMatrixView<Scalar> dout, std::span<const Index> offsets,

@@ -180,11 +180,14 @@ class MoELayer {
       input = layer_input(), gate_in = gate_input();
     }
     logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
-    const bool routed = !keep && can_infer_routed(input);
-    route(routed);
+    const bool routed = can_run_routed(input, keep);
+    // A training forward's backward reads the offsets on the host: their copy starts here and has
+    // long arrived by then.
+    route(routed && !keep);
+    routed_forward_ = routed && keep;
     bool combined = false;  // by the routed products themselves
     if (routed) {
-      combined = infer_routed(input, y);
+      combined = run_routed(input, y, keep);
     } else {
       // Gathered before the host reads the expert offsets: a GPU backend's route() leaves their
       // copy in flight, and the gather runs while the host waits for it. So room for every slot
@@ -194,7 +197,7 @@ class MoELayer {
       const std::span<const Index> offsets = B::expert_offsets(plan_);
       B::resize(expert_out_, offsets.back(), H);
       if (keep)
-        experts_.forward(backend_, expert_input(), offsets, expert_out_);
+        experts_.forward(backend_, expert_input(offsets.back()), offsets, expert_out_);
       else
         infer_experts(offsets);
     }
@@ -218,11 +221,17 @@ class MoELayer {
     forwarded_ = false;
 
     const std::span<const Index> offsets = B::expert_offsets(plan_);
-    B::resize(expert_grad_, expert_out_.rows(), H);
-    backend_.combine_backward(dy, expert_out_, plan_, weights_, expert_grad_, dweights_);
+    if (routed_forward_) {  // the forward's products read x's rows in place; the weight gradients read them sorted
+      B::resize(expert_in_, T * config_.top_k, H);
+      backend_.gather_rows(layer_input(), plan_, expert_in_);
+    }
+    const Index R = offsets.back();
+    const MatrixView<Scalar> expert_out = MatrixView<Scalar>(expert_out_).row_block(0, R);
+    B::resize(expert_grad_, R, H);
+    backend_.combine_backward(dy, expert_out, plan_, weights_, expert_grad_, dweights_);
     // expert_out_ is spent: it receives d(expert input rows).
-    experts_.backward(backend_, expert_input(), expert_grad_, offsets, expert_out_);
-    backend_.sum_rows_to_tokens(expert_out_, plan_, dx);
+    experts_.backward(backend_, expert_input(R), expert_grad_, offsets, expert_out);
+    backend_.sum_rows_to_tokens(expert_out, plan_, dx);
     if (gate_.wants_logit_gradient()) {
       B::resize(dlogits_, T, config_.experts);
       backend_.route_backward(logits_, plan_, config_, dweights_, mask_, dlogits_);
@@ -236,16 +245,16 @@ class MoELayer {
     if (!routed_separately_) return layer_input();
     return input_kept_ ? callers_router_input_ : ConstMatrixView<Scalar>(router_input_);
   }
-  // The R gathered rows (expert_out_ has R rows).
-  ConstMatrixView<Scalar> expert_input() const { return ConstMatrixView<Scalar>(expert_in_).row_block(0, expert_out_.rows()); }
+  // The R gathered rows.
+  ConstMatrixView<Scalar> expert_input(Index R) const { return ConstMatrixView<Scalar>(expert_in_).row_block(0, R); }
 
   // expert_in_ -> expert_out_ through the experts' inference forward where they have one
   // (moe/experts.hpp), else through their forward.
   void infer_experts(std::span<const Index> offsets) {
     if constexpr (requires { experts_.infer(backend_, expert_in_, offsets, expert_out_); })
-      experts_.infer(backend_, expert_input(), offsets, expert_out_);
+      experts_.infer(backend_, expert_input(offsets.back()), offsets, expert_out_);
     else
-      experts_.forward(backend_, expert_input(), offsets, expert_out_);
+      experts_.forward(backend_, expert_input(offsets.back()), offsets, expert_out_);
   }
 
   // Whether the expert bank and the backend offer an inference forward straight from the routing
@@ -262,8 +271,23 @@ class MoELayer {
       return false;
     }
   }
-  bool can_infer_routed(ConstMatrixView<Scalar> input) const {
-    if constexpr (has_routed_inference()) return experts_.can_infer_routed(backend_, input);
+  // The same for a training forward: the expert bank's forward_routed as well.
+  static constexpr bool has_routed_training() {
+    if constexpr (has_routed_inference()) {
+      return requires(ExpertsType& e, B& be, ConstMatrixView<Scalar> x, MatrixView<Scalar> out,
+                      const typename B::Plan& plan, const typename B::RoutedSum* sum) {
+        e.forward_routed(be, x, plan, out, sum);
+      };
+    } else {
+      return false;
+    }
+  }
+  // Whether this forward's experts run from the routing plan (for backward: keep).
+  bool can_run_routed(ConstMatrixView<Scalar> input, bool keep) const {
+    if constexpr (has_routed_inference()) {
+      if (keep && !has_routed_training()) return false;
+      return experts_.can_infer_routed(backend_, input);
+    }
     return false;
   }
   // route(); the routed products never read the offsets on the host, so a backend that copies them
@@ -274,15 +298,22 @@ class MoELayer {
     else
       backend_.route(logits_, config_, plan_, weights_);
   }
-  // An inference forward's experts straight from the routing plan (can_infer_routed): no
-  // expert-sorted copy of the input, no host copy of the offsets. expert_out_ then has a row per
-  // slot. Where the backend can (routed_sum_fits: no slot dropped), the last product also makes y;
+  // A forward's experts straight from the routing plan (can_run_routed): no expert-sorted copy of
+  // the input, and for inference no host copy of the offsets (training's backward reads them, and
+  // makes the copy of the input its weight gradients need). expert_out_ then has a row per slot.
+  // Where the backend can (routed_sum_fits: no slot dropped), the last product also makes y;
   // returns whether it did.
-  bool infer_routed(ConstMatrixView<Scalar> input, MatrixView<Scalar> y) {
+  bool run_routed(ConstMatrixView<Scalar> input, MatrixView<Scalar> y, bool keep) {
     if constexpr (has_routed_inference()) {
       B::resize(expert_out_, input.rows * config_.top_k, config_.hidden);
       const typename B::RoutedSum sum{&weights_, y};
       const bool combined = B::routed_sum_fits(plan_, y);
+      if constexpr (has_routed_training()) {
+        if (keep) {
+          experts_.forward_routed(backend_, input, plan_, expert_out_, combined ? &sum : nullptr);
+          return combined;
+        }
+      }
       experts_.infer_routed(backend_, input, plan_, expert_out_, combined ? &sum : nullptr);
       return combined;
     }
@@ -303,6 +334,7 @@ class MoELayer {
   bool collect_stats_ = true;
   bool forwarded_ = false;
   bool routed_separately_ = false;
+  bool routed_forward_ = false;  // the last training forward's experts ran from the routing plan
 
   // Kept from forward for backward.
   Matrix input_, router_input_, expert_in_, expert_out_;

@@ -709,6 +709,78 @@ TEST_CASE(CUDA_TEST_NAME("inference forward from the routing plan (ExpertGemm::g
   CHECK_FALSE(small.experts().can_infer_routed(small.backend(), small_x));
 }
 
+// The same for a training forward and its backward: the forward's experts from the routing plan
+// (pre-activations or gate|up kept, a row per slot), the backward making the expert-sorted copy of
+// x it needs; y, dx and every gradient as the per-expert path's. The forward waits for nothing (its
+// offsets' copy is in flight when it returns); the backward reads them.
+template <template <class> class Experts>
+void check_routed_training(const moe::LayerConfig& config, Index T, std::uint64_t seed) {
+  using B = moe::cuda::BasicBackend<moe::bfloat16, TestDevice>;
+  moe::MoELayer<moe::SelfRoute, Experts, B> layer(config, seed, {}, {}, B(make_device()));
+  layer.collect_stats(false);
+  const auto x = to_device<moe::bfloat16>(layer.backend(), normal_values(std::size_t(T * config.hidden), seed + 1), T,
+                                          config.hidden);
+  const auto dy = to_device<moe::bfloat16>(layer.backend(), normal_values(std::size_t(T * config.hidden), seed + 2), T,
+                                           config.hidden);
+  const auto& device = layer.backend().device();
+  CAPTURE(T);
+  CAPTURE(Experts<B>::name);
+  struct Run {
+    std::vector<float> y, dx;
+    std::vector<std::vector<float>> grads;
+  };
+  const auto run = [&](moe::cuda::ExpertGemm way) {
+    device.set_expert_gemm(way);
+    CHECK(layer.experts().can_infer_routed(layer.backend(), x) == (way == moe::cuda::ExpertGemm::grouped));
+    layer.zero_grad();
+    typename B::Matrix y(T, config.hidden), dx(T, config.hidden);
+    std::uint64_t syncs = 0;
+    if constexpr (kEmulatedDevice) syncs = device.sync_count();
+    layer.forward_into(x, y);
+    if (way == moe::cuda::ExpertGemm::grouped) {
+      if constexpr (kEmulatedDevice) CHECK(device.sync_count() == syncs);
+      CHECK_FALSE(layer.last_plan().offsets_on_host());
+    }
+    layer.backward_into(dy, dx);
+    Run r{to_host<moe::bfloat16>(layer.backend(), y.data(), y.size()),
+          to_host<moe::bfloat16>(layer.backend(), dx.data(), dx.size()), {}};
+    for (auto& p : layer.parameters())
+      r.grads.push_back(to_host<moe::bfloat16>(layer.backend(), p.grad.data(), Index(p.grad.size())));
+    return r;
+  };
+  // Routed first: nothing of a per-expert forward (its sorted copy of x) is left for it to read.
+  const Run routed = run(moe::cuda::ExpertGemm::grouped);
+  const Run per_expert = run(moe::cuda::ExpertGemm::per_expert);
+  device.set_expert_gemm(moe::cuda::ExpertGemm::per_expert);
+  if constexpr (kEmulatedDevice) {
+    CHECK(routed.y == per_expert.y);
+    CHECK(routed.dx == per_expert.dx);
+    CHECK(routed.grads == per_expert.grads);
+  }
+  CHECK(relative_error(routed.y, per_expert.y) < 2e-2);
+  CHECK(relative_error(routed.dx, per_expert.dx) < 2e-2);
+  for (std::size_t i = 0; i < routed.grads.size(); ++i) CHECK(relative_error(routed.grads[i], per_expert.grads[i]) < 2e-2);
+  CHECK(std::all_of(routed.dx.begin(), routed.dx.end(), [](float v) { return std::isfinite(v); }));
+}
+
+TEST_CASE(CUDA_TEST_NAME("training forward from the routing plan (ExpertGemm::grouped): the per-expert output and gradients")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  if (!TestDevice::template grouped_gemm_supports<moe::bfloat16>()) {
+    MESSAGE("skipped: this device has no grouped GEMM (device code not built for sm_90a)");
+    return;
+  }
+  moe::LayerConfig config{128, 256, 8, 2};
+  check_routed_training<moe::GeluMLP>(config, 300, 11);
+  check_routed_training<moe::SwiGLU>(config, 300, 12);
+  config.capacity_factor = 1.0;  // dropped slots: rows past R, the combine apart from the product
+  check_routed_training<moe::GeluMLP>(config, 300, 13);
+  check_routed_training<moe::SwiGLU>(config, 300, 14);
+  config = {128, 256, 4, 4};
+  check_routed_training<moe::GeluMLP>(config, 33, 15);
+  check_routed_training<moe::GeluMLP>(config, 1, 16);
+  check_routed_training<moe::GeluMLP>(config, 0, 17);
+}
+
 TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU layer on the same values")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   for (ExpertKind expert : {ExpertKind::gelu, ExpertKind::swiglu}) {
