@@ -14,6 +14,10 @@
 //   Train/self_dgelu_transposed/bf16
 //                                 self with the device's DgeluWeights::transposed (moe/cuda/device.hpp):
 //                                 the experts' backward through the GELU over W2's transposes (TN)
+//   Train/self_grouped/bf16       self with the device's ExpertGemm::grouped: the experts' forward
+//                                 products from the routing plan (the Hopper grouped GEMM; no host
+//                                 wait in the forward), their backward per expert; fails where that
+//                                 kernel is not built for the GPU
 //   Peak/bf16_gemm                cuBLAS bf16 GEMM, 8192^3 on N(0, 1) operands, fp32 accumulation:
 //                                 the matmul peak MFU is measured against, in the same process
 //   Attention/<kernel>/bf16/<fwd|fwdbwd>
@@ -249,14 +253,21 @@ void time_phases(benchmark::State& state, const std::vector<Phase>& phases, moe:
   for (cudaEvent_t e : events) cudaEventDestroy(e);
 }
 
-void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision, bool dgelu_transposed) {
+// A device setting a Train row changes from its default.
+enum class DeviceSetting { none, dgelu_transposed, grouped };
+
+void train(benchmark::State& state, const std::string& variant, gpt2::Precision precision, DeviceSetting setting) {
   const gpt2::Config config = gpt2::Config::gpt2_small();
   const Index B = batch_size(), T = kSeq, A = accumulation();
   const std::size_t memory_before = moe::cuda::CudaDevice::memory_in_use();
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   const moe::cuda::CudaDevice device(nullptr, math);  // copies share its context: host_times() sees the trainer's calls
   device.set_gemm_lanes(gemm_lanes());
-  if (dgelu_transposed) device.set_dgelu_weights(moe::cuda::DgeluWeights::transposed);
+  if (setting == DeviceSetting::dgelu_transposed) device.set_dgelu_weights(moe::cuda::DgeluWeights::transposed);
+  if (setting == DeviceSetting::grouped) {
+    moe::check(moe::cuda::CudaDevice::grouped_gemm_supports<moe::bfloat16>(), "the grouped GEMM does not run here (device code for sm_90a on an sm_90 GPU)");
+    device.set_expert_gemm(moe::cuda::ExpertGemm::grouped);
+  }
   std::unique_ptr<gpt2::Trainer> trainer = gpt2::make_device_trainer(variant, config, {}, precision, device, attention_kernel());
   // As gpt2_moe's loop: statistics would sync once per MoE layer (the dense model has none).
   if (trainer->is_moe()) trainer->collect_routing_stats(false);
@@ -351,12 +362,12 @@ void BM_Attention(benchmark::State& state, bool fused, bool backward) {
   guarded(state, [&] { attention(state, fused, backward); });
 }
 
-void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision, bool dgelu_transposed) {
+void BM_Train(benchmark::State& state, std::string variant, gpt2::Precision precision, DeviceSetting setting) {
   if (!gpu_available()) {
     state.SkipWithError("no CUDA device on this machine");
     return;
   }
-  guarded(state, [&] { train(state, variant, precision, dgelu_transposed); });
+  guarded(state, [&] { train(state, variant, precision, setting); });
 }
 
 }  // namespace
@@ -375,12 +386,18 @@ int main(int argc, char** argv) {
   for (const auto& [precision, name] : {std::pair{gpt2::Precision::bf16, "bf16"}, std::pair{gpt2::Precision::tf32, "tf32"}})
     for (const char* variant : {"self", "linear", "dense"})
       benchmark::RegisterBenchmark((std::string("Train/") + variant + "/" + name).c_str(), BM_Train, std::string(variant),
-                                   precision, false)
+                                   precision, DeviceSetting::none)
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond)
           ->Iterations(8);
   benchmark::RegisterBenchmark("Train/self_dgelu_transposed/bf16", BM_Train, std::string("self"), gpt2::Precision::bf16,
-                               true)
+                               DeviceSetting::dgelu_transposed)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(8);
+  // Last: a fault of the grouped kernel would leave the context unusable for every row after it.
+  benchmark::RegisterBenchmark("Train/self_grouped/bf16", BM_Train, std::string("self"), gpt2::Precision::bf16,
+                               DeviceSetting::grouped)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond)
       ->Iterations(8);

@@ -17,6 +17,10 @@
 //   moe_fwd_grouped    (bf16) moe_fwd with the experts' products from the routing plan
 //                      (ExpertGemm::grouped: the Hopper grouped GEMM, rows gathered as they load,
 //                      no expert-sorted copy, no host sync); fails where that kernel is not built
+//   moe_fwd_train_grouped, moe_fwdbwd_grouped
+//                      (bf16) moe_fwd_train and moe_fwdbwd the same way: the training forward's
+//                      products from the routing plan (no host wait; pre-activations kept a row per
+//                      slot), its backward gathering the sorted rows its weight gradients read
 //   moe_fwd_lanes1, moe_fwdbwd_lanes1
 //                      (bf16) moe_fwd and moe_fwdbwd with the experts' products in order on the
 //                      stream (CudaDevice::set_gemm_lanes(1)) instead of spread over side streams
@@ -208,8 +212,15 @@ B make_backend(const Precision& p, int lanes) {
   return backend;
 }
 
-// kGrouped: the inference forward's experts from the routing plan (ExpertGemm::grouped: the
-// Hopper grouped GEMM, no gather, no host sync); refused (the row fails) where not available.
+// kGrouped: the forward's experts from the routing plan (ExpertGemm::grouped: the Hopper grouped
+// GEMM, no gather, no host sync); refused (the row fails) where not available.
+template <class Layer, class Matrix>
+void use_grouped_gemm(Layer& layer, const Matrix& x) {
+  layer.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
+  moe::check(layer.experts().can_infer_routed(layer.backend(), x),
+             "the grouped GEMM does not run here (device code for sm_90a on an sm_90 GPU, tiles that fit the shape)");
+}
+
 template <template <class> class Gate, template <class> class Experts, class B, bool kForBackward = false,
           int kLanes = 0, bool kGrouped = false>
 void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
@@ -221,11 +232,7 @@ void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
     // projections spread the tokens evenly over the experts.
     typename B::Matrix x(s.T, s.H), y(s.T, s.H);
     layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
-    if constexpr (kGrouped) {
-      layer.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
-      moe::check(layer.experts().can_infer_routed(layer.backend(), x),
-                 "the grouped GEMM does not run here (device code for sm_90a on an sm_90 GPU, tiles that fit the shape)");
-    }
+    if constexpr (kGrouped) use_grouped_gemm(layer, x);
     moe::ForwardOptions options;
     options.for_backward = kForBackward;
     const auto forward = [&] { layer.forward_into(x, y, options); };
@@ -235,13 +242,14 @@ void bm_forward(benchmark::State& state, const Shape& s, const Precision& p) {
   });
 }
 
-template <template <class> class Gate, template <class> class Experts, class B, int kLanes = 0>
+template <template <class> class Gate, template <class> class Experts, class B, int kLanes = 0, bool kGrouped = false>
 void bm_forward_backward(benchmark::State& state, const Shape& s, const Precision& p) {
   guarded(state, [&] {
     Layer<Gate, Experts, B> layer(s.config(), kLayerSeed, {}, {}, make_backend<B>(p, kLanes));
     layer.collect_stats(false);
     typename B::Matrix x(s.T, s.H), y(s.T, s.H), dy(s.T, s.H), dx(s.T, s.H);
     layer.backend().fill_normal(x, 1.0, kInputSeed, 0);
+    if constexpr (kGrouped) use_grouped_gemm(layer, x);
     layer.backend().fill_normal(dy, 1.0 / double(s.T), kInputSeed, 1);  // a mean loss's gradient scale
     // Parameter gradients accumulate over the iterations, as between two zero_grad() calls.
     const auto step = [&] {
@@ -272,7 +280,7 @@ void bm_routing_dispatch(benchmark::State& state, const Shape& s, const Precisio
     typename B::Plan plan;
     typename B::template Vector<S> weights;
     const double seconds = timed_loop(state, 1, [&] {
-      be.route(logits, config, plan, weights);  // ends by starting the host copy of the expert offsets
+      be.route(logits, config, plan, weights, !kGrouped);  // the per-expert path's ends by starting the offsets' host copy
       B::resize(rows, s.T * s.k, s.H);           // every slot's row, as the layer does: no allocation after warm-up
       if constexpr (kGrouped) {                  // the rows stand in for the grouped products' output
         if (!B::routed_sum_fits(plan, y)) be.combine(moe::ConstMatrixView<S>(rows), plan, weights, y);
@@ -602,6 +610,12 @@ int main(int argc, char** argv) {
   add("moe_fwd_grouped", kGpt2Large, kBF16, bm_forward<moe::SelfRoute, moe::GeluMLP, BackendBF16, false, 0, true>);
   add("moe_fwd_grouped", kGpt2Small, kBF16, bm_forward<moe::SelfRoute, moe::GeluMLP, BackendBF16, false, 0, true>);
   add("moe_fwd_grouped", kMixtral, kBF16, bm_forward<moe::SelfRoute, moe::SwiGLU, BackendBF16, false, 0, true>);
+  for (const Shape* s : {&kGpt2Large, &kGpt2Small}) {
+    add("moe_fwd_train_grouped", *s, kBF16, bm_forward<moe::SelfRoute, moe::GeluMLP, BackendBF16, true, 0, true>);
+    add("moe_fwdbwd_grouped", *s, kBF16, bm_forward_backward<moe::SelfRoute, moe::GeluMLP, BackendBF16, 0, true>);
+  }
+  add("moe_fwd_train_grouped", kMixtral, kBF16, bm_forward<moe::SelfRoute, moe::SwiGLU, BackendBF16, true, 0, true>);
+  add("moe_fwdbwd_grouped", kMixtral, kBF16, bm_forward_backward<moe::SelfRoute, moe::SwiGLU, BackendBF16, 0, true>);
   for (const Shape* s : {&kGpt2Large, &kGpt2Small, &kMixtral})
     for (const bool first : {true, false})
       for (const ProductWayCase& c : kProductWays) {

@@ -60,7 +60,8 @@ def moe_json(errors=()):
         for precision, slower in (("bf16", 1.0), ("fp32", 5.0)):
             if shape == "mixtral_T4096" and precision != "bf16":
                 continue
-            lanes1 = {"moe_fwd_lanes1": 0.96, "moe_fwdbwd_lanes1": 2.53, "moe_fwd_grouped": 0.64, "routing_grouped": 0.032} if precision == "bf16" else {}
+            lanes1 = {"moe_fwd_lanes1": 0.96, "moe_fwdbwd_lanes1": 2.53, "moe_fwd_grouped": 0.64, "routing_grouped": 0.032,
+                      "moe_fwd_train_grouped": 0.70, "moe_fwdbwd_grouped": 2.10} if precision == "bf16" else {}
             for what, ms in {**OURS, **lanes1}.items():
                 name = f"{what}/{shape}/{precision}" + ("/min_time:0.100" if what == "floor_fwd" else "") + "/manual_time"
                 base = ms * scale * slower
@@ -128,6 +129,8 @@ def gpt2_json(repetitions=1, self_error=None, batch=8, accumulation=None):
         error = self_error if variant == "self" else None
         benchmarks += gbench_records(f"Train/{variant}/bf16/iterations:5/manual_time", [ms] * repetitions, counters,
                                      error)
+    benchmarks += gbench_records("Train/self_grouped/bf16/iterations:8/manual_time", [60.0] * repetitions,
+                                 {"tokens/s": 8192 * 1000 / 60.0, "step_ms": 60.0, "batch": batch})
     benchmarks += gbench_records("Train/self_dgelu_transposed/bf16/iterations:8/manual_time", [64.0] * repetitions,
                                  {"tokens/s": 8192 * 1000 / 64.0, "step_ms": 64.0, "batch": batch})
     for kernel, ms in (("fused", 0.5), ("materialized", 1.5)):
@@ -210,6 +213,10 @@ def main():
         expect(out, "| gpt2_T16384 | 0.816 | 0.653 | 1.25x | 1.33 | 1.07 | 5.0% | 0.450 | 31.1% | 20.0 |",
                "the grouped forward against the default and the floor, its route share (0.0326 / 0.653), and "
                "everything but its products")
+        # Training grouped: forward 0.867 / 0.714 = 1.21x, 0.714 / 0.612 = 1.17 of the floor; forward + backward
+        # 2.346 / 2.142 = 1.10x.
+        expect(out, "| gpt2_T16384 | 0.867 | 0.714 | 1.21x | 1.17 | 2.346 | 2.142 | 1.10x |",
+               "the grouped training forward and forward + backward against the default")
         # The experts' products: 75 / 50 = 1.50x the layer's path, 50 / 40 = 1.25 of the dense product.
         expect(out, "| gpt2_T16384 | first | grouped_128x4 | 50.0 | 600 | 1.50x | 1.25", "a grouped way against both cuBLAS ways")
         expect(out, "| gpt2_T16384 | first | cublas_dense | 40.0 | 600 | 1.88x | 1.00", "the dense way's own row")
@@ -237,8 +244,11 @@ def main():
             expect(out, "bf16 GEMM peak: ours 780 TFLOP/s", "the peak, not an aggregate's statistic")
             expect(out, "DgeluWeights::transposed (the backward through the GELU over W2's transposes): 128,000 tokens/s, "
                    "step 64.0 ms (1.094x self's 117,029)", "the transposed DGELU row against self's")
-            if "| self_dgelu_transposed |" in out.split("| variant | precision | ours tokens/s")[1].split("\n\n")[0]:
-                fail(f"the transposed DGELU row is in the main table:\n{out}")
+            expect(out, "ExpertGemm::grouped (the experts' forward products from the routing plan, no host wait in "
+                   "the forward): 136,533 tokens/s, step 60.0 ms (1.167x self's 117,029)", "the grouped row against self's")
+            main_table = out.split("| variant | precision | ours tokens/s")[1].split("\n\n")[0]
+            if "| self_dgelu_transposed |" in main_table or "| self_grouped |" in main_table:
+                fail(f"a device setting's row is in the main table:\n{out}")
             expect(out, "NVIDIA H200", "the GPU's name from the context")
             expect(out, "RuntimeError: the real cause", "the second line of a torch.compile error")
             expect(out, "| self | bf16 | 0.2 / 0.3 | 20.5 / 24.0 | 30.0 / 33.2 | 3.0 / 3.5 | 0.4 / 8.0 |",
