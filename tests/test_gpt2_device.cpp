@@ -220,6 +220,46 @@ TEST_CASE("gpt2 sessions: unusable device and precision combinations are refused
 // device) and waits for the stream exactly once per MoE layer (the expert offsets the per-expert
 // GEMMs need on the host), once for the loss and once for the gradient norm. Batches differ from
 // step to step, so the experts' row counts do too: no buffer may be sized by them.
+// The MoE blocks' forward products from the routing plan (ExpertGemm::grouped) inside the model: the
+// layer reads the block's LayerNorm output in place (input_kept) and self routes from the residual
+// stream (a separate router input). Shapes the grouped tiles take (H = 128, F = 256); bf16 (its
+// only precision). Three steps: the same losses and parameters, bit for bit, as the per-expert path.
+TEST_CASE("gpt2 on the emulated device: training with the grouped expert products gives the per-expert bits") {
+  gpt2::Config config = kTiny;
+  config.hidden = 128, config.ffn = 256;
+  const Index B = 2, T = config.context;
+  for (const std::string_view variant : {std::string_view("self"), std::string_view("linear")}) {
+    CAPTURE(variant);
+    std::vector<double> losses[2];
+    std::vector<std::vector<float>> values[2];
+    for (const bool grouped : {false, true}) {
+      const moe::cuda::EmulatedDevice device;
+      device.set_expert_gemm(grouped ? moe::cuda::ExpertGemm::grouped : moe::cuda::ExpertGemm::per_expert);
+      const std::unique_ptr<gpt2::Trainer> trainer =
+          gpt2::make_device_trainer(variant, config, {}, gpt2::Precision::bf16, device);
+      trainer->collect_routing_stats(false);
+      for (int s = 0; s < 3; ++s) {
+        std::vector<std::int32_t> tokens, targets;
+        for (Index i = 0; i < B * T; ++i) {
+          tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+          targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+        }
+        trainer->zero_grad();
+        const std::uint64_t syncs = device.sync_count();
+        losses[grouped].push_back(trainer->forward(tokens, targets, B, T));
+        // The loss's download is the forward's one wait; the per-expert path adds one a MoE layer.
+        CHECK(device.sync_count() - syncs == (grouped ? 1 : 1 + std::uint64_t(config.layers)));
+        trainer->backward();
+        trainer->prepare_gradients(1.0f, 1.0);
+        trainer->optimizer_step(1e-3);
+      }
+      values[grouped] = trainer_values(*trainer);
+    }
+    CHECK(losses[1] == losses[0]);
+    CHECK(values[1] == values[0]);
+  }
+}
+
 TEST_CASE("gpt2 on the emulated device: a steady training step allocates nothing and syncs once per MoE layer") {
   const gpt2::Config config = kTiny;
   const Index B = 2, T = config.context;
