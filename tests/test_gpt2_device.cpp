@@ -29,17 +29,33 @@ using cuda_test::relative_error;
 
 // One training step of a trainer as the training loop takes it (zero, forward, backward, clipping's
 // norm, AdamW) on B sequences of T random tokens and targets drawn from step number s.
-void train_step(gpt2::Trainer& trainer, const gpt2::Config& config, Index B, Index T, int s) {
+// Step s's batch of B sequences of T random tokens and targets.
+struct StepTokens {
   std::vector<std::int32_t> tokens, targets;
+};
+StepTokens step_batch(const gpt2::Config& config, Index B, Index T, int s) {
+  StepTokens b;
   for (Index i = 0; i < B * T; ++i) {
-    tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
-    targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+    b.tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
+    b.targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
   }
-  trainer.zero_grad();
-  trainer.forward(tokens, targets, B, T);
+  return b;
+}
+
+// The rest of a training step after its forward.
+void finish_step(gpt2::Trainer& trainer) {
   trainer.backward();
   trainer.prepare_gradients(1.0f, 1.0);
   trainer.optimizer_step(1e-3);
+}
+
+// A training step on step_batch(s); returns its loss.
+double train_step(gpt2::Trainer& trainer, const gpt2::Config& config, Index B, Index T, int s) {
+  const StepTokens b = step_batch(config, B, T, s);
+  trainer.zero_grad();
+  const double loss = trainer.forward(b.tokens, b.targets, B, T);
+  finish_step(trainer);
+  return loss;
 }
 
 gpt2::Dataset tiny_dataset() {
@@ -239,19 +255,13 @@ TEST_CASE("gpt2 on the emulated device: training with the grouped expert product
           gpt2::make_device_trainer(variant, config, {}, gpt2::Precision::bf16, device);
       trainer->collect_routing_stats(false);
       for (int s = 0; s < 3; ++s) {
-        std::vector<std::int32_t> tokens, targets;
-        for (Index i = 0; i < B * T; ++i) {
-          tokens.push_back(std::int32_t(moe::random::bits(7, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
-          targets.push_back(std::int32_t(moe::random::bits(8, std::uint64_t(s), std::uint64_t(i)) % config.vocab));
-        }
+        const StepTokens b = step_batch(config, B, T, s);
         trainer->zero_grad();
         const std::uint64_t syncs = device.sync_count();
-        losses[grouped].push_back(trainer->forward(tokens, targets, B, T));
+        losses[grouped].push_back(trainer->forward(b.tokens, b.targets, B, T));
         // The loss's download is the forward's one wait; the per-expert path adds one a MoE layer.
         CHECK(device.sync_count() - syncs == (grouped ? 1 : 1 + std::uint64_t(config.layers)));
-        trainer->backward();
-        trainer->prepare_gradients(1.0f, 1.0);
-        trainer->optimizer_step(1e-3);
+        finish_step(*trainer);
       }
       values[grouped] = trainer_values(*trainer);
     }

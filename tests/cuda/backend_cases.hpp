@@ -166,6 +166,12 @@ inline moe::LayerConfig small_config(Index N = 6, Index k = 2) { return moe::Lay
     MESSAGE("skipped: no CUDA device on this machine");            \
     return;                                                        \
   }
+// The same for the cases of the Hopper grouped GEMM (bf16, device code for sm_90a).
+#define CUDA_TEST_SKIP_WITHOUT_GROUPED_GEMM()                                            \
+  if (!TestDevice::template grouped_gemm_supports<moe::bfloat16>()) {                     \
+    MESSAGE("skipped: this device has no grouped GEMM (device code not built for sm_90a)"); \
+    return;                                                                              \
+  }
 
 TEST_CASE(CUDA_TEST_NAME("parity with the CPU backend: every gate and expert bank, fp32")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
@@ -686,10 +692,7 @@ void check_routed_inference(const moe::LayerConfig& config, Index T, std::uint64
 
 TEST_CASE(CUDA_TEST_NAME("inference forward from the routing plan (ExpertGemm::grouped): the per-expert output, no host wait")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
-  if (!TestDevice::template grouped_gemm_supports<moe::bfloat16>()) {
-    MESSAGE("skipped: this device has no grouped GEMM (device code not built for sm_90a)");
-    return;
-  }
+  CUDA_TEST_SKIP_WITHOUT_GROUPED_GEMM();
   // H = 128 and F = 256 (SwiGLU's gate and up: 512): whole tiles of the grouped GEMM. T = 300
   // over 8 experts, top-2: blocks of rows that end inside a tile; a capacity drops slots.
   moe::LayerConfig config{128, 256, 8, 2};
@@ -765,10 +768,7 @@ void check_routed_training(const moe::LayerConfig& config, Index T, std::uint64_
 
 TEST_CASE(CUDA_TEST_NAME("training forward from the routing plan (ExpertGemm::grouped): the per-expert output and gradients")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
-  if (!TestDevice::template grouped_gemm_supports<moe::bfloat16>()) {
-    MESSAGE("skipped: this device has no grouped GEMM (device code not built for sm_90a)");
-    return;
-  }
+  CUDA_TEST_SKIP_WITHOUT_GROUPED_GEMM();
   moe::LayerConfig config{128, 256, 8, 2};
   check_routed_training<moe::GeluMLP>(config, 300, 11);
   check_routed_training<moe::SwiGLU>(config, 300, 12);
