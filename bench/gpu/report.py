@@ -377,7 +377,7 @@ def main(argv):
         floor = ours("floor_fwd", shape, "bf16")
         rows.append([shape, fmt_ms(train), fmt_ms(train_g), fmt_x(ratio(train, train_g)),
                      fmt_ratio(ratio(train_g, floor)), fmt_ms(fwdbwd), fmt_ms(fwdbwd_g), fmt_x(ratio(fwdbwd, fwdbwd_g)),
-                     "; ".join(failures)])
+                     "; ".join(dict.fromkeys(failures))])  # one message once
     if rows:
         print("Training with the experts' forward products from the routing plan (ExpertGemm::grouped: no host wait "
               "in the forward; the backward gathers the sorted rows and runs its products per expert) against the "
