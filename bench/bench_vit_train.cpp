@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "../examples/vit_moe/model.hpp"
+#include "../examples/vit_moe/cpu_model.hpp"
 
 namespace {
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "../examples/vit_moe/model.hpp"
+#include "../examples/vit_moe/cpu_model.hpp"
 
 using moe::Index;
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moe/moe.hpp"
@@ -56,6 +57,17 @@ class NnOps<moe::cpu::BasicBackend<S>> {
   }
   void download(std::span<const S> values, std::span<float> host) const { std::copy(values.begin(), values.end(), host.begin()); }
   void upload(std::span<const float> host, std::span<S> values) const { std::copy(host.begin(), host.end(), values.begin()); }
+  // A double model's host values are doubles (a device's are floats): copied as they are.
+  void download(std::span<const S> values, std::span<S> host) const
+    requires(!std::is_same_v<S, float>)
+  {
+    std::copy(values.begin(), values.end(), host.begin());
+  }
+  void upload(std::span<const S> host, std::span<S> values) const
+    requires(!std::is_same_v<S, float>)
+  {
+    std::copy(host.begin(), host.end(), values.begin());
+  }
 
   // ---- layers (moe/nn/*.hpp) ----------------------------------------------------------------
   void embedding_forward(std::span<const std::int32_t> tokens, Index B, Index T, moe::ConstMatrixView<S> wte,

@@ -36,7 +36,7 @@
 
 #include "../common/checkpoint_common.hpp"
 #include "config.hpp"
-#include "model.hpp"
+#include "cpu_model.hpp"
 #include "moe/io/safetensors.hpp"
 #include "moe/nn/adamw.hpp"
 

@@ -20,7 +20,7 @@
 #include "../common/seed_summary.hpp"
 #include "checkpoint.hpp"
 #include "dataset.hpp"
-#include "model.hpp"
+#include "cpu_model.hpp"
 #include "train.hpp"
 
 namespace {

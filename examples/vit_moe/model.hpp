@@ -13,10 +13,14 @@
 // Parameter names and layouts are timm's VisionTransformer (patch_embed.proj.weight is its
 // Conv2d weight [H, C, P, P]; every Linear is [out, in]); an MoE block's FFN is named
 // "blocks.{l}.moe." + the MoELayer's names. Every backward adds its input gradient into the
-// caller's buffer (+=), so the residual stream's gradient runs through the blocks in place.
+// caller's buffer (+=), so the residual stream's gradient runs through the blocks in place; where
+// a buffer holds nothing to keep the pieces write over it instead (kOverwrite).
 //
-// The variant is a type: Model<DenseMLP<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...;
-// with_variant<S>("self", fn) picks it from a name at run time.
+// The variant is a type: Model<DenseMLP<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...; the backend B
+// picks the world through examples::NnOps<B> (examples/common/nn_ops.hpp), as GPT-2's model does:
+// the CPU (moe::cpu::BasicBackend<S>, S = float to train, double for gradient checks; cpu_model.hpp
+// has the aliases and with_variant) or a CUDA-backend device (moe::cuda::BasicBackend<S, D>,
+// S = float or bf16: with_variant_on). This file includes neither, so nvcc compiles it for the GPU.
 #pragma once
 
 #include <algorithm>
@@ -30,11 +34,16 @@
 #include <utility>
 #include <vector>
 
+#include "../common/nn_ops.hpp"
 #include "../common/parameter.hpp"
 #include "../common/variants.hpp"
 #include "config.hpp"
-#include "moe/moe.hpp"
-#include "moe/nn.hpp"
+#include "moe/experts.hpp"
+#include "moe/gate.hpp"
+#include "moe/layer.hpp"
+#include "moe/nn/checks.hpp"
+#include "moe/random.hpp"
+#include "moe/tensor.hpp"
 
 namespace vit {
 
@@ -42,16 +51,10 @@ using moe::ConstMatrixView;
 using moe::MatrixView;
 using moe::ParamRef;
 
-// ---- parameters ------------------------------------------------------------------------------
-
-using examples::Tensor;
+// What linear_backward and attention_backward take to write an input gradient instead of adding it.
+inline constexpr moe::nn::GradInto kOverwrite = moe::nn::GradInto::overwrite;
 
 namespace detail {
-
-using examples::fill;
-using examples::init_normal;
-using examples::stream_of;
-using examples::zero;
 
 // timm initialises every Linear with std 0.02 (truncated at 2 std; a plain normal here).
 inline constexpr double kLinearStd = 0.02;
@@ -61,9 +64,10 @@ inline std::string block_prefix(Index block) { return "blocks." + std::to_string
 
 // ---- the FFN choices -------------------------------------------------------------------------
 // An FFN maps a block's norm2 output x: [B*T, H] to y: [B*T, H]. Shared interface:
-//   forward(x, y)           y written; caches what backward needs
+//   forward(x, y)           y written; caches what backward needs (x stays the block's until then)
 //   backward(x, dy, dx)     dx WRITTEN (the block adds it through norm2); parameter grads +=
 //   parameters(), zero_grad(), set_threads(n)
+// Both are built from (config, block, seed, the model's NnOps).
 
 // timm's Mlp: fc1 H -> F (bias), GELU, fc2 F -> H (bias). The GELU is the tanh approximation of
 // the MoE experts (moe::GeluMLP), so dense and MoE blocks differ in routing alone; timm uses the
@@ -74,51 +78,49 @@ class DenseMLP {
   using Backend = B;
   using Scalar = typename B::Scalar;
   using S = Scalar;
+  using Ops = examples::NnOps<B>;
   static constexpr bool is_moe = false;
   static constexpr std::string_view variant = "dense";
 
-  DenseMLP(const Config& config, Index block, std::uint64_t seed)
-      : fc1_weight_(detail::block_prefix(block) + "mlp.fc1.weight", {config.ffn, config.hidden}),
-        fc1_bias_(detail::block_prefix(block) + "mlp.fc1.bias", {config.ffn}),
-        fc2_weight_(detail::block_prefix(block) + "mlp.fc2.weight", {config.hidden, config.ffn}),
-        fc2_bias_(detail::block_prefix(block) + "mlp.fc2.bias", {config.hidden}) {
-    detail::init_normal(fc1_weight_, detail::kLinearStd, seed);
-    detail::init_normal(fc2_weight_, detail::kLinearStd, seed);
+  DenseMLP(const Config& config, Index block, std::uint64_t seed, const Ops& ops)
+      : nn_(ops),
+        fc1_weight_(ops.param(detail::block_prefix(block) + "mlp.fc1.weight", {config.ffn, config.hidden})),
+        fc1_bias_(ops.param(detail::block_prefix(block) + "mlp.fc1.bias", {config.ffn})),
+        fc2_weight_(ops.param(detail::block_prefix(block) + "mlp.fc2.weight", {config.hidden, config.ffn})),
+        fc2_bias_(ops.param(detail::block_prefix(block) + "mlp.fc2.bias", {config.hidden})) {
+    nn_.init_normal(fc1_weight_, detail::kLinearStd, seed);
+    nn_.init_normal(fc2_weight_, detail::kLinearStd, seed);
   }
 
   // x: [N, H] -> pre = x fc1^T + b: [N, F] (kept), act = gelu(pre): [N, F] (kept), y = act fc2^T + b: [N, H]
   void forward(ConstMatrixView<S> x, MatrixView<S> y) {
     B::resize(pre_, x.rows, fc1_weight_.rows());
     B::resize(act_, x.rows, fc1_weight_.rows());
-    moe::nn::linear_forward<S>(x, fc1_weight_.matrix(), fc1_bias_.value.data(), pre_, threads());
-    backend_.gelu_forward(pre_, act_);
-    moe::nn::linear_forward<S>(act_, fc2_weight_.matrix(), fc2_bias_.value.data(), y, threads());
+    nn_.linear_forward(x, fc1_weight_.matrix(), fc1_bias_.value.data(), pre_);
+    nn_.gelu_forward(pre_, act_);
+    nn_.linear_forward(act_, fc2_weight_.matrix(), fc2_bias_.value.data(), y);
   }
   // dy: [N, H] -> dact = dy fc2: [N, F] -> dpre = dact * gelu'(pre) -> dx = dpre fc1: [N, H] (written)
   void backward(ConstMatrixView<S> x, ConstMatrixView<S> dy, MatrixView<S> dx) {
     B::resize(dact_, pre_.rows(), pre_.cols());
-    detail::zero<S>(dact_);
-    moe::nn::linear_backward<S>(act_, dy, fc2_weight_.matrix(), dact_, fc2_weight_.grad_matrix(),
-                                fc2_bias_.grad.data(), threads());
-    backend_.gelu_backward(pre_, dact_, dact_);
-    detail::zero(dx);
-    moe::nn::linear_backward<S>(x, dact_, fc1_weight_.matrix(), dx, fc1_weight_.grad_matrix(),
-                                fc1_bias_.grad.data(), threads());
+    nn_.linear_backward(act_, dy, fc2_weight_.matrix(), dact_, fc2_weight_.grad_matrix(), fc2_bias_.grad.data(),
+                        kOverwrite);
+    nn_.gelu_backward(pre_, dact_, dact_);
+    nn_.linear_backward(x, dact_, fc1_weight_.matrix(), dx, fc1_weight_.grad_matrix(), fc1_bias_.grad.data(),
+                        kOverwrite);
   }
 
   std::vector<ParamRef<S>> parameters() {
     return {fc1_weight_.ref(), fc1_bias_.ref(), fc2_weight_.ref(), fc2_bias_.ref()};
   }
   void zero_grad() {
-    for (Tensor<S>* t : {&fc1_weight_, &fc1_bias_, &fc2_weight_, &fc2_bias_})
-      std::fill(t->grad.begin(), t->grad.end(), S(0));
+    for (ParamRef<S>& p : parameters()) nn_.zero_grad(p);
   }
-  void set_threads(int threads) { backend_.set_threads(threads); }
-  int threads() const { return backend_.threads(); }
+  void set_threads(int threads) { nn_.set_threads(threads); }
 
  private:
-  Tensor<S> fc1_weight_, fc1_bias_, fc2_weight_, fc2_bias_;
-  B backend_{1};
+  Ops nn_;
+  typename Ops::Param fc1_weight_, fc1_bias_, fc2_weight_, fc2_bias_;
   typename B::Matrix pre_, act_, dact_;
 };
 
@@ -132,18 +134,20 @@ class MoEFFN {
   using Scalar = typename B::Scalar;
   using S = Scalar;
   using Layer = moe::MoELayer<Gate, moe::GeluMLP, B>;
+  using Ops = examples::NnOps<B>;
   static constexpr bool is_moe = true;
   static constexpr std::string_view variant = Layer::GateType::name;
 
   // Experts initialised as timm's Mlp; the router keeps the library's N(0, 1/H) (unit-variance
   // logits for unit-variance inputs, the scale SelfRoute reads).
-  MoEFFN(const Config& config, Index block, std::uint64_t seed)
+  MoEFFN(const Config& config, Index block, std::uint64_t seed, const Ops& ops)
       : prefix_(detail::block_prefix(block) + "moe."),
-        layer_(config.layer(), moe::random::mix64(seed ^ detail::stream_of(prefix_)), {},
-               {.init_std = detail::kLinearStd, .out_init_std = detail::kLinearStd}, B(1)) {}
+        layer_(config.layer(), moe::random::mix64(seed ^ examples::stream_of(prefix_)), {},
+               {.init_std = detail::kLinearStd, .out_init_std = detail::kLinearStd}, ops.make_backend()) {}
 
-  // x: [N, H] -> y: [N, H] (the MoELayer keeps its input, routing and expert activations)
-  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y); }
+  // x: [N, H] -> y: [N, H] (the layer keeps its routing and expert activations; x, the block's
+  // norm2 output, stays the block's until its backward, so the layer reads it there: input_kept)
+  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y, {.input_kept = true}); }
   // dy: [N, H] -> dx: [N, H] (written; includes the router path, e.g. SelfRoute's logit gradient)
   void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx) { layer_.backward_into(dy, dx); }
 
@@ -153,7 +157,9 @@ class MoEFFN {
     return params;
   }
   void zero_grad() { layer_.zero_grad(); }
-  void set_threads(int threads) { layer_.backend().set_threads(threads); }
+  void set_threads(int threads) {
+    if constexpr (requires { layer_.backend().set_threads(threads); }) layer_.backend().set_threads(threads);
+  }
   Layer& layer() { return layer_; }
   const Layer& layer() const { return layer_; }
 
@@ -170,51 +176,61 @@ class Model {
   using Scalar = typename FFN::Scalar;
   using S = Scalar;
   using B = typename FFN::Backend;
+  using Ops = examples::NnOps<B>;
+  using Optimizer = typename Ops::Optimizer;
   using Matrix = typename B::Matrix;
+  using Param = typename Ops::Param;
+  template <class T>
+  using Array = typename Ops::template Array<T>;
   using MLP = DenseMLP<B>;
+  // Host pixels and logits: float for float and bf16 models, double for a double model.
+  using Pixel = moe::Compute<S>;
   static constexpr bool is_moe = FFN::is_moe;
   static constexpr std::string_view variant = FFN::variant;
 
-  explicit Model(const Config& config)
+  // ops: where the model lives and computes (the CPU's thread count, or a device).
+  explicit Model(const Config& config, Ops ops = Ops{})
       : config_(validated(config)),
-        cls_token_("cls_token", {1, 1, config.hidden}),
-        pos_embed_("pos_embed", {1, config.tokens(), config.hidden}),
-        patch_weight_("patch_embed.proj.weight", {config.hidden, config.channels, config.patch, config.patch}),
-        patch_bias_("patch_embed.proj.bias", {config.hidden}),
-        norm_weight_("norm.weight", {config.hidden}),
-        norm_bias_("norm.bias", {config.hidden}),
-        head_weight_("head.weight", {config.classes, config.hidden}),
-        head_bias_("head.bias", {config.classes}) {
-    detail::init_normal(cls_token_, 0.02, config_.seed);
-    detail::init_normal(pos_embed_, 0.02, config_.seed);
+        nn_(std::move(ops)),
+        cls_token_(nn_.param("cls_token", {1, 1, config.hidden})),
+        pos_embed_(nn_.param("pos_embed", {1, config.tokens(), config.hidden})),
+        patch_weight_(nn_.param("patch_embed.proj.weight", {config.hidden, config.channels, config.patch, config.patch})),
+        patch_bias_(nn_.param("patch_embed.proj.bias", {config.hidden})),
+        norm_weight_(nn_.param("norm.weight", {config.hidden})),
+        norm_bias_(nn_.param("norm.bias", {config.hidden})),
+        head_weight_(nn_.param("head.weight", {config.classes, config.hidden})),
+        head_bias_(nn_.param("head.bias", {config.classes})) {
+    nn_.init_normal(cls_token_, 0.02, config_.seed);
+    nn_.init_normal(pos_embed_, 0.02, config_.seed);
     // timm keeps PyTorch's default for the patch Conv2d: U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in).
-    detail::init_normal(patch_weight_, 1.0 / std::sqrt(3.0 * double(config_.patch_size())), config_.seed);
-    detail::init_normal(head_weight_, detail::kLinearStd, config_.seed);
-    detail::fill(norm_weight_, S(1));
+    nn_.init_normal(patch_weight_, 1.0 / std::sqrt(3.0 * double(config_.patch_size())), config_.seed);
+    nn_.init_normal(head_weight_, detail::kLinearStd, config_.seed);
+    nn_.fill(norm_weight_, S(1));
     blocks_.reserve(std::size_t(config_.layers));
-    for (Index l = 0; l < config_.layers; ++l) blocks_.emplace_back(config_, l, is_moe && config_.is_moe_block(l));
-    set_threads(threads_);
+    for (Index l = 0; l < config_.layers; ++l)
+      blocks_.emplace_back(config_, l, is_moe && config_.is_moe_block(l), nn_);
   }
 
   const Config& config() const { return config_; }
+  const Ops& ops() const { return nn_; }
 
-  // images: [B, C*S*S] (each image channels, then rows, then columns; already normalised),
-  // labels: [B] (classes in [0, classes); empty: logits only) -> mean loss over the batch (0
-  // without labels). Keeps every activation for backward; logits() stays valid until the next forward.
-  double forward(std::span<const S> images, std::span<const std::int32_t> labels, Index batch) {
+  // images: [B, C*S*S] host pixels (each image channels, then rows, then columns; already
+  // normalised), labels: [B] (classes in [0, classes); empty: logits only) -> mean loss over the
+  // batch (0 without labels). Keeps every activation for backward; logits() stays valid until the
+  // next forward.
+  double forward(std::span<const Pixel> images, std::span<const std::int32_t> labels, Index batch) {
     check_inputs(images, labels, batch);
     allocate(batch);
     labels_.assign(labels.begin(), labels.end());
-    const int th = threads_;
 
     extract_patches(images);
-    moe::nn::linear_forward<S>(patches_, patch_weight_.matrix(), patch_bias_.value.data(), patch_embedded_, th);
+    nn_.linear_forward(patches_, patch_weight_.matrix(), patch_bias_.value.data(), patch_rows(token_table_));
     embed_tokens();
     for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(*this, residual_[l], residual_[l + 1]);
-    moe::nn::layernorm_forward<S>(class_rows(residual_.back()), norm_weight_.value.data(), norm_bias_.value.data(),
-                                  normed_, norm_mean_.data(), norm_rstd_.data(), th);
-    moe::nn::linear_forward<S>(normed_, head_weight_.matrix(), head_bias_.value.data(), logits_, th);
-    loss_ = labels.empty() ? 0.0 : moe::nn::cross_entropy_forward<S>(logits_, labels, losses_.data(), th);
+    nn_.layernorm_forward(class_rows(residual_.back()), norm_weight_.value.data(), norm_bias_.value.data(), normed_,
+                          norm_mean_.data(), norm_rstd_.data());
+    nn_.linear_forward(normed_, head_weight_.matrix(), head_bias_.value.data(), logits_);
+    loss_ = labels.empty() ? 0.0 : nn_.cross_entropy_forward(logits_, labels, losses_.data(), loss_stats_.data());
     forwarded_ = !labels.empty();
     return loss_;
   }
@@ -223,21 +239,18 @@ class Model {
   void backward() {
     moe::check(forwarded_, "vit: backward needs a forward with labels first (and runs once per forward)");
     forwarded_ = false;
-    const int th = threads_;
 
-    moe::nn::cross_entropy_backward<S>(logits_, labels_, 1.0, dlogits_, th);
-    detail::zero<S>(dnormed_);
-    moe::nn::linear_backward<S>(normed_, dlogits_, head_weight_.matrix(), dnormed_, head_weight_.grad_matrix(),
-                                head_bias_.grad.data(), th);
+    nn_.cross_entropy_backward(logits_, labels_, 1.0, dlogits_, loss_stats_.data());
+    nn_.linear_backward(normed_, dlogits_, head_weight_.matrix(), dnormed_, head_weight_.grad_matrix(),
+                        head_bias_.grad.data(), kOverwrite);
     // Only the class token's rows reach the head: the other rows' gradient starts at 0.
-    detail::zero<S>(dresidual_);
-    moe::nn::layernorm_backward<S>(dnormed_, class_rows(residual_.back()), norm_weight_.value.data(),
-                                   norm_mean_.data(), norm_rstd_.data(), class_rows(dresidual_),
-                                   norm_weight_.grad.data(), norm_bias_.grad.data(), th);
+    nn_.zero(dresidual_);
+    nn_.layernorm_backward(dnormed_, class_rows(residual_.back()), norm_weight_.value.data(), norm_mean_.data(),
+                           norm_rstd_.data(), class_rows(dresidual_), norm_weight_.grad.data(), norm_bias_.grad.data());
     for (Index l = config_.layers - 1; l >= 0; --l) blocks_[l].backward(*this, residual_[l]);
     embed_tokens_backward();
-    moe::nn::linear_backward<S>(patches_, dpatch_embedded_, patch_weight_.matrix(), MatrixView<S>{},
-                                patch_weight_.grad_matrix(), patch_bias_.grad.data(), th);
+    nn_.linear_backward(patches_, patch_rows(dtoken_table_), patch_weight_.matrix(), MatrixView<S>{},
+                        patch_weight_.grad_matrix(), patch_bias_.grad.data());
   }
 
   // timm's names and order: cls_token, pos_embed, patch_embed.proj.*, blocks.{l}.*, norm.*, head.*.
@@ -245,11 +258,12 @@ class Model {
     std::vector<ParamRef<S>> all{cls_token_.ref(), pos_embed_.ref(), patch_weight_.ref(), patch_bias_.ref()};
     for (Block& block : blocks_)
       for (ParamRef<S>& p : block.parameters()) all.push_back(std::move(p));
-    for (Tensor<S>* t : {&norm_weight_, &norm_bias_, &head_weight_, &head_bias_}) all.push_back(t->ref());
+    for (Param* t : {&norm_weight_, &norm_bias_, &head_weight_, &head_bias_}) all.push_back(t->ref());
     return all;
   }
   void zero_grad() {
-    for (ParamRef<S>& p : parameters()) std::fill(p.grad.begin(), p.grad.end(), S(0));
+    std::vector<ParamRef<S>> all = parameters();
+    nn_.zero_grads(all);  // one pass over every gradient (a few launches on a device)
   }
   Index parameter_count() {
     Index n = 0;
@@ -266,26 +280,35 @@ class Model {
     return n;
   }
 
-  // Threads for every operation (results are bit-identical on any count).
+  // CPU threads for every operation (results are bit-identical on any count); no-op on a device.
   void set_threads(int threads) {
     moe::check(threads >= 1, "vit: thread count must be >= 1, got ", threads);
-    threads_ = threads;
+    nn_.set_threads(threads);
     for (Block& block : blocks_) {
+      block.nn = nn_;
       if (block.mlp) block.mlp->set_threads(threads);
       if (block.moe) block.moe->set_threads(threads);
     }
   }
-  int threads() const { return threads_; }
 
-  // The last forward's logits [B, classes] and per-image losses [B].
+  // The last forward's logits [B, classes] and per-image losses [B], in the model's memory (the
+  // device's for a device model: host_logits() copies them out).
   ConstMatrixView<S> logits() const { return logits_; }
-  std::span<const S> losses() const { return losses_; }
+  std::span<const S> losses() const { return {losses_.data(), std::size_t(batch_)}; }
+  // The last forward's logits as host values, [B * classes] row-major.
+  std::vector<Pixel> host_logits() const {
+    std::vector<Pixel> host(std::size_t(logits_.rows() * logits_.cols()));
+    nn_.download(std::span<const S>(logits_.data(), host.size()), std::span<Pixel>(host));
+    return host;
+  }
   // The last forward's predicted class per image (largest logit; ties go to the lower class).
   std::vector<std::int32_t> predictions() const {
-    std::vector<std::int32_t> predicted(std::size_t(logits_.rows()));
-    for (Index b = 0; b < logits_.rows(); ++b) {
-      const S* row = logits_.data() + b * logits_.cols();
-      predicted[std::size_t(b)] = std::int32_t(std::max_element(row, row + logits_.cols()) - row);
+    const std::vector<Pixel> logits = host_logits();
+    const Index classes = config_.classes;
+    std::vector<std::int32_t> predicted(static_cast<std::size_t>(batch_));
+    for (Index b = 0; b < batch_; ++b) {
+      const Pixel* row = logits.data() + b * classes;
+      predicted[std::size_t(b)] = std::int32_t(std::max_element(row, row + classes) - row);
     }
     return predicted;
   }
@@ -332,31 +355,34 @@ class Model {
  private:
   // One pre-LayerNorm transformer block: its parameters, its FFN and its activations.
   struct Block {
-    Tensor<S> norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight, norm2_bias;
+    Ops nn;
+    Param norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight, norm2_bias;
     std::optional<MLP> mlp;  // the dense blocks
     std::optional<FFN> moe;  // the MoE blocks (MoE variants only)
-    // Activations kept for backward ([B*T, ...] rows; att is [B, NH, T, T]).
+    // Activations kept for backward ([B*T, ...] rows; att is the attention's cache: nn.attention_cache_size).
     Matrix norm1, qkv, atty, residual_attn, norm2;
-    std::vector<S> norm1_mean, norm1_rstd, norm2_mean, norm2_rstd, att;
+    Array<typename Ops::Stat> norm1_mean, norm1_rstd, norm2_mean, norm2_rstd;
+    Array<S> att;
 
     // qkv is [3H, H] with rows q | k | v, timm's Attention.qkv.
-    Block(const Config& c, Index l, bool moe_block)
-        : norm1_weight(name(l, "norm1.weight"), {c.hidden}),
-          norm1_bias(name(l, "norm1.bias"), {c.hidden}),
-          qkv_weight(name(l, "attn.qkv.weight"), {3 * c.hidden, c.hidden}),
-          qkv_bias(name(l, "attn.qkv.bias"), {3 * c.hidden}),
-          proj_weight(name(l, "attn.proj.weight"), {c.hidden, c.hidden}),
-          proj_bias(name(l, "attn.proj.bias"), {c.hidden}),
-          norm2_weight(name(l, "norm2.weight"), {c.hidden}),
-          norm2_bias(name(l, "norm2.bias"), {c.hidden}) {
-      detail::fill(norm1_weight, S(1));
-      detail::fill(norm2_weight, S(1));
-      detail::init_normal(qkv_weight, detail::kLinearStd, c.seed);
-      detail::init_normal(proj_weight, detail::kLinearStd, c.seed);
+    Block(const Config& c, Index l, bool moe_block, const Ops& ops)
+        : nn(ops),
+          norm1_weight(ops.param(name(l, "norm1.weight"), {c.hidden})),
+          norm1_bias(ops.param(name(l, "norm1.bias"), {c.hidden})),
+          qkv_weight(ops.param(name(l, "attn.qkv.weight"), {3 * c.hidden, c.hidden})),
+          qkv_bias(ops.param(name(l, "attn.qkv.bias"), {3 * c.hidden})),
+          proj_weight(ops.param(name(l, "attn.proj.weight"), {c.hidden, c.hidden})),
+          proj_bias(ops.param(name(l, "attn.proj.bias"), {c.hidden})),
+          norm2_weight(ops.param(name(l, "norm2.weight"), {c.hidden})),
+          norm2_bias(ops.param(name(l, "norm2.bias"), {c.hidden})) {
+      nn.fill(norm1_weight, S(1));
+      nn.fill(norm2_weight, S(1));
+      nn.init_normal(qkv_weight, detail::kLinearStd, c.seed);
+      nn.init_normal(proj_weight, detail::kLinearStd, c.seed);
       if (moe_block)
-        moe.emplace(c, l, c.seed);
+        moe.emplace(c, l, c.seed, ops);
       else
-        mlp.emplace(c, l, c.seed);
+        mlp.emplace(c, l, c.seed, ops);
     }
     static std::string name(Index l, std::string_view what) { return detail::block_prefix(l) + std::string(what); }
 
@@ -372,53 +398,47 @@ class Model {
     //   token sees every token); residual_attn = x + atty proj^T + b; norm2 = LN(residual_attn);
     //   out = residual_attn + FFN(norm2)
     void forward(Model& m, ConstMatrixView<S> x, MatrixView<S> out) {
-      const int th = m.threads_;
-      moe::nn::layernorm_forward<S>(x, norm1_weight.value.data(), norm1_bias.value.data(), norm1,
-                                    norm1_mean.data(), norm1_rstd.data(), th);
-      moe::nn::linear_forward<S>(norm1, qkv_weight.matrix(), qkv_bias.value.data(), qkv, th);
-      moe::nn::attention_forward<S>(qkv, m.batch_, m.config_.tokens(), m.config_.heads, /*causal=*/false, atty,
-                                    att.data(), th);
-      moe::nn::linear_forward<S>(atty, proj_weight.matrix(), proj_bias.value.data(), residual_attn, th);
-      m.backend_.add(x, residual_attn);
-      moe::nn::layernorm_forward<S>(residual_attn, norm2_weight.value.data(), norm2_bias.value.data(), norm2,
-                                    norm2_mean.data(), norm2_rstd.data(), th);
+      nn.layernorm_forward(x, norm1_weight.value.data(), norm1_bias.value.data(), norm1, norm1_mean.data(),
+                           norm1_rstd.data());
+      nn.linear_forward(norm1, qkv_weight.matrix(), qkv_bias.value.data(), qkv);
+      nn.attention_forward(qkv, m.batch_, m.config_.tokens(), m.config_.heads, /*causal=*/false, atty, att.data());
+      nn.linear_forward(atty, proj_weight.matrix(), proj_bias.value.data(), residual_attn);
+      nn.add(x, residual_attn);
+      nn.layernorm_forward(residual_attn, norm2_weight.value.data(), norm2_bias.value.data(), norm2, norm2_mean.data(),
+                           norm2_rstd.data());
       if (moe)
         moe->forward(norm2, out);
       else
         mlp->forward(norm2, out);
-      m.backend_.add(residual_attn, out);
+      nn.add(residual_attn, out);
     }
 
     // m.dresidual_: d out on entry, d x on exit (in place; every backward below adds into it).
     //   d residual_attn = d out + LN_2'(FFN'(d out))
     //   d x             = d residual_attn + LN_1'(qkv'(attention'(proj'(d residual_attn))))
     void backward(Model& m, ConstMatrixView<S> x) {
-      const int th = m.threads_;
       MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_, dqkv = m.dqkv_;
       if (moe)  // dtmp = d norm2 (written)
         moe->backward(norm2, dresidual, dtmp);
       else
         mlp->backward(norm2, dresidual, dtmp);
-      moe::nn::layernorm_backward<S>(dtmp, residual_attn, norm2_weight.value.data(), norm2_mean.data(),
-                                     norm2_rstd.data(), dresidual, norm2_weight.grad.data(), norm2_bias.grad.data(),
-                                     th);
-      detail::zero(dtmp);  // d atty
-      moe::nn::linear_backward<S>(atty, dresidual, proj_weight.matrix(), dtmp, proj_weight.grad_matrix(),
-                                  proj_bias.grad.data(), th);
-      detail::zero(dqkv);
-      moe::nn::attention_backward<S>(dtmp, qkv, att.data(), m.batch_, m.config_.tokens(), m.config_.heads,
-                                     /*causal=*/false, dqkv, th);
-      detail::zero(dtmp);  // d norm1
-      moe::nn::linear_backward<S>(norm1, dqkv, qkv_weight.matrix(), dtmp, qkv_weight.grad_matrix(),
-                                  qkv_bias.grad.data(), th);
-      moe::nn::layernorm_backward<S>(dtmp, x, norm1_weight.value.data(), norm1_mean.data(), norm1_rstd.data(),
-                                     dresidual, norm1_weight.grad.data(), norm1_bias.grad.data(), th);
+      nn.layernorm_backward(dtmp, residual_attn, norm2_weight.value.data(), norm2_mean.data(), norm2_rstd.data(),
+                            dresidual, norm2_weight.grad.data(), norm2_bias.grad.data());
+      // dtmp and dqkv hold nothing to keep: their gradients are written over them, with no zero fill first.
+      nn.linear_backward(atty, dresidual, proj_weight.matrix(), dtmp, proj_weight.grad_matrix(), proj_bias.grad.data(),
+                         kOverwrite);  // dtmp = d atty
+      nn.attention_backward(dtmp, qkv, atty, att.data(), m.batch_, m.config_.tokens(), m.config_.heads,
+                            /*causal=*/false, dqkv, kOverwrite);
+      nn.linear_backward(norm1, dqkv, qkv_weight.matrix(), dtmp, qkv_weight.grad_matrix(), qkv_bias.grad.data(),
+                         kOverwrite);  // dtmp = d norm1
+      nn.layernorm_backward(dtmp, x, norm1_weight.value.data(), norm1_mean.data(), norm1_rstd.data(), dresidual,
+                            norm1_weight.grad.data(), norm1_bias.grad.data());
     }
 
     std::vector<ParamRef<S>> parameters() {
       std::vector<ParamRef<S>> all;
-      for (Tensor<S>* t : {&norm1_weight, &norm1_bias, &qkv_weight, &qkv_bias, &proj_weight, &proj_bias,
-                           &norm2_weight, &norm2_bias})
+      for (Param* t : {&norm1_weight, &norm1_bias, &qkv_weight, &qkv_bias, &proj_weight, &proj_bias, &norm2_weight,
+                       &norm2_bias})
         all.push_back(t->ref());
       for (ParamRef<S>& p : moe ? moe->parameters() : mlp->parameters()) all.push_back(std::move(p));
       return all;
@@ -431,7 +451,7 @@ class Model {
   }
 
   // Shapes, labels and pixels, checked once at the entry point.
-  void check_inputs(std::span<const S> images, std::span<const std::int32_t> labels, Index batch) const {
+  void check_inputs(std::span<const Pixel> images, std::span<const std::int32_t> labels, Index batch) const {
     const Index pixels = config_.pixels();
     moe::check(batch >= 1, "vit: batch B = ", batch, " must be positive");
     moe::check(Index(images.size()) == batch * pixels, "vit: images has ", images.size(),
@@ -451,73 +471,69 @@ class Model {
   void allocate(Index batch) {
     if (batch == batch_) return;
     batch_ = batch;
-    const Index T = config_.tokens(), BT = batch * T, H = config_.hidden, BNp = batch * config_.patches();
+    const Index T = config_.tokens(), BT = batch * T, H = config_.hidden, Np = config_.patches(), BNp = batch * Np;
+    host_patches_.resize(std::size_t(BNp * config_.patch_size()));
     B::resize(patches_, BNp, config_.patch_size());
-    B::resize(patch_embedded_, BNp, H);
-    B::resize(dpatch_embedded_, BNp, H);
+    for (Matrix* m : {&token_table_, &dtoken_table_}) B::resize(*m, 1 + BNp, H);
+    // Row b*T + t of the stream takes token_table_ row 0 (the class token) at t = 0, row
+    // 1 + b*Np + t - 1 (its patch) after: the embedding's ids.
+    token_ids_.resize(std::size_t(BT));
+    for (Index r = 0; r < BT; ++r) {
+      const Index b = r / T, t = r % T;
+      token_ids_[std::size_t(r)] = std::int32_t(t == 0 ? 0 : 1 + b * Np + t - 1);
+    }
     residual_.resize(std::size_t(config_.layers + 1));
     for (Matrix& r : residual_) B::resize(r, BT, H);
-    for (Block& block : blocks_) block.allocate(BT, H, batch * config_.heads * T * T);
+    for (Block& block : blocks_) block.allocate(BT, H, nn_.attention_cache_size(batch, T, config_.heads, H));
     for (Matrix* m : {&dresidual_, &dtmp_}) B::resize(*m, BT, H);
     B::resize(dqkv_, BT, 3 * H);
     for (Matrix* m : {&normed_, &dnormed_}) B::resize(*m, batch, H);
     for (Matrix* m : {&logits_, &dlogits_}) B::resize(*m, batch, config_.classes);
     norm_mean_.resize(std::size_t(batch)), norm_rstd_.resize(std::size_t(batch)), losses_.resize(std::size_t(batch));
+    loss_stats_.resize(std::size_t(2 * batch));
   }
 
   // images: [B, C*S*S] -> patches_: [B*Np, C*P*P], row b*Np + (py*G + px) holds patch (py, px) of
   // image b with columns (c, y, x): the order of timm's Conv2d weight [H, C, P, P] flattened.
-  void extract_patches(std::span<const S> images) {
+  // Cut on the host (a copy of the pixels), then moved into the model's memory.
+  void extract_patches(std::span<const Pixel> images) {
     const Index C = config_.channels, P = config_.patch, side = config_.image_size, G = config_.patches_per_side();
     const Index Np = config_.patches(), pixels = config_.pixels();
-    moe::cpu::parallel_chunks(threads_, batch_ * Np, moe::cpu::rows_per_task(C * P * P), [&](Index begin, Index end) {
-      for (Index r = begin; r < end; ++r) {
-        const Index b = r / Np, py = r % Np / G, px = r % Np % G;
-        S* out = patches_.data() + r * C * P * P;
-        for (Index c = 0; c < C; ++c)
-          for (Index y = 0; y < P; ++y) {
-            const S* in = images.data() + b * pixels + (c * side + py * P + y) * side + px * P;
-            std::copy(in, in + P, out + (c * P + y) * P);
-          }
-      }
-    });
+    for (Index r = 0; r < batch_ * Np; ++r) {
+      const Index b = r / Np, py = r % Np / G, px = r % Np % G;
+      Pixel* out = host_patches_.data() + r * C * P * P;
+      for (Index c = 0; c < C; ++c)
+        for (Index y = 0; y < P; ++y) {
+          const Pixel* in = images.data() + b * pixels + (c * side + py * P + y) * side + px * P;
+          std::copy(in, in + P, out + (c * P + y) * P);
+        }
+    }
+    nn_.upload(std::span<const Pixel>(host_patches_), std::span<S>(patches_.data(), host_patches_.size()));
   }
 
-  // patch_embedded_: [B*Np, H] -> residual_[0]: [B*T, H], row b*T + t =
-  //   cls_token + pos_embed[0] (t = 0),  patch_embedded_[b*Np + t - 1] + pos_embed[t] (t >= 1).
+  // The token embedding as GPT-2's: a table whose row 0 is the class token and rows 1.. the
+  // patches' embeddings (patch_rows), looked up by token_ids_, plus pos_embed [T, H]:
+  //   residual_[0] row b*T + t = cls_token + pos_embed[0] (t = 0), patch b*Np + t - 1 + pos_embed[t] (t >= 1).
+  // Its backward sums each id's rows in order: the class token's B rows, each patch's one row.
   void embed_tokens() {
-    const Index T = config_.tokens(), H = config_.hidden, Np = config_.patches();
-    const S* cls = cls_token_.value.data();
-    MatrixView<S> x = residual_[0];
-    moe::cpu::parallel_chunks(threads_, batch_ * T, moe::cpu::rows_per_task(H), [&](Index begin, Index end) {
-      for (Index r = begin; r < end; ++r) {
-        const Index b = r / T, t = r % T;
-        const S* token = t == 0 ? cls : patch_embedded_.data() + (b * Np + t - 1) * H;
-        const S* position = pos_embed_.value.data() + t * H;
-        S* out = x.row(r);
-        for (Index c = 0; c < H; ++c) out[c] = token[c] + position[c];
-      }
-    });
+    MatrixView<S> cls_row = MatrixView<S>(token_table_).row_block(0, 1);
+    nn_.zero(cls_row);
+    nn_.add(cls_token_.matrix(), cls_row);
+    nn_.embedding_forward(token_ids_, batch_, config_.tokens(), token_table_, positions(pos_embed_.value.data()),
+                          residual_[0]);
   }
-  // dresidual_: [B*T, H] -> cls_token.grad += sum_b d row b*T, pos_embed.grad[t] += sum_b d row b*T + t,
-  // dpatch_embedded_[b*Np + t - 1] = d row b*T + t (written). Each task owns a block of columns
-  // and walks the rows in order: the same sums on any thread count.
+  // dresidual_ -> cls_token.grad += sum_b d row b*T, pos_embed.grad[t] += sum_b d row b*T + t,
+  // dtoken_table_'s patch rows = d row b*T + t (written: the table's gradient starts at zero).
   void embed_tokens_backward() {
-    const Index T = config_.tokens(), H = config_.hidden, Np = config_.patches();
-    S* dcls = cls_token_.grad.data();
-    S* dpos = pos_embed_.grad.data();
-    moe::cpu::parallel_chunks(threads_, H, moe::cpu::kColumnsPerTask, [&](Index begin, Index end) {
-      for (Index r = 0; r < batch_ * T; ++r) {
-        const Index b = r / T, t = r % T;
-        const S* d = dresidual_.data() + r * H;
-        for (Index c = begin; c < end; ++c) dpos[t * H + c] += d[c];
-        if (t == 0)
-          for (Index c = begin; c < end; ++c) dcls[c] += d[c];
-        else
-          std::copy(d + begin, d + end, dpatch_embedded_.data() + (b * Np + t - 1) * H + begin);
-      }
-    });
+    nn_.zero(dtoken_table_);
+    nn_.embedding_backward(dresidual_, token_ids_, batch_, config_.tokens(), dtoken_table_,
+                           positions(pos_embed_.grad.data()));
+    nn_.add(MatrixView<S>(dtoken_table_).row_block(0, 1), cls_token_.grad_matrix());
   }
+  // pos_embed's values or gradient as [T, H].
+  MatrixView<S> positions(S* data) const { return {data, config_.tokens(), config_.hidden}; }
+  // The patches' rows of the token table: [B*Np, H] below the class token's row.
+  MatrixView<S> patch_rows(Matrix& table) const { return MatrixView<S>(table).row_block(1, table.rows() - 1); }
 
   // The class token's rows (b*T) of a [B*T, H] stream: a strided [B, H] view, no copy.
   MatrixView<S> class_rows(Matrix& stream) const {
@@ -532,50 +548,49 @@ class Model {
   }
 
   Config config_;
-  int threads_ = moe::cpu::default_threads();
-  B backend_{1};  // elementwise residual additions (always row-wise: thread count changes no bits)
-  Tensor<S> cls_token_, pos_embed_;                 // [1, 1, H], [1, T, H]
-  Tensor<S> patch_weight_, patch_bias_;             // [H, C, P, P], [H]
+  Ops nn_;
+  Param cls_token_, pos_embed_;      // [1, 1, H], [1, T, H]
+  Param patch_weight_, patch_bias_;  // [H, C, P, P], [H]
   std::vector<Block> blocks_;
-  Tensor<S> norm_weight_, norm_bias_;               // [H]
-  Tensor<S> head_weight_, head_bias_;               // [classes, H], [classes]
+  Param norm_weight_, norm_bias_;    // [H]
+  Param head_weight_, head_bias_;    // [classes, H], [classes]
 
   // Activations of the last forward.
   Index batch_ = 0;
-  std::vector<std::int32_t> labels_;
-  Matrix patches_, patch_embedded_;  // [B*Np, C*P*P], [B*Np, H]
-  std::vector<Matrix> residual_;     // [L + 1] x [B*T, H]: the input of block l, then the final stream
-  Matrix normed_, logits_;           // [B, H], [B, classes]
-  std::vector<S> norm_mean_, norm_rstd_, losses_;
+  std::vector<std::int32_t> labels_, token_ids_;  // token_ids_: [B*T], the token table's row of each position
+  std::vector<Pixel> host_patches_;               // [B*Np * C*P*P], cut on the host
+  Matrix patches_;                                // [B*Np, C*P*P]
+  Matrix token_table_;                            // [1 + B*Np, H]: the class token, then the embedded patches
+  std::vector<Matrix> residual_;                  // [L + 1] x [B*T, H]: the input of block l, then the final stream
+  Matrix normed_, logits_;                        // [B, H], [B, classes]
+  Array<typename Ops::Stat> norm_mean_, norm_rstd_;
+  Array<S> losses_;
+  Array<typename Ops::Stat> loss_stats_;  // [2B] the loss's softmax statistics, from forward to backward
   double loss_ = 0;
   bool forwarded_ = false;
   // Backward workspace, shared by every block.
-  Matrix dresidual_, dtmp_, dqkv_, dnormed_, dlogits_, dpatch_embedded_;
+  Matrix dresidual_, dtmp_, dqkv_, dnormed_, dlogits_, dtoken_table_;
 };
 
 // ---- run-time choice of the variant ----------------------------------------------------------
 
 using examples::kVariants;
 
-template <class S>
-using DenseModel = Model<DenseMLP<moe::cpu::BasicBackend<S>>>;
-template <template <class> class Gate, class S>
-using MoEModel = Model<MoEFFN<Gate, moe::cpu::BasicBackend<S>>>;
-
-// The model types of scalar S, by variant (examples::with_variant_of).
-template <class S>
-struct Models {
-  using Dense = DenseModel<S>;
+// The model types over backend B, by variant (examples::with_variant_of).
+template <class B>
+struct ModelsOn {
+  using Dense = Model<DenseMLP<B>>;
   template <template <class> class Gate>
-  using MoE = MoEModel<Gate, S>;
+  using MoE = Model<MoEFFN<Gate, B>>;
 };
 
-// Calls fn(std::type_identity<ModelType>{}) with the model type the name selects and returns its
-// result, e.g.  with_variant<float>(name, [&](auto tag) { typename decltype(tag)::type model(config); ... });
+// Calls fn(std::type_identity<ModelType>{}) with the model type over backend B that the name
+// selects and returns its result, e.g.
+//   with_variant_on<moe::cpu::Backend>(name, [&](auto tag) { typename decltype(tag)::type model(config); ... });
 // Unknown names throw moe::Error naming the name and the valid list.
-template <class S, class Fn>
-decltype(auto) with_variant(std::string_view name, Fn&& fn) {
-  return examples::with_variant_of<Models<S>>(name, "vit", std::forward<Fn>(fn));
+template <class B, class Fn>
+decltype(auto) with_variant_on(std::string_view name, Fn&& fn) {
+  return examples::with_variant_of<ModelsOn<B>>(name, "vit", std::forward<Fn>(fn));
 }
 
 }  // namespace vit

@@ -27,7 +27,7 @@
 #include "../common/schedule.hpp"
 #include "checkpoint.hpp"
 #include "dataset.hpp"
-#include "model.hpp"
+#include "cpu_model.hpp"
 
 namespace vit {
 

@@ -13,7 +13,7 @@
 //   tensor NAME TENSOR FILE NDIM D0 D1 ...       PARAM (values), PARAM.grad, images, labels,
 //                                                logits, losses, blocks.{l}.moe.router_logits
 //   scalar NAME KEY VALUE                        loss, router_parameters
-#include "../../examples/vit_moe/model.hpp"
+#include "../../examples/vit_moe/cpu_model.hpp"
 #include "manifest_writer.hpp"
 
 #include <cstdio>
@@ -49,7 +49,7 @@ void dump_variant(parity::Writer& out) {
   // from log(classes) and the routing depends on the weights.
   for (auto& p : model.parameters()) {
     if (!p.trainable) continue;
-    const std::uint64_t stream = vit::detail::stream_of(p.name);
+    const std::uint64_t stream = examples::stream_of(p.name);
     for (std::size_t i = 0; i < p.value.size(); ++i)
       p.value[i] += float(0.3 * moe::random::normal(c.seed + 1, stream, i));
   }
