@@ -97,6 +97,9 @@ struct GroupedGemm {
 // The columns of a tile in the devices' grouped GEMM (CudaDevice and EmulatedDevice::grouped_gemm):
 // N must be a multiple of it, K of grouped_gemm_detail::kStageK.
 inline constexpr int kGroupedGemmColumns = 128;
+// The most groups a launch takes: the kernel keeps their offsets in shared memory (the backend's
+// groups are its experts, at most kMaxExperts = 256).
+inline constexpr Index kMaxGroupedGemmGroups = 256;
 
 namespace grouped_gemm_detail {
 
@@ -224,26 +227,38 @@ template <class S>
 MOE_HOST_DEVICE std::uint32_t* arrival_counter(const GroupedGemm<S>& p, Index token, Index n0, int block_n) {
   return p.combine.arrivals + token * (p.n / block_n) + n0 / block_n;
 }
-// Token t's combined pair of columns (c, c + 1), from its k rows in slot order; load(r) gives row
-// r's pair. The arithmetic of the backend's gather_sum: sum += weight * value in fp32, rounded once.
-template <class S, class Load>
-MOE_HOST_DEVICE void combined_pair(const GroupedCombine<S>& m, Index token, Load load, S& y0, S& y1) {
-  float sum0 = 0, sum1 = 0;
+// Token t's combined values of Pairs pairs of columns, from its k rows in slot order: load(r, i)
+// gives pair i of row r, store(i, y0, y1) takes pair i's result. The arithmetic of the backend's
+// gather_sum: sum += weight * value in fp32, in ascending j, rounded once. The rows are the outer
+// loop, so a row's Pairs loads are in flight together (the kernel's lane has BN / 8 pairs; the
+// sums of each pair keep their order, so the bits do not depend on Pairs).
+template <int Pairs, class S, class Load, class Store>
+MOE_HOST_DEVICE void combined_pairs(const GroupedCombine<S>& m, Index token, Load load, Store store) {
+  float sum[Pairs][2] = {};
   for (Index j = 0; j < m.top_k; ++j) {
     const Index slot = token * m.top_k + j;
-    S v0, v1;
-    load(Index(m.row_of_slot[slot]), v0, v1);
-    sum0 += float(m.weights[slot]) * float(v0);
-    sum1 += float(m.weights[slot]) * float(v1);
+    const Index r = Index(m.row_of_slot[slot]);
+    const float w = float(m.weights[slot]);
+    MOE_UNROLL
+    for (int i = 0; i < Pairs; ++i) {
+      S v0, v1;
+      load(r, i, v0, v1);
+      sum[i][0] += w * float(v0);
+      sum[i][1] += w * float(v1);
+    }
   }
-  y0 = S(sum0), y1 = S(sum1);
+  MOE_UNROLL
+  for (int i = 0; i < Pairs; ++i) store(i, S(sum[i][0]), S(sum[i][1]));
 }
 
-// combined_pair's load for the host emulation: row r's pair at column c of out, as any other memory.
+// combined_pairs' load for the host emulation (one pair): row r's pair at column c of out, as any
+// other memory.
 struct PairOfRow {
   const bfloat16* out;
   Index ldc, c;
-  MOE_HOST_DEVICE void operator()(Index r, bfloat16& v0, bfloat16& v1) const { v0 = out[r * ldc + c], v1 = out[r * ldc + c + 1]; }
+  MOE_HOST_DEVICE void operator()(Index r, int, bfloat16& v0, bfloat16& v1) const {
+    v0 = out[r * ldc + c], v1 = out[r * ldc + c + 1];
+  }
 };
 
 // The host's reading of a descriptor: the byte of shared memory that element (row, e) of a
@@ -278,7 +293,8 @@ bool pairs_storable(const S* data, Index stride) {
 // Argument checks shared by every device: what the kernel's tiles assume.
 template <class S>
 void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
-  check(p.groups >= 1 && p.offsets, "grouped_gemm: needs groups >= 1 and their offsets, got groups = ", p.groups);
+  check(p.groups >= 1 && p.groups <= kMaxGroupedGemmGroups && p.offsets, "grouped_gemm: needs groups in [1, ",
+        kMaxGroupedGemmGroups, "] and their offsets, got groups = ", p.groups);
   const Index outputs = grouped_gemm_detail::tile_outputs(p, block_n), w_rows = p.swiglu ? 2 * p.n : p.n;
   check(p.n > 0 && p.k > 0 && p.n % outputs == 0 && p.k % grouped_gemm_detail::kStageK == 0,
         "grouped_gemm: N = ", p.n, " must be a multiple of ", outputs, p.swiglu ? " (swiglu: half a tile)" : "",
@@ -427,7 +443,10 @@ void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
         if (++*count < std::uint32_t(p.combine.top_k)) continue;
         *count = 0;
         bfloat16* y = p.combine.y + token * p.combine.ldy;
-        for (Index c = n0; c < n0 + BN; c += 2) gd::combined_pair(p.combine, token, gd::PairOfRow{p.out, p.ldc, c}, y[c], y[c + 1]);
+        for (Index c = n0; c < n0 + BN; c += 2)
+          gd::combined_pairs<1>(p.combine, token, gd::PairOfRow{p.out, p.ldc, c}, [&](int, bfloat16 y0, bfloat16 y1) {
+            y[c] = y0, y[c + 1] = y1;
+          });
       }
     }
   }

@@ -9,7 +9,7 @@
 // products read straight from shared memory (no ldmatrix, no registers for the operands). A
 // ring of `Stages` stages, filled Stages - 2 ahead: a stage is refilled two iterations after
 // the products that read it were issued, once every warpgroup has waited for them
-// (wgmma.wait_group 1, then the next iteration's barrier). The epilogue adds the bias (and GELU),
+// (wgmma.wait_group 1, then the next iteration's barrier, right after which the refill starts). The epilogue adds the bias (and GELU),
 // rounds once, and stores pairs of columns from the accumulator fragment (swiglu: silu(gate) * up
 // from the two halves of the tile's columns, which the same thread holds). With a combine, each
 // row then counts its arrival, and a token's last row sums its k rows into y (combine_rows).
@@ -127,8 +127,8 @@ __device__ inline void load_pair_from_l2(const bfloat16* at, bfloat16& v0, bfloa
 // after the warp's barrier the quad's first lane counts the row's arrival (fence, barrier, atomic:
 // the pattern of CUDA's threadFenceReduction sample, a warp for its block). The token's k-th
 // arrival fences again and passes it on through a barrier of the quads that came last, then its
-// quad reads the k rows from L2 and writes y; its first lane puts the count back to zero (no
-// other row of that token and block comes after it).
+// quad reads the k rows from L2 (a row's BN / 8 pairs a lane in flight together) and writes y; its
+// first lane puts the count back to zero (no other row of that token and block comes after it).
 template <int BN>
 __device__ inline void combine_rows(const GroupedGemm<bfloat16>& p, const grouped_gemm_detail::Tile& tile, int warpgroup,
                                     int thread, Index n0) {
@@ -150,14 +150,13 @@ __device__ inline void combine_rows(const GroupedGemm<bfloat16>& p, const groupe
     if (!last) continue;
     __threadfence();   // the count saw the other rows' arrivals: their stores are visible from here,
     __syncwarp(lasts);  // to the first lane's quad-mates too
-    MOE_UNROLL
-    for (int i = 2 * half; i < BN / 2; i += 4) {
-      const Index c = n0 + gd::fragment_col(thread, i);
-      bfloat16 y0, y1;
-      gd::combined_pair(m, token, [&](Index r, bfloat16& v0, bfloat16& v1) { load_pair_from_l2(p.out + r * p.ldc + c, v0, v1); },
-                        y0, y1);
-      *reinterpret_cast<std::uint32_t*>(m.y + token * m.ldy + c) = std::uint32_t(y0.bits) | (std::uint32_t(y1.bits) << 16);
-    }
+    // Pair q of the lane: values 2 half + 4 q and the next, column fragment_col of the first.
+    const auto column = [&](int q) { return n0 + gd::fragment_col(thread, 2 * half + 4 * q); };
+    gd::combined_pairs<BN / 8>(
+        m, token, [&](Index r, int q, bfloat16& v0, bfloat16& v1) { load_pair_from_l2(p.out + r * p.ldc + column(q), v0, v1); },
+        [&](int q, bfloat16 y0, bfloat16 y1) {
+          *reinterpret_cast<std::uint32_t*>(m.y + token * m.ldy + column(q)) = std::uint32_t(y0.bits) | (std::uint32_t(y1.bits) << 16);
+        });
     if (lane % 4 == 0) *count = 0u;
   }
 }
@@ -185,7 +184,12 @@ __global__ void __launch_bounds__(grouped_gemm_detail::kThreads, MinBlocks) grou
   constexpr int kARows = int(gd::kTileRows) * 8 / gd::kThreads;  // A rows each thread copies: 4
   constexpr int kBRows = BN * 8 / gd::kThreads;                  // W_g rows each thread copies: 4 or 8
   extern __shared__ unsigned char shared_raw[];
-  const gd::Tile tile = gd::tile_of(p.offsets, p.groups, Index(blockIdx.y));
+  // The offsets, loaded at once into shared memory: the tile plan's walk over the groups then waits
+  // for shared memory, not for one global load after another.
+  __shared__ Index group_offsets[kMaxGroupedGemmGroups + 1];
+  for (Index g = threadIdx.x; g <= p.groups; g += gd::kThreads) group_offsets[g] = p.offsets[g];
+  __syncthreads();
+  const gd::Tile tile = gd::tile_of(group_offsets, p.groups, Index(blockIdx.y));
   if (!tile.valid) return;  // past the groups' last tile (the grid is sized by a bound)
   const std::uint32_t base = (shared_address(shared_raw) + 1023u) & ~1023u;  // the swizzle's period
   const int t = int(threadIdx.x), warpgroup = t / 128, chunk = t % 8;
@@ -233,18 +237,21 @@ __global__ void __launch_bounds__(grouped_gemm_detail::kThreads, MinBlocks) grou
     wait_copies<kAhead - 1>();  // this thread's copies of stage kt have landed
     fence_copies_for_wgmma();
     __syncthreads();  // everyone's have; every warpgroup's products of stage kt - 2 are done
+    // Stage kt + kAhead refills kt - 2's: every warpgroup waited for kt - 2's products in iteration
+    // kt - 1 (wgmma.wait_group 1), before this barrier. Its copies start before this stage's
+    // products are issued, while the tensor cores still run kt - 1's.
+    if (kt + kAhead < stages_k) load_stage(kt + kAhead);
+    commit_copies();
     const std::uint32_t stage = base + std::uint32_t(kt % Stages) * Layout::bytes;
     const std::uint32_t a = stage + std::uint32_t(warpgroup * gd::kWarpgroupRows * gd::kRowBytes), b = stage + Layout::a_bytes;
-    wgmma_fence();
     fence_accumulators(d);
+    wgmma_fence();  // after every register write of d, before the products that accumulate into it
     MOE_UNROLL
     for (int step = 0; step < int(gd::kStageK / gd::kStepK); ++step)
       wgmma_step<BN>(d, gd::operand_descriptor(a + 32u * step), gd::operand_descriptor(b + 32u * step));
     wgmma_commit();
-    wgmma_wait<1>();  // the products of stage kt - 1 are done: kt + kAhead may reuse kt - 2's stage
+    wgmma_wait<1>();  // the products of stage kt - 1 are done (kt + 1's refill of its stage relies on it)
     fence_accumulators(d);
-    if (kt + kAhead < stages_k) load_stage(kt + kAhead);
-    commit_copies();
   }
   wgmma_wait<0>();
   fence_accumulators(d);
