@@ -11,6 +11,7 @@
 #include "cuda/grouped_gemm_operands.hpp"
 #include "moe/activations.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
+#include "moe/random.hpp"
 
 namespace {
 
@@ -133,6 +134,33 @@ TEST_CASE("grouped gemm: the combine rides on the product: the combine's bits, c
   SUBCASE("top-1, 256 columns a tile") { check_emulated_combine<256>(77, 1, 3, 256, 64, 12); }
   SUBCASE("k = N = 4: every expert gets every token") { check_emulated_combine<128>(33, 4, 4, 128, 64, 13); }
   SUBCASE("no tokens") { check_emulated_combine<128>(0, 2, 4, 128, 64, 14); }
+}
+
+TEST_CASE("grouped gemm: the combine's sums: the backend's bits a pair at a time and 16 pairs at a time") {
+  // The kernel's last row sums its lane's BN / 8 pairs together (rows outer, pairs inner); the
+  // emulation a pair at a time. Each pair's sum keeps its order either way.
+  const Index T = 50, k = 3, N = 4, cols = 2 * 16 * 3;
+  const grouped_test::Routing rt = grouped_test::make_routing(T, k, N, 31);
+  Bf16s out(std::size_t(T * k * cols));
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = bfloat16(float(moe::random::normal(32, 1, std::uint64_t(i))));
+  Bf16s y(std::size_t(T * cols));
+  std::vector<std::uint32_t> arrivals(std::size_t(T * cols));
+  const auto m = rt.combine(y.data(), cols, arrivals.data());
+  const Bf16s expected = rt.expected_combine(out.data(), cols, cols);  // the backend's combine
+  Index differ = 0;
+  for (Index t = 0; t < T; ++t)
+    for (Index c0 = 0; c0 < cols; c0 += 2 * 16) {
+      bfloat16 many[32], one[32];
+      gd::combined_pairs<16>(
+          m, t, [&](Index r, int q, bfloat16& v0, bfloat16& v1) { v0 = out[std::size_t(r * cols + c0 + 2 * q)], v1 = out[std::size_t(r * cols + c0 + 2 * q + 1)]; },
+          [&](int q, bfloat16 y0, bfloat16 y1) { many[2 * q] = y0, many[2 * q + 1] = y1; });
+      for (int q = 0; q < 16; ++q)
+        gd::combined_pairs<1>(m, t, gd::PairOfRow{out.data(), cols, c0 + 2 * q},
+                              [&](int, bfloat16 y0, bfloat16 y1) { one[2 * q] = y0, one[2 * q + 1] = y1; });
+      for (int i = 0; i < 32; ++i)
+        differ += many[i].bits != one[i].bits || many[i].bits != expected[std::size_t(t * cols + c0 + i)].bits;
+    }
+  CHECK(differ == 0);
 }
 
 TEST_CASE("grouped gemm: a combine without its arrays, or with slots dropped, is refused") {
