@@ -145,7 +145,7 @@ class Value {
   }
   void dump_to(std::string& out, int indent, int level) const;
 
-  friend bool operator==(const Value&, const Value&) = default;
+  friend bool operator==(const Value& a, const Value& b);
 
  private:
   const Storage& expect(Type wanted) const {
@@ -161,6 +161,10 @@ class Value {
 
   Storage data_;
 };
+
+// Defined here, where Value is complete: an in-class default compares Object's pair<string, Value>
+// while Value is still incomplete, which nvcc's front end refuses.
+inline bool operator==(const Value& a, const Value& b) { return a.data_ == b.data_; }
 
 // ---- writer ------------------------------------------------------------------------------------
 
