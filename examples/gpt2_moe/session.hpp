@@ -34,20 +34,9 @@
 
 namespace gpt2 {
 
-enum class Device { cpu, cuda, emulated };
-
-inline Device parse_device(std::string_view name) {
-  if (name == "cpu") return Device::cpu;
-  if (name == "cuda") return Device::cuda;
-  if (name == "emulated") return Device::emulated;
-  moe::fail("--device must be cpu, cuda or emulated, got '", name, "'");
-}
-inline Precision parse_precision(std::string_view name) {
-  if (name == "fp32") return Precision::fp32;
-  if (name == "tf32") return Precision::tf32;
-  if (name == "bf16") return Precision::bf16;
-  moe::fail("--precision must be fp32, tf32 or bf16, got '", name, "'");
-}
+using examples::Device;  // examples/common/run_device.hpp
+using examples::parse_device;
+using examples::parse_precision;
 
 struct Session {
   std::unique_ptr<Trainer> trainer;

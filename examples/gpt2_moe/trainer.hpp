@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include "../common/host_state.hpp"
+#include "../common/run_device.hpp"
 #include "config.hpp"
 #include "model.hpp"
 #include "moe/nn/checks.hpp"
@@ -29,21 +31,12 @@
 
 namespace gpt2 {
 
-// The arithmetic of a device trainer: fp32 (cuBLAS exact fp32: what parity is checked with), fp32
-// with TF32 tensor-core products, or bf16 storage and products with fp32 accumulation, fp32
-// master weights and fp32 optimizer state (mixed precision). The CPU trains in fp32.
-enum class Precision { fp32, tf32, bf16 };
-
-inline std::string_view precision_name(Precision p) {
-  return p == Precision::fp32 ? "fp32" : p == Precision::tf32 ? "tf32" : "bf16";
-}
-
-// AdamW's state in host memory: step count and, per parameter, the moments (empty where the
-// parameter was never updated).
-struct OptimizerState {
-  int step = 0;
-  std::vector<std::vector<float>> m, v;
-};
+// The arithmetic of a device trainer (examples/common/run_device.hpp): fp32, TF32 or bf16 with fp32
+// master weights and optimizer state. The CPU trains in fp32.
+using examples::Precision;
+using examples::precision_name;
+// AdamW's state in host memory (examples/common/host_state.hpp).
+using examples::OptimizerState;
 
 class Trainer {
  public:
@@ -157,33 +150,13 @@ class ModelTrainer : public Trainer {
 
   void download_state(std::vector<moe::ParamRef<float>>& into, OptimizerState* optimizer) override {
     bind();
-    check_list(into);
-    std::vector<std::vector<float>> master;
-    if constexpr (requires { optimizer_.master_weights(); }) master = optimizer_.master_weights();
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      if (i < master.size() && !master[i].empty())
-        std::copy(master[i].begin(), master[i].end(), into[i].value.begin());
-      else if (!same_memory(into[i].value, params_[i].value))
-        model_.ops().download(params_[i].value, into[i].value);
-    }
-    if (!optimizer) return;
-    optimizer->step = optimizer_.step_count();
-    optimizer->m = to_float(optimizer_.m());
-    optimizer->v = to_float(optimizer_.v());
+    examples::download_state("gpt2", model_, optimizer_, std::span<moe::ParamRef<S>>(params_), into, optimizer);
   }
 
   void upload_state(std::vector<moe::ParamRef<float>>& from, const OptimizerState* optimizer,
                     std::uint64_t routing_step) override {
     bind();
-    check_list(from);
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      if (!same_memory(from[i].value, params_[i].value)) model_.ops().upload(from[i].value, params_[i].value);
-    if constexpr (requires { optimizer_.set_master_weights({}); }) {
-      std::vector<std::vector<float>> master(from.size());
-      for (std::size_t i = 0; i < from.size(); ++i) master[i].assign(from[i].value.begin(), from[i].value.end());
-      optimizer_.set_master_weights(master);
-    }
-    if (optimizer) optimizer_.set_state(optimizer->step, from_float(optimizer->m), from_float(optimizer->v));
+    examples::upload_state("gpt2", model_, optimizer_, std::span<moe::ParamRef<S>>(params_), from, optimizer);
     model_.set_routing_step(routing_step);
   }
 
@@ -205,31 +178,6 @@ class ModelTrainer : public Trainer {
   void bind() {
     if (params_.empty()) params_ = model_.parameters();
   }
-  void check_list(const std::vector<moe::ParamRef<float>>& host) const {
-    moe::check(host.size() == params_.size(), "gpt2: ", host.size(), " host parameters for a model with ",
-               params_.size());
-    for (std::size_t i = 0; i < host.size(); ++i)
-      moe::check(host[i].name == params_[i].name && host[i].value.size() == params_[i].value.size(),
-                 "gpt2: host parameter ", i, " is '", host[i].name, "' with ", host[i].value.size(),
-                 " values, the model's is '", params_[i].name, "' with ", params_[i].value.size());
-  }
-  // A CPU fp32 trainer asked to copy into (or from) its own model: nothing to do.
-  static bool same_memory(std::span<const float> host, std::span<const S> ours) {
-    return static_cast<const void*>(host.data()) == static_cast<const void*>(ours.data());
-  }
-  template <class T>
-  static std::vector<std::vector<float>> to_float(const std::vector<std::vector<T>>& in) {
-    std::vector<std::vector<float>> out(in.size());
-    for (std::size_t i = 0; i < in.size(); ++i) out[i].assign(in[i].begin(), in[i].end());
-    return out;
-  }
-  static auto from_float(const std::vector<std::vector<float>>& in) {
-    using Moment = typename std::remove_cvref_t<decltype(std::declval<Optimizer&>().m())>::value_type::value_type;
-    std::vector<std::vector<Moment>> out(in.size());
-    for (std::size_t i = 0; i < in.size(); ++i) out[i].assign(in[i].begin(), in[i].end());
-    return out;
-  }
-
   Model& model_;
   Optimizer& optimizer_;
   std::vector<moe::ParamRef<S>> params_;
