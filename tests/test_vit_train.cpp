@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../examples/vit_moe/train.hpp"
+#include "vit_test_images.hpp"
 
 using moe::Index;
 
@@ -23,18 +24,7 @@ namespace {
 const vit::Config kTinyTrain{.image_size = 8, .channels = 1, .patch = 4, .classes = 4, .layers = 2, .heads = 2,
                              .hidden = 16, .ffn = 24, .experts = 4, .top_k = 2, .moe_every = 2, .seed = 5};
 
-// Class c is a brightness level, 30 + 50 c plus noise in [0, 40) per pixel: learnable in a few
-// dozen steps (a task that needs the positions, such as "which quadrant is lit", takes hundreds).
-vit::Dataset brightness_images(Index count, std::uint64_t seed) {
-  vit::Dataset data{{1, 8, 8}, {}, {}, 4};
-  for (Index i = 0; i < count; ++i) {
-    const std::int32_t label = std::int32_t(moe::random::bits(seed, 1, std::uint64_t(i)) % 4);
-    for (Index j = 0; j < 64; ++j)
-      data.pixels.push_back(std::uint8_t(30 + 50 * label + moe::random::bits(seed, 2, std::uint64_t(i * 64 + j)) % 40));
-    data.labels.push_back(label);
-  }
-  return data;
-}
+using vit_test::brightness_images;
 
 vit::Data tiny_data() {
   vit::Data data{brightness_images(48, 1), brightness_images(20, 2), {}, "brightness"};

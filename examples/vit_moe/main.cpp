@@ -3,6 +3,7 @@
 //   vit_moe compare                       dense, linear, self, random on Fashion-MNIST + report
 //   vit_moe train --variant self --steps 2000 --out runs/self
 //   vit_moe train --resume runs/self/self.safetensors --steps 3000
+//   vit_moe train --variant self --device cuda        (bf16 on the GPU; --precision fp32 or tf32)
 //
 // Every error is one line on stderr naming the file or flag, and a non-zero exit.
 #include <cstdio>
@@ -19,8 +20,9 @@
 #include "../common/routing_report.hpp"
 #include "../common/seed_summary.hpp"
 #include "checkpoint.hpp"
-#include "dataset.hpp"
 #include "cpu_model.hpp"
+#include "dataset.hpp"
+#include "device_train.hpp"
 #include "train.hpp"
 
 namespace {
@@ -31,7 +33,7 @@ const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "hea
                                               "patch",  "experts", "top-k", "seed"};
 const std::vector<std::string> kTrainFlags = {"steps", "epochs", "batch", "lr", "warmup", "weight-decay", "clip",
                                               "augment", "eval-every", "eval-images", "checkpoint-every", "threads",
-                                              "data", "out", "no-checkpoint"};
+                                              "data", "out", "no-checkpoint", "device", "precision"};
 
 cli::Parser make_parser() {
   std::vector<cli::Flag> flags = {
@@ -64,6 +66,9 @@ cli::Parser make_parser() {
       {"checkpoint-every", "N", "steps between checkpoints (0: at the end only)", "0"},
       {"no-checkpoint", "", "write no checkpoint (when only the figures are wanted)", ""},
       {"threads", "N", "CPU threads (results are bit-identical on any count)", "all cores"},
+      {"device", "NAME", "cpu, cuda (the GPU) or emulated (the GPU's code on the host, slow: for tests)", "cpu"},
+      {"precision", "NAME", "fp32, tf32 or bf16 (bf16 and tf32: --device cuda; bf16 keeps fp32 master weights)",
+       "fp32 on cpu, bf16 on cuda"},
       {"data", "DIR",
        "folder with the four MNIST-style IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; plain or .gz)",
@@ -251,6 +256,9 @@ report::VariantResult to_report(const vit::TrainResult& r, const vit::Config& co
   v.metrics = {{"test top-1", report::format_fixed(r.test.accuracy, 4)},
                {"test loss", report::format_fixed(r.test.loss, 4)}};
   v.trailing_metrics = {{"images/s", train::format_count(r.images_per_second)}};
+  if (r.device_memory_bytes > 0)  // a device run: the memory it held (buffers only grow: the peak)
+    v.trailing_metrics.push_back(
+        {"device memory", report::format_fixed(double(r.device_memory_bytes) / (1 << 30), 2) + " GiB"});
   v.values = {{"test top-1", r.test.accuracy, 4}, {"test loss", r.test.loss, 4}, {"images/s", r.images_per_second, 0}};
   v.is_moe = r.variant != "dense";
   v.layers = r.routing;
@@ -262,6 +270,24 @@ report::VariantResult to_report(const vit::TrainResult& r, const vit::Config& co
 void print_result(const vit::TrainResult& r, const fs::path& checkpoint) {
   std::printf("%s: test top-1 %.4f, test loss %.4f, %.0f images/s; checkpoint %s\n", r.variant.c_str(),
               r.test.accuracy, r.test.loss, r.images_per_second, checkpoint.empty() ? "none" : checkpoint.c_str());
+  if (r.device_memory_bytes > 0)
+    std::fprintf(stderr, "device memory in use after training: %.2f GiB\n", double(r.device_memory_bytes) / (1 << 30));
+}
+
+// The device and precision flags (a device run defaults to bf16, the CPU to fp32), checked together
+// before any data is read.
+struct Where {
+  examples::Device device;
+  examples::Precision precision;
+};
+Where where_of(const cli::Parser& args) {
+  const examples::Device device = examples::parse_device(args.get("device", "cpu"));
+  const examples::Precision precision = args.has("precision")
+                                            ? examples::parse_precision(args.get("precision", ""))
+                                            : examples::default_precision(device);
+  examples::check_precision(device, precision);
+  vit::check_device(device);
+  return {device, precision};
 }
 
 std::string describe(const vit::Config& c, bool with_seed = true) {
@@ -286,6 +312,7 @@ void check_variants(const std::vector<std::string>& variants, const vit::Config&
 // ---- subcommands -----------------------------------------------------------------------------
 
 int run_train(const cli::Parser& args) {
+  const Where where = where_of(args);
   if (args.has("resume")) {
     for (const std::string& flag : cli::concat({"variant"}, kModelFlags))
       moe::check(!args.has(flag), "vit_moe train: --", flag, " cannot change a resumed run (the checkpoint fixes it)");
@@ -300,18 +327,16 @@ int run_train(const cli::Parser& args) {
                " was trained on; pass the same --data");
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
     if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
-    return vit::with_variant<float>(header.variant, [&](auto tag) {
-      typename decltype(tag)::type model(header.config);
-      moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
-      vit::load_checkpoint(file, model, &optimizer);
-      std::fprintf(stderr, "resuming %s from step %lld of %lld (%s)\n", header.variant.c_str(), (long long)step,
-                   (long long)options.steps, data.description.c_str());
-      const vit::TrainResult r =
-          vit::train(model, optimizer, data, options, step, header.variant, options_metadata(options));
-      print_result(r, options.checkpoint);
-      train::print_peak_memory();
-      return 0;
-    });
+    std::fprintf(stderr, "resuming %s from step %lld of %lld (%s)\n", header.variant.c_str(), (long long)step,
+                 (long long)options.steps, data.description.c_str());
+    const vit::TrainResult r = vit::train_run({.variant = header.variant, .config = header.config, .options = options,
+                                               .start_step = step, .resume = file, .label = header.variant,
+                                               .metadata = options_metadata(options), .device = where.device,
+                                               .precision = where.precision},
+                                              data);
+    print_result(r, options.checkpoint);
+    train::print_peak_memory();
+    return 0;
   }
   const std::string variant = args.get("variant", "self");
   vit::with_variant<float>(variant, [](auto) { return 0; });  // the name checked before the data is read
@@ -322,17 +347,20 @@ int run_train(const cli::Parser& args) {
   options.data_seed = config.seed;
   const fs::path out = args.get("out", "runs/train");
   options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
-  return vit::with_variant<float>(variant, [&](auto tag) {
+  vit::with_variant<float>(variant, [&](auto tag) {
     typename decltype(tag)::type model(config);
-    moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
     std::fprintf(stderr, "training %s: %lld parameters (%lld in routers), %lld steps of %lld images on %s\n",
                  variant.c_str(), (long long)model.parameter_count(), (long long)model.router_parameter_count(),
                  (long long)options.steps, (long long)options.batch, data.description.c_str());
-    const vit::TrainResult r = vit::train(model, optimizer, data, options, 0, variant, options_metadata(options));
-    print_result(r, options.checkpoint);
-    train::print_peak_memory();
     return 0;
   });
+  const vit::TrainResult r =
+      vit::train_run({.variant = variant, .config = config, .options = options, .label = variant,
+                      .metadata = options_metadata(options), .device = where.device, .precision = where.precision},
+                     data);
+  print_result(r, options.checkpoint);
+  train::print_peak_memory();
+  return 0;
 }
 
 // The report's header of a comparison (`runs`: the variants' results, for the MoE blocks and the
@@ -374,18 +402,17 @@ std::vector<report::VariantResult> compare_variants(const cli::Parser& args, con
                                                    const vit::Config& config, vit::TrainOptions options,
                                                    const vit::Data& data, const fs::path& out) {
   const std::string& command = args.command_line();
+  const Where where = where_of(args);
   options.data_seed = config.seed;
   std::vector<report::VariantResult> results;
   std::vector<vit::TrainResult> runs;
-  for (const std::string& variant : variants) {
+  for (const std::string& variant : variants) {  // same seed: shared tensors start equal
     options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
-    vit::with_variant<float>(variant, [&](auto tag) {
-      typename decltype(tag)::type model(config);  // same seed: shared tensors start equal
-      moe::nn::AdamW<float> optimizer = vit::make_optimizer(options);
-      runs.push_back(vit::train(model, optimizer, data, options, 0, variant, options_metadata(options)));
-      results.push_back(to_report(runs.back(), config));
-      return 0;
-    });
+    runs.push_back(vit::train_run({.variant = variant, .config = config, .options = options, .label = variant,
+                                   .metadata = options_metadata(options), .device = where.device,
+                                   .precision = where.precision},
+                                  data));
+    results.push_back(to_report(runs.back(), config));
   }
 
   // The confusion matrix of the most accurate variant (the first of equals).
@@ -412,6 +439,7 @@ int run_compare(const cli::Parser& args) {
   const std::string& command = args.command_line();
   const std::vector<std::string> variants = args.get_list("variants", "dense,linear,self,random");
   for (const std::string& v : variants) vit::with_variant<float>(v, [](auto) { return 0; });  // names checked first
+  where_of(args);  // the device flags too
   moe::check(!(args.has("seed") && args.has("seeds")), "vit_moe compare: give --seed or --seeds, not both");
   const std::vector<std::uint64_t> seeds =
       args.has("seeds") ? report::parse_seeds(args.get_list("seeds", ""), "vit_moe compare")

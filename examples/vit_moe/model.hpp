@@ -81,6 +81,8 @@ class DenseMLP {
   using Ops = examples::NnOps<B>;
   static constexpr bool is_moe = false;
   static constexpr std::string_view variant = "dense";
+  template <class NewBackend>
+  using OnBackend = DenseMLP<NewBackend>;
 
   DenseMLP(const Config& config, Index block, std::uint64_t seed, const Ops& ops)
       : nn_(ops),
@@ -137,6 +139,8 @@ class MoEFFN {
   using Ops = examples::NnOps<B>;
   static constexpr bool is_moe = true;
   static constexpr std::string_view variant = Layer::GateType::name;
+  template <class NewBackend>
+  using OnBackend = MoEFFN<Gate, NewBackend>;
 
   // Experts initialised as timm's Mlp; the router keeps the library's N(0, 1/H) (unit-variance
   // logits for unit-variance inputs, the scale SelfRoute reads).
@@ -187,6 +191,9 @@ class Model {
   using Pixel = moe::Compute<S>;
   static constexpr bool is_moe = FFN::is_moe;
   static constexpr std::string_view variant = FFN::variant;
+  // The same variant over another backend (a device model's host copy for checkpoints).
+  template <class NewBackend>
+  using OnBackend = Model<typename FFN::template OnBackend<NewBackend>>;
 
   // ops: where the model lives and computes (the CPU's thread count, or a device).
   explicit Model(const Config& config, Ops ops = Ops{})
@@ -350,6 +357,14 @@ class Model {
       for (Block& block : blocks_)
         if constexpr (requires { block.moe->layer().gate().set_step(step); })
           if (block.moe) block.moe->layer().gate().set_step(step);
+  }
+  // The first MoE block's Random-gate counter (every block's moves together); 0 for the other gates.
+  std::uint64_t routing_step() const {
+    if constexpr (is_moe)
+      for (const Block& block : blocks_)
+        if constexpr (requires { block.moe->layer().gate().step(); })
+          if (block.moe) return block.moe->layer().gate().step();
+    return 0;
   }
 
  private:

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <span>
 #include <string>
@@ -75,9 +76,13 @@ struct TrainOptions {
   Augmentation augmentation() const { return {.padding = 2, .flip = true, .seed = data_seed}; }
 };
 
-// AdamW as DeiT trains it (betas 0.9, 0.999), at the options' rate and weight decay.
+// AdamW as DeiT trains it (betas 0.9, 0.999), at the options' rate and weight decay: its settings
+// (a device's optimizer takes them too), and the CPU's.
+inline moe::nn::AdamWConfig adamw_config(const TrainOptions& options) {
+  return {.lr = options.lr, .beta1 = 0.9, .beta2 = 0.999, .weight_decay = options.weight_decay};
+}
 inline moe::nn::AdamW<float> make_optimizer(const TrainOptions& options) {
-  return moe::nn::AdamW<float>({.lr = options.lr, .beta1 = 0.9, .beta2 = 0.999, .weight_decay = options.weight_decay});
+  return moe::nn::AdamW<float>(adamw_config(options));
 }
 
 // Top-1 accuracy, mean loss and the confusion matrix over the evaluated images.
@@ -98,6 +103,7 @@ struct TrainResult {
   std::vector<Index> moe_blocks;              // the blocks of `routing`, in order
   std::vector<report::LayerRouting> routing;  // per MoE block, on the test images; empty for dense
   std::int64_t routed_tokens = 0;             // tokens per MoE block in `routing`
+  std::int64_t device_memory_bytes = 0;       // a device run's memory in use at the end (0 on the CPU)
 };
 
 namespace detail {
@@ -169,14 +175,21 @@ Evaluation evaluate(Model& model, const Dataset& data, const Normalisation& norm
   return result;
 }
 
+// Writes a checkpoint of the run being trained: (file, metadata).
+using Checkpointer = std::function<void(const std::filesystem::path&, const std::map<std::string, std::string>&)>;
+
 // Trains `model` (already built, possibly restored from a checkpoint by the caller together with
 // `optimizer` and `start_step`) up to options.steps, then evaluates on the test split and collects
 // routing statistics there. `label` names the run in the progress bar; `checkpoint_metadata` goes
-// into every checkpoint (the options, so that --resume can restore them).
-template <class Model>
-TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Data& data, const TrainOptions& options,
+// into every checkpoint (the options, so that --resume can restore them). The model is the CPU's
+// (its AdamW) or a device's (its NnOps' optimizer); `write_checkpoint` writes the checkpoints,
+// by default straight from a CPU model's tensors (a device model's go through a host copy:
+// device_train.hpp).
+template <class Model, class Optimizer>
+TrainResult train(Model& model, Optimizer& optimizer, const Data& data, const TrainOptions& options,
                   std::int64_t start_step = 0, const std::string& label = "",
-                  const std::map<std::string, std::string>& checkpoint_metadata = {}) {
+                  const std::map<std::string, std::string>& checkpoint_metadata = {},
+                  Checkpointer write_checkpoint = {}) {
   options.validate();
   check_data_fits(model.config(), data.train, "training");
   check_data_fits(model.config(), data.test, "test");
@@ -187,10 +200,18 @@ TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Data& da
              data.train.count(), " images)");
 
   model.set_threads(options.threads);
-  optimizer.set_threads(options.threads);
+  if constexpr (requires { optimizer.set_threads(options.threads); }) optimizer.set_threads(options.threads);
   if constexpr (Model::is_moe) model.collect_routing_stats(false);
   const train::Schedule schedule = options.schedule();
-  std::vector<moe::ParamRef<float>> params = detail::optimizer_view(model.parameters());
+  std::vector<moe::ParamRef<typename Model::Scalar>> params = detail::optimizer_view(model.parameters());
+  if (!write_checkpoint) {
+    if constexpr (requires { save_checkpoint(options.checkpoint, model, &optimizer); })
+      write_checkpoint = [&](const std::filesystem::path& path, const std::map<std::string, std::string>& meta) {
+        save_checkpoint(path, model, &optimizer, meta);
+      };
+    else
+      moe::check(options.checkpoint.empty(), "train: a device model needs the caller's checkpoint writer");
+  }
   TrainResult result;
   result.variant = std::string(Model::variant);
   result.parameters = model.parameter_count();
@@ -212,7 +233,7 @@ TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Data& da
     meta["step"] = std::to_string(step);
     meta["data_fingerprint"] = std::to_string(detail::fingerprint(data.train));
     std::filesystem::create_directories(std::filesystem::absolute(options.checkpoint).parent_path());
-    save_checkpoint(options.checkpoint, model, &optimizer, meta);
+    write_checkpoint(options.checkpoint, meta);
   };
   auto evaluation_note = [&](const std::string& what, const Evaluation& e) {
     progress.note(name + " " + what + ": test top-1 " + report::format_fixed(e.accuracy, 4) + ", loss " +
@@ -230,8 +251,7 @@ TrainResult train(Model& model, moe::nn::AdamW<float>& optimizer, const Data& da
     model.set_routing_step(std::uint64_t(step));
     const double loss = model.forward(images, labels, B);
     model.backward();
-    const double norm =
-        options.grad_clip > 0 ? moe::nn::clip_grad_norm(params, options.grad_clip, options.threads) : 0.0;
+    const double norm = options.grad_clip > 0 ? model.ops().clip_grad_norm(params, options.grad_clip) : 0.0;
     moe::check(std::isfinite(loss) && std::isfinite(norm), "train: step ", step + 1, " gave a non-finite ",
                std::isfinite(loss) ? "gradient norm" : "loss", "; lower --lr or check the data");
     optimizer.step(params, schedule.lr(step));

@@ -9,6 +9,7 @@
 #include <doctest/doctest.h>
 
 #include "cuda/compare.hpp"
+#include "cuda/model_parity.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -47,19 +48,6 @@ Batch make_batch(const gpt2::Config& config) {
   return b;
 }
 
-// Every parameter's values (or gradients) of a model, as host floats, in parameters() order.
-template <class Model>
-std::vector<std::vector<float>> host_tensors(Model& model, bool gradients) {
-  std::vector<std::vector<float>> out;
-  for (auto& p : model.parameters()) {
-    const auto span = gradients ? p.grad : p.value;
-    std::vector<float> host(span.size());
-    if (!span.empty()) model.ops().download(span, host);
-    out.push_back(std::move(host));
-  }
-  return out;
-}
-
 // The CPU model and the device model of `variant` (scalar S on the device) on one batch: the device
 // model starts from the CPU's values (as S stores them); loss and every gradient within tolerance.
 template <class S>
@@ -74,30 +62,13 @@ void check_model_parity(const std::string& variant, const gpt2::Config& config, 
     return gpt2::with_variant_on<DeviceBackend<S>>(variant, [&](auto device_tag) {
       using DeviceModel = typename decltype(device_tag)::type;
       DeviceModel device(config, typename DeviceModel::Ops(make_device(), attention));
-      auto cpu_params = cpu.parameters();
-      auto device_params = device.parameters();
-      REQUIRE(cpu_params.size() == device_params.size());
-      // Same names, shapes and initial values (the device's rounded to S).
-      const auto device_initial = host_tensors(device, false);
-      for (std::size_t i = 0; i < cpu_params.size(); ++i) {
-        CAPTURE(cpu_params[i].name);
-        REQUIRE(cpu_params[i].name == device_params[i].name);
-        REQUIRE(cpu_params[i].shape == device_params[i].shape);
-        std::vector<float> expected(cpu_params[i].value.begin(), cpu_params[i].value.end());
-        for (float& v : expected) v = float(S(v));
-        CHECK(device_initial[i] == expected);
-        std::copy(device_initial[i].begin(), device_initial[i].end(), cpu_params[i].value.begin());
-      }
+      start_alike<S>(cpu, device);
       const double cpu_loss = cpu.forward(batch.tokens, batch.targets, batch.B, batch.T);
       const double device_loss = device.forward(batch.tokens, batch.targets, batch.B, batch.T);
       CHECK(std::abs(device_loss - cpu_loss) <= tolerance * std::abs(cpu_loss));
       cpu.backward();
       device.backward();
-      const auto cpu_grads = host_tensors(cpu, true), device_grads = host_tensors(device, true);
-      for (std::size_t i = 0; i < cpu_grads.size(); ++i) {
-        CAPTURE(cpu_params[i].name);
-        CHECK(relative_error(device_grads[i], cpu_grads[i]) < tolerance);
-      }
+      check_gradients_match(cpu, device, tolerance);
       return 0;
     });
   });

@@ -9,6 +9,7 @@
 #include <doctest/doctest.h>
 
 #include "cuda/compare.hpp"
+#include "cuda/model_parity.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -46,19 +47,6 @@ Images make_images(const vit::Config& config) {
   return b;
 }
 
-// Every parameter's values (or gradients) of a model, as host floats, in parameters() order.
-template <class Model>
-std::vector<std::vector<float>> host_tensors(Model& model, bool gradients) {
-  std::vector<std::vector<float>> out;
-  for (auto& p : model.parameters()) {
-    const auto span = gradients ? p.grad : p.value;
-    std::vector<float> host(span.size());
-    if (!span.empty()) model.ops().download(span, host);
-    out.push_back(std::move(host));
-  }
-  return out;
-}
-
 // The CPU model and the device model of `variant` (scalar S on the device) on one batch: the device
 // model starts from the CPU's values (as S stores them); loss, logits and every gradient within
 // tolerance, and the same predictions.
@@ -74,20 +62,7 @@ void check_model_parity(const std::string& variant, const vit::Config& config, d
     return vit::with_variant_on<DeviceBackend<S>>(variant, [&](auto device_tag) {
       using DeviceModel = typename decltype(device_tag)::type;
       DeviceModel device(config, typename DeviceModel::Ops(make_device()));
-      auto cpu_params = cpu.parameters();
-      auto device_params = device.parameters();
-      REQUIRE(cpu_params.size() == device_params.size());
-      // Same names, shapes and initial values (the device's rounded to S).
-      const auto device_initial = host_tensors(device, false);
-      for (std::size_t i = 0; i < cpu_params.size(); ++i) {
-        CAPTURE(cpu_params[i].name);
-        REQUIRE(cpu_params[i].name == device_params[i].name);
-        REQUIRE(cpu_params[i].shape == device_params[i].shape);
-        std::vector<float> expected(cpu_params[i].value.begin(), cpu_params[i].value.end());
-        for (float& v : expected) v = float(S(v));
-        CHECK(device_initial[i] == expected);
-        std::copy(device_initial[i].begin(), device_initial[i].end(), cpu_params[i].value.begin());
-      }
+      start_alike<S>(cpu, device);
       const double cpu_loss = cpu.forward(batch.pixels, batch.labels, batch.B);
       const double device_loss = device.forward(batch.pixels, batch.labels, batch.B);
       CHECK(std::abs(device_loss - cpu_loss) <= tolerance * std::abs(cpu_loss));
@@ -95,11 +70,7 @@ void check_model_parity(const std::string& variant, const vit::Config& config, d
       if (std::is_same_v<S, float>) CHECK(device.predictions() == cpu.predictions());
       cpu.backward();
       device.backward();
-      const auto cpu_grads = host_tensors(cpu, true), device_grads = host_tensors(device, true);
-      for (std::size_t i = 0; i < cpu_grads.size(); ++i) {
-        CAPTURE(cpu_params[i].name);
-        CHECK(relative_error(device_grads[i], cpu_grads[i]) < gradient_tolerance);
-      }
+      check_gradients_match(cpu, device, gradient_tolerance);
       return 0;
     });
   });

@@ -98,8 +98,25 @@ grep -q '"test top-1": {"mean": ' "$work/seeds/summary.json" || fail "summary.js
 grep -q "checkpoint none" "$work/nockpt.log" || fail "train --no-checkpoint did not say so: $(cat "$work/nockpt.log")"
 [[ ! -e $work/nockpt/linear.safetensors ]] || fail "train --no-checkpoint wrote a checkpoint"
 
+# --device: the GPU's code on the emulated device (what --device cuda runs), its checkpoint resumed on
+# the CPU, and a CPU checkpoint resumed there in bf16.
+"$bin" train --variant self --steps 6 "${tiny[@]}" --device emulated --out "$work/dev" >"$work/dev.log" 2>&1 ||
+  fail "train --device emulated: $(tail -3 "$work/dev.log")"
+grep -q "on emulated CUDA device" "$work/dev.log" || fail "train --device emulated did not say where: $(cat "$work/dev.log")"
+[[ -s $work/dev/self.safetensors ]] || fail "train --device emulated wrote no checkpoint"
+"$bin" train --resume "$work/dev/self.safetensors" --steps 8 --data "$work/data" >"$work/dev_cpu.log" 2>&1 ||
+  fail "resume on the CPU: $(tail -3 "$work/dev_cpu.log")"
+grep -q "from step 6 of 8" "$work/dev_cpu.log" || fail "resume on the CPU: $(cat "$work/dev_cpu.log")"
+"$bin" train --resume "$work/run/self.safetensors" --steps 14 --data "$work/data" --device emulated --precision bf16 \
+  --out "$work/dev_bf16" >"$work/dev_bf16.log" 2>&1 || fail "resume in bf16: $(tail -3 "$work/dev_bf16.log")"
+grep -q "bf16 (fp32 master weights)" "$work/dev_bf16.log" || fail "resume in bf16: $(cat "$work/dev_bf16.log")"
+
 # ---- bad input ----
 expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
+expect_error "unknown device" "--device must be cpu, cuda or emulated" train "${tiny[@]}" --device tpu
+expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train "${tiny[@]}" --precision bf16
+expect_error "tf32 emulated" "--precision tf32 needs --device cuda" compare "${tiny[@]}" --device emulated --precision tf32
+expect_error "cuda without a GPU or CUDA" "--device cuda" train "${tiny[@]}" --steps 4 --device cuda
 expect_error "unknown flag" "unknown flag --colour" train --colour red
 expect_error "flag of another subcommand" "--variants does not apply" train --variants self
 expect_error "unknown variant" "unknown variant 'learned'" train --variant learned --data "$work/data"

@@ -1,0 +1,132 @@
+// examples/vit_moe/device_train.hpp: one variant's training run on the device its command line
+// names (--device, --precision: examples/common/run_device.hpp), the same train() loop on each:
+//
+//   cpu       the CPU model (cpu_model.hpp) and its AdamW, fp32; checkpoints straight from its tensors
+//   cuda      the GPU: train_on_cuda (cuda_train.cu, compiled by nvcc where the build has CUDA)
+//   emulated  the GPU's code on the host (moe::cuda::EmulatedDevice): slow, for tests
+//
+// A device model's checkpoints go through a host copy: a CPU model and AdamW of the same variant
+// and config, filled from the device's fp32 state (master weights for bf16) and written by
+// save_checkpoint; a resume reads into the copy and uploads. So a checkpoint trained on the GPU
+// resumes on the CPU and the other way round.
+#pragma once
+
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../common/host_state.hpp"
+#include "../common/nn_ops_cuda.hpp"
+#include "../common/run_device.hpp"
+#include "checkpoint.hpp"
+#include "cpu_model.hpp"
+#include "moe/bfloat16.hpp"
+#include "moe/cuda/emulated_device.hpp"
+#include "train.hpp"
+
+#ifndef MOE_VIT_CUDA
+#define MOE_VIT_CUDA 0
+#endif
+
+namespace vit {
+
+using examples::Device;
+using examples::Precision;
+
+// One variant's run: train()'s arguments, the checkpoint it starts from and where it trains.
+struct Run {
+  std::string variant{};
+  Config config{};
+  TrainOptions options{};
+  std::int64_t start_step = 0;
+  std::filesystem::path resume{};  // a checkpoint to load first (empty: the model as built)
+  std::string label{};             // the progress bar's name (empty: the variant)
+  std::map<std::string, std::string> metadata{};  // into every checkpoint
+  Device device = Device::cpu;
+  Precision precision = Precision::fp32;
+};
+
+// `run` on device D (moe::cuda::CudaDevice or EmulatedDevice) in the run's precision: the model
+// starts from the CPU model's initial values (as S stores them), or from run.resume.
+template <class D>
+TrainResult train_on_device(const Run& run, const Data& data, D device) {
+  const auto build = [&]<class S>(std::type_identity<S>) {
+    return with_variant_on<moe::cuda::BasicBackend<S, D>>(run.variant, [&](auto tag) {
+      using M = typename decltype(tag)::type;
+      using Host = typename M::template OnBackend<moe::cpu::BasicBackend<float>>;
+      M model(run.config, typename M::Ops(device));
+      auto optimizer = model.ops().make_optimizer(adamw_config(run.options));
+      Host host(run.config, typename Host::Ops(1));  // the checkpoints' host copy
+      moe::nn::AdamW<float> host_optimizer = make_optimizer(run.options);
+      std::vector<moe::ParamRef<S>> params = model.parameters();
+      const auto ours = std::span<moe::ParamRef<S>>(params);
+      if (!run.resume.empty()) {
+        const CheckpointHeader header = load_checkpoint(run.resume, host, &host_optimizer);
+        std::vector<moe::ParamRef<float>> host_params = host.parameters();
+        const examples::OptimizerState state{host_optimizer.step_count(), host_optimizer.m(), host_optimizer.v()};
+        examples::upload_state("vit", model, optimizer, ours, host_params, header.has_optimizer_state ? &state : nullptr);
+        model.set_routing_step(host.routing_step());
+      }
+      const Checkpointer write = [&](const std::filesystem::path& path, const std::map<std::string, std::string>& meta) {
+        std::vector<moe::ParamRef<float>> host_params = host.parameters();
+        examples::OptimizerState state;
+        examples::download_state("vit", model, optimizer, ours, host_params, &state);
+        host_optimizer.set_state(state.step, std::move(state.m), std::move(state.v));
+        host.set_routing_step(model.routing_step());
+        save_checkpoint(path, host, &host_optimizer, meta);
+      };
+      std::fprintf(stderr, "vit_moe: %s on %s\n", run.variant.c_str(), model.ops().description().c_str());
+      TrainResult result = train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
+      result.device_memory_bytes = model.ops().memory_in_use();
+      return result;
+    });
+  };
+  if (run.precision == Precision::bf16) return build(std::type_identity<moe::bfloat16>{});
+  return build(std::type_identity<float>{});
+}
+
+#if MOE_VIT_CUDA
+// Whether a GPU can run --device cuda (cuda_train.cu); if not, why.
+bool cuda_available(std::string* why_not);
+// train_on_device on the GPU (cuda_train.cu).
+TrainResult train_on_cuda(const Run& run, const Data& data);
+#endif
+
+// --device cuda needs a build with CUDA and a usable GPU: refused naming the flag otherwise.
+inline void check_device(Device device) {
+  if (device != Device::cuda) return;
+#if MOE_VIT_CUDA
+  std::string why;
+  moe::check(cuda_available(&why), "--device cuda: ", why);
+#else
+  moe::fail("--device cuda: this vit_moe was built without CUDA (configure with nvcc on the PATH, or "
+            "-DMOE_ENABLE_CUDA=ON)");
+#endif
+}
+
+// `run` where it says: the CPU, the GPU or the emulated device. Throws moe::Error naming the flag
+// for a combination that cannot run (bf16 on the CPU, cuda in a build without CUDA or without a GPU).
+inline TrainResult train_run(const Run& run, const Data& data) {
+  examples::check_precision(run.device, run.precision);
+  check_device(run.device);
+  if (run.device == Device::cpu) {
+    return with_variant<float>(run.variant, [&](auto tag) {
+      typename decltype(tag)::type model(run.config);
+      moe::nn::AdamW<float> optimizer = make_optimizer(run.options);
+      if (!run.resume.empty()) load_checkpoint(run.resume, model, &optimizer);
+      return train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
+    });
+  }
+  if (run.device == Device::emulated) return train_on_device(run, data, moe::cuda::EmulatedDevice{});
+#if MOE_VIT_CUDA
+  return train_on_cuda(run, data);
+#else
+  moe::fail("unreachable: check_device refuses --device cuda here");
+#endif
+}
+
+}  // namespace vit
