@@ -48,7 +48,14 @@ struct Run {
   std::map<std::string, std::string> metadata{};  // into every checkpoint
   Device device = Device::cpu;
   Precision precision = Precision::fp32;
+  std::string announce{};  // printed to stderr once the model is ready (after the resume's load), if any
 };
+
+namespace detail {
+inline void announce(const Run& run) {
+  if (!run.announce.empty()) std::fprintf(stderr, "%s\n", run.announce.c_str());
+}
+}  // namespace detail
 
 // `run` on device D (moe::cuda::CudaDevice or EmulatedDevice) in the run's precision: the model
 // starts from the CPU model's initial values (as S stores them), or from run.resume.
@@ -79,6 +86,7 @@ TrainResult train_on_device(const Run& run, const Data& data, D device) {
         host.set_routing_step(model.routing_step());
         save_checkpoint(path, host, &host_optimizer, meta);
       };
+      detail::announce(run);
       std::fprintf(stderr, "vit_moe: %s on %s\n", run.variant.c_str(), model.ops().description().c_str());
       TrainResult result = train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
       result.device_memory_bytes = model.ops().memory_in_use();
@@ -118,6 +126,7 @@ inline TrainResult train_run(const Run& run, const Data& data) {
       typename decltype(tag)::type model(run.config);
       moe::nn::AdamW<float> optimizer = make_optimizer(run.options);
       if (!run.resume.empty()) load_checkpoint(run.resume, model, &optimizer);
+      detail::announce(run);
       return train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
     });
   }

@@ -327,12 +327,13 @@ int run_train(const cli::Parser& args) {
                " was trained on; pass the same --data");
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
     if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
-    std::fprintf(stderr, "resuming %s from step %lld of %lld (%s)\n", header.variant.c_str(), (long long)step,
-                 (long long)options.steps, data.description.c_str());
+    // Announced once the checkpoint is loaded: a file refused there stays a one-line error.
+    const std::string announce = "resuming " + header.variant + " from step " + std::to_string(step) + " of " +
+                                 std::to_string(options.steps) + " (" + data.description + ")";
     const vit::TrainResult r = vit::train_run({.variant = header.variant, .config = header.config, .options = options,
                                                .start_step = step, .resume = file, .label = header.variant,
                                                .metadata = options_metadata(options), .device = where.device,
-                                               .precision = where.precision},
+                                               .precision = where.precision, .announce = announce},
                                               data);
     print_result(r, options.checkpoint);
     train::print_peak_memory();
