@@ -2,7 +2,7 @@
 // moe::cuda::BasicBackend), run here on the host-emulated device: the model cases of
 // tests/cuda/vit_model_cases.hpp (initial values, loss, logits and every gradient against the CPU
 // model, same bits twice; moe_cuda_tests runs them on a GPU), then training runs through
-// vit::train_run (device_train.hpp, vit_moe's --device): exact resume in fp32 and bf16, and
+// vit::train_run (train_run.hpp, vit_moe's --device): exact resume in fp32 and bf16, and
 // checkpoints that move between the device and the CPU.
 #include <doctest/doctest.h>
 
@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "../examples/vit_moe/device_train.hpp"
+#include "../examples/vit_moe/train_run.hpp"
 #include "cuda/emulated_test_device.hpp"
 #include "vit_test_images.hpp"
 
@@ -120,8 +120,9 @@ TEST_CASE("vit device runs: a checkpoint moves between the emulated device and t
   using namespace vit_device_test;
   // Trained on the device, resumed on the CPU, and the other way round: the resumed run ends where
   // a straight run on its device does, within what fp32 parity leaves after 8 steps.
-  for (const auto [first, second] : {std::pair{vit::Device::emulated, vit::Device::cpu},
-                                     std::pair{vit::Device::cpu, vit::Device::emulated}}) {
+  for (const auto& devices : {std::pair{vit::Device::emulated, vit::Device::cpu},
+                              std::pair{vit::Device::cpu, vit::Device::emulated}}) {
+    const vit::Device first = devices.first, second = devices.second;  // (clang 14 captures no bindings)
     CAPTURE(int(first));
     const Resumed r = resume("linear", first, vit::Precision::fp32, second, vit::Precision::fp32);
     CHECK(largest_difference(r.resumed_values, r.straight_values) < 1e-4);

@@ -1,9 +1,7 @@
-// examples/vit_moe/device_train.hpp: one variant's training run on the device its command line
-// names (--device, --precision: examples/common/run_device.hpp), the same train() loop on each:
-//
-//   cpu       the CPU model (cpu_model.hpp) and its AdamW, fp32; checkpoints straight from its tensors
-//   cuda      the GPU: train_on_cuda (cuda_train.cu, compiled by nvcc where the build has CUDA)
-//   emulated  the GPU's code on the host (moe::cuda::EmulatedDevice): slow, for tests
+// examples/vit_moe/device_train.hpp: one variant's training run on a CUDA-backend device D (the
+// GPU's moe::cuda::CudaDevice, the emulated device), through the same train() loop as the CPU's.
+// train_run.hpp picks the device from the command line (--device, --precision:
+// examples/common/run_device.hpp); cuda_train.cu, compiled by nvcc, instantiates this for the GPU.
 //
 // A device model's checkpoints go through a host copy: a CPU model and AdamW of the same variant
 // and config, filled from the device's fp32 state (master weights for bf16) and written by
@@ -25,7 +23,6 @@
 #include "checkpoint.hpp"
 #include "cpu_model.hpp"
 #include "moe/bfloat16.hpp"
-#include "moe/cuda/emulated_device.hpp"
 #include "train.hpp"
 
 #ifndef MOE_VIT_CUDA
@@ -103,39 +100,5 @@ bool cuda_available(std::string* why_not);
 // train_on_device on the GPU (cuda_train.cu).
 TrainResult train_on_cuda(const Run& run, const Data& data);
 #endif
-
-// --device cuda needs a build with CUDA and a usable GPU: refused naming the flag otherwise.
-inline void check_device(Device device) {
-  if (device != Device::cuda) return;
-#if MOE_VIT_CUDA
-  std::string why;
-  moe::check(cuda_available(&why), "--device cuda: ", why);
-#else
-  moe::fail("--device cuda: this vit_moe was built without CUDA (configure with nvcc on the PATH, or "
-            "-DMOE_ENABLE_CUDA=ON)");
-#endif
-}
-
-// `run` where it says: the CPU, the GPU or the emulated device. Throws moe::Error naming the flag
-// for a combination that cannot run (bf16 on the CPU, cuda in a build without CUDA or without a GPU).
-inline TrainResult train_run(const Run& run, const Data& data) {
-  examples::check_precision(run.device, run.precision);
-  check_device(run.device);
-  if (run.device == Device::cpu) {
-    return with_variant<float>(run.variant, [&](auto tag) {
-      typename decltype(tag)::type model(run.config);
-      moe::nn::AdamW<float> optimizer = make_optimizer(run.options);
-      if (!run.resume.empty()) load_checkpoint(run.resume, model, &optimizer);
-      detail::announce(run);
-      return train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
-    });
-  }
-  if (run.device == Device::emulated) return train_on_device(run, data, moe::cuda::EmulatedDevice{});
-#if MOE_VIT_CUDA
-  return train_on_cuda(run, data);
-#else
-  moe::fail("unreachable: check_device refuses --device cuda here");
-#endif
-}
 
 }  // namespace vit

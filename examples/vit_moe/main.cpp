@@ -22,7 +22,7 @@
 #include "checkpoint.hpp"
 #include "cpu_model.hpp"
 #include "dataset.hpp"
-#include "device_train.hpp"
+#include "train_run.hpp"
 #include "train.hpp"
 
 namespace {

@@ -252,13 +252,20 @@ MOE_HOST_DEVICE void combined_pairs(const GroupedCombine<S>& m, Index token, Loa
 }
 
 // combined_pairs' load for the host emulation (one pair): row r's pair at column c of out, as any
-// other memory.
+// other memory. (Functors, not lambdas: a host lambda called from a host-device function is an
+// nvcc warning.)
 struct PairOfRow {
   const bfloat16* out;
   Index ldc, c;
   MOE_HOST_DEVICE void operator()(Index r, int, bfloat16& v0, bfloat16& v1) const {
     v0 = out[r * ldc + c], v1 = out[r * ldc + c + 1];
   }
+};
+// And its store: the pair into y at column c.
+struct PairInto {
+  bfloat16* y;
+  Index c;
+  MOE_HOST_DEVICE void operator()(int, bfloat16 y0, bfloat16 y1) const { y[c] = y0, y[c + 1] = y1; }
 };
 
 // The host's reading of a descriptor: the byte of shared memory that element (row, e) of a
@@ -444,9 +451,7 @@ void grouped_gemm_emulated(const GroupedGemm<bfloat16>& p) {
         *count = 0;
         bfloat16* y = p.combine.y + token * p.combine.ldy;
         for (Index c = n0; c < n0 + BN; c += 2)
-          gd::combined_pairs<1>(p.combine, token, gd::PairOfRow{p.out, p.ldc, c}, [&](int, bfloat16 y0, bfloat16 y1) {
-            y[c] = y0, y[c + 1] = y1;
-          });
+          gd::combined_pairs<1>(p.combine, token, gd::PairOfRow{p.out, p.ldc, c}, gd::PairInto{y, c});
       }
     }
   }
