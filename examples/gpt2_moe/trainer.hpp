@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/gradient_clip.hpp"
 #include "../common/host_state.hpp"
 #include "../common/run_device.hpp"
 #include "config.hpp"
@@ -114,23 +115,11 @@ class ModelTrainer : public Trainer {
   double prepare_gradients(float grad_scale, double max_norm) override {
     bind();
     if (grad_scale != 1.0f) model_.ops().scale_gradients(params_, grad_scale);
-    if (max_norm <= 0) return 0.0;
-    if constexpr (kClipInUpdate) {
-      const double norm = model_.ops().grad_norm(params_);
-      clip_factor_ = model_.ops().clip_factor(norm, max_norm);
-      return norm;
-    } else {
-      return model_.ops().clip_grad_norm(params_, max_norm);
-    }
+    return clip_.measure(model_.ops(), params_, max_norm);
   }
   void optimizer_step(double lr) override {
     bind();
-    if constexpr (kClipInUpdate) {
-      optimizer_.step(params_, lr, clip_factor_);
-      clip_factor_ = 1;
-    } else {
-      optimizer_.step(params_, lr);
-    }
+    clip_.step(optimizer_, params_, lr);
   }
 
   void set_routing_step(std::uint64_t step) override { model_.set_routing_step(step); }
@@ -166,13 +155,8 @@ class ModelTrainer : public Trainer {
   }
 
  private:
-  // A device's clipping is applied by the update (NnOps::grad_norm, clip_factor); the CPU's
-  // scales the gradients in place, as PyTorch does.
-  static constexpr bool kClipInUpdate = requires(const typename Model::Ops& ops, std::vector<moe::ParamRef<S>>& p) {
-    ops.grad_norm(p);
-    ops.clip_factor(1.0, 1.0);
-  };
-  moe::Compute<S> clip_factor_ = 1;  // from prepare_gradients to optimizer_step
+  // A device's clipping is applied by the update; the CPU's scales the gradients in place.
+  examples::GradientClip<typename Model::Ops, S> clip_;  // from prepare_gradients to optimizer_step
 
   // The parameter list, taken once (the model's tensors never move).
   void bind() {

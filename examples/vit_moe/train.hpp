@@ -3,7 +3,8 @@
 //   for step in [start, steps):
 //     lr    = warmup + cosine schedule(step)
 //     batch = images order_e[s*B, (s+1)*B) of epoch e = step / S, s = step % S, S = steps per epoch
-//     grads = d mean cross-entropy; clip the global norm; AdamW(lr)
+//     grads = d mean cross-entropy; clip the global norm; AdamW(lr) (a device folds the clip
+//             factor into the update: examples/common/gradient_clip.hpp)
 //     every eval_every steps: test-set accuracy
 //
 // order_e is shuffled_order(count, seed, e) (dataset.hpp) and an image's augmentation a draw for
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "../common/confusion.hpp"
+#include "../common/gradient_clip.hpp"
 #include "../common/progress.hpp"
 #include "../common/routing_report.hpp"
 #include "../common/schedule.hpp"
@@ -204,6 +206,7 @@ TrainResult train(Model& model, Optimizer& optimizer, const Data& data, const Tr
   if constexpr (Model::is_moe) model.collect_routing_stats(false);
   const train::Schedule schedule = options.schedule();
   std::vector<moe::ParamRef<typename Model::Scalar>> params = detail::optimizer_view(model.parameters());
+  examples::GradientClip<typename Model::Ops, typename Model::Scalar> clip;  // a device's rides in AdamW's update
   if (!write_checkpoint) {
     if constexpr (requires { save_checkpoint(options.checkpoint, model, &optimizer); })
       write_checkpoint = [&](const std::filesystem::path& path, const std::map<std::string, std::string>& meta) {
@@ -251,10 +254,10 @@ TrainResult train(Model& model, Optimizer& optimizer, const Data& data, const Tr
     model.set_routing_step(std::uint64_t(step));
     const double loss = model.forward(images, labels, B);
     model.backward();
-    const double norm = options.grad_clip > 0 ? model.ops().clip_grad_norm(params, options.grad_clip) : 0.0;
+    const double norm = clip.measure(model.ops(), params, options.grad_clip);
     moe::check(std::isfinite(loss) && std::isfinite(norm), "train: step ", step + 1, " gave a non-finite ",
                std::isfinite(loss) ? "gradient norm" : "loss", "; lower --lr or check the data");
-    optimizer.step(params, schedule.lr(step));
+    clip.step(optimizer, params, schedule.lr(step));
     result.train_loss = loss;
     ++result.steps;
     result.images += B;
