@@ -2,16 +2,20 @@
 // launch size, dispatch step and GEMM mapping, run on the host (every CI run, ASan included).
 // tests/cuda/test_cuda_backend.cu runs the same cases on a GPU.
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <span>
+#include <thread>
+#include <vector>
 
 #include "cuda/emulated_test_device.hpp"
 #include "moe/cuda/host_times.hpp"
 #include "moe/cuda/multi_tensor.hpp"
+#include "moe/cuda/per_device.hpp"
 #include "moe/cuda/plan_cache.hpp"
 #include "moe/cuda/row_packs.hpp"
 
@@ -82,6 +86,27 @@ TEST_CASE("cuda: sum_in_order (a column's partials, fetched eight at a time) has
     const float batched = moe::cuda::sum_in_order<float>(n, [&](moe::Index i) { return values[std::size_t(i)]; });
     CHECK(std::memcmp(&plain, &batched, sizeof(float)) == 0);
   }
+}
+
+TEST_CASE("cuda: PerDevice works a value out once for each device, also under concurrent first asks") {
+  moe::cuda::PerDevice<int> value;
+  std::atomic<int> computed{0};
+  const auto ask = [&](int device) {
+    return value.get(device, [&] {
+      ++computed;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));  // widen the window two first asks share
+      return 100 + device;
+    });
+  };
+  std::vector<std::thread> threads;
+  std::vector<int> seen(8);
+  for (int t = 0; t < 8; ++t) threads.emplace_back([&, t] { seen[std::size_t(t)] = ask(t % 2); });
+  for (std::thread& t : threads) t.join();
+  for (int t = 0; t < 8; ++t) CHECK(seen[std::size_t(t)] == 100 + t % 2);
+  CHECK(computed == 2);  // device 0 and device 1, each once
+  CHECK(ask(1) == 101);
+  CHECK(ask(3) == 103);
+  CHECK(computed == 3);
 }
 
 // ---- the emulated device fails where a GPU would ----------------------------------------------

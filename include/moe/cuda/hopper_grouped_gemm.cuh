@@ -26,6 +26,7 @@
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
+#include "moe/cuda/per_device.hpp"
 
 namespace moe::cuda {
 namespace hopper_detail {
@@ -297,11 +298,13 @@ __global__ void probe_wgmma_kernel(int* built_for_wgmma) {
 }  // namespace hopper_detail
 
 // Whether this program's device code was built for sm_90a (and so holds the wgmma kernel) and
-// the current device runs it. Asked once per process (a launch and a sync).
+// the current device runs it. Asked once per device (a launch and a sync).
 inline bool grouped_gemm_available() {
-  static const bool available = [] {
-    int device = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  static PerDevice<bool> available;
+  return available.get(device, [device] {
+    int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     if (major != 9 || minor != 0) return false;
@@ -313,8 +316,7 @@ inline bool grouped_gemm_available() {
     cudaFree(flag);
     cudaGetLastError();  // a build without sm_90 code leaves "no kernel image": not this check's error
     return ok && host == 1;
-  }();
-  return available;
+  });
 }
 
 // The grouped product (moe/cuda/grouped_gemm.hpp) on `stream`: one launch, no sync (CudaDevice::
@@ -329,7 +331,13 @@ void grouped_gemm(cudaStream_t stream, const GroupedGemm<bfloat16>& p) {
   if (p.max_rows == 0) return;
   constexpr std::size_t bytes = hopper_detail::kSharedBytes<BN, Stages>;
   const auto kernel = hopper_detail::grouped_gemm_kernel<BN, Stages, MinBlocks>;
-  static const cudaError_t sized = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  // The attribute is the current device's (checked above: it can run the kernel).
+  int device = 0;
+  check(cudaGetDevice(&device) == cudaSuccess, "grouped_gemm: cudaGetDevice failed");
+  static PerDevice<cudaError_t> sizes;
+  const cudaError_t sized = sizes.get(device, [kernel] {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  });
   check(sized == cudaSuccess, "grouped_gemm: cudaFuncSetAttribute (", bytes, " bytes of shared memory): ",
         cudaGetErrorString(sized));
   const Index tiles = grouped_gemm_detail::tiles_bound(p.max_rows, p.groups);
