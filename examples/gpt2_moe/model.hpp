@@ -29,8 +29,11 @@
 #include <utility>
 #include <vector>
 
+#include "../common/gelu_mlp.hpp"
+#include "../common/moe_ffn.hpp"
 #include "../common/nn_ops.hpp"
 #include "../common/parameter.hpp"
+#include "../common/pre_ln_attention.hpp"
 #include "../common/variants.hpp"
 #include "config.hpp"
 #include "moe/experts.hpp"
@@ -54,125 +57,39 @@ namespace detail {
 // GPT-2 scales the std of every projection that writes into the residual stream by 1/sqrt(2L)
 // (two residual additions per block).
 inline double residual_std(const Config& config) { return 0.02 / std::sqrt(2.0 * double(config.layers)); }
+inline std::string prefix(Index layer) { return "h." + std::to_string(layer) + "."; }
 
 }  // namespace detail
 
 // ---- the FFN choices -------------------------------------------------------------------------
-// An FFN maps the block's ln_2 output x: [B*T, H] to y: [B*T, H]. Shared interface:
-//   forward(x, y)           y written; caches what backward needs
-//   backward(x, dy, dx)     dx WRITTEN (the block adds it through ln_2); parameter grads +=
-//   parameters(), zero_grad(), set_threads(n)
-// Both are built from (config, layer, seed, the model's NnOps).
-// MoE FFNs also take a separate router input (Config::route_from_residual):
-//   forward(x, router_input, y), backward(x, dy, dx, d_router_input)   d_router_input +=
+// An FFN maps the block's ln_2 output x: [B*T, H] to y: [B*T, H] (the interface of
+// examples/common/gelu_mlp.hpp). Both are built from (config, layer, seed, the model's NnOps).
+// MoE FFNs also take a separate router input (Config::route_from_residual; moe_ffn.hpp).
 
-// The dense GPT-2 MLP: H -> F (bias) -> tanh-GELU -> H (bias).
+// The dense GPT-2 MLP: H -> F (bias) -> tanh-GELU -> H (bias). HF GPT-2 stores c_fc/c_proj as
+// Conv1D, [in, out]; these are nn.Linear, [out, in]: transpose when importing.
 template <class B>
-class DenseFFN {
+class DenseFFN : public examples::GeluMlp<B> {
  public:
-  using Backend = B;
-  using Scalar = typename B::Scalar;
-  using S = Scalar;
-  using Ops = examples::NnOps<B>;
-  static constexpr bool is_moe = false;
-  static constexpr std::string_view variant = "dense";
-
-  // HF GPT-2 stores c_fc/c_proj as Conv1D, [in, out]; these are nn.Linear, [out, in]: transpose
-  // when importing.
-  DenseFFN(const Config& config, Index layer, std::uint64_t seed, const Ops& ops)
-      : nn_(ops),
-        fc_weight_(ops.param(prefix(layer) + "mlp.c_fc.weight", {config.ffn, config.hidden})),
-        fc_bias_(ops.param(prefix(layer) + "mlp.c_fc.bias", {config.ffn})),
-        proj_weight_(ops.param(prefix(layer) + "mlp.c_proj.weight", {config.hidden, config.ffn})),
-        proj_bias_(ops.param(prefix(layer) + "mlp.c_proj.bias", {config.hidden})) {
-    nn_.init_normal(fc_weight_, 0.02, seed);
-    nn_.init_normal(proj_weight_, detail::residual_std(config), seed);
-  }
-
-  // x: [N, H] -> pre = x fc^T + b: [N, F] (kept), act = gelu(pre): [N, F] (kept), y = act proj^T + b: [N, H]
-  void forward(ConstMatrixView<S> x, MatrixView<S> y) {
-    B::resize(pre_, x.rows, fc_weight_.rows());
-    B::resize(act_, x.rows, fc_weight_.rows());
-    nn_.linear_forward(x, fc_weight_.matrix(), fc_bias_.value.data(), pre_);
-    nn_.gelu_forward(pre_, act_);
-    nn_.linear_forward(act_, proj_weight_.matrix(), proj_bias_.value.data(), y);
-  }
-  // dy: [N, H] -> dact = dy proj: [N, F] -> dpre = dact * gelu'(pre) -> dx = dpre fc: [N, H] (written)
-  void backward(ConstMatrixView<S> x, ConstMatrixView<S> dy, MatrixView<S> dx) {
-    B::resize(dact_, pre_.rows(), pre_.cols());
-    nn_.linear_backward(act_, dy, proj_weight_.matrix(), dact_, proj_weight_.grad_matrix(), proj_bias_.grad.data(),
-                        kOverwrite);
-    nn_.gelu_backward(pre_, dact_, dact_);
-    nn_.linear_backward(x, dact_, fc_weight_.matrix(), dx, fc_weight_.grad_matrix(), fc_bias_.grad.data(),
-                        kOverwrite);
-  }
-
-  std::vector<ParamRef<S>> parameters() {
-    return {fc_weight_.ref(), fc_bias_.ref(), proj_weight_.ref(), proj_bias_.ref()};
-  }
-  void zero_grad() {
-    for (ParamRef<S>& p : parameters()) nn_.zero_grad(p);
-  }
-  void set_threads(int threads) { nn_.set_threads(threads); }
-
- private:
-  static std::string prefix(Index layer) { return "h." + std::to_string(layer) + "."; }
-
-  Ops nn_;
-  typename Ops::Param fc_weight_, fc_bias_, proj_weight_, proj_bias_;
-  typename B::Matrix pre_, act_, dact_;
+  DenseFFN(const Config& config, Index layer, std::uint64_t seed, const examples::NnOps<B>& ops)
+      : examples::GeluMlp<B>({.fc = detail::prefix(layer) + "mlp.c_fc",
+                              .proj = detail::prefix(layer) + "mlp.c_proj",
+                              .hidden = config.hidden,
+                              .ffn = config.ffn,
+                              .fc_std = 0.02,
+                              .proj_std = detail::residual_std(config)},
+                             seed, ops) {}
 };
 
-// A MoELayer of GPT-2 MLP experts (experts.fc: H -> F, experts.proj: F -> H) behind Gate. The
-// gate reads the layer's own input, the ln_2 output (for SelfRoute: its last N coordinates).
-// Parameter names: "h.{l}.moe." + the MoELayer's names (router.weight, experts.fc.weight, ...).
+// A MoELayer of GPT-2 MLP experts behind Gate, named "h.{l}.moe." + the MoELayer's names; experts
+// initialised as GPT-2's MLP (proj scaled by 1/sqrt(2L)). The gate reads the layer's own input,
+// the ln_2 output (for SelfRoute: its last N coordinates), or the residual stream.
 template <template <class> class Gate, class B>
-class MoEFFN {
+class MoEFFN : public examples::MoEFFN<Gate, B> {
  public:
-  using Backend = B;
-  using Scalar = typename B::Scalar;
-  using S = Scalar;
-  using Layer = moe::MoELayer<Gate, moe::GeluMLP, B>;
-  using Ops = examples::NnOps<B>;
-  static constexpr bool is_moe = true;
-  static constexpr std::string_view variant = Layer::GateType::name;
-
-  // Experts initialised as GPT-2's MLP (proj scaled by 1/sqrt(2L)); the router keeps the library's
-  // N(0, 1/H) (unit-variance logits for unit-variance inputs, the scale SelfRoute reads).
-  MoEFFN(const Config& config, Index layer, std::uint64_t seed, const Ops& ops)
-      : prefix_("h." + std::to_string(layer) + ".moe."),
-        layer_(config.layer(), moe::random::mix64(seed ^ examples::stream_of(prefix_)), {},
-               {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, ops.make_backend()) {}
-
-  // x: [N, H] -> y: [N, H] (the MoELayer keeps its routing and expert activations; x, the block's
-  // ln_2 output, and a router input, its residual stream, are the block's own until its backward,
-  // so the layer reads them there: input_kept, no copy)
-  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y, {.input_kept = true}); }
-  // dy: [N, H] -> dx: [N, H] (written; includes the router path, e.g. SelfRoute's logit gradient)
-  void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx) { layer_.backward_into(dy, dx); }
-  // The gate reads router_input: [N, H] instead of x; its gradient is added into d_router_input.
-  void forward(ConstMatrixView<S> x, ConstMatrixView<S> router_input, MatrixView<S> y) {
-    layer_.forward_into(x, router_input, y, {.input_kept = true});
-  }
-  void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx, MatrixView<S> d_router_input) {
-    layer_.backward_into(dy, dx, d_router_input);
-  }
-
-  std::vector<ParamRef<S>> parameters() {
-    std::vector<ParamRef<S>> params = layer_.parameters();
-    for (ParamRef<S>& p : params) p.name = prefix_ + p.name;
-    return params;
-  }
-  void zero_grad() { layer_.zero_grad(); }
-  void set_threads(int threads) {
-    if constexpr (requires { layer_.backend().set_threads(threads); }) layer_.backend().set_threads(threads);
-  }
-  Layer& layer() { return layer_; }
-  const Layer& layer() const { return layer_; }
-
- private:
-  std::string prefix_;
-  Layer layer_;
+  MoEFFN(const Config& config, Index layer, std::uint64_t seed, const examples::NnOps<B>& ops)
+      : examples::MoEFFN<Gate, B>(detail::prefix(layer) + "moe.", config.layer(),
+                                  {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, seed, ops) {}
 };
 
 // ---- the model -------------------------------------------------------------------------------
@@ -282,7 +199,7 @@ class Model {
     moe::check(threads >= 1, "gpt2: thread count must be >= 1, got ", threads);
     nn_.set_threads(threads);
     for (Block& block : blocks_) {
-      block.nn = nn_;
+      block.attn.nn = nn_;
       block.ffn.set_threads(threads);
     }
   }
@@ -324,97 +241,59 @@ class Model {
   }
 
  private:
-  // One pre-LayerNorm transformer block: its parameters, its FFN and its activations.
+  // One pre-LayerNorm transformer block: attention (examples/common/pre_ln_attention.hpp: ln_1,
+  // attn.c_attn, attn.c_proj, ln_2; causal), then its FFN.
   struct Block {
-    Ops nn;
-    Param ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias, ln_2_weight, ln_2_bias;
+    examples::PreLnAttention<B> attn;
     FFN ffn;
-    // Activations kept for backward ([B*T, ...] rows; att is the attention's cache: nn.attention_cache_size).
-    Matrix ln_1, qkv, atty, residual_attn, ln_2;
-    Array<typename Ops::Stat> ln_1_mean, ln_1_rstd, ln_2_mean, ln_2_rstd;
-    Array<S> att;
 
     // c_attn is [3H, H] with rows q | k | v, nn.Linear layout (HF's Conv1D stores [H, 3H]).
     Block(const Config& c, Index l, const Ops& ops)
-        : nn(ops),
-          ln_1_weight(ops.param(name(l, "ln_1.weight"), {c.hidden})),
-          ln_1_bias(ops.param(name(l, "ln_1.bias"), {c.hidden})),
-          c_attn_weight(ops.param(name(l, "attn.c_attn.weight"), {3 * c.hidden, c.hidden})),
-          c_attn_bias(ops.param(name(l, "attn.c_attn.bias"), {3 * c.hidden})),
-          c_proj_weight(ops.param(name(l, "attn.c_proj.weight"), {c.hidden, c.hidden})),
-          c_proj_bias(ops.param(name(l, "attn.c_proj.bias"), {c.hidden})),
-          ln_2_weight(ops.param(name(l, "ln_2.weight"), {c.hidden})),
-          ln_2_bias(ops.param(name(l, "ln_2.bias"), {c.hidden})),
-          ffn(c, l, c.seed, ops) {
-      nn.fill(ln_1_weight, S(1));
-      nn.fill(ln_2_weight, S(1));
-      nn.init_normal(c_attn_weight, 0.02, c.seed);
-      nn.init_normal(c_proj_weight, detail::residual_std(c), c.seed);
-    }
-    static std::string name(Index l, std::string_view what) { return "h." + std::to_string(l) + "." + std::string(what); }
+        : attn({.ln1 = detail::prefix(l) + "ln_1",
+                .qkv = detail::prefix(l) + "attn.c_attn",
+                .proj = detail::prefix(l) + "attn.c_proj",
+                .ln2 = detail::prefix(l) + "ln_2",
+                .hidden = c.hidden,
+                .heads = c.heads,
+                .causal = true,
+                .qkv_std = 0.02,
+                .proj_std = detail::residual_std(c)},
+               c.seed, ops),
+          ffn(c, l, c.seed, ops) {}
 
-    void allocate(Index BT, Index H, Index attention_size) {
-      for (Matrix* m : {&ln_1, &atty, &residual_attn, &ln_2}) B::resize(*m, BT, H);
-      B::resize(qkv, BT, 3 * H);
-      for (auto* v : {&ln_1_mean, &ln_1_rstd, &ln_2_mean, &ln_2_rstd}) v->resize(std::size_t(BT));
-      att.resize(std::size_t(attention_size));
-    }
-
-    // x: [B*T, H] -> out: [B*T, H]
-    //   ln_1 = LN(x); qkv = ln_1 c_attn^T + b: [B*T, 3H]; atty = attention(qkv): [B*T, H]
-    //   residual_attn = x + atty c_proj^T + b; ln_2 = LN(residual_attn); out = residual_attn + FFN(ln_2)
+    // x: [B*T, H] -> out = a + FFN(ln_2(a)), a = x + attention half (attn.residual_attn)
     void forward(Model& m, ConstMatrixView<S> x, MatrixView<S> out) {
-      nn.layernorm_forward(x, ln_1_weight.value.data(), ln_1_bias.value.data(), ln_1, ln_1_mean.data(),
-                           ln_1_rstd.data());
-      nn.linear_forward(ln_1, c_attn_weight.matrix(), c_attn_bias.value.data(), qkv);
-      nn.attention_forward(qkv, m.batch_, m.seq_, m.config_.heads, /*causal=*/true, atty, att.data());
-      nn.linear_forward(atty, c_proj_weight.matrix(), c_proj_bias.value.data(), residual_attn);
-      nn.add(x, residual_attn);
-      nn.layernorm_forward(residual_attn, ln_2_weight.value.data(), ln_2_bias.value.data(), ln_2, ln_2_mean.data(),
-                           ln_2_rstd.data());
+      attn.forward(x);
       if constexpr (is_moe) {
         if (m.routes_from_residual())
-          ffn.forward(ln_2, residual_attn, out);  // the gate reads the stream before ln_2
+          ffn.forward(attn.ffn_in, attn.residual_attn, out);  // the gate reads the stream before ln_2
         else
-          ffn.forward(ln_2, out);
+          ffn.forward(attn.ffn_in, out);
       } else {
-        ffn.forward(ln_2, out);
+        ffn.forward(attn.ffn_in, out);
       }
-      nn.add(residual_attn, out);
+      attn.add_residual(out);
     }
 
     // m.dresidual_: d out on entry, d x on exit (in place; every backward below adds into it).
-    //   d residual_attn = d out + LN_2'(FFN'(d out))
-    //   d x             = d residual_attn + LN_1'(c_attn'(attention'(c_proj'(d residual_attn))))
+    //   d a = d out + LN_2'(FFN'(d out)) (+ the router's path), d x = attn.backward(d a)
     void backward(Model& m, ConstMatrixView<S> x) {
-      MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_, dqkv = m.dqkv_;
+      MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_;
       const bool routed = m.routes_from_residual();
       if constexpr (is_moe) {
         if (routed) {
-          nn.zero(m.drouter_);
-          ffn.backward(ln_2, dresidual, dtmp, m.drouter_);  // dtmp = d ln_2 (written), drouter_ = the gate's path
+          attn.nn.zero(m.drouter_);
+          ffn.backward(attn.ffn_in, dresidual, dtmp, m.drouter_);  // dtmp = d ln_2 (written), drouter_ = the gate's path
         }
       }
-      if (!routed) ffn.backward(ln_2, dresidual, dtmp);  // dtmp = d ln_2 (written)
-      nn.layernorm_backward(dtmp, residual_attn, ln_2_weight.value.data(), ln_2_mean.data(), ln_2_rstd.data(),
-                            dresidual, ln_2_weight.grad.data(), ln_2_bias.grad.data());
-      if (routed) nn.add(m.drouter_, dresidual);
-      // dtmp and dqkv hold nothing to keep: their gradients are written over them, with no zero fill first.
-      nn.linear_backward(atty, dresidual, c_proj_weight.matrix(), dtmp, c_proj_weight.grad_matrix(),
-                         c_proj_bias.grad.data(), kOverwrite);  // dtmp = d atty
-      nn.attention_backward(dtmp, qkv, atty, att.data(), m.batch_, m.seq_, m.config_.heads, /*causal=*/true, dqkv,
-                            kOverwrite);
-      nn.linear_backward(ln_1, dqkv, c_attn_weight.matrix(), dtmp, c_attn_weight.grad_matrix(),
-                         c_attn_bias.grad.data(), kOverwrite);  // dtmp = d ln_1
-      nn.layernorm_backward(dtmp, x, ln_1_weight.value.data(), ln_1_mean.data(), ln_1_rstd.data(), dresidual,
-                            ln_1_weight.grad.data(), ln_1_bias.grad.data());
+      if (!routed) ffn.backward(attn.ffn_in, dresidual, dtmp);  // dtmp = d ln_2 (written)
+      attn.backward_ln2(dtmp, dresidual);
+      if (routed) attn.nn.add(m.drouter_, dresidual);
+      attn.backward(x, dresidual, dtmp, m.dqkv_);
     }
 
     std::vector<ParamRef<S>> parameters() {
-      std::vector<ParamRef<S>> all;
-      for (Param* t : {&ln_1_weight, &ln_1_bias, &c_attn_weight, &c_attn_bias, &c_proj_weight, &c_proj_bias,
-                       &ln_2_weight, &ln_2_bias})
-        all.push_back(t->ref());
+      std::vector<ParamRef<S>> all = attn.parameters();
       for (ParamRef<S>& p : ffn.parameters()) all.push_back(std::move(p));
       return all;
     }
@@ -458,7 +337,7 @@ class Model {
     const Index BT = B_ * T, H = config_.hidden;
     residual_.resize(std::size_t(config_.layers + 1));
     for (Matrix& r : residual_) B::resize(r, BT, H);
-    for (Block& block : blocks_) block.allocate(BT, H, nn_.attention_cache_size(B_, T, config_.heads, H));
+    for (Block& block : blocks_) block.attn.allocate(B_, T);
     for (Matrix* m : {&ln_f_, &dresidual_, &dtmp_}) B::resize(*m, BT, H);
     if (routes_from_residual()) B::resize(drouter_, BT, H);
     B::resize(dqkv_, BT, 3 * H);

@@ -34,8 +34,11 @@
 #include <utility>
 #include <vector>
 
+#include "../common/gelu_mlp.hpp"
+#include "../common/moe_ffn.hpp"
 #include "../common/nn_ops.hpp"
 #include "../common/parameter.hpp"
+#include "../common/pre_ln_attention.hpp"
 #include "../common/variants.hpp"
 #include "config.hpp"
 #include "moe/experts.hpp"
@@ -63,113 +66,40 @@ inline std::string block_prefix(Index block) { return "blocks." + std::to_string
 }  // namespace detail
 
 // ---- the FFN choices -------------------------------------------------------------------------
-// An FFN maps a block's norm2 output x: [B*T, H] to y: [B*T, H]. Shared interface:
-//   forward(x, y)           y written; caches what backward needs (x stays the block's until then)
-//   backward(x, dy, dx)     dx WRITTEN (the block adds it through norm2); parameter grads +=
-//   parameters(), zero_grad(), set_threads(n)
-// Both are built from (config, block, seed, the model's NnOps).
+// An FFN maps a block's norm2 output x: [B*T, H] to y: [B*T, H] (the interface of
+// examples/common/gelu_mlp.hpp). Both are built from (config, block, seed, the model's NnOps).
 
 // timm's Mlp: fc1 H -> F (bias), GELU, fc2 F -> H (bias). The GELU is the tanh approximation of
 // the MoE experts (moe::GeluMLP), so dense and MoE blocks differ in routing alone; timm uses the
 // exact erf form (the two differ by less than 5e-4 everywhere).
 template <class B>
-class DenseMLP {
+class DenseMLP : public examples::GeluMlp<B> {
  public:
-  using Backend = B;
-  using Scalar = typename B::Scalar;
-  using S = Scalar;
-  using Ops = examples::NnOps<B>;
-  static constexpr bool is_moe = false;
-  static constexpr std::string_view variant = "dense";
   template <class NewBackend>
   using OnBackend = DenseMLP<NewBackend>;
 
-  DenseMLP(const Config& config, Index block, std::uint64_t seed, const Ops& ops)
-      : nn_(ops),
-        fc1_weight_(ops.param(detail::block_prefix(block) + "mlp.fc1.weight", {config.ffn, config.hidden})),
-        fc1_bias_(ops.param(detail::block_prefix(block) + "mlp.fc1.bias", {config.ffn})),
-        fc2_weight_(ops.param(detail::block_prefix(block) + "mlp.fc2.weight", {config.hidden, config.ffn})),
-        fc2_bias_(ops.param(detail::block_prefix(block) + "mlp.fc2.bias", {config.hidden})) {
-    nn_.init_normal(fc1_weight_, detail::kLinearStd, seed);
-    nn_.init_normal(fc2_weight_, detail::kLinearStd, seed);
-  }
-
-  // x: [N, H] -> pre = x fc1^T + b: [N, F] (kept), act = gelu(pre): [N, F] (kept), y = act fc2^T + b: [N, H]
-  void forward(ConstMatrixView<S> x, MatrixView<S> y) {
-    B::resize(pre_, x.rows, fc1_weight_.rows());
-    B::resize(act_, x.rows, fc1_weight_.rows());
-    nn_.linear_forward(x, fc1_weight_.matrix(), fc1_bias_.value.data(), pre_);
-    nn_.gelu_forward(pre_, act_);
-    nn_.linear_forward(act_, fc2_weight_.matrix(), fc2_bias_.value.data(), y);
-  }
-  // dy: [N, H] -> dact = dy fc2: [N, F] -> dpre = dact * gelu'(pre) -> dx = dpre fc1: [N, H] (written)
-  void backward(ConstMatrixView<S> x, ConstMatrixView<S> dy, MatrixView<S> dx) {
-    B::resize(dact_, pre_.rows(), pre_.cols());
-    nn_.linear_backward(act_, dy, fc2_weight_.matrix(), dact_, fc2_weight_.grad_matrix(), fc2_bias_.grad.data(),
-                        kOverwrite);
-    nn_.gelu_backward(pre_, dact_, dact_);
-    nn_.linear_backward(x, dact_, fc1_weight_.matrix(), dx, fc1_weight_.grad_matrix(), fc1_bias_.grad.data(),
-                        kOverwrite);
-  }
-
-  std::vector<ParamRef<S>> parameters() {
-    return {fc1_weight_.ref(), fc1_bias_.ref(), fc2_weight_.ref(), fc2_bias_.ref()};
-  }
-  void zero_grad() {
-    for (ParamRef<S>& p : parameters()) nn_.zero_grad(p);
-  }
-  void set_threads(int threads) { nn_.set_threads(threads); }
-
- private:
-  Ops nn_;
-  typename Ops::Param fc1_weight_, fc1_bias_, fc2_weight_, fc2_bias_;
-  typename B::Matrix pre_, act_, dact_;
+  DenseMLP(const Config& config, Index block, std::uint64_t seed, const examples::NnOps<B>& ops)
+      : examples::GeluMlp<B>({.fc = detail::block_prefix(block) + "mlp.fc1",
+                              .proj = detail::block_prefix(block) + "mlp.fc2",
+                              .hidden = config.hidden,
+                              .ffn = config.ffn,
+                              .fc_std = detail::kLinearStd,
+                              .proj_std = detail::kLinearStd},
+                             seed, ops) {}
 };
 
-// A MoELayer of GELU MLP experts (experts.fc: H -> F, experts.proj: F -> H) behind Gate. The
-// gate reads the layer's own input, the norm2 output (for SelfRoute: its last N coordinates).
-// Every token is routed, the class token included (as in V-MoE).
+// A MoELayer of GELU MLP experts behind Gate, named "blocks.{l}.moe." + the MoELayer's names;
+// experts initialised as timm's Mlp. The gate reads the layer's own input, the norm2 output (for
+// SelfRoute: its last N coordinates). Every token is routed, the class token included (as in V-MoE).
 template <template <class> class Gate, class B>
-class MoEFFN {
+class MoEFFN : public examples::MoEFFN<Gate, B> {
  public:
-  using Backend = B;
-  using Scalar = typename B::Scalar;
-  using S = Scalar;
-  using Layer = moe::MoELayer<Gate, moe::GeluMLP, B>;
-  using Ops = examples::NnOps<B>;
-  static constexpr bool is_moe = true;
-  static constexpr std::string_view variant = Layer::GateType::name;
   template <class NewBackend>
   using OnBackend = MoEFFN<Gate, NewBackend>;
 
-  // Experts initialised as timm's Mlp; the router keeps the library's N(0, 1/H) (unit-variance
-  // logits for unit-variance inputs, the scale SelfRoute reads).
-  MoEFFN(const Config& config, Index block, std::uint64_t seed, const Ops& ops)
-      : prefix_(detail::block_prefix(block) + "moe."),
-        layer_(config.layer(), moe::random::mix64(seed ^ examples::stream_of(prefix_)), {},
-               {.init_std = detail::kLinearStd, .out_init_std = detail::kLinearStd}, ops.make_backend()) {}
-
-  // x: [N, H] -> y: [N, H] (the layer keeps its routing and expert activations; x, the block's
-  // norm2 output, stays the block's until its backward, so the layer reads it there: input_kept)
-  void forward(ConstMatrixView<S> x, MatrixView<S> y) { layer_.forward_into(x, y, {.input_kept = true}); }
-  // dy: [N, H] -> dx: [N, H] (written; includes the router path, e.g. SelfRoute's logit gradient)
-  void backward(ConstMatrixView<S>, ConstMatrixView<S> dy, MatrixView<S> dx) { layer_.backward_into(dy, dx); }
-
-  std::vector<ParamRef<S>> parameters() {
-    std::vector<ParamRef<S>> params = layer_.parameters();
-    for (ParamRef<S>& p : params) p.name = prefix_ + p.name;
-    return params;
-  }
-  void zero_grad() { layer_.zero_grad(); }
-  void set_threads(int threads) {
-    if constexpr (requires { layer_.backend().set_threads(threads); }) layer_.backend().set_threads(threads);
-  }
-  Layer& layer() { return layer_; }
-  const Layer& layer() const { return layer_; }
-
- private:
-  std::string prefix_;
-  Layer layer_;
+  MoEFFN(const Config& config, Index block, std::uint64_t seed, const examples::NnOps<B>& ops)
+      : examples::MoEFFN<Gate, B>(detail::block_prefix(block) + "moe.", config.layer(),
+                                  {.init_std = detail::kLinearStd, .out_init_std = detail::kLinearStd}, seed, ops) {}
 };
 
 // ---- the model -------------------------------------------------------------------------------
@@ -233,7 +163,7 @@ class Model {
     extract_patches(images);
     nn_.linear_forward(patches_, patch_weight_.matrix(), patch_bias_.value.data(), patch_rows(token_table_));
     embed_tokens();
-    for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(*this, residual_[l], residual_[l + 1]);
+    for (Index l = 0; l < config_.layers; ++l) blocks_[l].forward(residual_[l], residual_[l + 1]);
     nn_.layernorm_forward(class_rows(residual_.back()), norm_weight_.value.data(), norm_bias_.value.data(), normed_,
                           norm_mean_.data(), norm_rstd_.data());
     nn_.linear_forward(normed_, head_weight_.matrix(), head_bias_.value.data(), logits_);
@@ -292,7 +222,7 @@ class Model {
     moe::check(threads >= 1, "vit: thread count must be >= 1, got ", threads);
     nn_.set_threads(threads);
     for (Block& block : blocks_) {
-      block.nn = nn_;
+      block.attn.nn = nn_;
       if (block.mlp) block.mlp->set_threads(threads);
       if (block.moe) block.moe->set_threads(threads);
     }
@@ -368,93 +298,53 @@ class Model {
   }
 
  private:
-  // One pre-LayerNorm transformer block: its parameters, its FFN and its activations.
+  // One pre-LayerNorm transformer block: attention (examples/common/pre_ln_attention.hpp: norm1,
+  // attn.qkv, attn.proj, norm2; every token sees every token), then the dense MLP or the MoE FFN.
   struct Block {
-    Ops nn;
-    Param norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, norm2_weight, norm2_bias;
+    examples::PreLnAttention<B> attn;
     std::optional<MLP> mlp;  // the dense blocks
     std::optional<FFN> moe;  // the MoE blocks (MoE variants only)
-    // Activations kept for backward ([B*T, ...] rows; att is the attention's cache: nn.attention_cache_size).
-    Matrix norm1, qkv, atty, residual_attn, norm2;
-    Array<typename Ops::Stat> norm1_mean, norm1_rstd, norm2_mean, norm2_rstd;
-    Array<S> att;
 
-    // qkv is [3H, H] with rows q | k | v, timm's Attention.qkv.
     Block(const Config& c, Index l, bool moe_block, const Ops& ops)
-        : nn(ops),
-          norm1_weight(ops.param(name(l, "norm1.weight"), {c.hidden})),
-          norm1_bias(ops.param(name(l, "norm1.bias"), {c.hidden})),
-          qkv_weight(ops.param(name(l, "attn.qkv.weight"), {3 * c.hidden, c.hidden})),
-          qkv_bias(ops.param(name(l, "attn.qkv.bias"), {3 * c.hidden})),
-          proj_weight(ops.param(name(l, "attn.proj.weight"), {c.hidden, c.hidden})),
-          proj_bias(ops.param(name(l, "attn.proj.bias"), {c.hidden})),
-          norm2_weight(ops.param(name(l, "norm2.weight"), {c.hidden})),
-          norm2_bias(ops.param(name(l, "norm2.bias"), {c.hidden})) {
-      nn.fill(norm1_weight, S(1));
-      nn.fill(norm2_weight, S(1));
-      nn.init_normal(qkv_weight, detail::kLinearStd, c.seed);
-      nn.init_normal(proj_weight, detail::kLinearStd, c.seed);
+        : attn({.ln1 = detail::block_prefix(l) + "norm1",
+                .qkv = detail::block_prefix(l) + "attn.qkv",
+                .proj = detail::block_prefix(l) + "attn.proj",
+                .ln2 = detail::block_prefix(l) + "norm2",
+                .hidden = c.hidden,
+                .heads = c.heads,
+                .causal = false,
+                .qkv_std = detail::kLinearStd,
+                .proj_std = detail::kLinearStd},
+               c.seed, ops) {
       if (moe_block)
         moe.emplace(c, l, c.seed, ops);
       else
         mlp.emplace(c, l, c.seed, ops);
     }
-    static std::string name(Index l, std::string_view what) { return detail::block_prefix(l) + std::string(what); }
 
-    void allocate(Index BT, Index H, Index attention_size) {
-      for (Matrix* m : {&norm1, &atty, &residual_attn, &norm2}) B::resize(*m, BT, H);
-      B::resize(qkv, BT, 3 * H);
-      for (auto* v : {&norm1_mean, &norm1_rstd, &norm2_mean, &norm2_rstd}) v->resize(std::size_t(BT));
-      att.resize(std::size_t(attention_size));
-    }
-
-    // x: [B*T, H] -> out: [B*T, H]
-    //   norm1 = LN(x); qkv = norm1 qkv^T + b: [B*T, 3H]; atty = attention(qkv): [B*T, H] (every
-    //   token sees every token); residual_attn = x + atty proj^T + b; norm2 = LN(residual_attn);
-    //   out = residual_attn + FFN(norm2)
-    void forward(Model& m, ConstMatrixView<S> x, MatrixView<S> out) {
-      nn.layernorm_forward(x, norm1_weight.value.data(), norm1_bias.value.data(), norm1, norm1_mean.data(),
-                           norm1_rstd.data());
-      nn.linear_forward(norm1, qkv_weight.matrix(), qkv_bias.value.data(), qkv);
-      nn.attention_forward(qkv, m.batch_, m.config_.tokens(), m.config_.heads, /*causal=*/false, atty, att.data());
-      nn.linear_forward(atty, proj_weight.matrix(), proj_bias.value.data(), residual_attn);
-      nn.add(x, residual_attn);
-      nn.layernorm_forward(residual_attn, norm2_weight.value.data(), norm2_bias.value.data(), norm2, norm2_mean.data(),
-                           norm2_rstd.data());
+    // x: [B*T, H] -> out = a + FFN(norm2(a)), a = x + attention half (attn.residual_attn)
+    void forward(ConstMatrixView<S> x, MatrixView<S> out) {
+      attn.forward(x);
       if (moe)
-        moe->forward(norm2, out);
+        moe->forward(attn.ffn_in, out);
       else
-        mlp->forward(norm2, out);
-      nn.add(residual_attn, out);
+        mlp->forward(attn.ffn_in, out);
+      attn.add_residual(out);
     }
 
     // m.dresidual_: d out on entry, d x on exit (in place; every backward below adds into it).
-    //   d residual_attn = d out + LN_2'(FFN'(d out))
-    //   d x             = d residual_attn + LN_1'(qkv'(attention'(proj'(d residual_attn))))
+    //   d a = d out + LN_2'(FFN'(d out)), d x = attn.backward(d a)
     void backward(Model& m, ConstMatrixView<S> x) {
-      MatrixView<S> dresidual = m.dresidual_, dtmp = m.dtmp_, dqkv = m.dqkv_;
       if (moe)  // dtmp = d norm2 (written)
-        moe->backward(norm2, dresidual, dtmp);
+        moe->backward(attn.ffn_in, m.dresidual_, m.dtmp_);
       else
-        mlp->backward(norm2, dresidual, dtmp);
-      nn.layernorm_backward(dtmp, residual_attn, norm2_weight.value.data(), norm2_mean.data(), norm2_rstd.data(),
-                            dresidual, norm2_weight.grad.data(), norm2_bias.grad.data());
-      // dtmp and dqkv hold nothing to keep: their gradients are written over them, with no zero fill first.
-      nn.linear_backward(atty, dresidual, proj_weight.matrix(), dtmp, proj_weight.grad_matrix(), proj_bias.grad.data(),
-                         kOverwrite);  // dtmp = d atty
-      nn.attention_backward(dtmp, qkv, atty, att.data(), m.batch_, m.config_.tokens(), m.config_.heads,
-                            /*causal=*/false, dqkv, kOverwrite);
-      nn.linear_backward(norm1, dqkv, qkv_weight.matrix(), dtmp, qkv_weight.grad_matrix(), qkv_bias.grad.data(),
-                         kOverwrite);  // dtmp = d norm1
-      nn.layernorm_backward(dtmp, x, norm1_weight.value.data(), norm1_mean.data(), norm1_rstd.data(), dresidual,
-                            norm1_weight.grad.data(), norm1_bias.grad.data());
+        mlp->backward(attn.ffn_in, m.dresidual_, m.dtmp_);
+      attn.backward_ln2(m.dtmp_, m.dresidual_);
+      attn.backward(x, m.dresidual_, m.dtmp_, m.dqkv_);
     }
 
     std::vector<ParamRef<S>> parameters() {
-      std::vector<ParamRef<S>> all;
-      for (Param* t : {&norm1_weight, &norm1_bias, &qkv_weight, &qkv_bias, &proj_weight, &proj_bias, &norm2_weight,
-                       &norm2_bias})
-        all.push_back(t->ref());
+      std::vector<ParamRef<S>> all = attn.parameters();
       for (ParamRef<S>& p : moe ? moe->parameters() : mlp->parameters()) all.push_back(std::move(p));
       return all;
     }
@@ -499,7 +389,7 @@ class Model {
     }
     residual_.resize(std::size_t(config_.layers + 1));
     for (Matrix& r : residual_) B::resize(r, BT, H);
-    for (Block& block : blocks_) block.allocate(BT, H, nn_.attention_cache_size(batch, T, config_.heads, H));
+    for (Block& block : blocks_) block.attn.allocate(batch, T);
     for (Matrix* m : {&dresidual_, &dtmp_}) B::resize(*m, BT, H);
     B::resize(dqkv_, BT, 3 * H);
     for (Matrix* m : {&normed_, &dnormed_}) B::resize(*m, batch, H);
