@@ -19,7 +19,7 @@
 #include "moe/random.hpp"
 #include "moe/tensor.hpp"
 #include "nn_ops.hpp"
-#include "variants.hpp"
+#include "parameter.hpp"  // stream_of
 
 namespace examples {
 

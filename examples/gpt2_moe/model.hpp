@@ -10,7 +10,8 @@
 //
 // Every backward adds its input gradient into the caller's buffer (+=), so the residual stream's
 // gradient runs through the blocks in place; where a buffer holds nothing to keep (dtmp, dqkv, an
-// FFN's hidden gradient) the pieces write over it instead (kOverwrite), with no zero fill first.
+// FFN's hidden gradient) the pieces write over it instead (moe::nn::GradInto::overwrite), with no
+// zero fill first.
 //
 // The variant is a type: Model<DenseFFN<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...; the backend B
 // picks the world through examples::NnOps<B> (examples/common/nn_ops.hpp): the CPU
@@ -19,7 +20,6 @@
 // or bf16: cuda_model.hpp). This file includes neither, so nvcc compiles it for the GPU.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -36,11 +36,7 @@
 #include "../common/pre_ln_attention.hpp"
 #include "../common/variants.hpp"
 #include "config.hpp"
-#include "moe/experts.hpp"
-#include "moe/gate.hpp"
-#include "moe/layer.hpp"
 #include "moe/nn/checks.hpp"
-#include "moe/random.hpp"
 #include "moe/tensor.hpp"
 
 namespace gpt2 {
@@ -247,7 +243,7 @@ class Model {
     examples::PreLnAttention<B> attn;
     FFN ffn;
 
-    // c_attn is [3H, H] with rows q | k | v, nn.Linear layout (HF's Conv1D stores [H, 3H]).
+    // attn.c_attn.weight is [3H, H] with rows q | k | v, nn.Linear layout (HF's Conv1D stores [H, 3H]).
     Block(const Config& c, Index l, const Ops& ops)
         : attn({.ln1 = detail::prefix(l) + "ln_1",
                 .qkv = detail::prefix(l) + "attn.c_attn",

@@ -14,7 +14,7 @@
 // Conv2d weight [H, C, P, P]; every Linear is [out, in]); an MoE block's FFN is named
 // "blocks.{l}.moe." + the MoELayer's names. Every backward adds its input gradient into the
 // caller's buffer (+=), so the residual stream's gradient runs through the blocks in place; where
-// a buffer holds nothing to keep the pieces write over it instead (kOverwrite).
+// a buffer holds nothing to keep the pieces write over it instead (moe::nn::GradInto::overwrite).
 //
 // The variant is a type: Model<DenseMLP<B>>, Model<MoEFFN<moe::SelfRoute, B>>, ...; the backend B
 // picks the world through examples::NnOps<B> (examples/common/nn_ops.hpp), as GPT-2's model does:
@@ -41,11 +41,7 @@
 #include "../common/pre_ln_attention.hpp"
 #include "../common/variants.hpp"
 #include "config.hpp"
-#include "moe/experts.hpp"
-#include "moe/gate.hpp"
-#include "moe/layer.hpp"
 #include "moe/nn/checks.hpp"
-#include "moe/random.hpp"
 #include "moe/tensor.hpp"
 
 namespace vit {

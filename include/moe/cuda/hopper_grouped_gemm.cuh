@@ -302,7 +302,7 @@ __global__ void probe_wgmma_kernel(int* built_for_wgmma) {
 inline bool grouped_gemm_available() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
-  static PerDevice<bool> available;
+  static PerDevice<bool>& available = *new PerDevice<bool>;  // never destroyed
   return available.get(device, [device] {
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
@@ -334,7 +334,7 @@ void grouped_gemm(cudaStream_t stream, const GroupedGemm<bfloat16>& p) {
   // The attribute is the current device's (checked above: it can run the kernel).
   int device = 0;
   check(cudaGetDevice(&device) == cudaSuccess, "grouped_gemm: cudaGetDevice failed");
-  static PerDevice<cudaError_t> sizes;
+  static PerDevice<cudaError_t>& sizes = *new PerDevice<cudaError_t>;  // never destroyed
   const cudaError_t sized = sizes.get(device, [kernel] {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   });

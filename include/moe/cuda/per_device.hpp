@@ -1,8 +1,10 @@
 // moe/cuda/per_device.hpp: a value worked out once per GPU, for the facts and settings that
 // belong to a device rather than to the process: whether the current device runs a kernel, and a
 // kernel's shared-memory size attribute (cudaFuncSetAttribute applies to the current device only).
-// A process that switches devices with cudaSetDevice gets each device's own answer. Thread-safe.
-// No CUDA headers: the caller passes the current device's ordinal.
+// A process that switches devices with cudaSetDevice gets each device's own answer. Thread-safe:
+// compute() runs under the object's lock (so it must not ask the same object again), once per
+// device. No CUDA headers: the caller passes the current device's ordinal. Users keep theirs as a
+// never-destroyed static (*new PerDevice), so a call during static destruction stays defined.
 #pragma once
 
 #include <map>
