@@ -8,10 +8,11 @@
 # the tables (bench/gpu/report.py, bench/gpu/report_gpt2.py) last.
 #
 # The GPU machine has nvcc, CMake and PyTorch but not this project's Debian packages and no network:
-# run bench/gpu/prepare.sh HERE first; it puts the binaries (built for sm_90), the libraries they
+# run bench/gpu/prepare.sh HERE first; it puts the binaries (built for sm_90a), the libraries they
 # need and the data into .gpu-deps/, which the device call carries (carry [".gpu-deps"]). The
 # binaries run from there; if they do not start, the build step builds them on the GPU machine from
-# .gpu-deps/usr (Eigen, doctest, Google Benchmark, zlib).
+# .gpu-deps/usr (Eigen, doctest, Google Benchmark, zlib), for sm_90a too: the wgmma grouped GEMM needs
+# the arch-specific target (plain sm_90 code leaves it unavailable and its rows unrun).
 #
 #   bench/gpu/run.sh                                          # everything but compare (~25 min)
 #   STEPS=test,bench_gpt2,torch_gpt2,report_gpt2 bench/gpu/run.sh   # GPU tests + GPT-2 training speed (~6 min)
@@ -171,7 +172,7 @@ if want build; then
     prefix=()
     if [[ -d $deps/usr ]]; then prefix=(-DCMAKE_PREFIX_PATH="$deps/usr" -DZLIB_ROOT="$deps/usr"); fi
     run_step configure "$out/configure.log" cmake -S "$root" -B "$build" "${generator[@]+"${generator[@]}"}" \
-      "${prefix[@]+"${prefix[@]}"}" -DMOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
+      "${prefix[@]+"${prefix[@]}"}" -DMOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_BUILD_TYPE=Release \
       -DMOE_BUILD_EXAMPLES=ON -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON -DMOE_NATIVE=OFF
     if ((${#failed[@]} == 0)); then
       run_step build "$out/build.log" cmake --build "$build" --parallel "$(nproc)" \
