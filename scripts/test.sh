@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine and runs every test, in three configurations:
 #   1. Release (-O3 -march=native, OpenMP), the configuration users build;
-#   2. AddressSanitizer + UndefinedBehaviorSanitizer (-Og -g1: line tables for the reports; -Og
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer, float-cast-overflow included (-Og -g1: line tables for the reports; -Og
 #      compiles 1.8x faster than -O1 under the sanitizers and the tests ran as fast; host code only:
 #      the CUDA backend's cases run there on the emulated device, the GPU binary is built in 1 only);
 #   3. Clang (Debian's clang 14 at -O1, with LLVM's OpenMP): the headers compile with the other
