@@ -10,14 +10,20 @@
 #   bench/gpu/profile.sh moe 'moe_fwd/gpt2_T16384/bf16/'
 #
 # Uses prepare.sh's binaries (.gpu-deps/bin), else the build's (build-gpu). Writes
-# profile_<filter>.csv and .md into OUT_DIR (default: $OUT/results on the device machine, else
-# build-gpu/results). PROFILE_TIMEOUT: seconds per filter (default 150).
+# profile_<filter>.csv and .md into OUT_DIR (default: /tmp/gpu-results on the device machine, packed
+# into $OUT/gpu-results.tgz after each filter, bench/gpu/results.sh; else build-gpu/results).
+# PROFILE_TIMEOUT: seconds per filter (default 60; a profile took ~18 s on the H100).
+#
+# --benchmark_min_time is 1e-6 s: Google Benchmark runs a benchmark's function again (and with it
+# the profiled call) while its iterations took less than the minimum, so one run is asked for.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 deps=${DEPS_DIR:-$root/.gpu-deps}
 build=${BUILD_DIR:-$root/build-gpu}
-if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then out=${OUT_DIR:-$OUT/results}; else out=${OUT_DIR:-$build/results}; fi
+source "$root/bench/gpu/results.sh"
+out=$(results_dir "$build")
 mkdir -p "$out"
+trap 'pack_results "$out"' EXIT
 export LD_LIBRARY_PATH=$deps/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 if (($# < 2)); then
@@ -46,14 +52,15 @@ for filter in "$@"; do
   tag=$(printf '%s' "$filter" | tr -c 'A-Za-z0-9_.-' '_')
   echo "== profile $name '$filter' (ncu: $ncu)"
   # --clock-control none: measure the card as it is (its clocks are not ours to set).
-  if ! MOE_PROFILE_ONE=1 timeout "${PROFILE_TIMEOUT:-150}" "$ncu" --profile-from-start off --clock-control none \
+  if ! MOE_PROFILE_ONE=1 timeout "${PROFILE_TIMEOUT:-60}" "$ncu" --profile-from-start off --clock-control none \
     --metrics gpu__time_duration.sum --csv --print-units base --print-kernel-base demangled \
-    "$binary" --benchmark_filter="$filter" --benchmark_min_time=0.01 >"$out/profile_$tag.csv" 2>"$out/profile_$tag.err"; then
+    "$binary" --benchmark_filter="$filter" --benchmark_min_time=0.000001 >"$out/profile_$tag.csv" 2>"$out/profile_$tag.err"; then
     echo "== profile '$filter': FAILED, see $out/profile_$tag.err"
     tail -5 "$out/profile_$tag.err"
     status=1
   fi
   python3 "$root/bench/gpu/kernel_summary.py" "$out/profile_$tag.csv" --top "${PROFILE_TOP:-30}" |
     tee "$out/profile_$tag.md" || status=1
+  pack_results "$out"
 done
 exit $status

@@ -14,7 +14,8 @@
 # .gpu-deps/usr (Eigen, doctest, Google Benchmark, zlib), for sm_90a too: the wgmma grouped GEMM needs
 # the arch-specific target (plain sm_90 code leaves it unavailable and its rows unrun).
 #
-#   bench/gpu/run.sh                                          # everything but compare (~25 min)
+#   bench/gpu/run.sh                                          # everything but compare (~25 min: more
+#                                                             # than one device call; pick STEPS)
 #   STEPS=test,bench_gpt2,torch_gpt2,report_gpt2 bench/gpu/run.sh   # GPU tests + GPT-2 training speed (~6 min)
 #   STEPS=memcheck,racecheck SANITIZER_FILTER='--test-case=*edge*' bench/gpu/run.sh
 #   STEPS=racecheck bench/gpu/run.sh                          # racecheck, each test case alone (~3 min)
@@ -26,8 +27,11 @@
 #                     racecheck.log, moe_cuda.json, torch_cuda.json, gpt2_cuda.json, torch_gpt2_cuda.json,
 #                     table.md, table_gpt2.md, compare/, env.txt
 #                     (default build-gpu/results; on the device machine, where $OUT is set,
-#                     $OUT/results: every step's files are where the device tool fetches them as soon
-#                     as the step ends, so a call cut off at its time limit still brings them back)
+#                     /tmp/gpu-results, packed after every step into $OUT/<its name>.tgz, e.g.
+#                     OUT_DIR=/tmp/r -> $OUT/r.tgz: $OUT brings back 8 files at most, and a call cut
+#                     off at its time limit still brings back every step that ended; bench/gpu/results.sh)
+#   TEST_TIMEOUT      seconds the test step may take (default 180; the GPU tests take ~10 s), so a
+#                     hung kernel leaves the BUDGET to the benchmarks
 #   BUDGET            seconds this run may take in all (default: no limit): a step gets what is left
 #                     (then it is stopped, TIMED OUT), and a step with nothing left does not start
 #                     (NOT RUN); set it under the device call's limit so the tables are always printed
@@ -70,7 +74,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${BUILD_DIR:-$root/build-gpu}
 deps=${DEPS_DIR:-$root/.gpu-deps}
-if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then out=${OUT_DIR:-$OUT/results}; else out=${OUT_DIR:-$build/results}; fi
+source "$root/bench/gpu/results.sh"
+out=$(results_dir "$build")
 budget=${BUDGET:-0}
 steps=${STEPS:-build,test,memcheck,racecheck,bench,torch,report,bench_gpt2,torch_gpt2,report_gpt2}
 repetitions=${REPETITIONS:-3}
@@ -116,30 +121,38 @@ prebuilt_ok() {
     starts "$bench_gpt2" --benchmark_list_tests && starts "$bench" --benchmark_list_tests && starts "$gpt2" --help
 }
 mkdir -p "$out"
+# On the device machine every step's files are packed into $OUT as it ends, and once more at the end.
+trap 'pack_results "$out"' EXIT
 
 want() { [[ ",$steps," == *",$1,"* ]]; }
 
 failed=()
 # run_step NAME LOG CMD...: runs CMD with its output shown and kept in LOG, within what is left of
 # BUDGET; a failure is recorded and the script goes on.
+# step_cap=SECONDS before a call caps that one step (the tests: a hung kernel must not take the
+# whole BUDGET from the benchmarks behind them).
+step_cap=0
 run_step() {
-  local name=$1 log=$2 rc=0 start=$SECONDS limit=()
+  local name=$1 log=$2 rc=0 start=$SECONDS limit=() cap=$step_cap
   shift 2
+  step_cap=0
   last_rc=125  # not run
+  local left=$cap
   if ((budget > 0)); then
-    local left=$((budget - SECONDS))
+    left=$((budget - SECONDS))
     if ((left < 5)); then
       echo "== $name: NOT RUN: the run's BUDGET of $budget s is spent"
       failed+=("$name")
       return
     fi
-    limit=(timeout -k 5 "$left")
+    ((cap > 0 && cap < left)) && left=$cap
   fi
+  ((left > 0)) && limit=(timeout -k 5 "$left")
   echo "== $name: $*"
   "${limit[@]+"${limit[@]}"}" "$@" 2>&1 | tee "$log" || rc=$?
   last_rc=$rc
-  if ((rc == 124 && budget > 0)); then
-    echo "== $name: TIMED OUT after $((SECONDS - start)) s: the run's BUDGET of $budget s ran out, see $log"
+  if ((rc == 124 && ${#limit[@]} > 0)); then
+    echo "== $name: TIMED OUT after $((SECONDS - start)) s (the step's cap of $cap s or the run's BUDGET of $budget s), see $log"
     failed+=("$name")
   elif ((rc == 0)); then
     echo "== $name: ok ($((SECONDS - start)) s)"
@@ -150,6 +163,7 @@ run_step() {
     echo "== $name: FAILED with exit status $rc ($((SECONDS - start)) s), see $log"
     failed+=("$name")
   fi
+  pack_results "$out"
 }
 
 {
@@ -192,7 +206,7 @@ if ! prebuilt_ok; then
 fi
 
 if want test; then
-  run_step test "$out/tests.log" "$tests"
+  step_cap=${TEST_TIMEOUT:-180} run_step test "$out/tests.log" "$tests"
   # A failed run (not a skip or the budget): a CUDA fault is sticky, so every case after the faulty
   # one fails too. Each case again in a process of its own tells the faulty ones from their victims.
   if ((last_rc != 0 && last_rc != 77 && last_rc != 124 && last_rc != 125)); then
