@@ -129,13 +129,11 @@ want() { [[ ",$steps," == *",$1,"* ]]; }
 failed=()
 # run_step NAME LOG CMD...: runs CMD with its output shown and kept in LOG, within what is left of
 # BUDGET; a failure is recorded and the script goes on.
-# step_cap=SECONDS before a call caps that one step (the tests: a hung kernel must not take the
-# whole BUDGET from the benchmarks behind them).
-step_cap=0
+# `step_cap=SECONDS run_step ...` caps that one step (the tests: a hung kernel must not take the
+# whole BUDGET from the benchmarks behind them); the assignment lasts for that call only.
 run_step() {
-  local name=$1 log=$2 rc=0 start=$SECONDS limit=() cap=$step_cap
+  local name=$1 log=$2 rc=0 start=$SECONDS limit=() cap=${step_cap:-0}
   shift 2
-  step_cap=0
   last_rc=125  # not run
   local left=$cap
   if ((budget > 0)); then
