@@ -17,11 +17,14 @@
 # would prove nothing (a filter that misses our kernels, a tool that did not attach); then the step
 # fails without the clean run.
 #
-# Then each case the doctest arguments pass, in a process of its own. On an H100 (2026-12-05) the
-# sanitizer itself broke down in every case that runs cuBLAS's bf16 products ("Internal Sanitizer
+# Then each case the doctest arguments pass, in a process of its own, with MOE_CUDA_GEMM=reference
+# unless it is set: the products run as the definition, a thread per element
+# (moe/cuda/reference_gemm.hpp, the emulated device's bits), not in cuBLAS. On an H100 (2026-12-05)
+# the sanitizer itself broke down in every case that ran cuBLAS's bf16 products ("Internal Sanitizer
 # Error: The Sanitizer failed to handle a hardware exception", with the kernel filter too; natively
 # and under memcheck those cases pass), and in one process every later case then failed on the
-# poisoned context. One process a case keeps that to the cases it hits, and the step names them.
+# poisoned context; those cases went unchecked. MOE_CUDA_GEMM=cublas keeps cuBLAS; one process a
+# case still keeps a breakdown to the cases it hits, and the step names them.
 # Each case's log goes to RACECHECK_LOGS/<n>.log (default: a temporary folder); a case gets
 # RACECHECK_CASE_SECONDS (default 120).
 #
@@ -38,6 +41,7 @@ fi
 sanitizer=$1 tests=$2
 shift 2
 per_case=${RACECHECK_CASE_SECONDS:-120}
+export MOE_CUDA_GEMM=${MOE_CUDA_GEMM:-reference}
 
 # The option that picks the kernels to check: --kernel-name in current compute-sanitizers,
 # --kernel-regex in older ones (the same key=value filters: kns is a substring of the name).
@@ -80,7 +84,8 @@ if ((canary_rc != kReported)) && ! grep -qE 'RACECHECK SUMMARY: *[1-9][0-9]* haz
     "(RACECHECK_KERNELS=all checks every kernel)"
   exit 1
 fi
-echo "== racecheck canary: reported (exit status $canary_rc); now each case alone, filter: ${filter[*]:-none}"
+echo "== racecheck canary: reported (exit status $canary_rc); now each case alone, filter: ${filter[*]:-none}," \
+  "MOE_CUDA_GEMM=$MOE_CUDA_GEMM"
 
 list=$(doctest_case_names "$tests" "$@") || {
   echo "racecheck.sh: $tests --list-test-cases failed (its output above)" >&2

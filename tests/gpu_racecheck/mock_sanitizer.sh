@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A stand-in for compute-sanitizer, just enough for bench/gpu/racecheck.sh. Each call but --help
-# appends its arguments as one line to $MOCK_CALLS. Any run but the canary runs the test binary (the
-# argument after the sanitizer's own options) with the arguments after it, and passes on its output
-# and exit status, unless the environment says otherwise:
+# appends its arguments as one line to $MOCK_CALLS, and MOE_CUDA_GEMM's value (or "unset") to
+# $MOCK_CALLS.gemm. Any run but the canary runs the test binary (the argument after the sanitizer's
+# own options) with the arguments after it, and passes on its output and exit status, unless the
+# environment says otherwise:
 #   MOCK_HELP      name | regex | none | wgmma: which kernel filter option --help lists (wgmma:
 #                  --kernel-name and --check-warpgroup-mma)
 #   MOCK_CANARY    report | silent: whether the canary run (the one with --no-skip) reports its race
@@ -20,6 +21,7 @@ if [[ ${1:-} == --help ]]; then
   exit 0
 fi
 echo "$*" >>"$MOCK_CALLS"
+echo "${MOE_CUDA_GEMM-unset}" >>"$MOCK_CALLS.gemm"  # the products' engine each run was given
 error_rc=0
 args=("$@")
 for ((i = 0; i < ${#args[@]}; ++i)); do

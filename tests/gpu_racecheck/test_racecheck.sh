@@ -11,13 +11,14 @@ mock=$here/mock_sanitizer.sh
 tests=$here/../gpu_isolate/mock_doctest.sh
 calls=$(mktemp)
 logs=$(mktemp -d)
-trap 'rm -rf "$calls" "$logs"' EXIT
+trap 'rm -rf "$calls" "$calls.gemm" "$logs"' EXIT
 fail() { echo "FAILED: $*"; echo "--- output:"; echo "$out"; echo "--- calls:"; cat "$calls"; exit 1; }
 run() {  # run [ENV=VALUE...] -- [doctest arguments...]: the script over the mocks
   local env=()
   while [[ $1 != -- ]]; do env+=("$1"); shift; done
   shift
   : >"$calls"
+  : >"$calls.gemm"
   rm -rf "${logs:?}"/*
   rc=0
   out=$(env MOCK_CALLS="$calls" RACECHECK_LOGS="$logs" RACECHECK_CASE_SECONDS=2 "${env[@]}" \
@@ -35,6 +36,13 @@ run MOCK_HELP=name -- '--test-case=*e*'
   fail "first case's call: '$(sed -n 2p "$calls")'"
 [[ $(sed -n 3p "$calls") == *" --test-case=e\\, last" ]] || fail "second case's call: '$(sed -n 3p "$calls")'"
 grep -q 'racecheck: 2 cases: 2 clean, 0 with a race reported, 0 failing, 0 unchecked' <<<"$out" || fail "no summary line"
+
+# Every run, the canary's too, multiplies by the definition (MOE_CUDA_GEMM=reference: cuBLAS's bf16
+# kernels break the sanitizer down), unless the caller chose an engine.
+[[ $(sort -u "$calls.gemm") == reference ]] || fail "engines given: '$(sort -u "$calls.gemm" | tr '\n' ' ')'"
+grep -q 'MOE_CUDA_GEMM=reference' <<<"$out" || fail "the engine is not named"
+run MOE_CUDA_GEMM=cublas -- '--test-case=*e*'
+((rc == 0)) && [[ $(sort -u "$calls.gemm") == cublas ]] || fail "MOE_CUDA_GEMM=cublas not kept"
 
 # A reported race fails the step and names its case.
 run MOCK_RACE='e, last' -- '--test-case=*e*'

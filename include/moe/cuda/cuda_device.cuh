@@ -17,6 +17,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <cub/device/device_radix_sort.cuh>
 #include <memory>
@@ -36,6 +37,7 @@
 #include "moe/cuda/hopper_grouped_gemm.cuh"
 #include "moe/cuda/host_times.hpp"
 #include "moe/cuda/plan_cache.hpp"
+#include "moe/cuda/reference_gemm.hpp"
 
 namespace moe::cuda {
 
@@ -373,11 +375,28 @@ __global__ void for_each_warp_kernel(Index count, unsigned staging_bytes, Body b
 // fp32 GEMMs: exact fp32 (the default, what parity is checked with) or TF32 tensor cores.
 enum class Fp32Math { exact, tf32 };
 
+// What runs the products (gemm, gemm_group): cuBLAS and cuBLASLt (the default), or the definition,
+// a thread per output element (moe/cuda/reference_gemm.hpp: the emulated device's bits, slow), for
+// checking: compute-sanitizer's racecheck breaks down inside cuBLAS's bf16 kernels on an H100, so
+// bench/gpu/racecheck.sh runs the tests with the reference engine. A new device takes it from the
+// environment: MOE_CUDA_GEMM=reference (or cublas; unset = cublas; anything else is refused).
+enum class BlasEngine { cublas, reference };
+
+inline BlasEngine blas_engine_from_environment() {
+  const char* value = std::getenv("MOE_CUDA_GEMM");
+  if (!value || !*value || std::strcmp(value, "cublas") == 0) return BlasEngine::cublas;
+  if (std::strcmp(value, "reference") == 0) return BlasEngine::reference;
+  throw std::invalid_argument(std::string("MOE_CUDA_GEMM=") + value + ": expected cublas or reference");
+}
+
 class CudaDevice;
 // A GEMM's epilogue as its own pass over C (device.hpp's Epilogue), for products cuBLASLt does
 // not fuse: C already holds the product, rounded to S. Defined after CudaDevice.
 template <class S>
 void epilogue_pass(const CudaDevice& device, const BlasGemm<S>& g);
+// BlasEngine::reference's product (defined after CudaDevice).
+template <class S>
+void reference_gemm_pass(const CudaDevice& device, const BlasGemm<S>& g);
 
 namespace lt_detail {
 // Owners of cuBLASLt's descriptors, destroyed on every path out of a call.
@@ -442,8 +461,12 @@ class CudaDevice {
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     check_cuda(cudaGetDeviceProperties(&properties, device), "cudaGetDeviceProperties");
     return std::string(properties.name) + ", " + std::to_string(context_->sms) + " SMs" +
-           (context_->math == Fp32Math::tf32 ? ", TF32" : "");
+           (context_->math == Fp32Math::tf32 ? ", TF32" : "") +
+           (context_->engine == BlasEngine::reference ? ", reference GEMMs" : "");
   }
+  // BlasEngine, for this device and its copies (from MOE_CUDA_GEMM when the device was made).
+  BlasEngine blas_engine() const { return context_->engine; }
+  void set_blas_engine(BlasEngine engine) const { context_->engine = engine; }
   // Bytes of the GPU's memory in use by every process (cudaMemGetInfo: total - free); needs no
   // device object (static), so a caller can take it before making one.
   static std::size_t memory_in_use() {
@@ -685,6 +708,11 @@ class CudaDevice {
   template <class S>
   bool gemm_on(const BlasGemm<S>& g, Lane& lane) const {
     const bool on_stream = &lane == &context_->main;
+    if (context_->engine == BlasEngine::reference) {
+      if (!on_stream) return false;  // for_each_2d launches on the stream: the group runs it after the join
+      reference_gemm_pass(*this, g);
+      return true;
+    }
     const bool lt = g.epilogue != Epilogue::none || (g.shape_varies && !g.pointer_batch() && g.batch == 1);
     const auto timed = context_->host_times.time(lt ? HostCall::gemm_lt : HostCall::gemm);
     if (g.epilogue != Epilogue::none) {
@@ -905,6 +933,7 @@ class CudaDevice {
 
   struct Context {
     Fp32Math math;
+    BlasEngine engine = blas_engine_from_environment();
     Lane main;               // the caller's stream, its cuBLAS handle and cuBLASLt workspace
     std::vector<Lane> side;  // gemm_group's side streams, made at the first group that needs them
     cudaEvent_t fork = nullptr;
@@ -1001,6 +1030,15 @@ class CudaDevice {
   };
   std::shared_ptr<Context> context_;
 };
+
+// A thread per element of C, the batch's products stacked along the launch's rows (row q * n + j). Pointer arrays are
+// read on the device, so nothing waits.
+template <class S>
+void reference_gemm_pass(const CudaDevice& device, const BlasGemm<S>& g) {
+  const Index n = g.n;
+  device.for_each_2d(g.batch * n, g.m,
+                     [=] MOE_HOST_DEVICE(Index r, Index i) { reference_gemm_element(g, r / n, i, r % n); });
+}
 
 template <class S>
 void epilogue_pass(const CudaDevice& device, const BlasGemm<S>& g) {

@@ -134,11 +134,16 @@ struct BlasGemm {
   // algorithm once per size bucket instead of once per exact shape (CudaDevice: cuBLASLt with
   // plans per power-of-two bucket). Same results either way; a hint about cost only.
   bool shape_varies = false;
-  bool pointer_batch() const { return a_array || b_array || c_array; }
-  // Product q's operands, whichever way the batch is given (A and B null when k = 0 by pointers).
-  const S* a_of(Index q) const { return pointer_batch() ? (k > 0 ? a_array[q] : nullptr) : a + q * stride_a; }
-  const S* b_of(Index q) const { return pointer_batch() ? (k > 0 ? b_array[q] : nullptr) : b + q * stride_b; }
-  S* c_of(Index q) const { return pointer_batch() ? c_array[q] : c + q * stride_c; }
+  MOE_HOST_DEVICE bool pointer_batch() const { return a_array || b_array || c_array; }
+  // Product q's operands, whichever way the batch is given (A and B null when k = 0 by pointers). The arrays lie in
+  // the device's memory, so only its code reads them (the emulated device's is the host's).
+  MOE_HOST_DEVICE const S* a_of(Index q) const {
+    return pointer_batch() ? (k > 0 ? a_array[q] : nullptr) : a + q * stride_a;
+  }
+  MOE_HOST_DEVICE const S* b_of(Index q) const {
+    return pointer_batch() ? (k > 0 ? b_array[q] : nullptr) : b + q * stride_b;
+  }
+  MOE_HOST_DEVICE S* c_of(Index q) const { return pointer_batch() ? c_array[q] : c + q * stride_c; }
 };
 
 // cuBLAS's rules for one GemmEx / GemmStridedBatchedEx call (sizes >= 0 and within 32 bits,

@@ -33,11 +33,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "moe/activations.hpp"
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
+#include "moe/cuda/reference_gemm.hpp"
 #include "moe/random.hpp"
 #include "moe/tensor.hpp"
 
@@ -506,41 +506,16 @@ struct EmulatedDevice {
     }
   }
 
-  // The column-major definition, accumulated in the scalar's compute type in k order; a batch is
-  // its products one after another. cuBLAS's argument rules and the operands' memory are checked first.
+  // The column-major definition (moe/cuda/reference_gemm.hpp), accumulated in the scalar's compute type in k order;
+  // a batch is its products one after another. cuBLAS's argument rules and the operands' memory are checked first.
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
-    using C = Compute<S>;
     check_blas_gemm(g);
     check_gemm_memory(g);
     ++state_->launch_count;
-    const auto at = [](const S* p, Index ld, BlasOp op, Index r, Index c) {
-      return C(op == BlasOp::none ? p[r + c * ld] : p[c + r * ld]);
-    };
-    for (Index q = 0; q < g.batch; ++q) {
-      const S* a = g.a_of(q);
-      const S* b = g.b_of(q);
-      S* c = g.c_of(q);
+    for (Index q = 0; q < g.batch; ++q)
       for (Index j = 0; j < g.n; ++j)
-        for (Index i = 0; i < g.m; ++i) {
-          C sum = g.accumulate ? C(c[i + j * g.ldc]) : C(0);
-          C product = 0;
-          // One fused multiply-add per term, in k order: the same bits whatever the operands' layouts and
-          // whatever the compiler would contract (at -O3 it versions this loop by layout).
-          for (Index p = 0; p < g.k; ++p) product = std::fma(at(a, g.lda, g.op_a, i, p), at(b, g.ldb, g.op_b, p, j), product);
-          if (g.epilogue == Epilogue::none) {
-            c[i + j * g.ldc] = S(sum + product);
-            continue;
-          }
-          if (g.epilogue == Epilogue::dgelu) {
-            c[i + j * g.ldc] = S(product * activation::gelu_grad(C(g.aux[i + j * g.ldaux])));
-            continue;
-          }
-          const C pre = product + C(g.bias[i]);
-          if (g.epilogue == Epilogue::bias_gelu && g.aux) g.aux[i + j * g.ldaux] = S(pre);
-          c[i + j * g.ldc] = S(g.epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
-        }
-    }
+        for (Index i = 0; i < g.m; ++i) reference_gemm_element(g, q, i, j);
   }
 
   // The grouped product (moe/cuda/grouped_gemm.hpp) as the GPU's kernel runs it, emulated: the
