@@ -17,16 +17,18 @@
 # would prove nothing (a filter that misses our kernels, a tool that did not attach); then the step
 # fails without the clean run.
 #
-# Then each case the doctest arguments pass, in a process of its own, with MOE_CUDA_GEMM=reference
-# unless it is set: the products run as the definition, a thread per element
+# Then every case the doctest arguments pass in one process (one start and one CUDA context for them
+# all): a clean run ends the step. Anything else (a reported race, a failing case, the sanitizer's
+# breakdown, RACECHECK_WHOLE_SECONDS passed, default 600) and each case runs again in a process of
+# its own, which names the cases. Both with MOE_CUDA_GEMM=reference unless it is set: the products run as the definition, a thread per element
 # (moe/cuda/reference_gemm.hpp, the emulated device's bits), not in cuBLAS. On an H100 (2026-12-05)
 # the sanitizer itself broke down in every case that ran cuBLAS's bf16 products ("Internal Sanitizer
 # Error: The Sanitizer failed to handle a hardware exception", with the kernel filter too; natively
 # and under memcheck those cases pass), and in one process every later case then failed on the
 # poisoned context; those cases went unchecked. MOE_CUDA_GEMM=cublas keeps cuBLAS; one process a
 # case still keeps a breakdown to the cases it hits, and the step names them.
-# Each case's log goes to RACECHECK_LOGS/<n>.log (default: a temporary folder); a case gets
-# RACECHECK_CASE_SECONDS (default 120).
+# The one process's log goes to RACECHECK_LOGS/all.log, each case's to RACECHECK_LOGS/<n>.log
+# (default: a temporary folder); a case alone gets RACECHECK_CASE_SECONDS (default 120).
 #
 # Exit status: 0 when every case is clean; 1 for a reported race, a failing case or a canary that
 # was not reported; 3 when no race was reported and every case passed but the sanitizer broke down
@@ -40,7 +42,7 @@ if (($# < 2)); then
 fi
 sanitizer=$1 tests=$2
 shift 2
-per_case=${RACECHECK_CASE_SECONDS:-120}
+per_case=${RACECHECK_CASE_SECONDS:-120} whole=${RACECHECK_WHOLE_SECONDS:-600}
 export MOE_CUDA_GEMM=${MOE_CUDA_GEMM:-reference}
 
 # The option that picks the kernels to check: --kernel-name in current compute-sanitizers,
@@ -84,7 +86,7 @@ if ((canary_rc != kReported)) && ! grep -qE 'RACECHECK SUMMARY: *[1-9][0-9]* haz
     "(RACECHECK_KERNELS=all checks every kernel)"
   exit 1
 fi
-echo "== racecheck canary: reported (exit status $canary_rc); now each case alone, filter: ${filter[*]:-none}," \
+echo "== racecheck canary: reported (exit status $canary_rc); now the cases, filter: ${filter[*]:-none}," \
   "MOE_CUDA_GEMM=$MOE_CUDA_GEMM"
 
 list=$(doctest_case_names "$tests" "$@") || {
@@ -93,6 +95,31 @@ list=$(doctest_case_names "$tests" "$@") || {
 }
 names=()
 [[ -n $list ]] && mapfile -t names <<<"$list"
+
+# Every case in one process: clean only when no race is reported, the sanitizer held, and every listed
+# case ran and passed.
+rc=0
+timeout -k 5 "$whole" "$sanitizer" --tool racecheck --error-exitcode 1 "${filter[@]+"${filter[@]}"}" "$tests" "$@" \
+  >"$logs/all.log" 2>&1 || rc=$?
+count=${#names[@]}
+if ((rc == 0)) && ! grep -qE 'Race reported|Internal Sanitizer Error' "$logs/all.log" &&
+  grep -Eq "test cases: +$count \| +$count passed \| +0 failed" "$logs/all.log"; then
+  echo "racecheck: $count cases in one process: clean ($logs/all.log)"
+  exit 0
+fi
+if grep -q 'Race reported' "$logs/all.log"; then
+  why="a race reported"
+elif grep -q 'Internal Sanitizer Error' "$logs/all.log"; then
+  why="the sanitizer broke down"
+elif ((rc == 124 || rc == 137)); then
+  why="timed out after $whole s"
+elif ((rc != 0)); then
+  why="exit status $rc"
+else
+  why="not every listed case ran and passed"
+fi
+echo "== racecheck: not clean in one process ($why, $logs/all.log): each case alone"
+
 clean=0 raced=() failing=() unchecked=()
 for i in "${!names[@]}"; do
   name=${names[$i]} log=$logs/$i.log rc=0

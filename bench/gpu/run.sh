@@ -18,7 +18,8 @@
 #                                                             # than one device call; pick STEPS)
 #   STEPS=test,bench_gpt2,torch_gpt2,report_gpt2 bench/gpu/run.sh   # GPU tests + GPT-2 training speed (~6 min)
 #   STEPS=memcheck,racecheck SANITIZER_FILTER='--test-case=*edge*' bench/gpu/run.sh
-#   STEPS=racecheck bench/gpu/run.sh                          # racecheck, each test case alone (~3 min)
+#   STEPS=racecheck bench/gpu/run.sh                          # racecheck: the cases in one process, then
+#                                                             # each alone if that is not clean (~3 min)
 #   STEPS=bench,torch,report bench/gpu/run.sh                 # the MoE layer against PyTorch (~5 min)
 #   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
 #
@@ -60,10 +61,11 @@
 #   PYTHON            the python with torch 2.x and transformers (default python3)
 #   COMPUTE_SANITIZER the compute-sanitizer binary (default: found on the PATH, under
 #                     /usr/local/cuda*, or in pip's nvidia-cuda-sanitizer-api wheel)
-#   RACECHECK_KERNELS all: racecheck checks cuBLAS's and CUB's kernels too (default: ours only,
-#                     after a planted race it must report; then each case in a process of its own,
-#                     racecheck/<n>.log, and racecheck/unchecked.txt names the cases where the
-#                     sanitizer broke down; bench/gpu/racecheck.sh)
+#   RACECHECK_KERNELS all: racecheck checks CUB's kernels (and cuBLAS's, with MOE_CUDA_GEMM=cublas)
+#                     too (default: ours only, after a planted race it must report; then the cases
+#                     in one process, racecheck/all.log, and if that is not clean each in a process
+#                     of its own, racecheck/<n>.log, where racecheck/unchecked.txt names the cases
+#                     in which the sanitizer broke down; bench/gpu/racecheck.sh)
 #
 # A failing step does not stop the later ones (a failed build does); the script exits 1 if any
 # step failed or was skipped (without a GPU every GPU step is skipped: a dry run of the script).
