@@ -30,13 +30,17 @@ void guarded(benchmark::State& state, Fn&& fn) {
 // cudaProfilerStart and cudaProfilerStop, so that `ncu --profile-from-start off`
 // (bench/gpu/profile.sh) records the kernels of that one call and nothing else (no setup, no
 // warm-up). Without it, nothing happens. Call it after the warm-up, before the timed loop.
+// Once per process: Google Benchmark may run a benchmark's function again (to size its
+// iterations), and a filter may pass several benchmarks; the profile holds the first call only.
+inline bool profiled = false;
 template <class Call>
 void profiled_once(Call&& call) {
   static const bool on = [] {
     const char* v = std::getenv("MOE_PROFILE_ONE");
     return v && std::string(v) == "1";
   }();
-  if (!on) return;
+  if (!on || profiled) return;
+  profiled = true;
   cudaDeviceSynchronize();
   cudaProfilerStart();
   call();

@@ -14,8 +14,9 @@
 # into $OUT/gpu-results.tgz after each filter, bench/gpu/results.sh; else build-gpu/results).
 # PROFILE_TIMEOUT: seconds per filter (default 60; a profile took ~18 s on the H100).
 #
-# --benchmark_min_time is 1e-6 s: Google Benchmark runs a benchmark's function again (and with it
-# the profiled call) while its iterations took less than the minimum, so one run is asked for.
+# --benchmark_min_time is 1e-6 s: Google Benchmark runs a benchmark's function again while its
+# iterations took less than the minimum, so one run is asked for (profiled_once, guarded.hpp, also
+# profiles one call a process, whatever the runs).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 deps=${DEPS_DIR:-$root/.gpu-deps}
