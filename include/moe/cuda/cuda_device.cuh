@@ -620,6 +620,7 @@ class CudaDevice {
   // whose shape varies from call to call (an expert's block: BlasGemm::shape_varies) goes to
   // cuBLASLt too, with its algorithm chosen once per size bucket (lt_gemm): cuBLAS would run its
   // heuristic for every new exact shape, and an expert's row count is new at almost every step.
+  // All of that with BlasEngine::cublas; the reference engine runs every product as its definition.
   template <class S>
   void gemm(const BlasGemm<S>& g) const {
     check_blas_gemm(g);
