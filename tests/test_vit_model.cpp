@@ -307,6 +307,7 @@ TEST_CASE("vit model: loss and gradients are bit-identical on 1 and 2 threads") 
   SUBCASE("dense") { check_thread_invariance<vit::DenseModel<float>>(); }
   SUBCASE("self") { check_thread_invariance<vit::MoEModel<moe::SelfRoute, float>>(); }
   SUBCASE("linear") { check_thread_invariance<vit::MoEModel<moe::Linear, float>>(); }
+  SUBCASE("fixed-random") { check_thread_invariance<vit::MoEModel<moe::FixedRandom, float>>(); }
   SUBCASE("random") { check_thread_invariance<vit::MoEModel<moe::Random, float>>(); }
 }
 

@@ -103,6 +103,7 @@ void check_exact_resume() {
 TEST_CASE("vit train: interrupted at step 5 and resumed from the checkpoint, every bit equals a straight run") {
   SUBCASE("self") { check_exact_resume<vit::MoEModel<moe::SelfRoute, float>>(); }
   SUBCASE("linear") { check_exact_resume<vit::MoEModel<moe::Linear, float>>(); }
+  SUBCASE("fixed-random") { check_exact_resume<vit::MoEModel<moe::FixedRandom, float>>(); }
   SUBCASE("random") { check_exact_resume<vit::MoEModel<moe::Random, float>>(); }
   SUBCASE("dense") { check_exact_resume<vit::DenseModel<float>>(); }
 }
