@@ -107,6 +107,9 @@ const std::vector<Shape> kShapes = {
     {64, 96, 256}, {100, 5, 600}, {150, 31, 40}, {5, 530, 33}, {200, 8, 129}, {2, 1040, 3}, {145, 64, 513},
     // B read in place (read_b_in_place: <= 32 rows, depth <= 128, whole NR panels), full and edge rows
     {32, 64, 128}, {20, 96, 100},
+    // A transposed with rows more than 1024 floats apart: packed (read_a_in_place; the shapes above
+    // read a transposed A in place)
+    {1030, 40, 300},
 };
 
 }  // namespace

@@ -53,8 +53,9 @@ void eigen_sequential_gemm(Index m, Index n, Index depth, const S* a, Index lda,
 // SSE or NEON): a micro-kernel keeps an MR x NR block of C in registers (NR = two packets) and
 // runs the depth loop as broadcast(A) x packet(B) FMAs. Blocks: NC columns of B, KC of the depth
 // and MC rows of A at a time, sized so a B panel (KC x NR) stays in L1 and an A block in L2.
-// op(A) is read where it lies (row-major A: one row per register row; transposed A is packed,
-// MR values per depth step); op(B) is packed into KC x NR panels (see read_b_in_place for the
+// op(A) is read where it lies (row-major A: one row per register row; a transposed A with rows
+// close together too, MR neighbours of a row per depth step; otherwise packed, MR values per
+// depth step); op(B) is packed into KC x NR panels (see read_b_in_place for the
 // one exception). Against Eigen's kernel, one thread (bench/bench_gemm_cpu, bench/RESULTS.md):
 // 12-18% more GFLOP/s on a Zen 4 VM; on an AVX-512 Xeon VM 5-20% more on the small config's
 // expert products and a draw on GPT-2's.
@@ -76,8 +77,10 @@ inline constexpr Index KC = 256, MC = 144, NC = 512;
 // `bias` (this block's cols values) the result + bias[c] is stored. Folding the "=" and the bias
 // into the store saves the tile two passes over C: a zero fill before and a bias add after.
 // Full tiles update C in place; edge tiles go through a buffer.
+// Always inlined: two instantiations of gemm() call it, and GCC's out-of-line copies of it cost the
+// products 3-5%.
 template <bool FullTile>
-void micro_kernel(const float* __restrict a, Index a_row, Index a_step, const float* __restrict b, Index b_step,
+[[gnu::always_inline]] inline void micro_kernel(const float* __restrict a, Index a_row, Index a_step, const float* __restrict b, Index b_step,
                   Index depth, float* c, Index ldc, Index rows, [[maybe_unused]] Index cols, bool overwrite,
                   const float* bias) {
   using namespace Eigen::internal;
@@ -149,6 +152,15 @@ inline void pack_b(const Gemm<float>& g, Index j0, Index nc, Index k0, Index kc,
     const Index cols = std::min(NR, nc - q);
     float* panel = out + q * kc;
     if (g.op_b == Op::none) {
+      if (cols == NR) {  // two packets a depth step (GCC left the general loop below scalar)
+        using namespace Eigen::internal;
+        for (Index k = 0; k < kc; ++k) {
+          const float* src = g.b.row(k0 + k) + j0 + q;
+          pstoreu(panel + k * NR, ploadu<FloatPacket>(src));
+          pstoreu(panel + k * NR + kLanes, ploadu<FloatPacket>(src + kLanes));
+        }
+        continue;
+      }
       for (Index k = 0; k < kc; ++k) {
         const float* src = g.b.row(k0 + k) + j0 + q;
         for (Index j = 0; j < NR; ++j) panel[k * NR + j] = j < cols ? src[j] : 0.f;
@@ -199,12 +211,30 @@ inline bool read_b_in_place(const Gemm<float>& g) {
   return g.op_b == Op::none && g.n() % NR == 0 && g.m() <= 4 * MR && g.depth() <= KC / 2;
 }
 
+// Whether a transposed A is read where it lies instead of packed: the MR values the micro-kernel
+// broadcasts at a depth step are then neighbours in one row of A, and the next step is one A stride
+// on. Packing costs a pass over A per tile, which on the weight gradients (dW += dY^T X, depth =
+// an expert's rows) took a fifth of the product at the small config (bench/RESULTS.md,
+// 2026-12-06). Rows up to 1024 floats apart only: GPT-2 small's F = 3072 apart measured slower.
+inline bool read_a_in_place(const Gemm<float>& g) { return g.op_a == Op::transpose && g.a.stride <= 1024; }
+
+// The packing buffers, per thread, shared by gemm's instantiations.
+struct PackBuffers {
+  std::vector<float, Eigen::aligned_allocator<float>> a, b;
+};
+inline PackBuffers& pack_buffers() {
+  thread_local PackBuffers buffers;
+  return buffers;
+}
+
 // c (+)= op(a) op(b) (+ bias), single-threaded, as g says. depth >= 1: the first depth block
-// writes C (or adds to it), the last one adds the bias.
-inline void gemm(const Gemm<float>& g) {
+// writes C (or adds to it), the last one adds the bias. AInPlace = read_a_in_place(g), a template
+// argument: chosen at run time inside the loops, it cost the other products ~8% in GCC's code.
+template <bool AInPlace>
+void gemm(const Gemm<float>& g) {
   const Index m = g.m(), n = g.n(), depth = g.depth();
-  thread_local std::vector<float, Eigen::aligned_allocator<float>> a_buffer, b_buffer;
-  const bool a_packed = g.op_a == Op::transpose;
+  auto& [a_buffer, b_buffer] = pack_buffers();
+  const bool a_packed = !AInPlace && g.op_a == Op::transpose;
   const bool b_packed = !read_b_in_place(g);
   if (a_packed) a_buffer.resize(std::size_t(KC * ((MC + MR - 1) / MR * MR)));
   if (b_packed) b_buffer.resize(std::size_t(KC * ((NC + NR - 1) / NR * NR)));
@@ -222,8 +252,11 @@ inline void gemm(const Gemm<float>& g) {
           const Index b_step = b_packed ? NR : g.b.stride;
           for (Index p = 0; p < mc; p += MR) {
             const Index rows = std::min(MR, mc - p);
-            const float* a_panel = a_packed ? a_buffer.data() + p * kc : g.a.row(i0 + p) + k0;
-            const Index a_row = a_packed ? 1 : g.a.stride, a_step = a_packed ? MR : 1;
+            const float* a_panel = AInPlace   ? g.a.row(k0) + i0 + p
+                                   : a_packed ? a_buffer.data() + p * kc
+                                              : g.a.row(i0 + p) + k0;
+            const Index a_row = AInPlace || a_packed ? 1 : g.a.stride;
+            const Index a_step = AInPlace ? g.a.stride : a_packed ? MR : 1;
             float* c_block = g.c.row(i0 + p) + j0 + q;
             const bool overwrite = !g.accumulate && k0 == 0;
             const float* bias = g.bias && k0 + kc == depth ? g.bias + j0 + q : nullptr;
@@ -249,7 +282,8 @@ void gemm_tile(const Gemm<S>& g) {
   const Index m = g.m(), n = g.n(), depth = g.depth();
   if (m == 0 || n == 0) return;
   if constexpr (std::is_same_v<S, float> && kernel::kEnabled) {
-    if (depth > 0) return kernel::gemm(g);  // "=" and the bias folded into its stores
+    if (depth > 0)  // "=" and the bias folded into its stores
+      return kernel::read_a_in_place(g) ? kernel::gemm<true>(g) : kernel::gemm<false>(g);
   }
   if (!g.accumulate)
     for (Index r = 0; r < m; ++r) std::fill(g.c.row(r), g.c.row(r) + n, S(0));
