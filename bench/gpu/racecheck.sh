@@ -20,8 +20,9 @@
 # Then every case the doctest arguments pass in one process (one start and one CUDA context for them
 # all): a clean run ends the step. Anything else (a reported race, a failing case, the sanitizer's
 # breakdown, RACECHECK_WHOLE_SECONDS passed, default 600) and each case runs again in a process of
-# its own, which names the cases. Both with MOE_CUDA_GEMM=reference unless it is set: the products run as the definition, a thread per element
-# (moe/cuda/reference_gemm.hpp, the emulated device's bits), not in cuBLAS. On an H100 (2026-12-05)
+# its own, which names the cases. Both with MOE_CUDA_GEMM=reference unless it is set: the products
+# run as the definition, a thread per element (moe/cuda/reference_gemm.hpp, the emulated device's
+# bits), not in cuBLAS. On an H100 (2026-12-05)
 # the sanitizer itself broke down in every case that ran cuBLAS's bf16 products ("Internal Sanitizer
 # Error: The Sanitizer failed to handle a hardware exception", with the kernel filter too; natively
 # and under memcheck those cases pass), and in one process every later case then failed on the

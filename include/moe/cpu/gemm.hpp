@@ -80,9 +80,10 @@ inline constexpr Index KC = 256, MC = 144, NC = 512;
 // Always inlined: two instantiations of gemm() call it, and GCC's out-of-line copies of it cost the
 // products 3-5%.
 template <bool FullTile>
-[[gnu::always_inline]] inline void micro_kernel(const float* __restrict a, Index a_row, Index a_step, const float* __restrict b, Index b_step,
-                  Index depth, float* c, Index ldc, Index rows, [[maybe_unused]] Index cols, bool overwrite,
-                  const float* bias) {
+[[gnu::always_inline]] inline void micro_kernel(const float* __restrict a, Index a_row, Index a_step,
+                                                const float* __restrict b, Index b_step, Index depth, float* c,
+                                                Index ldc, Index rows, [[maybe_unused]] Index cols, bool overwrite,
+                                                const float* bias) {
   using namespace Eigen::internal;
   using P = FloatPacket;
   P acc0[MR], acc1[MR];
