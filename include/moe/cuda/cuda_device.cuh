@@ -1043,21 +1043,12 @@ void reference_gemm_pass(const CudaDevice& device, const BlasGemm<S>& g) {
 
 template <class S>
 void epilogue_pass(const CudaDevice& device, const BlasGemm<S>& g) {
-  using C = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  using C = typename ComputeTypeOf<S>::type;
   S* c = g.c;
-  S* aux = g.aux;
-  const S* bias = g.bias;
-  const Index ldc = g.ldc, ldaux = g.ldaux;
-  const Epilogue epilogue = g.epilogue;
+  const Index ldc = g.ldc;
   // Column j of the column-major C is a row of the row-major output: threads run along it.
   device.for_each_2d(g.n, g.m, [=] MOE_HOST_DEVICE(Index j, Index i) {
-    if (epilogue == Epilogue::dgelu) {
-      c[i + j * ldc] = S(C(c[i + j * ldc]) * activation::gelu_grad(C(aux[i + j * ldaux])));
-      return;
-    }
-    const C pre = C(c[i + j * ldc]) + C(bias[i]);
-    if (epilogue == Epilogue::bias_gelu && aux) aux[i + j * ldaux] = S(pre);
-    c[i + j * ldc] = S(epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
+    store_through_epilogue(g, c, i, j, C(c[i + j * ldc]));
   });
 }
 

@@ -19,6 +19,21 @@
 
 namespace moe::cuda {
 
+// Stores element (i, j) of a product through g's epilogue (not none) into c (and aux, for bias_gelu with aux), from
+// `product`, the element of op(A) op(B) in the compute type: cuBLASLt's fused epilogues. reference_gemm_element passes
+// the unrounded product; CudaDevice's epilogue_pass, after a plain product, C's stored (rounded) value.
+template <class S, class C>
+MOE_HOST_DEVICE void store_through_epilogue(const BlasGemm<S>& g, S* c, Index i, Index j, C product) {
+  S& out = c[i + j * g.ldc];
+  if (g.epilogue == Epilogue::dgelu) {
+    out = S(product * activation::gelu_grad(C(g.aux[i + j * g.ldaux])));
+    return;
+  }
+  const C pre = product + C(g.bias[i]);
+  if (g.epilogue == Epilogue::bias_gelu && g.aux) g.aux[i + j * g.ldaux] = S(pre);
+  out = S(g.epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
+}
+
 // Element (i, j) of product q of g: C[i + j ldc] (and aux, for bias_gelu with aux) written. A, B and C are read
 // through g's batch (strides or pointer arrays), so the caller needs no other view of the operands.
 template <class S>
@@ -34,20 +49,9 @@ MOE_HOST_DEVICE void reference_gemm_element(const BlasGemm<S>& g, Index q, Index
     const C y = C(b_plain ? b[p + j * g.ldb] : b[j + p * g.ldb]);
     product = std::fma(x, y, product);
   }
+  if (g.epilogue != Epilogue::none) return store_through_epilogue(g, c, i, j, product);
   S& out = c[i + j * g.ldc];
-  switch (g.epilogue) {
-    case Epilogue::none:
-      out = S((g.accumulate ? C(out) : C(0)) + product);
-      return;
-    case Epilogue::dgelu:
-      out = S(product * activation::gelu_grad(C(g.aux[i + j * g.ldaux])));
-      return;
-    default: {
-      const C pre = product + C(g.bias[i]);
-      if (g.epilogue == Epilogue::bias_gelu && g.aux) g.aux[i + j * g.ldaux] = S(pre);
-      out = S(g.epilogue == Epilogue::bias_gelu ? activation::gelu(pre) : pre);
-    }
-  }
+  out = S((g.accumulate ? C(out) : C(0)) + product);
 }
 
 }  // namespace moe::cuda
