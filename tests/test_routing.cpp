@@ -253,15 +253,21 @@ void check_fixed_k_routing(std::mt19937_64& rng) {
       std::vector<float> z(std::size_t(N), 0.f);
       for (float& v : z) v = row % 3 == 0 ? normal(rng) : pool[pick(rng)];
       for (const RoutingWeights mode : {RoutingWeights::softmax_over_top_k, RoutingWeights::softmax_then_top_k}) {
-        std::int32_t chosen[kK], chosen_fixed[kK];
-        float w[kK], w_fixed[kK];
+        std::int32_t chosen[kK], chosen_fixed[kK], chosen_dispatched[kK];
+        float w[kK], w_fixed[kK], w_dispatched[kK];
         const auto status = moe::route_one_token(z.data(), N, kK, mode, chosen, w);
         const auto status_fixed = moe::route_one_token<kK>(z.data(), N, kK, mode, chosen_fixed, w_fixed);
+        // The CPU's path: k known at run time, dispatched to the unrolled selection.
+        const auto status_dispatched =
+            moe::route_one_token_unrolled(z.data(), N, kK, mode, chosen_dispatched, w_dispatched);
         CAPTURE(N);
         CAPTURE(row);
         REQUIRE(status == status_fixed);
         REQUIRE(std::equal(chosen, chosen + kK, chosen_fixed));
         REQUIRE(std::memcmp(w, w_fixed, sizeof(w)) == 0);
+        REQUIRE(status == status_dispatched);
+        REQUIRE(std::equal(chosen, chosen + kK, chosen_dispatched));
+        REQUIRE(std::memcmp(w, w_dispatched, sizeof(w)) == 0);
       }
     }
 }

@@ -70,8 +70,8 @@ MOE_HOST_DEVICE void select_top_k(const S* logits, Index N, Index k, std::int32_
 }
 
 // select_top_k with k fixed at compile time (kK >= 1, kK <= N): the selection is kK (value, expert)
-// pairs kept sorted by an insertion of fixed length, so with its loops unrolled it lives in
-// registers (the GPU's routing thread reads each logit once and nothing else). The result is
+// pairs kept sorted, so with its loops unrolled it lives in registers (the GPU's routing thread
+// reads each logit once and nothing else; on the CPU it took a third off routing). The result is
 // select_top_k's: ranks_above is a strict total order, so the k best and their order are unique.
 template <Index kK, class S>
 MOE_HOST_DEVICE void select_top_k_fixed(const S* logits, Index N, std::int32_t* chosen) {
@@ -83,16 +83,21 @@ MOE_HOST_DEVICE void select_top_k_fixed(const S* logits, Index N, std::int32_t* 
   for (Index j = 0; j < kK; ++j) value[j] = C(0), expert[j] = -1;
   for (Index e = 0; e < N; ++e) {
     const C v = C(logits[e]);
-    if (expert[kK - 1] >= 0 && !ranks_above(v, e, value[kK - 1], Index(expert[kK - 1]))) continue;
-    value[kK - 1] = v, expert[kK - 1] = std::int32_t(e);  // the last one falls out
+    // Whether v ranks above place p: ranks_above(v, e, value[p], expert[p]) where every expert
+    // held is below e (the scan ascends), so a tie never does.
+    bool above[kK];
     MOE_UNROLL
-    for (Index p = kK - 1; p > 0; --p)  // move it up past every place it ranks above
-      if (expert[p - 1] < 0 || ranks_above(value[p], Index(expert[p]), value[p - 1], Index(expert[p - 1]))) {
-        const C tv = value[p];
-        const std::int32_t te = expert[p];
-        value[p] = value[p - 1], expert[p] = expert[p - 1];
-        value[p - 1] = tv, expert[p - 1] = te;
-      }
+    for (Index p = 0; p < kK; ++p)
+      above[p] = expert[p] < 0 || v > value[p] || (!std::isnan(v) && std::isnan(value[p]));
+    // Places below v's shift down one; v takes the first place it ranks above ("above" is
+    // monotone: the places are sorted).
+    MOE_UNROLL
+    for (Index p = kK - 1; p > 0; --p) {
+      value[p] = above[p - 1] ? value[p - 1] : above[p] ? v : value[p];
+      expert[p] = above[p - 1] ? expert[p - 1] : above[p] ? std::int32_t(e) : expert[p];
+    }
+    value[0] = above[0] ? v : value[0];
+    expert[0] = above[0] ? std::int32_t(e) : expert[0];
   }
   MOE_UNROLL
   for (Index j = 0; j < kK; ++j) chosen[j] = expert[j];
@@ -253,11 +258,26 @@ MOE_HOST_DEVICE void route_one_token_backward(const S* z, Index N, Index k, Rout
   }
 }
 
+// route_one_token with the selection unrolled (select_top_k_fixed) for k up to kUnrolledTopK, the
+// generic loop above that: the same result. On the CPU the generic insertion's branches on random
+// logits cost more than the rest of routing (bench/RESULTS.md, 2026-12-06).
+inline constexpr Index kUnrolledTopK = 8;
+template <Index kK = 1, class S>
+std::uint8_t route_one_token_unrolled(const S* z, Index N, Index k, RoutingWeights mode, std::int32_t* chosen, S* w) {
+  if constexpr (kK <= kUnrolledTopK) {
+    if (k == kK) return route_one_token<kK>(z, N, k, mode, chosen, w);
+    return route_one_token_unrolled<kK + 1>(z, N, k, mode, chosen, w);
+  } else {
+    return route_one_token(z, N, k, mode, chosen, w);
+  }
+}
+
 // Token t of the plan: selects its experts into plan.expert and its weights into weight[t*k..),
 // and records its row status. Independent across tokens (backends parallelise over t).
 template <class S>
 void route_token(ConstMatrixView<S> logits, Index t, Index k, RoutingWeights mode, RoutingPlan& plan, S* weight) {
-  plan.row_status[t] = route_one_token(logits.row(t), logits.cols, k, mode, plan.expert.data() + t * k, weight + t * k);
+  plan.row_status[t] =
+      route_one_token_unrolled(logits.row(t), logits.cols, k, mode, plan.expert.data() + t * k, weight + t * k);
 }
 
 // Groups the slots of plan.expert by expert (stable, choice-major) and applies the capacity.
