@@ -148,6 +148,57 @@ TEST_CASE("gemm float: same bits on 1 and 2 threads, and an empty depth leaves C
     for (Index j = 0; j < 3; ++j) CHECK(c(i, j) == bias[j]);
 }
 
+namespace {
+
+// Gemm::a_rows: op(A)'s row i is A.row(a_rows[i] / divisor), read where it lies. The product must
+// be the copy's, bit for bit: gather the rows into a matrix, multiply that.
+template <class S>
+void check_gathered_rows(Shape shape, Op op_b, bool with_bias, Index divisor, int threads, std::uint64_t seed) {
+  const S nan = std::numeric_limits<S>::quiet_NaN();
+  const Index tokens = 1 + shape.m / 2;  // fewer rows than the product's: some repeat, some are skipped
+  Padded<S> a(tokens, shape.depth, 3, nan), b(op_b == Op::none ? shape.depth : shape.n,
+                                              op_b == Op::none ? shape.n : shape.depth, 5, nan);
+  fill_random(a, seed, 1);
+  fill_random(b, seed, 2);
+  std::vector<S> bias(static_cast<std::size_t>(shape.n));
+  for (Index j = 0; j < shape.n; ++j) bias[std::size_t(j)] = S(moe::random::normal(seed, 4, std::uint64_t(j)));
+  std::vector<std::int32_t> rows(static_cast<std::size_t>(shape.m));
+  Padded<S> copy(shape.m, shape.depth, 0, nan);
+  for (Index i = 0; i < shape.m; ++i) {
+    const Index token = Index(moe::random::bits(seed, 5, std::uint64_t(i)) % std::uint64_t(tokens));
+    rows[std::size_t(i)] = std::int32_t(token * divisor + i % divisor);  // a slot of that token
+    for (Index k = 0; k < shape.depth; ++k) copy(i, k) = a(token, k);
+  }
+  Padded<S> c(shape.m, shape.n, 2, S(-777)), c_copy(shape.m, shape.n, 2, S(-777));
+  const S* bias_or_null = with_bias ? bias.data() : nullptr;
+  Gemm<S> gathered{c.view(), a.const_view(), Op::none, b.const_view(), op_b, false, bias_or_null};
+  gathered.a_rows = rows.data(), gathered.a_rows_divisor = std::int32_t(divisor);
+  moe::cpu::run_gemm(gathered, threads);
+  moe::cpu::run_gemm(Gemm<S>{c_copy.view(), copy.const_view(), Op::none, b.const_view(), op_b, false, bias_or_null},
+                     threads);
+  CHECK_MESSAGE(std::memcmp(c.buffer.data(), c_copy.buffer.data(), c.buffer.size() * sizeof(S)) == 0, "m=", shape.m,
+                " n=", shape.n, " depth=", shape.depth, " op_b=", int(op_b), " divisor=", divisor,
+                ": the gathered product differs from the copy's");
+}
+
+}  // namespace
+
+TEST_CASE("gemm: gathered A rows (a_rows) give the gathered copy's product, bit for bit") {
+  std::uint64_t seed = 1300;
+  for (const Shape& shape : kShapes)
+    for (Op op_b : {Op::none, Op::transpose})
+      for (Index divisor : {1, 3}) {
+        check_gathered_rows<float>(shape, op_b, divisor == 1, divisor, divisor == 1 ? 1 : 2, ++seed);
+        check_gathered_rows<double>(shape, op_b, divisor != 1, divisor, 2, ++seed);
+      }
+  // Refused: a gathered transposed A.
+  Padded<float> a(4, 5, 0, 0.f), b(5, 3, 0, 0.f), c(4, 3, 0, 0.f);
+  const std::int32_t rows[4] = {0, 1, 2, 3};
+  Gemm<float> g{c.view(), a.const_view(), Op::transpose, b.const_view(), Op::none};
+  g.a_rows = rows;
+  CHECK_THROWS_WITH_AS(moe::cpu::run_gemm(g, 1), doctest::Contains("gathered A rows need op_a none"), moe::Error);
+}
+
 TEST_CASE("gemm: mismatched shapes throw, naming the dimension") {
   Padded<float> a(4, 5, 0, 0.f), b(6, 3, 0, 0.f), c(4, 3, 0, 0.f);
   CHECK_THROWS_WITH_AS(moe::cpu::run_gemm(Gemm<float>{c.view(), a.const_view(), Op::none, b.const_view(), Op::none}, 1),

@@ -428,3 +428,60 @@ void check_input_kept() {
 TEST_CASE("input_kept: no copy of the input, the same bits while the caller keeps it") {
   check_input_kept<moe::SelfRoute>();
 }
+
+namespace {
+
+// The CPU layer's experts read their rows through the routing plan (the backend's routed products:
+// Gemm::a_rows, no expert-sorted copy of x). Their output must be the per-expert path's, bit for
+// bit: gather_rows, then the expert bank's forward on the sorted rows, then the combine. With
+// capacity drops (rows past the kept ones), and for inference (SwiGLU's routed_swiglu_forward).
+template <template <class> class E>
+void check_routed_products(moe::LayerConfig config, bool inference) {
+  using B = moe::cpu::Backend;
+  const Index T = 37, H = config.hidden;
+  moe::MoELayer<moe::SelfRoute, E, B> layer(config, 51, {}, {}, B(2));
+  const B::Matrix x = ref::randn(T, H, 52);
+  B::Matrix y(T, H);
+  layer.forward_into(x, y, {.for_backward = !inference});
+
+  B& be = layer.backend();
+  const moe::RoutingPlan& plan = layer.last_plan();
+  const Index R = plan.rows();
+  if (config.capacity_factor > 0) CHECK(R < T * config.top_k);  // some slots dropped
+  B::Matrix rows(R, H), out(R, H), y_per_expert(T, H);
+  be.gather_rows(x, plan, rows);
+  layer.experts().forward(be, rows, plan.expert_offsets, out);  // the layer's own weights
+  be.combine(out, plan, layer.last_weights(), y_per_expert);
+  CHECK(y == y_per_expert);
+}
+
+}  // namespace
+
+TEST_CASE("CPU routed products: the experts read x through the plan, with the per-expert path's bits") {
+  moe::LayerConfig config = kSmall;
+  for (bool inference : {false, true}) {
+    CAPTURE(inference);
+    check_routed_products<moe::GeluMLP>(config, inference);
+    check_routed_products<moe::SwiGLU>(config, inference);
+    config.capacity_factor = 0.6;
+    check_routed_products<moe::GeluMLP>(config, inference);
+    check_routed_products<moe::SwiGLU>(config, inference);
+    config.capacity_factor = 0;
+  }
+  // The plan's products refuse shapes that do not match it, naming them.
+  using B = moe::cpu::Backend;
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, B> layer(kSmall, 51, {}, {}, B(1));
+  const B::Matrix x = ref::randn(9, kSmall.hidden, 52);
+  B::Matrix y(9, kSmall.hidden);
+  layer.forward_into(x, y);
+  const B::Matrix weight(kSmall.experts * kSmall.ffn, kSmall.hidden);
+  B::Matrix out(9 * kSmall.top_k, kSmall.ffn), small(3, kSmall.ffn);
+  const B::Matrix x_short = x.topRows(8);
+  CHECK_THROWS_WITH_AS(layer.backend().routed_linear_forward(x_short, layer.last_plan(), true, weight, nullptr, out),
+                       doctest::Contains("in has 8 rows, expected 9 (the tokens)"), moe::Error);
+  CHECK_THROWS_WITH_AS(layer.backend().routed_linear_forward(x, layer.last_plan(), true, weight, nullptr, small),
+                       doctest::Contains("out has 3 rows"), moe::Error);
+  const B::Matrix weight_short = weight.topRows(5);
+  CHECK_THROWS_WITH_AS(layer.backend().routed_linear_forward(x, layer.last_plan(), true, weight_short, nullptr, out),
+                       doctest::Contains("routed products: weight is [5, "), moe::Error);
+}

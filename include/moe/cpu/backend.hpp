@@ -87,14 +87,7 @@ class BasicBackend {
   // or null -> out: [R, O]
   void grouped_linear_forward(ConstMatrixView<S> in, std::span<const Index> offsets, ConstMatrixView<S> weight,
                               const S* bias, MatrixView<S> out) const {
-    const Index O = out.cols;
-    std::vector<Gemm<S>> work;
-    for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
-      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
-      work.push_back({out.row_block(begin, rows), in.row_block(begin, rows), Op::none,
-                      weight.row_block(e * O, O), Op::transpose, false, bias ? bias + e * O : nullptr});
-    }
-    run_gemms<S>(work, threads_);
+    run_gemms<S>(expert_products(in, offsets, nullptr, 1, weight, bias, out), threads_);
   }
   // pre = in W_e^T + b_e (bias [N, O], required), then act = gelu(pre): the expert MLP's first
   // layer with its activation (one fused GEMM on the GPU backend). pre empty (null data): not kept
@@ -149,6 +142,66 @@ class BasicBackend {
     check_same_shape("grouped_linear_backward_through_gelu", "pre", pre, "in", in);
     grouped_linear_backward(in, dout, offsets, weight, din, dweight, dbias);
     if (din.data) gelu_backward(pre, din, din);
+  }
+
+  // ---- routed products: the experts' products straight from the routing plan -------------
+  // MoELayer's routed path (moe/layer.hpp, moe/experts.hpp), the contract of the CUDA backend's
+  // routed_* products: out[r] = in_row(r) W_e^T (+ b_e) for the plan's R rows r (expert-sorted,
+  // expert e's block), where in_row(r) is in's row r (gathered = false: in holds the
+  // expert-sorted rows, [>= R, I]) or its token's row (gathered = true: in is the layer's input,
+  // [T, I], read through slot_of_row / top_k, Gemm::a_rows). out has room for every slot, [T*k, O];
+  // rows past R keep what they held. The gathered product reads x's rows where they lie: the same
+  // products as gather_rows then grouped_linear_forward, so the same bits, without the copy.
+  bool routed_product_fits(Index, Index) const { return true; }
+  static bool routed_input_fits(ConstMatrixView<S>) { return true; }
+  // The layer's combine folded into the last product: not on the CPU (a token's k rows come from
+  // different experts' products), so routed_sum_fits is false and the layer runs combine().
+  struct RoutedSum {
+    const Vector<S>* weights = nullptr;
+    MatrixView<S> y;
+  };
+  static bool routed_sum_fits(const Plan&, MatrixView<S>) { return false; }
+
+  void routed_linear_forward(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
+                             const S* bias, MatrixView<S> out, const RoutedSum* sum = nullptr) const {
+    check(sum == nullptr, "routed products: the CPU backend keeps the combine apart (routed_sum_fits is false)");
+    const Index N = plan.experts, O = out.cols, I = in.cols, R = plan.rows();
+    check(Index(plan.expert_offsets.size()) == N + 1 && Index(plan.slot_of_row.size()) >= R,
+          "routed products: the plan has not routed");
+    check(weight.rows == N * O && weight.cols == I, "routed products: weight is [", weight.rows, ", ", weight.cols,
+          "], expected [", N * O, ", ", I, "]");
+    check(out.rows >= R, "routed products: out has ", out.rows, " rows, the plan's kept rows need ", R);
+    check(gathered ? in.rows == plan.tokens : in.rows >= R, "routed products: in has ", in.rows, " rows, expected ",
+          gathered ? plan.tokens : R, gathered ? " (the tokens)" : " (one per kept row)");
+    if (R == 0) return;
+    run_gemms<S>(expert_products(in, plan.expert_offsets, gathered ? plan.slot_of_row.data() : nullptr,
+                                 plan.top_k, weight, bias, out),
+                 threads_);
+  }
+  // act = gelu(in_row(r) W_e^T + b_e) as routed_linear_forward, pre (the pre-activation) kept
+  // unless empty. bias required.
+  void routed_linear_gelu_forward(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
+                                  const S* bias, MatrixView<S> pre, MatrixView<S> act) const {
+    check(bias, "routed_linear_gelu_forward: the bias must not be null");
+    const Index R = plan.rows();
+    if (!pre.data) {
+      routed_linear_forward(in, plan, gathered, weight, bias, act);
+      gelu_forward(act.row_block(0, R), act.row_block(0, R));
+      return;
+    }
+    check_same_shape("routed_linear_gelu_forward", "pre", pre, "act", act);
+    routed_linear_forward(in, plan, gathered, weight, bias, pre);
+    gelu_forward(pre.row_block(0, R), act.row_block(0, R));
+  }
+  // act = silu(gate) * up of in_row(r) [W_gate; W_up]_e^T as routed_linear_forward (weight:
+  // [N*2F, I], each expert's gate rows then its up rows; act: [T*k, F]), through a [R, 2F]
+  // workspace: routed_linear_forward into it, then swiglu_forward.
+  void routed_swiglu_forward(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,
+                             MatrixView<S> act) const {
+    const Index R = plan.rows();
+    resize(swiglu_workspace_, R, 2 * act.cols);
+    routed_linear_forward(in, plan, gathered, weight, nullptr, swiglu_workspace_);
+    swiglu_forward(swiglu_workspace_, act.row_block(0, R));
   }
 
   // ---- activations (row by row, so the vector/scalar split never depends on threads) -------
@@ -276,6 +329,23 @@ class BasicBackend {
  private:
   static constexpr Index kTokenChunk = 256;
 
+  // One product per expert e: out's rows [offsets[e], offsets[e+1]) = in's rows W_e^T (+ b_e),
+  // in's rows being that block of in, or (gather) in.row(gather[r] / divisor) for each r of it.
+  static std::vector<Gemm<S>> expert_products(ConstMatrixView<S> in, std::span<const Index> offsets,
+                                              const std::int32_t* gather, Index divisor, ConstMatrixView<S> weight,
+                                              const S* bias, MatrixView<S> out) {
+    const Index O = out.cols;
+    std::vector<Gemm<S>> work;
+    for (Index e = 0; e + 1 < Index(offsets.size()); ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      Gemm<S> g{out.row_block(begin, rows), gather ? in : in.row_block(begin, rows), Op::none,
+                weight.row_block(e * O, O), Op::transpose, false, bias ? bias + e * O : nullptr};
+      if (gather) g.a_rows = gather + begin, g.a_rows_divisor = std::int32_t(divisor);
+      work.push_back(g);
+    }
+    return work;
+  }
+
   // Activations work on row segments of at most kSegment columns, so temporaries live on the stack.
   static constexpr Index kSegment = 256;
   using Segment = Eigen::Array<S, Eigen::Dynamic, 1, 0, kSegment, 1>;
@@ -331,6 +401,7 @@ class BasicBackend {
   }
 
   int threads_ = 1;
+  mutable Matrix swiglu_workspace_;  // routed_swiglu_forward's [R, 2F]
 };
 
 // fp32, the default. BasicBackend<double> serves gradient checks.

@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cstdint>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -31,10 +32,17 @@ struct Gemm {
   Op op_b = Op::none;
   bool accumulate = false;  // false: C = op(A) op(B); true: C += op(A) op(B)
   const S* bias = nullptr;  // if set, bias[0..n) is added to every row of C
+  // If set (op_a none only): A's rows are gathered, op(A)'s row i is a.row(a_rows[i] / a_rows_divisor),
+  // read where it lies (the MoE layer's expert rows straight from its input: a_rows is the routing
+  // plan's slot_of_row, the divisor top_k). The products' bits are those of the gathered copy.
+  const std::int32_t* a_rows = nullptr;
+  std::int32_t a_rows_divisor = 1;
 
   Index m() const { return c.rows; }
   Index n() const { return c.cols; }
   Index depth() const { return op_a == Op::none ? a.cols : a.rows; }
+  // op(A)'s row i, for a row-major A (op_a none): gathered or not.
+  const S* a_row(Index i) const { return a.row(a_rows ? Index(a_rows[i] / a_rows_divisor) : i); }
 };
 
 namespace detail {
@@ -79,19 +87,18 @@ inline constexpr Index KC = 256, MC = 144, NC = 512;
 // Full tiles update C in place; edge tiles go through a buffer.
 // Always inlined: two instantiations of gemm() call it, and GCC's out-of-line copies of it cost the
 // products 3-5%.
+// a_rows: where each of the MR rows starts (edge tiles repeat the last valid row).
 template <bool FullTile>
-[[gnu::always_inline]] inline void micro_kernel(const float* __restrict a, Index a_row, Index a_step,
+[[gnu::always_inline]] inline void micro_kernel(const float* const* a_rows, Index a_step,
                                                 const float* __restrict b, Index b_step, Index depth, float* c,
                                                 Index ldc, Index rows, [[maybe_unused]] Index cols, bool overwrite,
                                                 const float* bias) {
   using namespace Eigen::internal;
   using P = FloatPacket;
   P acc0[MR], acc1[MR];
-  const float* a_rows[MR];
   for (Index r = 0; r < MR; ++r) {
     acc0[r] = pset1<P>(0.f);
     acc1[r] = pset1<P>(0.f);
-    a_rows[r] = a + (FullTile ? r : std::min(r, rows - 1)) * a_row;  // edge rows repeat the last valid one
   }
   for (Index k = 0; k < depth; ++k) {
     const P b0 = ploadu<P>(b + k * b_step), b1 = ploadu<P>(b + k * b_step + kLanes);
@@ -253,20 +260,23 @@ void gemm(const Gemm<float>& g) {
           const Index b_step = b_packed ? NR : g.b.stride;
           for (Index p = 0; p < mc; p += MR) {
             const Index rows = std::min(MR, mc - p);
-            const float* a_panel = AInPlace   ? g.a.row(k0) + i0 + p
-                                   : a_packed ? a_buffer.data() + p * kc
-                                              : g.a.row(i0 + p) + k0;
-            const Index a_row = AInPlace || a_packed ? 1 : g.a.stride;
+            const float* a_rows[MR];  // edge rows repeat the last valid one
+            for (Index r = 0; r < MR; ++r) {
+              const Index i = std::min(r, rows - 1);
+              a_rows[r] = AInPlace   ? g.a.row(k0) + i0 + p + i
+                          : a_packed ? a_buffer.data() + p * kc + i
+                                     : g.a_row(i0 + p + i) + k0;
+            }
             const Index a_step = AInPlace ? g.a.stride : a_packed ? MR : 1;
             float* c_block = g.c.row(i0 + p) + j0 + q;
             const bool overwrite = !g.accumulate && k0 == 0;
             const float* bias = g.bias && k0 + kc == depth ? g.bias + j0 + q : nullptr;
             if (rows == MR && cols == NR)
-              micro_kernel<true>(a_panel, a_row, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols,
-                                 overwrite, bias);
+              micro_kernel<true>(a_rows, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols, overwrite,
+                                 bias);
             else
-              micro_kernel<false>(a_panel, a_row, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols,
-                                  overwrite, bias);
+              micro_kernel<false>(a_rows, a_step, b_panel, b_step, kc, c_block, g.c.stride, rows, cols, overwrite,
+                                  bias);
           }
         }
       }
@@ -285,6 +295,15 @@ void gemm_tile(const Gemm<S>& g) {
   if constexpr (std::is_same_v<S, float> && kernel::kEnabled) {
     if (depth > 0)  // "=" and the bias folded into its stores
       return kernel::read_a_in_place(g) ? kernel::gemm<true>(g) : kernel::gemm<false>(g);
+  }
+  if (g.a_rows) {  // Eigen's kernel reads a strided A: the gathered rows are copied first
+    thread_local std::vector<S> gathered;
+    gathered.resize(std::size_t(m * depth));
+    for (Index i = 0; i < m; ++i) std::copy_n(g.a_row(i), depth, gathered.data() + i * depth);
+    Gemm<S> copy = g;
+    copy.a = ConstMatrixView<S>(gathered.data(), m, depth);
+    copy.a_rows = nullptr;
+    return gemm_tile(copy);
   }
   if (!g.accumulate)
     for (Index r = 0; r < m; ++r) std::fill(g.c.row(r), g.c.row(r) + n, S(0));
@@ -309,7 +328,10 @@ template <class S>
 Gemm<S> sub_problem(const Gemm<S>& g, Index r0, Index rc, Index c0, Index cc) {
   Gemm<S> t = g;
   t.c = g.c.row_block(r0, rc).col_block(c0, cc);
-  t.a = g.op_a == Op::none ? g.a.row_block(r0, rc) : g.a.col_block(r0, rc);
+  if (g.a_rows)
+    t.a_rows = g.a_rows + r0;  // A itself stays whole
+  else
+    t.a = g.op_a == Op::none ? g.a.row_block(r0, rc) : g.a.col_block(r0, rc);
   t.b = g.op_b == Op::none ? g.b.col_block(c0, cc) : g.b.row_block(c0, cc);
   if (g.bias) t.bias = g.bias + c0;
   return t;
@@ -339,7 +361,10 @@ template <class S>
 void run_gemms(std::span<const Gemm<S>> problems, int threads) {
   std::vector<Gemm<S>> tiles;
   for (const Gemm<S>& g : problems) {
-    check(g.c.rows == (g.op_a == Op::none ? g.a.rows : g.a.cols), "gemm: rows of C and op(A) differ");
+    if (g.a_rows)  // the caller vouches for the indices (a routing plan's): they are not read here
+      check(g.op_a == Op::none && g.a_rows_divisor >= 1, "gemm: gathered A rows need op_a none and a divisor >= 1");
+    else
+      check(g.c.rows == (g.op_a == Op::none ? g.a.rows : g.a.cols), "gemm: rows of C and op(A) differ");
     check(g.c.cols == (g.op_b == Op::none ? g.b.cols : g.b.rows), "gemm: columns of C and op(B) differ");
     check(g.depth() == (g.op_b == Op::none ? g.b.rows : g.b.cols), "gemm: inner dimensions differ");
     append_tiles(g, tiles);
