@@ -140,6 +140,19 @@ TEST_CASE("gemm float: same bits on 1 and 2 threads, and an empty depth leaves C
   moe::cpu::run_gemm(Gemm<float>{c1.view(), a.const_view(), Op::none, b.const_view(), Op::transpose}, 1);
   moe::cpu::run_gemm(Gemm<float>{c2.view(), a.const_view(), Op::none, b.const_view(), Op::transpose}, 2);
   CHECK(c1.buffer == c2.buffer);
+  // Its two row tiles share one packing of op(B) (kernel::shared_b_size); each tile run as a
+  // product of its own packs it itself. The same bits.
+  REQUIRE(moe::cpu::detail::kernel::shared_b_size(Gemm<float>{c1.view(), a.const_view(), Op::none, b.const_view(),
+                                                              Op::transpose},
+                                                  moe::cpu::kTileEdge) > 0);
+  Padded<float> c3(shape.m, shape.n, 0, 0.f);
+  for (Index r0 = 0; r0 < shape.m; r0 += moe::cpu::kTileEdge) {
+    const Index rows = std::min(moe::cpu::kTileEdge, shape.m - r0);
+    moe::cpu::run_gemm(Gemm<float>{c3.view().row_block(r0, rows), a.const_view().row_block(r0, rows), Op::none,
+                                   b.const_view(), Op::transpose},
+                       1);
+  }
+  CHECK(c1.buffer == c3.buffer);
 
   Padded<float> empty_a(4, 0, 0, 0.f), empty_b(0, 3, 0, 0.f), c(4, 3, 0, 9.f);
   const float bias[3] = {1, 2, 3};

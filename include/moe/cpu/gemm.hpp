@@ -37,6 +37,9 @@ struct Gemm {
   // plan's slot_of_row, the divisor top_k). The products' bits are those of the gathered copy.
   const std::int32_t* a_rows = nullptr;
   std::int32_t a_rows_divisor = 1;
+  // Set by run_gemms, not by callers: op(B) already packed, every (NC, KC) block of it, shared by
+  // the product's row tiles (kernel::shared_b_size), so each tile need not pack it again.
+  const float* b_packed = nullptr;
 
   Index m() const { return c.rows; }
   Index n() const { return c.cols; }
@@ -226,6 +229,24 @@ inline bool read_b_in_place(const Gemm<float>& g) {
 // 2026-12-06). Rows up to 1024 floats apart only: GPT-2 small's F = 3072 apart measured slower.
 inline bool read_a_in_place(const Gemm<float>& g) { return g.op_a == Op::transpose && g.a.stride <= 1024; }
 
+// The size (floats) of op(B) packed whole, as kernel::gemm reads it from Gemm::b_packed: block
+// (j0, k0) at j0 * depth + padded(nc) * k0. 0 where sharing one packing does not pay: B read in
+// place, a product of one row tile, or a packing past 1 MB (each tile's own KC x NC blocks stay in
+// L2 as it packs them; a whole packing that large would come back from memory). At the small
+// config (H = 128, F = 512) every expert product shares its packing, ~5% of the layer's time.
+inline Index shared_b_size(const Gemm<float>& g, Index tile_rows) {
+  if (read_b_in_place(g) || g.m() <= tile_rows || g.m() < g.n()) return 0;
+  const Index size = (g.n() + NR - 1) / NR * NR * g.depth();
+  return size <= 256 * 1024 ? size : 0;
+}
+inline void pack_b_whole(const Gemm<float>& g, float* out) {
+  const Index n = g.n(), depth = g.depth();
+  for (Index j0 = 0; j0 < n; j0 += NC) {
+    const Index nc = std::min(NC, n - j0), padded = (nc + NR - 1) / NR * NR;
+    for (Index k0 = 0; k0 < depth; k0 += KC) pack_b(g, j0, nc, k0, std::min(KC, depth - k0), out + j0 * depth + padded * k0);
+  }
+}
+
 // The packing buffers, per thread, shared by gemm's instantiations.
 struct PackBuffers {
   std::vector<float, Eigen::aligned_allocator<float>> a, b;
@@ -245,18 +266,19 @@ void gemm(const Gemm<float>& g) {
   const bool a_packed = !AInPlace && g.op_a == Op::transpose;
   const bool b_packed = !read_b_in_place(g);
   if (a_packed) a_buffer.resize(std::size_t(KC * ((MC + MR - 1) / MR * MR)));
-  if (b_packed) b_buffer.resize(std::size_t(KC * ((NC + NR - 1) / NR * NR)));
+  if (b_packed && !g.b_packed) b_buffer.resize(std::size_t(KC * ((NC + NR - 1) / NR * NR)));
   for (Index j0 = 0; j0 < n; j0 += NC) {
     const Index nc = std::min(NC, n - j0);
     for (Index k0 = 0; k0 < depth; k0 += KC) {
       const Index kc = std::min(KC, depth - k0);
-      if (b_packed) pack_b(g, j0, nc, k0, kc, b_buffer.data());
+      const float* b_block = g.b_packed ? g.b_packed + j0 * depth + (nc + NR - 1) / NR * NR * k0 : b_buffer.data();
+      if (b_packed && !g.b_packed) pack_b(g, j0, nc, k0, kc, b_buffer.data());
       for (Index i0 = 0; i0 < m; i0 += MC) {
         const Index mc = std::min(MC, m - i0);
         if (a_packed) pack_transposed_a(g, i0, mc, k0, kc, a_buffer.data());
         for (Index q = 0; q < nc; q += NR) {
           const Index cols = std::min(NR, nc - q);
-          const float* b_panel = b_packed ? b_buffer.data() + q * kc : g.b.row(k0) + j0 + q;
+          const float* b_panel = b_packed ? b_block + q * kc : g.b.row(k0) + j0 + q;
           const Index b_step = b_packed ? NR : g.b.stride;
           for (Index p = 0; p < mc; p += MR) {
             const Index rows = std::min(MR, mc - p);
@@ -359,7 +381,6 @@ void append_tiles(const Gemm<S>& g, std::vector<Gemm<S>>& tiles) {
 // Runs a batch of independent products (e.g. one per expert) on `threads` threads.
 template <class S>
 void run_gemms(std::span<const Gemm<S>> problems, int threads) {
-  std::vector<Gemm<S>> tiles;
   for (const Gemm<S>& g : problems) {
     if (g.a_rows)  // the caller vouches for the indices (a routing plan's): they are not read here
       check(g.op_a == Op::none && g.a_rows_divisor >= 1, "gemm: gathered A rows need op_a none and a divisor >= 1");
@@ -367,7 +388,30 @@ void run_gemms(std::span<const Gemm<S>> problems, int threads) {
       check(g.c.rows == (g.op_a == Op::none ? g.a.rows : g.a.cols), "gemm: rows of C and op(A) differ");
     check(g.c.cols == (g.op_b == Op::none ? g.b.cols : g.b.rows), "gemm: columns of C and op(B) differ");
     check(g.depth() == (g.op_b == Op::none ? g.b.rows : g.b.cols), "gemm: inner dimensions differ");
-    append_tiles(g, tiles);
+  }
+  // op(B) packed once per product where its row tiles would each pack it (shared_b_size), the
+  // packings in parallel first; the buffer persists, so its pages are not touched anew each call.
+  std::vector<Index> shared_at(problems.size(), -1);
+  Index shared_floats = 0;
+  thread_local std::vector<float, Eigen::aligned_allocator<float>> shared_b;
+  if constexpr (std::is_same_v<S, float> && detail::kernel::kEnabled) {
+    for (std::size_t p = 0; p < problems.size(); ++p)
+      if (const Index size = detail::kernel::shared_b_size(problems[p], kTileEdge); size > 0 && problems[p].depth() > 0)
+        shared_at[p] = shared_floats, shared_floats += size;
+    if (shared_floats > 0) {
+      if (Index(shared_b.size()) < shared_floats) shared_b.resize(std::size_t(shared_floats));
+      float* const packed = shared_b.data();  // a worker naming shared_b would get its own, empty
+      parallel_for(threads, Index(problems.size()), [&](Index p) {
+        if (shared_at[p] >= 0) detail::kernel::pack_b_whole(problems[p], packed + shared_at[p]);
+      });
+    }
+  }
+  std::vector<Gemm<S>> tiles;
+  for (std::size_t p = 0; p < problems.size(); ++p) {
+    const std::size_t first = tiles.size();
+    append_tiles(problems[p], tiles);
+    if (shared_at[p] >= 0)
+      for (std::size_t t = first; t < tiles.size(); ++t) tiles[t].b_packed = shared_b.data() + shared_at[p];
   }
   parallel_for(threads, Index(tiles.size()), [&](Index i) { detail::gemm_tile(tiles[i]); });
 }
