@@ -11,11 +11,12 @@
 //   Routing/SelfRoute/<H>             gate + top-k + softmax + dispatch (backend.route on the
 //                                     SelfRoute logits view): counter share_of_forward
 //   ForwardNonExpert/SelfRoute/<H>    (information) every forward step except the expert bank:
-//                                     input copy, route, gather_rows, combine
+//                                     input copy, route, combine
 //
 // Counters: GFLOP/s with the model FLOPs (forward = 2 GEMMs over T*k rows = 4*T*k*H*F,
-// forward+backward = 3x that) and ratio_to_floor = time per iteration / floor time, where the
-// floor time is measured once at startup per shape (median of several runs, see the context).
+// forward+backward = 3x that) and ratio_to_floor = time per iteration / floor time (floor_ms).
+// At startup each shape picks its floor's implementation (median of several runs of each, see the
+// context); the floor time is that implementation's median of 3 runs just after each benchmark.
 //
 // Timings are wall-clock (UseRealTime): the work runs on OpenMP threads. The GPT-2-shape
 // benchmarks run a fixed number of iterations (a forward takes ~0.3 s); the small shape follows
@@ -176,10 +177,29 @@ double timed_loop(benchmark::State& state, Body&& body) {
   return state.iterations() ? total / double(state.iterations()) : 0;
 }
 
-void set_counters(benchmark::State& state, const Shape& s, double seconds, double flops) {
+// The floor again, just after a benchmark's loop: the median of 3 runs of the implementation that
+// won at startup. A shared VM's speed drifts by 10-20% over minutes (bench/RESULTS.md,
+// 2026-12-06 17:08), so a ratio against the startup floor alone moved with the drift.
+double floor_seconds_now(const Shape& s) {
   const FloorTime& floor = g_floor.at(s.H);
+  Floor f(s);
+  const auto run = floor.eigen_wins() ? floor_eigen : floor_run_gemm;
+  run(f);
+  std::vector<double> t;
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = Clock::now();
+    run(f);
+    benchmark::DoNotOptimize(f.y.data());
+    t.push_back(seconds_since(t0));
+  }
+  return median(t);
+}
+
+void set_counters(benchmark::State& state, const Shape& s, double seconds, double flops) {
   if (flops > 0) state.counters["GFLOP/s"] = flops / seconds / 1e9;
-  state.counters["ratio_to_floor"] = seconds / floor.best();
+  const double floor = floor_seconds_now(s);
+  state.counters["ratio_to_floor"] = seconds / floor;
+  state.counters["floor_ms"] = floor * 1e3;
 }
 
 // SelfRoute forward times per iteration (one per run of Forward/SelfRoute/<H>), by H: the
@@ -281,7 +301,8 @@ void BM_Routing(benchmark::State& state, const Shape& s) {
   state.counters["share_of_forward"] = seconds / forward;
 }
 
-// Every forward step but the expert bank: the layer's input copy, routing, gather, combine.
+// Every forward step but the expert bank: the layer's input copy, routing, combine. (The experts'
+// first product reads the input's rows through the plan: there is no gather in the forward.)
 void BM_ForwardNonExpert(benchmark::State& state, const Shape& s) {
   const moe::LayerConfig config = s.config();
   Backend be(kThreads);
@@ -290,12 +311,13 @@ void BM_ForwardNonExpert(benchmark::State& state, const Shape& s) {
   Matrix input(s.T, s.H), y(s.T, s.H), rows;
   Backend::Plan plan;
   std::vector<Scalar> weights;
+  be.route(gate.forward(be, x), config, plan, weights);
+  Backend::resize(rows, Backend::expert_offsets(plan).back(), s.H);
+  be.gather_rows(x, plan, rows);  // untimed: these rows stand in for the expert outputs
   auto step = [&] {
     be.copy(x, input);
     be.route(gate.forward(be, input), config, plan, weights);
-    Backend::resize(rows, Backend::expert_offsets(plan).back(), s.H);
-    be.gather_rows(input, plan, rows);
-    be.combine(rows, plan, weights, y);  // the gathered rows stand in for the expert outputs
+    be.combine(rows, plan, weights, y);
   };
   step();
   const double seconds = timed_loop(state, [&] {

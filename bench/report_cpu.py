@@ -82,7 +82,8 @@ class Checks:
 
 def table(moe, torch, passive, best):
     """Lines of one table. best: the fastest repetitions, ratios recomputed over the fastest floor
-    run; otherwise medians and the binary's own ratios (startup floor)."""
+    run; otherwise medians and the binary's own ratios (each against the floor measured just after
+    that benchmark)."""
     check, extra = Checks(), Checks()  # the issue's targets; the same against the PASSIVE peer
     lines = []
     for H, title in SHAPES:
@@ -95,9 +96,9 @@ def table(moe, torch, passive, best):
             lines.append(f"{title}: floor {floor_ms:.1f} ms (fastest Floor/{H} run, {impl})")
             ratio = lambda e: e["ms"] / floor_ms
         else:
-            floor_ms = floor["ms"] / floor["ratio_to_floor"]  # the startup floor the binary used
-            lines.append(f"{title}: floor {floor_ms:.1f} ms ({impl}; startup medians: eigen-mt "
-                         f"{floor['floor_eigen_ms']:.1f} ms, run_gemm {floor['floor_run_gemm_ms']:.1f} ms)")
+            lines.append(f"{title}: floor {floor['ms']:.1f} ms ({impl}; startup medians: eigen-mt "
+                         f"{floor['floor_eigen_ms']:.1f} ms, run_gemm {floor['floor_run_gemm_ms']:.1f} ms; "
+                         f"each ratio is against the floor measured after its benchmark)")
             ratio = lambda e: e["ratio_to_floor"]
         peers = [(name, torch_times(t.get(H), best)) for name, t in (("torch", torch), ("torch PASSIVE", passive))
                  if t.get(H)]
@@ -129,7 +130,7 @@ def table(moe, torch, passive, best):
         rest = moe.get(f"ForwardNonExpert/SelfRoute/{H}")
         if rest:
             share = rest["ms"] / forward["ms"] if best and forward else rest["share_of_forward"]
-            lines.append(f"  (info) forward without the expert bank (copy, route, gather, combine): "
+            lines.append(f"  (info) forward without the expert bank (copy, route, combine): "
                          f"{rest['ms']:.2f} ms = {100 * share:.1f}%")
     summary = f"  -> targets: {check.passed} PASS, {check.failed} FAIL"
     if extra.passed + extra.failed:
