@@ -36,8 +36,8 @@ concept Expert = Backend<B> && requires(E& experts, const LayerConfig& config, B
 };
 // Optional: experts.infer(be, rows, offsets, out), forward without keeping anything for backward
 // (MoELayer's ForwardOptions::for_backward = false); the same output. Without it, forward serves.
-// Optional, for backends whose products read the routing plan themselves (the CUDA backend's
-// routed products, ExpertGemm::grouped): experts.can_infer_routed(be, x) and
+// Optional, for backends whose products read the routing plan themselves (the CPU backend's
+// routed products; the CUDA backend's with ExpertGemm::grouped): experts.can_infer_routed(be, x) and
 // experts.infer_routed(be, x, plan, out, sum), infer's output from the layer's input x [T, H] and
 // the plan, with no expert-sorted copy of x and no host copy of the offsets; out [T*k, H] holds the
 // expert-sorted rows (rows past the plan's kept ones untouched). sum (a B::RoutedSum, or null): the

@@ -258,7 +258,7 @@ class MoELayer {
   }
 
   // Whether the expert bank and the backend offer an inference forward straight from the routing
-  // plan (moe/experts.hpp's infer_routed; the CUDA backend's routed products).
+  // plan (moe/experts.hpp's infer_routed; the CPU and CUDA backends' routed products).
   static constexpr bool has_routed_inference() {
     if constexpr (requires { typename B::RoutedSum; }) {  // the backend's half first: its types below
       return requires(ExpertsType& e, B& be, ConstMatrixView<Scalar> x, MatrixView<Scalar> out,
