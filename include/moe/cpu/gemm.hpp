@@ -231,13 +231,14 @@ inline bool read_a_in_place(const Gemm<float>& g) { return g.op_a == Op::transpo
 
 // The size (floats) of op(B) packed whole, as kernel::gemm reads it from Gemm::b_packed: block
 // (j0, k0) at j0 * depth + padded(nc) * k0. 0 where sharing one packing does not pay: B read in
-// place, a product of one row tile, or a packing past 1 MB (each tile's own KC x NC blocks stay in
-// L2 as it packs them; a whole packing that large would come back from memory). At the small
-// config (H = 128, F = 512) every expert product shares its packing, ~5% of the layer's time.
+// place, a product of one row tile, or a packing past 512 KB, half of a Zen 4 core's L2 (each
+// tile's own KC x NC blocks stay in L2 as it packs them; the small config's weight gradients, 1 MB
+// packings, measured no faster shared). At the small config (H = 128, F = 512) the expert
+// products' weights are shared: ~5% of the layer's forward.
 inline Index shared_b_size(const Gemm<float>& g, Index tile_rows) {
   if (read_b_in_place(g) || g.m() <= tile_rows || g.m() < g.n()) return 0;
   const Index size = (g.n() + NR - 1) / NR * NR * g.depth();
-  return size <= 256 * 1024 ? size : 0;
+  return size <= 128 * 1024 ? size : 0;
 }
 inline void pack_b_whole(const Gemm<float>& g, float* out) {
   const Index n = g.n(), depth = g.depth();
