@@ -150,8 +150,9 @@ class BasicBackend {
   // expert e's block), where in_row(r) is in's row r (gathered = false: in holds the
   // expert-sorted rows, [>= R, I]) or its token's row (gathered = true: in is the layer's input,
   // [T, I], read through slot_of_row / top_k, Gemm::a_rows). out has room for every slot, [T*k, O];
-  // rows past R keep what they held. The gathered product reads x's rows where they lie: the same
-  // products as gather_rows then grouped_linear_forward, so the same bits, without the copy.
+  // rows past R keep what they held. The gathered product reads x's rows through the plan (the
+  // GEMM gathers a block in cache at a time): the same products as gather_rows then
+  // grouped_linear_forward, so the same bits, without the expert-sorted copy of x.
   bool routed_product_fits(Index, Index) const { return true; }
   static bool routed_input_fits(ConstMatrixView<S>) { return true; }
   // The layer's combine folded into the last product: not on the CPU (a token's k rows come from

@@ -32,9 +32,10 @@ struct Gemm {
   Op op_b = Op::none;
   bool accumulate = false;  // false: C = op(A) op(B); true: C += op(A) op(B)
   const S* bias = nullptr;  // if set, bias[0..n) is added to every row of C
-  // If set (op_a none only): A's rows are gathered, op(A)'s row i is a.row(a_rows[i] / a_rows_divisor),
-  // read where it lies (the MoE layer's expert rows straight from its input: a_rows is the routing
-  // plan's slot_of_row, the divisor top_k). The products' bits are those of the gathered copy.
+  // If set (op_a none only): A's rows are gathered, op(A)'s row i is a.row(a_rows[i] / a_rows_divisor)
+  // (the MoE layer's expert rows straight from its input: a_rows is the routing plan's slot_of_row,
+  // the divisor top_k), with no copy of A: the kernels gather a cache-sized block at a time. The
+  // products' bits are those of the gathered copy.
   const std::int32_t* a_rows = nullptr;
   std::int32_t a_rows_divisor = 1;
   // Set by run_gemms, not by callers: op(B) already packed, every (NC, KC) block of it, shared by
@@ -229,22 +230,26 @@ inline bool read_b_in_place(const Gemm<float>& g) {
 // 2026-12-06). Rows up to 1024 floats apart only: GPT-2 small's F = 3072 apart measured slower.
 inline bool read_a_in_place(const Gemm<float>& g) { return g.op_a == Op::transpose && g.a.stride <= 1024; }
 
+// n columns rounded up to whole NR panels: a packing's width.
+inline Index panel_width(Index n) { return (n + NR - 1) / NR * NR; }
+
 // The size (floats) of op(B) packed whole, as kernel::gemm reads it from Gemm::b_packed: block
-// (j0, k0) at j0 * depth + padded(nc) * k0. 0 where sharing one packing does not pay: B read in
-// place, a product of one row tile, or a packing past 512 KB, half of a Zen 4 core's L2 (each
-// tile's own KC x NC blocks stay in L2 as it packs them; the small config's weight gradients, 1 MB
-// packings, measured no faster shared). At the small config (H = 128, F = 512) the expert
-// products' weights are shared: ~5% of the layer's forward.
+// (j0, k0) at j0 * depth + panel_width(nc) * k0. 0 where sharing one packing does not pay: no
+// depth, B read in place, a product of one row tile, or a packing past 512 KB, half of a Zen 4
+// core's L2 (each tile's own KC x NC blocks stay in L2 as it packs them; the small config's
+// weight gradients, 1 MB packings, measured no faster shared). At the small config (H = 128,
+// F = 512) the expert products' weights are shared: ~5% of the layer's forward.
 inline Index shared_b_size(const Gemm<float>& g, Index tile_rows) {
-  if (read_b_in_place(g) || g.m() <= tile_rows || g.m() < g.n()) return 0;
-  const Index size = (g.n() + NR - 1) / NR * NR * g.depth();
+  if (g.depth() == 0 || read_b_in_place(g) || g.m() <= tile_rows || g.m() < g.n()) return 0;
+  const Index size = panel_width(g.n()) * g.depth();
   return size <= 128 * 1024 ? size : 0;
 }
 inline void pack_b_whole(const Gemm<float>& g, float* out) {
   const Index n = g.n(), depth = g.depth();
   for (Index j0 = 0; j0 < n; j0 += NC) {
-    const Index nc = std::min(NC, n - j0), padded = (nc + NR - 1) / NR * NR;
-    for (Index k0 = 0; k0 < depth; k0 += KC) pack_b(g, j0, nc, k0, std::min(KC, depth - k0), out + j0 * depth + padded * k0);
+    const Index nc = std::min(NC, n - j0);
+    for (Index k0 = 0; k0 < depth; k0 += KC)
+      pack_b(g, j0, nc, k0, std::min(KC, depth - k0), out + j0 * depth + panel_width(nc) * k0);
   }
 }
 
@@ -276,7 +281,7 @@ void gemm(const Gemm<float>& g) {
     const Index nc = std::min(NC, n - j0);
     for (Index k0 = 0; k0 < depth; k0 += KC) {
       const Index kc = std::min(KC, depth - k0);
-      const float* b_block = g.b_packed ? g.b_packed + j0 * depth + (nc + NR - 1) / NR * NR * k0 : b_buffer.data();
+      const float* b_block = g.b_packed ? g.b_packed + j0 * depth + panel_width(nc) * k0 : b_buffer.data();
       if (b_packed && !g.b_packed) pack_b(g, j0, nc, k0, kc, b_buffer.data());
       for (Index i0 = 0; i0 < m; i0 += MC) {
         const Index mc = std::min(MC, m - i0);
@@ -404,7 +409,7 @@ void run_gemms(std::span<const Gemm<S>> problems, int threads) {
   thread_local std::vector<float, Eigen::aligned_allocator<float>> shared_b;
   if constexpr (std::is_same_v<S, float> && detail::kernel::kEnabled) {
     for (std::size_t p = 0; p < problems.size(); ++p)
-      if (const Index size = detail::kernel::shared_b_size(problems[p], kTileEdge); size > 0 && problems[p].depth() > 0)
+      if (const Index size = detail::kernel::shared_b_size(problems[p], kTileEdge); size > 0)
         shared_at[p] = shared_floats, shared_floats += size;
     if (shared_floats > 0) {
       if (Index(shared_b.size()) < shared_floats) shared_b.resize(std::size_t(shared_floats));
