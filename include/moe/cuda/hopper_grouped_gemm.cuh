@@ -311,10 +311,20 @@ inline bool grouped_gemm_available() {
     int* flag = nullptr;
     int host = 0;
     if (cudaMalloc(&flag, sizeof(int)) != cudaSuccess) return false;
-    hopper_detail::probe_wgmma_kernel<><<<1, 1>>>(flag);
-    const bool ok = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+    // The flag starts at 0, so a launch that did not run cannot pass for one that did. The launch's
+    // own status, not cudaGetLastError's: that would also take (and clear) an earlier error of the
+    // caller's. A build without code for this device fails here with "no kernel image", an answer
+    // rather than an error, so that status (which the runtime also keeps as its last error) is cleared.
+    void* args[] = {&flag};
+    cudaError_t launched = cudaMemset(flag, 0, sizeof(int));
+    if (launched == cudaSuccess) {
+      launched = cudaLaunchKernel(reinterpret_cast<const void*>(&hopper_detail::probe_wgmma_kernel<>), dim3(1), dim3(1),
+                                  args, 0, nullptr);
+      if (launched != cudaSuccess) cudaGetLastError();
+    }
+    const bool ok =
+        launched == cudaSuccess && cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
     cudaFree(flag);
-    cudaGetLastError();  // a build without sm_90 code leaves "no kernel image": not this check's error
     return ok && host == 1;
   });
 }
