@@ -162,6 +162,7 @@ TEST_CASE("checkpoint: a dense checkpoint has Hugging Face GPT-2's names and Con
   CHECK(metadata.at("config.top_k") == "2");
   CHECK(metadata.at("config.seed") == "7");
   CHECK(metadata.at("config.route_from_residual") == "false");
+  CHECK(metadata.at("config.self_slice") == "last");
   CHECK(metadata.at("step") == "12");
   CHECK_FALSE(metadata.contains("optimizer.step"));
 }
@@ -187,6 +188,7 @@ TEST_CASE("checkpoint: the header alone gives the variant, the config and the ca
   TemporaryDirectory directory;
   Config config = tiny_config();
   config.route_from_residual = true;
+  config.self_slice = gpt2::SelfSlice::per_layer;
   config.seed = 0xFFFFFFFFFFFFFFFFull;
   gpt2::MoEModel<moe::SelfRoute, float> model(config);
   moe::nn::AdamW<float> optimizer;
@@ -206,6 +208,7 @@ TEST_CASE("checkpoint: the header alone gives the variant, the config and the ca
   CHECK(header.config.top_k == config.top_k);
   CHECK(header.config.seed == config.seed);
   CHECK(header.config.route_from_residual);
+  CHECK(header.config.self_slice == gpt2::SelfSlice::per_layer);
   CHECK(header.has_optimizer_state);
   CHECK_FALSE(header.hugging_face);
   CHECK(header.metadata.at("data.shard") == "3");
@@ -309,6 +312,8 @@ TEST_CASE("checkpoint: a variant or config mismatch names the file, the field an
   CHECK(contains(mismatch([](Config& c) { c.seed = 8; }), "config.seed is 7 in the checkpoint, 8 in the model"));
   CHECK(contains(mismatch([](Config& c) { c.route_from_residual = true; }),
                  "config.route_from_residual is false in the checkpoint, true in the model"));
+  CHECK(contains(mismatch([](Config& c) { c.self_slice = gpt2::SelfSlice::per_layer; }),
+                 "config.self_slice is last in the checkpoint, per-layer in the model"));
 }
 
 TEST_CASE("checkpoint: a missing, misshapen, mistyped or unexpected tensor is refused and the model is unchanged") {
@@ -422,6 +427,10 @@ TEST_CASE("checkpoint: bad metadata is refused, naming the key") {
   CHECK(contains(with("config.hidden", ""), "\"config.hidden\" = \"\" is not a valid integer"));
   CHECK(contains(with("config.layers", std::nullopt), "metadata has no \"config.layers\""));
   CHECK(contains(with("config.route_from_residual", "yes"), "\"config.route_from_residual\" = \"yes\" is not true or false"));
+  CHECK(contains(with("config.self_slice", "first"), "\"config.self_slice\" = \"first\" is not last or per-layer"));
+  // Files from before self_slice existed: every layer read the last N.
+  CHECK(with("config.self_slice", std::nullopt).empty());
+  CHECK(gpt2::read_checkpoint_header(bad).config.self_slice == gpt2::SelfSlice::last);
   CHECK(contains(with("routing_step", "-1"), "metadata \"routing_step\" = \"-1\" is not a valid integer"));
   CHECK(with("routing_step", "5").empty());
   CHECK(model.ffn(1).layer().gate().step() == 5);

@@ -116,6 +116,51 @@ TEST_CASE("gpt2 model: routing from the residual stream changes the routing, not
   CHECK(logits.cols == kTinyModel.experts);
 }
 
+TEST_CASE("gpt2 model: per-layer self slices give each layer's gate its own N coordinates") {
+  gpt2::Config config = kTinyModel;  // H = 16, N = 4: four slices, from the end
+  config.layers = 6;
+  CHECK(config.self_offset(0) == -1);  // last: every layer the last N
+  config.self_slice = gpt2::SelfSlice::per_layer;
+  const std::vector<Index> expected = {12, 8, 4, 0, 12, 8};  // past H / N layers, from the end again
+  gpt2::MoEModel<moe::SelfRoute, double> model(config);
+  for (Index l = 0; l < config.layers; ++l) {
+    CAPTURE(l);
+    CHECK(config.self_offset(l) == expected[std::size_t(l)]);
+    CHECK(model.ffn(l).layer().gate().offset() == expected[std::size_t(l)]);
+  }
+  gpt2::MoEModel<moe::SelfRoute, double> last(kTinyModel);
+  CHECK(last.ffn(1).layer().gate().offset() == 12);
+
+  // The same weights route differently from layer 1 on (layer 0 reads the last N either way).
+  gpt2::Config two = kTinyModel;
+  two.self_slice = gpt2::SelfSlice::per_layer;
+  gpt2::MoEModel<moe::SelfRoute, double> per_layer(two);
+  const Batch batch = random_batch(2, 6, kTinyModel.vocab, 3);
+  const double loss_last = last.forward(batch.tokens, batch.targets, batch.B, batch.T);
+  const double loss_per_layer = per_layer.forward(batch.tokens, batch.targets, batch.B, batch.T);
+  const auto same_logits = [&](Index l) {
+    const auto a = last.ffn(l).layer().last_logits(), b = per_layer.ffn(l).layer().last_logits();
+    for (Index t = 0; t < a.rows; ++t)
+      for (Index e = 0; e < a.cols; ++e)
+        if (a(t, e) != b(t, e)) return false;
+    return true;
+  };
+  CHECK(same_logits(0));
+  CHECK_FALSE(same_logits(1));
+  CHECK(loss_last != loss_per_layer);
+
+  CHECK(gpt2::parse_self_slice("per-layer") == gpt2::SelfSlice::per_layer);
+  CHECK(gpt2::self_slice_name(gpt2::SelfSlice::last) == "last");
+  CHECK_THROWS_WITH_AS(gpt2::parse_self_slice("first"),
+                       doctest::Contains("unknown self slice 'first' (valid: last, per-layer)"), moe::Error);
+}
+
+TEST_CASE("gpt2 model: finite-difference gradients with per-layer self slices") {
+  gpt2::Config config = kTinyModel;
+  config.self_slice = gpt2::SelfSlice::per_layer;
+  check_gradients<gpt2::MoEModel<moe::SelfRoute, double>>(config);
+}
+
 TEST_CASE("gpt2 model: with_variant maps each name to its model type") {
   for (std::string_view name : gpt2::kVariants) {
     CAPTURE(name);

@@ -31,17 +31,19 @@ class MoEFFN {
   using S = Scalar;
   using Layer = moe::MoELayer<Gate, moe::GeluMLP, B>;
   using ExpertOptions = typename Layer::ExpertsType::Options;
+  using GateOptions = typename Layer::GateType::Options;
   using Ops = NnOps<B>;
   static constexpr bool is_moe = true;
   static constexpr std::string_view variant = Layer::GateType::name;
 
   // prefix: the block's, ending in "moe."; experts: their init (the router keeps the library's
-  // N(0, 1/H): unit-variance logits for unit-variance inputs, the scale SelfRoute reads). The
-  // layer's seed is a stream of (seed, prefix), so each block draws its own.
+  // N(0, 1/H): unit-variance logits for unit-variance inputs, the scale SelfRoute reads); gate: its
+  // options ({}: the paper's, e.g. SelfRoute reading the last N coordinates). The layer's seed is a
+  // stream of (seed, prefix), so each block draws its own.
   MoEFFN(std::string prefix, const moe::LayerConfig& layer, const ExpertOptions& experts, std::uint64_t seed,
-         const Ops& ops)
+         const Ops& ops, const GateOptions& gate = {})
       : prefix_(std::move(prefix)),
-        layer_(layer, moe::random::mix64(seed ^ stream_of(prefix_)), {}, experts, ops.make_backend()) {}
+        layer_(layer, moe::random::mix64(seed ^ stream_of(prefix_)), gate, experts, ops.make_backend()) {}
 
   // x: [N, H] -> y: [N, H] (the layer keeps its routing and expert activations; x and a router
   // input stay the block's own until its backward, so the layer reads them there: input_kept, no copy)

@@ -17,7 +17,8 @@
 // Metadata (all strings)
 //   format = "moe-gpt2/1", variant (dense, linear, self, fixed-random, random),
 //   config.<field> for every gpt2::Config field (integers in decimal, route_from_residual
-//   "true"/"false"), routing_step (the Random gate's draw counter, random variant only),
+//   "true"/"false", self_slice "last"/"per-layer": absent in files from before 2026-12-06, read as
+//   "last"), routing_step (the Random gate's draw counter, random variant only),
 //   optimizer.step (when optimizer state is saved), plus the caller's entries (step, data
 //   position, schedule, ...), which may not reuse these keys.
 //
@@ -119,7 +120,8 @@ inline std::vector<std::pair<std::string, std::string>> config_fields(const Conf
           {"config.experts", std::to_string(c.experts)},
           {"config.top_k", std::to_string(c.top_k)},
           {"config.seed", std::to_string(c.seed)},
-          {"config.route_from_residual", c.route_from_residual ? "true" : "false"}};
+          {"config.route_from_residual", c.route_from_residual ? "true" : "false"},
+          {"config.self_slice", std::string(self_slice_name(c.self_slice))}};
 }
 
 using examples::checkpoint::parse_integer;
@@ -140,6 +142,12 @@ inline Config parse_config(const std::string& file, const std::map<std::string, 
   moe::check(route->second == "true" || route->second == "false", file,
              ": metadata \"config.route_from_residual\" = \"", route->second, "\" is not true or false");
   c.route_from_residual = route->second == "true";
+  const auto slice = metadata.find("config.self_slice");  // absent before 2026-12-06: every layer read the last N
+  if (slice != metadata.end()) {
+    moe::check(slice->second == "last" || slice->second == "per-layer", file, ": metadata \"config.self_slice\" = \"",
+               slice->second, "\" is not last or per-layer");
+    c.self_slice = parse_self_slice(slice->second);
+  }
   return c;
 }
 
@@ -269,6 +277,7 @@ CheckpointHeader load_checkpoint(const std::filesystem::path& path, Model& model
   const auto check_field = [&](std::string_view field, auto in_file, auto in_model) {
     const auto text = [](auto value) {
       if constexpr (std::is_same_v<decltype(value), bool>) return std::string(value ? "true" : "false");
+      else if constexpr (std::is_same_v<decltype(value), SelfSlice>) return std::string(self_slice_name(value));
       else return std::to_string(value);
     };
     moe::check(in_file == in_model, name, ": config.", field, " is ", text(in_file), " in the checkpoint, ",
@@ -285,6 +294,7 @@ CheckpointHeader load_checkpoint(const std::filesystem::path& path, Model& model
     check_field("top_k", want.top_k, have.top_k);
     check_field("seed", want.seed, have.seed);
     check_field("route_from_residual", want.route_from_residual, have.route_from_residual);
+    check_field("self_slice", want.self_slice, have.self_slice);
   }
   const std::string prefix = header.hugging_face ? checkpoint_detail::hf_prefix(file) : "";
 

@@ -10,6 +10,23 @@ namespace gpt2 {
 
 using moe::Index;
 
+// Which N coordinates of its input each layer's SelfRoute gate reads (the self variant; the other
+// gates have no slice):
+//   last:      every layer the last N, [H - N, H) (the paper's eq. 5, and the default);
+//   per_layer: layer l its own N, counting down from the end: [H - N(l + 1), H - N l), starting at the
+//              end again after H / N layers (the paper's section 2.2: "different layers could use
+//              different coordinate subsets"). An ablation: with `last`, one coordinate that runs
+//              high in every layer's input wins every layer's routing.
+enum class SelfSlice { last, per_layer };
+inline constexpr std::string_view kSelfSliceNames[] = {"last", "per-layer"};
+inline std::string_view self_slice_name(SelfSlice s) { return kSelfSliceNames[int(s)]; }
+// The slice a name selects; unknown names throw moe::Error naming the name and the valid ones.
+inline SelfSlice parse_self_slice(std::string_view name) {
+  for (int i = 0; i < 2; ++i)
+    if (name == kSelfSliceNames[i]) return SelfSlice(i);
+  moe::fail("gpt2: unknown self slice '", name, "' (valid: last, per-layer)");
+}
+
 struct Config {
   Index vocab = 256;    // V: byte-level by default
   Index context = 128;  // maxT: positions of wpe
@@ -23,6 +40,7 @@ struct Config {
   // MoE variants: the gate reads the residual stream before ln_2 instead of the layer's own input
   // (ln_2's output, what a learned router reads by default). Experts always read ln_2's output.
   bool route_from_residual = false;
+  SelfSlice self_slice = SelfSlice::last;  // MoE self variant: the coordinates each layer's gate reads
 
   // Trains in minutes on 2 cores.
   static Config small() { return {}; }
@@ -33,6 +51,12 @@ struct Config {
 
   // The MoE layer of each block.
   moe::LayerConfig layer() const { return {.hidden = hidden, .ffn = ffn, .experts = experts, .top_k = top_k}; }
+
+  // SelfRoute::Options::offset for block `layer`: -1 (the last N) or the start of its own slice.
+  Index self_offset(Index layer) const {
+    if (self_slice == SelfSlice::last || experts > hidden) return -1;  // (N > H: the gate itself refuses)
+    return hidden - experts * (1 + layer % (hidden / experts));
+  }
 
   void validate() const {
     moe::check(vocab >= 1 && context >= 1 && layers >= 1 && heads >= 1 && hidden >= 1 && ffn >= 1,

@@ -34,7 +34,7 @@ namespace {
 namespace fs = std::filesystem;
 
 const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "heads", "ffn", "context", "experts",
-                                              "top-k", "route-from-residual", "seed"};
+                                              "top-k", "route-from-residual", "self-slice", "seed"};
 const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumulation", "lr", "warmup",
                                               "weight-decay", "clip", "eval-every", "eval-tokens", "stats-tokens",
                                               "checkpoint-every", "threads", "data", "tokenizer", "out",
@@ -53,6 +53,9 @@ cli::Parser make_parser() {
       {"experts", "N", "experts per MoE layer N", "8"},
       {"top-k", "K", "experts per token k", "2"},
       {"route-from-residual", "", "gates read the residual stream before ln_2 instead of ln_2's output", ""},
+      {"self-slice", "NAME",
+       "the self gate's coordinates: last (every layer the last N, the paper's) or per-layer (layer l the N "
+       "before layer l-1's, from the end)", "last"},
       {"seed", "N", "model initialisation and data order", "1337"},
       {"seeds", "LIST",
        "compare: repeat the comparison for each of these seeds (e.g. 1337,1338,1339); the report gives mean ± std "
@@ -121,6 +124,7 @@ gpt2::Config model_config(const cli::Parser& args) {
   config.experts = args.get_int("experts", config.experts, 1, 1 << 12);
   config.top_k = args.get_int("top-k", config.top_k, 1, 1 << 12);
   config.route_from_residual = args.get_switch("route-from-residual");
+  config.self_slice = gpt2::parse_self_slice(args.get("self-slice", "last"));
   config.seed = std::uint64_t(args.get_int("seed", std::int64_t(config.seed), 0));
   config.validate();
   return config;
@@ -285,7 +289,8 @@ std::string model_description(const gpt2::Config& config) {
   std::ostringstream model;
   model << config.layers << " layers, hidden " << config.hidden << ", " << config.heads << " heads, context "
         << config.context << ", " << config.experts << " experts (F = " << config.ffn << "), top-" << config.top_k
-        << (config.route_from_residual ? ", gates read the residual stream" : "");
+        << (config.route_from_residual ? ", gates read the residual stream" : "")
+        << (config.self_slice == gpt2::SelfSlice::per_layer ? ", self-routing slices per layer" : "");
   return model.str();
 }
 

@@ -79,13 +79,24 @@ class DenseFFN : public examples::GeluMlp<B> {
 
 // A MoELayer of GPT-2 MLP experts behind Gate, named "h.{l}.moe." + the MoELayer's names; experts
 // initialised as GPT-2's MLP (proj scaled by 1/sqrt(2L)). The gate reads the layer's own input,
-// the ln_2 output (for SelfRoute: its last N coordinates), or the residual stream.
+// the ln_2 output (for SelfRoute: the N coordinates Config::self_slice gives this layer), or the
+// residual stream.
 template <template <class> class Gate, class B>
 class MoEFFN : public examples::MoEFFN<Gate, B> {
+  using Base = examples::MoEFFN<Gate, B>;
+
  public:
   MoEFFN(const Config& config, Index layer, std::uint64_t seed, const examples::NnOps<B>& ops)
-      : examples::MoEFFN<Gate, B>(detail::prefix(layer) + "moe.", config.layer(),
-                                  {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, seed, ops) {}
+      : Base(detail::prefix(layer) + "moe.", config.layer(),
+             {.init_std = 0.02, .out_init_std = detail::residual_std(config)}, seed, ops, gate_options(config, layer)) {}
+
+ private:
+  static typename Base::GateOptions gate_options(const Config& config, Index layer) {
+    if constexpr (std::is_same_v<typename Base::Layer::GateType, moe::SelfRoute<B>>)
+      return {.offset = config.self_offset(layer)};
+    else
+      return {};
+  }
 };
 
 // ---- the model -------------------------------------------------------------------------------

@@ -89,6 +89,14 @@ grep -q "on emulated CUDA device (host loops), bf16" "$work/emulated.log" ||
   >"$work/emulated_resume.log" 2>&1 || fail "CPU resume of a bf16 device checkpoint: $(tail -3 "$work/emulated_resume.log")"
 grep -q "from step 2 of 3 on cpu" "$work/emulated_resume.log" ||
   fail "the CPU resume did not start at step 2: $(cat "$work/emulated_resume.log")"
+# Per-layer self slices: kept in the device checkpoint, and the CPU resume builds the same gates.
+"$bin" train --variant self --self-slice per-layer --device emulated --precision bf16 --steps 2 --warmup 1 \
+  "${tiny[@]}" --data "$work/corpus" --out "$work/slices" >"$work/slices.log" 2>&1 ||
+  fail "train --self-slice per-layer: $(tail -3 "$work/slices.log")"
+head -c 4096 "$work/slices/self.safetensors" | grep -aq '"config.self_slice": *"per-layer"' ||
+  fail "the checkpoint does not record the per-layer slices"
+"$bin" train --resume "$work/slices/self.safetensors" --steps 3 --data "$work/corpus" \
+  >"$work/slices_resume.log" 2>&1 || fail "CPU resume with per-layer slices: $(tail -3 "$work/slices_resume.log")"
 "$bin" compare --variants self,dense --device emulated --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
   --no-checkpoint --out "$work/emulated_report" >"$work/emulated_compare.log" 2>&1 ||
   fail "compare --device emulated: $(tail -3 "$work/emulated_compare.log")"
@@ -118,6 +126,8 @@ expect_error "a seed twice" "--seeds lists 5 twice" compare --seeds 5,6,5
 expect_error "bad seed" "--seeds item 'x' is not a non-negative integer" compare --seeds 5,x
 expect_error "seed and seeds" "give --seed or --seeds, not both" compare --seed 1 --seeds 5,6
 expect_error "unknown device" "--device must be cpu, cuda or emulated" train --device gpu --data "$work/corpus"
+expect_error "unknown self slice" "unknown self slice 'first' (valid: last, per-layer)" train --self-slice first \
+  --data "$work/corpus"
 expect_error "unknown precision" "--precision must be fp32, tf32 or bf16" train --precision fp16 --data "$work/corpus"
 expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train --precision bf16 --data "$work/corpus"
 expect_error "bad integer" "--steps expects an integer" train --steps ten

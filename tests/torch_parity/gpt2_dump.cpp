@@ -14,7 +14,7 @@
 //                                draws come from the library's counter-based generator: PyTorch
 //                                routes with these)
 //   routing.h.<l>.experts        I32 [B*T, k] the chosen experts, best first
-// and metadata: case, variant, route_from_residual, every Config field, batch, seq, loss (17 digits)
+// and metadata: case, variant, route_from_residual, self_slice, every Config field, batch, seq, loss (17 digits)
 // and frozen (the comma-separated names of the parameters without a gradient).
 #include <cmath>
 #include <cstdint>
@@ -65,9 +65,11 @@ void reinitialise(Model& model, std::uint64_t seed) {
 }
 
 template <class Model>
-void dump_case(const fs::path& dir, const std::string& name, bool route_from_residual) {
+void dump_case(const fs::path& dir, const std::string& name, bool route_from_residual,
+               gpt2::SelfSlice self_slice = gpt2::SelfSlice::last) {
   gpt2::Config config = kConfig;
   config.route_from_residual = route_from_residual;
+  config.self_slice = self_slice;
   Model model(config);
   reinitialise(model, config.seed);
 
@@ -123,6 +125,7 @@ void dump_case(const fs::path& dir, const std::string& name, bool route_from_res
       {"case", name},
       {"variant", std::string(Model::variant)},
       {"route_from_residual", route_from_residual ? "1" : "0"},
+      {"self_slice", std::string(gpt2::self_slice_name(self_slice))},
       {"vocab", std::to_string(config.vocab)},
       {"context", std::to_string(config.context)},
       {"layers", std::to_string(config.layers)},
@@ -156,6 +159,8 @@ int main(int argc, char** argv) {
         // The gate reads the residual stream before ln_2 (the experts still read ln_2's output).
         if (variant == "self" || variant == "linear")
           dump_case<Model>(dir, std::string(variant) + "-from-residual", true);
+        // Each layer's gate reads its own N coordinates (layer 1 the N before layer 0's).
+        if (variant == "self") dump_case<Model>(dir, "self-per-layer", false, gpt2::SelfSlice::per_layer);
       });
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moe_torch_parity_gpt2_dump: %s\n", e.what());

@@ -94,7 +94,8 @@ class Dump:
         self.name, self.variant = self.meta["case"], self.meta["variant"]
         fields = ("vocab", "context", "layers", "heads", "hidden", "ffn", "experts", "top_k")
         self.config = gpt2_torch.Config(**{key: int(self.meta[key]) for key in fields},
-                                        route_from_residual=self.meta["route_from_residual"] == "1")
+                                        route_from_residual=self.meta["route_from_residual"] == "1",
+                                        self_slice=self.meta.get("self_slice", "last"))
         self.params = {key[len("param."):]: value for key, value in self.tensors.items() if key.startswith("param.")}
         self.grads = {key[len("grad."):]: value for key, value in self.tensors.items() if key.startswith("grad.")}
         self.frozen = [name for name in self.meta["frozen"].split(",") if name]
@@ -225,6 +226,9 @@ def check_case(dump, report):
         controls.append(("softmax_then_top_k weights", False, dict(weights="softmax_then_top_k")))
     if variant == "self":
         controls.append(("self reads the first N", False, dict(self_offset=0)))
+        if dump.config.self_slice == "per-layer":
+            last = dump.config.hidden - dump.config.experts
+            controls.append(("every layer reads the last N", False, dict(self_offset=last)))
     if variant == "random":
         controls.append(("random draws of the layers swapped", False, dict(swap_random=True)))
     detected = []

@@ -16,7 +16,8 @@ pre-LayerNorm blocks (eps 1e-5), tanh-GELU, nn.Linear layouts ([out, in]).
 The FFN is the dense GPT-2 MLP or an MoE layer that follows the library's semantics contract
 (README "Semantics", moe/routing.hpp):
   gate:    self          logits = x[:, offset:offset+N], offset = H - N by default (the last N
-                          coordinates, a view, the gradient flows back into x)
+                          coordinates, a view, the gradient flows back into x); with
+                          Config.self_slice "per-layer", layer l's own N (Config.self_offset)
            linear        logits = x W^T, W [N, H] trained (nn.Linear(H, N, bias=False))
            fixed-random  the same projection, frozen (no gradient for W, x's gradient flows)
            random        N(0, 1) logits, no gradient. The library draws them from its own
@@ -62,6 +63,16 @@ class Config:
     # MoE: the gate reads the residual stream before ln_2 instead of ln_2's output (the experts
     # always read ln_2's output), as gpt2::Config::route_from_residual.
     route_from_residual: bool = False
+    # The self gate's coordinates, as gpt2::Config::self_slice: "last" (every layer the last N) or
+    # "per-layer" (layer l reads [H - N(l + 1), H - N l), from the end again after H / N layers).
+    self_slice: str = "last"
+
+    def self_offset(self, layer):
+        if self.self_slice == "last":
+            return self.hidden - self.experts
+        if self.self_slice == "per-layer":
+            return self.hidden - self.experts * (1 + layer % (self.hidden // self.experts))
+        raise ValueError(f"unknown self slice {self.self_slice!r} (valid: last, per-layer)")
 
     @staticmethod
     def small():
@@ -213,7 +224,9 @@ class GPT(nn.Module):
         self.config, self.variant = config, variant
         self.wte = nn.Embedding(config.vocab, config.hidden)
         self.wpe = nn.Embedding(config.context, config.hidden)
-        self.h = nn.ModuleList(Block(config, variant, **moe_options) for _ in range(config.layers))
+        # Each layer's self offset from the config, unless the caller names one for every layer.
+        self.h = nn.ModuleList(Block(config, variant, **{"self_offset": config.self_offset(l), **moe_options})
+                               for l in range(config.layers))
         self.ln_f = nn.LayerNorm(config.hidden, eps=LAYERNORM_EPS)
         self.init_gpt2()
 
