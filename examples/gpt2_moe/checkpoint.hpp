@@ -144,9 +144,10 @@ inline Config parse_config(const std::string& file, const std::map<std::string, 
   c.route_from_residual = route->second == "true";
   const auto slice = metadata.find("config.self_slice");  // absent before 2026-12-06: every layer read the last N
   if (slice != metadata.end()) {
-    moe::check(slice->second == "last" || slice->second == "per-layer", file, ": metadata \"config.self_slice\" = \"",
-               slice->second, "\" is not last or per-layer");
-    c.self_slice = parse_self_slice(slice->second);
+    const std::optional<SelfSlice> named = find_self_slice(slice->second);
+    moe::check(named.has_value(), file, ": metadata \"config.self_slice\" = \"", slice->second,
+               "\" is not last or per-layer");
+    c.self_slice = *named;
   }
   return c;
 }

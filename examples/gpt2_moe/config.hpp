@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 #include "moe/config.hpp"
@@ -20,11 +21,17 @@ using moe::Index;
 enum class SelfSlice { last, per_layer };
 inline constexpr std::string_view kSelfSliceNames[] = {"last", "per-layer"};
 inline std::string_view self_slice_name(SelfSlice s) { return kSelfSliceNames[int(s)]; }
-// The slice a name selects; unknown names throw moe::Error naming the name and the valid ones.
-inline SelfSlice parse_self_slice(std::string_view name) {
+// The slice a name selects, if any.
+inline std::optional<SelfSlice> find_self_slice(std::string_view name) {
   for (int i = 0; i < 2; ++i)
     if (name == kSelfSliceNames[i]) return SelfSlice(i);
-  moe::fail("gpt2: unknown self slice '", name, "' (valid: last, per-layer)");
+  return std::nullopt;
+}
+// The same; unknown names throw moe::Error naming the name and the valid ones.
+inline SelfSlice parse_self_slice(std::string_view name) {
+  const std::optional<SelfSlice> slice = find_self_slice(name);
+  moe::check(slice.has_value(), "gpt2: unknown self slice '", name, "' (valid: last, per-layer)");
+  return *slice;
 }
 
 struct Config {
