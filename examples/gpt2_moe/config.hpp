@@ -1,7 +1,9 @@
 // examples/gpt2_moe/config.hpp: the shape of a GPT-2 MoE model, and the two named configs.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <optional>
 #include <string_view>
 
@@ -23,7 +25,7 @@ inline constexpr std::string_view kSelfSliceNames[] = {"last", "per-layer"};
 inline std::string_view self_slice_name(SelfSlice s) { return kSelfSliceNames[int(s)]; }
 // The slice a name selects, if any.
 inline std::optional<SelfSlice> find_self_slice(std::string_view name) {
-  for (int i = 0; i < 2; ++i)
+  for (std::size_t i = 0; i < std::size(kSelfSliceNames); ++i)
     if (name == kSelfSliceNames[i]) return SelfSlice(i);
   return std::nullopt;
 }
