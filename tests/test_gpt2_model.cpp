@@ -149,10 +149,32 @@ TEST_CASE("gpt2 model: per-layer self slices give each layer's gate its own N co
   CHECK_FALSE(same_logits(1));
   CHECK(loss_last != loss_per_layer);
 
-  CHECK(gpt2::parse_self_slice("per-layer") == gpt2::SelfSlice::per_layer);
+  CHECK(gpt2::find_self_slice("per-layer") == gpt2::SelfSlice::per_layer);
   CHECK(gpt2::self_slice_name(gpt2::SelfSlice::last) == "last");
-  CHECK_THROWS_WITH_AS(gpt2::parse_self_slice("first"),
-                       doctest::Contains("unknown self slice 'first' (valid: last, per-layer)"), moe::Error);
+  CHECK_FALSE(gpt2::find_self_slice("first").has_value());
+}
+
+TEST_CASE("gpt2 variants by name: self-per-layer is the self FFN with per-layer slices, and named back") {
+  const gpt2::VariantChoice per_layer = gpt2::parse_variant("self-per-layer");
+  CHECK(per_layer.ffn == "self");
+  CHECK(per_layer.self_slice == gpt2::SelfSlice::per_layer);
+  gpt2::Config config = kTinyModel;
+  for (std::string_view name : gpt2::kVariants) {
+    CAPTURE(name);
+    const gpt2::VariantChoice choice = gpt2::parse_variant(name);
+    CHECK(choice.ffn == name);
+    CHECK(choice.self_slice == gpt2::SelfSlice::last);
+    config.self_slice = choice.self_slice;
+    CHECK(gpt2::variant_name(choice.ffn, config) == name);
+    // The slice names only the self FFN: the other gates read no coordinates of their own.
+    config.self_slice = gpt2::SelfSlice::per_layer;
+    CHECK(gpt2::variant_name(choice.ffn, config) == (name == "self" ? "self-per-layer" : name));
+  }
+  CHECK(gpt2::variant_list() == "dense, linear, self, self-per-layer, fixed-random, random");
+  CHECK_THROWS_WITH_AS(gpt2::parse_variant("self-first"),
+                       doctest::Contains("unknown variant 'self-first' (valid: dense, linear, self, self-per-layer, "
+                                         "fixed-random, random)"),
+                       moe::Error);
 }
 
 TEST_CASE("gpt2 model: finite-difference gradients with per-layer self slices") {

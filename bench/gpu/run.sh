@@ -56,7 +56,7 @@
 #   COMPARE_VARIANTS  gates compared (default dense,linear,self,fixed-random,random)
 #   COMPARE_STEPS     optimizer steps per variant (default 200), COMPARE_BATCH sequences of 1024
 #                     tokens per step (default 8): 200 x 8 x 1024 = 1.6M tokens per variant
-#   COMPARE_ARGS      extra arguments of gpt2_moe compare, split at spaces (e.g. '--self-slice per-layer')
+#   COMPARE_ARGS      extra arguments of gpt2_moe compare, split at spaces (e.g. '--route-from-residual')
 #   ATTENTION         materialized (default) or fused: the GPT-2 attention of bench_gpt2 (read by the
 #                     binary) and of compare (gpt2_moe --attention)
 #   PYTHON            the python with torch 2.x and transformers (default python3)

@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <iterator>
 #include <optional>
+#include <string>
 #include <string_view>
 
+#include "../common/variants.hpp"
 #include "moe/config.hpp"
 
 namespace gpt2 {
@@ -18,8 +20,8 @@ using moe::Index;
 //   last:      every layer the last N, [H - N, H) (the paper's eq. 5, and the default);
 //   per_layer: layer l its own N, counting down from the end: [H - N(l + 1), H - N l), starting at the
 //              end again after H / N layers (the paper's section 2.2: "different layers could use
-//              different coordinate subsets"). An ablation: with `last`, one coordinate that runs
-//              high in every layer's input wins every layer's routing.
+//              different coordinate subsets"). An ablation (the variant self-per-layer, below): with
+//              `last`, one coordinate that runs high in every layer's input wins every layer's routing.
 enum class SelfSlice { last, per_layer };
 inline constexpr std::string_view kSelfSliceNames[] = {"last", "per-layer"};
 inline std::string_view self_slice_name(SelfSlice s) { return kSelfSliceNames[int(s)]; }
@@ -28,12 +30,6 @@ inline std::optional<SelfSlice> find_self_slice(std::string_view name) {
   for (std::size_t i = 0; i < std::size(kSelfSliceNames); ++i)
     if (name == kSelfSliceNames[i]) return SelfSlice(i);
   return std::nullopt;
-}
-// The same; unknown names throw moe::Error naming the name and the valid ones.
-inline SelfSlice parse_self_slice(std::string_view name) {
-  const std::optional<SelfSlice> slice = find_self_slice(name);
-  moe::check(slice.has_value(), "gpt2: unknown self slice '", name, "' (valid: last, per-layer)");
-  return *slice;
 }
 
 struct Config {
@@ -75,5 +71,39 @@ struct Config {
     moe::check(hidden % heads == 0, "gpt2: hidden = ", hidden, " is not divisible by heads = ", heads);
   }
 };
+
+// ---- variants by name --------------------------------------------------------------------------
+// gpt2_moe's variants: the examples' five FFNs (examples::kVariants) and self-per-layer, the self
+// FFN with Config::self_slice = per_layer. Logs, reports and checkpoint file names use these names,
+// so the two self variants train, and are reported, side by side (one compare, or `report --from`
+// over runs made apart); a checkpoint keeps the FFN ("self") and the slice (config.self_slice).
+inline constexpr std::string_view kSelfPerLayer = "self-per-layer";
+
+struct VariantChoice {
+  std::string ffn;  // one of examples::kVariants
+  SelfSlice self_slice = SelfSlice::last;
+};
+
+// "dense, linear, self, self-per-layer, fixed-random, random", for the errors.
+inline std::string variant_list() {
+  std::string list;
+  for (std::string_view v : examples::kVariants) {
+    (list += list.empty() ? "" : ", ") += v;
+    if (v == "self") (list += ", ") += kSelfPerLayer;
+  }
+  return list;
+}
+
+// The FFN and slice a name selects; unknown names throw moe::Error naming it and the valid ones.
+inline VariantChoice parse_variant(std::string_view name) {
+  if (name == kSelfPerLayer) return {"self", SelfSlice::per_layer};
+  moe::check(examples::known_variant(name), "gpt2: unknown variant '", name, "' (valid: ", variant_list(), ")");
+  return {std::string(name), SelfSlice::last};
+}
+
+// The name of FFN `ffn` built with `config`: what parse_variant takes back to them.
+inline std::string variant_name(std::string_view ffn, const Config& config) {
+  return std::string(ffn == "self" && config.self_slice == SelfSlice::per_layer ? kSelfPerLayer : ffn);
+}
 
 }  // namespace gpt2

@@ -7,6 +7,7 @@
 //   gpt2_moe tokenize --data corpus/ --tokenizer gpt2-bpe --out shards/
 //
 // Every error is one line on stderr naming the file or flag, and a non-zero exit.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -34,7 +35,7 @@ namespace {
 namespace fs = std::filesystem;
 
 const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "heads", "ffn", "context", "experts",
-                                              "top-k", "route-from-residual", "self-slice", "seed"};
+                                              "top-k", "route-from-residual", "seed"};
 const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumulation", "lr", "warmup",
                                               "weight-decay", "clip", "eval-every", "eval-tokens", "stats-tokens",
                                               "checkpoint-every", "threads", "data", "tokenizer", "out",
@@ -42,7 +43,9 @@ const std::vector<std::string> kTrainFlags = {"steps", "batch", "seq", "accumula
 
 cli::Parser make_parser() {
   std::vector<cli::Flag> flags = {
-      {"variant", "NAME", "the FFN: dense, linear, self, fixed-random or random", "self"},
+      {"variant", "NAME",
+       "the FFN: dense, linear, self, self-per-layer (self-routing, layer l reading the N coordinates before "
+       "layer l-1's, from the end), fixed-random or random", "self"},
       {"variants", "LIST", "comma-separated variants to compare", "self,linear,random"},
       {"config", "NAME", "model size: small (4 x 128, bytes) or gpt2-small (12 x 768, GPT-2 BPE)", "small"},
       {"layers", "N", "override the config's number of blocks", ""},
@@ -53,9 +56,6 @@ cli::Parser make_parser() {
       {"experts", "N", "experts per MoE layer N", "8"},
       {"top-k", "K", "experts per token k", "2"},
       {"route-from-residual", "", "gates read the residual stream before ln_2 instead of ln_2's output", ""},
-      {"self-slice", "NAME",
-       "the self gate's coordinates: last (every layer the last N, the paper's) or per-layer (layer l the N "
-       "before layer l-1's, from the end)", "last"},
       {"seed", "N", "model initialisation and data order", "1337"},
       {"seeds", "LIST",
        "compare: repeat the comparison for each of these seeds (e.g. 1337,1338,1339); the report gives mean ± std "
@@ -124,7 +124,6 @@ gpt2::Config model_config(const cli::Parser& args) {
   config.experts = args.get_int("experts", config.experts, 1, 1 << 12);
   config.top_k = args.get_int("top-k", config.top_k, 1, 1 << 12);
   config.route_from_residual = args.get_switch("route-from-residual");
-  config.self_slice = gpt2::parse_self_slice(args.get("self-slice", "last"));
   config.seed = std::uint64_t(args.get_int("seed", std::int64_t(config.seed), 0));
   config.validate();
   return config;
@@ -256,22 +255,25 @@ int run_train(const cli::Parser& args) {
     gpt2::Session session = gpt2::make_session(device, precision, header.variant, header.config,
                                                {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
     session.load(file);
-    std::fprintf(stderr, "resuming %s from step %lld of %lld on %s (%s)\n", header.variant.c_str(), (long long)step,
+    const std::string name = gpt2::variant_name(header.variant, header.config);
+    std::fprintf(stderr, "resuming %s from step %lld of %lld on %s (%s)\n", name.c_str(), (long long)step,
                  (long long)options.steps, session.trainer->description().c_str(), data.description.c_str());
-    const gpt2::TrainResult r = gpt2::train(*session.trainer, session.save, data, options, step, header.variant,
+    const gpt2::TrainResult r = gpt2::train(*session.trainer, session.save, data, options, step, name,
                                             options_metadata(options));
     print_result(r, options.checkpoint);
     train::print_peak_memory();
     return 0;
   }
-  const gpt2::Config config = model_config(args);
   const std::string variant = args.get("variant", "self");
+  const gpt2::VariantChoice choice = gpt2::parse_variant(variant);
+  gpt2::Config config = model_config(args);
+  config.self_slice = choice.self_slice;
   gpt2::TrainOptions options = train_options(args, config, 500);
   const gpt2::Dataset data =
       gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
   const fs::path out = args.get("out", "runs/train");
   options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
-  gpt2::Session session = gpt2::make_session(device, precision, variant, config,
+  gpt2::Session session = gpt2::make_session(device, precision, choice.ffn, config,
                                              {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
   gpt2::Trainer& trainer = *session.trainer;
   std::fprintf(stderr, "training %s on %s: %lld parameters (%lld in routers), %lld steps of %lld x %lld tokens on %s\n",
@@ -289,8 +291,7 @@ std::string model_description(const gpt2::Config& config) {
   std::ostringstream model;
   model << config.layers << " layers, hidden " << config.hidden << ", " << config.heads << " heads, context "
         << config.context << ", " << config.experts << " experts (F = " << config.ffn << "), top-" << config.top_k
-        << (config.route_from_residual ? ", gates read the residual stream" : "")
-        << (config.self_slice == gpt2::SelfSlice::per_layer ? ", self-routing slices per layer" : "");
+        << (config.route_from_residual ? ", gates read the residual stream" : "");
   return model.str();
 }
 
@@ -329,13 +330,16 @@ Comparison compare_variants(const cli::Parser& args, const std::string& command,
   options.data_seed = config.seed;
   Comparison c;
   for (const std::string& variant : variants) {
+    const gpt2::VariantChoice choice = gpt2::parse_variant(variant);
+    gpt2::Config built = config;
+    built.self_slice = choice.self_slice;
     options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
     // Same seed: the tensors the variants share start equal.
-    gpt2::Session session = gpt2::make_session(device, precision, variant, config,
+    gpt2::Session session = gpt2::make_session(device, precision, choice.ffn, built,
                                                {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
     c.where = session.trainer->description();
     c.results.push_back(to_report(
-        gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), config));
+        gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), built));
   }
   report::write_routing_report(out, c.results, compare_report_options(command, config, options, data, c.where));
   return c;
@@ -348,7 +352,12 @@ int run_compare(const cli::Parser& args) {
   precision_of(args, device);  // checked before the data loads
   attention_of(args, device);
   const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
-  for (const std::string& v : variants) gpt2::with_variant<float>(v, [](auto) { return 0; });  // names checked first
+  for (std::size_t i = 0; i < variants.size(); ++i) {  // names checked first
+    gpt2::parse_variant(variants[i]);
+    moe::check(std::find(variants.begin(), variants.begin() + std::ptrdiff_t(i), variants[i]) ==
+                   variants.begin() + std::ptrdiff_t(i),
+               "gpt2_moe compare: --variants lists '", variants[i], "' twice");
+  }
   moe::check(!(args.has("seed") && args.has("seeds")), "gpt2_moe compare: give --seed or --seeds, not both");
   const std::vector<std::uint64_t> seeds =
       args.has("seeds") ? report::parse_seeds(args.get_list("seeds", ""), "gpt2_moe compare")

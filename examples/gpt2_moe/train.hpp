@@ -73,7 +73,7 @@ struct TrainOptions {
 };
 
 struct TrainResult {
-  std::string variant;
+  std::string variant;  // its name: gpt2::variant_name (self-per-layer where the self gate reads per-layer slices)
   std::int64_t steps = 0, tokens = 0;  // optimizer steps run in this call; tokens trained on
   double train_loss = NAN;             // last step's
   double val_loss = NAN;
@@ -170,7 +170,7 @@ inline TrainResult train(Trainer& trainer, const Checkpointer& save_state, const
   if (trainer.is_moe()) trainer.collect_routing_stats(false);
   const train::Schedule schedule = options.schedule();
   TrainResult result;
-  result.variant = std::string(trainer.variant());
+  result.variant = variant_name(trainer.variant(), trainer.config());  // self-per-layer for per-layer slices
   result.parameters = trainer.parameter_count();
   result.router_parameters = trainer.router_parameter_count();
 

@@ -66,17 +66,21 @@ grep -q "^| self | .* ± " "$work/seeds.log" || fail "compare --seeds printed no
 grep -q "^| variant − linear |" "$work/seeds.log" || fail "compare --seeds printed no differences from linear"
 grep -q '"seeds": \[7, 8\]' "$work/seeds/summary.json" || fail "summary.json lacks the seeds"
 grep -q "seed 8" "$work/seeds/seed-8/report.md" || fail "seed-8's report does not name its seed"
-# A comparison run apart (as GPU sessions run the gates): another gate with the same budget in its
-# own folder, then one report of both runs.
-"$bin" compare --variants linear --steps 3 --warmup 1 "${tiny[@]}" --data "$work/corpus" --no-checkpoint \
-  --out "$work/apart" >"$work/apart.log" 2>&1 || fail "compare (apart): $(tail -3 "$work/apart.log")"
+# A comparison run apart (as GPU sessions run the gates): other gates with the same budget in their
+# own folder, then one report of both runs. self-per-layer sits beside the first run's self (the
+# same model description: the slices are in the variant's name).
+"$bin" compare --variants linear,self-per-layer --steps 3 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
+  --no-checkpoint --out "$work/apart" >"$work/apart.log" 2>&1 || fail "compare (apart): $(tail -3 "$work/apart.log")"
 "$bin" report --from "$work/the report,$work/apart" --out "$work/merged" >"$work/merged.log" 2>&1 ||
   fail "report --from: $(tail -3 "$work/merged.log")"
-for v in self random dense linear; do
+for v in self random dense linear self-per-layer; do
   grep -q "^| $v " "$work/merged/report.md" || fail "the merged report lacks $v: $(cat "$work/merged/report.md")"
 done
-[[ -s $work/merged/heatmap_linear.svg && -s $work/merged/heatmap_self.svg ]] || fail "the merged report drew no heatmaps"
-grep -q -- "--variants linear" "$work/merged/report.md" || fail "the merged report lacks the second run's command"
+for v in linear self self-per-layer; do
+  [[ -s $work/merged/heatmap_$v.svg ]] || fail "the merged report drew no heatmap of $v"
+done
+grep -q -- "--variants linear,self-per-layer" "$work/merged/report.md" ||
+  fail "the merged report lacks the second run's command"
 
 # ---- devices: the GPU's code on the host (--device emulated), bf16 with fp32 master weights,
 # resumed on the CPU; a compare there too ----
@@ -90,13 +94,17 @@ grep -q "on emulated CUDA device (host loops), bf16" "$work/emulated.log" ||
 grep -q "from step 2 of 3 on cpu" "$work/emulated_resume.log" ||
   fail "the CPU resume did not start at step 2: $(cat "$work/emulated_resume.log")"
 # Per-layer self slices: kept in the device checkpoint, and the CPU resume builds the same gates.
-"$bin" train --variant self --self-slice per-layer --device emulated --precision bf16 --steps 2 --warmup 1 \
+"$bin" train --variant self-per-layer --device emulated --precision bf16 --steps 2 --warmup 1 \
   "${tiny[@]}" --data "$work/corpus" --out "$work/slices" >"$work/slices.log" 2>&1 ||
-  fail "train --self-slice per-layer: $(tail -3 "$work/slices.log")"
-head -c 4096 "$work/slices/self.safetensors" | grep -aq '"config.self_slice": *"per-layer"' ||
+  fail "train --variant self-per-layer: $(tail -3 "$work/slices.log")"
+head -c 4096 "$work/slices/self-per-layer.safetensors" | grep -aq '"config.self_slice": *"per-layer"' ||
   fail "the checkpoint does not record the per-layer slices"
-"$bin" train --resume "$work/slices/self.safetensors" --steps 3 --data "$work/corpus" \
+head -c 4096 "$work/slices/self-per-layer.safetensors" | grep -aq '"variant": *"self"' ||
+  fail "the checkpoint does not hold the self FFN"
+"$bin" train --resume "$work/slices/self-per-layer.safetensors" --steps 3 --data "$work/corpus" \
   >"$work/slices_resume.log" 2>&1 || fail "CPU resume with per-layer slices: $(tail -3 "$work/slices_resume.log")"
+grep -q "resuming self-per-layer from step 2 of 3" "$work/slices_resume.log" ||
+  fail "the resume does not name the per-layer variant: $(head -3 "$work/slices_resume.log")"
 "$bin" compare --variants self,dense --device emulated --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
   --no-checkpoint --out "$work/emulated_report" >"$work/emulated_compare.log" 2>&1 ||
   fail "compare --device emulated: $(tail -3 "$work/emulated_compare.log")"
@@ -126,8 +134,10 @@ expect_error "a seed twice" "--seeds lists 5 twice" compare --seeds 5,6,5
 expect_error "bad seed" "--seeds item 'x' is not a non-negative integer" compare --seeds 5,x
 expect_error "seed and seeds" "give --seed or --seeds, not both" compare --seed 1 --seeds 5,6
 expect_error "unknown device" "--device must be cpu, cuda or emulated" train --device gpu --data "$work/corpus"
-expect_error "unknown self slice" "unknown self slice 'first' (valid: last, per-layer)" train --self-slice first \
-  --data "$work/corpus"
+expect_error "unknown variant's list" "(valid: dense, linear, self, self-per-layer, fixed-random, random)" \
+  train --variant self-first --data "$work/corpus"
+expect_error "a variant twice" "--variants lists 'self' twice" compare --variants self,linear,self
+expect_error "the retired slice flag" "unknown flag --self-slice" train --self-slice per-layer --data "$work/corpus"
 expect_error "unknown precision" "--precision must be fp32, tf32 or bf16" train --precision fp16 --data "$work/corpus"
 expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train --precision bf16 --data "$work/corpus"
 expect_error "bad integer" "--steps expects an integer" train --steps ten
