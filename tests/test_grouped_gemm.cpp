@@ -267,4 +267,12 @@ TEST_CASE("grouped gemm: shapes the tiles cannot take are refused with the shape
   CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("swiglu: 2N rows of W"));
   q.n = 64, q.epilogue = Epilogue::bias, q.bias = w.data();
   CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("swiglu is its own epilogue"));
+  // The GPU's grid holds 65535 row tiles: every device refuses more (the layer goes per expert).
+  q = p;
+  q.groups = 1, q.max_rows = (65535 - 1) * 128;
+  CHECK_NOTHROW(moe::cuda::check_grouped_gemm(q, 128));
+  q.max_rows += 1;
+  CHECK_THROWS_WITH(moe::cuda::check_grouped_gemm(q, 128), doctest::Contains("needs more than 65535 tiles of 128 rows"));
+  CHECK(moe::cuda::grouped_gemm_detail::rows_fit((65535 - 8) * 128, 8));
+  CHECK_FALSE(moe::cuda::grouped_gemm_detail::rows_fit((65535 - 8) * 128 + 1, 8));
 }

@@ -286,6 +286,8 @@ class MoELayer {
   bool can_run_routed(ConstMatrixView<Scalar> input, bool keep) const {
     if constexpr (has_routed_inference()) {
       if (keep && !has_routed_training()) return false;
+      if constexpr (requires { B::routed_rows_fit(Index{}, Index{}); })
+        if (!B::routed_rows_fit(input.rows * config_.top_k, config_.experts)) return false;
       return experts_.can_infer_routed(backend_, input);
     }
     return false;

@@ -720,6 +720,9 @@ class BasicBackend {
   }
   // Whether the grouped GEMM can gather its rows from x: 16-byte rows (its copies' unit).
   static bool routed_input_fits(ConstMatrixView<S> x) { return rows_copyable(x.data, x.stride); }
+  // Whether one launch holds a forward's T*k slots over N experts (its grid's row tiles); past
+  // that (about 8.35M slots) the layer takes the per-expert path.
+  static bool routed_rows_fit(Index slots, Index experts) { return grouped_gemm_detail::rows_fit(slots, experts); }
   // The layer's combine (combine(rows, plan, weights, y)) folded into the last routed product:
   // GroupedGemm's combine, the same bits with no pass of its own over the T*k rows.
   struct RoutedSum {

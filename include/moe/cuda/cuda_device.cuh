@@ -32,6 +32,7 @@
 #include "moe/activations.hpp"
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
+#include "moe/cuda/cuda_error.cuh"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
 #include "moe/cuda/hopper_grouped_gemm.cuh"
@@ -40,19 +41,6 @@
 #include "moe/cuda/reference_gemm.hpp"
 
 namespace moe::cuda {
-
-// A failure reported by the CUDA runtime or cuBLAS (not a bad argument: those throw moe::Error).
-struct CudaError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-inline void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) throw CudaError(std::string("moe: CUDA error in ") + what + ": " + cudaGetErrorString(status));
-}
-inline void check_cublas(cublasStatus_t status, const char* what) {
-  if (status != CUBLAS_STATUS_SUCCESS)
-    throw CudaError(std::string("moe: cuBLAS error in ") + what + ": " + cublasGetStatusString(status));
-}
 
 // One thread per index, grid-stride so any n fits any grid.
 template <class Body>
@@ -637,7 +625,10 @@ class CudaDevice {
   template <class S>
   void gemm_group(std::span<const BlasGemm<S>> products) const {
     for (const BlasGemm<S>& g : products) check_group_member(g);
-    const int lanes = int(products.size()) < context_->gemm_lanes ? int(products.size()) : context_->gemm_lanes;
+    // The reference engine's products are launches on the stream: no side lane would run one.
+    const int lanes = context_->engine == BlasEngine::reference              ? 1
+                      : int(products.size()) < context_->gemm_lanes ? int(products.size())
+                                                                     : context_->gemm_lanes;
     if (lanes <= 1) {
       for (const BlasGemm<S>& g : products) gemm_on(g, context_->main);
       return;
@@ -651,8 +642,19 @@ class CudaDevice {
         check_cuda(cudaStreamWaitEvent(context.side[std::size_t(l)].stream, context.fork), "cudaStreamWaitEvent (fork)");
     }
     std::vector<const BlasGemm<S>*> declined;
-    for (std::size_t i = 0; i < products.size(); ++i)
-      if (!gemm_on(products[i], context.side[i % std::size_t(lanes)])) declined.push_back(&products[i]);
+    try {
+      for (std::size_t i = 0; i < products.size(); ++i)
+        if (!gemm_on(products[i], context.side[i % std::size_t(lanes)])) declined.push_back(&products[i]);
+    } catch (...) {
+      // What was queued on the lanes still runs: the stream's later work (a scratch's regrowth,
+      // a free) must wait for it even though the group failed.
+      for (int l = 0; l < lanes; ++l) {
+        Lane& lane = context.side[std::size_t(l)];
+        if (cudaEventRecord(lane.done, lane.stream) == cudaSuccess) cudaStreamWaitEvent(stream(), lane.done);
+      }
+      cudaGetLastError();  // the failure being thrown is the one to report
+      throw;
+    }
     {
       const auto timed = context.host_times.time(HostCall::launch);  // the join's event calls
       for (int l = 0; l < lanes; ++l) {
@@ -881,14 +883,14 @@ class CudaDevice {
         plan = LtPlan{status == CUBLAS_STATUS_SUCCESS && found > 0, heuristic.algo};
         context_->lt_plans.insert(key, *plan);
       }
-      if (!plan->found) return declined();
+      if (!plan->found) return declined(lane);
       const auto [a, b, c] = layouts(g.n, g.k);
       const float alpha = 1, beta = g.accumulate ? 1 : 0;  // C is D: accumulate adds in place
       const cublasStatus_t status =
           cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c, c.handle, g.c,
                          c.handle, &plan->algo, context_->lt_workspace(lane), workspace_bytes, lane.stream);
       // Declined arguments are checked before anything is queued.
-      if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) return declined();
+      if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) return declined(lane);
       check_cublas(status, "cublasLtMatmul");
       return true;
     }
@@ -927,8 +929,9 @@ class CudaDevice {
     cublasLtMatmulAlgo_t algo{};
   };
   using LtPlans = PlanCache<18, LtPlan>;
-  bool declined() const {
-    ++context_->lt_fallbacks;
+  // Counted on the stream only: a product declined on a side lane is tried there again.
+  bool declined(const Lane& lane) const {
+    if (&lane == &context_->main) ++context_->lt_fallbacks;
     return false;
   }
 
@@ -959,16 +962,19 @@ class CudaDevice {
       check_cuda(cudaGetDevice(&device), "cudaGetDevice");
       check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
       main.stream = stream;
-      check_cublas(cublasCreate(&main.handle), "cublasCreate");
-      check_cublas(cublasSetStream(main.handle, stream), "cublasSetStream");
-      check_cublas(cublasLtCreate(&lt), "cublasLtCreate");
+      try {  // a constructor that throws runs no destructor: undo what was made
+        check_cublas(cublasCreate(&main.handle), "cublasCreate");
+        check_cublas(cublasSetStream(main.handle, stream), "cublasSetStream");
+        check_cublas(cublasLtCreate(&lt), "cublasLtCreate");
+      } catch (...) {
+        release(main);
+        throw;
+      }
     }
     ~Context() {
       for (Lane& lane : side) {
         if (lane.stream) cudaStreamSynchronize(lane.stream);
-        release(lane);
-        if (lane.done) cudaEventDestroy(lane.done);
-        if (lane.stream) cudaStreamDestroy(lane.stream);
+        destroy(lane);
       }
       if (fork) cudaEventDestroy(fork);
       release(main);
@@ -990,12 +996,24 @@ class CudaDevice {
     void make_lanes(int count) {
       if (!fork) check_cuda(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "cudaEventCreate");
       while (int(side.size()) < count) {
-        Lane& lane = side.emplace_back();
-        check_cuda(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "cudaStreamCreate");
-        check_cuda(cudaEventCreateWithFlags(&lane.done, cudaEventDisableTiming), "cudaEventCreate");
-        check_cublas(cublasCreate(&lane.handle), "cublasCreate");
-        check_cublas(cublasSetStream(lane.handle, lane.stream), "cublasSetStream");
+        // Made whole before it joins `side` (a half-made lane, should a call fail, is undone).
+        Lane lane;
+        try {
+          check_cuda(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+          check_cuda(cudaEventCreateWithFlags(&lane.done, cudaEventDisableTiming), "cudaEventCreate");
+          check_cublas(cublasCreate(&lane.handle), "cublasCreate");
+          check_cublas(cublasSetStream(lane.handle, lane.stream), "cublasSetStream");
+          side.push_back(lane);
+        } catch (...) {
+          destroy(lane);
+          throw;
+        }
       }
+    }
+    static void destroy(Lane& lane) {
+      release(lane);
+      if (lane.done) cudaEventDestroy(lane.done);
+      if (lane.stream) cudaStreamDestroy(lane.stream);
     }
     Context(const Context&) = delete;
     Context& operator=(const Context&) = delete;
@@ -1004,7 +1022,7 @@ class CudaDevice {
         // The old workspace may still be read by queued work on the stream: wait before freeing.
         check_cuda(cudaStreamSynchronize(main.stream), "cudaStreamSynchronize");
         if (temp) cudaFree(temp);
-        temp = nullptr;
+        temp = nullptr, temp_bytes = 0;  // so that a failed allocation leaves no size without memory
         check_cuda(cudaMalloc(&temp, bytes), "cudaMalloc (sort workspace)");
         temp_bytes = bytes;
       }
@@ -1021,7 +1039,7 @@ class CudaDevice {
       if (bytes > scratch_bytes) {
         check_cuda(cudaStreamSynchronize(main.stream), "cudaStreamSynchronize");
         if (scratch_data) cudaFree(scratch_data);
-        scratch_data = nullptr;
+        scratch_data = nullptr, scratch_bytes = 0;  // as workspace(): a failed allocation leaves none
         const std::size_t grown = bytes + bytes / 4;
         check_cuda(cudaMalloc(&scratch_data, grown), "cudaMalloc (scratch)");
         scratch_bytes = grown;

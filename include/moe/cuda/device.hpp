@@ -381,6 +381,8 @@ T butterfly(T (&lanes)[kRowLanes], Combine combine) {
 //   warp.load_a(a, p, ld)          Warp::ARows, bf16: A(r, k) = p[r * ld + k]
 //   warp.load_b(b, p, ld)          Warp::BRows, bf16: B(k, c) = p[k * ld + c]
 //   warp.load_bt(b, p, ld)         Warp::BCols, bf16: B(k, c) = p[c * ld + k] (B given by the rows of its transpose)
+//                                  the three bf16 loads read the warp's staging only (ldmatrix on the GPU): the
+//                                  emulated device refuses a tile outside it
 //   warp.mma(acc, a, b)            acc += A B over the 16 k, products and sums in float
 // An accumulator also works in registers, element by element, so a softmax over its rows needs no
 // trip through the staging (the fused attention's scores). Warp::Rows holds a float per row of a

@@ -181,8 +181,8 @@ class EmulatedWarp {
     bool empty() const { return open.empty() && committed.empty(); }
   };
 
-  EmulatedWarp(unsigned char* staging, InFlight* in_flight, LaneTurns turns = {})
-      : staging_(staging), in_flight_(in_flight), turns_(turns) {}
+  EmulatedWarp(unsigned char* staging, std::size_t staging_bytes, InFlight* in_flight, LaneTurns turns = {})
+      : staging_(staging), staging_bytes_(staging_bytes), in_flight_(in_flight), turns_(turns) {}
   unsigned char* staging() const { return staging_; }
   void sync() const {}  // one sequence of steps: every read is done before the next write
   template <class F>
@@ -232,16 +232,19 @@ class EmulatedWarp {
   }
   void load_a(ARows& a, const bfloat16* p, Index ld) const {
     check_tile(p, ld, sizeof(bfloat16), "load_a");
+    check_staged(p, ld, kTileSize, "load_a");
     for (int r = 0; r < kTileSize; ++r)
       for (int k = 0; k < kTileSize; ++k) a.v[r * kTileSize + k] = float(p[r * ld + k]);
   }
   void load_b(BRows& b, const bfloat16* p, Index ld) const {
     check_tile(p, ld, sizeof(bfloat16), "load_b");
+    check_staged(p, ld, kTileSize, "load_b");
     for (int k = 0; k < kTileSize; ++k)
       for (int c = 0; c < kTileSize; ++c) b.v[k * kTileSize + c] = float(p[k * ld + c]);
   }
   void load_bt(BCols& b, const bfloat16* p, Index ld) const {
     check_tile(p, ld, sizeof(bfloat16), "load_bt");
+    check_staged(p, ld, kTileSize, "load_bt");
     for (int k = 0; k < kTileSize; ++k)
       for (int c = 0; c < kTileSize; ++c) b.v[k * kTileSize + c] = float(p[c * ld + k]);
   }
@@ -297,7 +300,16 @@ class EmulatedWarp {
     check(ld >= kTileSize && (std::size_t(ld) * element) % 16 == 0, "for_each_warp: ", what, " with ld = ", ld,
           " (at least 16, and a multiple of 16 bytes)");
   }
+  // The GPU's bf16 tile loads are ldmatrix, which reads shared memory only: the tile's 16 rows of
+  // 16 elements must lie in this warp's staging (a global pointer would read garbage there).
+  void check_staged(const bfloat16* p, Index ld, Index rows, const char* what) const {
+    const auto* begin = reinterpret_cast<const unsigned char*>(p);
+    const auto* end = reinterpret_cast<const unsigned char*>(p + (rows - 1) * ld + kTileSize);
+    check(begin >= staging_ && end <= staging_ + staging_bytes_, "for_each_warp: ", what,
+          " reads a tile outside the warp's staging (bf16 tiles load from the staging only: ldmatrix on the GPU)");
+  }
   unsigned char* staging_;
+  std::size_t staging_bytes_;
   InFlight* in_flight_;
   LaneTurns turns_;
 };
@@ -499,7 +511,7 @@ struct EmulatedDevice {
     Warp::InFlight in_flight;
     for (Index i = 0; i < count; ++i) {
       std::memset(staging.get(), emulated_detail::kPoison, bytes);
-      body(order[i], Warp(staging.get(), &in_flight, lane_turns()));
+      body(order[i], Warp(staging.get(), staging_bytes, &in_flight, lane_turns()));
       check(in_flight.empty(), "for_each_warp: warp ", order[i], " returned with copies in flight (",
             in_flight.committed.size(), " committed batches, ", in_flight.open.size(),
             " uncommitted copies): they would land in the next warp's staging");

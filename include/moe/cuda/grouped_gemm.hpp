@@ -139,6 +139,11 @@ MOE_HOST_DEVICE inline Tile tile_of(const Index* offsets, Index groups, Index ti
 // sum_g ceil(rows_g / kTileRows) <= ceil(sum_g rows_g / kTileRows) + groups.
 inline Index tiles_bound(Index max_rows, Index groups) { return (max_rows + kTileRows - 1) / kTileRows + groups; }
 
+// The most row tiles a launch takes: the GPU grid's y dimension (the column tiles run along x).
+inline constexpr Index kMaxRowTiles = 65535;
+// Whether a launch over up to `max_rows` rows in `groups` groups fits the grid (about 8.35M rows).
+inline bool rows_fit(Index max_rows, Index groups) { return tiles_bound(max_rows, groups) <= kMaxRowTiles; }
+
 // Outputs a tile's BN columns of W make: BN, or BN/2 with swiglu (a gate and an up column each).
 template <class S>
 MOE_HOST_DEVICE Index tile_outputs(const GroupedGemm<S>& p, int block_n) {
@@ -307,6 +312,9 @@ void check_grouped_gemm(const GroupedGemm<S>& p, int block_n) {
         "grouped_gemm: N = ", p.n, " must be a multiple of ", outputs, p.swiglu ? " (swiglu: half a tile)" : "",
         " and K = ", p.k, " of ", grouped_gemm_detail::kStageK);
   check(p.max_rows >= 0 && (p.max_rows == 0 || (p.a && p.w && p.out)), "grouped_gemm: A, W and out must be set");
+  check(grouped_gemm_detail::rows_fit(p.max_rows, p.groups), "grouped_gemm: max_rows = ", p.max_rows, " in ", p.groups,
+        " groups needs more than ", grouped_gemm_detail::kMaxRowTiles, " tiles of ", grouped_gemm_detail::kTileRows,
+        " rows");
   check(p.lda >= p.k && p.ldc >= p.n && p.w_stride >= w_rows * p.k, "grouped_gemm: lda = ", p.lda, ", ldc = ", p.ldc,
         ", w_stride = ", p.w_stride, " are too small for N = ", p.n, ", K = ", p.k, p.swiglu ? " (swiglu: 2N rows of W)" : "");
   check(!p.swiglu || (p.epilogue == Epilogue::none && !p.aux && !p.combine.y),

@@ -25,6 +25,7 @@
 
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
+#include "moe/cuda/cuda_error.cuh"
 #include "moe/cuda/grouped_gemm.hpp"
 #include "moe/cuda/per_device.hpp"
 
@@ -283,6 +284,11 @@ __global__ void __launch_bounds__(grouped_gemm_detail::kThreads, MinBlocks) grou
       *reinterpret_cast<std::uint32_t*>(p.aux + row * p.ldaux + c) = std::uint32_t(v0.aux.bits) | (std::uint32_t(v1.aux.bits) << 16);
   }
   if (p.combine.y) combine_rows<BN>(p, tile, warpgroup, thread, n0);
+#elif defined(__CUDA_ARCH__)
+  // Device code built without sm_90a has no kernel here. grouped_gemm_available() keeps the host
+  // from launching it, but a program whose translation units were built for different
+  // architectures could still reach this copy: stop loudly rather than leave `out` unwritten.
+  __trap();
 #endif
 }
 
@@ -298,34 +304,46 @@ __global__ void probe_wgmma_kernel(int* built_for_wgmma) {
 }  // namespace hopper_detail
 
 // Whether this program's device code was built for sm_90a (and so holds the wgmma kernel) and
-// the current device runs it. Asked once per device (a launch and a sync).
+// the current device runs it. Asked once per device (a launch and a sync). A failing runtime call
+// throws CudaError and is asked again next time (PerDevice keeps only answers).
 inline bool grouped_gemm_available() {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM probe)");
   static PerDevice<bool>& available = *new PerDevice<bool>;  // never destroyed
   return available.get(device, [device] {
     int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
     if (major != 9 || minor != 0) return false;
     int* flag = nullptr;
-    int host = 0;
-    if (cudaMalloc(&flag, sizeof(int)) != cudaSuccess) return false;
-    // The flag starts at 0, so a launch that did not run cannot pass for one that did. The launch's
-    // own status, not cudaGetLastError's: that would also take (and clear) an earlier error of the
-    // caller's. A build without code for this device fails here with "no kernel image", an answer
-    // rather than an error, so that status (which the runtime also keeps as its last error) is cleared.
-    void* args[] = {&flag};
-    cudaError_t launched = cudaMemset(flag, 0, sizeof(int));
-    if (launched == cudaSuccess) {
-      launched = cudaLaunchKernel(reinterpret_cast<const void*>(&hopper_detail::probe_wgmma_kernel<>), dim3(1), dim3(1),
-                                  args, 0, nullptr);
-      if (launched != cudaSuccess) cudaGetLastError();
+    check_cuda(cudaMalloc(&flag, sizeof(int)), "cudaMalloc (grouped GEMM probe)");
+    const auto probe = [&] {
+      // The flag starts at 0, so a launch that did not run cannot pass for one that did. The
+      // launch's own status, not cudaGetLastError's: that would also take (and clear) an earlier
+      // error of the caller's. A build without code for this device fails with "no kernel image",
+      // an answer rather than an error; its status, which the runtime also keeps as its last
+      // error, is cleared.
+      check_cuda(cudaMemset(flag, 0, sizeof(int)), "cudaMemset (grouped GEMM probe)");
+      void* args[] = {&flag};
+      const cudaError_t launched = cudaLaunchKernel(reinterpret_cast<const void*>(&hopper_detail::probe_wgmma_kernel<>),
+                                                    dim3(1), dim3(1), args, 0, nullptr);
+      if (launched == cudaErrorNoKernelImageForDevice || launched == cudaErrorInvalidDeviceFunction) {
+        cudaGetLastError();
+        return false;
+      }
+      check_cuda(launched, "the grouped GEMM probe's launch");
+      int host = 0;
+      check_cuda(cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost), "cudaMemcpy (grouped GEMM probe)");
+      return host == 1;
+    };
+    try {
+      const bool answer = probe();
+      cudaFree(flag);
+      return answer;
+    } catch (...) {
+      cudaFree(flag);
+      throw;
     }
-    const bool ok =
-        launched == cudaSuccess && cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
-    cudaFree(flag);
-    return ok && host == 1;
   });
 }
 
@@ -341,21 +359,20 @@ void grouped_gemm(cudaStream_t stream, const GroupedGemm<bfloat16>& p) {
   if (p.max_rows == 0) return;
   constexpr std::size_t bytes = hopper_detail::kSharedBytes<BN, Stages>;
   const auto kernel = hopper_detail::grouped_gemm_kernel<BN, Stages, MinBlocks>;
-  // The attribute is the current device's (checked above: it can run the kernel).
+  // The attribute is the current device's (checked above: it can run the kernel). Set once per
+  // device; a failure throws and is tried again next time.
   int device = 0;
-  check(cudaGetDevice(&device) == cudaSuccess, "grouped_gemm: cudaGetDevice failed");
-  static PerDevice<cudaError_t>& sizes = *new PerDevice<cudaError_t>;  // never destroyed
-  const cudaError_t sized = sizes.get(device, [kernel] {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM)");
+  static PerDevice<bool>& sized = *new PerDevice<bool>;  // never destroyed
+  sized.get(device, [kernel] {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+               "cudaFuncSetAttribute (the grouped GEMM's shared memory)");
+    return true;
   });
-  check(sized == cudaSuccess, "grouped_gemm: cudaFuncSetAttribute (", bytes, " bytes of shared memory): ",
-        cudaGetErrorString(sized));
-  const Index tiles = grouped_gemm_detail::tiles_bound(p.max_rows, p.groups);
-  check(tiles < 65536, "grouped_gemm: ", p.max_rows, " rows need more than 65535 row tiles");
+  const Index tiles = grouped_gemm_detail::tiles_bound(p.max_rows, p.groups);  // < 65536: check_grouped_gemm
   const Index column_tiles = p.n / grouped_gemm_detail::tile_outputs(p, BN);
   kernel<<<dim3(unsigned(column_tiles), unsigned(tiles)), grouped_gemm_detail::kThreads, bytes, stream>>>(p);
-  const cudaError_t launched = cudaGetLastError();
-  check(launched == cudaSuccess, "grouped_gemm: launch: ", cudaGetErrorString(launched));
+  check_cuda(cudaGetLastError(), "the grouped GEMM's launch");
 }
 
 }  // namespace moe::cuda
