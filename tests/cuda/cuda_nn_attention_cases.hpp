@@ -102,6 +102,9 @@ Results device_attention(const std::vector<float>& qkv, const std::vector<float>
   moe::cuda::nn::attention_backward<S>(device, moe::ConstMatrixView<S>(view(d_dout)),
                                        moe::ConstMatrixView<S>(view(d_qkv)), d_att.data(), B, T, heads, causal,
                                        view(d_dqkv), block, into);
+  // Operands below 16-byte alignment (T = 17 and such) go as strided batches, never as the pointer batches the GPU
+  // would run one product at a time (the emulated device counts those).
+  if constexpr (requires { device.slow_pointer_batches(); }) CHECK(device.slow_pointer_batches() == 0);
   return {to_host(device, d_out.data(), d_out.size()), to_host(device, d_att.data(), d_att.size()),
           to_host(device, d_dqkv.data(), d_dqkv.size())};
 }

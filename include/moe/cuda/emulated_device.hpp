@@ -471,6 +471,9 @@ struct EmulatedDevice {
   std::uint64_t launch_count() const { return state_->launch_count; }
   // Waits for the stream so far (download, synchronize): each one drains a GPU's queue.
   std::uint64_t sync_count() const { return state_->sync_count; }
+  // Batches by pointer arrays below kBatchedAlignment so far: the GPU device runs each of those one
+  // product at a time after downloading the arrays (a wait), so the library's callers avoid them.
+  std::uint64_t slow_pointer_batches() const { return state_->slow_pointer_batches; }
   // Device allocations so far, by every emulated device (each a cudaMalloc on a GPU, and a
   // cudaFree later: both wait for the whole device).
   static std::uint64_t allocation_count() { return emulated_detail::Allocations::instance().made(); }
@@ -525,6 +528,7 @@ struct EmulatedDevice {
     check_blas_gemm(g);
     check_gemm_memory(g);
     ++state_->launch_count;
+    if (g.pointer_batch() && g.array_alignment < kBatchedAlignment) ++state_->slow_pointer_batches;
     for (Index q = 0; q < g.batch; ++q)
       for (Index j = 0; j < g.n; ++j)
         for (Index i = 0; i < g.m; ++i) reference_gemm_element(g, q, i, j);
@@ -675,6 +679,7 @@ struct EmulatedDevice {
     ExpertGemm expert_gemm = ExpertGemm::per_expert;
     std::uint64_t launches = 0;  // shuffled launches: what the shuffles draw from
     std::uint64_t launch_count = 0;
+    std::uint64_t slow_pointer_batches = 0;
     std::uint64_t sync_count = 0;
     std::unique_ptr<unsigned char, Free> scratch;
     std::size_t scratch_size = 0;
