@@ -424,13 +424,32 @@ struct Preference {
 };
 }  // namespace lt_detail
 
-// Why this process can use no CUDA device, or "" when it can: none found, or the runtime's own
-// error (a driver older than the CUDA runtime, no access to /dev/nvidia*), named as it names it.
+namespace cuda_device_detail {
+// Built for the same architectures as every other kernel of the translation unit that asks.
+template <int = 0>
+__global__ void image_probe_kernel() {}
+}  // namespace cuda_device_detail
+
+// Why this process can use no CUDA device, or "" when it can: none found, the runtime's own error
+// (a driver older than the CUDA runtime, no access to /dev/nvidia*), named as it names it, or a
+// current device this program's GPU code was not built for (say sm_90a code on another GPU), which
+// would otherwise surface at the first launch as "no kernel image".
 inline std::string no_device_reason() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
-  return count > 0 ? std::string() : std::string("no CUDA device found");
+  if (count == 0) return "no CUDA device found";
+  cudaFuncAttributes attributes{};
+  const cudaError_t image =
+      cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(&cuda_device_detail::image_probe_kernel<>));
+  if (image == cudaSuccess) return {};
+  cudaGetLastError();  // an answer, not an error to leave for the next check
+  int device = 0, major = 0, minor = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return "this program's GPU code does not run on device " + std::to_string(device) + " (compute capability " +
+         std::to_string(major) + "." + std::to_string(minor) + "): " + cudaGetErrorString(image);
 }
 
 class CudaDevice {
