@@ -12,6 +12,7 @@
 
 #include <string_view>
 
+#include "attention_kernel.hpp"
 #include "moe/config.hpp"
 
 namespace examples {
@@ -44,6 +45,17 @@ inline void check_precision(Device device, Precision precision) {
              " needs --device cuda (the CPU trains in fp32)");
   moe::check(device != Device::emulated || precision != Precision::tf32,
              "--precision tf32 needs --device cuda (the emulated device has no TF32)");
+}
+// --attention chooses between the device models' two attentions: the CPU has one.
+inline void check_attention(Device device, AttentionKernel attention) {
+  moe::check(device != Device::cpu || attention == kDefaultAttention, "--attention ", attention_name(attention),
+             " needs --device cuda or emulated (the CPU has one attention)");
+}
+// The attention a run on `device` takes from --attention (`given`: its value, null when the flag is
+// absent: the default); the flag itself is refused on the CPU, whatever it names.
+inline AttentionKernel attention_from_flag(const std::string_view* given, Device device) {
+  moe::check(!given || device != Device::cpu, "--attention needs --device cuda or emulated (the CPU has one attention)");
+  return given ? parse_attention(*given) : kDefaultAttention;
 }
 
 }  // namespace examples

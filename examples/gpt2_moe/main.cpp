@@ -204,7 +204,9 @@ report::VariantResult to_report(const gpt2::TrainResult& r, const gpt2::Config& 
                {"val ppl", format_fixed(std::exp(r.val_loss), 2)},
                {"tokens/s", train::format_count(r.tokens_per_second)}};
   v.values = {{"val loss", r.val_loss, 4}, {"val ppl", std::exp(r.val_loss), 2}, {"tokens/s", r.tokens_per_second, 0}};
-  if (r.device_memory_bytes > 0)  // a device run: the memory it held (buffers only grow: the peak)
+  // A device run: the GPU memory in use at its end (cudaMemGetInfo: the CUDA context and any other process
+  // included). Its buffers only grow, so its own part of that is its peak.
+  if (r.device_memory_bytes > 0)
     v.metrics.push_back({"device memory", format_fixed(double(r.device_memory_bytes) / (1 << 30), 1) + " GiB"});
   v.is_moe = r.variant != "dense";
   v.layers = r.routing;
@@ -220,11 +222,9 @@ gpt2::Precision precision_of(const cli::Parser& args, gpt2::Device device) {
 }
 
 examples::AttentionKernel attention_of(const cli::Parser& args, gpt2::Device device) {
-  const std::string fallback(examples::attention_name(examples::kDefaultAttention));
-  const examples::AttentionKernel kernel = examples::parse_attention(args.get("attention", fallback));
-  moe::check(!args.has("attention") || device != gpt2::Device::cpu,
-             "--attention needs --device cuda or emulated (the CPU has one attention)");
-  return kernel;
+  const std::string value = args.get("attention", "");
+  const std::string_view given = value;
+  return examples::attention_from_flag(args.has("attention") ? &given : nullptr, device);
 }
 
 void print_result(const gpt2::TrainResult& r, const fs::path& checkpoint) {
@@ -238,6 +238,7 @@ int run_train(const cli::Parser& args) {
   const gpt2::Device device = device_of(args);
   const gpt2::Precision precision = precision_of(args, device);
   if (args.has("resume")) {
+    gpt2::check_session(device, precision, attention_of(args, device));  // before the data loads
     const fs::path file = args.get("resume", "");
     const gpt2::CheckpointHeader header = gpt2::read_checkpoint_header(file);
     const std::int64_t step = examples::checkpoint::parse_count(file.string(), header.metadata, "step");
@@ -266,6 +267,7 @@ int run_train(const cli::Parser& args) {
   }
   const std::string variant = args.get("variant", "self");
   const gpt2::VariantChoice choice = gpt2::parse_variant(variant);
+  gpt2::check_session(device, precision, attention_of(args, device));  // before the data loads
   gpt2::Config config = model_config(args);
   config.self_slice = choice.self_slice;
   gpt2::TrainOptions options = train_options(args, config, 500);
@@ -349,8 +351,7 @@ int run_compare(const cli::Parser& args) {
   const std::string& command = args.command_line();
   gpt2::Config config = model_config(args);
   const gpt2::Device device = device_of(args);
-  precision_of(args, device);  // checked before the data loads
-  attention_of(args, device);
+  gpt2::check_session(device, precision_of(args, device), attention_of(args, device));  // before the data loads
   const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
   for (std::size_t i = 0; i < variants.size(); ++i) {  // names checked first
     gpt2::parse_variant(variants[i]);

@@ -97,19 +97,32 @@ class HostMirror {
 
 }  // namespace session_detail
 
+// Throws moe::Error naming the flag for a device, precision and attention that cannot run together
+// (bf16 or another attention on the CPU, tf32 on the emulated device, cuda in a build without CUDA
+// or on a machine without a usable GPU): what make_session refuses, asked before the data loads.
+inline void check_session(Device device, Precision precision, examples::AttentionKernel attention) {
+  examples::check_precision(device, precision);
+  examples::check_attention(device, attention);
+  if (device == Device::cuda) {
+#if MOE_GPT2_CUDA
+    std::string why;
+    moe::check(cuda_available(&why), "--device cuda: ", why);
+#else
+    moe::fail("--device cuda: this gpt2_moe was built without CUDA (configure with nvcc on the PATH, or "
+              "-DMOE_ENABLE_CUDA=ON)");
+#endif
+  }
+}
+
 // A trainer of `variant` on `device` in `precision`, with its checkpoint I/O. (--device cuda
 // exists in programs compiled with MOE_GPT2_CUDA=1 and linked with cuda_trainer.cu.) Throws moe::Error
-// naming the flag for a combination that cannot run (bf16 on the CPU, cuda in a build without
-// CUDA or on a machine without a GPU).
+// naming the flag for a combination that cannot run (check_session).
 inline Session make_session(Device device, Precision precision, std::string_view variant, const Config& config,
                             const moe::nn::AdamWConfig& adamw,
                             examples::AttentionKernel attention = examples::kDefaultAttention) {
+  check_session(device, precision, attention);
   Session session;
   if (device == Device::cpu) {
-    moe::check(precision == Precision::fp32, "--precision ", precision_name(precision),
-               " needs --device cuda (the CPU trains in fp32)");
-    moe::check(attention == examples::kDefaultAttention, "--attention ", examples::attention_name(attention),
-               " needs --device cuda or emulated (the CPU has one attention)");
     with_variant<float>(variant, [&](auto tag) {
       using M = typename decltype(tag)::type;
       auto owned = std::make_unique<OwningTrainer<M>>(config, adamw);
@@ -128,12 +141,8 @@ inline Session make_session(Device device, Precision precision, std::string_view
   if (device == Device::cuda) {
 #if MOE_GPT2_CUDA
     session.trainer = make_cuda_trainer(variant, config, adamw, precision, attention);
-#else
-    moe::fail("--device cuda: this gpt2_moe was built without CUDA (configure with nvcc on the PATH, or "
-              "-DMOE_ENABLE_CUDA=ON)");
 #endif
   } else {
-    moe::check(precision != Precision::tf32, "--precision tf32 needs --device cuda (the emulated device has no TF32)");
     session.trainer = make_device_trainer(variant, config, adamw, precision, moe::cuda::EmulatedDevice{}, attention);
   }
   auto mirror = std::make_shared<session_detail::HostMirror>(std::string(variant), config, adamw);

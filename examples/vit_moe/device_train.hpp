@@ -45,6 +45,7 @@ struct Run {
   std::map<std::string, std::string> metadata{};  // into every checkpoint
   Device device = Device::cpu;
   Precision precision = Precision::fp32;
+  examples::AttentionKernel attention = examples::kDefaultAttention;  // the device models' (run_device.hpp)
   std::string announce{};  // printed to stderr once the model is ready (after the resume's load), if any
 };
 
@@ -62,7 +63,7 @@ TrainResult train_on_device(const Run& run, const Data& data, D device) {
     return with_variant_on<moe::cuda::BasicBackend<S, D>>(run.variant, [&](auto tag) {
       using M = typename decltype(tag)::type;
       using Host = typename M::template OnBackend<moe::cpu::BasicBackend<float>>;
-      M model(run.config, typename M::Ops(device));
+      M model(run.config, typename M::Ops(device, run.attention));
       auto optimizer = model.ops().make_optimizer(adamw_config(run.options));
       Host host(run.config, typename Host::Ops(1));  // the checkpoints' host copy
       moe::nn::AdamW<float> host_optimizer = make_optimizer(run.options);
@@ -87,6 +88,7 @@ TrainResult train_on_device(const Run& run, const Data& data, D device) {
       std::fprintf(stderr, "vit_moe: %s on %s\n", run.variant.c_str(), model.ops().description().c_str());
       TrainResult result = train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
       result.device_memory_bytes = model.ops().memory_in_use();
+      result.trained_on = model.ops().description();
       return result;
     });
   };

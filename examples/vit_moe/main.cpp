@@ -33,7 +33,7 @@ const std::vector<std::string> kModelFlags = {"config", "layers", "hidden", "hea
                                               "patch",  "experts", "top-k", "seed"};
 const std::vector<std::string> kTrainFlags = {"steps", "epochs", "batch", "lr", "warmup", "weight-decay", "clip",
                                               "augment", "eval-every", "eval-images", "checkpoint-every", "threads",
-                                              "data", "out", "no-checkpoint", "device", "precision"};
+                                              "data", "out", "no-checkpoint", "device", "precision", "attention"};
 
 cli::Parser make_parser() {
   std::vector<cli::Flag> flags = {
@@ -69,6 +69,9 @@ cli::Parser make_parser() {
       {"device", "NAME", "cpu, cuda (the GPU) or emulated (the GPU's code on the host, slow: for tests)", "cpu"},
       {"precision", "NAME", "fp32, tf32 or bf16 (bf16 and tf32: --device cuda; bf16 keeps fp32 master weights)",
        "fp32 on cpu, bf16 on cuda"},
+      {"attention", "NAME",
+       "device runs: fused (bf16, head sizes 32/64/128; elsewhere materialized) or materialized (keeps the "
+       "[B, heads, T, T] probabilities)", "materialized"},
       {"data", "DIR",
        "folder with the four MNIST-style IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; plain or .gz)",
@@ -256,7 +259,9 @@ report::VariantResult to_report(const vit::TrainResult& r, const vit::Config& co
   v.metrics = {{"test top-1", report::format_fixed(r.test.accuracy, 4)},
                {"test loss", report::format_fixed(r.test.loss, 4)}};
   v.trailing_metrics = {{"images/s", train::format_count(r.images_per_second)}};
-  if (r.device_memory_bytes > 0)  // a device run: the memory it held (buffers only grow: the peak)
+  // A device run: the GPU memory in use at its end (cudaMemGetInfo: the CUDA context and any other process
+  // included). Its buffers only grow, so its own part of that is its peak.
+  if (r.device_memory_bytes > 0)
     v.trailing_metrics.push_back(
         {"device memory", report::format_fixed(double(r.device_memory_bytes) / (1 << 30), 2) + " GiB"});
   v.values = {{"test top-1", r.test.accuracy, 4}, {"test loss", r.test.loss, 4}, {"images/s", r.images_per_second, 0}};
@@ -274,11 +279,12 @@ void print_result(const vit::TrainResult& r, const fs::path& checkpoint) {
     std::fprintf(stderr, "device memory in use after training: %.2f GiB\n", double(r.device_memory_bytes) / (1 << 30));
 }
 
-// The device and precision flags (a device run defaults to bf16, the CPU to fp32), checked together
-// before any data is read.
+// The device, precision and attention flags (a device run defaults to bf16, the CPU to fp32),
+// checked together before any data is read.
 struct Where {
   examples::Device device;
   examples::Precision precision;
+  examples::AttentionKernel attention;
 };
 Where where_of(const cli::Parser& args) {
   const examples::Device device = examples::parse_device(args.get("device", "cpu"));
@@ -286,8 +292,11 @@ Where where_of(const cli::Parser& args) {
                                             ? examples::parse_precision(args.get("precision", ""))
                                             : examples::default_precision(device);
   examples::check_precision(device, precision);
+  const std::string attention = args.get("attention", "");
+  const std::string_view given = attention;
+  const examples::AttentionKernel kernel = examples::attention_from_flag(args.has("attention") ? &given : nullptr, device);
   vit::check_device(device);
-  return {device, precision};
+  return {device, precision, kernel};
 }
 
 std::string describe(const vit::Config& c, bool with_seed = true) {
@@ -333,7 +342,8 @@ int run_train(const cli::Parser& args) {
     const vit::TrainResult r = vit::train_run({.variant = header.variant, .config = header.config, .options = options,
                                                .start_step = step, .resume = file, .label = header.variant,
                                                .metadata = options_metadata(options), .device = where.device,
-                                               .precision = where.precision, .announce = announce},
+                                               .precision = where.precision, .attention = where.attention,
+                                               .announce = announce},
                                               data);
     print_result(r, options.checkpoint);
     train::print_peak_memory();
@@ -357,7 +367,8 @@ int run_train(const cli::Parser& args) {
   });
   const vit::TrainResult r =
       vit::train_run({.variant = variant, .config = config, .options = options, .label = variant,
-                      .metadata = options_metadata(options), .device = where.device, .precision = where.precision},
+                      .metadata = options_metadata(options), .device = where.device, .precision = where.precision,
+                      .attention = where.attention},
                      data);
   print_result(r, options.checkpoint);
   train::print_peak_memory();
@@ -389,6 +400,7 @@ report::ReportOptions compare_report_options(const std::string& command, const v
                           "; accuracy and routing statistics on the test split" +
                           (runs.empty() ? std::string() : " (" + std::to_string(runs.front().test.images) + " images)");
   report_options.corpus = data.description;
+  if (!runs.empty()) report_options.trained_on = runs.front().trained_on;  // empty on the CPU: not said
   report_options.notes = "Model: " + describe(config) + "." +
                          (moe_blocks.empty() ? std::string()
                                              : " Layer i of the routing pictures and files is the i-th MoE block "
@@ -411,7 +423,7 @@ std::vector<report::VariantResult> compare_variants(const cli::Parser& args, con
     options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
     runs.push_back(vit::train_run({.variant = variant, .config = config, .options = options, .label = variant,
                                    .metadata = options_metadata(options), .device = where.device,
-                                   .precision = where.precision},
+                                   .precision = where.precision, .attention = where.attention},
                                   data));
     results.push_back(to_report(runs.back(), config));
   }

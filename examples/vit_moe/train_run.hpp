@@ -31,6 +31,7 @@ inline void check_device(Device device) {
 // for a combination that cannot run (bf16 on the CPU, cuda in a build without CUDA or without a GPU).
 inline TrainResult train_run(const Run& run, const Data& data) {
   examples::check_precision(run.device, run.precision);
+  examples::check_attention(run.device, run.attention);
   check_device(run.device);
   if (run.device == Device::cpu) {
     return with_variant<float>(run.variant, [&](auto tag) {

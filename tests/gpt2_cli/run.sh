@@ -139,7 +139,12 @@ expect_error "unknown variant's list" "(valid: dense, linear, self, self-per-lay
 expect_error "a variant twice" "--variants lists 'self' twice" compare --variants self,linear,self
 expect_error "the retired slice flag" "unknown flag --self-slice" train --self-slice per-layer --data "$work/corpus"
 expect_error "unknown precision" "--precision must be fp32, tf32 or bf16" train --precision fp16 --data "$work/corpus"
-expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train --precision bf16 --data "$work/corpus"
+# Refused before the data loads (a missing corpus would be the error otherwise).
+expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train --precision bf16 --data "$work/no-corpus"
+expect_error "tf32 on the emulated device" "--precision tf32 needs --device cuda" compare --device emulated \
+  --precision tf32 --data "$work/no-corpus"
+expect_error "bf16 on the CPU, resumed" "--precision bf16 needs --device cuda" train --resume "$work/no.safetensors" \
+  --precision bf16
 expect_error "bad integer" "--steps expects an integer" train --steps ten
 expect_error "missing value" "--steps needs a value" train --steps
 expect_error "SelfRoute N > H" "hidden size H = 32" train --experts 64 --hidden 32 --heads 2 --data "$work/corpus"

@@ -110,6 +110,12 @@ grep -q "from step 6 of 8" "$work/dev_cpu.log" || fail "resume on the CPU: $(cat
 "$bin" train --resume "$work/run/self.safetensors" --steps 14 --data "$work/data" --device emulated --precision bf16 \
   --out "$work/dev_bf16" >"$work/dev_bf16.log" 2>&1 || fail "resume in bf16: $(tail -3 "$work/dev_bf16.log")"
 grep -q "bf16 (fp32 master weights)" "$work/dev_bf16.log" || fail "resume in bf16: $(cat "$work/dev_bf16.log")"
+# The fused attention in bf16 (head size 32 fits it), as --device cuda would run it; the report says where.
+"$bin" compare --variants linear --steps 3 --layers 2 --hidden 64 --heads 2 --ffn 24 --patch 4 --threads 2 \
+  --data "$work/data" --experts 4 --batch 16 --warmup 1 --device emulated --precision bf16 --attention fused \
+  --no-checkpoint --out "$work/fused" >"$work/fused.log" 2>&1 || fail "compare --attention fused: $(tail -3 "$work/fused.log")"
+grep -q "Trained on emulated CUDA device.*bf16.*fused attention where it fits" "$work/fused/report.md" ||
+  fail "the fused run's report does not say where it trained: $(grep -i trained "$work/fused/report.md")"
 
 # ---- bad input ----
 expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
@@ -117,6 +123,9 @@ expect_error "unknown device" "--device must be cpu, cuda or emulated" train "${
 expect_error "bf16 on the CPU" "--precision bf16 needs --device cuda" train "${tiny[@]}" --precision bf16
 expect_error "tf32 emulated" "--precision tf32 needs --device cuda" compare "${tiny[@]}" --device emulated --precision tf32
 expect_error "cuda without a GPU or CUDA" "--device cuda" train "${tiny[@]}" --steps 4 --device cuda
+expect_error "attention on the CPU" "--attention needs --device cuda or emulated" train "${tiny[@]}" --attention fused
+expect_error "unknown attention" "--attention must be fused or materialized, got 'flash'" train "${tiny[@]}" \
+  --device emulated --attention flash
 expect_error "unknown flag" "unknown flag --colour" train --colour red
 expect_error "flag of another subcommand" "--variants does not apply" train --variants self
 expect_error "unknown variant" "unknown variant 'learned'" train --variant learned --data "$work/data"
