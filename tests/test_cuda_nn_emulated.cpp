@@ -53,9 +53,10 @@ TEST_CASE("cuda warp tiles: the emulated device refuses what the tensor cores' l
     CHECK_NOTHROW(load_at(16, 24));
     CHECK_THROWS_WITH_AS(load_at(8, 24), doctest::Contains("load_a at an address aligned to 16 bytes"), moe::Error);
     CHECK_THROWS_WITH_AS(load_at(0, 20), doctest::Contains("load_a with ld = 20"), moe::Error);
-    // bf16 tiles come from the staging only (ldmatrix): the last row must end inside its 4096 bytes.
-    CHECK_NOTHROW(load_at(2048 - 15 * 24 - 24, 24));
-    CHECK_THROWS_WITH_AS(load_at(2048 - 15 * 24 - 8, 24), doctest::Contains("load_a reads a tile outside the warp's staging"),
+    // bf16 tiles come from the staging only (ldmatrix): the last row must end inside its 4096 bytes (2048 bf16),
+    // here exactly at its end, then 16 elements past it.
+    CHECK_NOTHROW(load_at(2048 - 15 * 16 - 16, 16));
+    CHECK_THROWS_WITH_AS(load_at(2048 - 15 * 16, 16), doctest::Contains("load_a reads a tile outside the warp's staging"),
                          moe::Error);
     moe::cuda::DeviceArray<moe::bfloat16, cuda_test::TestDevice> global(16 * 16);
     const moe::bfloat16* in_memory = global.data();

@@ -104,7 +104,10 @@ Results device_attention(const std::vector<float>& qkv, const std::vector<float>
                                        view(d_dqkv), block, into);
   // Operands below 16-byte alignment (T = 17 and such) go as strided batches, never as the pointer batches the GPU
   // would run one product at a time (the emulated device counts those).
-  if constexpr (requires { device.slow_pointer_batches(); }) CHECK(device.slow_pointer_batches() == 0);
+  // (A generic lambda: the requirement must depend on a template parameter, or nvcc's CudaDevice fails it eagerly.)
+  [](const auto& d) {
+    if constexpr (requires { d.slow_pointer_batches(); }) CHECK(d.slow_pointer_batches() == 0);
+  }(device);
   return {to_host(device, d_out.data(), d_out.size()), to_host(device, d_att.data(), d_att.size()),
           to_host(device, d_dqkv.data(), d_dqkv.size())};
 }

@@ -444,6 +444,8 @@ inline std::string no_device_reason() {
       cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(&cuda_device_detail::image_probe_kernel<>));
   if (image == cudaSuccess) return {};
   cudaGetLastError();  // an answer, not an error to leave for the next check
+  if (image != cudaErrorNoKernelImageForDevice && image != cudaErrorInvalidDeviceFunction)
+    return std::string(cudaGetErrorName(image)) + ": " + cudaGetErrorString(image);  // busy, out of memory, ...
   int device = 0, major = 0, minor = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
@@ -765,8 +767,9 @@ class CudaDevice {
     if (g.pointer_batch() && g.array_alignment < kBatchedAlignment) {
       // cublasGemmBatchedEx would assume aligned pointers it cannot check (seen on an H200: a
       // misaligned address fault that poisons the context). One cublasGemmEx per product, which
-      // looks at its pointers; reading the arrays waits for the stream. Only odd shapes land here
-      // (attention with a head size or T not a multiple of 8 in bf16, 4 in fp32, ...).
+      // looks at its pointers; reading the arrays waits for the stream. The library's one caller,
+      // attention, sends such shapes (T or the head size not a multiple of 8 in bf16, 4 in fp32)
+      // as strided batches instead (moe/cuda/nn/attention.hpp): this serves other callers.
       std::vector<const S*> a_array(std::size_t(g.k > 0 ? g.batch : 0)), b_array(a_array.size());
       std::vector<S*> c_array(std::size_t(g.batch));
       if (g.k > 0) {
@@ -902,14 +905,14 @@ class CudaDevice {
         plan = LtPlan{status == CUBLAS_STATUS_SUCCESS && found > 0, heuristic.algo};
         context_->lt_plans.insert(key, *plan);
       }
-      if (!plan->found) return declined(lane);
+      if (!plan->found) return declined(g, lane);
       const auto [a, b, c] = layouts(g.n, g.k);
       const float alpha = 1, beta = g.accumulate ? 1 : 0;  // C is D: accumulate adds in place
       const cublasStatus_t status =
           cublasLtMatmul(context_->lt, desc.handle, &alpha, g.a, a.handle, g.b, b.handle, &beta, g.c, c.handle, g.c,
                          c.handle, &plan->algo, context_->lt_workspace(lane), workspace_bytes, lane.stream);
       // Declined arguments are checked before anything is queued.
-      if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) return declined(lane);
+      if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) return declined(g, lane);
       check_cublas(status, "cublasLtMatmul");
       return true;
     }
@@ -948,9 +951,11 @@ class CudaDevice {
     cublasLtMatmulAlgo_t algo{};
   };
   using LtPlans = PlanCache<18, LtPlan>;
-  // Counted on the stream only: a product declined on a side lane is tried there again.
-  bool declined(const Lane& lane) const {
-    if (&lane == &context_->main) ++context_->lt_fallbacks;
+  // Counted once a product: one with an epilogue declined on a side lane is tried again on the
+  // stream (and counted there); a plain one goes to cuBLAS on its lane.
+  template <class S>
+  bool declined(const BlasGemm<S>& g, const Lane& lane) const {
+    if (&lane == &context_->main || g.epilogue == Epilogue::none) ++context_->lt_fallbacks;
     return false;
   }
 

@@ -15,8 +15,9 @@
 // row then counts its arrival, and a token's last row sums its k rows into y (combine_rows).
 //
 // wgmma needs the arch-specific target: compile with -gencode=arch=compute_90a,code=sm_90a
-// (CMAKE_CUDA_ARCHITECTURES 90a). Built for anything else, the kernel is empty and
-// grouped_gemm_available() says false, so callers take another path.
+// (CMAKE_CUDA_ARCHITECTURES 90a). Built for anything else, the kernel's body traps and
+// grouped_gemm_available() says false, so callers take another path (a runtime call that fails
+// while it asks throws CudaError instead).
 #pragma once
 
 #include <cuda_runtime.h>

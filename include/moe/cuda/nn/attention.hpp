@@ -271,7 +271,8 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   const S* dout_all = dout.data;
   S* dqkv_all = dqkv.data;
   const Index ld_qkv = qkv.stride, ld_dout = dout.stride, ld_dqkv = dqkv.stride;
-  // The pointer arrays' room is laid out whether they are made or not: the dS buffer's place does not depend on it.
+  // The pointer arrays' room is laid out whether they are made or not: whether they are made depends on the
+  // alignment of every operand, dS's (in this scratch) included.
   ScratchLayout layout;
   const auto ds_slot = layout.add<S>(pairs * TT);
   const auto a_slot = layout.add<const S*>(calls * pairs), b_slot = layout.add<const S*>(calls * pairs);
