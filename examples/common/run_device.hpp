@@ -51,11 +51,11 @@ inline void check_attention(Device device, AttentionKernel attention) {
   moe::check(device != Device::cpu || attention == kDefaultAttention, "--attention ", attention_name(attention),
              " needs --device cuda or emulated (the CPU has one attention)");
 }
-// The attention a run on `device` takes from --attention (`given`: its value, null when the flag is
-// absent: the default); the flag itself is refused on the CPU, whatever it names.
-inline AttentionKernel attention_from_flag(const std::string_view* given, Device device) {
+// The attention a run on `device` takes from --attention (`given`: whether the flag is there,
+// `value` its value; absent: the default); the flag itself is refused on the CPU, whatever it names.
+inline AttentionKernel attention_from_flag(bool given, std::string_view value, Device device) {
   moe::check(!given || device != Device::cpu, "--attention needs --device cuda or emulated (the CPU has one attention)");
-  return given ? parse_attention(*given) : kDefaultAttention;
+  return given ? parse_attention(value) : kDefaultAttention;
 }
 
 }  // namespace examples

@@ -222,9 +222,7 @@ gpt2::Precision precision_of(const cli::Parser& args, gpt2::Device device) {
 }
 
 examples::AttentionKernel attention_of(const cli::Parser& args, gpt2::Device device) {
-  const std::string value = args.get("attention", "");
-  const std::string_view given = value;
-  return examples::attention_from_flag(args.has("attention") ? &given : nullptr, device);
+  return examples::attention_from_flag(args.has("attention"), args.get("attention", ""), device);
 }
 
 void print_result(const gpt2::TrainResult& r, const fs::path& checkpoint) {

@@ -292,9 +292,8 @@ Where where_of(const cli::Parser& args) {
                                             ? examples::parse_precision(args.get("precision", ""))
                                             : examples::default_precision(device);
   examples::check_precision(device, precision);
-  const std::string attention = args.get("attention", "");
-  const std::string_view given = attention;
-  const examples::AttentionKernel kernel = examples::attention_from_flag(args.has("attention") ? &given : nullptr, device);
+  const examples::AttentionKernel kernel =
+      examples::attention_from_flag(args.has("attention"), args.get("attention", ""), device);
   vit::check_device(device);
   return {device, precision, kernel};
 }
