@@ -1,17 +1,21 @@
 // examples/vit_moe/device_train.hpp: one variant's training run on a CUDA-backend device D (the
-// GPU's moe::cuda::CudaDevice, the emulated device), through the same train() loop as the CPU's.
-// train_run.hpp picks the device from the command line (--device, --precision:
+// GPU's moe::cuda::CudaDevice, the emulated device), through the same loop as the CPU's
+// (train_loop.hpp). train_run.hpp picks the device from the command line (--device, --precision:
 // examples/common/run_device.hpp); cuda_train.cu, compiled by nvcc, instantiates this for the GPU.
 //
-// A device model's checkpoints go through a host copy: a CPU model and AdamW of the same variant
-// and config, filled from the device's fp32 state (master weights for bf16) and written by
-// save_checkpoint; a resume reads into the copy and uploads. So a checkpoint trained on the GPU
-// resumes on the CPU and the other way round.
+// A device model's checkpoints go through a host copy (HostCopy): a CPU model and AdamW of the
+// same variant and config, filled from the device's fp32 state (master weights for bf16) and
+// written by save_checkpoint; a resume reads into the copy and uploads. So a checkpoint trained on
+// the GPU resumes on the CPU and the other way round. The copy is built by the host's code
+// (train_run.hpp) and reached here through an interface only: nvcc's translation unit never sees
+// the CPU model or Eigen, whose inline functions main.cpp compiles with other flags.
 #pragma once
 
 #include <cstdio>
 #include <filesystem>
+#include <cstdint>
 #include <map>
+#include <memory>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -20,10 +24,9 @@
 #include "../common/host_state.hpp"
 #include "../common/nn_ops_cuda.hpp"
 #include "../common/run_device.hpp"
-#include "checkpoint.hpp"
-#include "cpu_model.hpp"
+#include "model.hpp"
 #include "moe/bfloat16.hpp"
-#include "train.hpp"
+#include "train_loop.hpp"
 
 #ifndef MOE_VIT_CUDA
 #define MOE_VIT_CUDA 0
@@ -49,6 +52,22 @@ struct Run {
   std::string announce{};  // printed to stderr once the model is ready (after the resume's load), if any
 };
 
+// The checkpoints' host side of a device run: a CPU model and its AdamW of the run's variant and
+// config (train_run.hpp's make_host_copy), seen as fp32 tensors in the CPU model's names and order.
+class HostCopy {
+ public:
+  virtual ~HostCopy() = default;
+  // Views of the copy's parameters (model.parameters() of the CPU model), to fill or read.
+  virtual std::vector<moe::ParamRef<float>> parameters() = 0;
+  // Reads a checkpoint into the copy and sets *routing_step (the Random gate's counter); returns
+  // true and the optimizer's state in *optimizer when the file holds it.
+  virtual bool load(const std::filesystem::path& path, examples::OptimizerState* optimizer,
+                    std::uint64_t* routing_step) = 0;
+  // Writes the copy's parameters, `optimizer` and `routing_step` as a checkpoint with `metadata`.
+  virtual void save(const std::filesystem::path& path, examples::OptimizerState optimizer, std::uint64_t routing_step,
+                    const std::map<std::string, std::string>& metadata) = 0;
+};
+
 namespace detail {
 inline void announce(const Run& run) {
   if (!run.announce.empty()) std::fprintf(stderr, "%s\n", run.announce.c_str());
@@ -56,37 +75,35 @@ inline void announce(const Run& run) {
 }  // namespace detail
 
 // `run` on device D (moe::cuda::CudaDevice or EmulatedDevice) in the run's precision: the model
-// starts from the CPU model's initial values (as S stores them), or from run.resume.
+// starts from the CPU model's initial values (as S stores them), or from run.resume through
+// `host`, which also writes its checkpoints.
 template <class D>
-TrainResult train_on_device(const Run& run, const Data& data, D device) {
+TrainResult train_on_device(const Run& run, const Data& data, D device, HostCopy& host) {
   const auto build = [&]<class S>(std::type_identity<S>) {
     return with_variant_on<moe::cuda::BasicBackend<S, D>>(run.variant, [&](auto tag) {
       using M = typename decltype(tag)::type;
-      using Host = typename M::template OnBackend<moe::cpu::BasicBackend<float>>;
       M model(run.config, typename M::Ops(device, run.attention));
       auto optimizer = model.ops().make_optimizer(adamw_config(run.options));
-      Host host(run.config, typename Host::Ops(1));  // the checkpoints' host copy
-      moe::nn::AdamW<float> host_optimizer = make_optimizer(run.options);
       std::vector<moe::ParamRef<S>> params = model.parameters();
       const auto ours = std::span<moe::ParamRef<S>>(params);
       if (!run.resume.empty()) {
-        const CheckpointHeader header = load_checkpoint(run.resume, host, &host_optimizer);
+        examples::OptimizerState state;
+        std::uint64_t routing_step = 0;
+        const bool has_state = host.load(run.resume, &state, &routing_step);
         std::vector<moe::ParamRef<float>> host_params = host.parameters();
-        const examples::OptimizerState state{host_optimizer.step_count(), host_optimizer.m(), host_optimizer.v()};
-        examples::upload_state("vit", model, optimizer, ours, host_params, header.has_optimizer_state ? &state : nullptr);
-        model.set_routing_step(host.routing_step());
+        examples::upload_state("vit", model, optimizer, ours, host_params, has_state ? &state : nullptr);
+        model.set_routing_step(routing_step);
       }
       const Checkpointer write = [&](const std::filesystem::path& path, const std::map<std::string, std::string>& meta) {
         std::vector<moe::ParamRef<float>> host_params = host.parameters();
         examples::OptimizerState state;
         examples::download_state("vit", model, optimizer, ours, host_params, &state);
-        host_optimizer.set_state(state.step, std::move(state.m), std::move(state.v));
-        host.set_routing_step(model.routing_step());
-        save_checkpoint(path, host, &host_optimizer, meta);
+        host.save(path, std::move(state), model.routing_step(), meta);
       };
       detail::announce(run);
       std::fprintf(stderr, "vit_moe: %s on %s\n", run.variant.c_str(), model.ops().description().c_str());
-      TrainResult result = train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
+      TrainResult result =
+          train_loop(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
       result.device_memory_bytes = model.ops().memory_in_use();
       result.trained_on = model.ops().description();
       return result;
@@ -100,7 +117,7 @@ TrainResult train_on_device(const Run& run, const Data& data, D device) {
 // Whether a GPU can run --device cuda (cuda_train.cu); if not, why.
 bool cuda_available(std::string* why_not);
 // train_on_device on the GPU (cuda_train.cu).
-TrainResult train_on_cuda(const Run& run, const Data& data);
+TrainResult train_on_cuda(const Run& run, const Data& data, HostCopy& host);
 #endif
 
 }  // namespace vit

@@ -5,15 +5,62 @@
 //   cuda      the GPU: train_on_cuda (cuda_train.cu, compiled by nvcc where the build has CUDA)
 //   emulated  the GPU's code on the host (moe::cuda::EmulatedDevice): slow, for tests
 //
-// Host code only (main.cpp, the tests): the nvcc translation unit sees device_train.hpp alone.
+// Host code only (main.cpp, the tests): the nvcc translation unit sees device_train.hpp alone, and
+// reaches the device runs' checkpoints through the HostCopy built here.
 #pragma once
 
+#include <filesystem>
+#include <map>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "checkpoint.hpp"
+#include "cpu_model.hpp"
 #include "device_train.hpp"
 #include "moe/cuda/emulated_device.hpp"
+#include "train.hpp"
 
 namespace vit {
+
+namespace detail {
+
+// HostCopy over a CPU model M and its AdamW: checkpoints read and written by checkpoint.hpp.
+template <class M>
+class CpuHostCopy final : public HostCopy {
+ public:
+  CpuHostCopy(const Config& config, const TrainOptions& options)
+      : model_(config, typename M::Ops(1)), optimizer_(make_optimizer(options)) {}
+
+  std::vector<moe::ParamRef<float>> parameters() override { return model_.parameters(); }
+  bool load(const std::filesystem::path& path, examples::OptimizerState* optimizer,
+            std::uint64_t* routing_step) override {
+    const CheckpointHeader header = load_checkpoint(path, model_, &optimizer_);
+    *optimizer = {optimizer_.step_count(), optimizer_.m(), optimizer_.v()};
+    *routing_step = model_.routing_step();
+    return header.has_optimizer_state;
+  }
+  void save(const std::filesystem::path& path, examples::OptimizerState optimizer, std::uint64_t routing_step,
+            const std::map<std::string, std::string>& metadata) override {
+    optimizer_.set_state(optimizer.step, std::move(optimizer.m), std::move(optimizer.v));
+    model_.set_routing_step(routing_step);
+    save_checkpoint(path, model_, &optimizer_, metadata);
+  }
+
+ private:
+  M model_;
+  moe::nn::AdamW<float> optimizer_;
+};
+
+}  // namespace detail
+
+// The host copy of `run`'s model (its variant and config) for a device run's checkpoints.
+inline std::unique_ptr<HostCopy> make_host_copy(const Run& run) {
+  return with_variant<float>(run.variant, [&](auto tag) -> std::unique_ptr<HostCopy> {
+    return std::make_unique<detail::CpuHostCopy<typename decltype(tag)::type>>(run.config, run.options);
+  });
+}
 
 // --device cuda needs a build with CUDA and a usable GPU: refused naming the flag otherwise.
 inline void check_device(Device device) {
@@ -42,9 +89,10 @@ inline TrainResult train_run(const Run& run, const Data& data) {
       return train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
     });
   }
-  if (run.device == Device::emulated) return train_on_device(run, data, moe::cuda::EmulatedDevice{});
+  const std::unique_ptr<HostCopy> host = make_host_copy(run);
+  if (run.device == Device::emulated) return train_on_device(run, data, moe::cuda::EmulatedDevice{}, *host);
 #if MOE_VIT_CUDA
-  return train_on_cuda(run, data);
+  return train_on_cuda(run, data, *host);
 #else
   moe::fail("unreachable: check_device refuses --device cuda here");
 #endif
