@@ -14,6 +14,7 @@
 
 #include "cuda/emulated_test_device.hpp"
 #include "moe/cuda/host_times.hpp"
+#include "moe/cuda/memory_ledger.hpp"
 #include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/per_device.hpp"
 #include "moe/cuda/plan_cache.hpp"
@@ -123,6 +124,44 @@ TEST_CASE("emulated device: allocations and every scratch area start poisoned (N
   auto* again = static_cast<std::int32_t*>(device.scratch(4 * sizeof(std::int32_t)));
   CHECK(again == counts);
   CHECK(again[0] == -1);
+}
+
+TEST_CASE("memory ledger: bytes held now and at most, the peak reset to what is held, extents inside allocations") {
+  moe::cuda::MemoryLedger ledger;
+  alignas(16) static unsigned char a[100], b[300], c[50];
+  ledger.add(a, sizeof a);
+  ledger.add(b, sizeof b);
+  CHECK(ledger.use().in_use == 400);
+  ledger.remove(b);
+  ledger.remove(c);  // not in the ledger: nothing changes
+  ledger.remove(nullptr);
+  moe::cuda::MemoryUse use = ledger.use();
+  CHECK(use.in_use == 100);
+  CHECK(use.peak == 400);
+  CHECK(use.allocations == 2);
+  ledger.reset_peak();
+  CHECK(ledger.use().peak == 100);
+  ledger.add(c, sizeof c);
+  CHECK(ledger.use().peak == 150);
+  CHECK(ledger.inside(a + 10, 90));
+  CHECK_FALSE(ledger.inside(a + 10, 91));  // one past the end
+  CHECK_FALSE(ledger.inside(b, 1));        // freed
+  CHECK(ledger.inside(b, 0));              // nothing to check
+}
+
+TEST_CASE("emulated device: its allocations are in its ledger, as CudaDevice's cudaMallocs are in its own") {
+  using moe::cuda::EmulatedDevice;
+  EmulatedDevice::reset_memory_peak();
+  const moe::cuda::MemoryUse before = EmulatedDevice::memory_use();
+  void* first = EmulatedDevice::allocate(1000);
+  void* second = EmulatedDevice::allocate(3000);
+  EmulatedDevice::deallocate(second);
+  const moe::cuda::MemoryUse after = EmulatedDevice::memory_use();
+  CHECK(after.in_use == before.in_use + 1000);
+  CHECK(after.peak == before.in_use + 4000);
+  CHECK(after.allocations == before.allocations + 2);
+  EmulatedDevice::deallocate(first);
+  CHECK(EmulatedDevice::memory_use().in_use == before.in_use);
 }
 
 TEST_CASE("emulated device: every launch order visits each index once; a racy body gives different bits") {

@@ -156,6 +156,25 @@ TEST_CASE("gpt2 on the emulated device: two training runs give the same bits (fp
   }
 }
 
+TEST_CASE("gpt2 on the emulated device: a run reports its peak device memory, activations included; the CPU none") {
+  const gpt2::Dataset data = tiny_dataset();
+  std::int64_t peaks[2] = {};
+  for (const std::int64_t batch : {2, 4}) {
+    gpt2::TrainOptions options = tiny_options(2);
+    options.batch = batch;
+    gpt2::Session s = session(gpt2::Device::emulated, gpt2::Precision::fp32, "self", options);
+    const gpt2::TrainResult r = gpt2::train(*s.trainer, s.save, data, options);
+    // fp32: each parameter's value, gradient and AdamW's two moments, at least.
+    CHECK(r.device_memory_peak_bytes >= 16 * s.trainer->parameter_count());
+    CHECK(r.device_memory_peak_bytes >= std::int64_t(moe::cuda::EmulatedDevice::memory_use().in_use));
+    peaks[batch / 4] = r.device_memory_peak_bytes;
+  }
+  CHECK(peaks[1] > peaks[0]);  // twice the tokens, more activations: the peak counts them
+  const gpt2::TrainOptions options = tiny_options(1);
+  gpt2::Session cpu = session(gpt2::Device::cpu, gpt2::Precision::fp32, "self", options);
+  CHECK(gpt2::train(*cpu.trainer, cpu.save, data, options).device_memory_peak_bytes == 0);
+}
+
 TEST_CASE("gpt2 on the emulated device: resuming its own checkpoint continues with the same bits, bf16 included") {
   // bf16: the checkpoint holds the fp32 master weights, so the resumed run rounds the same values.
   for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {

@@ -37,7 +37,9 @@
 // step_ms_max beside them, flops_per_token (= 6 P_active + 6 V H + 12 L H T, the formula of
 // torch_gpt2_cuda.py), tflops and mfu (against Peak/bf16_gemm, measured first), device_gib (GPU
 // memory the trainer took: cudaMemGetInfo's use after the steps less its use before the trainer
-// was built, so the CUDA context is not counted; buffers only grow, so this is the peak), loss,
+// was built, so the CUDA context is not counted, cuBLAS's own workspaces are), peak_gib (the most
+// the library's own allocations held at once: moe/cuda/memory_ledger.hpp, as torch's
+// max_memory_allocated counts its tensors), loss,
 // and for MoE max_expert_fraction (the busiest expert's share of a layer's choices in the last
 // step, the worst layer). Then one more step, timed by phase and by kind of device call on the
 // host (time_phases below).
@@ -260,6 +262,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   const gpt2::Config config = gpt2::Config::gpt2_small();
   const Index B = batch_size(), T = kSeq, A = accumulation();
   const std::size_t memory_before = moe::cuda::CudaDevice::memory_in_use();
+  moe::cuda::CudaDevice::reset_memory_peak();  // the last row's trainer is gone: its peak with it
   const auto math = precision == gpt2::Precision::tf32 ? moe::cuda::Fp32Math::tf32 : moe::cuda::Fp32Math::exact;
   const moe::cuda::CudaDevice device(nullptr, math);  // copies share its context: host_times() sees the trainer's calls
   device.set_gemm_lanes(gemm_lanes());
@@ -330,6 +333,7 @@ void train(benchmark::State& state, const std::string& variant, gpt2::Precision 
   state.counters["tflops"] = tokens_per_s * flops / 1e12;
   if (g_peak_tflops > 0) state.counters["mfu"] = tokens_per_s * flops / 1e12 / g_peak_tflops;
   state.counters["device_gib"] = double(moe::cuda::CudaDevice::memory_in_use() - memory_before) / double(1 << 30);
+  state.counters["peak_gib"] = double(moe::cuda::CudaDevice::memory_use().peak) / double(1 << 30);
   state.counters["loss"] = loss;
   state.counters["batch"] = double(B);
   state.counters["accumulation"] = double(A);

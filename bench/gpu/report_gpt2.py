@@ -171,9 +171,9 @@ def main(argv):
           + (" (NOT the same: the x eager / x compile columns compare unlike steps)"
              if ours_batch and torch_batch and ours_batch != torch_batch else ""))
     print()
-    print("| variant | precision | ours tokens/s | step ms | MFU | device GiB | torch eager | torch compile "
-          "| x eager | x compile |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | precision | ours tokens/s | step ms | MFU | device GiB | peak GiB ours / eager | torch eager "
+          "| torch compile | x eager | x compile |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     # The targets' figures: None ("-", NOT met) unless the self/bf16 row ran.
     x_eager_target = x_compile_target = mfu_target = None
     for precision in ("bf16", "tf32"):
@@ -182,16 +182,18 @@ def main(argv):
             if r is None:
                 continue
             if "error" in r:
-                print(f"| {variant} | {precision} | error: {r['error']} | | | | | | | |")
+                print(f"| {variant} | {precision} | error: {r['error']} | | | | | | | | |")
                 continue
             tps = r.get("tokens/s")
-            eager = (torch_entries.get((variant, "eager")) or {}).get("tokens_per_s") if precision == "bf16" else None
+            eager_entry = (torch_entries.get((variant, "eager")) or {}) if precision == "bf16" else {}
+            eager = eager_entry.get("tokens_per_s")
             compiled = (torch_entries.get((variant, "compile")) or {}).get("tokens_per_s") if precision == "bf16" else None
             x_eager = tps / eager if tps and eager else None
             x_compile = tps / compiled if tps and compiled else None
             mfu = r.get("mfu")
             print(f"| {variant} | {precision} | {fmt(tps)} | {fmt(r.get('step_ms'), '{:.1f}')} | "
                   f"{fmt(None if mfu is None else 100 * mfu, '{:.1f}%')} | {fmt(r.get('device_gib'), '{:.1f}')} | "
+                  f"{fmt(r.get('peak_gib'), '{:.1f}')} / {fmt(eager_entry.get('peak_memory_gib'), '{:.1f}')} | "
                   f"{fmt(eager)} | {fmt(compiled)} | {fmt(x_eager, '{:.2f}x')} | {fmt(x_compile, '{:.2f}x')} |")
             if variant == TARGET_VARIANT and precision == "bf16":
                 x_eager_target, x_compile_target, mfu_target = x_eager, x_compile, mfu

@@ -171,11 +171,16 @@ class NnOps<moe::cuda::BasicBackend<S, D>> {
   static moe::Compute<S> clip_factor(double norm, double max_norm) {
     return moe::cuda::nn::clip_factor<moe::Compute<S>>(norm, max_norm);
   }
-  // Device memory in use (bytes) where the device can tell (the GPU: cudaMemGetInfo), else 0.
+  // Device memory in use (bytes) where the device can tell (the GPU: cudaMemGetInfo, every
+  // process and the context included), else 0.
   std::int64_t memory_in_use() const {
     if constexpr (requires { device_.memory_in_use(); }) return std::int64_t(device_.memory_in_use());
     return 0;
   }
+  // The most device memory (bytes) the library's allocations on this kind of device have held at
+  // once since the last reset_memory_peak (moe/cuda/memory_ledger.hpp): the model's own peak.
+  std::int64_t memory_peak() const { return std::int64_t(D::memory_use().peak); }
+  void reset_memory_peak() const { D::reset_memory_peak(); }
 
  private:
   D device_;

@@ -205,9 +205,11 @@ report::VariantResult to_report(const gpt2::TrainResult& r, const gpt2::Config& 
                {"tokens/s", train::format_count(r.tokens_per_second)}};
   v.values = {{"val loss", r.val_loss, 4}, {"val ppl", std::exp(r.val_loss), 2}, {"tokens/s", r.tokens_per_second, 0}};
   // A device run: the GPU memory in use at its end (cudaMemGetInfo: the CUDA context and any other process
-  // included). Its buffers only grow, so its own part of that is its peak.
+  // included), and the most its own allocations held at once while training (the library's ledger).
   if (r.device_memory_bytes > 0)
     v.metrics.push_back({"device memory", format_fixed(double(r.device_memory_bytes) / (1 << 30), 1) + " GiB"});
+  if (r.device_memory_peak_bytes > 0)
+    v.metrics.push_back({"peak allocated", train::format_memory(r.device_memory_peak_bytes)});
   v.is_moe = r.variant != "dense";
   v.layers = r.routing;
   v.routed_tokens = std::uint64_t(r.routed_tokens);
@@ -230,6 +232,9 @@ void print_result(const gpt2::TrainResult& r, const fs::path& checkpoint) {
               std::exp(r.val_loss), r.tokens_per_second, checkpoint.empty() ? "none" : checkpoint.c_str());
   if (r.device_memory_bytes > 0)
     std::fprintf(stderr, "device memory in use after training: %.2f GiB\n", double(r.device_memory_bytes) / (1 << 30));
+  if (r.device_memory_peak_bytes > 0)
+    std::fprintf(stderr, "device memory allocated by the model at its peak: %s\n",
+                 train::format_memory(r.device_memory_peak_bytes).c_str());
 }
 
 int run_train(const cli::Parser& args) {

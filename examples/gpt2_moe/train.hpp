@@ -83,6 +83,7 @@ struct TrainResult {
   std::vector<report::LayerRouting> routing;  // per MoE layer, on held-out tokens; empty for dense
   std::int64_t routed_tokens = 0;
   std::int64_t device_memory_bytes = 0;        // device memory in use after training (0 on the CPU)
+  std::int64_t device_memory_peak_bytes = 0;   // the library's device allocations at their most in this call (0 on the CPU)
 };
 
 namespace detail {
@@ -168,6 +169,7 @@ inline TrainResult train(Trainer& trainer, const Checkpointer& save_state, const
 
   trainer.set_threads(options.threads);
   if (trainer.is_moe()) trainer.collect_routing_stats(false);
+  trainer.reset_device_memory_peak();  // this run's peak: from the model and optimizer as built
   const train::Schedule schedule = options.schedule();
   TrainResult result;
   result.variant = variant_name(trainer.variant(), trainer.config());  // self-per-layer for per-layer slices
@@ -225,6 +227,7 @@ inline TrainResult train(Trainer& trainer, const Checkpointer& save_state, const
   result.seconds = progress.elapsed_seconds();
   result.tokens_per_second = result.seconds > 0 ? double(result.tokens) / result.seconds : 0;
   result.device_memory_bytes = trainer.device_memory_in_use();
+  result.device_memory_peak_bytes = trainer.device_memory_peak();
   save(end_step);
   if (end_step < options.steps) return result;  // interrupted: no final evaluation
 
@@ -243,6 +246,7 @@ inline TrainResult train(Trainer& trainer, const Checkpointer& save_state, const
   }
   progress.note(name + ": val loss " + std::to_string(result.val_loss) + ", perplexity " +
                 std::to_string(std::exp(result.val_loss)));
+  result.device_memory_peak_bytes = trainer.device_memory_peak();  // the statistics' counters included
   return result;
 }
 

@@ -81,6 +81,10 @@ class Trainer {
                             std::uint64_t routing_step) = 0;
   // Device memory in use after the last step, in bytes (0 on the CPU: see train::peak_rss_bytes).
   virtual std::int64_t device_memory_in_use() const = 0;
+  // The most device memory the library's allocations held at once since the last reset, in bytes
+  // (moe/cuda/memory_ledger.hpp; 0 on the CPU), and the reset: the peak starts from what is held.
+  virtual std::int64_t device_memory_peak() const = 0;
+  virtual void reset_device_memory_peak() = 0;
 };
 
 // The Trainer of a Model (model.hpp) and its Optimizer (NnOps<B>::Optimizer), held by reference.
@@ -152,6 +156,13 @@ class ModelTrainer : public Trainer {
   std::int64_t device_memory_in_use() const override {
     if constexpr (requires { model_.ops().memory_in_use(); }) return model_.ops().memory_in_use();
     return 0;
+  }
+  std::int64_t device_memory_peak() const override {
+    if constexpr (requires { model_.ops().memory_peak(); }) return model_.ops().memory_peak();
+    return 0;
+  }
+  void reset_device_memory_peak() override {
+    if constexpr (requires { model_.ops().reset_memory_peak(); }) model_.ops().reset_memory_peak();
   }
 
  private:

@@ -102,9 +102,11 @@ TrainResult train_on_device(const Run& run, const Data& data, D device, HostCopy
       };
       detail::announce(run);
       std::fprintf(stderr, "vit_moe: %s on %s\n", run.variant.c_str(), model.ops().description().c_str());
+      model.ops().reset_memory_peak();  // this run's peak: from the model and optimizer as built
       TrainResult result =
           train_loop(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
       result.device_memory_bytes = model.ops().memory_in_use();
+      result.device_memory_peak_bytes = model.ops().memory_peak();
       result.trained_on = model.ops().description();
       return result;
     });

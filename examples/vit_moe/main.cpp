@@ -260,10 +260,12 @@ report::VariantResult to_report(const vit::TrainResult& r, const vit::Config& co
                {"test loss", report::format_fixed(r.test.loss, 4)}};
   v.trailing_metrics = {{"images/s", train::format_count(r.images_per_second)}};
   // A device run: the GPU memory in use at its end (cudaMemGetInfo: the CUDA context and any other process
-  // included). Its buffers only grow, so its own part of that is its peak.
+  // included), and the most its own allocations held at once while training (the library's ledger).
   if (r.device_memory_bytes > 0)
     v.trailing_metrics.push_back(
         {"device memory", report::format_fixed(double(r.device_memory_bytes) / (1 << 30), 2) + " GiB"});
+  if (r.device_memory_peak_bytes > 0)
+    v.trailing_metrics.push_back({"peak allocated", train::format_memory(r.device_memory_peak_bytes)});
   v.values = {{"test top-1", r.test.accuracy, 4}, {"test loss", r.test.loss, 4}, {"images/s", r.images_per_second, 0}};
   v.is_moe = r.variant != "dense";
   v.layers = r.routing;
@@ -277,6 +279,9 @@ void print_result(const vit::TrainResult& r, const fs::path& checkpoint) {
               r.test.accuracy, r.test.loss, r.images_per_second, checkpoint.empty() ? "none" : checkpoint.c_str());
   if (r.device_memory_bytes > 0)
     std::fprintf(stderr, "device memory in use after training: %.2f GiB\n", double(r.device_memory_bytes) / (1 << 30));
+  if (r.device_memory_peak_bytes > 0)
+    std::fprintf(stderr, "device memory allocated by the model at its peak: %s\n",
+                 train::format_memory(r.device_memory_peak_bytes).c_str());
 }
 
 // The device, precision and attention flags (a device run defaults to bf16, the CPU to fp32),

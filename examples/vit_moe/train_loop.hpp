@@ -104,6 +104,7 @@ struct TrainResult {
   std::vector<report::LayerRouting> routing;  // per MoE block, on the test images; empty for dense
   std::int64_t routed_tokens = 0;             // tokens per MoE block in `routing`
   std::int64_t device_memory_bytes = 0;       // a device run's memory in use at the end (0 on the CPU)
+  std::int64_t device_memory_peak_bytes = 0;  // its allocations at their most in this call (0 on the CPU)
   std::string trained_on{};                   // a device run's device, precision and attention (empty on the CPU)
 };
 

@@ -89,6 +89,8 @@ grep -q -- "--variants linear,self-per-layer" "$work/merged/report.md" ||
   fail "train --device emulated: $(tail -3 "$work/emulated.log")"
 grep -q "on emulated CUDA device (host loops), bf16" "$work/emulated.log" ||
   fail "train --device emulated did not say where it trains: $(head -3 "$work/emulated.log")"
+grep -q "device memory allocated by the model at its peak: [0-9.]* MiB" "$work/emulated.log" ||
+  fail "train --device emulated did not report its peak device memory: $(tail -5 "$work/emulated.log")"
 "$bin" train --resume "$work/emulated/linear.safetensors" --steps 3 --data "$work/corpus" \
   >"$work/emulated_resume.log" 2>&1 || fail "CPU resume of a bf16 device checkpoint: $(tail -3 "$work/emulated_resume.log")"
 grep -q "from step 2 of 3 on cpu" "$work/emulated_resume.log" ||

@@ -112,6 +112,8 @@ def gpt2_json(repetitions=1, self_error=None, batch=8, accumulation=None):
     benchmarks = gbench_records("Peak/bf16_gemm/iterations:10/manual_time", [7.0] * repetitions, {"tflops": 780.0})
     for variant, ms in (("self", 70.0), ("linear", 72.0), ("dense", 55.0)):
         counters = {"tokens/s": 8192 * 1000 / ms, "step_ms": ms, "mfu": 0.18, "device_gib": 21.5, "batch": batch}
+        if variant == "self":  # bench_gpt2_cuda's ledger peak (older JSON has none: the linear and dense rows)
+            counters["peak_gib"] = 19.75
         if accumulation is not None:  # bench_gpt2_cuda's ACCUMULATION (older JSON has no such counter)
             counters["accumulation"] = accumulation
         if variant == "self":  # bench_gpt2_cuda's time_phases (the dense row goes without them)
@@ -142,8 +144,8 @@ def gpt2_json(repetitions=1, self_error=None, batch=8, accumulation=None):
 
 
 def torch_gpt2_json(batch=8, accumulation=None):
-    entries = [{"variant": v, "mode": m, "tokens_per_s": t}
-               for v, m, t in (("self", "eager", 60000.0), ("self", "compile", 95000.0))]
+    entries = [{"variant": v, "mode": m, "tokens_per_s": t, "peak_memory_gib": g}
+               for v, m, t, g in (("self", "eager", 60000.0, 24.04), ("self", "compile", 95000.0, 20.0))]
     entries.append({"variant": "linear", "mode": "compile",
                     "error": "BackendCompilerFailed: backend='inductor' raised:\nRuntimeError: the real cause"})
     shape = {"sequences": batch, "seq": 1024, "tokens_per_step": batch * (accumulation or 1) * 1024}
@@ -239,8 +241,10 @@ def main():
         torch_gpt2 = write("torch_gpt2_cuda.json", torch_gpt2_json())
         for repetitions in (1, 3):
             out = run(REPORT_GPT2, write(f"gpt2_{repetitions}.json", gpt2_json(repetitions)), torch_gpt2)
-            expect(out, "| self | bf16 | 117,029 | 70.0 | 18.0% | 21.5 | 60,000 | 95,000 | 1.95x | 1.23x |",
+            expect(out, "| self | bf16 | 117,029 | 70.0 | 18.0% | 21.5 | 19.8 / 24.0 | 60,000 | 95,000 | 1.95x | 1.23x |",
                    f"the self row with {repetitions} repetition(s)")
+            expect(out, "| linear | bf16 | 113,778 | 72.0 | 18.0% | 21.5 | - / - | - |",
+                   "a row without a ledger peak (older JSON) and without a torch entry")
             expect(out, "bf16 GEMM peak: ours 780 TFLOP/s", "the peak, not an aggregate's statistic")
             expect(out, "DgeluWeights::transposed (the backward through the GELU over W2's transposes): 128,000 tokens/s, "
                    "step 64.0 ms (1.094x self's 117,029)", "the transposed DGELU row against self's")

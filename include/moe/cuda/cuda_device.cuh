@@ -37,6 +37,7 @@
 #include "moe/cuda/grouped_gemm.hpp"
 #include "moe/cuda/hopper_grouped_gemm.cuh"
 #include "moe/cuda/host_times.hpp"
+#include "moe/cuda/memory_ledger.hpp"
 #include "moe/cuda/plan_cache.hpp"
 #include "moe/cuda/reference_gemm.hpp"
 
@@ -484,12 +485,15 @@ class CudaDevice {
     return total - free;
   }
 
-  static void* allocate(std::size_t bytes) {
-    void* p = nullptr;
-    if (bytes > 0) check_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
-    return p;
-  }
-  static void deallocate(void* p) { cudaFree(p); }
+  // The bytes this process's CudaDevices hold now and at most (moe/cuda/memory_ledger.hpp): every
+  // cudaMalloc of the library (buffers, scratch, the sort's and cuBLASLt's workspaces), over all
+  // GPUs; not the context nor cuBLAS's own memory (memory_in_use has those). reset_memory_peak
+  // starts the peak again from what is held now.
+  static MemoryUse memory_use() { return ledger().use(); }
+  static void reset_memory_peak() { ledger().reset_peak(); }
+
+  static void* allocate(std::size_t bytes) { return counted_malloc(bytes, "cudaMalloc"); }
+  static void deallocate(void* p) { counted_free(p); }
 
   // Host time per kind of call (moe/cuda/host_times.hpp), shared by copies of this device; off
   // until host_times().enable(true).
@@ -1003,8 +1007,8 @@ class CudaDevice {
       if (fork) cudaEventDestroy(fork);
       release(main);
       if (lt) cublasLtDestroy(lt);
-      if (scratch_data) cudaFree(scratch_data);
-      if (temp) cudaFree(temp);
+      counted_free(scratch_data);
+      counted_free(temp);
       if (staging_data) cudaFreeHost(staging_data);
     }
     void* staging() {
@@ -1012,7 +1016,7 @@ class CudaDevice {
       return staging_data;
     }
     static void release(Lane& lane) {
-      if (lane.lt_workspace) cudaFree(lane.lt_workspace);
+      counted_free(lane.lt_workspace);
       if (lane.handle) cublasDestroy(lane.handle);
     }
     // Side lanes up to `count`: a non-blocking stream each (ordered with the caller's stream only
@@ -1045,9 +1049,9 @@ class CudaDevice {
       if (bytes > temp_bytes) {
         // The old workspace may still be read by queued work on the stream: wait before freeing.
         check_cuda(cudaStreamSynchronize(main.stream), "cudaStreamSynchronize");
-        if (temp) cudaFree(temp);
+        counted_free(temp);
         temp = nullptr, temp_bytes = 0;  // so that a failed allocation leaves no size without memory
-        check_cuda(cudaMalloc(&temp, bytes), "cudaMalloc (sort workspace)");
+        temp = counted_malloc(bytes, "cudaMalloc (sort workspace)");
         temp_bytes = bytes;
       }
       return temp;
@@ -1056,22 +1060,40 @@ class CudaDevice {
     // resized; the plans are chosen for this size, so every lane's must be the same).
     void* lt_workspace(Lane& lane) {
       if (!lane.lt_workspace)
-        check_cuda(cudaMalloc(&lane.lt_workspace, kLtWorkspaceBytes), "cudaMalloc (cuBLASLt workspace)");
+        lane.lt_workspace = counted_malloc(kLtWorkspaceBytes, "cudaMalloc (cuBLASLt workspace)");
       return lane.lt_workspace;
     }
     void* scratch(std::size_t bytes) {
       if (bytes > scratch_bytes) {
         check_cuda(cudaStreamSynchronize(main.stream), "cudaStreamSynchronize");
-        if (scratch_data) cudaFree(scratch_data);
+        counted_free(scratch_data);
         scratch_data = nullptr, scratch_bytes = 0;  // as workspace(): a failed allocation leaves none
         const std::size_t grown = bytes + bytes / 4;
-        check_cuda(cudaMalloc(&scratch_data, grown), "cudaMalloc (scratch)");
+        scratch_data = counted_malloc(grown, "cudaMalloc (scratch)");
         scratch_bytes = grown;
       }
       return scratch_data;
     }
   };
   std::shared_ptr<Context> context_;
+
+  static MemoryLedger& ledger() {
+    static MemoryLedger* ledger = new MemoryLedger;  // never destroyed: static device objects may outlive it
+    return *ledger;
+  }
+  // cudaMalloc and cudaFree, entered in the ledger (null for 0 bytes; nothing to free for null).
+  static void* counted_malloc(std::size_t bytes, const char* what) {
+    void* p = nullptr;
+    if (bytes == 0) return p;
+    check_cuda(cudaMalloc(&p, bytes), what);
+    ledger().add(p, bytes);
+    return p;
+  }
+  static void counted_free(void* p) {
+    if (!p) return;
+    ledger().remove(p);
+    cudaFree(p);
+  }
 };
 
 // A thread per element of C, the batch's products stacked along the launch's rows (row q * n + j). Pointer arrays are

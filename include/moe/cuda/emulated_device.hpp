@@ -37,6 +37,7 @@
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
+#include "moe/cuda/memory_ledger.hpp"
 #include "moe/cuda/reference_gemm.hpp"
 #include "moe/random.hpp"
 #include "moe/tensor.hpp"
@@ -326,36 +327,18 @@ class Allocations {
     static Allocations* registry = new Allocations;  // never destroyed: static device objects may outlive it
     return *registry;
   }
-  void add(const void* p, std::size_t bytes) {
-    const std::lock_guard lock(mutex_);
-    live_[address(p)] = bytes;
-    ++made_;
-  }
-  // Allocations made so far, by every emulated device (cudaMalloc calls, on a GPU).
-  std::uint64_t made() const {
-    const std::lock_guard lock(mutex_);
-    return made_;
-  }
-  void remove(const void* p) {
-    const std::lock_guard lock(mutex_);
-    live_.erase(address(p));
-  }
+  void add(const void* p, std::size_t bytes) { ledger_.add(p, bytes); }
+  void remove(const void* p) { ledger_.remove(p); }
+  const MemoryLedger& ledger() const { return ledger_; }
+  MemoryLedger& ledger() { return ledger_; }
   // Throws moe::Error unless [p, p + bytes) lies inside one live allocation (nothing to check for 0 bytes).
   void check_inside(const void* p, std::size_t bytes, const char* what) const {
-    if (bytes == 0) return;
-    const std::lock_guard lock(mutex_);
-    const std::uintptr_t begin = address(p);
-    auto next = live_.upper_bound(begin);
-    const bool inside = next != live_.begin() && begin + bytes <= std::prev(next)->first + std::prev(next)->second;
-    check(inside, "emulated device: ", what, " (", bytes, " bytes) is not inside one device allocation: a host ",
-          "pointer, a freed buffer, or an extent past the end");
+    check(ledger_.inside(p, bytes), "emulated device: ", what, " (", bytes, " bytes) is not inside one device ",
+          "allocation: a host pointer, a freed buffer, or an extent past the end");
   }
 
  private:
-  static std::uintptr_t address(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
-  mutable std::mutex mutex_;
-  std::map<std::uintptr_t, std::size_t> live_;
-  std::uint64_t made_ = 0;
+  MemoryLedger ledger_;
 };
 
 // Bytes from the first to one past the last element a column-major operand touches (0 if none).
@@ -476,7 +459,11 @@ struct EmulatedDevice {
   std::uint64_t slow_pointer_batches() const { return state_->slow_pointer_batches; }
   // Device allocations so far, by every emulated device (each a cudaMalloc on a GPU, and a
   // cudaFree later: both wait for the whole device).
-  static std::uint64_t allocation_count() { return emulated_detail::Allocations::instance().made(); }
+  static std::uint64_t allocation_count() { return memory_use().allocations; }
+  // The bytes every emulated device holds now and at most (moe/cuda/memory_ledger.hpp), as
+  // CudaDevice counts its cudaMallocs; reset_memory_peak starts the peak again from now.
+  static MemoryUse memory_use() { return emulated_detail::Allocations::instance().ledger().use(); }
+  static void reset_memory_peak() { emulated_detail::Allocations::instance().ledger().reset_peak(); }
 
   template <class Body>
   void for_each(Index n, Body body) const {

@@ -1,0 +1,68 @@
+// moe/cuda/memory_ledger.hpp: the device memory a kind of device (CudaDevice, EmulatedDevice) has
+// allocated for the library, one entry per allocation: its bytes now and at most, over every
+// device object of that kind in the process.
+//
+// What cudaMemGetInfo cannot tell: the library's own part (not the CUDA context, cuBLAS's own
+// workspaces or other processes) and its peak, not only what is held when asked. The backend's
+// buffers only grow, so during training the peak is reached early and stays; reset_peak() starts a
+// new measurement from what is held now (e.g. before the next variant of a comparison).
+// Host code only (a mutex and a map): allocations are rare, since buffers are reused.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <mutex>
+
+namespace moe::cuda {
+
+// Bytes held now and at most since the start or the last reset_peak; allocations made so far.
+struct MemoryUse {
+  std::size_t in_use = 0, peak = 0;
+  std::uint64_t allocations = 0;
+};
+
+class MemoryLedger {
+ public:
+  void add(const void* p, std::size_t bytes) {
+    const std::lock_guard lock(mutex_);
+    live_[address(p)] = bytes;
+    in_use_ += bytes;
+    if (in_use_ > peak_) peak_ = in_use_;
+    ++made_;
+  }
+  // Forgets p (nothing for a pointer the ledger does not hold, e.g. null).
+  void remove(const void* p) {
+    const std::lock_guard lock(mutex_);
+    const auto found = live_.find(address(p));
+    if (found == live_.end()) return;
+    in_use_ -= found->second;
+    live_.erase(found);
+  }
+  MemoryUse use() const {
+    const std::lock_guard lock(mutex_);
+    return {in_use_, peak_, made_};
+  }
+  void reset_peak() {
+    const std::lock_guard lock(mutex_);
+    peak_ = in_use_;
+  }
+  // Whether [p, p + bytes) lies inside one live allocation (true for 0 bytes).
+  bool inside(const void* p, std::size_t bytes) const {
+    if (bytes == 0) return true;
+    const std::lock_guard lock(mutex_);
+    const std::uintptr_t begin = address(p);
+    const auto next = live_.upper_bound(begin);
+    return next != live_.begin() && begin + bytes <= std::prev(next)->first + std::prev(next)->second;
+  }
+
+ private:
+  static std::uintptr_t address(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+  mutable std::mutex mutex_;
+  std::map<std::uintptr_t, std::size_t> live_;  // begin address -> bytes
+  std::size_t in_use_ = 0, peak_ = 0;
+  std::uint64_t made_ = 0;
+};
+
+}  // namespace moe::cuda
