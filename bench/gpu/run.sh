@@ -4,8 +4,9 @@
 # the CPU; after a failed run, each case again alone, bench/gpu/isolate_cases.sh), the same tests
 # under compute-sanitizer memcheck and racecheck, bench_moe_cuda and its PyTorch peers
 # (bench/gpu/torch_moe_cuda.py), bench_gpt2_cuda (GPT-2-small MoE training) and its PyTorch peer
-# (bench/gpu/torch_gpt2_cuda.py), optionally the GPT-2-small comparison of the gates, and prints
-# the tables (bench/gpu/report.py, bench/gpu/report_gpt2.py) last.
+# (bench/gpu/torch_gpt2_cuda.py), vit_moe --device cuda end to end on synthetic images, optionally
+# the GPT-2-small comparison of the gates, and prints the tables (bench/gpu/report.py,
+# bench/gpu/report_gpt2.py) last.
 #
 # The GPU machine has nvcc, CMake and PyTorch but not this project's Debian packages and no network:
 # run bench/gpu/prepare.sh HERE first; it puts the binaries (built for sm_90a), the libraries they
@@ -22,11 +23,12 @@
 #                                                             # each alone if that is not clean (~3 min)
 #   STEPS=bench,torch,report bench/gpu/run.sh                 # the MoE layer against PyTorch (~5 min)
 #   STEPS=compare COMPARE_STEPS=300 bench/gpu/run.sh          # the gates at GPT-2-small scale
+#   STEPS=vit bench/gpu/run.sh                                # vit_moe on the GPU: train, CPU resume, compare (~1 min)
 #
 # Environment (all optional):
 #   OUT_DIR           results: tests.log (isolate.log and isolated/ after a failed run), memcheck.log,
 #                     racecheck.log, moe_cuda.json, torch_cuda.json, gpt2_cuda.json, torch_gpt2_cuda.json,
-#                     table.md, table_gpt2.md, compare/, env.txt
+#                     table.md, table_gpt2.md, compare/, vit/ (and vit_*.log), env.txt
 #                     (default build-gpu/results; on the device machine, where $OUT is set,
 #                     /tmp/gpu-results, packed after every step into $OUT/<its name>.tgz, e.g.
 #                     OUT_DIR=/tmp/r -> $OUT/r.tgz: $OUT brings back 8 files at most, and a call cut
@@ -39,7 +41,7 @@
 #   BUILD_DIR         the CMake build, if one is needed (default build-gpu)
 #   DEPS_DIR          prepare.sh's folder (default .gpu-deps)
 #   STEPS             comma-separated subset of build,test,memcheck,racecheck,bench,torch,report,
-#                     bench_gpt2,torch_gpt2,report_gpt2,compare (default: all but compare)
+#                     bench_gpt2,torch_gpt2,report_gpt2,vit,compare (default: all but compare)
 #   SANITIZER_FILTER  doctest arguments for the two sanitizer runs, e.g. '--test-case=*edge*,*NaN*'
 #                     (split at spaces: a '?' stands for a space in a name, '*fused?attention*')
 #   REPETITIONS       bench_moe_cuda repetitions (default 3; the report uses their median)
@@ -80,7 +82,7 @@ deps=${DEPS_DIR:-$root/.gpu-deps}
 source "$root/bench/gpu/results.sh"
 out=$(results_dir "$build")
 budget=${BUDGET:-0}
-steps=${STEPS:-build,test,memcheck,racecheck,bench,torch,report,bench_gpt2,torch_gpt2,report_gpt2}
+steps=${STEPS:-build,test,memcheck,racecheck,bench,torch,report,bench_gpt2,torch_gpt2,report_gpt2,vit}
 repetitions=${REPETITIONS:-3}
 min_time=${MIN_TIME:-0.5}
 python=${PYTHON:-python3}
@@ -113,6 +115,7 @@ tests=$deps/bin/moe_cuda_tests
 bench=$deps/bin/bench_moe_cuda
 bench_gpt2=$deps/bin/bench_gpt2_cuda
 gpt2=$deps/bin/gpt2_moe
+vit=$deps/bin/vit_moe
 # A binary starts if the loader finds its libraries: exit 0, or 77 (every GPU binary without a GPU: skipped).
 starts() {
   local rc=0
@@ -120,8 +123,9 @@ starts() {
   ((rc == 0 || rc == 77))
 }
 prebuilt_ok() {
-  [[ -x $tests && -x $bench && -x $bench_gpt2 && -x $gpt2 ]] && starts "$tests" --list-test-cases &&
-    starts "$bench_gpt2" --benchmark_list_tests && starts "$bench" --benchmark_list_tests && starts "$gpt2" --help
+  [[ -x $tests && -x $bench && -x $bench_gpt2 && -x $gpt2 && -x $vit ]] && starts "$tests" --list-test-cases &&
+    starts "$bench_gpt2" --benchmark_list_tests && starts "$bench" --benchmark_list_tests && starts "$gpt2" --help &&
+    starts "$vit" --help
 }
 mkdir -p "$out"
 # On the device machine every step's files are packed into $OUT as it ends, and once more at the end.
@@ -191,7 +195,7 @@ if want build; then
       -DMOE_BUILD_EXAMPLES=ON -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON -DMOE_NATIVE=OFF
     if ((${#failed[@]} == 0)); then
       run_step build "$out/build.log" cmake --build "$build" --parallel "$(nproc)" \
-        --target moe_cuda_tests bench_moe_cuda bench_gpt2_cuda gpt2_moe
+        --target moe_cuda_tests bench_moe_cuda bench_gpt2_cuda gpt2_moe vit_moe
     fi
     if ((${#failed[@]} > 0)); then
       echo "== the build failed: nothing to run"
@@ -204,6 +208,7 @@ if ! prebuilt_ok; then
   bench=$build/bench/gpu/bench_moe_cuda
   bench_gpt2=$build/bench/gpu/bench_gpt2_cuda
   gpt2=$build/examples/gpt2_moe
+  vit=$build/examples/vit_moe
 fi
 
 if want test; then
@@ -292,6 +297,34 @@ if want torch_gpt2; then
   done
 fi
 
+if want vit; then
+  # vit_moe --device cuda end to end (cuda_train.cu, its checkpoints through the host copy) on
+  # synthetic 8 x 8 images in 4 classes (tests/vit_cli/synthetic_idx.sh; no Fashion-MNIST here):
+  # bf16 training with a checkpoint, that checkpoint resumed on the CPU, and an fp32 compare of three
+  # variants on the GPU, whose test top-1 must pass 0.7 (chance 0.25; the CPU's CLI test asks the same).
+  source "$root/tests/vit_cli/synthetic_idx.sh"
+  vit_data=$build/vit-data
+  mkdir -p "$vit_data"
+  write_split "$vit_data/train" 1024 1
+  write_split "$vit_data/t10k" 256 2
+  vit_model=(--layers 4 --hidden 64 --heads 2 --ffn 128 --patch 4 --experts 4 --batch 64 --warmup 5 --lr 3e-3
+    --data "$vit_data")
+  run_step vit_train "$out/vit_train.log" "$vit" train --variant self --device cuda --precision bf16 --steps 40 \
+    "${vit_model[@]}" --out "$out/vit/train"
+  run_step vit_resume_cpu "$out/vit_resume_cpu.log" "$vit" train --resume "$out/vit/train/self.safetensors" \
+    --steps 50 --data "$vit_data" --threads "$(nproc)" --out "$out/vit/resume"
+  run_step vit_compare "$out/vit_compare.log" "$vit" compare --variants dense,linear,self --device cuda \
+    --precision fp32 --steps 60 "${vit_model[@]}" --no-checkpoint --out "$out/vit/compare"
+  if [[ -f $out/vit/compare/report.md ]]; then
+    low=$(grep -E '^\| (dense|linear|self) ' "$out/vit/compare/report.md" |
+      awk -F'|' '{ gsub(/ /, ""); if ($5 + 0 <= 0.7) print $2, $5 }')
+    if [[ -n $low ]]; then
+      echo "== vit_compare: test top-1 at or below 0.7 on the synthetic task: $low"
+      failed+=(vit_accuracy)
+    fi
+  fi
+fi
+
 if want compare; then
   # The gates at GPT-2-small scale on the dictionaries prepare.sh carried, tokenized here. No
   # checkpoints: gigabytes each, they could not come back from the device machine.
@@ -341,6 +374,11 @@ if want report_gpt2; then
       failed+=("report_gpt2$suffix")
     fi
   done
+fi
+
+if want vit && [[ -f $out/vit/compare/report.md ]]; then
+  echo
+  sed -n '/^| variant/,/^$/p' "$out/vit/compare/report.md"
 fi
 
 if want compare && [[ -f $out/compare/report.md ]]; then

@@ -12,21 +12,8 @@ failures=0
 
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
-# be32 N: N as 4 big-endian bytes.
-be32() { printf "\\x$(printf %02x $(($1 >> 24 & 255)))\\x$(printf %02x $(($1 >> 16 & 255)))\\x$(printf %02x $(($1 >> 8 & 255)))\\x$(printf %02x $(($1 & 255)))"; }
-
-# write_split PREFIX COUNT SEED: PREFIX-images-idx3-ubyte and PREFIX-labels-idx1-ubyte.
-write_split() {
-  local prefix=$1 count=$2 seed=$3
-  { printf '\x00\x00\x08\x03'; be32 "$count"; be32 8; be32 8
-    LC_ALL=C awk -v n="$count" -v seed="$seed" 'BEGIN { srand(seed)
-      for (i = 0; i < n; i++) { c = i % 4
-        for (j = 0; j < 64; j++) printf "%c", 30 + 50 * c + int(rand() * 40) } }'
-  } >"${prefix}-images-idx3-ubyte"
-  { printf '\x00\x00\x08\x01'; be32 "$count"
-    LC_ALL=C awk -v n="$count" 'BEGIN { for (i = 0; i < n; i++) printf "%c", 48 + i % 4 }' | tr '0123' '\000\001\002\003'
-  } >"${prefix}-labels-idx1-ubyte"
-}
+# write_split PREFIX COUNT SEED: a synthetic IDX split (class c: brightness level c).
+source "$(dirname "${BASH_SOURCE[0]}")/synthetic_idx.sh"
 
 mkdir -p "$work/data"
 write_split "$work/data/train" 256 1
@@ -116,6 +103,8 @@ grep -q "bf16 (fp32 master weights)" "$work/dev_bf16.log" || fail "resume in bf1
   --no-checkpoint --out "$work/fused" >"$work/fused.log" 2>&1 || fail "compare --attention fused: $(tail -3 "$work/fused.log")"
 grep -q "Trained on emulated CUDA device.*bf16.*fused attention where it fits" "$work/fused/report.md" ||
   fail "the fused run's report does not say where it trained: $(grep -i trained "$work/fused/report.md")"
+grep -q "| peak allocated |" "$work/fused/report.md" && grep -q "| [0-9.]* MiB |" "$work/fused/report.md" ||
+  fail "the device run's report has no peak device memory: $(grep '^|' "$work/fused/report.md" | head -3)"
 
 # ---- bad input ----
 expect_error "unknown subcommand" "unknown subcommand 'fly'" fly
