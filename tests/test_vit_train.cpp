@@ -1,6 +1,7 @@
-// The ViT example's training loop and checkpoints (examples/vit_moe/train.hpp, checkpoint.hpp) and
-// the confusion matrix (examples/common/confusion.hpp): exact resume, the same bits on any thread
-// count, bad options, checkpoints that round-trip and corrupt ones that are refused by name.
+// The ViT example's training loop and checkpoints (examples/vit_moe/train_loop.hpp through the
+// CPU's train.hpp, checkpoint.hpp) and the confusion matrix (examples/common/confusion.hpp): exact
+// resume, the same bits on any thread count, bad options, checkpoints that round-trip and corrupt
+// ones that are refused by name.
 #include <doctest/doctest.h>
 
 #include <algorithm>

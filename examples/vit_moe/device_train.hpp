@@ -11,11 +11,10 @@
 // the CPU model or Eigen, whose inline functions main.cpp compiles with other flags.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <cstdint>
 #include <map>
-#include <memory>
 #include <span>
 #include <string>
 #include <type_traits>

@@ -1,7 +1,8 @@
 // examples/vit_moe/train_loop.hpp: training and evaluation of one ViT (MoE) image classifier, on
 // any backend: the CPU model (train.hpp wraps it with its AdamW and checkpoints) or a device's
-// (device_train.hpp, whose checkpoints go through a host copy). No Eigen and no CPU model here,
-// so nvcc's translation unit (cuda_train.cu) shares no inline CPU code with main.cpp's.
+// (device_train.hpp, whose checkpoints go through a host copy). No Eigen and no CPU model here, so
+// nvcc's translation unit (cuda_train.cu) shares none of their inline code with main.cpp's (which
+// compiles it with -march=native): only plain functions (the data's, the reports') are in both.
 //
 //   for step in [start, steps):
 //     lr    = warmup + cosine schedule(step)

@@ -1,7 +1,7 @@
 // examples/vit_moe/train_run.hpp: a vit_moe run where its command line says (--device,
-// --precision: examples/common/run_device.hpp), the same train() loop on each:
+// --precision: examples/common/run_device.hpp), the same loop (train_loop.hpp) on each:
 //
-//   cpu       the CPU model (cpu_model.hpp) and its AdamW, fp32; checkpoints straight from its tensors
+//   cpu       the CPU model (cpu_model.hpp) and its AdamW, fp32 (train.hpp); checkpoints straight from its tensors
 //   cuda      the GPU: train_on_cuda (cuda_train.cu, compiled by nvcc where the build has CUDA)
 //   emulated  the GPU's code on the host (moe::cuda::EmulatedDevice): slow, for tests
 //

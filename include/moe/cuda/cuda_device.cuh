@@ -486,9 +486,9 @@ class CudaDevice {
   }
 
   // The bytes this process's CudaDevices hold now and at most (moe/cuda/memory_ledger.hpp): every
-  // cudaMalloc of the library (buffers, scratch, the sort's and cuBLASLt's workspaces), over all
-  // GPUs; not the context nor cuBLAS's own memory (memory_in_use has those). reset_memory_peak
-  // starts the peak again from what is held now.
+  // cudaMalloc of the library (buffers, scratch, the sort's and cuBLASLt's workspaces; all but the
+  // grouped GEMM's 4-byte probe, freed at once), over all GPUs; not the context nor cuBLAS's own
+  // memory (memory_in_use has those). reset_memory_peak starts the peak again from what is held now.
   static MemoryUse memory_use() { return ledger().use(); }
   static void reset_memory_peak() { ledger().reset_peak(); }
 
@@ -1086,7 +1086,12 @@ class CudaDevice {
     void* p = nullptr;
     if (bytes == 0) return p;
     check_cuda(cudaMalloc(&p, bytes), what);
-    ledger().add(p, bytes);
+    try {
+      ledger().add(p, bytes);
+    } catch (...) {  // the ledger's own allocation failed: the memory must not leak
+      cudaFree(p);
+      throw;
+    }
     return p;
   }
   static void counted_free(void* p) {
