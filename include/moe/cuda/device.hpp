@@ -3,6 +3,8 @@
 //
 // A device runs index bodies and a few library calls on one stream:
 //   D::allocate(bytes) / D::deallocate(p)      device memory (static: matrices resize themselves)
+//   D::memory_use() / D::reset_memory_peak()   the bytes those allocations hold now and at most
+//                                              (moe/cuda/memory_ledger.hpp; the examples report it)
 //   d.upload(dst, src, bytes)                  host -> device, ordered on the stream
 //   d.download(dst, src, bytes)                device -> host; waits for the stream (a sync point)
 //   d.start_download(pending, src, bytes)      device -> host into a D::PendingDownload, returning at
