@@ -14,7 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "../examples/gpt2_moe/device_trainer.hpp"
 #include "../examples/gpt2_moe/session.hpp"
+#include "moe/cuda/emulated_device.hpp"
 #include "cuda/emulated_test_device.hpp"
 
 #define CUDA_TEST_NAME(text) "cuda, emulated device: " text

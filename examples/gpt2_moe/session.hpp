@@ -4,7 +4,7 @@
 //
 //   cpu       the CPU model (cpu_model.hpp), fp32; checkpoints straight from its tensors
 //   cuda      the GPU (cuda_trainer.hpp; needs a build with CUDA and a device)
-//   emulated  the GPU's code on the host (moe::cuda::EmulatedDevice): slow, for tests
+//   emulated  the GPU's code on the host (emulated_trainer.hpp): slow, for tests
 //
 // A device trainer's checkpoint goes through a host mirror: a CPU model and AdamW of the same
 // variant and config, filled from the trainer's fp32 state (master weights for bf16) and written
@@ -23,8 +23,7 @@
 #include "checkpoint.hpp"
 #include "cpu_model.hpp"
 #include "cuda_trainer.hpp"
-#include "device_trainer.hpp"
-#include "moe/cuda/emulated_device.hpp"
+#include "emulated_trainer.hpp"
 #include "train.hpp"
 #include "trainer.hpp"
 
@@ -143,7 +142,7 @@ inline Session make_session(Device device, Precision precision, std::string_view
     session.trainer = make_cuda_trainer(variant, config, adamw, precision, attention);
 #endif
   } else {
-    session.trainer = make_device_trainer(variant, config, adamw, precision, moe::cuda::EmulatedDevice{}, attention);
+    session.trainer = make_emulated_trainer(variant, config, adamw, precision, attention);
   }
   auto mirror = std::make_shared<session_detail::HostMirror>(std::string(variant), config, adamw);
   Trainer* trainer = session.trainer.get();

@@ -114,6 +114,10 @@ TrainResult train_on_device(const Run& run, const Data& data, D device, HostCopy
   return build(std::type_identity<float>{});
 }
 
+// train_on_device on the emulated device (emulated_train.cpp: a translation unit of its own, which
+// the build compiles at -O1; the host's other code never instantiates it).
+TrainResult train_on_emulated(const Run& run, const Data& data, HostCopy& host);
+
 #if MOE_VIT_CUDA
 // Whether a GPU can run --device cuda (cuda_train.cu); if not, why.
 bool cuda_available(std::string* why_not);

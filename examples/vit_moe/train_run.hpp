@@ -3,7 +3,7 @@
 //
 //   cpu       the CPU model (cpu_model.hpp) and its AdamW, fp32 (train.hpp); checkpoints straight from its tensors
 //   cuda      the GPU: train_on_cuda (cuda_train.cu, compiled by nvcc where the build has CUDA)
-//   emulated  the GPU's code on the host (moe::cuda::EmulatedDevice): slow, for tests
+//   emulated  the GPU's code on the host: train_on_emulated (emulated_train.cpp), slow, for tests
 //
 // Host code only (main.cpp, the tests): the nvcc translation unit sees device_train.hpp alone, and
 // reaches the device runs' checkpoints through the HostCopy built here.
@@ -19,7 +19,6 @@
 #include "checkpoint.hpp"
 #include "cpu_model.hpp"
 #include "device_train.hpp"
-#include "moe/cuda/emulated_device.hpp"
 #include "train.hpp"
 
 namespace vit {
@@ -90,7 +89,7 @@ inline TrainResult train_run(const Run& run, const Data& data) {
     });
   }
   const std::unique_ptr<HostCopy> host = make_host_copy(run);
-  if (run.device == Device::emulated) return train_on_device(run, data, moe::cuda::EmulatedDevice{}, *host);
+  if (run.device == Device::emulated) return train_on_emulated(run, data, *host);
 #if MOE_VIT_CUDA
   return train_on_cuda(run, data, *host);
 #else
