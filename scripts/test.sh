@@ -22,7 +22,7 @@ run_config() {
   echo "== tests: $name =="
   cmake -S . -B "build-$name" -G Ninja -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON -DMOE_BUILD_EXAMPLES=ON "$@" >/dev/null
   cmake --build "build-$name" -j "$jobs"
-  ctest --test-dir "build-$name" --output-on-failure -j 1
+  ctest --test-dir "build-$name" --output-on-failure -j "$jobs"
 }
 
 what=${1:-all}
