@@ -2,7 +2,7 @@
 # Sets up a fresh Debian 12 machine and runs every test, in three configurations:
 #   1. Release (-O3 -march=native, OpenMP), the configuration users build; the code only tests run
 #      (--device emulated, the example models' and the emulated device's test files, the GPU tests'
-#      host code) at -O1 with GCC's FMA contraction: a quarter of this build's compiling at -O3;
+#      host code) at -O1 (CMakeLists.txt's moe_test_code_options): a quarter of its compiling at -O3;
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer, float-cast-overflow included (-Og -g1: line tables for the reports; -Og
 #      compiles 1.8x faster than -O1 under the sanitizers and the tests ran as fast; host code only:
 #      the CUDA backend's cases run there on the emulated device, the GPU binary is built in 1 only);
