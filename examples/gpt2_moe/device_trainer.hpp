@@ -1,6 +1,7 @@
 // examples/gpt2_moe/device_trainer.hpp: a Trainer (trainer.hpp) for any variant on a CUDA-backend
 // device D, in fp32 or bf16: moe::cuda::CudaDevice (cuda_trainer.cu, compiled by nvcc) or
-// moe::cuda::EmulatedDevice (the same code on the host, for tests and --device emulated).
+// moe::cuda::EmulatedDevice (the same code on the host, for tests and --device emulated:
+// emulated_trainer.cpp).
 #pragma once
 
 #include <memory>

@@ -1,7 +1,8 @@
 // examples/vit_moe/device_train.hpp: one variant's training run on a CUDA-backend device D (the
 // GPU's moe::cuda::CudaDevice, the emulated device), through the same loop as the CPU's
 // (train_loop.hpp). train_run.hpp picks the device from the command line (--device, --precision:
-// examples/common/run_device.hpp); cuda_train.cu, compiled by nvcc, instantiates this for the GPU.
+// examples/common/run_device.hpp); cuda_train.cu, compiled by nvcc, instantiates this for the GPU,
+// emulated_train.cpp for the emulated device.
 //
 // A device model's checkpoints go through a host copy (HostCopy): a CPU model and AdamW of the
 // same variant and config, filled from the device's fp32 state (master weights for bf16) and
