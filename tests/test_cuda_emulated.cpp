@@ -37,6 +37,41 @@ TEST_CASE("bfloat16: rounding to nearest even, NaN and infinities kept, overflow
   for (float v : {0.1f, -7.3f, 1e-30f, 6.5e4f}) CHECK(std::abs(float(bfloat16(v)) - v) <= std::abs(v) * 0x1p-8f);
 }
 
+namespace {
+
+// Device bytes held after a training forward of T tokens (the layer's parameters, x and y included).
+template <template <class> class G, class S>
+moe::Index bytes_after_training_forward(moe::Index T) {
+  using B = moe::cuda::BasicBackend<S, cuda_test::TestDevice>;
+  const moe::LayerConfig config{.hidden = 64, .ffn = 256, .experts = 8, .top_k = 2};
+  const std::size_t before = moe::cuda::EmulatedDevice::memory_use().in_use;
+  moe::MoELayer<G, moe::GeluMLP, B> layer(config, 5, {}, {}, B(cuda_test::make_device()));
+  const auto x = cuda_test::to_device<S>(layer.backend(), cuda_test::normal_values(std::size_t(T * 64), 9), T, 64);
+  typename B::Matrix y(T, 64);
+  layer.forward_into(x, y);
+  return moe::Index(moe::cuda::EmulatedDevice::memory_use().in_use - before);
+}
+
+template <template <class> class G, class S>
+void check_saved_bytes_per_token() {
+  using Layer = moe::MoELayer<G, moe::GeluMLP, moe::cuda::BasicBackend<S, cuda_test::TestDevice>>;
+  const moe::LayerConfig config{.hidden = 64, .ffn = 256, .experts = 8, .top_k = 2};
+  const moe::Index T = 1024;
+  const moe::Index held = bytes_after_training_forward<G, S>(2 * T) - bytes_after_training_forward<G, S>(T);
+  // Beside the layer's own: x and y (2H scalars a token), the routing's choices (a byte a slot) and the dispatch's
+  // counts (N int32 a tile of 128 slots): 2 + 0.5 bytes a token at k = 2, N = 8.
+  CHECK(held == T * (Layer::saved_bytes_per_token(config) + 2 * 64 * moe::Index(sizeof(S))) + T * 5 / 2);
+}
+
+}  // namespace
+
+TEST_CASE("emulated device: a training forward holds the layer's saved_bytes_per_token a token (SelfRoute's logits a view)") {
+  check_saved_bytes_per_token<moe::SelfRoute, float>();
+  check_saved_bytes_per_token<moe::Linear, float>();
+  check_saved_bytes_per_token<moe::SelfRoute, moe::bfloat16>();
+  check_saved_bytes_per_token<moe::Linear, moe::bfloat16>();
+}
+
 TEST_CASE("cuda backend: routing workspace bytes per token bound what a routed plan holds") {
   using moe::Index;
   // k = 2, bf16, N = 8: 2 * (3 * 4 + 1 + 2 * 2) + 1 status byte + ceil(2 * 8 * 4 / 128); k = 1, fp32, N = 256:

@@ -299,10 +299,18 @@ TEST_CASE("capacity drops are counted and dropped tokens contribute zero") {
 }
 
 TEST_CASE("saved activation bytes per token follow the documented formula") {
-  using Layer = moe::MoELayer<moe::SelfRoute, moe::GeluMLP, moe::cpu::Backend>;
+  using Linear = moe::MoELayer<moe::Linear, moe::GeluMLP, moe::cpu::Backend>;
+  using Self = moe::MoELayer<moe::SelfRoute, moe::GeluMLP, moe::cpu::Backend>;
+  using SelfSwiGLU = moe::MoELayer<moe::SelfRoute, moe::SwiGLU, moe::cpu::Backend>;
   const moe::LayerConfig gpt2{.hidden = 768, .ffn = 3072, .experts = 8, .top_k = 2};
-  // (H + 2kH + k·2F (pre- and post-GELU) + N + k) floats + 3k int32 + 1 status byte
-  CHECK(Layer::saved_bytes_per_token(gpt2) == (768 + 2 * 2 * 768 + 2 * 2 * 3072 + 8 + 2) * 4 + 2 * 12 + 1);
+  // (H + 2kH + k·2F (pre- and post-GELU) + N (logits) + k) floats + 3k int32 + 1 status byte
+  CHECK(Linear::saved_bytes_per_token(gpt2) == (768 + 2 * 2 * 768 + 2 * 2 * 3072 + 8 + 2) * 4 + 2 * 12 + 1);
+  // SelfRoute's logits are a view of the input: no N of their own.
+  CHECK(Self::saved_bytes_per_token(gpt2) == Linear::saved_bytes_per_token(gpt2) - 8 * 4);
+  CHECK(moe::gate_logits_are_input_view<moe::SelfRoute<moe::cpu::Backend>>);
+  CHECK(!moe::gate_logits_are_input_view<moe::Random<moe::cpu::Backend>>);
+  // SwiGLU keeps its gate and up values, 2F a row as GeluMLP.
+  CHECK(SelfSwiGLU::saved_bytes_per_token(gpt2) == Self::saved_bytes_per_token(gpt2));
 }
 
 namespace {

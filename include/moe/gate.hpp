@@ -28,6 +28,12 @@ concept Gate = Backend<B> && requires(G& gate, const G& cgate, B& be, const Laye
   { cgate.router_parameters() } -> std::convertible_to<Index>;  // learned parameters (paper Table 1)
 };
 
+// Whether a gate's logits are a view of its input, with no memory of their own (SelfRoute's): a
+// gate says so with `static constexpr bool logits_are_input_view = true;`. Any other gate's logits
+// are counted as its own [T, N] (MoELayer::saved_bytes_per_token).
+template <class G>
+inline constexpr bool gate_logits_are_input_view = requires { requires G::logits_are_input_view; };
+
 // Self-Routing (paper eq. 5): the logits are N designated coordinates of x itself. Zero
 // parameters. The logits are a strided view into x, no copy.
 template <class B>
@@ -39,6 +45,7 @@ struct SelfRoute {
     Gradient gradient = Gradient::full; // full: logit gradients flow into x (paper); stop: ablation
   };
   static constexpr std::string_view name = "self";
+  static constexpr bool logits_are_input_view = true;
 
   SelfRoute(B&, const LayerConfig& config, std::uint64_t /*seed*/, Options options)
       : experts_(config.experts), gradient_(options.gradient) {

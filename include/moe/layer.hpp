@@ -133,7 +133,7 @@ class MoELayer {
     const Index scalars = c.hidden                                           // the input (the caller's with input_kept)
                           + 2 * c.top_k * c.hidden                           // expert input and output rows
                           + c.top_k * ExpertsType::cached_scalars_per_row(c) // expert activations
-                          + c.experts                                        // logits (copied unless SelfRoute)
+                          + (gate_logits_are_input_view<GateType> ? 0 : c.experts)  // logits (none: a view)
                           + c.top_k;                                         // routing weights
     const Index routing = c.top_k * 3 * Index(sizeof(std::int32_t)) + 1;     // expert, row, slot_of_row; status
     return scalars * Index(sizeof(Scalar)) + routing;
