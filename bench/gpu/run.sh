@@ -161,8 +161,10 @@ run_step() {
     failed+=("$name")
   elif ((rc == 0)); then
     echo "== $name: ok ($((SECONDS - start)) s)"
-  elif ((rc == 77)); then  # the GPU binaries' "no CUDA device here": nothing ran, which is not a pass
-    echo "== $name: SKIPPED: no CUDA device on this machine (exit status 77), see $log"
+  elif ((rc == 77)) || grep -q "no usable CUDA device" "$log"; then
+    # The GPU binaries' "no CUDA device here" (77), or the examples' `--device cuda` saying so (their
+    # error's status, 1): nothing ran, which is not a pass.
+    echo "== $name: SKIPPED: no CUDA device on this machine (exit status $rc), see $log"
     failed+=("$name")
   else
     echo "== $name: FAILED with exit status $rc ($((SECONDS - start)) s), see $log"

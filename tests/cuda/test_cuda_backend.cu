@@ -256,9 +256,10 @@ TEST_CASE("cuda backend, GPU: racecheck canary, a planted shared-memory race (be
 
 int main(int argc, char** argv) {
   doctest::Context context(argc, argv);
-  // Queries (--list-test-cases, --help, ...) run no case, so they answer without a device too
-  // (bench/gpu/isolate_cases.sh lists the cases it reruns one by one).
-  if (const std::string why = moe::cuda::no_device_reason(); !why.empty() && !context.shouldExit()) {
+  // Queries (--list-test-cases, --help, ...) run no case, so they answer without a device too, and
+  // without asking for one (bench/gpu/isolate_cases.sh lists the cases it reruns one by one).
+  if (context.shouldExit()) return context.run();
+  if (const std::string why = moe::cuda::no_device_reason(); !why.empty()) {
     std::printf("moe_cuda_tests: no usable CUDA device (%s): the GPU tests were NOT run (skipped)\n", why.c_str());
     return 77;
   }
