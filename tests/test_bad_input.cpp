@@ -89,6 +89,12 @@ TEST_CASE("bad input: layer config sizes must be positive") {
   c.experts = (Index{1} << 30) + 1;
   c.top_k = 1;
   check_config_error(c, {"number of experts 1073741825", "too large"});
+  c = good_config();
+  c.ffn = Index{1} << 62;  // 2F a row would overflow
+  check_config_error(c, {"ffn size 4611686018427387904", "too large"});
+  c = good_config();
+  c.hidden = (Index{1} << 30) + 1;
+  check_config_error(c, {"hidden size 1073741825", "too large"});
 }
 
 TEST_CASE("bad input: top_k must be in [1, N]") {
@@ -114,13 +120,20 @@ TEST_CASE("bad input: negative or NaN capacity factor and auxiliary loss weights
 
   c = good_config();
   c.aux.load_balance = -0.01;
-  check_config_error(c, {"auxiliary loss weights must be >= 0"});
+  check_config_error(c, {"auxiliary loss weights must be finite and >= 0"});
   c = good_config();
   c.aux.z_loss = -1;
-  check_config_error(c, {"auxiliary loss weights must be >= 0"});
+  check_config_error(c, {"auxiliary loss weights must be finite and >= 0"});
   c = good_config();
   c.aux.z_loss = std::numeric_limits<double>::quiet_NaN();
-  check_config_error(c, {"auxiliary loss weights must be >= 0"});
+  check_config_error(c, {"auxiliary loss weights must be finite and >= 0"});
+
+  c = good_config();
+  c.aux.load_balance = std::numeric_limits<double>::infinity();
+  check_config_error(c, {"auxiliary loss weights must be finite and >= 0", "load_balance = inf"});
+  c = good_config();
+  c.aux.z_loss = std::numeric_limits<double>::infinity();
+  check_config_error(c, {"auxiliary loss weights must be finite and >= 0", "z_loss = inf"});
 
   c = good_config();
   c.capacity_factor = 0;  // dropless and the aux losses off are the defaults, not errors
@@ -364,4 +377,93 @@ TEST_CASE("bad input: a SelfRoute offset near the Index maximum is rejected") {
     CHECK_ERROR_NAMES(error_of([&] { Layer<moe::SelfRoute> layer(c, 1, Options{.offset = offset}); }),
                       "SelfRoute offset", "H = 8");
   }
+}
+
+TEST_CASE("bad input: views with a negative extent, overlapping rows or no data are refused by name") {
+  Layer<moe::SelfRoute> layer(good_config(), 3);
+  Matrix x = finite_input(4, 8, 12), y(4, 8), dx(4, 8);
+  using View = moe::MatrixView<float>;
+  CHECK_ERROR_NAMES(error_of([&] { layer.forward_into(View(x.data(), -1, 8), View(y.data(), -1, 8)); }),
+                    "MoELayer forward", "input is [-1, 8]", "negative extent");
+  CHECK_ERROR_NAMES(error_of([&] { layer.forward_into(View(x.data(), 4, 8, -8), y); }), "input is [4, 8]",
+                    "row stride -8", "rows would overlap");
+  CHECK_ERROR_NAMES(error_of([&] { layer.forward_into(x, View(y.data(), 4, 8, 4)); }), "output is [4, 8]",
+                    "row stride 4");
+  CHECK_ERROR_NAMES(error_of([&] { layer.forward_into(View(nullptr, 4, 8), y); }), "input is [4, 8]",
+                    "no data (null pointer)");
+  CHECK_ERROR_NAMES(error_of([&] { layer.forward(View(x.data(), -1, 8)); }), "input is [-1, 8]");
+  CHECK_NOTHROW(layer.forward_into(View(nullptr, 0, 8), View(nullptr, 0, 8)));  // empty: no data needed
+  layer.forward_into(x, y);
+  CHECK_ERROR_NAMES(error_of([&] { layer.backward_into(View(nullptr, 4, 8), dx); }), "MoELayer backward",
+                    "output gradient is [4, 8]", "no data");
+  CHECK_ERROR_NAMES(error_of([&] { layer.backward(View(y.data(), -4, 8)); }), "output gradient is [-4, 8]");
+  CHECK_NOTHROW(layer.backward_into(y, dx));  // the refused calls did not take the forward
+}
+
+TEST_CASE("views: overlaps() is exact for one row stride (column blocks of one matrix do not overlap)") {
+  Matrix m = Matrix::Zero(6, 10);
+  const moe::MatrixView<float> all(m);
+  CHECK(moe::overlaps(all, all));
+  CHECK_FALSE(moe::overlaps(all.col_block(0, 5), all.col_block(5, 5)));
+  CHECK(moe::overlaps(all.col_block(0, 6), all.col_block(5, 5)));
+  CHECK_FALSE(moe::overlaps(all.row_block(0, 3), all.row_block(3, 3)));
+  CHECK(moe::overlaps(all.row_block(0, 4), all.row_block(3, 3)));
+  CHECK(moe::overlaps(all.row_block(2, 1).col_block(9, 1), all.row_block(2, 2).col_block(9, 1)));
+  CHECK_FALSE(moe::overlaps(all.row_block(2, 1).col_block(9, 1), all.row_block(3, 2).col_block(0, 9)));
+  CHECK(moe::overlaps(all.row_block(2, 1).col_block(9, 1), all.row_block(1, 2).col_block(9, 1)));
+  CHECK_FALSE(moe::overlaps(all.row_block(0, 0), all));                             // empty
+  CHECK(moe::overlaps(moe::MatrixView<float>(m.data() + 3, 2, 4, 5), all.col_block(0, 1)));  // other strides: ranges
+  Matrix other = Matrix::Zero(6, 10);
+  CHECK_FALSE(moe::overlaps(all, moe::MatrixView<float>(other)));
+}
+
+TEST_CASE("bad input: a copy of a layer keeps its parameters but not its forward") {
+  // The forward's logits are a view into the original (SelfRoute's: of its input copy; Linear's: of
+  // its gate's buffer): a copy that kept it would read freed or replaced memory in its backward.
+  const Matrix x = finite_input(5, 8, 13), dy = finite_input(5, 8, 14);
+  auto check_copy = [&](auto& layer) {
+    layer.forward(x);
+    auto copy = layer;
+    CHECK_ERROR_NAMES(error_of([&] { copy.backward(dy); }), "backward needs a forward first",
+                      "a copy of a layer keeps no forward");
+    CHECK(copy.last_logits().rows == 0);
+    const Matrix dx = layer.backward(dy);  // the original's forward is its own
+    copy.zero_grad();
+    layer.zero_grad();
+    layer.forward(x);
+    copy.forward(x);
+    CHECK(copy.backward(dy) == layer.backward(dy));  // the same parameters
+    auto assigned = layer;
+    layer.forward(x);
+    assigned = layer;  // assignment too
+    CHECK_THROWS_AS(assigned.backward(dy), moe::Error);
+    auto moved = std::move(layer);  // a move keeps the forward
+    CHECK(moved.backward(dy) == dx);
+  };
+  Layer<moe::SelfRoute> self(good_config(), 15);
+  check_copy(self);
+  Layer<moe::Linear> linear(good_config(), 16);
+  check_copy(linear);
+}
+
+TEST_CASE("bad input: an in-place forward (y over x) gives the separate buffers' output and losses; input_kept refuses it") {
+  LayerConfig c = good_config();
+  c.aux = {.load_balance = 0.01, .z_loss = 0.001};
+  Layer<moe::SelfRoute> separate(c, 17), in_place(c, 17);
+  const Matrix x = finite_input(7, 8, 18);
+  for (const bool for_backward : {false, true}) {
+    CAPTURE(for_backward);
+    Matrix y(7, 8), xy = x;
+    separate.forward_into(x, y, {.for_backward = for_backward});
+    in_place.forward_into(xy, xy, {.for_backward = for_backward});
+    CHECK(xy == y);
+    CHECK(in_place.aux_losses().load_balance == separate.aux_losses().load_balance);
+    CHECK(in_place.aux_losses().z_loss == separate.aux_losses().z_loss);
+  }
+  Matrix xy = x;
+  CHECK_ERROR_NAMES(error_of([&] { in_place.forward_into(xy, xy, {.input_kept = true}); }), "input_kept",
+                    "output overlaps the input the backward will read");
+  Matrix r = x, y(7, 8);
+  CHECK_ERROR_NAMES(error_of([&] { in_place.forward_into(x, r, r, {.input_kept = true}); }), "input_kept");
+  CHECK_NOTHROW(in_place.forward_into(x, r, y, {.input_kept = true}));
 }

@@ -62,6 +62,9 @@ struct LayerConfig {
 inline void validate(const LayerConfig& config) {
   check(config.hidden > 0, "hidden size must be positive, got ", config.hidden);
   check(config.ffn > 0, "ffn size must be positive, got ", config.ffn);
+  // Up to 2^30 each, so that products of sizes (2F a row, H F a weight) stay far inside Index.
+  check(config.hidden <= (Index{1} << 30), "hidden size ", config.hidden, " is too large");
+  check(config.ffn <= (Index{1} << 30), "ffn size ", config.ffn, " is too large");
   check(config.experts > 0, "number of experts must be positive, got ", config.experts);
   check(config.experts <= (Index{1} << 30), "number of experts ", config.experts, " is too large");
   check(config.top_k >= 1, "top_k must be at least 1, got ", config.top_k);
@@ -69,7 +72,10 @@ inline void validate(const LayerConfig& config) {
         config.experts);
   check(config.capacity_factor >= 0 && std::isfinite(config.capacity_factor),
         "capacity_factor must be finite and >= 0 (0 = dropless), got ", config.capacity_factor);
-  check(config.aux.load_balance >= 0 && config.aux.z_loss >= 0, "auxiliary loss weights must be >= 0");
+  check(config.aux.load_balance >= 0 && config.aux.z_loss >= 0 && std::isfinite(config.aux.load_balance) &&
+            std::isfinite(config.aux.z_loss),
+        "auxiliary loss weights must be finite and >= 0, got load_balance = ", config.aux.load_balance,
+        ", z_loss = ", config.aux.z_loss);
 }
 
 }  // namespace moe

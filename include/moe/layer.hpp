@@ -57,6 +57,7 @@ class MoELayer {
 
   // x: [T, H] -> y: [T, H]. T = 0 gives an empty [0, H] result.
   Matrix forward(ConstMatrixView<Scalar> x, const ForwardOptions& options = {}) {
+    check_view("MoELayer forward", "input", x);  // before its rows size y
     Matrix y;
     B::resize(y, x.rows, config_.hidden);
     forward_into(x, y, options);
@@ -80,6 +81,7 @@ class MoELayer {
   // dy: [T, H] of the last forward -> dx: [T, H]. Parameter gradients accumulate (+=) until
   // zero_grad(). The auxiliary losses' gradients are included. Once per forward.
   Matrix backward(ConstMatrixView<Scalar> dy) {
+    check_view("MoELayer backward", "output gradient", dy);  // before its rows size dx
     Matrix dx;
     B::resize(dx, dy.rows, config_.hidden);
     backward_into(dy, dx);
@@ -148,27 +150,34 @@ class MoELayer {
   const typename B::template Vector<Scalar>& last_weights() const { return weights_; }
   // The last forward's logits (SelfRoute's are a view of the gate's input: after an inference
   // forward or one with input_kept, of the caller's matrix).
-  ConstMatrixView<Scalar> last_logits() const { return logits_; }
+  ConstMatrixView<Scalar> last_logits() const { return last_.logits; }
 
  private:
   // router_input: null when the gate reads x itself.
   void forward_impl(ConstMatrixView<Scalar> x, const ConstMatrixView<Scalar>* router_input, MatrixView<Scalar> y,
                     const ForwardOptions& options) {
     const Index T = x.rows, H = config_.hidden;
+    check_view("MoELayer forward", "input", x);
+    check_view("MoELayer forward", "output", y);
+    if (router_input) check_view("MoELayer forward", "router input", *router_input);
     check(x.cols == H, "input has ", x.cols, " columns, the layer's hidden size is ", H);
     check(y.rows == T && y.cols == H, "output is [", y.rows, ", ", y.cols, "], expected [", T, ", ", H, "]");
+    // With input_kept the backward reads the caller's input, which an output over it would have replaced.
+    check(!(options.for_backward && options.input_kept) ||
+              (!overlaps(x, y) && (!router_input || !overlaps(*router_input, y))),
+          "MoELayer forward: input_kept, but the output overlaps the input the backward will read");
     check_mask(options.token_mask, T);
     mask_.assign(options.token_mask.begin(), options.token_mask.end());
 
     // Kept for backward (copies, unless the caller keeps them: it may change x before): the gate's
     // backward reads its input. An inference forward reads the caller's matrices in place.
     const bool keep = options.for_backward;
-    forwarded_ = false;  // until this forward has finished
+    last_.forwarded = false;  // until this forward has finished
     routed_separately_ = router_input != nullptr;
     ConstMatrixView<Scalar> input = x, gate_in = routed_separately_ ? *router_input : x;
     if (keep) {
       input_kept_ = options.input_kept;
-      callers_input_ = x, callers_router_input_ = routed_separately_ ? *router_input : ConstMatrixView<Scalar>{};
+      last_.callers_input = x, last_.callers_router_input = routed_separately_ ? *router_input : ConstMatrixView<Scalar>{};
       if (!input_kept_) {
         B::resize(input_, T, H);
         backend_.copy(x, input_);
@@ -179,11 +188,16 @@ class MoELayer {
       }
       input = layer_input(), gate_in = gate_input();
     }
-    logits_ = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
+    last_.logits = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
+    // An in-place inference forward (y over x) overwrites SelfRoute's logits with the output, so the
+    // losses read them first; otherwise after the experts' work is queued (a GPU backend's losses wait
+    // for their sums on the host).
+    const bool aux_first = has_aux_loss() && overlaps(last_.logits, y);
     const bool routed = can_run_routed(input, keep);
     // A training forward's backward reads the offsets on the host: their copy starts here and has
     // long arrived by then.
     route(routed && !keep);
+    if (aux_first) aux_ = backend_.aux_loss(last_.logits, plan_, config_, mask_);
     routed_forward_ = routed && keep;
     bool combined = false;  // by the routed products themselves
     if (routed) {
@@ -203,22 +217,25 @@ class MoELayer {
     }
     if (!combined) backend_.combine(expert_out_, plan_, weights_, y);
 
-    aux_ = has_aux_loss() ? backend_.aux_loss(logits_, plan_, config_, mask_) : AuxLosses{};
+    if (!aux_first) aux_ = has_aux_loss() ? backend_.aux_loss(last_.logits, plan_, config_, mask_) : AuxLosses{};
     if (collect_stats_) B::accumulate_stats(plan_, mask_, stats_);
-    forwarded_ = keep;
+    last_.forwarded = keep;
   }
 
   // dx written through the experts; d_gate_input (dx itself, or the router input's gradient) +=
   // through the gate.
   void backward_impl(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, MatrixView<Scalar> d_gate_input) {
-    check(forwarded_, "backward needs a forward first (one with ForwardOptions::for_backward, the default; and runs "
-                      "once per forward)");
+    check(last_.forwarded, "backward needs a forward first (one with ForwardOptions::for_backward, the default; and runs "
+                      "once per forward; a copy of a layer keeps no forward)");
+    check_view("MoELayer backward", "output gradient", dy);
+    check_view("MoELayer backward", "input gradient", dx);
+    if (d_gate_input.data != dx.data) check_view("MoELayer backward", "router input gradient", d_gate_input);
     const Index T = layer_input().rows, H = config_.hidden;
     check(dy.rows == T && dy.cols == H, "output gradient is [", dy.rows, ", ", dy.cols,
           "], the last forward's output is [", T, ", ", H, "]");
     check(dx.rows == T && dx.cols == H, "input gradient is [", dx.rows, ", ", dx.cols, "], expected [", T, ", ",
           H, "]");
-    forwarded_ = false;
+    last_.forwarded = false;
 
     const std::span<const Index> offsets = B::expert_offsets(plan_);
     if (routed_forward_) {  // the forward's products read x's rows in place; the weight gradients read them sorted
@@ -234,16 +251,16 @@ class MoELayer {
     backend_.sum_rows_to_tokens(expert_out, plan_, dx);
     if (gate_.wants_logit_gradient()) {
       B::resize(dlogits_, T, config_.experts);
-      backend_.route_backward(logits_, plan_, config_, dweights_, mask_, dlogits_);
+      backend_.route_backward(last_.logits, plan_, config_, dweights_, mask_, dlogits_);
       gate_.backward(backend_, gate_input(), dlogits_, d_gate_input);
     }
   }
 
   // The last forward's input and the gate's: the layer's copies, or the caller's matrices (input_kept).
-  ConstMatrixView<Scalar> layer_input() const { return input_kept_ ? callers_input_ : ConstMatrixView<Scalar>(input_); }
+  ConstMatrixView<Scalar> layer_input() const { return input_kept_ ? last_.callers_input : ConstMatrixView<Scalar>(input_); }
   ConstMatrixView<Scalar> gate_input() const {
     if (!routed_separately_) return layer_input();
-    return input_kept_ ? callers_router_input_ : ConstMatrixView<Scalar>(router_input_);
+    return input_kept_ ? last_.callers_router_input : ConstMatrixView<Scalar>(router_input_);
   }
   // The R gathered rows.
   ConstMatrixView<Scalar> expert_input(Index R) const { return ConstMatrixView<Scalar>(expert_in_).row_block(0, R); }
@@ -295,10 +312,10 @@ class MoELayer {
   // route(); the routed products never read the offsets on the host, so a backend that copies them
   // there (the CUDA backend: route() starts the copy the per-expert path waits for) need not.
   void route(bool offsets_stay_on_device) {
-    if constexpr (requires { backend_.route(logits_, config_, plan_, weights_, true); })
-      backend_.route(logits_, config_, plan_, weights_, !offsets_stay_on_device);
+    if constexpr (requires { backend_.route(last_.logits, config_, plan_, weights_, true); })
+      backend_.route(last_.logits, config_, plan_, weights_, !offsets_stay_on_device);
     else
-      backend_.route(logits_, config_, plan_, weights_);
+      backend_.route(last_.logits, config_, plan_, weights_);
   }
   // A forward's experts straight from the routing plan (can_run_routed): no expert-sorted copy of
   // the input, and for inference no host copy of the offsets (training's backward reads them, and
@@ -334,15 +351,30 @@ class MoELayer {
   ExpertsType experts_;
   RoutingStats stats_;
   bool collect_stats_ = true;
-  bool forwarded_ = false;
   bool routed_separately_ = false;
   bool routed_forward_ = false;  // the last training forward's experts ran from the routing plan
 
   // Kept from forward for backward.
   Matrix input_, router_input_, expert_in_, expert_out_;
-  bool input_kept_ = false;                                     // ForwardOptions::input_kept of the last forward
-  ConstMatrixView<Scalar> callers_input_, callers_router_input_;  // read by backward when input_kept_
-  ConstMatrixView<Scalar> logits_;
+  bool input_kept_ = false;  // ForwardOptions::input_kept of the last forward
+  // What a forward leaves its backward that points at memory by address: the caller's matrices, and
+  // the logits (SelfRoute's: a view of the input or of its copy here). A copy of the layer must not
+  // keep these (they would point into the original), so a copy of this starts empty: the copied
+  // layer's backward throws until its own forward. Moves keep it (the buffers keep their addresses).
+  struct LastForward {
+    bool forwarded = false;  // a training forward has run, its backward not yet
+    ConstMatrixView<Scalar> logits;
+    ConstMatrixView<Scalar> callers_input, callers_router_input;  // read by backward when input_kept_
+    LastForward() = default;
+    LastForward(const LastForward&) {}
+    LastForward& operator=(const LastForward&) {
+      *this = LastForward{};
+      return *this;
+    }
+    LastForward(LastForward&&) = default;
+    LastForward& operator=(LastForward&&) = default;
+  };
+  LastForward last_;
   typename B::Plan plan_;
   typename B::template Vector<Scalar> weights_;
   std::vector<std::uint8_t> mask_;

@@ -2,6 +2,7 @@
 // policies and a backend (host or device pointers alike), and named parameter references.
 #pragma once
 
+#include <cstdint>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -75,6 +76,47 @@ template <class T, class U>
 void check_same_shape(const char* where, const char* a_name, MatrixView<T> a, const char* b_name, MatrixView<U> b) {
   check(a.rows == b.rows && a.cols == b.cols, where, ": ", a_name, " is [", a.rows, ", ", a.cols, "], ", b_name,
         " is [", b.rows, ", ", b.cols, "]");
+}
+
+// Throws moe::Error unless v is a view of memory: rows, cols >= 0, a stride of at least cols (rows
+// must not overlap), and data unless it is empty: "<where>: <name> is [r, c] with stride s ...".
+template <class T>
+void check_view(const char* where, const char* name, MatrixView<T> v) {
+  check(v.rows >= 0 && v.cols >= 0, where, ": ", name, " is [", v.rows, ", ", v.cols, "]: negative extent");
+  check(v.rows <= 1 || v.stride >= v.cols, where, ": ", name, " is [", v.rows, ", ", v.cols, "] with row stride ",
+        v.stride, ": rows would overlap (the stride must be >= the columns)");
+  check(v.data != nullptr || v.rows == 0 || v.cols == 0, where, ": ", name, " is [", v.rows, ", ", v.cols,
+        "] with no data (null pointer)");
+}
+
+// Whether views a and b share memory (host or device pointers alike; empty views share none). Exact
+// for views of one element type and one row stride (e.g. two column blocks of one matrix, which
+// interleave without touching); otherwise by the address ranges they span, which may say yes for
+// views that interleave without touching.
+template <class T, class U>
+bool overlaps(MatrixView<T> a, MatrixView<U> b) {
+  if (!a.data || !b.data || a.rows <= 0 || a.cols <= 0 || b.rows <= 0 || b.cols <= 0) return false;
+  const auto first = [](const auto& v) { return reinterpret_cast<std::uintptr_t>(v.data); };
+  const auto last = [](const auto& v) {  // one past the last byte of the last row
+    return reinterpret_cast<std::uintptr_t>(v.data + ((v.rows - 1) * v.stride + v.cols));
+  };
+  if (first(a) >= last(b) || first(b) >= last(a)) return false;
+  using TA = std::remove_cv_t<T>;
+  using UB = std::remove_cv_t<U>;
+  if constexpr (std::is_same_v<TA, UB>) {
+    const std::intptr_t bytes = std::intptr_t(first(a)) - std::intptr_t(first(b));
+    const Index s = a.stride;
+    if (s == b.stride && s > 0 && bytes % std::intptr_t(sizeof(TA)) == 0 && a.cols <= s && b.cols <= s) {
+      // Element (r1, c1) of a is (r2, c2) of b when d = (r2 - r1) s + (c2 - c1), d = a - b in elements:
+      // c2 - c1 in (-a.cols, b.cols) leaves at most two row offsets q = r2 - r1 to try.
+      const Index d = Index(bytes / std::intptr_t(sizeof(TA)));
+      const auto floor_div = [](Index x, Index y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };
+      for (Index q = floor_div(d - (b.cols - 1), s); q <= floor_div(d + (a.cols - 1), s); ++q)
+        if (q >= -(a.rows - 1) && q <= b.rows - 1 && d - q * s > -a.cols && d - q * s < b.cols) return true;
+      return false;
+    }
+  }
+  return true;  // the ranges meet
 }
 
 // A named parameter: its values, its gradient (same shape; empty if it never gets one) and
