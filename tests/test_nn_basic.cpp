@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <moe/nn/adamw.hpp>
 #include <moe/nn/cross_entropy.hpp>
@@ -223,6 +224,22 @@ TEST_CASE("nn layernorm: bad shapes throw, naming the argument") {
                        doctest::Contains("dout is [3, 6], x is [4, 6]"), moe::Error);
 }
 
+TEST_CASE("nn layernorm: dx over dout or x, and a thread count below 1, are refused") {
+  Mat<float> x = ref::randn<float>(4, 6, 1), out(4, 6), dout = ref::randn<float>(4, 6, 2);
+  Vec<float> w(6, 1), b(6, 0), mean(4), rstd(4), dw(6, 0), db(6, 0);
+  CHECK_THROWS_WITH_AS(moe::nn::layernorm_forward<float>(x, w.data(), b.data(), out, mean.data(), rstd.data(), -1),
+                       doctest::Contains("thread count must be >= 1, got -1"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::layernorm_forward<float>(x, w.data(), b.data(), out, mean.data(), rstd.data(), 0),
+                       doctest::Contains("thread count must be >= 1, got 0"), moe::Error);
+  moe::nn::layernorm_forward<float>(x, w.data(), b.data(), out, mean.data(), rstd.data(), 1);
+  CHECK_THROWS_WITH_AS(moe::nn::layernorm_backward<float>(dout, x, w.data(), mean.data(), rstd.data(), dout,
+                                                          dw.data(), db.data(), 1),
+                       doctest::Contains("dx overlaps dout"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::layernorm_backward<float>(dout, x, w.data(), mean.data(), rstd.data(), x, dw.data(),
+                                                          db.data(), 1),
+                       doctest::Contains("dx overlaps x"), moe::Error);
+}
+
 // =============================================================================================
 TEST_CASE("nn linear: forward is in W^T + b; finite differences for in, weight, bias") {
   const Index T = 6, I = 5, O = 4;
@@ -291,6 +308,28 @@ TEST_CASE("nn linear: bad shapes throw, naming the argument") {
                        doctest::Contains("dweight is [3, 7], weight is [3, 6]"), moe::Error);
 }
 
+TEST_CASE("nn linear: an output over an operand is refused (the products read while they write)") {
+  // in [4, 8] and out [4, 4] in one buffer: out over in's first columns would be read after written.
+  Mat<float> buffer = ref::randn<float>(4, 8, 3), weight = ref::randn<float>(4, 8, 4), separate(4, 4);
+  const moe::MatrixView<float> all(buffer);
+  CHECK_THROWS_WITH_AS(moe::nn::linear_forward<float>(all, weight, nullptr, all.col_block(0, 4), 1),
+                       doctest::Contains("linear_forward: out overlaps in"), moe::Error);
+  Mat<float> square = ref::randn<float>(4, 4, 7);
+  CHECK_THROWS_WITH_AS(moe::nn::linear_forward<float>(separate, square, nullptr, square, 1),
+                       doctest::Contains("linear_forward: out overlaps weight"), moe::Error);
+  // Beside each other in one buffer (the same stride, other columns) is fine.
+  Mat<float> side = ref::randn<float>(4, 12, 5);
+  const moe::MatrixView<float> sv(side);
+  CHECK_NOTHROW(moe::nn::linear_forward<float>(sv.col_block(0, 8), weight, nullptr, sv.col_block(8, 4), 1));
+  Mat<float> dout = ref::randn<float>(4, 4, 6), dweight(4, 8);
+  CHECK_THROWS_WITH_AS(moe::nn::linear_backward<float>(buffer, dout, weight, buffer, dweight, nullptr, 1),
+                       doctest::Contains("linear_backward: din overlaps in"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::linear_backward<float>(buffer, dout, weight, moe::MatrixView<float>{}, weight, nullptr, 1),
+                       doctest::Contains("linear_backward: dweight overlaps weight"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::linear_forward<float>(buffer, weight, nullptr, separate, -2),
+                       doctest::Contains("thread count must be >= 1, got -2"), moe::Error);
+}
+
 // =============================================================================================
 TEST_CASE("nn embedding: forward is wte[token] + wpe[t]; finite differences for wte and wpe") {
   const Index B = 2, T = 3, V = 5, max_T = 4, C = 6;
@@ -352,6 +391,14 @@ TEST_CASE("nn embedding: bad token ids and lengths throw, naming the id and posi
   Mat<float> dwte(5, 4), dwpe(3, 4);
   CHECK_THROWS_WITH_AS(moe::nn::embedding_backward<float>(out, bad, 2, 2, dwte, dwpe, 1),
                        doctest::Contains("token id 7"), moe::Error);
+}
+
+TEST_CASE("nn embedding: B * T past Index's range is refused before it is computed") {
+  const Mat<float> wte(5, 4), wpe(3, 4);
+  Mat<float> out(4, 4);
+  const Vec<std::int32_t> ok{0, 1, 2, 3};
+  CHECK_THROWS_WITH_AS(moe::nn::embedding_forward<float>(ok, moe::Index{1} << 62, 2, wte, wpe, out, 1),
+                       doctest::Contains("B * T overflows (B = 4611686018427387904, T = 2)"), moe::Error);
 }
 
 // =============================================================================================
@@ -614,6 +661,27 @@ TEST_CASE("nn adamw: weight decay applies to matrices only, not to 1-D parameter
   optimizer.step(params);  // the config's lr
   for (std::size_t i = 0; i < w0.size(); ++i) CHECK(model.w[i] == doctest::Approx(w0[i] * (1 - 0.1 * 0.5)).epsilon(1e-15));
   CHECK(model.b == b0);
+}
+
+TEST_CASE("nn adamw: options and a step's rate that are not finite, or eps = 0, are refused before anything changes") {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.lr = inf}), doctest::Contains("lr must be finite and >= 0, got inf"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.eps = 0}), doctest::Contains("eps must be finite and > 0, got 0"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.weight_decay = nan}), doctest::Contains("weight_decay must be finite"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.beta2 = 1}), doctest::Contains("betas must lie in [0, 1)"), moe::Error);
+  Model<float> model;
+  const Vec<float> w0 = model.w;
+  moe::nn::AdamW<float> optimizer;
+  auto params = model.params();
+  for (const double lr : {nan, -1e-3, inf})
+    CHECK_THROWS_WITH_AS(optimizer.step(params, lr), doctest::Contains("the step's learning rate must be finite and >= 0"),
+                         moe::Error);
+  CHECK(optimizer.step_count() == 0);
+  CHECK(same_bits(model.w, w0));
+  CHECK_NOTHROW(optimizer.step(params, 0.0));  // a zero rate (a schedule's end) is a step
 }
 
 TEST_CASE("nn adamw: a changed parameter list throws; saved state resumes the same bits") {

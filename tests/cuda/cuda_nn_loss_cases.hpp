@@ -635,7 +635,11 @@ TEST_CASE("cuda nn loss: AdamW and clip_grad_norm reject bad arguments, naming t
                        moe::Error);
   AdamWConfig bad_lr;
   bad_lr.lr = -1;
-  CHECK_THROWS_WITH_AS((AdamW<float, TestDevice>(device, bad_lr)), doctest::Contains("lr, eps and weight_decay"),
+  CHECK_THROWS_WITH_AS((AdamW<float, TestDevice>(device, bad_lr)), doctest::Contains("lr must be finite and >= 0"),
+                       moe::Error);
+  AdamWConfig no_eps;
+  no_eps.eps = 0;
+  CHECK_THROWS_WITH_AS((AdamW<float, TestDevice>(device, no_eps)), doctest::Contains("eps must be finite and > 0"),
                        moe::Error);
 
   std::vector<TwinParam<float>> params = make_params<float>(device, 51);
@@ -654,6 +658,9 @@ TEST_CASE("cuda nn loss: AdamW and clip_grad_norm reject bad arguments, naming t
   CHECK_THROWS_WITH_AS(adamw.step(mismatched), doctest::Contains("parameter 1 'b' has 23 values but 5 gradients"),
                        moe::Error);
   CHECK_THROWS_WITH_AS(adamw.set_state(-1, {}, {}), doctest::Contains("step count must be >= 0"), moe::Error);
+  CHECK_THROWS_WITH_AS(adamw.step(list, std::nan("")), doctest::Contains("the step's learning rate must be finite"),
+                       moe::Error);
+  CHECK(adamw.step_count() == 1);  // the refused step took nothing
   AdamW<float, TestDevice> restored(device);
   restored.set_state(1, {{1.f}}, {{1.f}});
   CHECK_THROWS_WITH_AS(restored.step(list), doctest::Contains("the restored moments hold 1 parameters, the list has 8"),

@@ -27,6 +27,7 @@ inline int default_threads() {
 // then 1 and 2 threads would not give the same bits.
 template <class Body>
 void parallel_for(int threads, Index count, Body&& body) {
+  check(threads >= 1, "thread count must be >= 1, got ", threads);  // OpenMP's num_threads(<= 0) is undefined
   if (count <= 0) return;
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)

@@ -82,9 +82,7 @@ template <class S>
 class AdamW {
  public:
   explicit AdamW(AdamWConfig config = {}) : config_(config) {
-    check(config.lr >= 0 && config.eps >= 0 && config.weight_decay >= 0, "AdamW: lr, eps and weight_decay must be >= 0");
-    check(config.beta1 >= 0 && config.beta1 < 1 && config.beta2 >= 0 && config.beta2 < 1,
-          "AdamW: betas must lie in [0, 1), got ", config.beta1, " and ", config.beta2);
+    moe::nn::check_adamw_config(config);
   }
 
   const AdamWConfig& config() const { return config_; }
@@ -97,6 +95,7 @@ class AdamW {
   void step(std::vector<ParamRef<S>>& params) { step(params, config_.lr); }
 
   void step(std::vector<ParamRef<S>>& params, double lr) {
+    moe::nn::check_adamw_rate(lr);
     bind(params);
     ++steps_;
     const AdamWStep<S> k = adamw_step<S>(config_, lr, steps_);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -32,6 +33,21 @@ struct AdamWConfig {
   double eps = 1e-8;
   double weight_decay = 0.1;
 };
+
+// AdamW's options: finite; lr and weight_decay >= 0; eps > 0 (with 0, a weight whose gradient has
+// always been 0, a dead expert's, would become 0 / 0); betas in [0, 1). The CPU and CUDA optimizers'
+// constructors check them here; a step's own rate, check_adamw_rate.
+inline void check_adamw_config(const AdamWConfig& c) {
+  check(std::isfinite(c.lr) && c.lr >= 0, "AdamW: lr must be finite and >= 0, got ", c.lr);
+  check(std::isfinite(c.eps) && c.eps > 0, "AdamW: eps must be finite and > 0, got ", c.eps);
+  check(std::isfinite(c.weight_decay) && c.weight_decay >= 0, "AdamW: weight_decay must be finite and >= 0, got ",
+        c.weight_decay);
+  check(c.beta1 >= 0 && c.beta1 < 1 && c.beta2 >= 0 && c.beta2 < 1, "AdamW: betas must lie in [0, 1), got ", c.beta1,
+        " and ", c.beta2);
+}
+inline void check_adamw_rate(double lr) {
+  check(std::isfinite(lr) && lr >= 0, "AdamW: the step's learning rate must be finite and >= 0, got ", lr);
+}
 
 // One AdamW step's constants in C, computed in double from the options, the step's rate and its
 // number t (1 on the first step): the CPU and CUDA optimizers take them from here.
@@ -119,6 +135,7 @@ void check_adamw_list(const std::vector<ParamRef<S>>& params, const std::vector<
 inline void check_embedding(const char* where, std::span<const std::int32_t> tokens, Index B, Index T, Index V,
                             Index max_T, Index C, Index rows, Index cols) {
   check(B >= 0 && T >= 0, where, ": B = ", B, " and T = ", T, " must be >= 0");
+  check(T == 0 || B <= std::numeric_limits<Index>::max() / T, where, ": B * T overflows (B = ", B, ", T = ", T, ")");
   check(Index(tokens.size()) == B * T, where, ": tokens has ", tokens.size(), " ids, expected B * T = ", B, " * ",
         T, " = ", B * T);
   check(T <= max_T, where, ": sequence length T = ", T, " exceeds the ", max_T, " positions of wpe");
@@ -174,6 +191,7 @@ void check_layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, con
   check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
         "], x is [", T, ", ", C, "]");
   check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
+  check(!overlaps(dx, dout) && !overlaps(dx, x), "layernorm_backward: dx overlaps ", overlaps(dx, x) ? "x" : "dout");
 }
 
 // Cross-entropy shapes and targets; returns the number of rows counted.
@@ -196,6 +214,8 @@ void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, Matr
         ", ", weight.cols, "] (expected [O, ", in.cols, "])");
   check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
         "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
+  check(!overlaps(out, in) && !overlaps(out, weight), "linear_forward: out overlaps ",
+        overlaps(out, in) ? "in" : "weight", " (the product reads them while it writes out)");
 }
 // Its backward: dout [T, O]; din [T, I] and dweight [O, I] unless null.
 template <class S>
@@ -210,6 +230,13 @@ void check_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, Const
         "], in is [", T, ", ", I, "]");
   check(!dweight.data || (dweight.rows == O && dweight.cols == I), "linear_backward: dweight is [", dweight.rows,
         ", ", dweight.cols, "], weight is [", O, ", ", I, "]");
+  // The two products run side by side: neither output may be what either reads.
+  for (const MatrixView<S>& grad : {din, dweight}) {
+    const char* name = grad.data == din.data ? "din" : "dweight";
+    check(!overlaps(grad, in) && !overlaps(grad, dout) && !overlaps(grad, weight), "linear_backward: ", name,
+          " overlaps ", overlaps(grad, in) ? "in" : overlaps(grad, dout) ? "dout" : "weight");
+  }
+  check(!overlaps(din, dweight), "linear_backward: din overlaps dweight");
 }
 
 // Attention: qkv [B*T, 3C], the output (or its gradient) [B*T, C], the att cache; returns C and

@@ -289,9 +289,7 @@ class AdamW {
   static constexpr bool kMasterWeights = !std::is_same_v<S, C>;
 
   explicit AdamW(D device, AdamWConfig config = {}) : device_(std::move(device)), config_(config) {
-    check(config.lr >= 0 && config.eps >= 0 && config.weight_decay >= 0, "AdamW: lr, eps and weight_decay must be >= 0");
-    check(config.beta1 >= 0 && config.beta1 < 1 && config.beta2 >= 0 && config.beta2 < 1,
-          "AdamW: betas must lie in [0, 1), got ", config.beta1, " and ", config.beta2);
+    moe::nn::check_adamw_config(config);
   }
 
   const AdamWConfig& config() const { return config_; }
@@ -304,6 +302,7 @@ class AdamW {
   // scaling; for bf16 gradients, without their rounding back to bf16). It is how clipping's
   // factor reaches the update without its own pass over the gradients (grad_norm, clip_factor).
   void step(std::vector<ParamRef<S>>& params, double lr, C grad_scale = C(1)) {
+    moe::nn::check_adamw_rate(lr);
     bind(params);
     ++steps_;
     const AdamWStep<C> k = moe::nn::adamw_step<C>(config_, lr, steps_);
