@@ -95,6 +95,9 @@ TEST_CASE("bad input: layer config sizes must be positive") {
   c = good_config();
   c.hidden = (Index{1} << 30) + 1;
   check_config_error(c, {"hidden size 1073741825", "too large"});
+  c = good_config();
+  c.hidden = c.ffn = Index{1} << 30;  // each allowed, their weights [N, 2F, H] not
+  check_config_error(c, {"the experts' weights are too large", "N = 4", "[2147483648, 1073741824]"});
 }
 
 TEST_CASE("bad input: top_k must be in [1, N]") {
@@ -437,7 +440,13 @@ TEST_CASE("bad input: a copy of a layer keeps its parameters but not its forward
     layer.forward(x);
     assigned = layer;  // assignment too
     CHECK_THROWS_AS(assigned.backward(dy), moe::Error);
-    auto moved = std::move(layer);  // a move keeps the forward
+    auto moved = std::move(layer);  // a move takes the forward, and leaves the source none
+    CHECK_THROWS_AS(layer.backward(dy), moe::Error);  // what the move left: no forward
+    CHECK(moved.backward(dy) == dx);
+    auto& same = moved;
+    moved = same;  // self-assignment keeps the layer as it is, its forward too
+    moved.forward(x);
+    moved = same;
     CHECK(moved.backward(dy) == dx);
   };
   Layer<moe::SelfRoute> self(good_config(), 15);
@@ -466,4 +475,13 @@ TEST_CASE("bad input: an in-place forward (y over x) gives the separate buffers'
   Matrix r = x, y(7, 8);
   CHECK_ERROR_NAMES(error_of([&] { in_place.forward_into(x, r, r, {.input_kept = true}); }), "input_kept");
   CHECK_NOTHROW(in_place.forward_into(x, r, y, {.input_kept = true}));
+  // Its backward: the gate reads the caller's router input after dx is written, so dx must not be it.
+  Matrix dx(7, 8), dr = Matrix::Zero(7, 8);
+  CHECK_ERROR_NAMES(error_of([&] { in_place.backward_into(y, r, dr); }), "MoELayer backward", "input_kept",
+                    "input gradient overlaps the router input");
+  CHECK_ERROR_NAMES(error_of([&] { in_place.backward_into(y, dx, r); }), "router input gradient overlaps the router input");
+  CHECK_NOTHROW(in_place.backward_into(y, dx, dr));
+  Matrix kept = x;
+  in_place.forward_into(kept, y, {.input_kept = true});
+  CHECK_ERROR_NAMES(error_of([&] { in_place.backward_into(y, kept); }), "input gradient overlaps the input");
 }

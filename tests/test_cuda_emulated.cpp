@@ -72,6 +72,28 @@ TEST_CASE("emulated device: a training forward holds the layer's saved_bytes_per
   check_saved_bytes_per_token<moe::Linear, moe::bfloat16>();
 }
 
+TEST_CASE("emulated device: an in-place inference forward (y over x) gives the separate buffers' output and losses") {
+  using B = moe::cuda::BasicBackend<float, cuda_test::TestDevice>;
+  moe::LayerConfig config{.hidden = 64, .ffn = 128, .experts = 8, .top_k = 2};
+  config.aux = {.load_balance = 0.01, .z_loss = 0.001};
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, B> separate(config, 19, {}, {}, B(cuda_test::make_device())),
+      in_place(config, 19, {}, {}, B(cuda_test::make_device()));
+  const moe::Index T = 150;
+  const std::vector<float> values = cuda_test::normal_values(std::size_t(T * 64), 20);
+  const auto x = cuda_test::to_device<float>(separate.backend(), values, T, 64);
+  auto xy = cuda_test::to_device<float>(in_place.backend(), values, T, 64);
+  B::Matrix y(T, 64);
+  separate.forward_into(x, y, {.for_backward = false});
+  in_place.forward_into(xy, xy, {.for_backward = false});
+  std::vector<float> a(std::size_t(T * 64)), b(a.size());
+  separate.backend().download(y, a);
+  in_place.backend().download(xy, b);
+  CHECK(a == b);
+  CHECK(in_place.aux_losses().load_balance == separate.aux_losses().load_balance);
+  CHECK(in_place.aux_losses().z_loss == separate.aux_losses().z_loss);
+  CHECK(separate.aux_losses().z_loss > 0);
+}
+
 TEST_CASE("cuda backend: routing workspace bytes per token bound what a routed plan holds") {
   using moe::Index;
   // k = 2, bf16, N = 8: 2 * (3 * 4 + 1 + 2 * 2) + 1 status byte + ceil(2 * 8 * 4 / 128); k = 1, fp32, N = 256:

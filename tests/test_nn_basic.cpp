@@ -667,7 +667,9 @@ TEST_CASE("nn adamw: options and a step's rate that are not finite, or eps = 0, 
   const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
   CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.lr = inf}), doctest::Contains("lr must be finite and >= 0, got inf"),
                        moe::Error);
-  CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.eps = 0}), doctest::Contains("eps must be finite and > 0, got 0"),
+  CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.eps = 0}), doctest::Contains("eps must be finite and > 0 (in float), got 0"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::AdamW<double>({.eps = 1e-50}), doctest::Contains("eps must be finite and > 0 (in float)"),
                        moe::Error);
   CHECK_THROWS_WITH_AS(moe::nn::AdamW<float>({.weight_decay = nan}), doctest::Contains("weight_decay must be finite"),
                        moe::Error);

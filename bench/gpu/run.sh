@@ -161,7 +161,7 @@ run_step() {
     failed+=("$name")
   elif ((rc == 0)); then
     echo "== $name: ok ($((SECONDS - start)) s)"
-  elif ((rc == 77)) || grep -q "no usable CUDA device" "$log"; then
+  elif ((rc == 77)) || grep -q -- "--device cuda: no usable CUDA device" "$log"; then
     # The GPU binaries' "no CUDA device here" (77), or the examples' `--device cuda` saying so (their
     # error's status, 1): nothing ran, which is not a pass.
     echo "== $name: SKIPPED: no CUDA device on this machine (exit status $rc), see $log"

@@ -62,11 +62,14 @@ struct LayerConfig {
 inline void validate(const LayerConfig& config) {
   check(config.hidden > 0, "hidden size must be positive, got ", config.hidden);
   check(config.ffn > 0, "ffn size must be positive, got ", config.ffn);
-  // Up to 2^30 each, so that products of sizes (2F a row, H F a weight) stay far inside Index.
   check(config.hidden <= (Index{1} << 30), "hidden size ", config.hidden, " is too large");
   check(config.ffn <= (Index{1} << 30), "ffn size ", config.ffn, " is too large");
   check(config.experts > 0, "number of experts must be positive, got ", config.experts);
   check(config.experts <= (Index{1} << 30), "number of experts ", config.experts, " is too large");
+  // The largest weight, N stacked [2F, H] blocks (SwiGLU's gate and up), up to 2^58 elements: its
+  // size, in bytes too, and the per-token counts below it stay far inside Index.
+  check(2 * config.ffn <= (Index{1} << 58) / config.hidden / config.experts, "the experts' weights are too large: N = ",
+        config.experts, " blocks of [2F, H] = [", 2 * config.ffn, ", ", config.hidden, "] pass 2^58 elements");
   check(config.top_k >= 1, "top_k must be at least 1, got ", config.top_k);
   check(config.top_k <= config.experts, "top_k = ", config.top_k, " exceeds the number of experts N = ",
         config.experts);

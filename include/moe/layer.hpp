@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "moe/aux_loss.hpp"
@@ -149,7 +150,8 @@ class MoELayer {
   const typename B::Plan& last_plan() const { return plan_; }
   const typename B::template Vector<Scalar>& last_weights() const { return weights_; }
   // The last forward's logits (SelfRoute's are a view of the gate's input: after an inference
-  // forward or one with input_kept, of the caller's matrix).
+  // forward or one with input_kept, of the caller's matrix, which an in-place forward has since
+  // overwritten with its output). Empty in a copy of a layer (it keeps no forward).
   ConstMatrixView<Scalar> last_logits() const { return last_.logits; }
 
  private:
@@ -163,9 +165,11 @@ class MoELayer {
     check(x.cols == H, "input has ", x.cols, " columns, the layer's hidden size is ", H);
     check(y.rows == T && y.cols == H, "output is [", y.rows, ", ", y.cols, "], expected [", T, ", ", H, "]");
     // With input_kept the backward reads the caller's input, which an output over it would have replaced.
-    check(!(options.for_backward && options.input_kept) ||
-              (!overlaps(x, y) && (!router_input || !overlaps(*router_input, y))),
-          "MoELayer forward: input_kept, but the output overlaps the input the backward will read");
+    if (options.for_backward && options.input_kept) {
+      check(!overlaps(x, y), "MoELayer forward: input_kept, but the output overlaps the input the backward will read");
+      check(!router_input || !overlaps(*router_input, y),
+            "MoELayer forward: input_kept, but the output overlaps the router input the backward will read");
+    }
     check_mask(options.token_mask, T);
     mask_.assign(options.token_mask.begin(), options.token_mask.end());
 
@@ -229,7 +233,14 @@ class MoELayer {
                       "once per forward; a copy of a layer keeps no forward)");
     check_view("MoELayer backward", "output gradient", dy);
     check_view("MoELayer backward", "input gradient", dx);
-    if (d_gate_input.data != dx.data) check_view("MoELayer backward", "router input gradient", d_gate_input);
+    if (routed_separately_) check_view("MoELayer backward", "router input gradient", d_gate_input);
+    // With input_kept the gate's backward reads the caller's (router) input after dx is written.
+    if (input_kept_) {
+      check(!overlaps(dx, gate_input()), "MoELayer backward: input_kept, but the input gradient overlaps the ",
+            routed_separately_ ? "router input" : "input", " the gate's backward reads");
+      check(!routed_separately_ || !overlaps(d_gate_input, gate_input()),
+            "MoELayer backward: input_kept, but the router input gradient overlaps the router input");
+    }
     const Index T = layer_input().rows, H = config_.hidden;
     check(dy.rows == T && dy.cols == H, "output gradient is [", dy.rows, ", ", dy.cols,
           "], the last forward's output is [", T, ", ", H, "]");
@@ -345,6 +356,37 @@ class MoELayer {
   }
   bool has_aux_loss() const { return config_.aux.load_balance > 0 || config_.aux.z_loss > 0; }
 
+  // What a forward leaves its backward that points at memory by address: the caller's matrices, and
+  // the logits (SelfRoute's: a view of the input or of its copy here). A copy of the layer must not
+  // keep these (they would point into the original), so a copy of this starts empty: the copied
+  // layer's backward throws until its own forward. A move takes them (the buffers keep their
+  // addresses) and leaves the source empty. The first member: a copy assignment resets it before
+  // the buffers are replaced, so one that throws partway leaves no forward behind.
+  struct LastForward {
+    bool forwarded = false;  // a training forward has run, its backward not yet
+    ConstMatrixView<Scalar> logits;
+    ConstMatrixView<Scalar> callers_input, callers_router_input;  // read by backward when input_kept_
+    LastForward() = default;
+    LastForward(const LastForward&) {}
+    LastForward& operator=(const LastForward& other) {
+      if (this != &other) *this = LastForward{};
+      return *this;
+    }
+    LastForward(LastForward&& other) noexcept { take(other); }
+    LastForward& operator=(LastForward&& other) noexcept {
+      if (this != &other) take(other);
+      return *this;
+    }
+
+   private:
+    void take(LastForward& other) {
+      forwarded = std::exchange(other.forwarded, false);
+      logits = std::exchange(other.logits, {});
+      callers_input = std::exchange(other.callers_input, {});
+      callers_router_input = std::exchange(other.callers_router_input, {});
+    }
+  };
+  LastForward last_;
   LayerConfig config_;
   B backend_;
   GateType gate_;
@@ -357,24 +399,6 @@ class MoELayer {
   // Kept from forward for backward.
   Matrix input_, router_input_, expert_in_, expert_out_;
   bool input_kept_ = false;  // ForwardOptions::input_kept of the last forward
-  // What a forward leaves its backward that points at memory by address: the caller's matrices, and
-  // the logits (SelfRoute's: a view of the input or of its copy here). A copy of the layer must not
-  // keep these (they would point into the original), so a copy of this starts empty: the copied
-  // layer's backward throws until its own forward. Moves keep it (the buffers keep their addresses).
-  struct LastForward {
-    bool forwarded = false;  // a training forward has run, its backward not yet
-    ConstMatrixView<Scalar> logits;
-    ConstMatrixView<Scalar> callers_input, callers_router_input;  // read by backward when input_kept_
-    LastForward() = default;
-    LastForward(const LastForward&) {}
-    LastForward& operator=(const LastForward&) {
-      *this = LastForward{};
-      return *this;
-    }
-    LastForward(LastForward&&) = default;
-    LastForward& operator=(LastForward&&) = default;
-  };
-  LastForward last_;
   typename B::Plan plan_;
   typename B::template Vector<Scalar> weights_;
   std::vector<std::uint8_t> mask_;

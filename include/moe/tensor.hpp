@@ -89,13 +89,15 @@ void check_view(const char* where, const char* name, MatrixView<T> v) {
         "] with no data (null pointer)");
 }
 
-// Whether views a and b share memory (host or device pointers alike; empty views share none). Exact
+// Whether views a and b share memory (host or device pointers alike; empty views share none; a view
+// whose rows overlap themselves, which check_view refuses, is taken to overlap anything). Exact
 // for views of one element type and one row stride (e.g. two column blocks of one matrix, which
 // interleave without touching); otherwise by the address ranges they span, which may say yes for
 // views that interleave without touching.
 template <class T, class U>
 bool overlaps(MatrixView<T> a, MatrixView<U> b) {
   if (!a.data || !b.data || a.rows <= 0 || a.cols <= 0 || b.rows <= 0 || b.cols <= 0) return false;
+  if ((a.rows > 1 && a.stride < a.cols) || (b.rows > 1 && b.stride < b.cols)) return true;  // not views of memory
   const auto first = [](const auto& v) { return reinterpret_cast<std::uintptr_t>(v.data); };
   const auto last = [](const auto& v) {  // one past the last byte of the last row
     return reinterpret_cast<std::uintptr_t>(v.data + ((v.rows - 1) * v.stride + v.cols));

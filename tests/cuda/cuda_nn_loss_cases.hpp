@@ -660,7 +660,9 @@ TEST_CASE("cuda nn loss: AdamW and clip_grad_norm reject bad arguments, naming t
   CHECK_THROWS_WITH_AS(adamw.set_state(-1, {}, {}), doctest::Contains("step count must be >= 0"), moe::Error);
   CHECK_THROWS_WITH_AS(adamw.step(list, std::nan("")), doctest::Contains("the step's learning rate must be finite"),
                        moe::Error);
-  CHECK(adamw.step_count() == 1);  // the refused step took nothing
+  CHECK_THROWS_WITH_AS(adamw.step(list, 1e-3, -1.f), doctest::Contains("grad_scale must be finite and >= 0"),
+                       moe::Error);
+  CHECK(adamw.step_count() == 1);  // the refused steps took nothing
   AdamW<float, TestDevice> restored(device);
   restored.set_state(1, {{1.f}}, {{1.f}});
   CHECK_THROWS_WITH_AS(restored.step(list), doctest::Contains("the restored moments hold 1 parameters, the list has 8"),

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "moe/config.hpp"
@@ -39,7 +40,8 @@ struct AdamWConfig {
 // constructors check them here; a step's own rate, check_adamw_rate.
 inline void check_adamw_config(const AdamWConfig& c) {
   check(std::isfinite(c.lr) && c.lr >= 0, "AdamW: lr must be finite and >= 0, got ", c.lr);
-  check(std::isfinite(c.eps) && c.eps > 0, "AdamW: eps must be finite and > 0, got ", c.eps);
+  // (> 0 in float too: fp32 optimizers compute with float(eps).)
+  check(std::isfinite(c.eps) && float(c.eps) > 0, "AdamW: eps must be finite and > 0 (in float), got ", c.eps);
   check(std::isfinite(c.weight_decay) && c.weight_decay >= 0, "AdamW: weight_decay must be finite and >= 0, got ",
         c.weight_decay);
   check(c.beta1 >= 0 && c.beta1 < 1 && c.beta2 >= 0 && c.beta2 < 1, "AdamW: betas must lie in [0, 1), got ", c.beta1,
@@ -191,7 +193,8 @@ void check_layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, con
   check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
         "], x is [", T, ", ", C, "]");
   check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
-  check(!overlaps(dx, dout) && !overlaps(dx, x), "layernorm_backward: dx overlaps ", overlaps(dx, x) ? "x" : "dout");
+  for (const auto& [operand, name] : {std::pair{dout, "dout"}, std::pair{x, "x"}})
+    if (overlaps(dx, operand)) check(false, "layernorm_backward: dx overlaps ", name);
 }
 
 // Cross-entropy shapes and targets; returns the number of rows counted.
@@ -214,8 +217,8 @@ void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, Matr
         ", ", weight.cols, "] (expected [O, ", in.cols, "])");
   check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
         "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
-  check(!overlaps(out, in) && !overlaps(out, weight), "linear_forward: out overlaps ",
-        overlaps(out, in) ? "in" : "weight", " (the product reads them while it writes out)");
+  for (const auto& [operand, name] : {std::pair{in, "in"}, std::pair{weight, "weight"}})
+    if (overlaps(out, operand)) check(false, "linear_forward: out overlaps ", name, " (the product reads it while it writes out)");
 }
 // Its backward: dout [T, O]; din [T, I] and dweight [O, I] unless null.
 template <class S>
@@ -230,12 +233,10 @@ void check_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, Const
         "], in is [", T, ", ", I, "]");
   check(!dweight.data || (dweight.rows == O && dweight.cols == I), "linear_backward: dweight is [", dweight.rows,
         ", ", dweight.cols, "], weight is [", O, ", ", I, "]");
-  // The two products run side by side: neither output may be what either reads.
-  for (const MatrixView<S>& grad : {din, dweight}) {
-    const char* name = grad.data == din.data ? "din" : "dweight";
-    check(!overlaps(grad, in) && !overlaps(grad, dout) && !overlaps(grad, weight), "linear_backward: ", name,
-          " overlaps ", overlaps(grad, in) ? "in" : overlaps(grad, dout) ? "dout" : "weight");
-  }
+  // The two products run side by side: neither output may be what either reads, or the other output.
+  for (const auto& [grad, grad_name] : {std::pair{din, "din"}, std::pair{dweight, "dweight"}})
+    for (const auto& [operand, name] : {std::pair{in, "in"}, std::pair{dout, "dout"}, std::pair{weight, "weight"}})
+      if (overlaps(grad, operand)) check(false, "linear_backward: ", grad_name, " overlaps ", name);
   check(!overlaps(din, dweight), "linear_backward: din overlaps dweight");
 }
 

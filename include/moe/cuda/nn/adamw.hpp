@@ -303,6 +303,8 @@ class AdamW {
   // factor reaches the update without its own pass over the gradients (grad_norm, clip_factor).
   void step(std::vector<ParamRef<S>>& params, double lr, C grad_scale = C(1)) {
     moe::nn::check_adamw_rate(lr);
+    check(std::isfinite(double(grad_scale)) && grad_scale >= C(0), "AdamW: grad_scale must be finite and >= 0, got ",
+          double(grad_scale));
     bind(params);
     ++steps_;
     const AdamWStep<C> k = moe::nn::adamw_step<C>(config_, lr, steps_);
