@@ -181,7 +181,8 @@ class MoELayer {
     ConstMatrixView<Scalar> input = x, gate_in = routed_separately_ ? *router_input : x;
     if (keep) {
       input_kept_ = options.input_kept;
-      last_.callers_input = x, last_.callers_router_input = routed_separately_ ? *router_input : ConstMatrixView<Scalar>{};
+      last_.callers_input = x;
+      last_.callers_router_input = routed_separately_ ? *router_input : ConstMatrixView<Scalar>{};
       if (!input_kept_) {
         B::resize(input_, T, H);
         backend_.copy(x, input_);
@@ -229,8 +230,8 @@ class MoELayer {
   // dx written through the experts; d_gate_input (dx itself, or the router input's gradient) +=
   // through the gate.
   void backward_impl(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, MatrixView<Scalar> d_gate_input) {
-    check(last_.forwarded, "backward needs a forward first (one with ForwardOptions::for_backward, the default; and runs "
-                      "once per forward; a copy of a layer keeps no forward)");
+    check(last_.forwarded, "backward needs a forward first (one with ForwardOptions::for_backward, the default; and "
+                           "runs once per forward; a copy of a layer keeps no forward)");
     check_view("MoELayer backward", "output gradient", dy);
     check_view("MoELayer backward", "input gradient", dx);
     if (routed_separately_) check_view("MoELayer backward", "router input gradient", d_gate_input);
@@ -268,7 +269,9 @@ class MoELayer {
   }
 
   // The last forward's input and the gate's: the layer's copies, or the caller's matrices (input_kept).
-  ConstMatrixView<Scalar> layer_input() const { return input_kept_ ? last_.callers_input : ConstMatrixView<Scalar>(input_); }
+  ConstMatrixView<Scalar> layer_input() const {
+    return input_kept_ ? last_.callers_input : ConstMatrixView<Scalar>(input_);
+  }
   ConstMatrixView<Scalar> gate_input() const {
     if (!routed_separately_) return layer_input();
     return input_kept_ ? last_.callers_router_input : ConstMatrixView<Scalar>(router_input_);

@@ -218,7 +218,8 @@ void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, Matr
   check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
         "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
   for (const auto& [operand, name] : {std::pair{in, "in"}, std::pair{weight, "weight"}})
-    if (overlaps(out, operand)) check(false, "linear_forward: out overlaps ", name, " (the product reads it while it writes out)");
+    if (overlaps(out, operand))
+      check(false, "linear_forward: out overlaps ", name, " (the product reads it while it writes out)");
 }
 // Its backward: dout [T, O]; din [T, I] and dweight [O, I] unless null.
 template <class S>
