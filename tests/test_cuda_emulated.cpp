@@ -580,6 +580,20 @@ TEST_CASE("emulated device: a GEMM group runs independent products and refuses o
   bad[1].ldc = 2;
   CHECK_THROWS_WITH_AS(device.gemm_group(std::span<const BlasGemm<float>>(bad)),
                        doctest::Contains("product 0 writes memory that product 1 reads"), moe::Error);
+  // Rows 0-1 and 2-3 of one column-major [4, 2] output (ldc = 4) interleave without sharing an element,
+  // as cuBLAS may write them side by side: taken, each product's rows where they belong.
+  auto* wide = static_cast<float*>(EmulatedDevice::allocate(8 * sizeof(float)));
+  std::vector<BlasGemm<float>> rows = group;
+  for (int e = 0; e < 2; ++e) rows[std::size_t(e)].c = wide + 2 * e, rows[std::size_t(e)].ldc = 4;
+  std::fill(wide, wide + 8, -1.f);
+  device.gemm_group(std::span<const BlasGemm<float>>(rows));
+  for (int e = 0; e < 2; ++e)
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) CHECK(wide[2 * e + i + 4 * j] == expected(e, i, j));
+  rows[1].c = wide + 1;  // rows 1-2: row 1 of both
+  CHECK_THROWS_WITH_AS(device.gemm_group(std::span<const BlasGemm<float>>(rows)),
+                       doctest::Contains("product 0 writes memory that product 1 reads or writes"), moe::Error);
+  EmulatedDevice::deallocate(wide);
   bad = group;
   bad[0].batch = 2, bad[0].stride_c = 0, bad[0].stride_a = 0, bad[0].stride_b = 0;
   CHECK_THROWS_WITH_AS(device.gemm_group(std::span<const BlasGemm<float>>(bad)),

@@ -358,34 +358,29 @@ std::size_t b_bytes(const BlasGemm<S>& g) {
   return g.op_b == BlasOp::none ? operand_bytes<S>(g.k, g.n, g.ldb) : operand_bytes<S>(g.n, g.k, g.ldb);
 }
 
-// The byte ranges a product reads and writes (column-major footprints, from the first to one
-// past the last element: conservative for operands with gaps between their columns).
-struct Extent {
-  std::uintptr_t begin = 0, end = 0;
-  bool overlaps(const Extent& other) const { return begin < other.end && other.begin < end; }
-};
+// What a product reads and writes, each operand as the memory it is: a column-major [rows, cols]
+// operand with leading dimension ld is, row-major, `cols` rows of `rows` elements, ld apart. So
+// moe::overlaps tells operands that interleave without sharing an element (neighbouring row blocks
+// of one column-major buffer, which cuBLAS writes side by side) from ones that share one.
+template <class S>
 struct Footprint {
-  std::vector<Extent> reads, writes;
+  std::vector<ConstMatrixView<S>> reads, writes;
 };
 template <class S>
-Footprint footprint(const BlasGemm<S>& g) {
-  Footprint f;
+ConstMatrixView<S> column_major(const S* p, Index rows, Index cols, Index ld) {
+  return {p, cols, rows, ld};
+}
+template <class S>
+Footprint<S> footprint(const BlasGemm<S>& g) {
+  Footprint<S> f;
   if (g.m == 0 || g.n == 0) return f;
-  const auto extent = [](const void* p, std::size_t bytes) {
-    const std::uintptr_t begin = reinterpret_cast<std::uintptr_t>(p);
-    return Extent{begin, begin + bytes};
-  };
-  f.reads.push_back(extent(g.a, a_bytes(g)));
-  f.reads.push_back(extent(g.b, b_bytes(g)));
-  const Extent c = extent(g.c, operand_bytes<S>(g.m, g.n, g.ldc));
+  f.reads.push_back(g.op_a == BlasOp::none ? column_major(g.a, g.m, g.k, g.lda) : column_major(g.a, g.k, g.m, g.lda));
+  f.reads.push_back(g.op_b == BlasOp::none ? column_major(g.b, g.k, g.n, g.ldb) : column_major(g.b, g.n, g.k, g.ldb));
+  const ConstMatrixView<S> c = column_major<S>(g.c, g.m, g.n, g.ldc);
   f.writes.push_back(c);
   if (g.accumulate) f.reads.push_back(c);
-  if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu)
-    f.reads.push_back(extent(g.bias, std::size_t(g.m) * sizeof(S)));
-  if (g.aux) {
-    const Extent aux = extent(g.aux, operand_bytes<S>(g.m, g.n, g.ldaux));
-    (g.epilogue == Epilogue::dgelu ? f.reads : f.writes).push_back(aux);
-  }
+  if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu) f.reads.push_back({g.bias, 1, g.m});
+  if (g.aux) (g.epilogue == Epilogue::dgelu ? f.reads : f.writes).push_back(column_major<S>(g.aux, g.m, g.n, g.ldaux));
   return f;
 }
 
@@ -546,7 +541,7 @@ struct EmulatedDevice {
   // changes bits between orders).
   template <class S>
   void gemm_group(std::span<const BlasGemm<S>> products) const {
-    std::vector<emulated_detail::Footprint> footprints;
+    std::vector<emulated_detail::Footprint<S>> footprints;
     for (const BlasGemm<S>& g : products) {
       check_group_member(g);
       footprints.push_back(emulated_detail::footprint(g));
@@ -554,10 +549,10 @@ struct EmulatedDevice {
     for (std::size_t p = 0; p < footprints.size(); ++p)
       for (std::size_t q = 0; q < footprints.size(); ++q) {
         if (p == q) continue;
-        for (const emulated_detail::Extent& w : footprints[p].writes) {
+        for (const ConstMatrixView<S>& w : footprints[p].writes) {
           bool clash = false;
-          for (const emulated_detail::Extent& r : footprints[q].reads) clash = clash || w.overlaps(r);
-          for (const emulated_detail::Extent& o : footprints[q].writes) clash = clash || w.overlaps(o);
+          for (const ConstMatrixView<S>& r : footprints[q].reads) clash = clash || overlaps(w, r);
+          for (const ConstMatrixView<S>& o : footprints[q].writes) clash = clash || overlaps(w, o);
           check(!clash, "gemm_group: product ", p, " writes memory that product ", q,
                 " reads or writes; a GPU may run them at the same time");
         }
