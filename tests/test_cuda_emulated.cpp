@@ -94,6 +94,42 @@ TEST_CASE("emulated device: an in-place inference forward (y over x) gives the s
   CHECK(separate.aux_losses().z_loss > 0);
 }
 
+namespace {
+// The emulated backend with a grid too small for any routed launch: the layer's branch for forwards
+// past the grouped GEMM's row tiles (about 8.35M slots, too many to run here).
+struct NoRoutedRows : moe::cuda::BasicBackend<moe::bfloat16, cuda_test::TestDevice> {
+  using BasicBackend::BasicBackend;
+  static bool routed_rows_fit(moe::Index, moe::Index) { return false; }
+};
+}  // namespace
+
+TEST_CASE("emulated device: a forward past the grouped GEMM's row tiles takes the per-expert path, with its bits") {
+  using Base = moe::cuda::BasicBackend<moe::bfloat16, cuda_test::TestDevice>;
+  const moe::LayerConfig config{128, 256, 8, 2};
+  const moe::Index T = 200;
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, Base> routed(config, 21, {}, {}, Base(cuda_test::make_device()));
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, NoRoutedRows> per_expert(config, 21, {}, {},
+                                                                      NoRoutedRows(cuda_test::make_device()));
+  const std::vector<float> values = cuda_test::normal_values(std::size_t(T * 128), 22);
+  std::vector<float> outputs[2];
+  bool offsets_on_host[2] = {};
+  const auto run = [&](auto& layer, int i) {
+    layer.collect_stats(false);
+    layer.backend().device().set_expert_gemm(moe::cuda::ExpertGemm::grouped);
+    REQUIRE(layer.experts().can_infer_routed(layer.backend(), cuda_test::to_device<moe::bfloat16>(layer.backend(), values, T, 128)));
+    const auto x = cuda_test::to_device<moe::bfloat16>(layer.backend(), values, T, 128);
+    typename Base::Matrix y(T, 128);
+    layer.forward_into(x, y, {.for_backward = false});
+    offsets_on_host[i] = layer.last_plan().offsets_on_host() || layer.last_plan().offsets_copy_in_flight();
+    outputs[i] = cuda_test::to_host<moe::bfloat16>(layer.backend(), y.data(), y.size());
+  };
+  run(routed, 0);
+  run(per_expert, 1);
+  CHECK_FALSE(offsets_on_host[0]);  // the routed products read the offsets on the device
+  CHECK(offsets_on_host[1]);        // the per-expert path reads them on the host
+  CHECK(outputs[0] == outputs[1]);
+}
+
 TEST_CASE("cuda backend: routing workspace bytes per token bound what a routed plan holds") {
   using moe::Index;
   // k = 2, bf16, N = 8: 2 * (3 * 4 + 1 + 2 * 2) + 1 status byte + ceil(2 * 8 * 4 / 128); k = 1, fp32, N = 256:
