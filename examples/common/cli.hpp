@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -102,7 +103,11 @@ class Parser {
       } else if (inline_value) {
         values_[flag.name] = std::string(*inline_value);
       } else {
-        moe::check(i + 1 < args.size(), program_, ": flag --", flag.name, " needs a value (", flag.value_name, ")");
+        // A value that starts with "--" is the next flag: the value was forgotten (`--out --no-checkpoint`
+        // would name a folder after the flag). Write `--name=--value` for a value that really starts so.
+        moe::check(i + 1 < args.size() && !args[i + 1].starts_with("--"), program_, ": flag --", flag.name,
+                   " needs a value (", flag.value_name, ")",
+                   i + 1 < args.size() ? std::string(", got the flag '") + std::string(args[i + 1]) + "'" : std::string());
         values_[flag.name] = std::string(args[++i]);
       }
     }
@@ -153,6 +158,7 @@ class Parser {
       items.push_back(item);
     }
     moe::check(!items.empty(), program_, ": --", name, " is empty");
+    moe::check(text.back() != ',', program_, ": --", name, " has an empty item in '", text, "'");  // getline drops a last one
     return items;
   }
 
@@ -212,6 +218,15 @@ class Parser {
 };
 
 // The flag lists of several subcommands joined: concat({"variant"}, model_flags).
+// Makes the output folder `path` (with its parents) before any work, so that a path that cannot be one
+// (under a file, say) fails at once rather than after the training that was to write there.
+inline void make_output_folder(const std::filesystem::path& path, std::string_view program) {
+  std::error_code error;
+  std::filesystem::create_directories(path, error);
+  moe::check(!error && std::filesystem::is_directory(path), program, ": cannot make the output folder '",
+             path.string(), "'", error ? ": " + error.message() : std::string());
+}
+
 inline std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;

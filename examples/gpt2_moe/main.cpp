@@ -110,6 +110,13 @@ cli::Parser make_parser() {
                      std::move(flags), std::move(subcommands));
 }
 
+// --data: a path, or "" for the default corpus when the flag is not given. An empty --data (say an
+// unset shell variable) is refused rather than read as "the default".
+std::string data_path(const cli::Parser& args) {
+  moe::check(!args.has("data") || !args.get("data", "").empty(), "gpt2_moe: --data is empty");
+  return args.get("data", "");
+}
+
 gpt2::Config model_config(const cli::Parser& args) {
   const std::string name = args.get("config", "small");
   gpt2::Config config;
@@ -241,6 +248,8 @@ int run_train(const cli::Parser& args) {
   const gpt2::Device device = device_of(args);
   const gpt2::Precision precision = precision_of(args, device);
   if (args.has("resume")) {
+    for (const std::string& flag : cli::concat({"variant", "tokenizer"}, kModelFlags))
+      moe::check(!args.has(flag), "gpt2_moe train: --", flag, " cannot change a resumed run (the checkpoint fixes it)");
     gpt2::check_session(device, precision, attention_of(args, device));  // before the data loads
     const fs::path file = args.get("resume", "");
     const gpt2::CheckpointHeader header = gpt2::read_checkpoint_header(file);
@@ -249,16 +258,19 @@ int run_train(const cli::Parser& args) {
     options = train_options(args, header.config, options.steps, options);
     options.data_seed = std::uint64_t(examples::checkpoint::parse_count(file.string(), header.metadata, "train.data_seed"));
     const std::string tokenizer = header.metadata.count("tokenizer") ? header.metadata.at("tokenizer") : "bytes";
-    const gpt2::Dataset data = gpt2::load_dataset(args.get("data", ""), tokenizer, header.config.vocab);
+    const gpt2::Dataset data = gpt2::load_dataset(data_path(args), tokenizer, header.config.vocab);
     moe::check(!header.metadata.count("data_fingerprint") ||
                    header.metadata.at("data_fingerprint") == std::to_string(gpt2::detail::fingerprint(data.train)),
                "gpt2_moe: the training data differs from the data checkpoint ", file.string(),
                " was trained on; pass the same --data");
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
     if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
+    if (args.has("out") && !options.checkpoint.empty())
+      cli::make_output_folder(args.get("out", ""), "gpt2_moe train");
     gpt2::Session session = gpt2::make_session(device, precision, header.variant, header.config,
                                                {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
     session.load(file);
+    session.trainer->set_threads(options.threads);  // before its description names them
     const std::string name = gpt2::variant_name(header.variant, header.config);
     std::fprintf(stderr, "resuming %s from step %lld of %lld on %s (%s)\n", name.c_str(), (long long)step,
                  (long long)options.steps, session.trainer->description().c_str(), data.description.c_str());
@@ -275,12 +287,14 @@ int run_train(const cli::Parser& args) {
   config.self_slice = choice.self_slice;
   gpt2::TrainOptions options = train_options(args, config, 500);
   const gpt2::Dataset data =
-      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
+      gpt2::load_dataset(data_path(args), args.get("tokenizer", default_tokenizer(config)), config.vocab);
   const fs::path out = args.get("out", "runs/train");
   options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
+  if (!options.checkpoint.empty()) cli::make_output_folder(out, "gpt2_moe train");
   gpt2::Session session = gpt2::make_session(device, precision, choice.ffn, config,
                                              {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
   gpt2::Trainer& trainer = *session.trainer;
+  trainer.set_threads(options.threads);  // before its description names them
   std::fprintf(stderr, "training %s on %s: %lld parameters (%lld in routers), %lld steps of %lld x %lld tokens on %s\n",
                variant.c_str(), trainer.description().c_str(), (long long)trainer.parameter_count(),
                (long long)trainer.router_parameter_count(), (long long)options.steps,
@@ -342,6 +356,7 @@ Comparison compare_variants(const cli::Parser& args, const std::string& command,
     // Same seed: the tensors the variants share start equal.
     gpt2::Session session = gpt2::make_session(device, precision, choice.ffn, built,
                                                {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
+    session.trainer->set_threads(options.threads);  // before its description names them
     c.where = session.trainer->description();
     c.results.push_back(to_report(
         gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), built));
@@ -368,8 +383,9 @@ int run_compare(const cli::Parser& args) {
                         : std::vector<std::uint64_t>{config.seed};
   const gpt2::TrainOptions options = train_options(args, config, 600);
   const gpt2::Dataset data =
-      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
+      gpt2::load_dataset(data_path(args), args.get("tokenizer", default_tokenizer(config)), config.vocab);
   const fs::path out = args.get("out", "runs/compare");
+  cli::make_output_folder(out, "gpt2_moe compare");  // the report goes there: a bad path fails before training
   std::fprintf(stderr, "comparing %zu variants%s: %lld steps of %lld x %lld tokens each on %s\n", variants.size(),
                seeds.size() > 1 ? (" over " + std::to_string(seeds.size()) + " seeds").c_str() : "",
                (long long)options.steps, (long long)(options.batch * options.accumulation), (long long)options.seq,
@@ -403,6 +419,10 @@ int run_compare(const cli::Parser& args) {
 int run_report(const cli::Parser& args) {
   moe::check(args.has("from"), "gpt2_moe report: --from DIRS (comma-separated compare folders) is required");
   const std::vector<std::string> folders = args.get_list("from", "");
+  const fs::path out = args.get("out", "runs/report");
+  for (const std::string& folder : folders)  // the merged report would replace that run's own
+    moe::check(fs::weakly_canonical(folder) != fs::weakly_canonical(out), "gpt2_moe report: --out ", out.string(),
+               " is one of the --from folders");
   std::vector<report::RoutingDocument> documents;
   std::vector<std::string> names;
   for (const std::string& folder : folders) {
@@ -415,7 +435,6 @@ int run_report(const cli::Parser& args) {
   }
   report::RoutingDocument merged = report::merge_routing_documents(documents, names);
   merged.options.title = "GPT-2 MoE: routing gates compared (" + std::to_string(folders.size()) + " runs)";
-  const fs::path out = args.get("out", "runs/report");
   report::write_routing_report(out, merged.results, merged.options);
   std::printf("%s\nreport: %s\n", report::markdown_table(merged.results).c_str(), (out / "report.md").c_str());
   return 0;
@@ -449,7 +468,7 @@ int run_tokenize(const cli::Parser& args) {
   moe::check(args.has("out"), "gpt2_moe tokenize: --out DIR is required");
   const gpt2::Config config = model_config(args);
   const gpt2::Dataset data =
-      gpt2::load_dataset(args.get("data", ""), args.get("tokenizer", default_tokenizer(config)), config.vocab);
+      gpt2::load_dataset(data_path(args), args.get("tokenizer", default_tokenizer(config)), config.vocab);
   const fs::path out = args.get("out", "");
   fs::create_directories(out);
   moe::io::write_token_shard(out / "train_000000.bin", data.train);

@@ -161,9 +161,11 @@ inline TrainResult train(Trainer& trainer, const Checkpointer& save_state, const
              " tokens, too few for one window of --seq + 1 = ", T + 1);
   moe::check(std::int64_t(data.val.size()) > T, "train: the validation split holds ", data.val.size(),
              " tokens, too few for one window of --seq + 1 = ", T + 1);
-  for (std::uint16_t id : data.train)
-    moe::check(id < trainer.config().vocab, "train: token id ", id, " in the data is outside the model's vocabulary (",
-               trainer.config().vocab, "); the data and the config do not match");
+  for (const std::vector<std::uint16_t>* split : {&data.train, &data.val})  // both, before any step
+    for (std::uint16_t id : *split)
+      moe::check(id < trainer.config().vocab, "train: token id ", id, " in the ",
+                 split == &data.train ? "training" : "validation", " data is outside the model's vocabulary (",
+                 trainer.config().vocab, "); the data and the config do not match");
   moe::check(start_step >= 0 && start_step <= options.steps, "train: resuming at step ", start_step,
              " but --steps is ", options.steps);
 

@@ -6,6 +6,7 @@
 //   vit_moe train --variant self --device cuda        (bf16 on the GPU; --precision fp32 or tf32)
 //
 // Every error is one line on stderr naming the file or flag, and a non-zero exit.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -314,12 +315,19 @@ std::string describe(const vit::Config& c, bool with_seed = true) {
 
 // Builds each variant once, so that a bad name or a config a gate cannot take (SelfRoute's N > H)
 // fails before any training.
+// An MoE variant needs an MoE block: with MoE in blocks 1, 3, ... ("Every 2") one block has none, and
+// the run would be the dense model under another name.
 void check_variants(const std::vector<std::string>& variants, const vit::Config& config) {
-  for (const std::string& v : variants)
+  bool has_moe_block = false;
+  for (vit::Index b = 0; b < config.layers; ++b) has_moe_block = has_moe_block || config.is_moe_block(b);
+  for (const std::string& v : variants) {
+    moe::check(v == "dense" || has_moe_block, "vit_moe: variant '", v, "' needs an MoE block, and with --layers ",
+               config.layers, " there is none (MoE replaces the MLP of blocks 1, 3, ...): use --layers 2 or more");
     vit::with_variant<float>(v, [&](auto tag) {
       typename decltype(tag)::type model(config);
       return 0;
     });
+  }
 }
 
 // ---- subcommands -----------------------------------------------------------------------------
@@ -340,6 +348,8 @@ int run_train(const cli::Parser& args) {
                " was trained on; pass the same --data");
     options.checkpoint = args.has("out") ? fs::path(args.get("out", "")) / file.filename() : file;
     if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
+    if (args.has("out") && !options.checkpoint.empty())
+      cli::make_output_folder(args.get("out", ""), "vit_moe train");
     // Announced once the checkpoint is loaded: a file refused there stays a one-line error.
     const std::string announce = "resuming " + header.variant + " from step " + std::to_string(step) + " of " +
                                  std::to_string(options.steps) + " (" + data.description + ")";
@@ -362,6 +372,7 @@ int run_train(const cli::Parser& args) {
   options.data_seed = config.seed;
   const fs::path out = args.get("out", "runs/train");
   options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
+  if (!options.checkpoint.empty()) cli::make_output_folder(out, "vit_moe train");
   vit::with_variant<float>(variant, [&](auto tag) {
     typename decltype(tag)::type model(config);
     std::fprintf(stderr, "training %s: %lld parameters (%lld in routers), %lld steps of %lld images on %s\n",
@@ -455,7 +466,12 @@ std::vector<report::VariantResult> compare_variants(const cli::Parser& args, con
 int run_compare(const cli::Parser& args) {
   const std::string& command = args.command_line();
   const std::vector<std::string> variants = args.get_list("variants", "dense,linear,self,random");
-  for (const std::string& v : variants) vit::with_variant<float>(v, [](auto) { return 0; });  // names checked first
+  for (std::size_t i = 0; i < variants.size(); ++i) {  // names checked first
+    vit::with_variant<float>(variants[i], [](auto) { return 0; });
+    moe::check(std::find(variants.begin(), variants.begin() + std::ptrdiff_t(i), variants[i]) ==
+                   variants.begin() + std::ptrdiff_t(i),
+               "vit_moe compare: --variants lists '", variants[i], "' twice");
+  }
   where_of(args);  // the device flags too
   moe::check(!(args.has("seed") && args.has("seeds")), "vit_moe compare: give --seed or --seeds, not both");
   const std::vector<std::uint64_t> seeds =
@@ -466,6 +482,7 @@ int run_compare(const cli::Parser& args) {
   check_variants(variants, config);
   const vit::TrainOptions options = train_options(args, data);
   const fs::path out = args.get("out", "runs/compare");
+  cli::make_output_folder(out, "vit_moe compare");  // the report goes there: a bad path fails before training
   std::fprintf(stderr, "comparing %zu variants%s: %lld steps of %lld images each on %s\n", variants.size(),
                seeds.empty() ? "" : (" over " + std::to_string(seeds.size()) + " seeds").c_str(),
                (long long)options.steps, (long long)options.batch, data.description.c_str());

@@ -40,6 +40,8 @@ expect_error() {
 "$bin" train --resume "$work/run/self.safetensors" --steps 6 --data "$work/corpus" --threads 1 \
   >"$work/resume.log" 2>&1 || fail "resume: $(tail -3 "$work/resume.log")"
 grep -q "from step 4 of 6" "$work/resume.log" || fail "resume did not start at step 4: $(cat "$work/resume.log")"
+# The log names the threads the run uses (--threads 1), not the default it was built with.
+grep -q "cpu, 1 threads" "$work/resume.log" || fail "resume's log does not name --threads 1: $(head -2 "$work/resume.log")"
 "$bin" sample --checkpoint "$work/run/self.safetensors" --prompt "The " --tokens 20 >"$work/sample.txt" 2>&1 ||
   fail "sample: $(cat "$work/sample.txt")"
 grep -q "^The " "$work/sample.txt" || fail "sample does not continue the prompt: $(cat "$work/sample.txt")"
@@ -168,6 +170,22 @@ expect_error "resume on other data" "differs" train --resume "$work/run/self.saf
 LC_ALL=C sed 's/"train\.lr"/"train.LR"/' "$work/run/self.safetensors" >"$work/no_lr.safetensors"
 expect_error "resume without train.lr" 'no_lr.safetensors: metadata has no "train.lr"' \
   train --resume "$work/no_lr.safetensors" --data "$work/corpus"
+
+# Misuse that used to be taken: model flags on a resume (ignored), a missing value (the next flag
+# became a folder), a list's trailing comma, an empty --data (the default corpus), an --out that cannot
+# be a folder (found only after training), a merged report over one of its runs.
+expect_error "a model flag on a resume" "--hidden cannot change a resumed run" \
+  train --resume "$work/run/self.safetensors" --hidden 64 --data "$work/corpus"
+expect_error "a variant on a resume" "--variant cannot change a resumed run" \
+  train --resume "$work/run/self.safetensors" --variant linear --data "$work/corpus"
+expect_error "a forgotten value" "--out needs a value (DIR), got the flag '--no-checkpoint'" \
+  train "${tiny[@]}" --data "$work/corpus" --out --no-checkpoint
+expect_error "a trailing comma" "--variants has an empty item in 'self,'" compare --variants self, --data "$work/corpus"
+expect_error "an empty --data" "--data is empty" train "${tiny[@]}" --data ""
+expect_error "an --out under a file" "cannot make the output folder" \
+  compare --variants self --steps 1 "${tiny[@]}" --data "$work/corpus" --out "$work/corpus/sayings/report"
+expect_error "a report over one of its runs" "is one of the --from folders" \
+  report --from "$work/the report,$work/apart" --out "$work/apart"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"

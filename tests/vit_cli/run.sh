@@ -162,6 +162,13 @@ expect_error "resume on other data" "differs" train --resume "$work/run/self.saf
 LC_ALL=C sed 's/"train\.augment":"on"/"train.augment":"ja"/' "$work/run/self.safetensors" >"$work/bad_augment.safetensors"
 expect_error "resume with a bad train.augment" 'metadata "train.augment" = "ja" is not on or off' \
   train --resume "$work/bad_augment.safetensors" --data "$work/data"
+# Refused before any training (they used to be found after it, or not at all).
+expect_error "a variant twice" "--variants lists 'self' twice" compare "${tiny[@]}" --variants self,linear,self
+model1=(--layers 1 --hidden 16 --heads 2 --ffn 24 --patch 4 --threads 2 --data "$work/data")
+expect_error "an MoE variant without an MoE block" "variant 'self' needs an MoE block" \
+  train "${model1[@]}" --variant self --steps 2
+expect_error "an --out under a file" "cannot make the output folder" \
+  compare "${tiny[@]}" --variants dense --steps 3 --out "$work/data/train-labels-idx1-ubyte/report"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"
