@@ -107,7 +107,9 @@ class Parser {
         // would name a folder after the flag). Write `--name=--value` for a value that really starts so.
         moe::check(i + 1 < args.size() && !args[i + 1].starts_with("--"), program_, ": flag --", flag.name,
                    " needs a value (", flag.value_name, ")",
-                   i + 1 < args.size() ? std::string(", got the flag '") + std::string(args[i + 1]) + "'" : std::string());
+                   i + 1 < args.size() ? std::string(", got the flag '") + std::string(args[i + 1]) +
+                                             "' (for a value that starts with --, write --" + flag.name + "=VALUE)"
+                                       : std::string());
         values_[flag.name] = std::string(args[++i]);
       }
     }
@@ -218,18 +220,26 @@ class Parser {
 };
 
 // The flag lists of several subcommands joined: concat({"variant"}, model_flags).
+inline std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
 // Makes the output folder `path` (with its parents) before any work, so that a path that cannot be one
 // (under a file, say) fails at once rather than after the training that was to write there.
 inline void make_output_folder(const std::filesystem::path& path, std::string_view program) {
+  moe::check(!path.empty(), program, ": --out is empty");
   std::error_code error;
   std::filesystem::create_directories(path, error);
   moe::check(!error && std::filesystem::is_directory(path), program, ": cannot make the output folder '",
              path.string(), "'", error ? ": " + error.message() : std::string());
 }
 
-inline std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
+// Refuses a list that names an item twice ("<who>: --<flag> lists 'x' twice"): a comparison would
+// run it twice and its report could not tell the runs apart.
+inline void check_distinct(const std::vector<std::string>& items, std::string_view who, std::string_view flag) {
+  for (auto it = items.begin(); it != items.end(); ++it)
+    moe::check(std::find(items.begin(), it, *it) == it, who, ": --", flag, " lists '", *it, "' twice");
 }
 
 // What `error.what()` reads as on the program's one error line: without the "moe: " the library's

@@ -371,12 +371,8 @@ int run_compare(const cli::Parser& args) {
   const gpt2::Device device = device_of(args);
   gpt2::check_session(device, precision_of(args, device), attention_of(args, device));  // before the data loads
   const std::vector<std::string> variants = args.get_list("variants", "self,linear,random");
-  for (std::size_t i = 0; i < variants.size(); ++i) {  // names checked first
-    gpt2::parse_variant(variants[i]);
-    moe::check(std::find(variants.begin(), variants.begin() + std::ptrdiff_t(i), variants[i]) ==
-                   variants.begin() + std::ptrdiff_t(i),
-               "gpt2_moe compare: --variants lists '", variants[i], "' twice");
-  }
+  for (const std::string& variant : variants) gpt2::parse_variant(variant);  // names checked first
+  cli::check_distinct(variants, "gpt2_moe compare", "variants");
   moe::check(!(args.has("seed") && args.has("seeds")), "gpt2_moe compare: give --seed or --seeds, not both");
   const std::vector<std::uint64_t> seeds =
       args.has("seeds") ? report::parse_seeds(args.get_list("seeds", ""), "gpt2_moe compare")
@@ -420,9 +416,17 @@ int run_report(const cli::Parser& args) {
   moe::check(args.has("from"), "gpt2_moe report: --from DIRS (comma-separated compare folders) is required");
   const std::vector<std::string> folders = args.get_list("from", "");
   const fs::path out = args.get("out", "runs/report");
-  for (const std::string& folder : folders)  // the merged report would replace that run's own
-    moe::check(fs::weakly_canonical(folder) != fs::weakly_canonical(out), "gpt2_moe report: --out ", out.string(),
-               " is one of the --from folders");
+  // The merged report must not replace a run's own report, nor a seed summary's around it.
+  const auto resolved = [](const fs::path& p) {  // absolute, links resolved, no trailing separator
+    fs::path r = fs::weakly_canonical(p);
+    return r.has_filename() || !r.has_parent_path() ? r : r.parent_path();
+  };
+  const fs::path out_path = resolved(out);
+  for (const std::string& folder : folders) {
+    const fs::path from = resolved(folder);
+    const bool holds = std::mismatch(out_path.begin(), out_path.end(), from.begin(), from.end()).first == out_path.end();
+    moe::check(!holds, "gpt2_moe report: --out ", out.string(), " is or holds the --from folder ", folder);
+  }
   std::vector<report::RoutingDocument> documents;
   std::vector<std::string> names;
   for (const std::string& folder : folders) {
@@ -466,11 +470,11 @@ int run_sample(const cli::Parser& args) {
 
 int run_tokenize(const cli::Parser& args) {
   moe::check(args.has("out"), "gpt2_moe tokenize: --out DIR is required");
+  const fs::path out = args.get("out", "");
+  cli::make_output_folder(out, "gpt2_moe tokenize");
   const gpt2::Config config = model_config(args);
   const gpt2::Dataset data =
       gpt2::load_dataset(data_path(args), args.get("tokenizer", default_tokenizer(config)), config.vocab);
-  const fs::path out = args.get("out", "");
-  fs::create_directories(out);
   moe::io::write_token_shard(out / "train_000000.bin", data.train);
   moe::io::write_token_shard(out / "val_000000.bin", data.val);
   std::printf("%s: %zu training and %zu validation tokens (%s) -> %s\n", data.description.c_str(), data.train.size(),

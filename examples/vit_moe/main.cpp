@@ -315,19 +315,18 @@ std::string describe(const vit::Config& c, bool with_seed = true) {
 
 // Builds each variant once, so that a bad name or a config a gate cannot take (SelfRoute's N > H)
 // fails before any training.
-// An MoE variant needs an MoE block: with MoE in blocks 1, 3, ... ("Every 2") one block has none, and
-// the run would be the dense model under another name.
+// An MoE variant needs an MoE block: with MoE in every moe_every-th block (blocks 1, 3, ... for "Every
+// 2"), fewer blocks than that have none, and the run would be the dense model under another name.
 void check_variants(const std::vector<std::string>& variants, const vit::Config& config) {
-  bool has_moe_block = false;
-  for (vit::Index b = 0; b < config.layers; ++b) has_moe_block = has_moe_block || config.is_moe_block(b);
-  for (const std::string& v : variants) {
-    moe::check(v == "dense" || has_moe_block, "vit_moe: variant '", v, "' needs an MoE block, and with --layers ",
-               config.layers, " there is none (MoE replaces the MLP of blocks 1, 3, ...): use --layers 2 or more");
+  for (const std::string& v : variants)
     vit::with_variant<float>(v, [&](auto tag) {
-      typename decltype(tag)::type model(config);
+      using Model = typename decltype(tag)::type;
+      moe::check(!Model::is_moe || config.layers >= config.moe_every, "vit_moe: variant '", v,
+                 "' needs an MoE block, and with --layers ", config.layers, " there is none (MoE replaces the MLP of "
+                 "one block in every ", config.moe_every, "): use --layers ", config.moe_every, " or more");
+      Model model(config);
       return 0;
     });
-  }
 }
 
 // ---- subcommands -----------------------------------------------------------------------------
@@ -466,12 +465,8 @@ std::vector<report::VariantResult> compare_variants(const cli::Parser& args, con
 int run_compare(const cli::Parser& args) {
   const std::string& command = args.command_line();
   const std::vector<std::string> variants = args.get_list("variants", "dense,linear,self,random");
-  for (std::size_t i = 0; i < variants.size(); ++i) {  // names checked first
-    vit::with_variant<float>(variants[i], [](auto) { return 0; });
-    moe::check(std::find(variants.begin(), variants.begin() + std::ptrdiff_t(i), variants[i]) ==
-                   variants.begin() + std::ptrdiff_t(i),
-               "vit_moe compare: --variants lists '", variants[i], "' twice");
-  }
+  for (const std::string& v : variants) vit::with_variant<float>(v, [](auto) { return 0; });  // names checked first
+  cli::check_distinct(variants, "vit_moe compare", "variants");
   where_of(args);  // the device flags too
   moe::check(!(args.has("seed") && args.has("seeds")), "vit_moe compare: give --seed or --seeds, not both");
   const std::vector<std::uint64_t> seeds =

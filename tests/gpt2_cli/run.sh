@@ -40,6 +40,14 @@ expect_error() {
 "$bin" train --resume "$work/run/self.safetensors" --steps 6 --data "$work/corpus" --threads 1 \
   >"$work/resume.log" 2>&1 || fail "resume: $(tail -3 "$work/resume.log")"
 grep -q "from step 4 of 6" "$work/resume.log" || fail "resume did not start at step 4: $(cat "$work/resume.log")"
+# A resume writing elsewhere (--out): its checkpoint there, the original left as it was.
+"$bin" train --resume "$work/run/self.safetensors" --steps 7 --data "$work/corpus" --out "$work/resumed" \
+  >"$work/resume_out.log" 2>&1 || fail "resume --out: $(tail -3 "$work/resume_out.log")"
+[[ -s $work/resumed/self.safetensors ]] || fail "resume --out wrote no checkpoint in its folder"
+# A run without a checkpoint makes no folder.
+"$bin" train --variant self --steps 1 --warmup 0 "${tiny[@]}" --data "$work/corpus" --no-checkpoint \
+  --out "$work/no_folder" >"$work/nockpt.log" 2>&1 || fail "train --no-checkpoint: $(tail -3 "$work/nockpt.log")"
+[[ ! -e $work/no_folder ]] || fail "train --no-checkpoint made its --out folder"
 # The log names the threads the run uses (--threads 1), not the default it was built with.
 grep -q "cpu, 1 threads" "$work/resume.log" || fail "resume's log does not name --threads 1: $(head -2 "$work/resume.log")"
 "$bin" sample --checkpoint "$work/run/self.safetensors" --prompt "The " --tokens 20 >"$work/sample.txt" 2>&1 ||
@@ -184,8 +192,11 @@ expect_error "a trailing comma" "--variants has an empty item in 'self,'" compar
 expect_error "an empty --data" "--data is empty" train "${tiny[@]}" --data ""
 expect_error "an --out under a file" "cannot make the output folder" \
   compare --variants self --steps 1 "${tiny[@]}" --data "$work/corpus" --out "$work/corpus/sayings/report"
-expect_error "a report over one of its runs" "is one of the --from folders" \
+expect_error "a report over one of its runs" "is or holds the --from folder" \
   report --from "$work/the report,$work/apart" --out "$work/apart"
+expect_error "a report over the folder of its runs" "is or holds the --from folder" \
+  report --from "$work/seeds/seed-7,$work/seeds/seed-8" --out "$work/seeds"
+expect_error "an empty --out" "--out is empty" compare --variants self "${tiny[@]}" --data "$work/corpus" --out ""
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"
