@@ -74,7 +74,10 @@ class Parser {
     }
     if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
       help_ = true;
-      if (args.size() >= 2) subcommand_ = std::string(args[1]);
+      if (args.size() >= 2) {
+        subcommand_ = std::string(args[1]);
+        find_subcommand(subcommand_);  // `--help fly` is an unknown subcommand, not the general help
+      }
       return;
     }
     subcommand_ = std::string(args[0]);

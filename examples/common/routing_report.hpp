@@ -153,10 +153,17 @@ inline void validate(std::span<const VariantResult> results) {
     }
     moe::check(!r.layers.empty(), "report: MoE variant '", r.variant, "' has no routing layers");
     const std::size_t experts = experts_of(r);
-    for (std::size_t l = 0; l < r.layers.size(); ++l)
+    for (std::size_t l = 0; l < r.layers.size(); ++l) {
       moe::check(!r.layers[l].fractions.empty() && r.layers[l].fractions.size() == experts, "report: variant '",
                  r.variant, "' layer ", l, " has ", r.layers[l].fractions.size(), " expert fractions, layer 0 has ",
                  experts, " (every layer needs the same N >= 1)");
+      // Shares of the router's choices, or NaN where a layer's statistics went wrong (shown as such).
+      for (std::size_t e = 0; e < experts; ++e) {
+        const double f = r.layers[l].fractions[e];
+        moe::check(std::isnan(f) || (f >= 0 && f <= 1), "report: variant '", r.variant, "' layer ", l, " expert ", e,
+                   " has fraction ", f, ", outside [0, 1]");
+      }
+    }
     moe::check(r.top_k >= 0 && std::size_t(r.top_k) <= experts, "report: variant '", r.variant,
                "' has top_k = ", r.top_k, " for N = ", experts, " experts (0 = not given)");
   }

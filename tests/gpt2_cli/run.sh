@@ -197,6 +197,11 @@ expect_error "a report over one of its runs" "is or holds the --from folder" \
 expect_error "a report over the folder of its runs" "is or holds the --from folder" \
   report --from "$work/seeds/seed-7,$work/seeds/seed-8" --out "$work/seeds"
 expect_error "an empty --out" "--out is empty" compare --variants self "${tiny[@]}" --data "$work/corpus" --out ""
+expect_error "help of an unknown subcommand" "unknown subcommand 'fly'" --help fly
+mkdir -p "$work/negative"
+sed 's/"fractions": \[[0-9.e-]*/"fractions": [-5/' "$work/apart/routing.json" >"$work/negative/routing.json"
+expect_error "a negative routing fraction" "expert 0 has fraction -5, outside" report --from "$work/negative" \
+  --out "$work/negative_report"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"
