@@ -234,6 +234,16 @@ examples::AttentionKernel attention_of(const cli::Parser& args, gpt2::Device dev
   return examples::attention_from_flag(args.has("attention"), args.get("attention", ""), device);
 }
 
+// The trainer for a run of `options`: its optimizer's rate and decay, and its threads set before
+// anything describes it (the logs and reports name them).
+gpt2::Session open_session(const cli::Parser& args, gpt2::Device device, gpt2::Precision precision,
+                           std::string_view variant, const gpt2::Config& config, const gpt2::TrainOptions& options) {
+  gpt2::Session session = gpt2::make_session(device, precision, variant, config,
+                                             {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
+  session.trainer->set_threads(options.threads);
+  return session;
+}
+
 void print_result(const gpt2::TrainResult& r, const fs::path& checkpoint) {
   std::printf("%s: val loss %.4f, perplexity %.2f, %.0f tokens/s; checkpoint %s\n", r.variant.c_str(), r.val_loss,
               std::exp(r.val_loss), r.tokens_per_second, checkpoint.empty() ? "none" : checkpoint.c_str());
@@ -267,10 +277,8 @@ int run_train(const cli::Parser& args) {
     if (args.get_switch("no-checkpoint")) options.checkpoint.clear();
     if (args.has("out") && !options.checkpoint.empty())
       cli::make_output_folder(args.get("out", ""), "gpt2_moe train");
-    gpt2::Session session = gpt2::make_session(device, precision, header.variant, header.config,
-                                               {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
+    gpt2::Session session = open_session(args, device, precision, header.variant, header.config, options);
     session.load(file);
-    session.trainer->set_threads(options.threads);  // before its description names them
     const std::string name = gpt2::variant_name(header.variant, header.config);
     std::fprintf(stderr, "resuming %s from step %lld of %lld on %s (%s)\n", name.c_str(), (long long)step,
                  (long long)options.steps, session.trainer->description().c_str(), data.description.c_str());
@@ -291,10 +299,8 @@ int run_train(const cli::Parser& args) {
   const fs::path out = args.get("out", "runs/train");
   options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
   if (!options.checkpoint.empty()) cli::make_output_folder(out, "gpt2_moe train");
-  gpt2::Session session = gpt2::make_session(device, precision, choice.ffn, config,
-                                             {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
+  gpt2::Session session = open_session(args, device, precision, choice.ffn, config, options);
   gpt2::Trainer& trainer = *session.trainer;
-  trainer.set_threads(options.threads);  // before its description names them
   std::fprintf(stderr, "training %s on %s: %lld parameters (%lld in routers), %lld steps of %lld x %lld tokens on %s\n",
                variant.c_str(), trainer.description().c_str(), (long long)trainer.parameter_count(),
                (long long)trainer.router_parameter_count(), (long long)options.steps,
@@ -354,9 +360,7 @@ Comparison compare_variants(const cli::Parser& args, const std::string& command,
     built.self_slice = choice.self_slice;
     options.checkpoint = args.get_switch("no-checkpoint") ? fs::path() : out / (variant + ".safetensors");
     // Same seed: the tensors the variants share start equal.
-    gpt2::Session session = gpt2::make_session(device, precision, choice.ffn, built,
-                                               {.lr = options.lr, .weight_decay = options.weight_decay}, attention_of(args, device));
-    session.trainer->set_threads(options.threads);  // before its description names them
+    gpt2::Session session = open_session(args, device, precision, choice.ffn, built, options);
     c.where = session.trainer->description();
     c.results.push_back(to_report(
         gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), built));
