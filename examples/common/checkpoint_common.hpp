@@ -81,6 +81,19 @@ inline double parse_number(const std::string& file, const std::map<std::string, 
   return value;
 }
 
+// Runs `validate` on training options read back from a checkpoint's metadata: a value no command
+// line could have given (an edited file) is named as the file's, not as a flag the user did not pass.
+template <class Validate>
+void check_saved_options(const std::string& file, Validate&& validate) {
+  try {
+    validate();
+  } catch (const moe::Error& error) {
+    std::string_view message = error.what();
+    if (message.starts_with("moe: ")) message.remove_prefix(5);
+    moe::fail(file, ": the training options in its metadata are not valid (", message, ")");
+  }
+}
+
 // The caller's entries (none of them reserved), then format and variant.
 inline std::map<std::string, std::string> base_metadata(const std::string& file,
                                                         const std::map<std::string, std::string>& extra,

@@ -13,6 +13,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <new>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -228,14 +229,38 @@ inline std::vector<std::string> concat(std::vector<std::string> a, const std::ve
   return a;
 }
 
+// The folders make_output_folder created in this run, each listed deepest first: run_main removes
+// those still empty when the subcommand fails, so a run that stops before writing anything (a model
+// too large, bad data) leaves no empty folder behind.
+inline std::vector<std::vector<std::filesystem::path>>& made_output_folders() {
+  static std::vector<std::vector<std::filesystem::path>> made;
+  return made;
+}
+
 // Makes the output folder `path` (with its parents) before any work, so that a path that cannot be one
 // (under a file, say) fails at once rather than after the training that was to write there.
 inline void make_output_folder(const std::filesystem::path& path, std::string_view program) {
   moe::check(!path.empty(), program, ": --out is empty");
   std::error_code error;
+  std::vector<std::filesystem::path> missing;  // what create_directories makes, deepest first
+  for (std::filesystem::path p = std::filesystem::absolute(path, error).lexically_normal();
+       !error && p.has_relative_path() && !std::filesystem::exists(p, error); p = p.parent_path())
+    if (p.has_filename()) missing.push_back(p);
   std::filesystem::create_directories(path, error);
   moe::check(!error && std::filesystem::is_directory(path), program, ": cannot make the output folder '",
              path.string(), "'", error ? ": " + error.message() : std::string());
+  if (!missing.empty()) made_output_folders().push_back(std::move(missing));
+}
+
+// Removes the folders make_output_folder made that are still empty (a folder holding anything stays,
+// and so do the folders above it).
+inline void remove_empty_output_folders() {
+  for (const auto& chain : made_output_folders()) {
+    std::error_code error;
+    for (const std::filesystem::path& folder : chain)
+      if (!std::filesystem::remove(folder, error) || error) break;  // not empty (or gone): keep the rest
+  }
+  made_output_folders().clear();
 }
 
 // Refuses a list that names an item twice ("<who>: --<flag> lists 'x' twice"): a comparison would
@@ -274,7 +299,13 @@ inline int run_main(int argc, const char* const* argv, Parser& parser,
     for (const auto& [name, handler] : handlers)
       if (name == parser.subcommand()) return handler(parser);
     moe::fail(parser.program(), ": subcommand '", parser.subcommand(), "' has no handler");
+  } catch (const std::bad_alloc&) {
+    remove_empty_output_folders();
+    std::fprintf(stderr, "%s: error: out of memory (std::bad_alloc): the model, the batch or the data is larger than "
+                 "this machine can hold\n", parser.program().c_str());
+    return 1;
   } catch (const std::exception& error) {
+    remove_empty_output_folders();
     std::fprintf(stderr, "%s: error: %s\n", parser.program().c_str(),
                  error_line(error.what(), parser.program(), other_prefixes).c_str());
     return 1;

@@ -176,7 +176,8 @@ std::map<std::string, std::string> options_metadata(const gpt2::TrainOptions& o)
 
 // Restores the options saved by options_metadata; flags given on the command line win (a changed
 // --steps extends or shortens the schedule, so the run no longer matches an uninterrupted one).
-gpt2::TrainOptions resumed_options(const std::map<std::string, std::string>& meta, const fs::path& path) {
+gpt2::TrainOptions resumed_options(const std::map<std::string, std::string>& meta, const fs::path& path,
+                                    const gpt2::Config& config) {
   namespace ckpt = examples::checkpoint;
   const std::string file = path.string();
   gpt2::TrainOptions o;
@@ -197,6 +198,7 @@ gpt2::TrainOptions resumed_options(const std::map<std::string, std::string>& met
                  std::isfinite(o.min_lr_ratio),
              file, ": metadata \"train.decay_clip_min_lr\" = \"", meta.at("train.decay_clip_min_lr"),
              "\" is not three finite numbers");
+  ckpt::check_saved_options(file, [&] { o.validate(config); });
   return o;
 }
 
@@ -264,7 +266,7 @@ int run_train(const cli::Parser& args) {
     const fs::path file = args.get("resume", "");
     const gpt2::CheckpointHeader header = gpt2::read_checkpoint_header(file);
     const std::int64_t step = examples::checkpoint::parse_count(file.string(), header.metadata, "step");
-    gpt2::TrainOptions options = resumed_options(header.metadata, file);
+    gpt2::TrainOptions options = resumed_options(header.metadata, file, header.config);
     options = train_options(args, header.config, options.steps, options);
     options.data_seed = std::uint64_t(examples::checkpoint::parse_count(file.string(), header.metadata, "train.data_seed"));
     const std::string tokenizer = header.metadata.count("tokenizer") ? header.metadata.at("tokenizer") : "bytes";
@@ -439,6 +441,11 @@ int run_report(const cli::Parser& args) {
     moe::check(in.is_open(), "gpt2_moe report: cannot read '", file.string(), "' (a compare output folder?)");
     const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     documents.push_back(report::parse_routing_json(text, file.string()));
+    // The command line the report kept starts with the program that ran it (vit_moe's reports read alike).
+    const std::string& ran = documents.back().options.command_line;
+    const std::string program = ran.substr(0, ran.find(' '));
+    moe::check(program == "gpt2_moe", "gpt2_moe report: ", file.string(), " is a report of ",
+               program.empty() ? "an unnamed program" : "'" + program + "'", ", not of a gpt2_moe comparison");
     names.push_back(file.string());
   }
   report::RoutingDocument merged = report::merge_routing_documents(documents, names);

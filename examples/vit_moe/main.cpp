@@ -247,6 +247,7 @@ vit::TrainOptions resumed_options(const std::map<std::string, std::string>& meta
   o.data_seed = std::uint64_t(ckpt::parse_count(file, meta, "train.data_seed"));
   o.eval_every = ckpt::parse_count(file, meta, "train.eval_every");
   o.eval_images = ckpt::parse_count(file, meta, "train.eval_images");
+  ckpt::check_saved_options(file, [&] { o.validate(); });
   return o;
 }
 

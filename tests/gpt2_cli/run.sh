@@ -202,6 +202,23 @@ mkdir -p "$work/negative"
 sed 's/"fractions": \[[0-9.e-]*/"fractions": [-5/' "$work/apart/routing.json" >"$work/negative/routing.json"
 expect_error "a negative routing fraction" "expert 0 has fraction -5, outside" report --from "$work/negative" \
   --out "$work/negative_report"
+# Another program's comparison (vit_moe's routing.json reads alike) is not a gpt2_moe run.
+mkdir -p "$work/vit_report"
+sed 's/"command_line": "gpt2_moe /"command_line": "vit_moe /' "$work/apart/routing.json" >"$work/vit_report/routing.json"
+expect_error "a vit_moe report" "is a report of 'vit_moe', not of a gpt2_moe comparison" \
+  report --from "$work/the report,$work/vit_report" --out "$work/mixed_report"
+# A saved --seq past the context (an edited checkpoint) is the file's error, not clamped.
+LC_ALL=C sed 's/"train\.seq":"32"/"train.seq":"99"/' "$work/run/self.safetensors" >"$work/long_seq.safetensors"
+expect_error "a saved --seq past the context" "long_seq.safetensors: the training options in its metadata are not valid" \
+  train --resume "$work/long_seq.safetensors" --data "$work/corpus"
+# A run that fails before writing anything (here: too little data for one window) leaves no empty folder.
+mkdir -p "$work/scant"
+for i in $(seq 1 40); do printf 'Short %d.\n%%\n' "$i"; done >"$work/scant/text"  # a validation split < 33 tokens
+if "$bin" train --variant self --steps 1 "${tiny[@]}" --data "$work/scant" --out "$work/scant_run/inner" \
+  >"$work/scant.log" 2>&1 || ! grep -q "too few for one window" "$work/scant.log"; then
+  fail "too little data: $(cat "$work/scant.log")"
+fi
+[[ ! -e $work/scant_run ]] || fail "a failed run left its output folder: $(ls -R "$work/scant_run")"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"

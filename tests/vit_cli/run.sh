@@ -162,6 +162,10 @@ expect_error "resume on other data" "differs" train --resume "$work/run/self.saf
 LC_ALL=C sed 's/"train\.augment":"on"/"train.augment":"ja"/' "$work/run/self.safetensors" >"$work/bad_augment.safetensors"
 expect_error "resume with a bad train.augment" 'metadata "train.augment" = "ja" is not on or off' \
   train --resume "$work/bad_augment.safetensors" --data "$work/data"
+# Saved options that no command line could give (a negative rate): the file's error, not a flag's.
+LC_ALL=C sed 's/"train\.lr":"0\.01"/"train.lr":"-0.1"/' "$work/run/self.safetensors" >"$work/bad_lr.safetensors"
+expect_error "resume with a negative saved rate" "bad_lr.safetensors: the training options in its metadata are not valid" \
+  train --resume "$work/bad_lr.safetensors" --data "$work/data"
 # Refused before any training (they used to be found after it, or not at all).
 expect_error "a variant twice" "--variants lists 'self' twice" compare "${tiny[@]}" --variants self,linear,self
 model1=(--layers 1 --hidden 16 --heads 2 --ffn 24 --patch 4 --threads 2 --data "$work/data")
