@@ -197,9 +197,11 @@ struct FusedResults {
   std::vector<float> out, lse, dqkv;
 };
 
+// given_out: the backward reads it as the forward's output instead of the fused forward's own.
 inline FusedResults fused_attention(const std::vector<float>& qkv, const std::vector<float>& dout,
                                     const std::vector<float>& dqkv0, Shape s, bool causal,
-                                    moe::nn::GradInto into = moe::nn::GradInto::add) {
+                                    moe::nn::GradInto into = moe::nn::GradInto::add,
+                                    const std::vector<float>* given_out = nullptr) {
   const auto [B, T, C, heads] = s;
   const TestDevice device = make_device();
   auto d_qkv = to_device<bfloat16>(device, qkv, B * T, 3 * C);
@@ -209,9 +211,10 @@ inline FusedResults fused_attention(const std::vector<float>& qkv, const std::ve
   moe::cuda::DeviceArray<float, TestDevice> d_lse(std::size_t(B * heads * T));
   const moe::ConstMatrixView<bfloat16> q(view(d_qkv));
   moe::cuda::nn::fused_attention_forward<bfloat16>(device, q, B, T, heads, causal, view(d_out), d_lse.data());
+  auto d_given = to_device<bfloat16>(device, given_out ? *given_out : std::vector<float>(), given_out ? B * T : 0, C);
   moe::cuda::nn::fused_attention_backward<bfloat16>(device, moe::ConstMatrixView<bfloat16>(view(d_dout)), q,
-                                                    moe::ConstMatrixView<bfloat16>(view(d_out)), d_lse.data(), B, T,
-                                                    heads, causal, view(d_dqkv), into);
+                                                    moe::ConstMatrixView<bfloat16>(given_out ? view(d_given) : view(d_out)),
+                                                    d_lse.data(), B, T, heads, causal, view(d_dqkv), into);
   std::vector<float> lse(std::size_t(B * heads * T));
   device.download(lse.data(), d_lse.data(), lse.size() * sizeof(float));
   return {to_host(device, d_out.data(), d_out.size()), lse, to_host(device, d_dqkv.data(), d_dqkv.size())};
@@ -350,6 +353,42 @@ TEST_CASE("cuda nn fused attention: reruns are bit-identical; a NaN query stays 
     }
   CHECK(own_row_nan);
   CHECK(others_finite);
+}
+
+// A non-finite output gradient (row 7) or value (row 20) of one head: the gradients are non-finite exactly where the
+// CPU's are. Masked scores' gradients are 0 whatever dP is there, so the keys after row 7 in its tile of keys keep a
+// finite dk, and the queries before row 20 in its block of keys a finite dq. For the value, the backward reads the
+// output of the inputs before the change: the forward's own (the CPU's too) has those rows NaN (0 x inf in the block's
+// product, as the header says), and its D = dout . out with them; the CPU's backward sums D over visible keys only.
+TEST_CASE("cuda nn fused attention: a non-finite output gradient or value reaches no masked score's gradient") {
+  if (!device_available()) return;
+  const Shape s{1, 45, 64, 2};
+  const auto [B, T, C, heads] = s;
+  const auto qkv0 = rounded<bfloat16>(normal_values(std::size_t(B * T * 3 * C), 51));
+  const auto dout0 = rounded<bfloat16>(normal_values(std::size_t(B * T * C), 52));
+  const std::vector<float> dqkv0(std::size_t(B * T * 3 * C), 0.f);
+  const std::vector<float> finite_out = nn_attention_cases::cpu_attention(qkv0, dout0, dqkv0, s, true).out;
+  for (const bool in_dout : {true, false}) {
+    CAPTURE(in_dout);
+    auto qkv = qkv0, dout = dout0;
+    if (in_dout) dout[std::size_t(7 * C + 1)] = INFINITY;
+    else qkv[std::size_t(20 * 3 * C + 2 * C + 1)] = INFINITY;  // v of row 20, head 0
+    const auto cpu = nn_attention_cases::cpu_attention(qkv, dout, dqkv0, s, true);
+    const FusedResults dev =
+        fused_attention(qkv, dout, dqkv0, s, true, moe::nn::GradInto::add, in_dout ? nullptr : &finite_out);
+    const Index columns = in_dout ? 2 * C : C;  // dq and dk; dq (dk's D differs, above)
+    Index differ = 0, finite = 0;
+    for (Index row = 0; row < B * T; ++row)
+      for (Index c = 0; c < columns; ++c) {
+        const std::size_t at = std::size_t(row * 3 * C + c);
+        differ += std::isfinite(dev.dqkv[at]) != std::isfinite(cpu.dqkv[at]);
+        finite += std::isfinite(cpu.dqkv[at]);
+      }
+    CHECK(differ == 0);
+    CHECK(finite < B * T * columns);  // the non-finite input reached some gradients
+    // ... and not these (the case's point): dk of key 8 (after row 7), dq of query 19 (before row 20).
+    CHECK(std::isfinite(cpu.dqkv[std::size_t((in_dout ? 8 * 3 * C + C : 19 * 3 * C) + 1)]));
+  }
 }
 
 TEST_CASE("cuda nn fused attention: dqkv written over (GradInto::overwrite) is dqkv added into zeros, bit for bit") {

@@ -305,11 +305,10 @@ __global__ void probe_wgmma_kernel(int* built_for_wgmma) {
 }  // namespace hopper_detail
 
 // Whether this program's device code was built for sm_90a (and so holds the wgmma kernel) and
-// the current device runs it. Asked once per device (a launch and a sync). A failing runtime call
-// throws CudaError and is asked again next time (PerDevice keeps only answers).
-inline bool grouped_gemm_available() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM probe)");
+// the device runs it; `device` is the current one (the probe launches there). Asked once per
+// device (a launch and a sync). A failing runtime call throws CudaError and is asked again next
+// time (PerDevice keeps only answers).
+inline bool grouped_gemm_available_on(int device) {
   static PerDevice<bool>& available = *new PerDevice<bool>;  // never destroyed
   return available.get(device, [device] {
     int major = 0, minor = 0;
@@ -347,6 +346,12 @@ inline bool grouped_gemm_available() {
     }
   });
 }
+// The same for the current device.
+inline bool grouped_gemm_available() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM probe)");
+  return grouped_gemm_available_on(device);
+}
 
 // The grouped product (moe/cuda/grouped_gemm.hpp) on `stream`: one launch, no sync (CudaDevice::
 // grouped_gemm calls it with the device's stream). BN: columns per tile (wgmma's N: 128 or 256);
@@ -355,15 +360,15 @@ inline bool grouped_gemm_available() {
 template <int BN = 128, int Stages = 4, int MinBlocks = 1>
 void grouped_gemm(cudaStream_t stream, const GroupedGemm<bfloat16>& p) {
   check_grouped_gemm(p, BN);
-  check(grouped_gemm_available(),
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM)");
+  check(grouped_gemm_available_on(device),
         "grouped_gemm: needs an sm_90 GPU and device code built for sm_90a (CMAKE_CUDA_ARCHITECTURES 90a)");
   if (p.max_rows == 0) return;
   constexpr std::size_t bytes = hopper_detail::kSharedBytes<BN, Stages>;
   const auto kernel = hopper_detail::grouped_gemm_kernel<BN, Stages, MinBlocks>;
-  // The attribute is the current device's (checked above: it can run the kernel). Set once per
-  // device; a failure throws and is tried again next time.
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM)");
+  // The attribute is the device's (checked above: it can run the kernel). Set once per device; a
+  // failure throws and is tried again next time.
   static PerDevice<bool>& sized = *new PerDevice<bool>;  // never destroyed
   sized.get(device, [kernel] {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
