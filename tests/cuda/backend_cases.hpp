@@ -781,6 +781,42 @@ TEST_CASE(CUDA_TEST_NAME("training forward from the routing plan (ExpertGemm::gr
   check_routed_training<moe::GeluMLP>(config, 0, 17);
 }
 
+// A layer moved between its forward and its backward (a vector of layers growing): its routing plan
+// reaches the device through a handle of its own, not the old layer's address (ASan's heap-use-after-
+// free before); the same bits as a layer left in place, on both expert paths.
+TEST_CASE(CUDA_TEST_NAME("a layer moved between forward and backward: the results of a layer left in place")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<moe::bfloat16, TestDevice>;
+  using Layer = moe::MoELayer<moe::Linear, moe::GeluMLP, B>;
+  const moe::LayerConfig config{128, 256, 8, 2};
+  const Index T = 77, H = config.hidden;
+  const TestDevice device = make_device();
+  for (const auto way : {moe::cuda::ExpertGemm::per_expert, moe::cuda::ExpertGemm::grouped}) {
+    if (way == moe::cuda::ExpertGemm::grouped && !TestDevice::template grouped_gemm_supports<moe::bfloat16>()) continue;
+    CAPTURE(int(way));
+    device.set_expert_gemm(way);
+    Layer kept(config, 21, {}, {}, B(device));
+    const auto x = to_device<moe::bfloat16>(kept.backend(), normal_values(std::size_t(T * H), 22), T, H);
+    const auto dy = to_device<moe::bfloat16>(kept.backend(), normal_values(std::size_t(T * H), 23), T, H);
+    typename B::Matrix y_kept(T, H), dx_kept(T, H), y(T, H), dx(T, H);
+    kept.forward_into(x, y_kept);
+    kept.backward_into(dy, dx_kept);
+
+    std::vector<Layer> layers;
+    layers.reserve(1);
+    layers.emplace_back(config, 21, Layer::GateType::Options{}, Layer::ExpertsType::Options{}, B(device));
+    layers[0].forward_into(x, y);
+    layers.emplace_back(config, 24, Layer::GateType::Options{}, Layer::ExpertsType::Options{}, B(device));  // moves [0]
+    CHECK(B::expert_offsets(layers[0].last_plan()).back() == T * config.top_k);  // the host's copy, through the device
+    layers[0].backward_into(dy, dx);
+    CHECK(to_host<moe::bfloat16>(kept.backend(), y.data(), y.size()) ==
+          to_host<moe::bfloat16>(kept.backend(), y_kept.data(), y_kept.size()));
+    CHECK(to_host<moe::bfloat16>(kept.backend(), dx.data(), dx.size()) ==
+          to_host<moe::bfloat16>(kept.backend(), dx_kept.data(), dx_kept.size()));
+  }
+  device.set_expert_gemm(moe::cuda::ExpertGemm::per_expert);
+}
+
 TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU layer on the same values")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   for (ExpertKind expert : {ExpertKind::gelu, ExpertKind::swiglu}) {

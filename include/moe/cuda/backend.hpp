@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -76,7 +77,9 @@ struct DevicePlan {
   // finite logits).
   mutable DeviceArray<std::uint8_t, D> mask;     // [T]   the token mask on the device
   mutable DeviceArray<std::int64_t, D> tally;    // [N+4]
-  const D* device = nullptr;                 // the device that routed (statistics run on it)
+  // The device that routed (statistics run on it): a copy of its handle, not its address, so a plan
+  // moved with its layer (a vector of layers growing between forward and backward) still reaches it.
+  std::optional<D> device;
 
   Index slots_count() const { return tokens * top_k; }
 
@@ -442,7 +445,7 @@ void dispatch_by_counts(const D& device, const std::uint8_t* choice, Index T, In
 // The host RoutingPlan of a device plan (statistics and auxiliary losses read it).
 template <class D>
 RoutingPlan to_host(const DevicePlan<D>& plan) {
-  check(plan.device != nullptr, "routing plan: no forward has routed yet");
+  check(plan.device.has_value(), "routing plan: no forward has routed yet");
   RoutingPlan h;
   h.tokens = plan.tokens, h.experts = plan.experts, h.top_k = plan.top_k;
   h.capacity = plan.capacity, h.dropped_slots = plan.dropped_slots();
@@ -919,7 +922,7 @@ class BasicBackend {
     check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
     check(k <= kMaxTopK, "the CUDA backend selects at most ", kMaxTopK, " experts per token, got top_k = ", k);
     check(T * k < (Index{1} << 31), "T * k = ", T * k, " slots overflow the 32-bit row indices");
-    plan.tokens = T, plan.experts = N, plan.top_k = k, plan.device = &device_;
+    plan.tokens = T, plan.experts = N, plan.top_k = k, plan.device = device_;
     plan.capacity = expert_capacity(T, k, N, config.capacity_factor);
     const Index slots = T * k;
     const detail::DispatchTiles tiles = detail::dispatch_tiles(slots);
@@ -1090,7 +1093,7 @@ class BasicBackend {
   // Counts on the device and downloads N+4 integers (a sync); pause with
   // MoELayer::collect_stats(false). Adds exactly what RoutingStats::accumulate adds.
   static void accumulate_stats(const Plan& plan, std::span<const std::uint8_t> mask, RoutingStats& stats) {
-    check(plan.device != nullptr, "routing plan: no forward has routed yet");
+    check(plan.device.has_value(), "routing plan: no forward has routed yet");
     const Index N = plan.experts;
     check(Index(stats.assignments.size()) == N, "routing statistics hold ", stats.assignments.size(),
           " experts, the plan routes to ", N);

@@ -20,7 +20,8 @@
 // before its product, as the materialised path stores it; out is the accumulator / sum, rounded once. Results match
 // attention.hpp's within bf16 rounding (tests/cuda/cuda_nn_fused_attention_cases.hpp), not bit for bit.
 //
-// Non-finite inputs: a masked score's probability and gradient (dS) are exactly 0, whatever dP is there. The tile
+// Non-finite inputs: a masked score's probability and gradient (dS) are exactly 0, whatever dP is there (so is the
+// gradient of any probability that is 0: one that underflowed too, where the CPU's 0 x inf would be NaN). The tile
 // products still multiply them, so an infinite or NaN value row makes NaN the rows of out (and of dv, through dout)
 // that share its block of 16 keys without seeing it (0 x inf), as attention.hpp's and the CPU's products over whole
 // blocks do. Finite inputs give finite results either way.
@@ -530,14 +531,16 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       const bool whole = keys == RK && queries == kQueries && (!causal || qb >= key0 + RK - 1);
       MOE_UNROLL
       for (Index i = 0; i < KRT; ++i) {
-        const auto visible = [&](Index r, Index c) {  // key i * 16 + r, query c of the block
-          return i * kTile + r < keys && c < queries && (!causal || qb + c >= key0 + i * kTile + r);
-        };
-        map_visible(warp, st[i][0], whole, 0.f, visible,
-                    [&](Index, Index c, float x) { return exp2f(x * scale2 - lse_q[c]); });
-        // A masked dS is 0, not 0 * (dP - D): a non-finite dP there (an infinite dout or v) must not reach dk.
-        warp.zip(dpt[i][0], st[i][0], [&](Index r, Index c, float dp, float p) {
-          return whole || visible(r, c) ? p * (dp - dsum_q[c]) * scale : 0.f;
+        map_visible(  // key i * 16 + r, query c of the block
+            warp, st[i][0], whole, 0.f,
+            [&](Index r, Index c) {
+              return i * kTile + r < keys && c < queries && (!causal || qb + c >= key0 + i * kTile + r);
+            },
+            [&](Index, Index c, float x) { return exp2f(x * scale2 - lse_q[c]); });
+        // dS is 0 where P is (masked, or underflowed), not 0 * (dP - D): a non-finite dP there (an infinite
+        // dout or v) must not reach dk. A select, not the mask again: the registers are full here at head size 64.
+        warp.zip(dpt[i][0], st[i][0], [&](Index, Index c, float dp, float p) {
+          return p == 0.f ? 0.f : p * (dp - dsum_q[c]) * scale;
         });
         warp.to_a(pt[i][0], st[i][0]);
         warp.to_a(dst[i][0], dpt[i][0]);
@@ -592,14 +595,15 @@ void backward(const D& device, ConstMatrixView<S> dout, ConstMatrixView<S> qkv, 
       for (Index i = 0; i < QRT; ++i) {
         MOE_UNROLL
         for (Index j = 0; j < KT; ++j) {
-          const auto visible = [&](Index r, Index c) {  // P: query row i * 16 + r, key j * 16 + c of the block
-            const Index row = i * kTile + r, key = j * kTile + c;
-            return row < rows && key < keys && (!causal || kb + key <= row0 + row);
-          };
-          map_visible(warp, s[i][j], whole, 0.f, visible,
-                      [&](Index r, Index, float x) { return exp2f(x * scale2 - lse_q[i * kTile + r]); });
-          warp.zip(dp[i][j], s[i][j], [&](Index r, Index c, float dpv, float p) {  // masked: 0, as above
-            return whole || visible(r, c) ? p * (dpv - dsum_q[i * kTile + r]) * scale : 0.f;
+          map_visible(  // P: query row i * 16 + r, key j * 16 + c of the block
+              warp, s[i][j], whole, 0.f,
+              [&](Index r, Index c) {
+                const Index row = i * kTile + r, key = j * kTile + c;
+                return row < rows && key < keys && (!causal || kb + key <= row0 + row);
+              },
+              [&](Index r, Index, float x) { return exp2f(x * scale2 - lse_q[i * kTile + r]); });
+          warp.zip(dp[i][j], s[i][j], [&](Index r, Index, float dpv, float p) {  // 0 where P is, as above
+            return p == 0.f ? 0.f : p * (dpv - dsum_q[i * kTile + r]) * scale;
           });
           warp.to_a(ds[i][j], dp[i][j]);
         }
