@@ -686,6 +686,31 @@ TEST_CASE("nn adamw: options and a step's rate that are not finite, or eps = 0, 
   CHECK_NOTHROW(optimizer.step(params, 0.0));  // a zero rate (a schedule's end) is a step
 }
 
+TEST_CASE("nn adamw: a parameter listed twice (shared values) and a step count at int's limit are refused") {
+  Model<float> model;
+  const Vec<float> w0 = model.w;
+  auto params = model.params();
+  auto tied = params;
+  tied.push_back(tied[0]);
+  tied.back().name = "w again";
+  moe::nn::AdamW<float> optimizer;
+  CHECK_THROWS_WITH_AS(optimizer.step(tied), doctest::Contains("parameters 0 'w' and 4 'w again' share values"),
+                       moe::Error);
+  auto overlapping = params;  // a view into the middle of w
+  overlapping.push_back({"part of w", {2}, std::span<float>(model.w).subspan(1, 2), std::span<float>(model.b_grad).first(2), true});
+  CHECK_THROWS_WITH_AS(optimizer.step(overlapping), doctest::Contains("share values"), moe::Error);
+  CHECK(optimizer.step_count() == 0);
+  CHECK(same_bits(model.w, w0));
+  auto frozen = tied;  // a frozen duplicate is not updated: taken
+  frozen.back().trainable = false;
+  CHECK_NOTHROW(optimizer.step(frozen));
+  moe::nn::AdamW<float> at_limit;
+  at_limit.set_state(std::numeric_limits<int>::max(), {}, {});
+  CHECK_THROWS_WITH_AS(at_limit.step(params), doctest::Contains("the step count 2147483647 is at int's limit"),
+                       moe::Error);
+  CHECK(at_limit.step_count() == std::numeric_limits<int>::max());
+}
+
 TEST_CASE("nn adamw: a changed parameter list throws; saved state resumes the same bits") {
   Model<float> model;
   moe::nn::AdamW<float> optimizer;

@@ -662,6 +662,11 @@ TEST_CASE("cuda nn loss: AdamW and clip_grad_norm reject bad arguments, naming t
                        moe::Error);
   CHECK_THROWS_WITH_AS(adamw.step(list, 1e-3, -1.f), doctest::Contains("grad_scale must be finite and >= 0"),
                        moe::Error);
+  auto tied = list;
+  tied.push_back(tied[0]);
+  AdamW<float, TestDevice> fresh(device);
+  CHECK_THROWS_WITH_AS(fresh.step(tied), doctest::Contains("share values"), moe::Error);
+  CHECK(fresh.step_count() == 0);
   CHECK(adamw.step_count() == 1);  // the refused steps took nothing
   AdamW<float, TestDevice> restored(device);
   restored.set_state(1, {{1.f}}, {{1.f}});

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <limits>
 #include <utility>
 
 #include "moe/config.hpp"
@@ -36,6 +37,8 @@ class DeviceArray {
   // Contents are kept only when the capacity suffices; growing leaves the values undefined.
   void resize(Index size) {
     check(size >= 0, "device array size must be >= 0, got ", size);
+    check(std::size_t(size) <= std::numeric_limits<std::size_t>::max() / 2 / sizeof(T), "device array of ", size,
+          " elements of ", sizeof(T), " bytes: the byte count overflows");
     if (size > capacity_) {
       release();
       data_ = static_cast<T*>(D::allocate(std::size_t(size) * sizeof(T)));
@@ -68,6 +71,8 @@ class DeviceMatrix {
   DeviceMatrix(Index rows, Index cols) { resize(rows, cols); }
   void resize(Index rows, Index cols) {
     check(rows >= 0 && cols >= 0, "device matrix shape [", rows, ", ", cols, "] is negative");
+    check(cols == 0 || rows <= std::numeric_limits<Index>::max() / cols, "device matrix shape [", rows, ", ", cols,
+          "]: the element count overflows");
     storage_.resize(rows * cols);
     rows_ = rows, cols_ = cols;
   }

@@ -96,8 +96,9 @@ class AdamW {
 
   void step(std::vector<ParamRef<S>>& params, double lr) {
     moe::nn::check_adamw_rate(lr);
+    const int step = detail::next_adamw_step(steps_);  // checked before bind() changes anything
     bind(params);
-    ++steps_;
+    steps_ = step;
     const AdamWStep<S> k = adamw_step<S>(config_, lr, steps_);
     const auto pieces = detail::optimizer_pieces(params);
     cpu::parallel_for(threads_, Index(pieces.size()), [&](Index piece) {
@@ -132,6 +133,7 @@ class AdamW {
   void bind(const std::vector<ParamRef<S>>& params) {
     detail::check_adamw_gradients(params);
     if (sizes_.empty()) {  // the first step, or the first after set_state
+      detail::check_adamw_distinct(params);
       detail::check_adamw_state("restored moments", m_, params);
       for (const ParamRef<S>& p : params) sizes_.push_back(p.value.size());
       if (m_.empty()) {

@@ -4,9 +4,11 @@
 // the parameter list and of restored state. Plain C++ (no Eigen), so nvcc code includes it too.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <span>
 #include <utility>
@@ -95,6 +97,29 @@ void check_adamw_gradients(const std::vector<ParamRef<S>>& params) {
     if (optimizer_updates(params[i]))
       check(params[i].grad.size() == params[i].value.size(), "AdamW: parameter ", i, " '", params[i].name, "' has ",
             params[i].value.size(), " values but ", params[i].grad.size(), " gradients");
+}
+
+// No two updated parameters share values (a tied weight listed twice): the CPU would update them
+// twice a step, the GPU's multi-tensor launch with two writers racing. Checked on the first step.
+template <class S>
+void check_adamw_distinct(const std::vector<ParamRef<S>>& params) {
+  std::vector<std::size_t> updated;
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (optimizer_updates(params[i]) && !params[i].value.empty()) updated.push_back(i);
+  const auto begin = [&](std::size_t i) { return params[i].value.data(); };
+  std::sort(updated.begin(), updated.end(), [&](std::size_t a, std::size_t b) { return std::less<>()(begin(a), begin(b)); });
+  for (std::size_t j = 1; j < updated.size(); ++j) {
+    const ParamRef<S>& a = params[updated[j - 1]];
+    check(!std::less<>()(begin(updated[j]), a.value.data() + a.value.size()), "AdamW: parameters ", updated[j - 1], " '",
+          a.name, "' and ", updated[j], " '", params[updated[j]].name,
+          "' share values (a tied weight listed twice?): each would be updated twice a step");
+  }
+}
+
+// The next step's number: refused at int's limit (its bias corrections count steps in an int).
+inline int next_adamw_step(int steps) {
+  check(steps < std::numeric_limits<int>::max(), "AdamW: the step count ", steps, " is at int's limit");
+  return steps + 1;
 }
 
 // A state given to set_state: a step count >= 0 and two moments of the same size per parameter.

@@ -280,7 +280,9 @@ std::vector<GradTensor<S>> updated_grad_tensors(std::vector<ParamRef<S>>& params
 //
 // Master weights (bf16 parameters only, kMasterWeights): p above is a Compute<S> copy of the
 // parameter, made from its values on its first update (or set by set_master_weights, e.g. the
-// fp32 values of a checkpoint), and the parameter receives S(p) after every update.
+// fp32 values of a checkpoint), and the parameter receives S(p) after every update. So the master
+// copy is what trains: values written into a bf16 parameter after its first update (weights loaded
+// mid-run) are replaced by the next step unless set_master_weights gives the optimizer them too.
 // master_weights() downloads them (the values a checkpoint should hold).
 template <class S, class D>
 class AdamW {
@@ -305,8 +307,9 @@ class AdamW {
     moe::nn::check_adamw_rate(lr);
     check(std::isfinite(double(grad_scale)) && grad_scale >= C(0), "AdamW: grad_scale must be finite and >= 0, got ",
           double(grad_scale));
+    const int step = moe::nn::detail::next_adamw_step(steps_);  // checked before bind() changes anything
     bind(params);
-    ++steps_;
+    steps_ = step;
     const AdamWStep<C> k = moe::nn::adamw_step<C>(config_, lr, steps_);
     std::vector<adamw_detail::UpdatedTensor<S>> tensors;
     for (std::size_t i = 0; i < params.size(); ++i) {
@@ -374,6 +377,7 @@ class AdamW {
   void bind(const std::vector<ParamRef<S>>& params) {
     moe::nn::detail::check_adamw_gradients(params);
     if (sizes_.empty()) {  // the first step, or the first after set_state / set_master_weights
+      moe::nn::detail::check_adamw_distinct(params);
       moe::nn::detail::check_adamw_state("restored moments", m_, params);
       if constexpr (kMasterWeights) moe::nn::detail::check_adamw_state("master weights", master_, params);
       for (const ParamRef<S>& p : params) sizes_.push_back(p.value.size());
