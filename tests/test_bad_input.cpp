@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "primitive_checks.hpp"
 #include "reference.hpp"
 
 using moe::Index;
@@ -484,4 +485,9 @@ TEST_CASE("bad input: an in-place forward (y over x) gives the separate buffers'
   Matrix kept = x;
   in_place.forward_into(kept, y, {.input_kept = true});
   CHECK_ERROR_NAMES(error_of([&] { in_place.backward_into(y, kept); }), "input gradient overlaps the input");
+}
+
+TEST_CASE("bad input: the backend's element-wise and routing primitives refuse operands of the wrong shape") {
+  check_primitive_shapes(Backend{});
+  check_primitive_shapes(moe::cpu::BasicBackend<double>{});
 }

@@ -302,6 +302,8 @@ TEST_CASE("attention: bad input throws moe::Error naming the problem") {
   CHECK_THROWS_WITH_AS(forward(qkv, s.B, s.T, 0, out, att.data(), 1), Contains("heads must be positive"), moe::Error);
   CHECK_THROWS_WITH_AS(forward(qkv, 0, s.T, s.heads, out, att.data(), 1), Contains("must be positive"), moe::Error);
   CHECK_THROWS_WITH_AS(forward(qkv, s.B, s.T, s.heads, out, att.data(), 0), Contains("thread count"), moe::Error);
+  const Index big = Index(1) << 40;  // B * T = 2^80: refused before it is computed
+  CHECK_THROWS_WITH_AS(forward(qkv, big, big, s.heads, out, att.data(), 1), Contains("B * T overflows"), moe::Error);
 
   forward(qkv, s.B, s.T, s.heads, out, att.data(), 1);
   CHECK_THROWS_WITH_AS(

@@ -308,6 +308,23 @@ TEST_CASE("nn linear: bad shapes throw, naming the argument") {
                        doctest::Contains("dweight is [3, 7], weight is [3, 6]"), moe::Error);
 }
 
+TEST_CASE("nn layernorm, linear, embedding: views with a negative extent, overlapping rows or no data are refused by name") {
+  Mat<float> x = ref::randn<float>(4, 6, 1), out(4, 6), weight = ref::randn<float>(3, 6, 2), y(4, 3);
+  Vec<float> w(6, 1), b(6, 0), mean(4), rstd(4);
+  const moe::MatrixView<float> negative(out.data(), -2, 6), overlapping(out.data(), 4, 6, 3), no_data(nullptr, 4, 6);
+  CHECK_THROWS_WITH_AS(moe::nn::layernorm_forward<float>(x, w.data(), b.data(), negative, mean.data(), rstd.data(), 1),
+                       doctest::Contains("layernorm_forward: out is [-2, 6]: negative extent"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::layernorm_forward<float>(x, w.data(), b.data(), overlapping, mean.data(), rstd.data(), 1),
+                       doctest::Contains("layernorm_forward: out is [4, 6] with row stride 3: rows would overlap"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::layernorm_forward<float>(no_data, w.data(), b.data(), out, mean.data(), rstd.data(), 1),
+                       doctest::Contains("layernorm_forward: x is [4, 6] with no data"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::linear_forward<float>(moe::MatrixView<float>(x.data(), -3, 6), weight, nullptr, y, 1),
+                       doctest::Contains("linear_forward: in is [-3, 6]: negative extent"), moe::Error);
+  CHECK_THROWS_WITH_AS(moe::nn::linear_backward<float>(x, y, weight, overlapping, moe::MatrixView<float>{}, nullptr, 1),
+                       doctest::Contains("linear_backward: din is [4, 6] with row stride 3"), moe::Error);
+}
+
 TEST_CASE("nn linear: an output over an operand is refused (the products read while they write)") {
   // in [4, 8] and out [4, 4] in one buffer: out over in's first columns would be read after written.
   Mat<float> buffer = ref::randn<float>(4, 8, 3), weight = ref::randn<float>(4, 8, 4), separate(4, 4);

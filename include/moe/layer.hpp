@@ -353,8 +353,11 @@ class MoELayer {
     return false;
   }
 
+  // The config's own rules, then the backend's limits where it has some (the CUDA backend's N and
+  // k): at construction, before any weight is allocated, not at the first forward.
   static LayerConfig validated(const LayerConfig& config) {
     validate(config);
+    if constexpr (requires { B::check_layer_config(config); }) B::check_layer_config(config);
     return config;
   }
   bool has_aux_loss() const { return config_.aux.load_balance > 0 || config_.aux.z_loss > 0; }

@@ -26,6 +26,7 @@
 #include "moe/gate.hpp"
 #include "moe/layer.hpp"
 #include "moe/routing.hpp"
+#include "primitive_checks.hpp"
 
 namespace cuda_test {
 
@@ -997,6 +998,12 @@ TEST_CASE(CUDA_TEST_NAME("gather before the host has the expert offsets: every s
   }
 }
 
+TEST_CASE(CUDA_TEST_NAME("bad input: the element-wise and routing primitives refuse operands of the wrong shape")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  check_primitive_shapes(moe::cuda::BasicBackend<float, TestDevice>(make_device()));
+  check_primitive_shapes(moe::cuda::BasicBackend<moe::bfloat16, TestDevice>(make_device()));
+}
+
 TEST_CASE(CUDA_TEST_NAME("bad input: limits of the per-token selection and host copies are named")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   using B = moe::cuda::BasicBackend<float, TestDevice>;
@@ -1009,6 +1016,13 @@ TEST_CASE(CUDA_TEST_NAME("bad input: limits of the per-token selection and host 
   const auto logits = to_device<float>(backend, std::vector<float>(2 * 16, 0.f), 2, 16);
   CHECK_THROWS_WITH_AS(backend.route(logits, moe::LayerConfig{16, 8, 16, 9}, plan, weights),
                        doctest::Contains("at most 8 experts per token"), moe::Error);
+  // A layer past the limits is refused when it is made, before its weights are allocated.
+  const std::size_t held = kEmulatedDevice ? TestDevice::memory_use().in_use : 0;
+  CHECK_THROWS_WITH_AS((moe::MoELayer<moe::Linear, moe::GeluMLP, B>({300, 8, 300, 2}, 1, {}, {}, B(make_device()))),
+                       doctest::Contains("at most 256 experts"), moe::Error);
+  CHECK_THROWS_WITH_AS((moe::MoELayer<moe::SelfRoute, moe::GeluMLP, B>({16, 8, 16, 9}, 1, {}, {}, B(make_device()))),
+                       doctest::Contains("at most 8 experts per token"), moe::Error);
+  if constexpr (kEmulatedDevice) CHECK(TestDevice::memory_use().in_use == held);
   typename B::Matrix m(2, 3);
   CHECK_THROWS_WITH_AS(backend.upload(std::vector<float>(5, 0.f), m), doctest::Contains("5 values for a [2, 3]"),
                        moe::Error);

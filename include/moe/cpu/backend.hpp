@@ -13,6 +13,7 @@
 
 #include "moe/activations.hpp"
 #include "moe/aux_loss.hpp"
+#include "moe/backend_checks.hpp"
 #include "moe/config.hpp"
 #include "moe/cpu/gemm.hpp"
 #include "moe/cpu/parallel.hpp"
@@ -47,10 +48,12 @@ class BasicBackend {
   static void resize(Vector<T>& v, Index size) { v.resize(std::size_t(size)); }
 
   void copy(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    backend_checks::same_shape("copy", "src", src, "dst", dst);
     for_rows(src.rows, src.cols, [&](Index r) { std::copy(src.row(r), src.row(r) + src.cols, dst.row(r)); });
   }
   // dst += src
   void add(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    backend_checks::same_shape("add", "src", src, "dst", dst);
     for_rows(src.rows, src.cols, [&](Index r) {
       const S* s = src.row(r);
       S* d = dst.row(r);
@@ -208,6 +211,7 @@ class BasicBackend {
   // ---- activations (row by row, so the vector/scalar split never depends on threads) -------
   // in: [R, F] -> out: [R, F]; out may alias in
   void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
+    backend_checks::same_shape("gelu_forward", "in", in, "out", out);
     for_rows(in.rows, in.cols, [&](Index r) {
       const auto x = array_map(in.row(r), in.cols);
       const auto inner = S(activation::kGeluScale) * (x + S(activation::kGeluCubic) * x.cube());
@@ -216,6 +220,8 @@ class BasicBackend {
   }
   // din = dout * gelu'(in); din may alias dout
   void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
+    backend_checks::same_shape("gelu_backward", "in", in, "dout", dout);
+    backend_checks::same_shape("gelu_backward", "in", in, "din", din);
     for_row_segments(in.rows, in.cols, [&](Index r, Index c, Index n) {
       const auto x = array_map(in.row(r) + c, n);
       const auto x2 = x.square();
@@ -229,6 +235,7 @@ class BasicBackend {
   // gate_up: [R, 2F] (gate | up) -> out: [R, F] = silu(gate) * up
   void swiglu_forward(ConstMatrixView<S> gate_up, MatrixView<S> out) const {
     const Index F = out.cols;
+    backend_checks::shape_is("swiglu_forward", "gate_up", gate_up, out.rows, 2 * F, "gate | up for out's rows");
     for_rows(gate_up.rows, gate_up.cols, [&](Index r) {
       const auto g = array_map(gate_up.row(r), F);
       const auto u = array_map(gate_up.row(r) + F, F);
@@ -238,6 +245,8 @@ class BasicBackend {
   // dgate_up = (dout * up * silu'(gate) | dout * silu(gate)); dgate_up may alias gate_up
   void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
     const Index F = dout.cols;
+    backend_checks::shape_is("swiglu_backward", "gate_up", gate_up, dout.rows, 2 * F, "gate | up for dout's rows");
+    backend_checks::same_shape("swiglu_backward", "gate_up", gate_up, "dgate_up", dgate_up);
     for_row_segments(gate_up.rows, F, [&](Index r, Index c, Index n) {
       const Segment g = array_map(gate_up.row(r) + c, n);  // copies: dgate_up may alias gate_up
       const Segment u = array_map(gate_up.row(r) + F + c, n);
@@ -269,6 +278,7 @@ class BasicBackend {
   // x: [T, H] -> rows: [>= R, H], rows past R untouched.
   void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
     const Index R = plan.rows();
+    backend_checks::shape_is("gather_rows", "x", x, plan.tokens, x.cols, "the plan's tokens");
     check(rows.rows >= R && rows.cols == x.cols, "gather_rows: rows is [", rows.rows, ", ", rows.cols,
           "], the plan needs [", R, ", ", x.cols, "]");
     for_rows(R, rows.cols, [&](Index r) {
@@ -280,12 +290,18 @@ class BasicBackend {
   // y[t] = sum_j weight[t,j] * expert_rows[row(t,j)], j ascending, dropped slots skipped.
   // expert_rows: [R, H] -> y: [T, H]
   void combine(ConstMatrixView<S> expert_rows, const Plan& plan, const Vector<S>& weights, MatrixView<S> y) const {
+    backend_checks::one_per_slot("combine", "weights", Index(weights.size()), plan.slots());
+    check_gather_sum("combine", "expert_rows", expert_rows, plan, "y", y);
     gather_sum(expert_rows, plan, weights.data(), y);
   }
   // d_rows[row(t,j)] = weight[t,j] * dy[t];  dweights[t,j] = dy[t] . expert_rows[row(t,j)] (0 if dropped)
   void combine_backward(ConstMatrixView<S> dy, ConstMatrixView<S> expert_rows, const Plan& plan,
                         const Vector<S>& weights, MatrixView<S> d_rows, Vector<S>& dweights) const {
     const Index k = plan.top_k, H = dy.cols;
+    backend_checks::shape_is("combine_backward", "dy", dy, plan.tokens, H, "the plan's tokens");
+    backend_checks::holds_rows("combine_backward", "expert_rows", expert_rows, plan.rows(), H);
+    backend_checks::holds_rows("combine_backward", "d_rows", d_rows, plan.rows(), H);
+    backend_checks::one_per_slot("combine_backward", "weights", Index(weights.size()), plan.slots());
     dweights.resize(plan.slots());
     for_rows(dy.rows, H, [&](Index t) {
       for (Index j = 0; j < k; ++j) {
@@ -304,12 +320,16 @@ class BasicBackend {
   }
   // dx[t] = sum_j d_rows[row(t,j)] (j ascending; 0 if every slot was dropped)
   void sum_rows_to_tokens(ConstMatrixView<S> d_rows, const Plan& plan, MatrixView<S> dx) const {
+    check_gather_sum("sum_rows_to_tokens", "d_rows", d_rows, plan, "dx", dx);
     gather_sum(d_rows, plan, nullptr, dx);
   }
 
   // dlogits = d(routing weights)/d(logits)^T dweights + gradient of the auxiliary losses.
   void route_backward(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
                       const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
+    backend_checks::shape_is("route_backward", "logits", logits, plan.tokens, plan.experts, "the plan's [T, N]");
+    backend_checks::same_shape("route_backward", "logits", logits, "dlogits", dlogits);
+    backend_checks::one_per_slot("route_backward", "dweights", Index(dweights.size()), plan.slots());
     fill(dlogits, S(0));
     parallel_chunks(threads_, logits.rows, kTokenChunk, [&](Index begin, Index end) {
       for (Index t = begin; t < end; ++t)
@@ -370,6 +390,12 @@ class BasicBackend {
     });
   }
 
+  // gather_sum's operands: out [T, H] from rows [>= R, H].
+  static void check_gather_sum(const char* primitive, const char* rows_name, ConstMatrixView<S> rows, const Plan& plan,
+                               const char* out_name, MatrixView<S> out) {
+    backend_checks::shape_is(primitive, out_name, out, plan.tokens, rows.cols, "the plan's tokens");
+    backend_checks::holds_rows(primitive, rows_name, rows, plan.rows(), rows.cols);
+  }
   // out[t] = sum_j w[t,j] * rows[row(t,j)] in ascending j (w = 1 when weights is null): each
   // token gathers its own rows, so there is no racy scatter and the sum order is fixed.
   void gather_sum(ConstMatrixView<S> rows, const Plan& plan, const S* weights, MatrixView<S> out) const {

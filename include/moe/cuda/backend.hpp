@@ -36,6 +36,7 @@
 
 #include "moe/activations.hpp"
 #include "moe/aux_loss.hpp"
+#include "moe/backend_checks.hpp"
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/buffer.hpp"
@@ -603,6 +604,10 @@ class BasicBackend {
   const D& device() const { return device_; }
   D& device() { return device_; }
 
+  // The layer's construction asks (MoELayer): this backend's limits on N and k, before any weight
+  // is allocated; route() checks them again for its own callers.
+  static void check_layer_config(const LayerConfig& config) { check_routing_limits(config.experts, config.top_k); }
+
   // ---- storage -------------------------------------------------------------------------
   static void resize(Matrix& m, Index rows, Index cols) { m.resize(rows, cols); }
   template <class T>
@@ -610,6 +615,7 @@ class BasicBackend {
 
   // copy, add and fill move 16-byte packs where the rows allow (moe/cuda/pack.hpp), single elements otherwise.
   void copy(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    backend_checks::same_shape("copy", "src", src, "dst", dst);
     if (packable<S>(src.cols, src, dst)) {
       detail::for_each_2d(device_, src.rows, src.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         store_pack(&dst(r, q * kPack), load_pack(&src(r, q * kPack)));
@@ -620,6 +626,7 @@ class BasicBackend {
   }
   // dst += src
   void add(ConstMatrixView<S> src, MatrixView<S> dst) const {
+    backend_checks::same_shape("add", "src", src, "dst", dst);
     if (packable<S>(src.cols, src, dst)) {
       detail::for_each_2d(device_, src.rows, src.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         const Pack<S> a = load_pack(&src(r, q * kPack));
@@ -816,6 +823,7 @@ class BasicBackend {
   // rows: its 8 values come from 8 rows of weight at one column, so a warp (32 columns) reads 8 runs
   // of 64 contiguous bytes, and a block's 8 warps (8 packs along o) fill 128 bytes of each out row.
   void transpose_expert_blocks(ConstMatrixView<S> weight, Index experts, MatrixView<S> out) const {
+    check(experts >= 1, "transpose_expert_blocks: experts must be >= 1, got ", experts);
     const Index O = weight.rows / experts, I = weight.cols;
     check(weight.rows == experts * O && out.rows == experts * I && out.cols == O,
           "transpose_expert_blocks: weight [", weight.rows, ", ", I, "] of ", experts, " experts into out [", out.rows,
@@ -841,6 +849,7 @@ class BasicBackend {
   // otherwise: the same arithmetic per element.
   // in: [R, F] -> out: [R, F]; out may alias in
   void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
+    backend_checks::same_shape("gelu_forward", "in", in, "out", out);
     if (packable<S>(in.cols, in, out)) {
       detail::for_each_2d(device_, in.rows, in.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         Pack<S> v = load_pack(&in(r, q * kPack));
@@ -854,6 +863,8 @@ class BasicBackend {
   }
   // din = dout * gelu'(in); din may alias dout
   void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
+    backend_checks::same_shape("gelu_backward", "in", in, "dout", dout);
+    backend_checks::same_shape("gelu_backward", "in", in, "din", din);
     if (packable<S>(in.cols, in, dout, din)) {
       detail::for_each_2d(device_, in.rows, in.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         const Pack<S> x = load_pack(&in(r, q * kPack));
@@ -870,6 +881,7 @@ class BasicBackend {
   // gate_up: [R, 2F] (gate | up) -> out: [R, F] = silu(gate) * up
   void swiglu_forward(ConstMatrixView<S> gate_up, MatrixView<S> out) const {
     const Index F = out.cols;
+    backend_checks::shape_is("swiglu_forward", "gate_up", gate_up, out.rows, 2 * F, "gate | up for out's rows");
     if (packable<S>(F, gate_up, out)) {
       detail::for_each_2d(device_, out.rows, F / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         const Pack<S> g = load_pack(&gate_up(r, q * kPack)), u = load_pack(&gate_up(r, F + q * kPack));
@@ -887,6 +899,8 @@ class BasicBackend {
   // halves of its columns, so dgate_up may alias gate_up.
   void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
     const Index F = dout.cols;
+    backend_checks::shape_is("swiglu_backward", "gate_up", gate_up, dout.rows, 2 * F, "gate | up for dout's rows");
+    backend_checks::same_shape("swiglu_backward", "gate_up", gate_up, "dgate_up", dgate_up);
     if (packable<S>(F, gate_up, dout, dgate_up)) {
       detail::for_each_2d(device_, dout.rows, F / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         const Index c = q * kPack;
@@ -919,8 +933,7 @@ class BasicBackend {
              bool copy_offsets = true) const {
     const Index T = logits.rows, N = logits.cols, k = config.top_k;
     check_top_k(k, N);
-    check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
-    check(k <= kMaxTopK, "the CUDA backend selects at most ", kMaxTopK, " experts per token, got top_k = ", k);
+    check_routing_limits(N, k);
     check(T * k < (Index{1} << 31), "T * k = ", T * k, " slots overflow the 32-bit row indices");
     plan.tokens = T, plan.experts = N, plan.top_k = k, plan.device = device_;
     plan.capacity = expert_capacity(T, k, N, config.capacity_factor);
@@ -955,6 +968,7 @@ class BasicBackend {
   // queues before the host has the offsets; rows then needs every slot's row (T*k).
   void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
     const Index needed = plan.offsets_on_host() ? plan.rows() : plan.slots_count();
+    backend_checks::shape_is("gather_rows", "x", x, plan.tokens, x.cols, "the plan's tokens");
     check(rows.rows >= needed && rows.cols == x.cols, "gather_rows: rows is [", rows.rows, ", ", rows.cols,
           "], the plan needs [", needed, ", ", x.cols, "]", plan.offsets_on_host() ? "" : " (T*k rows until the host has the offsets)");
     const std::int32_t* slot_of_row = plan.slot_of_row.data();
@@ -974,12 +988,17 @@ class BasicBackend {
 
   // y[t] = sum_j weight[t,j] * expert_rows[row(t,j)], j ascending, dropped slots skipped.
   void combine(ConstMatrixView<S> expert_rows, const Plan& plan, const Vector<S>& weights, MatrixView<S> y) const {
+    backend_checks::one_per_slot("combine", "weights", weights.size(), plan.slots_count());
+    check_gather_sum("combine", "expert_rows", expert_rows, plan, "y", y);
     gather_sum(expert_rows, plan, weights.data(), y);
   }
   // d_rows[row(t,j)] = weight[t,j] * dy[t];  dweights[t,j] = dy[t] . expert_rows[row(t,j)] (0 if dropped)
   void combine_backward(ConstMatrixView<S> dy, ConstMatrixView<S> expert_rows, const Plan& plan,
                         const Vector<S>& weights, MatrixView<S> d_rows, Vector<S>& dweights) const {
     const Index k = plan.top_k, H = dy.cols, slots = plan.slots_count(), R = plan.rows();
+    backend_checks::shape_is("combine_backward", "dy", dy, plan.tokens, H, "the plan's tokens");
+    backend_checks::holds_rows("combine_backward", "expert_rows", expert_rows, R, H);
+    backend_checks::one_per_slot("combine_backward", "weights", weights.size(), slots);
     check(d_rows.rows == R && d_rows.cols == H, "combine_backward: d_rows is [", d_rows.rows, ", ", d_rows.cols,
           "], the plan's rows are [", R, ", ", H, "]");
     const std::int32_t* row = plan.row.data();
@@ -1013,6 +1032,7 @@ class BasicBackend {
   }
   // dx[t] = sum_j d_rows[row(t,j)] (j ascending; 0 if every slot was dropped)
   void sum_rows_to_tokens(ConstMatrixView<S> d_rows, const Plan& plan, MatrixView<S> dx) const {
+    check_gather_sum("sum_rows_to_tokens", "d_rows", d_rows, plan, "dx", dx);
     gather_sum(d_rows, plan, nullptr, dx);
   }
 
@@ -1020,6 +1040,9 @@ class BasicBackend {
   void route_backward(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
                       const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
     const Index N = logits.cols, k = config.top_k;
+    backend_checks::shape_is("route_backward", "logits", logits, plan.tokens, plan.experts, "the plan's [T, N]");
+    backend_checks::same_shape("route_backward", "logits", logits, "dlogits", dlogits);
+    backend_checks::one_per_slot("route_backward", "dweights", dweights.size(), plan.slots_count());
     const RoutingWeights mode = config.weights;
     const std::int32_t* expert = plan.expert.data();
     const S* dw = dweights.data();
@@ -1153,6 +1176,17 @@ class BasicBackend {
     });
   }
 
+  static void check_routing_limits(Index N, Index k) {
+    check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
+    check(k <= kMaxTopK, "the CUDA backend selects at most ", kMaxTopK, " experts per token, got top_k = ", k);
+  }
+  // gather_sum's operands: out [T, H] from rows [>= R, H] (R checked where the host has it: asking
+  // for it would wait for the offsets' copy).
+  static void check_gather_sum(const char* primitive, const char* rows_name, ConstMatrixView<S> rows, const Plan& plan,
+                               const char* out_name, MatrixView<S> out) {
+    backend_checks::shape_is(primitive, out_name, out, plan.tokens, rows.cols, "the plan's tokens");
+    backend_checks::holds_rows(primitive, rows_name, rows, plan.offsets_on_host() ? plan.rows() : 0, rows.cols);
+  }
   // out[t] = sum_j w[t,j] * rows[row(t,j)] in ascending j (w = 1 when weights is null): each
   // output element is one thread's fixed-order sum, so there is no racy scatter.
   void gather_sum(ConstMatrixView<S> rows, const Plan& plan, const S* weights, MatrixView<S> out) const {

@@ -178,6 +178,9 @@ inline void check_embedding(const char* where, std::span<const std::int32_t> tok
 template <class S>
 void check_embedding_forward(std::span<const std::int32_t> tokens, Index B, Index T, ConstMatrixView<S> wte,
                              ConstMatrixView<S> wpe, MatrixView<S> out) {
+  check_view("embedding_forward", "wte", wte);
+  check_view("embedding_forward", "wpe", wpe);
+  check_view("embedding_forward", "out", out);
   check(wpe.cols == wte.cols, "embedding_forward: wte is [", wte.rows, ", ", wte.cols, "], wpe is [", wpe.rows, ", ",
         wpe.cols, "] (the widths differ)");
   check_embedding("embedding_forward", tokens, B, T, wte.rows, wpe.rows, wte.cols, out.rows, out.cols);
@@ -185,6 +188,9 @@ void check_embedding_forward(std::span<const std::int32_t> tokens, Index B, Inde
 template <class S>
 void check_embedding_backward(ConstMatrixView<S> dout, std::span<const std::int32_t> tokens, Index B, Index T,
                               MatrixView<S> dwte, MatrixView<S> dwpe) {
+  check_view("embedding_backward", "dout", dout);
+  if (dwte.data) check_view("embedding_backward", "dwte", dwte);
+  if (dwpe.data) check_view("embedding_backward", "dwpe", dwpe);
   const Index C = dout.cols;
   check(!dwte.data || dwte.cols == C, "embedding_backward: dwte is [", dwte.rows, ", ", dwte.cols, "], dout is [",
         dout.rows, ", ", C, "]");
@@ -201,6 +207,8 @@ void check_embedding_backward(ConstMatrixView<S> dout, std::span<const std::int3
 template <class S, class Stat>
 void check_layernorm_forward(ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out,
                              const Stat* mean, const Stat* rstd) {
+  check_view("layernorm_forward", "x", x);
+  check_view("layernorm_forward", "out", out);
   const Index T = x.rows, C = x.cols;
   check(C > 0, "layernorm_forward: x has no columns (x is [", T, ", ", C, "])");
   check(out.rows == T && out.cols == C, "layernorm_forward: out is [", out.rows, ", ", out.cols, "], x is [", T,
@@ -211,6 +219,9 @@ void check_layernorm_forward(ConstMatrixView<S> x, const S* weight, const S* bia
 template <class S, class Stat>
 void check_layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight, const Stat* mean,
                               const Stat* rstd, MatrixView<S> dx) {
+  check_view("layernorm_backward", "dout", dout);
+  check_view("layernorm_backward", "x", x);
+  if (dx.data) check_view("layernorm_backward", "dx", dx);
   const Index T = x.rows, C = x.cols;
   check(C > 0, "layernorm_backward: x has no columns (x is [", T, ", ", C, "])");
   check(dout.rows == T && dout.cols == C, "layernorm_backward: dout is [", dout.rows, ", ", dout.cols, "], x is [",
@@ -238,6 +249,9 @@ inline Index check_cross_entropy(const char* where, Index N, Index V, std::span<
 // nn.Linear: in [T, I], weight [O, I], out [T, O].
 template <class S>
 void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, MatrixView<S> out) {
+  check_view("linear_forward", "in", in);
+  check_view("linear_forward", "weight", weight);
+  check_view("linear_forward", "out", out);
   check(in.cols == weight.cols, "linear_forward: in is [", in.rows, ", ", in.cols, "], weight is [", weight.rows,
         ", ", weight.cols, "] (expected [O, ", in.cols, "])");
   check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
@@ -250,6 +264,11 @@ void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, Matr
 template <class S>
 void check_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
                            MatrixView<S> din, MatrixView<S> dweight) {
+  check_view("linear_backward", "in", in);
+  check_view("linear_backward", "dout", dout);
+  check_view("linear_backward", "weight", weight);
+  if (din.data) check_view("linear_backward", "din", din);
+  if (dweight.data) check_view("linear_backward", "dweight", dweight);
   const Index T = in.rows, I = in.cols, O = weight.rows;
   check(weight.cols == I, "linear_backward: in is [", T, ", ", I, "], weight is [", O, ", ", weight.cols,
         "] (expected [O, ", I, "])");
@@ -276,6 +295,8 @@ AttentionShape check_attention(const char* where, ConstMatrixView<S> qkv, Index 
                                Index out_rows, Index out_cols, const char* out_name, const S* att) {
   check(B >= 1 && T >= 1, where, ": batch B = ", B, " and sequence length T = ", T, " must be positive");
   check(heads >= 1, where, ": heads must be positive, got ", heads);
+  check(B <= std::numeric_limits<Index>::max() / T, where, ": B * T overflows (B = ", B, ", T = ", T, ")");
+  check_view(where, "qkv", qkv);
   check(qkv.rows == B * T, where, ": qkv has ", qkv.rows, " rows, expected B*T = ", B, "*", T, " = ", B * T);
   check(qkv.cols % 3 == 0 && qkv.cols > 0, where, ": qkv has ", qkv.cols,
         " columns, expected 3*C (q | k | v) for some C > 0");
