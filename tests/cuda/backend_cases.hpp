@@ -816,6 +816,12 @@ TEST_CASE(CUDA_TEST_NAME("a layer moved between forward and backward: the result
           to_host<moe::bfloat16>(kept.backend(), dx_kept.data(), dx_kept.size()));
   }
   device.set_expert_gemm(moe::cuda::ExpertGemm::per_expert);
+  // A moved-from backend keeps its device (a handle: the move copies it), so it still runs.
+  B source(device);
+  const B taker(std::move(source));
+  typename B::Matrix m(2, 8);
+  source.fill(moe::MatrixView<moe::bfloat16>(m), moe::bfloat16(3.f));  // NOLINT(bugprone-use-after-move): the point
+  CHECK(to_host<moe::bfloat16>(taker, m.data(), m.size()) == std::vector<float>(16, 3.f));
 }
 
 TEST_CASE(CUDA_TEST_NAME("bf16: SelfRoute layers within 2e-2 of the fp32 CPU layer on the same values")) {

@@ -460,6 +460,11 @@ class CudaDevice {
   // stream: the caller's stream (nullptr = the legacy default stream). The device does not own it.
   explicit CudaDevice(cudaStream_t stream = nullptr, Fp32Math math = Fp32Math::exact)
       : context_(std::make_shared<Context>(stream, math)) {}
+  // A handle: copies share the context (stream, handles, workspaces). No move operations, so a move
+  // copies too and leaves its source usable (a moved-from backend or layer keeps a device rather than
+  // a null context).
+  CudaDevice(const CudaDevice&) = default;
+  CudaDevice& operator=(const CudaDevice&) = default;
 
   cudaStream_t stream() const { return context_->main.stream; }
   Fp32Math fp32_math() const { return context_->math; }

@@ -392,6 +392,10 @@ struct EmulatedDevice {
 
   EmulatedDevice() = default;
   explicit EmulatedDevice(LaunchOrder order) { state_->order = order; }
+  // A handle: copies share the state. No move operations, so a move copies too and leaves its
+  // source usable (a moved-from backend or layer keeps a device rather than a null state).
+  EmulatedDevice(const EmulatedDevice&) = default;
+  EmulatedDevice& operator=(const EmulatedDevice&) = default;
   LaunchOrder launch_order() const { return state_->order; }
   DgeluWeights dgelu_weights() const { return state_->dgelu_weights; }
   void set_dgelu_weights(DgeluWeights weights) const { state_->dgelu_weights = weights; }
