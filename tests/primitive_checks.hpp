@@ -48,9 +48,12 @@ void check_primitive_shapes(const B& backend) {
   typename B::Plan plan;
   typename B::template Vector<S> weights, short_weights;
   backend.route(in(logits), config, plan, weights);
+  M rows = matrix(12, 8, 5), few_rows = matrix(3, 8, 6), x = matrix(6, 8, 7), y = matrix(6, 8, 8);
+  // Before the host has the plan's offsets (a GPU backend's copy in flight): room for every slot.
+  refused([&] { backend.combine(in(few_rows), plan, weights, view(y)); },
+          "combine: expert_rows is [3, 8], the plan's expert rows need [12, 8]");
   REQUIRE(B::expert_offsets(plan).back() == 12);  // on the host: the checks of R run
   B::resize(short_weights, 11);
-  M rows = matrix(12, 8, 5), few_rows = matrix(3, 8, 6), x = matrix(6, 8, 7), y = matrix(6, 8, 8);
   M x5 = matrix(5, 8, 9), d_rows = matrix(12, 8, 10), dlogits = matrix(6, 4, 11), logits5 = matrix(5, 4, 12);
   typename B::template Vector<S> dweights;
   backend.gather_rows(in(x), plan, view(rows));  // the right shapes pass
@@ -73,6 +76,10 @@ void check_primitive_shapes(const B& backend) {
           "route_backward: logits is [5, 4], expected [6, 4] (the plan's [T, N])");
   refused([&] { backend.route_backward(in(logits), plan, config, dweights, no_mask, view(narrow)); },
           "route_backward: dlogits is [4, 4], logits is [6, 4]");
+  moe::LayerConfig other_k = config;
+  other_k.top_k = 3;
+  refused([&] { backend.route_backward(in(logits), plan, other_k, dweights, no_mask, view(dlogits)); },
+          "route_backward: the config has N = 4, k = 3, the plan N = 4, k = 2");
   refused([&] { backend.route_backward(in(logits), plan, config, short_weights, no_mask, view(dlogits)); },
           "route_backward: dweights has 11 entries, the plan has 12 slots");
   backend.route_backward(in(logits), plan, config, dweights, no_mask, view(dlogits));

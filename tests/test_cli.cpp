@@ -5,6 +5,10 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -112,4 +116,50 @@ TEST_CASE("cli: run_main runs the subcommand's handler; errors are one stderr li
       captured_stderr([&] { rc = cli::run_main(2, argv, parser, {{"train", handlers[0].second}}); });
   CHECK(message == "prog: error: subcommand 'fail' has no handler\n");
   CHECK(rc == 1);
+}
+
+TEST_CASE("cli: a failed subcommand removes the output folders it made that are still empty, and only those") {
+  namespace fs = std::filesystem;
+  char pattern[] = "/tmp/moe_cli_XXXXXX";
+  REQUIRE(mkdtemp(pattern) != nullptr);
+  const fs::path root = pattern;
+  fs::create_directories(root / "existing");
+  const auto run = [&](const std::function<void()>& body, bool fails) {
+    cli::Parser parser = make_parser();
+    const char* argv[] = {"prog", "train"};
+    int rc = -1;
+    captured_stderr([&] {
+      rc = cli::run_main(2, argv, parser, {{"train", [&](const cli::Parser&) {
+                                              body();
+                                              if (fails) throw std::runtime_error("broken");
+                                              return 0;
+                                            }}});
+    });
+    CHECK(rc == (fails ? 1 : 0));
+  };
+  // Made and left empty: removed, parents made with it too; the folder that existed stays.
+  run([&] { cli::make_output_folder(root / "existing" / "a" / "b", "prog"); }, true);
+  CHECK(fs::is_directory(root / "existing"));
+  CHECK_FALSE(fs::exists(root / "existing" / "a"));
+  // An existing --out folder is not removed, empty or not.
+  run([&] { cli::make_output_folder(root / "existing", "prog"); }, true);
+  CHECK(fs::is_directory(root / "existing"));
+  // One that holds a file stays, with the folders around it; an empty sibling made later goes,
+  // and a folder made inside one made earlier is removed before it (innermost first).
+  run(
+      [&] {
+        cli::make_output_folder(root / "outer" / "kept", "prog");
+        std::ofstream(root / "outer" / "kept" / "report.md") << "partial";
+        cli::make_output_folder(root / "outer" / "empty", "prog");
+        cli::make_output_folder(root / "nest", "prog");
+        cli::make_output_folder(root / "nest" / "inner", "prog");
+      },
+      true);
+  CHECK(fs::exists(root / "outer" / "kept" / "report.md"));
+  CHECK_FALSE(fs::exists(root / "outer" / "empty"));
+  CHECK_FALSE(fs::exists(root / "nest"));
+  // A run that succeeds keeps its folders, empty or not.
+  run([&] { cli::make_output_folder(root / "done", "prog"); }, false);
+  CHECK(fs::is_directory(root / "done"));
+  fs::remove_all(root);
 }

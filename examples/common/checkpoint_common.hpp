@@ -82,7 +82,8 @@ inline double parse_number(const std::string& file, const std::map<std::string, 
 }
 
 // Runs `validate` on training options read back from a checkpoint's metadata: a value no command
-// line could have given (an edited file) is named as the file's, not as a flag the user did not pass.
+// line could have given (an edited file) is the file's error, naming it first; the check's own
+// words, which name the option's flag, follow in parentheses.
 template <class Validate>
 void check_saved_options(const std::string& file, Validate&& validate) {
   try {

@@ -229,11 +229,11 @@ inline std::vector<std::string> concat(std::vector<std::string> a, const std::ve
   return a;
 }
 
-// The folders make_output_folder created in this run, each listed deepest first: run_main removes
-// those still empty when the subcommand fails, so a run that stops before writing anything (a model
-// too large, bad data) leaves no empty folder behind.
-inline std::vector<std::vector<std::filesystem::path>>& made_output_folders() {
-  static std::vector<std::vector<std::filesystem::path>> made;
+// The folders make_output_folder made in this run, outermost first: run_main removes those still
+// empty when the subcommand fails, so a run that stops before writing anything (a model too large,
+// bad data) leaves no empty folder behind. Only folders that did not exist are listed.
+inline std::vector<std::filesystem::path>& made_output_folders() {
+  static std::vector<std::filesystem::path> made;
   return made;
 }
 
@@ -242,25 +242,26 @@ inline std::vector<std::vector<std::filesystem::path>>& made_output_folders() {
 inline void make_output_folder(const std::filesystem::path& path, std::string_view program) {
   moe::check(!path.empty(), program, ": --out is empty");
   std::error_code error;
-  std::vector<std::filesystem::path> missing;  // what create_directories makes, deepest first
-  for (std::filesystem::path p = std::filesystem::absolute(path, error).lexically_normal();
+  std::vector<std::filesystem::path> missing;  // what create_directories will make, deepest first
+  for (std::filesystem::path p = std::filesystem::weakly_canonical(std::filesystem::absolute(path, error), error);
        !error && p.has_relative_path() && !std::filesystem::exists(p, error); p = p.parent_path())
     if (p.has_filename()) missing.push_back(p);
+  // Listed before they are made: a failure part of the way leaves those made to be removed too.
+  made_output_folders().insert(made_output_folders().end(), missing.rbegin(), missing.rend());
   std::filesystem::create_directories(path, error);
   moe::check(!error && std::filesystem::is_directory(path), program, ": cannot make the output folder '",
              path.string(), "'", error ? ": " + error.message() : std::string());
-  if (!missing.empty()) made_output_folders().push_back(std::move(missing));
 }
 
-// Removes the folders make_output_folder made that are still empty (a folder holding anything stays,
-// and so do the folders above it).
+// Removes the folders make_output_folder made that are empty, innermost first (one holding anything
+// stays, and so do the folders around it; one already gone is skipped).
 inline void remove_empty_output_folders() {
-  for (const auto& chain : made_output_folders()) {
+  auto& made = made_output_folders();
+  for (auto folder = made.rbegin(); folder != made.rend(); ++folder) {
     std::error_code error;
-    for (const std::filesystem::path& folder : chain)
-      if (!std::filesystem::remove(folder, error) || error) break;  // not empty (or gone): keep the rest
+    std::filesystem::remove(*folder, error);  // fails, leaving it, unless it is an empty folder
   }
-  made_output_folders().clear();
+  made.clear();
 }
 
 // Refuses a list that names an item twice ("<who>: --<flag> lists 'x' twice"): a comparison would
@@ -297,7 +298,11 @@ inline int run_main(int argc, const char* const* argv, Parser& parser,
       return 0;
     }
     for (const auto& [name, handler] : handlers)
-      if (name == parser.subcommand()) return handler(parser);
+      if (name == parser.subcommand()) {
+        const int status = handler(parser);
+        made_output_folders().clear();  // a finished run keeps its folders, empty or not
+        return status;
+      }
     moe::fail(parser.program(), ": subcommand '", parser.subcommand(), "' has no handler");
   } catch (const std::bad_alloc&) {
     remove_empty_output_folders();

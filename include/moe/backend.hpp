@@ -1,5 +1,8 @@
 // moe/backend.hpp: the Backend concept, the primitives the generic MoELayer, its gates and its
 // experts are written against. moe::cpu::BasicBackend (Eigen) is the reference implementation.
+// The primitives check their operands' shapes (moe/backend_checks.hpp). Optional: a static
+// B::check_layer_config(const LayerConfig&), which MoELayer's constructor calls to refuse a config
+// past the backend's limits before any weight is allocated (the CUDA backend's N and k).
 #pragma once
 
 #include <concepts>

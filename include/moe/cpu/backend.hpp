@@ -48,12 +48,12 @@ class BasicBackend {
   static void resize(Vector<T>& v, Index size) { v.resize(std::size_t(size)); }
 
   void copy(ConstMatrixView<S> src, MatrixView<S> dst) const {
-    backend_checks::same_shape("copy", "src", src, "dst", dst);
+    check_same_shape("copy", "dst", dst, "src", src);
     for_rows(src.rows, src.cols, [&](Index r) { std::copy(src.row(r), src.row(r) + src.cols, dst.row(r)); });
   }
   // dst += src
   void add(ConstMatrixView<S> src, MatrixView<S> dst) const {
-    backend_checks::same_shape("add", "src", src, "dst", dst);
+    check_same_shape("add", "dst", dst, "src", src);
     for_rows(src.rows, src.cols, [&](Index r) {
       const S* s = src.row(r);
       S* d = dst.row(r);
@@ -211,7 +211,7 @@ class BasicBackend {
   // ---- activations (row by row, so the vector/scalar split never depends on threads) -------
   // in: [R, F] -> out: [R, F]; out may alias in
   void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
-    backend_checks::same_shape("gelu_forward", "in", in, "out", out);
+    check_same_shape("gelu_forward", "out", out, "in", in);
     for_rows(in.rows, in.cols, [&](Index r) {
       const auto x = array_map(in.row(r), in.cols);
       const auto inner = S(activation::kGeluScale) * (x + S(activation::kGeluCubic) * x.cube());
@@ -220,8 +220,8 @@ class BasicBackend {
   }
   // din = dout * gelu'(in); din may alias dout
   void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
-    backend_checks::same_shape("gelu_backward", "in", in, "dout", dout);
-    backend_checks::same_shape("gelu_backward", "in", in, "din", din);
+    check_same_shape("gelu_backward", "dout", dout, "in", in);
+    check_same_shape("gelu_backward", "din", din, "in", in);
     for_row_segments(in.rows, in.cols, [&](Index r, Index c, Index n) {
       const auto x = array_map(in.row(r) + c, n);
       const auto x2 = x.square();
@@ -246,7 +246,7 @@ class BasicBackend {
   void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
     const Index F = dout.cols;
     backend_checks::shape_is("swiglu_backward", "gate_up", gate_up, dout.rows, 2 * F, "gate | up for dout's rows");
-    backend_checks::same_shape("swiglu_backward", "gate_up", gate_up, "dgate_up", dgate_up);
+    check_same_shape("swiglu_backward", "dgate_up", dgate_up, "gate_up", gate_up);
     for_row_segments(gate_up.rows, F, [&](Index r, Index c, Index n) {
       const Segment g = array_map(gate_up.row(r) + c, n);  // copies: dgate_up may alias gate_up
       const Segment u = array_map(gate_up.row(r) + F + c, n);
@@ -327,8 +327,9 @@ class BasicBackend {
   // dlogits = d(routing weights)/d(logits)^T dweights + gradient of the auxiliary losses.
   void route_backward(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
                       const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
+    backend_checks::plan_matches("route_backward", plan.experts, plan.top_k, config);
     backend_checks::shape_is("route_backward", "logits", logits, plan.tokens, plan.experts, "the plan's [T, N]");
-    backend_checks::same_shape("route_backward", "logits", logits, "dlogits", dlogits);
+    check_same_shape("route_backward", "dlogits", dlogits, "logits", logits);
     backend_checks::one_per_slot("route_backward", "dweights", Index(dweights.size()), plan.slots());
     fill(dlogits, S(0));
     parallel_chunks(threads_, logits.rows, kTokenChunk, [&](Index begin, Index end) {

@@ -615,7 +615,7 @@ class BasicBackend {
 
   // copy, add and fill move 16-byte packs where the rows allow (moe/cuda/pack.hpp), single elements otherwise.
   void copy(ConstMatrixView<S> src, MatrixView<S> dst) const {
-    backend_checks::same_shape("copy", "src", src, "dst", dst);
+    check_same_shape("copy", "dst", dst, "src", src);
     if (packable<S>(src.cols, src, dst)) {
       detail::for_each_2d(device_, src.rows, src.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         store_pack(&dst(r, q * kPack), load_pack(&src(r, q * kPack)));
@@ -626,7 +626,7 @@ class BasicBackend {
   }
   // dst += src
   void add(ConstMatrixView<S> src, MatrixView<S> dst) const {
-    backend_checks::same_shape("add", "src", src, "dst", dst);
+    check_same_shape("add", "dst", dst, "src", src);
     if (packable<S>(src.cols, src, dst)) {
       detail::for_each_2d(device_, src.rows, src.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         const Pack<S> a = load_pack(&src(r, q * kPack));
@@ -849,7 +849,7 @@ class BasicBackend {
   // otherwise: the same arithmetic per element.
   // in: [R, F] -> out: [R, F]; out may alias in
   void gelu_forward(ConstMatrixView<S> in, MatrixView<S> out) const {
-    backend_checks::same_shape("gelu_forward", "in", in, "out", out);
+    check_same_shape("gelu_forward", "out", out, "in", in);
     if (packable<S>(in.cols, in, out)) {
       detail::for_each_2d(device_, in.rows, in.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         Pack<S> v = load_pack(&in(r, q * kPack));
@@ -863,8 +863,8 @@ class BasicBackend {
   }
   // din = dout * gelu'(in); din may alias dout
   void gelu_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, MatrixView<S> din) const {
-    backend_checks::same_shape("gelu_backward", "in", in, "dout", dout);
-    backend_checks::same_shape("gelu_backward", "in", in, "din", din);
+    check_same_shape("gelu_backward", "dout", dout, "in", in);
+    check_same_shape("gelu_backward", "din", din, "in", in);
     if (packable<S>(in.cols, in, dout, din)) {
       detail::for_each_2d(device_, in.rows, in.cols / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         const Pack<S> x = load_pack(&in(r, q * kPack));
@@ -900,7 +900,7 @@ class BasicBackend {
   void swiglu_backward(ConstMatrixView<S> gate_up, ConstMatrixView<S> dout, MatrixView<S> dgate_up) const {
     const Index F = dout.cols;
     backend_checks::shape_is("swiglu_backward", "gate_up", gate_up, dout.rows, 2 * F, "gate | up for dout's rows");
-    backend_checks::same_shape("swiglu_backward", "gate_up", gate_up, "dgate_up", dgate_up);
+    check_same_shape("swiglu_backward", "dgate_up", dgate_up, "gate_up", gate_up);
     if (packable<S>(F, gate_up, dout, dgate_up)) {
       detail::for_each_2d(device_, dout.rows, F / kPack, [=] MOE_HOST_DEVICE(Index r, Index q) {
         const Index c = q * kPack;
@@ -998,9 +998,8 @@ class BasicBackend {
     const Index k = plan.top_k, H = dy.cols, slots = plan.slots_count(), R = plan.rows();
     backend_checks::shape_is("combine_backward", "dy", dy, plan.tokens, H, "the plan's tokens");
     backend_checks::holds_rows("combine_backward", "expert_rows", expert_rows, R, H);
+    backend_checks::holds_rows("combine_backward", "d_rows", d_rows, R, H);
     backend_checks::one_per_slot("combine_backward", "weights", weights.size(), slots);
-    check(d_rows.rows == R && d_rows.cols == H, "combine_backward: d_rows is [", d_rows.rows, ", ", d_rows.cols,
-          "], the plan's rows are [", R, ", ", H, "]");
     const std::int32_t* row = plan.row.data();
     const std::int32_t* slot_of_row = plan.slot_of_row.data();
     const S* w = weights.data();
@@ -1040,8 +1039,9 @@ class BasicBackend {
   void route_backward(ConstMatrixView<S> logits, const Plan& plan, const LayerConfig& config,
                       const Vector<S>& dweights, std::span<const std::uint8_t> mask, MatrixView<S> dlogits) const {
     const Index N = logits.cols, k = config.top_k;
+    backend_checks::plan_matches("route_backward", plan.experts, plan.top_k, config);
     backend_checks::shape_is("route_backward", "logits", logits, plan.tokens, plan.experts, "the plan's [T, N]");
-    backend_checks::same_shape("route_backward", "logits", logits, "dlogits", dlogits);
+    check_same_shape("route_backward", "dlogits", dlogits, "logits", logits);
     backend_checks::one_per_slot("route_backward", "dweights", dweights.size(), plan.slots_count());
     const RoutingWeights mode = config.weights;
     const std::int32_t* expert = plan.expert.data();
@@ -1176,17 +1176,6 @@ class BasicBackend {
     });
   }
 
-  static void check_routing_limits(Index N, Index k) {
-    check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
-    check(k <= kMaxTopK, "the CUDA backend selects at most ", kMaxTopK, " experts per token, got top_k = ", k);
-  }
-  // gather_sum's operands: out [T, H] from rows [>= R, H] (R checked where the host has it: asking
-  // for it would wait for the offsets' copy).
-  static void check_gather_sum(const char* primitive, const char* rows_name, ConstMatrixView<S> rows, const Plan& plan,
-                               const char* out_name, MatrixView<S> out) {
-    backend_checks::shape_is(primitive, out_name, out, plan.tokens, rows.cols, "the plan's tokens");
-    backend_checks::holds_rows(primitive, rows_name, rows, plan.offsets_on_host() ? plan.rows() : 0, rows.cols);
-  }
   // out[t] = sum_j w[t,j] * rows[row(t,j)] in ascending j (w = 1 when weights is null): each
   // output element is one thread's fixed-order sum, so there is no racy scatter.
   void gather_sum(ConstMatrixView<S> rows, const Plan& plan, const S* weights, MatrixView<S> out) const {
@@ -1254,6 +1243,18 @@ class BasicBackend {
   }
 
  private:
+  static void check_routing_limits(Index N, Index k) {
+    check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
+    check(k <= kMaxTopK, "the CUDA backend selects at most ", kMaxTopK, " experts per token, got top_k = ", k);
+  }
+  // gather_sum's operands: out [T, H] from rows [>= R, H]. Until the host has the offsets (reading R
+  // would wait for their copy), room for every slot's row, as gather_rows asks.
+  static void check_gather_sum(const char* primitive, const char* rows_name, ConstMatrixView<S> rows, const Plan& plan,
+                               const char* out_name, MatrixView<S> out) {
+    backend_checks::shape_is(primitive, out_name, out, plan.tokens, rows.cols, "the plan's tokens");
+    backend_checks::holds_rows(primitive, rows_name, rows, plan.offsets_on_host() ? plan.rows() : plan.slots_count(),
+                               rows.cols);
+  }
   // The grouped product of routed_*: the plan's device offsets and, for gathered input, its
   // slot_of_row over top_k (a row's slot -> its token). swiglu: each expert has 2 O weight rows.
   GroupedGemm<S> routed_gemm(ConstMatrixView<S> in, const Plan& plan, bool gathered, ConstMatrixView<S> weight,

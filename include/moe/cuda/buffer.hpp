@@ -38,7 +38,7 @@ class DeviceArray {
   void resize(Index size) {
     check(size >= 0, "device array size must be >= 0, got ", size);
     check(std::size_t(size) <= std::numeric_limits<std::size_t>::max() / 2 / sizeof(T), "device array of ", size,
-          " elements of ", sizeof(T), " bytes: the byte count overflows");
+          " elements of ", sizeof(T), " bytes: past any byte count an allocation can have");
     if (size > capacity_) {
       release();
       data_ = static_cast<T*>(D::allocate(std::size_t(size) * sizeof(T)));

@@ -302,13 +302,9 @@ __global__ void probe_wgmma_kernel(int* built_for_wgmma) {
 #endif
 }
 
-}  // namespace hopper_detail
-
-// Whether this program's device code was built for sm_90a (and so holds the wgmma kernel) and
-// the device runs it; `device` is the current one (the probe launches there). Asked once per
-// device (a launch and a sync). A failing runtime call throws CudaError and is asked again next
-// time (PerDevice keeps only answers).
-inline bool grouped_gemm_available_on(int device) {
+// grouped_gemm_available() for `device`, which must be the current one (the probe launches there
+// and its answer is kept under that id): the grouped launch, which has asked for it already.
+inline bool available_on_current(int device) {
   static PerDevice<bool>& available = *new PerDevice<bool>;  // never destroyed
   return available.get(device, [device] {
     int major = 0, minor = 0;
@@ -346,11 +342,15 @@ inline bool grouped_gemm_available_on(int device) {
     }
   });
 }
-// The same for the current device.
+}  // namespace hopper_detail
+
+// Whether this program's device code was built for sm_90a (and so holds the wgmma kernel) and
+// the current device runs it. Asked once per device (a launch and a sync). A failing runtime call
+// throws CudaError and is asked again next time (PerDevice keeps only answers).
 inline bool grouped_gemm_available() {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM probe)");
-  return grouped_gemm_available_on(device);
+  return hopper_detail::available_on_current(device);
 }
 
 // The grouped product (moe/cuda/grouped_gemm.hpp) on `stream`: one launch, no sync (CudaDevice::
@@ -362,7 +362,7 @@ void grouped_gemm(cudaStream_t stream, const GroupedGemm<bfloat16>& p) {
   check_grouped_gemm(p, BN);
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice (grouped GEMM)");
-  check(grouped_gemm_available_on(device),
+  check(hopper_detail::available_on_current(device),
         "grouped_gemm: needs an sm_90 GPU and device code built for sm_90a (CMAKE_CUDA_ARCHITECTURES 90a)");
   if (p.max_rows == 0) return;
   constexpr std::size_t bytes = hopper_detail::kSharedBytes<BN, Stages>;

@@ -107,7 +107,9 @@ void check_adamw_distinct(const std::vector<ParamRef<S>>& params) {
   for (std::size_t i = 0; i < params.size(); ++i)
     if (optimizer_updates(params[i]) && !params[i].value.empty()) updated.push_back(i);
   const auto begin = [&](std::size_t i) { return params[i].value.data(); };
-  std::sort(updated.begin(), updated.end(), [&](std::size_t a, std::size_t b) { return std::less<>()(begin(a), begin(b)); });
+  std::sort(updated.begin(), updated.end(), [&](std::size_t a, std::size_t b) {  // by address, then list order
+    return begin(a) == begin(b) ? a < b : std::less<>()(begin(a), begin(b));
+  });
   for (std::size_t j = 1; j < updated.size(); ++j) {
     const ParamRef<S>& a = params[updated[j - 1]];
     check(!std::less<>()(begin(updated[j]), a.value.data() + a.value.size()), "AdamW: parameters ", updated[j - 1], " '",
@@ -159,10 +161,15 @@ void check_adamw_list(const std::vector<ParamRef<S>>& params, const std::vector<
 
 // Embedding shapes and token ids, checked on the host before any parallel or device work (an
 // exception must not leave an OpenMP region; ids must never index the device out of range).
+// B * T (a batch's rows) fits Index, for B, T >= 0: checked before it is computed.
+inline void check_batch_rows(const char* where, Index B, Index T) {
+  check(T == 0 || B <= std::numeric_limits<Index>::max() / T, where, ": B * T overflows (B = ", B, ", T = ", T, ")");
+}
+
 inline void check_embedding(const char* where, std::span<const std::int32_t> tokens, Index B, Index T, Index V,
                             Index max_T, Index C, Index rows, Index cols) {
   check(B >= 0 && T >= 0, where, ": B = ", B, " and T = ", T, " must be >= 0");
-  check(T == 0 || B <= std::numeric_limits<Index>::max() / T, where, ": B * T overflows (B = ", B, ", T = ", T, ")");
+  check_batch_rows(where, B, T);
   check(Index(tokens.size()) == B * T, where, ": tokens has ", tokens.size(), " ids, expected B * T = ", B, " * ",
         T, " = ", B * T);
   check(T <= max_T, where, ": sequence length T = ", T, " exceeds the ", max_T, " positions of wpe");
@@ -295,7 +302,7 @@ AttentionShape check_attention(const char* where, ConstMatrixView<S> qkv, Index 
                                Index out_rows, Index out_cols, const char* out_name, const S* att) {
   check(B >= 1 && T >= 1, where, ": batch B = ", B, " and sequence length T = ", T, " must be positive");
   check(heads >= 1, where, ": heads must be positive, got ", heads);
-  check(B <= std::numeric_limits<Index>::max() / T, where, ": B * T overflows (B = ", B, ", T = ", T, ")");
+  check_batch_rows(where, B, T);
   check_view(where, "qkv", qkv);
   check(qkv.rows == B * T, where, ": qkv has ", qkv.rows, " rows, expected B*T = ", B, "*", T, " = ", B * T);
   check(qkv.cols % 3 == 0 && qkv.cols > 0, where, ": qkv has ", qkv.cols,
