@@ -159,9 +159,9 @@ class MoELayer {
   void forward_impl(ConstMatrixView<Scalar> x, const ConstMatrixView<Scalar>* router_input, MatrixView<Scalar> y,
                     const ForwardOptions& options) {
     const Index T = x.rows, H = config_.hidden;
-    check_view("MoELayer forward", "input", x);
-    check_view("MoELayer forward", "output", y);
-    if (router_input) check_view("MoELayer forward", "router input", *router_input);
+    check_operand("MoELayer forward", "input", x);
+    check_operand("MoELayer forward", "output", y);
+    if (router_input) check_operand("MoELayer forward", "router input", *router_input);
     check(x.cols == H, "input has ", x.cols, " columns, the layer's hidden size is ", H);
     check(y.rows == T && y.cols == H, "output is [", y.rows, ", ", y.cols, "], expected [", T, ", ", H, "]");
     // With input_kept the backward reads the caller's input, which an output over it would have replaced.
@@ -232,9 +232,9 @@ class MoELayer {
   void backward_impl(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, MatrixView<Scalar> d_gate_input) {
     check(last_.forwarded, "backward needs a forward first (one with ForwardOptions::for_backward, the default; and "
                            "runs once per forward; a copy of a layer keeps no forward)");
-    check_view("MoELayer backward", "output gradient", dy);
-    check_view("MoELayer backward", "input gradient", dx);
-    if (routed_separately_) check_view("MoELayer backward", "router input gradient", d_gate_input);
+    check_operand("MoELayer backward", "output gradient", dy);
+    check_operand("MoELayer backward", "input gradient", dx);
+    if (routed_separately_) check_operand("MoELayer backward", "router input gradient", d_gate_input);
     // With input_kept the gate's backward reads the caller's (router) input after dx is written.
     if (input_kept_) {
       check(!overlaps(dx, gate_input()), "MoELayer backward: input_kept, but the input gradient overlaps the ",
@@ -355,6 +355,14 @@ class MoELayer {
 
   // The config's own rules, then the backend's limits where it has some (the CUDA backend's N and
   // k): at construction, before any weight is allocated, not at the first forward.
+  // A caller's matrix: a view of memory (check_view), and where the backend can tell (the CUDA
+  // backend), memory its kernels read.
+  template <class T>
+  void check_operand(const char* where, const char* name, MatrixView<T> v) const {
+    check_view(where, name, v);
+    if constexpr (requires { backend_.check_operand(where, name, v); }) backend_.check_operand(where, name, v);
+  }
+
   static LayerConfig validated(const LayerConfig& config) {
     validate(config);
     if constexpr (requires { B::check_layer_config(config); }) B::check_layer_config(config);

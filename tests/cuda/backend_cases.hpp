@@ -1010,6 +1010,40 @@ TEST_CASE(CUDA_TEST_NAME("bad input: the element-wise and routing primitives ref
   check_primitive_shapes(moe::cuda::BasicBackend<moe::bfloat16, TestDevice>(make_device()));
 }
 
+// The caller's matrices in host memory: named by the layer, not read by a kernel (on a GPU, an illegal
+// address the next sync reports). A GPU that reads pageable memory (HMM, ATS) takes them instead.
+TEST_CASE(CUDA_TEST_NAME("bad input: a host matrix given to the layer is named, not read")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<float, TestDevice>;
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, B> layer(small_config(), 1, {}, {}, B(make_device()));
+  const Index T = 5, H = 32;
+  std::vector<float> host_x(std::size_t(T * H), 0.5f), host_out(std::size_t(T * H));
+  const auto x = to_device<float>(layer.backend(), host_x, T, H);
+  typename B::Matrix y(T, H), dx(T, H);
+  const auto error_of = [](auto&& call) {
+    try {
+      call();
+    } catch (const moe::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  const auto named = [&](const std::string& error, const char* operand) {
+    if constexpr (kEmulatedDevice)
+      CHECK_MESSAGE(error.find(std::string(operand) + " (") != std::string::npos, error);
+    else
+      CHECK_MESSAGE((error.empty() || error.find(std::string(operand) + " is pageable host memory") != std::string::npos),
+                    error);
+  };
+  named(error_of([&] { layer.forward_into(moe::ConstMatrixView<float>(host_x.data(), T, H), y); }),
+        "MoELayer forward: input");
+  named(error_of([&] { layer.forward_into(x, moe::MatrixView<float>(host_out.data(), T, H)); }),
+        "MoELayer forward: output");
+  layer.forward_into(x, y);
+  named(error_of([&] { layer.backward_into(moe::ConstMatrixView<float>(host_x.data(), T, H), dx); }),
+        "MoELayer backward: output gradient");
+}
+
 TEST_CASE(CUDA_TEST_NAME("bad input: limits of the per-token selection and host copies are named")) {
   CUDA_TEST_SKIP_WITHOUT_DEVICE();
   using B = moe::cuda::BasicBackend<float, TestDevice>;

@@ -608,6 +608,14 @@ class BasicBackend {
   // is allocated; route() checks them again for its own callers.
   static void check_layer_config(const LayerConfig& config) { check_routing_limits(config.experts, config.top_k); }
 
+  // The layer's operands (MoELayer asks where a backend has this): memory the kernels can read, a
+  // host pointer named rather than faulted on (D::check_device_memory; no sync).
+  template <class T>
+  void check_operand(const char* where, const char* name, MatrixView<T> v) const {
+    if (v.rows > 0 && v.cols > 0)
+      device_.check_device_memory(v.data, std::size_t((v.rows - 1) * v.stride + v.cols) * sizeof(T), where, name);
+  }
+
   // ---- storage -------------------------------------------------------------------------
   static void resize(Matrix& m, Index rows, Index cols) { m.resize(rows, cols); }
   template <class T>

@@ -467,6 +467,21 @@ class CudaDevice {
   CudaDevice& operator=(const CudaDevice&) = default;
 
   cudaStream_t stream() const { return context_->main.stream; }
+
+  // A pointer the kernels can read: device, managed or page-locked memory, or any host memory where
+  // the GPU reads pageable memory. Pageable host memory elsewhere is named here instead of faulting
+  // in a kernel (an illegal address that the next sync reports, far from its cause). One driver
+  // query (no sync); a query that fails decides nothing (the kernels will tell).
+  void check_device_memory(const void* p, std::size_t bytes, const char* where, const char* name) const {
+    if (bytes == 0 || context_->pageable_access) return;
+    cudaPointerAttributes attributes{};
+    if (cudaPointerGetAttributes(&attributes, p) != cudaSuccess) {
+      cudaGetLastError();  // this query's error only: launches check theirs as they go
+      return;
+    }
+    check(attributes.type != cudaMemoryTypeUnregistered, where, ": ", name, " is pageable host memory (",
+          bytes, " bytes at ", p, "); the CUDA backend's kernels read device memory");
+  }
   Fp32Math fp32_math() const { return context_->math; }
 
   // The GPU's name and SM count, for logs ("NVIDIA H100 80GB HBM3, 132 SMs, TF32").
@@ -980,6 +995,7 @@ class CudaDevice {
     cublasLtHandle_t lt = nullptr;
     static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // NVIDIA's advice for Hopper
     int sms = 1;
+    int pageable_access = 0;  // the GPU reads pageable host memory (HMM, ATS): host pointers are operands too
     void* temp = nullptr;
     std::size_t temp_bytes = 0;
     void* scratch_data = nullptr;
@@ -994,6 +1010,8 @@ class CudaDevice {
       int device = 0;
       check_cuda(cudaGetDevice(&device), "cudaGetDevice");
       check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+      check_cuda(cudaDeviceGetAttribute(&pageable_access, cudaDevAttrPageableMemoryAccess, device),
+                 "cudaDeviceGetAttribute");
       main.stream = stream;
       try {  // a constructor that throws runs no destructor: undo what was made
         check_cublas(cublasCreate(&main.handle), "cublasCreate");

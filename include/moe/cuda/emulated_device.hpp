@@ -332,9 +332,10 @@ class Allocations {
   const MemoryLedger& ledger() const { return ledger_; }
   MemoryLedger& ledger() { return ledger_; }
   // Throws moe::Error unless [p, p + bytes) lies inside one live allocation (nothing to check for 0 bytes).
-  void check_inside(const void* p, std::size_t bytes, const char* what) const {
-    check(ledger_.inside(p, bytes), "emulated device: ", what, " (", bytes, " bytes) is not inside one device ",
-          "allocation: a host pointer, a freed buffer, or an extent past the end");
+  void check_inside(const void* p, std::size_t bytes, const char* what) const { check_inside(p, bytes, what, ""); }
+  void check_inside(const void* p, std::size_t bytes, const char* where, const char* name) const {
+    check(ledger_.inside(p, bytes), "emulated device: ", where, *name ? ": " : "", name, " (", bytes,
+          " bytes) is not inside one device allocation: a host pointer, a freed buffer, or an extent past the end");
   }
 
  private:
@@ -402,6 +403,10 @@ struct EmulatedDevice {
   ExpertGemm expert_gemm() const { return state_->expert_gemm; }
   void set_expert_gemm(ExpertGemm gemm) const { state_->expert_gemm = gemm; }
   std::string description() const { return "emulated CUDA device (host loops)"; }
+  // Inside one live allocation, as a GPU kernel would need (a host pointer faults there).
+  void check_device_memory(const void* p, std::size_t bytes, const char* where, const char* name) const {
+    emulated_detail::Allocations::instance().check_inside(p, bytes, where, name);
+  }
 
   static void* allocate(std::size_t bytes) {
     const std::size_t size = bytes == 0 ? 1 : bytes;
