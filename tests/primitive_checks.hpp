@@ -52,6 +52,8 @@ void check_primitive_shapes(const B& backend) {
   // Before the host has the plan's offsets (a GPU backend's copy in flight): room for every slot.
   refused([&] { backend.combine(in(few_rows), plan, weights, view(y)); },
           "combine: expert_rows is [3, 8], the plan's expert rows need [12, 8]");
+  if constexpr (requires { plan.offsets_on_host(); })  // a GPU backend, the copy in flight: it says so
+    refused([&] { backend.combine(in(few_rows), plan, weights, view(y)); }, "(T*k rows until the host has the offsets)");
   REQUIRE(B::expert_offsets(plan).back() == 12);  // on the host: the checks of R run
   B::resize(short_weights, 11);
   M x5 = matrix(5, 8, 9), d_rows = matrix(12, 8, 10), dlogits = matrix(6, 4, 11), logits5 = matrix(5, 4, 12);

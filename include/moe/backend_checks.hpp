@@ -17,11 +17,11 @@ void shape_is(const char* primitive, const char* name, const V& v, Index rows, I
         ", ", cols, "] (", what, ")");
 }
 
-// v holds at least the plan's `rows` expert rows, `cols` wide.
+// v holds at least the plan's `rows` expert rows, `cols` wide; `note` (if any) says why that many.
 template <class V>
-void holds_rows(const char* primitive, const char* name, const V& v, Index rows, Index cols) {
+void holds_rows(const char* primitive, const char* name, const V& v, Index rows, Index cols, const char* note = "") {
   check(v.rows >= rows && v.cols == cols, primitive, ": ", name, " is [", v.rows, ", ", v.cols,
-        "], the plan's expert rows need [", rows, ", ", cols, "]");
+        "], the plan's expert rows need [", rows, ", ", cols, "]", note);
 }
 
 // The config a routing primitive is given routes as the plan did (its k and N index the plan).

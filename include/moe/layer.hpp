@@ -353,8 +353,6 @@ class MoELayer {
     return false;
   }
 
-  // The config's own rules, then the backend's limits where it has some (the CUDA backend's N and
-  // k): at construction, before any weight is allocated, not at the first forward.
   // A caller's matrix: a view of memory (check_view), and where the backend can tell (the CUDA
   // backend), memory its kernels read.
   template <class T>
@@ -363,6 +361,8 @@ class MoELayer {
     if constexpr (requires { backend_.check_operand(where, name, v); }) backend_.check_operand(where, name, v);
   }
 
+  // The config's own rules, then the backend's limits where it has some (the CUDA backend's N and
+  // k): at construction, before any weight is allocated, not at the first forward.
   static LayerConfig validated(const LayerConfig& config) {
     validate(config);
     if constexpr (requires { B::check_layer_config(config); }) B::check_layer_config(config);

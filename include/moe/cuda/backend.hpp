@@ -1260,8 +1260,9 @@ class BasicBackend {
   static void check_gather_sum(const char* primitive, const char* rows_name, ConstMatrixView<S> rows, const Plan& plan,
                                const char* out_name, MatrixView<S> out) {
     backend_checks::shape_is(primitive, out_name, out, plan.tokens, rows.cols, "the plan's tokens");
-    backend_checks::holds_rows(primitive, rows_name, rows, plan.offsets_on_host() ? plan.rows() : plan.slots_count(),
-                               rows.cols);
+    const bool known = plan.offsets_on_host();
+    backend_checks::holds_rows(primitive, rows_name, rows, known ? plan.rows() : plan.slots_count(), rows.cols,
+                               known ? "" : " (T*k rows until the host has the offsets)");
   }
   // The grouped product of routed_*: the plan's device offsets and, for gathered input, its
   // slot_of_row over top_k (a row's slot -> its token). swiglu: each expert has 2 O weight rows.

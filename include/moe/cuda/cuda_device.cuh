@@ -469,9 +469,10 @@ class CudaDevice {
   cudaStream_t stream() const { return context_->main.stream; }
 
   // A pointer the kernels can read: device, managed or page-locked memory, or any host memory where
-  // the GPU reads pageable memory. Pageable host memory elsewhere is named here instead of faulting
-  // in a kernel (an illegal address that the next sync reports, far from its cause). One driver
-  // query (no sync); a query that fails decides nothing (the kernels will tell).
+  // the GPU reads pageable memory. Pageable host memory elsewhere, and memory this GPU has no address
+  // for (another GPU's without peer access), are named here instead of faulting in a kernel (an
+  // illegal address that the next sync reports, far from its cause). The pointer's kind, not the
+  // extent: one driver query (no sync); a query that fails decides nothing (the kernels will tell).
   void check_device_memory(const void* p, std::size_t bytes, const char* where, const char* name) const {
     if (bytes == 0 || context_->pageable_access) return;
     cudaPointerAttributes attributes{};
@@ -481,6 +482,8 @@ class CudaDevice {
     }
     check(attributes.type != cudaMemoryTypeUnregistered, where, ": ", name, " is pageable host memory (",
           bytes, " bytes at ", p, "); the CUDA backend's kernels read device memory");
+    check(attributes.devicePointer != nullptr, where, ": ", name, " (", bytes, " bytes at ", p,
+          ") is memory this GPU cannot address (another GPU's, without peer access?)");
   }
   Fp32Math fp32_math() const { return context_->math; }
 

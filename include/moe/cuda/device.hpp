@@ -40,9 +40,12 @@
 //   d.expert_gemm() / d.set_expert_gemm(e)     how an inference forward runs the experts' products
 //                                              (ExpertGemm, below); a setting as dgelu_weights
 //   d.check_device_memory(p, bytes, where, name)
-//                                              throws moe::Error naming `where: name` unless the
-//                                              kernels can read [p, p + bytes): the layer's operands
-//                                              are checked so, a host pointer named, not faulted on
+//                                              throws moe::Error naming `where: name` where the
+//                                              kernels could not read [p, p + bytes) (the emulated
+//                                              device: the extent against its live allocations;
+//                                              CudaDevice: the pointer's kind of memory): the layer's
+//                                              operands are checked so, a host pointer named, not
+//                                              faulted on
 //
 // Two devices implement it: moe::cuda::CudaDevice (moe/cuda/cuda_device.cuh: kernels, CUB,
 // cuBLAS) and moe::cuda::EmulatedDevice (moe/cuda/emulated_device.hpp: host memory and plain
