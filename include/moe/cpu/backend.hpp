@@ -279,8 +279,7 @@ class BasicBackend {
   void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
     const Index R = plan.rows();
     backend_checks::shape_is("gather_rows", "x", x, plan.tokens, x.cols, "the plan's tokens");
-    check(rows.rows >= R && rows.cols == x.cols, "gather_rows: rows is [", rows.rows, ", ", rows.cols,
-          "], the plan needs [", R, ", ", x.cols, "]");
+    backend_checks::holds_rows("gather_rows", "rows", rows, R, x.cols);
     for_rows(R, rows.cols, [&](Index r) {
       const Index t = plan.slot_of_row[r] / plan.top_k;
       std::copy(x.row(t), x.row(t) + x.cols, rows.row(r));

@@ -975,10 +975,8 @@ class BasicBackend {
   // x: [T, H] -> rows: [>= R, H], rows past R untouched. R is read on the device, so the gather
   // queues before the host has the offsets; rows then needs every slot's row (T*k).
   void gather_rows(ConstMatrixView<S> x, const Plan& plan, MatrixView<S> rows) const {
-    const Index needed = plan.offsets_on_host() ? plan.rows() : plan.slots_count();
     backend_checks::shape_is("gather_rows", "x", x, plan.tokens, x.cols, "the plan's tokens");
-    check(rows.rows >= needed && rows.cols == x.cols, "gather_rows: rows is [", rows.rows, ", ", rows.cols,
-          "], the plan needs [", needed, ", ", x.cols, "]", plan.offsets_on_host() ? "" : " (T*k rows until the host has the offsets)");
+    check_plan_rows("gather_rows", "rows", rows, plan, x.cols);
     const std::int32_t* slot_of_row = plan.slot_of_row.data();
     const Index* kept = plan.offsets.data() + plan.experts;  // R
     const Index k = plan.top_k;
@@ -1255,13 +1253,18 @@ class BasicBackend {
     check(N <= kMaxExperts, "the CUDA backend routes at most ", kMaxExperts, " experts, got N = ", N);
     check(k <= kMaxTopK, "the CUDA backend selects at most ", kMaxTopK, " experts per token, got top_k = ", k);
   }
-  // gather_sum's operands: out [T, H] from rows [>= R, H]. Until the host has the offsets (reading R
-  // would wait for their copy), room for every slot's row, as gather_rows asks.
+  // gather_sum's operands: out [T, H] from rows [>= R, H] (check_plan_rows).
   static void check_gather_sum(const char* primitive, const char* rows_name, ConstMatrixView<S> rows, const Plan& plan,
                                const char* out_name, MatrixView<S> out) {
     backend_checks::shape_is(primitive, out_name, out, plan.tokens, rows.cols, "the plan's tokens");
+    check_plan_rows(primitive, rows_name, rows, plan, rows.cols);
+  }
+  // v holds the plan's R expert rows, `cols` wide; until the host has the offsets (reading R would
+  // wait for their copy), every slot's row (T*k): gather_rows and gather_sum's operands.
+  template <class T>
+  static void check_plan_rows(const char* primitive, const char* name, MatrixView<T> v, const Plan& plan, Index cols) {
     const bool known = plan.offsets_on_host();
-    backend_checks::holds_rows(primitive, rows_name, rows, known ? plan.rows() : plan.slots_count(), rows.cols,
+    backend_checks::holds_rows(primitive, name, v, known ? plan.rows() : plan.slots_count(), cols,
                                known ? "" : " (T*k rows until the host has the offsets)");
   }
   // The grouped product of routed_*: the plan's device offsets and, for gathered input, its
