@@ -11,6 +11,7 @@
 #include "cuda/cuda_nn_fused_attention_cases.hpp"
 #include "cuda/cuda_nn_loss_cases.hpp"
 #include "cuda/cuda_nn_norm_cases.hpp"
+#include "cuda/cuda_nn_operand_cases.hpp"
 
 TEST_CASE("cuda nn, emulated device: an AdamW step and a clipping go in a few launches, not one per tensor") {
   // GPT-2 small with MoE blocks has about 170 parameter tensors.

@@ -718,6 +718,11 @@ TEST_CASE("nn adamw: a parameter listed twice (shared values) and a step count a
   CHECK_THROWS_WITH_AS(optimizer.step(overlapping), doctest::Contains("share values"), moe::Error);
   CHECK(optimizer.step_count() == 0);
   CHECK(same_bits(model.w, w0));
+  // Clipping would count the tied gradient twice and scale it twice.
+  const Vec<float> w_grad0 = model.w_grad;
+  CHECK_THROWS_WITH_AS(moe::nn::clip_grad_norm(tied, 1e-3),
+                       doctest::Contains("clip_grad_norm: parameters 0 'w' and 4 'w again' share gradients"), moe::Error);
+  CHECK(same_bits(model.w_grad, w_grad0));
   auto frozen = tied;  // a frozen duplicate is not updated: taken
   frozen.back().trainable = false;
   CHECK_NOTHROW(optimizer.step(frozen));

@@ -666,6 +666,15 @@ TEST_CASE("cuda nn loss: AdamW and clip_grad_norm reject bad arguments, naming t
   tied.push_back(tied[0]);
   AdamW<float, TestDevice> fresh(device);
   CHECK_THROWS_WITH_AS(fresh.step(tied), doctest::Contains("share values"), moe::Error);
+  // Clipping (and scaling) would count the tied gradient twice and scale it twice.
+  const std::vector<float> grad0 = to_host(device, list[0].grad.data(), Index(list[0].grad.size()));
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::grad_norm(device, tied), doctest::Contains("grad_norm: parameters 0 'w' and 8 'w' share gradients"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::clip_grad_norm(device, tied, 1e-3), doctest::Contains("clip_grad_norm: parameters 0 'w' and 8 'w' share gradients"),
+                       moe::Error);
+  CHECK_THROWS_WITH_AS(moe::cuda::nn::scale_grads(device, tied, 0.5f), doctest::Contains("scale_grads: parameters 0 'w' and 8 'w' share gradients"),
+                       moe::Error);
+  CHECK(same_bits(to_host(device, list[0].grad.data(), Index(list[0].grad.size())), grad0));
   CHECK(fresh.step_count() == 0);
   CHECK(adamw.step_count() == 1);  // the refused steps took nothing
   AdamW<float, TestDevice> restored(device);

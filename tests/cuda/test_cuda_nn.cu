@@ -22,5 +22,6 @@ inline bool device_available() { return moe::cuda::no_device_reason().empty(); }
 #include "cuda/cuda_nn_fused_attention_cases.hpp"
 #include "cuda/cuda_nn_loss_cases.hpp"
 #include "cuda/cuda_nn_norm_cases.hpp"
+#include "cuda/cuda_nn_operand_cases.hpp"
 #include "cuda/gpt2_model_cases.hpp"
 #include "cuda/vit_model_cases.hpp"

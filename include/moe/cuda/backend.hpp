@@ -41,6 +41,7 @@
 #include "moe/config.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
 #include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/pack.hpp"
@@ -510,7 +511,7 @@ std::int64_t* tally_choices(const D& device, const DevicePlan<D>& plan, const st
 template <class S>
 MOE_HOST_DEVICE double row_logsumexp(const S* z, Index N) {
   using C = Compute<S>;
-  double max_value = -INFINITY;
+  double max_value = -double(INFINITY);
   for (Index e = 0; e < N; ++e) {
     const C v = C(z[e]);
     if (!std::isnan(v) && double(v) > max_value) max_value = double(v);
@@ -612,8 +613,7 @@ class BasicBackend {
   // host pointer named rather than faulted on (D::check_device_memory; no sync).
   template <class T>
   void check_operand(const char* where, const char* name, MatrixView<T> v) const {
-    if (v.rows > 0 && v.cols > 0)
-      device_.check_device_memory(v.data, std::size_t((v.rows - 1) * v.stride + v.cols) * sizeof(T), where, name);
+    check_on_device(device_, where, name, v);
   }
 
   // ---- storage -------------------------------------------------------------------------

@@ -43,9 +43,10 @@
 //                                              throws moe::Error naming `where: name` where the
 //                                              kernels could not read [p, p + bytes) (the emulated
 //                                              device: the extent against its live allocations;
-//                                              CudaDevice: the pointer's kind of memory): the layer's
-//                                              operands are checked so, a host pointer named, not
-//                                              faulted on
+//                                              CudaDevice: the pointer's kind of memory): the
+//                                              operands of the layer, the nn pieces and the optimizer
+//                                              are checked so (moe/cuda/device_operands.hpp), a host
+//                                              pointer named, not faulted on
 //
 // Two devices implement it: moe::cuda::CudaDevice (moe/cuda/cuda_device.cuh: kernels, CUB,
 // cuBLAS) and moe::cuda::EmulatedDevice (moe/cuda/emulated_device.hpp: host memory and plain

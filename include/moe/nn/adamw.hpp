@@ -166,6 +166,7 @@ template <class S>
 double clip_grad_norm(std::vector<ParamRef<S>>& params, double max_norm, int threads = cpu::default_threads()) {
   check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
   check(threads >= 1, "clip_grad_norm: thread count must be >= 1, got ", threads);
+  detail::check_clip_distinct("clip_grad_norm", params);
   const auto pieces = detail::optimizer_pieces(params);
   auto piece_range = [&](Index piece) {
     const auto [i, begin] = pieces[std::size_t(piece)];

@@ -99,23 +99,41 @@ void check_adamw_gradients(const std::vector<ParamRef<S>>& params) {
             params[i].value.size(), " values but ", params[i].grad.size(), " gradients");
 }
 
-// No two updated parameters share values (a tied weight listed twice): the CPU would update them
-// twice a step, the GPU's multi-tensor launch with two writers racing. Checked on the first step.
-template <class S>
-void check_adamw_distinct(const std::vector<ParamRef<S>>& params) {
-  std::vector<std::size_t> updated;
+// No two parameters that `keep` selects share memory in `field` (&ParamRef::value or
+// &ParamRef::grad): a tied weight listed twice, which `consequence` says what would happen to.
+// Sorted by address, so a list of a few hundred costs microseconds.
+template <class S, class Keep>
+void check_distinct(const char* where, const std::vector<ParamRef<S>>& params, std::span<S> ParamRef<S>::*field,
+                    Keep keep, const char* what, const char* consequence) {
+  std::vector<std::size_t> kept;
   for (std::size_t i = 0; i < params.size(); ++i)
-    if (optimizer_updates(params[i]) && !params[i].value.empty()) updated.push_back(i);
-  const auto begin = [&](std::size_t i) { return params[i].value.data(); };
-  std::sort(updated.begin(), updated.end(), [&](std::size_t a, std::size_t b) {  // by address, then list order
+    if (keep(params[i]) && !(params[i].*field).empty()) kept.push_back(i);
+  const auto begin = [&](std::size_t i) { return (params[i].*field).data(); };
+  std::sort(kept.begin(), kept.end(), [&](std::size_t a, std::size_t b) {  // by address, then list order
     return begin(a) == begin(b) ? a < b : std::less<>()(begin(a), begin(b));
   });
-  for (std::size_t j = 1; j < updated.size(); ++j) {
-    const ParamRef<S>& a = params[updated[j - 1]];
-    check(!std::less<>()(begin(updated[j]), a.value.data() + a.value.size()), "AdamW: parameters ", updated[j - 1], " '",
-          a.name, "' and ", updated[j], " '", params[updated[j]].name,
-          "' share values (a tied weight listed twice?): each would be updated twice a step");
+  for (std::size_t j = 1; j < kept.size(); ++j) {
+    const ParamRef<S>& a = params[kept[j - 1]];
+    check(!std::less<>()(begin(kept[j]), begin(kept[j - 1]) + (a.*field).size()), where, ": parameters ", kept[j - 1],
+          " '", a.name, "' and ", kept[j], " '", params[kept[j]].name, "' share ", what,
+          " (a tied weight listed twice?): ", consequence);
   }
+}
+
+// AdamW's: updated parameters' values (the CPU would update them twice a step, the GPU's
+// multi-tensor launch with two writers racing). Checked on the first step.
+template <class S>
+void check_adamw_distinct(const std::vector<ParamRef<S>>& params) {
+  check_distinct("AdamW", params, &ParamRef<S>::value, optimizer_updates<S>, "values",
+                 "each would be updated twice a step");
+}
+
+// Clipping's: updated parameters' gradients (the norm would count them twice, the scaling apply
+// twice). Checked on every call: clipping keeps no state to remember a list by.
+template <class S>
+void check_clip_distinct(const char* where, const std::vector<ParamRef<S>>& params) {
+  check_distinct(where, params, &ParamRef<S>::grad, optimizer_updates<S>, "gradients",
+                 "the norm would count them twice and clipping scale them twice");
 }
 
 // The next step's number: refused at int's limit (its bias corrections count steps in an int).

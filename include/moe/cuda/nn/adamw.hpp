@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstddef>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -24,6 +25,7 @@
 #include "moe/config.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/multi_tensor.hpp"
 #include "moe/cuda/pack.hpp"
 #include "moe/host_device.hpp"
@@ -238,29 +240,68 @@ void zero_in_place(const D& device, std::span<const GradTensor<S>> grads) {
   });
 }
 
+// A parameter's values or gradient (`what`) as memory the kernels can read, named by the parameter's name.
+template <class D, class S, class T>
+void check_parameter_on_device(const D& device, const char* where, const char* what, const ParamRef<S>& p,
+                               std::span<T> data) {
+  if (data.empty()) return;
+  const std::string name = "parameter '" + p.name + "' " + what;
+  check_on_device(device, where, name.c_str(), data.data(), Index(data.size()));
+}
+
 // A parameter's gradient as a GradTensor (no partials yet), packed where 16-byte aligned.
 template <class S>
 GradTensor<S> grad_tensor(ParamRef<S>& p) {
   return {p.grad.data(), Index(p.grad.size()), nullptr, pack_aligned(p.grad.data())};
 }
 
-// The gradients of the parameters `keep` selects, as GradTensors.
-template <class S, class Keep>
-std::vector<GradTensor<S>> grad_tensors_where(std::vector<ParamRef<S>>& params, Keep keep) {
+// The gradients of the parameters `keep` selects, as GradTensors, each checked as device memory
+// (`where` names the call).
+template <class S, class D, class Keep>
+std::vector<GradTensor<S>> grad_tensors_where(const D& device, const char* where, std::vector<ParamRef<S>>& params,
+                                              Keep keep) {
   std::vector<GradTensor<S>> grads;
   for (ParamRef<S>& p : params)
-    if (keep(p)) grads.push_back(grad_tensor(p));
+    if (keep(p)) {
+      check_parameter_on_device(device, where, "gradient", p, p.grad);
+      grads.push_back(grad_tensor(p));
+    }
   return grads;
 }
 // Every gradient of `params` (frozen parameters' too): what zero_grads and scale_grads touch.
-template <class S>
-std::vector<GradTensor<S>> grad_tensors(std::vector<ParamRef<S>>& params) {
-  return grad_tensors_where(params, [](const ParamRef<S>& p) { return !p.grad.empty(); });
+template <class S, class D>
+std::vector<GradTensor<S>> grad_tensors(const D& device, const char* where, std::vector<ParamRef<S>>& params) {
+  return grad_tensors_where(device, where, params, [](const ParamRef<S>& p) { return !p.grad.empty(); });
 }
 // The gradients clipping measures and scales: those the optimizer updates (optimizer_updates).
-template <class S>
-std::vector<GradTensor<S>> updated_grad_tensors(std::vector<ParamRef<S>>& params) {
-  return grad_tensors_where(params, [](const ParamRef<S>& p) { return optimizer_updates(p); });
+template <class S, class D>
+std::vector<GradTensor<S>> updated_grad_tensors(const D& device, const char* where, std::vector<ParamRef<S>>& params) {
+  return grad_tensors_where(device, where, params, [](const ParamRef<S>& p) { return optimizer_updates(p); });
+}
+
+// The global L2 norm of `grads` (grad_norm's description below); sets their partials into the
+// device's scratch.
+template <class S, class D>
+double norm_of(const D& device, std::vector<GradTensor<S>>& grads) {
+  std::vector<Index> first;  // each gradient's first partial
+  Index partials = 0;
+  for (const GradTensor<S>& g : grads) {
+    first.push_back(partials);
+    partials += units_of(g.n, kNormChunk);
+  }
+  if (partials == 0) return 0.0;
+  ScratchLayout layout;
+  const auto sums_slot = layout.add<double>(partials + 1);  // the partials, then their sum
+  const auto strips_slot = layout.add<double>(sum_strips(partials));
+  void* scratch = device.scratch(layout.bytes());
+  double* sums = sums_slot.in(scratch);
+  for (std::size_t i = 0; i < grads.size(); ++i) grads[i].partial = sums + first[i];
+  const std::span<const GradTensor<S>> list(grads);
+  chunk_squares(device, list);
+  ordered_sum(device, sums, partials, strips_slot.in(scratch), sums + partials);
+  double squares = 0;
+  device.download(&squares, sums + partials, sizeof(double));  // waits for the stream
+  return std::sqrt(squares);
 }
 
 }  // namespace adamw_detail
@@ -372,10 +413,15 @@ class AdamW {
   }
 
   // Sizes the moments (and master weights) on the first step, or checks restored ones; afterwards,
-  // checks that the list still matches. The checks are moe::nn::AdamW's (nn/checks.hpp) and come
-  // before any allocation or upload.
+  // checks that the list still matches. The checks are moe::nn::AdamW's (nn/checks.hpp), and every
+  // updated parameter's values and gradient as device memory; all come before any allocation or upload.
   void bind(const std::vector<ParamRef<S>>& params) {
     moe::nn::detail::check_adamw_gradients(params);
+    for (const ParamRef<S>& p : params)
+      if (optimizer_updates(p)) {
+        adamw_detail::check_parameter_on_device(device_, "AdamW", "values", p, p.value);
+        adamw_detail::check_parameter_on_device(device_, "AdamW", "gradient", p, p.grad);
+      }
     if (sizes_.empty()) {  // the first step, or the first after set_state / set_master_weights
       moe::nn::detail::check_adamw_distinct(params);
       moe::nn::detail::check_adamw_state("restored moments", m_, params);
@@ -420,27 +466,9 @@ class AdamW {
 // for the stream: the one sync.
 template <class S, class D>
 double grad_norm(const D& device, std::vector<ParamRef<S>>& params) {
-  // Each updated parameter's gradient and its first partial (the pointers into the scratch below).
-  std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::updated_grad_tensors(params);
-  std::vector<Index> first;
-  Index partials = 0;
-  for (const adamw_detail::GradTensor<S>& g : grads) {
-    first.push_back(partials);
-    partials += units_of(g.n, adamw_detail::kNormChunk);
-  }
-  if (partials == 0) return 0.0;
-  ScratchLayout layout;
-  const auto sums_slot = layout.add<double>(partials + 1);  // the partials, then their sum
-  const auto strips_slot = layout.add<double>(adamw_detail::sum_strips(partials));
-  void* scratch = device.scratch(layout.bytes());
-  double* sums = sums_slot.in(scratch);
-  for (std::size_t i = 0; i < grads.size(); ++i) grads[i].partial = sums + first[i];
-  const std::span<const adamw_detail::GradTensor<S>> list(grads);
-  adamw_detail::chunk_squares(device, list);
-  adamw_detail::ordered_sum(device, sums, partials, strips_slot.in(scratch), sums + partials);
-  double squares = 0;
-  device.download(&squares, sums + partials, sizeof(double));  // waits for the stream
-  return std::sqrt(squares);
+  moe::nn::detail::check_clip_distinct("grad_norm", params);
+  std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::updated_grad_tensors(device, "grad_norm", params);
+  return adamw_detail::norm_of(device, grads);
 }
 
 // What clipping multiplies the gradients by for a norm: max_norm / (norm + 1e-6) in C when the
@@ -459,10 +487,11 @@ template <class S, class D>
 double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double max_norm) {
   using C = Compute<S>;
   check(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
-  const double norm = grad_norm(device, params);
+  moe::nn::detail::check_clip_distinct("clip_grad_norm", params);
+  std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::updated_grad_tensors(device, "clip_grad_norm", params);
+  const double norm = adamw_detail::norm_of(device, grads);
   const C factor = clip_factor<C>(norm, max_norm);
   if (factor == C(1)) return norm;
-  const std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::updated_grad_tensors(params);
   adamw_detail::scale_in_place(device, std::span<const adamw_detail::GradTensor<S>>(grads), factor);
   return norm;
 }
@@ -471,14 +500,17 @@ double clip_grad_norm(const D& device, std::vector<ParamRef<S>>& params, double 
 // (a fill per parameter would be ~170 launches a GPT-2 step), 16-byte stores where aligned.
 template <class S, class D>
 void zero_grads(const D& device, std::vector<ParamRef<S>>& params) {
-  const std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::grad_tensors(params);
+  const std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::grad_tensors(device, "zero_grads", params);
   adamw_detail::zero_in_place(device, std::span<const adamw_detail::GradTensor<S>>(grads));
 }
 
 // Every gradient of `params` times `factor` (frozen ones included), as zero_grads' launches.
 template <class S, class D>
 void scale_grads(const D& device, std::vector<ParamRef<S>>& params, float factor) {
-  const std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::grad_tensors(params);
+  moe::nn::detail::check_distinct("scale_grads", params, &ParamRef<S>::grad,
+                                  [](const ParamRef<S>& p) { return !p.grad.empty(); }, "gradients",
+                                  "they would be scaled twice");
+  const std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::grad_tensors(device, "scale_grads", params);
   adamw_detail::scale_in_place(device, std::span<const adamw_detail::GradTensor<S>>(grads), Compute<S>(factor));
 }
 

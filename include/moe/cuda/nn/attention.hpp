@@ -26,6 +26,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/row_packs.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/tensor.hpp"
@@ -190,6 +191,8 @@ void attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, Index T
   namespace ad = attention_detail;
   using C = Compute<S>;
   const auto [channels, hs] = moe::nn::detail::check_attention("attention_forward", qkv, B, T, heads, out.rows, out.cols, "out", att);
+  const DeviceOperands on_device(device, "attention_forward");
+  on_device("qkv", qkv); on_device("out", out); on_device("att", att, B * heads * T * T);
   const Index pairs = B * heads;
   const ad::Blocks blocks = ad::blocks("attention_forward", T, causal, block);
 
@@ -259,6 +262,8 @@ void attention_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
       moe::nn::detail::check_attention("attention_backward", qkv, B, T, heads, dout.rows, dout.cols, "dout", att);
   check(dqkv.rows == B * T && dqkv.cols == 3 * channels, "attention_backward: dqkv is [", dqkv.rows, ", ", dqkv.cols,
         "], expected [B*T, 3C] = [", B * T, ", ", 3 * channels, "]");
+  const DeviceOperands on_device(device, "attention_backward");
+  on_device("dout", dout); on_device("qkv", qkv); on_device("att", att, B * heads * T * T); on_device("dqkv", dqkv);
   const Index pairs = B * heads, TT = T * T;
   const ad::Blocks blocks = ad::blocks("attention_backward", T, causal, block);
 

@@ -21,6 +21,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/pack.hpp"
 #include "moe/cuda/row_packs.hpp"
 #include "moe/nn/checks.hpp"
@@ -121,6 +122,8 @@ double cross_entropy_forward(const D& device, ConstMatrixView<S> logits, std::sp
   const Index N = logits.rows, V = logits.cols;
   const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_forward", N, V, targets);
   check(losses || N == 0, "cross_entropy_forward: losses [", N, "] must not be null");
+  const DeviceOperands on_device(device, "cross_entropy_forward");
+  on_device("logits", logits); on_device("losses", losses, N); on_device("row_stats", row_stats, 2 * N);
   if (N == 0) return 0.0;
   const Index chunks = (N + cross_entropy_detail::kLossChunk - 1) / cross_entropy_detail::kLossChunk;
   ScratchLayout layout;
@@ -168,6 +171,8 @@ void cross_entropy_backward(const D& device, ConstMatrixView<S> logits, std::spa
   const Index valid = moe::nn::detail::check_cross_entropy("cross_entropy_backward", N, V, targets);
   check(dlogits.rows == N && dlogits.cols == V, "cross_entropy_backward: dlogits is [", dlogits.rows, ", ",
         dlogits.cols, "], logits is [", N, ", ", V, "]");
+  const DeviceOperands on_device(device, "cross_entropy_backward");
+  on_device("logits", logits); on_device("dlogits", dlogits); on_device("row_stats", row_stats, 2 * N);
   if (N == 0) return;
   ScratchLayout layout;
   const auto target_slot = layout.add<std::int32_t>(N);

@@ -24,6 +24,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/pack.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/host_device.hpp"
@@ -92,6 +93,8 @@ template <class S, class D>
 void embedding_forward(const D& device, std::span<const std::int32_t> tokens, Index B, Index T,
                        ConstMatrixView<S> wte, ConstMatrixView<S> wpe, MatrixView<S> out) {
   moe::nn::detail::check_embedding_forward(tokens, B, T, wte, wpe, out);
+  const DeviceOperands on_device(device, "embedding_forward");
+  on_device("wte", wte); on_device("wpe", wpe); on_device("out", out);
   const Index rows = B * T, C = wte.cols;
   if (rows == 0 || C == 0) return;
   ScratchLayout layout;
@@ -116,6 +119,8 @@ void embedding_backward(const D& device, ConstMatrixView<S> dout, std::span<cons
                         Index T, MatrixView<S> dwte, MatrixView<S> dwpe) {
   const Index C = dout.cols;
   moe::nn::detail::check_embedding_backward(dout, tokens, B, T, dwte, dwpe);
+  const DeviceOperands on_device(device, "embedding_backward");
+  on_device("dout", dout); on_device("dwte", dwte); on_device("dwpe", dwpe);
   const Index rows = B * T;
   if (rows == 0 || C == 0) return;
 

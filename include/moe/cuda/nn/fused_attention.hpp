@@ -38,6 +38,7 @@
 #include "moe/bfloat16.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/nn/attention.hpp"
 #include "moe/cuda/pack.hpp"
 #include "moe/nn/checks.hpp"
@@ -649,6 +650,8 @@ void fused_attention_forward(const D& device, ConstMatrixView<S> qkv, Index B, I
                                                                out.cols, "out", reinterpret_cast<const S*>(lse));
   check(fused_attention_fits<S>(channels, heads, qkv, out), "fused_attention_forward: bf16, a head size of 32, 64 or 128 ",
         "and 16-byte aligned rows are needed (head size ", hs, "); attention_forward takes the rest");
+  const DeviceOperands on_device(device, "fused_attention_forward");
+  on_device("qkv", qkv); on_device("out", out); on_device("lse", lse, B * heads * T);
   switch (hs) {  // fused_attention_fits took only these
     case 32: return fd::forward<32>(device, qkv, B, T, heads, causal, out, lse);
     case 64: return fd::forward<64>(device, qkv, B, T, heads, causal, out, lse);
@@ -676,6 +679,9 @@ void fused_attention_backward(const D& device, ConstMatrixView<S> dout, ConstMat
   check(fused_attention_fits<S>(channels, heads, qkv, out, dout, dqkv),
         "fused_attention_backward: bf16, a head size of 32, 64 or 128 and 16-byte aligned rows are needed (head size ",
         hs, "); attention_backward takes the rest");
+  const DeviceOperands on_device(device, "fused_attention_backward");
+  on_device("dout", dout); on_device("qkv", qkv); on_device("out", out); on_device("lse", lse, B * heads * T);
+  on_device("dqkv", dqkv);
   const bool add = into == moe::nn::GradInto::add;
   switch (hs) {  // fused_attention_fits took only these
     case 32: return fd::backward<32>(device, dout, qkv, out, lse, B, T, heads, causal, dqkv, add);

@@ -16,6 +16,7 @@
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/row_packs.hpp"
 #include "moe/host_device.hpp"
 #include "moe/nn/checks.hpp"
@@ -93,6 +94,9 @@ template <class S, class D>
 void layernorm_forward(const D& device, ConstMatrixView<S> x, const S* weight, const S* bias, MatrixView<S> out,
                        Compute<S>* mean, Compute<S>* rstd) {
   moe::nn::detail::check_layernorm_forward(x, weight, bias, out, mean, rstd);
+  const DeviceOperands on_device(device, "layernorm_forward");
+  on_device("x", x); on_device("out", out); on_device("weight", weight, x.cols); on_device("bias", bias, x.cols);
+  on_device("mean", mean, x.rows); on_device("rstd", rstd, x.rows);
   if (x.rows == 0) return;
   const bool packed = row_packs_fit(x.data, x.stride) &&
                       row_packs_fit(static_cast<const S*>(out.data), out.stride) && row_packs_fit(weight, 0) &&
@@ -117,6 +121,9 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
   using Cm = Compute<S>;
   const Index T = x.rows, C = x.cols;
   moe::nn::detail::check_layernorm_backward(dout, x, weight, mean, rstd, dx);
+  const DeviceOperands on_device(device, "layernorm_backward");
+  on_device("dout", dout); on_device("x", x); on_device("weight", weight, C); on_device("mean", mean, T);
+  on_device("rstd", rstd, T); on_device("dx", dx); on_device("dweight", dweight, C); on_device("dbias", dbias, C);
 
   if (dx.data && T > 0) {
     const bool packed = row_packs_fit(dout.data, dout.stride) && row_packs_fit(x.data, x.stride) &&

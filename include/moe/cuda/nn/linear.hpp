@@ -11,6 +11,7 @@
 #include "moe/nn/checks.hpp"
 #include "moe/cuda/backend.hpp"
 #include "moe/cuda/device.hpp"
+#include "moe/cuda/device_operands.hpp"
 #include "moe/host_device.hpp"
 #include "moe/tensor.hpp"
 
@@ -24,6 +25,8 @@ template <class S, class D>
 void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* bias,
                     MatrixView<S> out) {
   moe::nn::detail::check_linear_forward(in, weight, out);
+  const DeviceOperands on_device(device, "linear_forward");
+  on_device("in", in); on_device("weight", weight); on_device("bias", bias, weight.rows); on_device("out", out);
   if (bias)
     moe::cuda::detail::gemm_epilogue(device, out, in, weight, BlasOp::transpose, Epilogue::bias, bias);
   else
@@ -43,6 +46,9 @@ void linear_backward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> 
   using C = Compute<S>;
   const Index T = in.rows, O = weight.rows;
   moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight);
+  const DeviceOperands on_device(device, "linear_backward");
+  on_device("in", in); on_device("dout", dout); on_device("weight", weight); on_device("din", din);
+  on_device("dweight", dweight); on_device("dbias", dbias, O);
   moe::cuda::detail::GemmGroup<D, S> products(device, moe::cuda::detail::Shape::fixed);
   if (dweight.data) products.gemm(dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
   if (din.data) products.gemm(din, dout, BlasOp::none, weight, BlasOp::none, din_into == GradInto::add);
