@@ -55,7 +55,7 @@ inline std::vector<double> choice_fractions(const RoutingPlan& plan, std::span<c
 
 template <class S>
 double logsumexp(const S* z, Index N) {
-  double max_value = -INFINITY;
+  double max_value = -double(INFINITY);
   for (Index e = 0; e < N; ++e)
     if (!std::isnan(z[e]) && double(z[e]) > max_value) max_value = double(z[e]);
   if (!std::isfinite(max_value)) return max_value;

@@ -71,6 +71,8 @@ struct WarpRow {
 #if defined(__CUDA_ARCH__)
     for (Index c = lane; c < n; c += kRowLanes) acc += f(c);
     for (int offset = kRowLanes / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+#else
+    (void)n, (void)f;  // the host pass compiles this body, never runs it
 #endif
     return acc;
   }
@@ -123,6 +125,8 @@ struct WarpRow {
       store(c++, before);
       before += Acc(v);
     });
+#else
+    (void)n, (void)load, (void)store;
 #endif
     return total;
   }
@@ -223,6 +227,8 @@ struct WarpTiles {
     else
       __pipeline_wait_prior(1);
     __syncwarp();
+#else
+    (void)pending;
 #endif
   }
 

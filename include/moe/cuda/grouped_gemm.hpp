@@ -281,7 +281,7 @@ struct PairInto {
 inline std::uint32_t descriptor_byte(std::uint64_t descriptor, Index row, Index e) {
   const std::uint32_t start = std::uint32_t(descriptor & 0x3FFF) << 4;
   const std::uint32_t stride = std::uint32_t((descriptor >> 32) & 0x3FFF) << 4;
-  const std::uint32_t logical = start + std::uint32_t(row / 8) * stride + std::uint32_t(row % 8) * kRowBytes + std::uint32_t(e) * 2;
+  const std::uint32_t logical = start + std::uint32_t(row / 8) * stride + std::uint32_t(row % 8) * std::uint32_t(kRowBytes) + std::uint32_t(e) * 2;
   return logical ^ (((logical >> 7) & 7) << 4);
 }
 

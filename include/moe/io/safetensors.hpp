@@ -161,7 +161,7 @@ inline float f8_e4m3_to_float(std::uint8_t bits) {
   return negative ? -magnitude : magnitude;
 }
 
-inline float f8_e5m2_to_float(std::uint8_t bits) { return f16_to_float(std::uint16_t(bits) << 8); }
+inline float f8_e5m2_to_float(std::uint8_t bits) { return f16_to_float(std::uint16_t(bits << 8)); }
 
 // ---- writing -----------------------------------------------------------------------------------
 
