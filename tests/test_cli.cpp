@@ -158,6 +158,14 @@ TEST_CASE("cli: a failed subcommand removes the output folders it made that are 
   CHECK(fs::exists(root / "outer" / "kept" / "report.md"));
   CHECK_FALSE(fs::exists(root / "outer" / "empty"));
   CHECK_FALSE(fs::exists(root / "nest"));
+  // A path through a folder it makes and leaves again (r/a/../b with r/a missing): r/a is made too,
+  // and removed with the rest.
+  run([&] { cli::make_output_folder(root / "r" / "a" / ".." / "b", "prog"); }, true);
+  CHECK_FALSE(fs::exists(root / "r"));
+  run([&] { cli::make_output_folder(root / "existing" / "a" / ".." / "b" / ".", "prog"); }, true);
+  CHECK(fs::is_directory(root / "existing"));
+  CHECK_FALSE(fs::exists(root / "existing" / "a"));
+  CHECK_FALSE(fs::exists(root / "existing" / "b"));
   // A run that succeeds keeps its folders, empty or not.
   run([&] { cli::make_output_folder(root / "done", "prog"); }, false);
   CHECK(fs::is_directory(root / "done"));

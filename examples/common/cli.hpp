@@ -242,10 +242,13 @@ inline std::vector<std::filesystem::path>& made_output_folders() {
 inline void make_output_folder(const std::filesystem::path& path, std::string_view program) {
   moe::check(!path.empty(), program, ": --out is empty");
   std::error_code error;
-  std::vector<std::filesystem::path> missing;  // what create_directories will make, deepest first
-  for (std::filesystem::path p = std::filesystem::weakly_canonical(std::filesystem::absolute(path, error), error);
+  // What create_directories will make, deepest first: the path as written, not normalised, as it makes
+  // it (for r/a/../b with r/a missing that is r/a too); a "." or ".." entry names a folder listed
+  // on its own.
+  std::vector<std::filesystem::path> missing;
+  for (std::filesystem::path p = std::filesystem::absolute(path, error);
        !error && p.has_relative_path() && !std::filesystem::exists(p, error); p = p.parent_path())
-    if (p.has_filename()) missing.push_back(p);
+    if (p.has_filename() && p.filename() != "." && p.filename() != "..") missing.push_back(p);
   // Listed before they are made: a failure part of the way leaves those made to be removed too.
   made_output_folders().insert(made_output_folders().end(), missing.rbegin(), missing.rend());
   std::filesystem::create_directories(path, error);
