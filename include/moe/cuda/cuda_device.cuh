@@ -477,10 +477,15 @@ class CudaDevice {
   // A pointer the kernels can read: device, managed or page-locked memory, or any host memory where
   // the GPU reads pageable memory. Pageable host memory elsewhere, and memory this GPU has no address
   // for (another GPU's without peer access), are named here instead of faulting in a kernel (an
-  // illegal address that the next sync reports, far from its cause). The pointer's kind, not the
-  // extent: one driver query (no sync); a query that fails decides nothing (the kernels will tell).
+  // illegal address that the next sync reports, far from its cause). The library's own buffers are
+  // found in the ledger, extent and all (a view past its buffer's end is named too; no driver call,
+  // so a training step's ~1,300 operands cost a map lookup each); other memory by its kind: one
+  // driver query (no sync), and a query that fails decides nothing (the kernels will tell).
   void check_device_memory(const void* p, std::size_t bytes, const char* where, const char* name) const {
-    if (bytes == 0 || context_->pageable_access) return;
+    const MemoryLedger::Extent extent = ledger().locate(p, bytes);
+    check(extent != MemoryLedger::Extent::past_end, where, ": ", name, " (", bytes, " bytes at ", p,
+          ") runs past the end of its device allocation");
+    if (extent == MemoryLedger::Extent::inside || context_->pageable_access) return;
     cudaPointerAttributes attributes{};
     if (cudaPointerGetAttributes(&attributes, p) != cudaSuccess) {
       cudaGetLastError();  // this query's error only: launches check theirs as they go

@@ -41,9 +41,9 @@
 //                                              (ExpertGemm, below); a setting as dgelu_weights
 //   d.check_device_memory(p, bytes, where, name)
 //                                              throws moe::Error naming `where: name` where the
-//                                              kernels could not read [p, p + bytes) (the emulated
-//                                              device: the extent against its live allocations;
-//                                              CudaDevice: the pointer's kind of memory): the
+//                                              kernels could not read [p, p + bytes) (both: the
+//                                              extent against the library's live allocations;
+//                                              CudaDevice: other memory by its kind): the
 //                                              operands of the layer, the nn pieces and the optimizer
 //                                              are checked so (moe/cuda/device_operands.hpp), a host
 //                                              pointer named, not faulted on

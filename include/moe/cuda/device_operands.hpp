@@ -3,9 +3,10 @@
 // transformer piece (moe/cuda/nn/) or the optimizer is named by the call that got it
 // ("layernorm_forward: x ..."), not reported as an illegal address at a later sync.
 //
-// The emulated device checks the whole extent against its live allocations (a view running past
-// its buffer is caught too); CudaDevice checks the pointer's kind of memory with one driver query
-// (no sync), and nothing where the GPU reads pageable memory. Empty operands are not checked.
+// Both devices find the library's own allocations in a ledger and check the whole extent against
+// them (a view running past its buffer's end is named too); CudaDevice checks other memory by its
+// kind, with one driver query (no sync; nothing where the GPU reads pageable memory), the emulated
+// device refuses it. Empty operands are not checked.
 #pragma once
 
 #include <cstddef>

@@ -334,8 +334,11 @@ class Allocations {
   // Throws moe::Error unless [p, p + bytes) lies inside one live allocation (nothing to check for 0 bytes).
   void check_inside(const void* p, std::size_t bytes, const char* what) const { check_inside(p, bytes, what, ""); }
   void check_inside(const void* p, std::size_t bytes, const char* where, const char* name) const {
-    check(ledger_.inside(p, bytes), "emulated device: ", where, *name ? ": " : "", name, " (", bytes,
-          " bytes) is not inside one device allocation: a host pointer, a freed buffer, or an extent past the end");
+    const MemoryLedger::Extent extent = ledger_.locate(p, bytes);
+    check(extent != MemoryLedger::Extent::past_end, "emulated device: ", where, *name ? ": " : "", name, " (", bytes,
+          " bytes) runs past the end of its device allocation");
+    check(extent != MemoryLedger::Extent::elsewhere, "emulated device: ", where, *name ? ": " : "", name, " (", bytes,
+          " bytes) is not in any device allocation: a host pointer or a freed buffer");
   }
 
  private:

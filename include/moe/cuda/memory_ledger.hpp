@@ -48,14 +48,20 @@ class MemoryLedger {
     const std::lock_guard lock(mutex_);
     peak_ = in_use_;
   }
-  // Whether [p, p + bytes) lies inside one live allocation (true for 0 bytes).
-  bool inside(const void* p, std::size_t bytes) const {
-    if (bytes == 0) return true;
+  // Where [p, p + bytes) lies: inside one live allocation (also for 0 bytes), starting in one and
+  // running past its end, or starting in none (a host pointer, a freed buffer, another allocator's).
+  enum class Extent { inside, past_end, elsewhere };
+  Extent locate(const void* p, std::size_t bytes) const {
+    if (bytes == 0) return Extent::inside;
     const std::lock_guard lock(mutex_);
     const std::uintptr_t begin = address(p);
     const auto next = live_.upper_bound(begin);
-    return next != live_.begin() && begin + bytes <= std::prev(next)->first + std::prev(next)->second;
+    if (next == live_.begin()) return Extent::elsewhere;
+    const auto [start, size] = *std::prev(next);
+    if (begin - start >= size) return Extent::elsewhere;
+    return bytes <= size - (begin - start) ? Extent::inside : Extent::past_end;
   }
+  bool inside(const void* p, std::size_t bytes) const { return locate(p, bytes) == Extent::inside; }
 
  private:
   static std::uintptr_t address(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
