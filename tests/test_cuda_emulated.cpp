@@ -563,7 +563,7 @@ TEST_CASE("emulated device: GEMMs check cuBLAS's argument rules and that operand
                        moe::Error);
   bad = g;
   bad.ldb = 4;  // B's extent (3 rows, 2 columns 4 apart) runs past its 6 elements
-  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("gemm's B (40 bytes) runs past the end of its device allocation"),
+  CHECK_THROWS_WITH_AS(device.gemm(bad), doctest::Contains("gemm's B (28 bytes) runs past the end of its device allocation"),
                        moe::Error);
   bad = g;
   bad.batch = 2, bad.stride_c = 4;  // the second product writes past C

@@ -479,7 +479,8 @@ class CudaDevice {
   // for (another GPU's without peer access), are named here instead of faulting in a kernel (an
   // illegal address that the next sync reports, far from its cause). The library's own buffers are
   // found in the ledger, extent and all (a view past its buffer's end is named too; no driver call,
-  // so a training step's ~1,300 operands cost a map lookup each); other memory by its kind: one
+  // so a training step's ~1,300 operands cost a map lookup each; the ledger does not record which
+  // GPU holds a buffer, so another GPU's without peer access passes); other memory by its kind: one
   // driver query (no sync), and a query that fails decides nothing (the kernels will tell).
   void check_device_memory(const void* p, std::size_t bytes, const char* where, const char* name) const {
     const MemoryLedger::Extent extent = ledger().locate(p, bytes);

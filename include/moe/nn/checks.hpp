@@ -227,6 +227,13 @@ void check_embedding_backward(ConstMatrixView<S> dout, std::span<const std::int3
   check_embedding("embedding_backward", tokens, B, T, V, max_T, C, dout.rows, dout.cols);
 }
 
+// The checks that take views in turn: shapes, then `operands()`, then aliasing. The CUDA pieces
+// check their operands as device memory in `operands()`, so a view past its buffer's end is named
+// as that, not as an overlap with whatever buffer follows it.
+struct NoOperandChecks {
+  void operator()() const {}
+};
+
 // LayerNorm: x [T, C] with C > 0; out, dout and dx (skipped if null) of x's shape; no null
 // parameter or cache. Stat is the cache's type (S on the CPU, Compute<S> on the device).
 template <class S, class Stat>
@@ -241,9 +248,9 @@ void check_layernorm_forward(ConstMatrixView<S> x, const S* weight, const S* bia
   check(weight && bias, "layernorm_forward: weight and bias [", C, "] must not be null");
   check(mean && rstd, "layernorm_forward: mean and rstd [", T, "] (cached for backward) must not be null");
 }
-template <class S, class Stat>
+template <class S, class Stat, class Operands = NoOperandChecks>
 void check_layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, const S* weight, const Stat* mean,
-                              const Stat* rstd, MatrixView<S> dx) {
+                              const Stat* rstd, MatrixView<S> dx, Operands operands = {}) {
   check_view("layernorm_backward", "dout", dout);
   check_view("layernorm_backward", "x", x);
   if (dx.data) check_view("layernorm_backward", "dx", dx);
@@ -254,6 +261,7 @@ void check_layernorm_backward(ConstMatrixView<S> dout, ConstMatrixView<S> x, con
   check(!dx.data || (dx.rows == T && dx.cols == C), "layernorm_backward: dx is [", dx.rows, ", ", dx.cols,
         "], x is [", T, ", ", C, "]");
   check(weight && mean && rstd, "layernorm_backward: weight [", C, "], mean and rstd [", T, "] must not be null");
+  operands();
   for (const auto& [operand, name] : {std::pair{dout, "dout"}, std::pair{x, "x"}})
     if (overlaps(dx, operand)) check(false, "layernorm_backward: dx overlaps ", name);
 }
@@ -272,8 +280,8 @@ inline Index check_cross_entropy(const char* where, Index N, Index V, std::span<
 }
 
 // nn.Linear: in [T, I], weight [O, I], out [T, O].
-template <class S>
-void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, MatrixView<S> out) {
+template <class S, class Operands = NoOperandChecks>
+void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, MatrixView<S> out, Operands operands = {}) {
   check_view("linear_forward", "in", in);
   check_view("linear_forward", "weight", weight);
   check_view("linear_forward", "out", out);
@@ -281,14 +289,15 @@ void check_linear_forward(ConstMatrixView<S> in, ConstMatrixView<S> weight, Matr
         ", ", weight.cols, "] (expected [O, ", in.cols, "])");
   check(out.rows == in.rows && out.cols == weight.rows, "linear_forward: out is [", out.rows, ", ", out.cols,
         "], expected [T, O] = [", in.rows, ", ", weight.rows, "]");
+  operands();
   for (const auto& [operand, name] : {std::pair{in, "in"}, std::pair{weight, "weight"}})
     if (overlaps(out, operand))
       check(false, "linear_forward: out overlaps ", name, " (the product reads it while it writes out)");
 }
 // Its backward: dout [T, O]; din [T, I] and dweight [O, I] unless null.
-template <class S>
+template <class S, class Operands = NoOperandChecks>
 void check_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, ConstMatrixView<S> weight,
-                           MatrixView<S> din, MatrixView<S> dweight) {
+                           MatrixView<S> din, MatrixView<S> dweight, Operands operands = {}) {
   check_view("linear_backward", "in", in);
   check_view("linear_backward", "dout", dout);
   check_view("linear_backward", "weight", weight);
@@ -303,6 +312,7 @@ void check_linear_backward(ConstMatrixView<S> in, ConstMatrixView<S> dout, Const
         "], in is [", T, ", ", I, "]");
   check(!dweight.data || (dweight.rows == O && dweight.cols == I), "linear_backward: dweight is [", dweight.rows,
         ", ", dweight.cols, "], weight is [", O, ", ", I, "]");
+  operands();
   // The two products run side by side: neither output may be what either reads, or the other output.
   for (const auto& [grad, grad_name] : {std::pair{din, "din"}, std::pair{dweight, "dweight"}})
     for (const auto& [operand, name] : {std::pair{in, "in"}, std::pair{dout, "dout"}, std::pair{weight, "weight"}})

@@ -120,10 +120,11 @@ void layernorm_backward(const D& device, ConstMatrixView<S> dout, ConstMatrixVie
                         const Compute<S>* mean, const Compute<S>* rstd, MatrixView<S> dx, S* dweight, S* dbias) {
   using Cm = Compute<S>;
   const Index T = x.rows, C = x.cols;
-  moe::nn::detail::check_layernorm_backward(dout, x, weight, mean, rstd, dx);
   const DeviceOperands on_device(device, "layernorm_backward");
-  on_device("dout", dout); on_device("x", x); on_device("weight", weight, C); on_device("mean", mean, T);
-  on_device("rstd", rstd, T); on_device("dx", dx); on_device("dweight", dweight, C); on_device("dbias", dbias, C);
+  moe::nn::detail::check_layernorm_backward(dout, x, weight, mean, rstd, dx, [&] {
+    on_device("dout", dout); on_device("x", x); on_device("weight", weight, C); on_device("mean", mean, T);
+    on_device("rstd", rstd, T); on_device("dx", dx); on_device("dweight", dweight, C); on_device("dbias", dbias, C);
+  });
 
   if (dx.data && T > 0) {
     const bool packed = row_packs_fit(dout.data, dout.stride) && row_packs_fit(x.data, x.stride) &&

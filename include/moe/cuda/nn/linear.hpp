@@ -24,9 +24,10 @@ using moe::nn::GradInto;  // moe/nn/checks.hpp
 template <class S, class D>
 void linear_forward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> weight, const S* bias,
                     MatrixView<S> out) {
-  moe::nn::detail::check_linear_forward(in, weight, out);
   const DeviceOperands on_device(device, "linear_forward");
-  on_device("in", in); on_device("weight", weight); on_device("bias", bias, weight.rows); on_device("out", out);
+  moe::nn::detail::check_linear_forward(in, weight, out, [&] {
+    on_device("in", in); on_device("weight", weight); on_device("bias", bias, weight.rows); on_device("out", out);
+  });
   if (bias)
     moe::cuda::detail::gemm_epilogue(device, out, in, weight, BlasOp::transpose, Epilogue::bias, bias);
   else
@@ -45,10 +46,11 @@ void linear_backward(const D& device, ConstMatrixView<S> in, ConstMatrixView<S> 
                      MatrixView<S> din, MatrixView<S> dweight, S* dbias, GradInto din_into = GradInto::add) {
   using C = Compute<S>;
   const Index T = in.rows, O = weight.rows;
-  moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight);
   const DeviceOperands on_device(device, "linear_backward");
-  on_device("in", in); on_device("dout", dout); on_device("weight", weight); on_device("din", din);
-  on_device("dweight", dweight); on_device("dbias", dbias, O);
+  moe::nn::detail::check_linear_backward(in, dout, weight, din, dweight, [&] {
+    on_device("in", in); on_device("dout", dout); on_device("weight", weight); on_device("din", din);
+    on_device("dweight", dweight); on_device("dbias", dbias, O);
+  });
   moe::cuda::detail::GemmGroup<D, S> products(device, moe::cuda::detail::Shape::fixed);
   if (dweight.data) products.gemm(dweight, dout, BlasOp::transpose, in, BlasOp::none, true);
   if (din.data) products.gemm(din, dout, BlasOp::none, weight, BlasOp::none, din_into == GradInto::add);
