@@ -344,3 +344,17 @@ TEST_CASE("gpt2 model: bad input throws at the entry point") {
   uneven.heads = 3;
   CHECK(message_of([&] { gpt2::DenseModel<float> bad_heads(uneven); }).find("heads = 3") != std::string::npos);
 }
+
+TEST_CASE("nn ops (CPU): scale_gradients refuses a gradient listed twice, as the CUDA scale_grads does") {
+  std::vector<float> w(4, 1.f), g(4, 2.f);
+  std::vector<moe::ParamRef<float>> tied{{"w", {4}, std::span<float>(w), std::span<float>(g), true},
+                                         {"w again", {4}, std::span<float>(w), std::span<float>(g), false}};
+  const examples::NnOps<moe::cpu::Backend> ops(1);
+  CHECK_THROWS_WITH_AS(ops.scale_gradients(tied, 0.5f),
+                       doctest::Contains("scale_gradients: parameters 0 'w' and 1 'w again' share gradients"),
+                       moe::Error);
+  CHECK(g == std::vector<float>(4, 2.f));  // refused before any is scaled
+  tied.pop_back();
+  ops.scale_gradients(tied, 0.5f);
+  CHECK(g == std::vector<float>(4, 1.f));
+}

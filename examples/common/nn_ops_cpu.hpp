@@ -124,6 +124,7 @@ class NnOps<moe::cpu::BasicBackend<S>> {
 
   // ---- training -----------------------------------------------------------------------------
   void scale_gradients(std::vector<moe::ParamRef<S>>& params, float factor) const {
+    moe::nn::detail::check_scale_distinct("scale_gradients", params);
     for (auto& p : params)
       for (S& g : p.grad) g *= factor;
   }

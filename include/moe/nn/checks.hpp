@@ -136,6 +136,13 @@ void check_clip_distinct(const char* where, const std::vector<ParamRef<S>>& para
                  "the norm would count them twice and clipping scale them twice");
 }
 
+// Scaling's: every gradient, frozen parameters' too (each would be scaled twice).
+template <class S>
+void check_scale_distinct(const char* where, const std::vector<ParamRef<S>>& params) {
+  check_distinct(where, params, &ParamRef<S>::grad, [](const ParamRef<S>& p) { return !p.grad.empty(); }, "gradients",
+                 "they would be scaled twice");
+}
+
 // The next step's number: refused at int's limit (its bias corrections count steps in an int).
 inline int next_adamw_step(int steps) {
   check(steps < std::numeric_limits<int>::max(), "AdamW: the step count ", steps, " is at int's limit");

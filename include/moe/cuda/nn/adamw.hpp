@@ -507,9 +507,7 @@ void zero_grads(const D& device, std::vector<ParamRef<S>>& params) {
 // Every gradient of `params` times `factor` (frozen ones included), as zero_grads' launches.
 template <class S, class D>
 void scale_grads(const D& device, std::vector<ParamRef<S>>& params, float factor) {
-  moe::nn::detail::check_distinct("scale_grads", params, &ParamRef<S>::grad,
-                                  [](const ParamRef<S>& p) { return !p.grad.empty(); }, "gradients",
-                                  "they would be scaled twice");
+  moe::nn::detail::check_scale_distinct("scale_grads", params);
   const std::vector<adamw_detail::GradTensor<S>> grads = adamw_detail::grad_tensors(device, "scale_grads", params);
   adamw_detail::scale_in_place(device, std::span<const adamw_detail::GradTensor<S>>(grads), Compute<S>(factor));
 }
