@@ -1,6 +1,7 @@
 // moe/io/safetensors.hpp: round trips for every dtype, the half-precision conversions, every
 // validation error of the reader, and mutated files that must read or throw moe::Error.
 #include <doctest/doctest.h>
+#include <sys/stat.h>  // mkfifo
 
 #include <algorithm>
 #include <cmath>
@@ -392,6 +393,11 @@ TEST_CASE("safetensors: opening a missing file, a directory or an unwritable pat
   CHECK_THROWS_WITH_AS(SafetensorsFile(directory.path / "missing.safetensors"),
                        doctest::Contains("cannot open"), moe::Error);
   CHECK_THROWS_WITH_AS(SafetensorsFile(directory.path), doctest::Contains("is a directory"), moe::Error);
+  // A named pipe: refused before the open, which would wait for a writer forever.
+  const fs::path pipe = directory.path / "pipe.safetensors";
+  REQUIRE(mkfifo(pipe.c_str(), 0600) == 0);
+  CHECK_THROWS_WITH_AS(SafetensorsFile{pipe}, doctest::Contains("is not a regular file"), moe::Error);
+  CHECK_THROWS_WITH_AS(SafetensorsFile::header_only(pipe), doctest::Contains("is not a regular file"), moe::Error);
   CHECK_THROWS_WITH_AS(moe::io::save_safetensors(directory.path / "no" / "such" / "dir.safetensors", {}),
                        doctest::Contains("cannot open"), moe::Error);
 }

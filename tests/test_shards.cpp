@@ -1,5 +1,6 @@
 // moe/io/shards.hpp: llm.c token shards: round trip, every header error, listing, mutations.
 #include <doctest/doctest.h>
+#include <sys/stat.h>  // mkfifo
 
 #include <cstdint>
 #include <cstring>
@@ -112,6 +113,9 @@ TEST_CASE("shards: header errors name the file and the problem") {
 
   CHECK(contains(read_error(directory.path / "missing.bin"), "cannot open token shard"));
   CHECK(contains(read_error(directory.path), "is a directory"));
+  const std::filesystem::path pipe = directory.path / "pipe.bin";  // the open would wait for a writer
+  REQUIRE(mkfifo(pipe.c_str(), 0600) == 0);
+  CHECK(contains(read_error(pipe), "is not a regular file"));
 }
 
 TEST_CASE("shards: listing takes a file, a directory's *.bin, or a wildcard pattern, sorted by name") {

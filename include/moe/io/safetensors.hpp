@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "moe/config.hpp"
+#include "moe/io/file_checks.hpp"
 #include "moe/io/json.hpp"
 
 namespace moe::io {
@@ -242,8 +243,7 @@ inline void write_file_atomically(const std::filesystem::path& path, std::span<c
 }
 
 inline std::vector<std::byte> read_whole_file(const std::filesystem::path& path) {
-  std::error_code error;
-  check(!std::filesystem::is_directory(path, error), path.string(), ": is a directory, expected a file");
+  check_regular_file(path, "a file");
   std::ifstream in(path, std::ios::binary);
   check(bool(in), "cannot open ", path.string(), " for reading");
   in.seekg(0, std::ios::end);
@@ -344,10 +344,10 @@ class SafetensorsFile {
   // data() and read() then throw. For a quick look at a large checkpoint.
   static SafetensorsFile header_only(const std::filesystem::path& path) {
     const std::string file = path.string();
-    std::error_code error;
-    check(!std::filesystem::is_directory(path, error), file, ": is a directory, expected a file");
+    detail::check_regular_file(path, "a file");
     std::ifstream in(path, std::ios::binary);
     check(bool(in), "cannot open ", file, " for reading");
+    std::error_code error;
     const std::uintmax_t file_size = std::filesystem::file_size(path, error);
     check(!error, "cannot determine the size of ", file, ": ", error.message());
     std::vector<std::byte> head(std::size_t(std::min<std::uintmax_t>(file_size, 8)));

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "moe/config.hpp"
+#include "moe/io/file_checks.hpp"
 #include "moe/io/safetensors.hpp"  // detail::write_file_atomically
 
 namespace moe::io {
@@ -30,10 +31,10 @@ inline constexpr std::size_t token_shard_header_bytes = 256 * sizeof(std::int32_
 
 inline std::vector<std::uint16_t> read_token_shard(const std::filesystem::path& path) {
   const std::string file = path.string();
-  std::error_code error;
-  check(!std::filesystem::is_directory(path, error), file, ": is a directory, expected a token shard");
+  detail::check_regular_file(path, "a token shard");
   std::ifstream in(path, std::ios::binary);
   check(bool(in), "cannot open token shard ", file);
+  std::error_code error;
   const std::uintmax_t file_size = std::filesystem::file_size(path, error);
   check(!error, "cannot determine the size of ", file, ": ", error.message());
   check(file_size >= token_shard_header_bytes, file, ": file is ", file_size, " bytes, shorter than the ",
