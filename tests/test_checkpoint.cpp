@@ -420,6 +420,10 @@ TEST_CASE("checkpoint: bad metadata is refused, naming the key") {
     return load_error(bad, model);
   };
   CHECK(contains(with("format", "moe-gpt2/2"), "checkpoint format \"moe-gpt2/2\" is not supported (expected moe-gpt2/1)"));
+  // This program's metadata with its format damaged or gone: refused, not read as a Hugging Face file
+  // (which would infer the head count from the width).
+  CHECK(contains(with("format", "moe-gpt3/1"), "checkpoint format \"moe-gpt3/1\" is not supported"));
+  CHECK(contains(with("format", std::nullopt), "checkpoint format \"\" is not supported"));
   CHECK(contains(with("variant", std::nullopt), "metadata has no \"variant\""));
   CHECK(contains(with("variant", "mixture"),
                  "bad.safetensors: unknown variant \"mixture\" (valid: dense, linear, self, fixed-random, random)"));
@@ -434,8 +438,9 @@ TEST_CASE("checkpoint: bad metadata is refused, naming the key") {
   CHECK(contains(with("routing_step", "-1"), "metadata \"routing_step\" = \"-1\" is not a valid integer"));
   CHECK(with("routing_step", "5").empty());
   CHECK(model.ffn(1).layer().gate().step() == 5);
-  // Without moe-gpt2 metadata the file is taken for Hugging Face's, which needs its tensors' names.
-  CHECK(contains(with("format", std::nullopt), "neither moe-gpt2 metadata"));
+  // Without any moe-gpt2 metadata the file is taken for Hugging Face's, which needs its tensors' names.
+  rewrite(path, bad, [&](auto&, auto& metadata) { metadata.clear(); });
+  CHECK(contains(load_error(bad, model), "neither moe-gpt2 metadata"));
 
   CHECK_THROWS_WITH_AS(gpt2::save_checkpoint(bad, model, nullptr, {{"config.hidden", "3"}}),
                        doctest::Contains("metadata key \"config.hidden\" is reserved"), moe::Error);

@@ -137,7 +137,9 @@ TEST_CASE("idx: the header is big-endian and checked against the bytes") {
   CHECK(contains(images_error(zero_rows), "empty item"));
   std::vector<std::uint8_t> huge = bytes;  // 4 billion images of 2^32 - 1 rows: no allocation from the header
   for (int i = 4; i < 12; ++i) huge[std::size_t(i)] = 0xff;
-  CHECK(contains(images_error(huge), "truncated"));
+  CHECK(contains(images_error(huge), "more than 2^31"));
+  const std::vector<std::uint8_t> none_but_huge{0, 0, 8, 3, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+  CHECK(contains(images_error(none_but_huge), "x.idx declares images of 18446744065119617025 bytes each"));
 
   const std::string labels_error =
       message_of([&] { vit::idx::parse_labels(bytes, "labels.idx"); });

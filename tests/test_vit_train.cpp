@@ -320,6 +320,10 @@ TEST_CASE("vit checkpoint: another variant, another config, truncation and corru
     CHECK(header_error("config.patch", "2").find("tensor \"pos_embed\"") != std::string::npos);
     CHECK(header_error("config.channels", "3").find("tensor \"patch_embed.proj.weight\"") != std::string::npos);
     CHECK(header_error("config.ffn", "48").find("config.ffn and config.hidden") != std::string::npos);
+    // Block 0 is dense here (moe_every = 2): the experts are checked at the first MoE block all the same,
+    // not after a model of 2^24 experts has been allocated.
+    CHECK(header_error("config.experts", "16777216").find("config.experts, config.ffn and config.hidden") !=
+          std::string::npos);
     CHECK(header_error("config.seed", "6").empty());  // not a shape: checked against the model on load
   }
   SUBCASE("not a vit checkpoint") {

@@ -214,7 +214,12 @@ inline CheckpointHeader read_checkpoint_header(const std::filesystem::path& path
   header.metadata = file.metadata();
   const auto format = header.metadata.find("format");
   if (format == header.metadata.end() || format->second != kCheckpointFormat) {
-    moe::check(format == header.metadata.end() || !format->second.starts_with("moe-gpt2"), file.file(),
+    // A Hugging Face file has none of this program's keys: one that has them is this program's with
+    // its format damaged, and read as a Hugging Face file it would lose its config (heads, say).
+    const bool ours = std::ranges::any_of(header.metadata, [](const auto& entry) {
+      return entry.first == "variant" || entry.first.starts_with("config.");
+    });
+    moe::check(!ours && (format == header.metadata.end() || !format->second.starts_with("moe-gpt2")), file.file(),
                ": checkpoint format \"", format == header.metadata.end() ? "" : format->second,
                "\" is not supported (expected ", kCheckpointFormat, ")");
     header.variant = "dense";

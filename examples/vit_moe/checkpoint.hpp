@@ -111,20 +111,23 @@ inline void check_config_against_shapes(const moe::io::SafetensorsFile& file, co
   while (blocks <= c.layers && file.contains("blocks." + std::to_string(blocks) + ".norm1.weight")) ++blocks;
   moe::check(blocks == c.layers, file.file(), ": metadata says config.layers = ", c.layers, ", the file has ",
              blocks > c.layers ? "more" : std::to_string(blocks), " blocks (blocks.{l}.norm1.weight)");
-  for (Index block = 0; block < c.layers; ++block) {
+  // The first dense block and the first MoE block, each of its kind (with moe_every > 1 a model has
+  // both: config.experts must be checked even when a dense block comes first).
+  bool dense = false, routed = false;
+  for (Index block = 0; block < c.layers && !(dense && routed); ++block) {
     const std::string prefix = "blocks." + std::to_string(block) + ".";
-    if (file.contains(prefix + "mlp.fc1.weight")) {
+    if (!dense && file.contains(prefix + "mlp.fc1.weight")) {
       expect_shape(prefix + "mlp.fc1.weight", {c.ffn, c.hidden}, "config.ffn and config.hidden");
-      return;
+      dense = true;
     }
-    if (file.contains(prefix + "moe.experts.fc.weight")) {
+    if (!routed && file.contains(prefix + "moe.experts.fc.weight")) {
       expect_shape(prefix + "moe.experts.fc.weight", {c.experts, c.ffn, c.hidden},
                    "config.experts, config.ffn and config.hidden");
-      return;
+      routed = true;
     }
   }
-  moe::fail(file.file(), ": checkpoint has no MLP or expert weights (blocks.{l}.mlp.fc1.weight, "
-            "blocks.{l}.moe.experts.fc.weight)");
+  moe::check(dense || routed, file.file(), ": checkpoint has no MLP or expert weights (blocks.{l}.mlp.fc1.weight, "
+             "blocks.{l}.moe.experts.fc.weight)");
 }
 
 }  // namespace checkpoint_detail

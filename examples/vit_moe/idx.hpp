@@ -72,6 +72,11 @@ inline std::vector<std::uint64_t> parse_header(std::span<const std::uint8_t> byt
     if (d > 0) per_item *= sizes.back();
   }
   moe::check(per_item > 0, "vit: ", name, " declares an empty item (a size of 0 after the count)");
+  // An image's pixel count is an Index product later (rows * columns): bounded here, so a file of no
+  // images cannot declare a size that overflows it.
+  constexpr std::uint64_t kMaxItemBytes = std::uint64_t(1) << 31;
+  moe::check(per_item <= kMaxItemBytes, "vit: ", name, " declares ", what, " of ", per_item,
+             " bytes each (more than 2^31)");
   const std::uint64_t body = bytes.size() - header, count = sizes[0];
   moe::check(count <= body / per_item, "vit: ", name, " is truncated: its header declares ", count, " ", what,
              " of ", per_item, " bytes each, the file has ", body, " bytes after the header");
