@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moe/bfloat16.hpp"
@@ -197,23 +198,17 @@ TEST_CASE(CUDA_TEST_NAME("bad input: host memory or an extent past its buffer in
     return std::vector<moe::ParamRef<float>>{{"w", {4, 6}, std::span<float>(w.data(), 24), std::span<float>(on(0, w_grad), 24), true},
                                              {"b", {6}, std::span<float>(b.data(), 6), std::span<float>(on(1, b_grad), 6), true}};
   };
-  const std::initializer_list<const char*> names{"parameter 'w' gradient", "parameter 'b' gradient"};
-  check_each_operand(device, "grad_norm", names, [&](const Operands& on) {
-    auto list = gradients(on);
-    moe::cuda::nn::grad_norm(device, list);
-  });
-  check_each_operand(device, "clip_grad_norm", names, [&](const Operands& on) {
-    auto list = gradients(on);
-    moe::cuda::nn::clip_grad_norm(device, list, 1.0);
-  });
-  check_each_operand(device, "zero_grads", names, [&](const Operands& on) {
-    auto list = gradients(on);
-    moe::cuda::nn::zero_grads(device, list);
-  });
-  check_each_operand(device, "scale_grads", names, [&](const Operands& on) {
-    auto list = gradients(on);
-    moe::cuda::nn::scale_grads(device, list, 0.5f);
-  });
+  using Params = std::vector<moe::ParamRef<float>>;
+  const std::pair<const char*, std::function<void(Params&)>> over_gradients[] = {
+      {"grad_norm", [&](Params& list) { moe::cuda::nn::grad_norm(device, list); }},
+      {"clip_grad_norm", [&](Params& list) { moe::cuda::nn::clip_grad_norm(device, list, 1.0); }},
+      {"zero_grads", [&](Params& list) { moe::cuda::nn::zero_grads(device, list); }},
+      {"scale_grads", [&](Params& list) { moe::cuda::nn::scale_grads(device, list, 0.5f); }}};
+  for (const auto& [where, run] : over_gradients)
+    check_each_operand(device, where, {"parameter 'w' gradient", "parameter 'b' gradient"}, [&](const Operands& on) {
+      Params list = gradients(on);
+      run(list);
+    });
 }
 
 }  // namespace cuda_test::nn_operands
