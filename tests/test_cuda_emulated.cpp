@@ -234,12 +234,19 @@ TEST_CASE("memory ledger: bytes held now and at most, the peak reset to what is 
   CHECK(use.allocations == 2);
   ledger.reset_peak();
   CHECK(ledger.use().peak == 100);
-  ledger.add(c, sizeof c);
+  ledger.add(c, sizeof c, 3);
   CHECK(ledger.use().peak == 150);
-  CHECK(ledger.inside(a + 10, 90));
-  CHECK_FALSE(ledger.inside(a + 10, 91));  // one past the end
-  CHECK_FALSE(ledger.inside(b, 1));        // freed
-  CHECK(ledger.inside(b, 0));              // nothing to check
+  using Extent = moe::cuda::MemoryLedger::Extent;
+  int owner = -1;
+  CHECK(ledger.locate(a + 10, 90, &owner) == Extent::inside);
+  CHECK(owner == 0);
+  CHECK(ledger.locate(a + 10, 91) == Extent::past_end);  // one past the end
+  CHECK(ledger.locate(a + 99, std::size_t(-1)) == Extent::past_end);  // no wrap past the address space
+  CHECK(ledger.locate(a + 100, 1) == Extent::elsewhere);  // starts one past the end
+  CHECK(ledger.locate(b, 1) == Extent::elsewhere);        // freed
+  CHECK(ledger.locate(b, 0) == Extent::inside);           // nothing to check
+  CHECK(ledger.locate(c + 49, 1, &owner) == Extent::inside);
+  CHECK(owner == 3);
 }
 
 TEST_CASE("emulated device: its allocations are in its ledger, as CudaDevice's cudaMallocs are in its own") {

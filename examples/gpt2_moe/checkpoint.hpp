@@ -217,7 +217,7 @@ inline CheckpointHeader read_checkpoint_header(const std::filesystem::path& path
     // A Hugging Face file has none of this program's keys: one that has them is this program's with
     // its format damaged, and read as a Hugging Face file it would lose its config (heads, say).
     const bool ours = std::ranges::any_of(header.metadata, [](const auto& entry) {
-      return entry.first == "variant" || entry.first.starts_with("config.");
+      return entry.first != "format" && examples::checkpoint::reserved_key(entry.first);  // HF files have a format
     });
     moe::check(!ours && (format == header.metadata.end() || !format->second.starts_with("moe-gpt2")), file.file(),
                ": checkpoint format \"", format == header.metadata.end() ? "" : format->second,

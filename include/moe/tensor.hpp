@@ -61,6 +61,9 @@ struct MatrixView {
   MOE_HOST_DEVICE T& operator()(Index r, Index c) const { return data[r * stride + c]; }
   MOE_HOST_DEVICE bool contiguous() const { return stride == cols; }
   MOE_HOST_DEVICE Index size() const { return rows * cols; }
+  // Elements from the first to one past the last, the memory the rows span: (rows - 1) * stride +
+  // cols; 0 if empty.
+  MOE_HOST_DEVICE Index extent() const { return rows > 0 && cols > 0 ? (rows - 1) * stride + cols : 0; }
   // Rows [begin, begin + count).
   // (An empty matrix may have a null data pointer: never offset it.)
   MOE_HOST_DEVICE MatrixView row_block(Index begin, Index count) const { return {data ? data + begin * stride : data, count, cols, stride}; }
@@ -99,9 +102,7 @@ bool overlaps(MatrixView<T> a, MatrixView<U> b) {
   if (!a.data || !b.data || a.rows <= 0 || a.cols <= 0 || b.rows <= 0 || b.cols <= 0) return false;
   if ((a.rows > 1 && a.stride < a.cols) || (b.rows > 1 && b.stride < b.cols)) return true;  // not views of memory
   const auto first = [](const auto& v) { return reinterpret_cast<std::uintptr_t>(v.data); };
-  const auto last = [](const auto& v) {  // one past the last byte of the last row
-    return reinterpret_cast<std::uintptr_t>(v.data + ((v.rows - 1) * v.stride + v.cols));
-  };
+  const auto last = [](const auto& v) { return reinterpret_cast<std::uintptr_t>(v.data + v.extent()); };
   if (first(a) >= last(b) || first(b) >= last(a)) return false;
   using TA = std::remove_cv_t<T>;
   using UB = std::remove_cv_t<U>;

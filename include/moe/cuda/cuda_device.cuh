@@ -478,15 +478,16 @@ class CudaDevice {
   // the GPU reads pageable memory. Pageable host memory elsewhere, and memory this GPU has no address
   // for (another GPU's without peer access), are named here instead of faulting in a kernel (an
   // illegal address that the next sync reports, far from its cause). The library's own buffers are
-  // found in the ledger, extent and all (a view past its buffer's end is named too; no driver call,
-  // so a training step's ~1,300 operands cost a map lookup each; the ledger does not record which
-  // GPU holds a buffer, so another GPU's without peer access passes); other memory by its kind: one
-  // driver query (no sync), and a query that fails decides nothing (the kernels will tell).
+  // found in the ledger, extent and all (a view past its buffer's end is named too), and one on this
+  // context's GPU needs no driver call (a training step's ~1,300 operands cost a map lookup each);
+  // other memory, another GPU's buffers included, is checked by its kind: one driver query (no
+  // sync), and a query that fails decides nothing (the kernels will tell).
   void check_device_memory(const void* p, std::size_t bytes, const char* where, const char* name) const {
-    const MemoryLedger::Extent extent = ledger().locate(p, bytes);
+    int owner = -1;
+    const MemoryLedger::Extent extent = ledger().locate(p, bytes, &owner);
     check(extent != MemoryLedger::Extent::past_end, where, ": ", name, " (", bytes, " bytes at ", p,
           ") runs past the end of its device allocation");
-    if (extent == MemoryLedger::Extent::inside || context_->pageable_access) return;
+    if ((extent == MemoryLedger::Extent::inside && owner == context_->device) || context_->pageable_access) return;
     cudaPointerAttributes attributes{};
     if (cudaPointerGetAttributes(&attributes, p) != cudaSuccess) {
       cudaGetLastError();  // this query's error only: launches check theirs as they go
@@ -1011,6 +1012,7 @@ class CudaDevice {
     static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;  // NVIDIA's advice for Hopper
     int sms = 1;
     int pageable_access = 0;  // the GPU reads pageable host memory (HMM, ATS): host pointers are operands too
+    int device = 0;           // the GPU this context was made on
     void* temp = nullptr;
     std::size_t temp_bytes = 0;
     void* scratch_data = nullptr;
@@ -1022,7 +1024,6 @@ class CudaDevice {
     std::atomic<std::uint64_t> lt_fallbacks{0};
 
     Context(cudaStream_t stream, Fp32Math m) : math(m) {
-      int device = 0;
       check_cuda(cudaGetDevice(&device), "cudaGetDevice");
       check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
       check_cuda(cudaDeviceGetAttribute(&pageable_access, cudaDevAttrPageableMemoryAccess, device),
@@ -1125,7 +1126,9 @@ class CudaDevice {
     if (bytes == 0) return p;
     check_cuda(cudaMalloc(&p, bytes), what);
     try {
-      ledger().add(p, bytes);
+      int device = 0;
+      check_cuda(cudaGetDevice(&device), "cudaGetDevice");  // where cudaMalloc put it
+      ledger().add(p, bytes, device);
     } catch (...) {  // the ledger's own allocation failed: the memory must not leak
       cudaFree(p);
       throw;

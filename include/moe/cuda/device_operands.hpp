@@ -16,18 +16,11 @@
 
 namespace moe::cuda {
 
-// Bytes from a view's first element to one past its last: (rows - 1) * stride + cols elements;
-// 0 for an empty view.
-template <class T>
-std::size_t view_bytes(MatrixView<T> v) {
-  return v.rows > 0 && v.cols > 0 ? std::size_t((v.rows - 1) * v.stride + v.cols) * sizeof(T) : 0;
-}
-
-// A view its kernels will read or write (its shape checked first: check_view); a view with no
-// data (an output the call skips) is not checked.
+// A view its kernels will read or write (its shape checked first: check_view): the bytes its rows
+// span (MatrixView::extent); a view with no data (an output the call skips) is not checked.
 template <class D, class T>
 void check_on_device(const D& device, const char* where, const char* name, MatrixView<T> v) {
-  if (const std::size_t bytes = view_bytes(v); v.data && bytes) device.check_device_memory(v.data, bytes, where, name);
+  if (v.data && v.extent() > 0) device.check_device_memory(v.data, std::size_t(v.extent()) * sizeof(T), where, name);
 }
 
 // An array of `count` elements (a bias, a norm's weight, cached statistics); a null array (an

@@ -87,8 +87,9 @@ bool optimizer_updates(const ParamRef<S>& param) {
 
 namespace detail {
 
-// AdamW's checks of its parameter list, one set for the CPU and CUDA optimizers (same messages).
-// Each runs before the optimizer allocates or changes anything, so a throw leaves it as it was.
+// The checks of a parameter list, one set for the CPU and CUDA optimizers, clipping and scaling
+// (same messages). Each runs before the call allocates or changes anything, so a throw leaves it
+// as it was.
 
 // Every updated parameter has as many gradients as values.
 template <class S>

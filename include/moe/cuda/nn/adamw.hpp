@@ -240,13 +240,18 @@ void zero_in_place(const D& device, std::span<const GradTensor<S>> grads) {
   });
 }
 
-// A parameter's values or gradient (`what`) as memory the kernels can read, named by the parameter's name.
+// A parameter's values or gradient (`what`) as memory the kernels can read, named by the parameter's
+// name: built only when the check fails (this runs for every parameter of every step).
 template <class D, class S, class T>
 void check_parameter_on_device(const D& device, const char* where, const char* what, const ParamRef<S>& p,
                                std::span<T> data) {
-  if (data.empty()) return;
-  const std::string name = "parameter '" + p.name + "' " + what;
-  check_on_device(device, where, name.c_str(), data.data(), Index(data.size()));
+  try {
+    check_on_device(device, where, what, data.data(), Index(data.size()));
+  } catch (const Error&) {
+    const std::string name = "parameter '" + p.name + "' " + what;
+    check_on_device(device, where, name.c_str(), data.data(), Index(data.size()));
+    throw;  // (the memory changed between the two checks)
+  }
 }
 
 // A parameter's gradient as a GradTensor (no partials yet), packed where 16-byte aligned.
