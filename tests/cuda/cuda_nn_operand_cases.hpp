@@ -204,11 +204,12 @@ TEST_CASE(CUDA_TEST_NAME("bad input: host memory or an extent past its buffer in
       {"clip_grad_norm", [&](Params& list) { moe::cuda::nn::clip_grad_norm(device, list, 1.0); }},
       {"zero_grads", [&](Params& list) { moe::cuda::nn::zero_grads(device, list); }},
       {"scale_grads", [&](Params& list) { moe::cuda::nn::scale_grads(device, list, 0.5f); }}};
-  for (const auto& [where, run] : over_gradients)
-    check_each_operand(device, where, {"parameter 'w' gradient", "parameter 'b' gradient"}, [&](const Operands& on) {
-      Params list = gradients(on);
-      run(list);
-    });
+  for (const auto& call : over_gradients)  // (not a structured binding: clang 14 cannot capture one)
+    check_each_operand(device, call.first, {"parameter 'w' gradient", "parameter 'b' gradient"},
+                       [&](const Operands& on) {
+                         Params list = gradients(on);
+                         call.second(list);
+                       });
 }
 
 }  // namespace cuda_test::nn_operands
