@@ -475,6 +475,16 @@ MOE_HOST_DEVICE inline void atomic_add(I* target, I value) {
 #endif
 }
 
+namespace detail {
+
+// body(r, c) for every element of a [rows, cols] grid (the device's 2-D launch).
+template <class D, class Body>
+void for_each_2d(const D& device, Index rows, Index cols, Body body) {
+  if (rows > 0 && cols > 0) device.for_each_2d(rows, cols, body);
+}
+
+}  // namespace detail
+
 // Bits needed to sort keys in [0, count).
 inline int key_bits(Index count) {
   int bits = 0;

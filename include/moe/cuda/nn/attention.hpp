@@ -23,12 +23,12 @@
 #include <cmath>
 
 #include "moe/config.hpp"
-#include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/device_operands.hpp"
 #include "moe/cuda/row_packs.hpp"
 #include "moe/nn/checks.hpp"
+#include "moe/routing.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe::cuda::nn {

@@ -18,7 +18,6 @@
 #include <span>
 
 #include "moe/config.hpp"
-#include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/device_operands.hpp"

@@ -13,7 +13,6 @@
 #include <cmath>
 
 #include "moe/config.hpp"
-#include "moe/cuda/backend.hpp"
 #include "moe/cuda/buffer.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/device_operands.hpp"

@@ -9,9 +9,10 @@
 
 #include "moe/config.hpp"
 #include "moe/nn/checks.hpp"
-#include "moe/cuda/backend.hpp"
+#include "moe/cuda/column_sums.hpp"
 #include "moe/cuda/device.hpp"
 #include "moe/cuda/device_operands.hpp"
+#include "moe/cuda/products.hpp"
 #include "moe/host_device.hpp"
 #include "moe/tensor.hpp"
 
