@@ -827,6 +827,27 @@ TEST_CASE("routing report: runs of other gates with the same budget merge into o
   refused([](report::RoutingDocument& d) { d.options.budget = "100 steps of 8 x 1024 tokens per variant"; },
           "b/routing.json has another budget than a/routing.json");
   refused([](report::RoutingDocument& d) { d.options.corpus = "fortunes"; }, "another corpus");
+
+  // The same shards read from another checkout's folder are the same corpus; another folder name,
+  // or other contents under the same name, are not.
+  const std::string shards = " (2 llm.c shard(s), 27940716 training + 1465187 validation tokens, gpt2-bpe)";
+  const auto with_corpora = [&](std::string a, std::string b) {
+    std::vector<report::RoutingDocument> changed = docs;
+    changed[0].options.corpus = std::move(a), changed[1].options.corpus = std::move(b);
+    return changed;
+  };
+  CHECK(report::merge_routing_documents(with_corpora("/work/main/build-gpu/gpt2-shards" + shards,
+                                                     "/tmp/w/build-gpu/gpt2-shards/" + shards),
+                                        names)
+            .options.corpus == "/work/main/build-gpu/gpt2-shards" + shards);
+  CHECK(report::merge_routing_documents(with_corpora("/a/mnist: 60000 training", "/b/mnist: 60000 training"), names)
+            .results.size() == 4);
+  using Corpora = std::pair<std::string, std::string>;
+  for (const auto& [a, b] : {Corpora{"/w/gpt2-shards" + shards, "/w/other-shards" + shards},
+                             Corpora{"/w/gpt2-shards" + shards, "/w/gpt2-shards (1 llm.c shard(s))"},
+                             Corpora{"/a/mnist: 60000 training", "/a/mnist: 100 training"}})
+    CHECK_THROWS_WITH_AS(report::merge_routing_documents(with_corpora(a, b), names), doctest::Contains("another corpus"),
+                         moe::Error);
   refused([](report::RoutingDocument& d) { d.options.notes = "Model: GPT-2 small, seed 7."; }, "model or seed");
   refused([](report::RoutingDocument& d) { d.results[0].variant = "linear"; },
           "variant 'linear' is in more than one of the runs");

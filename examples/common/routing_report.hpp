@@ -666,6 +666,20 @@ inline RoutingDocument parse_routing_json(std::string_view text, std::string_vie
   }
 }
 
+// The corpus as merge_routing_documents compares it: the data's description, its leading path
+// ("<path> (<what it holds>)", gpt2_moe; "<path>: <what it holds>", vit_moe) cut to the path's last
+// name. A later session's checkout of the repository (the GPU machine's) sits in another folder,
+// and the same shards there are the same corpus.
+inline std::string corpus_identity(std::string_view description) {
+  const std::size_t end = std::min(description.find(" ("), description.find(": "));  // npos where neither is
+  const std::string_view rest = end == std::string_view::npos ? std::string_view{} : description.substr(end);
+  std::string_view path = description.substr(0, end);
+  while (path.size() > 1 && path.back() == '/') path.remove_suffix(1);
+  const std::size_t slash = path.rfind('/');
+  if (slash == std::string_view::npos || slash + 1 == path.size()) return std::string(description);
+  return std::string(path.substr(slash + 1)) + std::string(rest);
+}
+
 // The variants of several comparisons in one report, in the order given. They must have been
 // run alike: the same budget, data and notes (model, seed), and no variant twice. The report
 // keeps every run's command line, one per line, and where each trained when they differ (a later
@@ -680,13 +694,14 @@ inline RoutingDocument merge_routing_documents(std::span<const RoutingDocument> 
   std::set<std::string> seen;
   for (std::size_t i = 0; i < documents.size(); ++i) {
     const ReportOptions& o = documents[i].options;
-    const auto same = [&](const std::string& ours, const std::string& theirs, const char* field) {
-      moe::check(ours == theirs, "report: ", names[i], " has another ", field, " than ", names.front(), " ('", theirs,
+    // `alike`: the two are the same thing (what is compared may be less than what is shown).
+    const auto same = [&](const std::string& ours, const std::string& theirs, const char* field, bool alike) {
+      moe::check(alike, "report: ", names[i], " has another ", field, " than ", names.front(), " ('", theirs,
                  "' against '", ours, "'): only comparisons run alike can be reported together");
     };
-    same(merged.options.budget, o.budget, "budget");
-    same(merged.options.corpus, o.corpus, "corpus");
-    same(merged.options.notes, o.notes, "model or seed (the notes)");
+    same(merged.options.budget, o.budget, "budget", merged.options.budget == o.budget);
+    same(merged.options.corpus, o.corpus, "corpus", corpus_identity(merged.options.corpus) == corpus_identity(o.corpus));
+    same(merged.options.notes, o.notes, "model or seed (the notes)", merged.options.notes == o.notes);
     for (const VariantResult& r : documents[i].results) {
       moe::check(seen.insert(r.variant).second, "report: variant '", r.variant, "' is in more than one of the runs (",
                  names[i], " again)");
