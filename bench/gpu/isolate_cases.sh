@@ -8,7 +8,8 @@
 #   bench/gpu/isolate_cases.sh BINARY LOG_DIR [SECONDS_PER_CASE]
 #
 # Writes LOG_DIR/<n>.log per case, LOG_DIR/failed.txt (the names of the cases that fail alone, one a
-# line) and prints a line per failing case, then a summary. Exit status: 0 when every case passes
+# line; it appears once every case has run, so a run cut short leaves none, only failed.txt.partial,
+# and an empty list means every case passed) and prints a line per failing case, then a summary. Exit status: 0 when every case passes
 # alone, 1 when some fail alone, 2 when the binary cannot list its cases. A case that runs past
 # SECONDS_PER_CASE (default 120) counts as failed ("timed out").
 set -u
@@ -17,7 +18,8 @@ logs=${2:?usage: isolate_cases.sh BINARY LOG_DIR [SECONDS_PER_CASE]}
 per_case=${3:-120}
 source "$(dirname "${BASH_SOURCE[0]}")/doctest_cases.sh"
 mkdir -p "$logs"
-: >"$logs/failed.txt"
+rm -f "$logs/failed.txt"
+: >"$logs/failed.txt.partial"
 
 list=$(doctest_case_names "$binary") || {
   echo "isolate_cases: $binary --list-test-cases failed (its output above)" >&2
@@ -45,8 +47,9 @@ for i in "${!names[@]}"; do
   ((rc == 124 || rc == 137)) && why="timed out after $per_case s"
   ((rc == 0)) && why="did not run exactly once"
   echo "fails alone ($why, $log): $name"
-  echo "$name" >>"$logs/failed.txt"
+  echo "$name" >>"$logs/failed.txt.partial"
   failed+=("$name")
 done
+mv "$logs/failed.txt.partial" "$logs/failed.txt"
 echo "isolated: ${#names[@]} cases, $passed pass alone, ${#failed[@]} fail alone"
 ((${#failed[@]} == 0))

@@ -163,7 +163,8 @@ def main(argv):
         print(f"({note})\n")
 
     print(f"GPT-2 small MoE training on the GPU ({context.get('gpu', context.get('host_name', '?'))}); bf16 GEMM peak: ours "
-          f"{fmt(peak, '{:.0f}')} TFLOP/s, torch {fmt(torch_peak, '{:.0f}')} TFLOP/s")
+          f"{fmt(peak, '{:.0f}')} TFLOP/s, torch {fmt(torch_peak, '{:.0f}')} TFLOP/s; our training steps' attention: "
+          f"{context.get('attention', '?')}")
     ours_batch = next((step_shape(r.get("batch"), r.get("accumulation"))
                        for key, r in ours.items() if key[0] in VARIANTS and "batch" in r), None)
     print(f"Batch (sequences x micro-batches a step): ours {ours_batch or '-'} x 1024 tokens, "

@@ -14,10 +14,17 @@ out=$("$script" "$here/mock_doctest.sh" "$logs" 2 2>&1) || rc=$?
 ((rc == 1)) || fail "exit status $rc, expected 1 (some cases fail alone)"
 expected=$'b, faulty\nd, hangs'
 [[ $(cat "$logs/failed.txt") == "$expected" ]] || fail "failed.txt is '$(cat "$logs/failed.txt")', expected '$expected'"
+[[ ! -e $logs/failed.txt.partial ]] || fail "failed.txt.partial is left behind"
 grep -q 'isolated: 5 cases, 3 pass alone, 2 fail alone' <<<"$out" || fail "no summary line"
 grep -q 'fails alone (timed out after 2 s, .*): d, hangs' <<<"$out" || fail "the hanging case is not named as timed out"
 grep -q 'fails alone (exit status 1, .*): b, faulty' <<<"$out" || fail "the faulty case is not named with its exit status"
 grep -q 'illegal memory access' "$logs/1.log" || fail "the faulty case's log lacks its output"
+
+# A run cut short (the caller's budget) leaves no failed.txt: an incomplete list is not a verdict.
+rc=0
+timeout 2 "$script" "$here/mock_doctest.sh" "$logs/cut" 10 >/dev/null 2>&1 || rc=$?
+((rc == 124)) || fail "the cut-short run exited $rc, expected 124 (timed out)"
+[[ ! -e $logs/cut/failed.txt && -e $logs/cut/failed.txt.partial ]] || fail "a run cut short left a failed.txt"
 
 # A binary that cannot list its cases: exit status 2, said so.
 rc=0

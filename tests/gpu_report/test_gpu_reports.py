@@ -140,7 +140,7 @@ def gpt2_json(repetitions=1, self_error=None, batch=8, accumulation=None):
             benchmarks += gbench_records(f"Attention/{kernel}/bf16/{pass_}/iterations:5/manual_time",
                                          [ms * scale] * repetitions,
                                          {"tflops": 100.0 / ms, "cache_mib": 3.0 if kernel == "fused" else 1536.0})
-    return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200"}, "benchmarks": benchmarks}
+    return {"context": {"host_name": "gpu-machine", "gpu": "NVIDIA H200", "attention": "fused"}, "benchmarks": benchmarks}
 
 
 def torch_gpt2_json(batch=8, accumulation=None):
@@ -254,6 +254,7 @@ def main():
             if "| self_dgelu_transposed |" in main_table or "| self_grouped |" in main_table:
                 fail(f"a device setting's row is in the main table:\n{out}")
             expect(out, "NVIDIA H200", "the GPU's name from the context")
+            expect(out, "our training steps' attention: fused", "which attention the training rows ran")
             expect(out, "RuntimeError: the real cause", "the second line of a torch.compile error")
             expect(out, "| self | bf16 | 0.2 / 0.3 | 20.5 / 24.0 | 30.0 / 33.2 | 3.0 / 3.5 | 0.4 / 8.0 |",
                    "the phases' host and device times, in PHASES order")
