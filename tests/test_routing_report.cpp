@@ -845,7 +845,8 @@ TEST_CASE("routing report: runs of other gates with the same budget merge into o
   using Corpora = std::pair<std::string, std::string>;
   for (const auto& [a, b] : {Corpora{"/w/gpt2-shards" + shards, "/w/other-shards" + shards},
                              Corpora{"/w/gpt2-shards" + shards, "/w/gpt2-shards (1 llm.c shard(s))"},
-                             Corpora{"/a/mnist: 60000 training", "/a/mnist: 100 training"}})
+                             Corpora{"/a/mnist: 60000 training", "/a/mnist: 100 training"},
+                             Corpora{"/x/shards/." + shards, "/y/other/." + shards}})
     CHECK_THROWS_WITH_AS(report::merge_routing_documents(with_corpora(a, b), names), doctest::Contains("another corpus"),
                          moe::Error);
   refused([](report::RoutingDocument& d) { d.options.notes = "Model: GPT-2 small, seed 7."; }, "model or seed");

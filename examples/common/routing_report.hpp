@@ -677,7 +677,9 @@ inline std::string corpus_identity(std::string_view description) {
   while (path.size() > 1 && path.back() == '/') path.remove_suffix(1);
   const std::size_t slash = path.rfind('/');
   if (slash == std::string_view::npos || slash + 1 == path.size()) return std::string(description);
-  return std::string(path.substr(slash + 1)) + std::string(rest);
+  const std::string_view name = path.substr(slash + 1);
+  if (name == "." || name == "..") return std::string(description);  // names no folder: compared whole
+  return std::string(name) + std::string(rest);
 }
 
 // The variants of several comparisons in one report, in the order given. They must have been
