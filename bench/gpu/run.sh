@@ -214,6 +214,7 @@ if ! prebuilt_ok; then
 fi
 
 if want test; then
+  rm -rf "$out/isolated"  # a failed.txt of an earlier run in this OUT_DIR says nothing of this one
   step_cap=${TEST_TIMEOUT:-180} run_step test "$out/tests.log" "$tests"
   # A failed run (not a skip or the budget): a CUDA fault is sticky, so every case after the faulty
   # one fails too. Each case again in a process of its own tells the faulty ones from their victims.
