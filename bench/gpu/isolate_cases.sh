@@ -38,7 +38,7 @@ for i in "${!names[@]}"; do
   name=${names[$i]}
   log="$logs/$i.log"
   rc=0
-  timeout -k 5 "$per_case" "$binary" "$(doctest_case_filter "$name")" >"$log" 2>&1 || rc=$?
+  timed_case "$per_case" "$log" "$binary" "$(doctest_case_filter "$name")" || rc=$?
   if ((rc == 0)) && doctest_ran_once "$log"; then
     passed=$((passed + 1))
     continue

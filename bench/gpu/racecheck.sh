@@ -100,8 +100,8 @@ names=()
 # Every case in one process: clean only when no race is reported, the sanitizer held, and every listed
 # case ran and passed.
 rc=0
-timeout -k 5 "$whole" "$sanitizer" --tool racecheck --error-exitcode 1 "${filter[@]+"${filter[@]}"}" "$tests" "$@" \
-  >"$logs/all.log" 2>&1 || rc=$?
+timed_case "$whole" "$logs/all.log" "$sanitizer" --tool racecheck --error-exitcode 1 "${filter[@]+"${filter[@]}"}" \
+  "$tests" "$@" || rc=$?
 count=${#names[@]}
 if ((rc == 0)) && ! grep -qE 'Race reported|Internal Sanitizer Error' "$logs/all.log" &&
   grep -Eq "test cases: +$count \| +$count passed \| +0 failed" "$logs/all.log"; then
@@ -125,8 +125,8 @@ clean=0 raced=() failing=() unchecked=()
 for i in "${!names[@]}"; do
   name=${names[$i]} log=$logs/$i.log rc=0
   [[ $name == *"racecheck canary"* ]] && continue  # listed only under --no-skip; it ran above
-  timeout -k 5 "$per_case" "$sanitizer" --tool racecheck --error-exitcode 1 "${filter[@]+"${filter[@]}"}" \
-    "$tests" "$(doctest_case_filter "$name")" >"$log" 2>&1 || rc=$?
+  timed_case "$per_case" "$log" "$sanitizer" --tool racecheck --error-exitcode 1 "${filter[@]+"${filter[@]}"}" \
+    "$tests" "$(doctest_case_filter "$name")" || rc=$?
   # A race outranks the breakdown it may come with; a breakdown outranks the case's failure, which it
   # causes (the context is poisoned after it).
   if grep -q 'Race reported' "$log"; then

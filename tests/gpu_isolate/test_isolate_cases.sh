@@ -20,11 +20,16 @@ grep -q 'fails alone (timed out after 2 s, .*): d, hangs' <<<"$out" || fail "the
 grep -q 'fails alone (exit status 1, .*): b, faulty' <<<"$out" || fail "the faulty case is not named with its exit status"
 grep -q 'illegal memory access' "$logs/1.log" || fail "the faulty case's log lacks its output"
 
-# A run cut short (the caller's budget) leaves no failed.txt: an incomplete list is not a verdict.
+# A run cut short (the caller's budget, run.sh's timeout, while "d, hangs" runs) leaves no failed.txt:
+# an incomplete list is not a verdict. And the case it was running ends with it: a GPU case left
+# running would be timed beside the next step. (A copy of the mock, so that no other test's matches.)
+cp "$here/mock_doctest.sh" "$logs/cut_mock.sh"
 rc=0
-timeout 2 "$script" "$here/mock_doctest.sh" "$logs/cut" 3 >/dev/null 2>&1 || rc=$?  # (its hanging case ends 1 s later)
+timeout 2 "$script" "$logs/cut_mock.sh" "$logs/cut" 10 >/dev/null 2>&1 || rc=$?
 ((rc == 124)) || fail "the cut-short run exited $rc, expected 124 (timed out)"
 [[ ! -e $logs/cut/failed.txt && -e $logs/cut/failed.txt.partial ]] || fail "a run cut short left a failed.txt"
+sleep 0.5
+! pgrep -f "$logs/cut_mock.sh" >/dev/null || fail "the case the cut-short run was running is still running"
 
 # A binary that cannot list its cases: exit status 2, said so.
 rc=0
