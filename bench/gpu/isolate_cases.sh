@@ -9,9 +9,9 @@
 #
 # Writes LOG_DIR/<n>.log per case, LOG_DIR/failed.txt (the names of the cases that fail alone, one a
 # line; it appears once every case has run, so a run cut short leaves none, only failed.txt.partial,
-# and an empty list means every case passed) and prints a line per failing case, then a summary. Exit status: 0 when every case passes
-# alone, 1 when some fail alone, 2 when the binary cannot list its cases. A case that runs past
-# SECONDS_PER_CASE (default 120) counts as failed ("timed out").
+# and an empty list means every case passed) and prints a line per failing case, then a summary.
+# Exit status: 0 when every case passes alone, 1 when some fail alone, 2 when the binary cannot list
+# its cases. A case that runs past SECONDS_PER_CASE (default 120) counts as failed ("timed out").
 set -u
 binary=${1:?usage: isolate_cases.sh BINARY LOG_DIR [SECONDS_PER_CASE]}
 logs=${2:?usage: isolate_cases.sh BINARY LOG_DIR [SECONDS_PER_CASE]}
