@@ -1,7 +1,7 @@
-// The device half of the strict-warnings builds (tests/CMakeLists.txt): a MoE layer's training step
-// and every transformer piece of moe::cuda::nn, over any CUDA-backend device. strict_warnings.cpp
-// instantiates them on the emulated device with the host compiler, cuda/strict_warnings.cu on
-// CudaDevice with nvcc. Built, never run.
+// What the strict-warnings builds (tests/CMakeLists.txt) share: a MoE layer's training step over any
+// backend, and the device half: that step and every transformer piece of moe::cuda::nn over any
+// CUDA-backend device. strict_warnings.cpp instantiates them on the CPU and the emulated device with
+// the host compiler, cuda/strict_warnings.cu on CudaDevice with nvcc. Built, never run.
 #pragma once
 
 #include <cstdint>
@@ -20,9 +20,10 @@
 
 namespace strict {
 
-// A forward, a backward and an AdamW step after clipping, on a device backend B.
-template <template <class> class Gate, template <class> class Experts, class B>
-bool trains_a_step_on_device(B backend) {
+// A forward, a backward, then update(layer.backend(), parameters): the clipped AdamW step of the
+// backend's world (the CPU's in strict_warnings.cpp, a device's below).
+template <template <class> class Gate, template <class> class Experts, class B, class Update>
+bool trains_a_step(B backend, Update update) {
   moe::MoELayer<Gate, Experts, B> layer({.hidden = 16, .ffn = 32, .experts = 4, .top_k = 2}, 7, {}, {},
                                         std::move(backend));
   typename B::Matrix x(3, 16);
@@ -30,12 +31,19 @@ bool trains_a_step_on_device(B backend) {
   const auto y = layer.forward(x);
   const auto dx = layer.backward(y);
   auto params = layer.parameters();
-  using S = typename B::Scalar;
-  const auto& device = layer.backend().device();
-  moe::cuda::nn::clip_grad_norm(device, params, 1.0);
-  moe::cuda::nn::AdamW<S, std::remove_cvref_t<decltype(device)>> optimizer(device);
-  optimizer.step(params);
+  update(layer.backend(), params);
   return y.rows() == 3 && dx.cols() == 16 && layer.stats().tokens == 3;
+}
+
+// trains_a_step on a device backend B (moe::cuda::nn's clipping and AdamW).
+template <template <class> class Gate, template <class> class Experts, class B>
+bool trains_a_step_on_device(B backend) {
+  return trains_a_step<Gate, Experts>(std::move(backend), [](const B& b, auto& params) {
+    const auto& device = b.device();
+    moe::cuda::nn::clip_grad_norm(device, params, 1.0);
+    moe::cuda::nn::AdamW<typename B::Scalar, std::remove_cvref_t<decltype(device)>> optimizer(device);
+    optimizer.step(params);
+  });
 }
 
 // Every transformer piece's forward and backward on a device (float and bf16; the fused attention
