@@ -58,9 +58,10 @@ void check_saved_bytes_per_token() {
   const moe::LayerConfig config{.hidden = 64, .ffn = 256, .experts = 8, .top_k = 2};
   const moe::Index T = 1024;
   const moe::Index held = bytes_after_training_forward<G, S>(2 * T) - bytes_after_training_forward<G, S>(T);
-  // Beside the layer's own: x and y (2H scalars a token), the routing's choices (a byte a slot) and the dispatch's
-  // counts (N int32 a tile of 128 slots): 2 + 0.5 bytes a token at k = 2, N = 8.
-  CHECK(held == T * (Layer::saved_bytes_per_token(config) + 2 * 64 * moe::Index(sizeof(S))) + T * 5 / 2);
+  // Beside the layer's own: x and y (2H scalars a token), the routing's choices (a byte a slot), the dispatch's
+  // counts (N int32 a tile of 128 slots) and the statistics' logit moments (N of 24 bytes a chunk of 256 tokens):
+  // 2 + 0.5 + 0.75 bytes a token at k = 2, N = 8.
+  CHECK(held == T * (Layer::saved_bytes_per_token(config) + 2 * 64 * moe::Index(sizeof(S))) + T * 13 / 4);
 }
 
 }  // namespace
@@ -92,6 +93,15 @@ TEST_CASE("emulated device: an in-place inference forward (y over x) gives the s
   CHECK(in_place.aux_losses().load_balance == separate.aux_losses().load_balance);
   CHECK(in_place.aux_losses().z_loss == separate.aux_losses().z_loss);
   CHECK(separate.aux_losses().z_loss > 0);
+  // The logit moments read x's last columns before the output overwrote them: those of the values.
+  moe::RoutingStats expected(8);
+  std::vector<float> z(std::size_t(T * 8));
+  for (moe::Index t = 0; t < T; ++t)
+    for (moe::Index e = 0; e < 8; ++e) z[std::size_t(t * 8 + e)] = values[std::size_t(t * 64 + 56 + e)];
+  expected.accumulate_logits(moe::ConstMatrixView<float>(z.data(), T, 8));
+  CHECK(in_place.stats().logit_means() == expected.logit_means());
+  CHECK(in_place.stats().logit_stds() == expected.logit_stds());
+  CHECK(separate.stats().logit_means() == expected.logit_means());
 }
 
 namespace {

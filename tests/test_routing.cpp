@@ -9,6 +9,7 @@
 #include <numeric>
 #include <random>
 
+#include "moe/bfloat16.hpp"
 #include "reference.hpp"
 
 using moe::Index;
@@ -193,6 +194,79 @@ TEST_CASE("stats: fractions, normalized entropy (eq. 6), max fraction and dead e
   stats.reset();
   CHECK(stats.tokens == 0);
   CHECK(stats.dead_experts() == 4);
+}
+
+TEST_CASE("stats: each expert's logit mean and standard deviation, over passes, a mask and non-finite logits") {
+  // Two passes over more tokens than a chunk of the moments, against plain two-pass formulas in
+  // long double over the finite logits of the counted tokens.
+  const Index N = 3, T0 = 2 * moe::kLogitMomentChunk + 37, T1 = 5;
+  std::vector<std::vector<float>> passes;
+  std::vector<std::vector<std::uint8_t>> masks;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (const Index T : {T0, T1}) {
+    std::vector<float> z(static_cast<std::size_t>(T * N));
+    for (Index t = 0; t < T; ++t)
+      for (Index e = 0; e < N; ++e) z[std::size_t(t * N + e)] = float(e) * 4.f - 3.f + (0.5f + float(e)) * normal(rng);
+    std::vector<std::uint8_t> mask(static_cast<std::size_t>(T));
+    for (Index t = 0; t < T; ++t) mask[std::size_t(t)] = t % 5 != 2;
+    passes.push_back(z), masks.push_back(mask);
+  }
+  passes[0][3 * N + 1] = std::nanf(""), passes[0][4 * N + 2] = kInf, passes[0][5 * N + 0] = -kInf;  // left out
+  passes[1][0] = kInf, passes[1][1] = kInf, passes[1][2] = kInf;                                      // token 0
+  masks[1][0] = 1;
+  moe::RoutingStats stats(N);
+  for (std::size_t p = 0; p < passes.size(); ++p)
+    stats.accumulate_logits(moe::ConstMatrixView<float>(passes[p].data(), Index(masks[p].size()), N), masks[p]);
+  const std::vector<double> mean = stats.logit_means(), sd = stats.logit_stds();
+  for (Index e = 0; e < N; ++e) {
+    long double sum = 0, count = 0;
+    std::vector<long double> values;
+    for (std::size_t p = 0; p < passes.size(); ++p)
+      for (std::size_t t = 0; t < masks[p].size(); ++t) {
+        const float v = passes[p][t * std::size_t(N) + std::size_t(e)];
+        if (masks[p][t] && std::isfinite(v)) values.push_back(v), sum += v, count += 1;
+      }
+    const long double m = sum / count;
+    long double squares = 0;
+    for (long double v : values) squares += (v - m) * (v - m);
+    CAPTURE(e);
+    CHECK(stats.logits[std::size_t(e)].count == double(values.size()));
+    CHECK(mean[std::size_t(e)] == doctest::Approx(double(m)).epsilon(1e-12));
+    CHECK(sd[std::size_t(e)] == doctest::Approx(double(std::sqrt(squares / count))).epsilon(1e-10));
+  }
+  CHECK(mean[2] > mean[0] + 6);  // the offsets made above are what the means show
+  CHECK(sd[2] > sd[0] * 3);
+
+  // bfloat16 logits read as their float values; an expert without a finite logit is NaN.
+  const std::vector<moe::bfloat16> b = {moe::bfloat16(1.5f), moe::bfloat16(std::nanf("")), moe::bfloat16(-0.5f),
+                                        moe::bfloat16(kInf)};
+  moe::RoutingStats half(2);
+  half.accumulate_logits(moe::ConstMatrixView<moe::bfloat16>(b.data(), 2, 2));
+  CHECK(half.logit_means()[0] == 0.5);
+  CHECK(half.logit_stds()[0] == 1.0);
+  CHECK(std::isnan(half.logit_means()[1]));
+  CHECK(std::isnan(half.logit_stds()[1]));
+
+  // The chunks' order is the documented one: the same bits as summing the chunks by hand.
+  moe::RoutingStats one(N);
+  one.accumulate_logits(moe::ConstMatrixView<float>(passes[0].data(), T0, N), masks[0]);
+  const moe::ConstMatrixView<float> z0(passes[0].data(), T0, N);
+  for (Index e = 0; e < N; ++e) {
+    moe::LogitMoment by_hand;
+    for (Index begin = 0; begin < T0; begin += moe::kLogitMomentChunk)
+      by_hand.add(moe::logit_moment(z0, masks[0].data(), e, begin, std::min(T0, begin + moe::kLogitMomentChunk)));
+    CHECK(one.logits[std::size_t(e)].sum == by_hand.sum);
+    CHECK(one.logits[std::size_t(e)].sum_squares == by_hand.sum_squares);
+  }
+
+  stats.reset();
+  CHECK(stats.logits[0].count == 0);
+  CHECK(std::isnan(stats.logit_means()[0]));
+  CHECK_THROWS_WITH_AS(stats.accumulate_logits(moe::ConstMatrixView<float>(passes[1].data(), 3, 5)),
+                       doctest::Contains("routing statistics hold 3 experts, the logits have 5 columns"), moe::Error);
+  CHECK_THROWS_WITH_AS(stats.accumulate_logits(moe::ConstMatrixView<float>(passes[1].data(), 5, 3), masks[0]),
+                       doctest::Contains("token mask has"), moe::Error);
 }
 
 TEST_CASE("aux losses: load balance (eq. 4) and z-loss values, gradients by finite differences") {

@@ -159,6 +159,15 @@ std::vector<report::VariantResult> synthetic_results() {
                              .routed_tokens = 65536,
                              .top_k = 2};
   for (int l = 0; l < kLayers; ++l) self.layers.push_back(skewed_layer(100));
+  // Self's logits measured (the others' not, as in reports written before they were): expert 5's
+  // mean 2.5 above the others in layer 1; a NaN standard deviation in layer 3.
+  for (int l = 0; l < kLayers; ++l) {
+    self.layers[l].logit_mean.assign(kExperts, 0.25);
+    self.layers[l].logit_std.assign(kExperts, 0.5);
+  }
+  self.layers[1].logit_mean[5] = 1.5;
+  self.layers[1].fractions = {0.05, 0.05, 0.05, 0.05, 0.05, 0.5, 0.2, 0.05};
+  self.layers[3].logit_std[2] = kNaN;
   report::VariantResult fixed{.variant = "fixed-random",
                               .router_parameters = 0,
                               .total_parameters = 3'395'904,
@@ -245,6 +254,29 @@ TEST_CASE("routing report: a layer from moe::RoutingStats carries the library's 
   CHECK(layer.max_fraction == 0.3);
 }
 
+TEST_CASE("routing report: the most used expert's logit offset, in units of the experts' mean standard deviation") {
+  report::LayerRouting layer = report::LayerRouting::from_fractions({0.1, 0.5, 0.2, 0.2});
+  CHECK(std::isnan(layer.top_logit_offset()));  // not measured
+  layer.logit_mean = {0.0, 3.0, 1.0, -1.0};
+  layer.logit_std = {1.0, 2.0, 1.0, 2.0};
+  CHECK(layer.top_logit_offset() == doctest::Approx(3.0 / 1.5).epsilon(1e-15));  // (3 - 0) / mean(1, 2, 1, 2)
+  layer.logit_mean[3] = kNaN;
+  CHECK(std::isnan(layer.top_logit_offset()));
+  report::LayerRouting one = report::LayerRouting::from_fractions({1.0});
+  one.logit_mean = {0.5}, one.logit_std = {1.0};
+  CHECK(std::isnan(one.top_logit_offset()));  // N = 1: no other expert
+
+  // From the library's statistics: each expert's mean and standard deviation of its logit.
+  moe::RoutingStats stats(2);
+  stats.assignments = {3, 1};
+  const std::vector<float> z = {2.f, 0.f, 4.f, 1.f, 0.f, -1.f};  // [3 tokens, 2 experts]
+  stats.accumulate_logits(moe::ConstMatrixView<float>(z.data(), 3, 2));
+  const auto measured = report::LayerRouting::from_stats(stats);
+  CHECK(measured.logit_mean == std::vector<double>{2.0, 0.0});
+  CHECK(measured.logit_std[0] == doctest::Approx(std::sqrt(8.0 / 3)).epsilon(1e-15));
+  CHECK(measured.top_logit_offset() == doctest::Approx(2.0 / ((std::sqrt(8.0 / 3) + std::sqrt(2.0 / 3)) / 2)));
+}
+
 TEST_CASE("routing report: every file is written into a new folder, no picture for dense") {
   TempDir dir;
   const auto results = synthetic_results();
@@ -259,6 +291,18 @@ TEST_CASE("routing report: every file is written into a new folder, no picture f
   CHECK(md.find("gpt2_moe compare") != std::string::npos);
   CHECK(md.find("](entropy.svg)") != std::string::npos);
   CHECK(md.find("](heatmap_fixed-random.svg)") != std::string::npos);
+  // The logit offsets: a table with a column per MoE variant, n/a where not measured.
+  const std::size_t at = md.find("The most used expert's mean logit above");
+  REQUIRE(at != std::string::npos);
+  const std::vector<std::string> lines = split(md.substr(md.find("| layer |", at)), '\n');
+  CHECK(cells(lines[0]) == std::vector<std::string>{"layer", "linear", "self", "fixed-random"});
+  CHECK(cells(lines[3]) == std::vector<std::string>{"1", "n/a", "2.50", "n/a"});  // (1.5 - 0.25) / 0.5
+  CHECK(cells(lines[5])[2] == "n/a");                                           // a NaN standard deviation
+  CHECK(md.find("each expert's logit mean and standard deviation") != std::string::npos);
+  // Without any measured logits (older reports): no such table.
+  auto unmeasured = synthetic_results();
+  for (auto& layer : unmeasured[2].layers) layer.logit_mean.clear(), layer.logit_std.clear();
+  CHECK(report::report_markdown(unmeasured, {}).find("mean logit") == std::string::npos);
 }
 
 TEST_CASE("routing report: the markdown table has one row per variant, every metric column and the layer means") {
@@ -288,15 +332,18 @@ TEST_CASE("routing report: the markdown table has one row per variant, every met
 TEST_CASE("routing report: the CSV has L x N rows per MoE variant, each layer summing to 1") {
   const auto results = synthetic_results();
   const std::vector<std::string> lines = split(report::routing_csv(results), '\n');
-  CHECK(lines.front() == "variant,layer,expert,fraction");
+  CHECK(lines.front() == "variant,layer,expert,fraction,logit_mean,logit_std");
   CHECK(lines.back().empty());
   std::map<std::string, int> rows;
   std::map<std::pair<std::string, int>, double> layer_sums;
   std::map<std::pair<std::string, int>, int> layer_missing;
   for (std::size_t i = 1; i + 1 < lines.size(); ++i) {
     const auto fields = split(lines[i], ',');
-    REQUIRE(fields.size() == 4);
+    REQUIRE(fields.size() == 6);
     ++rows[fields[0]];
+    if (fields[0] == "self" && fields[1] == "1" && fields[2] == "5") CHECK(fields[4] + "," + fields[5] == "1.5,0.5");
+    if (fields[0] == "self" && fields[1] == "3" && fields[2] == "2") CHECK(fields[5].empty());  // NaN
+    if (fields[0] != "self") CHECK(fields[4] + fields[5] == "");                                 // not measured
     const std::pair<std::string, int> key{fields[0], std::stoi(fields[1])};
     if (fields[3].empty())
       ++layer_missing[key];
@@ -534,6 +581,9 @@ TEST_CASE("routing report: bad input names the variant and the problem") {
   results = synthetic_results();
   results[0].variant.clear();
   check_message(results, "a variant has an empty name");
+  results = synthetic_results();
+  results[2].layers[1].logit_std.pop_back();
+  check_message(results, "variant 'self' layer 1 has 8 logit means and 7 standard deviations for 8 experts");
 
   TempDir dir;
   std::filesystem::create_directories(dir.path);
@@ -549,7 +599,7 @@ TEST_CASE("routing report: a report of dense variants only has the table and no 
   CHECK(std::filesystem::exists(dir.path / "report.md"));
   CHECK_FALSE(std::filesystem::exists(dir.path / "entropy.svg"));
   CHECK(moe::io::json::parse(read_file(dir.path / "routing.json")).at("variants").as_array().size() == 1);
-  CHECK(read_file(dir.path / "routing.csv") == "variant,layer,expert,fraction\n");
+  CHECK(read_file(dir.path / "routing.csv") == "variant,layer,expert,fraction,logit_mean,logit_std\n");
 }
 
 // ---- a classifier's report: metrics after the routing columns, an appendix, a confusion matrix --
@@ -758,6 +808,12 @@ void check_same_result(const report::VariantResult& got, const report::VariantRe
       CHECK(same(got.layers[l].fractions[e], want.layers[l].fractions[e]));  // shortest text: the same double
     CHECK(same(got.layers[l].entropy, want.layers[l].entropy));
     CHECK(same(got.layers[l].max_fraction, want.layers[l].max_fraction));
+    REQUIRE(got.layers[l].logit_mean.size() == want.layers[l].logit_mean.size());
+    REQUIRE(got.layers[l].logit_std.size() == want.layers[l].logit_std.size());
+    for (std::size_t e = 0; e < want.layers[l].logit_mean.size(); ++e) {
+      CHECK(same(got.layers[l].logit_mean[e], want.layers[l].logit_mean[e]));
+      CHECK(same(got.layers[l].logit_std[e], want.layers[l].logit_std[e]));
+    }
   }
 }
 

@@ -2,7 +2,7 @@
 // Figures 2-4): several variants trained with the same budget, each with its task metrics and, for
 // MoE variants, the routing statistics of every layer. write_routing_report writes into one folder
 //   report.md          the table, the settings, the pictures embedded
-//   routing.csv        variant,layer,expert,fraction (long format)
+//   routing.csv        variant,layer,expert,fraction,logit_mean,logit_std (long format)
 //   routing.json       every number of the table and of the pictures (read back by
 //                      parse_routing_json: comparisons run apart, one gate per GPU call, are
 //                      reported together by merge_routing_documents)
@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <span>
 #include <string>
@@ -37,9 +38,33 @@ struct LayerRouting {
   std::vector<double> fractions{};  // [N] f_i: share of the router choices that picked expert i
   double entropy = 0;               // -sum f_i log f_i / log N (paper eq. 6 over log N): 1 = uniform
   double max_fraction = 0;          // max_i f_i
+  // Each expert's logit over the measured tokens: mean and standard deviation (moe::RoutingStats);
+  // empty where not measured (reports written before they were).
+  std::vector<double> logit_mean{};
+  std::vector<double> logit_std{};
 
   static LayerRouting from_stats(const moe::RoutingStats& stats) {
-    return {stats.expert_fractions(), stats.normalized_entropy(), stats.max_fraction()};
+    return {stats.expert_fractions(), stats.normalized_entropy(), stats.max_fraction(), stats.logit_means(),
+            stats.logit_stds()};
+  }
+
+  // The most used expert's mean logit above the mean of the other experts' mean logits, in units
+  // of the experts' mean standard deviation. A few units: that expert's logit tops the others'
+  // whatever the token, so it is among nearly every token's choices (a fixed offset, such as one
+  // coordinate of the hidden state running high); near 0: its share comes from logits that vary
+  // with the token. NaN where the logits were not measured, for N = 1, or a value is not finite.
+  double top_logit_offset() const {
+    const std::size_t n = fractions.size();
+    if (n < 2 || logit_mean.size() != n || logit_std.size() != n) return std::nan("");
+    const std::size_t top = std::size_t(std::max_element(fractions.begin(), fractions.end()) - fractions.begin());
+    double others = 0, spread = 0;
+    for (std::size_t e = 0; e < n; ++e) {
+      if (e != top) others += logit_mean[e];
+      spread += logit_std[e];
+    }
+    others /= double(n - 1), spread /= double(n);
+    const double offset = (logit_mean[top] - others) / spread;
+    return std::isfinite(offset) ? offset : std::nan("");
   }
 
   // Entropy and maximum computed from the fractions as given (not renormalised); a non-finite
@@ -163,6 +188,11 @@ inline void validate(std::span<const VariantResult> results) {
         moe::check(std::isnan(f) || (f >= 0 && f <= 1), "report: variant '", r.variant, "' layer ", l, " expert ", e,
                    " has fraction ", f, ", outside [0, 1]");
       }
+      const LayerRouting& layer = r.layers[l];
+      moe::check(layer.logit_mean.size() == layer.logit_std.size() &&
+                     (layer.logit_mean.empty() || layer.logit_mean.size() == experts),
+                 "report: variant '", r.variant, "' layer ", l, " has ", layer.logit_mean.size(), " logit means and ",
+                 layer.logit_std.size(), " standard deviations for ", experts, " experts (none, or one each)");
     }
     moe::check(r.top_k >= 0 && std::size_t(r.top_k) <= experts, "report: variant '", r.variant,
                "' has top_k = ", r.top_k, " for N = ", experts, " experts (0 = not given)");
@@ -334,11 +364,13 @@ inline std::string markdown_table(std::span<const VariantResult> results) {
   return table;
 }
 
-// variant,layer,expert,fraction: one row per (MoE variant, layer, expert); an empty fraction is n/a.
+// variant,layer,expert,fraction,logit_mean,logit_std: one row per (MoE variant, layer, expert); an
+// empty value is n/a (not finite, or the logits not measured).
 inline std::string routing_csv(std::span<const VariantResult> results) {
   using namespace detail;
   validate(results);
-  std::string csv = "variant,layer,expert,fraction\n";
+  const auto cell = [](double v) { return std::isfinite(v) ? shortest(v) : std::string(); };
+  std::string csv = "variant,layer,expert,fraction,logit_mean,logit_std\n";
   for (const VariantResult& r : results) {
     std::string name = r.variant;
     if (name.find_first_of(",\"\r\n") != std::string::npos) {  // RFC 4180 quoting
@@ -348,16 +380,18 @@ inline std::string routing_csv(std::span<const VariantResult> results) {
     }
     for (std::size_t l = 0; l < r.layers.size(); ++l)
       for (std::size_t e = 0; e < r.layers[l].fractions.size(); ++e) {
-        const double f = r.layers[l].fractions[e];
-        csv += name + "," + std::to_string(l) + "," + std::to_string(e) + "," + (std::isfinite(f) ? shortest(f) : "") +
-               "\n";
+        const LayerRouting& layer = r.layers[l];
+        const bool logits = !layer.logit_mean.empty();
+        csv += name + "," + std::to_string(l) + "," + std::to_string(e) + "," + cell(layer.fractions[e]) + "," +
+               (logits ? cell(layer.logit_mean[e]) : "") + "," + (logits ? cell(layer.logit_std[e]) : "") + "\n";
       }
   }
   return csv;
 }
 
 // The options, then per variant: the table's values and every layer's fractions, entropy and
-// max_fraction. Non-finite numbers are null.
+// max_fraction, and where measured each expert's logit_mean and logit_std. Non-finite numbers are
+// null.
 inline std::string routing_json(std::span<const VariantResult> results, const ReportOptions& options) {
   using namespace detail;
   validate(results);
@@ -403,9 +437,15 @@ inline std::string routing_json(std::span<const VariantResult> results, const Re
       json += (l ? ",\n" : "\n") + std::string("        {\"layer\": ") + std::to_string(l) +
               ", \"entropy\": " + json_number(layer.entropy) +
               ", \"max_fraction\": " + json_number(layer.max_fraction) + ", \"fractions\": [";
-      for (std::size_t e = 0; e < layer.fractions.size(); ++e)
-        json += (e ? ", " : "") + json_number(layer.fractions[e]);
-      json += "]}";
+      const auto array = [&](const std::vector<double>& values) {
+        std::string text = "[";
+        for (std::size_t e = 0; e < values.size(); ++e) text += (e ? ", " : "") + json_number(values[e]);
+        return text + "]";
+      };
+      json += array(layer.fractions).substr(1);
+      if (!layer.logit_mean.empty())
+        json += ", \"logit_mean\": " + array(layer.logit_mean) + ", \"logit_std\": " + array(layer.logit_std);
+      json += "}";
     }
     json += "\n      ]\n    }";
   }
@@ -507,8 +547,10 @@ inline std::string code_block(std::string_view text) {
   return fence + "sh\n" + std::string(text) + "\n" + fence + "\n";
 }
 
-// A per-layer table of one statistic: rows = layers, columns = MoE variants.
-inline std::string layer_table(std::span<const VariantResult> results, double LayerRouting::*field) {
+// A per-layer table of one statistic (a member of LayerRouting or a function of one, with `decimals`
+// digits after the point): rows = layers, columns = MoE variants.
+template <class Field>
+std::string layer_table(std::span<const VariantResult> results, Field field, int decimals = 3) {
   std::size_t layers = 0;
   std::string table = "| layer |", rule = "|---:|";
   for (const VariantResult& r : results)
@@ -519,7 +561,8 @@ inline std::string layer_table(std::span<const VariantResult> results, double La
     table += '|';
     append_cell(table, std::to_string(l));
     for (const VariantResult& r : results)
-      if (r.is_moe) append_cell(table, l < r.layers.size() ? format_fixed(r.layers[l].*field, 3) : std::string("-"));
+      if (r.is_moe)
+        append_cell(table, l < r.layers.size() ? format_fixed(std::invoke(field, r.layers[l]), decimals) : std::string("-"));
     table += "\n";
   }
   return table;
@@ -572,7 +615,18 @@ inline std::string report_markdown(std::span<const VariantResult> results, const
         md += "\n![" + markdown_escape(results[i].variant) + ": expert fractions](" + files[i] + ")\n";
     md += "\n## Per-layer values\n\nNormalized entropy:\n\n" + layer_table(results, &LayerRouting::entropy);
     md += "\nMax expert fraction:\n\n" + layer_table(results, &LayerRouting::max_fraction);
-    md += "\nAll fractions: [routing.csv](routing.csv), [routing.json](routing.json).\n";
+    const bool any_logits = std::any_of(results.begin(), results.end(), [](const VariantResult& r) {
+      return std::any_of(r.layers.begin(), r.layers.end(), [](const LayerRouting& l) { return !l.logit_mean.empty(); });
+    });
+    if (any_logits)
+      md += "\nThe most used expert's mean logit above the other experts' mean logits, in units of their mean "
+            "standard deviation. A few units: that expert's logit tops the others' whatever the token (a fixed "
+            "offset), so it is among nearly every token's choices; near 0: its share comes from logits that vary "
+            "with the token.\n\n" +
+            layer_table(results, &LayerRouting::top_logit_offset, 2);
+    md += "\nAll fractions";
+    md += any_logits ? ", and each expert's logit mean and standard deviation" : "";
+    md += ": [routing.csv](routing.csv), [routing.json](routing.json).\n";
   }
   if (!options.appendix.empty()) md += "\n" + options.appendix + (options.appendix.ends_with('\n') ? "" : "\n");
   return md;
@@ -643,6 +697,12 @@ inline RoutingDocument parse_routing_document(std::string_view text, std::string
         for (const json::Value& f : layer.at("fractions").as_array()) l.fractions.push_back(number(f));
         l.entropy = number(layer.at("entropy"));
         l.max_fraction = number(layer.at("max_fraction"));
+        const json::Value* means = layer.find("logit_mean");  // absent in reports written before them
+        const json::Value* sds = layer.find("logit_std");
+        if (means && sds) {
+          for (const json::Value& m : means->as_array()) l.logit_mean.push_back(number(m));
+          for (const json::Value& sd : sds->as_array()) l.logit_std.push_back(number(sd));
+        }
         r.layers.push_back(std::move(l));
       }
     }

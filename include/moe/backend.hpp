@@ -50,7 +50,7 @@ concept Backend = requires(B& be, const B& cbe, typename B::Matrix& m, typename 
   cbe.route_backward(in, plan, config, vec, mask, out);  // d(weights) -> d(logits), aux included
   { cbe.aux_loss(in, plan, config, mask) } -> std::same_as<AuxLosses>;
   { B::expert_offsets(plan) } -> std::convertible_to<std::span<const Index>>;  // host copy
-  B::accumulate_stats(plan, mask, stats);
+  B::accumulate_stats(plan, in, mask, stats);          // choices and each expert's logit moments
 };
 
 }  // namespace moe

@@ -195,14 +195,17 @@ class MoELayer {
     }
     last_.logits = gate_.forward(backend_, gate_in);  // SelfRoute's: a view of gate_in
     // An in-place inference forward (y over x) overwrites SelfRoute's logits with the output, so the
-    // losses read them first; otherwise after the experts' work is queued (a GPU backend's losses wait
-    // for their sums on the host).
-    const bool aux_first = has_aux_loss() && overlaps(last_.logits, y);
+    // losses and statistics read them first; otherwise after the experts' work is queued (a GPU
+    // backend's losses and statistics wait for their sums on the host).
+    const bool read_logits_first = overlaps(last_.logits, y);
+    const bool aux_first = has_aux_loss() && read_logits_first;
+    const bool stats_first = collect_stats_ && read_logits_first;
     const bool routed = can_run_routed(input, keep);
     // A training forward's backward reads the offsets on the host: their copy starts here and has
     // long arrived by then.
     route(routed && !keep);
     if (aux_first) aux_ = backend_.aux_loss(last_.logits, plan_, config_, mask_);
+    if (stats_first) B::accumulate_stats(plan_, last_.logits, mask_, stats_);
     routed_forward_ = routed && keep;
     bool combined = false;  // by the routed products themselves
     if (routed) {
@@ -223,7 +226,7 @@ class MoELayer {
     if (!combined) backend_.combine(expert_out_, plan_, weights_, y);
 
     if (!aux_first) aux_ = has_aux_loss() ? backend_.aux_loss(last_.logits, plan_, config_, mask_) : AuxLosses{};
-    if (collect_stats_) B::accumulate_stats(plan_, mask_, stats_);
+    if (collect_stats_ && !stats_first) B::accumulate_stats(plan_, last_.logits, mask_, stats_);
     last_.forwarded = keep;
   }
 

@@ -248,6 +248,13 @@ TEST_CASE(CUDA_TEST_NAME("statistics on the device: every field over two forward
     std::vector<float> z(std::size_t(T * N));
     for (Index t = 0; t < T; ++t)
       for (Index e = 0; e < N; ++e) z[t * N + e] = x[t * H + first + e];  // SelfRoute's logits
+    expected.accumulate_logits(moe::ConstMatrixView<float>(z.data(), T, N), mask);
+    for (Index e = 0; e < N; ++e) {  // the same sums in the same order: the same bits
+      CAPTURE(e);
+      CHECK(got.logits[std::size_t(e)].sum == expected.logits[std::size_t(e)].sum);
+      CHECK(got.logits[std::size_t(e)].sum_squares == expected.logits[std::size_t(e)].sum_squares);
+      CHECK(got.logits[std::size_t(e)].count == expected.logits[std::size_t(e)].count);
+    }
     const moe::AuxLosses ref =
         moe::aux_loss_forward<float>(moe::ConstMatrixView<float>(z.data(), T, N), plan, config.aux, mask);
     CHECK(std::isfinite(layer.aux_losses().total()));
@@ -257,6 +264,36 @@ TEST_CASE(CUDA_TEST_NAME("statistics on the device: every field over two forward
   CHECK(expected.dropped_slots > 0);
   CHECK(expected.tokens > 0);
   CHECK(expected.tokens < 2 * T);
+}
+
+TEST_CASE(CUDA_TEST_NAME("statistics on the device: bf16 logit moments over several chunks, the host's bits")) {
+  CUDA_TEST_SKIP_WITHOUT_DEVICE();
+  using B = moe::cuda::BasicBackend<moe::bfloat16, TestDevice>;
+  const moe::LayerConfig config = small_config(8, 2);
+  moe::MoELayer<moe::SelfRoute, moe::GeluMLP, B> layer(config, 5, {}, {}, B(make_device()));
+  const Index T = 2 * moe::kLogitMomentChunk + 89, H = config.hidden, N = config.experts;
+  std::vector<float> x = normal_values(std::size_t(T * H), 41);
+  for (Index t = 0; t < T; ++t) x[std::size_t(t * H + H - N + 3)] += 2.5f;  // expert 3's offset
+  x[std::size_t(300 * H + H - 1)] = std::nanf("");
+  std::vector<std::uint8_t> mask(static_cast<std::size_t>(T), 1);
+  for (Index t = 0; t < T; t += 7) mask[std::size_t(t)] = 0;
+  typename B::Matrix y(T, H);
+  layer.forward_into(to_device<moe::bfloat16>(layer.backend(), x, T, H), y, moe::ForwardOptions{mask});
+  std::vector<moe::bfloat16> z(std::size_t(T * N));
+  for (Index t = 0; t < T; ++t)
+    for (Index e = 0; e < N; ++e) z[std::size_t(t * N + e)] = moe::bfloat16(x[std::size_t(t * H + H - N + e)]);
+  moe::RoutingStats expected(N);
+  expected.accumulate_logits(moe::ConstMatrixView<moe::bfloat16>(z.data(), T, N), mask);
+  const moe::RoutingStats& got = layer.stats();
+  for (Index e = 0; e < N; ++e) {
+    CAPTURE(e);
+    CHECK(got.logits[std::size_t(e)].sum == expected.logits[std::size_t(e)].sum);
+    CHECK(got.logits[std::size_t(e)].sum_squares == expected.logits[std::size_t(e)].sum_squares);
+    CHECK(got.logits[std::size_t(e)].count == expected.logits[std::size_t(e)].count);
+  }
+  CHECK(got.logits[7].count == got.logits[0].count - 1);  // the NaN left out
+  CHECK(got.logit_means()[3] > 2.0);
+  CHECK(std::abs(got.logit_means()[0]) < 0.3);
 }
 
 TEST_CASE(CUDA_TEST_NAME("auxiliary losses with every token masked out: zeros, finite gradients")) {

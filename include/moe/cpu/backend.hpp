@@ -343,8 +343,10 @@ class BasicBackend {
   }
 
   static std::span<const Index> expert_offsets(const Plan& plan) { return plan.expert_offsets; }
-  static void accumulate_stats(const Plan& plan, std::span<const std::uint8_t> mask, RoutingStats& stats) {
+  static void accumulate_stats(const Plan& plan, ConstMatrixView<S> logits, std::span<const std::uint8_t> mask,
+                               RoutingStats& stats) {
     stats.accumulate(plan, mask);
+    stats.accumulate_logits(logits, mask);
   }
 
  private:

@@ -22,7 +22,8 @@
 // copy of the N+1 expert offsets, and the first read of them (B::expert_offsets, after the layer has
 // queued the gather) waits for it: the one sync of a forward's computation. Statistics and
 // the auxiliary losses are computed on the device and only their results come back:
-//   * accumulate_stats (when collected) downloads N+4 integer counters: one sync per forward;
+//   * accumulate_stats (when collected) downloads N+4 counters and each expert's logit moments
+//     (4N+4 doubles): one sync per forward;
 //   * aux_loss (when a loss weight is > 0) downloads the two weighted losses: one sync per forward.
 // route_backward's auxiliary gradient needs no sync. The token mask travels host -> device (an
 // upload, ordered on the stream) wherever it is used. Neither logits nor plans are copied to the
@@ -81,6 +82,8 @@ struct DevicePlan {
   // finite logits).
   mutable DeviceArray<std::uint8_t, D> mask;     // [T]   the token mask on the device
   mutable DeviceArray<std::int64_t, D> tally;    // [N+4]
+  mutable DeviceArray<LogitMoment, D> moments;   // [chunks * N] each expert's logit moments per chunk of tokens
+  mutable DeviceArray<double, D> stats_totals;   // [3N + N + 4] the moments' sums, then the tally: one download
   // The device that routed (statistics run on it): a copy of its handle, not its address, so a plan
   // moved with its layer (a vector of layers growing between forward and backward) still reaches it.
   std::optional<D> device;
@@ -186,6 +189,35 @@ std::int64_t* tally_choices(const D& device, const DevicePlan<D>& plan, const st
       if (status[t] & kRowNoFiniteLogit) atomic_add(tally + N + 3, std::int64_t{1});
     });
   return tally;
+}
+
+// What the statistics bring back from one forward, in one download: each expert's logit moments
+// over the counted tokens (mask null: every token), summed as RoutingStats::accumulate_logits sums
+// them (a thread per chunk of tokens and expert in token order, then a thread per expert over its
+// chunks in order), then the tally of tally_choices as doubles (exact: counts below 2^53).
+// Layout [N] x (sum, sum of squares, count), then [N + 4] counts.
+template <class D, class S>
+const double* stats_totals(const D& device, const DevicePlan<D>& plan, ConstMatrixView<S> logits,
+                           const std::uint8_t* mask) {
+  const Index T = logits.rows, N = logits.cols, chunks = (T + kLogitMomentChunk - 1) / kLogitMomentChunk;
+  const std::int64_t* tally = tally_choices(device, plan, mask);
+  plan.moments.resize(chunks * N);
+  plan.stats_totals.resize(3 * N + N + 4);
+  LogitMoment* partial = plan.moments.data();
+  double* totals = plan.stats_totals.data();
+  if (chunks > 0)
+    for_each_2d(device, chunks, N, [=] MOE_HOST_DEVICE(Index q, Index e) {
+      const Index end = (q + 1) * kLogitMomentChunk < T ? (q + 1) * kLogitMomentChunk : T;
+      partial[q * N + e] = logit_moment(logits, mask, e, q * kLogitMomentChunk, end);
+    });
+  device.for_each(N + 4, [=] MOE_HOST_DEVICE(Index i) {
+    totals[3 * N + i] = double(tally[i]);
+    if (i >= N) return;
+    LogitMoment sum;
+    fetch_in_batches<8>(0, chunks, [&](Index q) { return partial[q * N + i]; }, [&](const LogitMoment& m) { sum.add(m); });
+    totals[3 * i] = sum.sum, totals[3 * i + 1] = sum.sum_squares, totals[3 * i + 2] = sum.count;
+  });
+  return totals;
 }
 
 // logsumexp of one row in double, NaN skipped: moe::detail::logsumexp (moe/aux_loss.hpp) on the
@@ -801,23 +833,30 @@ class BasicBackend {
   }
 
   static std::span<const Index> expert_offsets(const Plan& plan) { return plan.host_offsets(); }
-  // Counts on the device and downloads N+4 integers (a sync); pause with
-  // MoELayer::collect_stats(false). Adds exactly what RoutingStats::accumulate adds.
-  static void accumulate_stats(const Plan& plan, std::span<const std::uint8_t> mask, RoutingStats& stats) {
+  // Counts and logit moments on the device; downloads them together (4N+4 doubles, a sync); pause
+  // with MoELayer::collect_stats(false). Adds exactly what RoutingStats::accumulate and
+  // accumulate_logits add, to the bit (the moments in their chunk order, moe/stats.hpp).
+  static void accumulate_stats(const Plan& plan, ConstMatrixView<S> logits, std::span<const std::uint8_t> mask,
+                               RoutingStats& stats) {
     check(plan.device.has_value(), "routing plan: no forward has routed yet");
-    const Index N = plan.experts;
-    check(Index(stats.assignments.size()) == N, "routing statistics hold ", stats.assignments.size(),
-          " experts, the plan routes to ", N);
+    const Index T = plan.tokens, N = plan.experts;
+    check(Index(stats.assignments.size()) == N && Index(stats.logits.size()) == N, "routing statistics hold ",
+          stats.assignments.size(), " experts, the plan routes to ", N);
+    backend_checks::shape_is("accumulate_stats", "logits", logits, T, N, "the plan's [T, N]");
     const D& device = *plan.device;
-    const std::int64_t* tally = detail::tally_choices(device, plan, detail::upload_mask(device, plan, mask, plan.tokens));
-    std::vector<std::int64_t> host(std::size_t(N + 4));
-    device.download(host.data(), tally, host.size() * sizeof(std::int64_t));
-    for (Index e = 0; e < N; ++e) stats.assignments[e] += host[e];
-    stats.tokens += host[N];
-    stats.slots += host[N] * plan.top_k;
-    stats.dropped_slots += host[N + 1];
-    stats.rows_with_nonfinite += host[N + 2];
-    stats.rows_without_finite += host[N + 3];
+    const double* totals = detail::stats_totals(device, plan, logits, detail::upload_mask(device, plan, mask, T));
+    std::vector<double> host(std::size_t(3 * N + N + 4));
+    device.download(host.data(), totals, host.size() * sizeof(double));
+    std::vector<LogitMoment> moments(static_cast<std::size_t>(N));
+    for (Index e = 0; e < N; ++e) moments[std::size_t(e)] = {host[3 * e], host[3 * e + 1], host[3 * e + 2]};
+    const auto count = [&](Index i) { return std::int64_t(host[std::size_t(3 * N + i)]); };
+    for (Index e = 0; e < N; ++e) stats.assignments[e] += count(e);
+    stats.tokens += count(N);
+    stats.slots += count(N) * plan.top_k;
+    stats.dropped_slots += count(N + 1);
+    stats.rows_with_nonfinite += count(N + 2);
+    stats.rows_without_finite += count(N + 3);
+    stats.add_logit_moments(moments);
   }
 
   // Device bytes of routing state and workspace per token: per slot 3 int32 (expert, row,
