@@ -262,6 +262,9 @@ TEST_CASE("routing report: the most used expert's logit offset, in units of the 
   CHECK(layer.top_logit_offset() == doctest::Approx(3.0 / 1.5).epsilon(1e-15));  // (3 - 0) / mean(1, 2, 1, 2)
   layer.logit_mean[3] = kNaN;
   CHECK(std::isnan(layer.top_logit_offset()));
+  layer.logit_mean[3] = -1.0;
+  layer.fractions[2] = kNaN;  // no expert known to be the most used
+  CHECK(std::isnan(layer.top_logit_offset()));
   report::LayerRouting one = report::LayerRouting::from_fractions({1.0});
   one.logit_mean = {0.5}, one.logit_std = {1.0};
   CHECK(std::isnan(one.top_logit_offset()));  // N = 1: no other expert

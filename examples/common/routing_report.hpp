@@ -52,10 +52,12 @@ struct LayerRouting {
   // of the experts' mean standard deviation. A few units: that expert's logit tops the others'
   // whatever the token, so it is among nearly every token's choices (a fixed offset, such as one
   // coordinate of the hidden state running high); near 0: its share comes from logits that vary
-  // with the token. NaN where the logits were not measured, for N = 1, or a value is not finite.
+  // with the token. NaN where the logits were not measured, for N = 1, or a value is not finite
+  // (a NaN fraction included: then no expert is known to be the most used).
   double top_logit_offset() const {
     const std::size_t n = fractions.size();
-    if (n < 2 || logit_mean.size() != n || logit_std.size() != n) return std::nan("");
+    const bool finite = std::all_of(fractions.begin(), fractions.end(), [](double f) { return std::isfinite(f); });
+    if (n < 2 || !finite || logit_mean.size() != n || logit_std.size() != n) return std::nan("");
     const std::size_t top = std::size_t(std::max_element(fractions.begin(), fractions.end()) - fractions.begin());
     double others = 0, spread = 0;
     for (std::size_t e = 0; e < n; ++e) {
@@ -434,15 +436,14 @@ inline std::string routing_json(std::span<const VariantResult> results, const Re
     json += "      \"layers\": [";
     for (std::size_t l = 0; l < r.layers.size(); ++l) {
       const LayerRouting& layer = r.layers[l];
-      json += (l ? ",\n" : "\n") + std::string("        {\"layer\": ") + std::to_string(l) +
-              ", \"entropy\": " + json_number(layer.entropy) +
-              ", \"max_fraction\": " + json_number(layer.max_fraction) + ", \"fractions\": [";
-      const auto array = [&](const std::vector<double>& values) {
+      const auto array = [](const std::vector<double>& values) {
         std::string text = "[";
         for (std::size_t e = 0; e < values.size(); ++e) text += (e ? ", " : "") + json_number(values[e]);
         return text + "]";
       };
-      json += array(layer.fractions).substr(1);
+      json += (l ? ",\n" : "\n") + std::string("        {\"layer\": ") + std::to_string(l) +
+              ", \"entropy\": " + json_number(layer.entropy) +
+              ", \"max_fraction\": " + json_number(layer.max_fraction) + ", \"fractions\": " + array(layer.fractions);
       if (!layer.logit_mean.empty())
         json += ", \"logit_mean\": " + array(layer.logit_mean) + ", \"logit_std\": " + array(layer.logit_std);
       json += "}";
