@@ -740,6 +740,16 @@ TEST_CASE("seed summary: the files hold every per-seed value, the JSON parses, r
   CHECK(md.find("- **Seeds** (3): 100, 101, 102.") != std::string::npos);
   CHECK(md.find("[seed-101/report.md](seed-101/report.md)") != std::string::npos);
   CHECK(md.find("| 102 | 2.1200 | 2.2000 | 2.7000 |") != std::string::npos);  // val loss per seed
+  // The logit offsets over the seeds: self's measured (2.5 in layer 1 of every seed), linear's not.
+  const std::size_t offsets = md.find("The most used expert's logit offset");
+  REQUIRE(offsets != std::string::npos);
+  const std::string offset_table = md.substr(md.find("| layer |", offsets));
+  CHECK(cells(split(offset_table, '\n')[0]) == std::vector<std::string>{"layer", "self", "linear"});
+  CHECK(row_of(offset_table, "1") == std::vector<std::string>{"1", "2.50 ± 0.00", "n/a"});
+  auto unmeasured = runs;  // runs reported before the logits were measured: no such table
+  for (auto& run : unmeasured)
+    for (auto& layer : run.results[0].layers) layer.logit_mean.clear(), layer.logit_std.clear();
+  CHECK(report::seed_summary_markdown(unmeasured, {}).find("logit offset") == std::string::npos);
   const Value doc = moe::io::json::parse(read_file(dir.path / "out" / "summary.json"));
   CHECK(doc.at("reference").as_string() == "linear");
   REQUIRE(doc.at("seeds").as_array().size() == 3);

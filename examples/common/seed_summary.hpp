@@ -187,8 +187,10 @@ inline std::string seed_list(std::span<const SeedRun> runs) {
   return list;
 }
 
-// The per-layer mean ± std over the seeds of one statistic: rows = layers, columns = MoE variants.
-inline std::string layer_spread_table(std::span<const SeedRun> runs, double LayerRouting::*field) {
+// The per-layer mean ± std over the seeds of one statistic (a member of LayerRouting or a function
+// of one, `decimals` digits after the point): rows = layers, columns = MoE variants.
+template <class Field>
+std::string layer_spread_table(std::span<const SeedRun> runs, Field field, int decimals = 3) {
   const std::vector<VariantResult>& first = runs.front().results;
   std::string table = "| layer |", rule = "|---:|";
   std::size_t layers = 0;
@@ -206,9 +208,10 @@ inline std::string layer_spread_table(std::span<const SeedRun> runs, double Laye
       if (!first[v].is_moe) continue;
       std::vector<std::optional<double>> values;
       for (const SeedRun& run : runs)
-        values.push_back(l < run.results[v].layers.size() ? std::optional<double>(run.results[v].layers[l].*field)
-                                                          : std::nullopt);
-      detail::append_cell(table, spread_cell(Spread::of(values), 3, false));
+        values.push_back(l < run.results[v].layers.size()
+                             ? std::optional<double>(std::invoke(field, run.results[v].layers[l]))
+                             : std::nullopt);
+      detail::append_cell(table, spread_cell(Spread::of(values), decimals, false));
     }
     table += '\n';
   }
@@ -306,6 +309,15 @@ inline std::string seed_summary_markdown(std::span<const SeedRun> runs, const Re
     md += "\n## Per layer, mean ± standard deviation over the seeds\n\nNormalized entropy:\n\n" +
           layer_spread_table(runs, &LayerRouting::entropy);
     md += "\nMax expert fraction:\n\n" + layer_spread_table(runs, &LayerRouting::max_fraction);
+    const bool any_logits = std::any_of(runs.begin(), runs.end(), [](const SeedRun& run) {
+      return std::any_of(run.results.begin(), run.results.end(), [](const VariantResult& r) {
+        return std::any_of(r.layers.begin(), r.layers.end(), [](const LayerRouting& l) { return !l.logit_mean.empty(); });
+      });
+    });
+    if (any_logits)
+      md += "\nThe most used expert's logit offset (its mean logit above the other experts', in units of their "
+            "standard deviation; each seed's report.md says more):\n\n" +
+            layer_spread_table(runs, &LayerRouting::top_logit_offset, 2);
   }
   md += "\n## Each seed's report\n\n";
   for (const SeedRun& run : runs)
