@@ -548,6 +548,13 @@ inline std::string code_block(std::string_view text) {
   return fence + "sh\n" + std::string(text) + "\n" + fence + "\n";
 }
 
+// Whether any layer of any variant has its logits measured (reports written before they were have none).
+inline bool any_logits_measured(std::span<const VariantResult> results) {
+  return std::any_of(results.begin(), results.end(), [](const VariantResult& r) {
+    return std::any_of(r.layers.begin(), r.layers.end(), [](const LayerRouting& l) { return !l.logit_mean.empty(); });
+  });
+}
+
 // A per-layer table of one statistic (a member of LayerRouting or a function of one, with `decimals`
 // digits after the point): rows = layers, columns = MoE variants.
 template <class Field>
@@ -616,9 +623,7 @@ inline std::string report_markdown(std::span<const VariantResult> results, const
         md += "\n![" + markdown_escape(results[i].variant) + ": expert fractions](" + files[i] + ")\n";
     md += "\n## Per-layer values\n\nNormalized entropy:\n\n" + layer_table(results, &LayerRouting::entropy);
     md += "\nMax expert fraction:\n\n" + layer_table(results, &LayerRouting::max_fraction);
-    const bool any_logits = std::any_of(results.begin(), results.end(), [](const VariantResult& r) {
-      return std::any_of(r.layers.begin(), r.layers.end(), [](const LayerRouting& l) { return !l.logit_mean.empty(); });
-    });
+    const bool any_logits = any_logits_measured(results);
     if (any_logits)
       md += "\nThe most used expert's mean logit above the other experts' mean logits, in units of their mean "
             "standard deviation. A few units: that expert's logit tops the others' whatever the token (a fixed "

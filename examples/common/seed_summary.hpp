@@ -309,11 +309,8 @@ inline std::string seed_summary_markdown(std::span<const SeedRun> runs, const Re
     md += "\n## Per layer, mean ± standard deviation over the seeds\n\nNormalized entropy:\n\n" +
           layer_spread_table(runs, &LayerRouting::entropy);
     md += "\nMax expert fraction:\n\n" + layer_spread_table(runs, &LayerRouting::max_fraction);
-    const bool any_logits = std::any_of(runs.begin(), runs.end(), [](const SeedRun& run) {
-      return std::any_of(run.results.begin(), run.results.end(), [](const VariantResult& r) {
-        return std::any_of(r.layers.begin(), r.layers.end(), [](const LayerRouting& l) { return !l.logit_mean.empty(); });
-      });
-    });
+    const bool any_logits = std::any_of(runs.begin(), runs.end(),
+                                        [](const SeedRun& run) { return detail::any_logits_measured(run.results); });
     if (any_logits)
       md += "\nThe most used expert's logit offset (its mean logit above the other experts', in units of their "
             "standard deviation; each seed's report.md says more):\n\n" +
