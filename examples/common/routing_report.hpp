@@ -433,14 +433,14 @@ inline std::string routing_json(std::span<const VariantResult> results, const Re
     json += "      \"routed_tokens\": " + std::to_string(r.routed_tokens) + ",\n";
     json += "      \"mean_normalized_entropy\": " + json_number(mean_entropy(r).value) + ",\n";
     json += "      \"mean_max_fraction\": " + json_number(mean_max_fraction(r).value) + ",\n";
+    const auto array = [](const std::vector<double>& values) {
+      std::string text = "[";
+      for (std::size_t e = 0; e < values.size(); ++e) text += (e ? ", " : "") + json_number(values[e]);
+      return text + "]";
+    };
     json += "      \"layers\": [";
     for (std::size_t l = 0; l < r.layers.size(); ++l) {
       const LayerRouting& layer = r.layers[l];
-      const auto array = [](const std::vector<double>& values) {
-        std::string text = "[";
-        for (std::size_t e = 0; e < values.size(); ++e) text += (e ? ", " : "") + json_number(values[e]);
-        return text + "]";
-      };
       json += (l ? ",\n" : "\n") + std::string("        {\"layer\": ") + std::to_string(l) +
               ", \"entropy\": " + json_number(layer.entropy) +
               ", \"max_fraction\": " + json_number(layer.max_fraction) + ", \"fractions\": " + array(layer.fractions);
@@ -676,6 +676,11 @@ inline RoutingDocument parse_routing_document(std::string_view text, std::string
   const json::Value doc = json::parse(text, what);
   const std::string where(what);
   const auto number = [](const json::Value& v) { return v.is_null() ? std::nan("") : v.as_number(); };
+  const auto numbers = [&](const json::Value& array) {
+    std::vector<double> values;
+    for (const json::Value& v : array.as_array()) values.push_back(number(v));
+    return values;
+  };
   RoutingDocument d;
   d.options.title = doc.at("title").as_string();
   d.options.command_line = doc.at("command_line").as_string();
@@ -700,15 +705,12 @@ inline RoutingDocument parse_routing_document(std::string_view text, std::string
       r.routed_tokens = std::uint64_t(v.at("routed_tokens").as_int());
       for (const json::Value& layer : v.at("layers").as_array()) {
         LayerRouting l;
-        for (const json::Value& f : layer.at("fractions").as_array()) l.fractions.push_back(number(f));
+        l.fractions = numbers(layer.at("fractions"));
         l.entropy = number(layer.at("entropy"));
         l.max_fraction = number(layer.at("max_fraction"));
         const json::Value* means = layer.find("logit_mean");  // absent in reports written before them
         const json::Value* sds = layer.find("logit_std");
-        if (means && sds) {
-          for (const json::Value& m : means->as_array()) l.logit_mean.push_back(number(m));
-          for (const json::Value& sd : sds->as_array()) l.logit_std.push_back(number(sd));
-        }
+        if (means && sds) l.logit_mean = numbers(*means), l.logit_std = numbers(*sds);
         r.layers.push_back(std::move(l));
       }
     }

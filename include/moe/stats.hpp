@@ -9,6 +9,7 @@
 #include <span>
 #include <vector>
 
+#include "moe/aux_loss.hpp"
 #include "moe/config.hpp"
 #include "moe/routing.hpp"
 
@@ -115,8 +116,7 @@ struct RoutingStats {
   void accumulate_logits(ConstMatrixView<S> z, std::span<const std::uint8_t> mask = {}) {
     check(Index(logits.size()) == z.cols, "routing statistics hold ", logits.size(), " experts, the logits have ",
           z.cols, " columns");
-    check(mask.empty() || Index(mask.size()) == z.rows, "token mask has ", mask.size(), " entries, the logits have ",
-          z.rows, " rows");
+    check_mask(mask, z.rows);
     std::vector<LogitMoment> pass(logits.size());
     for (Index e = 0; e < z.cols; ++e)
       for (Index begin = 0; begin < z.rows; begin += kLogitMomentChunk)
