@@ -137,6 +137,61 @@ TEST_CASE("corpus: gzip files (.gz, dictd's .dz) read as their text; corrupt or 
   CHECK_THROWS_WITH_AS(gpt2::load_documents(corrupt), doctest::Contains("corrupt or truncated gzip data"), moe::Error);
 }
 
+// A gzip member of text, as bytes (zlib's gzwrite through a file).
+static std::string gzip_member(const TempDir& dir, const std::string& text) {
+  const fs::path path = dir.path / "member.gz";
+  gzFile out = gzopen(path.c_str(), "wb6");
+  REQUIRE(out != nullptr);
+  REQUIRE(gzwrite(out, text.data(), unsigned(text.size())) == int(text.size()));
+  REQUIRE(gzclose(out) == Z_OK);
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+TEST_CASE("corpus: gzip members one after another read as their texts joined; other bytes after them are an error") {
+  TempDir dir("members");
+  const std::string a = "Alpha paragraph.\n\n", b = "Beta paragraph.\n";
+  const std::string gz_a = gzip_member(dir, a), gz_b = gzip_member(dir, b), gz_empty = gzip_member(dir, "");
+  const auto read = [&](const std::string& name, const std::string& bytes) {
+    return gpt2::corpus_detail::read_text_file(dir.write(name, bytes));
+  };
+  CHECK(read("one.gz", gz_a) == a);
+  CHECK(read("two.gz", gz_a + gz_b) == a + b);  // `cat a.gz b.gz`, as gzip -dc reads it
+  CHECK(read("empty_member.gz", gz_a + gz_empty + gz_b) == a + b);
+  CHECK(read("only_empty.gz", gz_empty).empty());
+
+  // zlib's gzread would drop these bytes without a word: each is an error naming where they start.
+  for (const std::string& tail : {std::string("junk\n"), std::string("x"), std::string(512, '\0')}) {
+    CAPTURE(tail.size());
+    const std::string expected = "the bytes after the gzip data are not gzip (" + std::to_string(tail.size()) +
+                                 " of them, from byte " + std::to_string(gz_a.size() + gz_b.size()) + ")";
+    CHECK_THROWS_WITH_AS(read("tail.gz", gz_a + gz_b + tail), doctest::Contains(expected.c_str()), moe::Error);
+  }
+
+  // Every cut of a two-member file inside a member is truncated data (a cut at a member's end is
+  // a whole file); one byte is no gzip magic, so it reads as a plain file.
+  const std::string two = gz_a + gz_b;
+  for (std::size_t size = 2; size < two.size(); ++size) {
+    CAPTURE(size);
+    if (size == gz_a.size()) {
+      CHECK(read("cut.gz", two.substr(0, size)) == a);
+      continue;
+    }
+    CHECK_THROWS_WITH_AS(read("cut.gz", two.substr(0, size)), doctest::Contains("truncated gzip data"), moe::Error);
+  }
+}
+
+TEST_CASE("corpus: gzip members longer than the reader's 1 MiB window, joined, read whole") {
+  TempDir dir("big_members");
+  std::mt19937 rng(7);
+  std::string text(3u << 20, ' ');  // letters at random: they deflate to ~60%, so the members span windows
+  for (char& c : text) c = char('a' + rng() % 26);
+  const std::string first = text.substr(0, 2u << 20), second = text.substr(2u << 20);
+  const std::string bytes = gzip_member(dir, first) + gzip_member(dir, second);
+  REQUIRE(bytes.size() > (1u << 20) + (1u << 19));
+  CHECK(gpt2::corpus_detail::read_text_file(dir.write("big.gz", bytes)) == text);
+}
+
 TEST_CASE("corpus: a dictd database splits into entries at unindented lines after indented or blank ones") {
   CHECK(gpt2::split_dictd_text("14\n    adj 1: four\n           more\n14 July\n    n 1: a holiday\n") ==
         Docs{"14\n    adj 1: four\n           more\n", "14 July\n    n 1: a holiday\n"});
