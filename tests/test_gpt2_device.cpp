@@ -177,6 +177,45 @@ TEST_CASE("gpt2 on the emulated device: a run reports its peak device memory, ac
   CHECK(gpt2::train(*cpu.trainer, cpu.save, data, options).device_memory_peak_bytes == 0);
 }
 
+TEST_CASE("gpt2 on the emulated device: the session's router logits for ln_2's bias come from its trained state") {
+  // Linear's: the trained router weight times the trained ln_2 bias, both as the host sees them
+  // (bf16: the fp32 master weights); after training, so that neither is still its initial value.
+  const gpt2::Dataset data = tiny_dataset();
+  for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {
+    CAPTURE(int(precision));
+    const gpt2::TrainOptions options = tiny_options(3);
+    gpt2::Session s = session(gpt2::Device::emulated, precision, "linear", options);
+    gpt2::train(*s.trainer, s.save, data, options);
+    const std::vector<std::vector<double>> bias = s.router_bias_logits();
+    std::map<std::string, std::vector<float>> values;
+    gpt2::MoEModel<moe::Linear, float> names(kTiny);
+    const std::vector<std::vector<float>> trained = trainer_values(*s.trainer);
+    const auto params = names.parameters();
+    for (std::size_t i = 0; i < params.size(); ++i) values[params[i].name] = trained[i];
+    REQUIRE(bias.size() == std::size_t(kTiny.layers));
+    for (Index l = 0; l < kTiny.layers; ++l) {
+      const std::string block = "h." + std::to_string(l) + ".";
+      const std::vector<float>& b = values.at(block + "ln_2.bias");
+      const std::vector<float>& w = values.at(block + "moe.router.weight");  // [N, H]
+      CHECK(std::any_of(b.begin(), b.end(), [](float v) { return v != 0; }));  // trained away from zero
+      REQUIRE(bias[std::size_t(l)].size() == std::size_t(kTiny.experts));
+      for (Index e = 0; e < kTiny.experts; ++e) {
+        double expected = 0;
+        for (Index h = 0; h < kTiny.hidden; ++h) expected += double(w[std::size_t(e * kTiny.hidden + h)]) * b[std::size_t(h)];
+        CAPTURE(l);
+        CAPTURE(e);
+        CHECK(bias[std::size_t(l)][std::size_t(e)] == doctest::Approx(expected).epsilon(1e-5).scale(1e-3));
+      }
+    }
+  }
+  // A CPU session's come straight from its model; Random's logits have no such part.
+  const gpt2::TrainOptions options = tiny_options(1);
+  gpt2::Session cpu = session(gpt2::Device::cpu, gpt2::Precision::fp32, "self", options);
+  CHECK(cpu.router_bias_logits().size() == std::size_t(kTiny.layers));
+  gpt2::Session random = session(gpt2::Device::emulated, gpt2::Precision::fp32, "random", options);
+  CHECK(random.router_bias_logits().empty());
+}
+
 TEST_CASE("gpt2 on the emulated device: resuming its own checkpoint continues with the same bits, bf16 included") {
   // bf16: the checkpoint holds the fp32 master weights, so the resumed run rounds the same values.
   for (const gpt2::Precision precision : {gpt2::Precision::fp32, gpt2::Precision::bf16}) {

@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "../examples/gpt2_moe/cpu_model.hpp"
+#include "../examples/gpt2_moe/router_bias.hpp"
 
 using moe::Index;
 
@@ -152,6 +154,95 @@ TEST_CASE("gpt2 model: per-layer self slices give each layer's gate its own N co
   CHECK(gpt2::find_self_slice("per-layer") == gpt2::SelfSlice::per_layer);
   CHECK(gpt2::self_slice_name(gpt2::SelfSlice::last) == "last");
   CHECK_FALSE(gpt2::find_self_slice("first").has_value());
+}
+
+namespace {
+
+// Sets every block's ln_2 gain to `gain` and its bias to values drawn from `seed`.
+template <class Model>
+void set_ln2(Model& model, double gain, std::uint64_t seed) {
+  for (auto& p : model.parameters()) {
+    if (!p.name.ends_with("ln_2.weight") && !p.name.ends_with("ln_2.bias")) continue;
+    for (std::size_t i = 0; i < p.value.size(); ++i)
+      p.value[i] = p.name.ends_with("weight") ? gain : moe::random::normal(seed, std::hash<std::string>{}(p.name), i);
+  }
+}
+
+// With ln_2's gain at zero every token's router input is ln_2's bias, so each layer's logits in the
+// forward are router_bias_logits, whatever the gate.
+template <class Model>
+void check_bias_logits_are_the_forwards(const gpt2::Config& config) {
+  Model model(config);
+  set_ln2(model, 0.0, 5);
+  const Batch batch = random_batch(2, 5, config.vocab, 13);
+  model.forward(batch.tokens, batch.targets, batch.B, batch.T);
+  const std::vector<std::vector<double>> bias = gpt2::router_bias_logits(model);
+  REQUIRE(bias.size() == std::size_t(config.layers));
+  for (Index l = 0; l < config.layers; ++l) {
+    const auto logits = model.ffn(l).layer().last_logits();
+    REQUIRE(bias[std::size_t(l)].size() == std::size_t(config.experts));
+    for (Index t = 0; t < logits.rows; ++t)
+      for (Index e = 0; e < logits.cols; ++e) {
+        CAPTURE(l);
+        CAPTURE(t);
+        CAPTURE(e);
+        CHECK(logits(t, e) == doctest::Approx(bias[std::size_t(l)][std::size_t(e)]).epsilon(1e-12));
+      }
+  }
+  // Not a constant by accident: the layers' biases differ, so do their logits.
+  CHECK(bias[0] != bias[1]);
+}
+
+}  // namespace
+
+TEST_CASE("gpt2 model: router_bias_logits are the logits of a token whose router input is ln_2's bias") {
+  gpt2::Config per_layer = kTinyModel;
+  per_layer.self_slice = gpt2::SelfSlice::per_layer;
+  SUBCASE("self") { check_bias_logits_are_the_forwards<gpt2::MoEModel<moe::SelfRoute, double>>(kTinyModel); }
+  SUBCASE("self, per-layer slices") {
+    check_bias_logits_are_the_forwards<gpt2::MoEModel<moe::SelfRoute, double>>(per_layer);
+  }
+  SUBCASE("linear") { check_bias_logits_are_the_forwards<gpt2::MoEModel<moe::Linear, double>>(kTinyModel); }
+  SUBCASE("fixed-random") {
+    check_bias_logits_are_the_forwards<gpt2::MoEModel<moe::FixedRandom, double>>(kTinyModel);
+  }
+  SUBCASE("self reads the bias at its coordinates") {
+    gpt2::MoEModel<moe::SelfRoute, float> model(kTinyModel);
+    set_ln2(model, 1.0, 9);
+    const auto bias = gpt2::router_bias_logits(model);
+    for (auto& p : model.parameters())
+      if (p.name == "h.1.ln_2.bias")
+        for (Index e = 0; e < kTinyModel.experts; ++e)
+          CHECK(bias[1][std::size_t(e)] == double(p.value[std::size_t(kTinyModel.hidden - kTinyModel.experts + e)]));
+  }
+  SUBCASE("none for Random, the dense model, and gates reading the residual stream") {
+    gpt2::MoEModel<moe::Random, float> random(kTinyModel);
+    CHECK(gpt2::router_bias_logits(random).empty());
+    gpt2::DenseModel<float> dense(kTinyModel);
+    CHECK(gpt2::router_bias_logits(dense).empty());
+    gpt2::Config residual = kTinyModel;
+    residual.route_from_residual = true;
+    gpt2::MoEModel<moe::Linear, float> from_residual(residual);
+    CHECK(gpt2::router_bias_logits(from_residual).empty());
+  }
+}
+
+TEST_CASE("gpt2 model: router_bias_logits between a forward and its backward leaves the backward as it was") {
+  const Batch batch = random_batch(2, 5, kTinyModel.vocab, 17);
+  gpt2::MoEModel<moe::Linear, float> plain(kTinyModel), asked(kTinyModel);
+  for (auto* model : {&plain, &asked}) {
+    set_ln2(*model, 1.0, 3);
+    model->zero_grad();
+    model->forward(batch.tokens, batch.targets, batch.B, batch.T);
+    if (model == &asked) CHECK(gpt2::router_bias_logits(*model).size() == std::size_t(kTinyModel.layers));
+    model->backward();
+  }
+  const auto a = plain.parameters(), b = asked.parameters();
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CAPTURE(a[i].name);
+    CHECK(std::equal(a[i].grad.begin(), a[i].grad.end(), b[i].grad.begin()));
+  }
 }
 
 TEST_CASE("gpt2 variants by name: self-per-layer is the self FFN with per-layer slices, and named back") {

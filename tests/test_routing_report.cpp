@@ -168,6 +168,9 @@ std::vector<report::VariantResult> synthetic_results() {
   self.layers[1].logit_mean[5] = 1.5;
   self.layers[1].fractions = {0.05, 0.05, 0.05, 0.05, 0.05, 0.5, 0.2, 0.05};
   self.layers[3].logit_std[2] = kNaN;
+  // Self's logits for ln_2's bias: 1.0 of expert 5's lead of 1.25 in layer 1.
+  for (int l = 0; l < kLayers; ++l) self.layers[l].bias_logit.assign(kExperts, 0.125);
+  self.layers[1].bias_logit[5] = 1.125;
   report::VariantResult fixed{.variant = "fixed-random",
                               .router_parameters = 0,
                               .total_parameters = 3'395'904,
@@ -260,6 +263,14 @@ TEST_CASE("routing report: the most used expert's logit offset, in units of the 
   layer.logit_mean = {0.0, 3.0, 1.0, -1.0};
   layer.logit_std = {1.0, 2.0, 1.0, 2.0};
   CHECK(layer.top_logit_offset() == doctest::Approx(3.0 / 1.5).epsilon(1e-15));  // (3 - 0) / mean(1, 2, 1, 2)
+  // The bias's part: the same expert (the most used, not the bias's largest) in the same units.
+  CHECK(std::isnan(layer.top_bias_offset()));  // not measured
+  layer.bias_logit = {0.5, 1.25, 4.0, -0.75};
+  CHECK(layer.top_bias_offset() == doctest::Approx((1.25 - 3.75 / 3) / 1.5).epsilon(1e-15));
+  layer.bias_logit[1] = 3.0;
+  CHECK(layer.top_bias_offset() == doctest::Approx((3.0 - 3.75 / 3) / 1.5).epsilon(1e-15));
+  layer.bias_logit.pop_back();
+  CHECK(std::isnan(layer.top_bias_offset()));  // not one each
   layer.logit_mean[3] = kNaN;
   CHECK(std::isnan(layer.top_logit_offset()));
   layer.logit_mean[3] = -1.0;
@@ -301,9 +312,19 @@ TEST_CASE("routing report: every file is written into a new folder, no picture f
   CHECK(cells(lines[0]) == std::vector<std::string>{"layer", "linear", "self", "fixed-random"});
   CHECK(cells(lines[3]) == std::vector<std::string>{"1", "n/a", "2.50", "n/a"});  // (1.5 - 0.25) / 0.5
   CHECK(cells(lines[5])[2] == "n/a");                                           // a NaN standard deviation
-  CHECK(md.find("each expert's logit mean and standard deviation") != std::string::npos);
-  // Without any measured logits (older reports): no such table.
+  CHECK(md.find("each expert's logit mean and standard deviation and logit for the bias") != std::string::npos);
+  // The bias's part of the lead: the same columns, n/a where not measured.
+  const std::size_t bias_at = md.find("Of that lead, the part ln_2's bias gives");
+  REQUIRE(bias_at != std::string::npos);
+  const std::vector<std::string> bias_lines = split(md.substr(md.find("| layer |", bias_at)), '\n');
+  CHECK(cells(bias_lines[0]) == std::vector<std::string>{"layer", "linear", "self", "fixed-random"});
+  CHECK(cells(bias_lines[2]) == std::vector<std::string>{"0", "n/a", "0.00", "n/a"});
+  CHECK(cells(bias_lines[3]) == std::vector<std::string>{"1", "n/a", "2.00", "n/a"});  // (1.125 - 0.125) / 0.5
+  // Without the bias's logits: no such table; without any measured logits (older reports): neither table.
   auto unmeasured = synthetic_results();
+  for (auto& layer : unmeasured[2].layers) layer.bias_logit.clear();
+  CHECK(report::report_markdown(unmeasured, {}).find("ln_2's bias") == std::string::npos);
+  CHECK(report::report_markdown(unmeasured, {}).find("mean logit") != std::string::npos);
   for (auto& layer : unmeasured[2].layers) layer.logit_mean.clear(), layer.logit_std.clear();
   CHECK(report::report_markdown(unmeasured, {}).find("mean logit") == std::string::npos);
 }
@@ -335,18 +356,19 @@ TEST_CASE("routing report: the markdown table has one row per variant, every met
 TEST_CASE("routing report: the CSV has L x N rows per MoE variant, each layer summing to 1") {
   const auto results = synthetic_results();
   const std::vector<std::string> lines = split(report::routing_csv(results), '\n');
-  CHECK(lines.front() == "variant,layer,expert,fraction,logit_mean,logit_std");
+  CHECK(lines.front() == "variant,layer,expert,fraction,logit_mean,logit_std,bias_logit");
   CHECK(lines.back().empty());
   std::map<std::string, int> rows;
   std::map<std::pair<std::string, int>, double> layer_sums;
   std::map<std::pair<std::string, int>, int> layer_missing;
   for (std::size_t i = 1; i + 1 < lines.size(); ++i) {
     const auto fields = split(lines[i], ',');
-    REQUIRE(fields.size() == 6);
+    REQUIRE(fields.size() == 7);
     ++rows[fields[0]];
-    if (fields[0] == "self" && fields[1] == "1" && fields[2] == "5") CHECK(fields[4] + "," + fields[5] == "1.5,0.5");
+    if (fields[0] == "self" && fields[1] == "1" && fields[2] == "5")
+      CHECK(fields[4] + "," + fields[5] + "," + fields[6] == "1.5,0.5,1.125");
     if (fields[0] == "self" && fields[1] == "3" && fields[2] == "2") CHECK(fields[5].empty());  // NaN
-    if (fields[0] != "self") CHECK(fields[4] + fields[5] == "");                                 // not measured
+    if (fields[0] != "self") CHECK(fields[4] + fields[5] + fields[6] == "");                     // not measured
     const std::pair<std::string, int> key{fields[0], std::stoi(fields[1])};
     if (fields[3].empty())
       ++layer_missing[key];
@@ -587,6 +609,9 @@ TEST_CASE("routing report: bad input names the variant and the problem") {
   results = synthetic_results();
   results[2].layers[1].logit_std.pop_back();
   check_message(results, "variant 'self' layer 1 has 8 logit means and 7 standard deviations for 8 experts");
+  results = synthetic_results();
+  results[2].layers[2].bias_logit.push_back(0.0);
+  check_message(results, "variant 'self' layer 2 has 9 bias logits for 8 experts");
 
   TempDir dir;
   std::filesystem::create_directories(dir.path);
@@ -602,7 +627,7 @@ TEST_CASE("routing report: a report of dense variants only has the table and no 
   CHECK(std::filesystem::exists(dir.path / "report.md"));
   CHECK_FALSE(std::filesystem::exists(dir.path / "entropy.svg"));
   CHECK(moe::io::json::parse(read_file(dir.path / "routing.json")).at("variants").as_array().size() == 1);
-  CHECK(read_file(dir.path / "routing.csv") == "variant,layer,expert,fraction,logit_mean,logit_std\n");
+  CHECK(read_file(dir.path / "routing.csv") == "variant,layer,expert,fraction,logit_mean,logit_std,bias_logit\n");
 }
 
 // ---- a classifier's report: metrics after the routing columns, an appendix, a confusion matrix --
@@ -746,7 +771,13 @@ TEST_CASE("seed summary: the files hold every per-seed value, the JSON parses, r
   const std::string offset_table = md.substr(md.find("| layer |", offsets));
   CHECK(cells(split(offset_table, '\n')[0]) == std::vector<std::string>{"layer", "self", "linear"});
   CHECK(row_of(offset_table, "1") == std::vector<std::string>{"1", "2.50 ± 0.00", "n/a"});
-  auto unmeasured = runs;  // runs reported before the logits were measured: no such table
+  const std::size_t bias_offsets = md.find("Of that offset, the part ln_2's bias gives");
+  REQUIRE(bias_offsets != std::string::npos);
+  CHECK(row_of(md.substr(md.find("| layer |", bias_offsets)), "1") == std::vector<std::string>{"1", "2.00 ± 0.00", "n/a"});
+  auto unmeasured = runs;  // runs reported before the logits were measured: no such tables
+  for (auto& run : unmeasured)
+    for (auto& layer : run.results[0].layers) layer.bias_logit.clear();
+  CHECK(report::seed_summary_markdown(unmeasured, {}).find("ln_2's bias") == std::string::npos);
   for (auto& run : unmeasured)
     for (auto& layer : run.results[0].layers) layer.logit_mean.clear(), layer.logit_std.clear();
   CHECK(report::seed_summary_markdown(unmeasured, {}).find("logit offset") == std::string::npos);
@@ -827,6 +858,9 @@ void check_same_result(const report::VariantResult& got, const report::VariantRe
       CHECK(same(got.layers[l].logit_mean[e], want.layers[l].logit_mean[e]));
       CHECK(same(got.layers[l].logit_std[e], want.layers[l].logit_std[e]));
     }
+    REQUIRE(got.layers[l].bias_logit.size() == want.layers[l].bias_logit.size());
+    for (std::size_t e = 0; e < want.layers[l].bias_logit.size(); ++e)
+      CHECK(same(got.layers[l].bias_logit[e], want.layers[l].bias_logit[e]));
   }
 }
 

@@ -2,7 +2,7 @@
 // Figures 2-4): several variants trained with the same budget, each with its task metrics and, for
 // MoE variants, the routing statistics of every layer. write_routing_report writes into one folder
 //   report.md          the table, the settings, the pictures embedded
-//   routing.csv        variant,layer,expert,fraction,logit_mean,logit_std (long format)
+//   routing.csv        variant,layer,expert,fraction,logit_mean,logit_std,bias_logit (long format)
 //   routing.json       every number of the table and of the pictures (read back by
 //                      parse_routing_json: comparisons run apart, one gate per GPU call, are
 //                      reported together by merge_routing_documents)
@@ -42,6 +42,10 @@ struct LayerRouting {
   // empty where not measured (reports written before they were).
   std::vector<double> logit_mean{};
   std::vector<double> logit_std{};
+  // Each expert's logit for the router input's constant part, the same for every token (GPT-2's
+  // ln_2 bias through the gate: examples/gpt2_moe/router_bias.hpp); empty where there is none
+  // (Random, a gate reading the residual stream) or it was not measured.
+  std::vector<double> bias_logit{};
 
   static LayerRouting from_stats(const moe::RoutingStats& stats) {
     return {stats.expert_fractions(), stats.normalized_entropy(), stats.max_fraction(), stats.logit_means(),
@@ -54,21 +58,31 @@ struct LayerRouting {
   // coordinate of the hidden state running high); near 0: its share comes from logits that vary
   // with the token. NaN where the logits were not measured, for N = 1, or a value is not finite
   // (a NaN fraction included: then no expert is known to be the most used).
-  double top_logit_offset() const {
+  double top_logit_offset() const { return lead_of(logit_mean); }
+
+  // The part of top_logit_offset that the constant part of the router's input gives every token
+  // (bias_logit's lead, in the same units): near top_logit_offset, that constant (GPT-2's ln_2 bias)
+  // carries the expert; near 0, the token-dependent part does. NaN where either is not measured.
+  double top_bias_offset() const { return lead_of(bias_logit); }
+
+ private:
+  // values[top] above the mean of the other values, over the mean logit standard deviation.
+  double lead_of(const std::vector<double>& values) const {
     const std::size_t n = fractions.size();
     const bool finite = std::all_of(fractions.begin(), fractions.end(), [](double f) { return std::isfinite(f); });
-    if (n < 2 || !finite || logit_mean.size() != n || logit_std.size() != n) return std::nan("");
+    if (n < 2 || !finite || values.size() != n || logit_std.size() != n) return std::nan("");
     const std::size_t top = std::size_t(std::max_element(fractions.begin(), fractions.end()) - fractions.begin());
     double others = 0, spread = 0;
     for (std::size_t e = 0; e < n; ++e) {
-      if (e != top) others += logit_mean[e];
+      if (e != top) others += values[e];
       spread += logit_std[e];
     }
     others /= double(n - 1), spread /= double(n);
-    const double offset = (logit_mean[top] - others) / spread;
+    const double offset = (values[top] - others) / spread;
     return std::isfinite(offset) ? offset : std::nan("");
   }
 
+ public:
   // Entropy and maximum computed from the fractions as given (not renormalised); a non-finite
   // fraction makes both NaN. Entropy is 1 for N = 1, as in moe/stats.hpp.
   static LayerRouting from_fractions(std::vector<double> fractions) {
@@ -195,6 +209,9 @@ inline void validate(std::span<const VariantResult> results) {
                      (layer.logit_mean.empty() || layer.logit_mean.size() == experts),
                  "report: variant '", r.variant, "' layer ", l, " has ", layer.logit_mean.size(), " logit means and ",
                  layer.logit_std.size(), " standard deviations for ", experts, " experts (none, or one each)");
+      moe::check(layer.bias_logit.empty() || layer.bias_logit.size() == experts, "report: variant '", r.variant,
+                 "' layer ", l, " has ", layer.bias_logit.size(), " bias logits for ", experts,
+                 " experts (none, or one each)");
     }
     moe::check(r.top_k >= 0 && std::size_t(r.top_k) <= experts, "report: variant '", r.variant,
                "' has top_k = ", r.top_k, " for N = ", experts, " experts (0 = not given)");
@@ -366,13 +383,13 @@ inline std::string markdown_table(std::span<const VariantResult> results) {
   return table;
 }
 
-// variant,layer,expert,fraction,logit_mean,logit_std: one row per (MoE variant, layer, expert); an
-// empty value is n/a (not finite, or the logits not measured).
+// variant,layer,expert,fraction,logit_mean,logit_std,bias_logit: one row per (MoE variant, layer,
+// expert); an empty value is n/a (not finite, or not measured).
 inline std::string routing_csv(std::span<const VariantResult> results) {
   using namespace detail;
   validate(results);
   const auto cell = [](double v) { return std::isfinite(v) ? shortest(v) : std::string(); };
-  std::string csv = "variant,layer,expert,fraction,logit_mean,logit_std\n";
+  std::string csv = "variant,layer,expert,fraction,logit_mean,logit_std,bias_logit\n";
   for (const VariantResult& r : results) {
     std::string name = r.variant;
     if (name.find_first_of(",\"\r\n") != std::string::npos) {  // RFC 4180 quoting
@@ -383,17 +400,18 @@ inline std::string routing_csv(std::span<const VariantResult> results) {
     for (std::size_t l = 0; l < r.layers.size(); ++l)
       for (std::size_t e = 0; e < r.layers[l].fractions.size(); ++e) {
         const LayerRouting& layer = r.layers[l];
-        const bool logits = !layer.logit_mean.empty();
+        const bool logits = !layer.logit_mean.empty(), bias = !layer.bias_logit.empty();
         csv += name + "," + std::to_string(l) + "," + std::to_string(e) + "," + cell(layer.fractions[e]) + "," +
-               (logits ? cell(layer.logit_mean[e]) : "") + "," + (logits ? cell(layer.logit_std[e]) : "") + "\n";
+               (logits ? cell(layer.logit_mean[e]) : "") + "," + (logits ? cell(layer.logit_std[e]) : "") + "," +
+               (bias ? cell(layer.bias_logit[e]) : "") + "\n";
       }
   }
   return csv;
 }
 
 // The options, then per variant: the table's values and every layer's fractions, entropy and
-// max_fraction, and where measured each expert's logit_mean and logit_std. Non-finite numbers are
-// null.
+// max_fraction, and where measured each expert's logit_mean, logit_std and bias_logit. Non-finite
+// numbers are null.
 inline std::string routing_json(std::span<const VariantResult> results, const ReportOptions& options) {
   using namespace detail;
   validate(results);
@@ -446,6 +464,7 @@ inline std::string routing_json(std::span<const VariantResult> results, const Re
               ", \"max_fraction\": " + json_number(layer.max_fraction) + ", \"fractions\": " + array(layer.fractions);
       if (!layer.logit_mean.empty())
         json += ", \"logit_mean\": " + array(layer.logit_mean) + ", \"logit_std\": " + array(layer.logit_std);
+      if (!layer.bias_logit.empty()) json += ", \"bias_logit\": " + array(layer.bias_logit);
       json += "}";
     }
     json += "\n      ]\n    }";
@@ -548,12 +567,31 @@ inline std::string code_block(std::string_view text) {
   return fence + "sh\n" + std::string(text) + "\n" + fence + "\n";
 }
 
-// Whether any layer of any variant has its logits measured (reports written before they were have none).
-inline bool any_logits_measured(std::span<const VariantResult> results) {
-  return std::any_of(results.begin(), results.end(), [](const VariantResult& r) {
-    return std::any_of(r.layers.begin(), r.layers.end(), [](const LayerRouting& l) { return !l.logit_mean.empty(); });
+// Whether any layer of any variant has `field` measured (reports written before the logits were
+// measured have none).
+inline bool any_measured(std::span<const VariantResult> results, std::vector<double> LayerRouting::*field) {
+  return std::any_of(results.begin(), results.end(), [&](const VariantResult& r) {
+    return std::any_of(r.layers.begin(), r.layers.end(), [&](const LayerRouting& l) { return !(l.*field).empty(); });
   });
 }
+inline bool any_logits_measured(std::span<const VariantResult> results) {
+  return any_measured(results, &LayerRouting::logit_mean);
+}
+inline bool any_bias_measured(std::span<const VariantResult> results) {
+  return any_measured(results, &LayerRouting::bias_logit);
+}
+
+// report.md's words over its two offset tables.
+inline constexpr std::string_view kLogitOffsetText =
+    "The most used expert's mean logit above the other experts' mean logits, in units of their mean "
+    "standard deviation. A few units: that expert's logit tops the others' whatever the token (a fixed "
+    "offset), so it is among nearly every token's choices; near 0: its share comes from logits that vary "
+    "with the token.";
+inline constexpr std::string_view kBiasOffsetText =
+    "Of that lead, the part ln_2's bias gives every token alike (the gate's logits for the bias: SelfRoute "
+    "reads it, Linear and FixedRandom project it), in the same units. Near the lead: the bias carries the "
+    "most used expert; near 0: the normalised stream does. n/a: a gate without such a part (Random; a gate "
+    "reading the residual stream).";
 
 // A per-layer table of one statistic (a member of LayerRouting or a function of one, with `decimals`
 // digits after the point): rows = layers, columns = MoE variants.
@@ -625,13 +663,13 @@ inline std::string report_markdown(std::span<const VariantResult> results, const
     md += "\nMax expert fraction:\n\n" + layer_table(results, &LayerRouting::max_fraction);
     const bool any_logits = any_logits_measured(results);
     if (any_logits)
-      md += "\nThe most used expert's mean logit above the other experts' mean logits, in units of their mean "
-            "standard deviation. A few units: that expert's logit tops the others' whatever the token (a fixed "
-            "offset), so it is among nearly every token's choices; near 0: its share comes from logits that vary "
-            "with the token.\n\n" +
-            layer_table(results, &LayerRouting::top_logit_offset, 2);
+      md += "\n" + std::string(kLogitOffsetText) + "\n\n" + layer_table(results, &LayerRouting::top_logit_offset, 2);
+    const bool any_bias = any_logits && any_bias_measured(results);
+    if (any_bias)
+      md += "\n" + std::string(kBiasOffsetText) + "\n\n" + layer_table(results, &LayerRouting::top_bias_offset, 2);
     md += "\nAll fractions";
     md += any_logits ? ", and each expert's logit mean and standard deviation" : "";
+    md += any_bias ? " and logit for the bias" : "";
     md += ": [routing.csv](routing.csv), [routing.json](routing.json).\n";
   }
   if (!options.appendix.empty()) md += "\n" + options.appendix + (options.appendix.ends_with('\n') ? "" : "\n");
@@ -711,6 +749,7 @@ inline RoutingDocument parse_routing_document(std::string_view text, std::string
         const json::Value* means = layer.find("logit_mean");  // absent in reports written before them
         const json::Value* sds = layer.find("logit_std");
         if (means && sds) l.logit_mean = numbers(*means), l.logit_std = numbers(*sds);
+        if (const json::Value* bias = layer.find("bias_logit")) l.bias_logit = numbers(*bias);
         r.layers.push_back(std::move(l));
       }
     }

@@ -315,6 +315,13 @@ inline std::string seed_summary_markdown(std::span<const SeedRun> runs, const Re
       md += "\nThe most used expert's logit offset (its mean logit above the other experts', in units of their "
             "standard deviation; each seed's report.md says more):\n\n" +
             layer_spread_table(runs, &LayerRouting::top_logit_offset, 2);
+    const bool any_bias = any_logits && std::any_of(runs.begin(), runs.end(), [](const SeedRun& run) {
+      return detail::any_bias_measured(run.results);
+    });
+    if (any_bias)
+      md += "\nOf that offset, the part ln_2's bias gives every token (the gate's logits for the bias, in the same "
+            "units):\n\n" +
+            layer_spread_table(runs, &LayerRouting::top_bias_offset, 2);
   }
   md += "\n## Each seed's report\n\n";
   for (const SeedRun& run : runs)

@@ -66,6 +66,13 @@ done
 grep -qF -- "--out '$work/the report'" "$work/the report/report.md" ||
   fail "the report's command line does not quote --out: $(grep -A3 'Produced by' "$work/the report/report.md")"
 grep -q "| self" "$work/compare.log" || fail "compare did not print the table"
+# Each expert's logit for ln_2's bias: self's measured (a number in the last column), Random's n/a (empty).
+csv="$work/the report/routing.csv"
+head -1 "$csv" | grep -qx "variant,layer,expert,fraction,logit_mean,logit_std,bias_logit" ||
+  fail "routing.csv's header: $(head -1 "$csv")"
+grep -q '^self,0,0,.*,-\?[0-9][0-9.e-]*$' "$csv" || fail "routing.csv: no bias logit for self: $(grep '^self,0,0,' "$csv")"
+grep -q '^random,0,0,.*,$' "$csv" || fail "routing.csv: a bias logit for random: $(grep '^random,0,0,' "$csv")"
+grep -q "the part ln_2's bias gives every token" "$work/the report/report.md" || fail "report.md has no bias table"
 # Over seeds: each seed's report in seed-<s>/, the summary (mean ± std, differences from linear) on top.
 "$bin" compare --variants self,linear,dense --seeds 7,8 --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
   --no-checkpoint --out "$work/seeds" >"$work/seeds.log" 2>&1 || fail "compare --seeds: $(tail -3 "$work/seeds.log")"
