@@ -314,7 +314,7 @@ TEST_CASE("routing report: every file is written into a new folder, no picture f
   CHECK(cells(lines[5])[2] == "n/a");                                           // a NaN standard deviation
   CHECK(md.find("each expert's logit mean and standard deviation and logit for the bias") != std::string::npos);
   // The bias's part of the lead: the same columns, n/a where not measured.
-  const std::size_t bias_at = md.find("Of that lead, the part ln_2's bias gives");
+  const std::size_t bias_at = md.find("Of that lead, the part the bias of the LayerNorm before the gate");
   REQUIRE(bias_at != std::string::npos);
   const std::vector<std::string> bias_lines = split(md.substr(md.find("| layer |", bias_at)), '\n');
   CHECK(cells(bias_lines[0]) == std::vector<std::string>{"layer", "linear", "self", "fixed-random"});
@@ -323,7 +323,7 @@ TEST_CASE("routing report: every file is written into a new folder, no picture f
   // Without the bias's logits: no such table; without any measured logits (older reports): neither table.
   auto unmeasured = synthetic_results();
   for (auto& layer : unmeasured[2].layers) layer.bias_logit.clear();
-  CHECK(report::report_markdown(unmeasured, {}).find("ln_2's bias") == std::string::npos);
+  CHECK(report::report_markdown(unmeasured, {}).find("LayerNorm before the gate") == std::string::npos);
   CHECK(report::report_markdown(unmeasured, {}).find("mean logit") != std::string::npos);
   for (auto& layer : unmeasured[2].layers) layer.logit_mean.clear(), layer.logit_std.clear();
   CHECK(report::report_markdown(unmeasured, {}).find("mean logit") == std::string::npos);
@@ -771,13 +771,13 @@ TEST_CASE("seed summary: the files hold every per-seed value, the JSON parses, r
   const std::string offset_table = md.substr(md.find("| layer |", offsets));
   CHECK(cells(split(offset_table, '\n')[0]) == std::vector<std::string>{"layer", "self", "linear"});
   CHECK(row_of(offset_table, "1") == std::vector<std::string>{"1", "2.50 ± 0.00", "n/a"});
-  const std::size_t bias_offsets = md.find("Of that offset, the part ln_2's bias gives");
+  const std::size_t bias_offsets = md.find("Of that offset, the part the LayerNorm's bias gives");
   REQUIRE(bias_offsets != std::string::npos);
   CHECK(row_of(md.substr(md.find("| layer |", bias_offsets)), "1") == std::vector<std::string>{"1", "2.00 ± 0.00", "n/a"});
   auto unmeasured = runs;  // runs reported before the logits were measured: no such tables
   for (auto& run : unmeasured)
     for (auto& layer : run.results[0].layers) layer.bias_logit.clear();
-  CHECK(report::seed_summary_markdown(unmeasured, {}).find("ln_2's bias") == std::string::npos);
+  CHECK(report::seed_summary_markdown(unmeasured, {}).find("LayerNorm's bias") == std::string::npos);
   for (auto& run : unmeasured)
     for (auto& layer : run.results[0].layers) layer.logit_mean.clear(), layer.logit_std.clear();
   CHECK(report::seed_summary_markdown(unmeasured, {}).find("logit offset") == std::string::npos);

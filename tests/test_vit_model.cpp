@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "../examples/vit_moe/cpu_model.hpp"
+#include "../examples/vit_moe/router_bias.hpp"
 
 using moe::Index;
 
@@ -96,6 +98,34 @@ bool has(const std::vector<std::string>& names, const std::string& name) {
 }
 
 }  // namespace
+
+TEST_CASE("vit model: router_bias_logits are the logits of a token whose norm2 output is norm2's bias") {
+  // With norm2's gain at zero every token's router input is norm2's bias (norm1's left as it is).
+  const auto check = [](auto model) {
+    for (auto& p : model.parameters()) {
+      if (!p.name.ends_with("norm2.weight") && !p.name.ends_with("norm2.bias")) continue;
+      for (std::size_t i = 0; i < p.value.size(); ++i)
+        p.value[i] = p.name.ends_with("weight") ? 0.0 : moe::random::normal(3, std::hash<std::string>{}(p.name), i);
+    }
+    const Batch<double> batch = random_batch<double>(kTiny, 2, 5);
+    model.forward(batch.images, batch.labels, batch.size);
+    const std::vector<std::vector<double>> bias = vit::router_bias_logits(model);
+    REQUIRE(bias.size() == 2);  // blocks 1 and 3
+    for (std::size_t i = 0; i < 2; ++i) {
+      const auto logits = model.moe_ffn(Index(2 * i + 1)).layer().last_logits();
+      REQUIRE(bias[i].size() == std::size_t(kTiny.experts));
+      for (Index t = 0; t < logits.rows; ++t)
+        for (Index e = 0; e < logits.cols; ++e) CHECK(logits(t, e) == doctest::Approx(bias[i][std::size_t(e)]).epsilon(1e-12));
+    }
+    CHECK(bias[0] != bias[1]);
+  };
+  check(vit::MoEModel<moe::SelfRoute, double>(kTiny));
+  check(vit::MoEModel<moe::Linear, double>(kTiny));
+  vit::MoEModel<moe::Random, double> random(kTiny);
+  CHECK(vit::router_bias_logits(random).empty());
+  vit::DenseModel<double> dense(kTiny);
+  CHECK(vit::router_bias_logits(dense).empty());
+}
 
 TEST_CASE("vit model: finite-difference gradients of every parameter, every variant") {
   SUBCASE("dense") { check_gradients<vit::DenseModel<double>>(kTiny); }

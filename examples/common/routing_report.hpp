@@ -42,9 +42,9 @@ struct LayerRouting {
   // empty where not measured (reports written before they were).
   std::vector<double> logit_mean{};
   std::vector<double> logit_std{};
-  // Each expert's logit for the router input's constant part, the same for every token (GPT-2's
-  // ln_2 bias through the gate: examples/gpt2_moe/router_bias.hpp); empty where there is none
-  // (Random, a gate reading the residual stream) or it was not measured.
+  // Each expert's logit for the router input's constant part, the same for every token (the bias
+  // of the LayerNorm before the gate, through the gate: examples/common/router_bias.hpp); empty
+  // where there is none (Random, a gate reading the residual stream) or it was not measured.
   std::vector<double> bias_logit{};
 
   static LayerRouting from_stats(const moe::RoutingStats& stats) {
@@ -61,7 +61,7 @@ struct LayerRouting {
   double top_logit_offset() const { return lead_of(logit_mean); }
 
   // The part of top_logit_offset that the constant part of the router's input gives every token
-  // (bias_logit's lead, in the same units): near top_logit_offset, that constant (GPT-2's ln_2 bias)
+  // (bias_logit's lead, in the same units): near top_logit_offset, that constant (the LayerNorm's bias)
   // carries the expert; near 0, the token-dependent part does. NaN where either is not measured.
   double top_bias_offset() const { return lead_of(bias_logit); }
 
@@ -588,8 +588,9 @@ inline constexpr std::string_view kLogitOffsetText =
     "offset), so it is among nearly every token's choices; near 0: its share comes from logits that vary "
     "with the token.";
 inline constexpr std::string_view kBiasOffsetText =
-    "Of that lead, the part ln_2's bias gives every token alike (the gate's logits for the bias: SelfRoute "
-    "reads it, Linear and FixedRandom project it), in the same units. Near the lead: the bias carries the "
+    "Of that lead, the part the bias of the LayerNorm before the gate (GPT-2's ln_2, ViT's norm2) gives "
+    "every token alike (the gate's logits for the bias: SelfRoute reads it, Linear and FixedRandom "
+    "project it), in the same units. Near the lead: the bias carries the "
     "most used expert; near 0: the normalised stream does. n/a: a gate without such a part (Random; a gate "
     "reading the residual stream).";
 

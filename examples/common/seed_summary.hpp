@@ -319,8 +319,8 @@ inline std::string seed_summary_markdown(std::span<const SeedRun> runs, const Re
       return detail::any_bias_measured(run.results);
     });
     if (any_bias)
-      md += "\nOf that offset, the part ln_2's bias gives every token (the gate's logits for the bias, in the same "
-            "units):\n\n" +
+      md += "\nOf that offset, the part the LayerNorm's bias gives every token (the gate's logits for the bias, in "
+            "the same units):\n\n" +
             layer_spread_table(runs, &LayerRouting::top_bias_offset, 2);
   }
   md += "\n## Each seed's report\n\n";

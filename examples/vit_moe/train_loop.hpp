@@ -107,6 +107,12 @@ struct TrainResult {
   std::int64_t device_memory_bytes = 0;       // a device run's memory in use at the end (0 on the CPU)
   std::int64_t device_memory_peak_bytes = 0;  // its allocations at their most in this call (0 on the CPU)
   std::string trained_on{};                   // a device run's device, precision and attention (empty on the CPU)
+
+  // Sets each routing layer's bias_logit from router_bias_logits (router_bias.hpp), in moe_blocks
+  // order; a run without routing statistics (dense, or interrupted before them) is left as it is.
+  void set_bias_logits(const std::vector<std::vector<double>>& bias) {
+    for (std::size_t i = 0; i < bias.size() && i < routing.size(); ++i) routing[i].bias_logit = bias[i];
+  }
 };
 
 namespace detail {

@@ -19,6 +19,7 @@
 #include "checkpoint.hpp"
 #include "cpu_model.hpp"
 #include "device_train.hpp"
+#include "router_bias.hpp"
 #include "train.hpp"
 
 namespace vit {
@@ -46,6 +47,7 @@ class CpuHostCopy final : public HostCopy {
     model_.set_routing_step(routing_step);
     save_checkpoint(path, model_, &optimizer_, metadata);
   }
+  std::vector<std::vector<double>> router_bias_logits() override { return vit::router_bias_logits(model_); }
 
  private:
   M model_;
@@ -85,7 +87,9 @@ inline TrainResult train_run(const Run& run, const Data& data) {
       moe::nn::AdamW<float> optimizer = make_optimizer(run.options);
       if (!run.resume.empty()) load_checkpoint(run.resume, model, &optimizer);
       detail::announce(run);
-      return train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
+      TrainResult result = train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
+      if (!result.routing.empty()) result.set_bias_logits(router_bias_logits(model));
+      return result;
     });
   }
   const std::unique_ptr<HostCopy> host = make_host_copy(run);

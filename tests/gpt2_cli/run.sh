@@ -72,7 +72,7 @@ head -1 "$csv" | grep -qx "variant,layer,expert,fraction,logit_mean,logit_std,bi
   fail "routing.csv's header: $(head -1 "$csv")"
 grep -q '^self,0,0,.*,-\?[0-9][0-9.e-]*$' "$csv" || fail "routing.csv: no bias logit for self: $(grep '^self,0,0,' "$csv")"
 grep -q '^random,0,0,.*,$' "$csv" || fail "routing.csv: a bias logit for random: $(grep '^random,0,0,' "$csv")"
-grep -q "the part ln_2's bias gives every token" "$work/the report/report.md" || fail "report.md has no bias table"
+grep -q "the part the bias of the LayerNorm before the gate" "$work/the report/report.md" || fail "report.md has no bias table"
 # Over seeds: each seed's report in seed-<s>/, the summary (mean ± std, differences from linear) on top.
 "$bin" compare --variants self,linear,dense --seeds 7,8 --steps 2 --warmup 1 "${tiny[@]}" --data "$work/corpus" \
   --no-checkpoint --out "$work/seeds" >"$work/seeds.log" 2>&1 || fail "compare --seeds: $(tail -3 "$work/seeds.log")"

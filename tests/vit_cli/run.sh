@@ -66,6 +66,9 @@ while read -r variant accuracy; do
 done < <(grep -E '^\| (dense|self|linear) ' "$work/compare.log" | awk -F'|' '{ gsub(/ /, ""); print $2, $5 }')
 # Per-layer routing: one MoE block (block 1) x 4 experts per MoE variant.
 [[ $(grep -c '^self,0,' "$work/report/routing.csv") -eq 4 ]] || fail "routing.csv: $(cat "$work/report/routing.csv")"
+# Each expert's logit for norm2's bias: self's measured (a number in the last column).
+grep -q '^self,0,0,.*,-\?[0-9][0-9.e-]*$' "$work/report/routing.csv" ||
+  fail "routing.csv: no bias logit for self: $(grep '^self,0,0,' "$work/report/routing.csv")"
 
 # Over seeds: each seed's report in seed-<s>/, the summary (mean ± std, differences from linear) on top.
 "$bin" compare --variants self,linear --seeds 3,4 --steps 4 "${tiny[@]}" --out "$work/seeds" \
