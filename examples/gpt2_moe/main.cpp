@@ -366,7 +366,7 @@ Comparison compare_variants(const cli::Parser& args, const std::string& command,
     c.where = session.trainer->description();
     gpt2::TrainResult r = gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options));
     if (!r.routing.empty()) {  // the trained router's logits for ln_2's bias, beside its statistics
-      const std::vector<std::vector<double>> bias = session.router_bias_logits();
+      const std::vector<std::vector<double>> bias = session.trainer->router_bias_logits();
       for (std::size_t l = 0; l < bias.size() && l < r.routing.size(); ++l) r.routing[l].bias_logit = bias[l];
     }
     c.results.push_back(to_report(r, built));

@@ -9,9 +9,9 @@
 
 namespace gpt2 {
 
-// [layers][N] for a CPU model (a device trainer's state is downloaded into one first: session.hpp);
-// empty where the logits have no such constant part: the dense model, Random (its logits are drawn,
-// not read), and gates reading the residual stream (--route-from residual: no LayerNorm before them).
+// [layers][N] for a model on any backend; empty where the logits have no such constant part: the
+// dense model, Random (its logits are drawn, not read), and gates reading the residual stream
+// (--route-from residual: no LayerNorm before them).
 template <class Model>
 std::vector<std::vector<double>> router_bias_logits(Model& model) {
   if constexpr (!Model::is_moe) {
@@ -21,8 +21,8 @@ std::vector<std::vector<double>> router_bias_logits(Model& model) {
     const auto params = model.parameters();
     std::vector<std::vector<double>> logits;
     for (Index l = 0; l < model.config().layers; ++l)
-      logits.push_back(examples::gate_logits_for_bias(model.ffn(l), params, detail::prefix(l) + "ln_2.bias",
-                                                      model.config().hidden, "gpt2"));
+      logits.push_back(examples::gate_logits_for_bias(model, model.ffn(l), params, detail::prefix(l) + "ln_2.bias",
+                                                      detail::prefix(l) + "moe.router.weight", "gpt2"));
     return logits;
   }
 }

@@ -24,7 +24,6 @@
 #include "cpu_model.hpp"
 #include "cuda_trainer.hpp"
 #include "emulated_trainer.hpp"
-#include "router_bias.hpp"
 #include "train.hpp"
 #include "trainer.hpp"
 
@@ -42,14 +41,12 @@ struct Session {
   std::unique_ptr<Trainer> trainer;
   Checkpointer save;                                              // the trainer's state -> a file
   std::function<CheckpointHeader(const std::filesystem::path&)> load;  // a file -> the trainer (and its optimizer)
-  // Each MoE layer's router logits for ln_2's bias (router_bias.hpp), from the trainer's state now.
-  std::function<std::vector<std::vector<double>>()> router_bias_logits;
 };
 
 namespace session_detail {
 
 // A CPU model and AdamW of a trainer's variant and config, built on first use, through which the
-// trainer's checkpoints are written and read and its router logits for ln_2's bias computed.
+// trainer's checkpoints are written and read.
 class HostMirror {
  public:
   HostMirror(std::string variant, const Config& config, const moe::nn::AdamWConfig& adamw)
@@ -62,10 +59,6 @@ class HostMirror {
   CheckpointHeader load(Trainer& trainer, const std::filesystem::path& path) {
     build();
     return load_(trainer, path);
-  }
-  std::vector<std::vector<double>> router_bias_logits(Trainer& trainer) {
-    build();
-    return bias_(trainer);
   }
 
  private:
@@ -90,11 +83,6 @@ class HostMirror {
         trainer.upload_state(params, header.has_optimizer_state ? &state : nullptr, parts->model().routing_step());
         return header;
       };
-      bias_ = [parts](Trainer& trainer) {
-        auto params = parts->model().parameters();
-        trainer.download_state(params, nullptr);
-        return gpt2::router_bias_logits(parts->model());
-      };
       return 0;
     });
   }
@@ -104,7 +92,6 @@ class HostMirror {
   moe::nn::AdamWConfig adamw_;
   std::function<void(Trainer&, const std::filesystem::path&, const std::map<std::string, std::string>&)> save_;
   std::function<CheckpointHeader(Trainer&, const std::filesystem::path&)> load_;
-  std::function<std::vector<std::vector<double>>(Trainer&)> bias_;
 };
 
 }  // namespace session_detail
@@ -145,7 +132,6 @@ inline Session make_session(Device device, Precision precision, std::string_view
       session.load = [trainer](const std::filesystem::path& path) {
         return load_checkpoint(path, trainer->model(), &trainer->optimizer());
       };
-      session.router_bias_logits = [trainer] { return router_bias_logits(trainer->model()); };
       session.trainer = std::move(owned);
       return 0;
     });
@@ -164,7 +150,6 @@ inline Session make_session(Device device, Precision precision, std::string_view
     mirror->save(*trainer, path, meta);
   };
   session.load = [mirror, trainer](const std::filesystem::path& path) { return mirror->load(*trainer, path); };
-  session.router_bias_logits = [mirror, trainer] { return mirror->router_bias_logits(*trainer); };
   return session;
 }
 

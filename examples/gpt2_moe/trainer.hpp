@@ -26,6 +26,7 @@
 #include "../common/run_device.hpp"
 #include "config.hpp"
 #include "model.hpp"
+#include "router_bias.hpp"
 #include "moe/nn/checks.hpp"
 #include "moe/stats.hpp"
 #include "moe/tensor.hpp"
@@ -70,6 +71,8 @@ class Trainer {
   virtual void collect_routing_stats(bool on) = 0;
   virtual void reset_routing_stats() = 0;
   virtual moe::RoutingStats routing_stats(Index layer) const = 0;
+  // Each MoE layer's router logits for ln_2's bias (router_bias.hpp), from the parameters now.
+  virtual std::vector<std::vector<double>> router_bias_logits() = 0;
 
   // Host copies for checkpoints: `into` are the host parameters of a CPU model of the same variant
   // and config (model.parameters() names and order; fp32 values, master weights where the trainer
@@ -140,6 +143,7 @@ class ModelTrainer : public Trainer {
     if constexpr (Model::is_moe) return model_.routing_stats(layer);
     else moe::fail("gpt2: the dense model has no routing statistics");
   }
+  std::vector<std::vector<double>> router_bias_logits() override { return gpt2::router_bias_logits(model_); }
 
   void download_state(std::vector<moe::ParamRef<float>>& into, OptimizerState* optimizer) override {
     bind();

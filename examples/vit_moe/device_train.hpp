@@ -6,8 +6,7 @@
 //
 // A device model's checkpoints go through a host copy (HostCopy): a CPU model and AdamW of the
 // same variant and config, filled from the device's fp32 state (master weights for bf16) and
-// written by save_checkpoint; a resume reads into the copy and uploads. The routers' logits for
-// norm2's bias are computed on the copy too. So a checkpoint trained on
+// written by save_checkpoint; a resume reads into the copy and uploads. So a checkpoint trained on
 // the GPU resumes on the CPU and the other way round. The copy is built by the host's code
 // (train_run.hpp) and reached here through an interface only: nvcc's translation unit never sees
 // the CPU model or Eigen, whose inline functions main.cpp compiles with other flags.
@@ -27,6 +26,7 @@
 #include "../common/run_device.hpp"
 #include "model.hpp"
 #include "moe/bfloat16.hpp"
+#include "router_bias.hpp"
 #include "train_loop.hpp"
 
 #ifndef MOE_VIT_CUDA
@@ -67,8 +67,6 @@ class HostCopy {
   // Writes the copy's parameters, `optimizer` and `routing_step` as a checkpoint with `metadata`.
   virtual void save(const std::filesystem::path& path, examples::OptimizerState optimizer, std::uint64_t routing_step,
                     const std::map<std::string, std::string>& metadata) = 0;
-  // The copy's router logits for norm2's bias (router_bias.hpp), from the parameters as filled.
-  virtual std::vector<std::vector<double>> router_bias_logits() = 0;
 };
 
 namespace detail {
@@ -108,11 +106,7 @@ TrainResult train_on_device(const Run& run, const Data& data, D device, HostCopy
       model.ops().reset_memory_peak();  // this run's peak: from the model and optimizer as built
       TrainResult result =
           train_loop(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
-      if (!result.routing.empty()) {  // the trained routers' logits for norm2's bias, through the host copy
-        std::vector<moe::ParamRef<float>> host_params = host.parameters();
-        examples::download_state("vit", model, optimizer, ours, host_params, nullptr);
-        result.set_bias_logits(host.router_bias_logits());
-      }
+      if (!result.routing.empty()) result.set_bias_logits(router_bias_logits(model));
       result.device_memory_bytes = model.ops().memory_in_use();
       result.device_memory_peak_bytes = model.ops().memory_peak();
       result.trained_on = model.ops().description();

@@ -9,8 +9,8 @@
 
 namespace vit {
 
-// [MoE blocks, in order][N] for a CPU model (a device run's state is copied into one first:
-// device_train.hpp's HostCopy); empty for the dense model and Random (its logits are drawn, not read).
+// [MoE blocks, in order][N] for a model on any backend; empty for the dense model and Random (its
+// logits are drawn, not read).
 template <class Model>
 std::vector<std::vector<double>> router_bias_logits(Model& model) {
   if constexpr (!Model::is_moe) {
@@ -20,9 +20,9 @@ std::vector<std::vector<double>> router_bias_logits(Model& model) {
     const auto params = model.parameters();
     std::vector<std::vector<double>> logits;
     for (Index block : model.moe_blocks())
-      logits.push_back(examples::gate_logits_for_bias(model.moe_ffn(block), params,
+      logits.push_back(examples::gate_logits_for_bias(model, model.moe_ffn(block), params,
                                                       detail::block_prefix(block) + "norm2.bias",
-                                                      model.config().hidden, "vit"));
+                                                      detail::block_prefix(block) + "moe.router.weight", "vit"));
     return logits;
   }
 }

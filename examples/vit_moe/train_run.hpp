@@ -19,7 +19,6 @@
 #include "checkpoint.hpp"
 #include "cpu_model.hpp"
 #include "device_train.hpp"
-#include "router_bias.hpp"
 #include "train.hpp"
 
 namespace vit {
@@ -47,7 +46,6 @@ class CpuHostCopy final : public HostCopy {
     model_.set_routing_step(routing_step);
     save_checkpoint(path, model_, &optimizer_, metadata);
   }
-  std::vector<std::vector<double>> router_bias_logits() override { return vit::router_bias_logits(model_); }
 
  private:
   M model_;
