@@ -185,8 +185,10 @@ TEST_CASE("gpt2 on the emulated device: the trainer's router logits for ln_2's b
     CAPTURE(int(precision));
     const gpt2::TrainOptions options = tiny_options(3);
     gpt2::Session s = session(gpt2::Device::emulated, precision, "linear", options);
-    gpt2::train(*s.trainer, s.save, data, options);
+    const gpt2::TrainResult result = gpt2::train(*s.trainer, s.save, data, options);
     const std::vector<std::vector<double>> bias = s.trainer->router_bias_logits();
+    REQUIRE(result.routing.size() == bias.size());  // train() reports them beside the statistics
+    for (std::size_t l = 0; l < bias.size(); ++l) CHECK(result.routing[l].bias_logit == bias[l]);
     std::map<std::string, std::vector<float>> values;
     gpt2::MoEModel<moe::Linear, float> names(kTiny);
     const std::vector<std::vector<float>> trained = trainer_values(*s.trainer);

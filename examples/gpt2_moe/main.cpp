@@ -364,12 +364,8 @@ Comparison compare_variants(const cli::Parser& args, const std::string& command,
     // Same seed: the tensors the variants share start equal.
     gpt2::Session session = open_session(args, device, precision, choice.ffn, built, options);
     c.where = session.trainer->description();
-    gpt2::TrainResult r = gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options));
-    if (!r.routing.empty()) {  // the trained router's logits for ln_2's bias, beside its statistics
-      const std::vector<std::vector<double>> bias = session.trainer->router_bias_logits();
-      for (std::size_t l = 0; l < bias.size() && l < r.routing.size(); ++l) r.routing[l].bias_logit = bias[l];
-    }
-    c.results.push_back(to_report(r, built));
+    c.results.push_back(to_report(
+        gpt2::train(*session.trainer, session.save, data, options, 0, variant, options_metadata(options)), built));
   }
   report::write_routing_report(out, c.results, compare_report_options(command, config, options, data, c.where));
   return c;

@@ -245,6 +245,9 @@ inline TrainResult train(Trainer& trainer, const Checkpointer& save_state, const
       result.routing.push_back(report::LayerRouting::from_stats(stats));
       result.routed_tokens = stats.tokens;
     }
+    // Beside them, each router's logits for ln_2's bias (router_bias.hpp; none for Random).
+    const std::vector<std::vector<double>> bias = trainer.router_bias_logits();
+    for (std::size_t l = 0; l < bias.size(); ++l) result.routing[l].bias_logit = bias[l];
   }
   progress.note(name + ": val loss " + std::to_string(result.val_loss) + ", perplexity " +
                 std::to_string(std::exp(result.val_loss)));

@@ -26,7 +26,6 @@
 #include "../common/run_device.hpp"
 #include "model.hpp"
 #include "moe/bfloat16.hpp"
-#include "router_bias.hpp"
 #include "train_loop.hpp"
 
 #ifndef MOE_VIT_CUDA
@@ -106,7 +105,6 @@ TrainResult train_on_device(const Run& run, const Data& data, D device, HostCopy
       model.ops().reset_memory_peak();  // this run's peak: from the model and optimizer as built
       TrainResult result =
           train_loop(model, optimizer, data, run.options, run.start_step, run.label, run.metadata, write);
-      if (!result.routing.empty()) result.set_bias_logits(router_bias_logits(model));
       result.device_memory_bytes = model.ops().memory_in_use();
       result.device_memory_peak_bytes = model.ops().memory_peak();
       result.trained_on = model.ops().description();

@@ -37,6 +37,7 @@
 #include "moe/cpu/parallel.hpp"  // default_threads (the CPU model's; a device ignores it)
 #include "moe/nn/checks.hpp"     // AdamWConfig
 #include "moe/tensor.hpp"
+#include "router_bias.hpp"
 
 namespace vit {
 
@@ -107,12 +108,6 @@ struct TrainResult {
   std::int64_t device_memory_bytes = 0;       // a device run's memory in use at the end (0 on the CPU)
   std::int64_t device_memory_peak_bytes = 0;  // its allocations at their most in this call (0 on the CPU)
   std::string trained_on{};                   // a device run's device, precision and attention (empty on the CPU)
-
-  // Sets each routing layer's bias_logit from router_bias_logits (router_bias.hpp), in moe_blocks
-  // order; a run without routing statistics (dense, or interrupted before them) is left as it is.
-  void set_bias_logits(const std::vector<std::vector<double>>& bias) {
-    for (std::size_t i = 0; i < bias.size() && i < routing.size(); ++i) routing[i].bias_logit = bias[i];
-  }
 };
 
 namespace detail {
@@ -286,6 +281,9 @@ TrainResult train_loop(Model& model, Optimizer& optimizer, const Data& data, con
       result.routing.push_back(report::LayerRouting::from_stats(model.routing_stats(block)));
       result.routed_tokens = model.routing_stats(block).tokens;
     }
+    // Beside them, each router's logits for norm2's bias (router_bias.hpp; none for Random).
+    const std::vector<std::vector<double>> bias = router_bias_logits(model);
+    for (std::size_t i = 0; i < bias.size(); ++i) result.routing[i].bias_logit = bias[i];
   }
   evaluation_note("final", result.test);
   return result;

@@ -85,9 +85,7 @@ inline TrainResult train_run(const Run& run, const Data& data) {
       moe::nn::AdamW<float> optimizer = make_optimizer(run.options);
       if (!run.resume.empty()) load_checkpoint(run.resume, model, &optimizer);
       detail::announce(run);
-      TrainResult result = train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
-      if (!result.routing.empty()) result.set_bias_logits(router_bias_logits(model));
-      return result;
+      return train(model, optimizer, data, run.options, run.start_step, run.label, run.metadata);
     });
   }
   const std::unique_ptr<HostCopy> host = make_host_copy(run);
