@@ -134,19 +134,20 @@ TEST_CASE("vit device runs: a checkpoint moves between the emulated device and t
 }
 
 TEST_CASE("vit runs: each MoE block's router logits for norm2's bias come from the trained state, on every device") {
-  using namespace vit_device_test;
-  const vit::Data d = data();
+  namespace t = vit_device_test;  // qualified: the unity build joins this file with others
+  const vit::Data d = t::data();
   for (const auto& [device, precision] : {std::pair{vit::Device::cpu, vit::Precision::fp32},
                                           std::pair{vit::Device::emulated, vit::Precision::fp32},
                                           std::pair{vit::Device::emulated, vit::Precision::bf16}}) {
     CAPTURE(int(device));
     CAPTURE(int(precision));
-    vit::Run r = run("linear", device, precision, 3);
-    r.options.checkpoint = temp_file("bias_" + std::to_string(int(device)) + std::to_string(int(precision)) + ".safetensors");
+    vit::Run r = t::run("linear", device, precision, 3);
+    r.options.checkpoint =
+        t::temp_file("bias_" + std::to_string(int(device)) + std::to_string(int(precision)) + ".safetensors");
     const vit::TrainResult result = vit::train_run(r, d);
     // The checkpoint holds the same fp32 values (bf16: the master weights, which the forward reads
     // rounded to bf16): the same logits, to the bit.
-    vit::MoEModel<moe::Linear, float> trained(kConfig);
+    vit::MoEModel<moe::Linear, float> trained(t::kConfig);
     vit::load_checkpoint(r.options.checkpoint, trained);
     if (precision == vit::Precision::bf16)
       for (auto& p : trained.parameters())
@@ -157,7 +158,7 @@ TEST_CASE("vit runs: each MoE block's router logits for norm2's bias come from t
     CHECK(result.routing[0].bias_logit == expected[0]);
     CHECK(std::any_of(expected[0].begin(), expected[0].end(), [](double v) { return v != 0; }));
   }
-  const vit::TrainResult random = vit::train_run(run("random", vit::Device::emulated, vit::Precision::fp32, 2), d);
+  const vit::TrainResult random = vit::train_run(t::run("random", vit::Device::emulated, vit::Precision::fp32, 2), d);
   REQUIRE(random.routing.size() == 1);
   CHECK(random.routing[0].bias_logit.empty());
 }
