@@ -136,9 +136,11 @@ TEST_CASE("vit device runs: a checkpoint moves between the emulated device and t
 TEST_CASE("vit runs: each MoE block's router logits for norm2's bias come from the trained state, on every device") {
   namespace t = vit_device_test;  // qualified: the unity build joins this file with others
   const vit::Data d = t::data();
-  for (const auto& [device, precision] : {std::pair{vit::Device::cpu, vit::Precision::fp32},
-                                          std::pair{vit::Device::emulated, vit::Precision::fp32},
-                                          std::pair{vit::Device::emulated, vit::Precision::bf16}}) {
+  for (const auto& where : {std::pair{vit::Device::cpu, vit::Precision::fp32},
+                            std::pair{vit::Device::emulated, vit::Precision::fp32},
+                            std::pair{vit::Device::emulated, vit::Precision::bf16}}) {
+    const vit::Device device = where.first;  // (clang 14 captures no bindings)
+    const vit::Precision precision = where.second;
     CAPTURE(int(device));
     CAPTURE(int(precision));
     vit::Run r = t::run("linear", device, precision, 3);
