@@ -33,6 +33,25 @@
 
 namespace report {
 
+// values[top] above the mean of the other experts' values, over the mean of `stds`, where top is
+// the expert with the largest fraction (LayerRouting's offsets). NaN for N < 2, a non-finite
+// fraction, lists of another length, or a result that is not finite.
+inline double top_expert_lead(const std::vector<double>& fractions, const std::vector<double>& values,
+                              const std::vector<double>& stds) {
+  const std::size_t n = fractions.size();
+  const bool finite = std::all_of(fractions.begin(), fractions.end(), [](double f) { return std::isfinite(f); });
+  if (n < 2 || !finite || values.size() != n || stds.size() != n) return std::nan("");
+  const std::size_t top = std::size_t(std::max_element(fractions.begin(), fractions.end()) - fractions.begin());
+  double others = 0, spread = 0;
+  for (std::size_t e = 0; e < n; ++e) {
+    if (e != top) others += values[e];
+    spread += stds[e];
+  }
+  others /= double(n - 1), spread /= double(n);
+  const double offset = (values[top] - others) / spread;
+  return std::isfinite(offset) ? offset : std::nan("");
+}
+
 // One MoE layer's routing over the measured tokens (paper section 4.2).
 struct LayerRouting {
   std::vector<double> fractions{};  // [N] f_i: share of the router choices that picked expert i
@@ -58,31 +77,13 @@ struct LayerRouting {
   // coordinate of the hidden state running high); near 0: its share comes from logits that vary
   // with the token. NaN where the logits were not measured, for N = 1, or a value is not finite
   // (a NaN fraction included: then no expert is known to be the most used).
-  double top_logit_offset() const { return lead_of(logit_mean); }
+  double top_logit_offset() const { return top_expert_lead(fractions, logit_mean, logit_std); }
 
   // The part of top_logit_offset that the constant part of the router's input gives every token
   // (bias_logit's lead, in the same units): near top_logit_offset, that constant (the LayerNorm's bias)
   // carries the expert; near 0, the token-dependent part does. NaN where either is not measured.
-  double top_bias_offset() const { return lead_of(bias_logit); }
+  double top_bias_offset() const { return top_expert_lead(fractions, bias_logit, logit_std); }
 
- private:
-  // values[top] above the mean of the other values, over the mean logit standard deviation.
-  double lead_of(const std::vector<double>& values) const {
-    const std::size_t n = fractions.size();
-    const bool finite = std::all_of(fractions.begin(), fractions.end(), [](double f) { return std::isfinite(f); });
-    if (n < 2 || !finite || values.size() != n || logit_std.size() != n) return std::nan("");
-    const std::size_t top = std::size_t(std::max_element(fractions.begin(), fractions.end()) - fractions.begin());
-    double others = 0, spread = 0;
-    for (std::size_t e = 0; e < n; ++e) {
-      if (e != top) others += values[e];
-      spread += logit_std[e];
-    }
-    others /= double(n - 1), spread /= double(n);
-    const double offset = (values[top] - others) / spread;
-    return std::isfinite(offset) ? offset : std::nan("");
-  }
-
- public:
   // Entropy and maximum computed from the fractions as given (not renormalised); a non-finite
   // fraction makes both NaN. Entropy is 1 for N = 1, as in moe/stats.hpp.
   static LayerRouting from_fractions(std::vector<double> fractions) {
